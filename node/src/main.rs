@@ -1,1 +1,185 @@
-fn main() {}
+//! `cell0`: the Cell0 node and its command-line client, in one binary.
+//!
+//! `cell0 run` starts a node; every other command is a client of the public
+//! gRPC API of any node (`--endpoint`, env `CELL0_ENDPOINT`).
+
+mod api;
+mod cli;
+mod config;
+mod datadir;
+mod ops;
+mod server;
+mod telemetry;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::cli::{Output, bench, kv};
+use crate::config::{LogFormat, NodeConfig};
+
+/// Cell0: a distributed cluster node for AI agents.
+#[derive(Parser)]
+#[command(name = "cell0", version, about, propagate_version = true)]
+struct Cli {
+    /// Public gRPC address of any node (host:port).
+    #[arg(long, global = true, env = "CELL0_ENDPOINT", default_value = "127.0.0.1:7100")]
+    endpoint: String,
+    /// Output format of client commands.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Run(Box<RunArgs>),
+    /// Show the answering node's view of the cluster.
+    Status,
+    /// List the members of the cluster.
+    Members,
+    /// Read and write keys.
+    #[command(subcommand)]
+    Kv(kv::KvCommand),
+    /// Measure the cluster.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Flags of `cell0 run`; each overrides the config file and its env var.
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file.
+    #[arg(long, env = "CELL0_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long, env = "CELL0_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Node name.
+    #[arg(long, env = "CELL0_NAME")]
+    name: Option<String>,
+    /// Site (region) name.
+    #[arg(long, env = "CELL0_SITE")]
+    site: Option<String>,
+    /// Public gRPC listen address.
+    #[arg(long, env = "CELL0_LISTEN_PUBLIC")]
+    listen_public: Option<std::net::SocketAddr>,
+    /// Internal gRPC listen address.
+    #[arg(long, env = "CELL0_LISTEN_INTERNAL")]
+    listen_internal: Option<std::net::SocketAddr>,
+    /// HTTP (metrics, health) listen address.
+    #[arg(long, env = "CELL0_LISTEN_HTTP")]
+    listen_http: Option<std::net::SocketAddr>,
+    /// Public address advertised to clients.
+    #[arg(long, env = "CELL0_ADVERTISE_PUBLIC")]
+    advertise_public: Option<String>,
+    /// Internal address advertised to other nodes.
+    #[arg(long, env = "CELL0_ADVERTISE_INTERNAL")]
+    advertise_internal: Option<String>,
+    /// Members to join through (host:port, comma-separated).
+    #[arg(long, env = "CELL0_JOIN", value_delimiter = ',')]
+    join: Vec<String>,
+    /// Start a new cluster if this node is not in one yet.
+    #[arg(long, env = "CELL0_BOOTSTRAP")]
+    bootstrap: bool,
+    /// Run a throwaway one-node cluster in a temporary directory.
+    #[arg(long, conflicts_with_all = ["data_dir", "join"])]
+    dev: bool,
+    /// Log format.
+    #[arg(long, env = "CELL0_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter (RUST_LOG syntax), e.g. "info" or "cell0=debug".
+    #[arg(long, env = "CELL0_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Write the process id here while running.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> anyhow::Result<(NodeConfig, Option<tempfile::TempDir>)> {
+        let mut c = match &self.config {
+            Some(path) => NodeConfig::from_file(path)?,
+            None => NodeConfig::default(),
+        };
+        let dev_dir = if self.dev {
+            let dir = tempfile::Builder::new().prefix("cell0-dev-").tempdir()?;
+            c.data_dir = dir.path().to_path_buf();
+            Some(dir)
+        } else {
+            None
+        };
+        if let Some(v) = self.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = self.name {
+            c.name = Some(v);
+        }
+        if let Some(v) = self.site {
+            c.site = v;
+        }
+        if let Some(v) = self.listen_public {
+            c.listen.public = v;
+        }
+        if let Some(v) = self.listen_internal {
+            c.listen.internal = v;
+        }
+        if let Some(v) = self.listen_http {
+            c.listen.http = v;
+        }
+        if let Some(v) = self.advertise_public {
+            c.advertise.public = Some(v);
+        }
+        if let Some(v) = self.advertise_internal {
+            c.advertise.internal = Some(v);
+        }
+        if !self.join.is_empty() {
+            c.join = self.join.into_iter().filter(|j| !j.is_empty()).collect();
+        }
+        c.bootstrap |= self.bootstrap;
+        if let Some(v) = self.log_format {
+            c.log_format = v;
+        }
+        if let Some(v) = self.log_level {
+            c.log_level = v;
+        }
+        Ok((c, dev_dir))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => {
+                let pid_file = args.pid_file.clone();
+                let (config, dev_dir) = args.into_config()?;
+                telemetry::init_logging(config.log_format, &config.log_level)?;
+                let result = server::run(config, pid_file).await;
+                drop(dev_dir);
+                result
+            }
+            Command::Status => cli::status(&cli.endpoint, cli.output).await,
+            Command::Members => cli::members(&cli.endpoint, cli.output).await,
+            Command::Kv(cmd) => kv::run(&cli.endpoint, cli.output, cmd).await,
+            Command::Bench(cmd) => bench::run(&cli.endpoint, cli.output, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,59 @@
-//! placeholder
+//! cell0-storage: the durable half of Cell0's Raft.
+//!
+//! This crate owns everything that touches the disk for consensus:
+//!
+//! - [`Engine`]: a tiny key-value engine interface over a fixed set of column
+//!   families, with a RocksDB implementation ([`RocksEngine`], fsync'd writes)
+//!   and an in-memory one ([`MemEngine`]) for unit tests and the simulator.
+//! - [`LogStore`]: openraft's `RaftLogStorage` over any engine. `append`
+//!   acknowledges only after the entries are durable, with one engine write
+//!   per call however many entries it carries.
+//! - [`StateMachineStore`]: openraft's `RaftStateMachine` over any engine. It
+//!   knows nothing of the application: a [`Apply`] implementation (provided
+//!   by the consensus crate) turns each command into reads and writes on a
+//!   [`Txn`]; the applied log id and membership land in the same atomic write
+//!   as the data, so a restart never replays applied entries.
+//!
+//! Both stores of one node share one engine, and so one RocksDB write-ahead
+//! log. That is what makes unsynced state-machine writes safe: every later
+//! synced log write (append, truncate, vote) flushes them too, and the log
+//! always holds whatever they lost.
+
+mod engine;
+mod error;
+mod log_store;
+mod memory;
+mod rocks;
+mod state_machine;
+mod txn;
+
+pub use engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp};
+pub use error::{Error, Result};
+pub use log_store::LogStore;
+pub use memory::MemEngine;
+pub use rocks::RocksEngine;
+pub use state_machine::{Apply, StateMachineStore};
+pub use txn::{EngineTxn, Txn};
+
+/// Opens (or creates) the RocksDB store of a node and returns both Raft
+/// stores over it.
+///
+/// `node_id` is recorded on first open; opening a data dir that belongs to
+/// another node fails with [`Error::ForeignDataDir`].
+pub fn open_rocks<C, A>(
+    path: &std::path::Path,
+    node_id: u64,
+    apply: std::sync::Arc<A>,
+) -> Result<(LogStore<C, RocksEngine>, StateMachineStore<C, RocksEngine, A>)>
+where
+    C: openraft::RaftTypeConfig<
+            NodeId = u64,
+            Entry = openraft::Entry<C>,
+            SnapshotData = std::io::Cursor<Vec<u8>>,
+        >,
+    A: Apply<C>,
+{
+    let engine = std::sync::Arc::new(RocksEngine::open(path, node_id)?);
+    let sm = StateMachineStore::new(engine.clone(), apply)?;
+    Ok((LogStore::new(engine), sm))
+}

@@ -1,0 +1,173 @@
+//! Group commit on the leader.
+//!
+//! Client commands queue in a channel. The batcher takes the first waiting
+//! command, waits for a free in-flight slot, then drains everything else that
+//! queued meanwhile (up to the configured count and bytes) into one
+//! `Command::Batch` entry. At low load a command is proposed at once; under
+//! load, commands pile up while earlier groups are being fsynced and
+//! replicated, so one fsync serves many writers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::command::{Command, Response};
+use crate::error::{ConsensusError, Result};
+use crate::types::{NodeId, NodeInfo, Raft};
+
+/// Commands that may wait for a slot before submitters feel backpressure.
+const QUEUE_DEPTH: usize = 16 * 1024;
+
+struct Pending {
+    cmd: Command,
+    size: usize,
+    reply: oneshot::Sender<Result<Response>>,
+}
+
+/// Limits of one group, from [`crate::ConsensusConfig`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchLimits {
+    pub max_commands: usize,
+    pub max_bytes: usize,
+    pub max_inflight: usize,
+    pub commit_timeout: Duration,
+}
+
+/// Handle to the group-commit task.
+#[derive(Clone)]
+pub(crate) struct Batcher {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Batcher {
+    /// Starts the task proposing through `raft`.
+    pub fn spawn(raft: Raft, limits: BatchLimits) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(run(raft, rx, limits));
+        Self { tx }
+    }
+
+    /// Proposes `cmd` (already validated) and waits for its applied response.
+    pub async fn submit(&self, cmd: Command) -> Result<Response> {
+        let (reply, rx) = oneshot::channel();
+        let size = cmd.approx_size();
+        self.tx
+            .send(Pending { cmd, size, reply })
+            .await
+            .map_err(|_| ConsensusError::ShuttingDown)?;
+        rx.await.map_err(|_| ConsensusError::ShuttingDown)?
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, limits: BatchLimits) {
+    let slots = Arc::new(Semaphore::new(limits.max_inflight));
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        // The semaphore is never closed, so acquiring only fails if that
+        // invariant breaks; then stop proposing rather than spin.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = first.size;
+        let mut group = vec![first];
+        while group.len() < limits.max_commands {
+            match rx.try_recv() {
+                Ok(p) if bytes + p.size > limits.max_bytes => {
+                    carry = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    bytes += p.size;
+                    group.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        metrics::histogram!("cell0_raft_batch_commands").record(group.len() as f64);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose(&raft, group, limits.commit_timeout).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn propose(raft: &Raft, group: Vec<Pending>, timeout: Duration) {
+    let (mut cmds, replies): (Vec<Command>, Vec<_>) = group.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    let single = cmds.len() == 1;
+    let cmd = match cmds.pop() {
+        Some(only) if single => only,
+        Some(last) => {
+            cmds.push(last);
+            Command::Batch(cmds)
+        }
+        None => return,
+    };
+    let result = match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+        Ok(Ok(resp)) => Ok(resp.data),
+        Ok(Err(e)) => Err(map_write_error(e)),
+        Err(_) => Err(ConsensusError::Indeterminate(format!(
+            "not committed within {} ms (quorum lost?)",
+            timeout.as_millis()
+        ))),
+    };
+    match result {
+        Ok(resp) if single => {
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(Ok(resp));
+            }
+        }
+        Ok(Response::Batch(parts)) if parts.len() == replies.len() => {
+            for (reply, part) in replies.into_iter().zip(parts) {
+                let _ = reply.send(Ok(part));
+            }
+        }
+        Ok(Response::Rejected(reason)) => {
+            for reply in replies {
+                let _ = reply.send(Ok(Response::Rejected(reason.clone())));
+            }
+        }
+        Ok(other) => {
+            let e = ConsensusError::Internal(format!("group response does not match its commands: {other:?}"));
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Maps openraft's write errors. `ForwardToLeader` means the entry was not
+/// proposed (or was truncated before commit), so it becomes the retryable
+/// `Unavailable`.
+pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> ConsensusError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ConsensusError::Unavailable {
+            reason: "this node is not the leader".into(),
+            leader_id: f.leader_id,
+            leader_addr: f.leader_node.map(|n| n.public_addr),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            ConsensusError::Unavailable {
+                reason: format!("membership change refused: {e}"),
+                leader_id: None,
+                leader_addr: None,
+            }
+        }
+        RaftError::Fatal(openraft::error::Fatal::Stopped) => ConsensusError::ShuttingDown,
+        RaftError::Fatal(f) => ConsensusError::Internal(format!("raft stopped: {f}")),
+    }
+}

@@ -1,0 +1,224 @@
+//! Replicated commands, their responses, and the limits they must respect.
+//!
+//! A [`Command`] is what a Raft entry carries. Its serde encoding is the log
+//! format, so variants are append-only: never reorder, remove or change the
+//! fields of an existing variant; add a new one instead (the variant index is
+//! the version tag, like a protobuf field number).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConsensusError;
+
+/// Largest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 4096;
+/// Largest value, in bytes.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+/// A change to the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Sets `key` to `value`.
+    Put {
+        /// Key, 1..=[`MAX_KEY_BYTES`] bytes.
+        key: Vec<u8>,
+        /// Value, at most [`MAX_VALUE_BYTES`] bytes.
+        value: Vec<u8>,
+    },
+    /// Removes `key`.
+    Delete {
+        /// Key, 1..=[`MAX_KEY_BYTES`] bytes.
+        key: Vec<u8>,
+    },
+    /// Sets `key` to `value` if its mod revision is `expected_revision`
+    /// (0: the key must be absent).
+    Cas {
+        /// Key, 1..=[`MAX_KEY_BYTES`] bytes.
+        key: Vec<u8>,
+        /// Required mod revision; 0 means absent.
+        expected_revision: u64,
+        /// New value, at most [`MAX_VALUE_BYTES`] bytes.
+        value: Vec<u8>,
+    },
+    /// Commands applied in order in one atomic step, each with its own
+    /// response. The leader also uses it to group concurrent client writes
+    /// into one log entry.
+    Batch(Vec<Command>),
+}
+
+/// A key with its value and revisions, as etcd reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Revision of the write that created the key.
+    pub create_revision: u64,
+    /// Revision of the last write to the key.
+    pub mod_revision: u64,
+    /// Writes since creation (1 after the first).
+    pub version: u64,
+}
+
+/// The outcome of applying a [`Command`]. `revision` is the store's revision
+/// right after the command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The answer to a blank or membership entry.
+    Empty,
+    /// A put happened.
+    Put {
+        /// The key as written.
+        kv: KeyValue,
+        /// The previous pair, if any.
+        prev: Option<KeyValue>,
+    },
+    /// A delete was applied (a no-op when the key was absent).
+    Delete {
+        /// Store revision after the delete.
+        revision: u64,
+        /// The removed pair, if any.
+        prev: Option<KeyValue>,
+    },
+    /// A compare-and-swap was evaluated.
+    Cas {
+        /// Store revision after the command.
+        revision: u64,
+        /// Whether the value was written.
+        succeeded: bool,
+        /// The new pair on success, the current one (if any) on failure.
+        kv: Option<KeyValue>,
+    },
+    /// Responses of a [`Command::Batch`], in order.
+    Batch(Vec<Response>),
+    /// The state machine refused the command (it violates a limit). Every
+    /// replica refuses it identically.
+    Rejected(String),
+}
+
+/// Limits a command must respect, checked before proposing and again,
+/// deterministically, when applying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most commands in one client batch.
+    pub max_batch_commands: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_batch_commands: 1024,
+        }
+    }
+}
+
+/// Checks a key's size; the error names `field`.
+pub fn check_key(field: &str, key: &[u8]) -> Result<(), ConsensusError> {
+    if key.is_empty() {
+        return Err(ConsensusError::invalid(field, "must not be empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ConsensusError::invalid(
+            field,
+            format!("is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_value(field: &str, value: &[u8]) -> Result<(), ConsensusError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(ConsensusError::invalid(
+            field,
+            format!("is {} bytes; the limit is {MAX_VALUE_BYTES}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+impl Command {
+    /// Checks sizes and counts; the error names the offending field.
+    pub fn validate(&self, limits: &Limits) -> Result<(), ConsensusError> {
+        self.validate_at("", limits, 0)
+    }
+
+    fn validate_at(&self, path: &str, limits: &Limits, depth: usize) -> Result<(), ConsensusError> {
+        let field = |name: &str| format!("{path}{name}");
+        match self {
+            Command::Put { key, value } => {
+                check_key(&field("key"), key)?;
+                check_value(&field("value"), value)
+            }
+            Command::Delete { key } => check_key(&field("key"), key),
+            Command::Cas { key, value, .. } => {
+                check_key(&field("key"), key)?;
+                check_value(&field("value"), value)
+            }
+            Command::Batch(cmds) => {
+                // Depth 2 lets the leader group client batches; deeper nesting
+                // is never produced and is refused to bound apply recursion.
+                if depth >= 2 {
+                    return Err(ConsensusError::invalid(&field("batch"), "is nested too deeply"));
+                }
+                if cmds.len() > limits.max_batch_commands {
+                    return Err(ConsensusError::invalid(
+                        &field("batch"),
+                        format!("has {} commands; the limit is {}", cmds.len(), limits.max_batch_commands),
+                    ));
+                }
+                for (i, c) in cmds.iter().enumerate() {
+                    c.validate_at(&format!("{path}batch[{i}]."), limits, depth + 1)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Approximate encoded size, for batching decisions.
+    pub fn approx_size(&self) -> usize {
+        match self {
+            Command::Put { key, value } | Command::Cas { key, value, .. } => key.len() + value.len() + 16,
+            Command::Delete { key } => key.len() + 8,
+            Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum::<usize>() + 8,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_field() {
+        let limits = Limits::default();
+        let err = Command::Put {
+            key: vec![b'k'; MAX_KEY_BYTES + 1],
+            value: vec![],
+        }
+        .validate(&limits)
+        .unwrap_err();
+        assert!(err.to_string().contains("key"), "{err}");
+        let err = Command::Batch(vec![
+            Command::Delete { key: b"a".to_vec() },
+            Command::Put {
+                key: b"b".to_vec(),
+                value: vec![0; MAX_VALUE_BYTES + 1],
+            },
+        ])
+        .validate(&limits)
+        .unwrap_err();
+        assert!(err.to_string().contains("batch[1].value"), "{err}");
+        let err = Command::Delete { key: vec![] }.validate(&limits).unwrap_err();
+        assert!(err.to_string().contains("key must not be empty"), "{err}");
+        let many = Command::Batch(vec![Command::Delete { key: b"a".to_vec() }; 1025]);
+        assert!(many.validate(&limits).unwrap_err().to_string().contains("limit is 1024"));
+        let nested = Command::Batch(vec![Command::Batch(vec![Command::Batch(vec![])])]);
+        assert!(nested.validate(&limits).is_err());
+        Command::Put {
+            key: vec![1; MAX_KEY_BYTES],
+            value: vec![0; MAX_VALUE_BYTES],
+        }
+        .validate(&limits)
+        .unwrap();
+    }
+}

@@ -1,0 +1,183 @@
+//! Configuration of the consensus layer (the `[raft]` section of a node's
+//! config file).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::MAX_VALUE_BYTES;
+use crate::error::ConsensusError;
+use crate::network::MAX_INTERNAL_MESSAGE_BYTES;
+
+/// Tuning of Raft, group commit and request routing. Every field has a
+/// default; `validate()` names the field that is out of range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsensusConfig {
+    /// Number of voting members the cluster aims for (odd: 1, 3 or 5). Nodes
+    /// that join beyond it stay learners.
+    pub voters: usize,
+    /// Leader heartbeat period, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomized election timeout, in milliseconds. Must
+    /// be well above `heartbeat_ms`.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout, in milliseconds.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and then purge the log) after this many entries.
+    pub snapshot_every: u64,
+    /// Log entries kept behind the last snapshot, so slightly lagging
+    /// followers catch up from the log instead of a snapshot.
+    pub keep_logs_after_snapshot: u64,
+    /// Snapshot chunk size sent per InstallSnapshot call, in bytes.
+    pub snapshot_chunk_bytes: u64,
+    /// Most log entries in one AppendEntries call.
+    pub max_append_entries: u64,
+    /// Most client commands the leader groups into one log entry.
+    pub max_batch_commands: usize,
+    /// Most bytes of commands the leader groups into one log entry.
+    pub max_batch_bytes: usize,
+    /// Grouped entries proposed concurrently. While they are in flight, new
+    /// commands queue up and form the next group.
+    pub max_inflight_batches: usize,
+    /// Commands a client may submit as one batch.
+    pub max_client_batch_commands: usize,
+    /// How long a request waits for a leader (elections, forwarding) before
+    /// it fails with Unavailable, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Timeout for one node-to-node call, in milliseconds.
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for ConsensusConfig {
+    fn default() -> Self {
+        Self {
+            voters: 3,
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_every: 10_000,
+            keep_logs_after_snapshot: 1_000,
+            snapshot_chunk_bytes: 1024 * 1024,
+            max_append_entries: 64,
+            max_batch_commands: 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
+            max_inflight_batches: 2,
+            max_client_batch_commands: 1024,
+            request_timeout_ms: 10_000,
+            rpc_timeout_ms: 5_000,
+        }
+    }
+}
+
+fn bad(field: &str, reason: impl Into<String>) -> ConsensusError {
+    ConsensusError::invalid(&format!("raft.{field}"), reason)
+}
+
+impl ConsensusConfig {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConsensusError> {
+        if !matches!(self.voters, 1 | 3 | 5 | 7) {
+            return Err(bad("voters", format!("is {}; use 1, 3, 5 or 7", self.voters)));
+        }
+        if self.heartbeat_ms == 0 {
+            return Err(bad("heartbeat_ms", "must be positive"));
+        }
+        if self.election_timeout_min_ms < 3 * self.heartbeat_ms {
+            return Err(bad(
+                "election_timeout_min_ms",
+                format!("is {}; it must be at least 3 x heartbeat_ms ({})", self.election_timeout_min_ms, 3 * self.heartbeat_ms),
+            ));
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return Err(bad("election_timeout_max_ms", "must be greater than election_timeout_min_ms"));
+        }
+        if self.snapshot_every == 0 {
+            return Err(bad("snapshot_every", "must be positive"));
+        }
+        let chunk_cap = (MAX_INTERNAL_MESSAGE_BYTES / 2) as u64;
+        if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > chunk_cap {
+            return Err(bad("snapshot_chunk_bytes", format!("must be in 1..={chunk_cap}")));
+        }
+        if self.max_batch_commands == 0 {
+            return Err(bad("max_batch_commands", "must be positive"));
+        }
+        if self.max_batch_bytes < MAX_VALUE_BYTES {
+            return Err(bad("max_batch_bytes", format!("must be at least the value limit {MAX_VALUE_BYTES}")));
+        }
+        // One AppendEntries call must fit the internal message limit even when
+        // every entry is a full group.
+        let worst = (self.max_batch_bytes as u64 + MAX_VALUE_BYTES as u64).saturating_mul(self.max_append_entries);
+        if self.max_append_entries == 0 || worst > MAX_INTERNAL_MESSAGE_BYTES as u64 {
+            return Err(bad(
+                "max_append_entries",
+                format!(
+                    "must be positive and keep max_append_entries x (max_batch_bytes + 1 MiB) under {MAX_INTERNAL_MESSAGE_BYTES} bytes"
+                ),
+            ));
+        }
+        if self.max_inflight_batches == 0 {
+            return Err(bad("max_inflight_batches", "must be positive"));
+        }
+        if self.max_client_batch_commands == 0 {
+            return Err(bad("max_client_batch_commands", "must be positive"));
+        }
+        if self.request_timeout_ms == 0 || self.rpc_timeout_ms == 0 {
+            return Err(bad("request_timeout_ms", "timeouts must be positive"));
+        }
+        Ok(())
+    }
+
+    /// The openraft configuration derived from this one.
+    pub(crate) fn to_openraft(&self) -> Result<openraft::Config, ConsensusError> {
+        let config = openraft::Config {
+            cluster_name: "cell0".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            install_snapshot_timeout: self.rpc_timeout_ms,
+            max_payload_entries: self.max_append_entries,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes,
+            max_in_snapshot_log_to_keep: self.keep_logs_after_snapshot,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map_err(|e| ConsensusError::invalid("raft", e.to_string()))
+    }
+
+    pub(crate) fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub(crate) fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.rpc_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_errors_name_fields() {
+        ConsensusConfig::default().validate().unwrap();
+        ConsensusConfig::default().to_openraft().unwrap();
+        let c = ConsensusConfig {
+            voters: 2,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("raft.voters"));
+        let c = ConsensusConfig {
+            election_timeout_min_ms: 100,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("raft.election_timeout_min_ms"));
+        let c = ConsensusConfig {
+            max_append_entries: 1000,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("raft.max_append_entries"));
+    }
+}

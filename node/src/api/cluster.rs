@@ -1,0 +1,115 @@
+//! `cell0.v1.Cluster`: status, membership and admission of new nodes.
+
+use cell0_consensus::{Consensus, Member, NodeInfo, Role};
+use cell0_proto::v1::cluster_server::Cluster;
+use cell0_proto::v1::{self, RaftRole};
+use tonic::{Request, Response, Status};
+
+use super::{observe, to_status};
+
+/// The Cluster service of one node.
+pub struct ClusterApi {
+    consensus: Consensus,
+}
+
+impl ClusterApi {
+    /// A service answering through `consensus`.
+    pub fn new(consensus: Consensus) -> Self {
+        Self { consensus }
+    }
+}
+
+fn member_to_proto(m: Member) -> v1::Member {
+    v1::Member {
+        id: m.id,
+        name: m.info.name,
+        site: m.info.site,
+        public_addr: m.info.public_addr,
+        internal_addr: m.info.internal_addr,
+        voter: m.voter,
+        leader: m.leader,
+        matched_index: m.matched_index,
+    }
+}
+
+fn role_to_proto(r: Role) -> RaftRole {
+    match r {
+        Role::Leader => RaftRole::Leader,
+        Role::Follower => RaftRole::Follower,
+        Role::Candidate => RaftRole::Candidate,
+        Role::Learner => RaftRole::Learner,
+        Role::Shutdown => RaftRole::Unknown,
+    }
+}
+
+fn check_text(field: &str, v: &str, max: usize) -> Result<(), Status> {
+    if v.len() > max {
+        return Err(Status::invalid_argument(format!("{field} is longer than {max} bytes")));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterApi {
+    async fn status(&self, _request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+        observe("Cluster/Status", async {
+            let s = self.consensus.status();
+            let info = self.consensus.info();
+            Ok(Response::new(v1::StatusResponse {
+                node_id: s.id,
+                node_name: info.name.clone(),
+                site: info.site.clone(),
+                role: role_to_proto(s.role) as i32,
+                leader_id: s.leader.unwrap_or(0),
+                term: s.term,
+                commit_index: s.commit_index,
+                applied_index: s.applied_index,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                revision: s.revision,
+            }))
+        })
+        .await
+    }
+
+    async fn members(&self, _request: Request<v1::MembersRequest>) -> Result<Response<v1::MembersResponse>, Status> {
+        observe("Cluster/Members", async {
+            Ok(Response::new(v1::MembersResponse {
+                members: self.consensus.members().into_iter().map(member_to_proto).collect(),
+                leader_id: self.consensus.status().leader.unwrap_or(0),
+            }))
+        })
+        .await
+    }
+
+    async fn join(&self, request: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
+        observe("Cluster/Join", async {
+            let r = request.into_inner();
+            check_text("name", &r.name, 64)?;
+            check_text("site", &r.site, 64)?;
+            check_text("public_addr", &r.public_addr, 256)?;
+            check_text("internal_addr", &r.internal_addr, 256)?;
+            let info = NodeInfo {
+                name: r.name,
+                site: r.site,
+                public_addr: r.public_addr,
+                internal_addr: r.internal_addr,
+            };
+            let members = self.consensus.join(r.node_id, info).await.map_err(to_status)?;
+            Ok(Response::new(v1::JoinResponse {
+                members: members.into_iter().map(member_to_proto).collect(),
+            }))
+        })
+        .await
+    }
+
+    async fn remove(&self, request: Request<v1::RemoveRequest>) -> Result<Response<v1::RemoveResponse>, Status> {
+        observe("Cluster/Remove", async {
+            self.consensus
+                .remove(request.into_inner().node_id)
+                .await
+                .map_err(to_status)?;
+            Ok(Response::new(v1::RemoveResponse {}))
+        })
+        .await
+    }
+}

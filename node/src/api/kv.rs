@@ -1,0 +1,275 @@
+//! `cell0.v1.Kv`: puts, reads, ranges, compare-and-swap and watches.
+
+use std::pin::Pin;
+
+use cell0_consensus::command::{MAX_KEY_BYTES, check_key};
+use cell0_consensus::state::MAX_RANGE_LIMIT;
+use cell0_consensus::{Applied, Command, Consensus, Consistency, EventKind, Response, StateEvent};
+use cell0_proto::v1::kv_server::Kv;
+use cell0_proto::v1::{self, event::EventType};
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Status};
+
+use super::{kv_to_proto, observe, to_status};
+
+/// Most concurrent watch streams one node serves.
+pub const MAX_WATCHES: usize = 1024;
+/// Events sent in one watch message at most.
+const WATCH_BATCH: usize = 1000;
+
+/// The Kv service of one node.
+pub struct KvApi {
+    consensus: Consensus,
+    watches: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl KvApi {
+    /// A service answering through `consensus`.
+    pub fn new(consensus: Consensus) -> Self {
+        Self {
+            consensus,
+            watches: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_WATCHES)),
+        }
+    }
+
+    fn header(&self, revision: u64) -> Option<v1::ResponseHeader> {
+        Some(v1::ResponseHeader {
+            revision,
+            node_id: self.consensus.id(),
+            raft_term: self.consensus.status().term,
+        })
+    }
+}
+
+fn consistency(raw: i32) -> Result<Consistency, Status> {
+    match v1::Consistency::try_from(raw) {
+        Ok(v1::Consistency::Linearizable) => Ok(Consistency::Linearizable),
+        Ok(v1::Consistency::Serializable) => Ok(Consistency::Serializable),
+        Err(_) => Err(Status::invalid_argument(format!("consistency {raw} is not a known value"))),
+    }
+}
+
+fn unexpected(r: Response) -> Status {
+    Status::internal(format!("unexpected response {r:?}"))
+}
+
+fn event_to_proto(ev: StateEvent) -> v1::Event {
+    v1::Event {
+        r#type: match ev.kind {
+            EventKind::Put => EventType::Put as i32,
+            EventKind::Delete => EventType::Delete as i32,
+        },
+        kv: Some(kv_to_proto(ev.kv)),
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Kv for KvApi {
+    async fn put(&self, request: Request<v1::PutRequest>) -> Result<tonic::Response<v1::PutResponse>, Status> {
+        observe("Kv/Put", async {
+            let r = request.into_inner();
+            let cmd = Command::Put {
+                key: r.key.to_vec(),
+                value: r.value.to_vec(),
+            };
+            match self.consensus.write(cmd).await.map_err(to_status)? {
+                Response::Put { kv, prev } => Ok(tonic::Response::new(v1::PutResponse {
+                    header: self.header(kv.mod_revision),
+                    kv: Some(kv_to_proto(kv)),
+                    prev_kv: prev.map(kv_to_proto),
+                })),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn get(&self, request: Request<v1::GetRequest>) -> Result<tonic::Response<v1::GetResponse>, Status> {
+        observe("Kv/Get", async {
+            let r = request.into_inner();
+            check_key("key", &r.key).map_err(to_status)?;
+            let (kv, revision) = self
+                .consensus
+                .get(&r.key, consistency(r.consistency)?)
+                .await
+                .map_err(to_status)?;
+            Ok(tonic::Response::new(v1::GetResponse {
+                header: self.header(revision),
+                kv: kv.map(kv_to_proto),
+            }))
+        })
+        .await
+    }
+
+    async fn delete(&self, request: Request<v1::DeleteRequest>) -> Result<tonic::Response<v1::DeleteResponse>, Status> {
+        observe("Kv/Delete", async {
+            let r = request.into_inner();
+            let cmd = Command::Delete { key: r.key.to_vec() };
+            match self.consensus.write(cmd).await.map_err(to_status)? {
+                Response::Delete { revision, prev } => Ok(tonic::Response::new(v1::DeleteResponse {
+                    header: self.header(revision),
+                    prev_kv: prev.map(kv_to_proto),
+                })),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    async fn range(&self, request: Request<v1::RangeRequest>) -> Result<tonic::Response<v1::RangeResponse>, Status> {
+        observe("Kv/Range", async {
+            let r = request.into_inner();
+            if r.prefix.len() > MAX_KEY_BYTES {
+                return Err(Status::invalid_argument(format!("prefix is longer than {MAX_KEY_BYTES} bytes")));
+            }
+            if r.start_after.len() > MAX_KEY_BYTES {
+                return Err(Status::invalid_argument(format!("start_after is longer than {MAX_KEY_BYTES} bytes")));
+            }
+            if r.limit as usize > MAX_RANGE_LIMIT {
+                return Err(Status::invalid_argument(format!(
+                    "limit is {}; the maximum is {MAX_RANGE_LIMIT}",
+                    r.limit
+                )));
+            }
+            let (kvs, more, revision) = self
+                .consensus
+                .range(&r.prefix, &r.start_after, r.limit as usize, consistency(r.consistency)?)
+                .await
+                .map_err(to_status)?;
+            Ok(tonic::Response::new(v1::RangeResponse {
+                header: self.header(revision),
+                kvs: kvs.into_iter().map(kv_to_proto).collect(),
+                more,
+            }))
+        })
+        .await
+    }
+
+    async fn cas(&self, request: Request<v1::CasRequest>) -> Result<tonic::Response<v1::CasResponse>, Status> {
+        observe("Kv/Cas", async {
+            let r = request.into_inner();
+            let cmd = Command::Cas {
+                key: r.key.to_vec(),
+                expected_revision: r.expected_revision,
+                value: r.value.to_vec(),
+            };
+            match self.consensus.write(cmd).await.map_err(to_status)? {
+                Response::Cas {
+                    revision,
+                    succeeded,
+                    kv,
+                } => Ok(tonic::Response::new(v1::CasResponse {
+                    header: self.header(revision),
+                    succeeded,
+                    kv: kv.map(kv_to_proto),
+                })),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<tonic::Response<WatchStream>, Status> {
+        observe("Kv/Watch", async {
+            let r = request.into_inner();
+            if r.prefix.len() > MAX_KEY_BYTES {
+                return Err(Status::invalid_argument(format!("prefix is longer than {MAX_KEY_BYTES} bytes")));
+            }
+            let permit = self
+                .watches
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| Status::resource_exhausted(format!("this node serves at most {MAX_WATCHES} watches")))?;
+            // Subscribe before reading history so no change falls between.
+            let updates = self.consensus.subscribe();
+            let current = self.consensus.revision().map_err(to_status)?;
+            let next = if r.start_revision == 0 { current + 1 } else { r.start_revision };
+            // Fail fast on a compacted start instead of inside the stream.
+            self.consensus.history(&r.prefix, next, 1).map_err(to_status)?;
+            let (tx, rx) = mpsc::channel(16);
+            let consensus = self.consensus.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(status) = pump(consensus, r.prefix.to_vec(), next, updates, &tx).await {
+                    let _ = tx.send(Err(status)).await;
+                }
+            });
+            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx)) as WatchStream))
+        })
+        .await
+    }
+}
+
+/// Feeds a watch stream until the client goes away: history first, then live
+/// changes; after a lag or a snapshot install it re-reads the history from the
+/// next revision it owes the client.
+async fn pump(
+    consensus: Consensus,
+    prefix: Vec<u8>,
+    mut next: u64,
+    mut updates: broadcast::Receiver<Applied>,
+    tx: &mpsc::Sender<Result<v1::WatchResponse, Status>>,
+) -> Result<(), Status> {
+    let header = |revision| {
+        Some(v1::ResponseHeader {
+            revision,
+            node_id: consensus.id(),
+            raft_term: consensus.status().term,
+        })
+    };
+    let mut catch_up = true;
+    loop {
+        if catch_up {
+            loop {
+                let evs = consensus.history(&prefix, next, WATCH_BATCH).map_err(to_status)?;
+                let Some(last) = evs.last().map(StateEvent::revision) else { break };
+                next = last + 1;
+                let msg = v1::WatchResponse {
+                    header: header(last),
+                    events: evs.into_iter().map(event_to_proto).collect(),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            catch_up = false;
+        }
+        let update = tokio::select! {
+            u = updates.recv() => u,
+            () = tx.closed() => return Ok(()),
+        };
+        match update {
+            Ok(Applied::Events(evs)) => {
+                let last = evs.last().map(StateEvent::revision);
+                let matching: Vec<v1::Event> = evs
+                    .iter()
+                    .filter(|e| e.revision() >= next && e.kv.key.starts_with(&prefix))
+                    .cloned()
+                    .map(event_to_proto)
+                    .collect();
+                if let Some(last) = last {
+                    next = next.max(last + 1);
+                }
+                if !matching.is_empty() {
+                    let msg = v1::WatchResponse {
+                        header: header(last.unwrap_or(0)),
+                        events: matching,
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(Applied::Reset { .. }) | Err(broadcast::error::RecvError::Lagged(_)) => catch_up = true,
+            Err(broadcast::error::RecvError::Closed) => {
+                return Err(Status::unavailable("the node is shutting down"));
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The public gRPC API (`cell0.v1`): request validation, the mapping of
+//! consensus errors to gRPC status codes (the only place it happens), and
+//! per-request metrics and trace ids.
+
+pub mod cluster;
+pub mod kv;
+
+use std::future::Future;
+use std::time::Instant;
+
+use cell0_consensus::{ConsensusError, KeyValue};
+use cell0_proto::v1;
+use tonic::Status;
+use tracing::Instrument;
+
+/// Metadata key carrying the leader's public address on `Unavailable`.
+pub const LEADER_METADATA: &str = "cell0-leader";
+
+/// Maps a consensus error to the gRPC status a client sees.
+pub fn to_status(e: ConsensusError) -> Status {
+    match e {
+        ConsensusError::InvalidArgument { field, reason } => Status::invalid_argument(format!("{field} {reason}")),
+        ConsensusError::Unavailable {
+            reason,
+            leader_id,
+            leader_addr,
+        } => {
+            let mut status = Status::unavailable(reason);
+            if let Some(addr) = leader_addr.or(leader_id.map(|id| id.to_string()))
+                && let Ok(v) = addr.parse()
+            {
+                status.metadata_mut().insert(LEADER_METADATA, v);
+            }
+            status
+        }
+        ConsensusError::Indeterminate(m) => Status::unknown(format!("write outcome unknown: {m}")),
+        ConsensusError::Compacted { requested, oldest } => Status::out_of_range(format!(
+            "revision {requested} is compacted; the oldest retained revision is {oldest}"
+        )),
+        ConsensusError::NotFound(m) => Status::not_found(m),
+        ConsensusError::ShuttingDown => Status::unavailable("the node is shutting down"),
+        ConsensusError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// A key-value pair on the wire.
+pub fn kv_to_proto(kv: KeyValue) -> v1::KeyValue {
+    v1::KeyValue {
+        key: kv.key.into(),
+        value: kv.value.into(),
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        version: kv.version,
+    }
+}
+
+/// Runs one request handler inside a span with a trace id, and records
+/// `cell0_grpc_requests_total{method,code}` and the request duration.
+pub async fn observe<T, F>(method: &'static str, handler: F) -> Result<T, Status>
+where
+    F: Future<Output = Result<T, Status>>,
+{
+    let trace_id = format!("{:016x}", rand::random::<u64>());
+    let started = Instant::now();
+    let result = handler
+        .instrument(tracing::info_span!("request", method, trace_id = %trace_id))
+        .await;
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    if let Err(s) = &result
+        && matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown)
+    {
+        tracing::warn!(method, trace_id = %trace_id, error = %s.message(), "request failed");
+    }
+    metrics::counter!("cell0_grpc_requests_total", "method" => method, "code" => format!("{code:?}")).increment(1);
+    metrics::histogram!("cell0_grpc_request_duration_seconds", "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_carries_the_leader_hint() {
+        let s = to_status(ConsensusError::Unavailable {
+            reason: "no quorum".into(),
+            leader_id: Some(7),
+            leader_addr: Some("10.0.0.7:7100".into()),
+        });
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(s.metadata().get(LEADER_METADATA).unwrap(), "10.0.0.7:7100");
+        let s = to_status(ConsensusError::invalid("key", "must not be empty"));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(s.message(), "key must not be empty");
+    }
+}

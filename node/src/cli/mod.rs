@@ -1,0 +1,205 @@
+//! The command-line client: every command but `run` talks to a node's public
+//! gRPC API, prints a table for people or JSON for scripts, and reports
+//! failures as one line with a non-zero exit code.
+
+pub mod bench;
+pub mod kv;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use cell0_proto::v1::cluster_client::ClusterClient;
+use cell0_proto::v1::{self, RaftRole};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+/// How client commands print their results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Connects to a node's public API.
+pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+    let uri = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    tonic::transport::Endpoint::from_shared(uri)
+        .with_context(|| format!("{endpoint:?} is not a valid endpoint (expected host:port)"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach a cell0 node at {endpoint}"))
+}
+
+/// Turns a gRPC error into one readable line.
+pub fn rpc_error(s: tonic::Status) -> anyhow::Error {
+    let hint = s
+        .metadata()
+        .get(crate::api::LEADER_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .map(|l| format!(" (leader: {l})"))
+        .unwrap_or_default();
+    anyhow::anyhow!("{}: {}{hint}", code_name(s.code()), s.message())
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::OutOfRange => "out of range",
+        tonic::Code::ResourceExhausted => "resource exhausted",
+        tonic::Code::DeadlineExceeded => "deadline exceeded",
+        tonic::Code::Unknown => "unknown outcome",
+        tonic::Code::Unimplemented => "not supported by this endpoint",
+        _ => "error",
+    }
+}
+
+/// Prints rows as aligned columns under `headers`.
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}", w = *w))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn role_name(role: i32) -> &'static str {
+    match RaftRole::try_from(role) {
+        Ok(RaftRole::Leader) => "leader",
+        Ok(RaftRole::Follower) => "follower",
+        Ok(RaftRole::Candidate) => "candidate",
+        Ok(RaftRole::Learner) => "learner",
+        _ => "unknown",
+    }
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    node_id: String,
+    name: String,
+    site: String,
+    role: &'static str,
+    leader_id: String,
+    term: u64,
+    commit_index: u64,
+    applied_index: u64,
+    revision: u64,
+    version: String,
+}
+
+/// `cell0 status`.
+pub async fn status(endpoint: &str, output: Output) -> anyhow::Result<()> {
+    let mut client = ClusterClient::new(connect(endpoint).await?);
+    let s = client.status(v1::StatusRequest {}).await.map_err(rpc_error)?.into_inner();
+    let view = StatusView {
+        node_id: format!("{:016x}", s.node_id),
+        name: s.node_name,
+        site: s.site,
+        role: role_name(s.role),
+        leader_id: if s.leader_id == 0 { "none".into() } else { format!("{:016x}", s.leader_id) },
+        term: s.term,
+        commit_index: s.commit_index,
+        applied_index: s.applied_index,
+        revision: s.revision,
+        version: s.version,
+    };
+    match output {
+        Output::Json => print_json(&view),
+        Output::Table => {
+            let rows = vec![
+                vec!["node".into(), format!("{} ({})", view.name, view.node_id)],
+                vec!["site".into(), view.site],
+                vec!["role".into(), view.role.into()],
+                vec!["leader".into(), view.leader_id],
+                vec!["term".into(), view.term.to_string()],
+                vec!["commit index".into(), view.commit_index.to_string()],
+                vec!["applied index".into(), view.applied_index.to_string()],
+                vec!["revision".into(), view.revision.to_string()],
+                vec!["version".into(), view.version],
+            ];
+            print_table(&["FIELD", "VALUE"], &rows);
+            Ok(())
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct MemberView {
+    id: String,
+    name: String,
+    site: String,
+    role: &'static str,
+    leader: bool,
+    public_addr: String,
+    internal_addr: String,
+    matched_index: u64,
+}
+
+/// `cell0 members`.
+pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
+    let mut client = ClusterClient::new(connect(endpoint).await?);
+    let m = client.members(v1::MembersRequest {}).await.map_err(rpc_error)?.into_inner();
+    let views: Vec<MemberView> = m
+        .members
+        .into_iter()
+        .map(|m| MemberView {
+            id: format!("{:016x}", m.id),
+            name: m.name,
+            site: m.site,
+            role: if m.voter { "voter" } else { "learner" },
+            leader: m.leader,
+            public_addr: m.public_addr,
+            internal_addr: m.internal_addr,
+            matched_index: m.matched_index,
+        })
+        .collect();
+    match output {
+        Output::Json => print_json(&views),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = views
+                .into_iter()
+                .map(|v| {
+                    vec![
+                        v.name,
+                        v.id,
+                        v.site,
+                        if v.leader { format!("{} (leader)", v.role) } else { v.role.into() },
+                        v.public_addr,
+                        v.internal_addr,
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "ID", "SITE", "ROLE", "PUBLIC", "INTERNAL"], &rows);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Node configuration: one serde struct, loaded from defaults, then a TOML
+//! file, then `CELL0_*` environment variables, then command-line flags (each
+//! layer overrides the one before).
+//!
+//! Every field is documented and has a default in code; [`NodeConfig::validate`]
+//! names the field that is wrong.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cell0_consensus::ConsensusConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Directory holding the node's identity and database. Created if
+    /// missing.
+    pub data_dir: PathBuf,
+    /// Human-readable node name; defaults to `cell0-` and the node id's first
+    /// hex digits.
+    pub name: Option<String>,
+    /// The site (region) this node runs in.
+    pub site: String,
+    /// Listen addresses.
+    pub listen: ListenConfig,
+    /// Addresses other nodes and clients use to reach this node; each
+    /// defaults to the matching listen address, which must then not be a
+    /// wildcard (0.0.0.0 or ::).
+    pub advertise: AdvertiseConfig,
+    /// Members to ask for admission when this node is not yet in a cluster
+    /// (host:port of their public or internal port).
+    pub join: Vec<String>,
+    /// Start a new cluster with this node as its first member if it is not in
+    /// one yet. Implied when `join` is empty.
+    pub bootstrap: bool,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// Log filter in `RUST_LOG` syntax.
+    pub log_level: String,
+    /// Raft, group commit and routing.
+    pub raft: ConsensusConfig,
+}
+
+/// Listen addresses of the node's ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Public gRPC API (clients, CLI).
+    pub public: SocketAddr,
+    /// Internal gRPC API (Raft, forwarding).
+    pub internal: SocketAddr,
+    /// HTTP operations endpoints (/metrics, /health, /ready, /live).
+    pub http: SocketAddr,
+}
+
+/// Advertised addresses (host:port); empty means "same as listen".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdvertiseConfig {
+    /// Advertised public gRPC address.
+    pub public: Option<String>,
+    /// Advertised internal gRPC address.
+    pub internal: Option<String>,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            public: SocketAddr::from(([127, 0, 0, 1], 7100)),
+            internal: SocketAddr::from(([127, 0, 0, 1], 7101)),
+            http: SocketAddr::from(([127, 0, 0, 1], 7103)),
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("cell0-data"),
+            name: None,
+            site: "default".into(),
+            listen: ListenConfig::default(),
+            advertise: AdvertiseConfig::default(),
+            join: Vec::new(),
+            bootstrap: false,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            raft: ConsensusConfig::default(),
+        }
+    }
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// The field (dotted path, as in the TOML file).
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn bad(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad("config", format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| bad("config", format!("{}: {}", path.display(), e.message())))
+    }
+
+    /// The address other nodes use for the internal API.
+    pub fn advertise_internal(&self) -> String {
+        self.advertise
+            .internal
+            .clone()
+            .unwrap_or_else(|| self.listen.internal.to_string())
+    }
+
+    /// The address clients use for the public API.
+    pub fn advertise_public(&self) -> String {
+        self.advertise.public.clone().unwrap_or_else(|| self.listen.public.to_string())
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "must not be empty"));
+        }
+        if let Some(name) = &self.name
+            && (name.is_empty() || name.len() > 64)
+        {
+            return Err(bad("name", "must be 1 to 64 characters"));
+        }
+        if self.site.is_empty() || self.site.len() > 64 {
+            return Err(bad("site", "must be 1 to 64 characters"));
+        }
+        let ports = [
+            ("listen.public", self.listen.public),
+            ("listen.internal", self.listen.internal),
+            ("listen.http", self.listen.http),
+        ];
+        for (i, (a_name, a)) in ports.iter().enumerate() {
+            for (b_name, b) in &ports[i + 1..] {
+                if a == b && a.port() != 0 {
+                    return Err(bad(b_name, format!("{b} is also {a_name}")));
+                }
+            }
+        }
+        if self.advertise.public.is_none() && self.listen.public.ip().is_unspecified() {
+            return Err(bad("advertise.public", "must be set when listen.public is a wildcard address"));
+        }
+        if self.advertise.internal.is_none() && self.listen.internal.ip().is_unspecified() {
+            return Err(bad("advertise.internal", "must be set when listen.internal is a wildcard address"));
+        }
+        for (i, j) in self.join.iter().enumerate() {
+            if !j.contains(':') {
+                return Err(bad(&format!("join[{i}]"), format!("{j:?} is not host:port")));
+            }
+        }
+        if self.log_level.is_empty() {
+            return Err(bad("log_level", "must not be empty"));
+        }
+        self.raft.validate().map_err(|e| match e {
+            cell0_consensus::ConsensusError::InvalidArgument { field, reason } => bad(&field, reason),
+            other => bad("raft", other.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_toml_overrides_fields() {
+        NodeConfig::default().validate().unwrap();
+        let c: NodeConfig = toml::from_str(
+            r#"
+            site = "eu"
+            [listen]
+            public = "127.0.0.1:8100"
+            [raft]
+            voters = 5
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.site, "eu");
+        assert_eq!(c.listen.public.port(), 8100);
+        assert_eq!(c.listen.internal.port(), 7101, "unset fields keep defaults");
+        assert_eq!(c.raft.voters, 5);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = toml::from_str::<NodeConfig>("sit = 1").unwrap_err();
+        assert!(err.to_string().contains("unknown field `sit`"), "{err}");
+        let mut c = NodeConfig::default();
+        c.listen.http = c.listen.public;
+        assert_eq!(c.validate().unwrap_err().field, "listen.http");
+        let mut c = NodeConfig::default();
+        c.listen.public = "0.0.0.0:7100".parse().unwrap();
+        assert_eq!(c.validate().unwrap_err().field, "advertise.public");
+        let mut c = NodeConfig::default();
+        c.raft.voters = 4;
+        assert_eq!(c.validate().unwrap_err().field, "raft.voters");
+    }
+}

@@ -1,0 +1,93 @@
+//! Logs and metrics of a running node.
+//!
+//! Logs go through `tracing` (text or JSON lines). Metrics are recorded with
+//! the `metrics` facade and exported in Prometheus format on the HTTP port;
+//! every name starts with `cell0_` and carries its unit. Raft gauges are fed
+//! from openraft's metrics channel, so they change when Raft does rather
+//! than on a poll interval.
+
+use anyhow::Context;
+use cell0_consensus::{Consensus, Role};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global log subscriber.
+pub fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(level).with_context(|| format!("log_level {level:?} is not a valid filter"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+/// Installs the Prometheus recorder and describes the node's metrics.
+pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_commands".into()), COUNT_BUCKETS)?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    metrics::describe_gauge!("cell0_raft_term", "Current Raft term.");
+    metrics::describe_gauge!("cell0_raft_role", "1 for the node's current Raft role (label role), 0 otherwise.");
+    metrics::describe_gauge!("cell0_raft_commit_index", "Highest log index known committed.");
+    metrics::describe_gauge!("cell0_raft_applied_index", "Highest log index applied locally.");
+    metrics::describe_gauge!("cell0_raft_last_log_index", "Last log index stored locally.");
+    metrics::describe_counter!("cell0_raft_leader_changes_total", "Times this node saw the leader change.");
+    metrics::describe_histogram!("cell0_raft_batch_commands", "Client commands grouped into one log entry.");
+    metrics::describe_histogram!(
+        "cell0_write_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to apply a write through Raft."
+    );
+    metrics::describe_histogram!(
+        "cell0_read_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to serve a point read, barrier included."
+    );
+    metrics::describe_counter!("cell0_grpc_requests_total", "Public gRPC requests by method and status code.");
+    metrics::describe_histogram!(
+        "cell0_grpc_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Public gRPC request duration by method."
+    );
+    Ok(handle)
+}
+
+/// Keeps the Raft gauges current until Raft stops.
+pub async fn export_raft_metrics(consensus: Consensus) {
+    let mut rx = consensus.raft().metrics();
+    let mut leader = None;
+    loop {
+        let s = consensus.status();
+        metrics::gauge!("cell0_raft_term").set(s.term as f64);
+        metrics::gauge!("cell0_raft_commit_index").set(s.commit_index as f64);
+        metrics::gauge!("cell0_raft_applied_index").set(s.applied_index as f64);
+        metrics::gauge!("cell0_raft_last_log_index").set(s.last_log_index as f64);
+        for (role, name) in [
+            (Role::Leader, "leader"),
+            (Role::Follower, "follower"),
+            (Role::Candidate, "candidate"),
+            (Role::Learner, "learner"),
+        ] {
+            metrics::gauge!("cell0_raft_role", "role" => name).set(if s.role == role { 1.0 } else { 0.0 });
+        }
+        if s.leader != leader {
+            if leader.is_some() || s.leader.is_some() {
+                metrics::counter!("cell0_raft_leader_changes_total").increment(1);
+            }
+            leader = s.leader;
+        }
+        if rx.changed().await.is_err() || s.role == Role::Shutdown {
+            return;
+        }
+    }
+}

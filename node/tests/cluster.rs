@@ -1,0 +1,205 @@
+//! End-to-end tests of the `cell0` binary: real processes on loopback, used
+//! only through the public gRPC API, the HTTP port and the CLI.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cell0_proto::v1;
+use common::*;
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "CLI failed: {}", stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {}", stdout(o)))
+}
+
+fn leader_of(nodes: &[Node]) -> usize {
+    let out = json(&cli(&["members", "--output", "json", "--endpoint", &nodes[0].endpoint()]));
+    let leader = out.as_array().unwrap().iter().find(|m| m["leader"] == true).expect("a leader");
+    let name = leader["name"].as_str().unwrap();
+    nodes.iter().position(|n| n.name == name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_agree_through_the_cli_and_survive_a_leader_kill() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(root.path(), 3);
+
+    let members = json(&cli(&["members", "--output", "json", "--endpoint", &nodes[2].endpoint()]));
+    let members = members.as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert!(members.iter().all(|m| m["role"] == "voter"), "{members:?}");
+    assert_eq!(members.iter().filter(|m| m["leader"] == true).count(), 1);
+
+    let put = cli(&["kv", "put", "greeting", "hello", "--endpoint", &nodes[2].endpoint()]);
+    assert!(put.status.success(), "{}", stderr(&put));
+    let got = cli(&["kv", "get", "greeting", "--endpoint", &nodes[0].endpoint()]);
+    assert_eq!(stdout(&got).trim(), "hello");
+
+    // kill -9 the leader: writes through the survivors succeed again.
+    let leader = leader_of(&nodes);
+    nodes[leader].kill9();
+    let survivor = nodes[(leader + 1) % 3].endpoint();
+    let started = Instant::now();
+    loop {
+        match put(&survivor, "after-kill", "yes").await {
+            Ok(_) => break,
+            Err(s) => assert!(started.elapsed() < DEADLINE, "writes did not resume: {s}"),
+        }
+    }
+    for i in 0..20 {
+        put(&survivor, &format!("k{i}"), "v").await.unwrap();
+    }
+
+    // The killed node restarts from its data dir alone and catches up.
+    nodes[leader].restart();
+    nodes[leader].wait_ready();
+    let back = nodes[leader].endpoint();
+    assert_eq!(get(&back, "k19", false).await, Some(b"v".to_vec()));
+    let deadline = Instant::now() + DEADLINE;
+    while get(&back, "k19", true).await.is_none() {
+        assert!(Instant::now() < deadline, "restarted node did not catch up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(&back, "after-kill", true).await, Some(b"yes".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_joins_as_a_learner() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(root.path(), 3);
+    let mut fourth = Node::start("node4", &root.path().join("node4"), Ports::new(), Some(nodes[1].endpoint()));
+    fourth.wait_ready();
+    let members = json(&cli(&["members", "--output", "json", "--endpoint", &nodes[0].endpoint()]));
+    let m4 = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "node4")
+        .expect("node4 is a member");
+    assert_eq!(m4["role"], "learner");
+    put(&nodes[0].endpoint(), "seen-by-4", "1").await.unwrap();
+    assert_eq!(get(&fourth.endpoint(), "seen-by-4", false).await, Some(b"1".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_cleanly_and_keeps_acknowledged_writes() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = Node::start("solo", &root.path().join("solo"), Ports::new(), None);
+    node.wait_ready();
+    for i in 0..50 {
+        put(&node.endpoint(), &format!("k{i}"), &i.to_string()).await.unwrap();
+    }
+    let status = node.sigterm();
+    assert!(status.success(), "exit status {status}:\n{}", node.log());
+    assert!(node.log().contains("stopped"), "{}", node.log());
+    node.restart();
+    node.wait_ready();
+    for i in 0..50 {
+        assert_eq!(get(&node.endpoint(), &format!("k{i}"), false).await, Some(i.to_string().into_bytes()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_right_after_acknowledged_writes_loses_none() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = Node::start("solo", &root.path().join("solo"), Ports::new(), None);
+    node.wait_ready();
+    // Many concurrent writers, so acknowledged writes are still in flight in
+    // every layer when the process dies.
+    let endpoint = node.endpoint();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let endpoint = endpoint.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = kv(&endpoint).await;
+            let mut acked = Vec::new();
+            for i in 0..25 {
+                let key = format!("w{w}/{i}");
+                client
+                    .put(v1::PutRequest {
+                        key: key.clone().into_bytes().into(),
+                        value: b"v".to_vec().into(),
+                    })
+                    .await
+                    .unwrap();
+                acked.push(key);
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    node.kill9();
+    node.restart();
+    node.wait_ready();
+    for key in &acked {
+        assert_eq!(get(&endpoint, key, false).await, Some(b"v".to_vec()), "lost {key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_and_reflection_are_served() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = Node::start("solo", &root.path().join("solo"), Ports::new(), None);
+    node.wait_ready();
+    put(&node.endpoint(), "m", "1").await.unwrap();
+    assert_eq!(node.http_get("/live").unwrap().0, 200);
+    let (code, body) = node.http_get("/health/deep").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let deep: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(deep["ok"], true);
+    let (_, metrics) = node.http_get("/metrics").unwrap();
+    for name in ["cell0_raft_term", "cell0_raft_commit_index", "cell0_grpc_requests_total", "cell0_write_duration_seconds"] {
+        assert!(metrics.contains(name), "missing {name} in:\n{metrics}");
+    }
+
+    let services = list_services(&node.endpoint()).await;
+    for s in ["cell0.v1.Kv", "cell0.v1.Cluster", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|x| x == s), "{s} not in {services:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_one_clear_message() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = Node::start("solo", &root.path().join("solo"), Ports::new(), None);
+    node.wait_ready();
+
+    let err = put(&node.endpoint(), &"k".repeat(4097), "v").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("key"), "{}", err.message());
+    let err = put(&node.endpoint(), "", "v").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let big = "x".repeat(1024 * 1024 + 1);
+    let out = cli(&["kv", "put", "k", &big, "--endpoint", &node.endpoint()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("value"), "{}", stderr(&out));
+
+    let out = cli(&["run", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--no-such-flag"), "{}", stderr(&out));
+
+    let out = cli(&["run", "--config", "/nonexistent/cell0.toml"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot read /nonexistent/cell0.toml"), "{}", stderr(&out));
+
+    let busy = format!("127.0.0.1:{}", node.ports.public);
+    let dir = root.path().join("other");
+    let out = cli(&["run", "--data-dir", dir.to_str().unwrap(), "--listen-public", &busy]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&format!("cannot listen on {busy} (listen.public)")), "{}", stderr(&out));
+
+    let out = cli(&["status", "--endpoint", &format!("127.0.0.1:{}", free_port())]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot reach a cell0 node"), "{}", stderr(&out));
+
+    let out = cli(&["kv", "get", "missing", "--endpoint", &node.endpoint()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+    for out in [&out] {
+        assert!(!stderr(out).contains("panicked"), "{}", stderr(out));
+    }
+}

@@ -1,0 +1,294 @@
+//! Test harness: real `cell0` processes on loopback, driven through the
+//! public API and the CLI only.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cell0_proto::v1::cluster_client::ClusterClient;
+use cell0_proto::v1::kv_client::KvClient;
+use cell0_proto::v1::{self, StatusResponse};
+use tonic::transport::Channel;
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cell0")
+}
+
+/// A free loopback port (released before the node binds it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Ports of one node.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub public: u16,
+    pub internal: u16,
+    pub http: u16,
+}
+
+impl Ports {
+    pub fn new() -> Self {
+        Ports {
+            public: free_port(),
+            internal: free_port(),
+            http: free_port(),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.public)
+    }
+}
+
+/// One `cell0 run` process.
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pub ports: Ports,
+    pub child: Child,
+    pub join: Option<String>,
+}
+
+impl Node {
+    /// Starts a node; `join` is the endpoint of a member, or `None` to
+    /// bootstrap.
+    pub fn start(name: &str, dir: &Path, ports: Ports, join: Option<String>) -> Node {
+        let mut cmd = Command::new(bin());
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--name", name])
+            .args(["--listen-public", &format!("127.0.0.1:{}", ports.public)])
+            .args(["--listen-internal", &format!("127.0.0.1:{}", ports.internal)])
+            .args(["--listen-http", &format!("127.0.0.1:{}", ports.http)])
+            .env("CELL0_LOG_LEVEL", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.with_extension("log"))
+                    .unwrap(),
+            ));
+        match &join {
+            Some(j) => {
+                cmd.args(["--join", j]);
+            }
+            None => {
+                cmd.arg("--bootstrap");
+            }
+        }
+        let child = cmd.spawn().expect("spawn cell0");
+        Node {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            ports,
+            child,
+            join,
+        }
+    }
+
+    /// Starts the node again on its data dir and ports, with no cluster flags.
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new(bin());
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--name", &self.name])
+            .args(["--listen-public", &format!("127.0.0.1:{}", self.ports.public)])
+            .args(["--listen-internal", &format!("127.0.0.1:{}", self.ports.internal)])
+            .args(["--listen-http", &format!("127.0.0.1:{}", self.ports.http)])
+            .env("CELL0_LOG_LEVEL", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.with_extension("log"))
+                    .unwrap(),
+            ));
+        self.child = cmd.spawn().expect("respawn cell0");
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.ports.endpoint()
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn sigterm(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+        wait_exit(&mut self.child, DEADLINE)
+    }
+
+    /// HTTP status code of GET `path` on the ops port, if it answered.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(SocketAddr::from(([127, 0, 0, 1], self.ports.http)), path)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.http_get("/ready"), Some((200, _)))
+    }
+
+    /// Waits until /ready answers 200, failing with the node's log otherwise.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + DEADLINE;
+        while !self.is_ready() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited with {status}:\n{}", self.name, self.log());
+            }
+            assert!(Instant::now() < deadline, "{} not ready in time:\n{}", self.name, self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "process did not exit in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((code, body))
+}
+
+/// Starts a cluster of `n` nodes: the first bootstraps, the rest join it.
+pub fn start_cluster(root: &Path, n: usize) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 1..=n {
+        let join = nodes.first().map(|f| f.endpoint());
+        nodes.push(Node::start(&format!("node{i}"), &root.join(format!("node{i}")), Ports::new(), join));
+    }
+    for n in nodes.iter_mut() {
+        n.wait_ready();
+    }
+    nodes
+}
+
+/// Runs the CLI with `args`.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().expect("run cell0 CLI")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub async fn channel(endpoint: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .unwrap()
+}
+
+pub async fn kv(endpoint: &str) -> KvClient<Channel> {
+    KvClient::new(channel(endpoint).await)
+}
+
+pub async fn status(endpoint: &str) -> StatusResponse {
+    ClusterClient::new(channel(endpoint).await)
+        .status(v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub async fn put(endpoint: &str, key: &str, value: &str) -> Result<v1::PutResponse, tonic::Status> {
+    kv(endpoint)
+        .await
+        .put(v1::PutRequest {
+            key: key.as_bytes().to_vec().into(),
+            value: value.as_bytes().to_vec().into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn get(endpoint: &str, key: &str, serializable: bool) -> Option<Vec<u8>> {
+    let consistency = if serializable {
+        v1::Consistency::Serializable
+    } else {
+        v1::Consistency::Linearizable
+    };
+    kv(endpoint)
+        .await
+        .get(v1::GetRequest {
+            key: key.as_bytes().to_vec().into(),
+            consistency: consistency as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .kv
+        .map(|kv| kv.value.to_vec())
+}
+
+/// The services a node lists through gRPC server reflection.
+pub async fn list_services(endpoint: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let mut client = ServerReflectionClient::new(channel(endpoint).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().expect("a reflection reply");
+    match reply.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection reply {other:?}"),
+    }
+}

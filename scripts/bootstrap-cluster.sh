@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Starts, inspects and stops a local Cell0 cluster on loopback.
+#
+#   scripts/bootstrap-cluster.sh start [--nodes N]   build (release) if needed, start N nodes (default 3),
+#                                                    wait until every node is ready, print the endpoints
+#   scripts/bootstrap-cluster.sh status              show each node's process and Raft state
+#   scripts/bootstrap-cluster.sh stop                stop exactly the processes this script started
+#
+# Node i listens on 127.0.0.1 ports 7i00 (public gRPC), 7i01 (internal gRPC) and
+# 7i03 (HTTP: /metrics, /ready). Data and logs live under $CELL0_CLUSTER_DIR
+# (default: .cluster in the repository).
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cluster_dir="${CELL0_CLUSTER_DIR:-$root/.cluster}"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+bin="$target_dir/release/cell0"
+ready_timeout="${CELL0_READY_TIMEOUT:-120}"
+
+die() { echo "bootstrap-cluster: $*" >&2; exit 1; }
+
+port() { # port NODE OFFSET
+  echo $((7000 + $1 * 100 + $2))
+}
+
+# The pid of node N if it is running and is the process this script started.
+running_pid() {
+  local pidfile="$cluster_dir/node$1/cell0.pid"
+  [ -f "$pidfile" ] || return 1
+  local pid
+  pid="$(cat "$pidfile")"
+  [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$cluster_dir/node$1/data" || return 1
+  echo "$pid"
+}
+
+nodes_in_dir() {
+  local n=0
+  while [ -d "$cluster_dir/node$((n + 1))" ]; do n=$((n + 1)); done
+  echo "$n"
+}
+
+build() {
+  bash "$root/scripts/setup.sh"
+  if [ ! -x "$bin" ] || [ -n "$(find "$root/node" "$root/consensus" "$root/storage" "$root/proto" "$root/Cargo.toml" "$root/Cargo.lock" -newer "$bin" -print -quit)" ]; then
+    echo "building cell0 (release); the first build compiles RocksDB and takes a while"
+    (cd "$root" && CARGO_TARGET_DIR="$target_dir" cargo build --release --locked -p cell0)
+  fi
+}
+
+start() {
+  local nodes=3
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --nodes) [ $# -ge 2 ] || die "--nodes needs a number"; nodes="$2"; shift 2 ;;
+      --nodes=*) nodes="${1#--nodes=}"; shift ;;
+      *) die "unknown option $1 (usage: start [--nodes N])" ;;
+    esac
+  done
+  [[ "$nodes" =~ ^[1-9]$ ]] || die "--nodes must be between 1 and 9"
+  build
+  mkdir -p "$cluster_dir"
+  for i in $(seq 1 "$nodes"); do
+    if pid="$(running_pid "$i")"; then
+      echo "node$i already running (pid $pid)"
+      continue
+    fi
+    local dir="$cluster_dir/node$i"
+    mkdir -p "$dir"
+    local args=(run --data-dir "$dir/data" --name "node$i"
+      --listen-public "127.0.0.1:$(port "$i" 0)"
+      --listen-internal "127.0.0.1:$(port "$i" 1)"
+      --listen-http "127.0.0.1:$(port "$i" 3)"
+      --pid-file "$dir/cell0.pid")
+    if [ "$i" -eq 1 ]; then
+      args+=(--bootstrap)
+    else
+      args+=(--join "127.0.0.1:$(port 1 0)")
+    fi
+    # setsid: the node outlives this script and its terminal.
+    setsid "$bin" "${args[@]}" >>"$dir/cell0.log" 2>&1 </dev/null &
+    echo "started node$i (log: $dir/cell0.log)"
+  done
+
+  echo "waiting for $nodes nodes to be ready (up to ${ready_timeout}s)..."
+  local deadline=$((SECONDS + ready_timeout))
+  for i in $(seq 1 "$nodes"); do
+    until curl -sf "http://127.0.0.1:$(port "$i" 3)/ready" >/dev/null 2>&1; do
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        echo "node$i is not ready; last log lines:" >&2
+        tail -n 20 "$cluster_dir/node$i/cell0.log" >&2 || true
+        die "cluster did not become ready within ${ready_timeout}s"
+      fi
+      if ! running_pid "$i" >/dev/null && [ -f "$cluster_dir/node$i/cell0.log" ] && [ "$SECONDS" -gt $((deadline - ready_timeout + 5)) ]; then
+        tail -n 20 "$cluster_dir/node$i/cell0.log" >&2 || true
+        die "node$i exited"
+      fi
+      sleep 0.2
+    done
+    echo "node$i ready"
+  done
+  echo
+  echo "Cell0 cluster of $nodes nodes is ready. Data and logs: $cluster_dir"
+  for i in $(seq 1 "$nodes"); do
+    echo "  node$i  gRPC 127.0.0.1:$(port "$i" 0)  metrics http://127.0.0.1:$(port "$i" 3)/metrics"
+  done
+  echo
+  echo "Try:"
+  echo "  export CELL0_ENDPOINT=127.0.0.1:$(port 1 0)"
+  echo "  $bin members"
+  echo "  $bin kv put hello world --endpoint 127.0.0.1:$(port "$nodes" 0) && $bin kv get hello"
+}
+
+status() {
+  local n
+  n="$(nodes_in_dir)"
+  [ "$n" -gt 0 ] || { echo "no cluster under $cluster_dir"; return 0; }
+  for i in $(seq 1 "$n"); do
+    if pid="$(running_pid "$i")"; then
+      local role
+      role="$("$bin" status --endpoint "127.0.0.1:$(port "$i" 0)" --output json 2>/dev/null | grep -o '"role": *"[a-z]*"' | cut -d'"' -f4 || true)"
+      echo "node$i  pid $pid  127.0.0.1:$(port "$i" 0)  ${role:-unreachable}"
+    else
+      echo "node$i  stopped"
+    fi
+  done
+}
+
+stop() {
+  local n
+  n="$(nodes_in_dir)"
+  local pids=()
+  for i in $(seq 1 "$n"); do
+    if pid="$(running_pid "$i")"; then
+      kill -TERM "$pid"
+      pids+=("$pid")
+      echo "stopping node$i (pid $pid)"
+    fi
+  done
+  local deadline=$((SECONDS + 30))
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null; do
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        echo "pid $pid did not stop in 30s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+        break
+      fi
+      sleep 0.1
+    done
+  done
+  echo "stopped"
+}
+
+case "${1:-}" in
+  start) shift; start "$@" ;;
+  status) status ;;
+  stop) stop ;;
+  *) echo "usage: $0 start [--nodes N] | status | stop" >&2; exit 2 ;;
+esac

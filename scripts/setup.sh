@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs the system packages Cell0 needs to build and test. Idempotent: it
+# installs only what is missing, so running it again is quick.
+#
+#   clang, libclang-dev   RocksDB's C++ build and its bindgen bindings
+#   mesa-vulkan-drivers   software Vulkan (lavapipe) so the wgpu path runs
+#   libvulkan1            the Vulkan loader
+#   curl                  readiness checks in scripts/bootstrap-cluster.sh
+#   python3-venv          the reference-embedding and PyTorch comparison scripts
+#   cargo-nextest         the test runner (from crates.io, if missing)
+set -euo pipefail
+
+packages=(clang libclang-dev mesa-vulkan-drivers libvulkan1 curl python3-venv)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    sudo="sudo"
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+echo "setup: system packages present"

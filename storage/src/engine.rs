@@ -1,0 +1,173 @@
+//! The engine interface shared by the RocksDB and in-memory backends.
+//!
+//! The interface is deliberately small: point reads, ordered range scans,
+//! atomic write batches and consistent point-in-time views. Everything above
+//! it (log store, state machine, transactions) is written once against this
+//! trait, so the in-memory engine exercises the same code paths as RocksDB.
+
+use crate::Result;
+
+/// Column families: independent ordered keyspaces of one engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cf {
+    /// Raft log entries, keyed by big-endian log index.
+    Log,
+    /// Small records: vote, purge point, applied state, snapshot, identity.
+    Meta,
+    /// Replicated application tables (see [`crate::Txn`]).
+    State,
+}
+
+impl Cf {
+    /// Every column family, in a fixed order.
+    pub const ALL: [Cf; 3] = [Cf::Log, Cf::Meta, Cf::State];
+
+    /// The name the column family has on disk.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Log => "log",
+            Cf::Meta => "meta",
+            Cf::State => "state",
+        }
+    }
+}
+
+/// Whether a write must reach stable storage before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the write-ahead log before returning.
+    Sync,
+    /// Leave it in the OS page cache; a later synced write makes it durable.
+    Buffered,
+}
+
+/// One mutation of a [`WriteBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Insert or overwrite a key.
+    Put {
+        /// Column family.
+        cf: Cf,
+        /// Key.
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Remove a key.
+    Delete {
+        /// Column family.
+        cf: Cf,
+        /// Key.
+        key: Vec<u8>,
+    },
+    /// Remove every key in `[start, end)`.
+    DeleteRange {
+        /// Column family.
+        cf: Cf,
+        /// First key removed.
+        start: Vec<u8>,
+        /// First key kept.
+        end: Vec<u8>,
+    },
+}
+
+/// Mutations applied atomically: after a crash either all or none are visible.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    ops: Vec<WriteOp>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a put.
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(WriteOp::Put {
+            cf,
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+
+    /// Adds a delete.
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push(WriteOp::Delete { cf, key: key.into() });
+    }
+
+    /// Adds a range delete of `[start, end)`.
+    pub fn delete_range(&mut self, cf: Cf, start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) {
+        self.ops.push(WriteOp::DeleteRange {
+            cf,
+            start: start.into(),
+            end: end.into(),
+        });
+    }
+
+    /// The queued mutations, in order.
+    pub fn ops(&self) -> &[WriteOp] {
+        &self.ops
+    }
+
+    /// Whether the batch holds no mutation.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Read access to one consistent state of the engine.
+pub trait ReadView {
+    /// The value of `key`, if present.
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Up to `limit` pairs with `start <= key < end` (no upper bound when
+    /// `end` is `None`), in key order.
+    fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// The pair with the greatest key, if any.
+    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
+}
+
+/// A storage engine: a [`ReadView`] of the latest state plus atomic writes and
+/// point-in-time views.
+pub trait Engine: ReadView + Send + Sync + 'static {
+    /// Applies `batch` atomically; with [`Durability::Sync`] it is on stable
+    /// storage when this returns.
+    fn write(&self, batch: WriteBatch, durability: Durability) -> Result<()>;
+
+    /// Runs `f` over a consistent point-in-time view, unaffected by writes
+    /// that happen meanwhile.
+    fn with_view(&self, f: &mut dyn FnMut(&dyn ReadView) -> Result<()>) -> Result<()>;
+
+    /// Writes buffered data to stable storage (at shutdown), so the next open
+    /// has nothing to recover from the write-ahead log.
+    fn flush(&self) -> Result<()>;
+}
+
+/// The smallest key greater than every key starting with `prefix`, or `None`
+/// when no such key exists (a prefix of only 0xff bytes).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_carries_over_0xff() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+    }
+}

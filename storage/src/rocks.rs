@@ -1,0 +1,316 @@
+//! RocksDB engine: the production [`Engine`].
+//!
+//! One database per node with a column family per [`Cf`]. Synced writes set
+//! `WriteOptions::sync`, which fsyncs the shared write-ahead log, so a synced
+//! write also makes every earlier buffered write durable (see the crate docs).
+//! On open the store checks an identity record so that a node never starts on
+//! another node's data or on a directory that is not a Cell0 store.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp};
+use crate::error::{decode, encode};
+use crate::{Error, Result};
+
+/// Meta key of the identity record.
+const IDENTITY_KEY: &[u8] = b"identity";
+/// On-disk format of this crate; bumped on incompatible changes.
+const FORMAT_VERSION: u32 = 1;
+
+/// Written once when a store is created; checked at every open.
+#[derive(Debug, Serialize, Deserialize)]
+struct Identity {
+    format: u32,
+    node_id: u64,
+}
+
+/// A RocksDB database holding one node's Raft log and state.
+pub struct RocksEngine {
+    db: DB,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RocksEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksEngine").field("path", &self.path).finish()
+    }
+}
+
+impl RocksEngine {
+    /// Opens or creates the store at `path` for node `node_id`.
+    pub fn open(path: &Path, node_id: u64) -> Result<Self> {
+        check_directory(path)?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let engine = RocksEngine {
+            db,
+            path: path.to_path_buf(),
+        };
+        engine.check_identity(node_id)?;
+        Ok(engine)
+    }
+
+    /// The directory of the database.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check_identity(&self, node_id: u64) -> Result<()> {
+        match self.get(Cf::Meta, IDENTITY_KEY)? {
+            Some(bytes) => {
+                let id: Identity = decode("identity", &bytes)?;
+                if id.format != FORMAT_VERSION {
+                    return Err(Error::ForeignDataDir {
+                        path: self.path.clone(),
+                        reason: format!("has storage format {} but this build reads {FORMAT_VERSION}", id.format),
+                    });
+                }
+                if id.node_id != node_id {
+                    return Err(Error::ForeignDataDir {
+                        path: self.path.clone(),
+                        reason: format!("belongs to node {} not node {node_id}", id.node_id),
+                    });
+                }
+                Ok(())
+            }
+            None => {
+                if self.last(Cf::Log)?.is_some() || self.last(Cf::State)?.is_some() {
+                    return Err(Error::ForeignDataDir {
+                        path: self.path.clone(),
+                        reason: "holds data but no identity record".into(),
+                    });
+                }
+                let mut batch = WriteBatch::new();
+                batch.put(
+                    Cf::Meta,
+                    IDENTITY_KEY,
+                    encode(&Identity {
+                        format: FORMAT_VERSION,
+                        node_id,
+                    })?,
+                );
+                self.write(batch, Durability::Sync)
+            }
+        }
+    }
+
+    fn cf(&self, cf: Cf) -> Result<&ColumnFamily> {
+        // Every Cf is created at open, so a missing handle means a broken database.
+        self.db
+            .cf_handle(cf.name())
+            .ok_or_else(|| Error::Io(format!("column family {} missing", cf.name())))
+    }
+
+    fn read_opts(snapshot: Option<&rocksdb::Snapshot<'_>>) -> ReadOptions {
+        let mut ro = ReadOptions::default();
+        if let Some(s) = snapshot {
+            ro.set_snapshot(s);
+        }
+        ro
+    }
+
+    fn get_at(&self, snapshot: Option<&rocksdb::Snapshot<'_>>, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf_opt(self.cf(cf)?, key, &Self::read_opts(snapshot))?)
+    }
+
+    fn scan_at(
+        &self,
+        snapshot: Option<&rocksdb::Snapshot<'_>>,
+        cf: Cf,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut ro = Self::read_opts(snapshot);
+        if let Some(end) = end {
+            ro.set_iterate_upper_bound(end.to_vec());
+        }
+        let iter = self
+            .db
+            .iterator_cf_opt(self.cf(cf)?, ro, IteratorMode::From(start, Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    fn last_at(&self, snapshot: Option<&rocksdb::Snapshot<'_>>, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let mut iter = self
+            .db
+            .iterator_cf_opt(self.cf(cf)?, Self::read_opts(snapshot), IteratorMode::End);
+        match iter.next() {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(Some((k.into_vec(), v.into_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// Refuses directories that hold something other than a RocksDB database, so
+/// a mistyped `--data-dir` never scatters database files into, say, a home
+/// directory.
+fn check_directory(path: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(Error::ForeignDataDir {
+                path: path.to_path_buf(),
+                reason: format!("cannot be read ({e})"),
+            });
+        }
+    };
+    let mut empty = true;
+    for entry in entries.flatten() {
+        empty = false;
+        if entry.file_name() == "CURRENT" {
+            return Ok(());
+        }
+    }
+    if empty {
+        Ok(())
+    } else {
+        Err(Error::ForeignDataDir {
+            path: path.to_path_buf(),
+            reason: "is not empty and holds no Cell0 database".into(),
+        })
+    }
+}
+
+/// A point-in-time view of a [`RocksEngine`].
+struct RocksView<'a> {
+    engine: &'a RocksEngine,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl ReadView for RocksView<'_> {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.engine.get_at(Some(&self.snapshot), cf, key)
+    }
+
+    fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.engine.scan_at(Some(&self.snapshot), cf, start, end, limit)
+    }
+
+    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.engine.last_at(Some(&self.snapshot), cf)
+    }
+}
+
+impl ReadView for RocksEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get_at(None, cf, key)
+    }
+
+    fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan_at(None, cf, start, end, limit)
+    }
+
+    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.last_at(None, cf)
+    }
+}
+
+impl Engine for RocksEngine {
+    fn write(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in batch.ops() {
+            match op {
+                WriteOp::Put { cf, key, value } => wb.put_cf(self.cf(*cf)?, key, value),
+                WriteOp::Delete { cf, key } => wb.delete_cf(self.cf(*cf)?, key),
+                WriteOp::DeleteRange { cf, start, end } => wb.delete_range_cf(self.cf(*cf)?, start, end),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(durability == Durability::Sync);
+        self.db.write_opt(wb, &wo)?;
+        Ok(())
+    }
+
+    fn with_view(&self, f: &mut dyn FnMut(&dyn ReadView) -> Result<()>) -> Result<()> {
+        let view = RocksView {
+            engine: self,
+            snapshot: self.db.snapshot(),
+        };
+        f(&view)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        for cf in Cf::ALL {
+            self.db.flush_cf(self.cf(cf)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_another_nodes_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(RocksEngine::open(dir.path(), 1).unwrap());
+        let err = RocksEngine::open(dir.path(), 2).unwrap_err();
+        assert!(matches!(err, Error::ForeignDataDir { .. }), "{err}");
+        assert!(err.to_string().contains("belongs to node 1"), "{err}");
+        RocksEngine::open(dir.path(), 1).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_directory_that_is_not_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "hello").unwrap();
+        let err = RocksEngine::open(dir.path(), 1).unwrap_err();
+        assert!(err.to_string().contains("holds no Cell0 database"), "{err}");
+    }
+
+    #[test]
+    fn corrupted_files_give_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(RocksEngine::open(dir.path(), 1).unwrap());
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("MANIFEST") || name == "CURRENT" {
+                std::fs::write(&p, b"garbage garbage garbage").unwrap();
+            }
+        }
+        let err = RocksEngine::open(dir.path(), 1).unwrap_err();
+        assert!(err.to_string().contains("cannot open data dir"), "{err}");
+    }
+
+    #[test]
+    fn views_do_not_see_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = RocksEngine::open(dir.path(), 1).unwrap();
+        let mut b = WriteBatch::new();
+        b.put(Cf::State, b"a".to_vec(), b"1".to_vec());
+        e.write(b, Durability::Sync).unwrap();
+        e.with_view(&mut |view| {
+            let mut b = WriteBatch::new();
+            b.put(Cf::State, b"a".to_vec(), b"2".to_vec());
+            e.write(b, Durability::Buffered)?;
+            assert_eq!(view.get(Cf::State, b"a")?, Some(b"1".to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(e.get(Cf::State, b"a").unwrap(), Some(b"2".to_vec()));
+    }
+}

@@ -1,0 +1,149 @@
+//! Transactions of the replicated state machine over named tables.
+//!
+//! The state machine sees its world as named tables of ordered byte keys.
+//! All tables share the [`Cf::State`] column family, each key prefixed by its
+//! table name and a NUL byte, so that a snapshot is one scan of one column
+//! family. An [`EngineTxn`] buffers the writes of one apply call on top of the
+//! engine (reads see earlier writes of the same call) and turns them into a
+//! single atomic [`WriteBatch`].
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use crate::engine::{Cf, Engine, WriteBatch, prefix_end};
+use crate::{Error, Result};
+
+/// Reads and writes of one state-machine step. Implementations must be
+/// deterministic: the same calls on the same state give the same results on
+/// every node.
+pub trait Txn {
+    /// The value of `key` in `table`.
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Sets `key` in `table`.
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<()>;
+    /// Removes `key` from `table`.
+    fn delete(&mut self, table: &str, key: &[u8]) -> Result<()>;
+    /// Up to `limit` pairs of `table` with `start <= key < end` (unbounded
+    /// when `end` is `None`), in key order, keys without the table prefix.
+    fn scan(&self, table: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+}
+
+/// The [`Cf::State`] key of `key` in `table`.
+pub(crate) fn table_key(table: &str, key: &[u8]) -> Result<Vec<u8>> {
+    if table.is_empty() || table.as_bytes().contains(&0) {
+        return Err(Error::InvalidTable(table.to_string()));
+    }
+    let mut k = Vec::with_capacity(table.len() + 1 + key.len());
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    Ok(k)
+}
+
+/// A [`Txn`] buffering writes over an engine's current state.
+pub struct EngineTxn<'e, E: Engine + ?Sized> {
+    engine: &'e E,
+    /// Pending writes by full key; `None` is a delete.
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'e, E: Engine + ?Sized> EngineTxn<'e, E> {
+    /// A transaction with no pending writes.
+    pub fn new(engine: &'e E) -> Self {
+        Self {
+            engine,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Moves the pending writes into `batch`.
+    pub fn into_batch(self, batch: &mut WriteBatch) {
+        for (k, v) in self.pending {
+            match v {
+                Some(v) => batch.put(Cf::State, k, v),
+                None => batch.delete(Cf::State, k),
+            }
+        }
+    }
+}
+
+impl<E: Engine + ?Sized> Txn for EngineTxn<'_, E> {
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let k = table_key(table, key)?;
+        match self.pending.get(&k) {
+            Some(v) => Ok(v.clone()),
+            None => self.engine.get(Cf::State, &k),
+        }
+    }
+
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        self.pending.insert(table_key(table, key)?, Some(value.to_vec()));
+        Ok(())
+    }
+
+    fn delete(&mut self, table: &str, key: &[u8]) -> Result<()> {
+        self.pending.insert(table_key(table, key)?, None);
+        Ok(())
+    }
+
+    fn scan(&self, table: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let prefix_len = table.len() + 1;
+        let lo = table_key(table, start)?;
+        let hi = match end {
+            Some(e) => Some(table_key(table, e)?),
+            None => prefix_end(&table_key(table, b"")?),
+        };
+        let upper = match &hi {
+            Some(h) => Bound::Excluded(h.clone()),
+            None => Bound::Unbounded,
+        };
+        let overlay: Vec<(&Vec<u8>, &Option<Vec<u8>>)> =
+            self.pending.range((Bound::Included(lo.clone()), upper)).collect();
+        // Each pending delete can hide at most one stored pair, so this many
+        // stored pairs always fill `limit` after merging.
+        let deletes = overlay.iter().filter(|(_, v)| v.is_none()).count();
+        let stored = self
+            .engine
+            .scan(Cf::State, &lo, hi.as_deref(), limit.saturating_add(deletes))?;
+
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
+        for (k, v) in overlay {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged
+            .into_iter()
+            .take(limit)
+            .map(|(k, v)| (k[prefix_len..].to_vec(), v))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Durability, MemEngine};
+
+    #[test]
+    fn reads_see_pending_writes_and_tables_are_disjoint() {
+        let engine = MemEngine::new();
+        let mut b = WriteBatch::new();
+        b.put(Cf::State, table_key("t", b"a").unwrap(), b"1".to_vec());
+        b.put(Cf::State, table_key("t", b"b").unwrap(), b"2".to_vec());
+        b.put(Cf::State, table_key("u", b"a").unwrap(), b"9".to_vec());
+        engine.write(b, Durability::Sync).unwrap();
+
+        let mut txn = EngineTxn::new(&engine);
+        txn.delete("t", b"a").unwrap();
+        txn.put("t", b"c", b"3").unwrap();
+        assert_eq!(txn.get("t", b"a").unwrap(), None);
+        assert_eq!(txn.get("u", b"a").unwrap(), Some(b"9".to_vec()));
+        let all = txn.scan("t", b"", None, 10).unwrap();
+        assert_eq!(all, vec![(b"b".to_vec(), b"2".to_vec()), (b"c".to_vec(), b"3".to_vec())]);
+        assert_eq!(txn.scan("t", b"", None, 1).unwrap().len(), 1);
+        assert!(txn.put("", b"x", b"y").is_err());
+        assert!(txn.put("a\0b", b"x", b"y").is_err());
+    }
+}
