@@ -38,3 +38,8 @@ fn check_backend(kind: BackendKind) {
 fn cpu_backend_matches_sentence_transformers() {
     check_backend(BackendKind::Cpu);
 }
+
+#[test]
+fn wgpu_backend_matches_sentence_transformers() {
+    check_backend(BackendKind::Wgpu);
+}
