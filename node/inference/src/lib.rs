@@ -24,6 +24,7 @@ pub use backend::cpu::CpuBackend;
 pub use backend::wgpu::WgpuBackend;
 pub use backend::{Backend, BackendInfo};
 
+pub use batcher::{BATCH_SIZE_METRIC, BatchObserver, BatchStats, EmbedBatcher};
 pub use config::{BackendKind, InferenceConfig};
 pub use embedder::{
     Embedder, ModelInfo, ModelSource, RequestLimits, TextEmbedder, cosine, default_model_dir,
