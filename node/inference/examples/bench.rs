@@ -24,7 +24,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Some("wgpu") => vec![BackendKind::Wgpu],
                     Some("auto") => vec![BackendKind::Auto],
                     Some("all") => vec![BackendKind::Cpu, BackendKind::Wgpu],
-                    other => return Err(format!("--backend: expected cpu|wgpu|auto|all, got {other:?}").into()),
+                    other => {
+                        return Err(
+                            format!("--backend: expected cpu|wgpu|auto|all, got {other:?}").into(),
+                        );
+                    }
                 };
             }
             "--quick" => opts.min_seconds = 0.0,
@@ -41,10 +45,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("model {} on {} CPUs", report.model, report.cpus);
     for b in &report.backends {
-        println!("\n{} backend: {} ({}, {})", b.requested, b.info.adapter, b.info.device_type, b.info.api);
+        println!(
+            "\n{} backend: {} ({}, {})",
+            b.requested, b.info.adapter, b.info.device_type, b.info.api
+        );
         println!("  {:>6} {:>7} {:>14}", "batch", "tokens", "embeddings/s");
         for e in &b.embed {
-            println!("  {:>6} {:>7} {:>14.1}", e.batch, e.tokens, e.embeddings_per_sec);
+            println!(
+                "  {:>6} {:>7} {:>14.1}",
+                e.batch, e.tokens, e.embeddings_per_sec
+            );
         }
         println!("  {:>6} {:>10}", "matmul", "GFLOP/s");
         for m in &b.matmul {
