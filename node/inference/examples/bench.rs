@@ -25,9 +25,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Some("auto") => vec![BackendKind::Auto],
                     Some("all") => vec![BackendKind::Cpu, BackendKind::Wgpu],
                     other => {
-                        return Err(
-                            format!("--backend: expected cpu|wgpu|auto|all, got {other:?}").into(),
-                        );
+                        return Err(format!(
+                            "--backend: expected cpu|wgpu|auto|all, got {other:?}"
+                        )
+                        .into());
                     }
                 };
             }

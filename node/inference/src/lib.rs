@@ -5,7 +5,7 @@
 //! wgpu (a GPU, or lavapipe's software Vulkan) or a native multi-threaded CPU
 //! engine. It knows nothing of Raft or gRPC: the node wraps
 //! [`EmbedBatcher`] (request coalescing) around a [`TextEmbedder`] and calls
-//! [`bench`] for `cell0 bench infer`.
+//! [`bench::run`] for `cell0 bench infer`.
 //!
 //! Invariants: nothing is downloaded at run time (models come from
 //! `scripts/fetch-model.sh`, verified by sha256); no input panics; every

@@ -167,7 +167,7 @@ impl BertConfig {
         if dims.iter().any(|&d| d == 0 || d > 1 << 20) {
             return Err(bad("a dimension is zero or absurdly large".into()));
         }
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(bad(
                 "hidden_size is not a multiple of num_attention_heads".into()
             ));

@@ -313,7 +313,7 @@ impl WgpuBackend {
                 ("max_buffer_size".into(), limits.max_buffer_size),
                 (
                     "max_storage_buffer_binding_size".into(),
-                    limits.max_storage_buffer_binding_size as u64,
+                    limits.max_storage_buffer_binding_size,
                 ),
                 (
                     "max_compute_workgroup_storage_size".into(),
@@ -335,8 +335,7 @@ impl WgpuBackend {
             info,
             kernels,
             uniform_align: u64::from(limits.min_uniform_buffer_offset_alignment).max(PARAMS_BYTES),
-            max_binding: (limits.max_storage_buffer_binding_size as u64)
-                .min(limits.max_buffer_size),
+            max_binding: (limits.max_storage_buffer_binding_size).min(limits.max_buffer_size),
             errors,
             model: None,
             workspace: Mutex::new(None),
@@ -560,12 +559,12 @@ impl WgpuBackend {
         cols: usize,
         eps: f32,
     ) -> Result<Vec<f32>> {
-        if cols == 0 || x.len() % cols != 0 || g.len() != cols || b.len() != cols {
+        if cols == 0 || !x.len().is_multiple_of(cols) || g.len() != cols || b.len() != cols {
             return Err(InferenceError::Backend("layer_norm: bad shapes".into()));
         }
         let rows = x.len() / cols;
-        // The output buffer starts as x: upload x as "residual" into a zeroed
-        // output is not possible, so run with x as the residual and zeros as x.
+        // The kernel's output buffer starts zeroed, so x (+ residual) goes in
+        // as the residual: 0 + (x + r) is what the model's dispatch sees.
         let inputs = [
             self.f32_buf("residual", &add_opt(x, residual))?,
             self.f32_buf("g", g)?,
@@ -594,7 +593,7 @@ impl WgpuBackend {
         let vocab = word.len() / hidden.max(1);
         if hidden == 0
             || seq == 0
-            || ids.len() % seq != 0
+            || !ids.len().is_multiple_of(seq)
             || pos.len() < seq * hidden
             || typ.len() < hidden
             || ids.iter().any(|&i| i as usize >= vocab)
@@ -869,7 +868,7 @@ fn add_opt(x: &[f32], r: Option<&[f32]>) -> Vec<f32> {
 }
 
 fn check_head_dim(hd: usize) -> Result<()> {
-    if hd == 0 || hd % 4 != 0 || hd > 64 {
+    if hd == 0 || !hd.is_multiple_of(4) || hd > 64 {
         return Err(InferenceError::Backend(format!(
             "attention head size {hd} unsupported by the wgpu kernel (needs a multiple of 4, at most 64)"
         )));
