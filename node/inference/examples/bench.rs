@@ -1,7 +1,9 @@
 //! Runs the inference benchmark and prints a table (and, with `--json`, the
 //! report). Usage:
 //!
-//! `cargo run --release -p cell0-inference --example bench -- [--backend cpu|wgpu|all] [--quick] [--json]`
+//! `cargo run --release -p cell0-inference --example bench -- [--backend cpu|wgpu|auto|all]
+//! [--batch 1,32] [--tokens 12,128,256] [--matmul 256,512,1024,2048] [--no-matmul] [--no-embed]
+//! [--quick] [--json]`
 //!
 //! The model is found via `CELL0_MODEL_DIR` or `<repo>/models/all-minilm-l6-v2`.
 
@@ -33,6 +35,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 };
             }
             "--quick" => opts.min_seconds = 0.0,
+            "--no-matmul" => opts.matmul_sizes.clear(),
+            "--no-embed" => {
+                opts.batch_sizes.clear();
+                opts.token_lengths.clear();
+            }
+            "--batch" | "--tokens" | "--matmul" => {
+                let flag = args[i].clone();
+                i += 1;
+                let list: Vec<usize> = args
+                    .get(i)
+                    .ok_or(format!("{flag} needs a comma-separated list"))?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("{flag}: {e}"))?;
+                match flag.as_str() {
+                    "--batch" => opts.batch_sizes = list,
+                    "--tokens" => opts.token_lengths = list,
+                    _ => opts.matmul_sizes = list,
+                }
+            }
             "--json" => json = true,
             other => return Err(format!("unknown argument {other}").into()),
         }

@@ -4,6 +4,7 @@
 //! installed where they run.
 
 use cell0_inference::backend::cpu::ops;
+use cell0_inference::backend::wgpu::MatmulTile;
 use cell0_inference::{Backend, WgpuBackend};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

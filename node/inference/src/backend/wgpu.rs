@@ -157,6 +157,7 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     info: BackendInfo,
     kernels: Kernels,
+    tile: MatmulTile,
     uniform_align: u64,
     max_binding: u64,
     errors: Arc<Mutex<Vec<String>>>,
@@ -224,7 +225,7 @@ fn gpu_err(e: impl std::fmt::Display) -> InferenceError {
     InferenceError::Gpu(e.to_string())
 }
 
-/// Pads each `[k, n]` row to a whole number of vec4s.
+/// Pads each row of a `[k, n]` matrix to a whole number of vec4s.
 fn pad_cols(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     let n4 = n.div_ceil(4) * 4;
     if n4 == n {
@@ -284,8 +285,13 @@ impl WgpuBackend {
                 v.push(e.to_string());
             }
         }));
+        let tile = if ainfo.device_type == wgpu::DeviceType::Cpu {
+            MatmulTile::CPU_ADAPTER
+        } else {
+            MatmulTile::GPU
+        };
         let kernels = Kernels {
-            matmul: Kernel::new(&device, "matmul", include_str!("shaders/matmul.wgsl"), 3),
+            matmul: Kernel::new(&device, "matmul", &matmul_source(tile), 3),
             layernorm: Kernel::new(
                 &device,
                 "layernorm",
@@ -334,6 +340,7 @@ impl WgpuBackend {
             queue,
             info,
             kernels,
+            tile,
             uniform_align: u64::from(limits.min_uniform_buffer_offset_alignment).max(PARAMS_BYTES),
             max_binding: (limits.max_storage_buffer_binding_size).min(limits.max_buffer_size),
             errors,
@@ -515,6 +522,11 @@ impl WgpuBackend {
         Ok(v)
     }
 
+    /// The matmul register block this device uses.
+    pub fn matmul_tile(&self) -> MatmulTile {
+        self.tile
+    }
+
     /// Kernel test entry: `a[m,k] · w[k,n] + bias`, then GELU when `gelu`.
     #[allow(clippy::too_many_arguments)]
     pub fn kernel_matmul(
@@ -527,22 +539,72 @@ impl WgpuBackend {
         n: usize,
         gelu: bool,
     ) -> Result<Vec<f32>> {
+        self.matmul_on(&self.kernels.matmul, self.tile, a, w, bias, (m, k, n), gelu)
+    }
+
+    /// Kernel test entry: like [`WgpuBackend::kernel_matmul`] with another
+    /// register block, so every tile shape can be checked on any adapter.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kernel_matmul_with_tile(
+        &self,
+        tile: MatmulTile,
+        a: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+        gelu: bool,
+    ) -> Result<Vec<f32>> {
+        if tile.rows == 0
+            || tile.cols4 == 0
+            || tile.wg_x == 0
+            || tile.wg_y == 0
+            || tile.wg_x * tile.wg_y > 256
+        {
+            return Err(InferenceError::Backend(format!(
+                "unsupported matmul tile {tile:?}"
+            )));
+        }
+        let kernel = Kernel::new(&self.device, "matmul-test", &matmul_source(tile), 3);
+        self.matmul_on(&kernel, tile, a, w, bias, (m, k, n), gelu)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_on(
+        &self,
+        kernel: &Kernel,
+        tile: MatmulTile,
+        a: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        (m, k, n): (usize, usize, usize),
+        gelu: bool,
+    ) -> Result<Vec<f32>> {
         if a.len() != m * k || w.len() != k * n || bias.is_some_and(|b| b.len() != n) {
             return Err(InferenceError::Backend(
                 "matmul: slice lengths do not match m, k, n".into(),
             ));
         }
+        if m == 0 || n == 0 {
+            return Ok(Vec::new());
+        }
+        // The kernel reads A as vec4 along k: pad k with zero columns of A
+        // and zero rows of W, which leaves the product unchanged.
+        let kp = k.div_ceil(4) * 4;
+        let mut wp = w.to_vec();
+        wp.resize(kp * n, 0.0);
         let zeros = vec![0.0; n];
         let bias = pad_cols(bias.unwrap_or(&zeros), 1, n);
         let inputs = [
-            self.f32_buf("a", a)?,
-            self.f32_buf("w", &pad_cols(w, k, n))?,
+            self.f32_buf("a", &pad_cols(a, m, k))?,
+            self.f32_buf("w", &pad_cols(&wp, kp, n))?,
             self.f32_buf("bias", &bias)?,
         ];
-        let groups = matmul_groups(m, n)?;
+        let groups = tile.groups(m, n)?;
         self.run_once(
-            &self.kernels.matmul,
-            [m as u32, n as u32, k as u32, gelu as u32, 0, 0, 0, 0],
+            kernel,
+            [m as u32, n as u32, kp as u32, gelu as u32, 0, 0, 0, 0],
             &inputs,
             m * n,
             groups,
@@ -782,7 +844,7 @@ impl WgpuBackend {
         let mm = |n: usize, k: usize, gelu: bool| -> Result<(Params, (u32, u32))> {
             Ok((
                 [t, n as u32, k as u32, gelu as u32, 0, 0, 0, 0],
-                matmul_groups(tokens, n)?,
+                self.tile.groups(tokens, n)?,
             ))
         };
         let ln: Params = [t, hh, eps, 1, per, 0, 0, 0];
@@ -878,8 +940,109 @@ fn check_head_dim(hd: usize) -> Result<()> {
 
 const MAX_GROUPS: usize = 65_535;
 
-fn matmul_groups(m: usize, n: usize) -> Result<(u32, u32)> {
-    let (gx, gy) = (n.div_ceil(64), m.div_ceil(64));
+/// Register block and workgroup shape of the generated matmul kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatmulTile {
+    /// Rows of C per invocation.
+    pub rows: usize,
+    /// vec4 columns of C per invocation.
+    pub cols4: usize,
+    /// Workgroup width (along n).
+    pub wg_x: usize,
+    /// Workgroup height (along m).
+    pub wg_y: usize,
+}
+
+impl MatmulTile {
+    /// For GPUs: a 4×8 block per invocation keeps accumulators in registers.
+    pub const GPU: Self = Self {
+        rows: 4,
+        cols4: 2,
+        wg_x: 8,
+        wg_y: 8,
+    };
+    /// For CPU adapters (lavapipe): large blocks amortize the per-invocation
+    /// overhead of SIMD-across-invocations execution; measured fastest of the
+    /// shapes tried (see docs/inference.md).
+    pub const CPU_ADAPTER: Self = Self {
+        rows: 16,
+        cols4: 8,
+        wg_x: 8,
+        wg_y: 8,
+    };
+
+    fn groups(&self, m: usize, n: usize) -> Result<(u32, u32)> {
+        matmul_groups(m, n, *self)
+    }
+}
+
+/// The matmul kernel for `t`: the shared prelude of `shaders/matmul.wgsl`
+/// plus a fully unrolled `main`, so every accumulator is a named local the
+/// shader compiler keeps in registers.
+pub fn matmul_source(t: MatmulTile) -> String {
+    use std::fmt::Write;
+    let (r, c) = (t.rows, t.cols4);
+    let mut s = String::from(include_str!("shaders/matmul.wgsl"));
+    // Writing to a String cannot fail.
+    let mut w = |line: String| {
+        let _ = writeln!(s, "{line}");
+    };
+    w(format!(
+        "@compute @workgroup_size({}, {}, 1)",
+        t.wg_x, t.wg_y
+    ));
+    w("fn main(@builtin(global_invocation_id) gid: vec3<u32>) {".into());
+    w("    let n4 = (p.n + 3u) / 4u;".into());
+    w("    let k4 = p.k / 4u;".into());
+    w(format!("    let c4_0 = gid.x * {c}u;"));
+    w(format!("    let r0 = gid.y * {r}u;"));
+    w("    if (r0 >= p.m || c4_0 >= n4) {\n        return;\n    }".into());
+    w("    let last = p.m - 1u;".into());
+    for j in 0..c {
+        w(format!("    let cw{j} = min(c4_0 + {j}u, n4 - 1u);"));
+    }
+    for i in 0..r {
+        w(format!("    let ra{i} = min(r0 + {i}u, last) * k4;"));
+    }
+    for i in 0..r {
+        for j in 0..c {
+            w(format!("    var acc{i}_{j} = vec4<f32>(0.0);"));
+        }
+    }
+    w("    for (var kq = 0u; kq < k4; kq++) {".into());
+    for i in 0..r {
+        w(format!("        let a{i} = a[ra{i} + kq];"));
+    }
+    w("        let wr = kq * 4u * n4;".into());
+    for d in 0..4 {
+        for j in 0..c {
+            w(format!("        let w{d}_{j} = w[wr + {d}u * n4 + cw{j}];"));
+        }
+    }
+    for i in 0..r {
+        for j in 0..c {
+            w(format!(
+                "        acc{i}_{j} += a{i}.x * w0_{j} + a{i}.y * w1_{j} + a{i}.z * w2_{j} + a{i}.w * w3_{j};"
+            ));
+        }
+    }
+    w("    }".into());
+    for i in 0..r {
+        for j in 0..c {
+            w(format!(
+                "    store_row(r0 + {i}u, c4_0 + {j}u, acc{i}_{j});"
+            ));
+        }
+    }
+    w("}".into());
+    s
+}
+
+fn matmul_groups(m: usize, n: usize, t: MatmulTile) -> Result<(u32, u32)> {
+    let (gx, gy) = (
+        n.div_ceil(4).div_ceil(t.cols4 * t.wg_x),
+        m.div_ceil(t.rows * t.wg_y),
+    );
     if gx > MAX_GROUPS || gy > MAX_GROUPS {
         return Err(InferenceError::Backend(format!(
             "matmul {m}x{n} too large for one dispatch"
@@ -920,6 +1083,12 @@ impl Backend for WgpuBackend {
     fn upload(&mut self, weights: Arc<BertWeights>) -> Result<()> {
         let c = &weights.config;
         check_head_dim(c.head_dim())?;
+        if !c.hidden_size.is_multiple_of(4) || !c.intermediate_size.is_multiple_of(4) {
+            return Err(InferenceError::Backend(
+                "the wgpu matmul needs hidden and intermediate sizes that are multiples of 4"
+                    .into(),
+            ));
+        }
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let mat =
             |label: &str, w: &[f32], k: usize, n: usize| self.f32_buf(label, &pad_cols(w, k, n));
