@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release -p cell0-inference --example bench -- [--backend cpu|wgpu|auto|all]
 //! [--batch 1,32] [--tokens 12,128,256] [--matmul 256,512,1024,2048] [--no-matmul] [--no-embed]
-//! [--quick] [--json]`
+//! [--cpu-threads N] [--quick] [--json]`
 //!
 //! The model is found via `CELL0_MODEL_DIR` or `<repo>/models/all-minilm-l6-v2`.
 
@@ -35,6 +35,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 };
             }
             "--quick" => opts.min_seconds = 0.0,
+            "--cpu-threads" => {
+                i += 1;
+                opts.cpu_threads = args
+                    .get(i)
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--cpu-threads needs a number")?;
+            }
             "--no-matmul" => opts.matmul_sizes.clear(),
             "--no-embed" => {
                 opts.batch_sizes.clear();
