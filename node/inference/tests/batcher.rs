@@ -1,0 +1,178 @@
+//! The batcher coalesces concurrent requests, keeps each caller's results
+//! apart and in order, and enforces the request limits.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use cell0_inference::{
+    BackendKind, EmbedBatcher, Embedder, InferenceConfig, InferenceError, ModelInfo, TextEmbedder,
+    cosine,
+};
+
+/// A model whose "embedding" of a text is `[first byte, length]`, so results
+/// can be traced back to their text.
+struct Echo;
+
+impl Embedder for Echo {
+    fn model_info(&self) -> ModelInfo {
+        ModelInfo {
+            name: "echo".into(),
+            dim: 2,
+            max_tokens: 64,
+        }
+    }
+    fn tokenize(&self, texts: &[&str]) -> cell0_inference::Result<Vec<Vec<u32>>> {
+        Ok(texts
+            .iter()
+            .map(|t| t.bytes().map(u32::from).collect())
+            .collect())
+    }
+    fn embed_tokens(&self, batch: &[Vec<u32>]) -> cell0_inference::Result<Vec<Vec<f32>>> {
+        Ok(batch
+            .iter()
+            .map(|t| vec![t.first().copied().unwrap_or(0) as f32, t.len() as f32])
+            .collect())
+    }
+}
+
+fn config(max_batch: usize, max_wait_ms: u64) -> InferenceConfig {
+    InferenceConfig {
+        max_batch,
+        max_wait_ms,
+        max_texts_per_request: 8,
+        max_text_bytes: 16,
+        ..InferenceConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_batches() {
+    let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = sizes.clone();
+    let observer: Arc<dyn cell0_inference::BatchObserver> =
+        Arc::new(move |texts: usize, _tokens: usize| {
+            seen.lock().expect("lock").push(texts);
+        });
+    // The wait bound is far above scheduling noise, so batches close only by filling up.
+    let b = Arc::new(
+        EmbedBatcher::spawn(Arc::new(Echo), &config(4, 10_000), Some(observer)).expect("spawn"),
+    );
+    let tasks: Vec<_> = (0..8u8)
+        .map(|i| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let text = format!("{}{}", (b'a' + i) as char, "x".repeat(i as usize));
+                (i, b.embed(&[text]).await)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, r) = t.await.expect("task");
+        let v = r.expect("embed");
+        assert_eq!(
+            v,
+            vec![vec![(b'a' + i) as f32, (i + 1) as f32]],
+            "caller {i} got its own vector"
+        );
+    }
+    let stats = b.stats();
+    assert_eq!(stats.texts, 8);
+    assert_eq!(stats.batches, 2);
+    assert_eq!(stats.max_batch, 4);
+    assert_eq!(*sizes.lock().expect("lock"), vec![4, 4]);
+}
+
+#[tokio::test]
+async fn a_lone_request_runs_after_the_wait() {
+    let b = EmbedBatcher::spawn(Arc::new(Echo), &config(32, 1), None).expect("spawn");
+    let v = b.embed(&["abc", "z", ""]).await.expect("embed");
+    assert_eq!(
+        v,
+        vec![vec![97.0, 3.0], vec![122.0, 1.0], vec![0.0, 0.0]],
+        "order kept"
+    );
+    assert_eq!(b.stats().batches, 1);
+    assert!(b.embed::<&str>(&[]).await.expect("empty").is_empty());
+}
+
+#[tokio::test]
+async fn large_requests_are_split_into_passes() {
+    let b = EmbedBatcher::spawn(Arc::new(Echo), &config(3, 1), None).expect("spawn");
+    let texts: Vec<String> = (0..8).map(|i| "q".repeat(i + 1)).collect();
+    let v = b.embed(&texts).await.expect("embed");
+    let lens: Vec<f32> = v.iter().map(|x| x[1]).collect();
+    assert_eq!(lens, (1..=8).map(|x| x as f32).collect::<Vec<_>>());
+    assert_eq!(b.stats().batches, 3);
+}
+
+#[tokio::test]
+async fn limits_name_the_field() {
+    let b = EmbedBatcher::spawn(Arc::new(Echo), &config(4, 1), None).expect("spawn");
+    let too_many = vec!["a"; 9];
+    match b.embed(&too_many).await {
+        Err(InferenceError::InvalidRequest { field, .. }) => assert_eq!(field, "texts"),
+        other => panic!("expected texts error, got {other:?}"),
+    }
+    let texts = ["ok", "ok", "ok", "this text is longer than sixteen bytes"];
+    match b.embed(&texts).await {
+        Err(e @ InferenceError::InvalidRequest { .. }) => {
+            assert!(e.to_string().contains("texts[3]"), "{e}")
+        }
+        other => panic!("expected texts[3] error, got {other:?}"),
+    }
+    assert_eq!(
+        b.stats().batches,
+        0,
+        "rejected requests never reach the model"
+    );
+}
+
+#[tokio::test]
+async fn backend_errors_reach_every_caller_in_the_batch() {
+    struct Failing(AtomicUsize);
+    impl Embedder for Failing {
+        fn model_info(&self) -> ModelInfo {
+            Echo.model_info()
+        }
+        fn tokenize(&self, texts: &[&str]) -> cell0_inference::Result<Vec<Vec<u32>>> {
+            Echo.tokenize(texts)
+        }
+        fn embed_tokens(&self, _: &[Vec<u32>]) -> cell0_inference::Result<Vec<Vec<f32>>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Err(InferenceError::Backend("device lost".into()))
+        }
+    }
+    let b = EmbedBatcher::spawn(Arc::new(Failing(AtomicUsize::new(0))), &config(4, 1), None)
+        .expect("spawn");
+    let err = b.embed(&["a"]).await.expect_err("must fail");
+    assert!(err.to_string().contains("device lost"), "{err}");
+}
+
+#[test]
+fn spawn_outside_a_runtime_is_an_error() {
+    let err = EmbedBatcher::spawn(Arc::new(Echo), &config(4, 1), None).expect_err("no runtime");
+    assert!(err.to_string().contains("runtime"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_model_through_the_batcher() {
+    let cfg = common::config(BackendKind::Cpu);
+    let model = Arc::new(TextEmbedder::load(&common::source(), &cfg).expect("load"));
+    let direct = model.embed(&["hello world", "", "   \t "]).expect("direct");
+    let b = Arc::new(EmbedBatcher::spawn(model.clone(), &cfg, None).expect("spawn"));
+    let (x, y) = tokio::join!(b.embed(&["hello world"]), b.embed(&["", "   \t "]));
+    let x = x.expect("x");
+    let y = y.expect("y");
+    assert!(cosine(&x[0], &direct[0]) > 0.99999);
+    // Empty and whitespace-only texts both embed as "[CLS][SEP]".
+    let cls_sep = model.embed_tokens(&[vec![101, 102]]).expect("cls sep");
+    for v in &y {
+        assert!(cosine(v, &cls_sep[0]) > 0.99999);
+        assert_eq!(v.len(), 384);
+        let norm: f32 = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+    assert_eq!(b.model_info().dim, 384);
+}

@@ -1,0 +1,45 @@
+//! Both backends reproduce sentence-transformers' embeddings and token ids.
+
+mod common;
+
+use cell0_inference::{BackendKind, Embedder, TextEmbedder};
+
+fn check_backend(kind: BackendKind) {
+    let reference = common::reference();
+    let embedder =
+        TextEmbedder::load(&common::source(), &common::config(kind)).expect("load model");
+    assert_eq!(embedder.model_info().dim, 384);
+    let texts: Vec<&str> = reference.cases.iter().map(|c| c.text.as_str()).collect();
+    let tokens = embedder.tokenize(&texts).expect("tokenize");
+    for (case, ids) in reference.cases.iter().zip(&tokens) {
+        assert_eq!(ids, &case.token_ids, "token ids of {:?}", case.text);
+    }
+    // One batch of mixed lengths (exercises padding/packing) ...
+    let batch = embedder.embed(&texts).expect("embed batch");
+    // ... and each text alone (no padding at all).
+    for (i, case) in reference.cases.iter().enumerate() {
+        common::assert_close(
+            &format!("{kind} batch {:?}", case.text),
+            &batch[i],
+            &case.embedding,
+        );
+    }
+    for case in reference.cases.iter().take(3) {
+        let one = embedder.embed(&[case.text.as_str()]).expect("embed one");
+        common::assert_close(
+            &format!("{kind} single {:?}", case.text),
+            &one[0],
+            &case.embedding,
+        );
+    }
+}
+
+#[test]
+fn cpu_backend_matches_sentence_transformers() {
+    check_backend(BackendKind::Cpu);
+}
+
+#[test]
+fn wgpu_backend_matches_sentence_transformers() {
+    check_backend(BackendKind::Wgpu);
+}
