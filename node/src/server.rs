@@ -57,9 +57,7 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
         .context("starting consensus")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let stopped = |mut rx: watch::Receiver<bool>| async move { stopping(&mut rx).await };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -77,7 +75,9 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
         .add_service(consensus.internal_service())
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone())))
         .serve_with_incoming_shutdown(nodelay_incoming(internal), stopped(stop_rx.clone()));
-    let http_server = axum::serve(http, ops::router(consensus.clone(), metrics)).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http_server = std::future::IntoFuture::into_future(
+        axum::serve(http, ops::router(consensus.clone(), metrics)).with_graceful_shutdown(stopped(stop_rx.clone())),
+    );
 
     let servers = tokio::spawn(async move {
         let (p, i, h) = tokio::join!(public_server, internal_server, http_server);
@@ -133,6 +133,12 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
     Ok(())
 }
 
+/// Resolves once shutdown has begun.
+async fn stopping(rx: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means shutdown.
+    let _ = rx.wait_for(|s| *s).await;
+}
+
 async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -167,7 +173,7 @@ async fn join_loop(seeds: Vec<String>, id: u64, info: NodeInfo, mut stop: watch:
         // Seeds may still be starting: back off, but stop waiting on shutdown.
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            () = stopping(&mut stop) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -202,7 +208,7 @@ async fn report_health(consensus: Consensus, health: tonic_health::server::Healt
         }
         tokio::select! {
             r = metrics.changed() => if r.is_err() { return },
-            _ = stop.wait_for(|s| *s) => {
+            () = stopping(&mut stop) => {
                 for service in ["", "cell0.v1.Kv", "cell0.v1.Cluster"] {
                     health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
                 }

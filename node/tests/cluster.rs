@@ -31,8 +31,8 @@ async fn three_nodes_agree_through_the_cli_and_survive_a_leader_kill() {
     assert!(members.iter().all(|m| m["role"] == "voter"), "{members:?}");
     assert_eq!(members.iter().filter(|m| m["leader"] == true).count(), 1);
 
-    let put = cli(&["kv", "put", "greeting", "hello", "--endpoint", &nodes[2].endpoint()]);
-    assert!(put.status.success(), "{}", stderr(&put));
+    let out = cli(&["kv", "put", "greeting", "hello", "--endpoint", &nodes[2].endpoint()]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let got = cli(&["kv", "get", "greeting", "--endpoint", &nodes[0].endpoint()]);
     assert_eq!(stdout(&got).trim(), "hello");
 

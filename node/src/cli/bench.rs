@@ -25,13 +25,33 @@ const MAX_CLIENTS: usize = 4096;
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Key-value throughput and latency.
+    /// Key-value throughput and latency against a running cluster.
     Kv(KvBench),
+    /// Write throughput of the Raft core alone: a 3-node cluster inside this
+    /// process (RocksDB with fsync, real gRPC on loopback), no client API.
+    Raft(RaftBench),
+}
+
+/// Options of `cell0 bench raft`.
+#[derive(clap::Args)]
+pub struct RaftBench {
+    /// Concurrent writers per level, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    writers: Vec<usize>,
+    /// Seconds per level.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Directory for the nodes' databases (a temporary directory inside it is
+    /// removed afterwards). Use a real disk: fsync on tmpfs costs nothing.
+    #[arg(long, default_value = "/var/tmp")]
+    dir: std::path::PathBuf,
 }
 
 /// The operation a kv bench issues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchOp {
     /// Puts of fresh keys.
     Put,
@@ -61,7 +81,7 @@ pub struct KvBench {
 
 #[derive(Serialize)]
 struct BenchResult {
-    op: BenchOp,
+    op: String,
     clients: usize,
     seconds: f64,
     value_size: usize,
@@ -78,6 +98,7 @@ struct BenchResult {
 pub async fn run(endpoint: &str, output: Output, cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Kv(b) => kv(endpoint, output, b).await,
+        BenchCommand::Raft(b) => raft(output, b).await,
     }
 }
 
@@ -114,25 +135,20 @@ async fn kv(endpoint: &str, output: Output, b: KvBench) -> anyhow::Result<()> {
         }
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(b.clients);
-    for c in 0..b.clients {
-        let mut client = KvClient::new(channels[c % connections].clone());
-        let (stop, done, errors, value) = (stop.clone(), done.clone(), errors.clone(), value.clone());
-        let (op, keys) = (b.op, b.keys.max(1));
-        tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new(3)?;
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let ok = match op {
+    let op = b.op;
+    let keys = b.keys.max(1);
+    let result = load(b.clients, b.duration, move |c| {
+        let client = KvClient::new(channels[c % connections].clone());
+        let value = value.clone();
+        move |i: u64| {
+            let mut client = client.clone();
+            let value = value.clone();
+            async move {
+                match op {
                     BenchOp::Put => client
                         .put(v1::PutRequest {
                             key: bench_key(c, i).into(),
-                            value: value.clone().into(),
+                            value: value.into(),
                         })
                         .await
                         .is_ok(),
@@ -143,8 +159,42 @@ async fn kv(endpoint: &str, output: Output, b: KvBench) -> anyhow::Result<()> {
                         })
                         .await
                         .is_ok(),
-                };
-                if ok {
+                }
+            }
+        }
+    })
+    .await?;
+    let result = BenchResult {
+        op: format!("{op:?}").to_lowercase(),
+        value_size: b.value_size,
+        ..result
+    };
+    print_results(output, &[result])
+}
+
+/// Runs `clients` concurrent loops for `seconds`, each calling the operation
+/// `make(client)` returns with an increasing counter, and reports throughput
+/// and latency percentiles. Progress goes to stderr once a second.
+async fn load<M, O, F>(clients: usize, seconds: u64, make: M) -> anyhow::Result<BenchResult>
+where
+    M: Fn(usize) -> O,
+    O: Fn(u64) -> F + Send + 'static,
+    F: std::future::Future<Output = bool> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let op = make(c);
+        let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3)?;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if op(i).await {
                     hist.record(t.elapsed().as_micros() as u64)?;
                     done.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -156,20 +206,19 @@ async fn kv(endpoint: &str, output: Output, b: KvBench) -> anyhow::Result<()> {
         }));
     }
 
-    let total = Duration::from_secs(b.duration);
+    let total = Duration::from_secs(seconds);
     let mut last = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     while started.elapsed() < total {
         tick.tick().await;
         let now = done.load(Ordering::Relaxed);
-        let secs = started.elapsed().as_secs().min(b.duration);
-        let filled = (secs * 30 / b.duration) as usize;
+        let secs = started.elapsed().as_secs().min(seconds);
+        let filled = (secs * 30 / seconds) as usize;
         eprint!(
-            "\r[{}{}] {secs}/{} s  {} ops/s  ",
+            "\r{clients:>5} clients [{}{}] {secs}/{seconds} s  {} ops/s  ",
             "=".repeat(filled),
             " ".repeat(30 - filled),
-            b.duration,
             now - last
         );
         last = now;
@@ -180,37 +229,94 @@ async fn kv(endpoint: &str, output: Output, b: KvBench) -> anyhow::Result<()> {
     for t in tasks {
         hist.add(t.await??)?;
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed().as_secs_f64();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    let result = BenchResult {
-        op: b.op,
-        clients: b.clients,
-        seconds,
-        value_size: b.value_size,
+    Ok(BenchResult {
+        op: String::new(),
+        clients,
+        seconds: elapsed,
+        value_size: 0,
         ops: hist.len(),
         errors: errors.load(Ordering::Relaxed),
-        ops_per_second: hist.len() as f64 / seconds,
+        ops_per_second: hist.len() as f64 / elapsed,
         p50_ms: ms(0.5),
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
         max_ms: hist.max() as f64 / 1000.0,
-    };
+    })
+}
+
+fn print_results(output: Output, results: &[BenchResult]) -> anyhow::Result<()> {
     match output {
-        Output::Json => print_json(&result),
+        Output::Json => print_json(&results),
         Output::Table => {
-            print_table(
-                &["OP", "CLIENTS", "OPS/S", "P50 MS", "P99 MS", "P999 MS", "ERRORS"],
-                &[vec![
-                    format!("{:?}", result.op).to_lowercase(),
-                    result.clients.to_string(),
-                    format!("{:.0}", result.ops_per_second),
-                    format!("{:.2}", result.p50_ms),
-                    format!("{:.2}", result.p99_ms),
-                    format!("{:.2}", result.p999_ms),
-                    result.errors.to_string(),
-                ]],
-            );
+            let rows: Vec<Vec<String>> = results
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.op.clone(),
+                        r.clients.to_string(),
+                        format!("{:.0}", r.ops_per_second),
+                        format!("{:.2}", r.p50_ms),
+                        format!("{:.2}", r.p99_ms),
+                        format!("{:.2}", r.p999_ms),
+                        r.errors.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(&["OP", "CLIENTS", "OPS/S", "P50 MS", "P99 MS", "P999 MS", "ERRORS"], &rows);
             Ok(())
         }
     }
+}
+
+async fn raft(output: Output, b: RaftBench) -> anyhow::Result<()> {
+    if b.writers.is_empty() || b.writers.iter().any(|w| *w == 0 || *w > MAX_CLIENTS) {
+        anyhow::bail!("--writers must list numbers between 1 and {MAX_CLIENTS}");
+    }
+    if b.duration == 0 {
+        anyhow::bail!("--duration must be at least 1 second");
+    }
+    let root = tempfile::Builder::new()
+        .prefix("cell0-bench-")
+        .tempdir_in(&b.dir)
+        .with_context(|| format!("cannot create a directory under {}", b.dir.display()))?;
+    eprintln!("starting a 3-node cluster under {}", root.path().display());
+    let nodes = cell0_consensus::testkit::local_cluster(root.path(), 3, cell0_consensus::ConsensusConfig::default())
+        .await
+        .context("starting the in-process cluster")?;
+    let leader_id = nodes[0].consensus.leader().context("no leader")?.0;
+    let leader = nodes
+        .iter()
+        .find(|n| n.id() == leader_id)
+        .context("the leader is not local")?
+        .consensus
+        .clone();
+    let mut results = Vec::new();
+    for &writers in &b.writers {
+        let before = leader.status().last_log_index;
+        let value = vec![b'x'; b.value_size];
+        let target = leader.clone();
+        let mut r = load(writers, b.duration, move |w| {
+            let leader = target.clone();
+            let value = value.clone();
+            move |i: u64| {
+                let leader = leader.clone();
+                let cmd = cell0_consensus::Command::Put {
+                    key: format!("bench/{writers}/{w}/{i}").into_bytes(),
+                    value: value.clone(),
+                };
+                async move { leader.write(cmd).await.is_ok() }
+            }
+        })
+        .await?;
+        let entries = leader.status().last_log_index - before;
+        r.op = format!("put ({:.3} entries/write)", entries as f64 / r.ops.max(1) as f64);
+        r.value_size = b.value_size;
+        results.push(r);
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+    print_results(output, &results)
 }
