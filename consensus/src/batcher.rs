@@ -160,13 +160,11 @@ pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node
             leader_id: f.leader_id,
             leader_addr: f.leader_node.map(|n| n.public_addr),
         },
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-            ConsensusError::Unavailable {
-                reason: format!("membership change refused: {e}"),
-                leader_id: None,
-                leader_addr: None,
-            }
-        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ConsensusError::Unavailable {
+            reason: format!("membership change refused: {e}"),
+            leader_id: None,
+            leader_addr: None,
+        },
         RaftError::Fatal(openraft::error::Fatal::Stopped) => ConsensusError::ShuttingDown,
         RaftError::Fatal(f) => ConsensusError::Internal(format!("raft stopped: {f}")),
     }

@@ -163,7 +163,11 @@ impl Command {
                 if cmds.len() > limits.max_batch_commands {
                     return Err(ConsensusError::invalid(
                         &field("batch"),
-                        format!("has {} commands; the limit is {}", cmds.len(), limits.max_batch_commands),
+                        format!(
+                            "has {} commands; the limit is {}",
+                            cmds.len(),
+                            limits.max_batch_commands
+                        ),
                     ));
                 }
                 for (i, c) in cmds.iter().enumerate() {
@@ -211,7 +215,12 @@ mod tests {
         let err = Command::Delete { key: vec![] }.validate(&limits).unwrap_err();
         assert!(err.to_string().contains("key must not be empty"), "{err}");
         let many = Command::Batch(vec![Command::Delete { key: b"a".to_vec() }; 1025]);
-        assert!(many.validate(&limits).unwrap_err().to_string().contains("limit is 1024"));
+        assert!(
+            many.validate(&limits)
+                .unwrap_err()
+                .to_string()
+                .contains("limit is 1024")
+        );
         let nested = Command::Batch(vec![Command::Batch(vec![Command::Batch(vec![])])]);
         assert!(nested.validate(&limits).is_err());
         Command::Put {

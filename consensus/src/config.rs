@@ -86,11 +86,18 @@ impl ConsensusConfig {
         if self.election_timeout_min_ms < 3 * self.heartbeat_ms {
             return Err(bad(
                 "election_timeout_min_ms",
-                format!("is {}; it must be at least 3 x heartbeat_ms ({})", self.election_timeout_min_ms, 3 * self.heartbeat_ms),
+                format!(
+                    "is {}; it must be at least 3 x heartbeat_ms ({})",
+                    self.election_timeout_min_ms,
+                    3 * self.heartbeat_ms
+                ),
             ));
         }
         if self.election_timeout_max_ms <= self.election_timeout_min_ms {
-            return Err(bad("election_timeout_max_ms", "must be greater than election_timeout_min_ms"));
+            return Err(bad(
+                "election_timeout_max_ms",
+                "must be greater than election_timeout_min_ms",
+            ));
         }
         if self.snapshot_every == 0 {
             return Err(bad("snapshot_every", "must be positive"));
@@ -103,7 +110,10 @@ impl ConsensusConfig {
             return Err(bad("max_batch_commands", "must be positive"));
         }
         if self.max_batch_bytes < MAX_VALUE_BYTES {
-            return Err(bad("max_batch_bytes", format!("must be at least the value limit {MAX_VALUE_BYTES}")));
+            return Err(bad(
+                "max_batch_bytes",
+                format!("must be at least the value limit {MAX_VALUE_BYTES}"),
+            ));
         }
         // One AppendEntries call must fit the internal message limit even when
         // every entry is a full group.
@@ -173,11 +183,21 @@ mod tests {
             election_timeout_min_ms: 100,
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("raft.election_timeout_min_ms"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("raft.election_timeout_min_ms")
+        );
         let c = ConsensusConfig {
             max_append_entries: 1000,
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("raft.max_append_entries"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("raft.max_append_entries")
+        );
     }
 }

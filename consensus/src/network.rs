@@ -13,9 +13,7 @@ use std::time::Duration;
 use cell0_proto::internal::RaftMessage;
 use cell0_proto::internal::raft_client::RaftClient;
 use futures::Stream;
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -53,7 +51,9 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<RaftMessage, ConsensusError> {
     postcard::to_stdvec(v)
-        .map(|payload| RaftMessage { payload: payload.into() })
+        .map(|payload| RaftMessage {
+            payload: payload.into(),
+        })
         .map_err(|e| ConsensusError::Internal(format!("encode: {e}")))
 }
 

@@ -156,7 +156,9 @@ impl Consensus {
         config.validate()?;
         let raft_config = Arc::new(config.to_openraft()?);
         let sm = Arc::new(KvStateMachine::new(1024));
-        let pool = Arc::new(ChannelPool::new(Duration::from_millis(config.rpc_timeout_ms.min(2_000))));
+        let pool = Arc::new(ChannelPool::new(Duration::from_millis(
+            config.rpc_timeout_ms.min(2_000),
+        )));
         let network = NetworkFactory::new(pool.clone());
         let (raft, engine): (Raft, Arc<dyn Engine>) = match storage {
             StorageBackend::Rocks(path) => {
@@ -539,9 +541,9 @@ impl Inner {
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                     Err(not_leader(f.leader_id, f.leader_node))
                 }
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-                    Err(ConsensusError::unavailable(format!("leadership not confirmed by a quorum: {e}")))
-                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(ConsensusError::unavailable(
+                    format!("leadership not confirmed by a quorum: {e}"),
+                )),
                 Err(RaftError::Fatal(_)) => Err(ConsensusError::ShuttingDown),
             },
             ForwardRequest::Join { id, info } => self.join_local(id, info).await,
@@ -571,7 +573,14 @@ impl Inner {
                     .map_err(map_write_error)?;
             }
         }
-        let voters: BTreeSet<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
         if !voters.contains(&id) && voters.len() < self.config.voters {
             tracing::info!(node = id, "promoting learner to voter");
             self.raft
@@ -594,13 +603,19 @@ impl Inner {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let change = if voters.contains(&id) {
             if voters.len() == 1 {
-                return Err(ConsensusError::invalid("node_id", "is the last voter; it cannot be removed"));
+                return Err(ConsensusError::invalid(
+                    "node_id",
+                    "is the last voter; it cannot be removed",
+                ));
             }
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
-        self.raft.change_membership(change, false).await.map_err(map_write_error)?;
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(map_write_error)?;
         Ok(ForwardResponse::Done)
     }
 }

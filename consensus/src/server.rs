@@ -31,7 +31,9 @@ fn bad_payload(e: crate::ConsensusError) -> Status {
 }
 
 fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
-    encode(v).map(Response::new).map_err(|e| Status::internal(e.to_string()))
+    encode(v)
+        .map(Response::new)
+        .map_err(|e| Status::internal(e.to_string()))
 }
 
 #[tonic::async_trait]

@@ -160,7 +160,11 @@ pub fn get(txn: &dyn Txn, key: &[u8]) -> Result<Option<KeyValue>> {
 /// A page of pairs whose keys start with `prefix` and sort after
 /// `start_after` (if not empty), and whether more pairs match.
 pub fn range(txn: &dyn Txn, prefix: &[u8], start_after: &[u8], limit: usize) -> Result<(Vec<KeyValue>, bool)> {
-    let limit = if limit == 0 { MAX_RANGE_LIMIT } else { limit.min(MAX_RANGE_LIMIT) };
+    let limit = if limit == 0 {
+        MAX_RANGE_LIMIT
+    } else {
+        limit.min(MAX_RANGE_LIMIT)
+    };
     let start = if start_after.is_empty() || start_after < prefix {
         prefix.to_vec()
     } else {
@@ -412,16 +416,30 @@ mod tests {
         let engine = MemEngine::new();
         let sm = KvStateMachine::new(16);
         let out = run(&engine, &sm, &[put("a", "1"), put("b", "1"), put("a", "2")]);
-        let Response::Put { kv, prev } = &out[2] else { panic!("{out:?}") };
+        let Response::Put { kv, prev } = &out[2] else {
+            panic!("{out:?}")
+        };
         assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (1, 3, 2));
         assert_eq!(prev.as_ref().unwrap().value, b"1");
         let txn = EngineTxn::new(&engine);
         assert_eq!(revision(&txn).unwrap(), 3);
         // Deleting an absent key changes nothing.
         let out = run(&engine, &sm, &[Command::Delete { key: b"zz".to_vec() }]);
-        assert_eq!(out[0], Response::Delete { revision: 3, prev: None });
+        assert_eq!(
+            out[0],
+            Response::Delete {
+                revision: 3,
+                prev: None
+            }
+        );
         let out = run(&engine, &sm, &[Command::Delete { key: b"a".to_vec() }, put("a", "3")]);
-        assert!(matches!(&out[0], Response::Delete { revision: 4, prev: Some(_) }));
+        assert!(matches!(
+            &out[0],
+            Response::Delete {
+                revision: 4,
+                prev: Some(_)
+            }
+        ));
         let Response::Put { kv, .. } = &out[1] else { panic!() };
         assert_eq!((kv.create_revision, kv.version), (5, 1), "recreated key starts over");
     }
@@ -437,10 +455,19 @@ mod tests {
         };
         let out = run(&engine, &sm, &[cas(0, "a"), cas(0, "b"), cas(1, "c"), cas(1, "d")]);
         assert!(matches!(&out[0], Response::Cas { succeeded: true, .. }));
-        let Response::Cas { succeeded, kv, .. } = &out[1] else { panic!() };
+        let Response::Cas { succeeded, kv, .. } = &out[1] else {
+            panic!()
+        };
         assert!(!succeeded);
         assert_eq!(kv.as_ref().unwrap().value, b"a", "failure reports the current pair");
-        assert!(matches!(&out[2], Response::Cas { succeeded: true, revision: 2, .. }));
+        assert!(matches!(
+            &out[2],
+            Response::Cas {
+                succeeded: true,
+                revision: 2,
+                ..
+            }
+        ));
         assert!(matches!(&out[3], Response::Cas { succeeded: false, .. }));
     }
 
@@ -460,9 +487,14 @@ mod tests {
         ]);
         let out = run(&engine, &sm, &[batch]);
         let Response::Batch(parts) = &out[0] else { panic!() };
-        assert!(matches!(&parts[1], Response::Cas { succeeded: true, .. }), "sees the earlier put");
+        assert!(
+            matches!(&parts[1], Response::Cas { succeeded: true, .. }),
+            "sees the earlier put"
+        );
         assert!(matches!(&parts[2], Response::Delete { prev: Some(_), .. }));
-        let Applied::Events(evs) = rx.try_recv().unwrap() else { panic!() };
+        let Applied::Events(evs) = rx.try_recv().unwrap() else {
+            panic!()
+        };
         let revs: Vec<u64> = evs.iter().map(StateEvent::revision).collect();
         assert_eq!(revs, vec![1, 2, 3], "one notification for the whole batch");
     }
@@ -482,16 +514,26 @@ mod tests {
                 },
             ])],
         );
-        assert!(matches!(&out[0], Response::Rejected(m) if m.contains("batch[1].key")), "{out:?}");
+        assert!(
+            matches!(&out[0], Response::Rejected(m) if m.contains("batch[1].key")),
+            "{out:?}"
+        );
         let txn = EngineTxn::new(&engine);
-        assert_eq!(get(&txn, b"ok").unwrap(), None, "nothing of a rejected batch is applied");
+        assert_eq!(
+            get(&txn, b"ok").unwrap(),
+            None,
+            "nothing of a rejected batch is applied"
+        );
     }
 
     #[test]
     fn range_pages_and_history_resumes() {
         let engine = MemEngine::new();
         let sm = KvStateMachine::new(16);
-        let cmds: Vec<Command> = (0..25).map(|i| put(&format!("p/{i:02}"), "v")).chain([put("q", "v")]).collect();
+        let cmds: Vec<Command> = (0..25)
+            .map(|i| put(&format!("p/{i:02}"), "v"))
+            .chain([put("q", "v")])
+            .collect();
         run(&engine, &sm, &cmds);
         let txn = EngineTxn::new(&engine);
         let (page, more) = range(&txn, b"p/", b"", 10).unwrap();
@@ -502,8 +544,14 @@ mod tests {
         let (all, more) = range(&txn, b"p/", b"", 0).unwrap();
         assert_eq!((all.len(), more), (25, false));
         let evs = history(&txn, b"p/", 20, 100).unwrap();
-        assert_eq!(evs.iter().map(StateEvent::revision).collect::<Vec<_>>(), vec![20, 21, 22, 23, 24, 25]);
-        assert!(history(&txn, b"", 27, 100).unwrap().is_empty(), "future revisions are empty, not errors");
+        assert_eq!(
+            evs.iter().map(StateEvent::revision).collect::<Vec<_>>(),
+            vec![20, 21, 22, 23, 24, 25]
+        );
+        assert!(
+            history(&txn, b"", 27, 100).unwrap().is_empty(),
+            "future revisions are empty, not errors"
+        );
     }
 
     #[test]
@@ -515,7 +563,13 @@ mod tests {
         run(&engine, &sm, &[batch]);
         let txn = EngineTxn::new(&engine);
         let err = history(&txn, b"", 3, 10).unwrap_err();
-        assert_eq!(err, ConsensusError::Compacted { requested: 3, oldest: 6 });
+        assert_eq!(
+            err,
+            ConsensusError::Compacted {
+                requested: 3,
+                oldest: 6
+            }
+        );
         assert_eq!(history(&txn, b"", 6, 1).unwrap()[0].revision(), 6);
         let stored = txn.scan(EVENTS_TABLE, b"", None, usize::MAX).unwrap().len() as u64;
         assert_eq!(stored, WATCH_HISTORY);

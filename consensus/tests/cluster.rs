@@ -37,11 +37,21 @@ async fn value(c: &Consensus, key: &str, consistency: Consistency) -> Option<Vec
 async fn writes_through_any_node_are_read_linearizably_everywhere() {
     let root = tempfile::tempdir().unwrap();
     let nodes = cluster(root.path(), 3, config()).await;
-    let voters: BTreeSet<u64> = nodes[0].consensus.members().iter().filter(|m| m.voter).map(|m| m.id).collect();
+    let voters: BTreeSet<u64> = nodes[0]
+        .consensus
+        .members()
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.id)
+        .collect();
     assert_eq!(voters, BTreeSet::from([1, 2, 3]));
 
     for (i, node) in nodes.iter().enumerate() {
-        let r = node.consensus.write(put(format!("k{i}"), format!("v{i}"))).await.unwrap();
+        let r = node
+            .consensus
+            .write(put(format!("k{i}"), format!("v{i}")))
+            .await
+            .unwrap();
         assert!(matches!(r, Response::Put { .. }), "{r:?}");
     }
     for node in &nodes {
@@ -59,17 +69,17 @@ async fn writes_through_any_node_are_read_linearizably_everywhere() {
     let leader = nodes[0].consensus.leader().unwrap().0;
     let followers: Vec<&LocalNode> = nodes.iter().filter(|n| n.id() != leader).collect();
     for round in 0..20 {
-        followers[0].consensus.write(put("x", format!("{round}"))).await.unwrap();
+        followers[0]
+            .consensus
+            .write(put("x", format!("{round}")))
+            .await
+            .unwrap();
         assert_eq!(
             value(&followers[1].consensus, "x", Consistency::Linearizable).await,
             Some(format!("{round}").into_bytes())
         );
     }
-    let err = nodes[1]
-        .consensus
-        .write(put(vec![b'k'; 4097], "v"))
-        .await
-        .unwrap_err();
+    let err = nodes[1].consensus.write(put(vec![b'k'; 4097], "v")).await.unwrap_err();
     assert!(err.to_string().contains("key"), "{err}");
     for n in nodes {
         n.stop().await;
@@ -87,7 +97,11 @@ async fn writes_resume_after_the_leader_stops_and_it_catches_up_on_return() {
     let stopped = nodes.remove(idx).stop().await;
 
     for i in 0..50 {
-        nodes[i % 2].consensus.write(put(format!("after{i}"), "v")).await.unwrap();
+        nodes[i % 2]
+            .consensus
+            .write(put(format!("after{i}"), "v"))
+            .await
+            .unwrap();
     }
     let new_leader = nodes[0].consensus.leader().unwrap().0;
     assert_ne!(new_leader, leader);
@@ -100,8 +114,14 @@ async fn writes_resume_after_the_leader_stops_and_it_catches_up_on_return() {
         .applied_index_at_least(Some(target), "the old leader catches up")
         .await
         .unwrap();
-    assert_eq!(value(&back.consensus, "after49", Consistency::Serializable).await, Some(b"v".to_vec()));
-    assert_eq!(value(&back.consensus, "before", Consistency::Serializable).await, Some(b"1".to_vec()));
+    assert_eq!(
+        value(&back.consensus, "after49", Consistency::Serializable).await,
+        Some(b"v".to_vec())
+    );
+    assert_eq!(
+        value(&back.consensus, "before", Consistency::Serializable).await,
+        Some(b"1".to_vec())
+    );
     back.stop().await;
     for n in nodes {
         n.stop().await;
@@ -166,7 +186,9 @@ async fn a_full_restart_keeps_every_acknowledged_write() {
     let mut tasks = Vec::new();
     for i in 0..200 {
         let c = nodes[i % 3].consensus.clone();
-        tasks.push(tokio::spawn(async move { c.write(put(format!("k{i:03}"), format!("{i}"))).await }));
+        tasks.push(tokio::spawn(async move {
+            c.write(put(format!("k{i:03}"), format!("{i}"))).await
+        }));
     }
     for t in tasks {
         t.await.unwrap().unwrap();
@@ -181,7 +203,11 @@ async fn a_full_restart_keeps_every_acknowledged_write() {
     }
     nodes[0].consensus.wait_for_leader(DEADLINE).await.unwrap();
     for n in &nodes {
-        let (kvs, _, _) = n.consensus.range(b"k", b"", 0, Consistency::Linearizable).await.unwrap();
+        let (kvs, _, _) = n
+            .consensus
+            .range(b"k", b"", 0, Consistency::Linearizable)
+            .await
+            .unwrap();
         assert_eq!(kvs.len(), 200, "node {}", n.id());
         for kv in kvs {
             let i: usize = String::from_utf8(kv.key[1..].to_vec()).unwrap().parse().unwrap();

@@ -123,8 +123,8 @@ fn bad(field: &str, reason: impl Into<String>) -> ConfigError {
 impl NodeConfig {
     /// Reads a TOML file over the defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| bad("config", format!("cannot read {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| bad("config", format!("cannot read {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| bad("config", format!("{}: {}", path.display(), e.message())))
     }
 
@@ -138,7 +138,10 @@ impl NodeConfig {
 
     /// The address clients use for the public API.
     pub fn advertise_public(&self) -> String {
-        self.advertise.public.clone().unwrap_or_else(|| self.listen.public.to_string())
+        self.advertise
+            .public
+            .clone()
+            .unwrap_or_else(|| self.listen.public.to_string())
     }
 
     /// Checks every field; the error names the first bad one.
@@ -167,10 +170,16 @@ impl NodeConfig {
             }
         }
         if self.advertise.public.is_none() && self.listen.public.ip().is_unspecified() {
-            return Err(bad("advertise.public", "must be set when listen.public is a wildcard address"));
+            return Err(bad(
+                "advertise.public",
+                "must be set when listen.public is a wildcard address",
+            ));
         }
         if self.advertise.internal.is_none() && self.listen.internal.ip().is_unspecified() {
-            return Err(bad("advertise.internal", "must be set when listen.internal is a wildcard address"));
+            return Err(bad(
+                "advertise.internal",
+                "must be set when listen.internal is a wildcard address",
+            ));
         }
         for (i, j) in self.join.iter().enumerate() {
             if !j.contains(':') {

@@ -38,7 +38,10 @@ impl DataDir {
         match std::fs::read(&id_path) {
             Ok(bytes) => {
                 let id: Identity = serde_json::from_slice(&bytes).with_context(|| {
-                    format!("{} is corrupted; restore it or start with an empty data dir", id_path.display())
+                    format!(
+                        "{} is corrupted; restore it or start with an empty data dir",
+                        id_path.display()
+                    )
                 })?;
                 if id.format != FORMAT || id.node_id == 0 {
                     bail!("{} has an unsupported format or node id", id_path.display());

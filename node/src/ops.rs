@@ -33,10 +33,7 @@ pub fn router(consensus: Consensus, metrics: PrometheusHandle) -> Router {
 }
 
 async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        ops.metrics.render(),
-    )
+    ([("content-type", "text/plain; version=0.0.4")], ops.metrics.render())
 }
 
 /// Why a node is not ready, or `None` when it is.
@@ -49,7 +46,10 @@ pub fn not_ready_reason(consensus: &Consensus) -> Option<String> {
         return Some("no leader known".into());
     }
     if s.applied_index < s.commit_index {
-        return Some(format!("applied index {} behind commit index {}", s.applied_index, s.commit_index));
+        return Some(format!(
+            "applied index {} behind commit index {}",
+            s.applied_index, s.commit_index
+        ));
     }
     None
 }
@@ -139,7 +139,11 @@ async fn health_deep(State(ops): State<Ops>) -> impl IntoResponse {
         })
         .collect();
     let ok = storage.ok && raft.ok && ready.ok;
-    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         code,
         Json(Deep {

@@ -11,10 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use cell0_consensus::network::nodelay_incoming;
 use cell0_consensus::{Consensus, NodeInfo, StorageBackend};
+use cell0_proto::v1::JoinRequest;
 use cell0_proto::v1::cluster_client::ClusterClient;
 use cell0_proto::v1::cluster_server::ClusterServer;
 use cell0_proto::v1::kv_server::KvServer;
-use cell0_proto::v1::JoinRequest;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -35,7 +35,9 @@ async fn bind(addr: std::net::SocketAddr, field: &str) -> anyhow::Result<TcpList
 
 /// Runs a node with `config` until SIGTERM or SIGINT.
 pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Result<()> {
-    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let metrics = telemetry::init_metrics()?;
     let datadir = DataDir::open(&config.data_dir)?;
     let id = datadir.node_id();
@@ -52,9 +54,14 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
         internal_addr: config.advertise_internal(),
     };
     tracing::info!(node_id = id, %name, data_dir = %config.data_dir.display(), new = datadir.created(), "starting");
-    let consensus = Consensus::start(id, info.clone(), config.raft.clone(), StorageBackend::Rocks(datadir.raft_dir()))
-        .await
-        .context("starting consensus")?;
+    let consensus = Consensus::start(
+        id,
+        info.clone(),
+        config.raft.clone(),
+        StorageBackend::Rocks(datadir.raft_dir()),
+    )
+    .await
+    .context("starting consensus")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move { stopping(&mut rx).await };
@@ -190,7 +197,11 @@ async fn try_join(seed: &str, request: JoinRequest) -> anyhow::Result<()> {
 }
 
 /// Publishes readiness on the gRPC health service ("" and each API service).
-async fn report_health(consensus: Consensus, health: tonic_health::server::HealthReporter, mut stop: watch::Receiver<bool>) {
+async fn report_health(
+    consensus: Consensus,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut metrics = consensus.raft().metrics();
     let mut last = None;
     loop {

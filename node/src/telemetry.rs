@@ -16,7 +16,9 @@ use crate::config::LogFormat;
 /// Installs the global log subscriber.
 pub fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(level).with_context(|| format!("log_level {level:?} is not a valid filter"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
@@ -37,12 +39,21 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     metrics::describe_gauge!("cell0_raft_term", "Current Raft term.");
-    metrics::describe_gauge!("cell0_raft_role", "1 for the node's current Raft role (label role), 0 otherwise.");
+    metrics::describe_gauge!(
+        "cell0_raft_role",
+        "1 for the node's current Raft role (label role), 0 otherwise."
+    );
     metrics::describe_gauge!("cell0_raft_commit_index", "Highest log index known committed.");
     metrics::describe_gauge!("cell0_raft_applied_index", "Highest log index applied locally.");
     metrics::describe_gauge!("cell0_raft_last_log_index", "Last log index stored locally.");
-    metrics::describe_counter!("cell0_raft_leader_changes_total", "Times this node saw the leader change.");
-    metrics::describe_histogram!("cell0_raft_batch_commands", "Client commands grouped into one log entry.");
+    metrics::describe_counter!(
+        "cell0_raft_leader_changes_total",
+        "Times this node saw the leader change."
+    );
+    metrics::describe_histogram!(
+        "cell0_raft_batch_commands",
+        "Client commands grouped into one log entry."
+    );
     metrics::describe_histogram!(
         "cell0_write_duration_seconds",
         metrics::Unit::Seconds,
@@ -53,7 +64,10 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         metrics::Unit::Seconds,
         "Time to serve a point read, barrier included."
     );
-    metrics::describe_counter!("cell0_grpc_requests_total", "Public gRPC requests by method and status code.");
+    metrics::describe_counter!(
+        "cell0_grpc_requests_total",
+        "Public gRPC requests by method and status code."
+    );
     metrics::describe_histogram!(
         "cell0_grpc_request_duration_seconds",
         metrics::Unit::Seconds,

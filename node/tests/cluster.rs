@@ -14,8 +14,19 @@ fn json(o: &std::process::Output) -> serde_json::Value {
 }
 
 fn leader_of(nodes: &[Node]) -> usize {
-    let out = json(&cli(&["members", "--output", "json", "--endpoint", &nodes[0].endpoint()]));
-    let leader = out.as_array().unwrap().iter().find(|m| m["leader"] == true).expect("a leader");
+    let out = json(&cli(&[
+        "members",
+        "--output",
+        "json",
+        "--endpoint",
+        &nodes[0].endpoint(),
+    ]));
+    let leader = out
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["leader"] == true)
+        .expect("a leader");
     let name = leader["name"].as_str().unwrap();
     nodes.iter().position(|n| n.name == name).unwrap()
 }
@@ -25,7 +36,13 @@ async fn three_nodes_agree_through_the_cli_and_survive_a_leader_kill() {
     let root = tempfile::tempdir().unwrap();
     let mut nodes = start_cluster(root.path(), 3);
 
-    let members = json(&cli(&["members", "--output", "json", "--endpoint", &nodes[2].endpoint()]));
+    let members = json(&cli(&[
+        "members",
+        "--output",
+        "json",
+        "--endpoint",
+        &nodes[2].endpoint(),
+    ]));
     let members = members.as_array().unwrap();
     assert_eq!(members.len(), 3);
     assert!(members.iter().all(|m| m["role"] == "voter"), "{members:?}");
@@ -68,9 +85,20 @@ async fn three_nodes_agree_through_the_cli_and_survive_a_leader_kill() {
 async fn a_fourth_node_joins_as_a_learner() {
     let root = tempfile::tempdir().unwrap();
     let nodes = start_cluster(root.path(), 3);
-    let mut fourth = Node::start("node4", &root.path().join("node4"), Ports::new(), Some(nodes[1].endpoint()));
+    let mut fourth = Node::start(
+        "node4",
+        &root.path().join("node4"),
+        Ports::new(),
+        Some(nodes[1].endpoint()),
+    );
     fourth.wait_ready();
-    let members = json(&cli(&["members", "--output", "json", "--endpoint", &nodes[0].endpoint()]));
+    let members = json(&cli(&[
+        "members",
+        "--output",
+        "json",
+        "--endpoint",
+        &nodes[0].endpoint(),
+    ]));
     let m4 = members
         .as_array()
         .unwrap()
@@ -96,7 +124,10 @@ async fn sigterm_exits_cleanly_and_keeps_acknowledged_writes() {
     node.restart();
     node.wait_ready();
     for i in 0..50 {
-        assert_eq!(get(&node.endpoint(), &format!("k{i}"), false).await, Some(i.to_string().into_bytes()));
+        assert_eq!(
+            get(&node.endpoint(), &format!("k{i}"), false).await,
+            Some(i.to_string().into_bytes())
+        );
     }
 }
 
@@ -152,7 +183,12 @@ async fn health_metrics_and_reflection_are_served() {
     let deep: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(deep["ok"], true);
     let (_, metrics) = node.http_get("/metrics").unwrap();
-    for name in ["cell0_raft_term", "cell0_raft_commit_index", "cell0_grpc_requests_total", "cell0_write_duration_seconds"] {
+    for name in [
+        "cell0_raft_term",
+        "cell0_raft_commit_index",
+        "cell0_grpc_requests_total",
+        "cell0_write_duration_seconds",
+    ] {
         assert!(metrics.contains(name), "missing {name} in:\n{metrics}");
     }
 
@@ -173,10 +209,18 @@ async fn bad_input_gets_one_clear_message() {
     assert!(err.message().contains("key"), "{}", err.message());
     let err = put(&node.endpoint(), "", "v").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let big = "x".repeat(1024 * 1024 + 1);
-    let out = cli(&["kv", "put", "k", &big, "--endpoint", &node.endpoint()]);
+    let err = put(&node.endpoint(), "k", &"x".repeat(1024 * 1024 + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("value is 1048577 bytes"), "{}", err.message());
+    let out = cli(&["kv", "put", &"k".repeat(4097), "v", "--endpoint", &node.endpoint()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("value"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid argument: key is 4097 bytes"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = cli(&["run", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));
@@ -184,13 +228,21 @@ async fn bad_input_gets_one_clear_message() {
 
     let out = cli(&["run", "--config", "/nonexistent/cell0.toml"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("cannot read /nonexistent/cell0.toml"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot read /nonexistent/cell0.toml"),
+        "{}",
+        stderr(&out)
+    );
 
     let busy = format!("127.0.0.1:{}", node.ports.public);
     let dir = root.path().join("other");
     let out = cli(&["run", "--data-dir", dir.to_str().unwrap(), "--listen-public", &busy]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains(&format!("cannot listen on {busy} (listen.public)")), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("cannot listen on {busy} (listen.public)")),
+        "{}",
+        stderr(&out)
+    );
 
     let out = cli(&["status", "--endpoint", &format!("127.0.0.1:{}", free_port())]);
     assert!(!out.status.success());

@@ -46,11 +46,7 @@ pub fn open_rocks<C, A>(
     apply: std::sync::Arc<A>,
 ) -> Result<(LogStore<C, RocksEngine>, StateMachineStore<C, RocksEngine, A>)>
 where
-    C: openraft::RaftTypeConfig<
-            NodeId = u64,
-            Entry = openraft::Entry<C>,
-            SnapshotData = std::io::Cursor<Vec<u8>>,
-        >,
+    C: openraft::RaftTypeConfig<NodeId = u64, Entry = openraft::Entry<C>, SnapshotData = std::io::Cursor<Vec<u8>>>,
     A: Apply<C>,
 {
     let engine = std::sync::Arc::new(RocksEngine::open(path, node_id)?);

@@ -119,7 +119,8 @@ where
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> SResult<LogState<C>> {
-        let last_purged_log_id: Option<LogId<u64>> = self.get_meta(PURGED_KEY, "last purged log id").map_err(read_err)?;
+        let last_purged_log_id: Option<LogId<u64>> =
+            self.get_meta(PURGED_KEY, "last purged log id").map_err(read_err)?;
         let last = match self.engine.last(Cf::Log).map_err(read_err)? {
             Some((_, v)) => Some(decode::<Entry<C>>("log entry", &v).map_err(read_err)?.log_id),
             None => None,
@@ -136,7 +137,11 @@ where
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> SResult<()> {
         let mut batch = WriteBatch::new();
-        batch.put(Cf::Meta, VOTE_KEY, encode(vote).map_err(|e| StorageIOError::write_vote(&e))?);
+        batch.put(
+            Cf::Meta,
+            VOTE_KEY,
+            encode(vote).map_err(|e| StorageIOError::write_vote(&e))?,
+        );
         self.engine
             .write(batch, Durability::Sync)
             .map_err(|e| StorageIOError::write_vote(&e).into())

@@ -48,7 +48,9 @@ impl RocksEngine {
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
+        let cfs = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| Error::Open {
             path: path.to_path_buf(),
             source,

@@ -251,7 +251,11 @@ where
         };
         let mut batch = WriteBatch::new();
         txn.into_batch(&mut batch);
-        batch.put(Cf::Meta, APPLIED_KEY, encode(&Some(last_applied)).map_err(write_sm_err)?);
+        batch.put(
+            Cf::Meta,
+            APPLIED_KEY,
+            encode(&Some(last_applied)).map_err(write_sm_err)?,
+        );
         if let Some(m) = membership {
             batch.put(Cf::Meta, MEMBERSHIP_KEY, encode(&m).map_err(write_sm_err)?);
         }
@@ -294,7 +298,11 @@ where
             batch.put(Cf::State, k, v);
         }
         batch.put(Cf::Meta, APPLIED_KEY, encode(&meta.last_log_id).map_err(snap_err)?);
-        batch.put(Cf::Meta, MEMBERSHIP_KEY, encode(&meta.last_membership).map_err(snap_err)?);
+        batch.put(
+            Cf::Meta,
+            MEMBERSHIP_KEY,
+            encode(&meta.last_membership).map_err(snap_err)?,
+        );
         let stored = StoredSnapshot::<C> {
             meta: meta.clone(),
             data,

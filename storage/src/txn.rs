@@ -141,7 +141,10 @@ mod tests {
         assert_eq!(txn.get("t", b"a").unwrap(), None);
         assert_eq!(txn.get("u", b"a").unwrap(), Some(b"9".to_vec()));
         let all = txn.scan("t", b"", None, 10).unwrap();
-        assert_eq!(all, vec![(b"b".to_vec(), b"2".to_vec()), (b"c".to_vec(), b"3".to_vec())]);
+        assert_eq!(
+            all,
+            vec![(b"b".to_vec(), b"2".to_vec()), (b"c".to_vec(), b"3".to_vec())]
+        );
         assert_eq!(txn.scan("t", b"", None, 1).unwrap().len(), 1);
         assert!(txn.put("", b"x", b"y").is_err());
         assert!(txn.put("a\0b", b"x", b"y").is_err());

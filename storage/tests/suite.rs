@@ -117,14 +117,19 @@ async fn applied_state_survives_reopen_and_apply_is_ordered() {
         let apply = Arc::new(SetApply::default());
         let (_log, mut sm) = cell0_storage::open_rocks::<TestConfig, _>(dir.path(), 7, apply.clone()).unwrap();
         let out = sm
-            .apply(vec![set_entry(1, "a", "1"), set_entry(2, "a", "2"), set_entry(3, "b", "3")])
+            .apply(vec![
+                set_entry(1, "a", "1"),
+                set_entry(2, "a", "2"),
+                set_entry(3, "b", "3"),
+            ])
             .await
             .unwrap();
         // Later entries of one call see earlier ones.
         assert_eq!(out, vec![None, Some("1".into()), None]);
         assert_eq!(*apply.published.lock().unwrap(), vec!["a", "a", "b"]);
     }
-    let (_log, mut sm) = cell0_storage::open_rocks::<TestConfig, _>(dir.path(), 7, Arc::new(SetApply::default())).unwrap();
+    let (_log, mut sm) =
+        cell0_storage::open_rocks::<TestConfig, _>(dir.path(), 7, Arc::new(SetApply::default())).unwrap();
     let (applied, _) = sm.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(3));
     assert_eq!(read(&sm, "a").await, Some(b"2".to_vec()));

@@ -27,10 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Some("auto") => vec![BackendKind::Auto],
                     Some("all") => vec![BackendKind::Cpu, BackendKind::Wgpu],
                     other => {
-                        return Err(format!(
-                            "--backend: expected cpu|wgpu|auto|all, got {other:?}"
-                        )
-                        .into());
+                        return Err(format!("--backend: expected cpu|wgpu|auto|all, got {other:?}").into());
                     }
                 };
             }
@@ -82,10 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         println!("  {:>6} {:>7} {:>14}", "batch", "tokens", "embeddings/s");
         for e in &b.embed {
-            println!(
-                "  {:>6} {:>7} {:>14.1}",
-                e.batch, e.tokens, e.embeddings_per_sec
-            );
+            println!("  {:>6} {:>7} {:>14.1}", e.batch, e.tokens, e.embeddings_per_sec);
         }
         println!("  {:>6} {:>10}", "matmul", "GFLOP/s");
         for m in &b.matmul {

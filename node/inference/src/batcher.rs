@@ -84,11 +84,10 @@ impl EmbedBatcher {
         observer: Option<Arc<dyn BatchObserver>>,
     ) -> Result<Self> {
         config.validate()?;
-        let handle =
-            tokio::runtime::Handle::try_current().map_err(|_| InferenceError::InvalidConfig {
-                field: "runtime",
-                message: "EmbedBatcher::spawn must run inside a tokio runtime".into(),
-            })?;
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| InferenceError::InvalidConfig {
+            field: "runtime",
+            message: "EmbedBatcher::spawn must run inside a tokio runtime".into(),
+        })?;
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let counters = Arc::new(Counters::default());
         let worker = Worker {
@@ -174,31 +173,18 @@ impl Worker {
         let mut order: Vec<(usize, usize, usize)> = pending
             .iter()
             .enumerate()
-            .flat_map(|(r, req)| {
-                req.tokens
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, t)| (r, i, t.len()))
-            })
+            .flat_map(|(r, req)| req.tokens.iter().enumerate().map(move |(i, t)| (r, i, t.len())))
             .collect();
         order.sort_by_key(|&(_, _, len)| len);
-        let mut results: Vec<Vec<Option<Vec<f32>>>> =
-            pending.iter().map(|r| vec![None; r.tokens.len()]).collect();
+        let mut results: Vec<Vec<Option<Vec<f32>>>> = pending.iter().map(|r| vec![None; r.tokens.len()]).collect();
         let mut failed: Vec<Option<String>> = vec![None; pending.len()];
         for chunk in order.chunks(self.max_batch) {
-            let batch: Vec<Vec<u32>> = chunk
-                .iter()
-                .map(|&(r, i, _)| pending[r].tokens[i].clone())
-                .collect();
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&(r, i, _)| pending[r].tokens[i].clone()).collect();
             let longest = chunk.last().map_or(0, |c| c.2);
             let embedder = self.embedder.clone();
             let outcome = tokio::task::spawn_blocking(move || embedder.embed_tokens(&batch))
                 .await
-                .unwrap_or_else(|e| {
-                    Err(InferenceError::Backend(format!(
-                        "forward pass aborted: {e}"
-                    )))
-                });
+                .unwrap_or_else(|e| Err(InferenceError::Backend(format!("forward pass aborted: {e}"))));
             self.record(chunk.len(), longest);
             match outcome {
                 Ok(vectors) if vectors.len() == chunk.len() => {
@@ -207,20 +193,12 @@ impl Worker {
                     }
                 }
                 Ok(vectors) => {
-                    let msg = format!(
-                        "backend returned {} vectors for {} texts",
-                        vectors.len(),
-                        chunk.len()
-                    );
-                    chunk
-                        .iter()
-                        .for_each(|&(r, _, _)| failed[r] = Some(msg.clone()));
+                    let msg = format!("backend returned {} vectors for {} texts", vectors.len(), chunk.len());
+                    chunk.iter().for_each(|&(r, _, _)| failed[r] = Some(msg.clone()));
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    chunk
-                        .iter()
-                        .for_each(|&(r, _, _)| failed[r] = Some(msg.clone()));
+                    chunk.iter().for_each(|&(r, _, _)| failed[r] = Some(msg.clone()));
                 }
             }
         }
@@ -240,12 +218,8 @@ impl Worker {
     fn record(&self, texts: usize, longest: usize) {
         metrics::histogram!(BATCH_SIZE_METRIC).record(texts as f64);
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .texts
-            .fetch_add(texts as u64, Ordering::Relaxed);
-        self.counters
-            .max_batch
-            .fetch_max(texts as u64, Ordering::Relaxed);
+        self.counters.texts.fetch_add(texts as u64, Ordering::Relaxed);
+        self.counters.max_batch.fetch_max(texts as u64, Ordering::Relaxed);
         if let Some(o) = &self.observer {
             o.batch_ran(texts, longest);
         }

@@ -174,13 +174,9 @@ pub fn bench_matmul(
     for &n in sizes {
         let a = matrix(n * n, 1);
         let b = matrix(n * n, 2);
-        let (iterations, seconds) =
-            timed(min_seconds, || backend.matmul(&a, &b, n, n, n).map(drop))?;
+        let (iterations, seconds) = timed(min_seconds, || backend.matmul(&a, &b, n, n, n).map(drop))?;
         let gflops = 2.0 * (n as f64).powi(3) * iterations as f64 / seconds / 1e9;
-        progress(&format!(
-            "{} matmul {n}: {gflops:.1} GFLOP/s",
-            backend.info().backend
-        ));
+        progress(&format!("{} matmul {n}: {gflops:.1} GFLOP/s", backend.info().backend));
         out.push(MatmulResult {
             size: n,
             iterations,
@@ -210,8 +206,7 @@ pub fn bench_embed(
         }
         for &batch in &opts.batch_sizes {
             let texts = vec![text.as_str(); batch];
-            let (iterations, seconds) =
-                timed(opts.min_seconds, || embedder.embed(&texts).map(drop))?;
+            let (iterations, seconds) = timed(opts.min_seconds, || embedder.embed(&texts).map(drop))?;
             let eps = (batch * iterations) as f64 / seconds;
             progress(&format!(
                 "{name} embed batch {batch} x {tokens} tokens: {eps:.1} embeddings/s"
@@ -229,11 +224,7 @@ pub fn bench_embed(
 }
 
 /// Runs the whole benchmark with the model of `source`.
-pub fn run(
-    source: &ModelSource,
-    opts: &BenchOptions,
-    progress: &mut dyn FnMut(&str),
-) -> Result<BenchReport> {
+pub fn run(source: &ModelSource, opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     opts.validate()?;
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -244,13 +235,7 @@ pub fn run(
             backend: kind,
             cpu_threads: opts.cpu_threads,
             max_batch: opts.batch_sizes.iter().copied().max().unwrap_or(1),
-            max_tokens: opts
-                .token_lengths
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(256)
-                .max(256),
+            max_tokens: opts.token_lengths.iter().copied().max().unwrap_or(256).max(256),
             ..InferenceConfig::default()
         };
         progress(&format!("loading {} on {kind}", source.name));
@@ -261,12 +246,7 @@ pub fn run(
             info.adapter, info.device_type, info.api
         ));
         let embed = bench_embed(&embedder, opts, progress)?;
-        let matmul = bench_matmul(
-            embedder.backend(),
-            &opts.matmul_sizes,
-            opts.min_seconds,
-            progress,
-        )?;
+        let matmul = bench_matmul(embedder.backend(), &opts.matmul_sizes, opts.min_seconds, progress)?;
         backends.push(BackendResult {
             requested: kind,
             info,

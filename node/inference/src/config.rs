@@ -89,10 +89,7 @@ impl InferenceConfig {
             return bad("adapter", "must not be empty when set");
         }
         if self.max_batch == 0 || self.max_batch > 1024 {
-            return bad(
-                "max_batch",
-                format!("must be in 1..=1024, got {}", self.max_batch),
-            );
+            return bad("max_batch", format!("must be in 1..=1024, got {}", self.max_batch));
         }
         if self.max_wait_ms > 10_000 {
             return bad(
@@ -107,16 +104,10 @@ impl InferenceConfig {
             return bad("max_text_bytes", "must be at least 1");
         }
         if self.max_tokens < 2 || self.max_tokens > 512 {
-            return bad(
-                "max_tokens",
-                format!("must be in 2..=512, got {}", self.max_tokens),
-            );
+            return bad("max_tokens", format!("must be in 2..=512, got {}", self.max_tokens));
         }
         if self.cpu_threads > 1024 {
-            return bad(
-                "cpu_threads",
-                format!("must be at most 1024, got {}", self.cpu_threads),
-            );
+            return bad("cpu_threads", format!("must be at most 1024, got {}", self.cpu_threads));
         }
         if self.queue_capacity == 0 {
             return bad("queue_capacity", "must be at least 1");

@@ -76,10 +76,7 @@ pub fn open_backend(config: &InferenceConfig) -> Result<Box<dyn Backend>> {
     config.validate()?;
     match config.backend {
         BackendKind::Cpu => Ok(Box::new(CpuBackend::new(config.cpu_threads)?)),
-        BackendKind::Wgpu => Ok(Box::new(WgpuBackend::new(
-            config.adapter.as_deref(),
-            false,
-        )?)),
+        BackendKind::Wgpu => Ok(Box::new(WgpuBackend::new(config.adapter.as_deref(), false)?)),
         BackendKind::Auto => match WgpuBackend::new(config.adapter.as_deref(), true) {
             Ok(b) => Ok(Box::new(b)),
             Err(e) => {
@@ -133,11 +130,7 @@ impl RequestLimits {
         if texts.len() > self.max_texts {
             return Err(InferenceError::InvalidRequest {
                 field: "texts".into(),
-                message: format!(
-                    "{} texts; at most {} per request",
-                    texts.len(),
-                    self.max_texts
-                ),
+                message: format!("{} texts; at most {} per request", texts.len(), self.max_texts),
             });
         }
         for (i, t) in texts.iter().enumerate() {
@@ -162,11 +155,7 @@ impl TextEmbedder {
     }
 
     /// Loads the model of `source` onto a given backend.
-    pub fn load_on(
-        source: &ModelSource,
-        config: &InferenceConfig,
-        mut backend: Box<dyn Backend>,
-    ) -> Result<Self> {
+    pub fn load_on(source: &ModelSource, config: &InferenceConfig, mut backend: Box<dyn Backend>) -> Result<Self> {
         config.validate()?;
         let spec = model_spec(&source.name)?;
         let files = ModelFiles::in_dir(&source.dir)?;
@@ -175,10 +164,7 @@ impl TextEmbedder {
             verify_sha256(&files.tokenizer, spec.tokenizer_sha256)?;
         }
         let bert = BertConfig::from_file(&files.config)?;
-        let max_tokens = config
-            .max_tokens
-            .min(spec.max_tokens)
-            .min(bert.max_position_embeddings);
+        let max_tokens = config.max_tokens.min(spec.max_tokens).min(bert.max_position_embeddings);
         let tokenizer = TextTokenizer::load(&files.tokenizer, max_tokens)?;
         let dim = bert.hidden_size;
         let weights = BertWeights::load(&files.weights, bert)?;

@@ -48,11 +48,7 @@ pub fn model_spec(name: &str) -> Result<&'static ModelSpec> {
         .find(|s| s.name.eq_ignore_ascii_case(name))
         .ok_or_else(|| InferenceError::UnknownModel {
             name: name.to_string(),
-            known: CATALOGUE
-                .iter()
-                .map(|s| s.name)
-                .collect::<Vec<_>>()
-                .join(", "),
+            known: CATALOGUE.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
         })
 }
 
@@ -168,9 +164,7 @@ impl BertConfig {
             return Err(bad("a dimension is zero or absurdly large".into()));
         }
         if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
-            return Err(bad(
-                "hidden_size is not a multiple of num_attention_heads".into()
-            ));
+            return Err(bad("hidden_size is not a multiple of num_attention_heads".into()));
         }
         if !(c.layer_norm_eps.is_finite() && c.layer_norm_eps >= 0.0) {
             return Err(bad("layer_norm_eps must be finite and non-negative".into()));
@@ -254,16 +248,10 @@ impl TensorReader<'_> {
             .tensor(&full)
             .map_err(|e| self.bad(format!("tensor {full}: {e}")))?;
         if t.dtype() != safetensors::Dtype::F32 {
-            return Err(self.bad(format!(
-                "tensor {full}: dtype {:?}, expected F32",
-                t.dtype()
-            )));
+            return Err(self.bad(format!("tensor {full}: dtype {:?}, expected F32", t.dtype())));
         }
         if t.shape() != shape {
-            return Err(self.bad(format!(
-                "tensor {full}: shape {:?}, expected {shape:?}",
-                t.shape()
-            )));
+            return Err(self.bad(format!("tensor {full}: shape {:?}, expected {shape:?}", t.shape())));
         }
         // The data may sit at any byte offset in the mmap, so decode bytewise
         // rather than casting the slice.
@@ -331,10 +319,7 @@ impl BertWeights {
             &format!("{emb}position_embeddings.weight"),
             &[c.max_position_embeddings, h],
         )?;
-        let type_emb = r.get(
-            &format!("{emb}token_type_embeddings.weight"),
-            &[c.type_vocab_size, h],
-        )?;
+        let type_emb = r.get(&format!("{emb}token_type_embeddings.weight"), &[c.type_vocab_size, h])?;
         let emb_ln_g = r.get(&format!("{emb}LayerNorm.weight"), &[h])?;
         let emb_ln_b = r.get(&format!("{emb}LayerNorm.bias"), &[h])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);

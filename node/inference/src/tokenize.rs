@@ -33,9 +33,8 @@ impl TextTokenizer {
                 path: path.to_path_buf(),
             });
         }
-        let mut inner = Tokenizer::from_file(path).map_err(|e| {
-            InferenceError::Tokenizer(format!("cannot load {}: {e}", path.display()))
-        })?;
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| InferenceError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
         inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_tokens,

@@ -1,14 +1,10 @@
 //! Config validation, backend selection and the similarity helper.
 
-use cell0_inference::{
-    BackendKind, InferenceConfig, InferenceError, cosine, open_backend, top_k_cosine,
-};
+use cell0_inference::{BackendKind, InferenceConfig, InferenceError, cosine, open_backend, top_k_cosine};
 
 #[test]
 fn default_config_is_valid_and_bad_fields_are_named() {
-    InferenceConfig::default()
-        .validate()
-        .expect("defaults are valid");
+    InferenceConfig::default().validate().expect("defaults are valid");
     let cases: Vec<(InferenceConfig, &str)> = vec![
         (
             InferenceConfig {
@@ -72,8 +68,7 @@ fn default_config_is_valid_and_bad_fields_are_named() {
 
 #[test]
 fn config_parses_from_json_with_defaults() {
-    let cfg: InferenceConfig =
-        serde_json::from_str(r#"{"backend":"wgpu","adapter":"llvmpipe"}"#).expect("parse");
+    let cfg: InferenceConfig = serde_json::from_str(r#"{"backend":"wgpu","adapter":"llvmpipe"}"#).expect("parse");
     assert_eq!(cfg.backend, BackendKind::Wgpu);
     assert_eq!(cfg.max_batch, InferenceConfig::default().max_batch);
     assert!(serde_json::from_str::<InferenceConfig>(r#"{"bogus":1}"#).is_err());
@@ -85,8 +80,7 @@ fn auto_without_a_hardware_gpu_picks_cpu_and_wgpu_forces_an_adapter() {
     let info = auto.info();
     // This machine class has no hardware GPU; on one that does, auto picks it.
     assert!(
-        info.backend == "cpu"
-            || matches!(info.device_type.as_str(), "discrete-gpu" | "integrated-gpu"),
+        info.backend == "cpu" || matches!(info.device_type.as_str(), "discrete-gpu" | "integrated-gpu"),
         "{info:?}"
     );
     let forced = open_backend(&InferenceConfig {

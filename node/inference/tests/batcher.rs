@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cell0_inference::{
-    BackendKind, EmbedBatcher, Embedder, InferenceConfig, InferenceError, ModelInfo, TextEmbedder,
-    cosine,
+    BackendKind, EmbedBatcher, Embedder, InferenceConfig, InferenceError, ModelInfo, TextEmbedder, cosine,
 };
 
 /// A model whose "embedding" of a text is `[first byte, length]`, so results
@@ -24,10 +23,7 @@ impl Embedder for Echo {
         }
     }
     fn tokenize(&self, texts: &[&str]) -> cell0_inference::Result<Vec<Vec<u32>>> {
-        Ok(texts
-            .iter()
-            .map(|t| t.bytes().map(u32::from).collect())
-            .collect())
+        Ok(texts.iter().map(|t| t.bytes().map(u32::from).collect()).collect())
     }
     fn embed_tokens(&self, batch: &[Vec<u32>]) -> cell0_inference::Result<Vec<Vec<f32>>> {
         Ok(batch
@@ -51,14 +47,11 @@ fn config(max_batch: usize, max_wait_ms: u64) -> InferenceConfig {
 async fn concurrent_requests_share_batches() {
     let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = sizes.clone();
-    let observer: Arc<dyn cell0_inference::BatchObserver> =
-        Arc::new(move |texts: usize, _tokens: usize| {
-            seen.lock().expect("lock").push(texts);
-        });
+    let observer: Arc<dyn cell0_inference::BatchObserver> = Arc::new(move |texts: usize, _tokens: usize| {
+        seen.lock().expect("lock").push(texts);
+    });
     // The wait bound is far above scheduling noise, so batches close only by filling up.
-    let b = Arc::new(
-        EmbedBatcher::spawn(Arc::new(Echo), &config(4, 10_000), Some(observer)).expect("spawn"),
-    );
+    let b = Arc::new(EmbedBatcher::spawn(Arc::new(Echo), &config(4, 10_000), Some(observer)).expect("spawn"));
     let tasks: Vec<_> = (0..8u8)
         .map(|i| {
             let b = b.clone();
@@ -88,11 +81,7 @@ async fn concurrent_requests_share_batches() {
 async fn a_lone_request_runs_after_the_wait() {
     let b = EmbedBatcher::spawn(Arc::new(Echo), &config(32, 1), None).expect("spawn");
     let v = b.embed(&["abc", "z", ""]).await.expect("embed");
-    assert_eq!(
-        v,
-        vec![vec![97.0, 3.0], vec![122.0, 1.0], vec![0.0, 0.0]],
-        "order kept"
-    );
+    assert_eq!(v, vec![vec![97.0, 3.0], vec![122.0, 1.0], vec![0.0, 0.0]], "order kept");
     assert_eq!(b.stats().batches, 1);
     assert!(b.embed::<&str>(&[]).await.expect("empty").is_empty());
 }
@@ -122,11 +111,7 @@ async fn limits_name_the_field() {
         }
         other => panic!("expected texts[3] error, got {other:?}"),
     }
-    assert_eq!(
-        b.stats().batches,
-        0,
-        "rejected requests never reach the model"
-    );
+    assert_eq!(b.stats().batches, 0, "rejected requests never reach the model");
 }
 
 #[tokio::test]
@@ -144,8 +129,7 @@ async fn backend_errors_reach_every_caller_in_the_batch() {
             Err(InferenceError::Backend("device lost".into()))
         }
     }
-    let b = EmbedBatcher::spawn(Arc::new(Failing(AtomicUsize::new(0))), &config(4, 1), None)
-        .expect("spawn");
+    let b = EmbedBatcher::spawn(Arc::new(Failing(AtomicUsize::new(0))), &config(4, 1), None).expect("spawn");
     let err = b.embed(&["a"]).await.expect_err("must fail");
     assert!(err.to_string().contains("device lost"), "{err}");
 }

@@ -12,11 +12,7 @@ fn model_copy(weights: &[u8], with_tokenizer: bool) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).expect("copy config");
     if with_tokenizer {
-        std::fs::copy(
-            src.join("tokenizer.json"),
-            dir.path().join("tokenizer.json"),
-        )
-        .expect("copy tokenizer");
+        std::fs::copy(src.join("tokenizer.json"), dir.path().join("tokenizer.json")).expect("copy tokenizer");
     }
     std::fs::write(dir.path().join("model.safetensors"), weights).expect("write weights");
     dir
@@ -37,18 +33,12 @@ fn truncated_weights_are_rejected() {
     let w = real_weights();
     let dir = model_copy(&w[..w.len() / 2], true);
     let err = load(dir.path(), false).expect_err("truncated file must fail");
-    assert!(
-        matches!(err, InferenceError::InvalidWeights { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, InferenceError::InvalidWeights { .. }), "{err}");
     assert!(err.to_string().contains("model.safetensors"), "{err}");
     // A file shorter than the 8-byte header length.
     let dir = model_copy(&w[..5], true);
     let err = load(dir.path(), false).expect_err("tiny file must fail");
-    assert!(
-        matches!(err, InferenceError::InvalidWeights { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, InferenceError::InvalidWeights { .. }), "{err}");
 }
 
 #[test]
@@ -59,10 +49,7 @@ fn corrupted_header_is_rejected() {
     }
     let dir = model_copy(&w, true);
     let err = load(dir.path(), false).expect_err("corrupt header must fail");
-    assert!(
-        matches!(err, InferenceError::InvalidWeights { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, InferenceError::InvalidWeights { .. }), "{err}");
 }
 
 #[test]
@@ -97,8 +84,7 @@ fn missing_tokenizer_is_reported() {
 #[test]
 fn unknown_model_name_is_reported() {
     let source = ModelSource::new("no-such-model", common::model_dir());
-    let err =
-        TextEmbedder::load(&source, &common::config(BackendKind::Cpu)).expect_err("unknown model");
+    let err = TextEmbedder::load(&source, &common::config(BackendKind::Cpu)).expect_err("unknown model");
     assert!(matches!(err, InferenceError::UnknownModel { .. }), "{err}");
     assert!(
         err.to_string().contains("all-minilm-l6-v2"),
@@ -110,9 +96,7 @@ fn unknown_model_name_is_reported() {
 fn out_of_vocabulary_ids_are_rejected_by_both_paths() {
     let e = TextEmbedder::load(&common::source(), &common::config(BackendKind::Cpu)).expect("load");
     use cell0_inference::Embedder;
-    let err = e
-        .embed_tokens(&[vec![101, 999_999, 102]])
-        .expect_err("bad id");
+    let err = e.embed_tokens(&[vec![101, 999_999, 102]]).expect_err("bad id");
     assert!(matches!(err, InferenceError::Backend(_)), "{err}");
     let err = e.embed_tokens(&[vec![101; 600]]).expect_err("too long");
     assert!(matches!(err, InferenceError::Backend(_)), "{err}");

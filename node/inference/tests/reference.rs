@@ -6,8 +6,7 @@ use cell0_inference::{BackendKind, Embedder, TextEmbedder};
 
 fn check_backend(kind: BackendKind) {
     let reference = common::reference();
-    let embedder =
-        TextEmbedder::load(&common::source(), &common::config(kind)).expect("load model");
+    let embedder = TextEmbedder::load(&common::source(), &common::config(kind)).expect("load model");
     assert_eq!(embedder.model_info().dim, 384);
     let texts: Vec<&str> = reference.cases.iter().map(|c| c.text.as_str()).collect();
     let tokens = embedder.tokenize(&texts).expect("tokenize");
@@ -18,19 +17,11 @@ fn check_backend(kind: BackendKind) {
     let batch = embedder.embed(&texts).expect("embed batch");
     // ... and each text alone (no padding at all).
     for (i, case) in reference.cases.iter().enumerate() {
-        common::assert_close(
-            &format!("{kind} batch {:?}", case.text),
-            &batch[i],
-            &case.embedding,
-        );
+        common::assert_close(&format!("{kind} batch {:?}", case.text), &batch[i], &case.embedding);
     }
     for case in reference.cases.iter().take(3) {
         let one = embedder.embed(&[case.text.as_str()]).expect("embed one");
-        common::assert_close(
-            &format!("{kind} single {:?}", case.text),
-            &one[0],
-            &case.embedding,
-        );
+        common::assert_close(&format!("{kind} single {:?}", case.text), &one[0], &case.embedding);
     }
 }
 

@@ -10,14 +10,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn backend() -> WgpuBackend {
-    let b = WgpuBackend::new(None, false)
-        .expect("a wgpu adapter (lavapipe is required for these tests)");
-    assert_eq!(
-        b.api(),
-        "vulkan",
-        "expected the Vulkan backend, got {}",
-        b.api()
-    );
+    let b = WgpuBackend::new(None, false).expect("a wgpu adapter (lavapipe is required for these tests)");
+    assert_eq!(b.api(), "vulkan", "expected the Vulkan backend, got {}", b.api());
     b
 }
 
@@ -27,10 +21,7 @@ fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -64,9 +55,7 @@ fn matmul_matches_cpu_on_ragged_shapes() {
         let w = rand_vec(&mut rng, k * n, 1.0);
         let bias = rand_vec(&mut rng, n, 1.0);
         for gelu in [false, true] {
-            let got = b
-                .kernel_matmul(&a, &w, Some(&bias), m, k, n, gelu)
-                .expect("gpu matmul");
+            let got = b.kernel_matmul(&a, &w, Some(&bias), m, k, n, gelu).expect("gpu matmul");
             let mut want = ops::matmul_bias(&a, &w, Some(&bias), m, k, n).expect("cpu matmul");
             if gelu {
                 want.iter_mut().for_each(|v| *v = ops::gelu(*v));
@@ -137,18 +126,11 @@ fn embedding_lookup_matches_cpu() {
     let word = rand_vec(&mut rng, vocab * hidden, 1.0);
     let pos = rand_vec(&mut rng, max_pos * hidden, 1.0);
     let typ = rand_vec(&mut rng, 2 * hidden, 1.0);
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|_| rng.random_range(0..vocab as u32))
-        .collect();
-    let got = b
-        .kernel_embed(&word, &pos, &typ, &ids, seq, hidden)
-        .expect("gpu embed");
+    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.random_range(0..vocab as u32)).collect();
+    let got = b.kernel_embed(&word, &pos, &typ, &ids, seq, hidden).expect("gpu embed");
     let want = ops::embeddings(&word, &pos, &typ, &ids, seq, hidden);
     assert!(max_abs(&got, &want) < 1e-6);
-    assert!(
-        b.kernel_embed(&word, &pos, &typ, &[vocab as u32], 1, hidden)
-            .is_err()
-    );
+    assert!(b.kernel_embed(&word, &pos, &typ, &[vocab as u32], 1, hidden).is_err());
 }
 
 #[test]
@@ -160,11 +142,7 @@ fn attention_with_padding_mask_matches_cpu() {
         let qkv = rand_vec(&mut rng, batch * seq * 3 * hidden, 1.0);
         let mut mask = vec![0u32; batch * seq];
         for bi in 0..batch {
-            let len = if bi == 0 {
-                seq
-            } else {
-                rng.random_range(1..=seq)
-            };
+            let len = if bi == 0 { seq } else { rng.random_range(1..=seq) };
             mask[bi * seq..bi * seq + len].fill(1);
         }
         let got = b
@@ -174,14 +152,8 @@ fn attention_with_padding_mask_matches_cpu() {
         // Padded query rows are don't-care (the kernel writes zeros); compare real rows.
         for t in 0..batch * seq {
             if mask[t] == 1 {
-                let err = max_abs(
-                    &got[t * hidden..(t + 1) * hidden],
-                    &want[t * hidden..(t + 1) * hidden],
-                );
-                assert!(
-                    err < 1e-5,
-                    "attention {batch}x{seq}x{heads}x{hd} row {t}: {err}"
-                );
+                let err = max_abs(&got[t * hidden..(t + 1) * hidden], &want[t * hidden..(t + 1) * hidden]);
+                assert!(err < 1e-5, "attention {batch}x{seq}x{heads}x{hd} row {t}: {err}");
             }
         }
     }

@@ -47,7 +47,9 @@ fn consistency(raw: i32) -> Result<Consistency, Status> {
     match v1::Consistency::try_from(raw) {
         Ok(v1::Consistency::Linearizable) => Ok(Consistency::Linearizable),
         Ok(v1::Consistency::Serializable) => Ok(Consistency::Serializable),
-        Err(_) => Err(Status::invalid_argument(format!("consistency {raw} is not a known value"))),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "consistency {raw} is not a known value"
+        ))),
     }
 }
 
@@ -124,10 +126,14 @@ impl Kv for KvApi {
         observe("Kv/Range", async {
             let r = request.into_inner();
             if r.prefix.len() > MAX_KEY_BYTES {
-                return Err(Status::invalid_argument(format!("prefix is longer than {MAX_KEY_BYTES} bytes")));
+                return Err(Status::invalid_argument(format!(
+                    "prefix is longer than {MAX_KEY_BYTES} bytes"
+                )));
             }
             if r.start_after.len() > MAX_KEY_BYTES {
-                return Err(Status::invalid_argument(format!("start_after is longer than {MAX_KEY_BYTES} bytes")));
+                return Err(Status::invalid_argument(format!(
+                    "start_after is longer than {MAX_KEY_BYTES} bytes"
+                )));
             }
             if r.limit as usize > MAX_RANGE_LIMIT {
                 return Err(Status::invalid_argument(format!(
@@ -179,17 +185,22 @@ impl Kv for KvApi {
         observe("Kv/Watch", async {
             let r = request.into_inner();
             if r.prefix.len() > MAX_KEY_BYTES {
-                return Err(Status::invalid_argument(format!("prefix is longer than {MAX_KEY_BYTES} bytes")));
+                return Err(Status::invalid_argument(format!(
+                    "prefix is longer than {MAX_KEY_BYTES} bytes"
+                )));
             }
-            let permit = self
-                .watches
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Status::resource_exhausted(format!("this node serves at most {MAX_WATCHES} watches")))?;
+            let permit =
+                self.watches.clone().try_acquire_owned().map_err(|_| {
+                    Status::resource_exhausted(format!("this node serves at most {MAX_WATCHES} watches"))
+                })?;
             // Subscribe before reading history so no change falls between.
             let updates = self.consensus.subscribe();
             let current = self.consensus.revision().map_err(to_status)?;
-            let next = if r.start_revision == 0 { current + 1 } else { r.start_revision };
+            let next = if r.start_revision == 0 {
+                current + 1
+            } else {
+                r.start_revision
+            };
             // Fail fast on a compacted start instead of inside the stream.
             self.consensus.history(&r.prefix, next, 1).map_err(to_status)?;
             let (tx, rx) = mpsc::channel(16);
@@ -228,7 +239,9 @@ async fn pump(
         if catch_up {
             loop {
                 let evs = consensus.history(&prefix, next, WATCH_BATCH).map_err(to_status)?;
-                let Some(last) = evs.last().map(StateEvent::revision) else { break };
+                let Some(last) = evs.last().map(StateEvent::revision) else {
+                    break;
+                };
                 next = last + 1;
                 let msg = v1::WatchResponse {
                     header: header(last),

@@ -114,7 +114,10 @@ async fn kv(endpoint: &str, output: Output, b: KvBench) -> anyhow::Result<()> {
         anyhow::bail!("--duration must be at least 1 second");
     }
     if b.value_size > cell0_consensus::command::MAX_VALUE_BYTES {
-        anyhow::bail!("--value-size must be at most {} bytes", cell0_consensus::command::MAX_VALUE_BYTES);
+        anyhow::bail!(
+            "--value-size must be at most {} bytes",
+            cell0_consensus::command::MAX_VALUE_BYTES
+        );
     }
     let connections = b.clients.div_ceil(CLIENTS_PER_CONNECTION);
     let mut channels = Vec::with_capacity(connections);
@@ -264,7 +267,10 @@ fn print_results(output: Output, results: &[BenchResult]) -> anyhow::Result<()> 
                     ]
                 })
                 .collect();
-            print_table(&["OP", "CLIENTS", "OPS/S", "P50 MS", "P99 MS", "P999 MS", "ERRORS"], &rows);
+            print_table(
+                &["OP", "CLIENTS", "OPS/S", "P50 MS", "P99 MS", "P999 MS", "ERRORS"],
+                &rows,
+            );
             Ok(())
         }
     }

@@ -135,7 +135,14 @@ pub async fn run(endpoint: &str, output: Output, cmd: KvCommand) -> anyhow::Resu
             match output {
                 Output::Json => print_json(&serde_json::json!({ "deleted": deleted })),
                 Output::Table => {
-                    println!("{}", if deleted { "deleted" } else { "not found (nothing deleted)" });
+                    println!(
+                        "{}",
+                        if deleted {
+                            "deleted"
+                        } else {
+                            "not found (nothing deleted)"
+                        }
+                    );
                     Ok(())
                 }
             }
@@ -182,7 +189,11 @@ pub async fn run(endpoint: &str, output: Output, cmd: KvCommand) -> anyhow::Resu
                 .into_inner();
             while let Some(msg) = stream.next().await {
                 for ev in msg.map_err(rpc_error)?.events {
-                    let kind = if ev.r#type == v1::event::EventType::Delete as i32 { "DELETE" } else { "PUT" };
+                    let kind = if ev.r#type == v1::event::EventType::Delete as i32 {
+                        "DELETE"
+                    } else {
+                        "PUT"
+                    };
                     let kv = view(ev.kv.unwrap_or_default());
                     match output {
                         Output::Json => println!(

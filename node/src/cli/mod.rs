@@ -119,13 +119,21 @@ struct StatusView {
 /// `cell0 status`.
 pub async fn status(endpoint: &str, output: Output) -> anyhow::Result<()> {
     let mut client = ClusterClient::new(connect(endpoint).await?);
-    let s = client.status(v1::StatusRequest {}).await.map_err(rpc_error)?.into_inner();
+    let s = client
+        .status(v1::StatusRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
     let view = StatusView {
         node_id: format!("{:016x}", s.node_id),
         name: s.node_name,
         site: s.site,
         role: role_name(s.role),
-        leader_id: if s.leader_id == 0 { "none".into() } else { format!("{:016x}", s.leader_id) },
+        leader_id: if s.leader_id == 0 {
+            "none".into()
+        } else {
+            format!("{:016x}", s.leader_id)
+        },
         term: s.term,
         commit_index: s.commit_index,
         applied_index: s.applied_index,
@@ -167,7 +175,11 @@ struct MemberView {
 /// `cell0 members`.
 pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
     let mut client = ClusterClient::new(connect(endpoint).await?);
-    let m = client.members(v1::MembersRequest {}).await.map_err(rpc_error)?.into_inner();
+    let m = client
+        .members(v1::MembersRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
     let views: Vec<MemberView> = m
         .members
         .into_iter()
@@ -192,7 +204,11 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
                         v.name,
                         v.id,
                         v.site,
-                        if v.leader { format!("{} (leader)", v.role) } else { v.role.into() },
+                        if v.leader {
+                            format!("{} (leader)", v.role)
+                        } else {
+                            v.role.into()
+                        },
                         v.public_addr,
                         v.internal_addr,
                     ]

@@ -152,7 +152,12 @@ impl Node {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("{} exited with {status}:\n{}", self.name, self.log());
             }
-            assert!(Instant::now() < deadline, "{} not ready in time:\n{}", self.name, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready in time:\n{}",
+                self.name,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -196,7 +201,12 @@ pub fn start_cluster(root: &Path, n: usize) -> Vec<Node> {
     let mut nodes: Vec<Node> = Vec::new();
     for i in 1..=n {
         let join = nodes.first().map(|f| f.endpoint());
-        nodes.push(Node::start(&format!("node{i}"), &root.join(format!("node{i}")), Ports::new(), join));
+        nodes.push(Node::start(
+            &format!("node{i}"),
+            &root.join(format!("node{i}")),
+            Ports::new(),
+            join,
+        ));
     }
     for n in nodes.iter_mut() {
         n.wait_ready();
@@ -271,10 +281,10 @@ pub async fn get(endpoint: &str, key: &str, serializable: bool) -> Option<Vec<u8
 
 /// The services a node lists through gRPC server reflection.
 pub async fn list_services(endpoint: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let mut client = ServerReflectionClient::new(channel(endpoint).await);
     let request = ServerReflectionRequest {

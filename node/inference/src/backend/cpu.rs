@@ -78,9 +78,7 @@ pub mod ops {
                 // SAFETY: AVX-512F support was just checked.
                 return unsafe { avx512(c) };
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 // SAFETY: AVX2 and FMA support were just checked.
                 return unsafe { avx2(c) };
             }
@@ -164,35 +162,15 @@ pub mod ops {
     }
 
     /// Allocating form of [`matmul_bias_into`], using the current rayon pool.
-    pub fn matmul_bias(
-        a: &[f32],
-        w: &[f32],
-        bias: Option<&[f32]>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<Vec<f32>> {
+    pub fn matmul_bias(a: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
         let mut dst = vec![0.0; m * n];
-        matmul_bias_into(
-            &mut dst,
-            a,
-            w,
-            bias,
-            (m, k, n),
-            rayon::current_num_threads(),
-        )?;
+        matmul_bias_into(&mut dst, a, w, bias, (m, k, n), rayon::current_num_threads())?;
         Ok(dst)
     }
 
     /// One row of layer norm: `row = (row + residual - mean) / sqrt(var + eps) · g + b`.
     #[inline]
-    pub fn layer_norm_row(
-        row: &mut [f32],
-        residual: Option<&[f32]>,
-        g: &[f32],
-        b: &[f32],
-        eps: f32,
-    ) {
+    pub fn layer_norm_row(row: &mut [f32], residual: Option<&[f32]>, g: &[f32], b: &[f32], eps: f32) {
         if let Some(r) = residual {
             row.iter_mut().zip(r).for_each(|(x, r)| *x += r);
         }
@@ -206,14 +184,7 @@ pub mod ops {
     }
 
     /// Layer norm over each row of `x` (`cols` wide), adding `residual` first when given.
-    pub fn layer_norm(
-        x: &mut [f32],
-        residual: Option<&[f32]>,
-        g: &[f32],
-        b: &[f32],
-        cols: usize,
-        eps: f32,
-    ) {
+    pub fn layer_norm(x: &mut [f32], residual: Option<&[f32]>, g: &[f32], b: &[f32], cols: usize, eps: f32) {
         match residual {
             Some(r) => x
                 .par_chunks_mut(cols)
@@ -240,14 +211,7 @@ pub mod ops {
 
     /// Sum of word, position and token-type-0 embeddings for a padded
     /// `[batch, seq]` id grid, `[batch*seq, hidden]` (no layer norm).
-    pub fn embeddings(
-        word: &[f32],
-        pos: &[f32],
-        typ: &[f32],
-        ids: &[u32],
-        seq: usize,
-        hidden: usize,
-    ) -> Vec<f32> {
+    pub fn embeddings(word: &[f32], pos: &[f32], typ: &[f32], ids: &[u32], seq: usize, hidden: usize) -> Vec<f32> {
         let mut out = vec![0.0; ids.len() * hidden];
         for (t, (&id, o)) in ids.iter().zip(out.chunks_exact_mut(hidden)).enumerate() {
             let id = id as usize;
@@ -283,10 +247,8 @@ pub mod ops {
                         if mask[b * seq + j] == 0 {
                             continue;
                         }
-                        let k =
-                            &qkv[(b * seq + j) * 3 * hidden + hidden + h * head_dim..][..head_dim];
-                        scores[keys.len()] =
-                            q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        let k = &qkv[(b * seq + j) * 3 * hidden + hidden + h * head_dim..][..head_dim];
+                        scores[keys.len()] = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
                         keys.push(j);
                     }
                     if keys.is_empty() {
@@ -296,8 +258,7 @@ pub mod ops {
                     softmax_row(s);
                     let o = &mut out[(b * seq + i) * hidden + h * head_dim..][..head_dim];
                     for (&j, &p) in keys.iter().zip(s.iter()) {
-                        let v = &qkv[(b * seq + j) * 3 * hidden + 2 * hidden + h * head_dim..]
-                            [..head_dim];
+                        let v = &qkv[(b * seq + j) * 3 * hidden + 2 * hidden + h * head_dim..][..head_dim];
                         o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
                     }
                 }
@@ -308,13 +269,7 @@ pub mod ops {
 
     /// Masked mean over the sequence axis followed by L2 normalization:
     /// `x` is `[batch*seq, hidden]`, result `[batch, hidden]`.
-    pub fn mean_pool_normalize(
-        x: &[f32],
-        mask: &[u32],
-        batch: usize,
-        seq: usize,
-        hidden: usize,
-    ) -> Vec<f32> {
+    pub fn mean_pool_normalize(x: &[f32], mask: &[u32], batch: usize, seq: usize, hidden: usize) -> Vec<f32> {
         let mut out = vec![0.0; batch * hidden];
         for b in 0..batch {
             let o = &mut out[b * hidden..(b + 1) * hidden];
@@ -483,15 +438,7 @@ impl CpuBackend {
 
 /// Attention of one head over one packed sequence of `n` tokens starting at
 /// row `o` of `qkv`; returns its `[n, hd]` context.
-fn attention_head(
-    qkv: &[f32],
-    o: usize,
-    n: usize,
-    hh: usize,
-    h: usize,
-    hd: usize,
-    scale: f32,
-) -> Vec<f32> {
+fn attention_head(qkv: &[f32], o: usize, n: usize, hh: usize, h: usize, hd: usize, scale: f32) -> Vec<f32> {
     let stride = 3 * h;
     let q = &qkv[o * stride + hh * hd..];
     let k = &qkv[o * stride + h + hh * hd..];

@@ -57,9 +57,7 @@ impl Kernel {
                 binding: i + 1,
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Storage {
-                        read_only: i < reads,
-                    },
+                    ty: wgpu::BufferBindingType::Storage { read_only: i < reads },
                     has_dynamic_offset: false,
                     min_binding_size: None,
                 },
@@ -248,8 +246,7 @@ impl WgpuBackend {
         let found: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
         adapters.retain(|a| {
             let i = a.get_info();
-            let name_ok =
-                adapter.is_none_or(|want| i.name.to_lowercase().contains(&want.to_lowercase()));
+            let name_ok = adapter.is_none_or(|want| i.name.to_lowercase().contains(&want.to_lowercase()));
             let type_ok = !hardware_only
                 || matches!(
                     i.device_type,
@@ -262,9 +259,7 @@ impl WgpuBackend {
             return Err(InferenceError::Gpu(format!(
                 "no suitable {}adapter{} on Vulkan/Metal/DX12; adapters found: [{}]",
                 if hardware_only { "hardware GPU " } else { "" },
-                adapter
-                    .map(|a| format!(" matching {a:?}"))
-                    .unwrap_or_default(),
+                adapter.map(|a| format!(" matching {a:?}")).unwrap_or_default(),
                 found.join(", ")
             )));
         };
@@ -292,27 +287,15 @@ impl WgpuBackend {
         };
         let kernels = Kernels {
             matmul: Kernel::new(&device, "matmul", &matmul_source(tile), 3),
-            layernorm: Kernel::new(
-                &device,
-                "layernorm",
-                include_str!("shaders/layernorm.wgsl"),
-                3,
-            ),
+            layernorm: Kernel::new(&device, "layernorm", include_str!("shaders/layernorm.wgsl"), 3),
             embed: Kernel::new(&device, "embed", include_str!("shaders/embed.wgsl"), 4),
-            attention: Kernel::new(
-                &device,
-                "attention",
-                include_str!("shaders/attention.wgsl"),
-                2,
-            ),
+            attention: Kernel::new(&device, "attention", include_str!("shaders/attention.wgsl"), 2),
             pool: Kernel::new(&device, "pool", include_str!("shaders/pool.wgsl"), 2),
         };
         let info = BackendInfo {
             backend: "wgpu".into(),
             adapter: ainfo.name.clone(),
-            driver: format!("{} {}", ainfo.driver, ainfo.driver_info)
-                .trim()
-                .to_string(),
+            driver: format!("{} {}", ainfo.driver, ainfo.driver_info).trim().to_string(),
             device_type: device_type_name(ainfo.device_type).into(),
             api: ainfo.backend.to_string().to_lowercase(),
             limits: vec![
@@ -357,10 +340,7 @@ impl WgpuBackend {
     }
 
     fn take_errors(&self) -> Result<()> {
-        let mut v = self
-            .errors
-            .lock()
-            .map_err(|_| gpu_err("error log poisoned"))?;
+        let mut v = self.errors.lock().map_err(|_| gpu_err("error log poisoned"))?;
         if v.is_empty() {
             Ok(())
         } else {
@@ -381,15 +361,11 @@ impl WgpuBackend {
         // Zero-sized bindings are invalid; a 16-byte placeholder is never read.
         let zero = [0u8; 16];
         let contents = if bytes.is_empty() { &zero[..] } else { bytes };
-        Ok(self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
-            }))
+        Ok(self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        }))
     }
 
     fn f32_buf(&self, label: &str, v: &[f32]) -> Result<wgpu::Buffer> {
@@ -407,9 +383,7 @@ impl WgpuBackend {
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         }))
     }
@@ -432,12 +406,7 @@ impl WgpuBackend {
         })
     }
 
-    fn bind(
-        &self,
-        kernel: &Kernel,
-        params: &wgpu::Buffer,
-        bufs: &[&wgpu::Buffer],
-    ) -> wgpu::BindGroup {
+    fn bind(&self, kernel: &Kernel, params: &wgpu::Buffer, bufs: &[&wgpu::Buffer]) -> wgpu::BindGroup {
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -478,9 +447,7 @@ impl WgpuBackend {
             // caller already returned an error, so the result is moot.
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(gpu_err)?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(gpu_err)?;
         self.take_errors()?;
         rx.recv()
             .map_err(|_| gpu_err("readback callback never ran"))?
@@ -505,8 +472,7 @@ impl WgpuBackend {
         let out = self.empty("out", out_floats)?;
         let staging = self.staging(out_floats);
         let pbuf = self.params_buffer(1);
-        self.queue
-            .write_buffer(&pbuf, 0, bytemuck::cast_slice(&params));
+        self.queue.write_buffer(&pbuf, 0, bytemuck::cast_slice(&params));
         let mut bufs: Vec<&wgpu::Buffer> = inputs.iter().collect();
         bufs.push(&out);
         let bg = self.bind(kernel, &pbuf, &bufs);
@@ -556,15 +522,8 @@ impl WgpuBackend {
         n: usize,
         gelu: bool,
     ) -> Result<Vec<f32>> {
-        if tile.rows == 0
-            || tile.cols4 == 0
-            || tile.wg_x == 0
-            || tile.wg_y == 0
-            || tile.wg_x * tile.wg_y > 256
-        {
-            return Err(InferenceError::Backend(format!(
-                "unsupported matmul tile {tile:?}"
-            )));
+        if tile.rows == 0 || tile.cols4 == 0 || tile.wg_x == 0 || tile.wg_y == 0 || tile.wg_x * tile.wg_y > 256 {
+            return Err(InferenceError::Backend(format!("unsupported matmul tile {tile:?}")));
         }
         let kernel = Kernel::new(&self.device, "matmul-test", &matmul_source(tile), 3);
         self.matmul_on(&kernel, tile, a, w, bias, (m, k, n), gelu)
@@ -730,10 +689,7 @@ impl WgpuBackend {
         if x.len() != batch * seq * hidden || mask.len() != batch * seq || batch > 65_535 {
             return Err(InferenceError::Backend("pool: bad shapes".into()));
         }
-        let inputs = [
-            self.f32_buf("x", x)?,
-            self.storage("mask", bytemuck::cast_slice(mask))?,
-        ];
+        let inputs = [self.f32_buf("x", x)?, self.storage("mask", bytemuck::cast_slice(mask))?];
         self.run_once(
             &self.kernels.pool,
             [batch as u32, seq as u32, hidden as u32, 0, 0, 0, 0, 0],
@@ -750,9 +706,7 @@ impl WgpuBackend {
         tokens: usize,
         batch: usize,
     ) -> Result<&'a Workspace> {
-        let fits = guard
-            .as_ref()
-            .is_some_and(|w| w.tokens >= tokens && w.batch >= batch);
+        let fits = guard.as_ref().is_some_and(|w| w.tokens >= tokens && w.batch >= batch);
         if !fits {
             let tokens = tokens.next_power_of_two().max(256);
             let batch = batch.next_power_of_two().max(8);
@@ -795,11 +749,7 @@ impl WgpuBackend {
             tokens,
             batch,
             embed: self.bind(&k.embed, &params, &[&ids, &m.word, &m.pos, &m.typ, &x]),
-            emb_ln: self.bind(
-                &k.layernorm,
-                &params,
-                &[&dummy, &m.emb_ln_g, &m.emb_ln_b, &x],
-            ),
+            emb_ln: self.bind(&k.layernorm, &params, &[&dummy, &m.emb_ln_g, &m.emb_ln_b, &x]),
             layers,
             pool: self.bind(&k.pool, &params, &[&x, &mask, &out]),
             ids,
@@ -813,12 +763,7 @@ impl WgpuBackend {
     /// One forward pass over a batch that fits [`MAX_PASS_TOKENS`].
     fn forward(&self, m: &GpuModel, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let c = &m.weights.config;
-        let (h, inter, heads, hd) = (
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_attention_heads,
-            c.head_dim(),
-        );
+        let (h, inter, heads, hd) = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim());
         let b = batch.len();
         let seq = batch.iter().map(Vec::len).max().unwrap_or(0);
         let tokens = b * seq;
@@ -828,15 +773,10 @@ impl WgpuBackend {
             ids[i * seq..i * seq + s.len()].copy_from_slice(s);
             mask[i * seq..i * seq + s.len()].fill(1);
         }
-        let mut guard = self
-            .workspace
-            .lock()
-            .map_err(|_| gpu_err("workspace lock poisoned"))?;
+        let mut guard = self.workspace.lock().map_err(|_| gpu_err("workspace lock poisoned"))?;
         let ws = self.workspace(&mut guard, m, tokens, b)?;
-        self.queue
-            .write_buffer(&ws.ids, 0, bytemuck::cast_slice(&ids));
-        self.queue
-            .write_buffer(&ws.mask, 0, bytemuck::cast_slice(&mask));
+        self.queue.write_buffer(&ws.ids, 0, bytemuck::cast_slice(&ids));
+        self.queue.write_buffer(&ws.mask, 0, bytemuck::cast_slice(&mask));
 
         let (t, s, hh) = (tokens as u32, seq as u32, h as u32);
         let eps = c.layer_norm_eps.to_bits();
@@ -867,12 +807,7 @@ impl WgpuBackend {
         let k = &self.kernels;
         let mut steps: Vec<(&Kernel, &wgpu::BindGroup, Params, (u32, u32))> = vec![
             (&k.embed, &ws.embed, [t, s, hh, per, 0, 0, 0, 0], (rgx, rgy)),
-            (
-                &k.layernorm,
-                &ws.emb_ln,
-                [t, hh, eps, 0, per, 0, 0, 0],
-                (rgx, rgy),
-            ),
+            (&k.layernorm, &ws.emb_ln, [t, hh, eps, 0, per, 0, 0, 0], (rgx, rgy)),
         ];
         for lg in &ws.layers {
             steps.push((&k.matmul, &lg.qkv, p_qkv, g_qkv));
@@ -883,32 +818,21 @@ impl WgpuBackend {
             steps.push((&k.matmul, &lg.ff_out, p_ff2, g_ff2));
             steps.push((&k.layernorm, &lg.ln2, ln, (rgx, rgy)));
         }
-        steps.push((
-            &k.pool,
-            &ws.pool,
-            [b as u32, s, hh, 0, 0, 0, 0, 0],
-            (b as u32, 1),
-        ));
+        steps.push((&k.pool, &ws.pool, [b as u32, s, hh, 0, 0, 0, 0, 0], (b as u32, 1)));
         if steps.len() > MAX_DISPATCHES_PER_PASS {
-            return Err(gpu_err(format!(
-                "model needs {} dispatches per pass",
-                steps.len()
-            )));
+            return Err(gpu_err(format!("model needs {} dispatches per pass", steps.len())));
         }
 
         let align = self.uniform_align as usize;
         let mut pbytes = vec![0u8; steps.len() * align];
         for (i, st) in steps.iter().enumerate() {
-            pbytes[i * align..i * align + PARAMS_BYTES as usize]
-                .copy_from_slice(bytemuck::cast_slice(&st.2));
+            pbytes[i * align..i * align + PARAMS_BYTES as usize].copy_from_slice(bytemuck::cast_slice(&st.2));
         }
         self.queue.write_buffer(&ws.params, 0, &pbytes);
 
         let mut enc = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("forward"),
-            });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             for (i, (kernel, bg, _, (gx, gy))) in steps.iter().enumerate() {
@@ -987,10 +911,7 @@ pub fn matmul_source(t: MatmulTile) -> String {
     let mut w = |line: String| {
         let _ = writeln!(s, "{line}");
     };
-    w(format!(
-        "@compute @workgroup_size({}, {}, 1)",
-        t.wg_x, t.wg_y
-    ));
+    w(format!("@compute @workgroup_size({}, {}, 1)", t.wg_x, t.wg_y));
     w("fn main(@builtin(global_invocation_id) gid: vec3<u32>) {".into());
     w("    let n4 = (p.n + 3u) / 4u;".into());
     w("    let k4 = p.k / 4u;".into());
@@ -1029,9 +950,7 @@ pub fn matmul_source(t: MatmulTile) -> String {
     w("    }".into());
     for i in 0..r {
         for j in 0..c {
-            w(format!(
-                "    store_row(r0 + {i}u, c4_0 + {j}u, acc{i}_{j});"
-            ));
+            w(format!("    store_row(r0 + {i}u, c4_0 + {j}u, acc{i}_{j});"));
         }
     }
     w("}".into());
@@ -1039,10 +958,7 @@ pub fn matmul_source(t: MatmulTile) -> String {
 }
 
 fn matmul_groups(m: usize, n: usize, t: MatmulTile) -> Result<(u32, u32)> {
-    let (gx, gy) = (
-        n.div_ceil(4).div_ceil(t.cols4 * t.wg_x),
-        m.div_ceil(t.rows * t.wg_y),
-    );
+    let (gx, gy) = (n.div_ceil(4).div_ceil(t.cols4 * t.wg_x), m.div_ceil(t.rows * t.wg_y));
     if gx > MAX_GROUPS || gy > MAX_GROUPS {
         return Err(InferenceError::Backend(format!(
             "matmul {m}x{n} too large for one dispatch"
@@ -1068,9 +984,7 @@ fn attention_groups(threads: usize) -> Result<(u32, u32)> {
     let gx = wg.min(MAX_GROUPS);
     let gy = wg.div_ceil(gx);
     if gy > MAX_GROUPS {
-        return Err(InferenceError::Backend(
-            "attention too large for one dispatch".into(),
-        ));
+        return Err(InferenceError::Backend("attention too large for one dispatch".into()));
     }
     Ok((gx as u32, gy as u32))
 }
@@ -1085,13 +999,11 @@ impl Backend for WgpuBackend {
         check_head_dim(c.head_dim())?;
         if !c.hidden_size.is_multiple_of(4) || !c.intermediate_size.is_multiple_of(4) {
             return Err(InferenceError::Backend(
-                "the wgpu matmul needs hidden and intermediate sizes that are multiples of 4"
-                    .into(),
+                "the wgpu matmul needs hidden and intermediate sizes that are multiples of 4".into(),
             ));
         }
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let mat =
-            |label: &str, w: &[f32], k: usize, n: usize| self.f32_buf(label, &pad_cols(w, k, n));
+        let mat = |label: &str, w: &[f32], k: usize, n: usize| self.f32_buf(label, &pad_cols(w, k, n));
         let mut layers = Vec::with_capacity(weights.layers.len());
         for l in &weights.layers {
             layers.push(GpuLayer {
@@ -1121,10 +1033,7 @@ impl Backend for WgpuBackend {
         self.take_errors()?;
         self.model = Some(model);
         // Bind groups referenced the old weights.
-        *self
-            .workspace
-            .lock()
-            .map_err(|_| gpu_err("workspace lock poisoned"))? = None;
+        *self.workspace.lock().map_err(|_| gpu_err("workspace lock poisoned"))? = None;
         Ok(())
     }
 

@@ -60,11 +60,7 @@ pub fn reference() -> Reference {
 pub fn assert_close(label: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{label}: length");
     let cos = cell0_inference::cosine(got, want);
-    let max_abs = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let max_abs = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(cos >= 0.99999, "{label}: cosine {cos} < 0.99999");
     assert!(max_abs <= 1e-4, "{label}: max abs diff {max_abs} > 1e-4");
 }
