@@ -11,6 +11,10 @@ fn check_backend(kind: BackendKind, singles: usize) {
     let embedder =
         TextEmbedder::load(&common::source(), &common::config(kind)).expect("load model");
     assert_eq!(embedder.model_info().dim, 384);
+    let info = embedder.info();
+    assert_eq!(info.model.name, "all-minilm-l6-v2");
+    assert_eq!(info.model.max_tokens, 256);
+    assert_eq!(info.backend.backend, kind.to_string());
     let texts: Vec<&str> = reference.cases.iter().map(|c| c.text.as_str()).collect();
     let tokens = embedder.tokenize(&texts).expect("tokenize");
     for (case, ids) in reference.cases.iter().zip(&tokens) {
