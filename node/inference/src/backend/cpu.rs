@@ -541,8 +541,7 @@ impl CpuBackend {
                 for row in dst.chunks_exact_mut(n) {
                     row.copy_from_slice(bias);
                 }
-                skinny::matmul_t_acc(dst, x, wt, (m, k, n), self.threads);
-                Ok(())
+                skinny::matmul_t_acc(dst, x, wt, (m, k, n), self.threads)
             }
             _ => ops::matmul_bias_into(dst, x, w, Some(bias), (m, k, n), self.threads),
         }

@@ -14,6 +14,8 @@
 
 use rayon::prelude::*;
 
+use crate::error::{InferenceError, Result};
+
 /// Largest m routed here; above it the packed GEMM wins.
 pub const MAX_ROWS: usize = 24;
 
@@ -29,8 +31,8 @@ pub fn available() -> bool {
     }
 }
 
-/// `dst += a · wtᵀ`. The caller guarantees `a.len() == m*k`,
-/// `wt.len() == n*k`, `dst.len() == m*n` and that [`available`] is true.
+/// `dst += a · wtᵀ`; fails, touching nothing, when the slice lengths do not
+/// match `(m, k, n)` or the CPU lacks AVX-512F.
 #[cfg(target_arch = "x86_64")]
 pub fn matmul_t_acc(
     dst: &mut [f32],
@@ -38,9 +40,16 @@ pub fn matmul_t_acc(
     wt: &[f32],
     (m, k, n): (usize, usize, usize),
     threads: usize,
-) {
-    if a.len() != m * k || wt.len() != n * k || dst.len() != m * n || !available() {
-        return;
+) -> Result<()> {
+    if a.len() != m * k || wt.len() != n * k || dst.len() != m * n {
+        return Err(InferenceError::Backend(
+            "few-rows matmul: shapes do not match".into(),
+        ));
+    }
+    if !available() {
+        return Err(InferenceError::Backend(
+            "few-rows matmul needs AVX-512F".into(),
+        ));
     }
     let chunk = n.div_ceil(threads.max(1) * 4).max(2).next_multiple_of(2);
     let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
@@ -91,12 +100,22 @@ pub fn matmul_t_acc(
                 .for_each(|(d, o)| *d += o);
         }
     }
+    Ok(())
 }
 
-/// Fallback signature for other architectures; never called there because
-/// [`available`] is false.
+/// Other architectures have no few-rows kernel ([`available`] is false).
 #[cfg(not(target_arch = "x86_64"))]
-pub fn matmul_t_acc(_: &mut [f32], _: &[f32], _: &[f32], _: (usize, usize, usize), _: usize) {}
+pub fn matmul_t_acc(
+    _: &mut [f32],
+    _: &[f32],
+    _: &[f32],
+    _: (usize, usize, usize),
+    _: usize,
+) -> Result<()> {
+    Err(InferenceError::Backend(
+        "few-rows matmul needs x86-64 with AVX-512F".into(),
+    ))
+}
 
 /// Dot products of `rows` (≤ 12) activation rows starting at `a` with `cols`
 /// (≤ 2) weight rows starting at `w`, all `k` long, into `res`.
