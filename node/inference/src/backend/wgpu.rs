@@ -478,19 +478,32 @@ impl WgpuBackend {
             // caller already returned an error, so the result is moot.
             let _ = tx.send(r);
         });
-        self.device
+        let polled = self
+            .device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(gpu_err)?;
-        self.take_errors()?;
-        rx.recv()
-            .map_err(|_| gpu_err("readback callback never ran"))?
-            .map_err(|e| gpu_err(format!("readback failed: {e}")))?;
-        let out = {
-            let view = slice.get_mapped_range().map_err(gpu_err)?;
-            bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+            .map_err(gpu_err);
+        // Read and unmap whenever the mapping succeeded, even if an error is
+        // reported below, so the pooled staging buffer stays usable.
+        // try_recv: after a failed poll the callback may never run, and a
+        // blocking recv would then hang.
+        let mapped = rx
+            .try_recv()
+            .map_err(|_| gpu_err("readback did not complete"))
+            .and_then(|r| r.map_err(|e| gpu_err(format!("readback failed: {e}"))));
+        let out = match mapped {
+            Ok(()) => {
+                let read = slice
+                    .get_mapped_range()
+                    .map(|view| bytemuck::cast_slice::<u8, f32>(&view).to_vec())
+                    .map_err(gpu_err);
+                staging.unmap();
+                read
+            }
+            Err(e) => Err(e),
         };
-        staging.unmap();
-        Ok(out)
+        polled?;
+        self.take_errors()?;
+        out
     }
 
     /// Runs one kernel once on fresh buffers; for the kernel tests and the matmul bench.
