@@ -144,6 +144,10 @@ unsafe fn block(
     while kk < full {
         // SAFETY: kk + 16 <= k, rows/cols index valid rows (see above).
         unsafe {
+            // Weight rows are read exactly once: ask for the next lines of
+            // this stream early (prefetches never fault, even past the end).
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(2 * k + kk) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(3 * k + kk) as *const i8);
             let wv0 = _mm512_loadu_ps(w.add(kk));
             let wv1 = _mm512_loadu_ps(w.add(w1 * k + kk));
             for r in 0..12 {
