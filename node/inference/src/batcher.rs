@@ -21,6 +21,9 @@ use crate::config::InferenceConfig;
 use crate::embedder::{Embedder, ModelInfo, RequestLimits};
 use crate::error::{InferenceError, Result};
 
+/// Requests with more text than this are tokenized on the blocking pool.
+const INLINE_TOKENIZE_BYTES: usize = 16 * 1024;
+
 /// Name of the histogram of texts per forward pass.
 pub const BATCH_SIZE_METRIC: &str = "cell0_inference_batch_size";
 
@@ -119,8 +122,21 @@ impl EmbedBatcher {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let refs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let tokens = self.embedder.tokenize(&refs)?;
+        let bytes: usize = texts.iter().map(|t| t.as_ref().len()).sum();
+        let tokens = if bytes <= INLINE_TOKENIZE_BYTES {
+            let refs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+            self.embedder.tokenize(&refs)?
+        } else {
+            // Large requests would stall this runtime worker; tokenize on the blocking pool.
+            let owned: Vec<String> = texts.iter().map(|t| t.as_ref().to_owned()).collect();
+            let embedder = self.embedder.clone();
+            tokio::task::spawn_blocking(move || {
+                let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+                embedder.tokenize(&refs)
+            })
+            .await
+            .map_err(|e| InferenceError::Tokenizer(format!("tokenizer task failed: {e}")))??
+        };
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request { tokens, reply })

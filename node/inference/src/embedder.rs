@@ -30,6 +30,15 @@ pub struct ModelInfo {
     pub max_tokens: usize,
 }
 
+/// Model and backend together: what `cell0 infer info` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineInfo {
+    /// The loaded model.
+    pub model: ModelInfo,
+    /// What it runs on.
+    pub backend: BackendInfo,
+}
+
 /// A text embedding model.
 pub trait Embedder: Send + Sync {
     /// The model's name and shape.
@@ -185,6 +194,14 @@ impl TextEmbedder {
     /// What the model runs on.
     pub fn backend_info(&self) -> BackendInfo {
         self.backend.info()
+    }
+
+    /// Model and backend, for `cell0 infer info`.
+    pub fn info(&self) -> EngineInfo {
+        EngineInfo {
+            model: self.info.clone(),
+            backend: self.backend.info(),
+        }
     }
 
     /// The backend, for benchmarks.

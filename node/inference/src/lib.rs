@@ -27,7 +27,7 @@ pub use backend::{Backend, BackendInfo};
 pub use batcher::{BATCH_SIZE_METRIC, BatchObserver, BatchStats, EmbedBatcher};
 pub use config::{BackendKind, InferenceConfig};
 pub use embedder::{
-    Embedder, ModelInfo, ModelSource, RequestLimits, TextEmbedder, cosine, default_model_dir, open_backend,
+    Embedder, EngineInfo, ModelInfo, ModelSource, RequestLimits, TextEmbedder, cosine, default_model_dir, open_backend,
     top_k_cosine,
 };
 pub use error::{InferenceError, Result};

@@ -159,4 +159,8 @@ async fn real_model_through_the_batcher() {
         assert!((norm - 1.0).abs() < 1e-5);
     }
     assert_eq!(b.model_info().dim, 384);
+    // A request large enough to be tokenized off the runtime thread.
+    let long = "hello world ".repeat(2000);
+    let big = b.embed(&[long.as_str(), "hello world"]).await.expect("big request");
+    assert!(cosine(&big[1], &direct[0]) > 0.99999);
 }

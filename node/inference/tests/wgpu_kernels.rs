@@ -67,6 +67,23 @@ fn matmul_matches_cpu_on_ragged_shapes() {
             );
         }
     }
+    // Both register-block shapes, whichever this adapter uses.
+    for tile in [MatmulTile::GPU, MatmulTile::CPU_ADAPTER] {
+        for &(m, k, n) in &[(1, 3, 1), (13, 37, 70), (150, 64, 260)] {
+            let a = rand_vec(&mut rng, m * k, 1.0);
+            let w = rand_vec(&mut rng, k * n, 1.0);
+            let got = b
+                .kernel_matmul_with_tile(tile, &a, &w, None, m, k, n, true)
+                .expect("gpu matmul");
+            let mut want = ops::matmul_bias(&a, &w, None, m, k, n).expect("cpu matmul");
+            want.iter_mut().for_each(|v| *v = ops::gelu(*v));
+            let err = max_abs(&got, &want);
+            assert!(
+                err <= 1e-4 * (k as f32).sqrt(),
+                "{tile:?} {m}x{k}x{n}: max abs err {err}"
+            );
+        }
+    }
     let plain = b
         .matmul(&[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0], 2, 2, 2)
         .expect("matmul");

@@ -15,9 +15,10 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::skinny;
 use super::{Backend, BackendInfo, check_batch};
 use crate::error::{InferenceError, Result};
-use crate::model::{BertWeights, LayerWeights};
+use crate::model::{BertWeights, LayerWeights, transpose};
 
 /// Reference kernels on row-major `f32` slices.
 pub mod ops {
@@ -301,6 +302,10 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     weights: Option<Arc<BertWeights>>,
+    /// Per layer, the linear weights back in `[out, in]` layout for the
+    /// few-rows kernel (qkv, attention output, feed-forward in, out); empty
+    /// when the CPU cannot run that kernel.
+    transposed: Vec<[Vec<f32>; 4]>,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -329,6 +334,7 @@ impl CpuBackend {
             pool,
             threads,
             weights: None,
+            transposed: Vec::new(),
         })
     }
 
@@ -364,9 +370,10 @@ impl CpuBackend {
         let mut ctx = vec![0.0f32; t * h];
         let mut tmp = vec![0.0f32; t * h];
         let mut ff = vec![0.0f32; t * inter];
-        for l in &w.layers {
+        for (li, l) in w.layers.iter().enumerate() {
             self.layer(
                 l,
+                self.transposed.get(li),
                 (h, inter, heads, hd, eps),
                 &offsets,
                 &mut x,
@@ -398,6 +405,7 @@ impl CpuBackend {
     fn layer(
         &self,
         l: &LayerWeights,
+        wt: Option<&[Vec<f32>; 4]>,
         (h, inter, heads, hd, eps): (usize, usize, usize, usize, f32),
         offsets: &[(usize, usize)],
         x: &mut [f32],
@@ -407,8 +415,7 @@ impl CpuBackend {
         ff: &mut [f32],
     ) -> Result<()> {
         let t = x.len() / h;
-        let th = self.threads;
-        ops::matmul_bias_into(qkv, x, &l.qkv_w, Some(&l.qkv_b), (t, h, 3 * h), th)?;
+        self.linear(qkv, x, &l.qkv_w, wt.map(|w| &w[0][..]), &l.qkv_b, (t, h, 3 * h))?;
 
         let scale = 1.0 / (hd as f32).sqrt();
         let qkv_ro: &[f32] = qkv;
@@ -426,13 +433,40 @@ impl CpuBackend {
             }
         }
 
-        ops::matmul_bias_into(tmp, ctx, &l.attn_out_w, Some(&l.attn_out_b), (t, h, h), th)?;
+        self.linear(tmp, ctx, &l.attn_out_w, wt.map(|w| &w[1][..]), &l.attn_out_b, (t, h, h))?;
         ops::layer_norm(x, Some(tmp), &l.ln1_g, &l.ln1_b, h, eps);
-        ops::matmul_bias_into(ff, x, &l.ff_in_w, Some(&l.ff_in_b), (t, h, inter), th)?;
+        self.linear(ff, x, &l.ff_in_w, wt.map(|w| &w[2][..]), &l.ff_in_b, (t, h, inter))?;
         ops::gelu_inplace(ff);
-        ops::matmul_bias_into(tmp, ff, &l.ff_out_w, Some(&l.ff_out_b), (t, inter, h), th)?;
+        self.linear(tmp, ff, &l.ff_out_w, wt.map(|w| &w[3][..]), &l.ff_out_b, (t, inter, h))?;
         ops::layer_norm(x, Some(tmp), &l.ln2_g, &l.ln2_b, h, eps);
         Ok(())
+    }
+}
+
+impl CpuBackend {
+    /// `dst = x · w + bias`: the few-rows kernel (weights `wt`, `[out, in]`)
+    /// for short batches when the CPU has it, the packed GEMM otherwise.
+    fn linear(
+        &self,
+        dst: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        wt: Option<&[f32]>,
+        bias: &[f32],
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<()> {
+        match wt {
+            Some(wt) if m <= skinny::MAX_ROWS && x.len() == m * k && wt.len() == k * n && dst.len() == m * n => {
+                if bias.len() != n {
+                    return Err(InferenceError::Backend("linear: bias length".into()));
+                }
+                for row in dst.chunks_exact_mut(n) {
+                    row.copy_from_slice(bias);
+                }
+                skinny::matmul_t_acc(dst, x, wt, (m, k, n), self.threads)
+            }
+            _ => ops::matmul_bias_into(dst, x, w, Some(bias), (m, k, n), self.threads),
+        }
     }
 }
 
@@ -516,6 +550,24 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&mut self, weights: Arc<BertWeights>) -> Result<()> {
+        let c = &weights.config;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        self.transposed = if skinny::available() {
+            weights
+                .layers
+                .iter()
+                .map(|l| {
+                    [
+                        transpose(&l.qkv_w, h, 3 * h),
+                        transpose(&l.attn_out_w, h, h),
+                        transpose(&l.ff_in_w, h, i),
+                        transpose(&l.ff_out_w, i, h),
+                    ]
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.weights = Some(weights);
         Ok(())
     }

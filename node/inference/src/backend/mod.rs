@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::model::BertWeights;
 
 pub mod cpu;
+mod skinny;
 pub mod wgpu;
 
 /// What a backend runs on, for `cell0 infer info` and logs.

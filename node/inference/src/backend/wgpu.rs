@@ -12,6 +12,7 @@
 //! [`InferenceError::Gpu`], and sizes every buffer within the device limits
 //! up front, so no input reaches a wgpu panic.
 
+use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -93,7 +94,8 @@ struct Kernels {
     matmul: Kernel,
     layernorm: Kernel,
     embed: Kernel,
-    attention: Kernel,
+    /// Attention kernels by head size, built on first use.
+    attention: Mutex<HashMap<usize, Arc<Kernel>>>,
     pool: Kernel,
 }
 
@@ -289,7 +291,7 @@ impl WgpuBackend {
             matmul: Kernel::new(&device, "matmul", &matmul_source(tile), 3),
             layernorm: Kernel::new(&device, "layernorm", include_str!("shaders/layernorm.wgsl"), 3),
             embed: Kernel::new(&device, "embed", include_str!("shaders/embed.wgsl"), 4),
-            attention: Kernel::new(&device, "attention", include_str!("shaders/attention.wgsl"), 2),
+            attention: Mutex::new(HashMap::new()),
             pool: Kernel::new(&device, "pool", include_str!("shaders/pool.wgsl"), 2),
         };
         let info = BackendInfo {
@@ -332,6 +334,20 @@ impl WgpuBackend {
         };
         backend.take_errors()?;
         Ok(backend)
+    }
+
+    /// The attention kernel for `head_dim`, compiled once per size.
+    fn attention_kernel(&self, head_dim: usize) -> Result<Arc<Kernel>> {
+        check_head_dim(head_dim)?;
+        let mut cache = self
+            .kernels
+            .attention
+            .lock()
+            .map_err(|_| gpu_err("kernel cache poisoned"))?;
+        let k = cache
+            .entry(head_dim)
+            .or_insert_with(|| Arc::new(Kernel::new(&self.device, "attention", &attention_source(head_dim), 2)));
+        Ok(k.clone())
     }
 
     /// The wgpu API in use (`vulkan`, `metal`, `dx12`).
@@ -447,17 +463,29 @@ impl WgpuBackend {
             // caller already returned an error, so the result is moot.
             let _ = tx.send(r);
         });
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(gpu_err)?;
-        self.take_errors()?;
-        rx.recv()
-            .map_err(|_| gpu_err("readback callback never ran"))?
-            .map_err(|e| gpu_err(format!("readback failed: {e}")))?;
-        let out = {
-            let view = slice.get_mapped_range().map_err(gpu_err)?;
-            bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+        let polled = self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(gpu_err);
+        // Read and unmap whenever the mapping succeeded, even if an error is
+        // reported below, so the pooled staging buffer stays usable.
+        // try_recv: after a failed poll the callback may never run, and a
+        // blocking recv would then hang.
+        let mapped = rx
+            .try_recv()
+            .map_err(|_| gpu_err("readback did not complete"))
+            .and_then(|r| r.map_err(|e| gpu_err(format!("readback failed: {e}"))));
+        let out = match mapped {
+            Ok(()) => {
+                let read = slice
+                    .get_mapped_range()
+                    .map(|view| bytemuck::cast_slice::<u8, f32>(&view).to_vec())
+                    .map_err(gpu_err);
+                staging.unmap();
+                read
+            }
+            Err(e) => Err(e),
         };
-        staging.unmap();
-        Ok(out)
+        polled?;
+        self.take_errors()?;
+        out
     }
 
     /// Runs one kernel once on fresh buffers; for the kernel tests and the matmul bench.
@@ -659,8 +687,9 @@ impl WgpuBackend {
         ];
         let groups = attention_groups(batch * heads * seq)?;
         let scale = 1.0 / (head_dim as f32).sqrt();
+        let kernel = self.attention_kernel(head_dim)?;
         self.run_once(
-            &self.kernels.attention,
+            &kernel,
             [
                 batch as u32,
                 seq as u32,
@@ -720,6 +749,7 @@ impl WgpuBackend {
     fn new_workspace(&self, m: &GpuModel, tokens: usize, batch: usize) -> Result<Workspace> {
         let c = &m.weights.config;
         let h = c.hidden_size;
+        let attention = self.attention_kernel(c.head_dim())?;
         let ids = self.empty("ids", tokens)?;
         let mask = self.empty("mask", tokens)?;
         let x = self.empty("x", tokens * h)?;
@@ -737,7 +767,7 @@ impl WgpuBackend {
             .iter()
             .map(|l| LayerGroups {
                 qkv: self.bind(&k.matmul, &params, &[&x, &l.qkv_w, &l.qkv_b, &qkv]),
-                attention: self.bind(&k.attention, &params, &[&qkv, &mask, &ctx]),
+                attention: self.bind(&attention, &params, &[&qkv, &mask, &ctx]),
                 attn_out: self.bind(&k.matmul, &params, &[&ctx, &l.o_w, &l.o_b, &tmp]),
                 ln1: self.bind(&k.layernorm, &params, &[&tmp, &l.ln1_g, &l.ln1_b, &x]),
                 ff_in: self.bind(&k.matmul, &params, &[&x, &l.ff_in_w, &l.ff_in_b, &ff]),
@@ -805,13 +835,14 @@ impl WgpuBackend {
         let (p_ff2, g_ff2) = mm(h, inter, false)?;
 
         let k = &self.kernels;
+        let attention = self.attention_kernel(hd)?;
         let mut steps: Vec<(&Kernel, &wgpu::BindGroup, Params, (u32, u32))> = vec![
             (&k.embed, &ws.embed, [t, s, hh, per, 0, 0, 0, 0], (rgx, rgy)),
             (&k.layernorm, &ws.emb_ln, [t, hh, eps, 0, per, 0, 0, 0], (rgx, rgy)),
         ];
         for lg in &ws.layers {
             steps.push((&k.matmul, &lg.qkv, p_qkv, g_qkv));
-            steps.push((&k.attention, &lg.attention, attn, attn_groups));
+            steps.push((&attention, &lg.attention, attn, attn_groups));
             steps.push((&k.matmul, &lg.attn_out, p_o, g_o));
             steps.push((&k.layernorm, &lg.ln1, ln, (rgx, rgy)));
             steps.push((&k.matmul, &lg.ff_in, p_ff1, g_ff1));
@@ -952,6 +983,68 @@ pub fn matmul_source(t: MatmulTile) -> String {
         for j in 0..c {
             w(format!("    store_row(r0 + {i}u, c4_0 + {j}u, acc{i}_{j});"));
         }
+    }
+    w("}".into());
+    s
+}
+
+/// The attention kernel for heads of `head_dim` floats: the prelude of
+/// `shaders/attention.wgsl` plus a `main` unrolled over the head's vec4s, so
+/// the query and the running output stay in named registers instead of an
+/// indexed (memory-backed) array.
+pub fn attention_source(head_dim: usize) -> String {
+    use std::fmt::Write;
+    let d4 = head_dim / 4;
+    let mut s = String::from(include_str!("shaders/attention.wgsl"));
+    // Writing to a String cannot fail.
+    let mut w = |line: String| {
+        let _ = writeln!(s, "{line}");
+    };
+    w("@compute @workgroup_size(64, 1, 1)".into());
+    w("fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {".into());
+    w("    let idx = gid.x + gid.y * nwg.x * 64u;".into());
+    w("    if (idx >= p.batch * p.heads * p.seq) {\n        return;\n    }".into());
+    w("    let i = idx % p.seq;".into());
+    w("    let bh = idx / p.seq;".into());
+    w("    let h = bh % p.heads;".into());
+    w("    let b = bh / p.heads;".into());
+    w("    let hid4 = p.hidden / 4u;".into());
+    w("    let row4 = 3u * hid4;".into());
+    w(format!("    let out_base = (b * p.seq + i) * hid4 + h * {d4}u;"));
+    w("    if (mask[b * p.seq + i] == 0u) {".into());
+    for d in 0..d4 {
+        w(format!("        ctx[out_base + {d}u] = vec4<f32>(0.0);"));
+    }
+    w("        return;\n    }".into());
+    w("    let scale = bitcast<f32>(p.scale_bits);".into());
+    w(format!("    let q_base = (b * p.seq + i) * row4 + h * {d4}u;"));
+    for d in 0..d4 {
+        w(format!("    let q{d} = qkv[q_base + {d}u] * scale;"));
+        w(format!("    var acc{d} = vec4<f32>(0.0);"));
+    }
+    w("    var m = -3.0e38;".into());
+    w("    var l = 0.0;".into());
+    w("    for (var j = 0u; j < p.seq; j++) {".into());
+    w("        if (mask[b * p.seq + j] == 0u) {\n            continue;\n        }".into());
+    w(format!(
+        "        let k_base = (b * p.seq + j) * row4 + hid4 + h * {d4}u;"
+    ));
+    let dots: Vec<String> = (0..d4).map(|d| format!("q{d} * qkv[k_base + {d}u]")).collect();
+    w(format!("        let s4 = {};", dots.join(" + ")));
+    w("        let s = s4.x + s4.y + s4.z + s4.w;".into());
+    w("        let m_new = max(m, s);".into());
+    w("        let corr = exp(m - m_new);".into());
+    w("        let e = exp(s - m_new);".into());
+    w("        l = l * corr + e;".into());
+    w("        let v_base = k_base + hid4;".into());
+    for d in 0..d4 {
+        w(format!("        acc{d} = acc{d} * corr + qkv[v_base + {d}u] * e;"));
+    }
+    w("        m = m_new;".into());
+    w("    }".into());
+    w("    let inv = 1.0 / l;".into());
+    for d in 0..d4 {
+        w(format!("    ctx[out_base + {d}u] = acc{d} * inv;"));
     }
     w("}".into());
     s
