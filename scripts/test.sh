@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
+# The inference tests compare against the real model (verified by sha256).
+bash scripts/fetch-model.sh
 
 # Lavapipe warns when XDG_RUNTIME_DIR is unset; give it a private one.
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
