@@ -163,21 +163,17 @@ impl Consensus {
         let (raft, engine): (Raft, Arc<dyn Engine>) = match storage {
             StorageBackend::Rocks(path) => {
                 let engine = Arc::new(RocksEngine::open(&path, id)?);
-                let log = LogStore::new(engine.clone());
-                let sm_store = StateMachineStore::new(engine.clone(), sm.clone())?;
-                let raft = Raft::new(id, raft_config, network, log, sm_store)
-                    .await
-                    .map_err(|e| ConsensusError::Internal(format!("starting raft: {e}")))?;
-                (raft, engine)
+                (
+                    start_raft(id, raft_config, network, engine.clone(), sm.clone()).await?,
+                    engine,
+                )
             }
             StorageBackend::Memory => {
                 let engine = Arc::new(MemEngine::new());
-                let log = LogStore::new(engine.clone());
-                let sm_store = StateMachineStore::new(engine.clone(), sm.clone())?;
-                let raft = Raft::new(id, raft_config, network, log, sm_store)
-                    .await
-                    .map_err(|e| ConsensusError::Internal(format!("starting raft: {e}")))?;
-                (raft, engine)
+                (
+                    start_raft(id, raft_config, network, engine.clone(), sm.clone()).await?,
+                    engine,
+                )
             }
         };
         sm.load_revision(&EngineTxn::new(engine.as_ref()))?;
@@ -493,6 +489,21 @@ impl Consensus {
             }
         }
     }
+}
+
+/// Starts openraft over `engine`, which holds both the log and the state.
+async fn start_raft<E: Engine>(
+    id: NodeId,
+    config: Arc<openraft::Config>,
+    network: NetworkFactory,
+    engine: Arc<E>,
+    sm: Arc<KvStateMachine>,
+) -> Result<Raft> {
+    let log = LogStore::new(engine.clone());
+    let sm_store = StateMachineStore::new(engine, sm)?;
+    Raft::new(id, config, network, log, sm_store)
+        .await
+        .map_err(|e| ConsensusError::Internal(format!("starting raft: {e}")))
 }
 
 /// The highest log index stored on a quorum of voters (leader only).

@@ -1,7 +1,7 @@
 //! The replicated key-value state machine and its read side.
 //!
 //! Tables (all in the storage crate's state column family):
-//! - `kv`: user key -> [`Record`] (value and etcd-style revisions),
+//! - `kv`: user key -> its value and etcd-style revisions,
 //! - `kv_events`: revision (big-endian) -> [`StateEvent`], the last
 //!   [`WATCH_HISTORY`] changes, so watchers can resume from a revision,
 //! - `meta`: `revision` -> the store's current revision.
@@ -172,7 +172,7 @@ pub fn range(txn: &dyn Txn, prefix: &[u8], start_after: &[u8], limit: usize) -> 
         s.push(0);
         s
     };
-    let end = cell0_storage_prefix_end(prefix);
+    let end = cell0_storage::prefix_end(prefix);
     let rows = txn.scan(KV_TABLE, &start, end.as_deref(), limit + 1)?;
     let more = rows.len() > limit;
     let kvs = rows
@@ -181,17 +181,6 @@ pub fn range(txn: &dyn Txn, prefix: &[u8], start_after: &[u8], limit: usize) -> 
         .map(|(k, v)| Ok(decode::<Record>("record", &v)?.into_kv(&k)))
         .collect::<Result<Vec<_>>>()?;
     Ok((kvs, more))
-}
-
-fn cell0_storage_prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
 }
 
 /// Changes with revision >= `from` under `prefix`, at most `limit`, in

@@ -19,6 +19,10 @@
 //! synced log write (append, truncate, vote) flushes them too, and the log
 //! always holds whatever they lost.
 
+// openraft's storage traits fix `StorageError` (a large enum) as their error
+// type; boxing it is not an option for trait methods we implement.
+#![allow(clippy::result_large_err)]
+
 mod engine;
 mod error;
 mod log_store;
@@ -27,7 +31,7 @@ mod rocks;
 mod state_machine;
 mod txn;
 
-pub use engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp};
+pub use engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp, prefix_end};
 pub use error::{Error, Result};
 pub use log_store::LogStore;
 pub use memory::MemEngine;
@@ -35,16 +39,15 @@ pub use rocks::RocksEngine;
 pub use state_machine::{Apply, StateMachineStore};
 pub use txn::{EngineTxn, Txn};
 
+/// The two Raft stores of a node over one RocksDB database.
+pub type RocksStores<C, A> = (LogStore<C, RocksEngine>, StateMachineStore<C, RocksEngine, A>);
+
 /// Opens (or creates) the RocksDB store of a node and returns both Raft
 /// stores over it.
 ///
 /// `node_id` is recorded on first open; opening a data dir that belongs to
 /// another node fails with [`Error::ForeignDataDir`].
-pub fn open_rocks<C, A>(
-    path: &std::path::Path,
-    node_id: u64,
-    apply: std::sync::Arc<A>,
-) -> Result<(LogStore<C, RocksEngine>, StateMachineStore<C, RocksEngine, A>)>
+pub fn open_rocks<C, A>(path: &std::path::Path, node_id: u64, apply: std::sync::Arc<A>) -> Result<RocksStores<C, A>>
 where
     C: openraft::RaftTypeConfig<NodeId = u64, Entry = openraft::Entry<C>, SnapshotData = std::io::Cursor<Vec<u8>>>,
     A: Apply<C>,

@@ -80,6 +80,9 @@ struct SnapshotPayload {
 
 type SResult<T> = Result<T, StorageError<u64>>;
 
+/// The last applied log id and membership, as openraft asks for them.
+type AppliedState<N> = (Option<LogId<u64>>, StoredMembership<u64, N>);
+
 /// The replicated state of one node.
 pub struct StateMachineStore<C, E, A> {
     engine: Arc<E>,
@@ -128,7 +131,7 @@ where
         &self.engine
     }
 
-    fn applied_from(view: &dyn ReadView) -> crate::Result<(Option<LogId<u64>>, StoredMembership<u64, C::Node>)> {
+    fn applied_from(view: &dyn ReadView) -> crate::Result<AppliedState<C::Node>> {
         let applied = match view.get(Cf::Meta, APPLIED_KEY)? {
             Some(b) => decode::<Option<LogId<u64>>>("applied log id", &b)?,
             None => None,
@@ -140,7 +143,7 @@ where
         Ok((applied, membership))
     }
 
-    fn build(&self) -> crate::Result<(SnapshotMeta<u64, C::Node>, Vec<u8>)> {
+    fn build(&self) -> crate::Result<StoredSnapshot<C>> {
         let mut out = None;
         self.engine.with_view(&mut |view| {
             let (last_log_id, last_membership) = Self::applied_from(view)?;
@@ -173,13 +176,12 @@ where
             Some(id) => format!("{}-{}-{}-{seq}", id.leader_id.term, id.leader_id.node_id, id.index),
             None => format!("empty-{seq}"),
         };
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-            snapshot_id,
-        };
         let stored = StoredSnapshot::<C> {
-            meta: meta.clone(),
+            meta: SnapshotMeta {
+                last_log_id,
+                last_membership,
+                snapshot_id,
+            },
             data,
         };
         let mut batch = WriteBatch::new();
@@ -187,7 +189,7 @@ where
         // Buffered is enough: the purge that may follow goes through the same
         // write-ahead log after this record, so it never survives without it.
         self.engine.write(batch, Durability::Buffered)?;
-        Ok((meta, stored.data))
+        Ok(stored)
     }
 }
 
@@ -198,7 +200,7 @@ where
     A: Apply<C>,
 {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<C>> {
-        let (meta, data) = self
+        let StoredSnapshot { meta, data } = self
             .build()
             .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
@@ -217,7 +219,7 @@ where
 {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> SResult<(Option<LogId<u64>>, StoredMembership<u64, C::Node>)> {
+    async fn applied_state(&mut self) -> SResult<AppliedState<C::Node>> {
         Self::applied_from(self.engine.as_ref()).map_err(read_sm_err)
     }
 

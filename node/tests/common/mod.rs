@@ -61,63 +61,22 @@ impl Node {
     /// Starts a node; `join` is the endpoint of a member, or `None` to
     /// bootstrap.
     pub fn start(name: &str, dir: &Path, ports: Ports, join: Option<String>) -> Node {
-        let mut cmd = Command::new(bin());
-        cmd.arg("run")
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--name", name])
-            .args(["--listen-public", &format!("127.0.0.1:{}", ports.public)])
-            .args(["--listen-internal", &format!("127.0.0.1:{}", ports.internal)])
-            .args(["--listen-http", &format!("127.0.0.1:{}", ports.http)])
-            .env("CELL0_LOG_LEVEL", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(dir.with_extension("log"))
-                    .unwrap(),
-            ));
-        match &join {
-            Some(j) => {
-                cmd.args(["--join", j]);
-            }
-            None => {
-                cmd.arg("--bootstrap");
-            }
-        }
-        let child = cmd.spawn().expect("spawn cell0");
+        let cluster_flags = match &join {
+            Some(j) => vec!["--join".to_string(), j.clone()],
+            None => vec!["--bootstrap".to_string()],
+        };
         Node {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             ports,
-            child,
+            child: spawn(name, dir, ports, &cluster_flags),
             join,
         }
     }
 
     /// Starts the node again on its data dir and ports, with no cluster flags.
     pub fn restart(&mut self) {
-        let mut cmd = Command::new(bin());
-        cmd.arg("run")
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args(["--name", &self.name])
-            .args(["--listen-public", &format!("127.0.0.1:{}", self.ports.public)])
-            .args(["--listen-internal", &format!("127.0.0.1:{}", self.ports.internal)])
-            .args(["--listen-http", &format!("127.0.0.1:{}", self.ports.http)])
-            .env("CELL0_LOG_LEVEL", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.dir.with_extension("log"))
-                    .unwrap(),
-            ));
-        self.child = cmd.spawn().expect("respawn cell0");
+        self.child = spawn(&self.name, &self.dir, self.ports, &[]);
     }
 
     pub fn endpoint(&self) -> String {
@@ -165,6 +124,30 @@ impl Node {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
     }
+}
+
+/// Spawns `cell0 run` for a node, its log appended to `<dir>.log`.
+fn spawn(name: &str, dir: &Path, ports: Ports, extra: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.with_extension("log"))
+        .unwrap();
+    Command::new(bin())
+        .arg("run")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--name", name])
+        .args(["--listen-public", &format!("127.0.0.1:{}", ports.public)])
+        .args(["--listen-internal", &format!("127.0.0.1:{}", ports.internal)])
+        .args(["--listen-http", &format!("127.0.0.1:{}", ports.http)])
+        .args(extra)
+        .env("CELL0_LOG_LEVEL", "info,openraft=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn cell0")
 }
 
 impl Drop for Node {
