@@ -6,6 +6,9 @@
 //! consistent requests (a leader is known and the local replica has applied
 //! everything known committed); health adds the storage and Raft checks.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,47 +18,80 @@ use cell0_consensus::{Consensus, Role};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
+/// What readiness depends on besides Raft: whether this node is still asking
+/// to be admitted (a joining node is not ready until its join completed, so
+/// "all nodes ready" means "all nodes in their final role").
+#[derive(Clone)]
+pub struct Readiness {
+    consensus: Consensus,
+    joining: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// Readiness of `consensus`, not yet joining.
+    pub fn new(consensus: Consensus) -> Self {
+        Self {
+            consensus,
+            joining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Marks whether a join is in progress.
+    pub fn set_joining(&self, joining: bool) {
+        self.joining.store(joining, Ordering::Release);
+    }
+
+    /// Why the node is not ready, or `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.joining.load(Ordering::Acquire) {
+            return Some("joining the cluster".into());
+        }
+        let s = self.consensus.status();
+        if !s.initialized {
+            return Some("not a member of a cluster yet".into());
+        }
+        if s.leader.is_none() {
+            return Some("no leader known".into());
+        }
+        if s.applied_index < s.commit_index {
+            return Some(format!(
+                "applied index {} behind commit index {}",
+                s.applied_index, s.commit_index
+            ));
+        }
+        None
+    }
+}
+
 #[derive(Clone)]
 struct Ops {
     consensus: Consensus,
+    readiness: Readiness,
     metrics: PrometheusHandle,
 }
 
 /// The router of the HTTP port.
-pub fn router(consensus: Consensus, metrics: PrometheusHandle) -> Router {
+pub fn router(readiness: Readiness, metrics: PrometheusHandle) -> Router {
+    let consensus = readiness.consensus.clone();
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/live", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/health", get(health))
         .route("/health/deep", get(health_deep))
-        .with_state(Ops { consensus, metrics })
+        .with_state(Ops {
+            consensus,
+            readiness,
+            metrics,
+        })
 }
 
 async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], ops.metrics.render())
 }
 
-/// Why a node is not ready, or `None` when it is.
-pub fn not_ready_reason(consensus: &Consensus) -> Option<String> {
-    let s = consensus.status();
-    if !s.initialized {
-        return Some("not a member of a cluster yet".into());
-    }
-    if s.leader.is_none() {
-        return Some("no leader known".into());
-    }
-    if s.applied_index < s.commit_index {
-        return Some(format!(
-            "applied index {} behind commit index {}",
-            s.applied_index, s.commit_index
-        ));
-    }
-    None
-}
-
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
-    match not_ready_reason(&ops.consensus) {
+    match ops.readiness.not_ready_reason() {
         None => (StatusCode::OK, "ready\n".to_string()),
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
     }
@@ -119,7 +155,7 @@ async fn health_deep(State(ops): State<Ops>) -> impl IntoResponse {
             s.applied_index
         ),
     };
-    let ready = match not_ready_reason(c) {
+    let ready = match ops.readiness.not_ready_reason() {
         None => Check {
             ok: true,
             detail: "ready".into(),

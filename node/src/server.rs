@@ -82,8 +82,9 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
         .add_service(consensus.internal_service())
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone())))
         .serve_with_incoming_shutdown(nodelay_incoming(internal), stopped(stop_rx.clone()));
+    let readiness = ops::Readiness::new(consensus.clone());
     let http_server = std::future::IntoFuture::into_future(
-        axum::serve(http, ops::router(consensus.clone(), metrics)).with_graceful_shutdown(stopped(stop_rx.clone())),
+        axum::serve(http, ops::router(readiness.clone(), metrics)).with_graceful_shutdown(stopped(stop_rx.clone())),
     );
 
     let servers = tokio::spawn(async move {
@@ -100,12 +101,19 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
             tracing::info!("bootstrapping a new cluster");
             consensus.initialize().await?;
         } else {
-            tokio::spawn(join_loop(config.join.clone(), id, info, stop_rx.clone()));
+            readiness.set_joining(true);
+            tokio::spawn(join_loop(
+                config.join.clone(),
+                id,
+                info,
+                readiness.clone(),
+                stop_rx.clone(),
+            ));
         }
     } else {
         tracing::info!("rejoining the cluster from the data dir");
     }
-    tokio::spawn(report_health(consensus.clone(), health, stop_rx.clone()));
+    tokio::spawn(report_health(consensus.clone(), readiness, health, stop_rx.clone()));
 
     if let Some(p) = &pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
@@ -158,7 +166,13 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 /// Asks the seeds, in turn, to admit this node until one does.
-async fn join_loop(seeds: Vec<String>, id: u64, info: NodeInfo, mut stop: watch::Receiver<bool>) {
+async fn join_loop(
+    seeds: Vec<String>,
+    id: u64,
+    info: NodeInfo,
+    readiness: ops::Readiness,
+    mut stop: watch::Receiver<bool>,
+) {
     let request = JoinRequest {
         node_id: id,
         name: info.name,
@@ -172,6 +186,7 @@ async fn join_loop(seeds: Vec<String>, id: u64, info: NodeInfo, mut stop: watch:
             match try_join(seed, request.clone()).await {
                 Ok(()) => {
                     tracing::info!(%seed, "joined the cluster");
+                    readiness.set_joining(false);
                     return;
                 }
                 Err(e) => tracing::warn!(%seed, error = %e, "join attempt failed; will retry"),
@@ -199,13 +214,14 @@ async fn try_join(seed: &str, request: JoinRequest) -> anyhow::Result<()> {
 /// Publishes readiness on the gRPC health service ("" and each API service).
 async fn report_health(
     consensus: Consensus,
+    readiness: ops::Readiness,
     health: tonic_health::server::HealthReporter,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut metrics = consensus.raft().metrics();
     let mut last = None;
     loop {
-        let ready = ops::not_ready_reason(&consensus).is_none();
+        let ready = readiness.not_ready_reason().is_none();
         if last != Some(ready) {
             let status = if ready {
                 tonic_health::ServingStatus::Serving
