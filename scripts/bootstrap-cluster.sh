@@ -115,6 +115,7 @@ status() {
   local n
   n="$(nodes_in_dir)"
   [ "$n" -gt 0 ] || { echo "no cluster under $cluster_dir"; return 0; }
+  [ -x "$bin" ] || echo "note: $bin is not built (set CARGO_TARGET_DIR as for start); roles are not shown"
   for i in $(seq 1 "$n"); do
     if pid="$(running_pid "$i")"; then
       local role
