@@ -155,11 +155,9 @@ async fn propose(raft: &Raft, group: Vec<Pending>, timeout: Duration) {
 /// `Unavailable`.
 pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> ConsensusError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ConsensusError::Unavailable {
-            reason: "this node is not the leader".into(),
-            leader_id: f.leader_id,
-            leader_addr: f.leader_node.map(|n| n.public_addr),
-        },
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ConsensusError::not_leader(f.leader_id, f.leader_node)
+        }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ConsensusError::Unavailable {
             reason: format!("membership change refused: {e}"),
             leader_id: None,

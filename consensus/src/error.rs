@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::NodeId;
+use crate::types::{NodeId, NodeInfo};
 
 /// What a consensus operation can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -59,6 +59,16 @@ impl ConsensusError {
         ConsensusError::InvalidArgument {
             field: field.to_string(),
             reason: reason.into(),
+        }
+    }
+
+    /// The retryable answer of a node that is not the leader, with the
+    /// leader it knows of.
+    pub fn not_leader(leader_id: Option<NodeId>, leader: Option<NodeInfo>) -> Self {
+        ConsensusError::Unavailable {
+            reason: "this node is not the leader".into(),
+            leader_id,
+            leader_addr: leader.map(|n| n.public_addr),
         }
     }
 

@@ -528,14 +528,6 @@ fn quorum_matched(m: &openraft::RaftMetrics<NodeId, NodeInfo>, me: NodeId) -> u6
     matched[matched.len() / 2]
 }
 
-fn not_leader(leader_id: Option<NodeId>, leader: Option<NodeInfo>) -> ConsensusError {
-    ConsensusError::Unavailable {
-        reason: "this node is not the leader".into(),
-        leader_id,
-        leader_addr: leader.map(|n| n.public_addr),
-    }
-}
-
 impl Inner {
     /// Serves a request that must run on the leader, without forwarding.
     pub(crate) async fn handle_local(&self, req: ForwardRequest) -> Result<ForwardResponse> {
@@ -543,14 +535,14 @@ impl Inner {
             ForwardRequest::Write(cmd) => {
                 cmd.validate(&self.limits)?;
                 if self.raft.metrics().borrow().state != ServerState::Leader {
-                    return Err(not_leader(None, None));
+                    return Err(ConsensusError::not_leader(None, None));
                 }
                 Ok(ForwardResponse::Write(self.batcher.submit(cmd).await?))
             }
             ForwardRequest::ReadIndex => match self.raft.get_read_log_id().await {
                 Ok((read, _)) => Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index))),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    Err(not_leader(f.leader_id, f.leader_node))
+                    Err(ConsensusError::not_leader(f.leader_id, f.leader_node))
                 }
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(ConsensusError::unavailable(
                     format!("leadership not confirmed by a quorum: {e}"),
@@ -565,7 +557,7 @@ impl Inner {
     async fn join_local(&self, id: NodeId, info: NodeInfo) -> Result<ForwardResponse> {
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
-            return Err(not_leader(None, None));
+            return Err(ConsensusError::not_leader(None, None));
         }
         let membership = metrics.membership_config.membership().clone();
         match membership.get_node(&id) {
@@ -605,7 +597,7 @@ impl Inner {
     async fn remove_local(&self, id: NodeId) -> Result<ForwardResponse> {
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
-            return Err(not_leader(None, None));
+            return Err(ConsensusError::not_leader(None, None));
         }
         let membership = metrics.membership_config.membership().clone();
         if membership.get_node(&id).is_none() {

@@ -35,12 +35,27 @@ impl KvApi {
     }
 
     fn header(&self, revision: u64) -> Option<v1::ResponseHeader> {
-        Some(v1::ResponseHeader {
-            revision,
-            node_id: self.consensus.id(),
-            raft_term: self.consensus.status().term,
-        })
+        header(&self.consensus, revision)
     }
+}
+
+/// The header every Kv response carries.
+fn header(consensus: &Consensus, revision: u64) -> Option<v1::ResponseHeader> {
+    Some(v1::ResponseHeader {
+        revision,
+        node_id: consensus.id(),
+        raft_term: consensus.status().term,
+    })
+}
+
+/// Refuses a prefix-like field longer than any key can be.
+fn check_bound(field: &str, bytes: &[u8]) -> Result<(), Status> {
+    if bytes.len() > MAX_KEY_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field} is longer than {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    Ok(())
 }
 
 fn consistency(raw: i32) -> Result<Consistency, Status> {
@@ -125,16 +140,8 @@ impl Kv for KvApi {
     async fn range(&self, request: Request<v1::RangeRequest>) -> Result<tonic::Response<v1::RangeResponse>, Status> {
         observe("Kv/Range", async {
             let r = request.into_inner();
-            if r.prefix.len() > MAX_KEY_BYTES {
-                return Err(Status::invalid_argument(format!(
-                    "prefix is longer than {MAX_KEY_BYTES} bytes"
-                )));
-            }
-            if r.start_after.len() > MAX_KEY_BYTES {
-                return Err(Status::invalid_argument(format!(
-                    "start_after is longer than {MAX_KEY_BYTES} bytes"
-                )));
-            }
+            check_bound("prefix", &r.prefix)?;
+            check_bound("start_after", &r.start_after)?;
             if r.limit as usize > MAX_RANGE_LIMIT {
                 return Err(Status::invalid_argument(format!(
                     "limit is {}; the maximum is {MAX_RANGE_LIMIT}",
@@ -184,11 +191,7 @@ impl Kv for KvApi {
     async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<tonic::Response<WatchStream>, Status> {
         observe("Kv/Watch", async {
             let r = request.into_inner();
-            if r.prefix.len() > MAX_KEY_BYTES {
-                return Err(Status::invalid_argument(format!(
-                    "prefix is longer than {MAX_KEY_BYTES} bytes"
-                )));
-            }
+            check_bound("prefix", &r.prefix)?;
             let permit =
                 self.watches.clone().try_acquire_owned().map_err(|_| {
                     Status::resource_exhausted(format!("this node serves at most {MAX_WATCHES} watches"))
@@ -227,13 +230,7 @@ async fn pump(
     mut updates: broadcast::Receiver<Applied>,
     tx: &mpsc::Sender<Result<v1::WatchResponse, Status>>,
 ) -> Result<(), Status> {
-    let header = |revision| {
-        Some(v1::ResponseHeader {
-            revision,
-            node_id: consensus.id(),
-            raft_term: consensus.status().term,
-        })
-    };
+    let header = |revision| header(&consensus, revision);
     let mut catch_up = true;
     loop {
         if catch_up {
