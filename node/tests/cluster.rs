@@ -234,7 +234,7 @@ async fn bad_input_gets_one_clear_message() {
         stderr(&out)
     );
 
-    let busy = format!("127.0.0.1:{}", node.ports.public);
+    let busy = node.endpoint();
     let dir = root.path().join("other");
     let out = cli(&["run", "--data-dir", dir.to_str().unwrap(), "--listen-public", &busy]);
     assert!(!out.status.success());
@@ -244,7 +244,8 @@ async fn bad_input_gets_one_clear_message() {
         stderr(&out)
     );
 
-    let out = cli(&["status", "--endpoint", &format!("127.0.0.1:{}", free_port())]);
+    // A loopback address no node listens on.
+    let out = cli(&["status", "--endpoint", &Ports::new().endpoint()]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("cannot reach a cell0 node"), "{}", stderr(&out));
 

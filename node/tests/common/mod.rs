@@ -4,9 +4,10 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use cell0_proto::v1::cluster_client::ClusterClient;
@@ -21,14 +22,13 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_cell0")
 }
 
-/// A free loopback port (released before the node binds it).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Ports of one node.
+/// Addresses of one node: a loopback address of its own with the default
+/// ports. Probing for a free ephemeral port and releasing it races with every
+/// other test and outgoing connection; an address unique to this process and
+/// node, with ports below the ephemeral range, cannot be taken by anyone else.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
+    pub ip: Ipv4Addr,
     pub public: u16,
     pub internal: u16,
     pub http: u16,
@@ -36,15 +36,24 @@ pub struct Ports {
 
 impl Ports {
     pub fn new() -> Self {
+        static NEXT: AtomicU8 = AtomicU8::new(2);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 255, "too many nodes in one test process");
+        let pid = std::process::id();
         Ports {
-            public: free_port(),
-            internal: free_port(),
-            http: free_port(),
+            ip: Ipv4Addr::new(127, (pid >> 8) as u8, pid as u8, n),
+            public: 7100,
+            internal: 7101,
+            http: 7103,
         }
     }
 
+    pub fn addr(&self, port: u16) -> String {
+        format!("{}:{port}", self.ip)
+    }
+
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.public)
+        self.addr(self.public)
     }
 }
 
@@ -97,7 +106,7 @@ impl Node {
 
     /// HTTP status code of GET `path` on the ops port, if it answered.
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(SocketAddr::from(([127, 0, 0, 1], self.ports.http)), path)
+        http_get(SocketAddr::from((self.ports.ip, self.ports.http)), path)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -138,9 +147,9 @@ fn spawn(name: &str, dir: &Path, ports: Ports, extra: &[String]) -> Child {
         .arg("--data-dir")
         .arg(dir)
         .args(["--name", name])
-        .args(["--listen-public", &format!("127.0.0.1:{}", ports.public)])
-        .args(["--listen-internal", &format!("127.0.0.1:{}", ports.internal)])
-        .args(["--listen-http", &format!("127.0.0.1:{}", ports.http)])
+        .args(["--listen-public", &ports.addr(ports.public)])
+        .args(["--listen-internal", &ports.addr(ports.internal)])
+        .args(["--listen-http", &ports.addr(ports.http)])
         .args(extra)
         .env("CELL0_LOG_LEVEL", "info,openraft=warn")
         .stdin(Stdio::null())

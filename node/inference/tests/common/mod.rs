@@ -7,9 +7,14 @@ use std::path::PathBuf;
 use cell0_inference::{InferenceConfig, ModelSource};
 use serde::Deserialize;
 
-/// The workspace root (two levels above this crate).
+/// The workspace root (two levels above this crate). The runner's
+/// `CARGO_MANIFEST_DIR` comes first: a test binary reused from a build in
+/// another checkout still looks in the checkout it runs in.
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../..")
 }
 
 /// The model directory; panics with instructions when it is missing, so a
