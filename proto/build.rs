@@ -7,7 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "cell0/v1/kv.proto",
         "cell0/v1/cluster.proto",
+        "cell0/v1/inference.proto",
+        "cell0/v1/models.proto",
         "cell0/internal/v1/raft.proto",
+        "cell0/internal/v1/blobs.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

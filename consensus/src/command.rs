@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConsensusError;
+use crate::registry::{ModelCommand, ModelOutcome};
 
 /// Largest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 4096;
@@ -43,6 +44,8 @@ pub enum Command {
     /// response. The leader also uses it to group concurrent client writes
     /// into one log entry.
     Batch(Vec<Command>),
+    /// A change to the model registry.
+    Model(ModelCommand),
 }
 
 /// A key with its value and revisions, as etcd reports it.
@@ -91,6 +94,8 @@ pub enum Response {
     },
     /// Responses of a [`Command::Batch`], in order.
     Batch(Vec<Response>),
+    /// What a [`Command::Model`] did.
+    Model(ModelOutcome),
     /// The state machine refused the command (it violates a limit). Every
     /// replica refuses it identically.
     Rejected(String),
@@ -175,6 +180,12 @@ impl Command {
                 }
                 Ok(())
             }
+            Command::Model(m) => m.validate().map_err(|e| match e {
+                ConsensusError::InvalidArgument { field: name, reason } => {
+                    ConsensusError::invalid(&field(&name), reason)
+                }
+                other => other,
+            }),
         }
     }
 
@@ -184,6 +195,7 @@ impl Command {
             Command::Put { key, value } | Command::Cas { key, value, .. } => key.len() + value.len() + 16,
             Command::Delete { key } => key.len() + 8,
             Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum::<usize>() + 8,
+            Command::Model(m) => m.approx_size(),
         }
     }
 }

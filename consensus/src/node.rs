@@ -26,6 +26,7 @@ use crate::command::{Command, KeyValue, Limits, Response};
 use crate::config::ConsensusConfig;
 use crate::error::{ConsensusError, Result};
 use crate::network::{ChannelPool, NetworkFactory, decode, encode, never_sent};
+use crate::registry::{self, ModelCommand, ModelEntry, ModelOutcome};
 use crate::server::InternalService;
 use crate::state::{self, Applied, KvStateMachine, StateEvent};
 use crate::types::{NodeId, NodeInfo, Raft};
@@ -305,6 +306,26 @@ impl Consensus {
     /// Subscribes to changes applied on this replica.
     pub fn subscribe(&self) -> broadcast::Receiver<Applied> {
         self.inner.sm.subscribe()
+    }
+
+    /// Every registered model version. Linearizable reads see every
+    /// registration acknowledged before the call.
+    pub async fn models(&self, consistency: Consistency) -> Result<Vec<ModelEntry>> {
+        self.read_barrier(consistency).await?;
+        registry::list(&EngineTxn::new(self.inner.engine.as_ref()))
+    }
+
+    /// A receiver that changes after each locally applied registry change.
+    pub fn watch_registry(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.sm.watch_registry()
+    }
+
+    /// Proposes a registry change and returns what it did.
+    pub async fn model_command(&self, cmd: ModelCommand) -> Result<ModelOutcome> {
+        match self.write(Command::Model(cmd)).await? {
+            Response::Model(outcome) => Ok(outcome),
+            _ => Err(wrong_type()),
+        }
     }
 
     /// Retained changes under `prefix` from revision `from` on.

@@ -4,22 +4,24 @@
 //! - `kv`: user key -> its value and etcd-style revisions,
 //! - `kv_events`: revision (big-endian) -> [`StateEvent`], the last
 //!   [`WATCH_HISTORY`] changes, so watchers can resume from a revision,
-//! - `meta`: `revision` -> the store's current revision.
+//! - `meta`: `revision` -> the store's current revision,
+//! - `models`: the model registry (see [`crate::registry`]).
 //!
 //! Revisions work like etcd's: a store-wide counter that every mutation
 //! increments, so a key's `mod_revision` orders all writes of the cluster.
 //! Everything here is deterministic: no clock, no randomness, ordered maps only.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use cell0_storage::{Apply, Txn};
 use openraft::LogId;
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::command::{Command, KeyValue, Limits, Response};
 use crate::error::{ConsensusError, Result};
+use crate::registry;
 use crate::types::TypeConfig;
 
 const KV_TABLE: &str = "kv";
@@ -96,6 +98,11 @@ pub struct KvStateMachine {
     events: broadcast::Sender<Applied>,
     /// Cached current revision, for status reports without a read.
     revision: AtomicU64,
+    /// Set by an apply that touched the registry; cleared when published.
+    registry_dirty: AtomicBool,
+    /// Bumped after every stored change of the registry (and snapshot
+    /// install): a hint to re-read it, which cannot lag like a broadcast.
+    registry_changes: watch::Sender<u64>,
 }
 
 impl KvStateMachine {
@@ -106,7 +113,18 @@ impl KvStateMachine {
         Self {
             events,
             revision: AtomicU64::new(0),
+            registry_dirty: AtomicBool::new(false),
+            registry_changes: watch::Sender::new(0),
         }
+    }
+
+    /// A receiver that sees a new value after each stored registry change.
+    pub fn watch_registry(&self) -> watch::Receiver<u64> {
+        self.registry_changes.subscribe()
+    }
+
+    fn registry_changed(&self) {
+        self.registry_changes.send_modify(|generation| *generation += 1);
     }
 
     /// Subscribes to apply notifications.
@@ -279,6 +297,15 @@ fn apply_command(txn: &mut dyn Txn, cmd: &Command, rev: &mut u64, events: &mut V
             }
             Ok(Response::Batch(out))
         }
+        Command::Model(m) => Ok(Response::Model(registry::apply(txn, m)?)),
+    }
+}
+
+fn touches_registry(cmd: &Command) -> bool {
+    match cmd {
+        Command::Model(_) => true,
+        Command::Batch(cmds) => cmds.iter().any(touches_registry),
+        Command::Put { .. } | Command::Delete { .. } | Command::Cas { .. } => false,
     }
 }
 
@@ -338,6 +365,9 @@ impl Apply<TypeConfig> for KvStateMachine {
         if let Err(e) = cmd.validate(&fixed) {
             return Ok(Response::Rejected(e.to_string()));
         }
+        if touches_registry(cmd) {
+            self.registry_dirty.store(true, Ordering::Release);
+        }
         let run = |txn: &mut dyn Txn, events: &mut Vec<StateEvent>| -> Result<Response> {
             let mut rev = revision(txn)?;
             let response = apply_command(txn, cmd, &mut rev, events)?;
@@ -357,6 +387,9 @@ impl Apply<TypeConfig> for KvStateMachine {
         }
         // No subscriber is not an error: watchers come and go.
         let _ = self.events.send(Applied::Events(events.into()));
+        if self.registry_dirty.swap(false, Ordering::AcqRel) {
+            self.registry_changed();
+        }
     }
 
     fn snapshot_installed(&self, state: &dyn Txn) {
@@ -369,6 +402,7 @@ impl Apply<TypeConfig> for KvStateMachine {
         let _ = self.events.send(Applied::Reset {
             revision: self.cached_revision(),
         });
+        self.registry_changed();
     }
 }
 

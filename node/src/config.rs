@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use cell0_consensus::ConsensusConfig;
+use cell0_inference::{InferenceConfig, InferenceError};
 use serde::{Deserialize, Serialize};
 
 /// Everything a node needs to start.
@@ -41,6 +42,8 @@ pub struct NodeConfig {
     pub log_level: String,
     /// Raft, group commit and routing.
     pub raft: ConsensusConfig,
+    /// The local inference engine: backend, batching and request limits.
+    pub inference: InferenceConfig,
 }
 
 /// Listen addresses of the node's ports.
@@ -99,6 +102,7 @@ impl Default for NodeConfig {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             raft: ConsensusConfig::default(),
+            inference: InferenceConfig::default(),
         }
     }
 }
@@ -192,6 +196,10 @@ impl NodeConfig {
         self.raft.validate().map_err(|e| match e {
             cell0_consensus::ConsensusError::InvalidArgument { field, reason } => bad(&field, reason),
             other => bad("raft", other.to_string()),
+        })?;
+        self.inference.validate().map_err(|e| match e {
+            InferenceError::InvalidConfig { field, message } => bad(&format!("inference.{field}"), message),
+            other => bad("inference", other.to_string()),
         })
     }
 }
@@ -233,5 +241,9 @@ mod tests {
         let mut c = NodeConfig::default();
         c.raft.voters = 4;
         assert_eq!(c.validate().unwrap_err().field, "raft.voters");
+        let c: NodeConfig = toml::from_str("[inference]\nbackend = \"cpu\"\nmax_batch = 0").unwrap();
+        assert_eq!(c.validate().unwrap_err().field, "inference.max_batch");
+        let err = toml::from_str::<NodeConfig>("[inference]\nbackend = \"tpu\"").unwrap_err();
+        assert!(err.to_string().contains("unknown variant"), "{err}");
     }
 }

@@ -1,7 +1,8 @@
 //! A node's data directory.
 //!
-//! Layout: `node.json` (the node's identity, written once at first start) and
-//! `raft/` (the RocksDB database). The identity is created atomically (write
+//! Layout: `node.json` (the node's identity, written once at first start),
+//! `raft/` (the RocksDB database) and `models/` (model files, see
+//! [`crate::models::store`]). The identity is created atomically (write
 //! to a temporary file, fsync, rename), so a crash during first start leaves
 //! either no identity or a whole one. A directory with other content is
 //! refused, so a mistyped `--data-dir` never adopts an unrelated folder.
@@ -98,6 +99,11 @@ impl DataDir {
     /// The RocksDB directory.
     pub fn raft_dir(&self) -> PathBuf {
         self.root.join("raft")
+    }
+
+    /// The model files directory.
+    pub fn models_dir(&self) -> PathBuf {
+        self.root.join("models")
     }
 }
 

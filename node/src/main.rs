@@ -7,6 +7,7 @@ mod api;
 mod cli;
 mod config;
 mod datadir;
+mod models;
 mod ops;
 mod server;
 mod telemetry;
@@ -16,7 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cli::{Output, bench, kv};
+use crate::cli::{Output, bench, infer, kv, model};
 use crate::config::{LogFormat, NodeConfig};
 
 /// Cell0: a distributed cluster node for AI agents.
@@ -44,6 +45,12 @@ enum Command {
     /// Read and write keys.
     #[command(subcommand)]
     Kv(kv::KvCommand),
+    /// Manage the replicated model registry.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Embed texts and inspect the inference engine.
+    #[command(subcommand)]
+    Infer(infer::InferCommand),
     /// Measure the cluster.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -94,6 +101,10 @@ struct RunArgs {
     /// Log filter (RUST_LOG syntax), e.g. "info" or "cell0=debug".
     #[arg(long, env = "CELL0_LOG_LEVEL")]
     log_level: Option<String>,
+    /// Inference backend: auto (a hardware GPU if present, else the CPU
+    /// engine), wgpu or cpu.
+    #[arg(long, env = "CELL0_INFERENCE_BACKEND")]
+    inference_backend: Option<cell0_inference::BackendKind>,
     /// Write the process id here while running.
     #[arg(long)]
     pid_file: Option<PathBuf>,
@@ -146,6 +157,9 @@ impl RunArgs {
         if let Some(v) = self.log_level {
             c.log_level = v;
         }
+        if let Some(v) = self.inference_backend {
+            c.inference.backend = v;
+        }
         Ok((c, dev_dir))
     }
 }
@@ -172,6 +186,8 @@ fn main() -> ExitCode {
             Command::Status => cli::status(&cli.endpoint, cli.output).await,
             Command::Members => cli::members(&cli.endpoint, cli.output).await,
             Command::Kv(cmd) => kv::run(&cli.endpoint, cli.output, cmd).await,
+            Command::Model(cmd) => model::run(&cli.endpoint, cli.output, cmd).await,
+            Command::Infer(cmd) => infer::run(&cli.endpoint, cli.output, cmd).await,
             Command::Bench(cmd) => bench::run(&cli.endpoint, cli.output, cmd).await,
         }
     });
@@ -181,5 +197,15 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -11,21 +11,40 @@ use std::time::Duration;
 use anyhow::Context;
 use cell0_consensus::network::nodelay_incoming;
 use cell0_consensus::{Consensus, NodeInfo, StorageBackend};
+use cell0_proto::internal::blobs_server::BlobsServer;
 use cell0_proto::v1::JoinRequest;
 use cell0_proto::v1::cluster_client::ClusterClient;
 use cell0_proto::v1::cluster_server::ClusterServer;
+use cell0_proto::v1::inference_server::InferenceServer;
 use cell0_proto::v1::kv_server::KvServer;
+use cell0_proto::v1::models_server::ModelsServer;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::cluster::ClusterApi;
+use crate::api::inference::InferenceApi;
 use crate::api::kv::KvApi;
+use crate::api::models::ModelsApi;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
+use crate::models::ModelManager;
+use crate::models::store::BlobStore;
+use crate::models::transfer::BlobService;
 use crate::{ops, telemetry};
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The gRPC services whose health follows the node's readiness.
+const HEALTH_SERVICES: [&str; 5] = [
+    "",
+    "cell0.v1.Kv",
+    "cell0.v1.Cluster",
+    "cell0.v1.Inference",
+    "cell0.v1.Models",
+];
+/// Largest upload message: 1 MiB chunks plus framing, with room to spare.
+const MAX_UPLOAD_MESSAGE_BYTES: usize = 4 << 20;
 
 async fn bind(addr: std::net::SocketAddr, field: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -66,6 +85,16 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move { stopping(&mut rx).await };
 
+    let store = Arc::new(BlobStore::open(&datadir.models_dir())?);
+    let models = ModelManager::start(
+        consensus.clone(),
+        store.clone(),
+        config.inference.clone(),
+        stop_rx.clone(),
+    )
+    .await
+    .context("starting the inference engine")?;
+
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cell0_proto::FILE_DESCRIPTOR_SET)
@@ -77,10 +106,16 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
         .add_service(reflection)
         .add_service(KvServer::new(KvApi::new(consensus.clone())))
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone())))
+        .add_service(InferenceServer::new(InferenceApi::new(id, models.clone())))
+        .add_service(
+            ModelsServer::new(ModelsApi::new(consensus.clone(), models.clone()))
+                .max_decoding_message_size(MAX_UPLOAD_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(nodelay_incoming(public), stopped(stop_rx.clone()));
     let internal_server = tonic::transport::Server::builder()
         .add_service(consensus.internal_service())
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone())))
+        .add_service(BlobsServer::new(BlobService::new(store)))
         .serve_with_incoming_shutdown(nodelay_incoming(internal), stopped(stop_rx.clone()));
     let readiness = ops::Readiness::new(consensus.clone());
     let http_server = std::future::IntoFuture::into_future(
@@ -228,7 +263,7 @@ async fn report_health(
             } else {
                 tonic_health::ServingStatus::NotServing
             };
-            for service in ["", "cell0.v1.Kv", "cell0.v1.Cluster"] {
+            for service in HEALTH_SERVICES {
                 health.set_service_status(service, status).await;
             }
             last = Some(ready);
@@ -236,7 +271,7 @@ async fn report_health(
         tokio::select! {
             r = metrics.changed() => if r.is_err() { return },
             () = stopping(&mut stop) => {
-                for service in ["", "cell0.v1.Kv", "cell0.v1.Cluster"] {
+                for service in HEALTH_SERVICES {
                     health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
                 }
                 return;

@@ -36,6 +36,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_commands".into()), COUNT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(cell0_inference::BATCH_SIZE_METRIC.into()), COUNT_BUCKETS)?
         .install_recorder()
         .context("installing the metrics recorder")?;
     metrics::describe_gauge!("cell0_raft_term", "Current Raft term.");
@@ -72,6 +73,23 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "cell0_grpc_request_duration_seconds",
         metrics::Unit::Seconds,
         "Public gRPC request duration by method."
+    );
+    metrics::describe_histogram!(
+        cell0_inference::BATCH_SIZE_METRIC,
+        "Texts per forward pass of the embedding batcher."
+    );
+    metrics::describe_gauge!(
+        "cell0_models_ready",
+        "Registered model versions loaded and serving on this node."
+    );
+    metrics::describe_counter!(
+        "cell0_model_fetch_bytes_total",
+        metrics::Unit::Bytes,
+        "Model file bytes received from peers."
+    );
+    metrics::describe_counter!(
+        "cell0_model_blob_corrupt_total",
+        "Model files that failed sha256 verification (deleted and fetched again)."
     );
     Ok(handle)
 }

@@ -32,8 +32,21 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(BackendKind::Auto),
+            "wgpu" => Ok(BackendKind::Wgpu),
+            "cpu" => Ok(BackendKind::Cpu),
+            _ => Err(format!("{s:?} is not a backend; use auto, wgpu or cpu")),
+        }
+    }
+}
+
 /// Configuration of the local inference engine.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InferenceConfig {
     /// Backend selection: `auto`, `wgpu` or `cpu`.

@@ -3,15 +3,20 @@
 //! per-request metrics and trace ids.
 
 pub mod cluster;
+pub mod inference;
 pub mod kv;
+pub mod models;
 
 use std::future::Future;
 use std::time::Instant;
 
 use cell0_consensus::{ConsensusError, KeyValue};
+use cell0_inference::InferenceError;
 use cell0_proto::v1;
 use tonic::Status;
 use tracing::Instrument;
+
+use crate::models::ModelError;
 
 /// Metadata key carrying the leader's public address on `Unavailable`.
 pub const LEADER_METADATA: &str = "cell0-leader";
@@ -40,6 +45,26 @@ pub fn to_status(e: ConsensusError) -> Status {
         ConsensusError::NotFound(m) => Status::not_found(m),
         ConsensusError::ShuttingDown => Status::unavailable("the node is shutting down"),
         ConsensusError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// Maps a model or engine error to the gRPC status a client sees.
+pub fn model_status(e: ModelError) -> Status {
+    match e {
+        ModelError::Invalid { .. } | ModelError::Ambiguous { .. } => Status::invalid_argument(e.to_string()),
+        ModelError::UnknownModel { .. } | ModelError::UnknownVersion { .. } => Status::not_found(e.to_string()),
+        ModelError::NoModels | ModelError::NotUploaded { .. } => Status::failed_precondition(e.to_string()),
+        ModelError::NotReady { .. } | ModelError::Peer { .. } | ModelError::NoHolder { .. } => {
+            Status::unavailable(e.to_string())
+        }
+        ModelError::Corrupt { .. } => Status::data_loss(e.to_string()),
+        ModelError::Io(_) => Status::internal(e.to_string()),
+        ModelError::Inference(InferenceError::InvalidRequest { field, message }) => {
+            Status::invalid_argument(format!("{field} {message}"))
+        }
+        ModelError::Inference(InferenceError::BatcherClosed) => Status::unavailable(e.to_string()),
+        ModelError::Inference(other) => Status::internal(other.to_string()),
+        ModelError::Consensus(c) => to_status(c),
     }
 }
 

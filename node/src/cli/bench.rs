@@ -1,8 +1,10 @@
-//! `cell0 bench kv`: load against a running cluster through the public API.
+//! `cell0 bench ...`: measured figures, printed as a table or JSON.
 //!
-//! Clients run concurrently for a fixed time, each issuing one request after
-//! another; latencies go into one HDR histogram. Progress is printed to
-//! stderr once a second; the result goes to stdout as a table or JSON.
+//! `bench kv` loads a running cluster through the public API: clients run
+//! concurrently for a fixed time, each issuing one request after another;
+//! latencies go into one HDR histogram and progress goes to stderr once a
+//! second. `bench raft` does the same against an in-process Raft cluster,
+//! and `bench infer` measures the local inference engine (no cluster).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +32,35 @@ pub enum BenchCommand {
     /// Write throughput of the Raft core alone: a 3-node cluster inside this
     /// process (RocksDB with fsync, real gRPC on loopback), no client API.
     Raft(RaftBench),
+    /// Embeddings/s and matmul GFLOP/s of the local inference engine, per
+    /// backend (no cluster needed).
+    Infer(InferBench),
+}
+
+/// Options of `cell0 bench infer`.
+#[derive(clap::Args)]
+pub struct InferBench {
+    /// Model directory (as laid out by scripts/fetch-model.sh).
+    #[arg(long, env = "CELL0_MODEL_DIR", default_value = "models/all-minilm-l6-v2")]
+    model_dir: std::path::PathBuf,
+    /// Backends to measure, comma-separated (cpu, wgpu, auto).
+    #[arg(long, value_delimiter = ',', default_value = "cpu,wgpu")]
+    backend: Vec<cell0_inference::BackendKind>,
+    /// Texts per call, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    batch: Vec<usize>,
+    /// Tokens per text, counting the CLS and SEP markers, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "12,128,256")]
+    tokens: Vec<usize>,
+    /// Square matmul sizes, comma-separated (empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048")]
+    matmul: Vec<usize>,
+    /// Least seconds measured per case (each case also runs once to warm up).
+    #[arg(long, default_value_t = 2.0)]
+    min_seconds: f64,
+    /// Threads of the CPU engine (0: every core).
+    #[arg(long, default_value_t = 0)]
+    cpu_threads: usize,
 }
 
 /// Options of `cell0 bench raft`.
@@ -99,6 +130,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: BenchCommand) -> anyhow::R
     match cmd {
         BenchCommand::Kv(b) => kv(endpoint, output, b).await,
         BenchCommand::Raft(b) => raft(output, b).await,
+        BenchCommand::Infer(b) => infer(output, b).await,
     }
 }
 
@@ -325,4 +357,57 @@ async fn raft(output: Output, b: RaftBench) -> anyhow::Result<()> {
         n.stop().await;
     }
     print_results(output, &results)
+}
+
+async fn infer(output: Output, b: InferBench) -> anyhow::Result<()> {
+    let opts = cell0_inference::bench::BenchOptions {
+        backends: b.backend,
+        batch_sizes: b.batch,
+        token_lengths: b.tokens,
+        matmul_sizes: b.matmul,
+        min_seconds: b.min_seconds,
+        cpu_threads: b.cpu_threads,
+    };
+    let cases = opts.backends.len() * (opts.batch_sizes.len() * opts.token_lengths.len() + opts.matmul_sizes.len() + 2);
+    let source = cell0_inference::ModelSource::new(cell0_inference::MINILM_L6_V2, &b.model_dir);
+    let report = tokio::task::spawn_blocking(move || {
+        let mut step = 0;
+        cell0_inference::bench::run(&source, &opts, &mut |msg| {
+            step += 1;
+            eprintln!("[{step:>2}/{cases}] {msg}");
+        })
+    })
+    .await?
+    .with_context(|| format!("benchmarking the model in {}", b.model_dir.display()))?;
+    if !report.optimized_build {
+        eprintln!("warning: debug build; figures are not representative (build with --release)");
+    }
+    match output {
+        Output::Json => print_json(&report),
+        Output::Table => {
+            let mut rows = Vec::new();
+            for r in &report.backends {
+                let device = format!("{} ({})", r.info.adapter, r.info.device_type);
+                for e in &r.embed {
+                    rows.push(vec![
+                        r.info.backend.clone(),
+                        device.clone(),
+                        format!("embed {} x {} tokens", e.batch, e.tokens),
+                        format!("{:.1} embeddings/s", e.embeddings_per_sec),
+                    ]);
+                }
+                for m in &r.matmul {
+                    rows.push(vec![
+                        r.info.backend.clone(),
+                        device.clone(),
+                        format!("matmul {0}x{0}", m.size),
+                        format!("{:.1} GFLOP/s", m.gflops),
+                    ]);
+                }
+            }
+            println!("model {} on {} CPUs", report.model, report.cpus);
+            print_table(&["BACKEND", "DEVICE", "CASE", "RESULT"], &rows);
+            Ok(())
+        }
+    }
 }

@@ -3,7 +3,9 @@
 //! failures as one line with a non-zero exit code.
 
 pub mod bench;
+pub mod infer;
 pub mod kv;
+pub mod model;
 
 use std::time::Duration;
 
@@ -60,6 +62,9 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::DeadlineExceeded => "deadline exceeded",
         tonic::Code::Unknown => "unknown outcome",
         tonic::Code::Unimplemented => "not supported by this endpoint",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::DataLoss => "data loss",
         _ => "error",
     }
 }

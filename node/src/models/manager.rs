@@ -1,0 +1,552 @@
+//! The model manager: converges this node on the replicated registry.
+//!
+//! A background loop wakes on every applied registry change (and retries
+//! with backoff while something is missing). For each registered version it
+//! makes sure every file is present and verified — hashing stored blobs once
+//! per process start and fetching missing or corrupted ones from holders —
+//! then lays the files out, loads them into an engine behind an
+//! [`EmbedBatcher`], and records this node as a holder through Raft. Removed
+//! versions are unloaded and their files deleted.
+//!
+//! Invariants: a blob is loaded only after its sha256 matched in this
+//! process; this node reports itself a holder only of versions it has
+//! loaded; one loop owns all fetching, so no blob is fetched twice at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use cell0_consensus::{Consensus, Consistency, ModelCommand, ModelEntry, ModelManifest, ModelOutcome};
+use cell0_inference::{BackendInfo, EmbedBatcher, InferenceConfig, ModelSource, TextEmbedder};
+use tokio::sync::watch;
+
+use super::ModelError;
+use super::store::BlobStore;
+use super::transfer::fetch_blob;
+
+/// First retry delay after a failed reconcile; doubled up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(10);
+/// An uploaded blob is kept this long waiting for the `Add` that uses it.
+const UPLOAD_GRACE: Duration = Duration::from_secs(3600);
+/// Files a manifest must have for the engine to load it.
+const REQUIRED_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
+/// A registered version, by name and number.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ModelKey {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+}
+
+impl std::fmt::Display for ModelKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} v{}", self.name, self.version)
+    }
+}
+
+enum ServedState {
+    Fetching { held: u64, total: u64 },
+    Loading,
+    Ready(Arc<EmbedBatcher>),
+    Failed(String),
+}
+
+struct Served {
+    manifest: ModelManifest,
+    state: ServedState,
+}
+
+/// How a version is doing on this node, for `Inference.Info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedModelView {
+    /// The version.
+    pub key: ModelKey,
+    /// What the engine loads it as.
+    pub architecture: String,
+    /// `ready`, `fetching`, `loading` or `failed`.
+    pub state: &'static str,
+    /// Fetch progress or the failure.
+    pub detail: String,
+    /// Embedding length (0 until loaded).
+    pub dim: usize,
+    /// Token limit per text (0 until loaded).
+    pub max_tokens: usize,
+}
+
+/// Vectors from [`ModelManager::embed`].
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// The version that answered.
+    pub key: ModelKey,
+    /// Length of each vector.
+    pub dim: usize,
+    /// One unit vector per text.
+    pub vectors: Vec<Vec<f32>>,
+}
+
+struct Inner {
+    consensus: Consensus,
+    store: Arc<BlobStore>,
+    config: InferenceConfig,
+    engine: BackendInfo,
+    served: RwLock<BTreeMap<ModelKey, Served>>,
+    /// Blobs hashed (or written and hashed) by this process.
+    verified: Mutex<BTreeSet<String>>,
+    /// Blobs uploaded for an `Add` that has not come yet, with upload time.
+    uploads: Mutex<BTreeMap<String, Instant>>,
+}
+
+/// The node's models. Cheap to clone.
+#[derive(Clone)]
+pub struct ModelManager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ModelManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelManager")
+            .field("engine", &self.inner.engine)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ModelError> + Send + 'static,
+) -> Result<T, ModelError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ModelError::Io(format!("blocking task failed: {e}")))?
+}
+
+impl ModelManager {
+    /// Opens the engine's backend once to learn what it runs on (failing
+    /// fast on a bad `inference` config), and starts the reconcile loop,
+    /// which ends when `stop` turns true.
+    pub async fn start(
+        consensus: Consensus,
+        store: Arc<BlobStore>,
+        config: InferenceConfig,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Self, ModelError> {
+        let probe = config.clone();
+        let engine = blocking(move || Ok(cell0_inference::open_backend(&probe)?.info())).await?;
+        tracing::info!(
+            backend = %engine.backend,
+            adapter = %engine.adapter,
+            device_type = %engine.device_type,
+            "inference engine ready"
+        );
+        let inner = Arc::new(Inner {
+            consensus,
+            store,
+            config,
+            engine,
+            served: RwLock::new(BTreeMap::new()),
+            verified: Mutex::new(BTreeSet::new()),
+            uploads: Mutex::new(BTreeMap::new()),
+        });
+        tokio::spawn(reconcile_loop(inner.clone(), stop));
+        Ok(Self { inner })
+    }
+
+    /// What the engine runs on.
+    pub fn engine(&self) -> &BackendInfo {
+        &self.inner.engine
+    }
+
+    /// The engine's configuration (request limits).
+    pub fn config(&self) -> &InferenceConfig {
+        &self.inner.config
+    }
+
+    /// The node's file store.
+    pub fn store(&self) -> &Arc<BlobStore> {
+        &self.inner.store
+    }
+
+    /// Records a blob uploaded (and verified) for a coming `Add`, so it is
+    /// not collected as garbage meanwhile.
+    pub fn uploaded(&self, sha256: &str) {
+        lock(&self.inner.verified).insert(sha256.to_string());
+        lock(&self.inner.uploads).insert(sha256.to_string(), Instant::now());
+    }
+
+    /// Registers `manifest` with this node as its first holder. Every file
+    /// must have been uploaded here, and the architecture must be one the
+    /// engine knows.
+    pub async fn add(&self, manifest: ModelManifest) -> Result<ModelOutcome, ModelError> {
+        manifest.validate().map_err(|e| prefixed("manifest.", e))?;
+        cell0_inference::model_spec(&manifest.architecture)
+            .map_err(|e| ModelError::invalid("manifest.architecture", e.to_string()))?;
+        for required in REQUIRED_FILES {
+            if !manifest.files.iter().any(|f| f.path == required) {
+                return Err(ModelError::invalid(
+                    "manifest.files",
+                    format!("lack {required}, which {} needs", manifest.architecture),
+                ));
+            }
+        }
+        for f in &manifest.files {
+            if !self.inner.store.has(&f.sha256) {
+                return Err(ModelError::NotUploaded {
+                    path: f.path.clone(),
+                    sha256: f.sha256.clone(),
+                });
+            }
+        }
+        let outcome = self
+            .inner
+            .consensus
+            .model_command(ModelCommand::Add {
+                manifest: manifest.clone(),
+                holder: self.inner.consensus.id(),
+            })
+            .await?;
+        let mut uploads = lock(&self.inner.uploads);
+        for f in &manifest.files {
+            uploads.remove(&f.sha256);
+        }
+        Ok(outcome)
+    }
+
+    /// Every registered version as this node serves it.
+    pub fn served(&self) -> Vec<ServedModelView> {
+        let served = self.inner.served.read().unwrap_or_else(|p| p.into_inner());
+        served
+            .iter()
+            .map(|(key, s)| {
+                let (state, detail, info) = match &s.state {
+                    ServedState::Ready(b) => ("ready", String::new(), Some(b.model_info())),
+                    ServedState::Fetching { held, total } => ("fetching", progress(*held, *total), None),
+                    ServedState::Loading => ("loading", String::new(), None),
+                    ServedState::Failed(m) => ("failed", m.clone(), None),
+                };
+                ServedModelView {
+                    key: key.clone(),
+                    architecture: s.manifest.architecture.clone(),
+                    state,
+                    detail,
+                    dim: info.as_ref().map_or(0, |i| i.dim),
+                    max_tokens: info.map_or(0, |i| i.max_tokens),
+                }
+            })
+            .collect()
+    }
+
+    /// Embeds `texts` with the named version (empty name: the only
+    /// registered model; version 0: its highest version).
+    pub async fn embed(&self, name: &str, version: u32, texts: &[String]) -> Result<Embedded, ModelError> {
+        let (key, batcher) = self.select(name, version)?;
+        let vectors = batcher.embed(texts).await?;
+        Ok(Embedded {
+            key,
+            dim: batcher.model_info().dim,
+            vectors,
+        })
+    }
+
+    fn select(&self, name: &str, version: u32) -> Result<(ModelKey, Arc<EmbedBatcher>), ModelError> {
+        let served = self.inner.served.read().unwrap_or_else(|p| p.into_inner());
+        let names: BTreeSet<&str> = served.keys().map(|k| k.name.as_str()).collect();
+        let name = match (name, names.len()) {
+            (_, 0) => return Err(ModelError::NoModels),
+            ("", 1) => names.first().copied().unwrap_or_default(),
+            ("", _) => {
+                return Err(ModelError::Ambiguous {
+                    names: names.into_iter().collect::<Vec<_>>().join(", "),
+                });
+            }
+            (n, _) if !names.contains(n) => return Err(ModelError::UnknownModel { name: n.to_string() }),
+            (n, _) => n,
+        };
+        let key = if version == 0 {
+            served.keys().filter(|k| k.name == name).max().cloned()
+        } else {
+            Some(ModelKey {
+                name: name.to_string(),
+                version,
+            })
+        };
+        let Some((key, s)) = key.and_then(|k| served.get_key_value(&k)) else {
+            return Err(ModelError::UnknownVersion {
+                name: name.to_string(),
+                version,
+            });
+        };
+        let detail = match &s.state {
+            ServedState::Ready(b) => return Ok((key.clone(), b.clone())),
+            ServedState::Fetching { held, total } => format!("fetching its files, {}", progress(*held, *total)),
+            ServedState::Loading => "loading it into the engine".into(),
+            ServedState::Failed(m) => m.clone(),
+        };
+        Err(ModelError::NotReady {
+            name: key.name.clone(),
+            version: key.version,
+            detail,
+        })
+    }
+}
+
+fn prefixed(prefix: &str, e: cell0_consensus::ConsensusError) -> ModelError {
+    match e {
+        cell0_consensus::ConsensusError::InvalidArgument { field, reason } => {
+            ModelError::invalid(&format!("{prefix}{field}"), reason)
+        }
+        other => ModelError::Consensus(other),
+    }
+}
+
+fn progress(held: u64, total: u64) -> String {
+    let pct = if total == 0 {
+        100.0
+    } else {
+        held as f64 * 100.0 / total as f64
+    };
+    format!("{pct:.0}% of {:.1} MB", total as f64 / 1e6)
+}
+
+async fn stopping(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn reconcile_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut changes = inner.consensus.watch_registry();
+    let mut retry = FIRST_RETRY;
+    loop {
+        changes.borrow_and_update();
+        let complete = match reconcile(&inner).await {
+            Ok(complete) => complete,
+            Err(e) => {
+                tracing::warn!(error = %e, "model reconcile failed; will retry");
+                false
+            }
+        };
+        if complete {
+            retry = FIRST_RETRY;
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(retry), if !complete => retry = (retry * 2).min(MAX_RETRY),
+            () = stopping(&mut stop) => return,
+        }
+    }
+}
+
+/// One pass over the registry; true when every version is ready here.
+async fn reconcile(inner: &Arc<Inner>) -> Result<bool, ModelError> {
+    let entries = inner.consensus.models(Consistency::Serializable).await?;
+    let wanted: BTreeMap<ModelKey, ModelEntry> = entries
+        .into_iter()
+        .map(|e| {
+            (
+                ModelKey {
+                    name: e.manifest.name.clone(),
+                    version: e.manifest.version,
+                },
+                e,
+            )
+        })
+        .collect();
+    let gone: Vec<ModelKey> = {
+        let mut served = inner.served.write().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<ModelKey> = served.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for k in &gone {
+            served.remove(k);
+        }
+        gone
+    };
+    for key in &gone {
+        inner.store.uninstall(&key.name, key.version)?;
+        tracing::info!(model = %key, "model removed from the registry; unloaded");
+    }
+    collect_garbage(inner, &wanted)?;
+    let mut complete = true;
+    for (key, entry) in &wanted {
+        if let Err(e) = ensure(inner, key, entry).await {
+            tracing::warn!(model = %key, error = %e, "model not ready; will retry");
+            set_state(inner, key, &entry.manifest, ServedState::Failed(e.to_string()));
+            complete = false;
+        }
+    }
+    metrics::gauge!("cell0_models_ready").set(
+        inner
+            .served
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| matches!(s.state, ServedState::Ready(_)))
+            .count() as f64,
+    );
+    Ok(complete)
+}
+
+fn collect_garbage(inner: &Inner, wanted: &BTreeMap<ModelKey, ModelEntry>) -> Result<(), ModelError> {
+    let mut keep: BTreeSet<String> = wanted
+        .values()
+        .flat_map(|e| e.manifest.files.iter().map(|f| f.sha256.clone()))
+        .collect();
+    {
+        let mut uploads = lock(&inner.uploads);
+        uploads.retain(|_, at| at.elapsed() < UPLOAD_GRACE);
+        keep.extend(uploads.keys().cloned());
+    }
+    let removed = inner.store.retain(|d| keep.contains(d))?;
+    if removed > 0 {
+        lock(&inner.verified).retain(|d| keep.contains(d));
+        tracing::info!(removed, "deleted model files no registered version uses");
+    }
+    Ok(())
+}
+
+fn set_state(inner: &Inner, key: &ModelKey, manifest: &ModelManifest, state: ServedState) {
+    let mut served = inner.served.write().unwrap_or_else(|p| p.into_inner());
+    served.insert(
+        key.clone(),
+        Served {
+            manifest: manifest.clone(),
+            state,
+        },
+    );
+}
+
+async fn ensure(inner: &Arc<Inner>, key: &ModelKey, entry: &ModelEntry) -> Result<(), ModelError> {
+    let ready = {
+        let served = inner.served.read().unwrap_or_else(|p| p.into_inner());
+        served
+            .get(key)
+            .is_some_and(|s| s.manifest == entry.manifest && matches!(s.state, ServedState::Ready(_)))
+    };
+    if !ready {
+        ensure_files(inner, key, entry).await?;
+        set_state(inner, key, &entry.manifest, ServedState::Loading);
+        let batcher = load(inner, &entry.manifest).await?;
+        set_state(inner, key, &entry.manifest, ServedState::Ready(Arc::new(batcher)));
+        tracing::info!(model = %key, "model ready");
+    }
+    let me = inner.consensus.id();
+    if !entry.holders.contains(&me) {
+        inner
+            .consensus
+            .model_command(ModelCommand::Held {
+                name: key.name.clone(),
+                version: key.version,
+                node: me,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+async fn load(inner: &Arc<Inner>, manifest: &ModelManifest) -> Result<EmbedBatcher, ModelError> {
+    let store = inner.store.clone();
+    let config = inner.config.clone();
+    let m = manifest.clone();
+    let embedder = blocking(move || {
+        let dir = store.install(&m)?;
+        // The registry verified every file against the manifest; the
+        // catalogue's digests would refuse fine-tuned weights.
+        let source = ModelSource {
+            name: m.architecture.clone(),
+            dir,
+            verify_sha256: false,
+        };
+        Ok(TextEmbedder::load(&source, &config)?)
+    })
+    .await?;
+    Ok(EmbedBatcher::spawn(Arc::new(embedder), &inner.config, None)?)
+}
+
+/// Makes every file of `entry` present and verified in this process.
+async fn ensure_files(inner: &Arc<Inner>, key: &ModelKey, entry: &ModelEntry) -> Result<(), ModelError> {
+    let total = entry.manifest.total_bytes();
+    let mut done = 0u64;
+    for file in &entry.manifest.files {
+        if lock(&inner.verified).contains(&file.sha256) && inner.store.has(&file.sha256) {
+            done += file.size;
+            continue;
+        }
+        if inner.store.has(&file.sha256) {
+            let (store, sha, size) = (inner.store.clone(), file.sha256.clone(), file.size);
+            if blocking(move || store.verify(&sha, size)).await? {
+                lock(&inner.verified).insert(file.sha256.clone());
+                done += file.size;
+                continue;
+            }
+            metrics::counter!("cell0_model_blob_corrupt_total").increment(1);
+            tracing::warn!(model = %key, path = %file.path, sha256 = %file.sha256, "stored file failed verification; deleted, fetching it again");
+        }
+        set_state(inner, key, &entry.manifest, ServedState::Fetching { held: done, total });
+        fetch_from_holders(inner, key, entry, file, done, total).await?;
+        lock(&inner.verified).insert(file.sha256.clone());
+        done += file.size;
+    }
+    Ok(())
+}
+
+async fn fetch_from_holders(
+    inner: &Arc<Inner>,
+    key: &ModelKey,
+    entry: &ModelEntry,
+    file: &cell0_consensus::ModelFile,
+    done: u64,
+    total: u64,
+) -> Result<(), ModelError> {
+    let me = inner.consensus.id();
+    let peers: Vec<String> = inner
+        .consensus
+        .members()
+        .into_iter()
+        .filter(|m| m.id != me && entry.holders.contains(&m.id))
+        .map(|m| m.info.internal_addr)
+        .collect();
+    let mut last = ModelError::NoHolder {
+        sha256: file.sha256.clone(),
+    };
+    for addr in peers {
+        tracing::info!(model = %key, path = %file.path, bytes = file.size, %addr, "fetching model file");
+        let started = Instant::now();
+        let mut logged_decile = 0;
+        let mut on_progress = |held: u64| {
+            set_state(
+                inner,
+                key,
+                &entry.manifest,
+                ServedState::Fetching {
+                    held: done + held,
+                    total,
+                },
+            );
+            let decile = (held * 10).checked_div(file.size).unwrap_or(10);
+            if decile > logged_decile {
+                logged_decile = decile;
+                tracing::info!(model = %key, path = %file.path, percent = decile * 10, "fetch progress");
+            }
+        };
+        match fetch_blob(&inner.store, &addr, &file.sha256, file.size, &mut on_progress).await {
+            Ok(()) => {
+                tracing::info!(
+                    model = %key,
+                    path = %file.path,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "fetched and verified model file"
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                if matches!(e, ModelError::Corrupt { .. }) {
+                    metrics::counter!("cell0_model_blob_corrupt_total").increment(1);
+                }
+                tracing::warn!(model = %key, path = %file.path, %addr, error = %e, "fetch failed; trying another holder");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}

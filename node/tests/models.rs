@@ -1,0 +1,323 @@
+//! End-to-end tests of the model registry and the Inference API: real
+//! processes on loopback, the model files moving only between the nodes.
+//!
+//! They need the model fetched by `scripts/fetch-model.sh` (scripts/test.sh
+//! runs it first).
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cell0_proto::v1;
+use cell0_proto::v1::inference_client::InferenceClient;
+use common::*;
+use sha2::{Digest, Sha256};
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2")
+}
+
+struct Reference {
+    text: String,
+    embedding: Vec<f32>,
+}
+
+/// The sentence-transformers reference embeddings of the inference crate's tests.
+fn references() -> Vec<Reference> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("inference/tests/data/reference.json");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    doc["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Reference {
+            text: c["text"].as_str().unwrap().to_string(),
+            embedding: c["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect(),
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let dot: f32 = got.iter().zip(want).map(|(a, b)| a * b).sum();
+    let max_diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(
+        dot >= 0.99999 && max_diff <= 1e-4,
+        "{what}: cosine {dot}, max diff {max_diff}"
+    );
+}
+
+async fn embed(endpoint: &str, texts: &[&str]) -> Result<v1::EmbedResponse, tonic::Status> {
+    InferenceClient::new(channel(endpoint).await)
+        .embed(v1::EmbedRequest {
+            texts: texts.iter().map(|t| t.to_string()).collect(),
+            model: String::new(),
+            version: 0,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "CLI failed: {}", stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {}", stdout(o)))
+}
+
+/// Polls `cond` every 100 ms until it holds, failing with `what` at the deadline.
+async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, deadline: Duration, mut cond: F) {
+    let end = Instant::now() + deadline;
+    while !cond().await {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn holders(endpoint: &str) -> usize {
+    let ls = json(&cli(&["model", "ls", "--output", "json", "--endpoint", endpoint]));
+    ls.as_array()
+        .and_then(|a| a.first())
+        .map_or(0, |m| m["holders"].as_array().unwrap().len())
+}
+
+/// `(count of batches of one text, count of all batches)` from /metrics.
+fn batch_counts(node: &Node) -> (u64, u64) {
+    let (_, body) = node.http_get("/metrics").expect("metrics");
+    let value = |prefix: &str| {
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0, |v| v.parse::<f64>().unwrap() as u64)
+    };
+    (
+        value("cell0_inference_batch_size_bucket{le=\"1\"}"),
+        value("cell0_inference_batch_size_count"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddings() {
+    let dir = model_dir();
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "run scripts/fetch-model.sh first"
+    );
+    let refs = references();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(root.path(), 3);
+
+    let err = embed(&nodes[0].endpoint(), &["hello"]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("cell0 model add"), "{}", err.message());
+
+    // Register through the second node; the others get it from it.
+    let added = json(&cli(&[
+        "model",
+        "add",
+        dir.to_str().unwrap(),
+        "--name",
+        "minilm",
+        "--version",
+        "1",
+        "--output",
+        "json",
+        "--endpoint",
+        &nodes[1].endpoint(),
+    ]));
+    assert_eq!(added["created"], true, "{added}");
+    assert_eq!(added["files"], 10);
+    let endpoint0 = nodes[0].endpoint();
+    wait_until("every node holds the model", DEADLINE, async || {
+        holders(&endpoint0) == 3
+    })
+    .await;
+
+    // The same vectors through every node, matching the reference library.
+    let texts: Vec<&str> = refs.iter().take(4).map(|r| r.text.as_str()).collect();
+    let mut first: Option<v1::EmbedResponse> = None;
+    for node in &nodes {
+        let r = embed(&node.endpoint(), &texts).await.unwrap();
+        assert_eq!((r.model.as_str(), r.version, r.dim), ("minilm", 1, 384));
+        for (e, want) in r.embeddings.iter().zip(&refs) {
+            assert_close(&e.values, &want.embedding, &format!("{} on {}", want.text, node.name));
+        }
+        if let Some(f) = &first {
+            for (a, b) in f.embeddings.iter().zip(&r.embeddings) {
+                assert_close(&a.values, &b.values, &format!("{} vs node1", node.name));
+            }
+        }
+        first.get_or_insert(r);
+    }
+
+    // Adding the same version again changes nothing; other files under the
+    // same version are refused.
+    let again = json(&cli(&[
+        "model",
+        "add",
+        dir.to_str().unwrap(),
+        "--name",
+        "minilm",
+        "--version",
+        "1",
+        "--output",
+        "json",
+        "--endpoint",
+        &nodes[2].endpoint(),
+    ]));
+    assert_eq!(again["created"], false, "{again}");
+    let other = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::hard_link(dir.join(f), other.path().join(f)).unwrap();
+    }
+    std::fs::write(other.path().join("README"), "tuned").unwrap();
+    let out = cli(&[
+        "model",
+        "add",
+        other.path().to_str().unwrap(),
+        "--name",
+        "minilm",
+        "--version",
+        "1",
+        "--endpoint",
+        &nodes[0].endpoint(),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+
+    // A node restarted with a corrupted file re-fetches it before serving.
+    let weights_sha: String = Sha256::digest(std::fs::read(dir.join("model.safetensors")).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let blob = nodes[2].dir.join("models/blobs").join(&weights_sha);
+    assert!(nodes[2].sigterm().success());
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    nodes[2].restart();
+    nodes[2].wait_ready();
+    let endpoint2 = nodes[2].endpoint();
+    wait_until("the restarted node serves again", DEADLINE, async || {
+        embed(&endpoint2, &["x"]).await.is_ok()
+    })
+    .await;
+    let r = embed(&endpoint2, &[refs[0].text.as_str()]).await.unwrap();
+    assert_close(&r.embeddings[0].values, &refs[0].embedding, "after re-fetch");
+    let healed: String = Sha256::digest(std::fs::read(&blob).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(healed, weights_sha, "the corrupted blob was replaced");
+    assert!(
+        nodes[2].log().contains("failed verification"),
+        "the node reported the corruption"
+    );
+
+    // 64 concurrent clients: every answer right, and requests share batches.
+    let (single_before, total_before) = batch_counts(&nodes[0]);
+    let mut tasks = Vec::new();
+    for c in 0..64usize {
+        let endpoint = nodes[0].endpoint();
+        let refs: Vec<(String, Vec<f32>)> = refs.iter().map(|r| (r.text.clone(), r.embedding.clone())).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut client = InferenceClient::new(channel(&endpoint).await);
+            for i in 0..4 {
+                let (text, want) = &refs[(c + i) % refs.len()];
+                let r = client
+                    .embed(v1::EmbedRequest {
+                        texts: vec![text.clone()],
+                        model: "minilm".into(),
+                        version: 1,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_close(&r.embeddings[0].values, want, &format!("client {c} text {text:?}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (single, total) = batch_counts(&nodes[0]);
+    let batches = total - total_before;
+    assert!(batches > 0 && batches < 256, "256 requests ran in {batches} batches");
+    assert!(
+        single - single_before < batches,
+        "some forward passes served several requests"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_model_requests_get_clear_errors() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(root.path(), 1);
+    let endpoint = nodes[0].endpoint();
+
+    // A directory without the files the architecture needs.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+    let out = cli(&[
+        "model",
+        "add",
+        dir.path().to_str().unwrap(),
+        "--name",
+        "m",
+        "--version",
+        "1",
+        "--endpoint",
+        &endpoint,
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("manifest.files"), "{}", stderr(&out));
+
+    let out = cli(&[
+        "model",
+        "add",
+        dir.path().to_str().unwrap(),
+        "--name",
+        "Bad Name",
+        "--version",
+        "1",
+        "--endpoint",
+        &endpoint,
+    ]);
+    assert!(stderr(&out).contains("manifest.name"), "{}", stderr(&out));
+
+    let out = cli(&[
+        "model",
+        "add",
+        dir.path().to_str().unwrap(),
+        "--name",
+        "m",
+        "--version",
+        "1",
+        "--architecture",
+        "gpt-9",
+        "--endpoint",
+        &endpoint,
+    ]);
+    assert!(stderr(&out).contains("manifest.architecture"), "{}", stderr(&out));
+
+    let out = cli(&["model", "rm", "nope", "--version", "3", "--endpoint", &endpoint]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+
+    let out = cli(&["infer", "embed", "hello", "--model", "nope", "--endpoint", &endpoint]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("failed precondition"), "{}", stderr(&out));
+
+    let info = json(&cli(&["infer", "info", "--output", "json", "--endpoint", &endpoint]));
+    assert!(
+        info["backend"] == "cpu" || info["backend"] == "wgpu",
+        "auto picks the CPU engine or a hardware GPU: {info}"
+    );
+    assert!(!info["adapter"].as_str().unwrap().is_empty(), "{info}");
+    assert_eq!(info["max_texts_per_request"], 256);
+}
