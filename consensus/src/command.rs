@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConsensusError;
+use crate::nodes::NodeCommand;
 use crate::registry::{ModelCommand, ModelOutcome};
 
 /// Largest key, in bytes.
@@ -46,6 +47,8 @@ pub enum Command {
     Batch(Vec<Command>),
     /// A change to the model registry.
     Model(ModelCommand),
+    /// A change to node records.
+    Node(NodeCommand),
 }
 
 /// A key with its value and revisions, as etcd reports it.
@@ -96,6 +99,11 @@ pub enum Response {
     Batch(Vec<Response>),
     /// What a [`Command::Model`] did.
     Model(ModelOutcome),
+    /// Whether a [`Command::Node`] record was stored (false: the table is full).
+    Node {
+        /// Stored.
+        stored: bool,
+    },
     /// The state machine refused the command (it violates a limit). Every
     /// replica refuses it identically.
     Rejected(String),
@@ -129,6 +137,15 @@ pub fn check_key(field: &str, key: &[u8]) -> Result<(), ConsensusError> {
         ));
     }
     Ok(())
+}
+
+fn prefix_field(prefix: &str, e: ConsensusError) -> ConsensusError {
+    match e {
+        ConsensusError::InvalidArgument { field, reason } => {
+            ConsensusError::invalid(&format!("{prefix}{field}"), reason)
+        }
+        other => other,
+    }
 }
 
 fn check_value(field: &str, value: &[u8]) -> Result<(), ConsensusError> {
@@ -180,12 +197,8 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::Model(m) => m.validate().map_err(|e| match e {
-                ConsensusError::InvalidArgument { field: name, reason } => {
-                    ConsensusError::invalid(&field(&name), reason)
-                }
-                other => other,
-            }),
+            Command::Model(m) => m.validate().map_err(|e| prefix_field(path, e)),
+            Command::Node(n) => n.validate().map_err(|e| prefix_field(path, e)),
         }
     }
 
@@ -196,6 +209,7 @@ impl Command {
             Command::Delete { key } => key.len() + 8,
             Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum::<usize>() + 8,
             Command::Model(m) => m.approx_size(),
+            Command::Node(_) => 128,
         }
     }
 }

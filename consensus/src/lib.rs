@@ -6,6 +6,7 @@
 //! - [`state`]: the deterministic KV state machine with etcd-style revisions
 //!   and the change history watchers resume from.
 //! - [`registry`]: the replicated model registry (manifests and holders).
+//! - [`nodes`]: replicated node records (resources for placement).
 //! - [`Consensus`]: one node's member: group commit on the leader, request
 //!   forwarding, linearizable reads by read index, membership changes.
 //! - [`network`]: the Raft transport over tonic and the internal service.
@@ -19,6 +20,7 @@ mod config;
 mod error;
 pub mod network;
 mod node;
+pub mod nodes;
 pub mod registry;
 mod server;
 pub mod state;
@@ -29,6 +31,7 @@ pub use command::{Command, KeyValue, Response};
 pub use config::ConsensusConfig;
 pub use error::{ConsensusError, Result};
 pub use node::{Consensus, Consistency, Member, Role, Status, StorageBackend};
+pub use nodes::{NodeCommand, NodeResources};
 pub use registry::{MAX_MODEL_BYTES, ModelCommand, ModelEntry, ModelFile, ModelManifest, ModelOutcome, is_sha256_hex};
 pub use server::InternalService;
 pub use state::{Applied, EventKind, StateEvent};

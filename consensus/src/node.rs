@@ -26,6 +26,7 @@ use crate::command::{Command, KeyValue, Limits, Response};
 use crate::config::ConsensusConfig;
 use crate::error::{ConsensusError, Result};
 use crate::network::{ChannelPool, NetworkFactory, decode, encode, never_sent};
+use crate::nodes::{self, NodeCommand, NodeResources};
 use crate::registry::{self, ModelCommand, ModelEntry, ModelOutcome};
 use crate::server::InternalService;
 use crate::state::{self, Applied, KvStateMachine, StateEvent};
@@ -324,6 +325,31 @@ impl Consensus {
     pub async fn model_command(&self, cmd: ModelCommand) -> Result<ModelOutcome> {
         match self.write(Command::Model(cmd)).await? {
             Response::Model(outcome) => Ok(outcome),
+            _ => Err(wrong_type()),
+        }
+    }
+
+    /// Every node's reported resources, by node id.
+    pub async fn node_resources(&self, consistency: Consistency) -> Result<BTreeMap<NodeId, NodeResources>> {
+        self.read_barrier(consistency).await?;
+        nodes::resources(&EngineTxn::new(self.inner.engine.as_ref()))
+    }
+
+    /// Records this node's resources through Raft.
+    pub async fn set_resources(&self, resources: NodeResources) -> Result<()> {
+        let cmd = Command::Node(NodeCommand::SetResources {
+            node: self.inner.id,
+            resources,
+        });
+        match self.write(cmd).await? {
+            Response::Node { stored: true } => Ok(()),
+            Response::Node { stored: false } => Err(ConsensusError::invalid(
+                "resources",
+                format!(
+                    "cannot be stored: the cluster already has {} node records",
+                    nodes::MAX_NODES
+                ),
+            )),
             _ => Err(wrong_type()),
         }
     }

@@ -5,7 +5,8 @@
 //! - `kv_events`: revision (big-endian) -> [`StateEvent`], the last
 //!   [`WATCH_HISTORY`] changes, so watchers can resume from a revision,
 //! - `meta`: `revision` -> the store's current revision,
-//! - `models`: the model registry (see [`crate::registry`]).
+//! - `models`: the model registry (see [`crate::registry`]),
+//! - `node_resources`: what each node offers (see [`crate::nodes`]).
 //!
 //! Revisions work like etcd's: a store-wide counter that every mutation
 //! increments, so a key's `mod_revision` orders all writes of the cluster.
@@ -21,8 +22,8 @@ use tokio::sync::{broadcast, watch};
 
 use crate::command::{Command, KeyValue, Limits, Response};
 use crate::error::{ConsensusError, Result};
-use crate::registry;
 use crate::types::TypeConfig;
+use crate::{nodes, registry};
 
 const KV_TABLE: &str = "kv";
 const EVENTS_TABLE: &str = "kv_events";
@@ -298,6 +299,9 @@ fn apply_command(txn: &mut dyn Txn, cmd: &Command, rev: &mut u64, events: &mut V
             Ok(Response::Batch(out))
         }
         Command::Model(m) => Ok(Response::Model(registry::apply(txn, m)?)),
+        Command::Node(n) => Ok(Response::Node {
+            stored: nodes::apply(txn, n)?,
+        }),
     }
 }
 
@@ -305,7 +309,7 @@ fn touches_registry(cmd: &Command) -> bool {
     match cmd {
         Command::Model(_) => true,
         Command::Batch(cmds) => cmds.iter().any(touches_registry),
-        Command::Put { .. } | Command::Delete { .. } | Command::Cas { .. } => false,
+        Command::Put { .. } | Command::Delete { .. } | Command::Cas { .. } | Command::Node(_) => false,
     }
 }
 

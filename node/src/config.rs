@@ -44,6 +44,17 @@ pub struct NodeConfig {
     pub raft: ConsensusConfig,
     /// The local inference engine: backend, batching and request limits.
     pub inference: InferenceConfig,
+    /// Resources offered beyond what the node measures itself.
+    pub resources: ResourcesConfig,
+}
+
+/// Resources the node cannot measure itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourcesConfig {
+    /// GPU memory to offer, in MiB, when the engine runs on a hardware GPU
+    /// (wgpu does not report it); 0 means unknown.
+    pub gpu_memory_mb: u64,
 }
 
 /// Listen addresses of the node's ports.
@@ -103,6 +114,7 @@ impl Default for NodeConfig {
             log_level: "info".into(),
             raft: ConsensusConfig::default(),
             inference: InferenceConfig::default(),
+            resources: ResourcesConfig::default(),
         }
     }
 }

@@ -9,6 +9,7 @@ mod config;
 mod datadir;
 mod models;
 mod ops;
+mod resources;
 mod server;
 mod telemetry;
 

@@ -31,7 +31,7 @@ use crate::datadir::DataDir;
 use crate::models::ModelManager;
 use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
-use crate::{ops, telemetry};
+use crate::{ops, resources, telemetry};
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,6 +94,11 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
     )
     .await
     .context("starting the inference engine")?;
+    tokio::spawn(resources::report(
+        consensus.clone(),
+        resources::measure(models.engine(), config.resources.gpu_memory_mb),
+        stop_rx.clone(),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()

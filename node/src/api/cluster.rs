@@ -1,6 +1,8 @@
 //! `cell0.v1.Cluster`: status, membership and admission of new nodes.
 
-use cell0_consensus::{Consensus, Member, NodeInfo, Role};
+use std::collections::BTreeMap;
+
+use cell0_consensus::{Consensus, Consistency, Member, NodeId, NodeInfo, NodeResources, Role};
 use cell0_proto::v1::cluster_server::Cluster;
 use cell0_proto::v1::{self, RaftRole};
 use tonic::{Request, Response, Status};
@@ -19,8 +21,22 @@ impl ClusterApi {
     }
 }
 
-fn member_to_proto(m: Member) -> v1::Member {
+fn resources_to_proto(r: NodeResources) -> v1::NodeResources {
+    v1::NodeResources {
+        cpu_cores: r.cpu_cores,
+        memory_bytes: r.memory_bytes,
+        inference_backend: r.inference_backend,
+        adapter: r.adapter,
+        device_type: r.device_type,
+        gpu: r.gpu,
+        gpu_memory_bytes: r.gpu_memory_bytes,
+    }
+}
+
+/// A member on the wire, with its resources when `resources` has them.
+fn member_to_proto(m: Member, resources: &mut BTreeMap<NodeId, NodeResources>) -> v1::Member {
     v1::Member {
+        resources: resources.remove(&m.id).map(resources_to_proto),
         id: m.id,
         name: m.info.name,
         site: m.info.site,
@@ -73,8 +89,18 @@ impl Cluster for ClusterApi {
 
     async fn members(&self, _request: Request<v1::MembersRequest>) -> Result<Response<v1::MembersResponse>, Status> {
         observe("Cluster/Members", async {
+            let mut resources = self
+                .consensus
+                .node_resources(Consistency::Serializable)
+                .await
+                .map_err(to_status)?;
             Ok(Response::new(v1::MembersResponse {
-                members: self.consensus.members().into_iter().map(member_to_proto).collect(),
+                members: self
+                    .consensus
+                    .members()
+                    .into_iter()
+                    .map(|m| member_to_proto(m, &mut resources))
+                    .collect(),
                 leader_id: self.consensus.status().leader.unwrap_or(0),
             }))
         })
@@ -96,7 +122,10 @@ impl Cluster for ClusterApi {
             };
             let members = self.consensus.join(r.node_id, info).await.map_err(to_status)?;
             Ok(Response::new(v1::JoinResponse {
-                members: members.into_iter().map(member_to_proto).collect(),
+                members: members
+                    .into_iter()
+                    .map(|m| member_to_proto(m, &mut BTreeMap::new()))
+                    .collect(),
             }))
         })
         .await

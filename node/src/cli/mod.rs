@@ -175,6 +175,12 @@ struct MemberView {
     public_addr: String,
     internal_addr: String,
     matched_index: u64,
+    /// `cpu`, or `wgpu` with the adapter; empty until the node reported.
+    inference: String,
+    gpu: bool,
+    cpu_cores: u32,
+    memory_bytes: u64,
+    gpu_memory_bytes: u64,
 }
 
 /// `cell0 members`.
@@ -188,15 +194,26 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
     let views: Vec<MemberView> = m
         .members
         .into_iter()
-        .map(|m| MemberView {
-            id: format!("{:016x}", m.id),
-            name: m.name,
-            site: m.site,
-            role: if m.voter { "voter" } else { "learner" },
-            leader: m.leader,
-            public_addr: m.public_addr,
-            internal_addr: m.internal_addr,
-            matched_index: m.matched_index,
+        .map(|m| {
+            let r = m.resources.unwrap_or_default();
+            MemberView {
+                inference: match r.inference_backend.as_str() {
+                    "wgpu" => format!("wgpu ({})", r.adapter),
+                    other => other.to_string(),
+                },
+                gpu: r.gpu,
+                cpu_cores: r.cpu_cores,
+                memory_bytes: r.memory_bytes,
+                gpu_memory_bytes: r.gpu_memory_bytes,
+                id: format!("{:016x}", m.id),
+                name: m.name,
+                site: m.site,
+                role: if m.voter { "voter" } else { "learner" },
+                leader: m.leader,
+                public_addr: m.public_addr,
+                internal_addr: m.internal_addr,
+                matched_index: m.matched_index,
+            }
         })
         .collect();
     match output {
@@ -216,10 +233,14 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
                         },
                         v.public_addr,
                         v.internal_addr,
+                        v.inference,
                     ]
                 })
                 .collect();
-            print_table(&["NAME", "ID", "SITE", "ROLE", "PUBLIC", "INTERNAL"], &rows);
+            print_table(
+                &["NAME", "ID", "SITE", "ROLE", "PUBLIC", "INTERNAL", "INFERENCE"],
+                &rows,
+            );
             Ok(())
         }
     }

@@ -1,0 +1,159 @@
+//! Replicated node records: what each node offers for placement.
+//!
+//! Table (in the state column family): `node_resources`, key node id
+//! (big-endian) -> [`NodeResources`]. Each node reports its own record at
+//! start (CPU, memory, and the inference backend it runs: a node with a
+//! hardware GPU says so), so the scheduler can place agents that need a GPU
+//! or a model without asking the nodes. Deterministic like every table.
+
+use std::collections::BTreeMap;
+
+use cell0_storage::Txn;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ConsensusError, Result};
+use crate::types::NodeId;
+
+const RESOURCES_TABLE: &str = "node_resources";
+/// Longest text field of a record, in bytes.
+pub const MAX_RESOURCE_TEXT_BYTES: usize = 256;
+/// Most node records kept.
+pub const MAX_NODES: usize = 4096;
+
+/// What a node offers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeResources {
+    /// Logical CPUs.
+    pub cpu_cores: u32,
+    /// Physical memory in bytes.
+    pub memory_bytes: u64,
+    /// Inference backend: `cpu` or `wgpu`.
+    pub inference_backend: String,
+    /// Adapter (GPU) or CPU name the engine runs on.
+    pub adapter: String,
+    /// `cpu`, `discrete-gpu`, `integrated-gpu`, `virtual-gpu` or `software`.
+    pub device_type: String,
+    /// Whether the engine runs on a hardware GPU.
+    pub gpu: bool,
+    /// GPU memory in bytes as configured by the operator (0: unknown; wgpu
+    /// does not report it).
+    pub gpu_memory_bytes: u64,
+}
+
+impl NodeResources {
+    /// Checks text lengths; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [
+            ("resources.inference_backend", &self.inference_backend),
+            ("resources.adapter", &self.adapter),
+            ("resources.device_type", &self.device_type),
+        ] {
+            if v.len() > MAX_RESOURCE_TEXT_BYTES {
+                return Err(ConsensusError::invalid(
+                    field,
+                    format!("is {} bytes; the limit is {MAX_RESOURCE_TEXT_BYTES}", v.len()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A change to node records, carried in [`crate::Command`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeCommand {
+    /// Records what `node` offers, replacing its earlier record.
+    SetResources {
+        /// The node.
+        node: NodeId,
+        /// Its resources.
+        resources: NodeResources,
+    },
+}
+
+impl NodeCommand {
+    /// Checks the command's fields.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            NodeCommand::SetResources { node, resources } => {
+                if *node == 0 {
+                    return Err(ConsensusError::invalid("node", "must not be 0"));
+                }
+                resources.validate()
+            }
+        }
+    }
+}
+
+/// Every node's record, by node id.
+pub fn resources(txn: &dyn Txn) -> Result<BTreeMap<NodeId, NodeResources>> {
+    txn.scan(RESOURCES_TABLE, b"", None, MAX_NODES)?
+        .into_iter()
+        .map(|(k, v)| {
+            let id: [u8; 8] = k
+                .as_slice()
+                .try_into()
+                .map_err(|_| ConsensusError::Internal("node record key is not 8 bytes".into()))?;
+            let r = postcard::from_bytes(&v)
+                .map_err(|e| ConsensusError::Internal(format!("corrupted node record: {e}")))?;
+            Ok((NodeId::from_be_bytes(id), r))
+        })
+        .collect()
+}
+
+/// Applies a validated node command. A record beyond [`MAX_NODES`] is
+/// dropped (returns false); replacing an existing one always succeeds.
+pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
+    match cmd {
+        NodeCommand::SetResources { node, resources } => {
+            let key = node.to_be_bytes();
+            if txn.get(RESOURCES_TABLE, &key)?.is_none()
+                && txn.scan(RESOURCES_TABLE, b"", None, MAX_NODES)?.len() >= MAX_NODES
+            {
+                return Ok(false);
+            }
+            let bytes = postcard::to_stdvec(resources).map_err(|e| ConsensusError::Internal(format!("encode: {e}")))?;
+            txn.put(RESOURCES_TABLE, &key, &bytes)?;
+            Ok(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cell0_storage::{EngineTxn, MemEngine};
+
+    #[test]
+    fn records_are_replaced_per_node_and_listed_by_id() {
+        let engine = MemEngine::new();
+        let mut txn = EngineTxn::new(&engine);
+        let gpu = NodeResources {
+            cpu_cores: 16,
+            inference_backend: "wgpu".into(),
+            gpu: true,
+            ..NodeResources::default()
+        };
+        let cpu = NodeResources {
+            cpu_cores: 2,
+            inference_backend: "cpu".into(),
+            ..NodeResources::default()
+        };
+        for (node, r) in [(9, cpu.clone()), (3, cpu.clone()), (9, gpu.clone())] {
+            assert!(apply(&mut txn, &NodeCommand::SetResources { node, resources: r }).unwrap());
+        }
+        let all = resources(&txn).unwrap();
+        assert_eq!(all.into_iter().collect::<Vec<_>>(), vec![(3, cpu), (9, gpu)]);
+        let long = NodeResources {
+            adapter: "x".repeat(MAX_RESOURCE_TEXT_BYTES + 1),
+            ..NodeResources::default()
+        };
+        let err = NodeCommand::SetResources {
+            node: 1,
+            resources: long,
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("resources.adapter"), "{err}");
+    }
+}

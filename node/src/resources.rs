@@ -1,0 +1,74 @@
+//! What this node offers for placement, and reporting it through Raft.
+//!
+//! The record is measured at start (CPUs, memory, the inference engine's
+//! backend and adapter) plus what the operator configures (GPU memory, which
+//! wgpu does not report), and written once the node is in a cluster, so the
+//! scheduler reads every node's resources from the replicated state.
+
+use std::time::Duration;
+
+use cell0_consensus::{Consensus, Consistency, NodeResources};
+use cell0_inference::BackendInfo;
+use tokio::sync::watch;
+
+/// Physical memory in bytes from /proc/meminfo (0 where unavailable).
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}
+
+/// This node's resources given the engine it runs and the configured GPU memory.
+pub fn measure(engine: &BackendInfo, gpu_memory_mb: u64) -> NodeResources {
+    let gpu = matches!(engine.device_type.as_str(), "discrete-gpu" | "integrated-gpu");
+    NodeResources {
+        cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        memory_bytes: memory_bytes(),
+        inference_backend: engine.backend.clone(),
+        adapter: engine.adapter.clone(),
+        device_type: engine.device_type.clone(),
+        gpu,
+        gpu_memory_bytes: if gpu { gpu_memory_mb * 1024 * 1024 } else { 0 },
+    }
+}
+
+/// Writes `resources` for this node unless the replicated record already
+/// says the same; retries (the node may still be joining) until done or
+/// `stop` turns true.
+pub async fn report(consensus: Consensus, resources: NodeResources, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let current = consensus
+            .node_resources(Consistency::Serializable)
+            .await
+            .ok()
+            .and_then(|mut all| all.remove(&consensus.id()));
+        if current.as_ref() == Some(&resources) {
+            return;
+        }
+        match consensus.set_resources(resources.clone()).await {
+            Ok(()) => {
+                tracing::info!(
+                    backend = %resources.inference_backend,
+                    gpu = resources.gpu,
+                    cpu_cores = resources.cpu_cores,
+                    "reported node resources"
+                );
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot report node resources yet; will retry"),
+        }
+        // Until this node is a member no write can succeed: back off, but
+        // stop waiting on shutdown.
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
