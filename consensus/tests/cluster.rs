@@ -240,3 +240,67 @@ async fn concurrent_writers_share_log_entries() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_changes_replicate_and_wake_every_replica() {
+    use cell0_consensus::{ModelCommand, ModelFile, ModelManifest, ModelOutcome};
+
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 3, config()).await;
+    let mut watches: Vec<_> = nodes.iter().map(|n| n.consensus.watch_registry()).collect();
+    for w in &mut watches {
+        w.borrow_and_update();
+    }
+    let manifest = ModelManifest {
+        name: "minilm".into(),
+        version: 1,
+        architecture: "all-minilm-l6-v2".into(),
+        files: vec![ModelFile {
+            path: "model.safetensors".into(),
+            sha256: "a".repeat(64),
+            size: 1,
+        }],
+    };
+    // Through a follower: forwarded to the leader like any write.
+    let follower = nodes
+        .iter()
+        .find(|n| n.consensus.leader().map(|l| l.0) != Some(n.consensus.id()))
+        .unwrap();
+    let add = ModelCommand::Add {
+        manifest: manifest.clone(),
+        holder: 1,
+    };
+    assert_eq!(
+        follower.consensus.model_command(add.clone()).await.unwrap(),
+        ModelOutcome::Added
+    );
+    for (node, w) in nodes.iter().zip(&mut watches) {
+        tokio::time::timeout(DEADLINE, w.changed()).await.unwrap().unwrap();
+        let models = node.consensus.models(Consistency::Serializable).await.unwrap();
+        assert_eq!(models.len(), 1);
+        assert_eq!(models[0].manifest, manifest);
+    }
+    let held = ModelCommand::Held {
+        name: "minilm".into(),
+        version: 1,
+        node: 3,
+    };
+    assert_eq!(
+        nodes[0].consensus.model_command(held).await.unwrap(),
+        ModelOutcome::Held
+    );
+    let models = nodes[1].consensus.models(Consistency::Linearizable).await.unwrap();
+    assert_eq!(models[0].holders, BTreeSet::from([1, 3]));
+    // An invalid manifest is refused before it is proposed, naming the field.
+    let mut bad = manifest.clone();
+    bad.files[0].path = "../escape".into();
+    let err = nodes[0]
+        .consensus
+        .model_command(ModelCommand::Add {
+            manifest: bad,
+            holder: 1,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("files[0].path"), "{err}");
+}
