@@ -78,6 +78,23 @@ async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, deadline: Duration, mut
     }
 }
 
+/// `cell0 model add DIR --name minilm --version 1` through `endpoint`, JSON output.
+fn add_minilm(dir: &std::path::Path, endpoint: &str) -> std::process::Output {
+    cli(&[
+        "model",
+        "add",
+        dir.to_str().unwrap(),
+        "--name",
+        "minilm",
+        "--version",
+        "1",
+        "--output",
+        "json",
+        "--endpoint",
+        endpoint,
+    ])
+}
+
 fn holders(endpoint: &str) -> usize {
     let ls = json(&cli(&["model", "ls", "--output", "json", "--endpoint", endpoint]));
     ls.as_array()
@@ -116,19 +133,7 @@ async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddi
     assert!(err.message().contains("cell0 model add"), "{}", err.message());
 
     // Register through the second node; the others get it from it.
-    let added = json(&cli(&[
-        "model",
-        "add",
-        dir.to_str().unwrap(),
-        "--name",
-        "minilm",
-        "--version",
-        "1",
-        "--output",
-        "json",
-        "--endpoint",
-        &nodes[1].endpoint(),
-    ]));
+    let added = json(&add_minilm(&dir, &nodes[1].endpoint()));
     assert_eq!(added["created"], true, "{added}");
     assert_eq!(added["files"], 10);
     let endpoint0 = nodes[0].endpoint();
@@ -156,36 +161,14 @@ async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddi
 
     // Adding the same version again changes nothing; other files under the
     // same version are refused.
-    let again = json(&cli(&[
-        "model",
-        "add",
-        dir.to_str().unwrap(),
-        "--name",
-        "minilm",
-        "--version",
-        "1",
-        "--output",
-        "json",
-        "--endpoint",
-        &nodes[2].endpoint(),
-    ]));
+    let again = json(&add_minilm(&dir, &nodes[2].endpoint()));
     assert_eq!(again["created"], false, "{again}");
     let other = tempfile::tempdir().unwrap();
     for f in ["config.json", "tokenizer.json", "model.safetensors"] {
         std::fs::hard_link(dir.join(f), other.path().join(f)).unwrap();
     }
     std::fs::write(other.path().join("README"), "tuned").unwrap();
-    let out = cli(&[
-        "model",
-        "add",
-        other.path().to_str().unwrap(),
-        "--name",
-        "minilm",
-        "--version",
-        "1",
-        "--endpoint",
-        &nodes[0].endpoint(),
-    ]);
+    let out = add_minilm(other.path(), &nodes[0].endpoint());
     assert!(!out.status.success());
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
 

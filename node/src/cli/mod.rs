@@ -91,6 +91,23 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Prints `views` as JSON, or as a table under `headers` with one `row` per view.
+pub fn print_list<T: Serialize>(
+    output: Output,
+    views: Vec<T>,
+    headers: &[&str],
+    row: impl Fn(T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => print_json(&views),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = views.into_iter().map(row).collect();
+            print_table(headers, &rows);
+            Ok(())
+        }
+    }
+}
+
 /// Prints `value` as pretty JSON.
 pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
@@ -216,32 +233,24 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
             }
         })
         .collect();
-    match output {
-        Output::Json => print_json(&views),
-        Output::Table => {
-            let rows: Vec<Vec<String>> = views
-                .into_iter()
-                .map(|v| {
-                    vec![
-                        v.name,
-                        v.id,
-                        v.site,
-                        if v.leader {
-                            format!("{} (leader)", v.role)
-                        } else {
-                            v.role.into()
-                        },
-                        v.public_addr,
-                        v.internal_addr,
-                        v.inference,
-                    ]
-                })
-                .collect();
-            print_table(
-                &["NAME", "ID", "SITE", "ROLE", "PUBLIC", "INTERNAL", "INFERENCE"],
-                &rows,
-            );
-            Ok(())
-        }
-    }
+    print_list(
+        output,
+        views,
+        &["NAME", "ID", "SITE", "ROLE", "PUBLIC", "INTERNAL", "INFERENCE"],
+        |v| {
+            vec![
+                v.name,
+                v.id,
+                v.site,
+                if v.leader {
+                    format!("{} (leader)", v.role)
+                } else {
+                    v.role.into()
+                },
+                v.public_addr,
+                v.internal_addr,
+                v.inference,
+            ]
+        },
+    )
 }

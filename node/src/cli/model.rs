@@ -16,7 +16,7 @@ use clap::Subcommand;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{Output, connect, print_json, print_table, rpc_error};
+use super::{Output, connect, print_json, print_list, rpc_error};
 
 /// Bytes per upload message.
 const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
@@ -300,24 +300,19 @@ async fn ls(endpoint: &str, output: Output) -> anyhow::Result<()> {
             })
         })
         .collect();
-    match output {
-        Output::Json => print_json(&views),
-        Output::Table => {
-            let rows: Vec<Vec<String>> = views
-                .into_iter()
-                .map(|v| {
-                    vec![
-                        v.name,
-                        v.version.to_string(),
-                        v.architecture,
-                        v.files.to_string(),
-                        format!("{:.1} MB", v.total_bytes as f64 / 1e6),
-                        v.holders.join(","),
-                    ]
-                })
-                .collect();
-            print_table(&["NAME", "VERSION", "ARCHITECTURE", "FILES", "SIZE", "HELD BY"], &rows);
-            Ok(())
-        }
-    }
+    print_list(
+        output,
+        views,
+        &["NAME", "VERSION", "ARCHITECTURE", "FILES", "SIZE", "HELD BY"],
+        |v| {
+            vec![
+                v.name,
+                v.version.to_string(),
+                v.architecture,
+                v.files.to_string(),
+                format!("{:.1} MB", v.total_bytes as f64 / 1e6),
+                v.holders.join(","),
+            ]
+        },
+    )
 }
