@@ -2,8 +2,11 @@
 //!
 //! [`EmbedBatcher`] sits between the node's request handlers and an
 //! [`Embedder`]. Concurrent `embed` calls are queued; a single worker task
-//! takes the first waiting request, keeps collecting until it has
-//! `max_batch` texts or `max_wait_ms` has passed, sorts the collected texts
+//! takes the first waiting request, adds every request already queued and
+//! keeps collecting until it has `max_batch` texts or `max_wait_ms` has
+//! passed (with the default of 0 it does not wait: requests that arrive
+//! during a forward pass make up the next batch, like group commit, so a
+//! batch grows with load without adding latency at low load), sorts the collected texts
 //! by token length (so each forward pass pads little), runs passes of at most
 //! `max_batch` texts on the blocking pool, and hands every caller its own
 //! vectors in its own order. Limits are checked before queueing, so a bad

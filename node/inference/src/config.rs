@@ -57,7 +57,9 @@ pub struct InferenceConfig {
     /// Most texts run in one forward pass by the batcher.
     pub max_batch: usize,
     /// Longest time in milliseconds the batcher waits for more requests before
-    /// running a partial batch.
+    /// running a partial batch. 0 (the default) runs at once with whatever is
+    /// queued: under load, requests queue while a pass runs, so batches still
+    /// fill, and a lone request pays no wait.
     pub max_wait_ms: u64,
     /// Most texts accepted in one embed request.
     pub max_texts_per_request: usize,
@@ -77,7 +79,7 @@ impl Default for InferenceConfig {
             backend: BackendKind::Auto,
             adapter: None,
             max_batch: 32,
-            max_wait_ms: 5,
+            max_wait_ms: 0,
             max_texts_per_request: 256,
             max_text_bytes: 64 * 1024,
             max_tokens: 256,

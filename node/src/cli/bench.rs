@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use cell0_proto::v1::inference_client::InferenceClient;
 use cell0_proto::v1::kv_client::KvClient;
 use cell0_proto::v1::{self, Consistency};
 use clap::{Subcommand, ValueEnum};
@@ -35,6 +36,26 @@ pub enum BenchCommand {
     /// Embeddings/s and matmul GFLOP/s of the local inference engine, per
     /// backend (no cluster needed).
     Infer(InferBench),
+    /// Embed throughput and latency of one node through the public API
+    /// (concurrent requests share forward passes).
+    Embed(EmbedBench),
+}
+
+/// Options of `cell0 bench embed`.
+#[derive(clap::Args)]
+pub struct EmbedBench {
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Texts per request.
+    #[arg(long, default_value_t = 1)]
+    texts: usize,
+    /// Tokens per text, counting the CLS and SEP markers.
+    #[arg(long, default_value_t = 12)]
+    tokens: usize,
 }
 
 /// Options of `cell0 bench infer`.
@@ -131,6 +152,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: BenchCommand) -> anyhow::R
         BenchCommand::Kv(b) => kv(endpoint, output, b).await,
         BenchCommand::Raft(b) => raft(output, b).await,
         BenchCommand::Infer(b) => infer(output, b).await,
+        BenchCommand::Embed(b) => embed(endpoint, output, b).await,
     }
 }
 
@@ -202,6 +224,50 @@ async fn kv(endpoint: &str, output: Output, b: KvBench) -> anyhow::Result<()> {
     let result = BenchResult {
         op: format!("{op:?}").to_lowercase(),
         value_size: b.value_size,
+        ..result
+    };
+    print_results(output, &[result])
+}
+
+async fn embed(endpoint: &str, output: Output, b: EmbedBench) -> anyhow::Result<()> {
+    if b.clients == 0 || b.clients > MAX_CLIENTS {
+        anyhow::bail!("--clients must be between 1 and {MAX_CLIENTS}");
+    }
+    if b.duration == 0 {
+        anyhow::bail!("--duration must be at least 1 second");
+    }
+    if b.texts == 0 || !(2..=512).contains(&b.tokens) {
+        anyhow::bail!("--texts must be at least 1 and --tokens between 2 and 512");
+    }
+    let connections = b.clients.div_ceil(CLIENTS_PER_CONNECTION);
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        channels.push(connect(endpoint).await?);
+    }
+    let texts = vec![cell0_inference::bench::text_of_tokens(b.tokens); b.texts];
+    // One request first, so a missing model fails with its message.
+    InferenceClient::new(channels[0].clone())
+        .embed(v1::EmbedRequest {
+            texts: texts.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(super::rpc_error)?;
+    let result = load(b.clients, b.duration, move |c| {
+        let client = InferenceClient::new(channels[c % connections].clone());
+        let texts = texts.clone();
+        move |_| {
+            let mut client = client.clone();
+            let request = v1::EmbedRequest {
+                texts: texts.clone(),
+                ..Default::default()
+            };
+            async move { client.embed(request).await.is_ok() }
+        }
+    })
+    .await?;
+    let result = BenchResult {
+        op: format!("embed {} x {} tokens", b.texts, b.tokens),
         ..result
     };
     print_results(output, &[result])

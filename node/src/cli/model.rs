@@ -144,6 +144,8 @@ fn upload_stream(
         let Ok(mut f) = std::fs::File::open(&path) else { return };
         let mut sent = 0u64;
         let mut last_pct = u64::MAX;
+        // A terminal gets one updating line; a log gets a line per 10 %.
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
         loop {
             let mut buf = vec![0u8; UPLOAD_CHUNK_BYTES];
             let n = match f.read(&mut buf) {
@@ -153,9 +155,14 @@ fn upload_stream(
             buf.truncate(n);
             sent += n as u64;
             let pct = sent * 100 / size.max(1);
-            if pct != last_pct && size > UPLOAD_CHUNK_BYTES as u64 {
-                eprint!("\r  uploading {label} {pct:>3}%");
-                last_pct = pct;
+            let step = if tty { pct } else { pct / 10 * 10 };
+            if step != last_pct && size > UPLOAD_CHUNK_BYTES as u64 {
+                if tty {
+                    eprint!("\r  uploading {label} {pct:>3}%");
+                } else {
+                    eprintln!("  uploading {label} {step:>3}%");
+                }
+                last_pct = step;
             }
             let msg = v1::UploadRequest {
                 part: Some(Part::Data(buf.into())),
@@ -164,7 +171,7 @@ fn upload_stream(
                 return;
             }
         }
-        if last_pct != u64::MAX {
+        if last_pct != u64::MAX && tty {
             eprintln!();
         }
     });
