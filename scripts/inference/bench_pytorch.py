@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch CPU baseline for `cargo run --release -p cell0-inference --example bench`:
+"""PyTorch CPU baseline for `cell0 bench infer`:
 sentence-transformers' encode() on 2 threads, embeddings/s for batch 1 and 32 of
 texts that tokenize to exactly 12, 128 and 256 tokens (the same texts the Rust
 bench uses: "hello" repeated). Prints JSON.
