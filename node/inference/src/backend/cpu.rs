@@ -58,33 +58,100 @@ pub mod ops {
         x.par_chunks_mut(4096).for_each(gelu_chunk);
     }
 
-    /// The GELU loop, compiled for AVX-512 / AVX2 where the CPU has them:
-    /// the erf polynomial is branch-free, so it vectorizes fully.
-    fn gelu_chunk(c: &mut [f32]) {
-        #[inline(always)]
-        fn body(c: &mut [f32]) {
-            c.iter_mut().for_each(|v| *v = gelu(*v));
+    /// Defines `fn $name($args)` that runs `$body($args)` compiled for
+    /// AVX-512 or AVX2 + FMA when the CPU has them (the crate is built for
+    /// baseline x86-64), else as is. `$body` must be `#[inline(always)]` so
+    /// it is compiled inside each feature-specific copy.
+    macro_rules! simd_kernel {
+        ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
+            $(#[$meta])*
+            $vis fn $name($($arg: $ty),*) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f,avx2,fma")]
+                    fn avx512($($arg: $ty),*) {
+                        $body($($arg),*)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    fn avx2($($arg: $ty),*) {
+                        $body($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: AVX-512F support was just checked.
+                        return unsafe { avx512($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                        // SAFETY: AVX2 and FMA support were just checked.
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                $body($($arg),*)
+            }
+        };
+    }
+
+    simd_kernel!(
+        /// The GELU loop: the erf polynomial is branch-free, so it vectorizes fully.
+        fn gelu_chunk(c: &mut [f32]) => gelu_body
+    );
+
+    #[inline(always)]
+    fn gelu_body(c: &mut [f32]) {
+        c.iter_mut().for_each(|v| *v = gelu(*v));
+    }
+
+    /// `e^x` for `x <= 0` (softmax inputs after the max is subtracted), by
+    /// range reduction to `r` in [-ln2/2, ln2/2] and a degree-6 polynomial:
+    /// relative error below 3e-7, no libm call, so loops over it vectorize.
+    #[inline(always)]
+    pub fn exp_nonpositive(x: f32) -> f32 {
+        // Below this e^x is under f32's normal range; softmax weights there are 0.
+        let x = x.max(-87.0);
+        let k = (x * std::f32::consts::LOG2_E).round();
+        // ln 2 split in two so k·ln2 is subtracted without rounding error.
+        let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
+        let mut p = 1.0 / 720.0;
+        p = p * r + 1.0 / 120.0;
+        p = p * r + 1.0 / 24.0;
+        p = p * r + 1.0 / 6.0;
+        p = p * r + 0.5;
+        p = p * r + 1.0;
+        p = p * r + 1.0;
+        p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    }
+
+    /// Lanes of the vectorized reductions (one AVX-512 register of f32).
+    const LANES: usize = 16;
+
+    /// Max and sum reduce into [`LANES`] independent accumulators: a single
+    /// running float can't be vectorized without reordering its additions.
+    #[inline(always)]
+    fn lane_reduce(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+        let mut acc = [init; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a = f(*a, x);
+            }
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx2,fma")]
-            fn avx512(c: &mut [f32]) {
-                body(c)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            fn avx2(c: &mut [f32]) {
-                body(c)
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: AVX-512F support was just checked.
-                return unsafe { avx512(c) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: AVX2 and FMA support were just checked.
-                return unsafe { avx2(c) };
-            }
+        let tail = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
+        acc.iter().fold(tail, |a, &x| f(a, x))
+    }
+
+    simd_kernel!(
+        /// Softmax of each `n`-wide row of `s`, in place: same result as
+        /// [`softmax_row`] within 1e-7, in passes that vectorize.
+        pub fn softmax_rows(s: &mut [f32], n: usize) => softmax_rows_body
+    );
+
+    #[inline(always)]
+    fn softmax_rows_body(s: &mut [f32], n: usize) {
+        for row in s.chunks_exact_mut(n) {
+            let max = lane_reduce(row, f32::NEG_INFINITY, f32::max);
+            row.iter_mut().for_each(|x| *x = exp_nonpositive(*x - max));
+            let inv = 1.0 / lane_reduce(row, 0.0, |a, b| a + b);
+            row.iter_mut().for_each(|x| *x *= inv);
         }
-        body(c)
     }
 
     /// `dst[m,n] = a[m,k] · w[k,n] (+ bias[n])`, row-major, multi-threaded
@@ -338,7 +405,8 @@ impl CpuBackend {
         })
     }
 
-    fn forward(&self, w: &BertWeights, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    /// Runs the encoder on `batch`; its matrix products use `threads` threads.
+    fn forward(&self, w: &BertWeights, batch: &[Vec<u32>], threads: usize) -> Result<Vec<Vec<f32>>> {
         let c = &w.config;
         let h = c.hidden_size;
         let inter = c.intermediate_size;
@@ -372,6 +440,7 @@ impl CpuBackend {
         let mut ff = vec![0.0f32; t * inter];
         for (li, l) in w.layers.iter().enumerate() {
             self.layer(
+                threads,
                 l,
                 self.transposed.get(li),
                 (h, inter, heads, hd, eps),
@@ -404,6 +473,7 @@ impl CpuBackend {
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
+        threads: usize,
         l: &LayerWeights,
         wt: Option<&[Vec<f32>; 4]>,
         (h, inter, heads, hd, eps): (usize, usize, usize, usize, f32),
@@ -415,7 +485,15 @@ impl CpuBackend {
         ff: &mut [f32],
     ) -> Result<()> {
         let t = x.len() / h;
-        self.linear(qkv, x, &l.qkv_w, wt.map(|w| &w[0][..]), &l.qkv_b, (t, h, 3 * h))?;
+        self.linear(
+            threads,
+            qkv,
+            x,
+            &l.qkv_w,
+            wt.map(|w| &w[0][..]),
+            &l.qkv_b,
+            (t, h, 3 * h),
+        )?;
 
         let scale = 1.0 / (hd as f32).sqrt();
         let qkv_ro: &[f32] = qkv;
@@ -433,11 +511,35 @@ impl CpuBackend {
             }
         }
 
-        self.linear(tmp, ctx, &l.attn_out_w, wt.map(|w| &w[1][..]), &l.attn_out_b, (t, h, h))?;
+        self.linear(
+            threads,
+            tmp,
+            ctx,
+            &l.attn_out_w,
+            wt.map(|w| &w[1][..]),
+            &l.attn_out_b,
+            (t, h, h),
+        )?;
         ops::layer_norm(x, Some(tmp), &l.ln1_g, &l.ln1_b, h, eps);
-        self.linear(ff, x, &l.ff_in_w, wt.map(|w| &w[2][..]), &l.ff_in_b, (t, h, inter))?;
+        self.linear(
+            threads,
+            ff,
+            x,
+            &l.ff_in_w,
+            wt.map(|w| &w[2][..]),
+            &l.ff_in_b,
+            (t, h, inter),
+        )?;
         ops::gelu_inplace(ff);
-        self.linear(tmp, ff, &l.ff_out_w, wt.map(|w| &w[3][..]), &l.ff_out_b, (t, inter, h))?;
+        self.linear(
+            threads,
+            tmp,
+            ff,
+            &l.ff_out_w,
+            wt.map(|w| &w[3][..]),
+            &l.ff_out_b,
+            (t, inter, h),
+        )?;
         ops::layer_norm(x, Some(tmp), &l.ln2_g, &l.ln2_b, h, eps);
         Ok(())
     }
@@ -448,6 +550,7 @@ impl CpuBackend {
     /// for short batches when the CPU has it, the packed GEMM otherwise.
     fn linear(
         &self,
+        threads: usize,
         dst: &mut [f32],
         x: &[f32],
         w: &[f32],
@@ -463,11 +566,39 @@ impl CpuBackend {
                 for row in dst.chunks_exact_mut(n) {
                     row.copy_from_slice(bias);
                 }
-                skinny::matmul_t_acc(dst, x, wt, (m, k, n), self.threads)
+                skinny::matmul_t_acc(dst, x, wt, (m, k, n), threads)
             }
-            _ => ops::matmul_bias_into(dst, x, w, Some(bias), (m, k, n), self.threads),
+            _ => ops::matmul_bias_into(dst, x, w, Some(bias), (m, k, n), threads),
         }
     }
+}
+
+/// Least tokens per thread for which a batch is split by sequence rather
+/// than running each product on every thread.
+const MIN_TOKENS_PER_THREAD: usize = 256;
+
+/// Splits `batch` into at most `threads` consecutive groups with about the
+/// same number of tokens each; one group when the batch is too small to
+/// share (then every product runs on all threads instead).
+fn split_by_tokens(batch: &[Vec<u32>], threads: usize) -> Vec<&[Vec<u32>]> {
+    let total: usize = batch.iter().map(Vec::len).sum();
+    let parts = threads.min(batch.len()).min(total / MIN_TOKENS_PER_THREAD).max(1);
+    let mut groups = Vec::with_capacity(parts);
+    let (mut start, mut before) = (0, 0);
+    for (i, s) in batch.iter().enumerate() {
+        // Cut before a sequence whose middle lies past the current group's
+        // share, so the split lands at the nearest sequence boundary.
+        let middle = before + s.len() / 2;
+        if i > start && groups.len() + 1 < parts && middle * parts >= total * (groups.len() + 1) {
+            groups.push(&batch[start..i]);
+            start = i;
+        }
+        before += s.len();
+    }
+    if start < batch.len() {
+        groups.push(&batch[start..]);
+    }
+    groups
 }
 
 /// Attention of one head over one packed sequence of `n` tokens starting at
@@ -507,9 +638,7 @@ fn attention_head(qkv: &[f32], o: usize, n: usize, hh: usize, h: usize, hd: usiz
             gemm::Parallelism::None,
         );
     }
-    for row in s.chunks_exact_mut(n) {
-        ops::softmax_row(row);
-    }
+    ops::softmax_rows(&mut s, n);
     // SAFETY: as above.
     unsafe {
         gemm::gemm(
@@ -581,7 +710,21 @@ impl Backend for CpuBackend {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.pool.install(|| self.forward(w, batch))
+        let groups = split_by_tokens(batch, self.threads);
+        if groups.len() < 2 {
+            return self.pool.install(|| self.forward(w, batch, self.threads));
+        }
+        // Sequences are independent through the whole encoder, so each
+        // thread runs every layer on its own share with single-threaded
+        // products: one fork-join per batch instead of several per layer,
+        // whose wake-ups cost a quarter of the time of long batches.
+        let parts = self.pool.install(|| {
+            groups
+                .par_iter()
+                .map(|g| self.forward(w, g, 1))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(parts.into_iter().flatten().collect())
     }
 
     fn matmul(&self, a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
@@ -604,4 +747,52 @@ fn cpu_name() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lens(groups: &[&[Vec<u32>]]) -> Vec<Vec<usize>> {
+        groups.iter().map(|g| g.iter().map(Vec::len).collect()).collect()
+    }
+
+    #[test]
+    fn fast_exp_and_softmax_match_libm() {
+        let mut worst = 0f32;
+        for i in 0..=100_000 {
+            let x = -88.0 * i as f32 / 100_000.0;
+            let (got, want) = (ops::exp_nonpositive(x), x.exp());
+            if want > 1e-30 {
+                worst = worst.max(((got - want) / want).abs());
+            }
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        let row: Vec<f32> = (0..77).map(|i| ((i * 37) % 23) as f32 * 0.7 - 5.0).collect();
+        let mut fast = [row.clone(), row.clone()].concat();
+        ops::softmax_rows(&mut fast, 77);
+        let mut exact = row;
+        ops::softmax_row(&mut exact);
+        for (a, b) in fast[77..].iter().zip(&exact) {
+            assert!((a - b).abs() < 1e-7, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn batches_split_into_consecutive_groups_of_similar_token_counts() {
+        let batch: Vec<Vec<u32>> = [100, 100, 200, 300, 300].iter().map(|&n| vec![0; n]).collect();
+        assert_eq!(
+            lens(&split_by_tokens(&batch, 2)),
+            vec![vec![100, 100, 200], vec![300, 300]]
+        );
+        assert_eq!(lens(&split_by_tokens(&batch, 1)).len(), 1);
+        // Too few tokens to be worth splitting.
+        let small: Vec<Vec<u32>> = vec![vec![0; 12]; 32];
+        assert_eq!(split_by_tokens(&small, 2).len(), 1);
+        // Never more groups than sequences, and nothing lost.
+        let two: Vec<Vec<u32>> = vec![vec![0; 4000]; 2];
+        let groups = split_by_tokens(&two, 8);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), 2);
+    }
 }
