@@ -485,7 +485,7 @@ impl CpuBackend {
         ff: &mut [f32],
     ) -> Result<()> {
         let t = x.len() / h;
-        self.linear(
+        linear(
             threads,
             qkv,
             x,
@@ -511,7 +511,7 @@ impl CpuBackend {
             }
         }
 
-        self.linear(
+        linear(
             threads,
             tmp,
             ctx,
@@ -521,7 +521,7 @@ impl CpuBackend {
             (t, h, h),
         )?;
         ops::layer_norm(x, Some(tmp), &l.ln1_g, &l.ln1_b, h, eps);
-        self.linear(
+        linear(
             threads,
             ff,
             x,
@@ -531,7 +531,7 @@ impl CpuBackend {
             (t, h, inter),
         )?;
         ops::gelu_inplace(ff);
-        self.linear(
+        linear(
             threads,
             tmp,
             ff,
@@ -545,31 +545,29 @@ impl CpuBackend {
     }
 }
 
-impl CpuBackend {
-    /// `dst = x · w + bias`: the few-rows kernel (weights `wt`, `[out, in]`)
-    /// for short batches when the CPU has it, the packed GEMM otherwise.
-    fn linear(
-        &self,
-        threads: usize,
-        dst: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        wt: Option<&[f32]>,
-        bias: &[f32],
-        (m, k, n): (usize, usize, usize),
-    ) -> Result<()> {
-        match wt {
-            Some(wt) if m <= skinny::MAX_ROWS && x.len() == m * k && wt.len() == k * n && dst.len() == m * n => {
-                if bias.len() != n {
-                    return Err(InferenceError::Backend("linear: bias length".into()));
-                }
-                for row in dst.chunks_exact_mut(n) {
-                    row.copy_from_slice(bias);
-                }
-                skinny::matmul_t_acc(dst, x, wt, (m, k, n), threads)
+/// `dst = x · w + bias` on `threads` threads: the few-rows kernel (weights
+/// `wt`, `[out, in]`) for short batches when the CPU has it, the packed GEMM
+/// otherwise.
+fn linear(
+    threads: usize,
+    dst: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    wt: Option<&[f32]>,
+    bias: &[f32],
+    (m, k, n): (usize, usize, usize),
+) -> Result<()> {
+    match wt {
+        Some(wt) if m <= skinny::MAX_ROWS && x.len() == m * k && wt.len() == k * n && dst.len() == m * n => {
+            if bias.len() != n {
+                return Err(InferenceError::Backend("linear: bias length".into()));
             }
-            _ => ops::matmul_bias_into(dst, x, w, Some(bias), (m, k, n), threads),
+            for row in dst.chunks_exact_mut(n) {
+                row.copy_from_slice(bias);
+            }
+            skinny::matmul_t_acc(dst, x, wt, (m, k, n), threads)
         }
+        _ => ops::matmul_bias_into(dst, x, w, Some(bias), (m, k, n), threads),
     }
 }
 
