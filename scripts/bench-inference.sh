@@ -17,6 +17,12 @@ out="${CELL0_BENCH_OUT:-$(mktemp -d)}"
 mkdir -p "$out"
 min_seconds=2
 [ "${1:-}" = "--quick" ] && min_seconds=0.5
+# Lavapipe warns when XDG_RUNTIME_DIR is unset; give it a private one.
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+  export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/cell0-xdg-$(id -u)"
+  mkdir -p "$XDG_RUNTIME_DIR"
+  chmod 700 "$XDG_RUNTIME_DIR"
+fi
 
 bash "$root/scripts/setup.sh"
 bash "$root/scripts/fetch-model.sh"
