@@ -1,4 +1,4 @@
-"""Put through one Cell0 node and Get through every node, with a client
+"""Put through one Cell0 node and Get (and Embed) through every node, with a client
 generated from proto/ by grpcio-tools: proves the .proto files are a usable
 contract for other languages."""
 
@@ -7,7 +7,7 @@ import uuid
 
 import grpc
 
-from cell0.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
+from cell0.v1 import cluster_pb2, cluster_pb2_grpc, inference_pb2, inference_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 
 def main(endpoints):
@@ -32,6 +32,29 @@ def main(endpoints):
             if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 sys.exit(f"oversize key gave {e.code()}, expected INVALID_ARGUMENT")
             print(f"oversize key: {e.code().name}: {e.details()}")
+    # Embed through every node, when a model is registered (the bootstrap
+    # script registers one): every node gives the same unit vectors.
+    texts = ["Cell0 runs agents", "nodes share models"]
+    vectors = []
+    for endpoint in endpoints:
+        with grpc.insecure_channel(endpoint) as ch:
+            try:
+                r = inference_pb2_grpc.InferenceStub(ch).Embed(inference_pb2.EmbedRequest(texts=texts), timeout=30)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    print(f"embed via {endpoint}: skipped ({e.details()})")
+                    continue
+                raise
+            vecs = [list(e.values) for e in r.embeddings]
+            norms = [sum(v * v for v in vec) ** 0.5 for vec in vecs]
+            if len(vecs) != 2 or r.dim != len(vecs[0]) or any(abs(n - 1) > 1e-4 for n in norms):
+                sys.exit(f"embed via {endpoint}: unexpected answer (dim {r.dim}, norms {norms})")
+            vectors.append(vecs)
+            print(f"embed via {endpoint}: {r.model} v{r.version}, {r.dim} dimensions")
+    for other in vectors[1:]:
+        diff = max(abs(a - b) for va, vb in zip(vectors[0], other) for a, b in zip(va, vb))
+        if diff > 1e-4:
+            sys.exit(f"nodes disagree on embeddings by {diff}")
     print("python client: all checks passed")
 
 
