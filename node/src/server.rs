@@ -1,11 +1,14 @@
 //! `cell0 run`: wires a node together and runs it until a signal.
 //!
 //! Start-up order: open the data dir, bind every port (so a port in use fails
-//! fast with a clear message), start Raft, serve, then bootstrap or join.
+//! fast with a clear message), start Raft, open the inference engine (a bad
+//! `[inference]` setting fails here) and the model manager, serve, then
+//! bootstrap or join.
 //! Shutdown on SIGTERM/SIGINT: stop accepting, let in-flight requests finish
 //! (bounded), stop Raft, flush storage. A second signal exits at once.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,7 +21,6 @@ use cell0_proto::v1::cluster_server::ClusterServer;
 use cell0_proto::v1::inference_server::InferenceServer;
 use cell0_proto::v1::kv_server::KvServer;
 use cell0_proto::v1::models_server::ModelsServer;
-use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 

@@ -267,7 +267,16 @@ impl ModelManager {
             (n, _) => n,
         };
         let key = if version == 0 {
-            served.keys().filter(|k| k.name == name).max().cloned()
+            // The highest version this node can serve now, so a new version
+            // being fetched does not interrupt the previous one; the highest
+            // registered one (for its progress) when none is ready.
+            let versions = || served.iter().filter(|(k, _)| k.name == name);
+            versions()
+                .filter(|(_, s)| matches!(s.state, ServedState::Ready(_)))
+                .map(|(k, _)| k)
+                .max()
+                .or_else(|| versions().map(|(k, _)| k).max())
+                .cloned()
         } else {
             Some(ModelKey {
                 name: name.to_string(),
@@ -370,9 +379,14 @@ async fn reconcile(inner: &Arc<Inner>) -> Result<bool, ModelError> {
     let mut complete = true;
     for (key, entry) in &wanted {
         if let Err(e) = ensure(inner, key, entry).await {
-            tracing::warn!(model = %key, error = %e, "model not ready; will retry");
-            set_state(inner, key, &entry.manifest, ServedState::Failed(e.to_string()));
             complete = false;
+            // A loaded version keeps serving when only reporting it failed.
+            if !is_ready(inner, key, &entry.manifest) {
+                tracing::warn!(model = %key, error = %e, "model not ready; will retry");
+                set_state(inner, key, &entry.manifest, ServedState::Failed(e.to_string()));
+            } else {
+                tracing::warn!(model = %key, error = %e, "cannot record this node as a holder yet; will retry");
+            }
         }
     }
     metrics::gauge!("cell0_models_ready").set(
@@ -416,14 +430,17 @@ fn set_state(inner: &Inner, key: &ModelKey, manifest: &ModelManifest, state: Ser
     );
 }
 
+/// Whether `key` is loaded with exactly `manifest`'s files (a version removed
+/// and registered again with other files between two passes is not).
+fn is_ready(inner: &Inner, key: &ModelKey, manifest: &ModelManifest) -> bool {
+    let served = inner.served.read().unwrap_or_else(|p| p.into_inner());
+    served
+        .get(key)
+        .is_some_and(|s| s.manifest == *manifest && matches!(s.state, ServedState::Ready(_)))
+}
+
 async fn ensure(inner: &Arc<Inner>, key: &ModelKey, entry: &ModelEntry) -> Result<(), ModelError> {
-    let ready = {
-        let served = inner.served.read().unwrap_or_else(|p| p.into_inner());
-        served
-            .get(key)
-            .is_some_and(|s| s.manifest == entry.manifest && matches!(s.state, ServedState::Ready(_)))
-    };
-    if !ready {
+    if !is_ready(inner, key, &entry.manifest) {
         ensure_files(inner, key, entry).await?;
         set_state(inner, key, &entry.manifest, ServedState::Loading);
         let batcher = load(inner, &entry.manifest).await?;
