@@ -78,8 +78,8 @@ async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, deadline: Duration, mut
     }
 }
 
-/// `cell0 model add DIR --name minilm --version 1` through `endpoint`, JSON output.
-fn add_minilm(dir: &std::path::Path, endpoint: &str) -> std::process::Output {
+/// `cell0 model add DIR --name minilm --version V` through `endpoint`, JSON output.
+fn add_minilm(dir: &std::path::Path, version: u32, endpoint: &str) -> std::process::Output {
     cli(&[
         "model",
         "add",
@@ -87,7 +87,7 @@ fn add_minilm(dir: &std::path::Path, endpoint: &str) -> std::process::Output {
         "--name",
         "minilm",
         "--version",
-        "1",
+        &version.to_string(),
         "--output",
         "json",
         "--endpoint",
@@ -133,7 +133,7 @@ async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddi
     assert!(err.message().contains("cell0 model add"), "{}", err.message());
 
     // Register through the second node; the others get it from it.
-    let added = json(&add_minilm(&dir, &nodes[1].endpoint()));
+    let added = json(&add_minilm(&dir, 1, &nodes[1].endpoint()));
     assert_eq!(added["created"], true, "{added}");
     assert_eq!(added["files"], 10);
     let endpoint0 = nodes[0].endpoint();
@@ -161,14 +161,14 @@ async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddi
 
     // Adding the same version again changes nothing; other files under the
     // same version are refused.
-    let again = json(&add_minilm(&dir, &nodes[2].endpoint()));
+    let again = json(&add_minilm(&dir, 1, &nodes[2].endpoint()));
     assert_eq!(again["created"], false, "{again}");
     let other = tempfile::tempdir().unwrap();
     for f in ["config.json", "tokenizer.json", "model.safetensors"] {
         std::fs::hard_link(dir.join(f), other.path().join(f)).unwrap();
     }
     std::fs::write(other.path().join("README"), "tuned").unwrap();
-    let out = add_minilm(other.path(), &nodes[0].endpoint());
+    let out = add_minilm(other.path(), 1, &nodes[0].endpoint());
     assert!(!out.status.success());
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
 
@@ -235,6 +235,30 @@ async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddi
         single - single_before < batches,
         "some forward passes served several requests"
     );
+
+    // A second version takes over once ready; removing the first keeps the
+    // files the second shares and leaves it serving.
+    let v2 = json(&add_minilm(&dir, 2, &nodes[0].endpoint()));
+    assert_eq!(v2["created"], true, "{v2}");
+    wait_until("every node serves version 2", DEADLINE, async || {
+        let mut all = true;
+        for endpoint in [&endpoint0, &nodes[1].endpoint(), &endpoint2] {
+            all &= embed(endpoint, &["x"]).await.is_ok_and(|r| r.version == 2);
+        }
+        all
+    })
+    .await;
+    let out = cli(&["model", "rm", "minilm", "--version", "1", "--endpoint", &endpoint2]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("version 1 is gone", DEADLINE, async || {
+        let ls = json(&cli(&["model", "ls", "--output", "json", "--endpoint", &endpoint0]));
+        ls.as_array().unwrap().len() == 1 && ls[0]["version"] == 2
+    })
+    .await;
+    let r = embed(&endpoint2, &[refs[0].text.as_str()]).await.unwrap();
+    assert_eq!(r.version, 2);
+    assert_close(&r.embeddings[0].values, &refs[0].embedding, "version 2");
+    assert!(blob.is_file(), "files shared with version 2 stay");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
