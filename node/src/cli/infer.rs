@@ -22,7 +22,7 @@ pub enum InferCommand {
         /// Model name (default: the only registered model).
         #[arg(long, default_value = "")]
         model: String,
-        /// Model version (default: the highest).
+        /// Model version (default: the highest the node has ready).
         #[arg(long, default_value_t = 0)]
         version: u32,
     },

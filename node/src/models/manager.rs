@@ -241,7 +241,7 @@ impl ModelManager {
     }
 
     /// Embeds `texts` with the named version (empty name: the only
-    /// registered model; version 0: its highest version).
+    /// registered model; version 0: its highest ready version).
     pub async fn embed(&self, name: &str, version: u32, texts: &[String]) -> Result<Embedded, ModelError> {
         let (key, batcher) = self.select(name, version)?;
         let vectors = batcher.embed(texts).await?;
