@@ -270,47 +270,30 @@ async fn bad_model_requests_get_clear_errors() {
     // A directory without the files the architecture needs.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), "{}").unwrap();
-    let out = cli(&[
-        "model",
-        "add",
-        dir.path().to_str().unwrap(),
-        "--name",
-        "m",
-        "--version",
-        "1",
-        "--endpoint",
-        &endpoint,
-    ]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("manifest.files"), "{}", stderr(&out));
-
-    let out = cli(&[
-        "model",
-        "add",
-        dir.path().to_str().unwrap(),
-        "--name",
-        "Bad Name",
-        "--version",
-        "1",
-        "--endpoint",
-        &endpoint,
-    ]);
-    assert!(stderr(&out).contains("manifest.name"), "{}", stderr(&out));
-
-    let out = cli(&[
-        "model",
-        "add",
-        dir.path().to_str().unwrap(),
-        "--name",
-        "m",
-        "--version",
-        "1",
-        "--architecture",
-        "gpt-9",
-        "--endpoint",
-        &endpoint,
-    ]);
-    assert!(stderr(&out).contains("manifest.architecture"), "{}", stderr(&out));
+    let dir_arg = dir.path().to_str().unwrap();
+    for (name, extra, want) in [
+        ("m", None, "manifest.files"),
+        ("Bad Name", None, "manifest.name"),
+        ("m", Some("gpt-9"), "manifest.architecture"),
+    ] {
+        let mut args = vec![
+            "model",
+            "add",
+            dir_arg,
+            "--name",
+            name,
+            "--version",
+            "1",
+            "--endpoint",
+            &endpoint,
+        ];
+        if let Some(arch) = extra {
+            args.extend(["--architecture", arch]);
+        }
+        let out = cli(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
 
     let out = cli(&["model", "rm", "nope", "--version", "3", "--endpoint", &endpoint]);
     assert!(!out.status.success());
