@@ -14,7 +14,6 @@ use cell0_proto::v1::models_client::ModelsClient;
 use cell0_proto::v1::{self, upload_request::Part};
 use clap::Subcommand;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::{Output, connect, print_json, print_list, rpc_error};
 
@@ -109,20 +108,10 @@ fn list_files(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
 }
 
 fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; UPLOAD_CHUNK_BYTES];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    Ok((digest, size))
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    Ok((cell0_inference::model::sha256_file(path)?, size))
 }
 
 /// Streams `path` as an upload: header first, then 1 MiB chunks, read on a

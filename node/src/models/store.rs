@@ -13,7 +13,7 @@
 //! half-written or unverified blob under a final name.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,9 +21,6 @@ use cell0_consensus::ModelManifest;
 use sha2::{Digest, Sha256};
 
 use super::ModelError;
-
-/// Read buffer for hashing.
-const HASH_BUF_BYTES: usize = 1 << 20;
 
 /// The model files of one node.
 #[derive(Debug)]
@@ -63,18 +60,8 @@ fn io_err(path: &Path, e: std::io::Error) -> ModelError {
 }
 
 /// The sha256 of `path`'s content, in lowercase hex.
-pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
-    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; HASH_BUF_BYTES];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| io_err(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
+fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    Ok(cell0_inference::model::sha256_file(path)?)
 }
 
 fn hex(bytes: &[u8]) -> String {
