@@ -159,6 +159,16 @@ async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddi
         first.get_or_insert(r);
     }
 
+    // Over the limits: the field is named.
+    let many = vec!["x"; 257];
+    let err = embed(&endpoint0, &many).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("texts "), "{}", err.message());
+    let long = "y".repeat(64 * 1024 + 1);
+    let err = embed(&endpoint0, &["ok", &long]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("texts[1] "), "{}", err.message());
+
     // Adding the same version again changes nothing; other files under the
     // same version are refused.
     let again = json(&add_minilm(&dir, 1, &nodes[2].endpoint()));
