@@ -269,6 +269,25 @@ async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddi
     assert_eq!(r.version, 2);
     assert_close(&r.embeddings[0].values, &refs[0].embedding, "version 2");
     assert!(blob.is_file(), "files shared with version 2 stay");
+
+    // A node that joins later gets every registered version from the others.
+    let mut fourth = Node::start(
+        "node4",
+        &root.path().join("node4"),
+        Ports::new(),
+        Some(nodes[0].endpoint()),
+    );
+    fourth.wait_ready();
+    let endpoint4 = fourth.endpoint();
+    // While it replays the log it may briefly serve version 1, which was
+    // still registered at that point of the log; it converges on version 2.
+    wait_until("the new node serves version 2", DEADLINE, async || {
+        embed(&endpoint4, &["x"]).await.is_ok_and(|r| r.version == 2)
+    })
+    .await;
+    let r = embed(&endpoint4, &[refs[1].text.as_str()]).await.unwrap();
+    assert_eq!(r.version, 2);
+    assert_close(&r.embeddings[0].values, &refs[1].embedding, "on the late joiner");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
