@@ -44,9 +44,13 @@ impl ModelsApi {
             ));
         }
         let store = self.models.store().clone();
-        let mut partial = (!store.has(&header.sha256))
-            .then(|| store.start_upload(&header.sha256))
-            .transpose()?;
+        if store.has(&header.sha256) {
+            // Answering before the bytes arrive ends the call: the client
+            // stops sending instead of streaming a file the node holds.
+            self.models.uploaded(&header.sha256);
+            return Ok(false);
+        }
+        let mut partial = store.start_upload(&header.sha256)?;
         let mut received = 0u64;
         while let Some(msg) = stream
             .message()
@@ -63,15 +67,8 @@ impl ModelsApi {
                     format!("exceeds header.size ({} bytes)", header.size),
                 ));
             }
-            if let Some(p) = &mut partial {
-                p.write(&data)?;
-            }
+            partial.write(&data)?;
         }
-        let Some(partial) = partial else {
-            // Already held: the bytes were only counted.
-            self.models.uploaded(&header.sha256);
-            return Ok(false);
-        };
         let sha = header.sha256.clone();
         tokio::task::spawn_blocking(move || store.commit(partial, &sha, header.size))
             .await
