@@ -4,11 +4,15 @@
 //! embeddings per second for fixed batch sizes and token lengths (texts that
 //! tokenize to exactly that many tokens, tokenization included, as
 //! sentence-transformers' `encode` does), and matmul GFLOP/s on square
-//! matrices (for wgpu: upload and readback included). Results are plain
+//! matrices (for wgpu: upload and readback included). With
+//! [`BenchModel::Random`] it needs no model files: random weights of the
+//! model's shapes, forward passes on token ids (a machine that is lent only a
+//! binary, such as a GPU host, can run it). Results are plain
 //! serde structs; progress goes to a callback so the CLI can print as it goes.
 //! Each case runs one warm-up pass, then repeats until `min_seconds` have
 //! passed (at least once).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +21,7 @@ use crate::backend::{Backend, BackendInfo};
 use crate::config::{BackendKind, InferenceConfig};
 use crate::embedder::{Embedder, ModelSource, TextEmbedder, open_backend};
 use crate::error::{InferenceError, Result};
+use crate::model::{BertConfig, BertWeights, pseudo_random};
 
 /// What to measure.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,19 +155,6 @@ fn timed<F: FnMut() -> Result<()>>(min_seconds: f64, mut f: F) -> Result<(usize,
     }
 }
 
-/// Deterministic pseudo-random matrix (no RNG dependency at run time).
-fn matrix(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s % 2000) as f32 / 1000.0 - 1.0
-        })
-        .collect()
-}
-
 /// Measures matmul GFLOP/s of one backend.
 pub fn bench_matmul(
     backend: &dyn Backend,
@@ -172,8 +164,8 @@ pub fn bench_matmul(
 ) -> Result<Vec<MatmulResult>> {
     let mut out = Vec::new();
     for &n in sizes {
-        let a = matrix(n * n, 1);
-        let b = matrix(n * n, 2);
+        let a = pseudo_random(n * n, 1, 1.0);
+        let b = pseudo_random(n * n, 2, 1.0);
         let (iterations, seconds) = timed(min_seconds, || backend.matmul(&a, &b, n, n, n).map(drop))?;
         let gflops = 2.0 * (n as f64).powi(3) * iterations as f64 / seconds / 1e9;
         progress(&format!("{} matmul {n}: {gflops:.1} GFLOP/s", backend.info().backend));
@@ -187,26 +179,17 @@ pub fn bench_matmul(
     Ok(out)
 }
 
-/// Measures embeddings/s of one loaded model.
-pub fn bench_embed(
-    embedder: &TextEmbedder,
+/// Times `run(batch, tokens)` for every case of `opts`.
+fn embed_cases(
+    name: &str,
     opts: &BenchOptions,
     progress: &mut dyn FnMut(&str),
+    mut run: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<Vec<EmbedResult>> {
     let mut out = Vec::new();
-    let name = embedder.backend_info().backend;
     for &tokens in &opts.token_lengths {
-        let text = text_of_tokens(tokens);
-        let got = embedder.tokenize(&[text.as_str()])?[0].len();
-        if got != tokens {
-            return Err(InferenceError::Backend(format!(
-                "bench text tokenizes to {got} tokens, wanted {tokens} (model max {})",
-                embedder.model_info().max_tokens
-            )));
-        }
         for &batch in &opts.batch_sizes {
-            let texts = vec![text.as_str(); batch];
-            let (iterations, seconds) = timed(opts.min_seconds, || embedder.embed(&texts).map(drop))?;
+            let (iterations, seconds) = timed(opts.min_seconds, || run(batch, tokens))?;
             let eps = (batch * iterations) as f64 / seconds;
             progress(&format!(
                 "{name} embed batch {batch} x {tokens} tokens: {eps:.1} embeddings/s"
@@ -223,8 +206,62 @@ pub fn bench_embed(
     Ok(out)
 }
 
-/// Runs the whole benchmark with the model of `source`.
-pub fn run(source: &ModelSource, opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+/// Measures embeddings/s of one loaded model, tokenization included.
+pub fn bench_embed(
+    embedder: &TextEmbedder,
+    opts: &BenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<EmbedResult>> {
+    let mut texts = std::collections::BTreeMap::new();
+    for &tokens in &opts.token_lengths {
+        let text = text_of_tokens(tokens);
+        let got = embedder.tokenize(&[text.as_str()])?[0].len();
+        if got != tokens {
+            return Err(InferenceError::Backend(format!(
+                "bench text tokenizes to {got} tokens, wanted {tokens} (model max {})",
+                embedder.model_info().max_tokens
+            )));
+        }
+        texts.insert(tokens, text);
+    }
+    let name = embedder.backend_info().backend;
+    embed_cases(&name, opts, progress, |batch, tokens| {
+        let text = texts.get(&tokens).map_or("", String::as_str);
+        embedder.embed(&vec![text; batch]).map(drop)
+    })
+}
+
+/// Measures embeddings/s of a backend's forward pass on token ids
+/// (`[CLS]`, pseudo-random ids, `[SEP]`): no tokenizer, so no model files.
+pub fn bench_forward(
+    backend: &dyn Backend,
+    vocab: usize,
+    opts: &BenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<EmbedResult>> {
+    const CLS: u32 = 101;
+    const SEP: u32 = 102;
+    let name = backend.info().backend;
+    embed_cases(&name, opts, progress, |batch, tokens| {
+        // Spread over the vocabulary past its special tokens.
+        let span = (vocab as u32).saturating_sub(1000).max(1);
+        let ids = (0..tokens.saturating_sub(2) as u32).map(|j| 1000 + j.wrapping_mul(7919) % span);
+        let seq: Vec<u32> = std::iter::once(CLS).chain(ids).chain(std::iter::once(SEP)).collect();
+        backend.embed(&vec![seq; batch]).map(drop)
+    })
+}
+
+/// What the benchmark runs.
+#[derive(Debug, Clone)]
+pub enum BenchModel<'a> {
+    /// A model's files: tokenizer and trained weights.
+    Files(&'a ModelSource),
+    /// Random weights of a model's shapes, for machines that get only a binary.
+    Random(BertConfig),
+}
+
+/// Runs the whole benchmark on every backend of `opts`.
+pub fn run(model: &BenchModel<'_>, opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     opts.validate()?;
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -238,15 +275,33 @@ pub fn run(source: &ModelSource, opts: &BenchOptions, progress: &mut dyn FnMut(&
             max_tokens: opts.token_lengths.iter().copied().max().unwrap_or(256).max(256),
             ..InferenceConfig::default()
         };
-        progress(&format!("loading {} on {kind}", source.name));
-        let embedder = TextEmbedder::load_on(source, &config, open_backend(&config)?)?;
-        let info = embedder.backend_info();
-        progress(&format!(
-            "{kind}: {} ({}, {})",
-            info.adapter, info.device_type, info.api
-        ));
-        let embed = bench_embed(&embedder, opts, progress)?;
-        let matmul = bench_matmul(embedder.backend(), &opts.matmul_sizes, opts.min_seconds, progress)?;
+        let (info, embed, matmul) = match model {
+            BenchModel::Random(shape) => {
+                progress(&format!("uploading random weights on {kind}"));
+                let mut backend = open_backend(&config)?;
+                backend.upload(Arc::new(BertWeights::random(shape.clone(), 1)))?;
+                let info = backend.info();
+                progress(&format!(
+                    "{kind}: {} ({}, {})",
+                    info.adapter, info.device_type, info.api
+                ));
+                let embed = bench_forward(backend.as_ref(), shape.vocab_size, opts, progress)?;
+                let matmul = bench_matmul(backend.as_ref(), &opts.matmul_sizes, opts.min_seconds, progress)?;
+                (info, embed, matmul)
+            }
+            BenchModel::Files(source) => {
+                progress(&format!("loading {} on {kind}", source.name));
+                let embedder = TextEmbedder::load_on(source, &config, open_backend(&config)?)?;
+                let info = embedder.backend_info();
+                progress(&format!(
+                    "{kind}: {} ({}, {})",
+                    info.adapter, info.device_type, info.api
+                ));
+                let embed = bench_embed(&embedder, opts, progress)?;
+                let matmul = bench_matmul(embedder.backend(), &opts.matmul_sizes, opts.min_seconds, progress)?;
+                (info, embed, matmul)
+            }
+        };
         backends.push(BackendResult {
             requested: kind,
             info,
@@ -255,7 +310,10 @@ pub fn run(source: &ModelSource, opts: &BenchOptions, progress: &mut dyn FnMut(&
         });
     }
     Ok(BenchReport {
-        model: source.name.clone(),
+        model: match model {
+            BenchModel::Files(source) => source.name.clone(),
+            BenchModel::Random(_) => "random weights of the model's shape".into(),
+        },
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         optimized_build: !cfg!(debug_assertions),
         started_unix,

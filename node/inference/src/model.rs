@@ -172,6 +172,22 @@ impl BertConfig {
         Ok(c)
     }
 
+    /// The shape of all-MiniLM-L6-v2 (its `config.json`), for benchmarks on
+    /// machines without the model files.
+    pub fn minilm_l6_v2() -> Self {
+        Self {
+            hidden_size: 384,
+            num_hidden_layers: 6,
+            num_attention_heads: 12,
+            intermediate_size: 1536,
+            vocab_size: 30522,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            hidden_act: "gelu".into(),
+        }
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
@@ -284,7 +300,58 @@ pub fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
+/// `n` deterministic pseudo-random values in `[-scale, scale)` (xorshift; no
+/// RNG dependency, the same on every machine).
+pub fn pseudo_random(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            ((s % 2000) as f32 / 1000.0 - 1.0) * scale
+        })
+        .collect()
+}
+
 impl BertWeights {
+    /// Weights of `config`'s shapes with pseudo-random values (±0.05, layer
+    /// norm scales 1), for timing a backend where the model files are not
+    /// available. Not a model: its embeddings mean nothing.
+    pub fn random(config: BertConfig, seed: u32) -> Self {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let mut seed = seed;
+        let mut next = |n: usize| {
+            seed = seed.wrapping_add(1);
+            pseudo_random(n, seed, 0.05)
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| LayerWeights {
+                qkv_w: next(h * 3 * h),
+                qkv_b: next(3 * h),
+                attn_out_w: next(h * h),
+                attn_out_b: next(h),
+                ln1_g: vec![1.0; h],
+                ln1_b: vec![0.0; h],
+                ff_in_w: next(h * i),
+                ff_in_b: next(i),
+                ff_out_w: next(i * h),
+                ff_out_b: next(h),
+                ln2_g: vec![1.0; h],
+                ln2_b: vec![0.0; h],
+            })
+            .collect();
+        Self {
+            word_emb: next(config.vocab_size * h),
+            pos_emb: next(config.max_position_embeddings * h),
+            type_emb: next(config.type_vocab_size * h),
+            emb_ln_g: vec![1.0; h],
+            emb_ln_b: vec![0.0; h],
+            layers,
+            config,
+        }
+    }
+
     /// Memory-maps `path` and reads every tensor, checking names, dtypes and shapes.
     pub fn load(path: &Path, config: BertConfig) -> Result<Self> {
         let file = File::open(path).map_err(|source| InferenceError::Io {

@@ -1,4 +1,7 @@
-//! Config validation, backend selection and the similarity helper.
+//! Config validation, backend selection, the similarity helper and the
+//! random-weight bench.
+
+mod common;
 
 use cell0_inference::{BackendKind, InferenceConfig, InferenceError, cosine, open_backend, top_k_cosine};
 
@@ -116,4 +119,27 @@ fn top_k_cosine_orders_by_similarity() {
     assert!(top_k_cosine(&[1.0, 0.0], &[], 3).is_empty());
     assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
     assert_eq!(cosine(&[1.0], &[1.0, 0.0]), 0.0, "length mismatch scores 0");
+}
+
+#[test]
+fn the_random_weight_bench_needs_no_model_files_and_matches_the_model_shape() {
+    use cell0_inference::bench::{BenchModel, BenchOptions, run};
+    use cell0_inference::model::BertConfig;
+
+    let shipped = BertConfig::from_file(&common::model_dir().join("config.json")).unwrap();
+    assert_eq!(BertConfig::minilm_l6_v2(), shipped);
+    let opts = BenchOptions {
+        backends: vec![BackendKind::Cpu],
+        batch_sizes: vec![2],
+        token_lengths: vec![12],
+        matmul_sizes: vec![16],
+        min_seconds: 0.0,
+        cpu_threads: 1,
+    };
+    let mut lines = 0;
+    let report = run(&BenchModel::Random(shipped), &opts, &mut |_| lines += 1).unwrap();
+    let cpu = &report.backends[0];
+    assert_eq!((cpu.embed.len(), cpu.matmul.len()), (1, 1));
+    assert!(cpu.embed[0].embeddings_per_sec > 0.0 && cpu.matmul[0].gflops > 0.0);
+    assert!(lines >= 3, "progress is reported");
 }

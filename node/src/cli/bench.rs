@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use cell0_inference::bench::BenchModel;
+use cell0_inference::model::BertConfig;
 use cell0_proto::v1::inference_client::InferenceClient;
 use cell0_proto::v1::kv_client::KvClient;
 use cell0_proto::v1::{self, Consistency};
@@ -82,6 +84,11 @@ pub struct InferBench {
     /// Threads of the CPU engine (0: every core).
     #[arg(long, default_value_t = 0)]
     cpu_threads: usize,
+    /// Random weights of all-MiniLM-L6-v2's shapes instead of the model
+    /// files: times the forward pass on token ids (no tokenizer), for a
+    /// machine that has only this binary.
+    #[arg(long)]
+    random_weights: bool,
 }
 
 /// Options of `cell0 bench raft`.
@@ -436,9 +443,15 @@ async fn infer(output: Output, b: InferBench) -> anyhow::Result<()> {
     };
     let cases = opts.backends.len() * (opts.batch_sizes.len() * opts.token_lengths.len() + opts.matmul_sizes.len() + 2);
     let source = cell0_inference::ModelSource::new(cell0_inference::MINILM_L6_V2, &b.model_dir);
+    let random = b.random_weights;
     let report = tokio::task::spawn_blocking(move || {
         let mut step = 0;
-        cell0_inference::bench::run(&source, &opts, &mut |msg| {
+        let model = if random {
+            BenchModel::Random(BertConfig::minilm_l6_v2())
+        } else {
+            BenchModel::Files(&source)
+        };
+        cell0_inference::bench::run(&model, &opts, &mut |msg| {
             step += 1;
             eprintln!("[{step:>2}/{cases}] {msg}");
         })
