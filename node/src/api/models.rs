@@ -50,6 +50,7 @@ impl ModelsApi {
             self.models.uploaded(&header.sha256);
             return Ok(false);
         }
+        self.models.pin_upload(&header.sha256);
         let mut partial = store.start_upload(&header.sha256)?;
         let mut received = 0u64;
         while let Some(msg) = stream

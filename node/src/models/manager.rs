@@ -171,11 +171,17 @@ impl ModelManager {
         &self.inner.store
     }
 
-    /// Records a blob uploaded (and verified) for a coming `Add`, so it is
-    /// not collected as garbage meanwhile.
+    /// Keeps blob `sha256` from being collected as garbage while it is
+    /// uploaded and until the `Add` that uses it (or [`UPLOAD_GRACE`]).
+    /// Called before the blob gets its name, so no pass sees it unpinned.
+    pub fn pin_upload(&self, sha256: &str) {
+        lock(&self.inner.uploads).insert(sha256.to_string(), Instant::now());
+    }
+
+    /// Records that blob `sha256` was uploaded and verified.
     pub fn uploaded(&self, sha256: &str) {
         lock(&self.inner.verified).insert(sha256.to_string());
-        lock(&self.inner.uploads).insert(sha256.to_string(), Instant::now());
+        self.pin_upload(sha256);
     }
 
     /// Registers `manifest` with this node as its first holder. Every file
