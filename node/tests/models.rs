@@ -14,8 +14,17 @@ use cell0_proto::v1::inference_client::InferenceClient;
 use common::*;
 use sha2::{Digest, Sha256};
 
+/// This crate's directory. The runner's `CARGO_MANIFEST_DIR` comes first: a
+/// test binary reused from a build in another checkout (one target dir for
+/// several clones) still looks in the checkout it runs in.
+fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2")
+    crate_dir().join("../models/all-minilm-l6-v2")
 }
 
 struct Reference {
@@ -25,7 +34,7 @@ struct Reference {
 
 /// The sentence-transformers reference embeddings of the inference crate's tests.
 fn references() -> Vec<Reference> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("inference/tests/data/reference.json");
+    let path = crate_dir().join("inference/tests/data/reference.json");
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     doc["cases"]
         .as_array()
