@@ -56,7 +56,7 @@ pub struct Case {
 
 /// The reference file.
 pub fn reference() -> Reference {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/reference.json");
+    let path = workspace_root().join("node/inference/tests/data/reference.json");
     let text = std::fs::read_to_string(&path).expect("read reference.json");
     serde_json::from_str(&text).expect("parse reference.json")
 }
