@@ -11,6 +11,8 @@ use cell0_consensus::{Consensus, Consistency, NodeResources};
 use cell0_inference::BackendInfo;
 use tokio::sync::watch;
 
+use crate::server::stopping;
+
 /// Physical memory in bytes from /proc/meminfo (0 where unavailable).
 fn memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -67,7 +69,7 @@ pub async fn report(consensus: Consensus, resources: NodeResources, mut stop: wa
         // stop waiting on shutdown.
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            () = stopping(&mut stop) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }

@@ -191,7 +191,7 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
 }
 
 /// Resolves once shutdown has begun.
-async fn stopping(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopping(rx: &mut watch::Receiver<bool>) {
     // An error means the sender is gone, which also means shutdown.
     let _ = rx.wait_for(|s| *s).await;
 }

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use super::ModelError;
 use super::store::BlobStore;
 use super::transfer::fetch_blob;
+use crate::server::stopping;
 
 /// First retry delay after a failed reconcile; doubled up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -325,10 +326,6 @@ fn progress(held: u64, total: u64) -> String {
         held as f64 * 100.0 / total as f64
     };
     format!("{pct:.0}% of {:.1} MB", total as f64 / 1e6)
-}
-
-async fn stopping(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }
 
 async fn reconcile_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
