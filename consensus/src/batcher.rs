@@ -6,12 +6,17 @@
 //! `Command::Batch` entry. At low load a command is proposed at once; under
 //! load, commands pile up while earlier groups are being fsynced and
 //! replicated, so one fsync serves many writers.
+//!
+//! The queue is bounded in bytes ([`MAX_QUEUED_BYTES`]) as well as in count:
+//! a submitter waits for room, so a burst of large writes cannot grow memory
+//! without bound. Once a group was handed to Raft, any failure is reported as
+//! `Indeterminate`: the entry may still commit under a later leader.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result};
@@ -19,11 +24,17 @@ use crate::types::{NodeId, NodeInfo, Raft};
 
 /// Commands that may wait for a slot before submitters feel backpressure.
 const QUEUE_DEPTH: usize = 16 * 1024;
+/// Bytes of commands queued or being proposed at most; submitters wait for
+/// room beyond it.
+pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 
 struct Pending {
     cmd: Command,
     size: usize,
     reply: oneshot::Sender<Result<Response>>,
+    /// This command's share of [`MAX_QUEUED_BYTES`], released when its
+    /// group is done.
+    _room: OwnedSemaphorePermit,
 }
 
 /// Limits of one group, from [`crate::ConsensusConfig`].
@@ -39,6 +50,7 @@ pub(crate) struct BatchLimits {
 #[derive(Clone)]
 pub(crate) struct Batcher {
     tx: mpsc::Sender<Pending>,
+    room: Arc<Semaphore>,
 }
 
 impl Batcher {
@@ -46,18 +58,35 @@ impl Batcher {
     pub fn spawn(raft: Raft, limits: BatchLimits) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         tokio::spawn(run(raft, rx, limits));
-        Self { tx }
+        Self {
+            tx,
+            room: Arc::new(Semaphore::new(MAX_QUEUED_BYTES)),
+        }
     }
 
     /// Proposes `cmd` (already validated) and waits for its applied response.
     pub async fn submit(&self, cmd: Command) -> Result<Response> {
         let (reply, rx) = oneshot::channel();
         let size = cmd.approx_size();
-        self.tx
-            .send(Pending { cmd, size, reply })
+        let share = u32::try_from(size.min(MAX_QUEUED_BYTES)).unwrap_or(u32::MAX);
+        let room = self
+            .room
+            .clone()
+            .acquire_many_owned(share)
             .await
             .map_err(|_| ConsensusError::ShuttingDown)?;
-        rx.await.map_err(|_| ConsensusError::ShuttingDown)?
+        self.tx
+            .send(Pending {
+                cmd,
+                size,
+                reply,
+                _room: room,
+            })
+            .await
+            .map_err(|_| ConsensusError::ShuttingDown)?;
+        // The command may be in a Raft entry already when the batcher stops.
+        rx.await
+            .map_err(|_| ConsensusError::Indeterminate("the node stopped after it accepted the write".into()))?
     }
 }
 
@@ -114,7 +143,7 @@ async fn propose(raft: &Raft, group: Vec<Pending>, timeout: Duration) {
     };
     let result = match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
         Ok(Ok(resp)) => Ok(resp.data),
-        Ok(Err(e)) => Err(map_write_error(e)),
+        Ok(Err(e)) => Err(after_proposal(map_write_error(e))),
         Err(_) => Err(ConsensusError::Indeterminate(format!(
             "not committed within {} ms (quorum lost?)",
             timeout.as_millis()
@@ -150,9 +179,26 @@ async fn propose(raft: &Raft, group: Vec<Pending>, timeout: Duration) {
     }
 }
 
-/// Maps openraft's write errors. `ForwardToLeader` means the entry was not
-/// proposed (or was truncated before commit), so it becomes the retryable
-/// `Unavailable`.
+/// A failure of a write that was handed to Raft. openraft answers
+/// `ForwardToLeader` both when it refused the entry and when it appended it
+/// and then lost leadership, and an appended entry may still commit under
+/// the next leader, so neither "not leader" nor "stopped" proves the write
+/// was not applied.
+fn after_proposal(e: ConsensusError) -> ConsensusError {
+    match e {
+        ConsensusError::Unavailable { reason, .. } => {
+            ConsensusError::Indeterminate(format!("{reason} (after the write was proposed)"))
+        }
+        ConsensusError::ShuttingDown => {
+            ConsensusError::Indeterminate("the node stopped after the write was proposed".into())
+        }
+        other => other,
+    }
+}
+
+/// Maps openraft's write errors. For membership changes (which are not
+/// deduplicated) `ForwardToLeader` becomes the retryable `Unavailable`;
+/// client writes pass the result through [`after_proposal`].
 pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> ConsensusError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {

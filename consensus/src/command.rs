@@ -49,6 +49,32 @@ pub enum Command {
     Model(ModelCommand),
     /// A change to node records.
     Node(NodeCommand),
+    /// A client command with a request id: the state machine applies it once
+    /// and answers a retry of the same id with the first answer, as long as
+    /// the id is within the deduplication window (Raft's client sessions,
+    /// Ongaro's thesis section 6.3).
+    Request {
+        /// Who sent it and its sequence number.
+        id: RequestId,
+        /// The command itself; never another `Request`.
+        cmd: Box<Command>,
+    },
+    /// Records the cluster's id once, when the cluster is formed; a later one
+    /// is ignored. Every internal message carries it.
+    InitCluster {
+        /// A random non-zero id.
+        cluster_id: u64,
+    },
+}
+
+/// Identifies one client request across retries: the sending process (a
+/// random id chosen at start) and a sequence number it never reuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestId {
+    /// The sending process.
+    pub client: u64,
+    /// Increasing per client.
+    pub seq: u64,
 }
 
 /// A key with its value and revisions, as etcd reports it.
@@ -107,6 +133,8 @@ pub enum Response {
     /// The state machine refused the command (it violates a limit). Every
     /// replica refuses it identically.
     Rejected(String),
+    /// The cluster's id after a [`Command::InitCluster`].
+    ClusterId(u64),
 }
 
 /// Limits a command must respect, checked before proposing and again,
@@ -199,6 +227,45 @@ impl Command {
             }
             Command::Model(m) => m.validate().map_err(|e| prefix_field(path, e)),
             Command::Node(n) => n.validate().map_err(|e| prefix_field(path, e)),
+            // A request id wraps one client command at the same depth.
+            Command::Request { cmd, .. } => {
+                if matches!(**cmd, Command::Request { .. }) {
+                    return Err(ConsensusError::invalid(&field("request"), "wraps another request"));
+                }
+                cmd.validate_at(path, limits, depth)
+            }
+            Command::InitCluster { cluster_id } => {
+                if *cluster_id == 0 {
+                    return Err(ConsensusError::invalid(&field("cluster_id"), "must not be 0"));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks only what apply needs for safety, with rules fixed for every
+    /// version of the log format: a nesting depth that bounds recursion. Size
+    /// limits are checked before proposing, not in apply, so changing one in
+    /// a rolling upgrade cannot make replicas disagree.
+    pub fn check_structure(&self) -> Result<(), ConsensusError> {
+        self.check_structure_at(0)
+    }
+
+    fn check_structure_at(&self, depth: usize) -> Result<(), ConsensusError> {
+        match self {
+            Command::Batch(cmds) => {
+                if depth >= 2 {
+                    return Err(ConsensusError::invalid("batch", "is nested too deeply"));
+                }
+                cmds.iter().try_for_each(|c| c.check_structure_at(depth + 1))
+            }
+            Command::Request { cmd, .. } => {
+                if matches!(**cmd, Command::Request { .. }) {
+                    return Err(ConsensusError::invalid("request", "wraps another request"));
+                }
+                cmd.check_structure_at(depth)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -210,6 +277,8 @@ impl Command {
             Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum::<usize>() + 8,
             Command::Model(m) => m.approx_size(),
             Command::Node(_) => 128,
+            Command::Request { cmd, .. } => cmd.approx_size() + 16,
+            Command::InitCluster { .. } => 16,
         }
     }
 }

@@ -33,6 +33,16 @@ pub struct ConsensusConfig {
     pub snapshot_chunk_bytes: u64,
     /// Most log entries in one AppendEntries call.
     pub max_append_entries: u64,
+    /// Most bytes in one AppendEntries call; a call that would carry more is
+    /// split. openraft times an AppendEntries call out after
+    /// `heartbeat_ms`, so this must cross the link within half of it:
+    /// `max_append_bytes <= link_mbps x heartbeat_ms / 16` (bytes), and hold
+    /// at least one full group (`max_batch_bytes`).
+    pub max_append_bytes: usize,
+    /// The slowest link between two nodes of this site, in megabits per
+    /// second: the speed that `max_append_bytes` and `snapshot_chunk_bytes`
+    /// are checked against.
+    pub link_mbps: u64,
     /// Most client commands the leader groups into one log entry.
     pub max_batch_commands: usize,
     /// Most bytes of commands the leader groups into one log entry.
@@ -59,7 +69,9 @@ impl Default for ConsensusConfig {
             snapshot_every: 10_000,
             keep_logs_after_snapshot: 1_000,
             snapshot_chunk_bytes: 1024 * 1024,
-            max_append_entries: 16,
+            max_append_entries: 64,
+            max_append_bytes: 4 * 1024 * 1024,
+            link_mbps: 1000,
             max_batch_commands: 1024,
             max_batch_bytes: 2 * 1024 * 1024,
             max_inflight_batches: 2,
@@ -83,13 +95,26 @@ impl ConsensusConfig {
         if self.heartbeat_ms == 0 {
             return Err(bad("heartbeat_ms", "must be positive"));
         }
-        if self.election_timeout_min_ms < 3 * self.heartbeat_ms {
+        const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+        if self.heartbeat_ms > MAX_TIMEOUT_MS {
+            return Err(bad("heartbeat_ms", format!("must be at most {MAX_TIMEOUT_MS} (a day)")));
+        }
+        for (field, value) in [
+            ("election_timeout_max_ms", self.election_timeout_max_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("rpc_timeout_ms", self.rpc_timeout_ms),
+        ] {
+            if value > MAX_TIMEOUT_MS {
+                return Err(bad(field, format!("must be at most {MAX_TIMEOUT_MS} (a day)")));
+            }
+        }
+        let min_election = self.heartbeat_ms.saturating_mul(3);
+        if self.election_timeout_min_ms < min_election {
             return Err(bad(
                 "election_timeout_min_ms",
                 format!(
-                    "is {}; it must be at least 3 x heartbeat_ms ({})",
+                    "is {}; it must be at least 3 x heartbeat_ms ({min_election})",
                     self.election_timeout_min_ms,
-                    3 * self.heartbeat_ms
                 ),
             ));
         }
@@ -115,14 +140,38 @@ impl ConsensusConfig {
                 format!("must be at least the value limit {MAX_VALUE_BYTES}"),
             ));
         }
-        // One AppendEntries call must fit the internal message limit even when
-        // every entry is a full group.
-        let worst = (self.max_batch_bytes as u64 + MAX_VALUE_BYTES as u64).saturating_mul(self.max_append_entries);
-        if self.max_append_entries == 0 || worst > MAX_INTERNAL_MESSAGE_BYTES as u64 {
+        if self.max_append_entries == 0 || self.max_append_entries > 1024 {
+            return Err(bad("max_append_entries", "must be in 1..=1024"));
+        }
+        // One AppendEntries call must also fit the internal message limit.
+        if self.max_append_bytes > MAX_INTERNAL_MESSAGE_BYTES / 2 {
             return Err(bad(
-                "max_append_entries",
+                "max_append_bytes",
+                format!("must be at most {}", MAX_INTERNAL_MESSAGE_BYTES / 2),
+            ));
+        }
+        if self.link_mbps == 0 {
+            return Err(bad("link_mbps", "must be positive"));
+        }
+        // Bytes the link carries in half a heartbeat: 1 Mbit/s is 125 bytes/ms.
+        let append_budget = self.link_mbps.saturating_mul(125).saturating_mul(self.heartbeat_ms) / 2;
+        let min_append = self.max_batch_bytes as u64 + MAX_VALUE_BYTES as u64;
+        if (self.max_append_bytes as u64) < min_append || self.max_append_bytes as u64 > append_budget {
+            return Err(bad(
+                "max_append_bytes",
                 format!(
-                    "must be positive and keep max_append_entries x (max_batch_bytes + 1 MiB) under {MAX_INTERNAL_MESSAGE_BYTES} bytes"
+                    "is {}; it must hold one full group (max_batch_bytes + 1 MiB = {min_append}) and cross a {} Mbit/s link in half of heartbeat_ms ({append_budget} bytes)",
+                    self.max_append_bytes, self.link_mbps
+                ),
+            ));
+        }
+        let chunk_budget = self.link_mbps.saturating_mul(125).saturating_mul(self.rpc_timeout_ms) / 2;
+        if self.snapshot_chunk_bytes > chunk_budget {
+            return Err(bad(
+                "snapshot_chunk_bytes",
+                format!(
+                    "is {}; it must cross a {} Mbit/s link in half of rpc_timeout_ms ({chunk_budget} bytes)",
+                    self.snapshot_chunk_bytes, self.link_mbps
                 ),
             ));
         }
@@ -190,7 +239,7 @@ mod tests {
                 .contains("raft.election_timeout_min_ms")
         );
         let c = ConsensusConfig {
-            max_append_entries: 1000,
+            max_append_entries: 0,
             ..Default::default()
         };
         assert!(
@@ -198,6 +247,46 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("raft.max_append_entries")
+        );
+    }
+
+    #[test]
+    fn huge_timeouts_are_refused_instead_of_overflowing() {
+        let c = ConsensusConfig {
+            heartbeat_ms: u64::MAX,
+            election_timeout_min_ms: u64::MAX - 1,
+            election_timeout_max_ms: u64::MAX,
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("raft.heartbeat_ms"), "{err}");
+        let c = ConsensusConfig {
+            heartbeat_ms: u64::MAX / 2,
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn append_calls_must_fit_the_heartbeat_at_the_link_speed() {
+        // 100 Mbit/s carries 12,500 bytes a millisecond: 937,500 bytes in
+        // half of a 150 ms heartbeat, less than one full group.
+        let slow = ConsensusConfig {
+            link_mbps: 100,
+            ..Default::default()
+        };
+        let err = slow.validate().unwrap_err().to_string();
+        assert!(err.contains("raft.max_append_bytes"), "{err}");
+        let small = ConsensusConfig {
+            max_append_bytes: 1024,
+            ..Default::default()
+        };
+        assert!(
+            small
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("raft.max_append_bytes")
         );
     }
 }

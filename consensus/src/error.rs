@@ -51,6 +51,10 @@ pub enum ConsensusError {
     /// Storage or another internal component failed.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request is valid but the cluster's state does not allow it now
+    /// (for example a removal that would leave too few healthy voters).
+    #[error("refused: {0}")]
+    FailedPrecondition(String),
 }
 
 impl ConsensusError {

@@ -27,10 +27,10 @@ pub mod state;
 pub mod testkit;
 pub mod types;
 
-pub use command::{Command, KeyValue, Response};
+pub use command::{Command, KeyValue, RequestId, Response};
 pub use config::ConsensusConfig;
 pub use error::{ConsensusError, Result};
-pub use node::{Consensus, Consistency, Member, Role, Status, StorageBackend};
+pub use node::{Consensus, Consistency, MAX_PROMOTION_LAG, Member, Role, Status, StorageBackend};
 pub use nodes::{NodeCommand, NodeResources};
 pub use registry::{MAX_MODEL_BYTES, ModelCommand, ModelEntry, ModelFile, ModelManifest, ModelOutcome, is_sha256_hex};
 pub use server::InternalService;

@@ -5,15 +5,26 @@
 //! `cell0.internal.v1.Raft` service, which hands openraft messages to the
 //! local Raft and forwarded client requests to the [`crate::Consensus`]
 //! handle. Payloads are postcard-encoded openraft types.
+//!
+//! Wire identity: every request names the sender's cluster id and the node
+//! it is meant for ([`WireIdentity`]); the receiver refuses a mismatch, so a
+//! stale or wrong address never makes one node answer for another.
+//! AppendEntries calls are bounded in bytes ([`entries_that_fit`]) so one
+//! call fits openraft's AppendEntries timeout (the heartbeat interval) at the
+//! configured link speed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cell0_proto::internal::RaftMessage;
 use cell0_proto::internal::raft_client::RaftClient;
+use cell0_proto::internal::{IdentifyRequest, IdentifyResponse, RaftMessage};
 use futures::Stream;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use futures::StreamExt;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -22,7 +33,6 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint};
 
@@ -33,28 +43,136 @@ use crate::types::{NodeId, NodeInfo, TypeConfig};
 /// bounded well below it (see [`crate::ConsensusConfig`]).
 pub const MAX_INTERNAL_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// How long the accept loop pauses after a failed accept (such as running
+/// out of file descriptors) before it tries again, instead of spinning.
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
 /// Accepted connections of `listener` with `TCP_NODELAY` set.
 ///
 /// tonic's `serve_with_incoming` ignores `Server::tcp_nodelay`, and without
 /// it a small request waits about 40 ms for Nagle and delayed ACKs. Accept
-/// errors (such as running out of file descriptors) are logged and skipped so
-/// that one bad moment does not stop the server.
+/// errors (such as EMFILE, out of file descriptors) are logged, counted in
+/// `cell0_accept_errors_total`, and followed by a pause of
+/// [`ACCEPT_ERROR_PAUSE`]: the failing accept would fail again at once, and
+/// retrying it in a tight loop burns a core while connections close.
 pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<TcpStream>> {
-    TcpListenerStream::new(listener).filter_map(|conn| match conn.and_then(|s| s.set_nodelay(true).map(|()| s)) {
-        Ok(s) => Some(Ok(s)),
-        Err(e) => {
-            tracing::warn!(error = %e, "accepting a connection failed");
-            None
+    Box::pin(TcpListenerStream::new(listener).filter_map(|conn| async move {
+        match conn.and_then(|s| s.set_nodelay(true).map(|()| s)) {
+            Ok(s) => Some(Ok(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed; pausing accepts");
+                metrics::counter!("cell0_accept_errors_total").increment(1);
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                None
+            }
         }
-    })
+    }))
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<RaftMessage, ConsensusError> {
     postcard::to_stdvec(v)
         .map(|payload| RaftMessage {
             payload: payload.into(),
+            ..Default::default()
         })
         .map_err(|e| ConsensusError::Internal(format!("encode: {e}")))
+}
+
+/// Who this node is on the wire: its id and its cluster's id (0 until the
+/// local replica has applied it), stamped on every request it sends.
+#[derive(Debug, Clone)]
+pub struct WireIdentity {
+    /// This node.
+    pub node: NodeId,
+    /// The cluster id as applied locally; 0 while unknown.
+    pub cluster: Arc<AtomicU64>,
+}
+
+impl WireIdentity {
+    /// The cluster id, 0 while unknown.
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster.load(Ordering::Acquire)
+    }
+
+    /// `msg` addressed to node `to`.
+    pub(crate) fn stamp(&self, mut msg: RaftMessage, to: NodeId) -> RaftMessage {
+        msg.cluster_id = self.cluster_id();
+        msg.to_node = to;
+        msg.from_node = self.node;
+        msg
+    }
+
+    /// Refuses a request meant for another node or another cluster. A zero
+    /// field (a sender that does not know yet) is not checked.
+    pub(crate) fn check(&self, msg: &RaftMessage) -> Result<(), tonic::Status> {
+        if msg.to_node != 0 && msg.to_node != self.node {
+            return Err(tonic::Status::failed_precondition(format!(
+                "this is node {}, not node {}: node {} has a wrong internal address for node {}",
+                self.node, msg.to_node, msg.from_node, msg.to_node
+            )));
+        }
+        let mine = self.cluster_id();
+        if msg.cluster_id != 0 && mine != 0 && msg.cluster_id != mine {
+            return Err(tonic::Status::failed_precondition(format!(
+                "node {} belongs to cluster {:016x}, but this node belongs to cluster {mine:016x}",
+                msg.from_node, msg.cluster_id
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// When the leader last heard back from each peer, so membership decisions
+/// can tell a live member from a dead one.
+#[derive(Debug, Default)]
+pub struct PeerHealth {
+    last_reply: Mutex<HashMap<NodeId, tokio::time::Instant>>,
+}
+
+impl PeerHealth {
+    fn record(&self, peer: NodeId) {
+        let mut map = self.last_reply.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(peer, tokio::time::Instant::now());
+    }
+
+    /// Whether `peer` answered a Raft call within the last `within`.
+    pub fn reached_within(&self, peer: NodeId, within: Duration) -> bool {
+        let map = self.last_reply.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&peer).is_some_and(|t| t.elapsed() <= within)
+    }
+}
+
+/// How many of the leading entries, of encoded sizes `sizes`, fit in one
+/// call of at most `budget` bytes: at least one (a single entry always goes,
+/// the group-commit limit keeps it below the budget).
+pub fn entries_that_fit(sizes: impl IntoIterator<Item = usize>, budget: usize) -> u64 {
+    let mut total = 0usize;
+    let mut n = 0u64;
+    for size in sizes {
+        total = total.saturating_add(size);
+        if total > budget && n > 0 {
+            break;
+        }
+        n += 1;
+    }
+    n.max(1)
+}
+
+/// Asks the node at `addr` who it is.
+pub(crate) async fn identify(
+    pool: &ChannelPool,
+    addr: &str,
+    expected: NodeId,
+    timeout: Duration,
+) -> Result<IdentifyResponse, tonic::Status> {
+    let mut client = pool
+        .client(addr)
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    let mut request = tonic::Request::new(IdentifyRequest {
+        expected_node: expected,
+    });
+    request.set_timeout(timeout);
+    Ok(client.identify(request).await?.into_inner())
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(m: &RaftMessage) -> Result<T, ConsensusError> {
@@ -121,12 +239,27 @@ pub(crate) fn never_sent(status: &tonic::Status) -> bool {
 #[derive(Clone)]
 pub struct NetworkFactory {
     pool: Arc<ChannelPool>,
+    identity: WireIdentity,
+    health: Arc<PeerHealth>,
+    max_append_bytes: usize,
 }
 
 impl NetworkFactory {
-    /// A factory sharing `pool` with the rest of the node.
-    pub fn new(pool: Arc<ChannelPool>) -> Self {
-        Self { pool }
+    /// A factory sharing `pool` with the rest of the node, stamping requests
+    /// with `identity`, recording replies in `health`, and bounding each
+    /// AppendEntries call to `max_append_bytes`.
+    pub fn new(
+        pool: Arc<ChannelPool>,
+        identity: WireIdentity,
+        health: Arc<PeerHealth>,
+        max_append_bytes: usize,
+    ) -> Self {
+        Self {
+            pool,
+            identity,
+            health,
+            max_append_bytes,
+        }
     }
 }
 
@@ -138,6 +271,9 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.internal_addr.clone(),
             pool: self.pool.clone(),
+            identity: self.identity.clone(),
+            health: self.health.clone(),
+            max_append_bytes: self.max_append_bytes,
         }
     }
 }
@@ -147,6 +283,9 @@ pub struct PeerNetwork {
     target: NodeId,
     addr: String,
     pool: Arc<ChannelPool>,
+    identity: WireIdentity,
+    health: Arc<PeerHealth>,
+    max_append_bytes: usize,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
@@ -159,9 +298,18 @@ impl PeerNetwork {
         E: std::error::Error + DeserializeOwned,
     {
         let net_err = |e: &dyn std::error::Error| RPCError::Network(NetworkError::new(&AnyErr(e.to_string())));
-        let mut client = self.pool.client(&self.addr).map_err(|e| net_err(&e))?;
         let msg = encode(req).map_err(|e| net_err(&e))?;
-        let mut request = tonic::Request::new(msg);
+        self.send(method, msg, timeout).await
+    }
+
+    async fn send<Resp, E>(&self, method: Method, msg: RaftMessage, timeout: Duration) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let net_err = |e: &dyn std::error::Error| RPCError::Network(NetworkError::new(&AnyErr(e.to_string())));
+        let mut client = self.pool.client(&self.addr).map_err(|e| net_err(&e))?;
+        let mut request = tonic::Request::new(self.identity.stamp(msg, self.target));
         request.set_timeout(timeout);
         let reply = match method {
             Method::Append => client.append_entries(request).await,
@@ -176,6 +324,7 @@ impl PeerNetwork {
             Err(status) => return Err(net_err(&status)),
         };
         let result: Result<Resp, RaftError<NodeId, E>> = decode(&reply).map_err(|e| net_err(&e))?;
+        self.health.record(self.target);
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -205,7 +354,20 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(Method::Append, &rpc, option.hard_ttl()).await
+        let net_err = |e: &dyn std::error::Error| RPCError::Network(NetworkError::new(&AnyErr(e.to_string())));
+        let msg = encode(&rpc).map_err(|e| net_err(&e))?;
+        if msg.payload.len() > self.max_append_bytes && rpc.entries.len() > 1 {
+            // Too large to arrive within the AppendEntries timeout: openraft
+            // retries at once with as many entries as fit.
+            let sizes = rpc
+                .entries
+                .iter()
+                .map(|e| postcard::to_stdvec(e).map_or(usize::MAX, |b| b.len()));
+            let fit = entries_that_fit(sizes, self.max_append_bytes);
+            metrics::counter!("cell0_raft_append_split_total").increment(1);
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
+        self.send(Method::Append, msg, option.hard_ttl()).await
     }
 
     async fn install_snapshot(

@@ -3,11 +3,20 @@
 //! It owns the openraft instance, the group-commit batcher and the read side
 //! of the state machine, and decides where each request runs:
 //! - writes and membership changes run on the leader; a follower forwards
-//!   them over the internal port, retrying only when the request provably was
-//!   not proposed (so a retry never applies a write twice);
+//!   them over the internal port. Every write carries a request id
+//!   ([`RequestId`]) that the state machine deduplicates, so a write is
+//!   retried (with the same id) after any failure until the request
+//!   deadline and still applies once; membership changes are retried only
+//!   when they provably were not proposed;
+//! - membership decisions are serialised on the leader: a joining node must
+//!   prove its advertised internal address reaches it (Identify), a learner
+//!   is promoted only when it is reachable and caught up, and a removal must
+//!   leave a quorum of healthy voters in the new configuration (etcd's
+//!   strict reconfiguration check);
 //! - linearizable reads get a read index from the leader (which confirms its
 //!   leadership with a quorum), wait until the local replica has applied it,
-//!   then read locally; serializable reads read locally at once.
+//!   then read locally; serializable reads read locally at once. Every read
+//!   takes its data and the revision it reports from one point-in-time view.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -15,17 +24,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cell0_storage::{Engine, EngineTxn, LogStore, MemEngine, RocksEngine, StateMachineStore};
+use cell0_storage::{Engine, EngineTxn, LogStore, MemEngine, RocksEngine, StateMachineStore, Txn};
 use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::batcher::{BatchLimits, Batcher, map_write_error};
-use crate::command::{Command, KeyValue, Limits, Response};
+use crate::command::{Command, KeyValue, Limits, RequestId, Response};
 use crate::config::ConsensusConfig;
 use crate::error::{ConsensusError, Result};
-use crate::network::{ChannelPool, NetworkFactory, decode, encode, never_sent};
+use crate::network::{ChannelPool, NetworkFactory, PeerHealth, WireIdentity, decode, encode, identify, never_sent};
 use crate::nodes::{self, NodeCommand, NodeResources};
 use crate::registry::{self, ModelCommand, ModelEntry, ModelOutcome};
 use crate::server::InternalService;
@@ -64,7 +73,14 @@ pub struct Member {
     pub leader: bool,
     /// Last log index known replicated to it (leader's view; 0 elsewhere).
     pub matched_index: u64,
+    /// Whether it answered a Raft call within the election timeout (leader's
+    /// view; on other nodes only the node itself counts as reachable).
+    pub reachable: bool,
 }
+
+/// How far behind the leader's last log index a learner may be and still be
+/// promoted to voter. A further one would stall commits while it catches up.
+pub const MAX_PROMOTION_LAG: u64 = 1_000;
 
 /// Role of this node in the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +148,16 @@ pub(crate) struct Inner {
     limits: Limits,
     /// Highest commit index a leader has told this node about.
     pub leader_commit: AtomicU64,
+    /// This node's id and cluster id on the wire.
+    pub identity: WireIdentity,
+    /// When each peer last answered (meaningful on the leader).
+    health: Arc<PeerHealth>,
+    /// Serialises membership decisions on the leader.
+    membership: tokio::sync::Mutex<()>,
+    /// This process's client id for request ids: random per start.
+    client_id: u64,
+    /// The next request sequence number.
+    next_seq: AtomicU64,
 }
 
 /// One node's membership in the Raft group. Cheap to clone.
@@ -157,11 +183,16 @@ impl Consensus {
     pub async fn start(id: NodeId, info: NodeInfo, config: ConsensusConfig, storage: StorageBackend) -> Result<Self> {
         config.validate()?;
         let raft_config = Arc::new(config.to_openraft()?);
-        let sm = Arc::new(KvStateMachine::new(1024));
+        let sm = Arc::new(KvStateMachine::new(state::NOTIFICATION_CAPACITY));
         let pool = Arc::new(ChannelPool::new(Duration::from_millis(
             config.rpc_timeout_ms.min(2_000),
         )));
-        let network = NetworkFactory::new(pool.clone());
+        let identity = WireIdentity {
+            node: id,
+            cluster: sm.cluster_id_cell(),
+        };
+        let health = Arc::new(PeerHealth::default());
+        let network = NetworkFactory::new(pool.clone(), identity.clone(), health.clone(), config.max_append_bytes);
         let (raft, engine): (Raft, Arc<dyn Engine>) = match storage {
             StorageBackend::Rocks(path) => {
                 let engine = Arc::new(RocksEngine::open(&path, id)?);
@@ -203,8 +234,18 @@ impl Consensus {
                 pool,
                 limits,
                 leader_commit: AtomicU64::new(0),
+                identity,
+                health,
+                membership: tokio::sync::Mutex::new(()),
+                client_id: random_u64(id),
+                next_seq: AtomicU64::new(1),
             }),
         })
+    }
+
+    /// The cluster's id, 0 until this replica has applied it.
+    pub fn cluster_id(&self) -> u64 {
+        self.inner.identity.cluster_id()
     }
 
     /// This node's id.
@@ -238,13 +279,23 @@ impl Consensus {
     }
 
     /// Bootstraps a new single-member cluster with this node as its only
-    /// voter. A node that already belongs to a cluster is left as it is.
+    /// voter and records a new cluster id. A node that already belongs to a
+    /// cluster is left as it is.
     pub async fn initialize(&self) -> Result<()> {
         let members = BTreeMap::from([(self.inner.id, self.inner.info.clone())]);
         match self.inner.raft.initialize(members).await {
-            Ok(()) => Ok(()),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
-            Err(e) => Err(ConsensusError::Internal(format!("initialize: {e}"))),
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => return Ok(()),
+            Err(e) => return Err(ConsensusError::Internal(format!("initialize: {e}"))),
+        }
+        self.wait_for_leader(self.inner.config.request_timeout()).await?;
+        let cluster_id = random_u64(self.inner.id ^ 0x5eed);
+        match self.write(Command::InitCluster { cluster_id }).await? {
+            Response::ClusterId(id) => {
+                tracing::info!(cluster_id = format!("{id:016x}"), "cluster formed");
+                Ok(())
+            }
+            _ => Err(wrong_type()),
         }
     }
 
@@ -253,10 +304,18 @@ impl Consensus {
         self.inner.raft.is_initialized().await.unwrap_or(false)
     }
 
-    /// Applies `cmd` through Raft and returns its response.
+    /// Applies `cmd` through Raft exactly once and returns its response.
+    /// The command gets a request id; a retry after a lost answer or a
+    /// leader change reuses it, and the state machine answers a duplicate
+    /// with the first response.
     pub async fn write(&self, cmd: Command) -> Result<Response> {
         cmd.validate(&self.inner.limits)?;
         let started = Instant::now();
+        let id = RequestId {
+            client: self.inner.client_id,
+            seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        let cmd = Command::Request { id, cmd: Box::new(cmd) };
         let result = match self.route(ForwardRequest::Write(cmd)).await? {
             ForwardResponse::Write(Response::Rejected(reason)) => Err(ConsensusError::invalid("command", reason)),
             ForwardResponse::Write(r) => Ok(r),
@@ -279,14 +338,28 @@ impl Consensus {
         self.wait_applied(index).await
     }
 
-    /// The pair stored under `key` and the replica's revision.
+    /// The pair stored under `key` and the replica's revision, both from one
+    /// point-in-time view.
     pub async fn get(&self, key: &[u8], consistency: Consistency) -> Result<(Option<KeyValue>, u64)> {
         let started = Instant::now();
         self.read_barrier(consistency).await?;
-        let txn = EngineTxn::new(self.inner.engine.as_ref());
-        let out = (state::get(&txn, key)?, state::revision(&txn)?);
+        let out = self.read_view(|txn| Ok((state::get(txn, key)?, state::revision(txn)?)))?;
         metrics::histogram!("cell0_read_duration_seconds").record(started.elapsed().as_secs_f64());
         Ok(out)
+    }
+
+    /// Runs `read` over one point-in-time view of the local replica, so
+    /// everything it reads (data, revision, history) belongs to one state.
+    pub fn read_view<T>(&self, read: impl FnOnce(&dyn Txn) -> Result<T>) -> Result<T> {
+        let mut read = Some(read);
+        let mut out = None;
+        self.inner.engine.with_view(&mut |view| {
+            if let Some(read) = read.take() {
+                out = Some(read(&EngineTxn::new(view)));
+            }
+            Ok(())
+        })?;
+        out.unwrap_or_else(|| Err(ConsensusError::Internal("the storage view was not read".into())))
     }
 
     /// A page of pairs under `prefix` after `start_after`, whether more
@@ -299,9 +372,10 @@ impl Consensus {
         consistency: Consistency,
     ) -> Result<(Vec<KeyValue>, bool, u64)> {
         self.read_barrier(consistency).await?;
-        let txn = EngineTxn::new(self.inner.engine.as_ref());
-        let (kvs, more) = state::range(&txn, prefix, start_after, limit)?;
-        Ok((kvs, more, state::revision(&txn)?))
+        self.read_view(|txn| {
+            let (kvs, more) = state::range(txn, prefix, start_after, limit)?;
+            Ok((kvs, more, state::revision(txn)?))
+        })
     }
 
     /// Subscribes to changes applied on this replica.
@@ -354,9 +428,12 @@ impl Consensus {
         }
     }
 
-    /// Retained changes under `prefix` from revision `from` on.
+    /// Retained changes under `prefix` from revision `from` on, read from one
+    /// point-in-time view (so a compaction in between is reported, not
+    /// skipped).
+    /// A page ends before [`state::MAX_RANGE_BYTES`] of keys and values.
     pub fn history(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<StateEvent>> {
-        state::history(&EngineTxn::new(self.inner.engine.as_ref()), prefix, from, limit)
+        self.read_view(|txn| state::history(txn, prefix, from, limit, state::MAX_RANGE_BYTES))
     }
 
     /// The local replica's revision.
@@ -365,8 +442,10 @@ impl Consensus {
     }
 
     /// Adds node `id`: as a learner, then as a voter while the cluster has
-    /// fewer than `raft.voters` voters. Calling it again for a member updates
-    /// its addresses.
+    /// fewer than `raft.voters` voters and the learner is reachable and
+    /// caught up. Calling it again for a member updates its addresses or
+    /// finishes its promotion: the outcome depends on the node's state, not
+    /// on how often it was asked.
     pub async fn join(&self, id: NodeId, info: NodeInfo) -> Result<Vec<Member>> {
         if id == 0 {
             return Err(ConsensusError::invalid("node_id", "must not be 0"));
@@ -402,6 +481,7 @@ impl Consensus {
                 } else {
                     matched.get(id).copied().flatten().map_or(0, |l| l.index)
                 },
+                reachable: self.inner.reachable(*id),
             })
             .collect()
     }
@@ -485,6 +565,10 @@ impl Consensus {
     async fn route(&self, req: ForwardRequest) -> Result<ForwardResponse> {
         let deadline = Instant::now() + self.inner.config.request_timeout();
         let mut metrics = self.inner.raft.metrics();
+        let deduplicated = matches!(req, ForwardRequest::Write(Command::Request { .. }));
+        // Set once an attempt may have reached a log: the final error must
+        // then say the outcome is unknown.
+        let mut maybe_applied: Option<String> = None;
         loop {
             let leader = self.leader();
             let result = match &leader {
@@ -492,30 +576,41 @@ impl Consensus {
                 Some((id, info)) => self.forward(*id, info, &req).await,
                 None => Err(ConsensusError::unavailable("no leader is elected")),
             };
-            match result {
-                Err(ConsensusError::Unavailable { .. }) if Instant::now() < deadline => {
-                    // Wait for news of the leader (or a short pause: a dead
-                    // leader stays "known" until the election timeout).
-                    let pause = Duration::from_millis(50).min(deadline - Instant::now());
-                    metrics.borrow_and_update();
-                    let _ = tokio::time::timeout(pause, metrics.changed()).await;
+            let error = match result {
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            if let ConsensusError::Indeterminate(m) = &error {
+                maybe_applied = Some(m.clone());
+            }
+            if may_retry(&error, deduplicated) && Instant::now() < deadline {
+                // Wait for news of the leader (or a short pause: a dead
+                // leader stays "known" until the election timeout).
+                let pause = Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+                metrics.borrow_and_update();
+                let _ = tokio::time::timeout(pause, metrics.changed()).await;
+                continue;
+            }
+            return Err(match (error, maybe_applied) {
+                (ConsensusError::Unavailable { reason, .. }, Some(earlier)) => {
+                    ConsensusError::Indeterminate(format!("{earlier}; then {reason}"))
                 }
-                Err(ConsensusError::Unavailable { reason, .. }) => {
+                (ConsensusError::Unavailable { reason, .. }, None) => {
                     let leader = self.leader();
-                    return Err(ConsensusError::Unavailable {
+                    ConsensusError::Unavailable {
                         reason,
                         leader_id: leader.as_ref().map(|l| l.0),
                         leader_addr: leader.map(|l| l.1.public_addr),
-                    });
+                    }
                 }
-                other => return other,
-            }
+                (other, _) => other,
+            });
         }
     }
 
     async fn forward(&self, leader: NodeId, info: &NodeInfo, req: &ForwardRequest) -> Result<ForwardResponse> {
         let mut client = self.inner.pool.client(&info.internal_addr)?;
-        let mut request = tonic::Request::new(encode(req)?);
+        let mut request = tonic::Request::new(self.inner.identity.stamp(encode(req)?, leader));
         request.set_timeout(self.inner.config.rpc_timeout());
         match client.forward(request).await {
             Ok(reply) => decode::<Result<ForwardResponse>>(reply.get_ref())?,
@@ -536,6 +631,81 @@ impl Consensus {
             }
         }
     }
+}
+
+/// Whether a failed attempt may be sent again. `Unavailable` proves the
+/// request was not applied (no leader, or it was refused before proposing).
+/// `Indeterminate` (the request may be in a log) allows a retry only for a
+/// deduplicated write: the state machine applies its request id once.
+pub(crate) fn may_retry(error: &ConsensusError, deduplicated: bool) -> bool {
+    match error {
+        ConsensusError::Unavailable { .. } => true,
+        ConsensusError::Indeterminate(_) => deduplicated,
+        _ => false,
+    }
+}
+
+/// A random u64 from the OS-seeded hasher keys of the standard library,
+/// mixed with `salt` and the time; never 0.
+fn random_u64(salt: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(salt);
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    h.finish().max(1)
+}
+
+/// Whether `addr` (host:port) names the local host.
+pub(crate) fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses addresses that another member already uses, and a loopback
+/// address in a membership that spans hosts (or the reverse): such a member
+/// would be reached at the wrong process.
+pub(crate) fn check_addresses<'a>(
+    others: impl IntoIterator<Item = (&'a NodeId, &'a NodeInfo)>,
+    id: NodeId,
+    info: &NodeInfo,
+) -> Result<()> {
+    let joiner_loopback = is_loopback(&info.internal_addr);
+    for (other_id, other) in others {
+        if *other_id == id {
+            continue;
+        }
+        if other.internal_addr == info.internal_addr {
+            return Err(ConsensusError::invalid(
+                "internal_addr",
+                format!("{} is already the address of node {other_id}", info.internal_addr),
+            ));
+        }
+        if other.public_addr == info.public_addr {
+            return Err(ConsensusError::invalid(
+                "public_addr",
+                format!("{} is already the address of node {other_id}", info.public_addr),
+            ));
+        }
+        if is_loopback(&other.internal_addr) != joiner_loopback {
+            return Err(ConsensusError::invalid(
+                "internal_addr",
+                format!(
+                    "{} is {} but node {other_id} advertises {}: in a cluster that spans hosts every node must advertise an address the others can reach (set advertise.internal)",
+                    info.internal_addr,
+                    if joiner_loopback {
+                        "a loopback address"
+                    } else {
+                        "not a loopback address"
+                    },
+                    other.internal_addr
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Starts openraft over `engine`, which holds both the log and the state.
@@ -601,21 +771,119 @@ impl Inner {
         }
     }
 
+    /// Whether `peer` is this node or answered within the election timeout.
+    fn reachable(&self, peer: NodeId) -> bool {
+        peer == self.id
+            || self
+                .health
+                .reached_within(peer, Duration::from_millis(self.config.election_timeout_max_ms))
+    }
+
+    /// Records a cluster id if the cluster has none yet (a cluster formed by
+    /// an older version). Leader only.
+    async fn ensure_cluster_id(&self) -> Result<()> {
+        if self.identity.cluster_id() != 0 {
+            return Ok(());
+        }
+        let cluster_id = random_u64(self.id ^ 0x5eed);
+        let id = RequestId {
+            client: self.client_id,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        let cmd = Command::Request {
+            id,
+            cmd: Box::new(Command::InitCluster { cluster_id }),
+        };
+        match self.batcher.submit(cmd).await? {
+            Response::ClusterId(_) => Ok(()),
+            _ => Err(wrong_type()),
+        }
+    }
+
+    /// Checks that `info.internal_addr` reaches node `id` of no other cluster.
+    async fn verify_address(&self, id: NodeId, info: &NodeInfo) -> Result<()> {
+        let answer = identify(&self.pool, &info.internal_addr, id, self.config.rpc_timeout())
+            .await
+            .map_err(|s| {
+                ConsensusError::unavailable(format!(
+                    "node {id} cannot be reached at its internal address {}: {}",
+                    info.internal_addr,
+                    s.message()
+                ))
+            })?;
+        if answer.node_id != id {
+            return Err(ConsensusError::invalid(
+                "internal_addr",
+                format!(
+                    "{} reaches node {}, not the joining node {id}; advertise an internal address the other nodes reach this node at",
+                    info.internal_addr, answer.node_id
+                ),
+            ));
+        }
+        let ours = self.identity.cluster_id();
+        if answer.cluster_id != 0 && ours != 0 && answer.cluster_id != ours {
+            return Err(ConsensusError::FailedPrecondition(format!(
+                "node {id} belongs to another cluster ({:016x}); start it with an empty data dir to join this one",
+                answer.cluster_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits until learner `id` is reachable and within
+    /// [`MAX_PROMOTION_LAG`] entries of the leader's log, up to the request
+    /// timeout.
+    async fn wait_caught_up(&self, id: NodeId) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout();
+        let mut rx = self.raft.metrics();
+        loop {
+            let (matched, last) = {
+                let m = rx.borrow_and_update();
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).copied().flatten())
+                    .map_or(0, |l| l.index);
+                (matched, m.last_log_index.unwrap_or(0))
+            };
+            if self.reachable(id) && matched + MAX_PROMOTION_LAG >= last {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ConsensusError::FailedPrecondition(format!(
+                    "learner {id} is not ready to vote: it {} and has {matched} of {last} log entries; it stays a learner, join again once it is up",
+                    if self.reachable(id) {
+                        "is reachable"
+                    } else {
+                        "does not answer"
+                    }
+                )));
+            }
+            let pause = Duration::from_millis(50);
+            let _ = tokio::time::timeout(pause, rx.changed()).await;
+        }
+    }
+
     async fn join_local(&self, id: NodeId, info: NodeInfo) -> Result<ForwardResponse> {
-        let metrics = self.raft.metrics().borrow().clone();
-        if metrics.state != ServerState::Leader {
+        let _decision = self.membership.lock().await;
+        if self.raft.metrics().borrow().state != ServerState::Leader {
             return Err(ConsensusError::not_leader(None, None));
         }
-        let membership = metrics.membership_config.membership().clone();
+        self.ensure_cluster_id().await?;
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        check_addresses(membership.nodes(), id, &info)?;
         match membership.get_node(&id) {
             Some(existing) if *existing == info => {}
             Some(_) => {
+                self.verify_address(id, &info).await?;
+                tracing::info!(node = id, %info, "updating member addresses");
                 self.raft
                     .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, info.clone())])), false)
                     .await
                     .map_err(map_write_error)?;
             }
             None => {
+                self.verify_address(id, &info).await?;
                 tracing::info!(node = id, %info, "adding learner");
                 self.raft
                     .add_learner(id, info.clone(), true)
@@ -632,6 +900,7 @@ impl Inner {
             .voter_ids()
             .collect();
         if !voters.contains(&id) && voters.len() < self.config.voters {
+            self.wait_caught_up(id).await?;
             tracing::info!(node = id, "promoting learner to voter");
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
@@ -642,6 +911,7 @@ impl Inner {
     }
 
     async fn remove_local(&self, id: NodeId) -> Result<ForwardResponse> {
+        let _decision = self.membership.lock().await;
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
             return Err(ConsensusError::not_leader(None, None));
@@ -658,6 +928,15 @@ impl Inner {
                     "is the last voter; it cannot be removed",
                 ));
             }
+            let remaining: Vec<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
+            let healthy = remaining.iter().filter(|v| self.reachable(**v)).count();
+            let quorum = remaining.len() / 2 + 1;
+            if healthy < quorum {
+                return Err(ConsensusError::FailedPrecondition(format!(
+                    "removing node {id} would leave {healthy} reachable voters of {}, fewer than the quorum of {quorum} the change needs to commit; bring the unreachable voters back first",
+                    remaining.len()
+                )));
+            }
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
@@ -667,5 +946,54 @@ impl Inner {
             .await
             .map_err(map_write_error)?;
         Ok(ForwardResponse::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(addr: &str, public: &str) -> NodeInfo {
+        NodeInfo {
+            name: "n".into(),
+            site: "s".into(),
+            public_addr: public.into(),
+            internal_addr: addr.into(),
+        }
+    }
+
+    #[test]
+    fn only_provably_unapplied_or_deduplicated_requests_are_retried() {
+        let unavailable = ConsensusError::unavailable("no leader");
+        let unknown = ConsensusError::Indeterminate("lost the leader".into());
+        assert!(may_retry(&unavailable, false));
+        assert!(may_retry(&unavailable, true));
+        assert!(!may_retry(&unknown, false), "a membership change may be in a log");
+        assert!(may_retry(&unknown, true), "a request id makes a retry safe");
+        assert!(!may_retry(&ConsensusError::invalid("key", "bad"), true));
+        assert!(!may_retry(&ConsensusError::ShuttingDown, true));
+    }
+
+    #[test]
+    fn loopback_and_duplicate_addresses_are_refused() {
+        assert!(is_loopback("127.0.0.1:7101"));
+        assert!(is_loopback("127.0.0.2:7101"));
+        assert!(is_loopback("localhost:7101"));
+        assert!(is_loopback("[::1]:7101"));
+        assert!(!is_loopback("10.0.0.5:7101"));
+        assert!(!is_loopback("node-a.example:7101"));
+
+        let hosts = BTreeMap::from([(1, info("10.0.0.1:7101", "10.0.0.1:7100"))]);
+        let err = check_addresses(&hosts, 2, &info("127.0.0.1:7101", "10.0.0.2:7100")).unwrap_err();
+        assert!(err.to_string().contains("internal_addr"), "{err}");
+        let err = check_addresses(&hosts, 2, &info("10.0.0.1:7101", "10.0.0.2:7100")).unwrap_err();
+        assert!(err.to_string().contains("already the address of node 1"), "{err}");
+        check_addresses(&hosts, 2, &info("10.0.0.2:7101", "10.0.0.2:7100")).unwrap();
+        // A member updating its own record is not a duplicate of itself.
+        check_addresses(&hosts, 1, &info("10.0.0.1:7101", "10.0.0.1:7100")).unwrap();
+
+        let local = BTreeMap::from([(1, info("127.0.0.1:7101", "127.0.0.1:7100"))]);
+        check_addresses(&local, 2, &info("127.0.0.2:7101", "127.0.0.2:7100")).unwrap();
+        assert!(check_addresses(&local, 2, &info("10.0.0.2:7101", "10.0.0.2:7100")).is_err());
     }
 }

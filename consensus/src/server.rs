@@ -1,12 +1,17 @@
 //! Server side of the internal gRPC service: Raft messages from peers and
 //! requests forwarded by followers.
+//!
+//! Every request is checked against this node's wire identity before it is
+//! decoded: one meant for another node or another cluster is refused with
+//! FAILED_PRECONDITION, so a wrong address can never make this node answer
+//! (and be counted) for another member.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use cell0_proto::internal::RaftMessage;
 use cell0_proto::internal::raft_server::{Raft as RaftRpc, RaftServer};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use cell0_proto::internal::{IdentifyRequest, IdentifyResponse, RaftMessage};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
 use crate::network::{MAX_INTERNAL_MESSAGE_BYTES, decode, encode};
@@ -39,25 +44,53 @@ fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
 #[tonic::async_trait]
 impl RaftRpc for InternalService {
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.inner.identity.check(request.get_ref())?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(request.get_ref()).map_err(bad_payload)?;
-        if let Some(commit) = rpc.leader_commit {
-            self.inner.leader_commit.fetch_max(commit.index, Ordering::AcqRel);
+        // The commit index a leader reports is known to hold for this node's
+        // log only up to what this request made match, and only once the
+        // request was accepted.
+        let commit = rpc.leader_commit.map(|c| c.index);
+        let last = rpc
+            .entries
+            .last()
+            .map(|e| e.log_id.index)
+            .or(rpc.prev_log_id.map(|p| p.index));
+        let result = self.inner.raft.append_entries(rpc).await;
+        let matched = match &result {
+            Ok(AppendEntriesResponse::Success) => last,
+            Ok(AppendEntriesResponse::PartialSuccess(m)) => m.map(|m| m.index),
+            _ => None,
+        };
+        if let (Some(commit), Some(matched)) = (commit, matched) {
+            self.inner
+                .leader_commit
+                .fetch_max(commit.min(matched), Ordering::AcqRel);
         }
-        reply(&self.inner.raft.append_entries(rpc).await)
+        reply(&result)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.inner.identity.check(request.get_ref())?;
         let rpc: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad_payload)?;
         reply(&self.inner.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.inner.identity.check(request.get_ref())?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref()).map_err(bad_payload)?;
         reply(&self.inner.raft.install_snapshot(rpc).await)
     }
 
     async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.inner.identity.check(request.get_ref())?;
         let req: ForwardRequest = decode(request.get_ref()).map_err(bad_payload)?;
         reply(&self.inner.handle_local(req).await)
+    }
+
+    async fn identify(&self, _request: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {
+        Ok(Response::new(IdentifyResponse {
+            node_id: self.inner.id,
+            cluster_id: self.inner.identity.cluster_id(),
+        }))
     }
 }

@@ -4,13 +4,23 @@
 //! - `kv`: user key -> its value and etcd-style revisions,
 //! - `kv_events`: revision (big-endian) -> [`StateEvent`], the last
 //!   [`WATCH_HISTORY`] changes, so watchers can resume from a revision,
-//! - `meta`: `revision` -> the store's current revision,
+//! - `meta`: `revision` -> the store's current revision, `cluster_id` -> the
+//!   cluster's id, and the bookkeeping of the request window below,
+//! - `requests`: request id -> the first response to that request, for the
+//!   last [`REQUEST_WINDOW_ENTRIES`] requests (and at most
+//!   [`REQUEST_WINDOW_BYTES`] of responses); `request_order`: their order, so
+//!   the oldest leaves first. A retried request inside the window is answered
+//!   from here and not applied again (exactly-once writes),
 //! - `models`: the model registry (see [`crate::registry`]),
 //! - `node_resources`: what each node offers (see [`crate::nodes`]).
 //!
 //! Revisions work like etcd's: a store-wide counter that every mutation
 //! increments, so a key's `mod_revision` orders all writes of the cluster.
 //! Everything here is deterministic: no clock, no randomness, ordered maps only.
+//! Apply checks no size limit (those are checked before proposing, and may
+//! change between versions); the constants it does use (history length,
+//! request window) are part of the log format and change only with a new
+//! command variant.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +30,7 @@ use openraft::LogId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::command::{Command, KeyValue, Limits, Response};
+use crate::command::{Command, KeyValue, Response};
 use crate::error::{ConsensusError, Result};
 use crate::types::TypeConfig;
 use crate::{nodes, registry};
@@ -29,6 +39,27 @@ const KV_TABLE: &str = "kv";
 const EVENTS_TABLE: &str = "kv_events";
 const META_TABLE: &str = "meta";
 const REVISION_KEY: &[u8] = b"revision";
+const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
+const REQUESTS_TABLE: &str = "requests";
+const REQUEST_ORDER_TABLE: &str = "request_order";
+const REQUEST_NEXT_KEY: &[u8] = b"request_next";
+const REQUEST_OLDEST_KEY: &[u8] = b"request_oldest";
+const REQUEST_BYTES_KEY: &[u8] = b"request_bytes";
+
+/// Most requests whose first answer is kept for deduplicating retries. Part
+/// of the replicated logic, like [`WATCH_HISTORY`].
+pub const REQUEST_WINDOW_ENTRIES: u64 = 100_000;
+/// Most bytes of kept answers; the oldest leave first.
+pub const REQUEST_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
+/// Most bytes of keys and values one range page holds (always at least one
+/// pair), so a response stays far below the gRPC message limit.
+pub const MAX_RANGE_BYTES: usize = 2 * 1024 * 1024;
+/// Most bytes of events one apply notification carries; a larger apply is
+/// announced as [`Applied::Resync`] and subscribers re-read the history, so
+/// the broadcast buffer stays bounded in bytes.
+pub const MAX_NOTIFICATION_BYTES: usize = 64 * 1024;
+/// Apply notifications buffered per subscriber before it lags.
+pub const NOTIFICATION_CAPACITY: usize = 1024;
 
 /// How many of the latest changes are kept for watchers resuming from an old
 /// revision. Part of the replicated logic: every node must use the same value.
@@ -92,6 +123,25 @@ pub enum Applied {
         /// The store revision after the install.
         revision: u64,
     },
+    /// An apply changed more than one notification may carry
+    /// ([`MAX_NOTIFICATION_BYTES`]): subscribers re-read from history.
+    Resync {
+        /// The store revision after the apply.
+        revision: u64,
+    },
+}
+
+/// The first answer to a request, kept for its retries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RequestRow {
+    response: Response,
+}
+
+/// Where a kept answer is, in arrival order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RequestOrderRow {
+    key: Vec<u8>,
+    bytes: u64,
 }
 
 /// The KV state machine: applies [`Command`]s and publishes [`Applied`].
@@ -104,6 +154,8 @@ pub struct KvStateMachine {
     /// Bumped after every stored change of the registry (and snapshot
     /// install): a hint to re-read it, which cannot lag like a broadcast.
     registry_changes: watch::Sender<u64>,
+    /// The cluster's id once known (0 before), shared with the transport.
+    cluster_id: Arc<AtomicU64>,
 }
 
 impl KvStateMachine {
@@ -116,7 +168,20 @@ impl KvStateMachine {
             revision: AtomicU64::new(0),
             registry_dirty: AtomicBool::new(false),
             registry_changes: watch::Sender::new(0),
+            cluster_id: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The cluster id as applied locally (0 while unknown), shared.
+    pub fn cluster_id_cell(&self) -> Arc<AtomicU64> {
+        self.cluster_id.clone()
+    }
+
+    fn learn_cluster_id(&self, txn: &dyn Txn) -> Result<()> {
+        if self.cluster_id.load(Ordering::Acquire) == 0 {
+            self.cluster_id.store(cluster_id(txn)?, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// A receiver that sees a new value after each stored registry change.
@@ -138,19 +203,28 @@ impl KvStateMachine {
         self.revision.load(Ordering::Acquire)
     }
 
-    /// Loads the cached revision from storage (after open).
+    /// Loads the cached revision and cluster id from storage (after open).
     pub fn load_revision(&self, txn: &dyn Txn) -> Result<()> {
         self.revision.store(revision(txn)?, Ordering::Release);
-        Ok(())
+        self.learn_cluster_id(txn)
+    }
+}
+
+/// The cluster's id, 0 before the cluster recorded one.
+pub fn cluster_id(txn: &dyn Txn) -> Result<u64> {
+    meta_u64(txn, CLUSTER_ID_KEY)
+}
+
+fn meta_u64(txn: &dyn Txn, key: &[u8]) -> Result<u64> {
+    match txn.get(META_TABLE, key)? {
+        Some(b) => decode_u64(&b),
+        None => Ok(0),
     }
 }
 
 /// The store's current revision.
 pub fn revision(txn: &dyn Txn) -> Result<u64> {
-    match txn.get(META_TABLE, REVISION_KEY)? {
-        Some(b) => decode_u64(&b),
-        None => Ok(0),
-    }
+    meta_u64(txn, REVISION_KEY)
 }
 
 fn decode_u64(b: &[u8]) -> Result<u64> {
@@ -192,20 +266,47 @@ pub fn range(txn: &dyn Txn, prefix: &[u8], start_after: &[u8], limit: usize) -> 
         s
     };
     let end = cell0_storage::prefix_end(prefix);
-    let rows = txn.scan(KV_TABLE, &start, end.as_deref(), limit + 1)?;
-    let more = rows.len() > limit;
-    let kvs = rows
-        .into_iter()
-        .take(limit)
-        .map(|(k, v)| Ok(decode::<Record>("record", &v)?.into_kv(&k)))
-        .collect::<Result<Vec<_>>>()?;
+    let mut kvs = Vec::new();
+    let mut bytes = 0;
+    let mut more = false;
+    // Scan in small pages so a byte-bounded page never loads `limit` values.
+    let mut from = start;
+    'pages: loop {
+        let rows = txn.scan(KV_TABLE, &from, end.as_deref(), RANGE_SCAN_PAGE)?;
+        let page_full = rows.len() == RANGE_SCAN_PAGE;
+        for (k, v) in rows {
+            if kvs.len() == limit || (!kvs.is_empty() && bytes + k.len() + v.len() > MAX_RANGE_BYTES) {
+                more = true;
+                break 'pages;
+            }
+            bytes += k.len() + v.len();
+            let kv = decode::<Record>("record", &v)?.into_kv(&k);
+            from = k;
+            from.push(0);
+            kvs.push(kv);
+        }
+        if !page_full {
+            break;
+        }
+    }
     Ok((kvs, more))
 }
 
+/// Rows read per scan of the history.
+const HISTORY_SCAN_PAGE: usize = 256;
+
+/// Rows read per scan of a range page.
+const RANGE_SCAN_PAGE: usize = 256;
+
 /// Changes with revision >= `from` under `prefix`, at most `limit`, in
 /// revision order. Fails with [`ConsensusError::Compacted`] when `from` is
-/// older than the retained history.
-pub fn history(txn: &dyn Txn, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<StateEvent>> {
+/// older than the retained history. Callers pass one point-in-time view, so
+/// the compaction check and the pages read agree: an event that was there
+/// when the check passed is returned, never silently skipped.
+///
+/// A page also ends before it would pass `max_bytes` of keys and values
+/// (it always holds at least one event), so one page fits a watch message.
+pub fn history(txn: &dyn Txn, prefix: &[u8], from: u64, limit: usize, max_bytes: usize) -> Result<Vec<StateEvent>> {
     let current = revision(txn)?;
     let oldest = current.saturating_sub(WATCH_HISTORY) + 1;
     if from < oldest && from <= current {
@@ -215,20 +316,26 @@ pub fn history(txn: &dyn Txn, prefix: &[u8], from: u64, limit: usize) -> Result<
         });
     }
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     let mut start = from.max(1);
-    // Scanning pages keeps memory bounded when the prefix filter rejects most
-    // events.
-    while out.len() < limit {
-        let rows = txn.scan(EVENTS_TABLE, &start.to_be_bytes(), None, 1024)?;
+    // Scanning small pages keeps memory bounded when the prefix filter
+    // rejects most events or the values are large.
+    'pages: while out.len() < limit {
+        let rows = txn.scan(EVENTS_TABLE, &start.to_be_bytes(), None, HISTORY_SCAN_PAGE)?;
         let Some((last, _)) = rows.last() else { break };
         start = decode_u64(last)?.saturating_add(1);
-        let page_full = rows.len() == 1024;
+        let page_full = rows.len() == HISTORY_SCAN_PAGE;
         for (_, v) in rows {
             let ev: StateEvent = decode("event", &v)?;
             if ev.kv.key.starts_with(prefix) {
+                let size = ev.kv.key.len() + ev.kv.value.len();
+                if !out.is_empty() && bytes + size > max_bytes {
+                    break 'pages;
+                }
+                bytes += size;
                 out.push(ev);
                 if out.len() == limit {
-                    break;
+                    break 'pages;
                 }
             }
         }
@@ -302,14 +409,77 @@ fn apply_command(txn: &mut dyn Txn, cmd: &Command, rev: &mut u64, events: &mut V
         Command::Node(n) => Ok(Response::Node {
             stored: nodes::apply(txn, n)?,
         }),
+        Command::Request { id, cmd } => {
+            let key = request_key(id);
+            if let Some(b) = txn.get(REQUESTS_TABLE, &key)? {
+                return Ok(decode::<RequestRow>("request", &b)?.response);
+            }
+            let response = apply_command(txn, cmd, rev, events)?;
+            remember_request(txn, key, &response)?;
+            Ok(response)
+        }
+        Command::InitCluster { cluster_id: id } => {
+            let stored = cluster_id(txn)?;
+            if stored != 0 {
+                return Ok(Response::ClusterId(stored));
+            }
+            txn.put(META_TABLE, CLUSTER_ID_KEY, &id.to_be_bytes())?;
+            Ok(Response::ClusterId(*id))
+        }
     }
+}
+
+fn request_key(id: &crate::command::RequestId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16);
+    key.extend_from_slice(&id.client.to_be_bytes());
+    key.extend_from_slice(&id.seq.to_be_bytes());
+    key
+}
+
+/// Keeps `response` as the answer to request `key`, then drops the oldest
+/// kept answers while the window holds too many or too large ones.
+fn remember_request(txn: &mut dyn Txn, key: Vec<u8>, response: &Response) -> Result<()> {
+    let row = encode(&RequestRow {
+        response: response.clone(),
+    })?;
+    let next = meta_u64(txn, REQUEST_NEXT_KEY)?;
+    let mut oldest = meta_u64(txn, REQUEST_OLDEST_KEY)?;
+    let mut bytes = meta_u64(txn, REQUEST_BYTES_KEY)? + row.len() as u64;
+    txn.put(REQUESTS_TABLE, &key, &row)?;
+    txn.put(
+        REQUEST_ORDER_TABLE,
+        &next.to_be_bytes(),
+        &encode(&RequestOrderRow {
+            key,
+            bytes: row.len() as u64,
+        })?,
+    )?;
+    let next = next + 1;
+    while oldest + 1 < next && (next - oldest > REQUEST_WINDOW_ENTRIES || bytes > REQUEST_WINDOW_BYTES) {
+        if let Some(b) = txn.get(REQUEST_ORDER_TABLE, &oldest.to_be_bytes())? {
+            let old: RequestOrderRow = decode("request order", &b)?;
+            txn.delete(REQUESTS_TABLE, &old.key)?;
+            txn.delete(REQUEST_ORDER_TABLE, &oldest.to_be_bytes())?;
+            bytes = bytes.saturating_sub(old.bytes);
+        }
+        oldest += 1;
+    }
+    txn.put(META_TABLE, REQUEST_NEXT_KEY, &next.to_be_bytes())?;
+    txn.put(META_TABLE, REQUEST_OLDEST_KEY, &oldest.to_be_bytes())?;
+    txn.put(META_TABLE, REQUEST_BYTES_KEY, &bytes.to_be_bytes())?;
+    Ok(())
 }
 
 fn touches_registry(cmd: &Command) -> bool {
     match cmd {
         Command::Model(_) => true,
         Command::Batch(cmds) => cmds.iter().any(touches_registry),
-        Command::Put { .. } | Command::Delete { .. } | Command::Cas { .. } | Command::Node(_) => false,
+        Command::Request { cmd, .. } => touches_registry(cmd),
+        Command::Put { .. }
+        | Command::Delete { .. }
+        | Command::Cas { .. }
+        | Command::Node(_)
+        | Command::InitCluster { .. } => false,
     }
 }
 
@@ -361,12 +531,10 @@ impl Apply<TypeConfig> for KvStateMachine {
         cmd: &Command,
         events: &mut Vec<StateEvent>,
     ) -> cell0_storage::Result<Response> {
-        // Node-local limits may differ between nodes, so apply checks only the
-        // fixed ones: every replica must reach the same verdict.
-        let fixed = Limits {
-            max_batch_commands: usize::MAX,
-        };
-        if let Err(e) = cmd.validate(&fixed) {
+        // Limits are checked before proposing; apply checks only the
+        // structure, by rules that never change, so every replica of every
+        // version reaches the same verdict.
+        if let Err(e) = cmd.check_structure() {
             return Ok(Response::Rejected(e.to_string()));
         }
         if touches_registry(cmd) {
@@ -376,6 +544,7 @@ impl Apply<TypeConfig> for KvStateMachine {
             let mut rev = revision(txn)?;
             let response = apply_command(txn, cmd, &mut rev, events)?;
             txn.put(META_TABLE, REVISION_KEY, &rev.to_be_bytes())?;
+            self.learn_cluster_id(txn)?;
             Ok(response)
         };
         run(txn, events).map_err(|e| cell0_storage::Error::Io(e.to_string()))
@@ -389,8 +558,17 @@ impl Apply<TypeConfig> for KvStateMachine {
         if let Some(last) = events.last() {
             self.revision.store(last.revision(), Ordering::Release);
         }
-        // No subscriber is not an error: watchers come and go.
-        let _ = self.events.send(Applied::Events(events.into()));
+        // No subscriber is not an error: watchers come and go. A large apply
+        // is announced without its events, so the buffer stays bounded.
+        let bytes: usize = events.iter().map(|e| e.kv.key.len() + e.kv.value.len() + 64).sum();
+        let notification = if bytes > MAX_NOTIFICATION_BYTES {
+            Applied::Resync {
+                revision: self.cached_revision(),
+            }
+        } else {
+            Applied::Events(events.into())
+        };
+        let _ = self.events.send(notification);
         if self.registry_dirty.swap(false, Ordering::AcqRel) {
             self.registry_changed();
         }
@@ -400,6 +578,9 @@ impl Apply<TypeConfig> for KvStateMachine {
         match revision(state) {
             Ok(rev) => self.revision.store(rev, Ordering::Release),
             Err(e) => tracing::error!(error = %e, "reading the revision of an installed snapshot"),
+        }
+        if let Err(e) = self.learn_cluster_id(state) {
+            tracing::error!(error = %e, "reading the cluster id of an installed snapshot");
         }
         // Subscribers missed the changes the snapshot covers: they resync
         // from the retained history.
@@ -527,30 +708,116 @@ mod tests {
     }
 
     #[test]
-    fn oversize_input_is_rejected_identically_by_apply() {
+    fn apply_checks_structure_not_size_limits() {
         let engine = MemEngine::new();
         let sm = KvStateMachine::new(16);
-        let out = run(
-            &engine,
-            &sm,
-            &[Command::Batch(vec![
-                put("ok", "1"),
-                Command::Put {
-                    key: vec![1; crate::command::MAX_KEY_BYTES + 1],
-                    value: vec![],
-                },
-            ])],
-        );
+        let too_deep = Command::Batch(vec![
+            put("ok", "1"),
+            Command::Batch(vec![Command::Batch(vec![put("deep", "1")])]),
+        ]);
+        // Size limits may differ between versions; apply never depends on
+        // them, so replicas of different versions agree.
+        let big_key = Command::Put {
+            key: vec![1; crate::command::MAX_KEY_BYTES + 1],
+            value: vec![],
+        };
+        let out = run(&engine, &sm, &[too_deep, big_key]);
         assert!(
-            matches!(&out[0], Response::Rejected(m) if m.contains("batch[1].key")),
+            matches!(&out[0], Response::Rejected(m) if m.contains("nested too deeply")),
             "{out:?}"
         );
+        assert!(matches!(&out[1], Response::Put { .. }), "{out:?}");
         let txn = EngineTxn::new(&engine);
         assert_eq!(
             get(&txn, b"ok").unwrap(),
             None,
             "nothing of a rejected batch is applied"
         );
+    }
+
+    fn request(client: u64, seq: u64, cmd: Command) -> Command {
+        Command::Request {
+            id: crate::command::RequestId { client, seq },
+            cmd: Box::new(cmd),
+        }
+    }
+
+    #[test]
+    fn a_retried_request_applies_once_and_gets_the_first_answer() {
+        let engine = MemEngine::new();
+        let sm = KvStateMachine::new(16);
+        let first = request(7, 1, put("k", "first"));
+        let out = run(
+            &engine,
+            &sm,
+            &[
+                first.clone(),
+                put("k", "other"),
+                // The retry arrives in another entry, even inside a group.
+                Command::Batch(vec![first.clone(), request(7, 2, put("j", "1"))]),
+            ],
+        );
+        let Response::Batch(parts) = &out[2] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(parts[0], out[0], "the retry is answered with the first response");
+        let txn = EngineTxn::new(&engine);
+        assert_eq!(get(&txn, b"k").unwrap().unwrap().value, b"other", "not applied twice");
+        assert_eq!(revision(&txn).unwrap(), 3, "k twice and j once");
+    }
+
+    #[test]
+    fn the_request_window_keeps_the_newest_answers() {
+        let engine = MemEngine::new();
+        let sm = KvStateMachine::new(16);
+        let n = REQUEST_WINDOW_ENTRIES + 2;
+        let batch = Command::Batch(
+            (1..=n)
+                .map(|seq| request(1, seq, Command::Delete { key: b"x".to_vec() }))
+                .collect(),
+        );
+        run(&engine, &sm, &[batch]);
+        let txn = EngineTxn::new(&engine);
+        let kept = txn.scan(REQUESTS_TABLE, b"", None, usize::MAX).unwrap();
+        assert_eq!(kept.len() as u64, REQUEST_WINDOW_ENTRIES);
+        assert_eq!(kept[0].0, request_key(&crate::command::RequestId { client: 1, seq: 3 }));
+        let order = txn.scan(REQUEST_ORDER_TABLE, b"", None, usize::MAX).unwrap();
+        assert_eq!(order.len() as u64, REQUEST_WINDOW_ENTRIES);
+    }
+
+    #[test]
+    fn the_cluster_id_is_recorded_once() {
+        let engine = MemEngine::new();
+        let sm = KvStateMachine::new(16);
+        let out = run(
+            &engine,
+            &sm,
+            &[
+                Command::InitCluster { cluster_id: 11 },
+                Command::InitCluster { cluster_id: 12 },
+            ],
+        );
+        assert_eq!(out, vec![Response::ClusterId(11), Response::ClusterId(11)]);
+        assert_eq!(sm.cluster_id_cell().load(Ordering::Acquire), 11);
+    }
+
+    #[test]
+    fn range_and_history_pages_are_bounded_in_bytes() {
+        let engine = MemEngine::new();
+        let sm = KvStateMachine::new(16);
+        let big = "v".repeat(700 * 1024);
+        let cmds: Vec<Command> = (0..5).map(|i| put(&format!("b/{i}"), &big)).collect();
+        run(&engine, &sm, &cmds);
+        let txn = EngineTxn::new(&engine);
+        let (page, more) = range(&txn, b"b/", b"", 0).unwrap();
+        assert_eq!(page.len(), 2, "three 700 KiB values pass 2 MiB");
+        assert!(more);
+        let (rest, more) = range(&txn, b"b/", &page[1].key, 0).unwrap();
+        assert_eq!((rest.len(), more), (2, true));
+        let evs = history(&txn, b"", 1, 1000, MAX_RANGE_BYTES).unwrap();
+        assert_eq!(evs.len(), 2);
+        let one = history(&txn, b"", 1, 1000, 1).unwrap();
+        assert_eq!(one.len(), 1, "a page always holds one event");
     }
 
     #[test]
@@ -570,13 +837,13 @@ mod tests {
         assert_eq!(page2[0].key, b"p/10");
         let (all, more) = range(&txn, b"p/", b"", 0).unwrap();
         assert_eq!((all.len(), more), (25, false));
-        let evs = history(&txn, b"p/", 20, 100).unwrap();
+        let evs = history(&txn, b"p/", 20, 100, usize::MAX).unwrap();
         assert_eq!(
             evs.iter().map(StateEvent::revision).collect::<Vec<_>>(),
             vec![20, 21, 22, 23, 24, 25]
         );
         assert!(
-            history(&txn, b"", 27, 100).unwrap().is_empty(),
+            history(&txn, b"", 27, 100, usize::MAX).unwrap().is_empty(),
             "future revisions are empty, not errors"
         );
     }
@@ -589,7 +856,7 @@ mod tests {
         let batch = Command::Batch((0..n).map(|i| put(&format!("k{}", i % 7), "v")).collect());
         run(&engine, &sm, &[batch]);
         let txn = EngineTxn::new(&engine);
-        let err = history(&txn, b"", 3, 10).unwrap_err();
+        let err = history(&txn, b"", 3, 10, usize::MAX).unwrap_err();
         assert_eq!(
             err,
             ConsensusError::Compacted {
@@ -597,7 +864,7 @@ mod tests {
                 oldest: 6
             }
         );
-        assert_eq!(history(&txn, b"", 6, 1).unwrap()[0].revision(), 6);
+        assert_eq!(history(&txn, b"", 6, 1, usize::MAX).unwrap()[0].revision(), 6);
         let stored = txn.scan(EVENTS_TABLE, b"", None, usize::MAX).unwrap().len() as u64;
         assert_eq!(stored, WATCH_HISTORY);
     }

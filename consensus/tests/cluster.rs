@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cell0_consensus::testkit::{LocalNode, local_cluster};
-use cell0_consensus::{Command, Consensus, ConsensusConfig, Consistency, Response};
+use cell0_consensus::{Command, Consensus, ConsensusConfig, ConsensusError, Consistency, Response};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -303,4 +303,169 @@ async fn registry_changes_replicate_and_wake_every_replica() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("files[0].path"), "{err}");
+}
+
+/// Polls `cond` until it holds, failing the test after [`DEADLINE`].
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn reachable(c: &Consensus, id: u64) -> bool {
+    c.members().iter().any(|m| m.id == id && m.reachable)
+}
+
+fn voters(c: &Consensus) -> BTreeSet<u64> {
+    c.members().iter().filter(|m| m.voter).map(|m| m.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_whose_internal_address_reaches_another_node_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 1, config()).await;
+    let leader = &nodes[0].consensus;
+    let joiner = LocalNode::start(2, root.path().join("n2"), None, config())
+        .await
+        .unwrap();
+    let bystander = LocalNode::start(3, root.path().join("n3"), None, config())
+        .await
+        .unwrap();
+
+    // The address of a process that is not node 2 (like a loopback default
+    // that reaches the leader's host): the handshake answers node 3.
+    let mut wrong = joiner.consensus.info().clone();
+    wrong.internal_addr = bystander.addr.to_string();
+    let err = leader.join(2, wrong).await.unwrap_err();
+    assert!(
+        matches!(&err, ConsensusError::InvalidArgument { field, reason } if field == "internal_addr" && reason.contains("reaches node 3")),
+        "{err}"
+    );
+    // The leader's own address is refused as a duplicate.
+    let mut own = joiner.consensus.info().clone();
+    own.internal_addr = nodes[0].addr.to_string();
+    let err = leader.join(2, own).await.unwrap_err();
+    assert!(
+        matches!(&err, ConsensusError::InvalidArgument { field, .. } if field == "internal_addr"),
+        "{err}"
+    );
+    assert_eq!(leader.members().len(), 1, "no bad member was added");
+
+    leader.join(2, joiner.consensus.info().clone()).await.unwrap();
+    assert_eq!(voters(leader), BTreeSet::from([1, 2]));
+    assert_ne!(leader.cluster_id(), 0);
+    joiner
+        .consensus
+        .raft()
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.membership_config.membership().voter_ids().count() == 2,
+            "node 2 knows it votes",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        joiner.consensus.cluster_id(),
+        leader.cluster_id(),
+        "the joiner learned the cluster id"
+    );
+    for n in [joiner, bystander] {
+        n.stop().await;
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_join_does_not_promote_an_unreachable_learner() {
+    let config = ConsensusConfig {
+        request_timeout_ms: 3_000,
+        ..config()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 1, config.clone()).await;
+    let leader = &nodes[0].consensus;
+    let learner = LocalNode::start(2, root.path().join("n2"), None, config.clone())
+        .await
+        .unwrap();
+    let info = learner.consensus.info().clone();
+    // A first join that added the learner and then failed before promoting.
+    leader.raft().add_learner(2, info.clone(), true).await.unwrap();
+    learner.stop().await;
+    wait_until("the leader sees node 2 down", || !reachable(leader, 2)).await;
+
+    let err = leader.join(2, info).await.unwrap_err();
+    assert!(matches!(err, ConsensusError::FailedPrecondition(_)), "{err}");
+    assert_eq!(voters(leader), BTreeSet::from([1]), "the dead learner was not promoted");
+    leader.write(put("still", "writable")).await.unwrap();
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_a_voter_while_another_is_down_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(root.path(), 3, config()).await;
+    let leader_id = nodes[0].consensus.leader().unwrap().0;
+    let followers: Vec<u64> = nodes.iter().map(LocalNode::id).filter(|id| *id != leader_id).collect();
+    let down = nodes.iter().position(|n| n.id() == followers[1]).unwrap();
+    nodes.remove(down).stop().await;
+    let leader = nodes.iter().find(|n| n.id() == leader_id).unwrap().consensus.clone();
+    wait_until("the leader sees the stopped voter down", || {
+        !reachable(&leader, followers[1])
+    })
+    .await;
+
+    // {leader, down} would need both to commit: refused, not wedged.
+    let err = leader.remove(followers[0]).await.unwrap_err();
+    assert!(
+        matches!(&err, ConsensusError::FailedPrecondition(m) if m.contains("quorum")),
+        "{err}"
+    );
+    assert_eq!(voters(&leader).len(), 3);
+    leader.write(put("after", "refusal")).await.unwrap();
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_reports_the_revision_of_the_data_it_returns() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 1, config()).await;
+    let c = nodes[0].consensus.clone();
+    let base = c.revision().unwrap();
+    let writes = 300u64;
+    let writer = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            for i in 0..writes {
+                c.write(put(format!("a/{i:04}"), "v")).await.unwrap();
+            }
+        })
+    };
+    // Every put creates a new key and advances the revision by one, so a
+    // consistent page at revision R holds exactly R - base keys.
+    let mut reads = 0;
+    loop {
+        let (kvs, more, revision) = c.range(b"a/", b"", 0, Consistency::Serializable).await.unwrap();
+        assert!(!more);
+        assert_eq!(kvs.len() as u64, revision - base, "range at revision {revision}");
+        let (kv, revision) = c.get(b"a/0000", Consistency::Serializable).await.unwrap();
+        assert_eq!(kv.is_some(), revision > base);
+        reads += 1;
+        if revision - base == writes {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap();
+    assert!(reads > 0);
+    for n in nodes {
+        n.stop().await;
+    }
 }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use crate::engine::{Cf, Engine, WriteBatch, prefix_end};
+use crate::engine::{Cf, ReadView, WriteBatch, prefix_end};
 use crate::{Error, Result};
 
 /// Reads and writes of one state-machine step. Implementations must be
@@ -40,14 +40,16 @@ pub(crate) fn table_key(table: &str, key: &[u8]) -> Result<Vec<u8>> {
     Ok(k)
 }
 
-/// A [`Txn`] buffering writes over an engine's current state.
-pub struct EngineTxn<'e, E: Engine + ?Sized> {
+/// A [`Txn`] buffering writes over an engine's current state, or over a
+/// point-in-time view of it (`Engine::with_view`) for reads that must all see
+/// one state.
+pub struct EngineTxn<'e, E: ReadView + ?Sized> {
     engine: &'e E,
     /// Pending writes by full key; `None` is a delete.
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
-impl<'e, E: Engine + ?Sized> EngineTxn<'e, E> {
+impl<'e, E: ReadView + ?Sized> EngineTxn<'e, E> {
     /// A transaction with no pending writes.
     pub fn new(engine: &'e E) -> Self {
         Self {
@@ -67,7 +69,7 @@ impl<'e, E: Engine + ?Sized> EngineTxn<'e, E> {
     }
 }
 
-impl<E: Engine + ?Sized> Txn for EngineTxn<'_, E> {
+impl<E: ReadView + ?Sized> Txn for EngineTxn<'_, E> {
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let k = table_key(table, key)?;
         match self.pending.get(&k) {
@@ -124,7 +126,7 @@ impl<E: Engine + ?Sized> Txn for EngineTxn<'_, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Durability, MemEngine};
+    use crate::{Durability, Engine, MemEngine};
 
     #[test]
     fn reads_see_pending_writes_and_tables_are_disjoint() {

@@ -1,4 +1,10 @@
 //! `cell0.v1.Kv`: puts, reads, ranges, compare-and-swap and watches.
+//!
+//! Bounds: a range page holds at most `MAX_RANGE_LIMIT` pairs and about 2
+//! MiB; a watch message at most [`WATCH_BATCH`] events and about 2 MiB (a
+//! history page is cut by bytes, a live notification carries at most 64 KiB
+//! or is replaced by a re-read of the history), so every message fits a
+//! client's default 4 MiB receive limit.
 
 use std::pin::Pin;
 
@@ -17,7 +23,7 @@ use super::{kv_to_proto, observe, to_status};
 /// Most concurrent watch streams one node serves.
 pub const MAX_WATCHES: usize = 1024;
 /// Events sent in one watch message at most.
-const WATCH_BATCH: usize = 1000;
+pub const WATCH_BATCH: usize = 1000;
 
 /// The Kv service of one node.
 pub struct KvApi {
@@ -206,11 +212,15 @@ impl Kv for KvApi {
             };
             // Fail fast on a compacted start instead of inside the stream.
             self.consensus.history(&r.prefix, next, 1).map_err(to_status)?;
+            if r.require_leader && self.consensus.leader().is_none() {
+                return Err(no_leader());
+            }
             let (tx, rx) = mpsc::channel(16);
             let consensus = self.consensus.clone();
+            let require_leader = r.require_leader;
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(status) = pump(consensus, r.prefix.to_vec(), next, updates, &tx).await {
+                if let Err(status) = pump(consensus, r.prefix.to_vec(), next, updates, require_leader, &tx).await {
                     let _ = tx.send(Err(status)).await;
                 }
             });
@@ -220,17 +230,24 @@ impl Kv for KvApi {
     }
 }
 
+fn no_leader() -> Status {
+    Status::unavailable("this node has no leader (require_leader is set)")
+}
+
 /// Feeds a watch stream until the client goes away: history first, then live
-/// changes; after a lag or a snapshot install it re-reads the history from the
-/// next revision it owes the client.
+/// changes; after a lag, a large apply or a snapshot install it re-reads the
+/// history from the next revision it owes the client. With `require_leader`
+/// it ends with UNAVAILABLE as soon as the node knows no leader.
 async fn pump(
     consensus: Consensus,
     prefix: Vec<u8>,
     mut next: u64,
     mut updates: broadcast::Receiver<Applied>,
+    require_leader: bool,
     tx: &mpsc::Sender<Result<v1::WatchResponse, Status>>,
 ) -> Result<(), Status> {
     let header = |revision| header(&consensus, revision);
+    let mut raft_metrics = consensus.raft().metrics();
     let mut catch_up = true;
     loop {
         if catch_up {
@@ -250,9 +267,18 @@ async fn pump(
             }
             catch_up = false;
         }
+        if require_leader && consensus.leader().is_none() {
+            return Err(no_leader());
+        }
         let update = tokio::select! {
             u = updates.recv() => u,
             () = tx.closed() => return Ok(()),
+            changed = raft_metrics.changed(), if require_leader => {
+                if changed.is_err() {
+                    return Err(Status::unavailable("the node is shutting down"));
+                }
+                continue;
+            }
         };
         match update {
             Ok(Applied::Events(evs)) => {
@@ -276,7 +302,9 @@ async fn pump(
                     }
                 }
             }
-            Ok(Applied::Reset { .. }) | Err(broadcast::error::RecvError::Lagged(_)) => catch_up = true,
+            Ok(Applied::Reset { .. } | Applied::Resync { .. }) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                catch_up = true
+            }
             Err(broadcast::error::RecvError::Closed) => {
                 return Err(Status::unavailable("the node is shutting down"));
             }

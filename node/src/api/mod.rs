@@ -45,6 +45,7 @@ pub fn to_status(e: ConsensusError) -> Status {
         ConsensusError::NotFound(m) => Status::not_found(m),
         ConsensusError::ShuttingDown => Status::unavailable("the node is shutting down"),
         ConsensusError::Internal(m) => Status::internal(m),
+        ConsensusError::FailedPrecondition(m) => Status::failed_precondition(m),
     }
 }
 

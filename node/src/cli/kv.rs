@@ -51,6 +51,10 @@ pub enum KvCommand {
         /// Start at this revision (default: new changes only).
         #[arg(long, default_value_t = 0)]
         from: u64,
+        /// End with an error when the node loses its leader (it is cut off
+        /// from the quorum) instead of waiting silently.
+        #[arg(long)]
+        require_leader: bool,
     },
 }
 
@@ -178,11 +182,16 @@ pub async fn run(endpoint: &str, output: Output, cmd: KvCommand) -> anyhow::Resu
                 }
             }
         }
-        KvCommand::Watch { prefix, from } => {
+        KvCommand::Watch {
+            prefix,
+            from,
+            require_leader,
+        } => {
             let mut stream = client
                 .watch(v1::WatchRequest {
                     prefix: prefix.into_bytes().into(),
                     start_revision: from,
+                    require_leader,
                 })
                 .await
                 .map_err(rpc_error)?
