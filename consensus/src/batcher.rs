@@ -106,21 +106,8 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, limits: BatchLimits) {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes = first.size;
-        let mut group = vec![first];
-        while group.len() < limits.max_commands {
-            match rx.try_recv() {
-                Ok(p) if bytes + p.size > limits.max_bytes => {
-                    carry = Some(p);
-                    break;
-                }
-                Ok(p) => {
-                    bytes += p.size;
-                    group.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let group;
+        (group, carry) = form_group(first, &mut rx, &limits);
         metrics::histogram!("cell0_raft_batch_commands").record(group.len() as f64);
         let raft = raft.clone();
         tokio::spawn(async move {
@@ -128,6 +115,29 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, limits: BatchLimits) {
             drop(slot);
         });
     }
+}
+
+/// The group that starts with `first`: every command already queued, up to
+/// the count and byte limits. A queued command that would pass the byte
+/// limit is returned to start the next group.
+fn form_group(
+    first: Pending,
+    rx: &mut mpsc::Receiver<Pending>,
+    limits: &BatchLimits,
+) -> (Vec<Pending>, Option<Pending>) {
+    let mut bytes = first.size;
+    let mut group = vec![first];
+    while group.len() < limits.max_commands {
+        match rx.try_recv() {
+            Ok(p) if bytes + p.size > limits.max_bytes => return (group, Some(p)),
+            Ok(p) => {
+                bytes += p.size;
+                group.push(p);
+            }
+            Err(_) => break,
+        }
+    }
+    (group, None)
 }
 
 async fn propose(raft: &Raft, group: Vec<Pending>, timeout: Duration) {
@@ -211,5 +221,53 @@ pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node
         },
         RaftError::Fatal(openraft::error::Fatal::Stopped) => ConsensusError::ShuttingDown,
         RaftError::Fatal(f) => ConsensusError::Internal(format!("raft stopped: {f}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(room: &Arc<Semaphore>, value_bytes: usize) -> Pending {
+        let cmd = Command::Put {
+            key: b"k".to_vec(),
+            value: vec![0; value_bytes],
+        };
+        Pending {
+            size: cmd.approx_size(),
+            cmd,
+            reply: oneshot::channel().0,
+            _room: room.clone().try_acquire_owned().unwrap(),
+        }
+    }
+
+    #[test]
+    fn queued_commands_form_one_group_within_the_limits() {
+        let room = Arc::new(Semaphore::new(1000));
+        let limits = BatchLimits {
+            max_commands: 4,
+            max_bytes: 1000,
+            max_inflight: 1,
+            commit_timeout: Duration::from_secs(1),
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        for _ in 0..6 {
+            tx.try_send(pending(&room, 10)).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let (group, carry) = form_group(first, &mut rx, &limits);
+        assert_eq!((group.len(), carry.is_none()), (4, true), "capped by count");
+        let first = rx.try_recv().unwrap();
+        let (group, _) = form_group(first, &mut rx, &limits);
+        assert_eq!(group.len(), 2, "everything left queued");
+
+        for size in [400, 400, 400] {
+            tx.try_send(pending(&room, size)).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let (group, carry) = form_group(first, &mut rx, &limits);
+        assert_eq!(group.len(), 2, "capped by bytes");
+        assert!(carry.is_some(), "the command that did not fit starts the next group");
+        assert!(rx.try_recv().is_err());
     }
 }

@@ -42,9 +42,7 @@ const REVISION_KEY: &[u8] = b"revision";
 const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
 const REQUESTS_TABLE: &str = "requests";
 const REQUEST_ORDER_TABLE: &str = "request_order";
-const REQUEST_NEXT_KEY: &[u8] = b"request_next";
-const REQUEST_OLDEST_KEY: &[u8] = b"request_oldest";
-const REQUEST_BYTES_KEY: &[u8] = b"request_bytes";
+const REQUEST_WINDOW_KEY: &[u8] = b"request_window";
 
 /// Most requests whose first answer is kept for deduplicating retries. Part
 /// of the replicated logic, like [`WATCH_HISTORY`].
@@ -135,6 +133,17 @@ pub enum Applied {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RequestRow {
     response: Response,
+}
+
+/// The request window's bookkeeping, one `meta` row.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct RequestWindow {
+    /// Order number of the next kept answer.
+    next: u64,
+    /// Order number of the oldest kept answer.
+    oldest: u64,
+    /// Bytes of kept answers.
+    bytes: u64,
 }
 
 /// Where a kept answer is, in arrival order.
@@ -442,31 +451,34 @@ fn remember_request(txn: &mut dyn Txn, key: Vec<u8>, response: &Response) -> Res
     let row = encode(&RequestRow {
         response: response.clone(),
     })?;
-    let next = meta_u64(txn, REQUEST_NEXT_KEY)?;
-    let mut oldest = meta_u64(txn, REQUEST_OLDEST_KEY)?;
-    let mut bytes = meta_u64(txn, REQUEST_BYTES_KEY)? + row.len() as u64;
+    let mut window: RequestWindow = match txn.get(META_TABLE, REQUEST_WINDOW_KEY)? {
+        Some(b) => decode("request window", &b)?,
+        None => RequestWindow::default(),
+    };
     txn.put(REQUESTS_TABLE, &key, &row)?;
     txn.put(
         REQUEST_ORDER_TABLE,
-        &next.to_be_bytes(),
+        &window.next.to_be_bytes(),
         &encode(&RequestOrderRow {
             key,
             bytes: row.len() as u64,
         })?,
     )?;
-    let next = next + 1;
-    while oldest + 1 < next && (next - oldest > REQUEST_WINDOW_ENTRIES || bytes > REQUEST_WINDOW_BYTES) {
-        if let Some(b) = txn.get(REQUEST_ORDER_TABLE, &oldest.to_be_bytes())? {
+    window.next += 1;
+    window.bytes += row.len() as u64;
+    while window.oldest + 1 < window.next
+        && (window.next - window.oldest > REQUEST_WINDOW_ENTRIES || window.bytes > REQUEST_WINDOW_BYTES)
+    {
+        let order_key = window.oldest.to_be_bytes();
+        if let Some(b) = txn.get(REQUEST_ORDER_TABLE, &order_key)? {
             let old: RequestOrderRow = decode("request order", &b)?;
             txn.delete(REQUESTS_TABLE, &old.key)?;
-            txn.delete(REQUEST_ORDER_TABLE, &oldest.to_be_bytes())?;
-            bytes = bytes.saturating_sub(old.bytes);
+            txn.delete(REQUEST_ORDER_TABLE, &order_key)?;
+            window.bytes = window.bytes.saturating_sub(old.bytes);
         }
-        oldest += 1;
+        window.oldest += 1;
     }
-    txn.put(META_TABLE, REQUEST_NEXT_KEY, &next.to_be_bytes())?;
-    txn.put(META_TABLE, REQUEST_OLDEST_KEY, &oldest.to_be_bytes())?;
-    txn.put(META_TABLE, REQUEST_BYTES_KEY, &bytes.to_be_bytes())?;
+    txn.put(META_TABLE, REQUEST_WINDOW_KEY, &encode(&window)?)?;
     Ok(())
 }
 

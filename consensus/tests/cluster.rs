@@ -220,12 +220,13 @@ async fn a_full_restart_keeps_every_acknowledged_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers_share_log_entries() {
+async fn concurrent_writers_each_apply_once() {
     let root = tempfile::tempdir().unwrap();
     let nodes = cluster(root.path(), 3, config()).await;
     let leader_id = nodes[0].consensus.leader().unwrap().0;
     let leader = nodes.iter().find(|n| n.id() == leader_id).unwrap();
     let before = leader.consensus.status().last_log_index;
+    let revision = leader.consensus.revision().unwrap();
     let mut tasks = Vec::new();
     for i in 0..256 {
         let c = leader.consensus.clone();
@@ -234,8 +235,11 @@ async fn concurrent_writers_share_log_entries() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
+    // How many entries the writes share depends on scheduling (the grouping
+    // itself is unit-tested in the batcher); that each applies once does not.
     let entries = leader.consensus.status().last_log_index - before;
-    assert!(entries < 256, "256 writes took {entries} log entries");
+    assert!(entries <= 256, "256 writes took {entries} log entries");
+    assert_eq!(leader.consensus.revision().unwrap(), revision + 256);
     for n in nodes {
         n.stop().await;
     }

@@ -4,8 +4,20 @@
 //! atomic write batches and consistent point-in-time views. Everything above
 //! it (log store, state machine, transactions) is written once against this
 //! trait, so the in-memory engine exercises the same code paths as RocksDB.
+//!
+//! Invariants:
+//! - A [`WriteBatch`] is applied atomically: after a crash all or none of it
+//!   is visible.
+//! - A [`Durability::Sync`] write is on stable storage when `write` returns,
+//!   and so is every write that returned before it (one shared write-ahead
+//!   log).
+//! - [`run_blocking`] runs engine work off the async worker threads only for
+//!   engines that say they may block ([`Engine::may_block`]); it awaits the
+//!   work, so callers keep their own ordering.
 
-use crate::Result;
+use std::sync::Arc;
+
+use crate::{Error, Result};
 
 /// Column families: independent ordered keyspaces of one engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -144,6 +156,36 @@ pub trait Engine: ReadView + Send + Sync + 'static {
     /// Writes buffered data to stable storage (at shutdown), so the next open
     /// has nothing to recover from the write-ahead log.
     fn flush(&self) -> Result<()>;
+
+    /// Whether this engine's writes and scans may block the calling thread
+    /// (disk I/O, fsync) long enough that async callers should run them on a
+    /// blocking thread. Engines that never block (in memory) return `false`,
+    /// which keeps them deterministic under a simulated runtime.
+    fn may_block(&self) -> bool {
+        true
+    }
+}
+
+/// Runs `f` over `engine` on tokio's blocking pool when the engine may block
+/// and a tokio runtime is running, inline otherwise; either way the result is
+/// awaited, so calls made one after another by a caller stay in order.
+pub(crate) async fn run_blocking<E, T, F>(engine: &Arc<E>, f: F) -> Result<T>
+where
+    E: Engine,
+    T: Send + 'static,
+    F: FnOnce(&E) -> Result<T> + Send + 'static,
+{
+    if !engine.may_block() {
+        return f(engine);
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return f(engine);
+    };
+    let engine = engine.clone();
+    runtime
+        .spawn_blocking(move || f(&engine))
+        .await
+        .map_err(|e| Error::Io(format!("blocking storage task failed: {e}")))?
 }
 
 /// The smallest key greater than every key starting with `prefix`, or `None`

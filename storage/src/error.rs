@@ -65,3 +65,14 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: 
         detail: e.to_string(),
     })
 }
+
+/// Decodes the first field of a stored record, ignoring the rest (postcard
+/// writes struct fields in order with no framing), naming it in the error.
+pub(crate) fn decode_prefix<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
+    postcard::take_from_bytes(bytes)
+        .map(|(v, _rest)| v)
+        .map_err(|e| Error::Corrupt {
+            what,
+            detail: e.to_string(),
+        })
+}

@@ -6,6 +6,10 @@
 //! - The vote is written synced before `save_vote` returns.
 //! - The purge point is written in the same batch that deletes the entries,
 //!   so the log never has a gap openraft does not know of.
+//! - Synced writes (append, vote, truncate) run on a blocking thread (see
+//!   `engine::run_blocking`) so an fsync never stalls the async
+//!   workers that send heartbeats; each call awaits its write, so writes
+//!   reach the engine in the order openraft issues them.
 
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -16,7 +20,7 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote};
 
-use crate::engine::{Cf, Durability, Engine, WriteBatch};
+use crate::engine::{Cf, Durability, Engine, WriteBatch, run_blocking};
 use crate::error::{decode, encode};
 
 const VOTE_KEY: &[u8] = b"raft/vote";
@@ -142,8 +146,8 @@ where
             VOTE_KEY,
             encode(vote).map_err(|e| StorageIOError::write_vote(&e))?,
         );
-        self.engine
-            .write(batch, Durability::Sync)
+        run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync))
+            .await
             .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
@@ -176,7 +180,8 @@ where
         for entry in entries {
             batch.put(Cf::Log, log_key(entry.log_id.index), encode(&entry).map_err(write_err)?);
         }
-        match self.engine.write(batch, Durability::Sync) {
+        // The callback fires only once the synced write has returned.
+        match run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -192,7 +197,9 @@ where
         let mut batch = WriteBatch::new();
         batch.delete_range(Cf::Log, log_key(log_id.index), log_key(u64::MAX));
         batch.delete(Cf::Log, log_key(u64::MAX));
-        self.engine.write(batch, Durability::Sync).map_err(write_err)
+        run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync))
+            .await
+            .map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> SResult<()> {

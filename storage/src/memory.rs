@@ -2,6 +2,19 @@
 //!
 //! Same semantics as [`crate::RocksEngine`] except durability: everything is
 //! lost when the value is dropped. Never used on the real path.
+//!
+//! It also simulates a power loss ([`MemEngine::power_loss`]), with the
+//! durability model of RocksDB's shared write-ahead log:
+//! - a [`Durability::Sync`] write is durable, and makes every earlier write
+//!   durable too (one fsync of the shared log);
+//! - a [`Durability::Buffered`] write is durable only once a later synced
+//!   write (or [`Engine::flush`]) happened; a power loss discards every write
+//!   made after the last synced one, whole batches at a time.
+//!
+//! To do that the engine keeps an undo record (the previous value of each key
+//! touched) of every buffered write since the last synced one. The undo log is
+//! emptied by each synced write, so it only ever holds the writes of one
+//! fsync interval.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -12,10 +25,27 @@ use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp};
 
 type Table = BTreeMap<Vec<u8>, Vec<u8>>;
 
+/// How to restore one key on a power loss: its value before a buffered write
+/// (`None`: it was absent).
+#[derive(Debug)]
+struct Undo {
+    cf: Cf,
+    key: Vec<u8>,
+    previous: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    tables: BTreeMap<Cf, Table>,
+    /// Undo records of the buffered writes since the last synced write,
+    /// oldest first.
+    undo: Vec<Undo>,
+}
+
 /// Ordered maps per column family behind one lock.
 #[derive(Debug, Default)]
 pub struct MemEngine {
-    tables: Mutex<BTreeMap<Cf, Table>>,
+    state: Mutex<State>,
 }
 
 impl MemEngine {
@@ -24,10 +54,27 @@ impl MemEngine {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<Cf, Table>> {
+    /// Test and simulation facility: simulates a power loss (or `kill -9` of
+    /// the machine) by discarding every write made after the last
+    /// [`Durability::Sync`] write (or [`Engine::flush`]), newest first. The
+    /// engine stays usable, as after a reboot: stores opened over it again see
+    /// exactly what a real disk would have kept.
+    pub fn power_loss(&self) {
+        let mut state = self.lock();
+        let undo = std::mem::take(&mut state.undo);
+        for Undo { cf, key, previous } in undo.into_iter().rev() {
+            let table = state.tables.entry(cf).or_default();
+            match previous {
+                Some(v) => table.insert(key, v),
+                None => table.remove(&key),
+            };
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock can only come from a bug in this
         // module's plain map operations; the maps stay consistent, so recover.
-        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -65,31 +112,46 @@ impl ReadView for MemView {
 
 impl ReadView for MemEngine {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.lock().get(&cf).and_then(|t| t.get(key).cloned()))
+        Ok(self.lock().tables.get(&cf).and_then(|t| t.get(key).cloned()))
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        Ok(scan_table(self.lock().get(&cf), start, end, limit))
+        Ok(scan_table(self.lock().tables.get(&cf), start, end, limit))
     }
 
     fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         Ok(self
             .lock()
+            .tables
             .get(&cf)
             .and_then(|t| t.last_key_value().map(|(k, v)| (k.clone(), v.clone()))))
     }
 }
 
 impl Engine for MemEngine {
-    fn write(&self, batch: WriteBatch, _durability: Durability) -> Result<()> {
-        let mut tables = self.lock();
+    fn write(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
+        let mut guard = self.lock();
+        let State { tables, undo } = &mut *guard;
+        // Undo records are only needed for writes a power loss can discard.
+        let buffered = durability == Durability::Buffered;
+        let mut record = |cf: Cf, key: &[u8], previous: Option<Vec<u8>>| {
+            if buffered {
+                undo.push(Undo {
+                    cf,
+                    key: key.to_vec(),
+                    previous,
+                });
+            }
+        };
         for op in batch.ops() {
             match op {
                 WriteOp::Put { cf, key, value } => {
-                    tables.entry(*cf).or_default().insert(key.clone(), value.clone());
+                    let previous = tables.entry(*cf).or_default().insert(key.clone(), value.clone());
+                    record(*cf, key, previous);
                 }
                 WriteOp::Delete { cf, key } => {
-                    tables.entry(*cf).or_default().remove(key);
+                    let previous = tables.entry(*cf).or_default().remove(key);
+                    record(*cf, key, previous);
                 }
                 WriteOp::DeleteRange { cf, start, end } => {
                     if start >= end {
@@ -98,20 +160,77 @@ impl Engine for MemEngine {
                     let t = tables.entry(*cf).or_default();
                     let doomed: Vec<Vec<u8>> = t.range(start.clone()..end.clone()).map(|(k, _)| k.clone()).collect();
                     for k in doomed {
-                        t.remove(&k);
+                        let previous = t.remove(&k);
+                        record(*cf, &k, previous);
                     }
                 }
             }
+        }
+        if !buffered {
+            // One fsync of the shared log: every earlier write is durable too.
+            undo.clear();
         }
         Ok(())
     }
 
     fn with_view(&self, f: &mut dyn FnMut(&dyn ReadView) -> Result<()>) -> Result<()> {
-        let view = MemView(self.lock().clone());
+        let view = MemView(self.lock().tables.clone());
         f(&view)
     }
 
     fn flush(&self) -> Result<()> {
+        self.lock().undo.clear();
         Ok(())
+    }
+
+    fn may_block(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(e: &MemEngine, key: &[u8], value: &[u8], d: Durability) {
+        let mut b = WriteBatch::new();
+        b.put(Cf::State, key.to_vec(), value.to_vec());
+        e.write(b, d).unwrap();
+    }
+
+    fn all(e: &MemEngine) -> Vec<(Vec<u8>, Vec<u8>)> {
+        e.scan(Cf::State, b"", None, usize::MAX).unwrap()
+    }
+
+    #[test]
+    fn power_loss_discards_writes_after_the_last_synced_one() {
+        let e = MemEngine::new();
+        put(&e, b"a", b"1", Durability::Buffered);
+        // The synced write makes the earlier buffered one durable too.
+        put(&e, b"b", b"1", Durability::Sync);
+        put(&e, b"a", b"2", Durability::Buffered);
+        put(&e, b"c", b"1", Durability::Buffered);
+        let mut b = WriteBatch::new();
+        b.delete(Cf::State, b"b".to_vec());
+        b.delete_range(Cf::State, b"a".to_vec(), b"b".to_vec());
+        b.put(Cf::State, b"a".to_vec(), b"3".to_vec());
+        e.write(b, Durability::Buffered).unwrap();
+        assert_eq!(
+            all(&e),
+            vec![(b"a".to_vec(), b"3".to_vec()), (b"c".to_vec(), b"1".to_vec())]
+        );
+
+        e.power_loss();
+        assert_eq!(
+            all(&e),
+            vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"1".to_vec())]
+        );
+        // Nothing left to lose; the engine keeps working after the reboot.
+        e.power_loss();
+        assert_eq!(all(&e).len(), 2);
+        put(&e, b"d", b"1", Durability::Buffered);
+        e.flush().unwrap();
+        e.power_loss();
+        assert_eq!(all(&e).len(), 3);
     }
 }

@@ -8,11 +8,20 @@
 //! - Snapshots are read from a point-in-time view, so they are consistent
 //!   with the applied id they carry even while applies continue.
 //! - Installing a snapshot replaces the whole state in one atomic write.
+//! - The stored snapshot (what `get_current_snapshot` returns) only moves
+//!   forward: a built or installed snapshot replaces it only when its last log
+//!   id is greater, and that read-compare-write runs under one lock shared by
+//!   every clone of the store, so a slow build never overwrites a newer
+//!   snapshot installed meanwhile.
+//! - Snapshot builds, installs and reads of the stored snapshot run on a
+//!   blocking thread (see `engine::run_blocking`), never on an async worker;
+//!   each call awaits that work, so applies and installs stay in the order
+//!   openraft issues them.
 
 use std::io::Cursor;
 use std::marker::PhantomData;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -21,8 +30,8 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch};
-use crate::error::{decode, encode};
+use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
+use crate::error::{decode, decode_prefix, encode};
 use crate::txn::{EngineTxn, Txn};
 
 const APPLIED_KEY: &[u8] = b"sm/applied";
@@ -67,6 +76,7 @@ pub trait Apply<C: RaftTypeConfig>: Send + Sync + 'static {
 #[derive(Serialize, Deserialize)]
 #[serde(bound = "")]
 struct StoredSnapshot<C: RaftTypeConfig> {
+    /// Must stay the first field: [`stored_snapshot_log_id`] decodes it alone.
     meta: SnapshotMeta<u64, C::Node>,
     data: Vec<u8>,
 }
@@ -88,6 +98,9 @@ pub struct StateMachineStore<C, E, A> {
     engine: Arc<E>,
     apply: Arc<A>,
     snapshot_seq: Arc<AtomicU64>,
+    /// Held across the read-compare-write of the stored snapshot, by builds
+    /// and installs of every clone.
+    snapshot_lock: Arc<Mutex<()>>,
     _c: PhantomData<fn() -> C>,
 }
 
@@ -97,9 +110,36 @@ impl<C, E, A> Clone for StateMachineStore<C, E, A> {
             engine: self.engine.clone(),
             apply: self.apply.clone(),
             snapshot_seq: self.snapshot_seq.clone(),
+            snapshot_lock: self.snapshot_lock.clone(),
             _c: PhantomData,
         }
     }
+}
+
+/// The last log id of the stored snapshot: `None` when there is none,
+/// `Some(None)` for a stored snapshot of the empty state.
+fn stored_snapshot_log_id<C: RaftTypeConfig>(view: &dyn ReadView) -> crate::Result<Option<Option<LogId<u64>>>> {
+    let Some(bytes) = view.get(Cf::Meta, SNAPSHOT_KEY)? else {
+        return Ok(None);
+    };
+    // Decode only the meta (the first field), not the payload.
+    let meta: SnapshotMeta<u64, C::Node> = decode_prefix("stored snapshot meta", &bytes)?;
+    Ok(Some(meta.last_log_id))
+}
+
+/// Whether a snapshot up to `new` should replace the stored one: only when
+/// none is stored or `new` is strictly greater.
+fn supersedes(new: &Option<LogId<u64>>, stored: Option<Option<LogId<u64>>>) -> bool {
+    match stored {
+        None => true,
+        Some(old) => *new > old,
+    }
+}
+
+fn lock_snapshot(lock: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    // The mutex guards no data, only the order of engine writes; a panic
+    // while it was held leaves nothing inconsistent.
+    lock.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn read_sm_err(e: crate::Error) -> StorageError<u64> {
@@ -122,6 +162,7 @@ where
             engine,
             apply,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
+            snapshot_lock: Arc::new(Mutex::new(())),
             _c: PhantomData,
         })
     }
@@ -143,9 +184,16 @@ where
         Ok((applied, membership))
     }
 
-    fn build(&self) -> crate::Result<StoredSnapshot<C>> {
+    /// Builds a snapshot from a point-in-time view of `engine` and stores it
+    /// if it is newer than the stored one. Returns the snapshot and whether it
+    /// was stored.
+    fn build(
+        engine: &E,
+        snapshot_seq: &AtomicU64,
+        snapshot_lock: &Mutex<()>,
+    ) -> crate::Result<(StoredSnapshot<C>, bool)> {
         let mut out = None;
-        self.engine.with_view(&mut |view| {
+        engine.with_view(&mut |view| {
             let (last_log_id, last_membership) = Self::applied_from(view)?;
             let mut rows = Vec::new();
             let mut start = Vec::new();
@@ -171,7 +219,7 @@ where
         let Some((last_log_id, last_membership, data)) = out else {
             return Err(crate::Error::Io("snapshot view produced nothing".into()));
         };
-        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let seq = snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match &last_log_id {
             Some(id) => format!("{}-{}-{}-{seq}", id.leader_id.term, id.leader_id.node_id, id.index),
             None => format!("empty-{seq}"),
@@ -184,12 +232,64 @@ where
             },
             data,
         };
+        let _guard = lock_snapshot(snapshot_lock);
+        // A snapshot installed (or built) while this one was being built may
+        // be newer than this build's view: never replace it with an older
+        // one, or lagging followers would be sent stale state from now on.
+        if !supersedes(&stored.meta.last_log_id, stored_snapshot_log_id::<C>(engine)?) {
+            return Ok((stored, false));
+        }
         let mut batch = WriteBatch::new();
         batch.put(Cf::Meta, SNAPSHOT_KEY, encode(&stored)?);
         // Buffered is enough: the purge that may follow goes through the same
         // write-ahead log after this record, so it never survives without it.
-        self.engine.write(batch, Durability::Buffered)?;
-        Ok(stored)
+        engine.write(batch, Durability::Buffered)?;
+        Ok((stored, true))
+    }
+
+    /// Replaces the whole state of `engine` with a received snapshot, stores
+    /// the snapshot if it is newer than the stored one, then tells `apply`.
+    fn install(
+        engine: &E,
+        apply: &A,
+        snapshot_lock: &Mutex<()>,
+        meta: SnapshotMeta<u64, C::Node>,
+        data: Vec<u8>,
+    ) -> crate::Result<()> {
+        let payload: SnapshotPayload = decode("snapshot", &data)?;
+        if payload.format != SNAPSHOT_FORMAT {
+            return Err(crate::Error::Corrupt {
+                what: "snapshot",
+                detail: format!("format {} is not {SNAPSHOT_FORMAT}", payload.format),
+            });
+        }
+        tracing::info!(snapshot = %meta.snapshot_id, rows = payload.rows.len(), bytes = data.len(), "installing snapshot");
+        let mut batch = WriteBatch::new();
+        // Table names are UTF-8, which never contains 0xff, so every state
+        // key sorts below [0xff].
+        batch.delete_range(Cf::State, Vec::new(), vec![0xff]);
+        for (k, v) in payload.rows {
+            batch.put(Cf::State, k, v);
+        }
+        batch.put(Cf::Meta, APPLIED_KEY, encode(&meta.last_log_id)?);
+        batch.put(Cf::Meta, MEMBERSHIP_KEY, encode(&meta.last_membership)?);
+        {
+            let _guard = lock_snapshot(snapshot_lock);
+            // openraft installs only snapshots beyond its committed index, and
+            // a stored snapshot never goes beyond the applied one, so this
+            // holds in practice; checked anyway so the stored snapshot can
+            // only move forward. The state is replaced either way, as openraft
+            // asks.
+            if supersedes(&meta.last_log_id, stored_snapshot_log_id::<C>(engine)?) {
+                let stored = StoredSnapshot::<C> { meta, data };
+                batch.put(Cf::Meta, SNAPSHOT_KEY, encode(&stored)?);
+            } else {
+                tracing::warn!(snapshot = %meta.snapshot_id, "installed snapshot is not newer than the stored one; keeping the stored one");
+            }
+            engine.write(batch, Durability::Sync)?;
+        }
+        apply.snapshot_installed(&EngineTxn::new(engine));
+        Ok(())
     }
 }
 
@@ -200,10 +300,18 @@ where
     A: Apply<C>,
 {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<C>> {
-        let StoredSnapshot { meta, data } = self
-            .build()
-            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        let seq = self.snapshot_seq.clone();
+        let lock = self.snapshot_lock.clone();
+        let (StoredSnapshot { meta, data }, stored) =
+            run_blocking(&self.engine, move |engine| Self::build(engine, &seq, &lock))
+                .await
+                .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
+        // A build older than the stored snapshot is still returned, not an
+        // error: openraft 0.9 treats any StorageError as fatal, and it keeps
+        // only the snapshot meta with the greatest last log id
+        // (`finish_building_snapshot` ignores one that is not newer, and so
+        // schedules no purge for it), so the older result is simply dropped.
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), stored, "built snapshot");
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -282,46 +390,25 @@ where
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> SResult<()> {
         let sig = meta.signature();
-        let snap_err = |e: crate::Error| StorageError::from(StorageIOError::read_snapshot(Some(sig.clone()), &e));
+        let apply = self.apply.clone();
+        let lock = self.snapshot_lock.clone();
+        let meta = meta.clone();
         let data = snapshot.into_inner();
-        let payload: SnapshotPayload = decode("snapshot", &data).map_err(snap_err)?;
-        if payload.format != SNAPSHOT_FORMAT {
-            return Err(snap_err(crate::Error::Corrupt {
-                what: "snapshot",
-                detail: format!("format {} is not {SNAPSHOT_FORMAT}", payload.format),
-            }));
-        }
-        tracing::info!(snapshot = %meta.snapshot_id, rows = payload.rows.len(), bytes = data.len(), "installing snapshot");
-        let mut batch = WriteBatch::new();
-        // Table names are UTF-8, which never contains 0xff, so every state
-        // key sorts below [0xff].
-        batch.delete_range(Cf::State, Vec::new(), vec![0xff]);
-        for (k, v) in payload.rows {
-            batch.put(Cf::State, k, v);
-        }
-        batch.put(Cf::Meta, APPLIED_KEY, encode(&meta.last_log_id).map_err(snap_err)?);
-        batch.put(
-            Cf::Meta,
-            MEMBERSHIP_KEY,
-            encode(&meta.last_membership).map_err(snap_err)?,
-        );
-        let stored = StoredSnapshot::<C> {
-            meta: meta.clone(),
-            data,
-        };
-        batch.put(Cf::Meta, SNAPSHOT_KEY, encode(&stored).map_err(snap_err)?);
-        self.engine.write(batch, Durability::Sync).map_err(snap_err)?;
-        self.apply.snapshot_installed(&EngineTxn::new(self.engine.as_ref()));
-        Ok(())
+        run_blocking(&self.engine, move |engine| {
+            Self::install(engine, &apply, &lock, meta, data)
+        })
+        .await
+        .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(sig), &e)))
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<C>>> {
-        let read_err = |e: crate::Error| StorageError::from(StorageIOError::read_snapshot(None, &e));
-        let Some(bytes) = self.engine.get(Cf::Meta, SNAPSHOT_KEY).map_err(read_err)? else {
-            return Ok(None);
-        };
-        let stored: StoredSnapshot<C> = decode("stored snapshot", &bytes).map_err(read_err)?;
-        Ok(Some(Snapshot {
+        let stored = run_blocking(&self.engine, |engine| match engine.get(Cf::Meta, SNAPSHOT_KEY)? {
+            Some(bytes) => Ok(Some(decode::<StoredSnapshot<C>>("stored snapshot", &bytes)?)),
+            None => Ok(None),
+        })
+        .await
+        .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
+        Ok(stored.map(|stored| Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         }))

@@ -2,66 +2,16 @@
 //! state-machine properties the suite does not cover (atomic applies,
 //! snapshot round trips, restart without replay).
 
-use std::io::Cursor;
-use std::sync::{Arc, Mutex};
+mod common;
 
-use cell0_storage::{Apply, LogStore, MemEngine, RocksEngine, StateMachineStore, Txn};
+use std::sync::Arc;
+
+use cell0_storage::{LogStore, MemEngine, RocksEngine, StateMachineStore};
+use common::{SetApply, Sm, TestConfig, read, set_entry};
+use openraft::RaftSnapshotBuilder;
+use openraft::StorageError;
 use openraft::storage::RaftStateMachine;
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError};
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Set {
-    key: String,
-    value: String,
-}
-
-openraft::declare_raft_types!(
-    TestConfig:
-        D = Set,
-        R = Option<String>,
-        NodeId = u64,
-        Node = openraft::BasicNode,
-        Entry = openraft::Entry<TestConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
-);
-
-/// Sets `key` in table "t" and reports the previous value.
-#[derive(Default)]
-struct SetApply {
-    published: Mutex<Vec<String>>,
-}
-
-impl Apply<TestConfig> for SetApply {
-    type Event = String;
-
-    fn apply(
-        &self,
-        txn: &mut dyn Txn,
-        _log_id: &LogId<u64>,
-        data: &Set,
-        events: &mut Vec<String>,
-    ) -> cell0_storage::Result<Option<String>> {
-        let prev = txn.get("t", data.key.as_bytes())?;
-        txn.put("t", data.key.as_bytes(), data.value.as_bytes())?;
-        events.push(data.key.clone());
-        Ok(prev.map(|p| String::from_utf8_lossy(&p).into_owned()))
-    }
-
-    fn empty_response(&self) -> Option<String> {
-        None
-    }
-
-    fn publish(&self, events: Vec<String>) {
-        self.published.lock().unwrap().extend(events);
-    }
-
-    fn snapshot_installed(&self, _state: &dyn Txn) {}
-}
-
-type Sm<E> = StateMachineStore<TestConfig, E, SetApply>;
 
 struct RocksBuilder;
 
@@ -95,21 +45,6 @@ fn memory_passes_the_openraft_suite() {
     Suite::test_all(MemBuilder).unwrap();
 }
 
-fn set_entry(index: u64, key: &str, value: &str) -> Entry<TestConfig> {
-    Entry {
-        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Set {
-            key: key.into(),
-            value: value.into(),
-        }),
-    }
-}
-
-async fn read(sm: &Sm<RocksEngine>, key: &str) -> Option<Vec<u8>> {
-    let txn = cell0_storage::EngineTxn::new(sm.engine().as_ref());
-    txn.get("t", key.as_bytes()).unwrap()
-}
-
 #[tokio::test]
 async fn applied_state_survives_reopen_and_apply_is_ordered() {
     let dir = tempfile::tempdir().unwrap();
@@ -132,7 +67,7 @@ async fn applied_state_survives_reopen_and_apply_is_ordered() {
         cell0_storage::open_rocks::<TestConfig, _>(dir.path(), 7, Arc::new(SetApply::default())).unwrap();
     let (applied, _) = sm.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(3));
-    assert_eq!(read(&sm, "a").await, Some(b"2".to_vec()));
+    assert_eq!(read(&sm, "a"), Some(b"2".to_vec()));
 }
 
 #[tokio::test]
@@ -151,8 +86,8 @@ async fn snapshot_round_trip_replaces_state() {
     assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(5000));
     dst.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
 
-    assert_eq!(read(&dst, "stale").await, None);
-    assert_eq!(read(&dst, "k04999").await, Some(b"v".to_vec()));
+    assert_eq!(read(&dst, "stale"), None);
+    assert_eq!(read(&dst, "k04999"), Some(b"v".to_vec()));
     let (applied, _) = dst.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(5000));
     let current = dst.get_current_snapshot().await.unwrap().unwrap();

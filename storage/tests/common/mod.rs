@@ -1,0 +1,84 @@
+//! Types shared by the storage integration tests: a tiny key-value Raft type
+//! config and its [`Apply`] implementation.
+//!
+//! Each test crate uses only part of this module.
+#![allow(dead_code)]
+
+use std::io::Cursor;
+use std::sync::Mutex;
+
+use cell0_storage::{Apply, StateMachineStore, Txn};
+use openraft::{Entry, EntryPayload, LogId};
+use serde::{Deserialize, Serialize};
+
+/// The command: set `key` in table "t" to `value`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Set {
+    pub key: String,
+    pub value: String,
+}
+
+openraft::declare_raft_types!(
+    /// Raft types of the storage tests.
+    pub TestConfig:
+        D = Set,
+        R = Option<String>,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TestConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Sets `key` in table "t" and reports the previous value.
+#[derive(Default)]
+pub struct SetApply {
+    pub published: Mutex<Vec<String>>,
+}
+
+impl Apply<TestConfig> for SetApply {
+    type Event = String;
+
+    fn apply(
+        &self,
+        txn: &mut dyn Txn,
+        _log_id: &LogId<u64>,
+        data: &Set,
+        events: &mut Vec<String>,
+    ) -> cell0_storage::Result<Option<String>> {
+        let prev = txn.get("t", data.key.as_bytes())?;
+        txn.put("t", data.key.as_bytes(), data.value.as_bytes())?;
+        events.push(data.key.clone());
+        Ok(prev.map(|p| String::from_utf8_lossy(&p).into_owned()))
+    }
+
+    fn empty_response(&self) -> Option<String> {
+        None
+    }
+
+    fn publish(&self, events: Vec<String>) {
+        self.published.lock().unwrap().extend(events);
+    }
+
+    fn snapshot_installed(&self, _state: &dyn Txn) {}
+}
+
+/// The state machine store of the tests.
+pub type Sm<E> = StateMachineStore<TestConfig, E, SetApply>;
+
+/// A normal entry of term 1, leader 1, setting `key` to `value`.
+pub fn set_entry(index: u64, key: &str, value: &str) -> Entry<TestConfig> {
+    Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Set {
+            key: key.into(),
+            value: value.into(),
+        }),
+    }
+}
+
+/// The value of `key` in table "t" of `sm`.
+pub fn read<E: cell0_storage::Engine>(sm: &Sm<E>, key: &str) -> Option<Vec<u8>> {
+    let txn = cell0_storage::EngineTxn::new(sm.engine().as_ref());
+    txn.get("t", key.as_bytes()).unwrap()
+}
