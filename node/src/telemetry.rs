@@ -80,6 +80,18 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         cell0_inference::BATCH_SIZE_METRIC,
         "Texts per forward pass of the embedding batcher."
     );
+    metrics::describe_counter!(
+        cell0_inference::REQUESTS_ABANDONED_METRIC,
+        "Embed requests skipped because their caller went away before they ran."
+    );
+    metrics::describe_counter!(
+        "cell0_raft_append_split_total",
+        "AppendEntries calls cut down to max_append_bytes."
+    );
+    metrics::describe_counter!(
+        "cell0_accept_errors_total",
+        "Failed accepts on a listening port (each followed by a 100 ms pause)."
+    );
     metrics::describe_gauge!(
         "cell0_models_ready",
         "Registered model versions loaded and serving on this node."

@@ -13,6 +13,13 @@
 //! request fails alone and fast. Each pass's size is recorded in the
 //! `cell0_inference_batch_size` histogram (via the `metrics` facade), in
 //! [`EmbedBatcher::stats`], and passed to an optional [`BatchObserver`].
+//!
+//! A caller that drops its `embed` future before its texts are embedded
+//! has its request skipped: the worker checks each request's reply channel
+//! as it takes it from the queue and again before every forward pass, and
+//! computes nothing for one whose caller has gone. Skipped requests are
+//! counted in `cell0_inference_requests_abandoned_total` and
+//! [`BatchStats::abandoned`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +36,9 @@ const INLINE_TOKENIZE_BYTES: usize = 16 * 1024;
 
 /// Name of the histogram of texts per forward pass.
 pub const BATCH_SIZE_METRIC: &str = "cell0_inference_batch_size";
+
+/// Name of the counter of requests skipped because their caller had gone.
+pub const REQUESTS_ABANDONED_METRIC: &str = "cell0_inference_requests_abandoned_total";
 
 /// Called after every forward pass with its number of texts and padded tokens.
 pub trait BatchObserver: Send + Sync {
@@ -51,6 +61,9 @@ pub struct BatchStats {
     pub texts: u64,
     /// Size of the largest pass so far.
     pub max_batch: u64,
+    /// Requests skipped (not, or not fully, embedded) because their caller
+    /// dropped its future first.
+    pub abandoned: u64,
 }
 
 #[derive(Default)]
@@ -58,6 +71,7 @@ struct Counters {
     batches: AtomicU64,
     texts: AtomicU64,
     max_batch: AtomicU64,
+    abandoned: AtomicU64,
 }
 
 struct Request {
@@ -154,6 +168,7 @@ impl EmbedBatcher {
             batches: self.counters.batches.load(Ordering::Relaxed),
             texts: self.counters.texts.load(Ordering::Relaxed),
             max_batch: self.counters.max_batch.load(Ordering::Relaxed),
+            abandoned: self.counters.abandoned.load(Ordering::Relaxed),
         }
     }
 }
@@ -170,11 +185,16 @@ struct Worker {
 impl Worker {
     async fn run(mut self) {
         while let Some(first) = self.rx.recv().await {
+            // A request whose caller has gone takes no place in a batch.
+            if self.abandoned(&first) {
+                continue;
+            }
             let mut pending = vec![first];
             let mut texts = pending[0].tokens.len();
             let deadline = tokio::time::Instant::now() + self.max_wait;
             while texts < self.max_batch {
                 match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                    Ok(Some(r)) if self.abandoned(&r) => {}
                     Ok(Some(r)) => {
                         texts += r.tokens.len();
                         pending.push(r);
@@ -184,6 +204,17 @@ impl Worker {
             }
             self.serve(pending).await;
         }
+    }
+
+    /// Whether `r`'s caller has dropped its future (so its reply channel is
+    /// closed); such a request is counted as abandoned.
+    fn abandoned(&self, r: &Request) -> bool {
+        if !r.reply.is_closed() {
+            return false;
+        }
+        metrics::counter!(REQUESTS_ABANDONED_METRIC).increment(1);
+        self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     async fn serve(&self, pending: Vec<Request>) {
@@ -197,7 +228,19 @@ impl Worker {
         order.sort_by_key(|&(_, _, len)| len);
         let mut results: Vec<Vec<Option<Vec<f32>>>> = pending.iter().map(|r| vec![None; r.tokens.len()]).collect();
         let mut failed: Vec<Option<String>> = vec![None; pending.len()];
+        // Requests whose caller left while the batch waited or ran; their
+        // remaining texts are not embedded.
+        let mut gone = vec![false; pending.len()];
         for chunk in order.chunks(self.max_batch) {
+            for &(r, _, _) in chunk {
+                if !gone[r] && self.abandoned(&pending[r]) {
+                    gone[r] = true;
+                }
+            }
+            let chunk: Vec<(usize, usize, usize)> = chunk.iter().copied().filter(|&(r, _, _)| !gone[r]).collect();
+            if chunk.is_empty() {
+                continue;
+            }
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&(r, i, _)| pending[r].tokens[i].clone()).collect();
             let longest = chunk.last().map_or(0, |c| c.2);
             let embedder = self.embedder.clone();
@@ -221,7 +264,10 @@ impl Worker {
                 }
             }
         }
-        for ((req, res), fail) in pending.into_iter().zip(results).zip(failed) {
+        for (((req, res), fail), gone) in pending.into_iter().zip(results).zip(failed).zip(gone) {
+            if gone {
+                continue;
+            }
             let reply = match fail {
                 Some(msg) => Err(InferenceError::Backend(msg)),
                 None => res

@@ -48,6 +48,7 @@ pub trait Embedder: Send + Sync {
     fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>>;
 
     /// Embeds already tokenized texts (from [`Embedder::tokenize`]); one unit vector each.
+    /// Ids the model has no embedding for are an [`InferenceError::InvalidRequest`].
     fn embed_tokens(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
 
     /// Embeds texts: one L2-normalized vector of `dim` floats per text.
@@ -102,6 +103,10 @@ pub struct TextEmbedder {
     tokenizer: TextTokenizer,
     backend: Box<dyn Backend>,
     limits: RequestLimits,
+    /// Rows of the word embedding table: token ids must be below it.
+    vocab: usize,
+    /// Rows of the position embedding table: most tokens per sequence.
+    positions: usize,
 }
 
 impl std::fmt::Debug for TextEmbedder {
@@ -176,6 +181,7 @@ impl TextEmbedder {
         let max_tokens = config.max_tokens.min(spec.max_tokens).min(bert.max_position_embeddings);
         let tokenizer = TextTokenizer::load(&files.tokenizer, max_tokens)?;
         let dim = bert.hidden_size;
+        let (vocab, positions) = (bert.vocab_size, bert.max_position_embeddings);
         let weights = BertWeights::load(&files.weights, bert)?;
         backend.upload(Arc::new(weights))?;
         tracing::info!(model = spec.name, backend = %backend.info().backend, "model loaded");
@@ -188,6 +194,8 @@ impl TextEmbedder {
             tokenizer,
             backend,
             limits: RequestLimits::from_config(config),
+            vocab,
+            positions,
         })
     }
 
@@ -226,6 +234,9 @@ impl Embedder for TextEmbedder {
     }
 
     fn embed_tokens(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        // Checked here on the whole batch, so an error names the sequence by
+        // its index in `batch` (the backend checks again, per chunk).
+        crate::backend::check_token_ids(batch, self.vocab, self.positions)?;
         let mut out = Vec::with_capacity(batch.len());
         for chunk in batch.chunks(self.limits.max_batch.max(1)) {
             out.extend(self.backend.embed(chunk)?);

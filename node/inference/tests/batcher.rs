@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -163,4 +164,165 @@ async fn real_model_through_the_batcher() {
     let long = "hello world ".repeat(2000);
     let big = b.embed(&[long.as_str(), "hello world"]).await.expect("big request");
     assert!(cosine(&big[1], &direct[0]) > 0.99999);
+}
+
+/// An [`Echo`] whose forward passes report their texts on `seen` and then
+/// wait for a permit on `permits`, so a test holds the worker inside a pass.
+struct Gated {
+    seen: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+    permits: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Embedder for Gated {
+    fn model_info(&self) -> ModelInfo {
+        Echo.model_info()
+    }
+    fn tokenize(&self, texts: &[&str]) -> cell0_inference::Result<Vec<Vec<u32>>> {
+        Echo.tokenize(texts)
+    }
+    fn embed_tokens(&self, batch: &[Vec<u32>]) -> cell0_inference::Result<Vec<Vec<f32>>> {
+        let texts = batch
+            .iter()
+            .map(|t| t.iter().map(|&b| char::from(b as u8)).collect())
+            .collect();
+        let _ = self.seen.send(texts);
+        let permits = self
+            .permits
+            .lock()
+            .map_err(|_| InferenceError::Backend("permits lock poisoned".into()))?;
+        permits
+            .recv()
+            .map_err(|_| InferenceError::Backend("the test dropped its permits".into()))?;
+        Echo.embed_tokens(batch)
+    }
+}
+
+type Seen = tokio::sync::mpsc::UnboundedReceiver<Vec<String>>;
+
+fn gated(max_batch: usize) -> (Arc<EmbedBatcher>, Seen, std::sync::mpsc::Sender<()>) {
+    let (seen, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (permit, permits) = std::sync::mpsc::channel();
+    let model = Gated {
+        seen,
+        permits: std::sync::Mutex::new(permits),
+    };
+    let b = EmbedBatcher::spawn(Arc::new(model), &config(max_batch, 0), None).expect("spawn");
+    (Arc::new(b), seen_rx, permit)
+}
+
+/// Polls an `embed` future once. Its first poll tokenizes, queues the
+/// request (the queue has room) and then waits for the reply, so `Pending`
+/// means the request is in the queue. Unconstrained: tokio's cooperative
+/// budget cannot make that poll stop early.
+fn queue_once<F: std::future::Future>(fut: F) -> std::pin::Pin<Box<tokio::task::Unconstrained<F>>> {
+    let mut fut = Box::pin(tokio::task::unconstrained(fut));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(
+        fut.as_mut().poll(&mut cx).is_pending(),
+        "the request waits for its reply"
+    );
+    fut
+}
+
+/// Counts the `metrics` counters incremented on this thread, by name.
+#[derive(Default)]
+struct CounterRecorder(std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicU64>>>);
+
+struct CounterCell(Arc<std::sync::atomic::AtomicU64>);
+
+impl metrics::CounterFn for CounterCell {
+    fn increment(&self, value: u64) {
+        self.0.fetch_add(value, Ordering::Relaxed);
+    }
+    fn absolute(&self, value: u64) {
+        self.0.fetch_max(value, Ordering::Relaxed);
+    }
+}
+
+impl CounterRecorder {
+    fn get(&self, name: &str) -> u64 {
+        self.0
+            .lock()
+            .expect("lock")
+            .get(name)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+impl metrics::Recorder for CounterRecorder {
+    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let cell = self
+            .0
+            .lock()
+            .expect("lock")
+            .entry(key.name().to_string())
+            .or_default()
+            .clone();
+        metrics::Counter::from_arc(Arc::new(CounterCell(cell)))
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+// A current-thread runtime: the worker task, and so its metrics, run on
+// this thread, where the local recorder is installed.
+#[tokio::test(flavor = "current_thread")]
+async fn requests_whose_callers_left_before_their_batch_are_not_computed() {
+    let recorder = CounterRecorder::default();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let (b, mut seen, permit) = gated(4);
+    // The worker takes "a" and blocks inside its forward pass.
+    let first = tokio::spawn({
+        let b = b.clone();
+        async move { b.embed(&["a"]).await }
+    });
+    assert_eq!(seen.recv().await.expect("pass"), vec!["a"]);
+    // Meanwhile two requests are queued and their callers give up.
+    drop(queue_once(b.embed(&["bb"])));
+    drop(queue_once(b.embed(&["ccc", "c"])));
+    // A caller that stays, queued behind them; then the pass of "a" ends.
+    let last = queue_once(b.embed(&["d"]));
+    permit.send(()).expect("permit a");
+    permit.send(()).expect("permit d");
+    // The queue is served in order: once "d" is answered, "bb" and "ccc"
+    // have been taken from it.
+    assert_eq!(last.await.expect("d"), vec![vec![100.0, 1.0]]);
+    assert_eq!(first.await.expect("task").expect("a"), vec![vec![97.0, 1.0]]);
+    assert_eq!(seen.recv().await.expect("pass"), vec!["d"], "only the live request ran");
+    assert!(seen.try_recv().is_err(), "no pass for the abandoned requests");
+    let stats = b.stats();
+    assert_eq!(stats.abandoned, 2);
+    assert_eq!((stats.batches, stats.texts), (2, 2));
+    assert_eq!(recorder.get(cell0_inference::REQUESTS_ABANDONED_METRIC), 2);
+    assert_eq!(
+        cell0_inference::REQUESTS_ABANDONED_METRIC,
+        "cell0_inference_requests_abandoned_total"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_abandoned_between_its_passes_gets_no_more_passes() {
+    let (b, mut seen, permit) = gated(1);
+    // Two texts, one per pass; the caller leaves during the first pass.
+    let request = tokio::spawn({
+        let b = b.clone();
+        async move { b.embed(&["x1", "x2"]).await }
+    });
+    assert_eq!(seen.recv().await.expect("pass"), vec!["x1"]);
+    request.abort();
+    assert!(request.await.expect_err("aborted").is_cancelled());
+    permit.send(()).expect("permit x1");
+    permit.send(()).expect("permit y");
+    assert_eq!(b.embed(&["y"]).await.expect("y"), vec![vec![121.0, 1.0]]);
+    assert_eq!(seen.recv().await.expect("pass"), vec!["y"], "x2 was not embedded");
+    let stats = b.stats();
+    assert_eq!(stats.abandoned, 1);
+    assert_eq!((stats.batches, stats.texts), (2, 2));
 }

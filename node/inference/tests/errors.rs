@@ -4,7 +4,11 @@ mod common;
 
 use std::path::Path;
 
-use cell0_inference::{BackendKind, InferenceError, ModelSource, TextEmbedder};
+use std::sync::Arc;
+
+use cell0_inference::backend::cpu::ops;
+use cell0_inference::model::{BertConfig, BertWeights};
+use cell0_inference::{Backend, BackendKind, CpuBackend, InferenceConfig, InferenceError, ModelSource, TextEmbedder};
 
 /// A copy of the model directory in a temp dir, with `weights` as model.safetensors.
 fn model_copy(weights: &[u8], with_tokenizer: bool) -> tempfile::TempDir {
@@ -97,8 +101,102 @@ fn out_of_vocabulary_ids_are_rejected_by_both_paths() {
     let e = TextEmbedder::load(&common::source(), &common::config(BackendKind::Cpu)).expect("load");
     use cell0_inference::Embedder;
     let err = e.embed_tokens(&[vec![101, 999_999, 102]]).expect_err("bad id");
-    assert!(matches!(err, InferenceError::Backend(_)), "{err}");
+    assert_invalid(&err, "tokens[0][1]", "999999");
     let err = e.embed_tokens(&[vec![101; 600]]).expect_err("too long");
-    assert!(matches!(err, InferenceError::Backend(_)), "{err}");
-    assert!(e.embed_tokens(&[vec![]]).is_err(), "empty sequence");
+    assert_invalid(&err, "tokens[0]", "512 positions");
+    let err = e.embed_tokens(&[vec![]]).expect_err("empty sequence");
+    assert_invalid(&err, "tokens[0]", "no tokens");
+}
+
+/// Asserts `err` is an invalid request naming `field`, its message containing `needle`.
+fn assert_invalid(err: &InferenceError, want_field: &str, needle: &str) {
+    match err {
+        InferenceError::InvalidRequest { field, message } => {
+            assert_eq!(field, want_field, "{err}");
+            assert!(message.contains(needle), "{err}");
+        }
+        other => panic!("expected an invalid request naming {want_field}, got {other:?}"),
+    }
+}
+
+/// A small random-weights encoder with `vocab` ids and `positions` positions.
+fn tiny_weights(vocab: usize, positions: usize) -> BertWeights {
+    let config = BertConfig {
+        hidden_size: 32,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        intermediate_size: 64,
+        vocab_size: vocab,
+        max_position_embeddings: positions,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_act: "gelu".into(),
+    };
+    BertWeights::random(config, 7)
+}
+
+#[test]
+fn token_ids_past_the_vocabulary_are_invalid_requests_on_the_cpu_engine() {
+    let mut cpu = CpuBackend::new(1).expect("cpu");
+    cpu.upload(Arc::new(tiny_weights(50, 16))).expect("upload");
+    let ok = cpu.embed(&[vec![1, 49, 2]]).expect("ids in range embed");
+    assert_eq!(ok[0].len(), 32);
+    // The first id past the table, the largest id, and an id in a later sequence.
+    for (batch, field, id) in [
+        (vec![vec![1, 50, 2]], "tokens[0][1]", "50"),
+        (vec![vec![u32::MAX]], "tokens[0][0]", "4294967295"),
+        (vec![vec![1, 2], vec![1, 2, 3, 1000]], "tokens[1][3]", "1000"),
+    ] {
+        let err = cpu.embed(&batch).expect_err("an id past the vocabulary");
+        assert_invalid(&err, field, id);
+        assert!(err.to_string().contains("vocabulary of 50"), "{err}");
+    }
+    // Position ids past the position table.
+    let err = cpu.embed(&[vec![1; 17]]).expect_err("too long");
+    assert_invalid(&err, "tokens[0]", "16 positions");
+    // The reference kernel checks its ids as well.
+    let w = tiny_weights(50, 16);
+    let err = ops::embeddings(&w.word_emb, &w.pos_emb, &w.type_emb, &[3, 50], 2, 32).expect_err("id 50");
+    assert_invalid(&err, "ids[1]", "50");
+}
+
+#[test]
+fn the_real_model_names_the_sequence_with_the_bad_id_across_passes() {
+    use cell0_inference::Embedder;
+    // One text per forward pass: the error still names the sequence by its place in the request.
+    let cfg = InferenceConfig {
+        max_batch: 1,
+        ..common::config(BackendKind::Cpu)
+    };
+    let e = TextEmbedder::load(&common::source(), &cfg).expect("load");
+    let err = e
+        .embed_tokens(&[vec![101, 102], vec![101, 2023, 102], vec![101, 30_522, 102]])
+        .expect_err("30522 is past the vocabulary");
+    assert_invalid(&err, "tokens[2][1]", "30522");
+    assert!(err.to_string().contains("vocabulary of 30522"), "{err}");
+    // The backend on its own checks as well.
+    let err = e.backend().embed(&[vec![101, 30_522, 102]]).expect_err("backend check");
+    assert_invalid(&err, "tokens[0][1]", "30522");
+}
+
+#[test]
+fn weights_whose_tables_disagree_with_their_config_are_rejected_at_upload() {
+    // The config claims 50 ids and 16 positions; the tables are a row short.
+    let mut short_words = tiny_weights(50, 16);
+    short_words.word_emb.truncate(49 * 32);
+    let mut short_positions = tiny_weights(50, 16);
+    short_positions.pos_emb.truncate(15 * 32);
+    let mut no_types = tiny_weights(50, 16);
+    no_types.type_emb.clear();
+    for (w, name) in [
+        (short_words, "word_embeddings"),
+        (short_positions, "position_embeddings"),
+        (no_types, "token_type_embeddings"),
+    ] {
+        let mut cpu = CpuBackend::new(1).expect("cpu");
+        let err = cpu.upload(Arc::new(w)).expect_err("inconsistent weights");
+        assert!(err.to_string().contains(name), "{err}");
+        // Nothing was uploaded, so nothing indexes the short table.
+        assert!(cpu.embed(&[vec![1, 49, 2]]).is_err());
+    }
 }

@@ -5,7 +5,10 @@
 
 use cell0_inference::backend::cpu::ops;
 use cell0_inference::backend::wgpu::MatmulTile;
-use cell0_inference::{Backend, WgpuBackend};
+use std::sync::Arc;
+
+use cell0_inference::model::{BertConfig, BertWeights};
+use cell0_inference::{Backend, InferenceError, WgpuBackend};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -145,9 +148,54 @@ fn embedding_lookup_matches_cpu() {
     let typ = rand_vec(&mut rng, 2 * hidden, 1.0);
     let ids: Vec<u32> = (0..batch * seq).map(|_| rng.random_range(0..vocab as u32)).collect();
     let got = b.kernel_embed(&word, &pos, &typ, &ids, seq, hidden).expect("gpu embed");
-    let want = ops::embeddings(&word, &pos, &typ, &ids, seq, hidden);
+    let want = ops::embeddings(&word, &pos, &typ, &ids, seq, hidden).expect("cpu embed");
     assert!(max_abs(&got, &want) < 1e-6);
-    assert!(b.kernel_embed(&word, &pos, &typ, &[vocab as u32], 1, hidden).is_err());
+    match b.kernel_embed(&word, &pos, &typ, &[vocab as u32], 1, hidden) {
+        Err(InferenceError::InvalidRequest { field, .. }) => assert_eq!(field, "ids[0]"),
+        other => panic!("expected an invalid id error, got {other:?}"),
+    }
+}
+
+#[test]
+fn token_ids_past_the_vocabulary_are_rejected_before_dispatch() {
+    let config = BertConfig {
+        hidden_size: 32,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        intermediate_size: 64,
+        vocab_size: 50,
+        max_position_embeddings: 16,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_act: "gelu".into(),
+    };
+    let mut b = backend();
+    b.upload(Arc::new(BertWeights::random(config.clone(), 7)))
+        .expect("upload");
+    let ok = b.embed(&[vec![1, 49, 2]]).expect("ids in range embed");
+    assert_eq!(ok[0].len(), 32);
+    for (batch, want) in [
+        (vec![vec![1, 50, 2]], "tokens[0][1]"),
+        (vec![vec![1, 2], vec![u32::MAX]], "tokens[1][0]"),
+        (vec![vec![1; 17]], "tokens[0]"),
+    ] {
+        match b.embed(&batch) {
+            Err(e @ InferenceError::InvalidRequest { .. }) => {
+                assert!(
+                    matches!(&e, InferenceError::InvalidRequest { field, .. } if field == want),
+                    "{e}"
+                )
+            }
+            other => panic!("expected an invalid request naming {want}, got {other:?}"),
+        }
+    }
+    // The backend still works after rejecting them.
+    assert_eq!(b.embed(&[vec![1, 49, 2]]).expect("embed again"), ok);
+    // Tables shorter than the config says never reach the GPU.
+    let mut short = BertWeights::random(config, 7);
+    short.word_emb.truncate(49 * 32);
+    let err = b.upload(Arc::new(short)).expect_err("short word table");
+    assert!(err.to_string().contains("word_embeddings"), "{err}");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::skinny;
-use super::{Backend, BackendInfo, check_batch};
+use super::{Backend, BackendInfo, check_batch, check_weights};
 use crate::error::{InferenceError, Result};
 use crate::model::{BertWeights, LayerWeights, transpose};
 
@@ -278,8 +278,18 @@ pub mod ops {
     }
 
     /// Sum of word, position and token-type-0 embeddings for a padded
-    /// `[batch, seq]` id grid, `[batch*seq, hidden]` (no layer norm).
-    pub fn embeddings(word: &[f32], pos: &[f32], typ: &[f32], ids: &[u32], seq: usize, hidden: usize) -> Vec<f32> {
+    /// `[batch, seq]` id grid, `[batch*seq, hidden]` (no layer norm). An id
+    /// past the word table is an [`InferenceError::InvalidRequest`] naming
+    /// `ids[t]`; tables too small for `seq` and `hidden` are errors too.
+    pub fn embeddings(
+        word: &[f32],
+        pos: &[f32],
+        typ: &[f32],
+        ids: &[u32],
+        seq: usize,
+        hidden: usize,
+    ) -> Result<Vec<f32>> {
+        crate::backend::check_embedding_lookup(word, pos, typ, ids, seq, hidden)?;
         let mut out = vec![0.0; ids.len() * hidden];
         for (t, (&id, o)) in ids.iter().zip(out.chunks_exact_mut(hidden)).enumerate() {
             let id = id as usize;
@@ -288,7 +298,7 @@ pub mod ops {
                 o[j] = word[id * hidden + j] + pos[p * hidden + j] + typ[j];
             }
         }
-        out
+        Ok(out)
     }
 
     /// Reference multi-head attention on a padded layout: `qkv` is
@@ -425,10 +435,16 @@ impl CpuBackend {
         for (s, &(o, _)) in batch.iter().zip(&offsets) {
             for (p, &id) in s.iter().enumerate() {
                 let row = &mut x[(o + p) * h..(o + p + 1) * h];
-                let we = &w.word_emb[id as usize * h..][..h];
-                let pe = &w.pos_emb[p * h..][..h];
+                // `check_batch` has bounded ids and positions by the tables;
+                // a lookup past them is still an error, never a panic.
+                let we = table_row(&w.word_emb, id as usize, h)
+                    .ok_or_else(|| InferenceError::Backend(format!("token id {id} is outside the word table")))?;
+                let pe = table_row(&w.pos_emb, p, h)
+                    .ok_or_else(|| InferenceError::Backend(format!("position {p} is outside the position table")))?;
+                let te = table_row(&w.type_emb, 0, h)
+                    .ok_or_else(|| InferenceError::Backend("the token type table has no row 0".into()))?;
                 for j in 0..h {
-                    row[j] = we[j] + pe[j] + w.type_emb[j];
+                    row[j] = we[j] + pe[j] + te[j];
                 }
             }
         }
@@ -543,6 +559,12 @@ impl CpuBackend {
         ops::layer_norm(x, Some(tmp), &l.ln2_g, &l.ln2_b, h, eps);
         Ok(())
     }
+}
+
+/// Row `row` of a row-major `[rows, width]` table, if it has one.
+fn table_row(table: &[f32], row: usize, width: usize) -> Option<&[f32]> {
+    let start = row.checked_mul(width)?;
+    table.get(start..start.checked_add(width)?)
 }
 
 /// `dst = x · w + bias` on `threads` threads: the few-rows kernel (weights
@@ -677,6 +699,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&mut self, weights: Arc<BertWeights>) -> Result<()> {
+        check_weights(&weights)?;
         let c = &weights.config;
         let (h, i) = (c.hidden_size, c.intermediate_size);
         self.transposed = if skinny::available() {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use wgpu::util::DeviceExt;
 
-use super::{Backend, BackendInfo, check_batch};
+use super::{Backend, BackendInfo, check_batch, check_embedding_lookup, check_weights};
 use crate::error::{InferenceError, Result};
 use crate::model::BertWeights;
 
@@ -639,16 +639,8 @@ impl WgpuBackend {
         seq: usize,
         hidden: usize,
     ) -> Result<Vec<f32>> {
-        let vocab = word.len() / hidden.max(1);
-        if hidden == 0
-            || seq == 0
-            || !ids.len().is_multiple_of(seq)
-            || pos.len() < seq * hidden
-            || typ.len() < hidden
-            || ids.iter().any(|&i| i as usize >= vocab)
-        {
-            return Err(InferenceError::Backend("embed: bad shapes or ids".into()));
-        }
+        // The shader reads word[id * hidden ..]: ids are checked here, before upload.
+        check_embedding_lookup(word, pos, typ, ids, seq, hidden)?;
         let inputs = [
             self.storage("ids", bytemuck::cast_slice(ids))?,
             self.f32_buf("word", word)?,
@@ -1088,6 +1080,8 @@ impl Backend for WgpuBackend {
     }
 
     fn upload(&mut self, weights: Arc<BertWeights>) -> Result<()> {
+        // The buffers below are sized by the tensors and indexed by the config.
+        check_weights(&weights)?;
         let c = &weights.config;
         check_head_dim(c.head_dim())?;
         if !c.hidden_size.is_multiple_of(4) || !c.intermediate_size.is_multiple_of(4) {
@@ -1135,6 +1129,9 @@ impl Backend for WgpuBackend {
             .model
             .as_ref()
             .ok_or_else(|| InferenceError::Backend("no model uploaded".into()))?;
+        // The embed shader indexes the word and position tables with these
+        // ids and positions; an out-of-range read on the GPU is undefined,
+        // so every id is checked before anything is dispatched.
         check_batch(batch, &m.weights)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut start = 0;
