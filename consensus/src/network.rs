@@ -386,3 +386,41 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         self.call(Method::Vote, &rpc, option.hard_ttl()).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_calls_are_cut_to_the_byte_budget() {
+        assert_eq!(entries_that_fit([100, 100, 100], 250), 2);
+        assert_eq!(entries_that_fit([100, 100, 100], 300), 3);
+        assert_eq!(entries_that_fit([500, 100], 250), 1, "one entry always goes");
+        assert_eq!(entries_that_fit([usize::MAX, 1], 250), 1);
+        assert_eq!(entries_that_fit([], 250), 1);
+    }
+
+    #[test]
+    fn requests_for_another_node_or_cluster_are_refused() {
+        let identity = WireIdentity {
+            node: 1,
+            cluster: Arc::new(AtomicU64::new(0xc1)),
+        };
+        let msg = |cluster_id, to_node| RaftMessage {
+            payload: Vec::new().into(),
+            cluster_id,
+            to_node,
+            from_node: 9,
+        };
+        identity.check(&msg(0xc1, 1)).unwrap();
+        let err = identity.check(&msg(0xc1, 2)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.message().contains("not node 2"), "{}", err.message());
+        let err = identity.check(&msg(0xc2, 1)).unwrap_err();
+        assert!(err.message().contains("cluster"), "{}", err.message());
+        // A sender that does not know the cluster yet is not refused for it.
+        identity.check(&msg(0, 1)).unwrap();
+        let stamped = identity.stamp(msg(0, 0), 3);
+        assert_eq!((stamped.cluster_id, stamped.to_node, stamped.from_node), (0xc1, 3, 1));
+    }
+}

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use cell0_consensus::ConsensusConfig;
 use cell0_inference::{InferenceConfig, InferenceError};
@@ -44,8 +45,81 @@ pub struct NodeConfig {
     pub raft: ConsensusConfig,
     /// The local inference engine: backend, batching and request limits.
     pub inference: InferenceConfig,
+    /// Model files on this node: upload limits and the disk space kept free.
+    pub models: ModelsConfig,
     /// Resources offered beyond what the node measures itself.
     pub resources: ResourcesConfig,
+}
+
+/// Model files on this node (`[models]`): limits on uploads, and the free
+/// space kept on the data dir's filesystem so Raft can always write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// An upload that sends no data for this many seconds is aborted and its
+    /// partial file deleted (uploads are not resumable; the client sends the
+    /// file again).
+    pub upload_idle_timeout_secs: u64,
+    /// Most bytes that uploads in progress and uploaded files no registered
+    /// version uses yet may hold together; an upload that would pass it is
+    /// refused. Each upload counts with the size its header declares.
+    pub upload_quota_bytes: u64,
+    /// How long, in seconds, an uploaded file waits for the `model add` that
+    /// uses it. Until then no cleanup deletes it and it counts against
+    /// `upload_quota_bytes`; after that it is garbage like any unused file.
+    pub upload_grace_secs: u64,
+    /// Bytes to keep free on the data dir's filesystem: an upload, or a fetch
+    /// of a model file from a peer, that would leave less is refused, so the
+    /// Raft log can still be written. 0 turns the check off. Free space is
+    /// read with statvfs; where it cannot be read the check is skipped (with
+    /// a warning in the log).
+    pub free_space_reserve_bytes: u64,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            upload_idle_timeout_secs: 60,
+            // Two of the largest model versions the registry accepts.
+            upload_quota_bytes: 2 * cell0_consensus::MAX_MODEL_BYTES,
+            upload_grace_secs: 3600,
+            free_space_reserve_bytes: 1 << 30,
+        }
+    }
+}
+
+impl ModelsConfig {
+    /// `upload_idle_timeout_secs` as a duration.
+    pub fn upload_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.upload_idle_timeout_secs)
+    }
+
+    /// `upload_grace_secs` as a duration.
+    pub fn upload_grace(&self) -> Duration {
+        Duration::from_secs(self.upload_grace_secs)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=3600).contains(&self.upload_idle_timeout_secs) {
+            return Err(bad(
+                "models.upload_idle_timeout_secs",
+                format!("must be in 1..=3600, got {}", self.upload_idle_timeout_secs),
+            ));
+        }
+        if self.upload_quota_bytes < 1 << 20 {
+            return Err(bad(
+                "models.upload_quota_bytes",
+                format!("must be at least 1 MiB (1048576), got {}", self.upload_quota_bytes),
+            ));
+        }
+        if !(60..=7 * 86_400).contains(&self.upload_grace_secs) {
+            return Err(bad(
+                "models.upload_grace_secs",
+                format!("must be in 60..=604800 (one week), got {}", self.upload_grace_secs),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Resources the node cannot measure itself.
@@ -114,6 +188,7 @@ impl Default for NodeConfig {
             log_level: "info".into(),
             raft: ConsensusConfig::default(),
             inference: InferenceConfig::default(),
+            models: ModelsConfig::default(),
             resources: ResourcesConfig::default(),
         }
     }
@@ -212,7 +287,8 @@ impl NodeConfig {
         self.inference.validate().map_err(|e| match e {
             InferenceError::InvalidConfig { field, message } => bad(&format!("inference.{field}"), message),
             other => bad("inference", other.to_string()),
-        })
+        })?;
+        self.models.validate()
     }
 }
 
@@ -257,5 +333,15 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().field, "inference.max_batch");
         let err = toml::from_str::<NodeConfig>("[inference]\nbackend = \"tpu\"").unwrap_err();
         assert!(err.to_string().contains("unknown variant"), "{err}");
+        for (toml, field) in [
+            ("upload_idle_timeout_secs = 0", "models.upload_idle_timeout_secs"),
+            ("upload_quota_bytes = 10", "models.upload_quota_bytes"),
+            ("upload_grace_secs = 1", "models.upload_grace_secs"),
+        ] {
+            let c: NodeConfig = toml::from_str(&format!("[models]\n{toml}")).unwrap();
+            assert_eq!(c.validate().unwrap_err().field, field, "{toml}");
+        }
+        let c: NodeConfig = toml::from_str("[models]\nfree_space_reserve_bytes = 0").unwrap();
+        c.validate().unwrap();
     }
 }

@@ -43,6 +43,12 @@ enum Command {
     Status,
     /// List the members of the cluster.
     Members,
+    /// Remove a member from the cluster (a voter only while the others keep
+    /// a reachable quorum).
+    Remove {
+        /// The node id, as `cell0 members` shows it.
+        node: String,
+    },
     /// Read and write keys.
     #[command(subcommand)]
     Kv(kv::KvCommand),
@@ -186,6 +192,7 @@ fn main() -> ExitCode {
             }
             Command::Status => cli::status(&cli.endpoint, cli.output).await,
             Command::Members => cli::members(&cli.endpoint, cli.output).await,
+            Command::Remove { node } => cli::remove(&cli.endpoint, &node).await,
             Command::Kv(cmd) => kv::run(&cli.endpoint, cli.output, cmd).await,
             Command::Model(cmd) => model::run(&cli.endpoint, cli.output, cmd).await,
             Command::Infer(cmd) => infer::run(&cli.endpoint, cli.output, cmd).await,

@@ -87,7 +87,7 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move { stopping(&mut rx).await };
 
-    let store = Arc::new(BlobStore::open(&datadir.models_dir())?);
+    let store = Arc::new(BlobStore::open_with(&datadir.models_dir(), config.models.clone())?);
     let models = ModelManager::start(
         consensus.clone(),
         store.clone(),

@@ -254,3 +254,42 @@ async fn bad_input_gets_one_clear_message() {
     assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_requiring_a_leader_ends_when_its_node_loses_the_quorum() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = start_cluster(root.path(), 3);
+    let leader = leader_of(&nodes);
+    let watched = (leader + 1) % nodes.len();
+    let mut stream = kv(&nodes[watched].endpoint())
+        .await
+        .watch(v1::WatchRequest {
+            prefix: "w/".into(),
+            start_revision: 0,
+            require_leader: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    put(&nodes[leader].endpoint(), "w/1", "v").await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("the first event arrives")
+        .unwrap()
+        .expect("a message");
+    assert_eq!(first.events.len(), 1);
+
+    for (i, n) in nodes.iter_mut().enumerate() {
+        if i != watched {
+            n.kill9();
+        }
+    }
+    // Cut off from the quorum, the node has no leader after an election
+    // timeout; the watch ends instead of going silent.
+    let end = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("the watch ends");
+    let status = end.expect_err("an error status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(status.message().contains("no leader"), "{status}");
+}

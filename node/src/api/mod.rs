@@ -21,6 +21,15 @@ use crate::models::ModelError;
 /// Metadata key carrying the leader's public address on `Unavailable`.
 pub const LEADER_METADATA: &str = "cell0-leader";
 
+/// Most requests one node handles at once on its public port (a watch
+/// counts only while it starts; streams have their own limit). Beyond it a
+/// request fails at once with RESOURCE_EXHAUSTED instead of queueing memory.
+pub const MAX_CONCURRENT_REQUESTS: usize = 1024;
+
+/// The process's budget of concurrent requests (one node per process).
+static IN_FLIGHT: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
+
 /// Maps a consensus error to the gRPC status a client sees.
 pub fn to_status(e: ConsensusError) -> Status {
     match e {
@@ -88,9 +97,16 @@ where
 {
     let trace_id = format!("{:016x}", rand::random::<u64>());
     let started = Instant::now();
-    let result = handler
-        .instrument(tracing::info_span!("request", method, trace_id = %trace_id))
-        .await;
+    let result = match IN_FLIGHT.try_acquire() {
+        Ok(_permit) => {
+            handler
+                .instrument(tracing::info_span!("request", method, trace_id = %trace_id))
+                .await
+        }
+        Err(_) => Err(Status::resource_exhausted(format!(
+            "this node is handling {MAX_CONCURRENT_REQUESTS} requests; retry later"
+        ))),
+    };
     let code = match &result {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),

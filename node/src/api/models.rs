@@ -1,14 +1,26 @@
 //! `cell0.v1.Models`: uploads of model files to this node and the
 //! replicated registry of model versions.
+//!
+//! An upload is admitted against the node's upload quota and free-space
+//! reserve (`ResourceExhausted` otherwise), must keep sending (an upload idle
+//! for `models.upload_idle_timeout_secs` is aborted with `DeadlineExceeded`
+//! and its partial file deleted), and pins its blob from before the node
+//! looks for it until the `Add` that uses it was applied here.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use cell0_consensus::{
     Consensus, Consistency, MAX_MODEL_BYTES, ModelCommand, ModelFile, ModelManifest, ModelOutcome, is_sha256_hex,
 };
 use cell0_proto::v1::models_server::Models;
 use cell0_proto::v1::{self, upload_request::Part};
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{model_status, observe, to_status};
+use crate::models::store::BlobStore;
 use crate::models::{ModelError, ModelManager};
 
 /// The Models service of one node.
@@ -23,66 +35,139 @@ impl ModelsApi {
         Self { consensus, models }
     }
 
-    async fn receive(&self, mut stream: Streaming<v1::UploadRequest>) -> Result<bool, ModelError> {
-        let first = stream
-            .message()
-            .await
-            .map_err(|s| ModelError::Io(s.message().to_string()))?;
+    async fn receive<S>(&self, mut stream: S) -> Result<bool, Status>
+    where
+        S: Stream<Item = Result<v1::UploadRequest, Status>> + Unpin,
+    {
+        let store = self.models.store().clone();
+        let idle = store.config().upload_idle_timeout();
         let Some(v1::UploadRequest {
             part: Some(Part::Header(header)),
-        }) = first
+        }) = next_part(&mut stream, idle).await?
         else {
-            return Err(ModelError::invalid("header", "must be the first message"));
+            return Err(model_status(ModelError::invalid("header", "must be the first message")));
         };
         if !is_sha256_hex(&header.sha256) {
-            return Err(ModelError::invalid("header.sha256", "must be 64 lowercase hex digits"));
+            return Err(model_status(ModelError::invalid(
+                "header.sha256",
+                "must be 64 lowercase hex digits",
+            )));
         }
         if header.size > MAX_MODEL_BYTES {
-            return Err(ModelError::invalid(
+            return Err(model_status(ModelError::invalid(
                 "header.size",
                 format!("is {} bytes; the limit is {MAX_MODEL_BYTES}", header.size),
-            ));
+            )));
         }
-        let store = self.models.store().clone();
-        if store.has(&header.sha256) {
+        // Pinned before the node looks for the blob: no cleanup pass can
+        // delete it between that look, its rename and the Add that uses it.
+        let pin = store.pin(&header.sha256);
+        if self
+            .models
+            .holds(&header.sha256, header.size)
+            .await
+            .map_err(model_status)?
+        {
             // Answering before the bytes arrive ends the call: the client
             // stops sending instead of streaming a file the node holds.
-            self.models.uploaded(&header.sha256);
+            pin.keep_for_add(0);
             return Ok(false);
         }
-        self.models.pin_upload(&header.sha256);
-        let mut partial = store.start_upload(&header.sha256)?;
-        let mut received = 0u64;
-        while let Some(msg) = stream
-            .message()
-            .await
-            .map_err(|s| ModelError::Io(s.message().to_string()))?
-        {
-            let Some(Part::Data(data)) = msg.part else {
-                return Err(ModelError::invalid("header", "may only be sent in the first message"));
-            };
-            received += data.len() as u64;
-            if received > header.size {
-                return Err(ModelError::invalid(
-                    "data",
-                    format!("exceeds header.size ({} bytes)", header.size),
-                ));
-            }
-            partial.write(&data)?;
-        }
-        let sha = header.sha256.clone();
-        tokio::task::spawn_blocking(move || store.commit(partial, &sha, header.size))
-            .await
-            .map_err(|e| ModelError::Io(e.to_string()))?
-            .map_err(|e| match e {
-                ModelError::Corrupt { detail, .. } => {
-                    ModelError::invalid("data", format!("does not match header.sha256: {detail}"))
-                }
-                other => other,
-            })?;
+        receive_data(&store, &header, &mut stream).await?;
         self.models.uploaded(&header.sha256);
+        pin.keep_for_add(header.size);
         Ok(true)
     }
+}
+
+/// The next message of an upload, or an error once it sent nothing for `idle`.
+async fn next_part<S>(stream: &mut S, idle: Duration) -> Result<Option<v1::UploadRequest>, Status>
+where
+    S: Stream<Item = Result<v1::UploadRequest, Status>> + Unpin,
+{
+    match tokio::time::timeout(idle, stream.next()).await {
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "the upload sent nothing for {} s (models.upload_idle_timeout_secs); it was aborted and its partial \
+             file deleted; send the file again",
+            idle.as_secs_f64()
+        ))),
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(msg))) => Ok(Some(msg)),
+        Ok(Some(Err(s))) => Err(model_status(ModelError::Io(format!(
+            "upload stream broke: {}",
+            s.message()
+        )))),
+    }
+}
+
+/// Receives the data of an upload whose `header` was read into `store`, and
+/// commits the file once it is whole and hashes to `header.sha256`. Any
+/// early return drops the partial file, which deletes it and gives its bytes
+/// back to the upload quota.
+async fn receive_data<S>(store: &Arc<BlobStore>, header: &v1::BlobHeader, stream: &mut S) -> Result<(), Status>
+where
+    S: Stream<Item = Result<v1::UploadRequest, Status>> + Unpin,
+{
+    let reservation = store
+        .admit_upload(header.size)
+        .await
+        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+    let mut partial = store.start_upload(&header.sha256, reservation).map_err(model_status)?;
+    let idle = store.config().upload_idle_timeout();
+    while let Some(msg) = next_part(stream, idle).await? {
+        let Some(Part::Data(data)) = msg.part else {
+            return Err(model_status(ModelError::invalid(
+                "header",
+                "may only be sent in the first message",
+            )));
+        };
+        if partial.len() + data.len() as u64 > header.size {
+            return Err(model_status(ModelError::invalid(
+                "data",
+                format!("exceeds header.size ({} bytes)", header.size),
+            )));
+        }
+        partial.write(&data).map_err(model_status)?;
+    }
+    if partial.len() != header.size {
+        return Err(model_status(ModelError::invalid(
+            "data",
+            format!("ended after {} bytes; header.size is {}", partial.len(), header.size),
+        )));
+    }
+    let (store, sha, size) = (store.clone(), header.sha256.clone(), header.size);
+    tokio::task::spawn_blocking(move || store.commit(partial, &sha, size))
+        .await
+        .map_err(|e| model_status(ModelError::Io(e.to_string())))?
+        .map_err(|e| match e {
+            ModelError::Corrupt { detail, .. } => {
+                ModelError::invalid("data", format!("does not match header.sha256: {detail}"))
+            }
+            other => other,
+        })
+        .map_err(model_status)
+}
+
+/// Refuses a manifest in which one path is both a file and a directory
+/// (`a` and `a/b`): no node could lay it out.
+fn check_layout(manifest: &ModelManifest) -> Result<(), Status> {
+    let files: BTreeSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    for f in &manifest.files {
+        let mut parent = f.path.as_str();
+        while let Some((dir, _)) = parent.rsplit_once('/') {
+            if files.contains(dir) {
+                return Err(model_status(ModelError::invalid(
+                    "manifest.files",
+                    format!(
+                        "name {dir:?} as a file and as the directory of {:?}; a path cannot be both",
+                        f.path
+                    ),
+                )));
+            }
+            parent = dir;
+        }
+    }
+    Ok(())
 }
 
 fn manifest_from_proto(m: Option<v1::ModelManifest>) -> Result<ModelManifest, Status> {
@@ -129,7 +214,7 @@ impl Models for ModelsApi {
         request: Request<Streaming<v1::UploadRequest>>,
     ) -> Result<Response<v1::UploadResponse>, Status> {
         observe("Models/Upload", async {
-            let stored = self.receive(request.into_inner()).await.map_err(model_status)?;
+            let stored = self.receive(request.into_inner()).await?;
             Ok(Response::new(v1::UploadResponse { stored }))
         })
         .await
@@ -138,6 +223,7 @@ impl Models for ModelsApi {
     async fn add(&self, request: Request<v1::AddModelRequest>) -> Result<Response<v1::AddModelResponse>, Status> {
         observe("Models/Add", async {
             let manifest = manifest_from_proto(request.into_inner().manifest)?;
+            check_layout(&manifest)?;
             let (name, version) = (manifest.name.clone(), manifest.version);
             match self.models.add(manifest).await.map_err(model_status)? {
                 ModelOutcome::Added => Ok(Response::new(v1::AddModelResponse { created: true })),
@@ -195,5 +281,111 @@ impl Models for ModelsApi {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelsConfig;
+    use sha2::{Digest, Sha256};
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    fn data(bytes: &[u8]) -> Result<v1::UploadRequest, Status> {
+        Ok(v1::UploadRequest {
+            part: Some(Part::Data(bytes.to_vec().into())),
+        })
+    }
+
+    fn header(bytes: &[u8]) -> v1::BlobHeader {
+        v1::BlobHeader {
+            sha256: Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect(),
+            size: bytes.len() as u64,
+        }
+    }
+
+    fn partial_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir.join("partial")).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn an_idle_upload_is_aborted_and_its_partial_file_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ModelsConfig {
+            upload_idle_timeout_secs: 1,
+            free_space_reserve_bytes: 0,
+            ..ModelsConfig::default()
+        };
+        let store = Arc::new(BlobStore::open_with(dir.path(), config).unwrap());
+        let file = b"0123456789".as_slice();
+        let header = header(file);
+
+        // Steady chunks: stored.
+        let (tx, rx) = mpsc::channel(4);
+        let mut stream = ReceiverStream::new(rx);
+        tx.send(data(&file[..5])).await.unwrap();
+        tx.send(data(&file[5..])).await.unwrap();
+        drop(tx);
+        receive_data(&store, &header, &mut stream).await.unwrap();
+        assert!(store.has(&header.sha256));
+        std::fs::remove_file(store.blob_path(&header.sha256)).unwrap();
+
+        // One chunk, then the client stays connected and silent.
+        let (tx, rx) = mpsc::channel(4);
+        let mut stream = ReceiverStream::new(rx);
+        tx.send(data(&file[..5])).await.unwrap();
+        let err = receive_data(&store, &header, &mut stream).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        assert!(
+            err.message().contains("models.upload_idle_timeout_secs"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(partial_files(dir.path()), 0, "the partial file is deleted");
+        assert_eq!(store.upload_bytes(), 0, "the quota is given back");
+        assert!(!store.has(&header.sha256));
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn uploads_past_the_quota_are_resource_exhausted() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ModelsConfig {
+            upload_quota_bytes: 1 << 20,
+            free_space_reserve_bytes: 0,
+            ..ModelsConfig::default()
+        };
+        let store = Arc::new(BlobStore::open_with(dir.path(), config).unwrap());
+        let big = vec![5u8; (1 << 20) + 1];
+        let (tx, rx) = mpsc::channel(1);
+        let mut stream = ReceiverStream::new(rx);
+        drop(tx);
+        let err = receive_data(&store, &header(&big), &mut stream).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("models.upload_quota_bytes"), "{}", err.message());
+        assert_eq!(partial_files(dir.path()), 0);
+    }
+
+    #[test]
+    fn a_path_that_is_both_a_file_and_a_directory_is_refused() {
+        let manifest = |paths: &[&str]| ModelManifest {
+            name: "m".into(),
+            version: 1,
+            architecture: "all-minilm-l6-v2".into(),
+            files: paths
+                .iter()
+                .map(|p| ModelFile {
+                    path: p.to_string(),
+                    sha256: "0".repeat(64),
+                    size: 1,
+                })
+                .collect(),
+        };
+        let err = check_layout(&manifest(&["a", "a-b", "a/b/c", "z"])).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().starts_with("manifest.files "), "{}", err.message());
+        assert!(err.message().contains("\"a/b/c\""), "{}", err.message());
+        check_layout(&manifest(&["a-b", "a/b", "a/c", "ab/c"])).unwrap();
     }
 }

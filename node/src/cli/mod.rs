@@ -24,19 +24,36 @@ pub enum Output {
     Json,
 }
 
-/// Connects to a node's public API.
+/// How long the CLI waits for the answer to one request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects to a node's public API; every call on the channel gives up after
+/// [`REQUEST_TIMEOUT`].
 pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+    open_channel(endpoint, Some(REQUEST_TIMEOUT)).await
+}
+
+/// Connects to a node's public API for long streams: no call on the channel
+/// has an overall deadline, so the caller must bound each call by its
+/// progress instead (as `cell0 model add` does for uploads).
+pub async fn connect_streaming(endpoint: &str) -> anyhow::Result<Channel> {
+    open_channel(endpoint, None).await
+}
+
+async fn open_channel(endpoint: &str, timeout: Option<Duration>) -> anyhow::Result<Channel> {
     let uri = if endpoint.contains("://") {
         endpoint.to_string()
     } else {
         format!("http://{endpoint}")
     };
-    tonic::transport::Endpoint::from_shared(uri)
+    let mut ep = tonic::transport::Endpoint::from_shared(uri)
         .with_context(|| format!("{endpoint:?} is not a valid endpoint (expected host:port)"))?
         .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(30))
-        .tcp_nodelay(true)
-        .connect()
+        .tcp_nodelay(true);
+    if let Some(t) = timeout {
+        ep = ep.timeout(t);
+    }
+    ep.connect()
         .await
         .with_context(|| format!("cannot reach a cell0 node at {endpoint}"))
 }
@@ -253,4 +270,48 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
             ]
         },
     )
+}
+
+/// `cell0 remove ID`: removes a member from the cluster. `ID` is the node id
+/// as `cell0 members` prints it (16 hex digits) or in decimal.
+pub async fn remove(endpoint: &str, node: &str) -> anyhow::Result<()> {
+    let id = parse_node_id(node)?;
+    let mut client = ClusterClient::new(connect(endpoint).await?);
+    client
+        .remove(v1::RemoveRequest { node_id: id })
+        .await
+        .map_err(rpc_error)?;
+    eprintln!("removed node {id:016x}");
+    Ok(())
+}
+
+/// A node id as `cell0 members` prints it (16 hex digits) or in decimal.
+fn parse_node_id(s: &str) -> anyhow::Result<u64> {
+    let parsed = if s.len() == 16 {
+        u64::from_str_radix(s, 16).ok()
+    } else {
+        s.parse().ok()
+    };
+    match parsed {
+        Some(id) if id != 0 => Ok(id),
+        _ => anyhow::bail!("{s:?} is not a node id: use the 16 hex digits `cell0 members` shows"),
+    }
+}
+
+#[cfg(test)]
+mod node_id_tests {
+    use super::parse_node_id;
+
+    #[test]
+    fn node_ids_parse_as_members_prints_them() {
+        assert_eq!(parse_node_id("00000000000000ff").unwrap(), 255);
+        assert_eq!(parse_node_id("255").unwrap(), 255);
+        assert!(parse_node_id("0").is_err());
+        assert!(
+            parse_node_id("node1")
+                .unwrap_err()
+                .to_string()
+                .contains("not a node id")
+        );
+    }
 }

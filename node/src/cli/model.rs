@@ -3,22 +3,37 @@
 //! `add` hashes every file of a directory, streams each to the answering
 //! node (which verifies it) and then registers the manifest; the other
 //! nodes fetch the files from it in the background.
+//!
+//! An upload has no overall deadline, since a large file on a slow link may
+//! take far longer than any fixed limit; it fails only when the node stops
+//! taking its data for [`UPLOAD_IDLE_TIMEOUT`].
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cell0_proto::v1::cluster_client::ClusterClient;
 use cell0_proto::v1::models_client::ModelsClient;
 use cell0_proto::v1::{self, upload_request::Part};
 use clap::Subcommand;
+use futures::Stream;
 use serde::Serialize;
+use tonic::transport::Channel;
 
-use super::{Output, connect, print_json, print_list, rpc_error};
+use super::{Output, REQUEST_TIMEOUT, connect, connect_streaming, print_json, print_list, rpc_error};
 
 /// Bytes per upload message.
 const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
+/// An upload fails when the node takes none of its data for this long.
+const UPLOAD_IDLE_TIMEOUT: Duration = REQUEST_TIMEOUT;
+/// After the last chunk the node syncs the file before it answers: it gets
+/// the idle timeout plus one second per this many bytes of the file.
+const SYNC_BYTES_PER_SECOND: u64 = 64 << 20;
 
 /// Model registry commands.
 #[derive(Subcommand)]
@@ -167,6 +182,86 @@ fn upload_stream(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// When the transport last took a message of an upload, and whether it
+/// took them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Progress {
+    last: Instant,
+    ended: bool,
+}
+
+fn read_progress(p: &Mutex<Progress>) -> Progress {
+    *p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Passes an upload's messages through, noting when each is taken.
+struct Watched<S> {
+    inner: S,
+    progress: Arc<Mutex<Progress>>,
+}
+
+impl<S: Stream + Unpin> Stream for Watched<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<S::Item>> {
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(item) = &next {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            p.last = Instant::now();
+            p.ended = item.is_none();
+        }
+        next
+    }
+}
+
+/// Uploads one file and returns whether the node stored it (false: it held
+/// it already). The call has no overall deadline; it fails when the node
+/// takes no data for `idle`, or, once every chunk is sent, does not answer
+/// within `idle` plus the time to sync the file.
+async fn upload_file(
+    client: &mut ModelsClient<Channel>,
+    path: PathBuf,
+    sha256: String,
+    size: u64,
+    label: String,
+    idle: Duration,
+) -> anyhow::Result<bool> {
+    let progress = Arc::new(Mutex::new(Progress {
+        last: Instant::now(),
+        ended: false,
+    }));
+    let stream = Watched {
+        inner: upload_stream(path, sha256, size, label),
+        progress: progress.clone(),
+    };
+    let after_last = idle + Duration::from_secs(size / SYNC_BYTES_PER_SECOND);
+    let call = client.upload(stream);
+    tokio::pin!(call);
+    loop {
+        let seen = read_progress(&progress);
+        let limit = if seen.ended { after_last } else { idle };
+        tokio::select! {
+            reply = &mut call => return Ok(reply.map_err(rpc_error)?.into_inner().stored),
+            () = tokio::time::sleep_until((seen.last + limit).into()) => {
+                if read_progress(&progress) != seen {
+                    continue;
+                }
+                if seen.ended {
+                    anyhow::bail!(
+                        "the node did not confirm the file within {} s of its last chunk",
+                        limit.as_secs_f64()
+                    );
+                }
+                anyhow::bail!(
+                    "the node took no upload data for {} s; it may be overloaded or unreachable \
+                     (an upload that keeps moving has no time limit)",
+                    idle.as_secs_f64()
+                );
+            }
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct AddView {
     name: String,
@@ -200,22 +295,18 @@ async fn add(
         });
         uploads.push((rel, path, sha256, size));
     }
-    let channel = connect(endpoint).await?;
-    let mut client = ModelsClient::new(channel);
+    let mut uploader = ModelsClient::new(connect_streaming(endpoint).await?);
     for (rel, path, sha256, size) in uploads {
-        let reply = client
-            .upload(upload_stream(path, sha256, size, rel.clone()))
+        let stored = upload_file(&mut uploader, path, sha256, size, rel.clone(), UPLOAD_IDLE_TIMEOUT)
             .await
-            .map_err(rpc_error)
-            .with_context(|| format!("uploading {rel}"))?
-            .into_inner();
-        if !reply.stored {
+            .with_context(|| format!("uploading {rel}"))?;
+        if !stored {
             eprintln!("  {rel}: already on the node");
         }
     }
     let total_bytes = manifest_files.iter().map(|f| f.size).sum();
     let count = manifest_files.len();
-    let created = client
+    let created = ModelsClient::new(connect(endpoint).await?)
         .add(v1::AddModelRequest {
             manifest: Some(v1::ModelManifest {
                 name: name.clone(),
@@ -311,4 +402,108 @@ async fn ls(endpoint: &str, output: Output) -> anyhow::Result<()> {
             ]
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cell0_proto::v1::models_server::{Models, ModelsServer};
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    /// A node that takes upload messages one per `pace`, or none after the
+    /// header when `pace` is `None`.
+    struct SlowNode {
+        pace: Option<Duration>,
+    }
+
+    #[tonic::async_trait]
+    impl Models for SlowNode {
+        async fn upload(
+            &self,
+            request: Request<Streaming<v1::UploadRequest>>,
+        ) -> Result<Response<v1::UploadResponse>, Status> {
+            let mut stream = request.into_inner();
+            while stream.message().await?.is_some() {
+                match self.pace {
+                    Some(pace) => tokio::time::sleep(pace).await,
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            Ok(Response::new(v1::UploadResponse { stored: true }))
+        }
+
+        async fn add(&self, _: Request<v1::AddModelRequest>) -> Result<Response<v1::AddModelResponse>, Status> {
+            Err(Status::unimplemented("add"))
+        }
+
+        async fn list(&self, _: Request<v1::ListModelsRequest>) -> Result<Response<v1::ListModelsResponse>, Status> {
+            Err(Status::unimplemented("list"))
+        }
+
+        async fn remove(
+            &self,
+            _: Request<v1::RemoveModelRequest>,
+        ) -> Result<Response<v1::RemoveModelResponse>, Status> {
+            Err(Status::unimplemented("remove"))
+        }
+    }
+
+    /// Starts `node` on a loopback port and returns a streaming client of it.
+    async fn serve(node: SlowNode) -> ModelsClient<Channel> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ModelsServer::new(node))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        ModelsClient::new(connect_streaming(&addr.to_string()).await.unwrap())
+    }
+
+    /// A file of `chunks` upload messages.
+    fn file(dir: &Path, chunks: usize) -> (PathBuf, u64) {
+        let path = dir.join("model.safetensors");
+        std::fs::write(&path, vec![0u8; chunks * UPLOAD_CHUNK_BYTES]).unwrap();
+        (path, (chunks * UPLOAD_CHUNK_BYTES) as u64)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_that_keeps_moving_outlives_the_idle_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, size) = file(dir.path(), 32);
+        let mut client = serve(SlowNode {
+            pace: Some(Duration::from_millis(100)),
+        })
+        .await;
+        let idle = Duration::from_secs(2);
+        let started = Instant::now();
+        let stored = upload_file(&mut client, path, "0".repeat(64), size, "f".into(), idle)
+            .await
+            .unwrap();
+        assert!(stored);
+        assert!(
+            started.elapsed() > idle,
+            "the upload ran longer than the idle timeout ({:?})",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_the_node_stops_taking_fails_after_the_idle_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, size) = file(dir.path(), 32);
+        let mut client = serve(SlowNode { pace: None }).await;
+        let err = upload_file(
+            &mut client,
+            path,
+            "0".repeat(64),
+            size,
+            "f".into(),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("took no upload data for 1 s"), "{err:#}");
+    }
 }

@@ -10,7 +10,10 @@
 //!
 //! Invariants: a blob is loaded only after its sha256 matched in this
 //! process; this node reports itself a holder only of versions it has
-//! loaded; one loop owns all fetching, so no blob is fetched twice at once.
+//! loaded; one loop owns all fetching, so no blob is fetched twice at once;
+//! a cleanup pass deletes only blobs that neither the registry it read nor a
+//! pin taken before that read keeps (see [`BlobStore::pin`]), and an upload's
+//! pin is released only once its `Add` was applied on this node.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,15 +24,16 @@ use cell0_inference::{BackendInfo, EmbedBatcher, InferenceConfig, ModelSource, T
 use tokio::sync::watch;
 
 use super::ModelError;
-use super::store::BlobStore;
+use super::store::{BlobPin, BlobStore, Verdict};
 use super::transfer::fetch_blob;
 use crate::server::stopping;
 
 /// First retry delay after a failed reconcile; doubled up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(10);
-/// An uploaded blob is kept this long waiting for the `Add` that uses it.
-const UPLOAD_GRACE: Duration = Duration::from_secs(3600);
+/// How long `add` waits for this node to apply the `Add` it proposed before
+/// it leaves the uploads' pins to expire on their own.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
 /// Files a manifest must have for the engine to load it.
 const REQUIRED_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
 
@@ -96,8 +100,6 @@ struct Inner {
     served: RwLock<BTreeMap<ModelKey, Served>>,
     /// Blobs hashed (or written and hashed) by this process.
     verified: Mutex<BTreeSet<String>>,
-    /// Blobs uploaded for an `Add` that has not come yet, with upload time.
-    uploads: Mutex<BTreeMap<String, Instant>>,
 }
 
 /// The node's models. Cheap to clone.
@@ -151,7 +153,6 @@ impl ModelManager {
             engine,
             served: RwLock::new(BTreeMap::new()),
             verified: Mutex::new(BTreeSet::new()),
-            uploads: Mutex::new(BTreeMap::new()),
         });
         tokio::spawn(reconcile_loop(inner.clone(), stop));
         Ok(Self { inner })
@@ -172,22 +173,51 @@ impl ModelManager {
         &self.inner.store
     }
 
-    /// Keeps blob `sha256` from being collected as garbage while it is
-    /// uploaded and until the `Add` that uses it (or [`UPLOAD_GRACE`]).
-    /// Called before the blob gets its name, so no pass sees it unpinned.
-    pub fn pin_upload(&self, sha256: &str) {
-        lock(&self.inner.uploads).insert(sha256.to_string(), Instant::now());
-    }
-
     /// Records that blob `sha256` was uploaded and verified.
     pub fn uploaded(&self, sha256: &str) {
         lock(&self.inner.verified).insert(sha256.to_string());
-        self.pin_upload(sha256);
+    }
+
+    /// Whether this node holds blob `sha256` of `size` bytes, so an upload
+    /// of it can stop. A stored blob of another size is hashed: if it does
+    /// not hash to its name it is deleted and the upload takes its place; if
+    /// it does, `header.size` is wrong. (A blob of the right size is hashed
+    /// by the reconcile loop before any use, like every stored blob.)
+    pub async fn holds(&self, sha256: &str, size: u64) -> Result<bool, ModelError> {
+        let Some(held) = self.inner.store.len(sha256) else {
+            return Ok(false);
+        };
+        if held == size {
+            return Ok(true);
+        }
+        let (store, sha) = (self.inner.store.clone(), sha256.to_string());
+        match blocking(move || store.verify(&sha, size)).await? {
+            Verdict::Corrupt => {
+                metrics::counter!("cell0_model_blob_corrupt_total").increment(1);
+                tracing::warn!(
+                    sha256,
+                    "stored file failed verification; deleted, taking the upload instead"
+                );
+                Ok(false)
+            }
+            Verdict::Verified => Ok(true),
+            Verdict::OtherSize { held } => {
+                lock(&self.inner.verified).insert(sha256.to_string());
+                Err(ModelError::invalid(
+                    "header.size",
+                    format!("is {size}, but the file with this sha256 holds {held} bytes"),
+                ))
+            }
+        }
     }
 
     /// Registers `manifest` with this node as its first holder. Every file
-    /// must have been uploaded here, and the architecture must be one the
-    /// engine knows.
+    /// must have been uploaded here, with the size the manifest gives, and
+    /// the architecture must be one the engine knows.
+    ///
+    /// The files stay pinned from before the check that they are here until
+    /// this node applied the `Add`, and then the uploads' own pins are
+    /// released: from that point the registry keeps them.
     pub async fn add(&self, manifest: ModelManifest) -> Result<ModelOutcome, ModelError> {
         manifest.validate().map_err(|e| prefixed("manifest.", e))?;
         cell0_inference::model_spec(&manifest.architecture)
@@ -200,12 +230,26 @@ impl ModelManager {
                 ));
             }
         }
-        for f in &manifest.files {
-            if !self.inner.store.has(&f.sha256) {
-                return Err(ModelError::NotUploaded {
-                    path: f.path.clone(),
-                    sha256: f.sha256.clone(),
-                });
+        let store = &self.inner.store;
+        let _pins: Vec<BlobPin> = manifest.files.iter().map(|f| store.pin(&f.sha256)).collect();
+        for (i, f) in manifest.files.iter().enumerate() {
+            match store.len(&f.sha256) {
+                None => {
+                    return Err(ModelError::NotUploaded {
+                        path: f.path.clone(),
+                        sha256: f.sha256.clone(),
+                    });
+                }
+                Some(held) if held != f.size => {
+                    return Err(ModelError::invalid(
+                        &format!("manifest.files[{i}].size"),
+                        format!(
+                            "is {}, but the file uploaded for {} ({}) holds {held} bytes",
+                            f.size, f.path, f.sha256
+                        ),
+                    ));
+                }
+                Some(_) => {}
             }
         }
         let outcome = self
@@ -216,9 +260,26 @@ impl ModelManager {
                 holder: self.inner.consensus.id(),
             })
             .await?;
-        let mut uploads = lock(&self.inner.uploads);
-        for f in &manifest.files {
-            uploads.remove(&f.sha256);
+        if matches!(outcome, ModelOutcome::Added | ModelOutcome::Unchanged) {
+            // A linearizable read barrier returns once this replica applied
+            // everything committed before it, the Add included.
+            let applied =
+                tokio::time::timeout(APPLY_WAIT, self.inner.consensus.read_barrier(Consistency::Linearizable)).await;
+            match applied {
+                Ok(Ok(())) => {
+                    for f in &manifest.files {
+                        store.added(&f.sha256);
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(
+                    model = %manifest.name, version = manifest.version, error = %e,
+                    "registered, but cannot tell whether this node applied it; its uploads stay pinned until they expire"
+                ),
+                Err(_) => tracing::warn!(
+                    model = %manifest.name, version = manifest.version,
+                    "registered, but this node has not applied it after {APPLY_WAIT:?}; its uploads stay pinned until they expire"
+                ),
+            }
         }
         Ok(outcome)
     }
@@ -353,6 +414,10 @@ async fn reconcile_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
 
 /// One pass over the registry; true when every version is ready here.
 async fn reconcile(inner: &Arc<Inner>) -> Result<bool, ModelError> {
+    // Pins first: an upload's pin is released only after its Add was applied
+    // here, so a pin gone by the time the registry is read below is one the
+    // registry read already keeps.
+    let pinned = inner.store.pinned();
     let entries = inner.consensus.models(Consistency::Serializable).await?;
     let wanted: BTreeMap<ModelKey, ModelEntry> = entries
         .into_iter()
@@ -378,7 +443,7 @@ async fn reconcile(inner: &Arc<Inner>) -> Result<bool, ModelError> {
         inner.store.uninstall(&key.name, key.version)?;
         tracing::info!(model = %key, "model removed from the registry; unloaded");
     }
-    collect_garbage(inner, &wanted)?;
+    collect_garbage(inner, &wanted, pinned)?;
     let mut complete = true;
     for (key, entry) in &wanted {
         if let Err(e) = ensure(inner, key, entry).await {
@@ -404,19 +469,22 @@ async fn reconcile(inner: &Arc<Inner>) -> Result<bool, ModelError> {
     Ok(complete)
 }
 
-fn collect_garbage(inner: &Inner, wanted: &BTreeMap<ModelKey, ModelEntry>) -> Result<(), ModelError> {
-    let mut keep: BTreeSet<String> = wanted
-        .values()
-        .flat_map(|e| e.manifest.files.iter().map(|f| f.sha256.clone()))
-        .collect();
-    {
-        let mut uploads = lock(&inner.uploads);
-        uploads.retain(|_, at| at.elapsed() < UPLOAD_GRACE);
-        keep.extend(uploads.keys().cloned());
-    }
+/// Deletes the files that no version in `wanted` uses and no pin keeps:
+/// neither one of `pinned`, taken before `wanted` was read, nor one taken
+/// since (the store checks those as it deletes).
+fn collect_garbage(
+    inner: &Inner,
+    wanted: &BTreeMap<ModelKey, ModelEntry>,
+    mut keep: BTreeSet<String>,
+) -> Result<(), ModelError> {
+    keep.extend(
+        wanted
+            .values()
+            .flat_map(|e| e.manifest.files.iter().map(|f| f.sha256.clone())),
+    );
     let removed = inner.store.retain(|d| keep.contains(d))?;
     if removed > 0 {
-        lock(&inner.verified).retain(|d| keep.contains(d));
+        lock(&inner.verified).retain(|d| inner.store.has(d));
         tracing::info!(removed, "deleted model files no registered version uses");
     }
     Ok(())
@@ -483,27 +551,70 @@ async fn load(inner: &Arc<Inner>, manifest: &ModelManifest) -> Result<EmbedBatch
     Ok(EmbedBatcher::spawn(Arc::new(embedder), &inner.config, None)?)
 }
 
+/// The error of a manifest whose file `i` names a good blob with the wrong
+/// size: it fails this version only, and the blob stays for the others.
+fn wrong_size(i: usize, file: &cell0_consensus::ModelFile, held: u64) -> ModelError {
+    ModelError::invalid(
+        &format!("files[{i}].size"),
+        format!(
+            "is {}, but {} (sha256 {}) holds {held} bytes; the file is kept, and this version cannot load until it \
+             is removed and added again with the right size",
+            file.size, file.path, file.sha256
+        ),
+    )
+}
+
 /// Makes every file of `entry` present and verified in this process.
 async fn ensure_files(inner: &Arc<Inner>, key: &ModelKey, entry: &ModelEntry) -> Result<(), ModelError> {
     let total = entry.manifest.total_bytes();
     let mut done = 0u64;
-    for file in &entry.manifest.files {
-        if lock(&inner.verified).contains(&file.sha256) && inner.store.has(&file.sha256) {
+    for (i, file) in entry.manifest.files.iter().enumerate() {
+        let held = inner.store.len(&file.sha256);
+        let verified = lock(&inner.verified).contains(&file.sha256);
+        if let Some(held) = held
+            && verified
+        {
+            if held != file.size {
+                return Err(wrong_size(i, file, held));
+            }
             done += file.size;
             continue;
         }
-        if inner.store.has(&file.sha256) {
+        if held.is_some() {
             let (store, sha, size) = (inner.store.clone(), file.sha256.clone(), file.size);
-            if blocking(move || store.verify(&sha, size)).await? {
-                lock(&inner.verified).insert(file.sha256.clone());
-                done += file.size;
-                continue;
+            match blocking(move || store.verify(&sha, size)).await? {
+                Verdict::Verified => {
+                    lock(&inner.verified).insert(file.sha256.clone());
+                    done += file.size;
+                    continue;
+                }
+                Verdict::OtherSize { held } => {
+                    lock(&inner.verified).insert(file.sha256.clone());
+                    return Err(wrong_size(i, file, held));
+                }
+                Verdict::Corrupt => {
+                    metrics::counter!("cell0_model_blob_corrupt_total").increment(1);
+                    tracing::warn!(model = %key, path = %file.path, sha256 = %file.sha256, "stored file failed verification; deleted, fetching it again");
+                }
             }
-            metrics::counter!("cell0_model_blob_corrupt_total").increment(1);
-            tracing::warn!(model = %key, path = %file.path, sha256 = %file.sha256, "stored file failed verification; deleted, fetching it again");
         }
+        inner
+            .store
+            .check_free_space(file.size)
+            .await
+            .map_err(|e| ModelError::Io(format!("cannot fetch {}: {e}", file.path)))?;
         set_state(inner, key, &entry.manifest, ServedState::Fetching { held: done, total });
-        fetch_from_holders(inner, key, entry, file, done, total).await?;
+        match fetch_from_holders(inner, key, entry, file, done, total).await {
+            Ok(()) => {}
+            Err(ModelError::Invalid { .. }) => {
+                // The holders sent the blob (it hashes to its name), but it is
+                // not the size the manifest gives.
+                lock(&inner.verified).insert(file.sha256.clone());
+                let held = inner.store.len(&file.sha256).unwrap_or_default();
+                return Err(wrong_size(i, file, held));
+            }
+            Err(e) => return Err(e),
+        }
         lock(&inner.verified).insert(file.sha256.clone());
         done += file.size;
     }
@@ -559,6 +670,8 @@ async fn fetch_from_holders(
                 );
                 return Ok(());
             }
+            // Good bytes of another size: no holder can do better.
+            Err(e @ ModelError::Invalid { .. }) => return Err(e),
             Err(e) => {
                 if matches!(e, ModelError::Corrupt { .. }) {
                     metrics::counter!("cell0_model_blob_corrupt_total").increment(1);
