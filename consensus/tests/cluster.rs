@@ -473,3 +473,45 @@ async fn a_read_reports_the_revision_of_the_data_it_returns() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_lagging_by_many_large_entries_catches_up() {
+    // One 1 MiB value per entry and at most 2 MiB per AppendEntries call.
+    // Without the byte bound one call carries all 40 entries (40 MiB), which
+    // is decoded and fsynced by a debug build far slower than the heartbeat
+    // timeout, so the follower never catches up. The timeouts are generous
+    // so that a loaded machine cannot fail the bounded calls.
+    let config = ConsensusConfig {
+        heartbeat_ms: 500,
+        election_timeout_min_ms: 3_000,
+        election_timeout_max_ms: 6_000,
+        max_batch_bytes: 1024 * 1024,
+        max_append_bytes: 2 * 1024 * 1024 + 64 * 1024,
+        max_append_entries: 64,
+        ..ConsensusConfig::default()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(root.path(), 3, config.clone()).await;
+    let leader_id = nodes[0].consensus.leader().unwrap().0;
+    let lagging = nodes.iter().position(|n| n.id() != leader_id).unwrap();
+    let stopped = nodes.remove(lagging).stop().await;
+    let leader = nodes.iter().find(|n| n.id() == leader_id).unwrap().consensus.clone();
+    let value = vec![7u8; 1024 * 1024 - 64];
+    for i in 0..40 {
+        leader.write(put(format!("big/{i:02}"), value.clone())).await.unwrap();
+    }
+    let target = leader.status().commit_index;
+    let back = LocalNode::restart(stopped, config).await.unwrap();
+    back.consensus
+        .raft()
+        .wait(Some(DEADLINE))
+        .applied_index_at_least(Some(target), "the lagging follower catches up")
+        .await
+        .unwrap();
+    let (kv, _) = back.consensus.get(b"big/39", Consistency::Serializable).await.unwrap();
+    assert_eq!(kv.map(|kv| kv.value.len()), Some(value.len()));
+    back.stop().await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
