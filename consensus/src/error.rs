@@ -86,6 +86,18 @@ impl ConsensusError {
     }
 }
 
+impl From<cell0_state::StateError> for ConsensusError {
+    fn from(e: cell0_state::StateError) -> Self {
+        match e {
+            cell0_state::StateError::InvalidArgument { field, reason } => {
+                ConsensusError::InvalidArgument { field, reason }
+            }
+            cell0_state::StateError::Compacted { requested, oldest } => ConsensusError::Compacted { requested, oldest },
+            other => ConsensusError::Internal(other.to_string()),
+        }
+    }
+}
+
 impl From<cell0_storage::Error> for ConsensusError {
     fn from(e: cell0_storage::Error) -> Self {
         ConsensusError::Internal(e.to_string())

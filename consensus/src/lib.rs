@@ -1,12 +1,10 @@
 //! cell0-consensus: Cell0's replicated state, agreed through Raft.
 //!
 //! - [`types`]: openraft's type configuration and the member record.
-//! - [`command`]: the versioned commands carried in log entries, their
-//!   responses and limits.
-//! - [`state`]: the deterministic KV state machine with etcd-style revisions
-//!   and the change history watchers resume from.
-//! - [`registry`]: the replicated model registry (manifests and holders).
-//! - [`nodes`]: replicated node records (resources for placement).
+//! - [`command`], [`registry`], [`nodes`]: the deterministic state machine's
+//!   commands and tables, from [`cell0_state`] (re-exported).
+//! - [`state`]: the state machine as openraft sees it: apply through
+//!   [`cell0_state::apply`], notifications per table and for watchers.
 //! - [`Consensus`]: one node's member: group commit on the leader, request
 //!   forwarding, linearizable reads by read index, membership changes.
 //! - [`network`]: the Raft transport over tonic and the internal service.
@@ -15,22 +13,24 @@
 //! node crate's.
 
 mod batcher;
-pub mod command;
 mod config;
 mod error;
+mod facade;
+mod membership;
 pub mod network;
-mod node;
-pub mod nodes;
-pub mod registry;
+mod routing;
 mod server;
 pub mod state;
 pub mod testkit;
 pub mod types;
 
+pub use cell0_state::{Table, command, nodes, registry};
+
 pub use command::{Command, KeyValue, RequestId, Response};
 pub use config::ConsensusConfig;
 pub use error::{ConsensusError, Result};
-pub use node::{Consensus, Consistency, MAX_PROMOTION_LAG, Member, Role, Status, StorageBackend};
+pub use facade::{Consensus, Consistency, Member, Role, Status, StorageBackend};
+pub use membership::MAX_PROMOTION_LAG;
 pub use nodes::{NodeCommand, NodeResources};
 pub use registry::{MAX_MODEL_BYTES, ModelCommand, ModelEntry, ModelFile, ModelManifest, ModelOutcome, is_sha256_hex};
 pub use server::InternalService;

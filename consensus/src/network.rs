@@ -400,6 +400,48 @@ mod tests {
         assert_eq!(entries_that_fit([], 250), 1);
     }
 
+    #[tokio::test]
+    async fn an_append_over_the_byte_budget_is_cut_before_it_is_sent() {
+        use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+
+        // The address is never dialled: the call is cut before it is sent.
+        let pool = Arc::new(ChannelPool::new(Duration::from_millis(10)));
+        let identity = WireIdentity {
+            node: 1,
+            cluster: Arc::new(AtomicU64::new(0)),
+        };
+        let mut factory = NetworkFactory::new(pool, identity, Arc::new(PeerHealth::default()), 2 << 20);
+        let mut peer = factory
+            .new_client(
+                2,
+                &NodeInfo {
+                    internal_addr: "127.0.0.1:9".into(),
+                    ..NodeInfo::default()
+                },
+            )
+            .await;
+        let entries: Vec<Entry<TypeConfig>> = (1..=40)
+            .map(|index| Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+                payload: EntryPayload::Normal(crate::Command::Put {
+                    key: b"k".to_vec(),
+                    value: vec![7; 1 << 20],
+                }),
+            })
+            .collect();
+        let rpc = AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries,
+        };
+        let option = RPCOption::new(Duration::from_millis(150));
+        match peer.append_entries(rpc, option).await {
+            Err(RPCError::PayloadTooLarge(e)) => assert_eq!(e.entries_hint(), 1, "{e}"),
+            other => panic!("a 40 MiB call must be cut, got {other:?}"),
+        }
+    }
+
     #[test]
     fn requests_for_another_node_or_cluster_are_refused() {
         let identity = WireIdentity {

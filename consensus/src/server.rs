@@ -14,8 +14,9 @@ use cell0_proto::internal::{IdentifyRequest, IdentifyResponse, RaftMessage};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
+use crate::facade::Inner;
 use crate::network::{MAX_INTERNAL_MESSAGE_BYTES, decode, encode};
-use crate::node::{ForwardRequest, Inner};
+use crate::routing::ForwardRequest;
 use crate::types::{NodeId, TypeConfig};
 
 /// The `cell0.internal.v1.Raft` service of one node.

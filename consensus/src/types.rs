@@ -7,8 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Response};
 
-/// A node's identity in the Raft group: a random u64 chosen at first start.
-pub type NodeId = u64;
+pub use cell0_state::NodeId;
 
 /// What the cluster knows of a member; stored in the replicated membership, so
 /// every node can reach every other one and show it to clients.

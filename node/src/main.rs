@@ -2,24 +2,22 @@
 //!
 //! `cell0 run` starts a node; every other command is a client of the public
 //! gRPC API of any node (`--endpoint`, env `CELL0_ENDPOINT`).
+//!
+//! This file is the thin process shell around the `cell0` library: argument
+//! parsing, logging, the pid file and signals. A node stops on the first
+//! SIGTERM or SIGINT (the handlers are installed before the node starts, so
+//! a signal during start-up also stops it cleanly); a second one exits at
+//! once with status 130.
 
-mod api;
-mod cli;
-mod config;
-mod datadir;
-mod models;
-mod ops;
-mod resources;
-mod server;
-mod telemetry;
-
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
+use cell0::cli::{self, Output, bench, infer, kv, model};
+use cell0::config::{LogFormat, NodeConfig};
+use cell0::{server, telemetry};
 use clap::{Args, Parser, Subcommand};
-
-use crate::cli::{Output, bench, infer, kv, model};
-use crate::config::{LogFormat, NodeConfig};
 
 /// Cell0: a distributed cluster node for AI agents.
 #[derive(Parser)]
@@ -171,6 +169,28 @@ impl RunArgs {
     }
 }
 
+/// A future that resolves on the first SIGTERM or SIGINT, after which a
+/// second one exits the process at once. The handlers are installed now.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        });
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -186,7 +206,15 @@ fn main() -> ExitCode {
                 let pid_file = args.pid_file.clone();
                 let (config, dev_dir) = args.into_config()?;
                 telemetry::init_logging(config.log_format, &config.log_level)?;
-                let result = server::run(config, pid_file).await;
+                let shutdown = shutdown_signal()?;
+                if let Some(p) = &pid_file {
+                    std::fs::write(p, format!("{}\n", std::process::id()))
+                        .with_context(|| format!("cannot write pid file {}", p.display()))?;
+                }
+                let result = server::run(config, shutdown).await;
+                if let Some(p) = &pid_file {
+                    let _ = std::fs::remove_file(p);
+                }
                 drop(dev_dir);
                 result
             }

@@ -4,6 +4,10 @@
 //! backend and adapter) plus what the operator configures (GPU memory, which
 //! wgpu does not report), and written once the node is in a cluster, so the
 //! scheduler reads every node's resources from the replicated state.
+//!
+//! The report runs as the supervised task `resources`: it ends once the
+//! record is written, and at once when the node stops (an attempt in flight
+//! is abandoned; the next start reports again).
 
 use std::time::Duration;
 
@@ -11,7 +15,7 @@ use cell0_consensus::{Consensus, Consistency, NodeResources};
 use cell0_inference::BackendInfo;
 use tokio::sync::watch;
 
-use crate::server::stopping;
+use crate::supervisor::stopped;
 
 /// Physical memory in bytes from /proc/meminfo (0 where unavailable).
 fn memory_bytes() -> u64 {
@@ -45,16 +49,24 @@ pub fn measure(engine: &BackendInfo, gpu_memory_mb: u64) -> NodeResources {
 pub async fn report(consensus: Consensus, resources: NodeResources, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let current = consensus
-            .node_resources(Consistency::Serializable)
-            .await
-            .ok()
-            .and_then(|mut all| all.remove(&consensus.id()));
-        if current.as_ref() == Some(&resources) {
-            return;
-        }
-        match consensus.set_resources(resources.clone()).await {
-            Ok(()) => {
+        let attempt = async {
+            let current = consensus
+                .node_resources(Consistency::Serializable)
+                .await
+                .ok()
+                .and_then(|mut all| all.remove(&consensus.id()));
+            if current.as_ref() == Some(&resources) {
+                return Ok(false);
+            }
+            consensus.set_resources(resources.clone()).await.map(|()| true)
+        };
+        let outcome = tokio::select! {
+            outcome = attempt => outcome,
+            () = stopped(&mut stop) => return,
+        };
+        match outcome {
+            Ok(false) => return,
+            Ok(true) => {
                 tracing::info!(
                     backend = %resources.inference_backend,
                     gpu = resources.gpu,
@@ -69,7 +81,7 @@ pub async fn report(consensus: Consensus, resources: NodeResources, mut stop: wa
         // stop waiting on shutdown.
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            () = stopping(&mut stop) => return,
+            () = stopped(&mut stop) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }

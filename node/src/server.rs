@@ -1,13 +1,22 @@
-//! `cell0 run`: wires a node together and runs it until a signal.
+//! `cell0 run`: wires a node together and runs it until its shutdown future
+//! resolves (the binary passes one that resolves on SIGTERM/SIGINT; tests
+//! pass their own and run several nodes in one process).
 //!
 //! Start-up order: open the data dir, bind every port (so a port in use fails
 //! fast with a clear message), start Raft, open the inference engine (a bad
 //! `[inference]` setting fails here) and the model manager, serve, then
 //! bootstrap or join.
-//! Shutdown on SIGTERM/SIGINT: stop accepting, let in-flight requests finish
-//! (bounded), stop Raft, flush storage. A second signal exits at once.
+//!
+//! Every background loop of the node (servers, join, health, Raft metrics,
+//! resources, models, watch pumps) runs in the node's [`Supervisor`].
+//! Shutdown: raise the stop signal (servers stop accepting, loops and watch
+//! streams end), join every task within [`DRAIN_TIMEOUT`] (cancelling the
+//! rest), then stop Raft and flush storage. Start-up errors after Raft started
+//! go through the same shutdown, so no task or Raft outlives a failed
+//! [`run`]. A task that failed or panicked at any time makes [`run`] return
+//! an error after the shutdown.
 
-use std::path::PathBuf;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +30,7 @@ use cell0_proto::v1::cluster_server::ClusterServer;
 use cell0_proto::v1::inference_server::InferenceServer;
 use cell0_proto::v1::kv_server::KvServer;
 use cell0_proto::v1::models_server::ModelsServer;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -33,10 +43,12 @@ use crate::datadir::DataDir;
 use crate::models::ModelManager;
 use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
+use crate::supervisor::{Supervisor, TaskEnd, stopped};
 use crate::{ops, resources, telemetry};
 
-/// How long in-flight requests may take to finish after a shutdown signal.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the node's tasks (in-flight requests included) may take to
+/// finish after shutdown began before they are cancelled.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The gRPC services whose health follows the node's readiness.
 const HEALTH_SERVICES: [&str; 5] = [
     "",
@@ -54,8 +66,18 @@ async fn bind(addr: std::net::SocketAddr, field: &str) -> anyhow::Result<TcpList
         .with_context(|| format!("cannot listen on {addr} ({field})"))
 }
 
-/// Runs a node with `config` until SIGTERM or SIGINT.
-pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs a node with `config` until `shutdown` resolves, then stops it
+/// gracefully.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_with(config, shutdown, Supervisor::new()).await
+}
+
+/// [`run`] with the node's tasks in `tasks`, whose record tells afterwards
+/// how each ended. One supervisor per run: one already stopped is refused.
+pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, tasks: Supervisor) -> anyhow::Result<()> {
+    if tasks.is_stopping() {
+        anyhow::bail!("this supervisor has already stopped; give each node run a new one");
+    }
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -64,9 +86,11 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
     let id = datadir.node_id();
     let name = config.name.clone().unwrap_or_else(|| format!("cell0-{:06x}", id >> 40));
 
-    let public = bind(config.listen.public, "listen.public").await?;
-    let internal = bind(config.listen.internal, "listen.internal").await?;
-    let http = bind(config.listen.http, "listen.http").await?;
+    let listeners = Listeners {
+        public: bind(config.listen.public, "listen.public").await?,
+        internal: bind(config.listen.internal, "listen.internal").await?,
+        http: bind(config.listen.http, "listen.http").await?,
+    };
 
     let info = NodeInfo {
         name: name.clone(),
@@ -84,23 +108,69 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
     .await
     .context("starting consensus")?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move { stopping(&mut rx).await };
+    let served = serve(
+        &config, &datadir, info, &consensus, listeners, metrics, &tasks, shutdown,
+    )
+    .await;
+    match &served {
+        Ok(()) => tracing::info!("shutting down: draining requests"),
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "start-up failed; stopping"),
+    }
+    let record = tasks.shutdown(DRAIN_TIMEOUT).await;
+    consensus.shutdown().await;
+    served?;
+    let failed: Vec<String> = record
+        .ended
+        .iter()
+        .filter_map(|t| match &t.end {
+            TaskEnd::Failed(e) => Some(format!("{}: {e}", t.name)),
+            TaskEnd::Panicked(m) => Some(format!("{}: panicked: {m}", t.name)),
+            TaskEnd::Finished | TaskEnd::Cancelled => None,
+        })
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!("background tasks failed: {}", failed.join("; "));
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The node's bound ports.
+struct Listeners {
+    public: TcpListener,
+    internal: TcpListener,
+    http: TcpListener,
+}
+
+/// Starts everything above Raft as tasks of `tasks`, bootstraps or joins,
+/// and waits for `shutdown`.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    config: &NodeConfig,
+    datadir: &DataDir,
+    info: NodeInfo,
+    consensus: &Consensus,
+    listeners: Listeners,
+    metrics: PrometheusHandle,
+    tasks: &Supervisor,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let id = consensus.id();
+    let stop = || tasks.stop_signal();
+    let when_stopped = |mut rx: watch::Receiver<bool>| async move { stopped(&mut rx).await };
 
     let store = Arc::new(BlobStore::open_with(&datadir.models_dir(), config.models.clone())?);
-    let models = ModelManager::start(
-        consensus.clone(),
-        store.clone(),
-        config.inference.clone(),
-        stop_rx.clone(),
-    )
-    .await
-    .context("starting the inference engine")?;
-    tokio::spawn(resources::report(
-        consensus.clone(),
-        resources::measure(models.engine(), config.resources.gpu_memory_mb),
-        stop_rx.clone(),
-    ));
+    let models = ModelManager::start(consensus.clone(), store.clone(), config.inference.clone(), tasks)
+        .await
+        .context("starting the inference engine")?;
+    tasks.spawn(
+        "resources",
+        resources::report(
+            consensus.clone(),
+            resources::measure(models.engine(), config.resources.gpu_memory_mb),
+            stop(),
+        ),
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -111,32 +181,35 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
     let public_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(KvServer::new(KvApi::new(consensus.clone())))
+        .add_service(KvServer::new(KvApi::new(consensus.clone(), tasks.clone())))
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone())))
         .add_service(InferenceServer::new(InferenceApi::new(id, models.clone())))
         .add_service(
             ModelsServer::new(ModelsApi::new(consensus.clone(), models.clone()))
                 .max_decoding_message_size(MAX_UPLOAD_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(nodelay_incoming(public), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(nodelay_incoming(listeners.public), when_stopped(stop()));
     let internal_server = tonic::transport::Server::builder()
         .add_service(consensus.internal_service())
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone())))
         .add_service(BlobsServer::new(BlobService::new(store)))
-        .serve_with_incoming_shutdown(nodelay_incoming(internal), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(nodelay_incoming(listeners.internal), when_stopped(stop()));
     let readiness = ops::Readiness::new(consensus.clone());
     let http_server = std::future::IntoFuture::into_future(
-        axum::serve(http, ops::router(readiness.clone(), metrics)).with_graceful_shutdown(stopped(stop_rx.clone())),
+        axum::serve(listeners.http, ops::router(readiness.clone(), metrics))
+            .with_graceful_shutdown(when_stopped(stop())),
     );
-
-    let servers = tokio::spawn(async move {
-        let (p, i, h) = tokio::join!(public_server, internal_server, http_server);
-        p.context("public gRPC server")?;
-        i.context("internal gRPC server")?;
-        h.context("HTTP server")?;
-        anyhow::Ok(())
+    tasks.spawn("grpc-public", async move {
+        public_server.await.context("public gRPC server")
     });
-    tokio::spawn(telemetry::export_raft_metrics(consensus.clone()));
+    tasks.spawn("grpc-internal", async move {
+        internal_server.await.context("internal gRPC server")
+    });
+    tasks.spawn("http", async move { http_server.await.context("HTTP server") });
+    tasks.spawn(
+        "raft-metrics",
+        telemetry::export_raft_metrics(consensus.clone(), stop()),
+    );
 
     if !consensus.is_initialized().await {
         if config.join.is_empty() || config.bootstrap {
@@ -144,66 +217,23 @@ pub async fn run(config: NodeConfig, pid_file: Option<PathBuf>) -> anyhow::Resul
             consensus.initialize().await?;
         } else {
             readiness.set_joining(true);
-            tokio::spawn(join_loop(
-                config.join.clone(),
-                id,
-                info,
-                readiness.clone(),
-                stop_rx.clone(),
-            ));
+            tasks.spawn(
+                "join",
+                join_loop(config.join.clone(), id, info, readiness.clone(), stop()),
+            );
         }
     } else {
         tracing::info!("rejoining the cluster from the data dir");
     }
-    tokio::spawn(report_health(consensus.clone(), readiness, health, stop_rx.clone()));
+    tasks.spawn("health", report_health(consensus.clone(), readiness, health, stop()));
 
-    if let Some(p) = &pid_file {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .with_context(|| format!("cannot write pid file {}", p.display()))?;
-    }
     tracing::info!(
         public = %config.listen.public,
         internal = %config.listen.internal,
         http = %config.listen.http,
         "serving"
     );
-
-    wait_for_signal().await?;
-    tracing::info!("shutting down: draining requests");
-    let _ = stop_tx.send(true);
-    tokio::spawn(async {
-        if wait_for_signal().await.is_ok() {
-            tracing::warn!("second signal: exiting now");
-            std::process::exit(130);
-        }
-    });
-    match tokio::time::timeout(DRAIN_TIMEOUT, servers).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
-        Err(_) => tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; closing them"),
-    }
-    consensus.shutdown().await;
-    if let Some(p) = &pid_file {
-        let _ = std::fs::remove_file(p);
-    }
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Resolves once shutdown has begun.
-pub(crate) async fn stopping(rx: &mut watch::Receiver<bool>) {
-    // An error means the sender is gone, which also means shutdown.
-    let _ = rx.wait_for(|s| *s).await;
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    shutdown.await;
     Ok(())
 }
 
@@ -225,7 +255,13 @@ async fn join_loop(
     let mut backoff = Duration::from_millis(200);
     loop {
         for seed in &seeds {
-            match try_join(seed, request.clone()).await {
+            // A join in flight is abandoned on shutdown; the seed finishes
+            // or fails it on its own.
+            let attempt = tokio::select! {
+                r = try_join(seed, request.clone()) => r,
+                () = stopped(&mut stop) => return,
+            };
+            match attempt {
                 Ok(()) => {
                     tracing::info!(%seed, "joined the cluster");
                     readiness.set_joining(false);
@@ -237,7 +273,7 @@ async fn join_loop(
         // Seeds may still be starting: back off, but stop waiting on shutdown.
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            () = stopping(&mut stop) => return,
+            () = stopped(&mut stop) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -277,7 +313,7 @@ async fn report_health(
         }
         tokio::select! {
             r = metrics.changed() => if r.is_err() { return },
-            () = stopping(&mut stop) => {
+            () = stopped(&mut stop) => {
                 for service in HEALTH_SERVICES {
                     health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
                 }

@@ -5,13 +5,21 @@
 //! every name starts with `cell0_` and carries its unit. Raft gauges are fed
 //! from openraft's metrics channel, so they change when Raft does rather
 //! than on a poll interval.
+//!
+//! The metrics recorder is process-global: [`init_metrics`] installs it once
+//! and hands every later caller (another node in the same process, as in the
+//! in-process tests) the same handle, so such nodes share one registry.
+
+use std::sync::{Mutex, OnceLock};
 
 use anyhow::Context;
 use cell0_consensus::{Consensus, Role};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+use crate::supervisor::{TASK_FAILURES_METRIC, stopped};
 
 /// Installs the global log subscriber.
 pub fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
@@ -33,8 +41,26 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 
-/// Installs the Prometheus recorder and describes the node's metrics.
+/// The recorder's handle once installed.
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+/// Held while installing, so two nodes starting at once install one recorder.
+static INSTALL: Mutex<()> = Mutex::new(());
+
+/// Installs the Prometheus recorder and describes the node's metrics, once
+/// per process; later calls return the installed recorder's handle.
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    if let Some(handle) = METRICS.get() {
+        return Ok(handle.clone());
+    }
+    let _installing = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(handle) = METRICS.get() {
+        return Ok(handle.clone());
+    }
+    let handle = install_metrics()?;
+    Ok(METRICS.get_or_init(|| handle).clone())
+}
+
+fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_commands".into()), COUNT_BUCKETS)?
@@ -105,11 +131,15 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "cell0_model_blob_corrupt_total",
         "Model files that failed sha256 verification (deleted and fetched again)."
     );
+    metrics::describe_counter!(
+        TASK_FAILURES_METRIC,
+        "Background tasks of the node (label task) that returned an error or panicked."
+    );
     Ok(handle)
 }
 
-/// Keeps the Raft gauges current until Raft stops.
-pub async fn export_raft_metrics(consensus: Consensus) {
+/// Keeps the Raft gauges current until Raft stops or `stop` turns true.
+pub async fn export_raft_metrics(consensus: Consensus, mut stop: watch::Receiver<bool>) {
     let mut rx = consensus.raft().metrics();
     let mut leader = None;
     loop {
@@ -132,8 +162,12 @@ pub async fn export_raft_metrics(consensus: Consensus) {
             }
             leader = s.leader;
         }
-        if rx.changed().await.is_err() || s.role == Role::Shutdown {
+        if s.role == Role::Shutdown {
             return;
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            () = stopped(&mut stop) => return,
         }
     }
 }

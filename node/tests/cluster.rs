@@ -7,10 +7,20 @@ use std::time::{Duration, Instant};
 
 use cell0_proto::v1;
 use common::*;
+use tonic_types::StatusExt;
 
 fn json(o: &std::process::Output) -> serde_json::Value {
     assert!(o.status.success(), "CLI failed: {}", stderr(o));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {}", stdout(o)))
+}
+
+/// The `google.rpc.ErrorInfo` of a status from a node (domain `cell0`).
+fn error_info(s: &tonic::Status) -> tonic_types::ErrorInfo {
+    let info = s
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {s:?}"));
+    assert_eq!(info.domain, "cell0", "{s:?}");
+    info
 }
 
 fn leader_of(nodes: &[Node]) -> usize {
@@ -204,20 +214,45 @@ async fn bad_input_gets_one_clear_message() {
     let mut node = Node::start("solo", &root.path().join("solo"), Ports::new(), None);
     node.wait_ready();
 
+    // The code, the stable reason and the field travel in the status; the
+    // message names the field for people.
     let err = put(&node.endpoint(), &"k".repeat(4097), "v").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("key"), "{}", err.message());
+    let info = error_info(&err);
+    assert_eq!(info.reason, "INVALID_ARGUMENT_FIELD", "{err:?}");
+    assert_eq!(info.metadata.get("field").map(String::as_str), Some("key"), "{err:?}");
+    assert!(err.message().starts_with("key is 4097 bytes"), "{}", err.message());
     let err = put(&node.endpoint(), "", "v").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let info = error_info(&err);
+    assert_eq!(info.reason, "INVALID_ARGUMENT_FIELD", "{err:?}");
+    assert_eq!(info.metadata.get("field").map(String::as_str), Some("key"), "{err:?}");
     let err = put(&node.endpoint(), "k", &"x".repeat(1024 * 1024 + 1))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        error_info(&err).metadata.get("field").map(String::as_str),
+        Some("value")
+    );
     assert!(err.message().contains("value is 1048577 bytes"), "{}", err.message());
+    let err = kv(&node.endpoint())
+        .await
+        .range(v1::RangeRequest {
+            prefix: "p".into(),
+            limit: 10_001,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let info = error_info(&err);
+    assert_eq!(info.reason, "INVALID_ARGUMENT_FIELD", "{err:?}");
+    assert_eq!(info.metadata.get("field").map(String::as_str), Some("limit"), "{err:?}");
     let out = cli(&["kv", "put", &"k".repeat(4097), "v", "--endpoint", &node.endpoint()]);
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains("invalid argument: key is 4097 bytes"),
+        stderr(&out).contains("error: invalid argument (INVALID_ARGUMENT_FIELD): key is 4097 bytes"),
         "{}",
         stderr(&out)
     );
@@ -291,5 +326,5 @@ async fn a_watch_requiring_a_leader_ends_when_its_node_loses_the_quorum() {
         .expect("the watch ends");
     let status = end.expect_err("an error status");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
-    assert!(status.message().contains("no leader"), "{status}");
+    assert_eq!(error_info(&status).reason, "NO_LEADER", "{status:?}");
 }

@@ -14,6 +14,7 @@ use cell0_proto::v1::inference_client::InferenceClient;
 use cell0_proto::v1::models_client::ModelsClient;
 use common::*;
 use sha2::{Digest, Sha256};
+use tonic_types::StatusExt;
 
 /// This crate's directory. The runner's `CARGO_MANIFEST_DIR` comes first: a
 /// test binary reused from a build in another checkout (one target dir for
@@ -78,6 +79,23 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The stable reason of a status from a node (its `ErrorInfo`, domain `cell0`).
+fn reason(s: &tonic::Status) -> String {
+    let info = s
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {s:?}"));
+    assert_eq!(info.domain, "cell0", "{s:?}");
+    info.reason
+}
+
+/// The field an INVALID_ARGUMENT_FIELD status names.
+fn field(s: &tonic::Status) -> String {
+    assert_eq!(reason(s), "INVALID_ARGUMENT_FIELD", "{s:?}");
+    s.get_details_error_info()
+        .and_then(|i| i.metadata.get("field").cloned())
+        .unwrap_or_else(|| panic!("no field in {s:?}"))
+}
+
 fn json(o: &std::process::Output) -> serde_json::Value {
     assert!(o.status.success(), "CLI failed: {}", stderr(o));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {}", stdout(o)))
@@ -138,6 +156,8 @@ async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddi
 
     let err = embed(&nodes[0].endpoint(), &["hello"]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert_eq!(reason(&err), "NO_MODELS", "{err:?}");
+    // The message tells people what to do.
     assert!(err.message().contains("cell0 model add"), "{}", err.message());
 
     // Register through the second node; the others get it from it.
@@ -171,10 +191,12 @@ async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddi
     let many = vec!["x"; 257];
     let err = embed(&endpoint0, &many).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(field(&err), "texts", "{err:?}");
     assert!(err.message().starts_with("texts "), "{}", err.message());
     let long = "y".repeat(64 * 1024 + 1);
     let err = embed(&endpoint0, &["ok", &long]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(field(&err), "texts[1]", "{err:?}");
     assert!(err.message().starts_with("texts[1] "), "{}", err.message());
 
     // Adding the same version again changes nothing; other files under the
@@ -188,7 +210,11 @@ async fn a_model_added_on_one_node_reaches_every_node_and_serves_batched_embeddi
     std::fs::write(other.path().join("README"), "tuned").unwrap();
     let out = add_minilm(other.path(), 1, &nodes[0].endpoint());
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already exists (MODEL_VERSION_CONFLICT)"),
+        "{}",
+        stderr(&out)
+    );
 
     // A node restarted with a corrupted file re-fetches it before serving.
     let weights_sha: String = Sha256::digest(std::fs::read(dir.join("model.safetensors")).unwrap())
@@ -380,6 +406,7 @@ async fn bad_model_requests_get_clear_errors() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+        assert_eq!(field(&err), want, "{what}: {err:?}");
         assert!(err.message().starts_with(want), "{what}: {}", err.message());
     }
     let ls = json(&cli(&["model", "ls", "--output", "json", "--endpoint", &endpoint]));
@@ -387,11 +414,19 @@ async fn bad_model_requests_get_clear_errors() {
 
     let out = cli(&["model", "rm", "nope", "--version", "3", "--endpoint", &endpoint]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not found (MODEL_VERSION_NOT_FOUND)"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = cli(&["infer", "embed", "hello", "--model", "nope", "--endpoint", &endpoint]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("failed precondition"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("failed precondition (NO_MODELS)"),
+        "{}",
+        stderr(&out)
+    );
 
     let info = json(&cli(&["infer", "info", "--output", "json", "--endpoint", &endpoint]));
     assert!(

@@ -187,29 +187,3 @@ where
         .await
         .map_err(|e| Error::Io(format!("blocking storage task failed: {e}")))?
 }
-
-/// The smallest key greater than every key starting with `prefix`, or `None`
-/// when no such key exists (a prefix of only 0xff bytes).
-pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_end_carries_over_0xff() {
-        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
-        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
-        assert_eq!(prefix_end(&[0xff, 0xff]), None);
-        assert_eq!(prefix_end(b""), None);
-    }
-}

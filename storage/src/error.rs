@@ -13,6 +13,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// RocksDB refused to open the directory (locked by another process,
     /// corrupted files, unreadable permissions...).
+    #[cfg(feature = "rocksdb")]
     #[error("cannot open data dir {path}: {source}")]
     Open {
         /// The data directory.
@@ -44,8 +45,12 @@ pub enum Error {
     /// A table name is not usable (empty or containing a NUL byte).
     #[error("invalid table name {0:?}")]
     InvalidTable(String),
+    /// The state machine failed while applying or reading.
+    #[error(transparent)]
+    State(#[from] cell0_state::StateError),
 }
 
+#[cfg(feature = "rocksdb")]
 impl From<rocksdb::Error> for Error {
     fn from(e: rocksdb::Error) -> Self {
         Error::Io(e.to_string())

@@ -27,19 +27,23 @@ mod engine;
 mod error;
 mod log_store;
 mod memory;
+#[cfg(feature = "rocksdb")]
 mod rocks;
 mod state_machine;
 mod txn;
 
-pub use engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp, prefix_end};
+pub use cell0_state::prefix_end;
+pub use engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp};
 pub use error::{Error, Result};
 pub use log_store::LogStore;
 pub use memory::MemEngine;
+#[cfg(feature = "rocksdb")]
 pub use rocks::RocksEngine;
 pub use state_machine::{Apply, StateMachineStore};
 pub use txn::{EngineTxn, Txn};
 
 /// The two Raft stores of a node over one RocksDB database.
+#[cfg(feature = "rocksdb")]
 pub type RocksStores<C, A> = (LogStore<C, RocksEngine>, StateMachineStore<C, RocksEngine, A>);
 
 /// Opens (or creates) the RocksDB store of a node and returns both Raft
@@ -47,6 +51,7 @@ pub type RocksStores<C, A> = (LogStore<C, RocksEngine>, StateMachineStore<C, Roc
 ///
 /// `node_id` is recorded on first open; opening a data dir that belongs to
 /// another node fails with [`Error::ForeignDataDir`].
+#[cfg(feature = "rocksdb")]
 pub fn open_rocks<C, A>(path: &std::path::Path, node_id: u64, apply: std::sync::Arc<A>) -> Result<RocksStores<C, A>>
 where
     C: openraft::RaftTypeConfig<NodeId = u64, Entry = openraft::Entry<C>, SnapshotData = std::io::Cursor<Vec<u8>>>,

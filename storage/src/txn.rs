@@ -5,28 +5,17 @@
 //! table name and a NUL byte, so that a snapshot is one scan of one column
 //! family. An [`EngineTxn`] buffers the writes of one apply call on top of the
 //! engine (reads see earlier writes of the same call) and turns them into a
-//! single atomic [`WriteBatch`].
+//! single atomic [`WriteBatch`]. The [`Txn`] trait itself belongs to the
+//! state machine (`cell0-state`); this is its storage implementation.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use crate::engine::{Cf, ReadView, WriteBatch, prefix_end};
-use crate::{Error, Result};
+pub use cell0_state::Txn;
+use cell0_state::{StateError, prefix_end};
 
-/// Reads and writes of one state-machine step. Implementations must be
-/// deterministic: the same calls on the same state give the same results on
-/// every node.
-pub trait Txn {
-    /// The value of `key` in `table`.
-    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
-    /// Sets `key` in `table`.
-    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<()>;
-    /// Removes `key` from `table`.
-    fn delete(&mut self, table: &str, key: &[u8]) -> Result<()>;
-    /// Up to `limit` pairs of `table` with `start <= key < end` (unbounded
-    /// when `end` is `None`), in key order, keys without the table prefix.
-    fn scan(&self, table: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
-}
+use crate::engine::{Cf, ReadView, WriteBatch};
+use crate::{Error, Result};
 
 /// The [`Cf::State`] key of `key` in `table`.
 pub(crate) fn table_key(table: &str, key: &[u8]) -> Result<Vec<u8>> {
@@ -70,25 +59,47 @@ impl<'e, E: ReadView + ?Sized> EngineTxn<'e, E> {
 }
 
 impl<E: ReadView + ?Sized> Txn for EngineTxn<'_, E> {
-    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let k = table_key(table, key)?;
+    fn get(&self, table: &str, key: &[u8]) -> cell0_state::Result<Option<Vec<u8>>> {
+        let k = table_key(table, key).map_err(StateError::storage)?;
         match self.pending.get(&k) {
             Some(v) => Ok(v.clone()),
-            None => self.engine.get(Cf::State, &k),
+            None => self.engine.get(Cf::State, &k).map_err(StateError::storage),
         }
     }
 
-    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<()> {
-        self.pending.insert(table_key(table, key)?, Some(value.to_vec()));
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> cell0_state::Result<()> {
+        self.pending.insert(
+            table_key(table, key).map_err(StateError::storage)?,
+            Some(value.to_vec()),
+        );
         Ok(())
     }
 
-    fn delete(&mut self, table: &str, key: &[u8]) -> Result<()> {
-        self.pending.insert(table_key(table, key)?, None);
+    fn delete(&mut self, table: &str, key: &[u8]) -> cell0_state::Result<()> {
+        self.pending
+            .insert(table_key(table, key).map_err(StateError::storage)?, None);
         Ok(())
     }
 
-    fn scan(&self, table: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan(
+        &self,
+        table: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> cell0_state::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan_state(table, start, end, limit).map_err(StateError::storage)
+    }
+}
+
+impl<E: ReadView + ?Sized> EngineTxn<'_, E> {
+    fn scan_state(
+        &self,
+        table: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let prefix_len = table.len() + 1;
         let lo = table_key(table, start)?;
         let hi = match end {

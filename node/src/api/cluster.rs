@@ -7,7 +7,7 @@ use cell0_proto::v1::cluster_server::Cluster;
 use cell0_proto::v1::{self, RaftRole};
 use tonic::{Request, Response, Status};
 
-use super::{observe, to_status};
+use super::{ApiError, observe};
 
 /// The Cluster service of one node.
 pub struct ClusterApi {
@@ -58,9 +58,9 @@ fn role_to_proto(r: Role) -> RaftRole {
     }
 }
 
-fn check_text(field: &str, v: &str, max: usize) -> Result<(), Status> {
+fn check_text(field: &str, v: &str, max: usize) -> Result<(), ApiError> {
     if v.len() > max {
-        return Err(Status::invalid_argument(format!("{field} is longer than {max} bytes")));
+        return Err(ApiError::invalid(field, format!("is longer than {max} bytes")));
     }
     Ok(())
 }
@@ -89,11 +89,7 @@ impl Cluster for ClusterApi {
 
     async fn members(&self, _request: Request<v1::MembersRequest>) -> Result<Response<v1::MembersResponse>, Status> {
         observe("Cluster/Members", async {
-            let mut resources = self
-                .consensus
-                .node_resources(Consistency::Serializable)
-                .await
-                .map_err(to_status)?;
+            let mut resources = self.consensus.node_resources(Consistency::Serializable).await?;
             Ok(Response::new(v1::MembersResponse {
                 members: self
                     .consensus
@@ -120,7 +116,7 @@ impl Cluster for ClusterApi {
                 public_addr: r.public_addr,
                 internal_addr: r.internal_addr,
             };
-            let members = self.consensus.join(r.node_id, info).await.map_err(to_status)?;
+            let members = self.consensus.join(r.node_id, info).await?;
             Ok(Response::new(v1::JoinResponse {
                 members: members
                     .into_iter()
@@ -133,10 +129,7 @@ impl Cluster for ClusterApi {
 
     async fn remove(&self, request: Request<v1::RemoveRequest>) -> Result<Response<v1::RemoveResponse>, Status> {
         observe("Cluster/Remove", async {
-            self.consensus
-                .remove(request.into_inner().node_id)
-                .await
-                .map_err(to_status)?;
+            self.consensus.remove(request.into_inner().node_id).await?;
             Ok(Response::new(v1::RemoveResponse {}))
         })
         .await

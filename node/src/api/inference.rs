@@ -5,7 +5,7 @@ use cell0_proto::v1::inference_server::Inference;
 use cell0_proto::v1::{self, EngineLimit};
 use tonic::{Request, Response, Status};
 
-use super::{model_status, observe};
+use super::observe;
 use crate::models::ModelManager;
 
 /// The Inference service of one node.
@@ -26,11 +26,7 @@ impl Inference for InferenceApi {
     async fn embed(&self, request: Request<v1::EmbedRequest>) -> Result<Response<v1::EmbedResponse>, Status> {
         observe("Inference/Embed", async {
             let req = request.into_inner();
-            let out = self
-                .models
-                .embed(&req.model, req.version, &req.texts)
-                .await
-                .map_err(model_status)?;
+            let out = self.models.embed(&req.model, req.version, &req.texts).await?;
             Ok(Response::new(v1::EmbedResponse {
                 embeddings: out.vectors.into_iter().map(|values| v1::Embedding { values }).collect(),
                 model: out.key.name,

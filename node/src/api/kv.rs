@@ -5,12 +5,17 @@
 //! history page is cut by bytes, a live notification carries at most 64 KiB
 //! or is replaced by a re-read of the history), so every message fits a
 //! client's default 4 MiB receive limit.
+//!
+//! Each watch stream is fed by a pump running as a transient task `watch` of
+//! the node's [`Supervisor`]: when the node stops, every pump ends its
+//! stream with UNAVAILABLE ("the node is shutting down") at once, so open
+//! watches do not hold the drain of the public port.
 
 use std::pin::Pin;
 
 use cell0_consensus::command::{MAX_KEY_BYTES, check_key};
 use cell0_consensus::state::MAX_RANGE_LIMIT;
-use cell0_consensus::{Applied, Command, Consensus, Consistency, EventKind, Response, StateEvent};
+use cell0_consensus::{Applied, Command, Consensus, ConsensusError, Consistency, EventKind, Response, StateEvent};
 use cell0_proto::v1::kv_server::Kv;
 use cell0_proto::v1::{self, event::EventType};
 use futures::Stream;
@@ -18,7 +23,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status};
 
-use super::{kv_to_proto, observe, to_status};
+use super::{ApiError, kv_to_proto, observe};
+use crate::supervisor::{Supervisor, stopped};
 
 /// Most concurrent watch streams one node serves.
 pub const MAX_WATCHES: usize = 1024;
@@ -29,14 +35,17 @@ pub const WATCH_BATCH: usize = 1000;
 pub struct KvApi {
     consensus: Consensus,
     watches: std::sync::Arc<tokio::sync::Semaphore>,
+    tasks: Supervisor,
 }
 
 impl KvApi {
-    /// A service answering through `consensus`.
-    pub fn new(consensus: Consensus) -> Self {
+    /// A service answering through `consensus`, running its watch pumps in
+    /// `tasks`.
+    pub fn new(consensus: Consensus, tasks: Supervisor) -> Self {
         Self {
             consensus,
             watches: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_WATCHES)),
+            tasks,
         }
     }
 
@@ -55,27 +64,26 @@ fn header(consensus: &Consensus, revision: u64) -> Option<v1::ResponseHeader> {
 }
 
 /// Refuses a prefix-like field longer than any key can be.
-fn check_bound(field: &str, bytes: &[u8]) -> Result<(), Status> {
+fn check_bound(field: &str, bytes: &[u8]) -> Result<(), ApiError> {
     if bytes.len() > MAX_KEY_BYTES {
-        return Err(Status::invalid_argument(format!(
-            "{field} is longer than {MAX_KEY_BYTES} bytes"
-        )));
+        return Err(ApiError::invalid(
+            field,
+            format!("is longer than {MAX_KEY_BYTES} bytes"),
+        ));
     }
     Ok(())
 }
 
-fn consistency(raw: i32) -> Result<Consistency, Status> {
+fn consistency(raw: i32) -> Result<Consistency, ApiError> {
     match v1::Consistency::try_from(raw) {
         Ok(v1::Consistency::Linearizable) => Ok(Consistency::Linearizable),
         Ok(v1::Consistency::Serializable) => Ok(Consistency::Serializable),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "consistency {raw} is not a known value"
-        ))),
+        Err(_) => Err(ApiError::invalid("consistency", format!("{raw} is not a known value"))),
     }
 }
 
-fn unexpected(r: Response) -> Status {
-    Status::internal(format!("unexpected response {r:?}"))
+fn unexpected(r: Response) -> ApiError {
+    ApiError::Internal(format!("unexpected response {r:?}"))
 }
 
 fn event_to_proto(ev: StateEvent) -> v1::Event {
@@ -99,7 +107,7 @@ impl Kv for KvApi {
                 key: r.key.to_vec(),
                 value: r.value.to_vec(),
             };
-            match self.consensus.write(cmd).await.map_err(to_status)? {
+            match self.consensus.write(cmd).await? {
                 Response::Put { kv, prev } => Ok(tonic::Response::new(v1::PutResponse {
                     header: self.header(kv.mod_revision),
                     kv: Some(kv_to_proto(kv)),
@@ -114,12 +122,8 @@ impl Kv for KvApi {
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<tonic::Response<v1::GetResponse>, Status> {
         observe("Kv/Get", async {
             let r = request.into_inner();
-            check_key("key", &r.key).map_err(to_status)?;
-            let (kv, revision) = self
-                .consensus
-                .get(&r.key, consistency(r.consistency)?)
-                .await
-                .map_err(to_status)?;
+            check_key("key", &r.key).map_err(ConsensusError::from)?;
+            let (kv, revision) = self.consensus.get(&r.key, consistency(r.consistency)?).await?;
             Ok(tonic::Response::new(v1::GetResponse {
                 header: self.header(revision),
                 kv: kv.map(kv_to_proto),
@@ -132,7 +136,7 @@ impl Kv for KvApi {
         observe("Kv/Delete", async {
             let r = request.into_inner();
             let cmd = Command::Delete { key: r.key.to_vec() };
-            match self.consensus.write(cmd).await.map_err(to_status)? {
+            match self.consensus.write(cmd).await? {
                 Response::Delete { revision, prev } => Ok(tonic::Response::new(v1::DeleteResponse {
                     header: self.header(revision),
                     prev_kv: prev.map(kv_to_proto),
@@ -149,16 +153,15 @@ impl Kv for KvApi {
             check_bound("prefix", &r.prefix)?;
             check_bound("start_after", &r.start_after)?;
             if r.limit as usize > MAX_RANGE_LIMIT {
-                return Err(Status::invalid_argument(format!(
-                    "limit is {}; the maximum is {MAX_RANGE_LIMIT}",
-                    r.limit
-                )));
+                return Err(ApiError::invalid(
+                    "limit",
+                    format!("is {}; the maximum is {MAX_RANGE_LIMIT}", r.limit),
+                ));
             }
             let (kvs, more, revision) = self
                 .consensus
                 .range(&r.prefix, &r.start_after, r.limit as usize, consistency(r.consistency)?)
-                .await
-                .map_err(to_status)?;
+                .await?;
             Ok(tonic::Response::new(v1::RangeResponse {
                 header: self.header(revision),
                 kvs: kvs.into_iter().map(kv_to_proto).collect(),
@@ -176,7 +179,7 @@ impl Kv for KvApi {
                 expected_revision: r.expected_revision,
                 value: r.value.to_vec(),
             };
-            match self.consensus.write(cmd).await.map_err(to_status)? {
+            match self.consensus.write(cmd).await? {
                 Response::Cas {
                     revision,
                     succeeded,
@@ -198,44 +201,49 @@ impl Kv for KvApi {
         observe("Kv/Watch", async {
             let r = request.into_inner();
             check_bound("prefix", &r.prefix)?;
-            let permit =
-                self.watches.clone().try_acquire_owned().map_err(|_| {
-                    Status::resource_exhausted(format!("this node serves at most {MAX_WATCHES} watches"))
-                })?;
+            let permit = self
+                .watches
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| ApiError::TooManyWatches)?;
             // Subscribe before reading history so no change falls between.
             let updates = self.consensus.subscribe();
-            let current = self.consensus.revision().map_err(to_status)?;
+            let current = self.consensus.revision()?;
             let next = if r.start_revision == 0 {
                 current + 1
             } else {
                 r.start_revision
             };
             // Fail fast on a compacted start instead of inside the stream.
-            self.consensus.history(&r.prefix, next, 1).map_err(to_status)?;
+            self.consensus.history(&r.prefix, next, 1)?;
             if r.require_leader && self.consensus.leader().is_none() {
-                return Err(no_leader());
+                return Err(ApiError::WatchWithoutLeader);
             }
             let (tx, rx) = mpsc::channel(16);
             let consensus = self.consensus.clone();
             let require_leader = r.require_leader;
-            tokio::spawn(async move {
+            let mut stop = self.tasks.stop_signal();
+            let started = self.tasks.spawn_transient("watch", async move {
                 let _permit = permit;
-                if let Err(status) = pump(consensus, r.prefix.to_vec(), next, updates, require_leader, &tx).await {
-                    let _ = tx.send(Err(status)).await;
+                let pumped = tokio::select! {
+                    pumped = pump(consensus, r.prefix.to_vec(), next, updates, require_leader, &tx) => pumped,
+                    () = stopped(&mut stop) => Err(ApiError::ShuttingDown),
+                };
+                if let Err(e) = pumped {
+                    let _ = tx.send(Err(Status::from(e))).await;
                 }
             });
+            if !started {
+                return Err(ApiError::ShuttingDown);
+            }
             Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx)) as WatchStream))
         })
         .await
     }
 }
 
-fn no_leader() -> Status {
-    Status::unavailable("this node has no leader (require_leader is set)")
-}
-
-/// Feeds a watch stream until the client goes away: history first, then live
-/// changes; after a lag, a large apply or a snapshot install it re-reads the
+/// Feeds a watch stream until the client goes away (or, in the task that
+/// runs it, the node stops): history first, then live changes; after a lag, a large apply or a snapshot install it re-reads the
 /// history from the next revision it owes the client. With `require_leader`
 /// it ends with UNAVAILABLE as soon as the node knows no leader.
 async fn pump(
@@ -245,14 +253,14 @@ async fn pump(
     mut updates: broadcast::Receiver<Applied>,
     require_leader: bool,
     tx: &mpsc::Sender<Result<v1::WatchResponse, Status>>,
-) -> Result<(), Status> {
+) -> Result<(), ApiError> {
     let header = |revision| header(&consensus, revision);
     let mut raft_metrics = consensus.raft().metrics();
     let mut catch_up = true;
     loop {
         if catch_up {
             loop {
-                let evs = consensus.history(&prefix, next, WATCH_BATCH).map_err(to_status)?;
+                let evs = consensus.history(&prefix, next, WATCH_BATCH)?;
                 let Some(last) = evs.last().map(StateEvent::revision) else {
                     break;
                 };
@@ -268,14 +276,14 @@ async fn pump(
             catch_up = false;
         }
         if require_leader && consensus.leader().is_none() {
-            return Err(no_leader());
+            return Err(ApiError::WatchWithoutLeader);
         }
         let update = tokio::select! {
             u = updates.recv() => u,
             () = tx.closed() => return Ok(()),
             changed = raft_metrics.changed(), if require_leader => {
                 if changed.is_err() {
-                    return Err(Status::unavailable("the node is shutting down"));
+                    return Err(ApiError::ShuttingDown);
                 }
                 continue;
             }
@@ -306,7 +314,7 @@ async fn pump(
                 catch_up = true
             }
             Err(broadcast::error::RecvError::Closed) => {
-                return Err(Status::unavailable("the node is shutting down"));
+                return Err(ApiError::ShuttingDown);
             }
         }
     }

@@ -1,8 +1,10 @@
-//! The public gRPC API (`cell0.v1`): request validation, the mapping of
-//! consensus errors to gRPC status codes (the only place it happens), and
-//! per-request metrics and trace ids.
+//! The public gRPC API (`cell0.v1`): request validation, per-request
+//! metrics and trace ids. Handlers fail with an [`ApiError`]; [`error`] is
+//! the only place an error becomes a gRPC status (code, message,
+//! `google.rpc.ErrorInfo` reason and the leader hint).
 
 pub mod cluster;
+pub mod error;
 pub mod inference;
 pub mod kv;
 pub mod models;
@@ -10,16 +12,12 @@ pub mod models;
 use std::future::Future;
 use std::time::Instant;
 
-use cell0_consensus::{ConsensusError, KeyValue};
-use cell0_inference::InferenceError;
+use cell0_consensus::KeyValue;
 use cell0_proto::v1;
 use tonic::Status;
 use tracing::Instrument;
 
-use crate::models::ModelError;
-
-/// Metadata key carrying the leader's public address on `Unavailable`.
-pub const LEADER_METADATA: &str = "cell0-leader";
+pub use error::{ApiError, LEADER_METADATA};
 
 /// Most requests one node handles at once on its public port (a watch
 /// counts only while it starts; streams have their own limit). Beyond it a
@@ -29,54 +27,6 @@ pub const MAX_CONCURRENT_REQUESTS: usize = 1024;
 /// The process's budget of concurrent requests (one node per process).
 static IN_FLIGHT: std::sync::LazyLock<tokio::sync::Semaphore> =
     std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
-
-/// Maps a consensus error to the gRPC status a client sees.
-pub fn to_status(e: ConsensusError) -> Status {
-    match e {
-        ConsensusError::InvalidArgument { field, reason } => Status::invalid_argument(format!("{field} {reason}")),
-        ConsensusError::Unavailable {
-            reason,
-            leader_id,
-            leader_addr,
-        } => {
-            let mut status = Status::unavailable(reason);
-            if let Some(addr) = leader_addr.or(leader_id.map(|id| id.to_string()))
-                && let Ok(v) = addr.parse()
-            {
-                status.metadata_mut().insert(LEADER_METADATA, v);
-            }
-            status
-        }
-        ConsensusError::Indeterminate(m) => Status::unknown(format!("write outcome unknown: {m}")),
-        ConsensusError::Compacted { requested, oldest } => Status::out_of_range(format!(
-            "revision {requested} is compacted; the oldest retained revision is {oldest}"
-        )),
-        ConsensusError::NotFound(m) => Status::not_found(m),
-        ConsensusError::ShuttingDown => Status::unavailable("the node is shutting down"),
-        ConsensusError::Internal(m) => Status::internal(m),
-        ConsensusError::FailedPrecondition(m) => Status::failed_precondition(m),
-    }
-}
-
-/// Maps a model or engine error to the gRPC status a client sees.
-pub fn model_status(e: ModelError) -> Status {
-    match e {
-        ModelError::Invalid { .. } | ModelError::Ambiguous { .. } => Status::invalid_argument(e.to_string()),
-        ModelError::UnknownModel { .. } | ModelError::UnknownVersion { .. } => Status::not_found(e.to_string()),
-        ModelError::NoModels | ModelError::NotUploaded { .. } => Status::failed_precondition(e.to_string()),
-        ModelError::NotReady { .. } | ModelError::Peer { .. } | ModelError::NoHolder { .. } => {
-            Status::unavailable(e.to_string())
-        }
-        ModelError::Corrupt { .. } => Status::data_loss(e.to_string()),
-        ModelError::Io(_) => Status::internal(e.to_string()),
-        ModelError::Inference(InferenceError::InvalidRequest { field, message }) => {
-            Status::invalid_argument(format!("{field} {message}"))
-        }
-        ModelError::Inference(InferenceError::BatcherClosed) => Status::unavailable(e.to_string()),
-        ModelError::Inference(other) => Status::internal(other.to_string()),
-        ModelError::Consensus(c) => to_status(c),
-    }
-}
 
 /// A key-value pair on the wire.
 pub fn kv_to_proto(kv: KeyValue) -> v1::KeyValue {
@@ -89,11 +39,12 @@ pub fn kv_to_proto(kv: KeyValue) -> v1::KeyValue {
     }
 }
 
-/// Runs one request handler inside a span with a trace id, and records
+/// Runs one request handler inside a span with a trace id, turns its error
+/// into the status the client gets, and records
 /// `cell0_grpc_requests_total{method,code}` and the request duration.
 pub async fn observe<T, F>(method: &'static str, handler: F) -> Result<T, Status>
 where
-    F: Future<Output = Result<T, Status>>,
+    F: Future<Output = Result<T, ApiError>>,
 {
     let trace_id = format!("{:016x}", rand::random::<u64>());
     let started = Instant::now();
@@ -103,10 +54,9 @@ where
                 .instrument(tracing::info_span!("request", method, trace_id = %trace_id))
                 .await
         }
-        Err(_) => Err(Status::resource_exhausted(format!(
-            "this node is handling {MAX_CONCURRENT_REQUESTS} requests; retry later"
-        ))),
+        Err(_) => Err(ApiError::TooManyRequests),
     };
+    let result = result.map_err(Status::from);
     let code = match &result {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),
@@ -120,23 +70,4 @@ where
     metrics::histogram!("cell0_grpc_request_duration_seconds", "method" => method)
         .record(started.elapsed().as_secs_f64());
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unavailable_carries_the_leader_hint() {
-        let s = to_status(ConsensusError::Unavailable {
-            reason: "no quorum".into(),
-            leader_id: Some(7),
-            leader_addr: Some("10.0.0.7:7100".into()),
-        });
-        assert_eq!(s.code(), tonic::Code::Unavailable);
-        assert_eq!(s.metadata().get(LEADER_METADATA).unwrap(), "10.0.0.7:7100");
-        let s = to_status(ConsensusError::invalid("key", "must not be empty"));
-        assert_eq!(s.code(), tonic::Code::InvalidArgument);
-        assert_eq!(s.message(), "key must not be empty");
-    }
 }

@@ -19,7 +19,7 @@ use cell0_proto::v1::{self, upload_request::Part};
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{model_status, observe, to_status};
+use super::{ApiError, observe};
 use crate::models::store::BlobStore;
 use crate::models::{ModelError, ModelManager};
 
@@ -35,7 +35,7 @@ impl ModelsApi {
         Self { consensus, models }
     }
 
-    async fn receive<S>(&self, mut stream: S) -> Result<bool, Status>
+    async fn receive<S>(&self, mut stream: S) -> Result<bool, ApiError>
     where
         S: Stream<Item = Result<v1::UploadRequest, Status>> + Unpin,
     {
@@ -45,29 +45,21 @@ impl ModelsApi {
             part: Some(Part::Header(header)),
         }) = next_part(&mut stream, idle).await?
         else {
-            return Err(model_status(ModelError::invalid("header", "must be the first message")));
+            return Err(ApiError::invalid("header", "must be the first message"));
         };
         if !is_sha256_hex(&header.sha256) {
-            return Err(model_status(ModelError::invalid(
-                "header.sha256",
-                "must be 64 lowercase hex digits",
-            )));
+            return Err(ApiError::invalid("header.sha256", "must be 64 lowercase hex digits"));
         }
         if header.size > MAX_MODEL_BYTES {
-            return Err(model_status(ModelError::invalid(
+            return Err(ApiError::invalid(
                 "header.size",
                 format!("is {} bytes; the limit is {MAX_MODEL_BYTES}", header.size),
-            )));
+            ));
         }
         // Pinned before the node looks for the blob: no cleanup pass can
         // delete it between that look, its rename and the Add that uses it.
         let pin = store.pin(&header.sha256);
-        if self
-            .models
-            .holds(&header.sha256, header.size)
-            .await
-            .map_err(model_status)?
-        {
+        if self.models.holds(&header.sha256, header.size).await? {
             // Answering before the bytes arrive ends the call: the client
             // stops sending instead of streaming a file the node holds.
             pin.keep_for_add(0);
@@ -81,22 +73,15 @@ impl ModelsApi {
 }
 
 /// The next message of an upload, or an error once it sent nothing for `idle`.
-async fn next_part<S>(stream: &mut S, idle: Duration) -> Result<Option<v1::UploadRequest>, Status>
+async fn next_part<S>(stream: &mut S, idle: Duration) -> Result<Option<v1::UploadRequest>, ApiError>
 where
     S: Stream<Item = Result<v1::UploadRequest, Status>> + Unpin,
 {
     match tokio::time::timeout(idle, stream.next()).await {
-        Err(_) => Err(Status::deadline_exceeded(format!(
-            "the upload sent nothing for {} s (models.upload_idle_timeout_secs); it was aborted and its partial \
-             file deleted; send the file again",
-            idle.as_secs_f64()
-        ))),
+        Err(_) => Err(ApiError::UploadIdle { idle }),
         Ok(None) => Ok(None),
         Ok(Some(Ok(msg))) => Ok(Some(msg)),
-        Ok(Some(Err(s))) => Err(model_status(ModelError::Io(format!(
-            "upload stream broke: {}",
-            s.message()
-        )))),
+        Ok(Some(Err(s))) => Err(ModelError::Io(format!("upload stream broke: {}", s.message())).into()),
     }
 }
 
@@ -104,65 +89,58 @@ where
 /// commits the file once it is whole and hashes to `header.sha256`. Any
 /// early return drops the partial file, which deletes it and gives its bytes
 /// back to the upload quota.
-async fn receive_data<S>(store: &Arc<BlobStore>, header: &v1::BlobHeader, stream: &mut S) -> Result<(), Status>
+async fn receive_data<S>(store: &Arc<BlobStore>, header: &v1::BlobHeader, stream: &mut S) -> Result<(), ApiError>
 where
     S: Stream<Item = Result<v1::UploadRequest, Status>> + Unpin,
 {
-    let reservation = store
-        .admit_upload(header.size)
-        .await
-        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-    let mut partial = store.start_upload(&header.sha256, reservation).map_err(model_status)?;
+    let reservation = store.admit_upload(header.size).await?;
+    let mut partial = store.start_upload(&header.sha256, reservation)?;
     let idle = store.config().upload_idle_timeout();
     while let Some(msg) = next_part(stream, idle).await? {
         let Some(Part::Data(data)) = msg.part else {
-            return Err(model_status(ModelError::invalid(
-                "header",
-                "may only be sent in the first message",
-            )));
+            return Err(ApiError::invalid("header", "may only be sent in the first message"));
         };
         if partial.len() + data.len() as u64 > header.size {
-            return Err(model_status(ModelError::invalid(
+            return Err(ApiError::invalid(
                 "data",
                 format!("exceeds header.size ({} bytes)", header.size),
-            )));
+            ));
         }
-        partial.write(&data).map_err(model_status)?;
+        partial.write(&data)?;
     }
     if partial.len() != header.size {
-        return Err(model_status(ModelError::invalid(
+        return Err(ApiError::invalid(
             "data",
             format!("ended after {} bytes; header.size is {}", partial.len(), header.size),
-        )));
+        ));
     }
     let (store, sha, size) = (store.clone(), header.sha256.clone(), header.size);
     tokio::task::spawn_blocking(move || store.commit(partial, &sha, size))
         .await
-        .map_err(|e| model_status(ModelError::Io(e.to_string())))?
+        .map_err(|e| ModelError::Io(e.to_string()))?
         .map_err(|e| match e {
             ModelError::Corrupt { detail, .. } => {
-                ModelError::invalid("data", format!("does not match header.sha256: {detail}"))
+                ApiError::invalid("data", format!("does not match header.sha256: {detail}"))
             }
-            other => other,
+            other => other.into(),
         })
-        .map_err(model_status)
 }
 
 /// Refuses a manifest in which one path is both a file and a directory
 /// (`a` and `a/b`): no node could lay it out.
-fn check_layout(manifest: &ModelManifest) -> Result<(), Status> {
+fn check_layout(manifest: &ModelManifest) -> Result<(), ApiError> {
     let files: BTreeSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
     for f in &manifest.files {
         let mut parent = f.path.as_str();
         while let Some((dir, _)) = parent.rsplit_once('/') {
             if files.contains(dir) {
-                return Err(model_status(ModelError::invalid(
+                return Err(ApiError::invalid(
                     "manifest.files",
                     format!(
                         "name {dir:?} as a file and as the directory of {:?}; a path cannot be both",
                         f.path
                     ),
-                )));
+                ));
             }
             parent = dir;
         }
@@ -170,8 +148,8 @@ fn check_layout(manifest: &ModelManifest) -> Result<(), Status> {
     Ok(())
 }
 
-fn manifest_from_proto(m: Option<v1::ModelManifest>) -> Result<ModelManifest, Status> {
-    let m = m.ok_or_else(|| Status::invalid_argument("manifest is required"))?;
+fn manifest_from_proto(m: Option<v1::ModelManifest>) -> Result<ModelManifest, ApiError> {
+    let m = m.ok_or_else(|| ApiError::invalid("manifest", "is required"))?;
     let mut files: Vec<ModelFile> = m
         .files
         .into_iter()
@@ -225,17 +203,14 @@ impl Models for ModelsApi {
             let manifest = manifest_from_proto(request.into_inner().manifest)?;
             check_layout(&manifest)?;
             let (name, version) = (manifest.name.clone(), manifest.version);
-            match self.models.add(manifest).await.map_err(model_status)? {
+            match self.models.add(manifest).await? {
                 ModelOutcome::Added => Ok(Response::new(v1::AddModelResponse { created: true })),
                 ModelOutcome::Unchanged => Ok(Response::new(v1::AddModelResponse { created: false })),
-                ModelOutcome::Conflict => Err(Status::already_exists(format!(
-                    "model {name} version {version} is already registered with other files; use a new version"
-                ))),
-                ModelOutcome::Full => Err(Status::resource_exhausted(format!(
-                    "the registry holds {} versions, its limit; remove one first",
-                    cell0_consensus::registry::MAX_MODEL_VERSIONS
-                ))),
-                other => Err(Status::internal(format!("unexpected registry outcome {other:?}"))),
+                ModelOutcome::Conflict => Err(ApiError::VersionConflict { name, version }),
+                ModelOutcome::Full => Err(ApiError::RegistryFull {
+                    limit: cell0_consensus::registry::MAX_MODEL_VERSIONS,
+                }),
+                other => Err(ApiError::Internal(format!("unexpected registry outcome {other:?}"))),
             }
         })
         .await
@@ -243,11 +218,7 @@ impl Models for ModelsApi {
 
     async fn list(&self, _request: Request<v1::ListModelsRequest>) -> Result<Response<v1::ListModelsResponse>, Status> {
         observe("Models/List", async {
-            let entries = self
-                .consensus
-                .models(Consistency::Linearizable)
-                .await
-                .map_err(to_status)?;
+            let entries = self.consensus.models(Consistency::Linearizable).await?;
             Ok(Response::new(v1::ListModelsResponse {
                 models: entries
                     .into_iter()
@@ -272,12 +243,12 @@ impl Models for ModelsApi {
                 name: req.name.clone(),
                 version: req.version,
             };
-            match self.consensus.model_command(cmd).await.map_err(to_status)? {
+            match self.consensus.model_command(cmd).await? {
                 ModelOutcome::Removed => Ok(Response::new(v1::RemoveModelResponse {})),
-                _ => Err(Status::not_found(format!(
-                    "model {} version {} is not registered",
-                    req.name, req.version
-                ))),
+                _ => Err(ApiError::VersionNotRegistered {
+                    name: req.name,
+                    version: req.version,
+                }),
             }
         })
         .await
@@ -287,6 +258,7 @@ impl Models for ModelsApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::error::reason_of;
     use crate::config::ModelsConfig;
     use sha2::{Digest, Sha256};
     use tokio::sync::mpsc;
@@ -335,8 +307,9 @@ mod tests {
         let (tx, rx) = mpsc::channel(4);
         let mut stream = ReceiverStream::new(rx);
         tx.send(data(&file[..5])).await.unwrap();
-        let err = receive_data(&store, &header, &mut stream).await.unwrap_err();
+        let err = Status::from(receive_data(&store, &header, &mut stream).await.unwrap_err());
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        assert_eq!(reason_of(&err).as_deref(), Some("UPLOAD_IDLE_TIMEOUT"), "{err:?}");
         assert!(
             err.message().contains("models.upload_idle_timeout_secs"),
             "{}",
@@ -361,8 +334,9 @@ mod tests {
         let (tx, rx) = mpsc::channel(1);
         let mut stream = ReceiverStream::new(rx);
         drop(tx);
-        let err = receive_data(&store, &header(&big), &mut stream).await.unwrap_err();
+        let err = Status::from(receive_data(&store, &header(&big), &mut stream).await.unwrap_err());
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert_eq!(reason_of(&err).as_deref(), Some("UPLOAD_QUOTA_EXCEEDED"), "{err:?}");
         assert!(err.message().contains("models.upload_quota_bytes"), "{}", err.message());
         assert_eq!(partial_files(dir.path()), 0);
     }
@@ -382,8 +356,9 @@ mod tests {
                 })
                 .collect(),
         };
-        let err = check_layout(&manifest(&["a", "a-b", "a/b/c", "z"])).unwrap_err();
+        let err = Status::from(check_layout(&manifest(&["a", "a-b", "a/b/c", "z"])).unwrap_err());
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(reason_of(&err).as_deref(), Some("INVALID_ARGUMENT_FIELD"));
         assert!(err.message().starts_with("manifest.files "), "{}", err.message());
         assert!(err.message().contains("\"a/b/c\""), "{}", err.message());
         check_layout(&manifest(&["a-b", "a/b", "a/c", "ab/c"])).unwrap();

@@ -58,15 +58,24 @@ async fn open_channel(endpoint: &str, timeout: Option<Duration>) -> anyhow::Resu
         .with_context(|| format!("cannot reach a cell0 node at {endpoint}"))
 }
 
-/// Turns a gRPC error into one readable line.
+/// Turns a gRPC error into one readable line: the code, the node's stable
+/// reason when it sent one (`unavailable (NO_LEADER): no leader is
+/// elected`), the message and the leader hint.
 pub fn rpc_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", rpc_error_line(&s))
+}
+
+fn rpc_error_line(s: &tonic::Status) -> String {
     let hint = s
         .metadata()
         .get(crate::api::LEADER_METADATA)
         .and_then(|v| v.to_str().ok())
         .map(|l| format!(" (leader: {l})"))
         .unwrap_or_default();
-    anyhow::anyhow!("{}: {}{hint}", code_name(s.code()), s.message())
+    let reason = crate::api::error::reason_of(s)
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    format!("{}{reason}: {}{hint}", code_name(s.code()), s.message())
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -295,6 +304,31 @@ fn parse_node_id(s: &str) -> anyhow::Result<u64> {
     match parsed {
         Some(id) if id != 0 => Ok(id),
         _ => anyhow::bail!("{s:?} is not a node id: use the 16 hex digits `cell0 members` shows"),
+    }
+}
+
+#[cfg(test)]
+mod rpc_error_tests {
+    use super::rpc_error_line;
+    use crate::api::ApiError;
+    use cell0_consensus::ConsensusError;
+
+    #[test]
+    fn the_line_names_the_reason_and_the_leader() {
+        let s = tonic::Status::from(ApiError::from(ConsensusError::unavailable("no leader is elected")));
+        assert_eq!(rpc_error_line(&s), "unavailable (NO_LEADER): no leader is elected");
+        let s = tonic::Status::from(ApiError::from(ConsensusError::Unavailable {
+            reason: "this node is not the leader".into(),
+            leader_id: Some(3),
+            leader_addr: Some("10.0.0.3:7100".into()),
+        }));
+        assert_eq!(
+            rpc_error_line(&s),
+            "unavailable (NOT_LEADER): this node is not the leader (leader: 10.0.0.3:7100)"
+        );
+        // A status without an ErrorInfo (a proxy, an older node): no reason.
+        let s = tonic::Status::not_found("gone");
+        assert_eq!(rpc_error_line(&s), "not found: gone");
     }
 }
 

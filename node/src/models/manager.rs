@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use super::ModelError;
 use super::store::{BlobPin, BlobStore, Verdict};
 use super::transfer::fetch_blob;
-use crate::server::stopping;
+use crate::supervisor::{Supervisor, stopped as stopping};
 
 /// First retry delay after a failed reconcile; doubled up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -130,13 +130,13 @@ async fn blocking<T: Send + 'static>(
 
 impl ModelManager {
     /// Opens the engine's backend once to learn what it runs on (failing
-    /// fast on a bad `inference` config), and starts the reconcile loop,
-    /// which ends when `stop` turns true.
+    /// fast on a bad `inference` config), and starts the reconcile loop as
+    /// the supervised task `models`, which ends when the supervisor stops.
     pub async fn start(
         consensus: Consensus,
         store: Arc<BlobStore>,
         config: InferenceConfig,
-        stop: watch::Receiver<bool>,
+        tasks: &Supervisor,
     ) -> Result<Self, ModelError> {
         let probe = config.clone();
         let engine = blocking(move || Ok(cell0_inference::open_backend(&probe)?.info())).await?;
@@ -154,7 +154,7 @@ impl ModelManager {
             served: RwLock::new(BTreeMap::new()),
             verified: Mutex::new(BTreeSet::new()),
         });
-        tokio::spawn(reconcile_loop(inner.clone(), stop));
+        tasks.spawn("models", reconcile_loop(inner.clone(), tasks.stop_signal()));
         Ok(Self { inner })
     }
 
@@ -219,7 +219,7 @@ impl ModelManager {
     /// this node applied the `Add`, and then the uploads' own pins are
     /// released: from that point the registry keeps them.
     pub async fn add(&self, manifest: ModelManifest) -> Result<ModelOutcome, ModelError> {
-        manifest.validate().map_err(|e| prefixed("manifest.", e))?;
+        manifest.validate().map_err(|e| prefixed("manifest.", e.into()))?;
         cell0_inference::model_spec(&manifest.architecture)
             .map_err(|e| ModelError::invalid("manifest.architecture", e.to_string()))?;
         for required in REQUIRED_FILES {
@@ -390,7 +390,7 @@ fn progress(held: u64, total: u64) -> String {
 }
 
 async fn reconcile_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
-    let mut changes = inner.consensus.watch_registry();
+    let mut changes = inner.consensus.watch_table(cell0_consensus::Table::Models);
     let mut retry = FIRST_RETRY;
     loop {
         changes.borrow_and_update();

@@ -13,7 +13,7 @@ use cell0_inference::InferenceError;
 pub use manager::ModelManager;
 
 /// What model operations on a node can fail with. The API edge maps each
-/// variant to one gRPC code (`api::model_status`).
+/// variant to one gRPC code and reason (`api::error::ApiError`).
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// Nothing is registered yet.

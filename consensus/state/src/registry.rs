@@ -12,11 +12,12 @@
 
 use std::collections::BTreeSet;
 
-use cell0_storage::Txn;
+use crate::codec::{decode, encode};
+use crate::txn::Txn;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ConsensusError, Result};
-use crate::types::NodeId;
+use crate::NodeId;
+use crate::error::{Result, StateError};
 
 const MODELS_TABLE: &str = "models";
 
@@ -68,16 +69,16 @@ impl ModelManifest {
     pub fn validate(&self) -> Result<()> {
         check_name("name", &self.name)?;
         if self.version == 0 {
-            return Err(ConsensusError::invalid("version", "must be at least 1"));
+            return Err(StateError::invalid("version", "must be at least 1"));
         }
         if self.architecture.is_empty() || self.architecture.len() > MAX_ARCHITECTURE_BYTES {
-            return Err(ConsensusError::invalid(
+            return Err(StateError::invalid(
                 "architecture",
                 format!("must be 1..={MAX_ARCHITECTURE_BYTES} bytes"),
             ));
         }
         if self.files.is_empty() || self.files.len() > MAX_MODEL_FILES {
-            return Err(ConsensusError::invalid(
+            return Err(StateError::invalid(
                 "files",
                 format!("must hold 1..={MAX_MODEL_FILES} files, got {}", self.files.len()),
             ));
@@ -86,21 +87,21 @@ impl ModelManifest {
         for (i, f) in self.files.iter().enumerate() {
             check_path(&format!("files[{i}].path"), &f.path)?;
             if !is_sha256_hex(&f.sha256) {
-                return Err(ConsensusError::invalid(
+                return Err(StateError::invalid(
                     &format!("files[{i}].sha256"),
                     "must be 64 lowercase hex digits",
                 ));
             }
             total = total.saturating_add(f.size);
             if i > 0 && self.files[i - 1].path >= f.path {
-                return Err(ConsensusError::invalid(
+                return Err(StateError::invalid(
                     &format!("files[{i}].path"),
                     "paths must be unique and sorted",
                 ));
             }
         }
         if total > MAX_MODEL_BYTES {
-            return Err(ConsensusError::invalid(
+            return Err(StateError::invalid(
                 "files",
                 format!("total {total} bytes; the limit is {MAX_MODEL_BYTES}"),
             ));
@@ -117,7 +118,7 @@ pub fn is_sha256_hex(s: &str) -> bool {
 /// Checks a model name; the error names `field`.
 pub fn check_name(field: &str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_MODEL_NAME_BYTES {
-        return Err(ConsensusError::invalid(
+        return Err(StateError::invalid(
             field,
             format!("must be 1..={MAX_MODEL_NAME_BYTES} bytes"),
         ));
@@ -126,7 +127,7 @@ pub fn check_name(field: &str, name: &str) -> Result<()> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
     {
-        return Err(ConsensusError::invalid(
+        return Err(StateError::invalid(
             field,
             format!("{name:?} may only hold a-z, 0-9, '.', '_' and '-'"),
         ));
@@ -137,7 +138,7 @@ pub fn check_name(field: &str, name: &str) -> Result<()> {
 /// Paths are joined to a node's model directory, so they must stay inside it.
 fn check_path(field: &str, path: &str) -> Result<()> {
     if path.is_empty() || path.len() > MAX_MODEL_PATH_BYTES {
-        return Err(ConsensusError::invalid(
+        return Err(StateError::invalid(
             field,
             format!("must be 1..={MAX_MODEL_PATH_BYTES} bytes"),
         ));
@@ -149,7 +150,7 @@ fn check_path(field: &str, path: &str) -> Result<()> {
             .split('/')
             .all(|part| !part.is_empty() && part != "." && part != "..");
     if !ok {
-        return Err(ConsensusError::invalid(
+        return Err(StateError::invalid(
             field,
             format!("{path:?} must be a relative path without '.', '..' or empty parts"),
         ));
@@ -202,7 +203,7 @@ impl ModelCommand {
             ModelCommand::Remove { name, version } | ModelCommand::Held { name, version, .. } => {
                 check_name("name", name)?;
                 if *version == 0 {
-                    return Err(ConsensusError::invalid("version", "must be at least 1"));
+                    return Err(StateError::invalid("version", "must be at least 1"));
                 }
                 Ok(())
             }
@@ -248,11 +249,11 @@ fn key(name: &str, version: u32) -> Vec<u8> {
 }
 
 fn decode_entry(b: &[u8]) -> Result<ModelEntry> {
-    postcard::from_bytes(b).map_err(|e| ConsensusError::Internal(format!("corrupted model entry: {e}")))
+    decode("model entry", b)
 }
 
 fn put_entry(txn: &mut dyn Txn, entry: &ModelEntry) -> Result<()> {
-    let bytes = postcard::to_stdvec(entry).map_err(|e| ConsensusError::Internal(format!("encode: {e}")))?;
+    let bytes = encode("model entry", entry)?;
     txn.put(MODELS_TABLE, &key(&entry.manifest.name, entry.manifest.version), &bytes)?;
     Ok(())
 }
@@ -319,7 +320,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &ModelCommand) -> Result<ModelOutcom
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cell0_storage::{EngineTxn, MemEngine};
+    use crate::MemTxn;
 
     fn manifest(name: &str, version: u32, digest: char) -> ModelManifest {
         ModelManifest {
@@ -347,7 +348,7 @@ mod tests {
         m.validate().unwrap();
         assert_eq!(m.total_bytes(), 30);
         let field = |m: &ModelManifest| match m.validate().unwrap_err() {
-            ConsensusError::InvalidArgument { field, .. } => field,
+            StateError::InvalidArgument { field, .. } => field,
             e => panic!("{e}"),
         };
         m.name = "MiniLM".into();
@@ -372,8 +373,7 @@ mod tests {
 
     #[test]
     fn add_is_idempotent_conflicts_are_refused_and_holders_accumulate() {
-        let engine = MemEngine::new();
-        let mut txn = EngineTxn::new(&engine);
+        let mut txn = MemTxn::new();
         let m1 = manifest("minilm", 1, 'a');
         let add = |m: &ModelManifest, holder| ModelCommand::Add {
             manifest: m.clone(),
@@ -412,8 +412,7 @@ mod tests {
 
     #[test]
     fn the_registry_is_bounded() {
-        let engine = MemEngine::new();
-        let mut txn = EngineTxn::new(&engine);
+        let mut txn = MemTxn::new();
         for v in 1..=MAX_MODEL_VERSIONS as u32 {
             let cmd = ModelCommand::Add {
                 manifest: manifest("m", v, 'a'),

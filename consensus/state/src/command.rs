@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ConsensusError;
+use crate::error::StateError;
 use crate::nodes::NodeCommand;
 use crate::registry::{ModelCommand, ModelOutcome};
 
@@ -154,12 +154,12 @@ impl Default for Limits {
 }
 
 /// Checks a key's size; the error names `field`.
-pub fn check_key(field: &str, key: &[u8]) -> Result<(), ConsensusError> {
+pub fn check_key(field: &str, key: &[u8]) -> Result<(), StateError> {
     if key.is_empty() {
-        return Err(ConsensusError::invalid(field, "must not be empty"));
+        return Err(StateError::invalid(field, "must not be empty"));
     }
     if key.len() > MAX_KEY_BYTES {
-        return Err(ConsensusError::invalid(
+        return Err(StateError::invalid(
             field,
             format!("is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()),
         ));
@@ -167,18 +167,16 @@ pub fn check_key(field: &str, key: &[u8]) -> Result<(), ConsensusError> {
     Ok(())
 }
 
-fn prefix_field(prefix: &str, e: ConsensusError) -> ConsensusError {
+fn prefix_field(prefix: &str, e: StateError) -> StateError {
     match e {
-        ConsensusError::InvalidArgument { field, reason } => {
-            ConsensusError::invalid(&format!("{prefix}{field}"), reason)
-        }
+        StateError::InvalidArgument { field, reason } => StateError::invalid(&format!("{prefix}{field}"), reason),
         other => other,
     }
 }
 
-fn check_value(field: &str, value: &[u8]) -> Result<(), ConsensusError> {
+fn check_value(field: &str, value: &[u8]) -> Result<(), StateError> {
     if value.len() > MAX_VALUE_BYTES {
-        return Err(ConsensusError::invalid(
+        return Err(StateError::invalid(
             field,
             format!("is {} bytes; the limit is {MAX_VALUE_BYTES}", value.len()),
         ));
@@ -188,11 +186,11 @@ fn check_value(field: &str, value: &[u8]) -> Result<(), ConsensusError> {
 
 impl Command {
     /// Checks sizes and counts; the error names the offending field.
-    pub fn validate(&self, limits: &Limits) -> Result<(), ConsensusError> {
+    pub fn validate(&self, limits: &Limits) -> Result<(), StateError> {
         self.validate_at("", limits, 0)
     }
 
-    fn validate_at(&self, path: &str, limits: &Limits, depth: usize) -> Result<(), ConsensusError> {
+    fn validate_at(&self, path: &str, limits: &Limits, depth: usize) -> Result<(), StateError> {
         let field = |name: &str| format!("{path}{name}");
         match self {
             Command::Put { key, value } => {
@@ -208,10 +206,10 @@ impl Command {
                 // Depth 2 lets the leader group client batches; deeper nesting
                 // is never produced and is refused to bound apply recursion.
                 if depth >= 2 {
-                    return Err(ConsensusError::invalid(&field("batch"), "is nested too deeply"));
+                    return Err(StateError::invalid(&field("batch"), "is nested too deeply"));
                 }
                 if cmds.len() > limits.max_batch_commands {
-                    return Err(ConsensusError::invalid(
+                    return Err(StateError::invalid(
                         &field("batch"),
                         format!(
                             "has {} commands; the limit is {}",
@@ -230,13 +228,13 @@ impl Command {
             // A request id wraps one client command at the same depth.
             Command::Request { cmd, .. } => {
                 if matches!(**cmd, Command::Request { .. }) {
-                    return Err(ConsensusError::invalid(&field("request"), "wraps another request"));
+                    return Err(StateError::invalid(&field("request"), "wraps another request"));
                 }
                 cmd.validate_at(path, limits, depth)
             }
             Command::InitCluster { cluster_id } => {
                 if *cluster_id == 0 {
-                    return Err(ConsensusError::invalid(&field("cluster_id"), "must not be 0"));
+                    return Err(StateError::invalid(&field("cluster_id"), "must not be 0"));
                 }
                 Ok(())
             }
@@ -247,21 +245,21 @@ impl Command {
     /// version of the log format: a nesting depth that bounds recursion. Size
     /// limits are checked before proposing, not in apply, so changing one in
     /// a rolling upgrade cannot make replicas disagree.
-    pub fn check_structure(&self) -> Result<(), ConsensusError> {
+    pub fn check_structure(&self) -> Result<(), StateError> {
         self.check_structure_at(0)
     }
 
-    fn check_structure_at(&self, depth: usize) -> Result<(), ConsensusError> {
+    fn check_structure_at(&self, depth: usize) -> Result<(), StateError> {
         match self {
             Command::Batch(cmds) => {
                 if depth >= 2 {
-                    return Err(ConsensusError::invalid("batch", "is nested too deeply"));
+                    return Err(StateError::invalid("batch", "is nested too deeply"));
                 }
                 cmds.iter().try_for_each(|c| c.check_structure_at(depth + 1))
             }
             Command::Request { cmd, .. } => {
                 if matches!(**cmd, Command::Request { .. }) {
-                    return Err(ConsensusError::invalid("request", "wraps another request"));
+                    return Err(StateError::invalid("request", "wraps another request"));
                 }
                 cmd.check_structure_at(depth)
             }

@@ -8,11 +8,12 @@
 
 use std::collections::BTreeMap;
 
-use cell0_storage::Txn;
+use crate::codec::{decode, encode};
+use crate::txn::Txn;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ConsensusError, Result};
-use crate::types::NodeId;
+use crate::NodeId;
+use crate::error::{Result, StateError};
 
 const RESOURCES_TABLE: &str = "node_resources";
 /// Longest text field of a record, in bytes.
@@ -49,7 +50,7 @@ impl NodeResources {
             ("resources.device_type", &self.device_type),
         ] {
             if v.len() > MAX_RESOURCE_TEXT_BYTES {
-                return Err(ConsensusError::invalid(
+                return Err(StateError::invalid(
                     field,
                     format!("is {} bytes; the limit is {MAX_RESOURCE_TEXT_BYTES}", v.len()),
                 ));
@@ -77,7 +78,7 @@ impl NodeCommand {
         match self {
             NodeCommand::SetResources { node, resources } => {
                 if *node == 0 {
-                    return Err(ConsensusError::invalid("node", "must not be 0"));
+                    return Err(StateError::invalid("node", "must not be 0"));
                 }
                 resources.validate()
             }
@@ -90,12 +91,11 @@ pub fn resources(txn: &dyn Txn) -> Result<BTreeMap<NodeId, NodeResources>> {
     txn.scan(RESOURCES_TABLE, b"", None, MAX_NODES)?
         .into_iter()
         .map(|(k, v)| {
-            let id: [u8; 8] = k
-                .as_slice()
-                .try_into()
-                .map_err(|_| ConsensusError::Internal("node record key is not 8 bytes".into()))?;
-            let r = postcard::from_bytes(&v)
-                .map_err(|e| ConsensusError::Internal(format!("corrupted node record: {e}")))?;
+            let id: [u8; 8] = k.as_slice().try_into().map_err(|_| StateError::Corrupt {
+                what: "node record key",
+                detail: format!("{} bytes, not 8", k.len()),
+            })?;
+            let r = decode("node record", &v)?;
             Ok((NodeId::from_be_bytes(id), r))
         })
         .collect()
@@ -112,7 +112,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
             {
                 return Ok(false);
             }
-            let bytes = postcard::to_stdvec(resources).map_err(|e| ConsensusError::Internal(format!("encode: {e}")))?;
+            let bytes = encode("node record", resources)?;
             txn.put(RESOURCES_TABLE, &key, &bytes)?;
             Ok(true)
         }
@@ -122,12 +122,11 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cell0_storage::{EngineTxn, MemEngine};
+    use crate::MemTxn;
 
     #[test]
     fn records_are_replaced_per_node_and_listed_by_id() {
-        let engine = MemEngine::new();
-        let mut txn = EngineTxn::new(&engine);
+        let mut txn = MemTxn::new();
         let gpu = NodeResources {
             cpu_cores: 16,
             inference_backend: "wgpu".into(),

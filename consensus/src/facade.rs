@@ -1,0 +1,585 @@
+//! The [`Consensus`] facade: one node's Raft member, as the rest of the
+//! node uses it.
+//!
+//! It owns the openraft instance, the group-commit batcher and the read side
+//! of the state machine. Requests go through two entry points: writes
+//! ([`Consensus::write`], every command exactly once through its request id)
+//! and reads ([`Consensus::read`] at a [`Consistency`], over one
+//! point-in-time view). Where a request runs is [`crate::routing`]'s job;
+//! membership decisions are [`crate::membership`]'s.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cell0_storage::{Engine, EngineTxn, LogStore, MemEngine, RocksEngine, StateMachineStore, Txn};
+use openraft::ServerState;
+use openraft::error::{InitializeError, RaftError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::batcher::{BatchLimits, Batcher};
+use crate::command::{Command, KeyValue, Limits, RequestId, Response};
+use crate::config::ConsensusConfig;
+use crate::error::{ConsensusError, Result};
+use crate::network::{ChannelPool, NetworkFactory, PeerHealth, WireIdentity};
+use crate::nodes::{self, NodeCommand, NodeResources};
+use crate::registry::{self, ModelCommand, ModelEntry, ModelOutcome};
+use crate::routing::{ForwardRequest, ForwardResponse};
+use crate::server::InternalService;
+use crate::state::{self, Applied, KvStateMachine, StateEvent};
+use crate::types::{NodeId, NodeInfo, Raft};
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// Reflects every write acknowledged before the read began.
+    #[default]
+    Linearizable,
+    /// The local replica's state, possibly behind the leader.
+    Serializable,
+}
+
+/// Where the node keeps its Raft log and state.
+#[derive(Debug, Clone)]
+pub enum StorageBackend {
+    /// RocksDB in this directory (the real path).
+    Rocks(PathBuf),
+    /// In memory, lost on drop (tests and simulation only).
+    Memory,
+}
+
+/// A member of the Raft group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Node id.
+    pub id: NodeId,
+    /// Addresses and names.
+    pub info: NodeInfo,
+    /// Voter (true) or learner.
+    pub voter: bool,
+    /// Whether it is the current leader.
+    pub leader: bool,
+    /// Last log index known replicated to it (leader's view; 0 elsewhere).
+    pub matched_index: u64,
+    /// Whether it answered a Raft call within the election timeout (leader's
+    /// view; on other nodes only the node itself counts as reachable).
+    pub reachable: bool,
+}
+
+/// Role of this node in the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Leader.
+    Leader,
+    /// Voting follower.
+    Follower,
+    /// Campaigning.
+    Candidate,
+    /// Non-voting member, or not yet a member.
+    Learner,
+    /// Stopped.
+    Shutdown,
+}
+
+/// A snapshot of this node's consensus state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// This node.
+    pub id: NodeId,
+    /// Role.
+    pub role: Role,
+    /// The known leader.
+    pub leader: Option<NodeId>,
+    /// Current term.
+    pub term: u64,
+    /// Highest log index known committed.
+    pub commit_index: u64,
+    /// Highest log index applied locally.
+    pub applied_index: u64,
+    /// Last log index stored locally.
+    pub last_log_index: u64,
+    /// Store revision of the local replica.
+    pub revision: u64,
+    /// Whether this node belongs to an initialized cluster.
+    pub initialized: bool,
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: NodeId,
+    pub(crate) info: NodeInfo,
+    pub(crate) config: ConsensusConfig,
+    pub(crate) raft: Raft,
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) sm: Arc<KvStateMachine>,
+    pub(crate) batcher: Batcher,
+    pub(crate) pool: Arc<ChannelPool>,
+    pub(crate) limits: Limits,
+    /// Highest commit index a leader has told this node about.
+    pub(crate) leader_commit: AtomicU64,
+    /// This node's id and cluster id on the wire.
+    pub(crate) identity: WireIdentity,
+    /// When each peer last answered (meaningful on the leader).
+    pub(crate) health: Arc<PeerHealth>,
+    /// Serialises membership decisions on the leader.
+    pub(crate) membership: tokio::sync::Mutex<()>,
+    /// This process's client id for request ids: random per start.
+    pub(crate) client_id: u64,
+    /// The next request sequence number.
+    pub(crate) next_seq: AtomicU64,
+}
+
+/// One node's membership in the Raft group. Cheap to clone.
+#[derive(Clone)]
+pub struct Consensus {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Consensus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consensus").field("id", &self.inner.id).finish()
+    }
+}
+
+pub(crate) fn wrong_type() -> ConsensusError {
+    ConsensusError::Internal("the leader answered with a response of the wrong kind".into())
+}
+
+impl Consensus {
+    /// Opens storage and starts the Raft member. The node takes part in a
+    /// cluster once [`Consensus::initialize`] bootstraps one or a leader adds
+    /// it.
+    pub async fn start(id: NodeId, info: NodeInfo, config: ConsensusConfig, storage: StorageBackend) -> Result<Self> {
+        config.validate()?;
+        let raft_config = Arc::new(config.to_openraft()?);
+        let sm = Arc::new(KvStateMachine::new(state::NOTIFICATION_CAPACITY));
+        let pool = Arc::new(ChannelPool::new(Duration::from_millis(
+            config.rpc_timeout_ms.min(2_000),
+        )));
+        let identity = WireIdentity {
+            node: id,
+            cluster: sm.cluster_id_cell(),
+        };
+        let health = Arc::new(PeerHealth::default());
+        let network = NetworkFactory::new(pool.clone(), identity.clone(), health.clone(), config.max_append_bytes);
+        let (raft, engine): (Raft, Arc<dyn Engine>) = match storage {
+            StorageBackend::Rocks(path) => {
+                let engine = Arc::new(RocksEngine::open(&path, id)?);
+                (
+                    start_raft(id, raft_config, network, engine.clone(), sm.clone()).await?,
+                    engine,
+                )
+            }
+            StorageBackend::Memory => {
+                let engine = Arc::new(MemEngine::new());
+                (
+                    start_raft(id, raft_config, network, engine.clone(), sm.clone()).await?,
+                    engine,
+                )
+            }
+        };
+        sm.load_revision(&EngineTxn::new(engine.as_ref()))?;
+        let batcher = Batcher::spawn(
+            raft.clone(),
+            BatchLimits {
+                max_commands: config.max_batch_commands,
+                max_bytes: config.max_batch_bytes,
+                max_inflight: config.max_inflight_batches,
+                commit_timeout: config.request_timeout(),
+            },
+        );
+        let limits = Limits {
+            max_batch_commands: config.max_client_batch_commands,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                id,
+                info,
+                config,
+                raft,
+                engine,
+                sm,
+                batcher,
+                pool,
+                limits,
+                leader_commit: AtomicU64::new(0),
+                identity,
+                health,
+                membership: tokio::sync::Mutex::new(()),
+                client_id: random_u64(id),
+                next_seq: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The cluster's id, 0 until this replica has applied it.
+    pub fn cluster_id(&self) -> u64 {
+        self.inner.identity.cluster_id()
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// This node's record.
+    pub fn info(&self) -> &NodeInfo {
+        &self.inner.info
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ConsensusConfig {
+        &self.inner.config
+    }
+
+    /// The underlying openraft instance (metrics, tests).
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The channel pool to other nodes' internal ports.
+    pub fn channels(&self) -> &Arc<ChannelPool> {
+        &self.inner.pool
+    }
+
+    /// The gRPC service to mount on the internal port.
+    pub fn internal_service(&self) -> cell0_proto::internal::raft_server::RaftServer<InternalService> {
+        InternalService::server(self.inner.clone())
+    }
+
+    /// Bootstraps a new single-member cluster with this node as its only
+    /// voter and records a new cluster id. A node that already belongs to a
+    /// cluster is left as it is.
+    pub async fn initialize(&self) -> Result<()> {
+        let members = BTreeMap::from([(self.inner.id, self.inner.info.clone())]);
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => return Ok(()),
+            Err(e) => return Err(ConsensusError::Internal(format!("initialize: {e}"))),
+        }
+        self.wait_for_leader(self.inner.config.request_timeout()).await?;
+        let cluster_id = random_u64(self.inner.id ^ 0x5eed);
+        match self.write(Command::InitCluster { cluster_id }).await? {
+            Response::ClusterId(id) => {
+                tracing::info!(cluster_id = format!("{id:016x}"), "cluster formed");
+                Ok(())
+            }
+            _ => Err(wrong_type()),
+        }
+    }
+
+    /// Whether this node belongs to a cluster (bootstrapped or added).
+    pub async fn is_initialized(&self) -> bool {
+        self.inner.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Applies `cmd` through Raft exactly once and returns its response.
+    /// The command gets a request id; a retry after a lost answer or a
+    /// leader change reuses it, and the state machine answers a duplicate
+    /// with the first response.
+    pub async fn write(&self, cmd: Command) -> Result<Response> {
+        cmd.validate(&self.inner.limits)?;
+        let started = Instant::now();
+        let id = RequestId {
+            client: self.inner.client_id,
+            seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        let cmd = Command::Request { id, cmd: Box::new(cmd) };
+        let result = match self.route(ForwardRequest::Write(cmd)).await? {
+            ForwardResponse::Write(Response::Rejected(reason)) => Err(ConsensusError::invalid("command", reason)),
+            ForwardResponse::Write(r) => Ok(r),
+            _ => Err(wrong_type()),
+        };
+        metrics::histogram!("cell0_write_duration_seconds").record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Waits until a read at `consistency` may be served from the local
+    /// replica.
+    pub async fn read_barrier(&self, consistency: Consistency) -> Result<()> {
+        if consistency == Consistency::Serializable {
+            return Ok(());
+        }
+        let index = match self.route(ForwardRequest::ReadIndex).await? {
+            ForwardResponse::ReadIndex(i) => i,
+            _ => return Err(wrong_type()),
+        };
+        self.wait_applied(index).await
+    }
+
+    /// The pair stored under `key` and the replica's revision, both from one
+    /// point-in-time view.
+    pub async fn get(&self, key: &[u8], consistency: Consistency) -> Result<(Option<KeyValue>, u64)> {
+        let started = Instant::now();
+        self.read_barrier(consistency).await?;
+        let out = self.read_view(|txn| Ok((state::get(txn, key)?, state::revision(txn)?)))?;
+        metrics::histogram!("cell0_read_duration_seconds").record(started.elapsed().as_secs_f64());
+        Ok(out)
+    }
+
+    /// Runs `read` over one point-in-time view of the local replica, so
+    /// everything it reads (data, revision, history) belongs to one state.
+    pub fn read_view<T>(&self, read: impl FnOnce(&dyn Txn) -> Result<T>) -> Result<T> {
+        let mut read = Some(read);
+        let mut out = None;
+        self.inner.engine.with_view(&mut |view| {
+            if let Some(read) = read.take() {
+                out = Some(read(&EngineTxn::new(view)));
+            }
+            Ok(())
+        })?;
+        out.unwrap_or_else(|| Err(ConsensusError::Internal("the storage view was not read".into())))
+    }
+
+    /// A page of pairs under `prefix` after `start_after`, whether more
+    /// match, and the replica's revision.
+    pub async fn range(
+        &self,
+        prefix: &[u8],
+        start_after: &[u8],
+        limit: usize,
+        consistency: Consistency,
+    ) -> Result<(Vec<KeyValue>, bool, u64)> {
+        self.read_barrier(consistency).await?;
+        self.read_view(|txn| {
+            let (kvs, more) = state::range(txn, prefix, start_after, limit)?;
+            Ok((kvs, more, state::revision(txn)?))
+        })
+    }
+
+    /// Subscribes to changes applied on this replica.
+    pub fn subscribe(&self) -> broadcast::Receiver<Applied> {
+        self.inner.sm.subscribe()
+    }
+
+    /// Every registered model version. Linearizable reads see every
+    /// registration acknowledged before the call.
+    pub async fn models(&self, consistency: Consistency) -> Result<Vec<ModelEntry>> {
+        self.read_barrier(consistency).await?;
+        self.read_view(|txn| Ok(registry::list(txn)?))
+    }
+
+    /// A receiver whose generation changes after each locally applied
+    /// change of `table` (and each snapshot install): wait on it instead of
+    /// polling.
+    pub fn watch_table(&self, table: crate::Table) -> state::TableWatch {
+        self.inner.sm.watch_table(table)
+    }
+
+    /// Proposes a registry change and returns what it did.
+    pub async fn model_command(&self, cmd: ModelCommand) -> Result<ModelOutcome> {
+        match self.write(Command::Model(cmd)).await? {
+            Response::Model(outcome) => Ok(outcome),
+            _ => Err(wrong_type()),
+        }
+    }
+
+    /// Every node's reported resources, by node id.
+    pub async fn node_resources(&self, consistency: Consistency) -> Result<BTreeMap<NodeId, NodeResources>> {
+        self.read_barrier(consistency).await?;
+        self.read_view(|txn| Ok(nodes::resources(txn)?))
+    }
+
+    /// Records this node's resources through Raft.
+    pub async fn set_resources(&self, resources: NodeResources) -> Result<()> {
+        let cmd = Command::Node(NodeCommand::SetResources {
+            node: self.inner.id,
+            resources,
+        });
+        match self.write(cmd).await? {
+            Response::Node { stored: true } => Ok(()),
+            Response::Node { stored: false } => Err(ConsensusError::invalid(
+                "resources",
+                format!(
+                    "cannot be stored: the cluster already has {} node records",
+                    nodes::MAX_NODES
+                ),
+            )),
+            _ => Err(wrong_type()),
+        }
+    }
+
+    /// Retained changes under `prefix` from revision `from` on, read from one
+    /// point-in-time view (so a compaction in between is reported, not
+    /// skipped).
+    /// A page ends before [`state::MAX_RANGE_BYTES`] of keys and values.
+    pub fn history(&self, prefix: &[u8], from: u64, limit: usize) -> Result<Vec<StateEvent>> {
+        self.read_view(|txn| Ok(state::history(txn, prefix, from, limit, state::MAX_RANGE_BYTES)?))
+    }
+
+    /// The local replica's revision.
+    pub fn revision(&self) -> Result<u64> {
+        Ok(state::revision(&EngineTxn::new(self.inner.engine.as_ref()))?)
+    }
+
+    /// Adds node `id`: as a learner, then as a voter while the cluster has
+    /// fewer than `raft.voters` voters and the learner is reachable and
+    /// caught up. Calling it again for a member updates its addresses or
+    /// finishes its promotion: the outcome depends on the node's state, not
+    /// on how often it was asked.
+    pub async fn join(&self, id: NodeId, info: NodeInfo) -> Result<Vec<Member>> {
+        if id == 0 {
+            return Err(ConsensusError::invalid("node_id", "must not be 0"));
+        }
+        if info.internal_addr.is_empty() {
+            return Err(ConsensusError::invalid("internal_addr", "must not be empty"));
+        }
+        self.route(ForwardRequest::Join { id, info }).await?;
+        Ok(self.members())
+    }
+
+    /// Removes node `id` from the group.
+    pub async fn remove(&self, id: NodeId) -> Result<()> {
+        self.route(ForwardRequest::Remove { id }).await?;
+        Ok(())
+    }
+
+    /// The members as this node knows them.
+    pub fn members(&self) -> Vec<Member> {
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let matched = metrics.replication.clone().unwrap_or_default();
+        membership
+            .nodes()
+            .map(|(id, info)| Member {
+                id: *id,
+                info: info.clone(),
+                voter: voters.contains(id),
+                leader: metrics.current_leader == Some(*id),
+                matched_index: if *id == self.inner.id && metrics.state == ServerState::Leader {
+                    metrics.last_log_index.unwrap_or(0)
+                } else {
+                    matched.get(id).copied().flatten().map_or(0, |l| l.index)
+                },
+                reachable: self.inner.reachable(*id),
+            })
+            .collect()
+    }
+
+    /// This node's view of the group.
+    pub fn status(&self) -> Status {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => Role::Leader,
+            ServerState::Follower => Role::Follower,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Learner => Role::Learner,
+            ServerState::Shutdown => Role::Shutdown,
+        };
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        let commit_index = if role == Role::Leader {
+            quorum_matched(&m, self.inner.id)
+        } else {
+            self.inner.leader_commit.load(Ordering::Acquire)
+        };
+        Status {
+            id: self.inner.id,
+            role,
+            leader: m.current_leader,
+            term: m.current_term,
+            commit_index: commit_index.max(applied),
+            applied_index: applied,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            revision: self.inner.sm.cached_revision(),
+            initialized: m.membership_config.membership().nodes().next().is_some(),
+        }
+    }
+
+    /// The leader's id and record, if one is known.
+    pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let info = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, info))
+    }
+
+    /// Waits until some leader is known, up to `timeout`.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId> {
+        let mut rx = self.inner.raft.metrics();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(l) = rx.borrow_and_update().current_leader {
+                return Ok(l);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(ConsensusError::ShuttingDown),
+                Err(_) => return Err(ConsensusError::unavailable("no leader elected yet")),
+            }
+        }
+    }
+
+    /// Stops Raft and flushes storage. The database closes when the last
+    /// handle is dropped.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        if let Err(e) = self.inner.engine.flush() {
+            tracing::warn!(error = %e, "flushing storage");
+        }
+    }
+
+    pub(crate) async fn wait_applied(&self, index: u64) -> Result<()> {
+        self.inner
+            .raft
+            .wait(Some(self.inner.config.request_timeout()))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|e| ConsensusError::unavailable(format!("replica did not catch up with the leader: {e}")))
+    }
+}
+
+/// A random u64 from the OS-seeded hasher keys of the standard library,
+/// mixed with `salt` and the time; never 0.
+pub(crate) fn random_u64(salt: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(salt);
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    h.finish().max(1)
+}
+
+/// Starts openraft over `engine`, which holds both the log and the state.
+async fn start_raft<E: Engine>(
+    id: NodeId,
+    config: Arc<openraft::Config>,
+    network: NetworkFactory,
+    engine: Arc<E>,
+    sm: Arc<KvStateMachine>,
+) -> Result<Raft> {
+    let log = LogStore::new(engine.clone());
+    let sm_store = StateMachineStore::new(engine, sm)?;
+    Raft::new(id, config, network, log, sm_store)
+        .await
+        .map_err(|e| ConsensusError::Internal(format!("starting raft: {e}")))
+}
+
+/// The highest log index stored on a quorum of voters (leader only).
+fn quorum_matched(m: &openraft::RaftMetrics<NodeId, NodeInfo>, me: NodeId) -> u64 {
+    let replication = m.replication.clone().unwrap_or_default();
+    let mut matched: Vec<u64> = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .map(|id| {
+            if id == me {
+                m.last_log_index.unwrap_or(0)
+            } else {
+                replication.get(&id).copied().flatten().map_or(0, |l| l.index)
+            }
+        })
+        .collect();
+    if matched.is_empty() {
+        return 0;
+    }
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched[matched.len() / 2]
+}

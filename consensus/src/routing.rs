@@ -1,0 +1,170 @@
+//! Where a request runs: writes, read indexes and membership changes run on
+//! the leader; a follower forwards them over the internal port.
+//!
+//! Invariants:
+//! - A write carries a request id ([`crate::command::RequestId`]) that the
+//!   state machine deduplicates, so it is retried with the same id after any
+//!   failure until the request deadline and still applies once.
+//! - A membership change (no request id) is retried only when it provably
+//!   was not proposed.
+//! - Once an attempt may have reached a log, the final error says the
+//!   outcome is unknown (`Indeterminate`), never `Unavailable`.
+
+use std::time::Duration;
+
+use openraft::ServerState;
+use openraft::error::{CheckIsLeaderError, RaftError};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::command::{Command, Response};
+use crate::error::{ConsensusError, Result};
+use crate::facade::{Consensus, Inner};
+use crate::network::{decode, encode, never_sent};
+use crate::types::{NodeId, NodeInfo};
+
+/// Requests a follower sends to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum ForwardRequest {
+    Write(Command),
+    ReadIndex,
+    Join { id: NodeId, info: NodeInfo },
+    Remove { id: NodeId },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum ForwardResponse {
+    Write(Response),
+    ReadIndex(u64),
+    Done,
+}
+
+impl Consensus {
+    /// Runs `req` on the leader, forwarding when this node is not it, and
+    /// retries while the failure guarantees the request was not applied.
+    pub(crate) async fn route(&self, req: ForwardRequest) -> Result<ForwardResponse> {
+        let deadline = Instant::now() + self.inner.config.request_timeout();
+        let mut metrics = self.inner.raft.metrics();
+        let deduplicated = matches!(req, ForwardRequest::Write(Command::Request { .. }));
+        // Set once an attempt may have reached a log: the final error must
+        // then say the outcome is unknown.
+        let mut maybe_applied: Option<String> = None;
+        loop {
+            let leader = self.leader();
+            let result = match &leader {
+                Some((id, _)) if *id == self.inner.id => self.inner.handle_local(req.clone()).await,
+                Some((id, info)) => self.forward(*id, info, &req).await,
+                None => Err(ConsensusError::unavailable("no leader is elected")),
+            };
+            let error = match result {
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            if let ConsensusError::Indeterminate(m) = &error {
+                maybe_applied = Some(m.clone());
+            }
+            if may_retry(&error, deduplicated) && Instant::now() < deadline {
+                // Wait for news of the leader (or a short pause: a dead
+                // leader stays "known" until the election timeout).
+                let pause = Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+                metrics.borrow_and_update();
+                let _ = tokio::time::timeout(pause, metrics.changed()).await;
+                continue;
+            }
+            return Err(match (error, maybe_applied) {
+                (ConsensusError::Unavailable { reason, .. }, Some(earlier)) => {
+                    ConsensusError::Indeterminate(format!("{earlier}; then {reason}"))
+                }
+                (ConsensusError::Unavailable { reason, .. }, None) => {
+                    let leader = self.leader();
+                    ConsensusError::Unavailable {
+                        reason,
+                        leader_id: leader.as_ref().map(|l| l.0),
+                        leader_addr: leader.map(|l| l.1.public_addr),
+                    }
+                }
+                (other, _) => other,
+            });
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, info: &NodeInfo, req: &ForwardRequest) -> Result<ForwardResponse> {
+        let mut client = self.inner.pool.client(&info.internal_addr)?;
+        let mut request = tonic::Request::new(self.inner.identity.stamp(encode(req)?, leader));
+        request.set_timeout(self.inner.config.rpc_timeout());
+        match client.forward(request).await {
+            Ok(reply) => decode::<Result<ForwardResponse>>(reply.get_ref())?,
+            Err(status) => {
+                let idempotent = !matches!(req, ForwardRequest::Write(_));
+                if idempotent || never_sent(&status) {
+                    Err(ConsensusError::Unavailable {
+                        reason: format!("leader {leader} unreachable: {}", status.message()),
+                        leader_id: Some(leader),
+                        leader_addr: Some(info.public_addr.clone()),
+                    })
+                } else {
+                    Err(ConsensusError::Indeterminate(format!(
+                        "lost contact with leader {leader} after sending the write: {}",
+                        status.message()
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Whether a failed attempt may be sent again. `Unavailable` proves the
+/// request was not applied (no leader, or it was refused before proposing).
+/// `Indeterminate` (the request may be in a log) allows a retry only for a
+/// deduplicated write: the state machine applies its request id once.
+pub(crate) fn may_retry(error: &ConsensusError, deduplicated: bool) -> bool {
+    match error {
+        ConsensusError::Unavailable { .. } => true,
+        ConsensusError::Indeterminate(_) => deduplicated,
+        _ => false,
+    }
+}
+
+impl Inner {
+    /// Serves a request that must run on the leader, without forwarding.
+    pub(crate) async fn handle_local(&self, req: ForwardRequest) -> Result<ForwardResponse> {
+        match req {
+            ForwardRequest::Write(cmd) => {
+                cmd.validate(&self.limits)?;
+                if self.raft.metrics().borrow().state != ServerState::Leader {
+                    return Err(ConsensusError::not_leader(None, None));
+                }
+                Ok(ForwardResponse::Write(self.batcher.submit(cmd).await?))
+            }
+            ForwardRequest::ReadIndex => match self.raft.get_read_log_id().await {
+                Ok((read, _)) => Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index))),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    Err(ConsensusError::not_leader(f.leader_id, f.leader_node))
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(ConsensusError::unavailable(
+                    format!("leadership not confirmed by a quorum: {e}"),
+                )),
+                Err(RaftError::Fatal(_)) => Err(ConsensusError::ShuttingDown),
+            },
+            ForwardRequest::Join { id, info } => self.join_local(id, info).await,
+            ForwardRequest::Remove { id } => self.remove_local(id).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_provably_unapplied_or_deduplicated_requests_are_retried() {
+        let unavailable = ConsensusError::unavailable("no leader");
+        let unknown = ConsensusError::Indeterminate("lost the leader".into());
+        assert!(may_retry(&unavailable, false));
+        assert!(may_retry(&unavailable, true));
+        assert!(!may_retry(&unknown, false), "a membership change may be in a log");
+        assert!(may_retry(&unknown, true), "a request id makes a retry safe");
+        assert!(!may_retry(&ConsensusError::invalid("key", "bad"), true));
+        assert!(!may_retry(&ConsensusError::ShuttingDown, true));
+    }
+}

@@ -1,0 +1,696 @@
+//! The key-value table with etcd-style revisions, its change history, the
+//! request window that makes writes exactly-once, and the read side.
+//!
+//! Tables (all in the storage crate's state column family):
+//! - `kv`: user key -> its value and etcd-style revisions,
+//! - `kv_events`: revision (big-endian) -> [`StateEvent`], the last
+//!   [`WATCH_HISTORY`] changes, so watchers can resume from a revision,
+//! - `meta`: `revision` -> the store's current revision, `cluster_id` -> the
+//!   cluster's id, and the bookkeeping of the request window below,
+//! - `requests`: request id -> the first response to that request, for the
+//!   last [`REQUEST_WINDOW_ENTRIES`] requests (and at most
+//!   [`REQUEST_WINDOW_BYTES`] of responses); `request_order`: their order, so
+//!   the oldest leaves first. A retried request inside the window is answered
+//!   from here and not applied again (exactly-once writes),
+//! - `models`: the model registry (see [`crate::registry`]),
+//! - `node_resources`: what each node offers (see [`crate::nodes`]).
+//!
+//! Revisions work like etcd's: a store-wide counter that every mutation
+//! increments, so a key's `mod_revision` orders all writes of the cluster.
+//! Everything here is deterministic: no clock, no randomness, ordered maps only.
+//! Apply checks no size limit (those are checked before proposing, and may
+//! change between versions); the constants it does use (history length,
+//! request window) are part of the log format and change only with a new
+//! command variant.
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, KeyValue, RequestId, Response};
+use crate::error::{Result, StateError};
+use crate::txn::Txn;
+use crate::{Table, nodes, registry};
+
+const KV_TABLE: &str = "kv";
+const EVENTS_TABLE: &str = "kv_events";
+pub(crate) const META_TABLE: &str = "meta";
+pub(crate) const REVISION_KEY: &[u8] = b"revision";
+const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
+const REQUESTS_TABLE: &str = "requests";
+const REQUEST_ORDER_TABLE: &str = "request_order";
+const REQUEST_WINDOW_KEY: &[u8] = b"request_window";
+
+/// Most requests whose first answer is kept for deduplicating retries. Part
+/// of the replicated logic, like [`WATCH_HISTORY`].
+pub const REQUEST_WINDOW_ENTRIES: u64 = 100_000;
+/// Most bytes of kept answers; the oldest leave first.
+pub const REQUEST_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
+/// Most bytes of keys and values one range page holds (always at least one
+/// pair), so a response stays far below the gRPC message limit.
+pub const MAX_RANGE_BYTES: usize = 2 * 1024 * 1024;
+/// How many of the latest changes are kept for watchers resuming from an old
+/// revision. Part of the replicated logic: every node must use the same value.
+pub const WATCH_HISTORY: u64 = 10_000;
+/// Most pairs one range read returns.
+pub const MAX_RANGE_LIMIT: usize = 10_000;
+
+/// A stored value with its revisions; the key is the table key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    value: Vec<u8>,
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+}
+
+impl Record {
+    fn into_kv(self, key: &[u8]) -> KeyValue {
+        KeyValue {
+            key: key.to_vec(),
+            value: self.value,
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+        }
+    }
+}
+
+/// The kind of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// A key was created or overwritten.
+    Put,
+    /// A key was removed.
+    Delete,
+}
+
+/// One applied change, as watchers see it. Its revision is `kv.mod_revision`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateEvent {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The pair after the change; for deletes the value is empty.
+    pub kv: KeyValue,
+}
+
+impl StateEvent {
+    /// The revision of the change.
+    pub fn revision(&self) -> u64 {
+        self.kv.mod_revision
+    }
+}
+
+/// The first answer to a request, kept for its retries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RequestRow {
+    response: Response,
+}
+
+/// The request window's bookkeeping, one `meta` row.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct RequestWindow {
+    /// Order number of the next kept answer.
+    next: u64,
+    /// Order number of the oldest kept answer.
+    oldest: u64,
+    /// Bytes of kept answers.
+    bytes: u64,
+}
+
+/// Where a kept answer is, in arrival order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RequestOrderRow {
+    key: Vec<u8>,
+    bytes: u64,
+}
+
+/// The cluster's id, 0 before the cluster recorded one.
+pub fn cluster_id(txn: &dyn Txn) -> Result<u64> {
+    meta_u64(txn, CLUSTER_ID_KEY)
+}
+
+pub(crate) fn meta_u64(txn: &dyn Txn, key: &[u8]) -> Result<u64> {
+    match txn.get(META_TABLE, key)? {
+        Some(b) => decode_u64(&b),
+        None => Ok(0),
+    }
+}
+
+/// The store's current revision.
+pub fn revision(txn: &dyn Txn) -> Result<u64> {
+    meta_u64(txn, REVISION_KEY)
+}
+
+fn decode_u64(b: &[u8]) -> Result<u64> {
+    let arr: [u8; 8] = b.try_into().map_err(|_| StateError::Corrupt {
+        what: "counter",
+        detail: format!("{} bytes, not 8", b.len()),
+    })?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+use crate::codec::{decode, encode};
+
+/// The pair stored under `key`.
+pub fn get(txn: &dyn Txn, key: &[u8]) -> Result<Option<KeyValue>> {
+    match txn.get(KV_TABLE, key)? {
+        Some(b) => Ok(Some(decode::<Record>("record", &b)?.into_kv(key))),
+        None => Ok(None),
+    }
+}
+
+/// A page of pairs whose keys start with `prefix` and sort after
+/// `start_after` (if not empty), and whether more pairs match.
+pub fn range(txn: &dyn Txn, prefix: &[u8], start_after: &[u8], limit: usize) -> Result<(Vec<KeyValue>, bool)> {
+    let limit = if limit == 0 {
+        MAX_RANGE_LIMIT
+    } else {
+        limit.min(MAX_RANGE_LIMIT)
+    };
+    let start = if start_after.is_empty() || start_after < prefix {
+        prefix.to_vec()
+    } else {
+        let mut s = start_after.to_vec();
+        s.push(0);
+        s
+    };
+    let end = crate::txn::prefix_end(prefix);
+    let mut kvs = Vec::new();
+    let mut bytes = 0;
+    let mut more = false;
+    // Scan in small pages so a byte-bounded page never loads `limit` values.
+    let mut from = start;
+    'pages: loop {
+        let rows = txn.scan(KV_TABLE, &from, end.as_deref(), RANGE_SCAN_PAGE)?;
+        let page_full = rows.len() == RANGE_SCAN_PAGE;
+        for (k, v) in rows {
+            if kvs.len() == limit || (!kvs.is_empty() && bytes + k.len() + v.len() > MAX_RANGE_BYTES) {
+                more = true;
+                break 'pages;
+            }
+            bytes += k.len() + v.len();
+            let kv = decode::<Record>("record", &v)?.into_kv(&k);
+            from = k;
+            from.push(0);
+            kvs.push(kv);
+        }
+        if !page_full {
+            break;
+        }
+    }
+    Ok((kvs, more))
+}
+
+/// Rows read per scan of the history.
+const HISTORY_SCAN_PAGE: usize = 256;
+
+/// Rows read per scan of a range page.
+const RANGE_SCAN_PAGE: usize = 256;
+
+/// Changes with revision >= `from` under `prefix`, at most `limit`, in
+/// revision order. Fails with [`StateError::Compacted`] when `from` is
+/// older than the retained history. Callers pass one point-in-time view, so
+/// the compaction check and the pages read agree: an event that was there
+/// when the check passed is returned, never silently skipped.
+///
+/// A page also ends before it would pass `max_bytes` of keys and values
+/// (it always holds at least one event), so one page fits a watch message.
+pub fn history(txn: &dyn Txn, prefix: &[u8], from: u64, limit: usize, max_bytes: usize) -> Result<Vec<StateEvent>> {
+    let current = revision(txn)?;
+    let oldest = current.saturating_sub(WATCH_HISTORY) + 1;
+    if from < oldest && from <= current {
+        return Err(StateError::Compacted {
+            requested: from,
+            oldest,
+        });
+    }
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut start = from.max(1);
+    // Scanning small pages keeps memory bounded when the prefix filter
+    // rejects most events or the values are large.
+    'pages: while out.len() < limit {
+        let rows = txn.scan(EVENTS_TABLE, &start.to_be_bytes(), None, HISTORY_SCAN_PAGE)?;
+        let Some((last, _)) = rows.last() else { break };
+        start = decode_u64(last)?.saturating_add(1);
+        let page_full = rows.len() == HISTORY_SCAN_PAGE;
+        for (_, v) in rows {
+            let ev: StateEvent = decode("event", &v)?;
+            if ev.kv.key.starts_with(prefix) {
+                let size = ev.kv.key.len() + ev.kv.value.len();
+                if !out.is_empty() && bytes + size > max_bytes {
+                    break 'pages;
+                }
+                bytes += size;
+                out.push(ev);
+                if out.len() == limit {
+                    break 'pages;
+                }
+            }
+        }
+        if !page_full {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Applies `cmd` at `rev` (the revision before it), bumping `rev` per
+/// mutation, and notes every table it changed in `changed`.
+pub(crate) fn apply_command(
+    txn: &mut dyn Txn,
+    cmd: &Command,
+    rev: &mut u64,
+    events: &mut Vec<StateEvent>,
+    changed: &mut std::collections::BTreeSet<Table>,
+) -> Result<Response> {
+    match cmd {
+        Command::Put { key, value } => {
+            changed.insert(Table::Kv);
+            let prev = get(txn, key)?;
+            let kv = write(txn, key, value, prev.as_ref(), rev, events)?;
+            Ok(Response::Put { kv, prev })
+        }
+        Command::Delete { key } => {
+            let prev = get(txn, key)?;
+            if prev.is_some() {
+                *rev += 1;
+                changed.insert(Table::Kv);
+                txn.delete(KV_TABLE, key)?;
+                record_event(
+                    txn,
+                    events,
+                    StateEvent {
+                        kind: EventKind::Delete,
+                        kv: KeyValue {
+                            key: key.clone(),
+                            value: Vec::new(),
+                            create_revision: 0,
+                            mod_revision: *rev,
+                            version: 0,
+                        },
+                    },
+                )?;
+            }
+            Ok(Response::Delete { revision: *rev, prev })
+        }
+        Command::Cas {
+            key,
+            expected_revision,
+            value,
+        } => {
+            let current = get(txn, key)?;
+            let current_rev = current.as_ref().map_or(0, |kv| kv.mod_revision);
+            if current_rev != *expected_revision {
+                return Ok(Response::Cas {
+                    revision: *rev,
+                    succeeded: false,
+                    kv: current,
+                });
+            }
+            changed.insert(Table::Kv);
+            let kv = write(txn, key, value, current.as_ref(), rev, events)?;
+            Ok(Response::Cas {
+                revision: *rev,
+                succeeded: true,
+                kv: Some(kv),
+            })
+        }
+        Command::Batch(cmds) => {
+            let mut out = Vec::with_capacity(cmds.len());
+            for c in cmds {
+                out.push(apply_command(txn, c, rev, events, changed)?);
+            }
+            Ok(Response::Batch(out))
+        }
+        Command::Model(m) => {
+            changed.insert(Table::Models);
+            Ok(Response::Model(registry::apply(txn, m)?))
+        }
+        Command::Node(n) => {
+            changed.insert(Table::Nodes);
+            Ok(Response::Node {
+                stored: nodes::apply(txn, n)?,
+            })
+        }
+        Command::Request { id, cmd } => {
+            let key = request_key(id);
+            if let Some(b) = txn.get(REQUESTS_TABLE, &key)? {
+                return Ok(decode::<RequestRow>("request", &b)?.response);
+            }
+            let response = apply_command(txn, cmd, rev, events, changed)?;
+            remember_request(txn, key, &response)?;
+            Ok(response)
+        }
+        Command::InitCluster { cluster_id: id } => {
+            let stored = cluster_id(txn)?;
+            if stored != 0 {
+                return Ok(Response::ClusterId(stored));
+            }
+            txn.put(META_TABLE, CLUSTER_ID_KEY, &id.to_be_bytes())?;
+            changed.insert(Table::Cluster);
+            Ok(Response::ClusterId(*id))
+        }
+    }
+}
+
+fn request_key(id: &RequestId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16);
+    key.extend_from_slice(&id.client.to_be_bytes());
+    key.extend_from_slice(&id.seq.to_be_bytes());
+    key
+}
+
+/// Keeps `response` as the answer to request `key`, then drops the oldest
+/// kept answers while the window holds too many or too large ones.
+fn remember_request(txn: &mut dyn Txn, key: Vec<u8>, response: &Response) -> Result<()> {
+    let row = encode(
+        "request",
+        &RequestRow {
+            response: response.clone(),
+        },
+    )?;
+    let mut window: RequestWindow = match txn.get(META_TABLE, REQUEST_WINDOW_KEY)? {
+        Some(b) => decode("request window", &b)?,
+        None => RequestWindow::default(),
+    };
+    txn.put(REQUESTS_TABLE, &key, &row)?;
+    txn.put(
+        REQUEST_ORDER_TABLE,
+        &window.next.to_be_bytes(),
+        &encode(
+            "request order",
+            &RequestOrderRow {
+                key,
+                bytes: row.len() as u64,
+            },
+        )?,
+    )?;
+    window.next += 1;
+    window.bytes += row.len() as u64;
+    while window.oldest + 1 < window.next
+        && (window.next - window.oldest > REQUEST_WINDOW_ENTRIES || window.bytes > REQUEST_WINDOW_BYTES)
+    {
+        let order_key = window.oldest.to_be_bytes();
+        if let Some(b) = txn.get(REQUEST_ORDER_TABLE, &order_key)? {
+            let old: RequestOrderRow = decode("request order", &b)?;
+            txn.delete(REQUESTS_TABLE, &old.key)?;
+            txn.delete(REQUEST_ORDER_TABLE, &order_key)?;
+            window.bytes = window.bytes.saturating_sub(old.bytes);
+        }
+        window.oldest += 1;
+    }
+    txn.put(META_TABLE, REQUEST_WINDOW_KEY, &encode("request window", &window)?)?;
+    Ok(())
+}
+
+fn write(
+    txn: &mut dyn Txn,
+    key: &[u8],
+    value: &[u8],
+    prev: Option<&KeyValue>,
+    rev: &mut u64,
+    events: &mut Vec<StateEvent>,
+) -> Result<KeyValue> {
+    *rev += 1;
+    let record = Record {
+        value: value.to_vec(),
+        create_revision: prev.map_or(*rev, |p| p.create_revision),
+        mod_revision: *rev,
+        version: prev.map_or(1, |p| p.version + 1),
+    };
+    txn.put(KV_TABLE, key, &encode("record", &record)?)?;
+    let kv = record.into_kv(key);
+    record_event(
+        txn,
+        events,
+        StateEvent {
+            kind: EventKind::Put,
+            kv: kv.clone(),
+        },
+    )?;
+    Ok(kv)
+}
+
+fn record_event(txn: &mut dyn Txn, events: &mut Vec<StateEvent>, ev: StateEvent) -> Result<()> {
+    let rev = ev.revision();
+    txn.put(EVENTS_TABLE, &rev.to_be_bytes(), &encode("event", &ev)?)?;
+    if rev > WATCH_HISTORY {
+        txn.delete(EVENTS_TABLE, &(rev - WATCH_HISTORY).to_be_bytes())?;
+    }
+    events.push(ev);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemTxn;
+
+    fn put(k: &str, v: &str) -> Command {
+        Command::Put {
+            key: k.as_bytes().to_vec(),
+            value: v.as_bytes().to_vec(),
+        }
+    }
+
+    /// Applies `cmds` as separate entries.
+    fn run(state: &mut MemTxn, cmds: &[Command]) -> Vec<Response> {
+        cmds.iter().map(|c| crate::apply(state, c).unwrap().response).collect()
+    }
+
+    #[test]
+    fn revisions_count_mutations_like_etcd() {
+        let mut state = MemTxn::new();
+        let out = run(&mut state, &[put("a", "1"), put("b", "1"), put("a", "2")]);
+        let Response::Put { kv, prev } = &out[2] else {
+            panic!("{out:?}")
+        };
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (1, 3, 2));
+        assert_eq!(prev.as_ref().unwrap().value, b"1");
+        let txn = &state;
+        assert_eq!(revision(txn).unwrap(), 3);
+        // Deleting an absent key changes nothing.
+        let out = run(&mut state, &[Command::Delete { key: b"zz".to_vec() }]);
+        assert_eq!(
+            out[0],
+            Response::Delete {
+                revision: 3,
+                prev: None
+            }
+        );
+        let out = run(&mut state, &[Command::Delete { key: b"a".to_vec() }, put("a", "3")]);
+        assert!(matches!(
+            &out[0],
+            Response::Delete {
+                revision: 4,
+                prev: Some(_)
+            }
+        ));
+        let Response::Put { kv, .. } = &out[1] else { panic!() };
+        assert_eq!((kv.create_revision, kv.version), (5, 1), "recreated key starts over");
+    }
+
+    #[test]
+    fn cas_compares_mod_revision_and_zero_means_absent() {
+        let mut state = MemTxn::new();
+        let cas = |rev, v: &str| Command::Cas {
+            key: b"k".to_vec(),
+            expected_revision: rev,
+            value: v.as_bytes().to_vec(),
+        };
+        let out = run(&mut state, &[cas(0, "a"), cas(0, "b"), cas(1, "c"), cas(1, "d")]);
+        assert!(matches!(&out[0], Response::Cas { succeeded: true, .. }));
+        let Response::Cas { succeeded, kv, .. } = &out[1] else {
+            panic!()
+        };
+        assert!(!succeeded);
+        assert_eq!(kv.as_ref().unwrap().value, b"a", "failure reports the current pair");
+        assert!(matches!(
+            &out[2],
+            Response::Cas {
+                succeeded: true,
+                revision: 2,
+                ..
+            }
+        ));
+        assert!(matches!(&out[3], Response::Cas { succeeded: false, .. }));
+    }
+
+    #[test]
+    fn batch_is_one_atomic_step_with_ordered_effects() {
+        let mut state = MemTxn::new();
+        let batch = Command::Batch(vec![
+            put("x", "1"),
+            Command::Cas {
+                key: b"x".to_vec(),
+                expected_revision: 1,
+                value: b"2".to_vec(),
+            },
+            Command::Delete { key: b"x".to_vec() },
+        ]);
+        let applied = crate::apply(&mut state, &batch).unwrap();
+        let Response::Batch(parts) = &applied.response else {
+            panic!()
+        };
+        assert!(
+            matches!(&parts[1], Response::Cas { succeeded: true, .. }),
+            "sees the earlier put"
+        );
+        assert!(matches!(&parts[2], Response::Delete { prev: Some(_), .. }));
+        let revs: Vec<u64> = applied.events.iter().map(StateEvent::revision).collect();
+        assert_eq!(revs, vec![1, 2, 3], "one apply reports the whole batch in order");
+        assert_eq!(applied.changed, [crate::Table::Kv].into());
+    }
+
+    #[test]
+    fn apply_checks_structure_not_size_limits() {
+        let mut state = MemTxn::new();
+        let too_deep = Command::Batch(vec![
+            put("ok", "1"),
+            Command::Batch(vec![Command::Batch(vec![put("deep", "1")])]),
+        ]);
+        // Size limits may differ between versions; apply never depends on
+        // them, so replicas of different versions agree.
+        let big_key = Command::Put {
+            key: vec![1; crate::command::MAX_KEY_BYTES + 1],
+            value: vec![],
+        };
+        let out = run(&mut state, &[too_deep, big_key]);
+        assert!(
+            matches!(&out[0], Response::Rejected(m) if m.contains("nested too deeply")),
+            "{out:?}"
+        );
+        assert!(matches!(&out[1], Response::Put { .. }), "{out:?}");
+        let txn = &state;
+        assert_eq!(get(txn, b"ok").unwrap(), None, "nothing of a rejected batch is applied");
+    }
+
+    fn request(client: u64, seq: u64, cmd: Command) -> Command {
+        Command::Request {
+            id: crate::command::RequestId { client, seq },
+            cmd: Box::new(cmd),
+        }
+    }
+
+    #[test]
+    fn a_retried_request_applies_once_and_gets_the_first_answer() {
+        let mut state = MemTxn::new();
+        let first = request(7, 1, put("k", "first"));
+        let out = run(
+            &mut state,
+            &[
+                first.clone(),
+                put("k", "other"),
+                // The retry arrives in another entry, even inside a group.
+                Command::Batch(vec![first.clone(), request(7, 2, put("j", "1"))]),
+            ],
+        );
+        let Response::Batch(parts) = &out[2] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(parts[0], out[0], "the retry is answered with the first response");
+        let txn = &state;
+        assert_eq!(get(txn, b"k").unwrap().unwrap().value, b"other", "not applied twice");
+        assert_eq!(revision(txn).unwrap(), 3, "k twice and j once");
+    }
+
+    #[test]
+    fn the_request_window_keeps_the_newest_answers() {
+        let mut state = MemTxn::new();
+        let n = REQUEST_WINDOW_ENTRIES + 2;
+        let batch = Command::Batch(
+            (1..=n)
+                .map(|seq| request(1, seq, Command::Delete { key: b"x".to_vec() }))
+                .collect(),
+        );
+        run(&mut state, &[batch]);
+        let txn = &state;
+        let kept = txn.scan(REQUESTS_TABLE, b"", None, usize::MAX).unwrap();
+        assert_eq!(kept.len() as u64, REQUEST_WINDOW_ENTRIES);
+        assert_eq!(kept[0].0, request_key(&crate::command::RequestId { client: 1, seq: 3 }));
+        let order = txn.scan(REQUEST_ORDER_TABLE, b"", None, usize::MAX).unwrap();
+        assert_eq!(order.len() as u64, REQUEST_WINDOW_ENTRIES);
+    }
+
+    #[test]
+    fn the_cluster_id_is_recorded_once() {
+        let mut state = MemTxn::new();
+        let out = run(
+            &mut state,
+            &[
+                Command::InitCluster { cluster_id: 11 },
+                Command::InitCluster { cluster_id: 12 },
+            ],
+        );
+        assert_eq!(out, vec![Response::ClusterId(11), Response::ClusterId(11)]);
+        assert_eq!(cluster_id(&state).unwrap(), 11);
+    }
+
+    #[test]
+    fn range_and_history_pages_are_bounded_in_bytes() {
+        let mut state = MemTxn::new();
+        let big = "v".repeat(700 * 1024);
+        let cmds: Vec<Command> = (0..5).map(|i| put(&format!("b/{i}"), &big)).collect();
+        run(&mut state, &cmds);
+        let txn = &state;
+        let (page, more) = range(txn, b"b/", b"", 0).unwrap();
+        assert_eq!(page.len(), 2, "three 700 KiB values pass 2 MiB");
+        assert!(more);
+        let (rest, more) = range(txn, b"b/", &page[1].key, 0).unwrap();
+        assert_eq!((rest.len(), more), (2, true));
+        let evs = history(txn, b"", 1, 1000, MAX_RANGE_BYTES).unwrap();
+        assert_eq!(evs.len(), 2);
+        let one = history(txn, b"", 1, 1000, 1).unwrap();
+        assert_eq!(one.len(), 1, "a page always holds one event");
+    }
+
+    #[test]
+    fn range_pages_and_history_resumes() {
+        let mut state = MemTxn::new();
+        let cmds: Vec<Command> = (0..25)
+            .map(|i| put(&format!("p/{i:02}"), "v"))
+            .chain([put("q", "v")])
+            .collect();
+        run(&mut state, &cmds);
+        let txn = &state;
+        let (page, more) = range(txn, b"p/", b"", 10).unwrap();
+        assert_eq!(page.len(), 10);
+        assert!(more);
+        let (page2, _) = range(txn, b"p/", &page[9].key, 10).unwrap();
+        assert_eq!(page2[0].key, b"p/10");
+        let (all, more) = range(txn, b"p/", b"", 0).unwrap();
+        assert_eq!((all.len(), more), (25, false));
+        let evs = history(txn, b"p/", 20, 100, usize::MAX).unwrap();
+        assert_eq!(
+            evs.iter().map(StateEvent::revision).collect::<Vec<_>>(),
+            vec![20, 21, 22, 23, 24, 25]
+        );
+        assert!(
+            history(txn, b"", 27, 100, usize::MAX).unwrap().is_empty(),
+            "future revisions are empty, not errors"
+        );
+    }
+
+    #[test]
+    fn history_is_bounded_and_compaction_is_reported() {
+        let mut state = MemTxn::new();
+        let n = WATCH_HISTORY + 5;
+        let batch = Command::Batch((0..n).map(|i| put(&format!("k{}", i % 7), "v")).collect());
+        run(&mut state, &[batch]);
+        let txn = &state;
+        let err = history(txn, b"", 3, 10, usize::MAX).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateError::Compacted {
+                    requested: 3,
+                    oldest: 6
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(history(txn, b"", 6, 1, usize::MAX).unwrap()[0].revision(), 6);
+        let stored = txn.scan(EVENTS_TABLE, b"", None, usize::MAX).unwrap().len() as u64;
+        assert_eq!(stored, WATCH_HISTORY);
+    }
+}

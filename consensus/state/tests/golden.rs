@@ -1,0 +1,224 @@
+//! Golden tests of the replicated state machine (toydb's goldenscript idea).
+//!
+//! `tests/golden/*.script` holds commands, one per line. Running a script
+//! applies them to an empty state and writes, into the `.golden` file next
+//! to it: each command's log-entry bytes, its response and events, then every
+//! stored row as bytes, then what the read functions return from those rows.
+//!
+//! The test fails when anything differs from the checked-in file, so a
+//! change of the log format, of a row encoding, of a table key layout or of
+//! apply's behaviour cannot land unnoticed. It also decodes the checked-in
+//! bytes (entries and rows) with today's code, so an existing data dir and
+//! log keep reading. After an intended change, regenerate with
+//! `CELL0_BLESS=1 cargo nextest run --workspace -E 'test(golden)'` and
+//! review the diff; a change to existing bytes means a new versioned
+//! variant or row format is needed instead.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use cell0_state::command::RequestId;
+use cell0_state::nodes::{NodeCommand, NodeResources};
+use cell0_state::registry::{ModelCommand, ModelFile, ModelManifest};
+use cell0_state::{Command, MemTxn, Txn, kv, nodes, registry};
+
+fn parse_command(words: &[&str]) -> Command {
+    let text = |i: usize| words[i].as_bytes().to_vec();
+    let num = |i: usize| {
+        words[i]
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("{words:?}: word {i} is not a number"))
+    };
+    match words[0] {
+        "put" => Command::Put {
+            key: text(1),
+            value: text(2),
+        },
+        "delete" => Command::Delete { key: text(1) },
+        "cas" => Command::Cas {
+            key: text(1),
+            expected_revision: num(2),
+            value: text(3),
+        },
+        "batch" => Command::Batch(words[1..].split(|w| *w == ";").map(parse_command).collect()),
+        "request" => Command::Request {
+            id: RequestId {
+                client: num(1),
+                seq: num(2),
+            },
+            cmd: Box::new(parse_command(&words[3..])),
+        },
+        "init-cluster" => Command::InitCluster { cluster_id: num(1) },
+        "model-add" => Command::Model(ModelCommand::Add {
+            manifest: ModelManifest {
+                name: words[1].into(),
+                version: num(2) as u32,
+                architecture: "all-minilm-l6-v2".into(),
+                files: vec![
+                    ModelFile {
+                        path: "config.json".into(),
+                        sha256: "a".repeat(64),
+                        size: 10,
+                    },
+                    ModelFile {
+                        path: "model.safetensors".into(),
+                        sha256: "b".repeat(64),
+                        size: 20,
+                    },
+                ],
+            },
+            holder: num(3),
+        }),
+        "model-held" => Command::Model(ModelCommand::Held {
+            name: words[1].into(),
+            version: num(2) as u32,
+            node: num(3),
+        }),
+        "model-remove" => Command::Model(ModelCommand::Remove {
+            name: words[1].into(),
+            version: num(2) as u32,
+        }),
+        "node-set" => Command::Node(NodeCommand::SetResources {
+            node: num(1),
+            resources: NodeResources {
+                cpu_cores: num(2) as u32,
+                memory_bytes: 1 << 30,
+                inference_backend: "cpu".into(),
+                adapter: "llvmpipe".into(),
+                device_type: "cpu".into(),
+                gpu: words[3] == "gpu",
+                gpu_memory_bytes: 0,
+            },
+        }),
+        other => panic!("unknown command {other:?}"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or_else(|_| panic!("bad hex {s:?}")))
+        .collect()
+}
+
+/// What the read functions return from `state`.
+fn reads(state: &MemTxn) -> String {
+    let mut out = String::new();
+    let (kvs, more) = kv::range(state, b"", b"", 0).unwrap();
+    writeln!(out, "range: more={more}").unwrap();
+    for kv in kvs {
+        writeln!(out, "  {kv:?}").unwrap();
+    }
+    writeln!(out, "revision: {}", kv::revision(state).unwrap()).unwrap();
+    writeln!(out, "cluster_id: {}", kv::cluster_id(state).unwrap()).unwrap();
+    for ev in kv::history(state, b"", 1, 1000, usize::MAX).unwrap() {
+        writeln!(out, "history: {ev:?}").unwrap();
+    }
+    for entry in registry::list(state).unwrap() {
+        writeln!(out, "model: {entry:?}").unwrap();
+    }
+    for (id, r) in nodes::resources(state).unwrap() {
+        writeln!(out, "node {id}: {r:?}").unwrap();
+    }
+    out
+}
+
+/// Runs `script`: the entries, responses and rows part of the golden file,
+/// and the final state.
+fn run(script: &str) -> (String, MemTxn) {
+    let mut state = MemTxn::new();
+    let mut out = String::new();
+    for line in script
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let cmd = parse_command(&words);
+        let applied = cell0_state::apply(&mut state, &cmd).unwrap();
+        writeln!(out, "> {line}").unwrap();
+        writeln!(out, "entry {}", hex(&postcard::to_stdvec(&cmd).unwrap())).unwrap();
+        writeln!(out, "-> {:?}", applied.response).unwrap();
+        for ev in &applied.events {
+            writeln!(out, "event {ev:?}").unwrap();
+        }
+        writeln!(out, "changed {:?}", applied.changed).unwrap();
+    }
+    writeln!(out, "== rows").unwrap();
+    for (table, key, value) in state.rows() {
+        writeln!(out, "{table} {} {}", hex(key), hex(value)).unwrap();
+    }
+    (out, state)
+}
+
+fn check(script_path: &Path) {
+    let script = std::fs::read_to_string(script_path).unwrap();
+    let golden_path = script_path.with_extension("golden");
+    let (applied, state) = run(&script);
+    let fresh = format!("{applied}== reads\n{}", reads(&state));
+    if std::env::var_os("CELL0_BLESS").is_some() {
+        std::fs::write(&golden_path, &fresh).unwrap();
+        return;
+    }
+    let golden = std::fs::read_to_string(&golden_path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run with CELL0_BLESS=1 to create it", golden_path.display()));
+    let (golden_applied, golden_reads) = golden
+        .split_once("== reads\n")
+        .unwrap_or_else(|| panic!("{} has no reads section", golden_path.display()));
+
+    // The checked-in entries decode, with today's code, to the commands the
+    // script names.
+    let mut lines = golden_applied.lines().peekable();
+    while let Some(line) = lines.next() {
+        if let Some(cmd_line) = line.strip_prefix("> ") {
+            let entry = lines.next().and_then(|l| l.strip_prefix("entry ")).unwrap();
+            let decoded: Command = postcard::from_bytes(&unhex(entry))
+                .unwrap_or_else(|e| panic!("the stored entry of {cmd_line:?} no longer decodes: {e}"));
+            let words: Vec<&str> = cmd_line.split_whitespace().collect();
+            assert_eq!(decoded, parse_command(&words), "entry of {cmd_line:?}");
+        }
+    }
+    // The checked-in rows decode, with today's code, to the same reads.
+    let (_, rows) = golden_applied.split_once("== rows\n").unwrap();
+    let mut stored = MemTxn::new();
+    for line in rows.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        stored.put(parts[0], &unhex(parts[1]), &unhex(parts[2])).unwrap();
+    }
+    assert_eq!(
+        reads(&stored),
+        golden_reads,
+        "{}: the checked-in rows read differently with today's code",
+        golden_path.display()
+    );
+    // And today's code writes exactly the checked-in bytes.
+    assert!(
+        applied == golden_applied,
+        "{} differs from what today's code writes (entries, responses or rows); if the change is intended \
+         and keeps old data readable, regenerate with CELL0_BLESS=1 and review the diff.\n--- today:\n{applied}",
+        golden_path.display()
+    );
+}
+
+fn scripts() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "script"))
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "no scripts in {}", dir.display());
+    out
+}
+
+#[test]
+fn golden_scripts_match_and_their_bytes_still_decode() {
+    for script in scripts() {
+        check(&script);
+    }
+}

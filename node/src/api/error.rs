@@ -1,0 +1,948 @@
+//! The one edge where the public API's errors become gRPC statuses.
+//!
+//! Every error a handler can answer with is an [`ApiError`];
+//! `impl From<ApiError> for Status` gives it its gRPC code, its human
+//! message, a `google.rpc.ErrorInfo` detail (a stable [`Reason`], the domain
+//! [`DOMAIN`] and metadata such as the offending `field` or the `leader`
+//! address) and, when the leader's public address is known, the
+//! [`LEADER_METADATA`] hint. No other module of the API builds a `Status`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cell0_consensus::ConsensusError;
+use cell0_inference::InferenceError;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use super::MAX_CONCURRENT_REQUESTS;
+use super::kv::MAX_WATCHES;
+use crate::models::ModelError;
+use crate::models::store::UploadRefused;
+
+/// The `domain` of every `ErrorInfo` this API sends.
+pub const DOMAIN: &str = "cell0";
+
+/// gRPC metadata key carrying the leader's public address (`host:port`) on
+/// an error, when that address is known. Never a bare node id.
+pub const LEADER_METADATA: &str = "cell0-leader";
+
+/// A stable, machine-readable cause of an error: the `reason` of the
+/// `google.rpc.ErrorInfo` in the status details. Clients branch on it; the
+/// message is for people and may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A request field is malformed or over a limit; metadata `field`.
+    InvalidArgumentField,
+    /// The request named no model while several are registered; metadata `field`.
+    ModelAmbiguous,
+    /// The node asked is not the leader and no leader answered in time.
+    NotLeader,
+    /// No leader is elected (or known to this node).
+    NoLeader,
+    /// The leader is known but did not answer.
+    LeaderUnreachable,
+    /// The leader could not confirm its leadership with a quorum.
+    NoQuorum,
+    /// The node's replica did not catch up with the leader in time for a read.
+    ReplicaBehind,
+    /// A joining node cannot be reached at its internal address.
+    NodeUnreachable,
+    /// Raft refused a membership change (another one is in progress).
+    MembershipChangeRefused,
+    /// Unavailable for another reason; retryable.
+    Unavailable,
+    /// The node is shutting down.
+    ShuttingDown,
+    /// The embedding engine of the node has stopped.
+    EngineStopped,
+    /// A write may or may not have been applied.
+    OutcomeUnknown,
+    /// The requested revision is older than the retained history.
+    Compacted,
+    /// A membership operation named a node that is not a member.
+    NotAMember,
+    /// `Join`: the learner does not answer, so it is not promoted.
+    UnreachableLearner,
+    /// `Join`: the learner answers but is too far behind to vote.
+    LearnerBehind,
+    /// `Remove`: the change would leave too few reachable voters.
+    QuorumAtRisk,
+    /// `Join`: the node belongs to another cluster.
+    OtherCluster,
+    /// The cluster's state refuses the request for another reason.
+    FailedPrecondition,
+    /// More concurrent requests than the node accepts.
+    TooManyRequests,
+    /// More concurrent watches than the node serves.
+    TooManyWatches,
+    /// No model is registered.
+    NoModels,
+    /// No model has the requested name.
+    ModelNotFound,
+    /// The model has no such version.
+    ModelVersionNotFound,
+    /// The version is registered but not ready on this node yet.
+    ModelNotReady,
+    /// `Add` named a file that was not uploaded to this node.
+    FileNotUploaded,
+    /// `Add` of a name and version registered with other files.
+    ModelVersionConflict,
+    /// The registry holds its maximum number of versions.
+    RegistryFull,
+    /// An upload sent nothing for the idle timeout.
+    UploadIdleTimeout,
+    /// An upload would pass the node's upload quota.
+    UploadQuotaExceeded,
+    /// An upload would eat into the free-space reserve of the data dir.
+    InsufficientDiskSpace,
+    /// A stored file failed verification.
+    BlobCorrupt,
+    /// A peer could not deliver a file this node needs.
+    PeerFetchFailed,
+    /// No other node holds a file this node needs.
+    NoHolder,
+    /// A bug or a storage failure.
+    Internal,
+}
+
+impl Reason {
+    /// Every reason, for documentation checks.
+    pub const ALL: [Reason; 36] = [
+        Reason::InvalidArgumentField,
+        Reason::ModelAmbiguous,
+        Reason::NotLeader,
+        Reason::NoLeader,
+        Reason::LeaderUnreachable,
+        Reason::NoQuorum,
+        Reason::ReplicaBehind,
+        Reason::NodeUnreachable,
+        Reason::MembershipChangeRefused,
+        Reason::Unavailable,
+        Reason::ShuttingDown,
+        Reason::EngineStopped,
+        Reason::OutcomeUnknown,
+        Reason::Compacted,
+        Reason::NotAMember,
+        Reason::UnreachableLearner,
+        Reason::LearnerBehind,
+        Reason::QuorumAtRisk,
+        Reason::OtherCluster,
+        Reason::FailedPrecondition,
+        Reason::TooManyRequests,
+        Reason::TooManyWatches,
+        Reason::NoModels,
+        Reason::ModelNotFound,
+        Reason::ModelVersionNotFound,
+        Reason::ModelNotReady,
+        Reason::FileNotUploaded,
+        Reason::ModelVersionConflict,
+        Reason::RegistryFull,
+        Reason::UploadIdleTimeout,
+        Reason::UploadQuotaExceeded,
+        Reason::InsufficientDiskSpace,
+        Reason::BlobCorrupt,
+        Reason::PeerFetchFailed,
+        Reason::NoHolder,
+        Reason::Internal,
+    ];
+
+    /// The reason as it appears on the wire (UPPER_SNAKE_CASE).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidArgumentField => "INVALID_ARGUMENT_FIELD",
+            Reason::ModelAmbiguous => "MODEL_AMBIGUOUS",
+            Reason::NotLeader => "NOT_LEADER",
+            Reason::NoLeader => "NO_LEADER",
+            Reason::LeaderUnreachable => "LEADER_UNREACHABLE",
+            Reason::NoQuorum => "NO_QUORUM",
+            Reason::ReplicaBehind => "REPLICA_BEHIND",
+            Reason::NodeUnreachable => "NODE_UNREACHABLE",
+            Reason::MembershipChangeRefused => "MEMBERSHIP_CHANGE_REFUSED",
+            Reason::Unavailable => "UNAVAILABLE",
+            Reason::ShuttingDown => "SHUTTING_DOWN",
+            Reason::EngineStopped => "ENGINE_STOPPED",
+            Reason::OutcomeUnknown => "OUTCOME_UNKNOWN",
+            Reason::Compacted => "COMPACTED",
+            Reason::NotAMember => "NOT_A_MEMBER",
+            Reason::UnreachableLearner => "UNREACHABLE_LEARNER",
+            Reason::LearnerBehind => "LEARNER_BEHIND",
+            Reason::QuorumAtRisk => "QUORUM_AT_RISK",
+            Reason::OtherCluster => "OTHER_CLUSTER",
+            Reason::FailedPrecondition => "FAILED_PRECONDITION",
+            Reason::TooManyRequests => "TOO_MANY_REQUESTS",
+            Reason::TooManyWatches => "TOO_MANY_WATCHES",
+            Reason::NoModels => "NO_MODELS",
+            Reason::ModelNotFound => "MODEL_NOT_FOUND",
+            Reason::ModelVersionNotFound => "MODEL_VERSION_NOT_FOUND",
+            Reason::ModelNotReady => "MODEL_NOT_READY",
+            Reason::FileNotUploaded => "FILE_NOT_UPLOADED",
+            Reason::ModelVersionConflict => "MODEL_VERSION_CONFLICT",
+            Reason::RegistryFull => "REGISTRY_FULL",
+            Reason::UploadIdleTimeout => "UPLOAD_IDLE_TIMEOUT",
+            Reason::UploadQuotaExceeded => "UPLOAD_QUOTA_EXCEEDED",
+            Reason::InsufficientDiskSpace => "INSUFFICIENT_DISK_SPACE",
+            Reason::BlobCorrupt => "BLOB_CORRUPT",
+            Reason::PeerFetchFailed => "PEER_FETCH_FAILED",
+            Reason::NoHolder => "NO_HOLDER",
+            Reason::Internal => "INTERNAL",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything a request to the public API can fail with. Converting it into
+/// a [`Status`] is the only way the API answers with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A consensus operation failed.
+    #[error(transparent)]
+    Consensus(#[from] ConsensusError),
+    /// A model operation or the engine failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// An upload was not admitted (quota or free space).
+    #[error(transparent)]
+    UploadRefused(#[from] UploadRefused),
+    /// A request field is malformed; `field` names it.
+    #[error("{field} {reason}")]
+    InvalidArgument {
+        /// The field, e.g. `prefix` or `manifest`.
+        field: String,
+        /// What is wrong with it, phrased to follow the field's name.
+        reason: String,
+    },
+    /// The node handles [`MAX_CONCURRENT_REQUESTS`] requests already.
+    #[error("this node is handling {MAX_CONCURRENT_REQUESTS} requests; retry later")]
+    TooManyRequests,
+    /// The node serves [`MAX_WATCHES`] watches already.
+    #[error("this node serves at most {MAX_WATCHES} watches")]
+    TooManyWatches,
+    /// A watch with `require_leader` on a node that knows no leader.
+    #[error("this node has no leader (require_leader is set)")]
+    WatchWithoutLeader,
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// An upload sent nothing for `idle`.
+    #[error(
+        "the upload sent nothing for {} s (models.upload_idle_timeout_secs); it was aborted and its partial file \
+         deleted; send the file again",
+        idle.as_secs_f64()
+    )]
+    UploadIdle {
+        /// The idle timeout.
+        idle: Duration,
+    },
+    /// `Add` of a version registered with other files.
+    #[error("model {name} version {version} is already registered with other files; use a new version")]
+    VersionConflict {
+        /// Model name.
+        name: String,
+        /// Version.
+        version: u32,
+    },
+    /// The registry holds `limit` versions.
+    #[error("the registry holds {limit} versions, its limit; remove one first")]
+    RegistryFull {
+        /// The registry's limit.
+        limit: usize,
+    },
+    /// `Remove` of a version that is not registered.
+    #[error("model {name} version {version} is not registered")]
+    VersionNotRegistered {
+        /// Model name.
+        name: String,
+        /// Version.
+        version: u32,
+    },
+    /// Something that cannot happen did.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// An [`ApiError::InvalidArgument`] for `field`.
+    pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        ApiError::InvalidArgument {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The gRPC code this error is answered with.
+    pub fn code(&self) -> Code {
+        self.describe().code
+    }
+
+    /// The stable reason this error is answered with.
+    pub fn reason(&self) -> Reason {
+        self.describe().reason
+    }
+
+    fn describe(&self) -> Described {
+        match self {
+            ApiError::Consensus(e) => consensus(e),
+            ApiError::Model(e) => model(e),
+            ApiError::UploadRefused(e) => match e {
+                UploadRefused::Quota { quota, .. } => {
+                    Described::new(Code::ResourceExhausted, Reason::UploadQuotaExceeded, e.to_string())
+                        .with("quota_bytes", quota)
+                }
+                UploadRefused::Space { available, reserve, .. } => {
+                    Described::new(Code::ResourceExhausted, Reason::InsufficientDiskSpace, e.to_string())
+                        .with("available_bytes", available)
+                        .with("reserve_bytes", reserve)
+                }
+            },
+            ApiError::InvalidArgument { field, .. } => {
+                Described::new(Code::InvalidArgument, Reason::InvalidArgumentField, self.to_string())
+                    .with("field", field)
+            }
+            ApiError::TooManyRequests => {
+                Described::new(Code::ResourceExhausted, Reason::TooManyRequests, self.to_string())
+                    .with("limit", MAX_CONCURRENT_REQUESTS)
+            }
+            ApiError::TooManyWatches => {
+                Described::new(Code::ResourceExhausted, Reason::TooManyWatches, self.to_string())
+                    .with("limit", MAX_WATCHES)
+            }
+            ApiError::WatchWithoutLeader => Described::new(Code::Unavailable, Reason::NoLeader, self.to_string()),
+            ApiError::ShuttingDown => Described::new(Code::Unavailable, Reason::ShuttingDown, self.to_string()),
+            ApiError::UploadIdle { idle } => {
+                Described::new(Code::DeadlineExceeded, Reason::UploadIdleTimeout, self.to_string())
+                    .with("idle_timeout_secs", idle.as_secs_f64())
+            }
+            ApiError::VersionConflict { name, version } => {
+                Described::new(Code::AlreadyExists, Reason::ModelVersionConflict, self.to_string())
+                    .with("model", name)
+                    .with("version", version)
+            }
+            ApiError::RegistryFull { limit } => {
+                Described::new(Code::ResourceExhausted, Reason::RegistryFull, self.to_string()).with("limit", limit)
+            }
+            ApiError::VersionNotRegistered { name, version } => {
+                Described::new(Code::NotFound, Reason::ModelVersionNotFound, self.to_string())
+                    .with("model", name)
+                    .with("version", version)
+            }
+            ApiError::Internal(m) => Described::new(Code::Internal, Reason::Internal, m.clone()),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let d = e.describe();
+        let mut metadata = MetadataMap::new();
+        let mut info = d.info;
+        if let Some(addr) = d.leader.as_deref().and_then(leader_hint) {
+            metadata.insert(LEADER_METADATA, addr.1);
+            info.insert("leader".to_string(), addr.0);
+        }
+        Status::with_error_details_and_metadata(
+            d.code,
+            d.message,
+            ErrorDetails::with_error_info(d.reason.as_str(), DOMAIN, info),
+            metadata,
+        )
+    }
+}
+
+/// The reason of a status from this API: the `reason` of its `ErrorInfo`
+/// when its domain is [`DOMAIN`]. `None` for a status from elsewhere (the
+/// transport, a proxy, an older node).
+pub fn reason_of(status: &Status) -> Option<String> {
+    status
+        .get_details_error_info()
+        .filter(|i| i.domain == DOMAIN)
+        .map(|i| i.reason)
+}
+
+/// The leader hint for `addr`, as text and as a metadata value, when it is
+/// an address (`host:port`); `None` for anything else, such as a bare id.
+fn leader_hint(addr: &str) -> Option<(String, MetadataValue<tonic::metadata::Ascii>)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    if host.is_empty() || port.parse::<u16>().ok().filter(|p| *p != 0).is_none() {
+        return None;
+    }
+    let value = addr.parse().ok()?;
+    Some((addr.to_string(), value))
+}
+
+/// What one error is answered with.
+struct Described {
+    code: Code,
+    reason: Reason,
+    message: String,
+    info: HashMap<String, String>,
+    /// The leader's public address, when known.
+    leader: Option<String>,
+}
+
+impl Described {
+    fn new(code: Code, reason: Reason, message: String) -> Self {
+        Self {
+            code,
+            reason,
+            message,
+            info: HashMap::new(),
+            leader: None,
+        }
+    }
+
+    fn with(mut self, key: &str, value: impl ToString) -> Self {
+        self.info.insert(key.to_string(), value.to_string());
+        self
+    }
+}
+
+fn consensus(e: &ConsensusError) -> Described {
+    match e {
+        ConsensusError::InvalidArgument { field, reason } => Described::new(
+            Code::InvalidArgument,
+            Reason::InvalidArgumentField,
+            format!("{field} {reason}"),
+        )
+        .with("field", field),
+        ConsensusError::Unavailable {
+            reason, leader_addr, ..
+        } => {
+            // The id alone is no use to a client: it needs an address.
+            let mut d = Described::new(Code::Unavailable, unavailable_reason(reason), reason.clone());
+            d.leader = leader_addr.clone();
+            d
+        }
+        ConsensusError::Indeterminate(m) => Described::new(
+            Code::Unknown,
+            Reason::OutcomeUnknown,
+            format!("write outcome unknown: {m}"),
+        ),
+        ConsensusError::Compacted { requested, oldest } => {
+            Described::new(Code::OutOfRange, Reason::Compacted, e.to_string())
+                .with("requested_revision", requested)
+                .with("oldest_revision", oldest)
+        }
+        ConsensusError::NotFound(m) => Described::new(Code::NotFound, Reason::NotAMember, m.clone()),
+        ConsensusError::ShuttingDown => Described::new(Code::Unavailable, Reason::ShuttingDown, e.to_string()),
+        ConsensusError::Internal(m) => Described::new(Code::Internal, Reason::Internal, m.clone()),
+        ConsensusError::FailedPrecondition(m) => {
+            Described::new(Code::FailedPrecondition, precondition_reason(m), m.clone())
+        }
+    }
+}
+
+/// Tells the causes of [`ConsensusError::Unavailable`] apart. The consensus
+/// layer carries them as text only, so this keys on the wording of its
+/// messages; an unknown wording gets the generic [`Reason::Unavailable`].
+fn unavailable_reason(reason: &str) -> Reason {
+    if reason.starts_with("this node is not the leader") {
+        Reason::NotLeader
+    } else if reason.starts_with("no leader") {
+        Reason::NoLeader
+    } else if reason.starts_with("leader ") && reason.contains(" unreachable") {
+        Reason::LeaderUnreachable
+    } else if reason.starts_with("leadership not confirmed by a quorum") {
+        Reason::NoQuorum
+    } else if reason.starts_with("replica did not catch up") {
+        Reason::ReplicaBehind
+    } else if reason.contains("cannot be reached at its internal address") {
+        Reason::NodeUnreachable
+    } else if reason.starts_with("membership change refused") {
+        Reason::MembershipChangeRefused
+    } else {
+        Reason::Unavailable
+    }
+}
+
+/// Tells the causes of [`ConsensusError::FailedPrecondition`] apart, like
+/// [`unavailable_reason`]; an unknown wording gets
+/// [`Reason::FailedPrecondition`].
+fn precondition_reason(message: &str) -> Reason {
+    if message.starts_with("learner ") && message.contains("not ready to vote") {
+        if message.contains("does not answer") {
+            Reason::UnreachableLearner
+        } else {
+            Reason::LearnerBehind
+        }
+    } else if message.starts_with("removing node ") && message.contains("quorum") {
+        Reason::QuorumAtRisk
+    } else if message.contains("belongs to another cluster") {
+        Reason::OtherCluster
+    } else {
+        Reason::FailedPrecondition
+    }
+}
+
+fn model(e: &ModelError) -> Described {
+    let message = e.to_string();
+    match e {
+        ModelError::Invalid { field, .. } => {
+            Described::new(Code::InvalidArgument, Reason::InvalidArgumentField, message).with("field", field)
+        }
+        ModelError::Ambiguous { .. } => {
+            Described::new(Code::InvalidArgument, Reason::ModelAmbiguous, message).with("field", "model")
+        }
+        ModelError::UnknownModel { name } => {
+            Described::new(Code::NotFound, Reason::ModelNotFound, message).with("model", name)
+        }
+        ModelError::UnknownVersion { name, version } => {
+            Described::new(Code::NotFound, Reason::ModelVersionNotFound, message)
+                .with("model", name)
+                .with("version", version)
+        }
+        ModelError::NoModels => Described::new(Code::FailedPrecondition, Reason::NoModels, message),
+        ModelError::NotUploaded { path, sha256 } => {
+            Described::new(Code::FailedPrecondition, Reason::FileNotUploaded, message)
+                .with("path", path)
+                .with("sha256", sha256)
+        }
+        ModelError::NotReady { name, version, .. } => Described::new(Code::Unavailable, Reason::ModelNotReady, message)
+            .with("model", name)
+            .with("version", version),
+        ModelError::Peer { .. } => Described::new(Code::Unavailable, Reason::PeerFetchFailed, message),
+        ModelError::NoHolder { sha256 } => {
+            Described::new(Code::Unavailable, Reason::NoHolder, message).with("sha256", sha256)
+        }
+        ModelError::Corrupt { sha256, .. } => {
+            Described::new(Code::DataLoss, Reason::BlobCorrupt, message).with("sha256", sha256)
+        }
+        ModelError::Io(_) => Described::new(Code::Internal, Reason::Internal, message),
+        ModelError::Inference(InferenceError::InvalidRequest { field, message }) => Described::new(
+            Code::InvalidArgument,
+            Reason::InvalidArgumentField,
+            format!("{field} {message}"),
+        )
+        .with("field", field),
+        ModelError::Inference(InferenceError::BatcherClosed) => {
+            Described::new(Code::Unavailable, Reason::EngineStopped, message)
+        }
+        ModelError::Inference(_) => Described::new(Code::Internal, Reason::Internal, message),
+        ModelError::Consensus(c) => consensus(c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(s: &Status) -> tonic_types::ErrorInfo {
+        s.get_details_error_info().expect("every status carries an ErrorInfo")
+    }
+
+    /// One of each variant, with the code and reason it must map to.
+    fn consensus_cases() -> Vec<(ConsensusError, Code, Reason)> {
+        vec![
+            (
+                ConsensusError::invalid("key", "must not be empty"),
+                Code::InvalidArgument,
+                Reason::InvalidArgumentField,
+            ),
+            (
+                ConsensusError::not_leader(None, None),
+                Code::Unavailable,
+                Reason::NotLeader,
+            ),
+            (
+                ConsensusError::unavailable("no leader is elected"),
+                Code::Unavailable,
+                Reason::NoLeader,
+            ),
+            (
+                ConsensusError::unavailable("no leader elected yet"),
+                Code::Unavailable,
+                Reason::NoLeader,
+            ),
+            (
+                ConsensusError::Unavailable {
+                    reason: "leader 7 unreachable: connection refused".into(),
+                    leader_id: Some(7),
+                    leader_addr: Some("10.0.0.7:7100".into()),
+                },
+                Code::Unavailable,
+                Reason::LeaderUnreachable,
+            ),
+            (
+                ConsensusError::unavailable("leadership not confirmed by a quorum: 1 of 3"),
+                Code::Unavailable,
+                Reason::NoQuorum,
+            ),
+            (
+                ConsensusError::unavailable("replica did not catch up with the leader: timeout"),
+                Code::Unavailable,
+                Reason::ReplicaBehind,
+            ),
+            (
+                ConsensusError::unavailable(
+                    "node 9 cannot be reached at its internal address 10.0.0.9:7200: connection refused",
+                ),
+                Code::Unavailable,
+                Reason::NodeUnreachable,
+            ),
+            (
+                ConsensusError::unavailable("membership change refused: in progress"),
+                Code::Unavailable,
+                Reason::MembershipChangeRefused,
+            ),
+            (
+                ConsensusError::unavailable("something new"),
+                Code::Unavailable,
+                Reason::Unavailable,
+            ),
+            (
+                ConsensusError::Indeterminate("lost the leader".into()),
+                Code::Unknown,
+                Reason::OutcomeUnknown,
+            ),
+            (
+                ConsensusError::Compacted {
+                    requested: 3,
+                    oldest: 10,
+                },
+                Code::OutOfRange,
+                Reason::Compacted,
+            ),
+            (
+                ConsensusError::NotFound("node 5 is not a member".into()),
+                Code::NotFound,
+                Reason::NotAMember,
+            ),
+            (ConsensusError::ShuttingDown, Code::Unavailable, Reason::ShuttingDown),
+            (
+                ConsensusError::Internal("disk on fire".into()),
+                Code::Internal,
+                Reason::Internal,
+            ),
+            (
+                ConsensusError::FailedPrecondition(
+                    "learner 4 is not ready to vote: it does not answer and has 0 of 12 log entries; it stays a \
+                     learner, join again once it is up"
+                        .into(),
+                ),
+                Code::FailedPrecondition,
+                Reason::UnreachableLearner,
+            ),
+            (
+                ConsensusError::FailedPrecondition(
+                    "learner 4 is not ready to vote: it is reachable and has 2 of 90000 log entries; it stays a \
+                     learner, join again once it is up"
+                        .into(),
+                ),
+                Code::FailedPrecondition,
+                Reason::LearnerBehind,
+            ),
+            (
+                ConsensusError::FailedPrecondition(
+                    "removing node 2 would leave 1 reachable voters of 2, fewer than the quorum of 2 the change \
+                     needs to commit; bring the unreachable voters back first"
+                        .into(),
+                ),
+                Code::FailedPrecondition,
+                Reason::QuorumAtRisk,
+            ),
+            (
+                ConsensusError::FailedPrecondition(
+                    "node 4 belongs to another cluster (00000000000000ab); start it with an empty data dir to join \
+                     this one"
+                        .into(),
+                ),
+                Code::FailedPrecondition,
+                Reason::OtherCluster,
+            ),
+            (
+                ConsensusError::FailedPrecondition("something new".into()),
+                Code::FailedPrecondition,
+                Reason::FailedPrecondition,
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_consensus_error_has_a_code_and_a_reason() {
+        for (e, code, reason) in consensus_cases() {
+            let what = format!("{e:?}");
+            // Directly and wrapped in a model error: the same answer.
+            for api in [ApiError::from(e.clone()), ApiError::from(ModelError::from(e.clone()))] {
+                assert_eq!((api.code(), api.reason()), (code, reason), "{what}");
+                let s = Status::from(api);
+                assert_eq!(s.code(), code, "{what}");
+                let i = info(&s);
+                assert_eq!(i.reason, reason.as_str(), "{what}");
+                assert_eq!(i.domain, DOMAIN, "{what}");
+                assert_eq!(reason_of(&s).as_deref(), Some(reason.as_str()), "{what}");
+            }
+        }
+        // Every variant has a case above; a new variant breaks the build
+        // here until it gets one.
+        let covered: std::collections::HashSet<&str> = consensus_cases()
+            .iter()
+            .map(|(e, _, _)| match e {
+                ConsensusError::InvalidArgument { .. } => "InvalidArgument",
+                ConsensusError::Unavailable { .. } => "Unavailable",
+                ConsensusError::Indeterminate(_) => "Indeterminate",
+                ConsensusError::Compacted { .. } => "Compacted",
+                ConsensusError::NotFound(_) => "NotFound",
+                ConsensusError::ShuttingDown => "ShuttingDown",
+                ConsensusError::Internal(_) => "Internal",
+                ConsensusError::FailedPrecondition(_) => "FailedPrecondition",
+            })
+            .collect();
+        assert_eq!(covered.len(), 8, "{covered:?}");
+    }
+
+    #[test]
+    fn messages_and_metadata_name_what_a_client_needs() {
+        let s = Status::from(ApiError::from(ConsensusError::invalid("key", "must not be empty")));
+        assert_eq!(s.message(), "key must not be empty");
+        assert_eq!(info(&s).metadata.get("field").map(String::as_str), Some("key"));
+
+        let s = Status::from(ApiError::from(ConsensusError::Compacted {
+            requested: 3,
+            oldest: 10,
+        }));
+        let i = info(&s);
+        assert_eq!(i.metadata.get("requested_revision").map(String::as_str), Some("3"));
+        assert_eq!(i.metadata.get("oldest_revision").map(String::as_str), Some("10"));
+
+        let s = Status::from(ApiError::from(ConsensusError::NotFound(
+            "node 5 is not a member".into(),
+        )));
+        assert_eq!(s.message(), "node 5 is not a member");
+
+        let s = Status::from(ApiError::invalid("limit", "is 20000; the maximum is 10000"));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "limit is 20000; the maximum is 10000");
+        assert_eq!(info(&s).metadata.get("field").map(String::as_str), Some("limit"));
+
+        let s = Status::from(ApiError::from(ModelError::Inference(InferenceError::InvalidRequest {
+            field: "texts[1]".into(),
+            message: "is too long".into(),
+        })));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "texts[1] is too long");
+        assert_eq!(info(&s).metadata.get("field").map(String::as_str), Some("texts[1]"));
+    }
+
+    #[test]
+    fn the_leader_hint_is_an_address_or_nothing() {
+        let unavailable = |leader_id, leader_addr: Option<&str>| {
+            Status::from(ApiError::from(ConsensusError::Unavailable {
+                reason: "this node is not the leader".into(),
+                leader_id,
+                leader_addr: leader_addr.map(str::to_string),
+            }))
+        };
+        let s = unavailable(Some(7), Some("10.0.0.7:7100"));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(
+            s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()),
+            Some("10.0.0.7:7100")
+        );
+        assert_eq!(
+            info(&s).metadata.get("leader").map(String::as_str),
+            Some("10.0.0.7:7100")
+        );
+        assert_eq!(info(&s).reason, "NOT_LEADER");
+
+        // Only the id known: no hint at all, never the bare id.
+        for (id, addr) in [
+            (Some(7), None),
+            (None, None),
+            (Some(7), Some("")),
+            (Some(7), Some("7")),
+            (Some(7), Some("host:")),
+            (Some(7), Some(":7100")),
+            (Some(7), Some("host:notaport")),
+        ] {
+            let s = unavailable(id, addr);
+            assert!(s.metadata().get(LEADER_METADATA).is_none(), "{id:?} {addr:?}");
+            assert!(!info(&s).metadata.contains_key("leader"), "{id:?} {addr:?}");
+        }
+        assert!(
+            unavailable(None, Some("[::1]:7100"))
+                .metadata()
+                .get(LEADER_METADATA)
+                .is_some()
+        );
+
+        // No other error carries a hint.
+        let s = Status::from(ApiError::from(ConsensusError::ShuttingDown));
+        assert!(s.metadata().get(LEADER_METADATA).is_none());
+    }
+
+    #[test]
+    fn api_errors_have_their_own_reasons() {
+        let cases: Vec<(ApiError, Code, Reason)> = vec![
+            (
+                ApiError::TooManyRequests,
+                Code::ResourceExhausted,
+                Reason::TooManyRequests,
+            ),
+            (
+                ApiError::TooManyWatches,
+                Code::ResourceExhausted,
+                Reason::TooManyWatches,
+            ),
+            (ApiError::WatchWithoutLeader, Code::Unavailable, Reason::NoLeader),
+            (ApiError::ShuttingDown, Code::Unavailable, Reason::ShuttingDown),
+            (
+                ApiError::UploadIdle {
+                    idle: Duration::from_secs(60),
+                },
+                Code::DeadlineExceeded,
+                Reason::UploadIdleTimeout,
+            ),
+            (
+                ApiError::VersionConflict {
+                    name: "m".into(),
+                    version: 1,
+                },
+                Code::AlreadyExists,
+                Reason::ModelVersionConflict,
+            ),
+            (
+                ApiError::RegistryFull { limit: 256 },
+                Code::ResourceExhausted,
+                Reason::RegistryFull,
+            ),
+            (
+                ApiError::VersionNotRegistered {
+                    name: "m".into(),
+                    version: 1,
+                },
+                Code::NotFound,
+                Reason::ModelVersionNotFound,
+            ),
+            (ApiError::Internal("x".into()), Code::Internal, Reason::Internal),
+            (
+                ApiError::from(UploadRefused::Quota {
+                    used: 1,
+                    size: 2,
+                    quota: 2,
+                }),
+                Code::ResourceExhausted,
+                Reason::UploadQuotaExceeded,
+            ),
+            (
+                ApiError::from(UploadRefused::Space {
+                    size: 1,
+                    available: 1,
+                    reserve: 1,
+                }),
+                Code::ResourceExhausted,
+                Reason::InsufficientDiskSpace,
+            ),
+            (
+                ApiError::from(ModelError::NoModels),
+                Code::FailedPrecondition,
+                Reason::NoModels,
+            ),
+            (
+                ApiError::from(ModelError::Ambiguous { names: "a, b".into() }),
+                Code::InvalidArgument,
+                Reason::ModelAmbiguous,
+            ),
+            (
+                ApiError::from(ModelError::UnknownModel { name: "m".into() }),
+                Code::NotFound,
+                Reason::ModelNotFound,
+            ),
+            (
+                ApiError::from(ModelError::UnknownVersion {
+                    name: "m".into(),
+                    version: 2,
+                }),
+                Code::NotFound,
+                Reason::ModelVersionNotFound,
+            ),
+            (
+                ApiError::from(ModelError::NotReady {
+                    name: "m".into(),
+                    version: 2,
+                    detail: "fetching".into(),
+                }),
+                Code::Unavailable,
+                Reason::ModelNotReady,
+            ),
+            (
+                ApiError::from(ModelError::NotUploaded {
+                    path: "a".into(),
+                    sha256: "0".repeat(64),
+                }),
+                Code::FailedPrecondition,
+                Reason::FileNotUploaded,
+            ),
+            (
+                ApiError::from(ModelError::Corrupt {
+                    sha256: "0".repeat(64),
+                    detail: "short".into(),
+                }),
+                Code::DataLoss,
+                Reason::BlobCorrupt,
+            ),
+            (
+                ApiError::from(ModelError::Peer {
+                    addr: "a:1".into(),
+                    detail: "gone".into(),
+                }),
+                Code::Unavailable,
+                Reason::PeerFetchFailed,
+            ),
+            (
+                ApiError::from(ModelError::NoHolder { sha256: "0".repeat(64) }),
+                Code::Unavailable,
+                Reason::NoHolder,
+            ),
+            (
+                ApiError::from(ModelError::Io("disk".into())),
+                Code::Internal,
+                Reason::Internal,
+            ),
+            (
+                ApiError::from(ModelError::Inference(InferenceError::BatcherClosed)),
+                Code::Unavailable,
+                Reason::EngineStopped,
+            ),
+            (
+                ApiError::from(ModelError::Inference(InferenceError::Backend("x".into()))),
+                Code::Internal,
+                Reason::Internal,
+            ),
+        ];
+        for (e, code, reason) in cases {
+            let what = format!("{e:?}");
+            let s = Status::from(e);
+            assert_eq!(s.code(), code, "{what}");
+            assert_eq!(info(&s).reason, reason.as_str(), "{what}");
+        }
+    }
+
+    #[test]
+    fn reasons_are_upper_snake_case_unique_and_documented() {
+        let docs = include_str!("../../../docs/api.md");
+        let mut seen = std::collections::HashSet::new();
+        for r in Reason::ALL {
+            let s = r.as_str();
+            assert!(
+                !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_uppercase() || c == '_'),
+                "{s}"
+            );
+            assert!(seen.insert(s), "{s} twice");
+            assert!(
+                docs.contains(&format!("| `{s}` |")),
+                "{s} is not in the table of docs/api.md"
+            );
+        }
+    }
+
+    #[test]
+    fn a_status_from_elsewhere_has_no_reason() {
+        assert_eq!(reason_of(&Status::unavailable("proxy")), None);
+    }
+}
