@@ -25,7 +25,7 @@ use crate::batcher::{BatchLimits, Batcher};
 use crate::command::{Command, KeyValue, Limits, RequestId, Response};
 use crate::config::ConsensusConfig;
 use crate::error::{ConsensusError, Result};
-use crate::network::{ChannelPool, NetworkFactory, PeerHealth, WireIdentity};
+use crate::network::{ChannelPool, NetworkFactory, PeerHealth, TcpTransport, Transport, WireIdentity};
 use crate::nodes::{self, NodeCommand, NodeResources};
 use crate::registry::{self, ModelCommand, ModelEntry, ModelOutcome};
 use crate::routing::{ForwardRequest, ForwardResponse};
@@ -153,12 +153,25 @@ impl Consensus {
     /// cluster once [`Consensus::initialize`] bootstraps one or a leader adds
     /// it.
     pub async fn start(id: NodeId, info: NodeInfo, config: ConsensusConfig, storage: StorageBackend) -> Result<Self> {
+        let transport = Arc::new(TcpTransport {
+            connect_timeout: Duration::from_millis(config.rpc_timeout_ms.min(2_000)),
+        });
+        Self::start_with_transport(id, info, config, storage, transport).await
+    }
+
+    /// [`Consensus::start`] with every connection to other nodes opened
+    /// through `transport` (mutual TLS, a simulated network).
+    pub async fn start_with_transport(
+        id: NodeId,
+        info: NodeInfo,
+        config: ConsensusConfig,
+        storage: StorageBackend,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Self> {
         config.validate()?;
         let raft_config = Arc::new(config.to_openraft()?);
         let sm = Arc::new(KvStateMachine::new(state::NOTIFICATION_CAPACITY));
-        let pool = Arc::new(ChannelPool::new(Duration::from_millis(
-            config.rpc_timeout_ms.min(2_000),
-        )));
+        let pool = Arc::new(ChannelPool::new(transport));
         let identity = WireIdentity {
             node: id,
             cluster: sm.cluster_id_cell(),
@@ -240,7 +253,9 @@ impl Consensus {
         &self.inner.raft
     }
 
-    /// The channel pool to other nodes' internal ports.
+    /// The channel pool to other nodes: every connection to another node
+    /// (blob transfer and joins included) comes from it, over the node's
+    /// transport.
     pub fn channels(&self) -> &Arc<ChannelPool> {
         &self.inner.pool
     }

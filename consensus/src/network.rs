@@ -70,12 +70,10 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<RaftMessage, ConsensusError> {
-    postcard::to_stdvec(v)
-        .map(|payload| RaftMessage {
-            payload: payload.into(),
-            ..Default::default()
-        })
-        .map_err(|e| ConsensusError::Internal(format!("encode: {e}")))
+    Ok(RaftMessage {
+        payload: cell0_state::codec::encode("internal message", v)?.into(),
+        ..Default::default()
+    })
 }
 
 /// Who this node is on the wire: its id and its cluster's id (0 until the
@@ -176,23 +174,60 @@ pub(crate) async fn identify(
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(m: &RaftMessage) -> Result<T, ConsensusError> {
-    postcard::from_bytes(&m.payload).map_err(|e| ConsensusError::Internal(format!("decode: {e}")))
+    Ok(cell0_state::codec::decode("internal message", &m.payload)?)
 }
 
-/// Channels to peers, one per address, created lazily and reused.
+/// How this node opens a channel to another node: the seam where mutual TLS
+/// or a simulated, fault-injecting network plug in. Everything that talks
+/// to another node (replication, votes, snapshots, forwarding, the join
+/// handshake, joins through a seed, blob transfer) gets its channel from
+/// the [`ChannelPool`] over this, so routing and replication code never
+/// change with the transport.
+pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
+    /// A lazily connecting channel to `addr` (host:port).
+    fn connect(&self, addr: &str) -> Result<Channel, ConsensusError>;
+}
+
+/// Plain HTTP/2 over TCP with `TCP_NODELAY` and keep-alives.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpTransport {
+    /// How long a connection attempt may take.
+    pub connect_timeout: Duration,
+}
+
+impl Transport for TcpTransport {
+    fn connect(&self, addr: &str) -> Result<Channel, ConsensusError> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ConsensusError::invalid("internal_addr", format!("{addr:?} is not host:port ({e})")))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        Ok(endpoint.connect_lazy())
+    }
+}
+
+/// Channels to peers, one per address, created lazily through the node's
+/// [`Transport`] and reused.
 #[derive(Debug)]
 pub struct ChannelPool {
     channels: Mutex<HashMap<String, Channel>>,
-    connect_timeout: Duration,
+    transport: Arc<dyn Transport>,
 }
 
 impl ChannelPool {
-    /// A pool whose connection attempts give up after `connect_timeout`.
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// A pool opening channels through `transport`.
+    pub fn new(transport: Arc<dyn Transport>) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
-            connect_timeout,
+            transport,
         }
+    }
+
+    /// A pool over plain TCP whose connection attempts give up after
+    /// `connect_timeout`.
+    pub fn tcp(connect_timeout: Duration) -> Self {
+        Self::new(Arc::new(TcpTransport { connect_timeout }))
     }
 
     /// The channel to `addr` (host:port).
@@ -201,13 +236,7 @@ impl ChannelPool {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ConsensusError::invalid("internal_addr", format!("{addr:?} is not host:port ({e})")))?
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect_lazy();
+        let channel = self.transport.connect(addr)?;
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
@@ -362,7 +391,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             let sizes = rpc
                 .entries
                 .iter()
-                .map(|e| postcard::to_stdvec(e).map_or(usize::MAX, |b| b.len()));
+                .map(|e| cell0_state::codec::encode("log entry", e).map_or(usize::MAX, |b| b.len()));
             let fit = entries_that_fit(sizes, self.max_append_bytes);
             metrics::counter!("cell0_raft_append_split_total").increment(1);
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
@@ -405,7 +434,7 @@ mod tests {
         use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 
         // The address is never dialled: the call is cut before it is sent.
-        let pool = Arc::new(ChannelPool::new(Duration::from_millis(10)));
+        let pool = Arc::new(ChannelPool::tcp(Duration::from_millis(10)));
         let identity = WireIdentity {
             node: 1,
             cluster: Arc::new(AtomicU64::new(0)),

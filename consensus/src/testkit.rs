@@ -6,13 +6,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::network::nodelay_incoming;
+use crate::network::{TcpTransport, Transport, nodelay_incoming};
 use crate::{Consensus, ConsensusConfig, ConsensusError, NodeId, NodeInfo, Result, StorageBackend};
 
 /// One running member.
@@ -42,6 +43,21 @@ impl LocalNode {
     /// Starts node `id` on `dir`, listening on `addr` (an ephemeral loopback
     /// port when `None`).
     pub async fn start(id: NodeId, dir: PathBuf, addr: Option<SocketAddr>, config: ConsensusConfig) -> Result<Self> {
+        let transport = Arc::new(TcpTransport {
+            connect_timeout: Duration::from_secs(2),
+        });
+        Self::start_with_transport(id, dir, addr, config, transport).await
+    }
+
+    /// [`LocalNode::start`] with its connections to other nodes opened
+    /// through `transport`.
+    pub async fn start_with_transport(
+        id: NodeId,
+        dir: PathBuf,
+        addr: Option<SocketAddr>,
+        config: ConsensusConfig,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Self> {
         let bind = addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
         let listener = TcpListener::bind(bind)
             .await
@@ -55,7 +71,8 @@ impl LocalNode {
             public_addr: addr.to_string(),
             internal_addr: addr.to_string(),
         };
-        let consensus = Consensus::start(id, info, config, StorageBackend::Rocks(dir.clone())).await?;
+        let consensus =
+            Consensus::start_with_transport(id, info, config, StorageBackend::Rocks(dir.clone()), transport).await?;
         let (stop, stopped) = oneshot::channel::<()>();
         let service = consensus.internal_service();
         let server = tokio::spawn(async move {

@@ -1,9 +1,13 @@
 //! Multi-node tests: three Raft members in one process, each on its own
 //! RocksDB in a temp dir, wired over real gRPC on loopback.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cell0_consensus::network::{TcpTransport, Transport};
 use cell0_consensus::testkit::{LocalNode, local_cluster};
 use cell0_consensus::{Command, Consensus, ConsensusConfig, ConsensusError, Consistency, Response};
 
@@ -514,6 +518,72 @@ async fn a_follower_lagging_by_large_entries_catches_up_through_bounded_calls() 
     assert_eq!(kv.map(|kv| kv.value.len()), Some(value.len()));
     back.stop().await;
     for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// A transport that records every address it dials and cuts the ones it is
+/// told to, like a partition.
+#[derive(Debug)]
+struct Faulty {
+    tcp: TcpTransport,
+    dialled: Mutex<BTreeSet<String>>,
+    cut: BTreeSet<String>,
+}
+
+impl Transport for Faulty {
+    fn connect(&self, addr: &str) -> Result<tonic::transport::Channel, ConsensusError> {
+        self.dialled.lock().unwrap().insert(addr.to_string());
+        if self.cut.contains(addr) {
+            // Port 1 on loopback refuses every connection.
+            return self.tcp.connect("127.0.0.1:1");
+        }
+        self.tcp.connect(addr)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_connection_to_another_node_goes_through_the_transport() {
+    let config = || ConsensusConfig {
+        request_timeout_ms: 2_000,
+        ..config()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let second = LocalNode::start(2, root.path().join("n2"), None, config())
+        .await
+        .unwrap();
+    let third = LocalNode::start(3, root.path().join("n3"), None, config())
+        .await
+        .unwrap();
+    let transport = Arc::new(Faulty {
+        tcp: TcpTransport {
+            connect_timeout: Duration::from_secs(2),
+        },
+        dialled: Mutex::new(BTreeSet::new()),
+        cut: BTreeSet::from([third.addr.to_string()]),
+    });
+    let first = LocalNode::start_with_transport(1, root.path().join("n1"), None, config(), transport.clone())
+        .await
+        .unwrap();
+    first.consensus.initialize().await.unwrap();
+    first.consensus.join(2, second.consensus.info().clone()).await.unwrap();
+    first.consensus.write(put("through", "the transport")).await.unwrap();
+    assert_eq!(
+        value(&second.consensus, "through", Consistency::Linearizable).await,
+        Some(b"the transport".to_vec())
+    );
+    // Node 3 is cut off from node 1's transport: the join handshake fails.
+    let err = first
+        .consensus
+        .join(3, third.consensus.info().clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConsensusError::Unavailable { .. }), "{err}");
+    assert_eq!(voters(&first.consensus), BTreeSet::from([1, 2]));
+    let dialled = transport.dialled.lock().unwrap().clone();
+    assert!(dialled.contains(&second.addr.to_string()), "{dialled:?}");
+    assert!(dialled.contains(&third.addr.to_string()), "{dialled:?}");
+    for n in [first, second, third] {
         n.stop().await;
     }
 }

@@ -9,13 +9,11 @@
 //! record is written, and at once when the node stops (an attempt in flight
 //! is abandoned; the next start reports again).
 
-use std::time::Duration;
-
 use cell0_consensus::{Consensus, Consistency, NodeResources};
 use cell0_inference::BackendInfo;
 use tokio::sync::watch;
 
-use crate::supervisor::stopped;
+use crate::supervisor::{Backoff, stopped};
 
 /// Physical memory in bytes from /proc/meminfo (0 where unavailable).
 fn memory_bytes() -> u64 {
@@ -47,7 +45,7 @@ pub fn measure(engine: &BackendInfo, gpu_memory_mb: u64) -> NodeResources {
 /// says the same; retries (the node may still be joining) until done or
 /// `stop` turns true.
 pub async fn report(consensus: Consensus, resources: NodeResources, mut stop: watch::Receiver<bool>) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::default();
     loop {
         let attempt = async {
             let current = consensus
@@ -79,10 +77,8 @@ pub async fn report(consensus: Consensus, resources: NodeResources, mut stop: wa
         }
         // Until this node is a member no write can succeed: back off, but
         // stop waiting on shutdown.
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = stopped(&mut stop) => return,
+        if !backoff.wait(&mut stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }

@@ -43,7 +43,7 @@ use crate::datadir::DataDir;
 use crate::models::ModelManager;
 use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
-use crate::supervisor::{Supervisor, TaskEnd, stopped};
+use crate::supervisor::{Backoff, Supervisor, TaskEnd, stopped};
 use crate::{ops, resources, telemetry};
 
 /// How long the node's tasks (in-flight requests included) may take to
@@ -219,7 +219,14 @@ async fn serve(
             readiness.set_joining(true);
             tasks.spawn(
                 "join",
-                join_loop(config.join.clone(), id, info, readiness.clone(), stop()),
+                join_loop(
+                    consensus.clone(),
+                    config.join.clone(),
+                    id,
+                    info,
+                    readiness.clone(),
+                    stop(),
+                ),
             );
         }
     } else {
@@ -239,6 +246,7 @@ async fn serve(
 
 /// Asks the seeds, in turn, to admit this node until one does.
 async fn join_loop(
+    consensus: Consensus,
     seeds: Vec<String>,
     id: u64,
     info: NodeInfo,
@@ -252,13 +260,13 @@ async fn join_loop(
         public_addr: info.public_addr,
         internal_addr: info.internal_addr,
     };
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::default();
     loop {
         for seed in &seeds {
             // A join in flight is abandoned on shutdown; the seed finishes
             // or fails it on its own.
             let attempt = tokio::select! {
-                r = try_join(seed, request.clone()) => r,
+                r = try_join(&consensus, seed, request.clone()) => r,
                 () = stopped(&mut stop) => return,
             };
             match attempt {
@@ -271,20 +279,21 @@ async fn join_loop(
             }
         }
         // Seeds may still be starting: back off, but stop waiting on shutdown.
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = stopped(&mut stop) => return,
+        if !backoff.wait(&mut stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
-async fn try_join(seed: &str, request: JoinRequest) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{seed}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(120))
-        .connect()
-        .await?;
+/// How long a join may take at the seed (it waits until this node caught up
+/// as a learner).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn try_join(consensus: &Consensus, seed: &str, request: JoinRequest) -> anyhow::Result<()> {
+    // Through the node's transport, like every connection to another node.
+    let channel = consensus.channels().channel(seed)?;
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(JOIN_TIMEOUT);
     ClusterClient::new(channel).join(request).await?;
     Ok(())
 }

@@ -384,6 +384,38 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// Exponential backoff that gives up waiting when the stop signal rises:
+/// the one retry pause of the node's loops (starts at 200 ms, doubles, at
+/// most 5 s).
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    next: std::time::Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: std::time::Duration::from_millis(200),
+        }
+    }
+}
+
+impl Backoff {
+    /// Longest pause.
+    pub const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// Waits out the next pause; false when `stop` rose meanwhile (the caller
+    /// returns).
+    pub async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        let pause = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        tokio::select! {
+            () = tokio::time::sleep(pause) => true,
+            () = stopped(stop) => false,
+        }
+    }
+}
+
 fn panic_message(panic: &(dyn Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()

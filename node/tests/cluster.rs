@@ -1,6 +1,8 @@
 //! End-to-end tests of the `cell0` binary: real processes on loopback, used
 //! only through the public gRPC API, the HTTP port and the CLI.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! End-to-end tests of a node's data dir: real `cell0` processes started and
 //! stopped on it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -7,6 +7,8 @@
 //! Every node listens on a loopback address of its own (see
 //! `common::Ports`), so no port is probed and released.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::SocketAddr;

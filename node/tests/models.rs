@@ -4,6 +4,8 @@
 //! They need the model fetched by `scripts/fetch-model.sh` (scripts/test.sh
 //! runs it first).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::PathBuf;

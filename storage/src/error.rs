@@ -57,27 +57,17 @@ impl From<rocksdb::Error> for Error {
     }
 }
 
-/// Encodes a record for storage; encoding plain serde structs cannot fail
-/// except on bugs, which are surfaced as [`Error::Io`].
+/// Encodes a record for storage (through the one codec of `cell0-state`).
 pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
-    postcard::to_stdvec(v).map_err(|e| Error::Io(format!("encode: {e}")))
+    Ok(cell0_state::codec::encode("record", v)?)
 }
 
 /// Decodes a stored record, naming it in the error.
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
-    postcard::from_bytes(bytes).map_err(|e| Error::Corrupt {
-        what,
-        detail: e.to_string(),
-    })
+    Ok(cell0_state::codec::decode(what, bytes)?)
 }
 
-/// Decodes the first field of a stored record, ignoring the rest (postcard
-/// writes struct fields in order with no framing), naming it in the error.
+/// Decodes the first fields of a stored record, ignoring the rest.
 pub(crate) fn decode_prefix<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
-    postcard::take_from_bytes(bytes)
-        .map(|(v, _rest)| v)
-        .map_err(|e| Error::Corrupt {
-            what,
-            detail: e.to_string(),
-        })
+    Ok(cell0_state::codec::decode_prefix(what, bytes)?)
 }

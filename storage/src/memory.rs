@@ -80,6 +80,11 @@ impl MemEngine {
 
 fn scan_table(t: Option<&Table>, start: &[u8], end: Option<&[u8]>, limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
     let Some(t) = t else { return Vec::new() };
+    // Like RocksDB: an empty range, not a panic, when the end is not after
+    // the start.
+    if end.is_some_and(|e| e <= start) {
+        return Vec::new();
+    }
     let upper = match end {
         Some(e) => Bound::Excluded(e.to_vec()),
         None => Bound::Unbounded,

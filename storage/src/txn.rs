@@ -100,6 +100,9 @@ impl<E: ReadView + ?Sized> EngineTxn<'_, E> {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if end.is_some_and(|e| e <= start) {
+            return Ok(Vec::new());
+        }
         let prefix_len = table.len() + 1;
         let lo = table_key(table, start)?;
         let hi = match end {

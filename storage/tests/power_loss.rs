@@ -2,6 +2,8 @@
 //! every append acknowledged through its callback and the vote survive, and
 //! the state machine comes back as some applied prefix of the log.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! The stored snapshot only moves forward: a build that started before a newer
 //! snapshot was installed must not replace it when it finishes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::mpsc;

@@ -2,6 +2,8 @@
 //! state-machine properties the suite does not cover (atomic applies,
 //! snapshot round trips, restart without replay).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;

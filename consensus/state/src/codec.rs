@@ -1,5 +1,6 @@
-//! The one encoding of rows and payloads: postcard, with errors that name
-//! what was being read or written.
+//! The one encoding of rows, log payloads and internal messages: postcard,
+//! with errors that name what was being read or written. Every crate
+//! encodes through here.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -20,4 +21,16 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
         what,
         detail: e.to_string(),
     })
+}
+
+/// Decodes a `what` from the front of `bytes`, ignoring what follows it
+/// (postcard writes struct fields in order with no framing, so this reads
+/// the first fields of a larger record).
+pub fn decode_prefix<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
+    postcard::take_from_bytes(bytes)
+        .map(|(v, _rest)| v)
+        .map_err(|e| StateError::Corrupt {
+            what,
+            detail: e.to_string(),
+        })
 }

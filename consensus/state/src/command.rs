@@ -185,12 +185,14 @@ fn check_value(field: &str, value: &[u8]) -> Result<(), StateError> {
 }
 
 impl Command {
-    /// Checks sizes and counts; the error names the offending field.
+    /// Checks structure (see [`Command::check_structure`]), sizes and
+    /// counts; the error names the offending field.
     pub fn validate(&self, limits: &Limits) -> Result<(), StateError> {
-        self.validate_at("", limits, 0)
+        self.check_structure()?;
+        self.validate_sizes("", limits)
     }
 
-    fn validate_at(&self, path: &str, limits: &Limits, depth: usize) -> Result<(), StateError> {
+    fn validate_sizes(&self, path: &str, limits: &Limits) -> Result<(), StateError> {
         let field = |name: &str| format!("{path}{name}");
         match self {
             Command::Put { key, value } => {
@@ -203,11 +205,6 @@ impl Command {
                 check_value(&field("value"), value)
             }
             Command::Batch(cmds) => {
-                // Depth 2 lets the leader group client batches; deeper nesting
-                // is never produced and is refused to bound apply recursion.
-                if depth >= 2 {
-                    return Err(StateError::invalid(&field("batch"), "is nested too deeply"));
-                }
                 if cmds.len() > limits.max_batch_commands {
                     return Err(StateError::invalid(
                         &field("batch"),
@@ -219,19 +216,13 @@ impl Command {
                     ));
                 }
                 for (i, c) in cmds.iter().enumerate() {
-                    c.validate_at(&format!("{path}batch[{i}]."), limits, depth + 1)?;
+                    c.validate_sizes(&format!("{path}batch[{i}]."), limits)?;
                 }
                 Ok(())
             }
             Command::Model(m) => m.validate().map_err(|e| prefix_field(path, e)),
             Command::Node(n) => n.validate().map_err(|e| prefix_field(path, e)),
-            // A request id wraps one client command at the same depth.
-            Command::Request { cmd, .. } => {
-                if matches!(**cmd, Command::Request { .. }) {
-                    return Err(StateError::invalid(&field("request"), "wraps another request"));
-                }
-                cmd.validate_at(path, limits, depth)
-            }
+            Command::Request { cmd, .. } => cmd.validate_sizes(path, limits),
             Command::InitCluster { cluster_id } => {
                 if *cluster_id == 0 {
                     return Err(StateError::invalid(&field("cluster_id"), "must not be 0"));
@@ -242,26 +233,34 @@ impl Command {
     }
 
     /// Checks only what apply needs for safety, with rules fixed for every
-    /// version of the log format: a nesting depth that bounds recursion. Size
-    /// limits are checked before proposing, not in apply, so changing one in
-    /// a rolling upgrade cannot make replicas disagree.
+    /// version of the log format: a batch nests at most twice (the leader
+    /// groups client batches; deeper nesting is never produced, and refusing
+    /// it bounds apply's recursion), and a request id never wraps another
+    /// request at any depth (each id is answered once per apply). Size limits
+    /// are checked before proposing, not in apply, so changing one in a
+    /// rolling upgrade cannot make replicas disagree.
     pub fn check_structure(&self) -> Result<(), StateError> {
-        self.check_structure_at(0)
+        self.check_structure_at("", 0, false)
     }
 
-    fn check_structure_at(&self, depth: usize) -> Result<(), StateError> {
+    fn check_structure_at(&self, path: &str, depth: usize, in_request: bool) -> Result<(), StateError> {
         match self {
             Command::Batch(cmds) => {
                 if depth >= 2 {
-                    return Err(StateError::invalid("batch", "is nested too deeply"));
+                    return Err(StateError::invalid(&format!("{path}batch"), "is nested too deeply"));
                 }
-                cmds.iter().try_for_each(|c| c.check_structure_at(depth + 1))
+                cmds.iter()
+                    .enumerate()
+                    .try_for_each(|(i, c)| c.check_structure_at(&format!("{path}batch[{i}]."), depth + 1, in_request))
             }
             Command::Request { cmd, .. } => {
-                if matches!(**cmd, Command::Request { .. }) {
-                    return Err(StateError::invalid("request", "wraps another request"));
+                if in_request {
+                    return Err(StateError::invalid(
+                        &format!("{path}request"),
+                        "is inside another request",
+                    ));
                 }
-                cmd.check_structure_at(depth)
+                cmd.check_structure_at(path, depth, true)
             }
             _ => Ok(()),
         }

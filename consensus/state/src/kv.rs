@@ -627,6 +627,26 @@ mod tests {
     }
 
     #[test]
+    fn a_range_starting_after_its_prefix_is_empty() {
+        let mut state = MemTxn::new();
+        run(&mut state, &[put("a1", "v"), put("b1", "v")]);
+        assert_eq!(range(&state, b"a", b"z", 10).unwrap(), (Vec::new(), false));
+    }
+
+    #[test]
+    fn a_request_inside_a_request_is_refused() {
+        let inner = request(1, 1, put("k", "v"));
+        let nested = request(1, 1, Command::Batch(vec![inner]));
+        assert!(nested.validate(&crate::Limits::default()).is_err());
+        let mut state = MemTxn::new();
+        let out = run(&mut state, &[nested]);
+        assert!(
+            matches!(&out[0], Response::Rejected(m) if m.contains("inside another request")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn range_and_history_pages_are_bounded_in_bytes() {
         let mut state = MemTxn::new();
         let big = "v".repeat(700 * 1024);

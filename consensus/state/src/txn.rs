@@ -20,7 +20,7 @@ pub trait Txn {
     /// Removes `key` from `table`.
     fn delete(&mut self, table: &str, key: &[u8]) -> Result<()>;
     /// Up to `limit` pairs of `table` with `start <= key < end` (unbounded
-    /// when `end` is `None`), in key order.
+    /// when `end` is `None`), in key order; nothing when `end <= start`.
     fn scan(&self, table: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
 }
 
@@ -81,6 +81,9 @@ impl Txn for MemTxn {
         let Some(t) = self.tables.get(table) else {
             return Ok(Vec::new());
         };
+        if end.is_some_and(|e| e <= start) {
+            return Ok(Vec::new());
+        }
         let upper = end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec()));
         Ok(t.range((Bound::Included(start.to_vec()), upper))
             .take(limit)

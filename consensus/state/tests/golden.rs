@@ -14,6 +14,8 @@
 //! review the diff; a change to existing bytes means a new versioned
 //! variant or row format is needed instead.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,8 @@
 //! Config validation, backend selection, the similarity helper and the
 //! random-weight bench.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use cell0_inference::{BackendKind, InferenceConfig, InferenceError, cosine, open_backend, top_k_cosine};

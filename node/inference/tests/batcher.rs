@@ -1,6 +1,8 @@
 //! The batcher coalesces concurrent requests, keeps each caller's results
 //! apart and in order, and enforces the request limits.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::future::Future;

@@ -1,5 +1,7 @@
 //! Broken model files and bad names give clear errors, never panics.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

@@ -3,6 +3,8 @@
 //! A machine without a wgpu adapter fails these tests: lavapipe is always
 //! installed where they run.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use cell0_inference::backend::cpu::ops;
 use cell0_inference::backend::wgpu::MatmulTile;
 use std::sync::Arc;

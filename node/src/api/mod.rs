@@ -10,7 +10,7 @@ pub mod kv;
 pub mod models;
 
 use std::future::Future;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use cell0_consensus::KeyValue;
 use cell0_proto::v1;

@@ -17,7 +17,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use cell0_consensus::{Consensus, Consistency, ModelCommand, ModelEntry, ModelManifest, ModelOutcome};
 use cell0_inference::{BackendInfo, EmbedBatcher, InferenceConfig, ModelSource, TextEmbedder};
@@ -660,7 +662,16 @@ async fn fetch_from_holders(
                 tracing::info!(model = %key, path = %file.path, percent = decile * 10, "fetch progress");
             }
         };
-        match fetch_blob(&inner.store, &addr, &file.sha256, file.size, &mut on_progress).await {
+        match fetch_blob(
+            &inner.store,
+            inner.consensus.channels(),
+            &addr,
+            &file.sha256,
+            file.size,
+            &mut on_progress,
+        )
+        .await
+        {
             Ok(()) => {
                 tracing::info!(
                     model = %key,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cell0_consensus::is_sha256_hex;
+use cell0_consensus::network::ChannelPool;
 use cell0_proto::internal::blobs_client::BlobsClient;
 use cell0_proto::internal::blobs_server::Blobs;
 use cell0_proto::internal::{BlobChunk, FetchBlobRequest};
@@ -85,6 +86,7 @@ impl Blobs for BlobService {
 /// `progress` sees the bytes held so far after each chunk.
 pub async fn fetch_blob(
     store: &Arc<BlobStore>,
+    channels: &ChannelPool,
     addr: &str,
     sha256: &str,
     size: u64,
@@ -94,13 +96,7 @@ pub async fn fetch_blob(
         addr: addr.to_string(),
         detail: e,
     };
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| peer_err(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| peer_err(e.to_string()))?;
+    let channel = channels.channel(addr).map_err(|e| peer_err(e.to_string()))?;
     let mut partial = {
         let store = store.clone();
         let sha = sha256.to_string();
