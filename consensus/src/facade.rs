@@ -3,7 +3,7 @@
 //!
 //! It owns the openraft instance, the group-commit batcher and the read side
 //! of the state machine. Requests go through two entry points: writes
-//! ([`Consensus::write`], every command exactly once through its request id)
+//! ([`Consensus::propose`], every command exactly once through its request id)
 //! and reads ([`Consensus::read`] at a [`Consistency`], over one
 //! point-in-time view). Where a request runs is [`crate::routing`]'s job;
 //! membership decisions are [`crate::membership`]'s.
@@ -26,8 +26,6 @@ use crate::command::{Command, KeyValue, Limits, RequestId, Response};
 use crate::config::ConsensusConfig;
 use crate::error::{ConsensusError, Result};
 use crate::network::{ChannelPool, NetworkFactory, PeerHealth, TcpTransport, Transport, WireIdentity};
-use crate::nodes::{self, NodeCommand, NodeResources};
-use crate::registry::{self, ModelCommand, ModelEntry, ModelOutcome};
 use crate::routing::{ForwardRequest, ForwardResponse};
 use crate::server::InternalService;
 use crate::state::{self, Applied, KvStateMachine, StateEvent};
@@ -277,7 +275,7 @@ impl Consensus {
         }
         self.wait_for_leader(self.inner.config.request_timeout()).await?;
         let cluster_id = random_u64(self.inner.id ^ 0x5eed);
-        match self.write(Command::InitCluster { cluster_id }).await? {
+        match self.propose(Command::InitCluster { cluster_id }).await? {
             Response::ClusterId(id) => {
                 tracing::info!(cluster_id = format!("{id:016x}"), "cluster formed");
                 Ok(())
@@ -291,11 +289,12 @@ impl Consensus {
         self.inner.raft.is_initialized().await.unwrap_or(false)
     }
 
-    /// Applies `cmd` through Raft exactly once and returns its response.
+    /// Applies `cmd` through Raft exactly once and returns its response: the
+    /// one way to change replicated state.
     /// The command gets a request id; a retry after a lost answer or a
     /// leader change reuses it, and the state machine answers a duplicate
     /// with the first response.
-    pub async fn write(&self, cmd: Command) -> Result<Response> {
+    pub async fn propose(&self, cmd: Command) -> Result<Response> {
         cmd.validate(&self.inner.limits)?;
         let started = Instant::now();
         let id = RequestId {
@@ -335,6 +334,18 @@ impl Consensus {
         Ok(out)
     }
 
+    /// Reads the local replica at `consistency` through `read` (a table's
+    /// typed read helper, such as `registry::list` or `nodes::resources`),
+    /// over one point-in-time view: the one way to read replicated state.
+    pub async fn read<T>(
+        &self,
+        consistency: Consistency,
+        read: impl FnOnce(&dyn Txn) -> cell0_state::Result<T>,
+    ) -> Result<T> {
+        self.read_barrier(consistency).await?;
+        self.read_view(|txn| Ok(read(txn)?))
+    }
+
     /// Runs `read` over one point-in-time view of the local replica, so
     /// everything it reads (data, revision, history) belongs to one state.
     pub fn read_view<T>(&self, read: impl FnOnce(&dyn Txn) -> Result<T>) -> Result<T> {
@@ -370,51 +381,11 @@ impl Consensus {
         self.inner.sm.subscribe()
     }
 
-    /// Every registered model version. Linearizable reads see every
-    /// registration acknowledged before the call.
-    pub async fn models(&self, consistency: Consistency) -> Result<Vec<ModelEntry>> {
-        self.read_barrier(consistency).await?;
-        self.read_view(|txn| Ok(registry::list(txn)?))
-    }
-
     /// A receiver whose generation changes after each locally applied
     /// change of `table` (and each snapshot install): wait on it instead of
     /// polling.
     pub fn watch_table(&self, table: crate::Table) -> state::TableWatch {
         self.inner.sm.watch_table(table)
-    }
-
-    /// Proposes a registry change and returns what it did.
-    pub async fn model_command(&self, cmd: ModelCommand) -> Result<ModelOutcome> {
-        match self.write(Command::Model(cmd)).await? {
-            Response::Model(outcome) => Ok(outcome),
-            _ => Err(wrong_type()),
-        }
-    }
-
-    /// Every node's reported resources, by node id.
-    pub async fn node_resources(&self, consistency: Consistency) -> Result<BTreeMap<NodeId, NodeResources>> {
-        self.read_barrier(consistency).await?;
-        self.read_view(|txn| Ok(nodes::resources(txn)?))
-    }
-
-    /// Records this node's resources through Raft.
-    pub async fn set_resources(&self, resources: NodeResources) -> Result<()> {
-        let cmd = Command::Node(NodeCommand::SetResources {
-            node: self.inner.id,
-            resources,
-        });
-        match self.write(cmd).await? {
-            Response::Node { stored: true } => Ok(()),
-            Response::Node { stored: false } => Err(ConsensusError::invalid(
-                "resources",
-                format!(
-                    "cannot be stored: the cluster already has {} node records",
-                    nodes::MAX_NODES
-                ),
-            )),
-            _ => Err(wrong_type()),
-        }
     }
 
     /// Retained changes under `prefix` from revision `from` on, read from one

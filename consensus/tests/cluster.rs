@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cell0_consensus::network::{TcpTransport, Transport};
 use cell0_consensus::testkit::{LocalNode, local_cluster};
-use cell0_consensus::{Command, Consensus, ConsensusConfig, ConsensusError, Consistency, Response};
+use cell0_consensus::{Command, Consensus, ConsensusConfig, ConsensusError, Consistency, Response, registry};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -53,7 +53,7 @@ async fn writes_through_any_node_are_read_linearizably_everywhere() {
     for (i, node) in nodes.iter().enumerate() {
         let r = node
             .consensus
-            .write(put(format!("k{i}"), format!("v{i}")))
+            .propose(put(format!("k{i}"), format!("v{i}")))
             .await
             .unwrap();
         assert!(matches!(r, Response::Put { .. }), "{r:?}");
@@ -75,7 +75,7 @@ async fn writes_through_any_node_are_read_linearizably_everywhere() {
     for round in 0..20 {
         followers[0]
             .consensus
-            .write(put("x", format!("{round}")))
+            .propose(put("x", format!("{round}")))
             .await
             .unwrap();
         assert_eq!(
@@ -83,7 +83,11 @@ async fn writes_through_any_node_are_read_linearizably_everywhere() {
             Some(format!("{round}").into_bytes())
         );
     }
-    let err = nodes[1].consensus.write(put(vec![b'k'; 4097], "v")).await.unwrap_err();
+    let err = nodes[1]
+        .consensus
+        .propose(put(vec![b'k'; 4097], "v"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("key"), "{err}");
     for n in nodes {
         n.stop().await;
@@ -94,7 +98,7 @@ async fn writes_through_any_node_are_read_linearizably_everywhere() {
 async fn writes_resume_after_the_leader_stops_and_it_catches_up_on_return() {
     let root = tempfile::tempdir().unwrap();
     let mut nodes = cluster(root.path(), 3, config()).await;
-    nodes[0].consensus.write(put("before", "1")).await.unwrap();
+    nodes[0].consensus.propose(put("before", "1")).await.unwrap();
 
     let leader = nodes[0].consensus.leader().unwrap().0;
     let idx = nodes.iter().position(|n| n.id() == leader).unwrap();
@@ -103,7 +107,7 @@ async fn writes_resume_after_the_leader_stops_and_it_catches_up_on_return() {
     for i in 0..50 {
         nodes[i % 2]
             .consensus
-            .write(put(format!("after{i}"), "v"))
+            .propose(put(format!("after{i}"), "v"))
             .await
             .unwrap();
     }
@@ -143,7 +147,7 @@ async fn a_late_learner_catches_up_by_snapshot() {
     let nodes = cluster(root.path(), 3, cfg.clone()).await;
     // More than two snapshot intervals, one entry per write.
     for i in 0..60 {
-        nodes[0].consensus.write(put(format!("k{i:03}"), "v")).await.unwrap();
+        nodes[0].consensus.propose(put(format!("k{i:03}"), "v")).await.unwrap();
     }
     nodes[0]
         .consensus
@@ -191,7 +195,7 @@ async fn a_full_restart_keeps_every_acknowledged_write() {
     for i in 0..200 {
         let c = nodes[i % 3].consensus.clone();
         tasks.push(tokio::spawn(async move {
-            c.write(put(format!("k{i:03}"), format!("{i}"))).await
+            c.propose(put(format!("k{i:03}"), format!("{i}"))).await
         }));
     }
     for t in tasks {
@@ -234,7 +238,7 @@ async fn concurrent_writers_each_apply_once() {
     let mut tasks = Vec::new();
     for i in 0..256 {
         let c = leader.consensus.clone();
-        tasks.push(tokio::spawn(async move { c.write(put(format!("w{i}"), "v")).await }));
+        tasks.push(tokio::spawn(async move { c.propose(put(format!("w{i}"), "v")).await }));
     }
     for t in tasks {
         t.await.unwrap().unwrap();
@@ -282,12 +286,16 @@ async fn registry_changes_replicate_and_wake_every_replica() {
         holder: 1,
     };
     assert_eq!(
-        follower.consensus.model_command(add.clone()).await.unwrap(),
+        ModelCommand::outcome(follower.consensus.propose(add.clone().into_command()).await.unwrap()).unwrap(),
         ModelOutcome::Added
     );
     for (node, w) in nodes.iter().zip(&mut watches) {
         tokio::time::timeout(DEADLINE, w.changed()).await.unwrap().unwrap();
-        let models = node.consensus.models(Consistency::Serializable).await.unwrap();
+        let models = node
+            .consensus
+            .read(Consistency::Serializable, registry::list)
+            .await
+            .unwrap();
         assert_eq!(models.len(), 1);
         assert_eq!(models[0].manifest, manifest);
     }
@@ -297,20 +305,27 @@ async fn registry_changes_replicate_and_wake_every_replica() {
         node: 3,
     };
     assert_eq!(
-        nodes[0].consensus.model_command(held).await.unwrap(),
+        ModelCommand::outcome(nodes[0].consensus.propose(held.into_command()).await.unwrap()).unwrap(),
         ModelOutcome::Held
     );
-    let models = nodes[1].consensus.models(Consistency::Linearizable).await.unwrap();
+    let models = nodes[1]
+        .consensus
+        .read(Consistency::Linearizable, registry::list)
+        .await
+        .unwrap();
     assert_eq!(models[0].holders, BTreeSet::from([1, 3]));
     // An invalid manifest is refused before it is proposed, naming the field.
     let mut bad = manifest.clone();
     bad.files[0].path = "../escape".into();
     let err = nodes[0]
         .consensus
-        .model_command(ModelCommand::Add {
-            manifest: bad,
-            holder: 1,
-        })
+        .propose(
+            ModelCommand::Add {
+                manifest: bad,
+                holder: 1,
+            }
+            .into_command(),
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("files[0].path"), "{err}");
@@ -411,7 +426,7 @@ async fn a_retried_join_does_not_promote_an_unreachable_learner() {
     let err = leader.join(2, info).await.unwrap_err();
     assert!(matches!(err, ConsensusError::FailedPrecondition(_)), "{err}");
     assert_eq!(voters(leader), BTreeSet::from([1]), "the dead learner was not promoted");
-    leader.write(put("still", "writable")).await.unwrap();
+    leader.propose(put("still", "writable")).await.unwrap();
     for n in nodes {
         n.stop().await;
     }
@@ -438,7 +453,7 @@ async fn removing_a_voter_while_another_is_down_is_refused() {
         "{err}"
     );
     assert_eq!(voters(&leader).len(), 3);
-    leader.write(put("after", "refusal")).await.unwrap();
+    leader.propose(put("after", "refusal")).await.unwrap();
     for n in nodes {
         n.stop().await;
     }
@@ -455,7 +470,7 @@ async fn a_read_reports_the_revision_of_the_data_it_returns() {
         let c = c.clone();
         tokio::spawn(async move {
             for i in 0..writes {
-                c.write(put(format!("a/{i:04}"), "v")).await.unwrap();
+                c.propose(put(format!("a/{i:04}"), "v")).await.unwrap();
             }
         })
     };
@@ -504,7 +519,7 @@ async fn a_follower_lagging_by_large_entries_catches_up_through_bounded_calls() 
     let leader = nodes.iter().find(|n| n.id() == leader_id).unwrap().consensus.clone();
     let value = vec![7u8; 512 * 1024];
     for i in 0..20 {
-        leader.write(put(format!("big/{i:02}"), value.clone())).await.unwrap();
+        leader.propose(put(format!("big/{i:02}"), value.clone())).await.unwrap();
     }
     let target = leader.status().commit_index;
     let back = LocalNode::restart(stopped, config).await.unwrap();
@@ -567,7 +582,7 @@ async fn every_connection_to_another_node_goes_through_the_transport() {
         .unwrap();
     first.consensus.initialize().await.unwrap();
     first.consensus.join(2, second.consensus.info().clone()).await.unwrap();
-    first.consensus.write(put("through", "the transport")).await.unwrap();
+    first.consensus.propose(put("through", "the transport")).await.unwrap();
     assert_eq!(
         value(&second.consensus, "through", Consistency::Linearizable).await,
         Some(b"the transport".to_vec())

@@ -9,7 +9,7 @@
 //! record is written, and at once when the node stops (an attempt in flight
 //! is abandoned; the next start reports again).
 
-use cell0_consensus::{Consensus, Consistency, NodeResources};
+use cell0_consensus::{Consensus, ConsensusError, Consistency, NodeCommand, NodeResources, nodes};
 use cell0_inference::BackendInfo;
 use tokio::sync::watch;
 
@@ -49,14 +49,27 @@ pub async fn report(consensus: Consensus, resources: NodeResources, mut stop: wa
     loop {
         let attempt = async {
             let current = consensus
-                .node_resources(Consistency::Serializable)
+                .read(Consistency::Serializable, nodes::resources)
                 .await
                 .ok()
                 .and_then(|mut all| all.remove(&consensus.id()));
             if current.as_ref() == Some(&resources) {
                 return Ok(false);
             }
-            consensus.set_resources(resources.clone()).await.map(|()| true)
+            let set = NodeCommand::SetResources {
+                node: consensus.id(),
+                resources: resources.clone(),
+            };
+            if !NodeCommand::stored(consensus.propose(set.into_command()).await?)? {
+                return Err(ConsensusError::invalid(
+                    "resources",
+                    format!(
+                        "cannot be stored: the cluster already has {} node records",
+                        nodes::MAX_NODES
+                    ),
+                ));
+            }
+            Ok(true)
         };
         let outcome = tokio::select! {
             outcome = attempt => outcome,

@@ -45,6 +45,15 @@ pub enum StateError {
         /// The encoder's message.
         detail: String,
     },
+    /// A response is not of the kind its command produces (a bug, or a
+    /// leader of another version).
+    #[error("expected the response to {expected}, got {got}")]
+    UnexpectedResponse {
+        /// The command whose response was expected.
+        expected: &'static str,
+        /// What came instead.
+        got: String,
+    },
     /// The storage under the transaction failed.
     #[error("storage failed: {0}")]
     Storage(#[source] Box<dyn std::error::Error + Send + Sync>),

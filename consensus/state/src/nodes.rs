@@ -73,6 +73,23 @@ pub enum NodeCommand {
 }
 
 impl NodeCommand {
+    /// The command carrying this change.
+    pub fn into_command(self) -> crate::Command {
+        crate::Command::Node(self)
+    }
+
+    /// Whether the record was stored (false: the table is full), from the
+    /// response to a node-record command.
+    pub fn stored(response: crate::Response) -> Result<bool> {
+        match response {
+            crate::Response::Node { stored } => Ok(stored),
+            other => Err(StateError::UnexpectedResponse {
+                expected: "a node-record command",
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
     /// Checks the command's fields.
     pub fn validate(&self) -> Result<()> {
         match self {

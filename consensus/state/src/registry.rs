@@ -196,6 +196,22 @@ pub enum ModelCommand {
 }
 
 impl ModelCommand {
+    /// The command carrying this registry change.
+    pub fn into_command(self) -> crate::Command {
+        crate::Command::Model(self)
+    }
+
+    /// What the registry did, from the response to a registry command.
+    pub fn outcome(response: crate::Response) -> Result<ModelOutcome> {
+        match response {
+            crate::Response::Model(outcome) => Ok(outcome),
+            other => Err(StateError::UnexpectedResponse {
+                expected: "a registry command",
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
     /// Checks the command's fields; the error names the field.
     pub fn validate(&self) -> Result<()> {
         match self {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use cell0_consensus::{Consensus, Consistency, Member, NodeId, NodeInfo, NodeResources, Role};
+use cell0_consensus::{Consensus, Consistency, Member, NodeId, NodeInfo, NodeResources, Role, nodes};
 use cell0_proto::v1::cluster_server::Cluster;
 use cell0_proto::v1::{self, RaftRole};
 use tonic::{Request, Response, Status};
@@ -89,7 +89,7 @@ impl Cluster for ClusterApi {
 
     async fn members(&self, _request: Request<v1::MembersRequest>) -> Result<Response<v1::MembersResponse>, Status> {
         observe("Cluster/Members", async {
-            let mut resources = self.consensus.node_resources(Consistency::Serializable).await?;
+            let mut resources = self.consensus.read(Consistency::Serializable, nodes::resources).await?;
             Ok(Response::new(v1::MembersResponse {
                 members: self
                     .consensus

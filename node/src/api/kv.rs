@@ -107,7 +107,7 @@ impl Kv for KvApi {
                 key: r.key.to_vec(),
                 value: r.value.to_vec(),
             };
-            match self.consensus.write(cmd).await? {
+            match self.consensus.propose(cmd).await? {
                 Response::Put { kv, prev } => Ok(tonic::Response::new(v1::PutResponse {
                     header: self.header(kv.mod_revision),
                     kv: Some(kv_to_proto(kv)),
@@ -136,7 +136,7 @@ impl Kv for KvApi {
         observe("Kv/Delete", async {
             let r = request.into_inner();
             let cmd = Command::Delete { key: r.key.to_vec() };
-            match self.consensus.write(cmd).await? {
+            match self.consensus.propose(cmd).await? {
                 Response::Delete { revision, prev } => Ok(tonic::Response::new(v1::DeleteResponse {
                     header: self.header(revision),
                     prev_kv: prev.map(kv_to_proto),
@@ -179,7 +179,7 @@ impl Kv for KvApi {
                 expected_revision: r.expected_revision,
                 value: r.value.to_vec(),
             };
-            match self.consensus.write(cmd).await? {
+            match self.consensus.propose(cmd).await? {
                 Response::Cas {
                     revision,
                     succeeded,

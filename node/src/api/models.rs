@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cell0_consensus::{
-    Consensus, Consistency, MAX_MODEL_BYTES, ModelCommand, ModelFile, ModelManifest, ModelOutcome, is_sha256_hex,
+    Consensus, ConsensusError, Consistency, MAX_MODEL_BYTES, ModelCommand, ModelFile, ModelManifest, ModelOutcome,
+    is_sha256_hex, registry,
 };
 use cell0_proto::v1::models_server::Models;
 use cell0_proto::v1::{self, upload_request::Part};
@@ -218,7 +219,7 @@ impl Models for ModelsApi {
 
     async fn list(&self, _request: Request<v1::ListModelsRequest>) -> Result<Response<v1::ListModelsResponse>, Status> {
         observe("Models/List", async {
-            let entries = self.consensus.models(Consistency::Linearizable).await?;
+            let entries = self.consensus.read(Consistency::Linearizable, registry::list).await?;
             Ok(Response::new(v1::ListModelsResponse {
                 models: entries
                     .into_iter()
@@ -243,7 +244,9 @@ impl Models for ModelsApi {
                 name: req.name.clone(),
                 version: req.version,
             };
-            match self.consensus.model_command(cmd).await? {
+            match ModelCommand::outcome(self.consensus.propose(cmd.into_command()).await?)
+                .map_err(ConsensusError::from)?
+            {
                 ModelOutcome::Removed => Ok(Response::new(v1::RemoveModelResponse {})),
                 _ => Err(ApiError::VersionNotRegistered {
                     name: req.name,

@@ -417,7 +417,7 @@ async fn raft(output: Output, b: RaftBench) -> anyhow::Result<()> {
                     key: format!("bench/{writers}/{w}/{i}").into_bytes(),
                     value: value.clone(),
                 };
-                async move { leader.write(cmd).await.is_ok() }
+                async move { leader.propose(cmd).await.is_ok() }
             }
         })
         .await?;

@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use cell0_consensus::{Consensus, Consistency, ModelCommand, ModelEntry, ModelManifest, ModelOutcome};
+use cell0_consensus::{
+    Consensus, ConsensusError, Consistency, ModelCommand, ModelEntry, ModelManifest, ModelOutcome, registry,
+};
 use cell0_inference::{BackendInfo, EmbedBatcher, InferenceConfig, ModelSource, TextEmbedder};
 use tokio::sync::watch;
 
@@ -254,14 +256,12 @@ impl ModelManager {
                 Some(_) => {}
             }
         }
-        let outcome = self
-            .inner
-            .consensus
-            .model_command(ModelCommand::Add {
-                manifest: manifest.clone(),
-                holder: self.inner.consensus.id(),
-            })
-            .await?;
+        let add = ModelCommand::Add {
+            manifest: manifest.clone(),
+            holder: self.inner.consensus.id(),
+        };
+        let outcome = ModelCommand::outcome(self.inner.consensus.propose(add.into_command()).await?)
+            .map_err(ConsensusError::from)?;
         if matches!(outcome, ModelOutcome::Added | ModelOutcome::Unchanged) {
             // A linearizable read barrier returns once this replica applied
             // everything committed before it, the Add included.
@@ -420,7 +420,7 @@ async fn reconcile(inner: &Arc<Inner>) -> Result<bool, ModelError> {
     // here, so a pin gone by the time the registry is read below is one the
     // registry read already keeps.
     let pinned = inner.store.pinned();
-    let entries = inner.consensus.models(Consistency::Serializable).await?;
+    let entries = inner.consensus.read(Consistency::Serializable, registry::list).await?;
     let wanted: BTreeMap<ModelKey, ModelEntry> = entries
         .into_iter()
         .map(|e| {
@@ -522,14 +522,12 @@ async fn ensure(inner: &Arc<Inner>, key: &ModelKey, entry: &ModelEntry) -> Resul
     }
     let me = inner.consensus.id();
     if !entry.holders.contains(&me) {
-        inner
-            .consensus
-            .model_command(ModelCommand::Held {
-                name: key.name.clone(),
-                version: key.version,
-                node: me,
-            })
-            .await?;
+        let held = ModelCommand::Held {
+            name: key.name.clone(),
+            version: key.version,
+            node: me,
+        };
+        inner.consensus.propose(held.into_command()).await?;
     }
     Ok(())
 }
