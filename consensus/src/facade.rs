@@ -25,6 +25,7 @@ use crate::batcher::{BatchLimits, Batcher};
 use crate::command::{Command, KeyValue, Limits, RequestId, Response};
 use crate::config::ConsensusConfig;
 use crate::error::{ConsensusError, Result};
+use crate::inner::{Inner, random_u64, wrong_type};
 use crate::network::{ChannelPool, NetworkFactory, PeerHealth, TcpTransport, Transport, WireIdentity};
 use crate::routing::{ForwardRequest, ForwardResponse};
 use crate::server::InternalService;
@@ -106,30 +107,6 @@ pub struct Status {
     pub initialized: bool,
 }
 
-pub(crate) struct Inner {
-    pub(crate) id: NodeId,
-    pub(crate) info: NodeInfo,
-    pub(crate) config: ConsensusConfig,
-    pub(crate) raft: Raft,
-    pub(crate) engine: Arc<dyn Engine>,
-    pub(crate) sm: Arc<KvStateMachine>,
-    pub(crate) batcher: Batcher,
-    pub(crate) pool: Arc<ChannelPool>,
-    pub(crate) limits: Limits,
-    /// Highest commit index a leader has told this node about.
-    pub(crate) leader_commit: AtomicU64,
-    /// This node's id and cluster id on the wire.
-    pub(crate) identity: WireIdentity,
-    /// When each peer last answered (meaningful on the leader).
-    pub(crate) health: Arc<PeerHealth>,
-    /// Serialises membership decisions on the leader.
-    pub(crate) membership: tokio::sync::Mutex<()>,
-    /// This process's client id for request ids: random per start.
-    pub(crate) client_id: u64,
-    /// The next request sequence number.
-    pub(crate) next_seq: AtomicU64,
-}
-
 /// One node's membership in the Raft group. Cheap to clone.
 #[derive(Clone)]
 pub struct Consensus {
@@ -140,10 +117,6 @@ impl std::fmt::Debug for Consensus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Consensus").field("id", &self.inner.id).finish()
     }
-}
-
-pub(crate) fn wrong_type() -> ConsensusError {
-    ConsensusError::Internal("the leader answered with a response of the wrong kind".into())
 }
 
 impl Consensus {
@@ -302,7 +275,7 @@ impl Consensus {
             seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
         };
         let cmd = Command::Request { id, cmd: Box::new(cmd) };
-        let result = match self.route(ForwardRequest::Write(cmd)).await? {
+        let result = match self.inner.route(ForwardRequest::Write(cmd)).await? {
             ForwardResponse::Write(Response::Rejected(reason)) => Err(ConsensusError::invalid("command", reason)),
             ForwardResponse::Write(r) => Ok(r),
             _ => Err(wrong_type()),
@@ -317,7 +290,7 @@ impl Consensus {
         if consistency == Consistency::Serializable {
             return Ok(());
         }
-        let index = match self.route(ForwardRequest::ReadIndex).await? {
+        let index = match self.inner.route(ForwardRequest::ReadIndex).await? {
             ForwardResponse::ReadIndex(i) => i,
             _ => return Err(wrong_type()),
         };
@@ -413,13 +386,13 @@ impl Consensus {
         if info.internal_addr.is_empty() {
             return Err(ConsensusError::invalid("internal_addr", "must not be empty"));
         }
-        self.route(ForwardRequest::Join { id, info }).await?;
+        self.inner.route(ForwardRequest::Join { id, info }).await?;
         Ok(self.members())
     }
 
     /// Removes node `id` from the group.
     pub async fn remove(&self, id: NodeId) -> Result<()> {
-        self.route(ForwardRequest::Remove { id }).await?;
+        self.inner.route(ForwardRequest::Remove { id }).await?;
         Ok(())
     }
 
@@ -477,10 +450,7 @@ impl Consensus {
 
     /// The leader's id and record, if one is known.
     pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
-        let m = self.inner.raft.metrics().borrow().clone();
-        let id = m.current_leader?;
-        let info = m.membership_config.membership().get_node(&id)?.clone();
-        Some((id, info))
+        self.inner.leader()
     }
 
     /// Waits until some leader is known, up to `timeout`.
@@ -519,18 +489,6 @@ impl Consensus {
             .map(|_| ())
             .map_err(|e| ConsensusError::unavailable(format!("replica did not catch up with the leader: {e}")))
     }
-}
-
-/// A random u64 from the OS-seeded hasher keys of the standard library,
-/// mixed with `salt` and the time; never 0.
-pub(crate) fn random_u64(salt: u64) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(salt);
-    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        h.write_u128(t.as_nanos());
-    }
-    h.finish().max(1)
 }
 
 /// Starts openraft over `engine`, which holds both the log and the state.

@@ -16,6 +16,7 @@ mod batcher;
 mod config;
 mod error;
 mod facade;
+mod inner;
 mod membership;
 pub mod network;
 mod routing;

@@ -20,7 +20,7 @@ use openraft::{ChangeMembers, ServerState};
 use crate::batcher::map_write_error;
 use crate::command::{Command, RequestId, Response};
 use crate::error::{ConsensusError, Result};
-use crate::facade::{Inner, random_u64, wrong_type};
+use crate::inner::{Inner, random_u64, wrong_type};
 use crate::network::identify;
 use crate::routing::ForwardResponse;
 use crate::types::{NodeId, NodeInfo};

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result};
-use crate::facade::{Consensus, Inner};
+use crate::inner::Inner;
 use crate::network::{decode, encode, never_sent};
 use crate::types::{NodeId, NodeInfo};
 
@@ -39,12 +39,12 @@ pub(crate) enum ForwardResponse {
     Done,
 }
 
-impl Consensus {
+impl Inner {
     /// Runs `req` on the leader, forwarding when this node is not it, and
     /// retries while the failure guarantees the request was not applied.
     pub(crate) async fn route(&self, req: ForwardRequest) -> Result<ForwardResponse> {
-        let deadline = Instant::now() + self.inner.config.request_timeout();
-        let mut metrics = self.inner.raft.metrics();
+        let deadline = Instant::now() + self.config.request_timeout();
+        let mut metrics = self.raft.metrics();
         let deduplicated = matches!(req, ForwardRequest::Write(Command::Request { .. }));
         // Set once an attempt may have reached a log: the final error must
         // then say the outcome is unknown.
@@ -52,7 +52,7 @@ impl Consensus {
         loop {
             let leader = self.leader();
             let result = match &leader {
-                Some((id, _)) if *id == self.inner.id => self.inner.handle_local(req.clone()).await,
+                Some((id, _)) if *id == self.id => self.handle_local(req.clone()).await,
                 Some((id, info)) => self.forward(*id, info, &req).await,
                 None => Err(ConsensusError::unavailable("no leader is elected")),
             };
@@ -89,9 +89,9 @@ impl Consensus {
     }
 
     async fn forward(&self, leader: NodeId, info: &NodeInfo, req: &ForwardRequest) -> Result<ForwardResponse> {
-        let mut client = self.inner.pool.client(&info.internal_addr)?;
-        let mut request = tonic::Request::new(self.inner.identity.stamp(encode(req)?, leader));
-        request.set_timeout(self.inner.config.rpc_timeout());
+        let mut client = self.pool.client(&info.internal_addr)?;
+        let mut request = tonic::Request::new(self.identity.stamp(encode(req)?, leader));
+        request.set_timeout(self.config.rpc_timeout());
         match client.forward(request).await {
             Ok(reply) => decode::<Result<ForwardResponse>>(reply.get_ref())?,
             Err(status) => {

@@ -14,7 +14,7 @@ use cell0_proto::internal::{IdentifyRequest, IdentifyResponse, RaftMessage};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
-use crate::facade::Inner;
+use crate::inner::Inner;
 use crate::network::{MAX_INTERNAL_MESSAGE_BYTES, decode, encode};
 use crate::routing::ForwardRequest;
 use crate::types::{NodeId, TypeConfig};
