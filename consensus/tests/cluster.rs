@@ -602,3 +602,22 @@ async fn every_connection_to_another_node_goes_through_the_transport() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_on_the_in_memory_engine_serves_writes_and_reads() {
+    // The simulator's path: the same member over MemEngine instead of RocksDB.
+    let info = cell0_consensus::NodeInfo {
+        name: "mem".into(),
+        site: "local".into(),
+        public_addr: "127.0.0.1:1".into(),
+        internal_addr: "127.0.0.1:1".into(),
+    };
+    let c = Consensus::start(1, info, config(), cell0_consensus::StorageBackend::Memory)
+        .await
+        .unwrap();
+    c.initialize().await.unwrap();
+    c.propose(put("m", "1")).await.unwrap();
+    assert_eq!(value(&c, "m", Consistency::Linearizable).await, Some(b"1".to_vec()));
+    assert_ne!(c.cluster_id(), 0);
+    c.shutdown().await;
+}
