@@ -41,7 +41,7 @@ pub(crate) enum ForwardResponse {
 
 impl Inner {
     /// Runs `req` on the leader, forwarding when this node is not it, and
-    /// retries while the failure guarantees the request was not applied.
+    /// retries until the request deadline while [`may_retry`] allows it.
     pub(crate) async fn route(&self, req: ForwardRequest) -> Result<ForwardResponse> {
         let deadline = Instant::now() + self.config.request_timeout();
         let mut metrics = self.raft.metrics();
