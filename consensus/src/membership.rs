@@ -52,20 +52,20 @@ pub(crate) fn check_addresses<'a>(
         if other.internal_addr == info.internal_addr {
             return Err(ConsensusError::invalid(
                 "internal_addr",
-                format!("{} is already the address of node {other_id}", info.internal_addr),
+                format!("{} is already the address of node {other_id:016x}", info.internal_addr),
             ));
         }
         if other.public_addr == info.public_addr {
             return Err(ConsensusError::invalid(
                 "public_addr",
-                format!("{} is already the address of node {other_id}", info.public_addr),
+                format!("{} is already the address of node {other_id:016x}", info.public_addr),
             ));
         }
         if is_loopback(&other.internal_addr) != joiner_loopback {
             return Err(ConsensusError::invalid(
                 "internal_addr",
                 format!(
-                    "{} is {} but node {other_id} advertises {}: in a cluster that spans hosts every node must advertise an address the others can reach (set advertise.internal)",
+                    "{} is {} but node {other_id:016x} advertises {}: in a cluster that spans hosts every node must advertise an address the others can reach (set advertise.internal)",
                     info.internal_addr,
                     if joiner_loopback {
                         "a loopback address"
@@ -116,7 +116,7 @@ impl Inner {
             .await
             .map_err(|s| {
                 ConsensusError::unavailable(format!(
-                    "node {id} cannot be reached at its internal address {}: {}",
+                    "node {id:016x} cannot be reached at its internal address {}: {}",
                     info.internal_addr,
                     s.message()
                 ))
@@ -125,7 +125,7 @@ impl Inner {
             return Err(ConsensusError::invalid(
                 "internal_addr",
                 format!(
-                    "{} reaches node {}, not the joining node {id}; advertise an internal address the other nodes reach this node at",
+                    "{} reaches node {:016x}, not the joining node {id:016x}; advertise an internal address the other nodes reach this node at",
                     info.internal_addr, answer.node_id
                 ),
             ));
@@ -133,7 +133,7 @@ impl Inner {
         let ours = self.identity.cluster_id();
         if answer.cluster_id != 0 && ours != 0 && answer.cluster_id != ours {
             return Err(ConsensusError::FailedPrecondition(format!(
-                "node {id} belongs to another cluster ({:016x}); start it with an empty data dir to join this one",
+                "node {id:016x} belongs to another cluster ({:016x}); start it with an empty data dir to join this one",
                 answer.cluster_id
             )));
         }
@@ -161,7 +161,7 @@ impl Inner {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(ConsensusError::FailedPrecondition(format!(
-                    "learner {id} is not ready to vote: it {} and has {matched} of {last} log entries; it stays a learner, join again once it is up",
+                    "learner {id:016x} is not ready to vote: it {} and has {matched} of {last} log entries; it stays a learner, join again once it is up",
                     if self.reachable(id) {
                         "is reachable"
                     } else {
@@ -228,7 +228,7 @@ impl Inner {
         }
         let membership = metrics.membership_config.membership().clone();
         if membership.get_node(&id).is_none() {
-            return Err(ConsensusError::NotFound(format!("node {id} is not a member")));
+            return Err(ConsensusError::NotFound(format!("node {id:016x} is not a member")));
         }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let change = if voters.contains(&id) {
@@ -243,7 +243,7 @@ impl Inner {
             let quorum = remaining.len() / 2 + 1;
             if healthy < quorum {
                 return Err(ConsensusError::FailedPrecondition(format!(
-                    "removing node {id} would leave {healthy} reachable voters of {}, fewer than the quorum of {quorum} the change needs to commit; bring the unreachable voters back first",
+                    "removing node {id:016x} would leave {healthy} reachable voters of {}, fewer than the quorum of {quorum} the change needs to commit; bring the unreachable voters back first",
                     remaining.len()
                 )));
             }
@@ -285,7 +285,10 @@ mod tests {
         let err = check_addresses(&hosts, 2, &info("127.0.0.1:7101", "10.0.0.2:7100")).unwrap_err();
         assert!(err.to_string().contains("internal_addr"), "{err}");
         let err = check_addresses(&hosts, 2, &info("10.0.0.1:7101", "10.0.0.2:7100")).unwrap_err();
-        assert!(err.to_string().contains("already the address of node 1"), "{err}");
+        assert!(
+            err.to_string().contains("already the address of node 0000000000000001"),
+            "{err}"
+        );
         check_addresses(&hosts, 2, &info("10.0.0.2:7101", "10.0.0.2:7100")).unwrap();
         // A member updating its own record is not a duplicate of itself.
         check_addresses(&hosts, 1, &info("10.0.0.1:7101", "10.0.0.1:7100")).unwrap();

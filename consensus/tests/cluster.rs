@@ -366,7 +366,7 @@ async fn a_join_whose_internal_address_reaches_another_node_is_refused() {
     wrong.internal_addr = bystander.addr.to_string();
     let err = leader.join(2, wrong).await.unwrap_err();
     assert!(
-        matches!(&err, ConsensusError::InvalidArgument { field, reason } if field == "internal_addr" && reason.contains("reaches node 3")),
+        matches!(&err, ConsensusError::InvalidArgument { field, reason } if field == "internal_addr" && reason.contains("reaches node 0000000000000003")),
         "{err}"
     );
     // The leader's own address is refused as a duplicate.
