@@ -19,7 +19,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::command::{Command, Response};
-use crate::error::{ConsensusError, Result};
+use crate::error::{ConsensusError, Result, UnavailableCause};
 use crate::types::{NodeId, NodeInfo, Raft};
 
 /// Commands that may wait for a slot before submitters feel backpressure.
@@ -215,6 +215,7 @@ pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node
             ConsensusError::not_leader(f.leader_id, f.leader_node)
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ConsensusError::Unavailable {
+            cause: UnavailableCause::MembershipChangeRefused,
             reason: format!("membership change refused: {e}"),
             leader_id: None,
             leader_addr: None,

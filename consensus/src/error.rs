@@ -23,7 +23,9 @@ pub enum ConsensusError {
     /// Carries the leader's public address when one is known.
     #[error("unavailable: {reason}")]
     Unavailable {
-        /// Why.
+        /// Why, for clients to branch on.
+        cause: UnavailableCause,
+        /// Why, for people.
         reason: String,
         /// Known leader, if any.
         leader_id: Option<NodeId>,
@@ -53,8 +55,45 @@ pub enum ConsensusError {
     Internal(String),
     /// The request is valid but the cluster's state does not allow it now
     /// (for example a removal that would leave too few healthy voters).
-    #[error("refused: {0}")]
-    FailedPrecondition(String),
+    #[error("refused: {message}")]
+    FailedPrecondition {
+        /// Why, for clients to branch on.
+        cause: PreconditionCause,
+        /// Why, for people.
+        message: String,
+    },
+}
+
+/// Why a request could not be served now; retrying later may succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnavailableCause {
+    /// This node is not the leader and the leader did not take the request.
+    NotLeader,
+    /// No leader is elected, or none is known to this node.
+    NoLeader,
+    /// The leader is known but did not answer.
+    LeaderUnreachable,
+    /// The leader could not confirm its leadership with a quorum.
+    NoQuorum,
+    /// This replica did not catch up with the leader in time for a read.
+    ReplicaBehind,
+    /// A joining node cannot be reached at its internal address.
+    NodeUnreachable,
+    /// Raft refused a membership change (another one is in progress).
+    MembershipChangeRefused,
+}
+
+/// Why the cluster's state refuses a valid request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PreconditionCause {
+    /// A learner does not answer, so it is not promoted.
+    UnreachableLearner,
+    /// A learner answers but is too far behind to vote.
+    LearnerBehind,
+    /// Removing the voter would leave too few reachable voters.
+    QuorumAtRisk,
+    /// The node belongs to another cluster.
+    OtherCluster,
 }
 
 impl ConsensusError {
@@ -70,6 +109,7 @@ impl ConsensusError {
     /// leader it knows of.
     pub fn not_leader(leader_id: Option<NodeId>, leader: Option<NodeInfo>) -> Self {
         ConsensusError::Unavailable {
+            cause: UnavailableCause::NotLeader,
             reason: "this node is not the leader".into(),
             leader_id,
             leader_addr: leader.map(|n| n.public_addr),
@@ -77,11 +117,22 @@ impl ConsensusError {
     }
 
     /// An [`ConsensusError::Unavailable`] without a leader hint.
-    pub fn unavailable(reason: impl Into<String>) -> Self {
+    pub fn unavailable(cause: UnavailableCause, reason: impl Into<String>) -> Self {
         ConsensusError::Unavailable {
+            cause,
             reason: reason.into(),
             leader_id: None,
             leader_addr: None,
+        }
+    }
+}
+
+impl ConsensusError {
+    /// A [`ConsensusError::FailedPrecondition`].
+    pub fn refused(cause: PreconditionCause, message: impl Into<String>) -> Self {
+        ConsensusError::FailedPrecondition {
+            cause,
+            message: message.into(),
         }
     }
 }

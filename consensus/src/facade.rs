@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::batcher::{BatchLimits, Batcher};
 use crate::command::{Command, KeyValue, Limits, RequestId, Response};
 use crate::config::ConsensusConfig;
-use crate::error::{ConsensusError, Result};
+use crate::error::{ConsensusError, Result, UnavailableCause};
 use crate::inner::{Inner, random_u64, wrong_type};
 use crate::network::{ChannelPool, NetworkFactory, PeerHealth, TcpTransport, Transport, WireIdentity};
 use crate::routing::{ForwardRequest, ForwardResponse};
@@ -464,7 +464,12 @@ impl Consensus {
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(ConsensusError::ShuttingDown),
-                Err(_) => return Err(ConsensusError::unavailable("no leader elected yet")),
+                Err(_) => {
+                    return Err(ConsensusError::unavailable(
+                        UnavailableCause::NoLeader,
+                        "no leader elected yet",
+                    ));
+                }
             }
         }
     }
@@ -487,7 +492,12 @@ impl Consensus {
             .applied_index_at_least(Some(index), "read barrier")
             .await
             .map(|_| ())
-            .map_err(|e| ConsensusError::unavailable(format!("replica did not catch up with the leader: {e}")))
+            .map_err(|e| {
+                ConsensusError::unavailable(
+                    UnavailableCause::ReplicaBehind,
+                    format!("replica did not catch up with the leader: {e}"),
+                )
+            })
     }
 }
 

@@ -29,7 +29,7 @@ pub use cell0_state::{Table, command, nodes, registry};
 
 pub use command::{Command, KeyValue, RequestId, Response};
 pub use config::ConsensusConfig;
-pub use error::{ConsensusError, Result};
+pub use error::{ConsensusError, PreconditionCause, Result, UnavailableCause};
 pub use facade::{Consensus, Consistency, Member, Role, Status, StorageBackend};
 pub use membership::MAX_PROMOTION_LAG;
 pub use nodes::{NodeCommand, NodeResources};

@@ -19,7 +19,7 @@ use openraft::{ChangeMembers, ServerState};
 
 use crate::batcher::map_write_error;
 use crate::command::{Command, RequestId, Response};
-use crate::error::{ConsensusError, Result};
+use crate::error::{ConsensusError, PreconditionCause, Result, UnavailableCause};
 use crate::inner::{Inner, random_u64, wrong_type};
 use crate::network::identify;
 use crate::routing::ForwardResponse;
@@ -115,11 +115,14 @@ impl Inner {
         let answer = identify(&self.pool, &info.internal_addr, id, self.config.rpc_timeout())
             .await
             .map_err(|s| {
-                ConsensusError::unavailable(format!(
-                    "node {id:016x} cannot be reached at its internal address {}: {}",
-                    info.internal_addr,
-                    s.message()
-                ))
+                ConsensusError::unavailable(
+                    UnavailableCause::NodeUnreachable,
+                    format!(
+                        "node {id:016x} cannot be reached at its internal address {}: {}",
+                        info.internal_addr,
+                        s.message()
+                    ),
+                )
             })?;
         if answer.node_id != id {
             return Err(ConsensusError::invalid(
@@ -132,10 +135,13 @@ impl Inner {
         }
         let ours = self.identity.cluster_id();
         if answer.cluster_id != 0 && ours != 0 && answer.cluster_id != ours {
-            return Err(ConsensusError::FailedPrecondition(format!(
-                "node {id:016x} belongs to another cluster ({:016x}); start it with an empty data dir to join this one",
-                answer.cluster_id
-            )));
+            return Err(ConsensusError::refused(
+                PreconditionCause::OtherCluster,
+                format!(
+                    "node {id:016x} belongs to another cluster ({:016x}); start it with an empty data dir to join this one",
+                    answer.cluster_id
+                ),
+            ));
         }
         Ok(())
     }
@@ -160,14 +166,17 @@ impl Inner {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(ConsensusError::FailedPrecondition(format!(
-                    "learner {id:016x} is not ready to vote: it {} and has {matched} of {last} log entries; it stays a learner, join again once it is up",
-                    if self.reachable(id) {
-                        "is reachable"
-                    } else {
-                        "does not answer"
-                    }
-                )));
+                let (cause, state) = if self.reachable(id) {
+                    (PreconditionCause::LearnerBehind, "is reachable")
+                } else {
+                    (PreconditionCause::UnreachableLearner, "does not answer")
+                };
+                return Err(ConsensusError::refused(
+                    cause,
+                    format!(
+                        "learner {id:016x} is not ready to vote: it {state} and has {matched} of {last} log entries; it stays a learner, join again once it is up"
+                    ),
+                ));
             }
             let pause = Duration::from_millis(50);
             let _ = tokio::time::timeout(pause, rx.changed()).await;
@@ -242,10 +251,13 @@ impl Inner {
             let healthy = remaining.iter().filter(|v| self.reachable(**v)).count();
             let quorum = remaining.len() / 2 + 1;
             if healthy < quorum {
-                return Err(ConsensusError::FailedPrecondition(format!(
-                    "removing node {id:016x} would leave {healthy} reachable voters of {}, fewer than the quorum of {quorum} the change needs to commit; bring the unreachable voters back first",
-                    remaining.len()
-                )));
+                return Err(ConsensusError::refused(
+                    PreconditionCause::QuorumAtRisk,
+                    format!(
+                        "removing node {id:016x} would leave {healthy} reachable voters of {}, fewer than the quorum of {quorum} the change needs to commit; bring the unreachable voters back first",
+                        remaining.len()
+                    ),
+                ));
             }
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::command::{Command, Response};
-use crate::error::{ConsensusError, Result};
+use crate::error::{ConsensusError, Result, UnavailableCause};
 use crate::inner::Inner;
 use crate::network::{decode, encode, never_sent};
 use crate::types::{NodeId, NodeInfo};
@@ -54,7 +54,10 @@ impl Inner {
             let result = match &leader {
                 Some((id, _)) if *id == self.id => self.handle_local(req.clone()).await,
                 Some((id, info)) => self.forward(*id, info, &req).await,
-                None => Err(ConsensusError::unavailable("no leader is elected")),
+                None => Err(ConsensusError::unavailable(
+                    UnavailableCause::NoLeader,
+                    "no leader is elected",
+                )),
             };
             let error = match result {
                 Ok(r) => return Ok(r),
@@ -75,9 +78,10 @@ impl Inner {
                 (ConsensusError::Unavailable { reason, .. }, Some(earlier)) => {
                     ConsensusError::Indeterminate(format!("{earlier}; then {reason}"))
                 }
-                (ConsensusError::Unavailable { reason, .. }, None) => {
+                (ConsensusError::Unavailable { cause, reason, .. }, None) => {
                     let leader = self.leader();
                     ConsensusError::Unavailable {
+                        cause,
                         reason,
                         leader_id: leader.as_ref().map(|l| l.0),
                         leader_addr: leader.map(|l| l.1.public_addr),
@@ -98,6 +102,7 @@ impl Inner {
                 let idempotent = !matches!(req, ForwardRequest::Write(_));
                 if idempotent || never_sent(&status) {
                     Err(ConsensusError::Unavailable {
+                        cause: UnavailableCause::LeaderUnreachable,
                         reason: format!("leader {leader} unreachable: {}", status.message()),
                         leader_id: Some(leader),
                         leader_addr: Some(info.public_addr.clone()),
@@ -142,6 +147,7 @@ impl Inner {
                     Err(ConsensusError::not_leader(f.leader_id, f.leader_node))
                 }
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(ConsensusError::unavailable(
+                    UnavailableCause::NoQuorum,
                     format!("leadership not confirmed by a quorum: {e}"),
                 )),
                 Err(RaftError::Fatal(_)) => Err(ConsensusError::ShuttingDown),
@@ -158,7 +164,7 @@ mod tests {
 
     #[test]
     fn only_provably_unapplied_or_deduplicated_requests_are_retried() {
-        let unavailable = ConsensusError::unavailable("no leader");
+        let unavailable = ConsensusError::unavailable(UnavailableCause::NoLeader, "no leader");
         let unknown = ConsensusError::Indeterminate("lost the leader".into());
         assert!(may_retry(&unavailable, false));
         assert!(may_retry(&unavailable, true));

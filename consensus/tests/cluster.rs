@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use cell0_consensus::network::{TcpTransport, Transport};
 use cell0_consensus::testkit::{LocalNode, local_cluster};
-use cell0_consensus::{Command, Consensus, ConsensusConfig, ConsensusError, Consistency, Response, registry};
+use cell0_consensus::{
+    Command, Consensus, ConsensusConfig, ConsensusError, Consistency, PreconditionCause, Response, UnavailableCause,
+    registry,
+};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -424,7 +427,16 @@ async fn a_retried_join_does_not_promote_an_unreachable_learner() {
     wait_until("the leader sees node 2 down", || !reachable(leader, 2)).await;
 
     let err = leader.join(2, info).await.unwrap_err();
-    assert!(matches!(err, ConsensusError::FailedPrecondition(_)), "{err}");
+    assert!(
+        matches!(
+            err,
+            ConsensusError::FailedPrecondition {
+                cause: PreconditionCause::UnreachableLearner,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(voters(leader), BTreeSet::from([1]), "the dead learner was not promoted");
     leader.propose(put("still", "writable")).await.unwrap();
     for n in nodes {
@@ -449,7 +461,7 @@ async fn removing_a_voter_while_another_is_down_is_refused() {
     // {leader, down} would need both to commit: refused, not wedged.
     let err = leader.remove(followers[0]).await.unwrap_err();
     assert!(
-        matches!(&err, ConsensusError::FailedPrecondition(m) if m.contains("quorum")),
+        matches!(&err, ConsensusError::FailedPrecondition { cause: PreconditionCause::QuorumAtRisk, message } if message.contains("quorum")),
         "{err}"
     );
     assert_eq!(voters(&leader).len(), 3);
@@ -593,7 +605,16 @@ async fn every_connection_to_another_node_goes_through_the_transport() {
         .join(3, third.consensus.info().clone())
         .await
         .unwrap_err();
-    assert!(matches!(err, ConsensusError::Unavailable { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ConsensusError::Unavailable {
+                cause: UnavailableCause::NodeUnreachable,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(voters(&first.consensus), BTreeSet::from([1, 2]));
     let dialled = transport.dialled.lock().unwrap().clone();
     assert!(dialled.contains(&second.addr.to_string()), "{dialled:?}");

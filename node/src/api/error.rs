@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cell0_consensus::ConsensusError;
+use cell0_consensus::{ConsensusError, PreconditionCause, UnavailableCause};
 use cell0_inference::InferenceError;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
@@ -51,8 +51,6 @@ pub enum Reason {
     NodeUnreachable,
     /// Raft refused a membership change (another one is in progress).
     MembershipChangeRefused,
-    /// Unavailable for another reason; retryable.
-    Unavailable,
     /// The node is shutting down.
     ShuttingDown,
     /// The embedding engine of the node has stopped.
@@ -71,8 +69,6 @@ pub enum Reason {
     QuorumAtRisk,
     /// `Join`: the node belongs to another cluster.
     OtherCluster,
-    /// The cluster's state refuses the request for another reason.
-    FailedPrecondition,
     /// More concurrent requests than the node accepts.
     TooManyRequests,
     /// More concurrent watches than the node serves.
@@ -109,7 +105,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 36] = [
+    pub const ALL: [Reason; 34] = [
         Reason::InvalidArgumentField,
         Reason::ModelAmbiguous,
         Reason::NotLeader,
@@ -119,7 +115,6 @@ impl Reason {
         Reason::ReplicaBehind,
         Reason::NodeUnreachable,
         Reason::MembershipChangeRefused,
-        Reason::Unavailable,
         Reason::ShuttingDown,
         Reason::EngineStopped,
         Reason::OutcomeUnknown,
@@ -129,7 +124,6 @@ impl Reason {
         Reason::LearnerBehind,
         Reason::QuorumAtRisk,
         Reason::OtherCluster,
-        Reason::FailedPrecondition,
         Reason::TooManyRequests,
         Reason::TooManyWatches,
         Reason::NoModels,
@@ -160,7 +154,6 @@ impl Reason {
             Reason::ReplicaBehind => "REPLICA_BEHIND",
             Reason::NodeUnreachable => "NODE_UNREACHABLE",
             Reason::MembershipChangeRefused => "MEMBERSHIP_CHANGE_REFUSED",
-            Reason::Unavailable => "UNAVAILABLE",
             Reason::ShuttingDown => "SHUTTING_DOWN",
             Reason::EngineStopped => "ENGINE_STOPPED",
             Reason::OutcomeUnknown => "OUTCOME_UNKNOWN",
@@ -170,7 +163,6 @@ impl Reason {
             Reason::LearnerBehind => "LEARNER_BEHIND",
             Reason::QuorumAtRisk => "QUORUM_AT_RISK",
             Reason::OtherCluster => "OTHER_CLUSTER",
-            Reason::FailedPrecondition => "FAILED_PRECONDITION",
             Reason::TooManyRequests => "TOO_MANY_REQUESTS",
             Reason::TooManyWatches => "TOO_MANY_WATCHES",
             Reason::NoModels => "NO_MODELS",
@@ -412,10 +404,13 @@ fn consensus(e: &ConsensusError) -> Described {
         )
         .with("field", field),
         ConsensusError::Unavailable {
-            reason, leader_addr, ..
+            cause,
+            reason,
+            leader_addr,
+            ..
         } => {
             // The id alone is no use to a client: it needs an address.
-            let mut d = Described::new(Code::Unavailable, unavailable_reason(reason), reason.clone());
+            let mut d = Described::new(Code::Unavailable, unavailable_reason(*cause), reason.clone());
             d.leader = leader_addr.clone();
             d
         }
@@ -432,51 +427,32 @@ fn consensus(e: &ConsensusError) -> Described {
         ConsensusError::NotFound(m) => Described::new(Code::NotFound, Reason::NotAMember, m.clone()),
         ConsensusError::ShuttingDown => Described::new(Code::Unavailable, Reason::ShuttingDown, e.to_string()),
         ConsensusError::Internal(m) => Described::new(Code::Internal, Reason::Internal, m.clone()),
-        ConsensusError::FailedPrecondition(m) => {
-            Described::new(Code::FailedPrecondition, precondition_reason(m), m.clone())
+        ConsensusError::FailedPrecondition { cause, message } => {
+            Described::new(Code::FailedPrecondition, precondition_reason(*cause), message.clone())
         }
     }
 }
 
-/// Tells the causes of [`ConsensusError::Unavailable`] apart. The consensus
-/// layer carries them as text only, so this keys on the wording of its
-/// messages; an unknown wording gets the generic [`Reason::Unavailable`].
-fn unavailable_reason(reason: &str) -> Reason {
-    if reason.starts_with("this node is not the leader") {
-        Reason::NotLeader
-    } else if reason.starts_with("no leader") {
-        Reason::NoLeader
-    } else if reason.starts_with("leader ") && reason.contains(" unreachable") {
-        Reason::LeaderUnreachable
-    } else if reason.starts_with("leadership not confirmed by a quorum") {
-        Reason::NoQuorum
-    } else if reason.starts_with("replica did not catch up") {
-        Reason::ReplicaBehind
-    } else if reason.contains("cannot be reached at its internal address") {
-        Reason::NodeUnreachable
-    } else if reason.starts_with("membership change refused") {
-        Reason::MembershipChangeRefused
-    } else {
-        Reason::Unavailable
+/// The reason for each cause of [`ConsensusError::Unavailable`].
+fn unavailable_reason(cause: UnavailableCause) -> Reason {
+    match cause {
+        UnavailableCause::NotLeader => Reason::NotLeader,
+        UnavailableCause::NoLeader => Reason::NoLeader,
+        UnavailableCause::LeaderUnreachable => Reason::LeaderUnreachable,
+        UnavailableCause::NoQuorum => Reason::NoQuorum,
+        UnavailableCause::ReplicaBehind => Reason::ReplicaBehind,
+        UnavailableCause::NodeUnreachable => Reason::NodeUnreachable,
+        UnavailableCause::MembershipChangeRefused => Reason::MembershipChangeRefused,
     }
 }
 
-/// Tells the causes of [`ConsensusError::FailedPrecondition`] apart, like
-/// [`unavailable_reason`]; an unknown wording gets
-/// [`Reason::FailedPrecondition`].
-fn precondition_reason(message: &str) -> Reason {
-    if message.starts_with("learner ") && message.contains("not ready to vote") {
-        if message.contains("does not answer") {
-            Reason::UnreachableLearner
-        } else {
-            Reason::LearnerBehind
-        }
-    } else if message.starts_with("removing node ") && message.contains("quorum") {
-        Reason::QuorumAtRisk
-    } else if message.contains("belongs to another cluster") {
-        Reason::OtherCluster
-    } else {
-        Reason::FailedPrecondition
+/// The reason for each cause of [`ConsensusError::FailedPrecondition`].
+fn precondition_reason(cause: PreconditionCause) -> Reason {
+    match cause {
+        PreconditionCause::UnreachableLearner => Reason::UnreachableLearner,
+        PreconditionCause::LearnerBehind => Reason::LearnerBehind,
+        PreconditionCause::QuorumAtRisk => Reason::QuorumAtRisk,
+        PreconditionCause::OtherCluster => Reason::OtherCluster,
     }
 }
 
@@ -550,17 +526,18 @@ mod tests {
                 Reason::NotLeader,
             ),
             (
-                ConsensusError::unavailable("no leader is elected"),
+                ConsensusError::unavailable(UnavailableCause::NoLeader, "no leader is elected"),
                 Code::Unavailable,
                 Reason::NoLeader,
             ),
             (
-                ConsensusError::unavailable("no leader elected yet"),
+                ConsensusError::unavailable(UnavailableCause::NoLeader, "no leader elected yet"),
                 Code::Unavailable,
                 Reason::NoLeader,
             ),
             (
                 ConsensusError::Unavailable {
+                    cause: UnavailableCause::LeaderUnreachable,
                     reason: "leader 7 unreachable: connection refused".into(),
                     leader_id: Some(7),
                     leader_addr: Some("10.0.0.7:7100".into()),
@@ -569,31 +546,36 @@ mod tests {
                 Reason::LeaderUnreachable,
             ),
             (
-                ConsensusError::unavailable("leadership not confirmed by a quorum: 1 of 3"),
+                ConsensusError::unavailable(
+                    UnavailableCause::NoQuorum,
+                    "leadership not confirmed by a quorum: 1 of 3",
+                ),
                 Code::Unavailable,
                 Reason::NoQuorum,
             ),
             (
-                ConsensusError::unavailable("replica did not catch up with the leader: timeout"),
+                ConsensusError::unavailable(
+                    UnavailableCause::ReplicaBehind,
+                    "replica did not catch up with the leader: timeout",
+                ),
                 Code::Unavailable,
                 Reason::ReplicaBehind,
             ),
             (
                 ConsensusError::unavailable(
+                    UnavailableCause::NodeUnreachable,
                     "node 9 cannot be reached at its internal address 10.0.0.9:7200: connection refused",
                 ),
                 Code::Unavailable,
                 Reason::NodeUnreachable,
             ),
             (
-                ConsensusError::unavailable("membership change refused: in progress"),
+                ConsensusError::unavailable(
+                    UnavailableCause::MembershipChangeRefused,
+                    "membership change refused: in progress",
+                ),
                 Code::Unavailable,
                 Reason::MembershipChangeRefused,
-            ),
-            (
-                ConsensusError::unavailable("something new"),
-                Code::Unavailable,
-                Reason::Unavailable,
             ),
             (
                 ConsensusError::Indeterminate("lost the leader".into()),
@@ -620,45 +602,40 @@ mod tests {
                 Reason::Internal,
             ),
             (
-                ConsensusError::FailedPrecondition(
+                ConsensusError::refused(
+                    PreconditionCause::UnreachableLearner,
                     "learner 4 is not ready to vote: it does not answer and has 0 of 12 log entries; it stays a \
-                     learner, join again once it is up"
-                        .into(),
+                     learner, join again once it is up",
                 ),
                 Code::FailedPrecondition,
                 Reason::UnreachableLearner,
             ),
             (
-                ConsensusError::FailedPrecondition(
+                ConsensusError::refused(
+                    PreconditionCause::LearnerBehind,
                     "learner 4 is not ready to vote: it is reachable and has 2 of 90000 log entries; it stays a \
-                     learner, join again once it is up"
-                        .into(),
+                     learner, join again once it is up",
                 ),
                 Code::FailedPrecondition,
                 Reason::LearnerBehind,
             ),
             (
-                ConsensusError::FailedPrecondition(
+                ConsensusError::refused(
+                    PreconditionCause::QuorumAtRisk,
                     "removing node 2 would leave 1 reachable voters of 2, fewer than the quorum of 2 the change \
-                     needs to commit; bring the unreachable voters back first"
-                        .into(),
+                     needs to commit; bring the unreachable voters back first",
                 ),
                 Code::FailedPrecondition,
                 Reason::QuorumAtRisk,
             ),
             (
-                ConsensusError::FailedPrecondition(
+                ConsensusError::refused(
+                    PreconditionCause::OtherCluster,
                     "node 4 belongs to another cluster (00000000000000ab); start it with an empty data dir to join \
-                     this one"
-                        .into(),
+                     this one",
                 ),
                 Code::FailedPrecondition,
                 Reason::OtherCluster,
-            ),
-            (
-                ConsensusError::FailedPrecondition("something new".into()),
-                Code::FailedPrecondition,
-                Reason::FailedPrecondition,
             ),
         ]
     }
@@ -690,7 +667,7 @@ mod tests {
                 ConsensusError::NotFound(_) => "NotFound",
                 ConsensusError::ShuttingDown => "ShuttingDown",
                 ConsensusError::Internal(_) => "Internal",
-                ConsensusError::FailedPrecondition(_) => "FailedPrecondition",
+                ConsensusError::FailedPrecondition { .. } => "FailedPrecondition",
             })
             .collect();
         assert_eq!(covered.len(), 8, "{covered:?}");
@@ -733,6 +710,7 @@ mod tests {
     fn the_leader_hint_is_an_address_or_nothing() {
         let unavailable = |leader_id, leader_addr: Option<&str>| {
             Status::from(ApiError::from(ConsensusError::Unavailable {
+                cause: UnavailableCause::NotLeader,
                 reason: "this node is not the leader".into(),
                 leader_id,
                 leader_addr: leader_addr.map(str::to_string),

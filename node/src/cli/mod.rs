@@ -311,13 +311,17 @@ fn parse_node_id(s: &str) -> anyhow::Result<u64> {
 mod rpc_error_tests {
     use super::rpc_error_line;
     use crate::api::ApiError;
-    use cell0_consensus::ConsensusError;
+    use cell0_consensus::{ConsensusError, UnavailableCause};
 
     #[test]
     fn the_line_names_the_reason_and_the_leader() {
-        let s = tonic::Status::from(ApiError::from(ConsensusError::unavailable("no leader is elected")));
+        let s = tonic::Status::from(ApiError::from(ConsensusError::unavailable(
+            UnavailableCause::NoLeader,
+            "no leader is elected",
+        )));
         assert_eq!(rpc_error_line(&s), "unavailable (NO_LEADER): no leader is elected");
         let s = tonic::Status::from(ApiError::from(ConsensusError::Unavailable {
+            cause: UnavailableCause::NotLeader,
             reason: "this node is not the leader".into(),
             leader_id: Some(3),
             leader_addr: Some("10.0.0.3:7100".into()),
