@@ -321,7 +321,7 @@ impl Consensus {
 
     /// Runs `read` over one point-in-time view of the local replica, so
     /// everything it reads (data, revision, history) belongs to one state.
-    pub fn read_view<T>(&self, read: impl FnOnce(&dyn Txn) -> Result<T>) -> Result<T> {
+    pub(crate) fn read_view<T>(&self, read: impl FnOnce(&dyn Txn) -> Result<T>) -> Result<T> {
         let mut read = Some(read);
         let mut out = None;
         self.inner.engine.with_view(&mut |view| {

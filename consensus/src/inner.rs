@@ -42,9 +42,11 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    /// The leader's id and record, if one is known.
+    /// The leader's id and record, if one is known. Called on every routed
+    /// request: it reads the metrics in place instead of cloning them.
     pub(crate) fn leader(&self) -> Option<(NodeId, NodeInfo)> {
-        let m = self.raft.metrics().borrow().clone();
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
         let id = m.current_leader?;
         let info = m.membership_config.membership().get_node(&id)?.clone();
         Some((id, info))

@@ -224,12 +224,6 @@ impl ChannelPool {
         }
     }
 
-    /// A pool over plain TCP whose connection attempts give up after
-    /// `connect_timeout`.
-    pub fn tcp(connect_timeout: Duration) -> Self {
-        Self::new(Arc::new(TcpTransport { connect_timeout }))
-    }
-
     /// The channel to `addr` (host:port).
     pub fn channel(&self, addr: &str) -> Result<Channel, ConsensusError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
@@ -434,7 +428,9 @@ mod tests {
         use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 
         // The address is never dialled: the call is cut before it is sent.
-        let pool = Arc::new(ChannelPool::tcp(Duration::from_millis(10)));
+        let pool = Arc::new(ChannelPool::new(Arc::new(TcpTransport {
+            connect_timeout: Duration::from_millis(10),
+        })));
         let identity = WireIdentity {
             node: 1,
             cluster: Arc::new(AtomicU64::new(0)),
