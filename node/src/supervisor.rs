@@ -385,30 +385,47 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Exponential backoff that gives up waiting when the stop signal rises:
-/// the one retry pause of the node's loops (starts at 200 ms, doubles, at
-/// most 5 s).
+/// the one retry pause of the node's loops (by default it starts at 200 ms
+/// and doubles up to 5 s).
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
+    first: std::time::Duration,
     next: std::time::Duration,
+    max: std::time::Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self {
-            next: std::time::Duration::from_millis(200),
-        }
+        Self::new(std::time::Duration::from_millis(200), std::time::Duration::from_secs(5))
     }
 }
 
 impl Backoff {
-    /// Longest pause.
-    pub const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+    /// Pauses from `first`, doubling up to `max`.
+    pub fn new(first: std::time::Duration, max: std::time::Duration) -> Self {
+        Self {
+            first,
+            next: first,
+            max,
+        }
+    }
+
+    /// The next pause, doubling the one after it.
+    pub fn next_pause(&mut self) -> std::time::Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(self.max);
+        pause
+    }
+
+    /// Starts again from the first pause (after a success).
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
 
     /// Waits out the next pause; false when `stop` rose meanwhile (the caller
     /// returns).
     pub async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
-        let pause = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
+        let pause = self.next_pause();
         tokio::select! {
             () = tokio::time::sleep(pause) => true,
             () = stopped(stop) => false,

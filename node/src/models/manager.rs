@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use super::ModelError;
 use super::store::{BlobPin, BlobStore, Verdict};
 use super::transfer::fetch_blob;
-use crate::supervisor::{Supervisor, stopped as stopping};
+use crate::supervisor::{Backoff, Supervisor, stopped};
 
 /// First retry delay after a failed reconcile; doubled up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -393,7 +393,7 @@ fn progress(held: u64, total: u64) -> String {
 
 async fn reconcile_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut changes = inner.consensus.watch_table(cell0_consensus::Table::Models);
-    let mut retry = FIRST_RETRY;
+    let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
     loop {
         changes.borrow_and_update();
         let complete = match reconcile(&inner).await {
@@ -404,12 +404,15 @@ async fn reconcile_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             }
         };
         if complete {
-            retry = FIRST_RETRY;
+            backoff.reset();
         }
+        // Only a pass that left work undone retries on its own; the pause
+        // is taken only then (select! evaluates disabled branches too).
+        let retry = (!complete).then(|| backoff.next_pause());
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
-            () = tokio::time::sleep(retry), if !complete => retry = (retry * 2).min(MAX_RETRY),
-            () = stopping(&mut stop) => return,
+            () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+            () = stopped(&mut stop) => return,
         }
     }
 }
