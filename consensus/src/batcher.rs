@@ -11,12 +11,18 @@
 //! a submitter waits for room, so a burst of large writes cannot grow memory
 //! without bound. Once a group was handed to Raft, any failure is reported as
 //! `Indeterminate`: the entry may still commit under a later leader.
+//!
+//! The task is named `raft-batcher`, sees the stop signal of
+//! [`Batcher::stop`] and is joined there: commands still queued are answered
+//! `ShuttingDown` (never proposed), groups already proposed finish (Raft's
+//! shutdown fails them as `Indeterminate`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
@@ -46,22 +52,57 @@ pub(crate) struct BatchLimits {
     pub commit_timeout: Duration,
 }
 
+/// The task's name in logs and in `cell0_task_failures_total`.
+const TASK: &str = "raft-batcher";
+
 /// Handle to the group-commit task.
-#[derive(Clone)]
 pub(crate) struct Batcher {
     tx: mpsc::Sender<Pending>,
     room: Arc<Semaphore>,
+    stop: watch::Sender<bool>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Batcher {
     /// Starts the task proposing through `raft`.
     pub fn spawn(raft: Raft, limits: BatchLimits) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(run(raft, rx, limits));
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(raft, rx, limits, stopped));
         Self {
             tx,
             room: Arc::new(Semaphore::new(MAX_QUEUED_BYTES)),
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
         }
+    }
+
+    /// Tells the task to stop taking commands; [`Batcher::join`] waits for it.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+        self.room.close();
+    }
+
+    /// Whether [`Batcher::stop`] was called (the node is shutting down).
+    pub fn is_stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Waits up to `deadline` for the stopped task to finish its proposed
+    /// groups; a task that panicked or overran is logged and counted.
+    pub async fn join(&self, deadline: Duration) {
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(mut task) = task else { return };
+        let failure = match tokio::time::timeout(deadline, &mut task).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => {
+                task.abort();
+                format!("still running after {} ms", deadline.as_millis())
+            }
+        };
+        tracing::error!(task = TASK, error = %failure, "background task failed");
+        metrics::counter!("cell0_task_failures_total", "task" => TASK).increment(1);
     }
 
     /// Proposes `cmd` (already validated) and waits for its applied response.
@@ -90,31 +131,50 @@ impl Batcher {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, limits: BatchLimits) {
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, limits: BatchLimits, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(limits.max_inflight));
+    let mut proposing = JoinSet::new();
     let mut carry: Option<Pending> = None;
     loop {
         let first = match carry.take() {
             Some(p) => p,
-            None => match rx.recv().await {
-                Some(p) => p,
-                None => return,
+            None => tokio::select! {
+                p = rx.recv() => match p {
+                    Some(p) => p,
+                    None => break,
+                },
+                _ = stop.wait_for(|s| *s) => break,
             },
         };
         // The semaphore is never closed, so acquiring only fails if that
         // invariant breaks; then stop proposing rather than spin.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stop.wait_for(|s| *s) => {
+                carry = Some(first);
+                break;
+            }
         };
         let group;
         (group, carry) = form_group(first, &mut rx, &limits);
         metrics::histogram!("cell0_raft_batch_commands").record(group.len() as f64);
         let raft = raft.clone();
-        tokio::spawn(async move {
+        proposing.spawn(async move {
             propose(&raft, group, limits.commit_timeout).await;
             drop(slot);
         });
+        // Reap finished groups so the set stays small.
+        while proposing.try_join_next().is_some() {}
     }
+    // Never proposed: provably not applied.
+    rx.close();
+    for p in carry.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+        let _ = p.reply.send(Err(ConsensusError::ShuttingDown));
+    }
+    while proposing.join_next().await.is_some() {}
 }
 
 /// The group that starts with `first`: every command already queued, up to

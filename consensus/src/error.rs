@@ -94,6 +94,9 @@ pub enum PreconditionCause {
     QuorumAtRisk,
     /// The node belongs to another cluster.
     OtherCluster,
+    /// Another node sent a message in a format newer than this node reads
+    /// (a newer build): upgrade this node.
+    NewerMessageFormat,
 }
 
 impl ConsensusError {

@@ -474,12 +474,14 @@ impl Consensus {
         }
     }
 
-    /// Stops Raft and flushes storage. The database closes when the last
-    /// handle is dropped.
+    /// Stops taking writes, stops Raft, joins the group-commit task and
+    /// flushes storage. The database closes when the last handle is dropped.
     pub async fn shutdown(&self) {
+        self.inner.batcher.stop();
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+        self.inner.batcher.join(self.inner.config.request_timeout()).await;
         if let Err(e) = self.inner.engine.flush() {
             tracing::warn!(error = %e, "flushing storage");
         }
@@ -509,7 +511,7 @@ async fn start_raft<E: Engine>(
     engine: Arc<E>,
     sm: Arc<KvStateMachine>,
 ) -> Result<Raft> {
-    let log = LogStore::new(engine.clone());
+    let log = LogStore::new(engine.clone())?;
     let sm_store = StateMachineStore::new(engine, sm)?;
     Raft::new(id, config, network, log, sm_store)
         .await

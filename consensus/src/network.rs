@@ -36,7 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::error::ConsensusError;
+use crate::error::{ConsensusError, PreconditionCause};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
 /// Largest internal gRPC message. Snapshot chunks and append batches are
@@ -69,9 +69,16 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
     }))
 }
 
+/// The internal message format this build writes (the `format` field of
+/// every [`RaftMessage`]). Message payloads are postcard enums whose variants
+/// are frozen (see `cell0_state::codec`); a change that an older node could
+/// misread instead bumps this, and the older node refuses it cleanly.
+pub const INTERNAL_FORMAT: u32 = 1;
+
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<RaftMessage, ConsensusError> {
     Ok(RaftMessage {
         payload: cell0_state::codec::encode("internal message", v)?.into(),
+        format: INTERNAL_FORMAT,
         ..Default::default()
     })
 }
@@ -173,7 +180,19 @@ pub(crate) async fn identify(
     Ok(client.identify(request).await?.into_inner())
 }
 
+/// Decodes a message of any format up to [`INTERNAL_FORMAT`] (0 is a sender
+/// from before the field existed, format 1); a newer one is refused with an
+/// error that says which node to upgrade.
 pub(crate) fn decode<T: DeserializeOwned>(m: &RaftMessage) -> Result<T, ConsensusError> {
+    if m.format > INTERNAL_FORMAT {
+        return Err(ConsensusError::refused(
+            PreconditionCause::NewerMessageFormat,
+            format!(
+                "node {} sent internal message format {}; this node reads formats up to {INTERNAL_FORMAT}: upgrade it",
+                m.from_node, m.format
+            ),
+        ));
+    }
     Ok(cell0_state::codec::decode("internal message", &m.payload)?)
 }
 
@@ -478,6 +497,7 @@ mod tests {
             cluster_id,
             to_node,
             from_node: 9,
+            format: INTERNAL_FORMAT,
         };
         identity.check(&msg(0xc1, 1)).unwrap();
         let err = identity.check(&msg(0xc1, 2)).unwrap_err();
@@ -489,5 +509,29 @@ mod tests {
         identity.check(&msg(0, 1)).unwrap();
         let stamped = identity.stamp(msg(0, 0), 3);
         assert_eq!((stamped.cluster_id, stamped.to_node, stamped.from_node), (0xc1, 3, 1));
+    }
+
+    #[test]
+    fn messages_of_older_formats_decode_and_newer_ones_are_refused() {
+        let mut msg = encode(&7u64).unwrap();
+        assert_eq!(msg.format, INTERNAL_FORMAT);
+        assert_eq!(decode::<u64>(&msg).unwrap(), 7);
+        // Senders from before the field existed leave it 0.
+        msg.format = 0;
+        assert_eq!(decode::<u64>(&msg).unwrap(), 7);
+        msg.format = INTERNAL_FORMAT + 1;
+        msg.from_node = 4;
+        let err = decode::<u64>(&msg).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConsensusError::FailedPrecondition {
+                    cause: PreconditionCause::NewerMessageFormat,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("node 4"), "{err}");
     }
 }

@@ -50,6 +50,9 @@ impl Inner {
         // then say the outcome is unknown.
         let mut maybe_applied: Option<String> = None;
         loop {
+            if self.batcher.is_stopped() {
+                return Err(ConsensusError::ShuttingDown);
+            }
             let leader = self.leader();
             let result = match &leader {
                 Some((id, _)) if *id == self.id => self.handle_local(req.clone()).await,

@@ -642,3 +642,19 @@ async fn a_member_on_the_in_memory_engine_serves_writes_and_reads() {
     assert_ne!(c.cluster_id(), 0);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_after_shutdown_are_refused_as_never_applied() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = cluster(root.path(), 1, config()).await;
+    let c = nodes[0].consensus.clone();
+    c.propose(put("before", "1")).await.unwrap();
+    c.shutdown().await;
+    // The group-commit task was stopped and joined: a later write is not
+    // queued forever, and it is refused as provably not applied.
+    let err = tokio::time::timeout(DEADLINE, c.propose(put("after", "1")))
+        .await
+        .expect("a write after shutdown is answered")
+        .unwrap_err();
+    assert!(matches!(err, ConsensusError::ShuttingDown), "{err:?}");
+}

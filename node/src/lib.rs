@@ -10,8 +10,9 @@
 //! values [`server::run`] creates (its data dir, Raft, servers, supervisor),
 //! never in statics; the process-global pieces are installed once and shared
 //! (the metrics recorder, see [`telemetry::init_metrics`]; the log
-//! subscriber, which only the binary installs), and the public API's
-//! concurrent-request budget is one per process.
+//! subscriber, which only the binary installs). The public API's
+//! concurrent-request budget is per node: each [`server::run`] makes its own
+//! `RequestGate`, shared by that node's services only.
 
 // The client commands are the binary's, public only so that it can call them:
 // hidden from the library's documentation, whose links into private items

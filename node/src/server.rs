@@ -34,6 +34,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::RequestGate;
 use crate::api::cluster::ClusterApi;
 use crate::api::inference::InferenceApi;
 use crate::api::kv::KvApi;
@@ -178,20 +179,31 @@ async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
+    // This node's budget of concurrent requests, shared by all of its
+    // services (public and internal) and by no other node in the process.
+    let gate = RequestGate::default();
     let public_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(KvServer::new(KvApi::new(consensus.clone(), tasks.clone())))
-        .add_service(ClusterServer::new(ClusterApi::new(consensus.clone())))
-        .add_service(InferenceServer::new(InferenceApi::new(id, models.clone())))
+        .add_service(KvServer::new(KvApi::new(
+            consensus.clone(),
+            tasks.clone(),
+            gate.clone(),
+        )))
+        .add_service(ClusterServer::new(ClusterApi::new(consensus.clone(), gate.clone())))
+        .add_service(InferenceServer::new(InferenceApi::new(
+            id,
+            models.clone(),
+            gate.clone(),
+        )))
         .add_service(
-            ModelsServer::new(ModelsApi::new(consensus.clone(), models.clone()))
+            ModelsServer::new(ModelsApi::new(consensus.clone(), models.clone(), gate.clone()))
                 .max_decoding_message_size(MAX_UPLOAD_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(nodelay_incoming(listeners.public), when_stopped(stop()));
     let internal_server = tonic::transport::Server::builder()
         .add_service(consensus.internal_service())
-        .add_service(ClusterServer::new(ClusterApi::new(consensus.clone())))
+        .add_service(ClusterServer::new(ClusterApi::new(consensus.clone(), gate)))
         .add_service(BlobsServer::new(BlobService::new(store)))
         .serve_with_incoming_shutdown(nodelay_incoming(listeners.internal), when_stopped(stop()));
     let readiness = ops::Readiness::new(consensus.clone());

@@ -157,6 +157,10 @@ pub trait Engine: ReadView + Send + Sync + 'static {
     /// has nothing to recover from the write-ahead log.
     fn flush(&self) -> Result<()>;
 
+    /// Makes every write that returned before this call durable (one fsync
+    /// of the write-ahead log), without writing anything new.
+    fn sync(&self) -> Result<()>;
+
     /// Whether this engine's writes and scans may block the calling thread
     /// (disk I/O, fsync) long enough that async callers should run them on a
     /// blocking thread. Engines that never block (in memory) return `false`,

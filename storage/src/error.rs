@@ -39,6 +39,15 @@ pub enum Error {
         /// The decoder's message.
         detail: String,
     },
+    /// The data dir was written by a newer build, in a format this one
+    /// cannot read.
+    #[error("the data dir has format {found}; this build reads formats up to {newest}: upgrade cell0")]
+    NewerFormat {
+        /// The data dir's format.
+        found: u32,
+        /// The newest format this build knows.
+        newest: u32,
+    },
     /// A read or write of the engine failed.
     #[error("storage I/O failed: {0}")]
     Io(String),

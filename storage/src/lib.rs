@@ -25,16 +25,19 @@
 
 mod engine;
 mod error;
+mod format;
 mod log_store;
 mod memory;
 #[cfg(feature = "rocksdb")]
 mod rocks;
 mod state_machine;
+mod syncer;
 mod txn;
 
 pub use cell0_state::prefix_end;
 pub use engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp};
 pub use error::{Error, Result};
+pub use format::DATA_FORMAT;
 pub use log_store::LogStore;
 pub use memory::MemEngine;
 #[cfg(feature = "rocksdb")]
@@ -59,5 +62,5 @@ where
 {
     let engine = std::sync::Arc::new(RocksEngine::open(path, node_id)?);
     let sm = StateMachineStore::new(engine.clone(), apply)?;
-    Ok((LogStore::new(engine), sm))
+    Ok((LogStore::new(engine)?, sm))
 }

@@ -23,6 +23,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use cell0_state::codec::frame_unversioned;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, RaftTypeConfig, SnapshotMeta, StorageError,
@@ -37,8 +38,12 @@ use crate::txn::{EngineTxn, Txn};
 const APPLIED_KEY: &[u8] = b"sm/applied";
 const MEMBERSHIP_KEY: &[u8] = b"sm/membership";
 const SNAPSHOT_KEY: &[u8] = b"sm/snapshot";
-/// Format of [`SnapshotPayload`]; bumped on incompatible changes.
-const SNAPSHOT_FORMAT: u32 = 1;
+/// Format of [`SnapshotPayload`] this build writes: 2 holds rows with their
+/// layout byte. Format 1 (rows without it, from builds before data dir
+/// format 1) is still installed, its rows framed as layout 1.
+const SNAPSHOT_FORMAT: u32 = 2;
+/// The snapshot format whose rows carry no layout byte.
+const SNAPSHOT_FORMAT_UNVERSIONED: u32 = 1;
 /// Rows read per scan while building a snapshot.
 const SNAPSHOT_PAGE: usize = 4096;
 
@@ -156,8 +161,10 @@ where
     E: Engine,
     A: Apply<C>,
 {
-    /// A state machine over `engine`, applying commands with `apply`.
+    /// A state machine over `engine`, applying commands with `apply`. A
+    /// data dir of an older format is upgraded first (see `format`).
     pub fn new(engine: Arc<E>, apply: Arc<A>) -> crate::Result<Self> {
+        crate::format::upgrade(engine.as_ref())?;
         Ok(Self {
             engine,
             apply,
@@ -257,18 +264,23 @@ where
         data: Vec<u8>,
     ) -> crate::Result<()> {
         let payload: SnapshotPayload = decode("snapshot", &data)?;
-        if payload.format != SNAPSHOT_FORMAT {
-            return Err(crate::Error::Corrupt {
-                what: "snapshot",
-                detail: format!("format {} is not {SNAPSHOT_FORMAT}", payload.format),
-            });
-        }
+        let unversioned = match payload.format {
+            SNAPSHOT_FORMAT => false,
+            SNAPSHOT_FORMAT_UNVERSIONED => true,
+            other => {
+                return Err(crate::Error::Corrupt {
+                    what: "snapshot",
+                    detail: format!("format {other} is neither {SNAPSHOT_FORMAT_UNVERSIONED} nor {SNAPSHOT_FORMAT}"),
+                });
+            }
+        };
         tracing::info!(snapshot = %meta.snapshot_id, rows = payload.rows.len(), bytes = data.len(), "installing snapshot");
         let mut batch = WriteBatch::new();
         // Table names are UTF-8, which never contains 0xff, so every state
         // key sorts below [0xff].
         batch.delete_range(Cf::State, Vec::new(), vec![0xff]);
         for (k, v) in payload.rows {
+            let v = if unversioned { frame_unversioned(&v) } else { v };
             batch.put(Cf::State, k, v);
         }
         batch.put(Cf::Meta, APPLIED_KEY, encode(&meta.last_log_id)?);

@@ -1,6 +1,22 @@
 //! The one encoding of rows, log payloads and internal messages: postcard,
 //! with errors that name what was being read or written. Every crate
 //! encodes through here.
+//!
+//! Versions, by kind of bytes (docs/architecture.md, "Versioned encodings"):
+//! - **Table rows** start with one layout byte, then the postcard body
+//!   ([`encode_row`], [`decode_row`]). A [`Row`] type names the layout it
+//!   writes and migrates every older one into it when read (Garage's
+//!   `Migrate`), so adding a field to a row is a new layout plus a
+//!   `migrate` arm, and rows written by earlier builds still decode. Data
+//!   dirs from before rows carried the byte are framed once when opened
+//!   ([`frame_unversioned`]): their bodies are layout 1.
+//! - **Log entries and internal messages** are postcard enums whose variant
+//!   index is the version: existing variants and every type nested in them
+//!   are frozen (never reorder, remove or change a field); a change adds a
+//!   variant carrying a new type and converts the old one where it is
+//!   applied. Checked-in golden bytes fail CI when a frozen layout changes.
+//!   The envelope of every internal message also names the message format
+//!   it was written in, and a node refuses a newer one than it knows.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -33,4 +49,184 @@ pub fn decode_prefix<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> R
             what,
             detail: e.to_string(),
         })
+}
+
+/// A table row with a versioned layout.
+pub trait Row: Sized {
+    /// What the row is, for error messages.
+    const WHAT: &'static str;
+    /// The layout this build writes; starts at 1 and only grows.
+    const VERSION: u8;
+
+    /// The body of the current layout.
+    fn encode_body(&self) -> Result<Vec<u8>>;
+
+    /// Decodes a body written in layout `version` (at most
+    /// [`Row::VERSION`]), migrating an older layout into the current one.
+    fn decode_body(version: u8, body: &[u8]) -> Result<Self>;
+}
+
+/// Implements [`Row`] for a serde type whose only layout so far is 1.
+#[macro_export]
+macro_rules! row_v1 {
+    ($ty:ty, $what:literal) => {
+        impl $crate::codec::Row for $ty {
+            const WHAT: &'static str = $what;
+            const VERSION: u8 = 1;
+
+            fn encode_body(&self) -> $crate::Result<Vec<u8>> {
+                $crate::codec::encode($what, self)
+            }
+
+            fn decode_body(_version: u8, body: &[u8]) -> $crate::Result<Self> {
+                $crate::codec::decode($what, body)
+            }
+        }
+    };
+}
+
+/// Encodes `row` as its layout byte followed by its body.
+pub fn encode_row<T: Row>(row: &T) -> Result<Vec<u8>> {
+    Ok(frame(T::VERSION, &row.encode_body()?))
+}
+
+/// Decodes a row written by [`encode_row`] in this or any earlier layout.
+pub fn decode_row<T: Row>(bytes: &[u8]) -> Result<T> {
+    let (version, body) = unframe(T::WHAT, T::VERSION, bytes)?;
+    T::decode_body(version, body)
+}
+
+/// The stored row of a data dir from before rows carried a layout byte: its
+/// body is layout 1 of the same row.
+pub fn frame_unversioned(body: &[u8]) -> Vec<u8> {
+    frame(1, body)
+}
+
+fn frame(version: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 1);
+    out.push(version);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Splits a stored row into its layout and body, refusing layouts this
+/// build does not know (0, or newer than `newest`).
+fn unframe<'b>(what: &'static str, newest: u8, bytes: &'b [u8]) -> Result<(u8, &'b [u8])> {
+    match bytes.split_first() {
+        None => Err(StateError::Corrupt {
+            what,
+            detail: "empty row".into(),
+        }),
+        Some((&0, _)) => Err(StateError::Corrupt {
+            what,
+            detail: "layout 0".into(),
+        }),
+        Some((&version, _)) if version > newest => Err(StateError::NewerLayout { what, version, newest }),
+        Some((&version, body)) => Ok((version, body)),
+    }
+}
+
+/// A counter row: a big-endian u64 (layout 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter(pub u64);
+
+impl Row for Counter {
+    const WHAT: &'static str = "counter";
+    const VERSION: u8 = 1;
+
+    fn encode_body(&self) -> Result<Vec<u8>> {
+        Ok(self.0.to_be_bytes().to_vec())
+    }
+
+    fn decode_body(_version: u8, body: &[u8]) -> Result<Self> {
+        let arr: [u8; 8] = body.try_into().map_err(|_| StateError::Corrupt {
+            what: Self::WHAT,
+            detail: format!("{} bytes, not 8", body.len()),
+        })?;
+        Ok(Counter(u64::from_be_bytes(arr)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+
+    /// Layout 1 of a test row.
+    #[derive(Serialize, Deserialize)]
+    struct PointV1 {
+        x: u32,
+    }
+
+    /// Layout 2 adds a field; layout-1 rows read with its default.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Point {
+        x: u32,
+        label: String,
+    }
+
+    impl Row for Point {
+        const WHAT: &'static str = "point";
+        const VERSION: u8 = 2;
+
+        fn encode_body(&self) -> Result<Vec<u8>> {
+            encode(Self::WHAT, self)
+        }
+
+        fn decode_body(version: u8, body: &[u8]) -> Result<Self> {
+            match version {
+                1 => {
+                    let old: PointV1 = decode(Self::WHAT, body)?;
+                    Ok(Point {
+                        x: old.x,
+                        label: String::new(),
+                    })
+                }
+                _ => decode(Self::WHAT, body),
+            }
+        }
+    }
+
+    #[test]
+    fn rows_of_older_layouts_migrate_and_newer_ones_are_refused() {
+        let v1 = frame(1, &encode("point", &PointV1 { x: 7 }).unwrap());
+        assert_eq!(
+            decode_row::<Point>(&v1).unwrap(),
+            Point {
+                x: 7,
+                label: String::new()
+            }
+        );
+        let current = Point {
+            x: 8,
+            label: "a".into(),
+        };
+        let bytes = encode_row(&current).unwrap();
+        assert_eq!(bytes[0], 2);
+        assert_eq!(decode_row::<Point>(&bytes).unwrap(), current);
+
+        let newer = frame(3, &bytes[1..]);
+        let err = decode_row::<Point>(&newer).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateError::NewerLayout {
+                    version: 3,
+                    newest: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(decode_row::<Point>(&[]).is_err());
+        assert!(decode_row::<Point>(&[0, 1]).is_err());
+    }
+
+    #[test]
+    fn unversioned_rows_are_layout_one() {
+        let body = 42u64.to_be_bytes();
+        assert_eq!(decode_row::<Counter>(&frame_unversioned(&body)).unwrap(), Counter(42));
+        assert_eq!(encode_row(&Counter(42)).unwrap(), frame_unversioned(&body));
+    }
 }

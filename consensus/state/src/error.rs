@@ -37,6 +37,17 @@ pub enum StateError {
         /// The decoder's message.
         detail: String,
     },
+    /// A stored row was written in a layout newer than this build knows (a
+    /// data dir or snapshot from a newer version).
+    #[error("{what} has layout {version}; this build reads layouts up to {newest}: upgrade this node")]
+    NewerLayout {
+        /// Which row.
+        what: &'static str,
+        /// The row's layout.
+        version: u8,
+        /// The newest layout this build knows.
+        newest: u8,
+    },
     /// A value could not be encoded (a bug).
     #[error("cannot encode {what}: {detail}")]
     Encode {

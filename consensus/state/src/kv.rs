@@ -25,6 +25,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::{Counter, decode_row, encode_row};
 use crate::command::{Command, KeyValue, RequestId, Response};
 use crate::error::{Result, StateError};
 use crate::txn::Txn;
@@ -123,6 +124,12 @@ struct RequestOrderRow {
     bytes: u64,
 }
 
+crate::row_v1!(Record, "record");
+crate::row_v1!(StateEvent, "event");
+crate::row_v1!(RequestRow, "request");
+crate::row_v1!(RequestWindow, "request window");
+crate::row_v1!(RequestOrderRow, "request order");
+
 /// The cluster's id, 0 before the cluster recorded one.
 pub fn cluster_id(txn: &dyn Txn) -> Result<u64> {
     meta_u64(txn, CLUSTER_ID_KEY)
@@ -130,9 +137,14 @@ pub fn cluster_id(txn: &dyn Txn) -> Result<u64> {
 
 pub(crate) fn meta_u64(txn: &dyn Txn, key: &[u8]) -> Result<u64> {
     match txn.get(META_TABLE, key)? {
-        Some(b) => decode_u64(&b),
+        Some(b) => Ok(decode_row::<Counter>(&b)?.0),
         None => Ok(0),
     }
+}
+
+/// Stores a counter row under `key` in `meta`.
+pub(crate) fn put_meta_u64(txn: &mut dyn Txn, key: &[u8], value: u64) -> Result<()> {
+    txn.put(META_TABLE, key, &encode_row(&Counter(value))?)
 }
 
 /// The store's current revision.
@@ -140,20 +152,19 @@ pub fn revision(txn: &dyn Txn) -> Result<u64> {
     meta_u64(txn, REVISION_KEY)
 }
 
-fn decode_u64(b: &[u8]) -> Result<u64> {
+/// A big-endian u64 table key.
+fn decode_key_u64(b: &[u8]) -> Result<u64> {
     let arr: [u8; 8] = b.try_into().map_err(|_| StateError::Corrupt {
-        what: "counter",
+        what: "revision key",
         detail: format!("{} bytes, not 8", b.len()),
     })?;
     Ok(u64::from_be_bytes(arr))
 }
 
-use crate::codec::{decode, encode};
-
 /// The pair stored under `key`.
 pub fn get(txn: &dyn Txn, key: &[u8]) -> Result<Option<KeyValue>> {
     match txn.get(KV_TABLE, key)? {
-        Some(b) => Ok(Some(decode::<Record>("record", &b)?.into_kv(key))),
+        Some(b) => Ok(Some(decode_row::<Record>(&b)?.into_kv(key))),
         None => Ok(None),
     }
 }
@@ -188,7 +199,7 @@ pub fn range(txn: &dyn Txn, prefix: &[u8], start_after: &[u8], limit: usize) -> 
                 break 'pages;
             }
             bytes += k.len() + v.len();
-            let kv = decode::<Record>("record", &v)?.into_kv(&k);
+            let kv = decode_row::<Record>(&v)?.into_kv(&k);
             from = k;
             from.push(0);
             kvs.push(kv);
@@ -231,10 +242,10 @@ pub fn history(txn: &dyn Txn, prefix: &[u8], from: u64, limit: usize, max_bytes:
     'pages: while out.len() < limit {
         let rows = txn.scan(EVENTS_TABLE, &start.to_be_bytes(), None, HISTORY_SCAN_PAGE)?;
         let Some((last, _)) = rows.last() else { break };
-        start = decode_u64(last)?.saturating_add(1);
+        start = decode_key_u64(last)?.saturating_add(1);
         let page_full = rows.len() == HISTORY_SCAN_PAGE;
         for (_, v) in rows {
-            let ev: StateEvent = decode("event", &v)?;
+            let ev: StateEvent = decode_row(&v)?;
             if ev.kv.key.starts_with(prefix) {
                 let size = ev.kv.key.len() + ev.kv.value.len();
                 if !out.is_empty() && bytes + size > max_bytes {
@@ -335,7 +346,7 @@ pub(crate) fn apply_command(
         Command::Request { id, cmd } => {
             let key = request_key(id);
             if let Some(b) = txn.get(REQUESTS_TABLE, &key)? {
-                return Ok(decode::<RequestRow>("request", &b)?.response);
+                return Ok(decode_row::<RequestRow>(&b)?.response);
             }
             let response = apply_command(txn, cmd, rev, events, changed)?;
             remember_request(txn, key, &response)?;
@@ -346,7 +357,7 @@ pub(crate) fn apply_command(
             if stored != 0 {
                 return Ok(Response::ClusterId(stored));
             }
-            txn.put(META_TABLE, CLUSTER_ID_KEY, &id.to_be_bytes())?;
+            put_meta_u64(txn, CLUSTER_ID_KEY, *id)?;
             changed.insert(Table::Cluster);
             Ok(Response::ClusterId(*id))
         }
@@ -363,43 +374,37 @@ fn request_key(id: &RequestId) -> Vec<u8> {
 /// Keeps `response` as the answer to request `key`, then drops the oldest
 /// kept answers while the window holds too many or too large ones.
 fn remember_request(txn: &mut dyn Txn, key: Vec<u8>, response: &Response) -> Result<()> {
-    let row = encode(
-        "request",
-        &RequestRow {
-            response: response.clone(),
-        },
-    )?;
+    let row = encode_row(&RequestRow {
+        response: response.clone(),
+    })?;
+    // The window counts body bytes, without the layout byte, exactly as
+    // before rows carried one, so replicas of either build evict alike.
+    let bytes = row.len().saturating_sub(1) as u64;
     let mut window: RequestWindow = match txn.get(META_TABLE, REQUEST_WINDOW_KEY)? {
-        Some(b) => decode("request window", &b)?,
+        Some(b) => decode_row(&b)?,
         None => RequestWindow::default(),
     };
     txn.put(REQUESTS_TABLE, &key, &row)?;
     txn.put(
         REQUEST_ORDER_TABLE,
         &window.next.to_be_bytes(),
-        &encode(
-            "request order",
-            &RequestOrderRow {
-                key,
-                bytes: row.len() as u64,
-            },
-        )?,
+        &encode_row(&RequestOrderRow { key, bytes })?,
     )?;
     window.next += 1;
-    window.bytes += row.len() as u64;
+    window.bytes += bytes;
     while window.oldest + 1 < window.next
         && (window.next - window.oldest > REQUEST_WINDOW_ENTRIES || window.bytes > REQUEST_WINDOW_BYTES)
     {
         let order_key = window.oldest.to_be_bytes();
         if let Some(b) = txn.get(REQUEST_ORDER_TABLE, &order_key)? {
-            let old: RequestOrderRow = decode("request order", &b)?;
+            let old: RequestOrderRow = decode_row(&b)?;
             txn.delete(REQUESTS_TABLE, &old.key)?;
             txn.delete(REQUEST_ORDER_TABLE, &order_key)?;
             window.bytes = window.bytes.saturating_sub(old.bytes);
         }
         window.oldest += 1;
     }
-    txn.put(META_TABLE, REQUEST_WINDOW_KEY, &encode("request window", &window)?)?;
+    txn.put(META_TABLE, REQUEST_WINDOW_KEY, &encode_row(&window)?)?;
     Ok(())
 }
 
@@ -418,7 +423,7 @@ fn write(
         mod_revision: *rev,
         version: prev.map_or(1, |p| p.version + 1),
     };
-    txn.put(KV_TABLE, key, &encode("record", &record)?)?;
+    txn.put(KV_TABLE, key, &encode_row(&record)?)?;
     let kv = record.into_kv(key);
     record_event(
         txn,
@@ -433,7 +438,7 @@ fn write(
 
 fn record_event(txn: &mut dyn Txn, events: &mut Vec<StateEvent>, ev: StateEvent) -> Result<()> {
     let rev = ev.revision();
-    txn.put(EVENTS_TABLE, &rev.to_be_bytes(), &encode("event", &ev)?)?;
+    txn.put(EVENTS_TABLE, &rev.to_be_bytes(), &encode_row(&ev)?)?;
     if rev > WATCH_HISTORY {
         txn.delete(EVENTS_TABLE, &(rev - WATCH_HISTORY).to_be_bytes())?;
     }

@@ -79,7 +79,7 @@ pub fn apply(txn: &mut dyn Txn, cmd: &Command) -> Result<Applied, ApplyError> {
     let mut changed = BTreeSet::new();
     let mut rev = kv::revision(txn)?;
     let response = kv::apply_command(txn, cmd, &mut rev, &mut events, &mut changed)?;
-    txn.put(kv::META_TABLE, kv::REVISION_KEY, &rev.to_be_bytes())?;
+    kv::put_meta_u64(txn, kv::REVISION_KEY, rev)?;
     Ok(Applied {
         response,
         events,

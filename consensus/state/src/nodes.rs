@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::codec::{decode, encode};
+use crate::codec::{decode_row, encode_row};
 use crate::txn::Txn;
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +59,8 @@ impl NodeResources {
         Ok(())
     }
 }
+
+crate::row_v1!(NodeResources, "node record");
 
 /// A change to node records, carried in [`crate::Command`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,7 +114,7 @@ pub fn resources(txn: &dyn Txn) -> Result<BTreeMap<NodeId, NodeResources>> {
                 what: "node record key",
                 detail: format!("{} bytes, not 8", k.len()),
             })?;
-            let r = decode("node record", &v)?;
+            let r = decode_row(&v)?;
             Ok((NodeId::from_be_bytes(id), r))
         })
         .collect()
@@ -129,7 +131,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
             {
                 return Ok(false);
             }
-            let bytes = encode("node record", resources)?;
+            let bytes = encode_row(resources)?;
             txn.put(RESOURCES_TABLE, &key, &bytes)?;
             Ok(true)
         }

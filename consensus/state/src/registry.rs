@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::codec::{decode, encode};
+use crate::codec::{decode_row, encode_row};
 use crate::txn::Txn;
 use serde::{Deserialize, Serialize};
 
@@ -167,6 +167,8 @@ pub struct ModelEntry {
     pub holders: BTreeSet<NodeId>,
 }
 
+crate::row_v1!(ModelEntry, "model entry");
+
 /// A registry change, carried in [`crate::Command`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ModelCommand {
@@ -265,11 +267,11 @@ fn key(name: &str, version: u32) -> Vec<u8> {
 }
 
 fn decode_entry(b: &[u8]) -> Result<ModelEntry> {
-    decode("model entry", b)
+    decode_row(b)
 }
 
 fn put_entry(txn: &mut dyn Txn, entry: &ModelEntry) -> Result<()> {
-    let bytes = encode("model entry", entry)?;
+    let bytes = encode_row(entry)?;
     txn.put(MODELS_TABLE, &key(&entry.manifest.name, entry.manifest.version), &bytes)?;
     Ok(())
 }

@@ -7,17 +7,19 @@ use cell0_proto::v1::cluster_server::Cluster;
 use cell0_proto::v1::{self, RaftRole};
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, observe};
+use super::{ApiError, RequestGate};
 
 /// The Cluster service of one node.
 pub struct ClusterApi {
     consensus: Consensus,
+    gate: RequestGate,
 }
 
 impl ClusterApi {
-    /// A service answering through `consensus`.
-    pub fn new(consensus: Consensus) -> Self {
-        Self { consensus }
+    /// A service answering through `consensus`, within the node's request
+    /// budget `gate`.
+    pub fn new(consensus: Consensus, gate: RequestGate) -> Self {
+        Self { consensus, gate }
     }
 }
 
@@ -68,70 +70,74 @@ fn check_text(field: &str, v: &str, max: usize) -> Result<(), ApiError> {
 #[tonic::async_trait]
 impl Cluster for ClusterApi {
     async fn status(&self, _request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
-        observe("Cluster/Status", async {
-            let s = self.consensus.status();
-            let info = self.consensus.info();
-            Ok(Response::new(v1::StatusResponse {
-                node_id: s.id,
-                node_name: info.name.clone(),
-                site: info.site.clone(),
-                role: role_to_proto(s.role) as i32,
-                leader_id: s.leader.unwrap_or(0),
-                term: s.term,
-                commit_index: s.commit_index,
-                applied_index: s.applied_index,
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                revision: s.revision,
-            }))
-        })
-        .await
+        self.gate
+            .observe("Cluster/Status", async {
+                let s = self.consensus.status();
+                let info = self.consensus.info();
+                Ok(Response::new(v1::StatusResponse {
+                    node_id: s.id,
+                    node_name: info.name.clone(),
+                    site: info.site.clone(),
+                    role: role_to_proto(s.role) as i32,
+                    leader_id: s.leader.unwrap_or(0),
+                    term: s.term,
+                    commit_index: s.commit_index,
+                    applied_index: s.applied_index,
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    revision: s.revision,
+                }))
+            })
+            .await
     }
 
     async fn members(&self, _request: Request<v1::MembersRequest>) -> Result<Response<v1::MembersResponse>, Status> {
-        observe("Cluster/Members", async {
-            let mut resources = self.consensus.read(Consistency::Serializable, nodes::resources).await?;
-            Ok(Response::new(v1::MembersResponse {
-                members: self
-                    .consensus
-                    .members()
-                    .into_iter()
-                    .map(|m| member_to_proto(m, &mut resources))
-                    .collect(),
-                leader_id: self.consensus.status().leader.unwrap_or(0),
-            }))
-        })
-        .await
+        self.gate
+            .observe("Cluster/Members", async {
+                let mut resources = self.consensus.read(Consistency::Serializable, nodes::resources).await?;
+                Ok(Response::new(v1::MembersResponse {
+                    members: self
+                        .consensus
+                        .members()
+                        .into_iter()
+                        .map(|m| member_to_proto(m, &mut resources))
+                        .collect(),
+                    leader_id: self.consensus.status().leader.unwrap_or(0),
+                }))
+            })
+            .await
     }
 
     async fn join(&self, request: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
-        observe("Cluster/Join", async {
-            let r = request.into_inner();
-            check_text("name", &r.name, 64)?;
-            check_text("site", &r.site, 64)?;
-            check_text("public_addr", &r.public_addr, 256)?;
-            check_text("internal_addr", &r.internal_addr, 256)?;
-            let info = NodeInfo {
-                name: r.name,
-                site: r.site,
-                public_addr: r.public_addr,
-                internal_addr: r.internal_addr,
-            };
-            let members = self.consensus.join(r.node_id, info).await?;
-            Ok(Response::new(v1::JoinResponse {
-                members: members
-                    .into_iter()
-                    .map(|m| member_to_proto(m, &mut BTreeMap::new()))
-                    .collect(),
-            }))
-        })
-        .await
+        self.gate
+            .observe("Cluster/Join", async {
+                let r = request.into_inner();
+                check_text("name", &r.name, 64)?;
+                check_text("site", &r.site, 64)?;
+                check_text("public_addr", &r.public_addr, 256)?;
+                check_text("internal_addr", &r.internal_addr, 256)?;
+                let info = NodeInfo {
+                    name: r.name,
+                    site: r.site,
+                    public_addr: r.public_addr,
+                    internal_addr: r.internal_addr,
+                };
+                let members = self.consensus.join(r.node_id, info).await?;
+                Ok(Response::new(v1::JoinResponse {
+                    members: members
+                        .into_iter()
+                        .map(|m| member_to_proto(m, &mut BTreeMap::new()))
+                        .collect(),
+                }))
+            })
+            .await
     }
 
     async fn remove(&self, request: Request<v1::RemoveRequest>) -> Result<Response<v1::RemoveResponse>, Status> {
-        observe("Cluster/Remove", async {
-            self.consensus.remove(request.into_inner().node_id).await?;
-            Ok(Response::new(v1::RemoveResponse {}))
-        })
-        .await
+        self.gate
+            .observe("Cluster/Remove", async {
+                self.consensus.remove(request.into_inner().node_id).await?;
+                Ok(Response::new(v1::RemoveResponse {}))
+            })
+            .await
     }
 }

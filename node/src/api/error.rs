@@ -69,6 +69,9 @@ pub enum Reason {
     QuorumAtRisk,
     /// `Join`: the node belongs to another cluster.
     OtherCluster,
+    /// Another node sent an internal message in a newer format than this
+    /// node reads: upgrade this node.
+    NewerMessageFormat,
     /// More concurrent requests than the node accepts.
     TooManyRequests,
     /// More concurrent watches than the node serves.
@@ -105,7 +108,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 34] = [
+    pub const ALL: [Reason; 35] = [
         Reason::InvalidArgumentField,
         Reason::ModelAmbiguous,
         Reason::NotLeader,
@@ -124,6 +127,7 @@ impl Reason {
         Reason::LearnerBehind,
         Reason::QuorumAtRisk,
         Reason::OtherCluster,
+        Reason::NewerMessageFormat,
         Reason::TooManyRequests,
         Reason::TooManyWatches,
         Reason::NoModels,
@@ -163,6 +167,7 @@ impl Reason {
             Reason::LearnerBehind => "LEARNER_BEHIND",
             Reason::QuorumAtRisk => "QUORUM_AT_RISK",
             Reason::OtherCluster => "OTHER_CLUSTER",
+            Reason::NewerMessageFormat => "NEWER_MESSAGE_FORMAT",
             Reason::TooManyRequests => "TOO_MANY_REQUESTS",
             Reason::TooManyWatches => "TOO_MANY_WATCHES",
             Reason::NoModels => "NO_MODELS",
@@ -453,6 +458,7 @@ fn precondition_reason(cause: PreconditionCause) -> Reason {
         PreconditionCause::LearnerBehind => Reason::LearnerBehind,
         PreconditionCause::QuorumAtRisk => Reason::QuorumAtRisk,
         PreconditionCause::OtherCluster => Reason::OtherCluster,
+        PreconditionCause::NewerMessageFormat => Reason::NewerMessageFormat,
     }
 }
 

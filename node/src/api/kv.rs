@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status};
 
-use super::{ApiError, kv_to_proto, observe};
+use super::{ApiError, RequestGate, kv_to_proto};
 use crate::supervisor::{Supervisor, stopped};
 
 /// Most concurrent watch streams one node serves.
@@ -36,16 +36,18 @@ pub struct KvApi {
     consensus: Consensus,
     watches: std::sync::Arc<tokio::sync::Semaphore>,
     tasks: Supervisor,
+    gate: RequestGate,
 }
 
 impl KvApi {
     /// A service answering through `consensus`, running its watch pumps in
-    /// `tasks`.
-    pub fn new(consensus: Consensus, tasks: Supervisor) -> Self {
+    /// `tasks`, within the node's request budget `gate`.
+    pub fn new(consensus: Consensus, tasks: Supervisor, gate: RequestGate) -> Self {
         Self {
             consensus,
             watches: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_WATCHES)),
             tasks,
+            gate,
         }
     }
 
@@ -101,144 +103,150 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchResponse, Status>> 
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn put(&self, request: Request<v1::PutRequest>) -> Result<tonic::Response<v1::PutResponse>, Status> {
-        observe("Kv/Put", async {
-            let r = request.into_inner();
-            let cmd = Command::Put {
-                key: r.key.to_vec(),
-                value: r.value.to_vec(),
-            };
-            match self.consensus.propose(cmd).await? {
-                Response::Put { kv, prev } => Ok(tonic::Response::new(v1::PutResponse {
-                    header: self.header(kv.mod_revision),
-                    kv: Some(kv_to_proto(kv)),
-                    prev_kv: prev.map(kv_to_proto),
-                })),
-                other => Err(unexpected(other)),
-            }
-        })
-        .await
+        self.gate
+            .observe("Kv/Put", async {
+                let r = request.into_inner();
+                let cmd = Command::Put {
+                    key: r.key.to_vec(),
+                    value: r.value.to_vec(),
+                };
+                match self.consensus.propose(cmd).await? {
+                    Response::Put { kv, prev } => Ok(tonic::Response::new(v1::PutResponse {
+                        header: self.header(kv.mod_revision),
+                        kv: Some(kv_to_proto(kv)),
+                        prev_kv: prev.map(kv_to_proto),
+                    })),
+                    other => Err(unexpected(other)),
+                }
+            })
+            .await
     }
 
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<tonic::Response<v1::GetResponse>, Status> {
-        observe("Kv/Get", async {
-            let r = request.into_inner();
-            check_key("key", &r.key).map_err(ConsensusError::from)?;
-            let (kv, revision) = self.consensus.get(&r.key, consistency(r.consistency)?).await?;
-            Ok(tonic::Response::new(v1::GetResponse {
-                header: self.header(revision),
-                kv: kv.map(kv_to_proto),
-            }))
-        })
-        .await
+        self.gate
+            .observe("Kv/Get", async {
+                let r = request.into_inner();
+                check_key("key", &r.key).map_err(ConsensusError::from)?;
+                let (kv, revision) = self.consensus.get(&r.key, consistency(r.consistency)?).await?;
+                Ok(tonic::Response::new(v1::GetResponse {
+                    header: self.header(revision),
+                    kv: kv.map(kv_to_proto),
+                }))
+            })
+            .await
     }
 
     async fn delete(&self, request: Request<v1::DeleteRequest>) -> Result<tonic::Response<v1::DeleteResponse>, Status> {
-        observe("Kv/Delete", async {
-            let r = request.into_inner();
-            let cmd = Command::Delete { key: r.key.to_vec() };
-            match self.consensus.propose(cmd).await? {
-                Response::Delete { revision, prev } => Ok(tonic::Response::new(v1::DeleteResponse {
-                    header: self.header(revision),
-                    prev_kv: prev.map(kv_to_proto),
-                })),
-                other => Err(unexpected(other)),
-            }
-        })
-        .await
+        self.gate
+            .observe("Kv/Delete", async {
+                let r = request.into_inner();
+                let cmd = Command::Delete { key: r.key.to_vec() };
+                match self.consensus.propose(cmd).await? {
+                    Response::Delete { revision, prev } => Ok(tonic::Response::new(v1::DeleteResponse {
+                        header: self.header(revision),
+                        prev_kv: prev.map(kv_to_proto),
+                    })),
+                    other => Err(unexpected(other)),
+                }
+            })
+            .await
     }
 
     async fn range(&self, request: Request<v1::RangeRequest>) -> Result<tonic::Response<v1::RangeResponse>, Status> {
-        observe("Kv/Range", async {
-            let r = request.into_inner();
-            check_bound("prefix", &r.prefix)?;
-            check_bound("start_after", &r.start_after)?;
-            if r.limit as usize > MAX_RANGE_LIMIT {
-                return Err(ApiError::invalid(
-                    "limit",
-                    format!("is {}; the maximum is {MAX_RANGE_LIMIT}", r.limit),
-                ));
-            }
-            let (kvs, more, revision) = self
-                .consensus
-                .range(&r.prefix, &r.start_after, r.limit as usize, consistency(r.consistency)?)
-                .await?;
-            Ok(tonic::Response::new(v1::RangeResponse {
-                header: self.header(revision),
-                kvs: kvs.into_iter().map(kv_to_proto).collect(),
-                more,
-            }))
-        })
-        .await
+        self.gate
+            .observe("Kv/Range", async {
+                let r = request.into_inner();
+                check_bound("prefix", &r.prefix)?;
+                check_bound("start_after", &r.start_after)?;
+                if r.limit as usize > MAX_RANGE_LIMIT {
+                    return Err(ApiError::invalid(
+                        "limit",
+                        format!("is {}; the maximum is {MAX_RANGE_LIMIT}", r.limit),
+                    ));
+                }
+                let (kvs, more, revision) = self
+                    .consensus
+                    .range(&r.prefix, &r.start_after, r.limit as usize, consistency(r.consistency)?)
+                    .await?;
+                Ok(tonic::Response::new(v1::RangeResponse {
+                    header: self.header(revision),
+                    kvs: kvs.into_iter().map(kv_to_proto).collect(),
+                    more,
+                }))
+            })
+            .await
     }
 
     async fn cas(&self, request: Request<v1::CasRequest>) -> Result<tonic::Response<v1::CasResponse>, Status> {
-        observe("Kv/Cas", async {
-            let r = request.into_inner();
-            let cmd = Command::Cas {
-                key: r.key.to_vec(),
-                expected_revision: r.expected_revision,
-                value: r.value.to_vec(),
-            };
-            match self.consensus.propose(cmd).await? {
-                Response::Cas {
-                    revision,
-                    succeeded,
-                    kv,
-                } => Ok(tonic::Response::new(v1::CasResponse {
-                    header: self.header(revision),
-                    succeeded,
-                    kv: kv.map(kv_to_proto),
-                })),
-                other => Err(unexpected(other)),
-            }
-        })
-        .await
+        self.gate
+            .observe("Kv/Cas", async {
+                let r = request.into_inner();
+                let cmd = Command::Cas {
+                    key: r.key.to_vec(),
+                    expected_revision: r.expected_revision,
+                    value: r.value.to_vec(),
+                };
+                match self.consensus.propose(cmd).await? {
+                    Response::Cas {
+                        revision,
+                        succeeded,
+                        kv,
+                    } => Ok(tonic::Response::new(v1::CasResponse {
+                        header: self.header(revision),
+                        succeeded,
+                        kv: kv.map(kv_to_proto),
+                    })),
+                    other => Err(unexpected(other)),
+                }
+            })
+            .await
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<tonic::Response<WatchStream>, Status> {
-        observe("Kv/Watch", async {
-            let r = request.into_inner();
-            check_bound("prefix", &r.prefix)?;
-            let permit = self
-                .watches
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| ApiError::TooManyWatches)?;
-            // Subscribe before reading history so no change falls between.
-            let updates = self.consensus.subscribe();
-            let current = self.consensus.revision()?;
-            let next = if r.start_revision == 0 {
-                current + 1
-            } else {
-                r.start_revision
-            };
-            // Fail fast on a compacted start instead of inside the stream.
-            self.consensus.history(&r.prefix, next, 1)?;
-            if r.require_leader && self.consensus.leader().is_none() {
-                return Err(ApiError::WatchWithoutLeader);
-            }
-            let (tx, rx) = mpsc::channel(16);
-            let consensus = self.consensus.clone();
-            let require_leader = r.require_leader;
-            let mut stop = self.tasks.stop_signal();
-            let started = self.tasks.spawn_transient("watch", async move {
-                let _permit = permit;
-                let pumped = tokio::select! {
-                    pumped = pump(consensus, r.prefix.to_vec(), next, updates, require_leader, &tx) => pumped,
-                    () = stopped(&mut stop) => Err(ApiError::ShuttingDown),
+        self.gate
+            .observe("Kv/Watch", async {
+                let r = request.into_inner();
+                check_bound("prefix", &r.prefix)?;
+                let permit = self
+                    .watches
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| ApiError::TooManyWatches)?;
+                // Subscribe before reading history so no change falls between.
+                let updates = self.consensus.subscribe();
+                let current = self.consensus.revision()?;
+                let next = if r.start_revision == 0 {
+                    current + 1
+                } else {
+                    r.start_revision
                 };
-                if let Err(e) = pumped {
-                    let _ = tx.send(Err(Status::from(e))).await;
+                // Fail fast on a compacted start instead of inside the stream.
+                self.consensus.history(&r.prefix, next, 1)?;
+                if r.require_leader && self.consensus.leader().is_none() {
+                    return Err(ApiError::WatchWithoutLeader);
                 }
-            });
-            if !started {
-                return Err(ApiError::ShuttingDown);
-            }
-            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx)) as WatchStream))
-        })
-        .await
+                let (tx, rx) = mpsc::channel(16);
+                let consensus = self.consensus.clone();
+                let require_leader = r.require_leader;
+                let mut stop = self.tasks.stop_signal();
+                let started = self.tasks.spawn_transient("watch", async move {
+                    let _permit = permit;
+                    let pumped = tokio::select! {
+                        pumped = pump(consensus, r.prefix.to_vec(), next, updates, require_leader, &tx) => pumped,
+                        () = stopped(&mut stop) => Err(ApiError::ShuttingDown),
+                    };
+                    if let Err(e) = pumped {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                    }
+                });
+                if !started {
+                    return Err(ApiError::ShuttingDown);
+                }
+                Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx)) as WatchStream))
+            })
+            .await
     }
 }
 

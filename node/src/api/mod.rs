@@ -2,6 +2,11 @@
 //! metrics and trace ids. Handlers fail with an [`ApiError`]; [`error`] is
 //! the only place an error becomes a gRPC status (code, message,
 //! `google.rpc.ErrorInfo` reason and the leader hint).
+//!
+//! Every handler runs through [`RequestGate::observe`]. A node has one
+//! [`RequestGate`] (made by `server::run`) shared by all of its services,
+//! so the concurrent-request budget belongs to the node: several nodes in
+//! one process (tests, the simulator) each have their own.
 
 pub mod cluster;
 pub mod error;
@@ -10,6 +15,9 @@ pub mod kv;
 pub mod models;
 
 use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use cell0_consensus::KeyValue;
@@ -24,10 +32,6 @@ pub use error::{ApiError, LEADER_METADATA};
 /// request fails at once with RESOURCE_EXHAUSTED instead of queueing memory.
 pub const MAX_CONCURRENT_REQUESTS: usize = 1024;
 
-/// The process's budget of concurrent requests (one node per process).
-static IN_FLIGHT: std::sync::LazyLock<tokio::sync::Semaphore> =
-    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
-
 /// A key-value pair on the wire.
 pub fn kv_to_proto(kv: KeyValue) -> v1::KeyValue {
     v1::KeyValue {
@@ -39,35 +43,117 @@ pub fn kv_to_proto(kv: KeyValue) -> v1::KeyValue {
     }
 }
 
-/// Runs one request handler inside a span with a trace id, turns its error
-/// into the status the client gets, and records
-/// `cell0_grpc_requests_total{method,code}` and the request duration.
-pub async fn observe<T, F>(method: &'static str, handler: F) -> Result<T, Status>
-where
-    F: Future<Output = Result<T, ApiError>>,
-{
-    let trace_id = format!("{:016x}", rand::random::<u64>());
-    let started = Instant::now();
-    let result = match IN_FLIGHT.try_acquire() {
-        Ok(_permit) => {
-            handler
-                .instrument(tracing::info_span!("request", method, trace_id = %trace_id))
-                .await
+/// One node's budget of concurrent requests: [`MAX_CONCURRENT_REQUESTS`]
+/// permits. Clones share the budget; a gate made with `default()` has its
+/// own. `server::run` makes one per node and hands a clone to every service
+/// of that node.
+#[derive(Clone, Debug)]
+pub struct RequestGate {
+    permits: Arc<Semaphore>,
+}
+
+impl Default for RequestGate {
+    /// A gate with a budget of its own of [`MAX_CONCURRENT_REQUESTS`].
+    fn default() -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
         }
-        Err(_) => Err(ApiError::TooManyRequests),
-    };
-    let result = result.map_err(Status::from);
-    let code = match &result {
-        Ok(_) => tonic::Code::Ok,
-        Err(s) => s.code(),
-    };
-    if let Err(s) = &result
-        && matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown)
-    {
-        tracing::warn!(method, trace_id = %trace_id, error = %s.message(), "request failed");
     }
-    metrics::counter!("cell0_grpc_requests_total", "method" => method, "code" => format!("{code:?}")).increment(1);
-    metrics::histogram!("cell0_grpc_request_duration_seconds", "method" => method)
-        .record(started.elapsed().as_secs_f64());
-    result
+}
+
+impl RequestGate {
+    /// Runs one request handler inside a span with a trace id, turns its
+    /// error into the status the client gets, and records
+    /// `cell0_grpc_requests_total{method,code}` and the request duration.
+    ///
+    /// The handler holds one permit of this gate while it runs; when none is
+    /// free it is not run and the request fails at once with
+    /// [`ApiError::TooManyRequests`] (`RESOURCE_EXHAUSTED`).
+    pub async fn observe<T, F>(&self, method: &'static str, handler: F) -> Result<T, Status>
+    where
+        F: Future<Output = Result<T, ApiError>>,
+    {
+        let trace_id = format!("{:016x}", rand::random::<u64>());
+        let started = Instant::now();
+        let result = match self.permits.try_acquire() {
+            Ok(_permit) => {
+                handler
+                    .instrument(tracing::info_span!("request", method, trace_id = %trace_id))
+                    .await
+            }
+            Err(_) => Err(ApiError::TooManyRequests),
+        };
+        let result = result.map_err(Status::from);
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        if let Err(s) = &result
+            && matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown)
+        {
+            tracing::warn!(method, trace_id = %trace_id, error = %s.message(), "request failed");
+        }
+        metrics::counter!("cell0_grpc_requests_total", "method" => method, "code" => format!("{code:?}")).increment(1);
+        metrics::histogram!("cell0_grpc_request_duration_seconds", "method" => method)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tonic::Code;
+
+    use super::*;
+
+    /// Holds every permit of `gate`, as [`MAX_CONCURRENT_REQUESTS`]
+    /// requests in flight would.
+    fn exhaust(gate: &RequestGate) -> tokio::sync::SemaphorePermit<'_> {
+        let all = u32::try_from(MAX_CONCURRENT_REQUESTS).expect("limit fits u32");
+        gate.permits.try_acquire_many(all).expect("all permits free")
+    }
+
+    #[tokio::test]
+    async fn a_full_gate_answers_too_many_requests_without_running_the_handler() {
+        let gate = RequestGate::default();
+        let ran = AtomicUsize::new(0);
+        let handler = || async {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, ApiError>(7)
+        };
+
+        let held = exhaust(&gate);
+        let s = gate.observe("Test/Full", handler()).await.expect_err("refused");
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(error::reason_of(&s).as_deref(), Some("TOO_MANY_REQUESTS"));
+        // A clone shares the budget.
+        let s = gate.clone().observe("Test/Full", handler()).await.expect_err("refused");
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+
+        drop(held);
+        assert_eq!(gate.observe("Test/Full", handler()).await.expect("served"), 7);
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        // The permit is given back when the handler ends.
+        assert_eq!(gate.permits.available_permits(), MAX_CONCURRENT_REQUESTS);
+    }
+
+    #[tokio::test]
+    async fn two_gates_do_not_share_permits() {
+        let a = RequestGate::default();
+        let b = RequestGate::default();
+        let _held = exhaust(&a);
+
+        let s = a
+            .observe("Test/A", async { Ok::<_, ApiError>(()) })
+            .await
+            .expect_err("a is full");
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        b.observe("Test/B", async { Ok::<_, ApiError>(()) })
+            .await
+            .expect("b has its own budget");
+        assert_eq!(b.permits.available_permits(), MAX_CONCURRENT_REQUESTS);
+    }
 }

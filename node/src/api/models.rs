@@ -20,7 +20,7 @@ use cell0_proto::v1::{self, upload_request::Part};
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ApiError, observe};
+use super::{ApiError, RequestGate};
 use crate::models::store::BlobStore;
 use crate::models::{ModelError, ModelManager};
 
@@ -28,12 +28,18 @@ use crate::models::{ModelError, ModelManager};
 pub struct ModelsApi {
     consensus: Consensus,
     models: ModelManager,
+    gate: RequestGate,
 }
 
 impl ModelsApi {
-    /// A service over `consensus`'s registry and `models`' store.
-    pub fn new(consensus: Consensus, models: ModelManager) -> Self {
-        Self { consensus, models }
+    /// A service over `consensus`'s registry and `models`' store, within the
+    /// node's request budget `gate`.
+    pub fn new(consensus: Consensus, models: ModelManager, gate: RequestGate) -> Self {
+        Self {
+            consensus,
+            models,
+            gate,
+        }
     }
 
     async fn receive<S>(&self, mut stream: S) -> Result<bool, ApiError>
@@ -192,69 +198,73 @@ impl Models for ModelsApi {
         &self,
         request: Request<Streaming<v1::UploadRequest>>,
     ) -> Result<Response<v1::UploadResponse>, Status> {
-        observe("Models/Upload", async {
-            let stored = self.receive(request.into_inner()).await?;
-            Ok(Response::new(v1::UploadResponse { stored }))
-        })
-        .await
+        self.gate
+            .observe("Models/Upload", async {
+                let stored = self.receive(request.into_inner()).await?;
+                Ok(Response::new(v1::UploadResponse { stored }))
+            })
+            .await
     }
 
     async fn add(&self, request: Request<v1::AddModelRequest>) -> Result<Response<v1::AddModelResponse>, Status> {
-        observe("Models/Add", async {
-            let manifest = manifest_from_proto(request.into_inner().manifest)?;
-            check_layout(&manifest)?;
-            let (name, version) = (manifest.name.clone(), manifest.version);
-            match self.models.add(manifest).await? {
-                ModelOutcome::Added => Ok(Response::new(v1::AddModelResponse { created: true })),
-                ModelOutcome::Unchanged => Ok(Response::new(v1::AddModelResponse { created: false })),
-                ModelOutcome::Conflict => Err(ApiError::VersionConflict { name, version }),
-                ModelOutcome::Full => Err(ApiError::RegistryFull {
-                    limit: cell0_consensus::registry::MAX_MODEL_VERSIONS,
-                }),
-                other => Err(ApiError::Internal(format!("unexpected registry outcome {other:?}"))),
-            }
-        })
-        .await
+        self.gate
+            .observe("Models/Add", async {
+                let manifest = manifest_from_proto(request.into_inner().manifest)?;
+                check_layout(&manifest)?;
+                let (name, version) = (manifest.name.clone(), manifest.version);
+                match self.models.add(manifest).await? {
+                    ModelOutcome::Added => Ok(Response::new(v1::AddModelResponse { created: true })),
+                    ModelOutcome::Unchanged => Ok(Response::new(v1::AddModelResponse { created: false })),
+                    ModelOutcome::Conflict => Err(ApiError::VersionConflict { name, version }),
+                    ModelOutcome::Full => Err(ApiError::RegistryFull {
+                        limit: cell0_consensus::registry::MAX_MODEL_VERSIONS,
+                    }),
+                    other => Err(ApiError::Internal(format!("unexpected registry outcome {other:?}"))),
+                }
+            })
+            .await
     }
 
     async fn list(&self, _request: Request<v1::ListModelsRequest>) -> Result<Response<v1::ListModelsResponse>, Status> {
-        observe("Models/List", async {
-            let entries = self.consensus.read(Consistency::Linearizable, registry::list).await?;
-            Ok(Response::new(v1::ListModelsResponse {
-                models: entries
-                    .into_iter()
-                    .map(|e| v1::ModelVersion {
-                        total_bytes: e.manifest.total_bytes(),
-                        manifest: Some(manifest_to_proto(e.manifest)),
-                        holders: e.holders.into_iter().collect(),
-                    })
-                    .collect(),
-            }))
-        })
-        .await
+        self.gate
+            .observe("Models/List", async {
+                let entries = self.consensus.read(Consistency::Linearizable, registry::list).await?;
+                Ok(Response::new(v1::ListModelsResponse {
+                    models: entries
+                        .into_iter()
+                        .map(|e| v1::ModelVersion {
+                            total_bytes: e.manifest.total_bytes(),
+                            manifest: Some(manifest_to_proto(e.manifest)),
+                            holders: e.holders.into_iter().collect(),
+                        })
+                        .collect(),
+                }))
+            })
+            .await
     }
 
     async fn remove(
         &self,
         request: Request<v1::RemoveModelRequest>,
     ) -> Result<Response<v1::RemoveModelResponse>, Status> {
-        observe("Models/Remove", async {
-            let req = request.into_inner();
-            let cmd = ModelCommand::Remove {
-                name: req.name.clone(),
-                version: req.version,
-            };
-            match ModelCommand::outcome(self.consensus.propose(cmd.into_command()).await?)
-                .map_err(ConsensusError::from)?
-            {
-                ModelOutcome::Removed => Ok(Response::new(v1::RemoveModelResponse {})),
-                _ => Err(ApiError::VersionNotRegistered {
-                    name: req.name,
+        self.gate
+            .observe("Models/Remove", async {
+                let req = request.into_inner();
+                let cmd = ModelCommand::Remove {
+                    name: req.name.clone(),
                     version: req.version,
-                }),
-            }
-        })
-        .await
+                };
+                match ModelCommand::outcome(self.consensus.propose(cmd.into_command()).await?)
+                    .map_err(ConsensusError::from)?
+                {
+                    ModelOutcome::Removed => Ok(Response::new(v1::RemoveModelResponse {})),
+                    _ => Err(ApiError::VersionNotRegistered {
+                        name: req.name,
+                        version: req.version,
+                    }),
+                }
+            })
+            .await
     }
 }
 
