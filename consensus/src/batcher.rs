@@ -22,10 +22,11 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
+use crate::task::{NamedTask, stopped};
 use crate::types::{NodeId, NodeInfo, Raft};
 
 /// Commands that may wait for a slot before submitters feel backpressure.
@@ -52,57 +53,39 @@ pub(crate) struct BatchLimits {
     pub commit_timeout: Duration,
 }
 
-/// The task's name in logs and in `cell0_task_failures_total`.
-const TASK: &str = "raft-batcher";
-
 /// Handle to the group-commit task.
 pub(crate) struct Batcher {
     tx: mpsc::Sender<Pending>,
     room: Arc<Semaphore>,
-    stop: watch::Sender<bool>,
-    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    task: NamedTask,
 }
 
 impl Batcher {
     /// Starts the task proposing through `raft`.
     pub fn spawn(raft: Raft, limits: BatchLimits) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(raft, rx, limits, stopped));
         Self {
             tx,
             room: Arc::new(Semaphore::new(MAX_QUEUED_BYTES)),
-            stop,
-            task: std::sync::Mutex::new(Some(task)),
+            task: NamedTask::spawn("raft-batcher", |stop| run(raft, rx, limits, stop)),
         }
     }
 
     /// Tells the task to stop taking commands; [`Batcher::join`] waits for it.
     pub fn stop(&self) {
-        self.stop.send_replace(true);
+        self.task.stop();
         self.room.close();
     }
 
     /// Whether [`Batcher::stop`] was called (the node is shutting down).
     pub fn is_stopped(&self) -> bool {
-        *self.stop.borrow()
+        self.task.is_stopped()
     }
 
     /// Waits up to `deadline` for the stopped task to finish its proposed
-    /// groups; a task that panicked or overran is logged and counted.
+    /// groups.
     pub async fn join(&self, deadline: Duration) {
-        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(mut task) = task else { return };
-        let failure = match tokio::time::timeout(deadline, &mut task).await {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => {
-                task.abort();
-                format!("still running after {} ms", deadline.as_millis())
-            }
-        };
-        tracing::error!(task = TASK, error = %failure, "background task failed");
-        metrics::counter!("cell0_task_failures_total", "task" => TASK).increment(1);
+        self.task.join(deadline).await;
     }
 
     /// Proposes `cmd` (already validated) and waits for its applied response.
@@ -143,7 +126,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, limits: BatchLimits, m
                     Some(p) => p,
                     None => break,
                 },
-                _ = stop.wait_for(|s| *s) => break,
+                () = stopped(&mut stop) => break,
             },
         };
         // The semaphore is never closed, so acquiring only fails if that
@@ -153,7 +136,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, limits: BatchLimits, m
                 Ok(slot) => slot,
                 Err(_) => break,
             },
-            _ = stop.wait_for(|s| *s) => {
+            () = stopped(&mut stop) => {
                 carry = Some(first);
                 break;
             }

@@ -27,6 +27,7 @@ use crate::config::ConsensusConfig;
 use crate::error::{ConsensusError, Result, UnavailableCause};
 use crate::inner::{Inner, random_u64, wrong_type};
 use crate::network::{ChannelPool, NetworkFactory, PeerHealth, TcpTransport, Transport, WireIdentity};
+use crate::reads::ReadIndexer;
 use crate::routing::{ForwardRequest, ForwardResponse};
 use crate::server::InternalService;
 use crate::state::{self, Applied, KvStateMachine, StateEvent};
@@ -179,7 +180,20 @@ impl Consensus {
             max_batch_commands: config.max_client_batch_commands,
         };
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me: &std::sync::Weak<Inner>| Inner {
+                reads: {
+                    let me = me.clone();
+                    ReadIndexer::spawn(move || {
+                        let me = me.clone();
+                        async move {
+                            let inner = me.upgrade().ok_or(ConsensusError::ShuttingDown)?;
+                            match inner.route(ForwardRequest::ReadIndex).await? {
+                                ForwardResponse::ReadIndex(i) => Ok(i),
+                                _ => Err(wrong_type()),
+                            }
+                        }
+                    })
+                },
                 id,
                 info,
                 config,
@@ -290,10 +304,8 @@ impl Consensus {
         if consistency == Consistency::Serializable {
             return Ok(());
         }
-        let index = match self.inner.route(ForwardRequest::ReadIndex).await? {
-            ForwardResponse::ReadIndex(i) => i,
-            _ => return Err(wrong_type()),
-        };
+        // Concurrent readers of this node share one read-index round.
+        let index = self.inner.reads.read_index().await?;
         self.wait_applied(index).await
     }
 
@@ -478,10 +490,12 @@ impl Consensus {
     /// flushes storage. The database closes when the last handle is dropped.
     pub async fn shutdown(&self) {
         self.inner.batcher.stop();
+        self.inner.reads.stop();
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
         self.inner.batcher.join(self.inner.config.request_timeout()).await;
+        self.inner.reads.join(self.inner.config.request_timeout()).await;
         if let Err(e) = self.inner.engine.flush() {
             tracing::warn!(error = %e, "flushing storage");
         }

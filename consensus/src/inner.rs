@@ -13,6 +13,7 @@ use crate::command::Limits;
 use crate::config::ConsensusConfig;
 use crate::error::ConsensusError;
 use crate::network::{ChannelPool, PeerHealth, WireIdentity};
+use crate::reads::ReadIndexer;
 use crate::state::KvStateMachine;
 use crate::types::{NodeId, NodeInfo, Raft};
 
@@ -25,6 +26,8 @@ pub(crate) struct Inner {
     pub(crate) engine: Arc<dyn Engine>,
     pub(crate) sm: Arc<KvStateMachine>,
     pub(crate) batcher: Batcher,
+    /// Coalesces this node's linearizable reads into read-index rounds.
+    pub(crate) reads: ReadIndexer,
     pub(crate) pool: Arc<ChannelPool>,
     pub(crate) limits: Limits,
     /// Highest commit index a leader has told this node about.

@@ -6,7 +6,8 @@
 //! - [`state`]: the state machine as openraft sees it: apply through
 //!   [`cell0_state::apply`], notifications per table and for watchers.
 //! - [`Consensus`]: one node's member: group commit on the leader, request
-//!   forwarding, linearizable reads by read index, membership changes.
+//!   forwarding, linearizable reads by coalesced read-index rounds,
+//!   membership changes.
 //! - [`network`]: the Raft transport over tonic and the internal service.
 //!
 //! Storage is [`cell0_storage`]; the API edge (gRPC, status codes) is the
@@ -19,9 +20,11 @@ mod facade;
 mod inner;
 mod membership;
 pub mod network;
+mod reads;
 mod routing;
 mod server;
 pub mod state;
+mod task;
 pub mod testkit;
 pub mod types;
 

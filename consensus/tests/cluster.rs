@@ -658,3 +658,74 @@ async fn writes_after_shutdown_are_refused_as_never_applied() {
         .unwrap_err();
     assert!(matches!(err, ConsensusError::ShuttingDown), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coalesced_linearizable_reads_see_every_acknowledged_write_across_a_leader_change() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(root.path(), 3, config()).await;
+    let leader = nodes[0].consensus.wait_for_leader(DEADLINE).await.unwrap();
+    let acked = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    // Four concurrent readers per node, so reads of one node share rounds.
+    let mut readers = Vec::new();
+    for node in &nodes {
+        for _ in 0..4 {
+            let (c, acked, done) = (node.consensus.clone(), acked.clone(), done.clone());
+            readers.push(tokio::spawn(async move {
+                let (mut served, mut last) = (0u64, 0u64);
+                while !done.load(SeqCst) {
+                    let floor = acked.load(SeqCst);
+                    match c.get(b"counter", Consistency::Linearizable).await {
+                        Ok((kv, _)) => {
+                            let v: u64 = kv.map_or(0, |kv| String::from_utf8(kv.value).unwrap().parse().unwrap());
+                            assert!(v >= floor, "read {v} after write {floor} was acknowledged");
+                            assert!(v >= last, "read {v} after reading {last}");
+                            (served, last) = (served + 1, v);
+                        }
+                        // Retryable while the leadership moves.
+                        Err(ConsensusError::Unavailable { .. }) => {}
+                        // The old leader was stopped.
+                        Err(ConsensusError::ShuttingDown) => break,
+                        Err(e) => panic!("read failed: {e:?}"),
+                    }
+                }
+                served
+            }));
+        }
+    }
+    // Writes go through a node that outlives the old leader.
+    let writer = nodes
+        .iter()
+        .find(|n| n.consensus.id() != leader)
+        .unwrap()
+        .consensus
+        .clone();
+    let mut acknowledged = 0;
+    for i in 1..=150u64 {
+        if i == 50 {
+            let at = nodes.iter().position(|n| n.consensus.id() == leader).unwrap();
+            nodes.remove(at).stop().await;
+            wait_until("another node leads", || {
+                writer.leader().is_some_and(|(id, _)| id != leader)
+            })
+            .await;
+        }
+        // A write whose outcome is unknown is not counted as acknowledged.
+        if writer.propose(put("counter", i.to_string())).await.is_ok() {
+            acked.store(i, SeqCst);
+            acknowledged += 1;
+        }
+    }
+    done.store(true, SeqCst);
+    let mut served = 0;
+    for r in readers {
+        served += r.await.unwrap();
+    }
+    assert!(acknowledged >= 140, "only {acknowledged} writes acknowledged");
+    assert!(served > 0);
+    for n in nodes {
+        n.stop().await;
+    }
+}
