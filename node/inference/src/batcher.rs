@@ -14,6 +14,11 @@
 //! `cell0_inference_batch_size` histogram (via the `metrics` facade), in
 //! [`EmbedBatcher::stats`], and passed to an optional [`BatchObserver`].
 //!
+//! The worker is not started here: [`EmbedBatcher::new`] returns it as a
+//! [`BatchWorker`], and the caller runs [`BatchWorker::run`] on its tokio
+//! runtime (the node spawns it into its supervisor). It returns once its
+//! [`EmbedBatcher`] has been dropped and the queue is drained.
+//!
 //! A caller that drops its `embed` future before its texts are embedded
 //! has its request skipped: the worker checks each request's reply channel
 //! as it takes it from the queue and again before every forward pass, and
@@ -97,20 +102,19 @@ impl std::fmt::Debug for EmbedBatcher {
 }
 
 impl EmbedBatcher {
-    /// Starts the worker on the current tokio runtime (must be called inside one).
-    pub fn spawn(
+    /// A batcher and the worker that serves it. Nothing runs until the
+    /// caller runs [`BatchWorker::run`] (on a tokio runtime); until then,
+    /// requests queue up (up to `queue_capacity`). Fails with
+    /// [`InferenceError::InvalidConfig`] when `config` is invalid.
+    pub fn new(
         embedder: Arc<dyn Embedder>,
         config: &InferenceConfig,
         observer: Option<Arc<dyn BatchObserver>>,
-    ) -> Result<Self> {
+    ) -> Result<(Self, BatchWorker)> {
         config.validate()?;
-        let handle = tokio::runtime::Handle::try_current().map_err(|_| InferenceError::InvalidConfig {
-            field: "runtime",
-            message: "EmbedBatcher::spawn must run inside a tokio runtime".into(),
-        })?;
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let counters = Arc::new(Counters::default());
-        let worker = Worker {
+        let worker = BatchWorker {
             rx,
             embedder: embedder.clone(),
             max_batch: config.max_batch,
@@ -118,13 +122,13 @@ impl EmbedBatcher {
             counters: counters.clone(),
             observer,
         };
-        handle.spawn(worker.run());
-        Ok(Self {
+        let batcher = Self {
             tx,
             embedder,
             limits: RequestLimits::from_config(config),
             counters,
-        })
+        };
+        Ok((batcher, worker))
     }
 
     /// The model behind the batcher.
@@ -173,7 +177,13 @@ impl EmbedBatcher {
     }
 }
 
-struct Worker {
+/// The background task of an [`EmbedBatcher`], returned by
+/// [`EmbedBatcher::new`]: it forms the batches and runs the forward passes.
+/// Requests are answered only while [`BatchWorker::run`] runs; dropping the
+/// worker unrun fails every queued and later request with
+/// [`InferenceError::BatcherClosed`].
+#[must_use = "the batcher answers nothing until its worker runs"]
+pub struct BatchWorker {
     rx: mpsc::Receiver<Request>,
     embedder: Arc<dyn Embedder>,
     max_batch: usize,
@@ -182,8 +192,22 @@ struct Worker {
     observer: Option<Arc<dyn BatchObserver>>,
 }
 
-impl Worker {
-    async fn run(mut self) {
+impl std::fmt::Debug for BatchWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchWorker")
+            .field("max_batch", &self.max_batch)
+            .field("max_wait", &self.max_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BatchWorker {
+    /// Serves the batcher's queue: takes the first waiting request and
+    /// every one queued behind it, collects more until `max_batch` texts or
+    /// `max_wait_ms`, runs the forward passes on the blocking pool and
+    /// answers each caller. Returns once its [`EmbedBatcher`] has been
+    /// dropped and the queue is empty.
+    pub async fn run(mut self) {
         while let Some(first) = self.rx.recv().await {
             // A request whose caller has gone takes no place in a batch.
             if self.abandoned(&first) {

@@ -24,7 +24,7 @@ pub use backend::cpu::CpuBackend;
 pub use backend::wgpu::WgpuBackend;
 pub use backend::{Backend, BackendInfo};
 
-pub use batcher::{BATCH_SIZE_METRIC, BatchObserver, BatchStats, EmbedBatcher, REQUESTS_ABANDONED_METRIC};
+pub use batcher::{BATCH_SIZE_METRIC, BatchObserver, BatchStats, BatchWorker, EmbedBatcher, REQUESTS_ABANDONED_METRIC};
 pub use config::{BackendKind, InferenceConfig};
 pub use embedder::{
     Embedder, EngineInfo, ModelInfo, ModelSource, RequestLimits, TextEmbedder, cosine, default_model_dir, open_backend,

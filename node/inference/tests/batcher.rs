@@ -36,6 +36,17 @@ impl Embedder for Echo {
     }
 }
 
+/// A batcher over `embedder` whose worker runs as a task of the current runtime.
+fn start(
+    embedder: Arc<dyn Embedder>,
+    config: &InferenceConfig,
+    observer: Option<Arc<dyn cell0_inference::BatchObserver>>,
+) -> EmbedBatcher {
+    let (batcher, worker) = EmbedBatcher::new(embedder, config, observer).expect("new");
+    tokio::spawn(worker.run());
+    batcher
+}
+
 fn config(max_batch: usize, max_wait_ms: u64) -> InferenceConfig {
     InferenceConfig {
         max_batch,
@@ -54,7 +65,7 @@ async fn concurrent_requests_share_batches() {
         seen.lock().expect("lock").push(texts);
     });
     // The wait bound is far above scheduling noise, so batches close only by filling up.
-    let b = Arc::new(EmbedBatcher::spawn(Arc::new(Echo), &config(4, 10_000), Some(observer)).expect("spawn"));
+    let b = Arc::new(start(Arc::new(Echo), &config(4, 10_000), Some(observer)));
     let tasks: Vec<_> = (0..8u8)
         .map(|i| {
             let b = b.clone();
@@ -82,7 +93,7 @@ async fn concurrent_requests_share_batches() {
 
 #[tokio::test]
 async fn a_lone_request_runs_after_the_wait() {
-    let b = EmbedBatcher::spawn(Arc::new(Echo), &config(32, 1), None).expect("spawn");
+    let b = start(Arc::new(Echo), &config(32, 1), None);
     let v = b.embed(&["abc", "z", ""]).await.expect("embed");
     assert_eq!(v, vec![vec![97.0, 3.0], vec![122.0, 1.0], vec![0.0, 0.0]], "order kept");
     assert_eq!(b.stats().batches, 1);
@@ -91,7 +102,7 @@ async fn a_lone_request_runs_after_the_wait() {
 
 #[tokio::test]
 async fn large_requests_are_split_into_passes() {
-    let b = EmbedBatcher::spawn(Arc::new(Echo), &config(3, 1), None).expect("spawn");
+    let b = start(Arc::new(Echo), &config(3, 1), None);
     let texts: Vec<String> = (0..8).map(|i| "q".repeat(i + 1)).collect();
     let v = b.embed(&texts).await.expect("embed");
     let lens: Vec<f32> = v.iter().map(|x| x[1]).collect();
@@ -101,7 +112,7 @@ async fn large_requests_are_split_into_passes() {
 
 #[tokio::test]
 async fn limits_name_the_field() {
-    let b = EmbedBatcher::spawn(Arc::new(Echo), &config(4, 1), None).expect("spawn");
+    let b = start(Arc::new(Echo), &config(4, 1), None);
     let too_many = vec!["a"; 9];
     match b.embed(&too_many).await {
         Err(InferenceError::InvalidRequest { field, .. }) => assert_eq!(field, "texts"),
@@ -132,15 +143,41 @@ async fn backend_errors_reach_every_caller_in_the_batch() {
             Err(InferenceError::Backend("device lost".into()))
         }
     }
-    let b = EmbedBatcher::spawn(Arc::new(Failing(AtomicUsize::new(0))), &config(4, 1), None).expect("spawn");
+    let b = start(Arc::new(Failing(AtomicUsize::new(0))), &config(4, 1), None);
     let err = b.embed(&["a"]).await.expect_err("must fail");
     assert!(err.to_string().contains("device lost"), "{err}");
 }
 
 #[test]
-fn spawn_outside_a_runtime_is_an_error() {
-    let err = EmbedBatcher::spawn(Arc::new(Echo), &config(4, 1), None).expect_err("no runtime");
-    assert!(err.to_string().contains("runtime"), "{err}");
+fn requests_wait_for_the_worker_which_returns_when_the_batcher_is_dropped() {
+    // Building the batcher needs no runtime: only its worker runs on one.
+    let (b, worker) = EmbedBatcher::new(Arc::new(Echo), &config(4, 1), None).expect("new outside a runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        // Queued before the worker runs, answered once it does.
+        let pending = queue_once(b.embed(&["a"]));
+        let run = tokio::spawn(worker.run());
+        assert_eq!(pending.await.expect("a"), vec![vec![97.0, 1.0]]);
+        assert_eq!(b.stats().batches, 1);
+        drop(b);
+        tokio::time::timeout(std::time::Duration::from_secs(10), run)
+            .await
+            .expect("the worker returns once its batcher is dropped")
+            .expect("the worker did not panic");
+    });
+}
+
+#[tokio::test]
+async fn a_batcher_whose_worker_is_dropped_is_closed() {
+    let (b, worker) = EmbedBatcher::new(Arc::new(Echo), &config(4, 1), None).expect("new");
+    drop(worker);
+    match b.embed(&["a"]).await {
+        Err(InferenceError::BatcherClosed) => {}
+        other => panic!("expected BatcherClosed, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +185,7 @@ async fn real_model_through_the_batcher() {
     let cfg = common::config(BackendKind::Cpu);
     let model = Arc::new(TextEmbedder::load(&common::source(), &cfg).expect("load"));
     let direct = model.embed(&["hello world", "", "   \t "]).expect("direct");
-    let b = Arc::new(EmbedBatcher::spawn(model.clone(), &cfg, None).expect("spawn"));
+    let b = Arc::new(start(model.clone(), &cfg, None));
     let (x, y) = tokio::join!(b.embed(&["hello world"]), b.embed(&["", "   \t "]));
     let x = x.expect("x");
     let y = y.expect("y");
@@ -208,7 +245,7 @@ fn gated(max_batch: usize) -> (Arc<EmbedBatcher>, Seen, std::sync::mpsc::Sender<
         seen,
         permits: std::sync::Mutex::new(permits),
     };
-    let b = EmbedBatcher::spawn(Arc::new(model), &config(max_batch, 0), None).expect("spawn");
+    let b = start(Arc::new(model), &config(max_batch, 0), None);
     (Arc::new(b), seen_rx, permit)
 }
 

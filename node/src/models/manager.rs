@@ -5,8 +5,10 @@
 //! makes sure every file is present and verified — hashing stored blobs once
 //! per process start and fetching missing or corrupted ones from holders —
 //! then lays the files out, loads them into an engine behind an
-//! [`EmbedBatcher`], and records this node as a holder through Raft. Removed
-//! versions are unloaded and their files deleted.
+//! [`EmbedBatcher`] (whose worker runs as the transient supervised task
+//! `embed-batcher` until the version is unloaded), and records this node as
+//! a holder through Raft. Removed versions are unloaded and their files
+//! deleted.
 //!
 //! Invariants: a blob is loaded only after its sha256 matched in this
 //! process; this node reports itself a holder only of versions it has
@@ -24,7 +26,7 @@ use tokio::time::Instant;
 use cell0_consensus::{
     Consensus, ConsensusError, Consistency, ModelCommand, ModelEntry, ModelManifest, ModelOutcome, registry,
 };
-use cell0_inference::{BackendInfo, EmbedBatcher, InferenceConfig, ModelSource, TextEmbedder};
+use cell0_inference::{BackendInfo, EmbedBatcher, InferenceConfig, InferenceError, ModelSource, TextEmbedder};
 use tokio::sync::watch;
 
 use super::ModelError;
@@ -104,6 +106,8 @@ struct Inner {
     served: RwLock<BTreeMap<ModelKey, Served>>,
     /// Blobs hashed (or written and hashed) by this process.
     verified: Mutex<BTreeSet<String>>,
+    /// The node's supervisor, which runs each loaded version's batch worker.
+    tasks: Supervisor,
 }
 
 /// The node's models. Cheap to clone.
@@ -136,6 +140,7 @@ impl ModelManager {
     /// Opens the engine's backend once to learn what it runs on (failing
     /// fast on a bad `inference` config), and starts the reconcile loop as
     /// the supervised task `models`, which ends when the supervisor stops.
+    /// Each version it loads gets its batch worker spawned into `tasks` too.
     pub async fn start(
         consensus: Consensus,
         store: Arc<BlobStore>,
@@ -157,6 +162,7 @@ impl ModelManager {
             engine,
             served: RwLock::new(BTreeMap::new()),
             verified: Mutex::new(BTreeSet::new()),
+            tasks: tasks.clone(),
         });
         tasks.spawn("models", reconcile_loop(inner.clone(), tasks.stop_signal()));
         Ok(Self { inner })
@@ -551,7 +557,13 @@ async fn load(inner: &Arc<Inner>, manifest: &ModelManifest) -> Result<EmbedBatch
         Ok(TextEmbedder::load(&source, &config)?)
     })
     .await?;
-    Ok(EmbedBatcher::spawn(Arc::new(embedder), &inner.config, None)?)
+    let (batcher, worker) = EmbedBatcher::new(Arc::new(embedder), &inner.config, None)?;
+    // The worker returns when the version is unloaded (its batcher dropped),
+    // which happens as often as versions come and go: a transient task.
+    if !inner.tasks.spawn_transient("embed-batcher", worker.run()) {
+        return Err(InferenceError::BatcherClosed.into());
+    }
+    Ok(batcher)
 }
 
 /// The error of a manifest whose file `i` names a good blob with the wrong
