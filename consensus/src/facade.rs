@@ -25,6 +25,7 @@ use crate::batcher::{BatchLimits, Batcher};
 use crate::command::{Command, KeyValue, Limits, RequestId, Response};
 use crate::config::ConsensusConfig;
 use crate::error::{ConsensusError, Result, UnavailableCause};
+use crate::forwarder::{ForwardLimits, Forwarder};
 use crate::inner::{Inner, random_u64, wrong_type};
 use crate::network::{ChannelPool, NetworkFactory, PeerHealth, TcpTransport, Transport, WireIdentity};
 use crate::reads::ReadIndexer;
@@ -181,6 +182,23 @@ impl Consensus {
         };
         Ok(Self {
             inner: Arc::new_cyclic(|me: &std::sync::Weak<Inner>| Inner {
+                forwarder: {
+                    let me = me.clone();
+                    Forwarder::spawn(
+                        ForwardLimits {
+                            max_commands: config.max_batch_commands,
+                            max_bytes: config.max_batch_bytes,
+                            max_inflight: config.max_inflight_batches.saturating_mul(2),
+                        },
+                        move |cmds| {
+                            let me = me.clone();
+                            async move {
+                                let inner = me.upgrade().ok_or(ConsensusError::ShuttingDown)?;
+                                inner.forward_writes(cmds).await
+                            }
+                        },
+                    )
+                },
                 reads: {
                     let me = me.clone();
                     ReadIndexer::spawn(move || {
@@ -490,11 +508,13 @@ impl Consensus {
     /// flushes storage. The database closes when the last handle is dropped.
     pub async fn shutdown(&self) {
         self.inner.batcher.stop();
+        self.inner.forwarder.stop();
         self.inner.reads.stop();
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
         self.inner.batcher.join(self.inner.config.request_timeout()).await;
+        self.inner.forwarder.join(self.inner.config.request_timeout()).await;
         self.inner.reads.join(self.inner.config.request_timeout()).await;
         if let Err(e) = self.inner.engine.flush() {
             tracing::warn!(error = %e, "flushing storage");

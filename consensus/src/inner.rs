@@ -12,6 +12,7 @@ use crate::batcher::Batcher;
 use crate::command::Limits;
 use crate::config::ConsensusConfig;
 use crate::error::ConsensusError;
+use crate::forwarder::Forwarder;
 use crate::network::{ChannelPool, PeerHealth, WireIdentity};
 use crate::reads::ReadIndexer;
 use crate::state::KvStateMachine;
@@ -26,6 +27,8 @@ pub(crate) struct Inner {
     pub(crate) engine: Arc<dyn Engine>,
     pub(crate) sm: Arc<KvStateMachine>,
     pub(crate) batcher: Batcher,
+    /// Sends this node's writes to the leader in groups (on a follower).
+    pub(crate) forwarder: Forwarder,
     /// Coalesces this node's linearizable reads into read-index rounds.
     pub(crate) reads: ReadIndexer,
     pub(crate) pool: Arc<ChannelPool>,

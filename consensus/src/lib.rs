@@ -17,6 +17,7 @@ mod batcher;
 mod config;
 mod error;
 mod facade;
+mod forwarder;
 mod inner;
 mod membership;
 pub mod network;

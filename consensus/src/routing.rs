@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
-use crate::inner::Inner;
+use crate::inner::{Inner, wrong_type};
 use crate::network::{decode, encode, never_sent};
 use crate::types::{NodeId, NodeInfo};
 
@@ -28,8 +28,15 @@ use crate::types::{NodeId, NodeInfo};
 pub(crate) enum ForwardRequest {
     Write(Command),
     ReadIndex,
-    Join { id: NodeId, info: NodeInfo },
-    Remove { id: NodeId },
+    Join {
+        id: NodeId,
+        info: NodeInfo,
+    },
+    Remove {
+        id: NodeId,
+    },
+    /// Writes a follower queued together (see [`crate::forwarder`]).
+    Writes(Vec<Command>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,6 +44,8 @@ pub(crate) enum ForwardResponse {
     Write(Response),
     ReadIndex(u64),
     Done,
+    /// Each write's own outcome, in order.
+    Writes(Vec<Result<Response>>),
 }
 
 impl Inner {
@@ -54,10 +63,14 @@ impl Inner {
                 return Err(ConsensusError::ShuttingDown);
             }
             let leader = self.leader();
-            let result = match &leader {
-                Some((id, _)) if *id == self.id => self.handle_local(req.clone()).await,
-                Some((id, info)) => self.forward(*id, info, &req).await,
-                None => Err(ConsensusError::unavailable(
+            let result = match (&leader, &req) {
+                (Some((id, _)), _) if *id == self.id => self.handle_local(req.clone()).await,
+                // Writes leave with the others queued on this node.
+                (Some(_), ForwardRequest::Write(cmd)) => {
+                    self.forwarder.submit(cmd.clone()).await.map(ForwardResponse::Write)
+                }
+                (Some((id, info)), _) => self.forward(*id, info, &req).await,
+                (None, _) => Err(ConsensusError::unavailable(
                     UnavailableCause::NoLeader,
                     "no leader is elected",
                 )),
@@ -102,7 +115,7 @@ impl Inner {
         match client.forward(request).await {
             Ok(reply) => decode::<Result<ForwardResponse>>(reply.get_ref())?,
             Err(status) => {
-                let idempotent = !matches!(req, ForwardRequest::Write(_));
+                let idempotent = !matches!(req, ForwardRequest::Write(_) | ForwardRequest::Writes(_));
                 if idempotent || never_sent(&status) {
                     Err(ConsensusError::Unavailable {
                         cause: UnavailableCause::LeaderUnreachable,
@@ -134,6 +147,26 @@ pub(crate) fn may_retry(error: &ConsensusError, deduplicated: bool) -> bool {
 }
 
 impl Inner {
+    /// Sends writes queued together to the leader (the forwarder's one
+    /// request), or applies them here if this node leads by now.
+    pub(crate) async fn forward_writes(&self, cmds: Vec<Command>) -> Result<Vec<Result<Response>>> {
+        let req = ForwardRequest::Writes(cmds);
+        let reply = match self.leader() {
+            Some((id, _)) if id == self.id => self.handle_local(req).await?,
+            Some((id, info)) => self.forward(id, &info, &req).await?,
+            None => {
+                return Err(ConsensusError::unavailable(
+                    UnavailableCause::NoLeader,
+                    "no leader is elected",
+                ));
+            }
+        };
+        match reply {
+            ForwardResponse::Writes(results) => Ok(results),
+            _ => Err(wrong_type()),
+        }
+    }
+
     /// Serves a request that must run on the leader, without forwarding.
     pub(crate) async fn handle_local(&self, req: ForwardRequest) -> Result<ForwardResponse> {
         match req {
@@ -143,6 +176,18 @@ impl Inner {
                     return Err(ConsensusError::not_leader(None, None));
                 }
                 Ok(ForwardResponse::Write(self.batcher.submit(cmd).await?))
+            }
+            ForwardRequest::Writes(cmds) => {
+                if self.raft.metrics().borrow().state != ServerState::Leader {
+                    return Err(ConsensusError::not_leader(None, None));
+                }
+                // Submitted together, so group commit puts them in one entry.
+                let results = futures::future::join_all(cmds.into_iter().map(|cmd| async move {
+                    cmd.validate(&self.limits)?;
+                    self.batcher.submit(cmd).await
+                }))
+                .await;
+                Ok(ForwardResponse::Writes(results))
             }
             ForwardRequest::ReadIndex => match self.raft.get_read_log_id().await {
                 Ok((read, _)) => Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index))),

@@ -1,0 +1,247 @@
+//! Batched forwarding of writes from a follower to the leader.
+//!
+//! A follower's clients write concurrently; forwarding each write as its own
+//! RPC costs the leader one request (HTTP/2 frames, a task, a decode) per
+//! write. Instead writes queue here and one task (`forward-writes`) sends
+//! everything queued as one `Writes` request, up to
+//! `ConsensusConfig::max_batch_commands` commands and `max_batch_bytes`
+//! bytes, with at most `max_inflight_batches` requests in flight. At one
+//! client a write is sent at once, alone; under load, writes that arrive
+//! while requests are in flight share the next one, the way the leader's
+//! group commit shares an entry. The leader submits the commands of one
+//! request to its group commit together, so they usually share one entry.
+//!
+//! Every command keeps its own request id, response and error: a failed
+//! request fails each of its commands the way a single forward would
+//! (`Unavailable` when provably not sent, `Indeterminate` otherwise), and
+//! routing retries them one by one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::command::{Command, Response};
+use crate::error::{ConsensusError, Result};
+use crate::task::{NamedTask, stopped};
+
+/// Commands that may wait before submitters feel backpressure.
+const QUEUE_DEPTH: usize = 16 * 1024;
+
+struct Pending {
+    cmd: Command,
+    size: usize,
+    reply: oneshot::Sender<Result<Response>>,
+}
+
+/// Limits of one forwarded request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ForwardLimits {
+    pub max_commands: usize,
+    pub max_bytes: usize,
+    pub max_inflight: usize,
+}
+
+/// Handle to the forwarding task.
+pub(crate) struct Forwarder {
+    tx: mpsc::Sender<Pending>,
+    task: NamedTask,
+}
+
+impl Forwarder {
+    /// Starts the task; `send` forwards one group and answers each command.
+    pub(crate) fn spawn<F, Fut>(limits: ForwardLimits, send: F) -> Self
+    where
+        F: Fn(Vec<Command>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<Response>>>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        Self {
+            tx,
+            task: NamedTask::spawn("forward-writes", |stop| run(limits, send, rx, stop)),
+        }
+    }
+
+    /// Forwards `cmd` (validated) to the leader with the writes queued
+    /// beside it.
+    pub(crate) async fn submit(&self, cmd: Command) -> Result<Response> {
+        let (reply, rx) = oneshot::channel();
+        let size = cmd.approx_size();
+        self.tx
+            .send(Pending { cmd, size, reply })
+            .await
+            .map_err(|_| ConsensusError::ShuttingDown)?;
+        rx.await
+            .map_err(|_| ConsensusError::Indeterminate("the node stopped after it forwarded the write".into()))?
+    }
+
+    /// Stops taking writes; queued ones are answered `ShuttingDown`.
+    pub(crate) fn stop(&self) {
+        self.task.stop();
+    }
+
+    /// Waits up to `deadline` for the task to finish its requests in flight.
+    pub(crate) async fn join(&self, deadline: Duration) {
+        self.task.join(deadline).await;
+    }
+}
+
+async fn run<F, Fut>(limits: ForwardLimits, send: F, mut rx: mpsc::Receiver<Pending>, mut stop: watch::Receiver<bool>)
+where
+    F: Fn(Vec<Command>) -> Fut,
+    Fut: Future<Output = Result<Vec<Result<Response>>>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_inflight));
+    let mut sending = JoinSet::new();
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => tokio::select! {
+                p = rx.recv() => match p {
+                    Some(p) => p,
+                    None => break,
+                },
+                () = stopped(&mut stop) => break,
+            },
+        };
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = stopped(&mut stop) => {
+                carry = Some(first);
+                break;
+            }
+        };
+        let mut bytes = first.size;
+        let mut group = vec![first];
+        while group.len() < limits.max_commands {
+            match rx.try_recv() {
+                Ok(p) if bytes + p.size > limits.max_bytes => {
+                    carry = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    bytes += p.size;
+                    group.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        metrics::histogram!("cell0_forward_batch_commands").record(group.len() as f64);
+        let (cmds, replies): (Vec<Command>, Vec<_>) = group.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        let request = send(cmds);
+        sending.spawn(async move {
+            answer(replies, request.await);
+            drop(slot);
+        });
+        while sending.try_join_next().is_some() {}
+    }
+    // Never sent: provably not applied.
+    rx.close();
+    for p in carry.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+        let _ = p.reply.send(Err(ConsensusError::ShuttingDown));
+    }
+    while sending.join_next().await.is_some() {}
+}
+
+/// Hands each command its own outcome.
+fn answer(replies: Vec<oneshot::Sender<Result<Response>>>, outcome: Result<Vec<Result<Response>>>) {
+    match outcome {
+        Ok(results) if results.len() == replies.len() => {
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+        Ok(results) => {
+            let e = ConsensusError::Internal(format!(
+                "the leader answered {} of {} forwarded writes",
+                results.len(),
+                replies.len()
+            ));
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn put(i: u8) -> Command {
+        Command::Put {
+            key: vec![i],
+            value: vec![i],
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_writes_share_a_request_and_each_gets_its_own_answer() {
+        let sent: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let gate = Arc::new(Semaphore::new(0));
+        let forwarder = Arc::new(Forwarder::spawn(
+            ForwardLimits {
+                max_commands: 3,
+                max_bytes: 1 << 20,
+                max_inflight: 1,
+            },
+            {
+                let (sent, gate) = (sent.clone(), gate.clone());
+                move |cmds: Vec<Command>| {
+                    let (sent, gate) = (sent.clone(), gate.clone());
+                    async move {
+                        sent.lock().unwrap().push(cmds.len());
+                        let _permit = gate.acquire().await;
+                        Ok(cmds
+                            .into_iter()
+                            .map(|c| match c {
+                                Command::Put { key, .. } if key == [2] => Err(ConsensusError::invalid("key", "two")),
+                                _ => Ok(Response::Empty),
+                            })
+                            .collect())
+                    }
+                }
+            },
+        ));
+        let submit = |i: u8| {
+            let f = forwarder.clone();
+            tokio::spawn(async move { f.submit(put(i)).await })
+        };
+        // The first write goes alone; the next four queue behind it and
+        // leave in groups of at most three.
+        let first = submit(0);
+        while sent.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let rest: Vec<_> = (1..5).map(submit).collect();
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(10);
+        assert!(matches!(first.await.unwrap(), Ok(Response::Empty)));
+        let answers: Vec<_> = futures::future::join_all(rest).await;
+        assert!(matches!(answers[0], Ok(Ok(Response::Empty))));
+        assert!(matches!(answers[1], Ok(Err(ConsensusError::InvalidArgument { .. }))));
+        assert_eq!(*sent.lock().unwrap(), vec![1, 3, 1]);
+
+        forwarder.stop();
+        forwarder.join(Duration::from_secs(5)).await;
+        assert!(matches!(
+            forwarder.submit(put(9)).await,
+            Err(ConsensusError::ShuttingDown)
+        ));
+    }
+}
