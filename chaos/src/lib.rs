@@ -1,0 +1,20 @@
+//! cell0-chaos: workloads that drive real clusters.
+//!
+//! This crate holds the side-by-side load harness (issue #18): a closed-loop
+//! load generator, [`load`], with two targets, Cell0's public KV API
+//! (`cell0.v1.Kv`) and etcd's v3 KV API (`etcdserverpb.KV`, from a vendored
+//! subset of etcd's `.proto` files, [`etcd`]). Every client owns one gRPC
+//! connection, client *i* talks to endpoint *i* mod *n*, latencies go into an
+//! HDR histogram and the CPU time of the server processes is read from
+//! `/proc` ([`procstat`]) so that runs against both systems can be compared
+//! per operation ([`report`]). The `cell0-load` binary is its command line
+//! and `scripts/bench-vs-etcd.sh` runs the whole comparison.
+//!
+//! Fault injection, history recording and checkers will join it here.
+
+pub mod config;
+pub mod etcd;
+pub mod kv;
+pub mod load;
+pub mod procstat;
+pub mod report;
