@@ -10,6 +10,8 @@
 //! while requests are in flight share the next one, the way the leader's
 //! group commit shares an entry. The leader submits the commands of one
 //! request to its group commit together, so they usually share one entry.
+//! When nothing is queued and a slot is free, the submitter sends its write
+//! itself (it would leave alone anyway), so one client pays no hand-off.
 //!
 //! Every command keeps its own request id, response and error: a failed
 //! request fails each of its commands the way a single forward would
@@ -20,6 +22,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -44,9 +48,15 @@ pub(crate) struct ForwardLimits {
     pub max_inflight: usize,
 }
 
+/// Forwards one group and answers each of its commands.
+type SendGroup = Arc<dyn Fn(Vec<Command>) -> BoxFuture<'static, Result<Vec<Result<Response>>>> + Send + Sync>;
+
 /// Handle to the forwarding task.
 pub(crate) struct Forwarder {
     tx: mpsc::Sender<Pending>,
+    /// Requests in flight, shared by the task and the idle fast path.
+    slots: Arc<Semaphore>,
+    send: SendGroup,
     task: NamedTask,
 }
 
@@ -58,15 +68,39 @@ impl Forwarder {
         Fut: Future<Output = Result<Vec<Result<Response>>>> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let send: SendGroup = Arc::new(move |cmds| send(cmds).boxed());
+        let slots = Arc::new(Semaphore::new(limits.max_inflight));
+        let (task_send, task_slots) = (send.clone(), slots.clone());
         Self {
             tx,
-            task: NamedTask::spawn("forward-writes", |stop| run(limits, send, rx, stop)),
+            slots,
+            send,
+            task: NamedTask::spawn("forward-writes", |stop| run(limits, task_send, task_slots, rx, stop)),
         }
     }
 
     /// Forwards `cmd` (validated) to the leader with the writes queued
     /// beside it.
     pub(crate) async fn submit(&self, cmd: Command) -> Result<Response> {
+        if self.task.is_stopped() {
+            return Err(ConsensusError::ShuttingDown);
+        }
+        // Idle fast path: nothing queued and a request slot free, so the
+        // write would leave alone anyway; send it from here, without the
+        // hand-off to the task.
+        if self.tx.capacity() == self.tx.max_capacity()
+            && let Ok(slot) = self.slots.clone().try_acquire_owned()
+        {
+            let outcome = (self.send)(vec![cmd]).await;
+            drop(slot);
+            let mut results = outcome?;
+            return match (results.pop(), results.is_empty()) {
+                (Some(result), true) => result,
+                _ => Err(ConsensusError::Internal(
+                    "the leader did not answer the forwarded write once".into(),
+                )),
+            };
+        }
         let (reply, rx) = oneshot::channel();
         let size = cmd.approx_size();
         self.tx
@@ -88,12 +122,13 @@ impl Forwarder {
     }
 }
 
-async fn run<F, Fut>(limits: ForwardLimits, send: F, mut rx: mpsc::Receiver<Pending>, mut stop: watch::Receiver<bool>)
-where
-    F: Fn(Vec<Command>) -> Fut,
-    Fut: Future<Output = Result<Vec<Result<Response>>>> + Send + 'static,
-{
-    let slots = Arc::new(Semaphore::new(limits.max_inflight));
+async fn run(
+    limits: ForwardLimits,
+    send: SendGroup,
+    slots: Arc<Semaphore>,
+    mut rx: mpsc::Receiver<Pending>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut sending = JoinSet::new();
     let mut carry: Option<Pending> = None;
     loop {
