@@ -1,11 +1,10 @@
 //! Group commit on the leader.
 //!
-//! Client commands queue in a channel. The batcher takes the first waiting
-//! command, waits for a free in-flight slot, then drains everything else that
-//! queued meanwhile (up to the configured count and bytes) into one
-//! `Command::Batch` entry. At low load a command is proposed at once; under
-//! load, commands pile up while earlier groups are being fsynced and
-//! replicated, so one fsync serves many writers.
+//! Client commands queue and are grouped by the loop of [`crate::grouping`]
+//! (up to the configured count and bytes) into one `Command::Batch` entry.
+//! At low load a command is proposed at once; under load, commands pile up
+//! while earlier groups are being fsynced and replicated, so one fsync serves
+//! many writers.
 //!
 //! The queue is bounded in bytes ([`MAX_QUEUED_BYTES`]) as well as in count:
 //! a submitter waits for room, so a burst of large writes cannot grow memory
@@ -26,12 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
-use crate::task::{NamedTask, stopped};
+use crate::grouping::{GroupLimits, Queued, run_groups};
+use crate::task::NamedTask;
 use crate::types::{NodeId, NodeInfo, Raft};
 
 /// Commands that may wait for a slot before submitters feel backpressure.
@@ -39,15 +38,6 @@ const QUEUE_DEPTH: usize = 16 * 1024;
 /// Bytes of commands queued or being proposed at most; submitters wait for
 /// room beyond it.
 pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
-
-struct Pending {
-    cmd: Command,
-    size: usize,
-    reply: oneshot::Sender<Result<Response>>,
-    /// This command's share of [`MAX_QUEUED_BYTES`], released when its
-    /// group is done.
-    _room: OwnedSemaphorePermit,
-}
 
 /// Limits of one group, from [`crate::ConsensusConfig`].
 #[derive(Debug, Clone, Copy)]
@@ -60,7 +50,7 @@ pub(crate) struct BatchLimits {
 
 /// Handle to the group-commit task.
 pub(crate) struct Batcher {
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Queued>,
     room: Arc<Semaphore>,
     /// Groups in flight, shared by the task and the idle fast path.
     slots: Arc<Semaphore>,
@@ -105,7 +95,6 @@ impl Batcher {
 
     /// Proposes `cmd` (already validated) and waits for its applied response.
     pub async fn submit(&self, cmd: Command) -> Result<Response> {
-        let (reply, rx) = oneshot::channel();
         let size = cmd.approx_size();
         let share = u32::try_from(size.min(MAX_QUEUED_BYTES)).unwrap_or(u32::MAX);
         let room = self
@@ -124,15 +113,8 @@ impl Batcher {
             drop((slot, room));
             return result;
         }
-        self.tx
-            .send(Pending {
-                cmd,
-                size,
-                reply,
-                _room: room,
-            })
-            .await
-            .map_err(|_| ConsensusError::ShuttingDown)?;
+        let (queued, rx) = Queued::new(cmd, Some(room));
+        self.tx.send(queued).await.map_err(|_| ConsensusError::ShuttingDown)?;
         // The command may be in a Raft entry already when the batcher stops.
         rx.await
             .map_err(|_| ConsensusError::Indeterminate("the node stopped after it accepted the write".into()))?
@@ -141,79 +123,23 @@ impl Batcher {
 
 async fn run(
     raft: Raft,
-    mut rx: mpsc::Receiver<Pending>,
+    rx: mpsc::Receiver<Queued>,
     limits: BatchLimits,
     slots: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut proposing = JoinSet::new();
-    let mut carry: Option<Pending> = None;
-    loop {
-        let first = match carry.take() {
-            Some(p) => p,
-            None => tokio::select! {
-                p = rx.recv() => match p {
-                    Some(p) => p,
-                    None => break,
-                },
-                () = stopped(&mut stop) => break,
-            },
-        };
-        // The semaphore is never closed, so acquiring only fails if that
-        // invariant breaks; then stop proposing rather than spin.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            () = stopped(&mut stop) => {
-                carry = Some(first);
-                break;
-            }
-        };
-        let group;
-        (group, carry) = form_group(first, &mut rx, &limits);
-        metrics::histogram!("cell0_raft_batch_commands").record(group.len() as f64);
+    let group_limits = GroupLimits {
+        max_commands: limits.max_commands,
+        max_bytes: limits.max_bytes,
+    };
+    run_groups(rx, group_limits, slots, stop, "cell0_raft_batch_commands", |group| {
         let raft = raft.clone();
-        proposing.spawn(async move {
-            propose(&raft, group, limits.commit_timeout).await;
-            drop(slot);
-        });
-        // Reap finished groups so the set stays small.
-        while proposing.try_join_next().is_some() {}
-    }
-    // Never proposed: provably not applied.
-    rx.close();
-    for p in carry.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-        let _ = p.reply.send(Err(ConsensusError::ShuttingDown));
-    }
-    while proposing.join_next().await.is_some() {}
+        async move { propose(&raft, group, limits.commit_timeout).await }
+    })
+    .await;
 }
 
-/// The group that starts with `first`: every command already queued, up to
-/// the count and byte limits. A queued command that would pass the byte
-/// limit is returned to start the next group.
-fn form_group(
-    first: Pending,
-    rx: &mut mpsc::Receiver<Pending>,
-    limits: &BatchLimits,
-) -> (Vec<Pending>, Option<Pending>) {
-    let mut bytes = first.size;
-    let mut group = vec![first];
-    while group.len() < limits.max_commands {
-        match rx.try_recv() {
-            Ok(p) if bytes + p.size > limits.max_bytes => return (group, Some(p)),
-            Ok(p) => {
-                bytes += p.size;
-                group.push(p);
-            }
-            Err(_) => break,
-        }
-    }
-    (group, None)
-}
-
-async fn propose(raft: &Raft, group: Vec<Pending>, timeout: Duration) {
+async fn propose(raft: &Raft, group: Vec<Queued>, timeout: Duration) {
     let (mut cmds, replies): (Vec<Command>, Vec<_>) = group.into_iter().map(|p| (p.cmd, p.reply)).unzip();
     let single = cmds.len() == 1;
     let cmd = match cmds.pop() {
@@ -300,53 +226,5 @@ pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Node
         },
         RaftError::Fatal(openraft::error::Fatal::Stopped) => ConsensusError::ShuttingDown,
         RaftError::Fatal(f) => ConsensusError::Internal(format!("raft stopped: {f}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pending(room: &Arc<Semaphore>, value_bytes: usize) -> Pending {
-        let cmd = Command::Put {
-            key: b"k".to_vec(),
-            value: vec![0; value_bytes],
-        };
-        Pending {
-            size: cmd.approx_size(),
-            cmd,
-            reply: oneshot::channel().0,
-            _room: room.clone().try_acquire_owned().unwrap(),
-        }
-    }
-
-    #[test]
-    fn queued_commands_form_one_group_within_the_limits() {
-        let room = Arc::new(Semaphore::new(1000));
-        let limits = BatchLimits {
-            max_commands: 4,
-            max_bytes: 1000,
-            max_inflight: 1,
-            commit_timeout: Duration::from_secs(1),
-        };
-        let (tx, mut rx) = mpsc::channel(16);
-        for _ in 0..6 {
-            tx.try_send(pending(&room, 10)).unwrap();
-        }
-        let first = rx.try_recv().unwrap();
-        let (group, carry) = form_group(first, &mut rx, &limits);
-        assert_eq!((group.len(), carry.is_none()), (4, true), "capped by count");
-        let first = rx.try_recv().unwrap();
-        let (group, _) = form_group(first, &mut rx, &limits);
-        assert_eq!(group.len(), 2, "everything left queued");
-
-        for size in [400, 400, 400] {
-            tx.try_send(pending(&room, size)).unwrap();
-        }
-        let first = rx.try_recv().unwrap();
-        let (group, carry) = form_group(first, &mut rx, &limits);
-        assert_eq!(group.len(), 2, "capped by bytes");
-        assert!(carry.is_some(), "the command that did not fit starts the next group");
-        assert!(rx.try_recv().is_err());
     }
 }

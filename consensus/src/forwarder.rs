@@ -25,20 +25,14 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
-use tokio::task::JoinSet;
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result};
-use crate::task::{NamedTask, stopped};
+use crate::grouping::{GroupLimits, Queued, run_groups};
+use crate::task::NamedTask;
 
 /// Commands that may wait before submitters feel backpressure.
 const QUEUE_DEPTH: usize = 16 * 1024;
-
-struct Pending {
-    cmd: Command,
-    size: usize,
-    reply: oneshot::Sender<Result<Response>>,
-}
 
 /// Limits of one forwarded request.
 #[derive(Debug, Clone, Copy)]
@@ -53,7 +47,7 @@ type SendGroup = Arc<dyn Fn(Vec<Command>) -> BoxFuture<'static, Result<Vec<Resul
 
 /// Handle to the forwarding task.
 pub(crate) struct Forwarder {
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Queued>,
     /// Requests in flight, shared by the task and the idle fast path.
     slots: Arc<Semaphore>,
     send: SendGroup,
@@ -101,12 +95,8 @@ impl Forwarder {
                 )),
             };
         }
-        let (reply, rx) = oneshot::channel();
-        let size = cmd.approx_size();
-        self.tx
-            .send(Pending { cmd, size, reply })
-            .await
-            .map_err(|_| ConsensusError::ShuttingDown)?;
+        let (queued, rx) = Queued::new(cmd, None);
+        self.tx.send(queued).await.map_err(|_| ConsensusError::ShuttingDown)?;
         rx.await
             .map_err(|_| ConsensusError::Indeterminate("the node stopped after it forwarded the write".into()))?
     }
@@ -126,62 +116,19 @@ async fn run(
     limits: ForwardLimits,
     send: SendGroup,
     slots: Arc<Semaphore>,
-    mut rx: mpsc::Receiver<Pending>,
-    mut stop: watch::Receiver<bool>,
+    rx: mpsc::Receiver<Queued>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut sending = JoinSet::new();
-    let mut carry: Option<Pending> = None;
-    loop {
-        let first = match carry.take() {
-            Some(p) => p,
-            None => tokio::select! {
-                p = rx.recv() => match p {
-                    Some(p) => p,
-                    None => break,
-                },
-                () = stopped(&mut stop) => break,
-            },
-        };
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            () = stopped(&mut stop) => {
-                carry = Some(first);
-                break;
-            }
-        };
-        let mut bytes = first.size;
-        let mut group = vec![first];
-        while group.len() < limits.max_commands {
-            match rx.try_recv() {
-                Ok(p) if bytes + p.size > limits.max_bytes => {
-                    carry = Some(p);
-                    break;
-                }
-                Ok(p) => {
-                    bytes += p.size;
-                    group.push(p);
-                }
-                Err(_) => break,
-            }
-        }
-        metrics::histogram!("cell0_forward_batch_commands").record(group.len() as f64);
-        let (cmds, replies): (Vec<Command>, Vec<_>) = group.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    let group_limits = GroupLimits {
+        max_commands: limits.max_commands,
+        max_bytes: limits.max_bytes,
+    };
+    run_groups(rx, group_limits, slots, stop, "cell0_forward_batch_commands", |group| {
+        let (cmds, replies): (Vec<Command>, Vec<_>) = group.into_iter().map(|q| (q.cmd, q.reply)).unzip();
         let request = send(cmds);
-        sending.spawn(async move {
-            answer(replies, request.await);
-            drop(slot);
-        });
-        while sending.try_join_next().is_some() {}
-    }
-    // Never sent: provably not applied.
-    rx.close();
-    for p in carry.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-        let _ = p.reply.send(Err(ConsensusError::ShuttingDown));
-    }
-    while sending.join_next().await.is_some() {}
+        async move { answer(replies, request.await) }
+    })
+    .await;
 }
 
 /// Hands each command its own outcome.

@@ -18,6 +18,7 @@ mod config;
 mod error;
 mod facade;
 mod forwarder;
+mod grouping;
 mod inner;
 mod membership;
 pub mod network;
