@@ -48,6 +48,11 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// Whether this node is the leader, as its Raft metrics say now.
+    pub(crate) fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == openraft::ServerState::Leader
+    }
+
     /// The leader's id and record, if one is known. Called on every routed
     /// request: it reads the metrics in place instead of cloning them.
     pub(crate) fn leader(&self) -> Option<(NodeId, NodeInfo)> {

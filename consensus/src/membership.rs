@@ -185,7 +185,7 @@ impl Inner {
 
     pub(crate) async fn join_local(&self, id: NodeId, info: NodeInfo) -> Result<ForwardResponse> {
         let _decision = self.membership.lock().await;
-        if self.raft.metrics().borrow().state != ServerState::Leader {
+        if !self.is_leader() {
             return Err(ConsensusError::not_leader(None, None));
         }
         self.ensure_cluster_id().await?;

@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use openraft::ServerState;
 use openraft::error::{CheckIsLeaderError, RaftError};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -172,13 +171,13 @@ impl Inner {
         match req {
             ForwardRequest::Write(cmd) => {
                 cmd.validate(&self.limits)?;
-                if self.raft.metrics().borrow().state != ServerState::Leader {
+                if !self.is_leader() {
                     return Err(ConsensusError::not_leader(None, None));
                 }
                 Ok(ForwardResponse::Write(self.batcher.submit(cmd).await?))
             }
             ForwardRequest::Writes(cmds) => {
-                if self.raft.metrics().borrow().state != ServerState::Leader {
+                if !self.is_leader() {
                     return Err(ConsensusError::not_leader(None, None));
                 }
                 // Submitted together, so group commit puts them in one entry.
