@@ -109,6 +109,7 @@ impl Batcher {
         if self.tx.capacity() == self.tx.max_capacity()
             && let Ok(slot) = self.slots.clone().try_acquire_owned()
         {
+            metrics::histogram!("cell0_raft_batch_commands").record(1.0);
             let result = propose_one(&self.raft, cmd, self.commit_timeout).await;
             drop((slot, room));
             return result;

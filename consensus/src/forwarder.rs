@@ -85,6 +85,7 @@ impl Forwarder {
         if self.tx.capacity() == self.tx.max_capacity()
             && let Ok(slot) = self.slots.clone().try_acquire_owned()
         {
+            metrics::histogram!("cell0_forward_batch_commands").record(1.0);
             let outcome = (self.send)(vec![cmd]).await;
             drop(slot);
             let mut results = outcome?;
