@@ -545,7 +545,7 @@ async fn start_raft<E: Engine>(
     engine: Arc<E>,
     sm: Arc<KvStateMachine>,
 ) -> Result<Raft> {
-    let log = LogStore::new(engine.clone())?;
+    let log = LogStore::new(engine.clone());
     let sm_store = StateMachineStore::new(engine, sm)?;
     Raft::new(id, config, network, log, sm_store)
         .await

@@ -31,7 +31,6 @@ mod memory;
 #[cfg(feature = "rocksdb")]
 mod rocks;
 mod state_machine;
-mod syncer;
 mod txn;
 
 pub use cell0_state::prefix_end;
@@ -62,5 +61,5 @@ where
 {
     let engine = std::sync::Arc::new(RocksEngine::open(path, node_id)?);
     let sm = StateMachineStore::new(engine.clone(), apply)?;
-    Ok((LogStore::new(engine)?, sm))
+    Ok((LogStore::new(engine), sm))
 }

@@ -6,14 +6,11 @@
 //! - The vote is written synced before `save_vote` returns.
 //! - The purge point is written in the same batch that deletes the entries,
 //!   so the log never has a gap openraft does not know of.
-//! - `append` writes its entries without fsync, so they are readable when it
-//!   returns, and completes openraft's callback from the fsync thread
-//!   (`syncer`) once they are durable: the Raft core keeps working while the
-//!   disk syncs, and appends that queue meanwhile share one fsync.
-//! - The other synced writes (vote, truncate) run on a blocking thread (see
-//!   `engine::run_blocking`) so an fsync never stalls the async workers that
-//!   send heartbeats; each call awaits its write, so writes reach the engine
-//!   in the order openraft issues them.
+//! - Synced writes (append, vote, truncate) run through
+//!   `engine::run_blocking`, so an fsync never stalls the other tasks of an
+//!   async worker (heartbeats); each call returns after its write, so writes
+//!   reach the engine in the order openraft issues them, and `append` calls
+//!   openraft's callback only once its entries are durable.
 
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -26,7 +23,6 @@ use openraft::{Entry, LogId, OptionalSend, RaftLogReader, RaftTypeConfig, Storag
 
 use crate::engine::{Cf, Durability, Engine, WriteBatch, run_blocking};
 use crate::error::{decode, encode};
-use crate::syncer::LogSyncer;
 
 const VOTE_KEY: &[u8] = b"raft/vote";
 const COMMITTED_KEY: &[u8] = b"raft/committed";
@@ -38,30 +34,27 @@ fn log_key(index: u64) -> [u8; 8] {
 }
 
 /// The Raft log and vote of one node.
-pub struct LogStore<C, E: Engine> {
+pub struct LogStore<C, E> {
     engine: Arc<E>,
-    syncer: Arc<LogSyncer<E>>,
     _c: PhantomData<fn() -> C>,
 }
 
-impl<C, E: Engine> Clone for LogStore<C, E> {
+impl<C, E> Clone for LogStore<C, E> {
     fn clone(&self) -> Self {
         Self {
             engine: self.engine.clone(),
-            syncer: self.syncer.clone(),
             _c: PhantomData,
         }
     }
 }
 
 impl<C, E: Engine> LogStore<C, E> {
-    /// A log store over `engine`, with its fsync thread.
-    pub fn new(engine: Arc<E>) -> crate::Result<Self> {
-        Ok(Self {
-            syncer: Arc::new(LogSyncer::start(engine.clone())?),
+    /// A log store over `engine`.
+    pub fn new(engine: Arc<E>) -> Self {
+        Self {
             engine,
             _c: PhantomData,
-        })
+        }
     }
 }
 
@@ -188,15 +181,17 @@ where
         for entry in entries {
             batch.put(Cf::Log, log_key(entry.log_id.index), encode(&entry).map_err(write_err)?);
         }
-        // Readable now; the callback fires once an fsync made it durable.
-        if let Err(e) = self.engine.write(batch, Durability::Buffered) {
-            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-            return Err(write_err(e));
+        // The callback fires only once the synced write has returned.
+        match run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_err(e))
+            }
         }
-        self.syncer.after_sync(Box::new(move |result| {
-            callback.log_io_completed(result.map_err(|e| std::io::Error::other(e.to_string())));
-        }));
-        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> SResult<()> {

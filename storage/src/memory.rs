@@ -188,11 +188,6 @@ impl Engine for MemEngine {
         Ok(())
     }
 
-    fn sync(&self) -> Result<()> {
-        self.lock().undo.clear();
-        Ok(())
-    }
-
     fn may_block(&self) -> bool {
         false
     }

@@ -252,13 +252,6 @@ impl Engine for RocksEngine {
         f(&view)
     }
 
-    fn sync(&self) -> Result<()> {
-        // Without manual WAL flushing, FlushWAL(true) is SyncWAL: an fsync
-        // of the write-ahead log every earlier write is in.
-        self.db.flush_wal(true)?;
-        Ok(())
-    }
-
     fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
         for cf in Cf::ALL {

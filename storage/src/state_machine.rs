@@ -13,10 +13,10 @@
 //!   id is greater, and that read-compare-write runs under one lock shared by
 //!   every clone of the store, so a slow build never overwrites a newer
 //!   snapshot installed meanwhile.
-//! - Snapshot builds, installs and reads of the stored snapshot run on a
-//!   blocking thread (see `engine::run_blocking`), never on an async worker;
-//!   each call awaits that work, so applies and installs stay in the order
-//!   openraft issues them.
+//! - Snapshot builds, installs and reads of the stored snapshot run through
+//!   `engine::run_blocking`, so they never stall the other tasks of an async
+//!   worker; each call returns after that work, so applies and installs stay
+//!   in the order openraft issues them.
 
 use std::io::Cursor;
 use std::marker::PhantomData;

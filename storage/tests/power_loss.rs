@@ -17,7 +17,7 @@ type Log = LogStore<TestConfig, MemEngine>;
 
 fn open(engine: &Arc<MemEngine>) -> (Log, Sm<MemEngine>) {
     let sm = StateMachineStore::new(engine.clone(), Arc::new(SetApply::default())).unwrap();
-    (LogStore::new(engine.clone()).unwrap(), sm)
+    (LogStore::new(engine.clone()), sm)
 }
 
 /// Appends `indexes` and returns their log ids once the store acknowledged

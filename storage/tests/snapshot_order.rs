@@ -65,10 +65,6 @@ impl Engine for PausingEngine {
     fn flush(&self) -> cell0_storage::Result<()> {
         self.inner.flush()
     }
-
-    fn sync(&self) -> cell0_storage::Result<()> {
-        self.inner.sync()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

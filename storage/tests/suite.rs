@@ -33,7 +33,7 @@ impl StoreBuilder<TestConfig, LogStore<TestConfig, MemEngine>, Sm<MemEngine>, ()
     async fn build(&self) -> Result<((), LogStore<TestConfig, MemEngine>, Sm<MemEngine>), StorageError<u64>> {
         let engine = Arc::new(MemEngine::new());
         let sm = StateMachineStore::new(engine.clone(), Arc::new(SetApply::default())).unwrap();
-        Ok(((), LogStore::new(engine).unwrap(), sm))
+        Ok(((), LogStore::new(engine), sm))
     }
 }
 
