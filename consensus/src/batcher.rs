@@ -29,7 +29,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
-use crate::grouping::{GroupLimits, Queued, run_groups};
+use crate::grouping::{GroupLimits, Queued, idle_slot, run_groups};
 use crate::task::NamedTask;
 use crate::types::{NodeId, NodeInfo, Raft};
 
@@ -106,9 +106,7 @@ impl Batcher {
         // Idle fast path: nothing queued and a group slot free, so no group
         // could form; propose here instead of handing the command to the
         // task (two fewer task hops at one client).
-        if self.tx.capacity() == self.tx.max_capacity()
-            && let Ok(slot) = self.slots.clone().try_acquire_owned()
-        {
+        if let Some(slot) = idle_slot(&self.tx, &self.slots) {
             metrics::histogram!("cell0_raft_batch_commands").record(1.0);
             let result = propose_one(&self.raft, cmd, self.commit_timeout).await;
             drop((slot, room));

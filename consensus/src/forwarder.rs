@@ -28,7 +28,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result};
-use crate::grouping::{GroupLimits, Queued, run_groups};
+use crate::grouping::{GroupLimits, Queued, idle_slot, run_groups};
 use crate::task::NamedTask;
 
 /// Commands that may wait before submitters feel backpressure.
@@ -82,9 +82,7 @@ impl Forwarder {
         // Idle fast path: nothing queued and a request slot free, so the
         // write would leave alone anyway; send it from here, without the
         // hand-off to the task.
-        if self.tx.capacity() == self.tx.max_capacity()
-            && let Ok(slot) = self.slots.clone().try_acquire_owned()
-        {
+        if let Some(slot) = idle_slot(&self.tx, &self.slots) {
             metrics::histogram!("cell0_forward_batch_commands").record(1.0);
             let outcome = (self.send)(vec![cmd]).await;
             drop(slot);

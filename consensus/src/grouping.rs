@@ -55,6 +55,16 @@ pub(crate) struct GroupLimits {
     pub max_bytes: usize,
 }
 
+/// A free in-flight slot when nothing is queued: then no group could form,
+/// and a submitter may do the work of its group of one itself, without the
+/// hand-off to the loop's task.
+pub(crate) fn idle_slot(tx: &mpsc::Sender<Queued>, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    if tx.capacity() < tx.max_capacity() {
+        return None;
+    }
+    slots.clone().try_acquire_owned().ok()
+}
+
 /// Runs the loop until `stop` or until every sender is gone. `send` starts
 /// the work of one group (it answers every command of it); `metric` names
 /// the histogram of group sizes.

@@ -167,6 +167,28 @@ pub trait Engine: ReadView + Send + Sync + 'static {
     }
 }
 
+/// Rows read per scan by [`scan_all`].
+const SCAN_PAGE: usize = 4096;
+
+/// Every pair of `cf` in key order, read in pages of [`SCAN_PAGE`] (a
+/// snapshot build, a data dir upgrade).
+pub(crate) fn scan_all(view: &dyn ReadView, cf: Cf) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut rows = Vec::new();
+    let mut start = Vec::new();
+    loop {
+        let page = view.scan(cf, &start, None, SCAN_PAGE)?;
+        let full = page.len() == SCAN_PAGE;
+        if let Some((k, _)) = page.last() {
+            start = k.clone();
+            start.push(0);
+        }
+        rows.extend(page);
+        if !full {
+            return Ok(rows);
+        }
+    }
+}
+
 /// Runs `f` over `engine` on the calling thread; when the engine may block
 /// and the runtime has several workers, inside `block_in_place`, so the
 /// runtime moves this worker's other tasks (heartbeats, replication) to

@@ -16,14 +16,12 @@
 
 use cell0_state::codec::frame_unversioned;
 
-use crate::engine::{Cf, Durability, Engine, WriteBatch};
+use crate::engine::{Cf, Durability, Engine, WriteBatch, scan_all};
 use crate::{Error, Result};
 
 /// The format this build writes.
 pub const DATA_FORMAT: u32 = 1;
 const FORMAT_KEY: &[u8] = b"format";
-/// Rows read per scan while upgrading.
-const UPGRADE_PAGE: usize = 4096;
 
 /// Brings `engine`'s data dir to [`DATA_FORMAT`], refusing a newer one.
 pub(crate) fn upgrade<E: Engine>(engine: &E) -> Result<()> {
@@ -45,27 +43,19 @@ pub(crate) fn upgrade<E: Engine>(engine: &E) -> Result<()> {
         }),
         _ => {
             let mut batch = WriteBatch::new();
-            let mut rows = 0usize;
-            let mut start = Vec::new();
-            loop {
-                let page = engine.scan(Cf::State, &start, None, UPGRADE_PAGE)?;
-                let full = page.len() == UPGRADE_PAGE;
-                if let Some((k, _)) = page.last() {
-                    start = k.clone();
-                    start.push(0);
-                }
-                rows += page.len();
-                for (k, v) in page {
-                    batch.put(Cf::State, k, frame_unversioned(&v));
-                }
-                if !full {
-                    break;
-                }
+            let rows = scan_all(engine, Cf::State)?;
+            let upgraded = rows.len();
+            for (k, v) in rows {
+                batch.put(Cf::State, k, frame_unversioned(&v));
             }
             batch.put(Cf::Meta, FORMAT_KEY, DATA_FORMAT.to_be_bytes().to_vec());
             engine.write(batch, Durability::Sync)?;
-            if rows > 0 {
-                tracing::info!(rows, format = DATA_FORMAT, "upgraded the data dir's state rows");
+            if upgraded > 0 {
+                tracing::info!(
+                    rows = upgraded,
+                    format = DATA_FORMAT,
+                    "upgraded the data dir's state rows"
+                );
             }
             Ok(())
         }

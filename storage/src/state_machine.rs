@@ -31,7 +31,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
+use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking, scan_all};
 use crate::error::{decode, decode_prefix, encode};
 use crate::txn::{EngineTxn, Txn};
 
@@ -44,8 +44,6 @@ const SNAPSHOT_KEY: &[u8] = b"sm/snapshot";
 const SNAPSHOT_FORMAT: u32 = 2;
 /// The snapshot format whose rows carry no layout byte.
 const SNAPSHOT_FORMAT_UNVERSIONED: u32 = 1;
-/// Rows read per scan while building a snapshot.
-const SNAPSHOT_PAGE: usize = 4096;
 
 /// The application logic of a replicated state machine.
 ///
@@ -202,20 +200,7 @@ where
         let mut out = None;
         engine.with_view(&mut |view| {
             let (last_log_id, last_membership) = Self::applied_from(view)?;
-            let mut rows = Vec::new();
-            let mut start = Vec::new();
-            loop {
-                let page = view.scan(Cf::State, &start, None, SNAPSHOT_PAGE)?;
-                let full = page.len() == SNAPSHOT_PAGE;
-                if let Some((k, _)) = page.last() {
-                    start = k.clone();
-                    start.push(0);
-                }
-                rows.extend(page);
-                if !full {
-                    break;
-                }
-            }
+            let rows = scan_all(view, Cf::State)?;
             let data = encode(&SnapshotPayload {
                 format: SNAPSHOT_FORMAT,
                 rows,
