@@ -49,8 +49,12 @@ pub enum Consistency {
 pub enum StorageBackend {
     /// RocksDB in this directory (the real path).
     Rocks(PathBuf),
-    /// In memory, lost on drop (tests and simulation only).
-    Memory,
+    /// In memory, lost on drop (tests and simulation only); snapshot files
+    /// still go to a directory, this one.
+    Memory {
+        /// Where snapshot files are written.
+        snapshot_dir: PathBuf,
+    },
 }
 
 /// A member of the Raft group.
@@ -154,15 +158,16 @@ impl Consensus {
         let (raft, engine): (Raft, Arc<dyn Engine>) = match storage {
             StorageBackend::Rocks(path) => {
                 let engine = Arc::new(RocksEngine::open(&path, id)?);
+                let snapshots = path.join(cell0_storage::SNAPSHOT_DIR);
                 (
-                    start_raft(id, raft_config, network, engine.clone(), sm.clone()).await?,
+                    start_raft(id, raft_config, network, engine.clone(), snapshots, sm.clone()).await?,
                     engine,
                 )
             }
-            StorageBackend::Memory => {
+            StorageBackend::Memory { snapshot_dir } => {
                 let engine = Arc::new(MemEngine::new());
                 (
-                    start_raft(id, raft_config, network, engine.clone(), sm.clone()).await?,
+                    start_raft(id, raft_config, network, engine.clone(), snapshot_dir, sm.clone()).await?,
                     engine,
                 )
             }
@@ -543,10 +548,11 @@ async fn start_raft<E: Engine>(
     config: Arc<openraft::Config>,
     network: NetworkFactory,
     engine: Arc<E>,
+    snapshot_dir: PathBuf,
     sm: Arc<KvStateMachine>,
 ) -> Result<Raft> {
     let log = LogStore::new(engine.clone());
-    let sm_store = StateMachineStore::new(engine, sm)?;
+    let sm_store = StateMachineStore::new(engine, sm, snapshot_dir)?;
     Raft::new(id, config, network, log, sm_store)
         .await
         .map_err(|e| ConsensusError::Internal(format!("starting raft: {e}")))

@@ -182,6 +182,10 @@ impl Apply<TypeConfig> for KvStateMachine {
         self.bump(changed);
     }
 
+    fn cluster_id(&self, state: &dyn Txn) -> u64 {
+        cell0_state::kv::cluster_id(state).unwrap_or(0)
+    }
+
     fn snapshot_installed(&self, state: &dyn Txn) {
         match revision(state) {
             Ok(rev) => self.revision.store(rev, Ordering::Release),

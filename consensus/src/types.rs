@@ -1,8 +1,6 @@
 //! The openraft type configuration of Cell0 and the node record every member
 //! carries in the Raft membership.
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Response};
@@ -30,14 +28,14 @@ impl std::fmt::Display for NodeInfo {
 }
 
 openraft::declare_raft_types!(
-    /// Cell0's Raft types: commands in, responses out, snapshots as bytes.
+    /// Cell0's Raft types: commands in, responses out, snapshots as files.
     pub TypeConfig:
         D = Command,
         R = Response,
         NodeId = NodeId,
         Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = cell0_storage::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

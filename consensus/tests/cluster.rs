@@ -633,9 +633,11 @@ async fn a_member_on_the_in_memory_engine_serves_writes_and_reads() {
         public_addr: "127.0.0.1:1".into(),
         internal_addr: "127.0.0.1:1".into(),
     };
-    let c = Consensus::start(1, info, config(), cell0_consensus::StorageBackend::Memory)
-        .await
-        .unwrap();
+    let snapshots = tempfile::tempdir().unwrap();
+    let backend = cell0_consensus::StorageBackend::Memory {
+        snapshot_dir: snapshots.path().to_path_buf(),
+    };
+    let c = Consensus::start(1, info, config(), backend).await.unwrap();
     c.initialize().await.unwrap();
     c.propose(put("m", "1")).await.unwrap();
     assert_eq!(value(&c, "m", Consistency::Linearizable).await, Some(b"1".to_vec()));

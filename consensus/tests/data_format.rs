@@ -120,6 +120,16 @@ async fn a_data_dir_from_before_versioned_rows_opens_and_keeps_everything() {
 
     let c = start(&dir).await;
     assert_state_kept(&c).await;
+    // The snapshot stored whole in the meta records moved into a file.
+    let files: Vec<String> = std::fs::read_dir(dir.join(cell0_storage::SNAPSHOT_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].ends_with(".snap"), "{files:?}");
+    assert!(
+        cell0_storage::snapshot::verify(&dir.join(cell0_storage::SNAPSHOT_DIR).join(&files[0]), &mut |_, _| {}).is_ok()
+    );
 
     // The watch history survived and continues.
     let before = c.history(b"", 1, 100).unwrap();

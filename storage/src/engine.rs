@@ -11,6 +11,12 @@
 //! - A [`Durability::Sync`] write is on stable storage when `write` returns,
 //!   and so is every write that returned before it (one shared write-ahead
 //!   log).
+//! - [`Cf::State`] and [`Cf::Staging`] are two physical keyspaces whose
+//!   roles a [`WriteOp::PromoteStaging`] swaps in the same atomic write as
+//!   the rest of its batch: a snapshot is loaded into the staging keyspace
+//!   batch by batch, then becomes the state at once with its applied index.
+//!   A crash before that write leaves the old state; after it, the new one.
+//!   A view sees either role assignment whole.
 //! - [`run_blocking`] runs engine work that may block (fsync, snapshot
 //!   scans) so that it never stalls the other tasks of an async worker, for
 //!   engines that say they may block ([`Engine::may_block`]); callers keep
@@ -29,18 +35,61 @@ pub enum Cf {
     Meta,
     /// Replicated application tables (see [`crate::Txn`]).
     State,
+    /// Where a snapshot is loaded before it replaces [`Cf::State`] (see
+    /// [`WriteOp::PromoteStaging`]); empty otherwise.
+    Staging,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 3] = [Cf::Log, Cf::Meta, Cf::State];
+    pub const ALL: [Cf; 4] = [Cf::Log, Cf::Meta, Cf::State, Cf::Staging];
 
-    /// The name the column family has on disk.
+    /// The column family's name in logs and errors.
     pub fn name(self) -> &'static str {
         match self {
             Cf::Log => "log",
             Cf::Meta => "meta",
             Cf::State => "state",
+            Cf::Staging => "staging",
+        }
+    }
+}
+
+/// Which of the two physical state keyspaces holds [`Cf::State`]; the other
+/// holds [`Cf::Staging`]. Recorded in [`Cf::Meta`] by the batch that
+/// promotes the staging keyspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub(crate) struct StateSlot(pub(crate) u8);
+
+impl StateSlot {
+    /// Meta key of the slot record (absent: slot 0, as in every data dir
+    /// written before snapshots were staged).
+    pub(crate) const KEY: &'static [u8] = b"engine/state_slot";
+
+    /// The slot after a promotion.
+    pub(crate) fn flipped(self) -> Self {
+        Self(1 - self.0)
+    }
+
+    /// The physical keyspace (0 or 1) that `cf` names under this slot;
+    /// `None` for the column families that are not state.
+    pub(crate) fn physical(self, cf: Cf) -> Option<u8> {
+        match cf {
+            Cf::State => Some(self.0),
+            Cf::Staging => Some(1 - self.0),
+            Cf::Log | Cf::Meta => None,
+        }
+    }
+
+    /// Decodes the slot record.
+    pub(crate) fn decode(bytes: Option<&[u8]>) -> Result<Self> {
+        match bytes {
+            None => Ok(Self(0)),
+            Some([s @ (0 | 1)]) => Ok(Self(*s)),
+            Some(other) => Err(crate::Error::Corrupt {
+                what: "state slot",
+                detail: format!("{other:?} is not [0] or [1]"),
+            }),
         }
     }
 }
@@ -82,6 +131,10 @@ pub enum WriteOp {
         /// First key kept.
         end: Vec<u8>,
     },
+    /// Makes [`Cf::Staging`] the state and the old state the staging
+    /// keyspace, atomically with the rest of the batch. The new staging
+    /// keyspace still holds the old state until it is cleared.
+    PromoteStaging,
 }
 
 /// Mutations applied atomically: after a crash either all or none are visible.
@@ -119,6 +172,12 @@ impl WriteBatch {
         });
     }
 
+    /// Adds a promotion of the staging keyspace (see
+    /// [`WriteOp::PromoteStaging`]).
+    pub fn promote_staging(&mut self) {
+        self.ops.push(WriteOp::PromoteStaging);
+    }
+
     /// The queued mutations, in order.
     pub fn ops(&self) -> &[WriteOp] {
         &self.ops
@@ -129,6 +188,9 @@ impl WriteBatch {
         self.ops.is_empty()
     }
 }
+
+/// Called with each pair of a walk over a column family ([`ReadView::for_each`]).
+pub type RowVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
 
 /// Read access to one consistent state of the engine.
 pub trait ReadView {
@@ -141,6 +203,10 @@ pub trait ReadView {
 
     /// The pair with the greatest key, if any.
     fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
+
+    /// Calls `f` with every pair of `cf` in key order, without holding more
+    /// than one pair at a time (snapshot builds of any size).
+    fn for_each(&self, cf: Cf, f: &mut RowVisitor<'_>) -> Result<()>;
 }
 
 /// A storage engine: a [`ReadView`] of the latest state plus atomic writes and
@@ -167,26 +233,14 @@ pub trait Engine: ReadView + Send + Sync + 'static {
     }
 }
 
-/// Rows read per scan by [`scan_all`].
-const SCAN_PAGE: usize = 4096;
-
-/// Every pair of `cf` in key order, read in pages of [`SCAN_PAGE`] (a
-/// snapshot build, a data dir upgrade).
+/// Every pair of `cf` in key order (a data dir upgrade of a small state).
 pub(crate) fn scan_all(view: &dyn ReadView, cf: Cf) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut rows = Vec::new();
-    let mut start = Vec::new();
-    loop {
-        let page = view.scan(cf, &start, None, SCAN_PAGE)?;
-        let full = page.len() == SCAN_PAGE;
-        if let Some((k, _)) = page.last() {
-            start = k.clone();
-            start.push(0);
-        }
-        rows.extend(page);
-        if !full {
-            return Ok(rows);
-        }
-    }
+    view.for_each(cf, &mut |k, v| {
+        rows.push((k.to_vec(), v.to_vec()));
+        Ok(())
+    })?;
+    Ok(rows)
 }
 
 /// Runs `f` over `engine` on the calling thread; when the engine may block

@@ -48,6 +48,23 @@ pub enum Error {
         /// The newest format this build knows.
         newest: u32,
     },
+    /// A snapshot file could not be read or written.
+    #[error("snapshot file {path}: {source}")]
+    SnapshotIo {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// A snapshot file is truncated, damaged, of an unknown format, or does
+    /// not match what it is installed as.
+    #[error("snapshot file {path} is refused: {detail}")]
+    BadSnapshot {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// A read or write of the engine failed.
     #[error("storage I/O failed: {0}")]
     Io(String),

@@ -30,36 +30,42 @@ mod log_store;
 mod memory;
 #[cfg(feature = "rocksdb")]
 mod rocks;
+pub mod snapshot;
 mod state_machine;
 mod txn;
 
 pub use cell0_state::prefix_end;
-pub use engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp};
+pub use engine::{Cf, Durability, Engine, ReadView, RowVisitor, WriteBatch, WriteOp};
 pub use error::{Error, Result};
 pub use format::DATA_FORMAT;
 pub use log_store::LogStore;
 pub use memory::MemEngine;
 #[cfg(feature = "rocksdb")]
 pub use rocks::RocksEngine;
+pub use snapshot::SnapshotFile;
 pub use state_machine::{Apply, StateMachineStore};
 pub use txn::{EngineTxn, Txn};
+
+/// The directory of snapshot files inside a RocksDB store's directory
+/// (RocksDB leaves directories it did not create alone).
+pub const SNAPSHOT_DIR: &str = "snapshots";
 
 /// The two Raft stores of a node over one RocksDB database.
 #[cfg(feature = "rocksdb")]
 pub type RocksStores<C, A> = (LogStore<C, RocksEngine>, StateMachineStore<C, RocksEngine, A>);
 
 /// Opens (or creates) the RocksDB store of a node and returns both Raft
-/// stores over it.
+/// stores over it; snapshot files live in its `snapshots/` directory.
 ///
 /// `node_id` is recorded on first open; opening a data dir that belongs to
 /// another node fails with [`Error::ForeignDataDir`].
 #[cfg(feature = "rocksdb")]
 pub fn open_rocks<C, A>(path: &std::path::Path, node_id: u64, apply: std::sync::Arc<A>) -> Result<RocksStores<C, A>>
 where
-    C: openraft::RaftTypeConfig<NodeId = u64, Entry = openraft::Entry<C>, SnapshotData = std::io::Cursor<Vec<u8>>>,
+    C: openraft::RaftTypeConfig<NodeId = u64, Entry = openraft::Entry<C>, SnapshotData = SnapshotFile>,
     A: Apply<C>,
 {
     let engine = std::sync::Arc::new(RocksEngine::open(path, node_id)?);
-    let sm = StateMachineStore::new(engine.clone(), apply)?;
+    let sm = StateMachineStore::new(engine.clone(), apply, path.join(SNAPSHOT_DIR))?;
     Ok((LogStore::new(engine), sm))
 }

@@ -13,7 +13,6 @@
 //!   openraft's callback only once its entries are durable.
 
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
@@ -70,7 +69,7 @@ fn write_err(e: crate::Error) -> StorageError<u64> {
 
 impl<C, E> LogStore<C, E>
 where
-    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, SnapshotData = Cursor<Vec<u8>>>,
+    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>>,
     E: Engine,
 {
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8], what: &'static str) -> crate::Result<Option<T>> {
@@ -83,7 +82,7 @@ where
 
 impl<C, E> RaftLogReader<C> for LogStore<C, E>
 where
-    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, SnapshotData = Cursor<Vec<u8>>>,
+    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>>,
     E: Engine,
 {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
@@ -118,7 +117,7 @@ where
 
 impl<C, E> RaftLogStorage<C> for LogStore<C, E>
 where
-    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, SnapshotData = Cursor<Vec<u8>>>,
+    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>>,
     E: Engine,
 {
     type LogReader = Self;

@@ -21,25 +21,55 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::Result;
-use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp};
+use crate::engine::{Cf, Durability, Engine, ReadView, RowVisitor, StateSlot, WriteBatch, WriteOp};
 
 type Table = BTreeMap<Vec<u8>, Vec<u8>>;
 
-/// How to restore one key on a power loss: its value before a buffered write
-/// (`None`: it was absent).
+/// A physical keyspace: the log, the meta records, or one of the two state
+/// keyspaces that [`Cf::State`] and [`Cf::Staging`] name by turns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Space {
+    Log,
+    Meta,
+    State(u8),
+}
+
+impl Space {
+    fn of(slot: StateSlot, cf: Cf) -> Self {
+        match (cf, slot.physical(cf)) {
+            (_, Some(physical)) => Space::State(physical),
+            (Cf::Log, None) => Space::Log,
+            _ => Space::Meta,
+        }
+    }
+}
+
+/// How to undo one buffered mutation on a power loss.
 #[derive(Debug)]
-struct Undo {
-    cf: Cf,
-    key: Vec<u8>,
-    previous: Option<Vec<u8>>,
+enum Undo {
+    /// A key's value before the write (`None`: it was absent).
+    Key {
+        space: Space,
+        key: Vec<u8>,
+        previous: Option<Vec<u8>>,
+    },
+    /// The state slot before a promotion.
+    Slot(StateSlot),
 }
 
 #[derive(Debug, Default)]
 struct State {
-    tables: BTreeMap<Cf, Table>,
+    tables: BTreeMap<Space, Table>,
+    slot: StateSlot,
     /// Undo records of the buffered writes since the last synced write,
     /// oldest first.
     undo: Vec<Undo>,
+}
+
+impl State {
+    fn table(&self, cf: Cf) -> Option<&Table> {
+        self.tables.get(&Space::of(self.slot, cf))
+    }
 }
 
 /// Ordered maps per column family behind one lock.
@@ -62,12 +92,17 @@ impl MemEngine {
     pub fn power_loss(&self) {
         let mut state = self.lock();
         let undo = std::mem::take(&mut state.undo);
-        for Undo { cf, key, previous } in undo.into_iter().rev() {
-            let table = state.tables.entry(cf).or_default();
-            match previous {
-                Some(v) => table.insert(key, v),
-                None => table.remove(&key),
-            };
+        for record in undo.into_iter().rev() {
+            match record {
+                Undo::Key { space, key, previous } => {
+                    let table = state.tables.entry(space).or_default();
+                    match previous {
+                        Some(v) => table.insert(key, v),
+                        None => table.remove(&key),
+                    };
+                }
+                Undo::Slot(slot) => state.slot = slot,
+            }
         }
     }
 
@@ -95,80 +130,115 @@ fn scan_table(t: Option<&Table>, start: &[u8], end: Option<&[u8]>, limit: usize)
         .collect()
 }
 
-/// A frozen copy of the maps, for [`Engine::with_view`].
-struct MemView(BTreeMap<Cf, Table>);
+fn last_of(t: Option<&Table>) -> Option<(Vec<u8>, Vec<u8>)> {
+    t.and_then(|t| t.last_key_value().map(|(k, v)| (k.clone(), v.clone())))
+}
+
+fn for_each_of(t: Option<&Table>, f: &mut RowVisitor<'_>) -> Result<()> {
+    for (k, v) in t.into_iter().flatten() {
+        f(k, v)?;
+    }
+    Ok(())
+}
+
+/// A frozen copy of the maps and slot, for [`Engine::with_view`].
+struct MemView {
+    tables: BTreeMap<Space, Table>,
+    slot: StateSlot,
+}
+
+impl MemView {
+    fn table(&self, cf: Cf) -> Option<&Table> {
+        self.tables.get(&Space::of(self.slot, cf))
+    }
+}
 
 impl ReadView for MemView {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.0.get(&cf).and_then(|t| t.get(key).cloned()))
+        Ok(self.table(cf).and_then(|t| t.get(key).cloned()))
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        Ok(scan_table(self.0.get(&cf), start, end, limit))
+        Ok(scan_table(self.table(cf), start, end, limit))
     }
 
     fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        Ok(self
-            .0
-            .get(&cf)
-            .and_then(|t| t.last_key_value().map(|(k, v)| (k.clone(), v.clone()))))
+        Ok(last_of(self.table(cf)))
+    }
+
+    fn for_each(&self, cf: Cf, f: &mut RowVisitor<'_>) -> Result<()> {
+        for_each_of(self.table(cf), f)
     }
 }
 
 impl ReadView for MemEngine {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.lock().tables.get(&cf).and_then(|t| t.get(key).cloned()))
+        Ok(self.lock().table(cf).and_then(|t| t.get(key).cloned()))
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        Ok(scan_table(self.lock().tables.get(&cf), start, end, limit))
+        Ok(scan_table(self.lock().table(cf), start, end, limit))
     }
 
     fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        Ok(self
-            .lock()
-            .tables
-            .get(&cf)
-            .and_then(|t| t.last_key_value().map(|(k, v)| (k.clone(), v.clone()))))
+        Ok(last_of(self.lock().table(cf)))
+    }
+
+    fn for_each(&self, cf: Cf, f: &mut RowVisitor<'_>) -> Result<()> {
+        self.with_view(&mut |view| view.for_each(cf, f))
     }
 }
 
 impl Engine for MemEngine {
     fn write(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
         let mut guard = self.lock();
-        let State { tables, undo } = &mut *guard;
+        let State { tables, slot, undo } = &mut *guard;
         // Undo records are only needed for writes a power loss can discard.
         let buffered = durability == Durability::Buffered;
-        let mut record = |cf: Cf, key: &[u8], previous: Option<Vec<u8>>| {
+        let mut record = |space: Space, key: &[u8], previous: Option<Vec<u8>>| {
             if buffered {
-                undo.push(Undo {
-                    cf,
+                undo.push(Undo::Key {
+                    space,
                     key: key.to_vec(),
                     previous,
                 });
             }
         };
+        // Every name resolves under the slot before the batch; a promotion
+        // takes effect after it, as in RocksDB.
+        let before = *slot;
+        let mut promoted = false;
         for op in batch.ops() {
             match op {
                 WriteOp::Put { cf, key, value } => {
-                    let previous = tables.entry(*cf).or_default().insert(key.clone(), value.clone());
-                    record(*cf, key, previous);
+                    let space = Space::of(before, *cf);
+                    let previous = tables.entry(space).or_default().insert(key.clone(), value.clone());
+                    record(space, key, previous);
                 }
                 WriteOp::Delete { cf, key } => {
-                    let previous = tables.entry(*cf).or_default().remove(key);
-                    record(*cf, key, previous);
+                    let space = Space::of(before, *cf);
+                    let previous = tables.entry(space).or_default().remove(key);
+                    record(space, key, previous);
                 }
                 WriteOp::DeleteRange { cf, start, end } => {
                     if start >= end {
                         continue;
                     }
-                    let t = tables.entry(*cf).or_default();
+                    let space = Space::of(before, *cf);
+                    let t = tables.entry(space).or_default();
                     let doomed: Vec<Vec<u8>> = t.range(start.clone()..end.clone()).map(|(k, _)| k.clone()).collect();
                     for k in doomed {
                         let previous = t.remove(&k);
-                        record(*cf, &k, previous);
+                        record(space, &k, previous);
                     }
                 }
+                WriteOp::PromoteStaging => promoted = true,
+            }
+        }
+        if promoted {
+            *slot = before.flipped();
+            if buffered {
+                undo.push(Undo::Slot(before));
             }
         }
         if !buffered {
@@ -179,7 +249,13 @@ impl Engine for MemEngine {
     }
 
     fn with_view(&self, f: &mut dyn FnMut(&dyn ReadView) -> Result<()>) -> Result<()> {
-        let view = MemView(self.lock().tables.clone());
+        let view = {
+            let state = self.lock();
+            MemView {
+                tables: state.tables.clone(),
+                slot: state.slot,
+            }
+        };
         f(&view)
     }
 

@@ -5,13 +5,19 @@
 //! write also makes every earlier buffered write durable (see the crate docs).
 //! On open the store checks an identity record so that a node never starts on
 //! another node's data or on a directory that is not a Cell0 store.
+//!
+//! [`Cf::State`] and [`Cf::Staging`] map to the column families `state` and
+//! `state.1`, in the order the [`StateSlot`] record says. The slot is read
+//! under a lock that a promoting write holds exclusively, so every view and
+//! every batch resolves both names against one slot.
 
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, WriteOp};
+use crate::engine::{Cf, Durability, Engine, ReadView, RowVisitor, StateSlot, WriteBatch, WriteOp};
 use crate::error::{decode, encode};
 use crate::{Error, Result};
 
@@ -27,10 +33,15 @@ struct Identity {
     node_id: u64,
 }
 
+/// On-disk names of the column families, physical state keyspaces last.
+const CF_NAMES: [&str; 4] = ["log", "meta", "state", "state.1"];
+
 /// A RocksDB database holding one node's Raft log and state.
 pub struct RocksEngine {
     db: DB,
     path: PathBuf,
+    /// Which physical keyspace is the state; written only by a promotion.
+    slot: RwLock<StateSlot>,
 }
 
 impl std::fmt::Debug for RocksEngine {
@@ -48,9 +59,9 @@ impl RocksEngine {
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let cfs = Cf::ALL
+        let cfs = CF_NAMES
             .iter()
-            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| Error::Open {
             path: path.to_path_buf(),
             source,
@@ -58,7 +69,10 @@ impl RocksEngine {
         let engine = RocksEngine {
             db,
             path: path.to_path_buf(),
+            slot: RwLock::new(StateSlot::default()),
         };
+        let slot = StateSlot::decode(engine.get(Cf::Meta, StateSlot::KEY)?.as_deref())?;
+        *engine.slot_mut() = slot;
         engine.check_identity(node_id)?;
         Ok(engine)
     }
@@ -107,11 +121,26 @@ impl RocksEngine {
         }
     }
 
-    fn cf(&self, cf: Cf) -> Result<&ColumnFamily> {
-        // Every Cf is created at open, so a missing handle means a broken database.
+    fn slot(&self) -> RwLockReadGuard<'_, StateSlot> {
+        // The guarded value is a plain byte, consistent even after a panic.
+        self.slot.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot_mut(&self) -> RwLockWriteGuard<'_, StateSlot> {
+        self.slot.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The column family that `cf` names under `slot`.
+    fn cf(&self, slot: StateSlot, cf: Cf) -> Result<&ColumnFamily> {
+        let name = match slot.physical(cf) {
+            Some(physical) => CF_NAMES[2 + usize::from(physical)],
+            None => cf.name(),
+        };
+        // Every column family is created at open, so a missing handle means a
+        // broken database.
         self.db
-            .cf_handle(cf.name())
-            .ok_or_else(|| Error::Io(format!("column family {} missing", cf.name())))
+            .cf_handle(name)
+            .ok_or_else(|| Error::Io(format!("column family {name} missing")))
     }
 
     fn read_opts(snapshot: Option<&rocksdb::Snapshot<'_>>) -> ReadOptions {
@@ -122,25 +151,27 @@ impl RocksEngine {
         ro
     }
 
-    fn get_at(&self, snapshot: Option<&rocksdb::Snapshot<'_>>, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get_cf_opt(self.cf(cf)?, key, &Self::read_opts(snapshot))?)
+    fn get_at(&self, at: At<'_, '_>, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get_cf_opt(self.cf(at.slot, cf)?, key, &Self::read_opts(at.snapshot))?)
     }
 
     fn scan_at(
         &self,
-        snapshot: Option<&rocksdb::Snapshot<'_>>,
+        at: At<'_, '_>,
         cf: Cf,
         start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut ro = Self::read_opts(snapshot);
+        let mut ro = Self::read_opts(at.snapshot);
         if let Some(end) = end {
             ro.set_iterate_upper_bound(end.to_vec());
         }
         let iter = self
             .db
-            .iterator_cf_opt(self.cf(cf)?, ro, IteratorMode::From(start, Direction::Forward));
+            .iterator_cf_opt(self.cf(at.slot, cf)?, ro, IteratorMode::From(start, Direction::Forward));
         let mut out = Vec::new();
         for item in iter.take(limit) {
             let (k, v) = item?;
@@ -149,10 +180,10 @@ impl RocksEngine {
         Ok(out)
     }
 
-    fn last_at(&self, snapshot: Option<&rocksdb::Snapshot<'_>>, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    fn last_at(&self, at: At<'_, '_>, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         let mut iter = self
             .db
-            .iterator_cf_opt(self.cf(cf)?, Self::read_opts(snapshot), IteratorMode::End);
+            .iterator_cf_opt(self.cf(at.slot, cf)?, Self::read_opts(at.snapshot), IteratorMode::End);
         match iter.next() {
             Some(item) => {
                 let (k, v) = item?;
@@ -160,6 +191,38 @@ impl RocksEngine {
             }
             None => Ok(None),
         }
+    }
+
+    fn for_each_at(&self, at: At<'_, '_>, cf: Cf, f: &mut RowVisitor<'_>) -> Result<()> {
+        let mut iter = self
+            .db
+            .raw_iterator_cf_opt(self.cf(at.slot, cf)?, Self::read_opts(at.snapshot));
+        iter.seek_to_first();
+        while let (Some(k), Some(v)) = (iter.key(), iter.value()) {
+            f(k, v)?;
+            iter.next();
+        }
+        iter.status()?;
+        Ok(())
+    }
+
+    /// The latest state, with the slot as it is now.
+    fn latest(&self) -> StateSlot {
+        *self.slot()
+    }
+}
+
+/// Where a read looks: a point-in-time snapshot (or the latest state) and the
+/// state slot that goes with it.
+#[derive(Clone, Copy)]
+struct At<'s, 'db> {
+    snapshot: Option<&'s rocksdb::Snapshot<'db>>,
+    slot: StateSlot,
+}
+
+impl At<'_, '_> {
+    fn latest(slot: StateSlot) -> Self {
+        At { snapshot: None, slot }
     }
 }
 
@@ -198,64 +261,111 @@ fn check_directory(path: &Path) -> Result<()> {
 struct RocksView<'a> {
     engine: &'a RocksEngine,
     snapshot: rocksdb::Snapshot<'a>,
+    slot: StateSlot,
+}
+
+impl RocksView<'_> {
+    fn at(&self) -> At<'_, '_> {
+        At {
+            snapshot: Some(&self.snapshot),
+            slot: self.slot,
+        }
+    }
 }
 
 impl ReadView for RocksView<'_> {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.engine.get_at(Some(&self.snapshot), cf, key)
+        self.engine.get_at(self.at(), cf, key)
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        self.engine.scan_at(Some(&self.snapshot), cf, start, end, limit)
+        self.engine.scan_at(self.at(), cf, start, end, limit)
     }
 
     fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        self.engine.last_at(Some(&self.snapshot), cf)
+        self.engine.last_at(self.at(), cf)
+    }
+
+    fn for_each(&self, cf: Cf, f: &mut RowVisitor<'_>) -> Result<()> {
+        self.engine.for_each_at(self.at(), cf, f)
     }
 }
 
 impl ReadView for RocksEngine {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.get_at(None, cf, key)
+        self.get_at(At::latest(self.latest()), cf, key)
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        self.scan_at(None, cf, start, end, limit)
+        self.scan_at(At::latest(self.latest()), cf, start, end, limit)
     }
 
     fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        self.last_at(None, cf)
+        self.last_at(At::latest(self.latest()), cf)
+    }
+
+    fn for_each(&self, cf: Cf, f: &mut RowVisitor<'_>) -> Result<()> {
+        // A snapshot, so a long walk sees one state.
+        self.with_view(&mut |view| view.for_each(cf, f))
+    }
+}
+
+impl RocksEngine {
+    /// `batch` as a RocksDB batch, its state names resolved under `slot`
+    /// (a promotion in it takes effect after the whole batch).
+    fn rocks_batch(&self, slot: StateSlot, batch: &WriteBatch) -> Result<rocksdb::WriteBatch> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in batch.ops() {
+            match op {
+                WriteOp::Put { cf, key, value } => wb.put_cf(self.cf(slot, *cf)?, key, value),
+                WriteOp::Delete { cf, key } => wb.delete_cf(self.cf(slot, *cf)?, key),
+                WriteOp::DeleteRange { cf, start, end } => wb.delete_range_cf(self.cf(slot, *cf)?, start, end),
+                WriteOp::PromoteStaging => {}
+            }
+        }
+        Ok(wb)
     }
 }
 
 impl Engine for RocksEngine {
     fn write(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
-        let mut wb = rocksdb::WriteBatch::default();
-        for op in batch.ops() {
-            match op {
-                WriteOp::Put { cf, key, value } => wb.put_cf(self.cf(*cf)?, key, value),
-                WriteOp::Delete { cf, key } => wb.delete_cf(self.cf(*cf)?, key),
-                WriteOp::DeleteRange { cf, start, end } => wb.delete_range_cf(self.cf(*cf)?, start, end),
-            }
-        }
+        let promotes = batch.ops().iter().any(|op| matches!(op, WriteOp::PromoteStaging));
         let mut wo = WriteOptions::default();
         wo.set_sync(durability == Durability::Sync);
+        if !promotes {
+            let slot = self.slot();
+            self.db.write_opt(self.rocks_batch(*slot, &batch)?, &wo)?;
+            return Ok(());
+        }
+        // Exclusive: no view or batch resolves the state names until the
+        // promotion is written and the slot flipped.
+        let mut slot = self.slot_mut();
+        let mut wb = self.rocks_batch(*slot, &batch)?;
+        let next = slot.flipped();
+        wb.put_cf(self.cf(*slot, Cf::Meta)?, StateSlot::KEY, [next.0]);
         self.db.write_opt(wb, &wo)?;
+        *slot = next;
         Ok(())
     }
 
     fn with_view(&self, f: &mut dyn FnMut(&dyn ReadView) -> Result<()>) -> Result<()> {
-        let view = RocksView {
-            engine: self,
-            snapshot: self.db.snapshot(),
+        let view = {
+            let slot = self.slot();
+            RocksView {
+                engine: self,
+                snapshot: self.db.snapshot(),
+                slot: *slot,
+            }
         };
         f(&view)
     }
 
     fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
-        for cf in Cf::ALL {
-            self.db.flush_cf(self.cf(cf)?)?;
+        for name in CF_NAMES {
+            if let Some(cf) = self.db.cf_handle(name) {
+                self.db.flush_cf(cf)?;
+            }
         }
         Ok(())
     }

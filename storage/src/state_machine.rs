@@ -7,7 +7,18 @@
 //!   state is exactly that of some applied prefix of the log.
 //! - Snapshots are read from a point-in-time view, so they are consistent
 //!   with the applied id they carry even while applies continue.
-//! - Installing a snapshot replaces the whole state in one atomic write.
+//! - A snapshot is a file (see [`crate::snapshot`]): built from a
+//!   point-in-time view row by row, received in chunks into a file, and
+//!   loaded row by row into [`Cf::Staging`], which then becomes the state in
+//!   one atomic write with the applied log id and membership
+//!   ([`WriteOp::PromoteStaging`](crate::WriteOp::PromoteStaging)). No step
+//!   holds the state in memory. A crash during a build, a transfer or a load
+//!   leaves the old state (and at most a stray `.part` file and staged rows,
+//!   both removed at the next open); a crash after the promotion, the new
+//!   one. Never a mix.
+//! - The stored snapshot is a record in [`Cf::Meta`] (meta and file name);
+//!   its file is durable, under its final name, before the record refers to
+//!   it, and a replaced file is removed only after the new record is.
 //! - The stored snapshot (what `get_current_snapshot` returns) only moves
 //!   forward: a built or installed snapshot replaces it only when its last log
 //!   id is greater, and that read-compare-write runs under one lock shared by
@@ -18,10 +29,11 @@
 //!   worker; each call returns after that work, so applies and installs stay
 //!   in the order openraft issues them.
 
-use std::io::Cursor;
 use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use cell0_state::codec::frame_unversioned;
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -31,19 +43,28 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking, scan_all};
+use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
 use crate::error::{decode, decode_prefix, encode};
+use crate::snapshot::{
+    FileHeader, FileSummary, SnapshotFile, SnapshotReader, SnapshotWriter, is_snapshot_file, sync_dir,
+};
 use crate::txn::{EngineTxn, Txn};
 
 const APPLIED_KEY: &[u8] = b"sm/applied";
 const MEMBERSHIP_KEY: &[u8] = b"sm/membership";
-const SNAPSHOT_KEY: &[u8] = b"sm/snapshot";
-/// Format of [`SnapshotPayload`] this build writes: 2 holds rows with their
-/// layout byte. Format 1 (rows without it, from builds before data dir
-/// format 1) is still installed, its rows framed as layout 1.
-const SNAPSHOT_FORMAT: u32 = 2;
-/// The snapshot format whose rows carry no layout byte.
-const SNAPSHOT_FORMAT_UNVERSIONED: u32 = 1;
+/// The stored snapshot: its meta and file name ([`StoredSnapshot`]).
+const SNAPSHOT_KEY: &[u8] = b"sm/snapshot_file";
+/// Where data dirs of format 1 and older kept their whole snapshot
+/// ([`LegacySnapshot`]); moved into a file by the format 2 upgrade.
+const LEGACY_SNAPSHOT_KEY: &[u8] = b"sm/snapshot";
+/// The payload format of legacy snapshots whose rows carry no layout byte.
+const LEGACY_FORMAT_UNVERSIONED: u32 = 1;
+/// The payload format of legacy snapshots whose rows carry it.
+const LEGACY_FORMAT_VERSIONED: u32 = 2;
+/// Bytes of rows per engine write while a snapshot is loaded.
+const LOAD_BATCH_BYTES: usize = 4 << 20;
+/// Extension of complete snapshot files.
+const SNAPSHOT_EXT: &str = "snap";
 
 /// The application logic of a replicated state machine.
 ///
@@ -73,20 +94,52 @@ pub trait Apply<C: RaftTypeConfig>: Send + Sync + 'static {
     /// Called after a snapshot replaced the whole state, with read access to
     /// the new state.
     fn snapshot_installed(&self, state: &dyn Txn);
+
+    /// The cluster id recorded in `state`, written into snapshot file
+    /// headers (0 when there is none).
+    fn cluster_id(&self, _state: &dyn Txn) -> u64 {
+        0
+    }
 }
 
-/// A snapshot as stored in [`Cf::Meta`]: openraft's meta plus the payload.
+/// The stored snapshot, as recorded in [`Cf::Meta`].
 #[derive(Serialize, Deserialize)]
 #[serde(bound = "")]
 struct StoredSnapshot<C: RaftTypeConfig> {
     /// Must stay the first field: [`stored_snapshot_log_id`] decodes it alone.
     meta: SnapshotMeta<u64, C::Node>,
+    /// File name in the snapshot directory.
+    file: String,
+}
+
+/// A snapshot file opened by blocking code, for openraft.
+struct OpenedSnapshot<C: RaftTypeConfig> {
+    meta: SnapshotMeta<u64, C::Node>,
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl<C: RaftTypeConfig<NodeId = u64, SnapshotData = SnapshotFile>> OpenedSnapshot<C> {
+    fn into_snapshot(self) -> Snapshot<C> {
+        Snapshot {
+            meta: self.meta,
+            snapshot: Box::new(SnapshotFile::from_std(self.file, self.path)),
+        }
+    }
+}
+
+/// A whole snapshot as data dirs of format 1 and older stored it.
+#[derive(Deserialize)]
+#[serde(bound = "")]
+struct LegacySnapshot<C: RaftTypeConfig> {
+    meta: SnapshotMeta<u64, C::Node>,
     data: Vec<u8>,
 }
 
-/// Snapshot payload: every row of [`Cf::State`], in key order.
+/// The payload of a legacy snapshot: every state row, in key order. Older
+/// nodes still send snapshots in this form.
 #[derive(Serialize, Deserialize)]
-struct SnapshotPayload {
+struct LegacyPayload {
     format: u32,
     rows: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -100,9 +153,11 @@ type AppliedState<N> = (Option<LogId<u64>>, StoredMembership<u64, N>);
 pub struct StateMachineStore<C, E, A> {
     engine: Arc<E>,
     apply: Arc<A>,
+    /// Where snapshot files live.
+    dir: Arc<PathBuf>,
     snapshot_seq: Arc<AtomicU64>,
     /// Held across the read-compare-write of the stored snapshot, by builds
-    /// and installs of every clone.
+    /// and installs of every clone, and while the stored file is opened.
     snapshot_lock: Arc<Mutex<()>>,
     _c: PhantomData<fn() -> C>,
 }
@@ -112,6 +167,7 @@ impl<C, E, A> Clone for StateMachineStore<C, E, A> {
         Self {
             engine: self.engine.clone(),
             apply: self.apply.clone(),
+            dir: self.dir.clone(),
             snapshot_seq: self.snapshot_seq.clone(),
             snapshot_lock: self.snapshot_lock.clone(),
             _c: PhantomData,
@@ -125,7 +181,7 @@ fn stored_snapshot_log_id<C: RaftTypeConfig>(view: &dyn ReadView) -> crate::Resu
     let Some(bytes) = view.get(Cf::Meta, SNAPSHOT_KEY)? else {
         return Ok(None);
     };
-    // Decode only the meta (the first field), not the payload.
+    // Decode only the meta (the first field).
     let meta: SnapshotMeta<u64, C::Node> = decode_prefix("stored snapshot meta", &bytes)?;
     Ok(Some(meta.last_log_id))
 }
@@ -153,28 +209,68 @@ fn write_sm_err(e: crate::Error) -> StorageError<u64> {
     StorageIOError::write_state_machine(&e).into()
 }
 
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn file_err(path: &Path) -> impl Fn(std::io::Error) -> crate::Error + '_ {
+    move |source| crate::Error::SnapshotIo {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Removes `path`; a file already gone is not an error.
+fn remove_file(path: &Path) -> crate::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(file_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Empties [`Cf::Staging`]. Table names are UTF-8, which never contains
+/// 0xff, so every state key sorts below `[0xff]`.
+fn clear_staging<E: Engine>(engine: &E) -> crate::Result<()> {
+    let mut batch = WriteBatch::new();
+    batch.delete_range(Cf::Staging, Vec::new(), vec![0xff]);
+    engine.write(batch, Durability::Buffered)
+}
+
 impl<C, E, A> StateMachineStore<C, E, A>
 where
-    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, SnapshotData = Cursor<Vec<u8>>>,
+    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, SnapshotData = SnapshotFile>,
     E: Engine,
     A: Apply<C>,
 {
-    /// A state machine over `engine`, applying commands with `apply`. A
-    /// data dir of an older format is upgraded first (see `format`).
-    pub fn new(engine: Arc<E>, apply: Arc<A>) -> crate::Result<Self> {
-        crate::format::upgrade(engine.as_ref())?;
-        Ok(Self {
+    /// A state machine over `engine`, applying commands with `apply`, with
+    /// its snapshot files in `dir` (created if missing). A data dir of an
+    /// older format is upgraded first (see `format`); what an interrupted
+    /// snapshot build, transfer or install left behind is removed.
+    pub fn new(engine: Arc<E>, apply: Arc<A>, dir: PathBuf) -> crate::Result<Self> {
+        std::fs::create_dir_all(&dir).map_err(file_err(&dir))?;
+        let store = Self {
             engine,
             apply,
+            dir: Arc::new(dir),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             snapshot_lock: Arc::new(Mutex::new(())),
             _c: PhantomData,
-        })
+        };
+        crate::format::upgrade(store.engine.as_ref(), &mut |batch| store.convert_legacy_snapshot(batch))?;
+        store.remove_leftovers()?;
+        Ok(store)
     }
 
     /// The engine, for read paths that bypass Raft (serializable reads).
     pub fn engine(&self) -> &Arc<E> {
         &self.engine
+    }
+
+    /// The directory of the snapshot files.
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.dir
     }
 
     fn applied_from(view: &dyn ReadView) -> crate::Result<AppliedState<C::Node>> {
@@ -189,136 +285,324 @@ where
         Ok((applied, membership))
     }
 
-    /// Builds a snapshot from a point-in-time view of `engine` and stores it
-    /// if it is newer than the stored one. Returns the snapshot and whether it
-    /// was stored.
-    fn build(
-        engine: &E,
-        snapshot_seq: &AtomicU64,
-        snapshot_lock: &Mutex<()>,
-    ) -> crate::Result<(StoredSnapshot<C>, bool)> {
-        let mut out = None;
-        engine.with_view(&mut |view| {
-            let (last_log_id, last_membership) = Self::applied_from(view)?;
-            let rows = scan_all(view, Cf::State)?;
-            let data = encode(&SnapshotPayload {
-                format: SNAPSHOT_FORMAT,
-                rows,
-            })?;
-            out = Some((last_log_id, last_membership, data));
-            Ok(())
-        })?;
-        let Some((last_log_id, last_membership, data)) = out else {
-            return Err(crate::Error::Io("snapshot view produced nothing".into()));
-        };
-        let seq = snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let snapshot_id = match &last_log_id {
-            Some(id) => format!("{}-{}-{}-{seq}", id.leader_id.term, id.leader_id.node_id, id.index),
-            None => format!("empty-{seq}"),
-        };
-        let stored = StoredSnapshot::<C> {
-            meta: SnapshotMeta {
-                last_log_id,
-                last_membership,
-                snapshot_id,
-            },
-            data,
-        };
-        let _guard = lock_snapshot(snapshot_lock);
-        // A snapshot installed (or built) while this one was being built may
-        // be newer than this build's view: never replace it with an older
-        // one, or lagging followers would be sent stale state from now on.
-        if !supersedes(&stored.meta.last_log_id, stored_snapshot_log_id::<C>(engine)?) {
-            return Ok((stored, false));
+    fn stored(&self) -> crate::Result<Option<StoredSnapshot<C>>> {
+        match self.engine.get(Cf::Meta, SNAPSHOT_KEY)? {
+            Some(bytes) => Ok(Some(decode("stored snapshot", &bytes)?)),
+            None => Ok(None),
         }
-        let mut batch = WriteBatch::new();
-        batch.put(Cf::Meta, SNAPSHOT_KEY, encode(&stored)?);
-        // Buffered is enough: the purge that may follow goes through the same
-        // write-ahead log after this record, so it never survives without it.
-        engine.write(batch, Durability::Buffered)?;
-        Ok((stored, true))
     }
 
-    /// Replaces the whole state of `engine` with a received snapshot, stores
-    /// the snapshot if it is newer than the stored one, then tells `apply`.
-    fn install(
-        engine: &E,
-        apply: &A,
-        snapshot_lock: &Mutex<()>,
-        meta: SnapshotMeta<u64, C::Node>,
-        data: Vec<u8>,
-    ) -> crate::Result<()> {
-        let payload: SnapshotPayload = decode("snapshot", &data)?;
+    /// A fresh name for a snapshot file of `meta`.
+    fn new_file_name(&self, meta: &SnapshotMeta<u64, C::Node>) -> String {
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let (term, index) = meta.last_log_id.map_or((0, 0), |l| (l.leader_id.term, l.index));
+        // The time keeps names unique across restarts (the sequence restarts).
+        format!("snap-{term}-{index}-{}-{seq}.{SNAPSHOT_EXT}", unix_ms())
+    }
+
+    /// Removes `.part` files (interrupted builds and transfers), snapshot
+    /// files no record refers to, and staged rows of an interrupted install.
+    fn remove_leftovers(&self) -> crate::Result<()> {
+        let keep = self.stored()?.map(|s| s.file);
+        let entries = std::fs::read_dir(self.dir.as_ref()).map_err(file_err(&self.dir))?;
+        for entry in entries {
+            let entry = entry.map_err(file_err(&self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stray = name.ends_with(".part")
+                || (name.ends_with(&format!(".{SNAPSHOT_EXT}")) && keep.as_deref() != Some(name.as_str()));
+            if stray {
+                tracing::info!(file = %name, "removing a leftover snapshot file");
+                remove_file(&entry.path())?;
+            }
+        }
+        if self.engine.last(Cf::Staging)?.is_some() {
+            tracing::info!("removing the staged rows of an interrupted snapshot install");
+            clear_staging(self.engine.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Writes `rows` (in key order) into a new snapshot file for `meta`.
+    fn write_file(
+        &self,
+        meta: &SnapshotMeta<u64, C::Node>,
+        cluster_id: u64,
+        rows: &mut dyn FnMut(&mut SnapshotWriter) -> crate::Result<()>,
+    ) -> crate::Result<(PathBuf, FileSummary)> {
+        let path = self.dir.join(self.new_file_name(meta));
+        let header = FileHeader {
+            meta: encode(meta)?,
+            cluster_id,
+            created_unix_ms: unix_ms(),
+        };
+        let mut writer = SnapshotWriter::create(&path, header)?;
+        rows(&mut writer)?;
+        Ok((path, writer.finish()?))
+    }
+
+    /// The format 2 upgrade: moves a snapshot stored whole in [`Cf::Meta`]
+    /// into a file, recording the move in `batch`.
+    fn convert_legacy_snapshot(&self, batch: &mut WriteBatch) -> crate::Result<()> {
+        let Some(bytes) = self.engine.get(Cf::Meta, LEGACY_SNAPSHOT_KEY)? else {
+            return Ok(());
+        };
+        let legacy: LegacySnapshot<C> = decode("stored snapshot", &bytes)?;
+        let path = self.legacy_to_file(&legacy.meta, &legacy.data)?;
+        let file = file_name(&path)?;
+        tracing::info!(snapshot = %legacy.meta.snapshot_id, %file, "moved the stored snapshot into a file");
+        batch.put(
+            Cf::Meta,
+            SNAPSHOT_KEY,
+            encode(&StoredSnapshot::<C> {
+                meta: legacy.meta,
+                file,
+            })?,
+        );
+        batch.delete(Cf::Meta, LEGACY_SNAPSHOT_KEY);
+        Ok(())
+    }
+
+    /// Writes a legacy payload (held in memory, as older builds did) into a
+    /// snapshot file.
+    fn legacy_to_file(&self, meta: &SnapshotMeta<u64, C::Node>, data: &[u8]) -> crate::Result<PathBuf> {
+        let payload: LegacyPayload = decode("snapshot", data)?;
         let unversioned = match payload.format {
-            SNAPSHOT_FORMAT => false,
-            SNAPSHOT_FORMAT_UNVERSIONED => true,
+            LEGACY_FORMAT_VERSIONED => false,
+            LEGACY_FORMAT_UNVERSIONED => true,
             other => {
                 return Err(crate::Error::Corrupt {
                     what: "snapshot",
-                    detail: format!("format {other} is neither {SNAPSHOT_FORMAT_UNVERSIONED} nor {SNAPSHOT_FORMAT}"),
+                    detail: format!(
+                        "format {other} is neither {LEGACY_FORMAT_UNVERSIONED} nor {LEGACY_FORMAT_VERSIONED}"
+                    ),
                 });
             }
         };
-        tracing::info!(snapshot = %meta.snapshot_id, rows = payload.rows.len(), bytes = data.len(), "installing snapshot");
-        let mut batch = WriteBatch::new();
-        // Table names are UTF-8, which never contains 0xff, so every state
-        // key sorts below [0xff].
-        batch.delete_range(Cf::State, Vec::new(), vec![0xff]);
-        for (k, v) in payload.rows {
-            let v = if unversioned { frame_unversioned(&v) } else { v };
-            batch.put(Cf::State, k, v);
+        let (path, _) = self.write_file(meta, 0, &mut |w| {
+            for (k, v) in &payload.rows {
+                if unversioned {
+                    w.row(k, &frame_unversioned(v))?;
+                } else {
+                    w.row(k, v)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(path)
+    }
+
+    /// Builds a snapshot file from a point-in-time view and records it if it
+    /// is newer than the stored one. Returns it opened, and whether it was
+    /// stored.
+    fn build(&self) -> crate::Result<(OpenedSnapshot<C>, bool)> {
+        let mut out = None;
+        self.engine.with_view(&mut |view| {
+            let (last_log_id, last_membership) = Self::applied_from(view)?;
+            let seq = self.snapshot_seq.load(Ordering::Relaxed);
+            let snapshot_id = match &last_log_id {
+                Some(id) => format!(
+                    "{}-{}-{}-{}-{seq}",
+                    id.leader_id.term,
+                    id.leader_id.node_id,
+                    id.index,
+                    unix_ms()
+                ),
+                None => format!("empty-{}-{seq}", unix_ms()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id,
+                last_membership,
+                snapshot_id,
+            };
+            let cluster_id = self.apply.cluster_id(&EngineTxn::new(view));
+            let (path, summary) = self.write_file(&meta, cluster_id, &mut |w| view.for_each(Cf::State, &mut |k, v| w.row(k, v)))?;
+            tracing::info!(snapshot = %meta.snapshot_id, rows = summary.rows, bytes = summary.file_bytes, "wrote snapshot file");
+            out = Some((meta, path));
+            Ok(())
+        })?;
+        let Some((meta, path)) = out else {
+            return Err(crate::Error::Io("snapshot view produced nothing".into()));
+        };
+        let file = std::fs::File::open(&path).map_err(file_err(&path))?;
+        let _guard = lock_snapshot(&self.snapshot_lock);
+        // A snapshot installed (or built) while this one was being built may
+        // be newer than this build's view: never replace it with an older
+        // one, or lagging followers would be sent stale state from now on.
+        if !supersedes(&meta.last_log_id, stored_snapshot_log_id::<C>(self.engine.as_ref())?) {
+            // Still readable through `file`.
+            remove_file(&path)?;
+            return Ok((OpenedSnapshot { meta, file, path }, false));
         }
+        self.record(&meta, &path, WriteBatch::new())?;
+        Ok((OpenedSnapshot { meta, file, path }, true))
+    }
+
+    /// Writes `batch` plus the record of the stored snapshot (`meta` in the
+    /// file at `path`), synced, then removes the file it replaced. Called
+    /// with the snapshot lock held.
+    fn record(&self, meta: &SnapshotMeta<u64, C::Node>, path: &Path, mut batch: WriteBatch) -> crate::Result<()> {
+        let replaced = self.stored()?.map(|s| s.file);
+        let file = file_name(path)?;
+        batch.put(
+            Cf::Meta,
+            SNAPSHOT_KEY,
+            encode(&StoredSnapshot::<C> {
+                meta: meta.clone(),
+                file: file.clone(),
+            })?,
+        );
+        self.engine.write(batch, Durability::Sync)?;
+        if let Some(old) = replaced.filter(|old| *old != file) {
+            remove_file(&self.dir.join(old))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the whole state with the snapshot in the file at `received`
+    /// (its last byte checked before the state changes), records it if it is
+    /// newer than the stored one, then tells `apply`.
+    fn install(&self, meta: &SnapshotMeta<u64, C::Node>, received: &Path) -> crate::Result<()> {
+        let own = received.parent() == Some(self.dir.as_path());
+        let path = if !is_snapshot_file(received)? {
+            // An older node's payload: small enough to have been held in
+            // memory by its sender.
+            let data = std::fs::read(received).map_err(file_err(received))?;
+            let path = self.legacy_to_file(meta, &data)?;
+            if own {
+                remove_file(received)?;
+            }
+            path
+        } else if own {
+            std::fs::File::open(received)
+                .and_then(|f| f.sync_all())
+                .map_err(file_err(received))?;
+            let path = self.dir.join(self.new_file_name(meta));
+            std::fs::rename(received, &path).map_err(file_err(received))?;
+            sync_dir(&self.dir)?;
+            path
+        } else {
+            // Not one of ours (a restore, a test): copy, never move.
+            let path = self.dir.join(self.new_file_name(meta));
+            std::fs::copy(received, &path).map_err(file_err(received))?;
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(file_err(&path))?;
+            sync_dir(&self.dir)?;
+            path
+        };
+        match self.load(meta, &path) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Nothing refers to the file yet; staged rows go at the next
+                // install or open.
+                let _ = remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Loads the checked file at `path` into [`Cf::Staging`] and promotes it
+    /// with `meta`'s applied log id and membership.
+    fn load(&self, meta: &SnapshotMeta<u64, C::Node>, path: &Path) -> crate::Result<()> {
+        let engine = self.engine.as_ref();
+        clear_staging(engine)?;
+        let mut reader = SnapshotReader::open(path)?;
+        let file_meta: SnapshotMeta<u64, C::Node> = decode("snapshot file meta", &reader.header().meta)?;
+        if file_meta.last_log_id != meta.last_log_id {
+            return Err(crate::Error::BadSnapshot {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "it holds the state at {:?}, not at {:?}",
+                    file_meta.last_log_id, meta.last_log_id
+                ),
+            });
+        }
+        let mut batch = WriteBatch::new();
+        let mut batch_bytes = 0;
+        while let Some((k, v)) = reader.next_row()? {
+            batch_bytes += k.len() + v.len();
+            batch.put(Cf::Staging, k, v);
+            if batch_bytes >= LOAD_BATCH_BYTES {
+                engine.write(std::mem::take(&mut batch), Durability::Buffered)?;
+                batch_bytes = 0;
+            }
+        }
+        let summary = reader.summary().cloned();
         batch.put(Cf::Meta, APPLIED_KEY, encode(&meta.last_log_id)?);
         batch.put(Cf::Meta, MEMBERSHIP_KEY, encode(&meta.last_membership)?);
+        batch.promote_staging();
         {
-            let _guard = lock_snapshot(snapshot_lock);
+            let _guard = lock_snapshot(&self.snapshot_lock);
             // openraft installs only snapshots beyond its committed index, and
             // a stored snapshot never goes beyond the applied one, so this
             // holds in practice; checked anyway so the stored snapshot can
             // only move forward. The state is replaced either way, as openraft
             // asks.
             if supersedes(&meta.last_log_id, stored_snapshot_log_id::<C>(engine)?) {
-                let stored = StoredSnapshot::<C> { meta, data };
-                batch.put(Cf::Meta, SNAPSHOT_KEY, encode(&stored)?);
+                self.record(meta, path, batch)?;
             } else {
                 tracing::warn!(snapshot = %meta.snapshot_id, "installed snapshot is not newer than the stored one; keeping the stored one");
+                engine.write(batch, Durability::Sync)?;
+                remove_file(path)?;
             }
-            engine.write(batch, Durability::Sync)?;
         }
-        apply.snapshot_installed(&EngineTxn::new(engine));
+        // The old state, now staged: not needed any more.
+        clear_staging(engine)?;
+        if let Some(summary) = summary {
+            tracing::info!(snapshot = %meta.snapshot_id, rows = summary.rows, bytes = summary.file_bytes, "installed snapshot");
+        }
+        self.apply.snapshot_installed(&EngineTxn::new(engine));
         Ok(())
     }
+
+    /// Opens the stored snapshot's file.
+    fn open_stored(&self) -> crate::Result<Option<OpenedSnapshot<C>>> {
+        let _guard = lock_snapshot(&self.snapshot_lock);
+        let Some(stored) = self.stored()? else {
+            return Ok(None);
+        };
+        let path = self.dir.join(&stored.file);
+        let file = std::fs::File::open(&path).map_err(file_err(&path))?;
+        Ok(Some(OpenedSnapshot {
+            meta: stored.meta,
+            file,
+            path,
+        }))
+    }
+}
+
+/// The file name of `path`, as recorded.
+fn file_name(path: &Path) -> crate::Result<String> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| crate::Error::Io(format!("snapshot path {} has no file name", path.display())))
 }
 
 impl<C, E, A> RaftSnapshotBuilder<C> for StateMachineStore<C, E, A>
 where
-    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, SnapshotData = Cursor<Vec<u8>>>,
+    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, SnapshotData = SnapshotFile>,
     E: Engine,
     A: Apply<C>,
 {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<C>> {
-        let seq = self.snapshot_seq.clone();
-        let lock = self.snapshot_lock.clone();
-        let (StoredSnapshot { meta, data }, stored) =
-            run_blocking(&self.engine, move |engine| Self::build(engine, &seq, &lock))
-                .await
-                .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
+        let store = self.clone();
+        let (opened, stored) = run_blocking(&self.engine, move |_| store.build())
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
         // A build older than the stored snapshot is still returned, not an
         // error: openraft 0.9 treats any StorageError as fatal, and it keeps
         // only the snapshot meta with the greatest last log id
         // (`finish_building_snapshot` ignores one that is not newer, and so
         // schedules no purge for it), so the older result is simply dropped.
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), stored, "built snapshot");
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        tracing::info!(snapshot = %opened.meta.snapshot_id, stored, "built snapshot");
+        Ok(opened.into_snapshot())
     }
 }
 
 impl<C, E, A> RaftStateMachine<C> for StateMachineStore<C, E, A>
 where
-    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, SnapshotData = Cursor<Vec<u8>>>,
+    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, SnapshotData = SnapshotFile>,
     E: Engine,
     A: Apply<C>,
 {
@@ -377,37 +661,36 @@ where
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<SnapshotFile>> {
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("incoming-{}-{seq}.part", unix_ms()));
+        let file = SnapshotFile::create(&path)
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, C::Node>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotFile>,
     ) -> SResult<()> {
         let sig = meta.signature();
-        let apply = self.apply.clone();
-        let lock = self.snapshot_lock.clone();
+        let received = snapshot.path().to_path_buf();
+        // openraft flushed the file when the last chunk arrived.
+        drop(snapshot);
+        let store = self.clone();
         let meta = meta.clone();
-        let data = snapshot.into_inner();
-        run_blocking(&self.engine, move |engine| {
-            Self::install(engine, &apply, &lock, meta, data)
-        })
-        .await
-        .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(sig), &e)))
+        run_blocking(&self.engine, move |_| store.install(&meta, &received))
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(sig), &e)))
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<C>>> {
-        let stored = run_blocking(&self.engine, |engine| match engine.get(Cf::Meta, SNAPSHOT_KEY)? {
-            Some(bytes) => Ok(Some(decode::<StoredSnapshot<C>>("stored snapshot", &bytes)?)),
-            None => Ok(None),
-        })
-        .await
-        .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
-        Ok(stored.map(|stored| Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
-        }))
+        let store = self.clone();
+        let stored = run_blocking(&self.engine, move |_| store.open_stored())
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
+        Ok(stored.map(OpenedSnapshot::into_snapshot))
     }
 }

@@ -15,8 +15,8 @@ use openraft::{LogId, RaftLogReader, Vote};
 
 type Log = LogStore<TestConfig, MemEngine>;
 
-fn open(engine: &Arc<MemEngine>) -> (Log, Sm<MemEngine>) {
-    let sm = StateMachineStore::new(engine.clone(), Arc::new(SetApply::default())).unwrap();
+fn open(engine: &Arc<MemEngine>, snapshots: &std::path::Path) -> (Log, Sm<MemEngine>) {
+    let sm = StateMachineStore::new(engine.clone(), Arc::new(SetApply::default()), snapshots.to_path_buf()).unwrap();
     (LogStore::new(engine.clone()), sm)
 }
 
@@ -38,7 +38,8 @@ async fn apply(sm: &mut Sm<MemEngine>, indexes: std::ops::RangeInclusive<u64>) {
 #[tokio::test]
 async fn acknowledged_appends_and_the_vote_survive_power_loss() {
     let engine = Arc::new(MemEngine::new());
-    let (mut log, mut sm) = open(&engine);
+    let snapshots = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(&engine, snapshots.path());
     let mut acked = Vec::new();
 
     log.save_vote(&Vote::new(1, 1)).await.unwrap();
@@ -58,7 +59,7 @@ async fn acknowledged_appends_and_the_vote_survive_power_loss() {
 
     engine.power_loss();
 
-    let (mut log, mut sm) = open(&engine);
+    let (mut log, mut sm) = open(&engine, snapshots.path());
     let present: Vec<LogId<u64>> = log
         .try_get_log_entries(0..)
         .await

@@ -45,6 +45,10 @@ impl ReadView for PausingEngine {
     fn last(&self, cf: Cf) -> cell0_storage::Result<Option<(Vec<u8>, Vec<u8>)>> {
         self.inner.last(cf)
     }
+
+    fn for_each(&self, cf: Cf, f: &mut cell0_storage::RowVisitor<'_>) -> cell0_storage::Result<()> {
+        self.inner.for_each(cf, f)
+    }
 }
 
 impl Engine for PausingEngine {
@@ -69,9 +73,14 @@ impl Engine for PausingEngine {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_build_does_not_replace_a_newer_installed_snapshot() {
+    let (leader_dir, follower_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // The leader's state at index 10, as a snapshot.
-    let mut leader: Sm<MemEngine> =
-        StateMachineStore::new(Arc::new(MemEngine::new()), Arc::new(SetApply::default())).unwrap();
+    let mut leader: Sm<MemEngine> = StateMachineStore::new(
+        Arc::new(MemEngine::new()),
+        Arc::new(SetApply::default()),
+        leader_dir.path().to_path_buf(),
+    )
+    .unwrap();
     leader
         .apply(
             (1..=10)
@@ -86,8 +95,12 @@ async fn a_stale_build_does_not_replace_a_newer_installed_snapshot() {
     // A follower at index 3 starts building a snapshot; it is frozen right
     // after reading its view.
     let engine = Arc::new(PausingEngine::default());
-    let mut follower: Sm<PausingEngine> =
-        StateMachineStore::new(engine.clone(), Arc::new(SetApply::default())).unwrap();
+    let mut follower: Sm<PausingEngine> = StateMachineStore::new(
+        engine.clone(),
+        Arc::new(SetApply::default()),
+        follower_dir.path().to_path_buf(),
+    )
+    .unwrap();
     follower
         .apply(
             (1..=3)

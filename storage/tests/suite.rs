@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use cell0_storage::{LogStore, MemEngine, RocksEngine, StateMachineStore};
+use cell0_storage::{Cf, LogStore, MemEngine, ReadView as _, RocksEngine, StateMachineStore};
 use common::{SetApply, Sm, TestConfig, read, set_entry};
 use openraft::RaftSnapshotBuilder;
 use openraft::StorageError;
@@ -29,11 +29,15 @@ impl StoreBuilder<TestConfig, LogStore<TestConfig, RocksEngine>, Sm<RocksEngine>
 
 struct MemBuilder;
 
-impl StoreBuilder<TestConfig, LogStore<TestConfig, MemEngine>, Sm<MemEngine>, ()> for MemBuilder {
-    async fn build(&self) -> Result<((), LogStore<TestConfig, MemEngine>, Sm<MemEngine>), StorageError<u64>> {
+impl StoreBuilder<TestConfig, LogStore<TestConfig, MemEngine>, Sm<MemEngine>, tempfile::TempDir> for MemBuilder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore<TestConfig, MemEngine>, Sm<MemEngine>), StorageError<u64>> {
+        let dir = tempfile::tempdir().unwrap();
         let engine = Arc::new(MemEngine::new());
-        let sm = StateMachineStore::new(engine.clone(), Arc::new(SetApply::default())).unwrap();
-        Ok(((), LogStore::new(engine), sm))
+        let sm =
+            StateMachineStore::new(engine.clone(), Arc::new(SetApply::default()), dir.path().to_path_buf()).unwrap();
+        Ok((dir, LogStore::new(engine), sm))
     }
 }
 
@@ -94,4 +98,62 @@ async fn snapshot_round_trip_replaces_state() {
     assert_eq!(applied.map(|l| l.index), Some(5000));
     let current = dst.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta.snapshot_id, snap.meta.snapshot_id);
+}
+
+#[tokio::test]
+async fn a_damaged_snapshot_leaves_the_old_state_and_a_good_one_survives_reopen() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (_l1, mut src) =
+        cell0_storage::open_rocks::<TestConfig, _>(src_dir.path(), 1, Arc::new(SetApply::default())).unwrap();
+    let entries: Vec<_> = (1..=3000).map(|i| set_entry(i, &format!("k{i:05}"), "new")).collect();
+    src.apply(entries).await.unwrap();
+    let snap = src.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let good = snap.snapshot.path().to_path_buf();
+    let bytes = std::fs::read(&good).unwrap();
+    {
+        let (_l2, mut dst) =
+            cell0_storage::open_rocks::<TestConfig, _>(dst_dir.path(), 2, Arc::new(SetApply::default())).unwrap();
+        dst.apply(vec![set_entry(1, "k00001", "old")]).await.unwrap();
+
+        // Cut short and damaged copies are refused; the state stays the old one.
+        let bad = src_dir.path().join("bad.snap");
+        for damaged in [bytes[..bytes.len() / 2].to_vec(), {
+            let mut b = bytes.clone();
+            let at = b.len() - 100;
+            b[at] ^= 1;
+            b
+        }] {
+            std::fs::write(&bad, &damaged).unwrap();
+            let file = cell0_storage::SnapshotFile::open(&bad).await.unwrap();
+            assert!(dst.install_snapshot(&snap.meta, Box::new(file)).await.is_err());
+            assert_eq!(read(&dst, "k00001"), Some(b"old".to_vec()));
+            assert_eq!(read(&dst, "k00002"), None);
+            let (applied, _) = dst.applied_state().await.unwrap();
+            assert_eq!(applied.map(|l| l.index), Some(1));
+        }
+    }
+    // The rows a refused install staged are gone after a reopen.
+    let (l2, mut dst) =
+        cell0_storage::open_rocks::<TestConfig, _>(dst_dir.path(), 2, Arc::new(SetApply::default())).unwrap();
+    assert_eq!(dst.engine().last(Cf::Staging).unwrap(), None);
+
+    let file = cell0_storage::SnapshotFile::open(&good).await.unwrap();
+    dst.install_snapshot(&snap.meta, Box::new(file)).await.unwrap();
+    drop((l2, dst));
+    // The promoted keyspace is the state after a reopen too.
+    let (_l2, mut dst) =
+        cell0_storage::open_rocks::<TestConfig, _>(dst_dir.path(), 2, Arc::new(SetApply::default())).unwrap();
+    assert_eq!(read(&dst, "k00001"), Some(b"new".to_vec()));
+    assert_eq!(read(&dst, "k03000"), Some(b"new".to_vec()));
+    assert_eq!(dst.engine().last(Cf::Staging).unwrap(), None);
+    let (applied, _) = dst.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(3000));
+    // Only the installed snapshot's file is left.
+    let files = std::fs::read_dir(dst_dir.path().join(cell0_storage::SNAPSHOT_DIR))
+        .unwrap()
+        .count();
+    assert_eq!(files, 1);
+    let current = dst.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta.last_log_id, snap.meta.last_log_id);
 }

@@ -4,7 +4,6 @@
 //! Each test crate uses only part of this module.
 #![allow(dead_code)]
 
-use std::io::Cursor;
 use std::sync::Mutex;
 
 use cell0_storage::{Apply, StateMachineStore, Txn};
@@ -26,7 +25,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TestConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = cell0_storage::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
