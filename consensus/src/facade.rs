@@ -32,6 +32,7 @@ use crate::reads::ReadIndexer;
 use crate::routing::{ForwardRequest, ForwardResponse};
 use crate::server::InternalService;
 use crate::state::{self, Applied, KvStateMachine, StateEvent};
+use crate::types::TypeConfig;
 use crate::types::{NodeId, NodeInfo, Raft};
 
 /// How fresh a read must be.
@@ -113,6 +114,19 @@ pub struct Status {
     pub initialized: bool,
 }
 
+/// A snapshot written by [`Consensus::export_snapshot`].
+#[derive(Debug)]
+pub struct ExportedSnapshot {
+    /// The file, open at its start (already unlinked).
+    pub file: std::fs::File,
+    /// The log index the state is at.
+    pub index: u64,
+    /// The term of that entry.
+    pub term: u64,
+    /// What the file holds (rows, size, checksum, cluster id).
+    pub summary: cell0_storage::snapshot::FileSummary,
+}
+
 /// One node's membership in the Raft group. Cheap to clone.
 #[derive(Clone)]
 pub struct Consensus {
@@ -155,20 +169,30 @@ impl Consensus {
         };
         let health = Arc::new(PeerHealth::default());
         let network = NetworkFactory::new(pool.clone(), identity.clone(), health.clone(), config.max_append_bytes);
-        let (raft, engine): (Raft, Arc<dyn Engine>) = match storage {
+        let (raft, engine, snapshot_dir): (Raft, Arc<dyn Engine>, PathBuf) = match storage {
             StorageBackend::Rocks(path) => {
                 let engine = Arc::new(RocksEngine::open(&path, id)?);
                 let snapshots = path.join(cell0_storage::SNAPSHOT_DIR);
                 (
-                    start_raft(id, raft_config, network, engine.clone(), snapshots, sm.clone()).await?,
+                    start_raft(id, raft_config, network, engine.clone(), snapshots.clone(), sm.clone()).await?,
                     engine,
+                    snapshots,
                 )
             }
             StorageBackend::Memory { snapshot_dir } => {
                 let engine = Arc::new(MemEngine::new());
                 (
-                    start_raft(id, raft_config, network, engine.clone(), snapshot_dir, sm.clone()).await?,
+                    start_raft(
+                        id,
+                        raft_config,
+                        network,
+                        engine.clone(),
+                        snapshot_dir.clone(),
+                        sm.clone(),
+                    )
+                    .await?,
                     engine,
+                    snapshot_dir,
                 )
             }
         };
@@ -222,6 +246,7 @@ impl Consensus {
                 config,
                 raft,
                 engine,
+                snapshot_dir,
                 sm,
                 batcher,
                 pool,
@@ -382,6 +407,33 @@ impl Consensus {
             let (kvs, more) = state::range(txn, prefix, start_after, limit)?;
             Ok((kvs, more, state::revision(txn)?))
         })
+    }
+
+    /// Writes a consistent snapshot of the replicated state, as of a
+    /// linearizable read now, into a new file (`cell0 snapshot save`). The
+    /// file is returned open and already unlinked, so nothing is left behind
+    /// whatever happens to the caller.
+    pub async fn export_snapshot(&self) -> Result<ExportedSnapshot> {
+        self.read_barrier(Consistency::Linearizable).await?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let n = inner.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // A `.part` name: removed at the next start if this process dies.
+            let path = inner.snapshot_dir.join(format!("export-{}-{n}.part", inner.client_id));
+            let (meta, summary) =
+                cell0_storage::export_snapshot::<TypeConfig, _>(inner.engine.as_ref(), inner.sm.as_ref(), &path)?;
+            let file = std::fs::File::open(&path)
+                .map_err(|e| ConsensusError::Internal(format!("opening {}: {e}", path.display())))?;
+            let _ = std::fs::remove_file(&path);
+            Ok(ExportedSnapshot {
+                file,
+                index: meta.last_log_id.map_or(0, |l| l.index),
+                term: meta.last_log_id.map_or(0, |l| l.leader_id.term),
+                summary,
+            })
+        })
+        .await
+        .map_err(|e| ConsensusError::Internal(format!("snapshot export task: {e}")))?
     }
 
     /// Subscribes to changes applied on this replica.

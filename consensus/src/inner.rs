@@ -25,6 +25,8 @@ pub(crate) struct Inner {
     pub(crate) config: ConsensusConfig,
     pub(crate) raft: Raft,
     pub(crate) engine: Arc<dyn Engine>,
+    /// Where snapshot files (and exports being sent) live.
+    pub(crate) snapshot_dir: std::path::PathBuf,
     pub(crate) sm: Arc<KvStateMachine>,
     pub(crate) batcher: Batcher,
     /// Sends this node's writes to the leader in groups (on a follower).

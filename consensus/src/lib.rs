@@ -9,6 +9,7 @@
 //!   forwarding, linearizable reads by coalesced read-index rounds,
 //!   membership changes.
 //! - [`network`]: the Raft transport over tonic and the internal service.
+//! - [`offline`]: restore and forced recovery of a stopped node's store.
 //!
 //! Storage is [`cell0_storage`]; the API edge (gRPC, status codes) is the
 //! node crate's.
@@ -22,6 +23,7 @@ mod grouping;
 mod inner;
 mod membership;
 pub mod network;
+pub mod offline;
 mod reads;
 mod routing;
 mod server;
@@ -35,7 +37,7 @@ pub use cell0_state::{Table, command, nodes, registry};
 pub use command::{Command, KeyValue, RequestId, Response};
 pub use config::ConsensusConfig;
 pub use error::{ConsensusError, PreconditionCause, Result, UnavailableCause};
-pub use facade::{Consensus, Consistency, Member, Role, Status, StorageBackend};
+pub use facade::{Consensus, Consistency, ExportedSnapshot, Member, Role, Status, StorageBackend};
 pub use membership::MAX_PROMOTION_LAG;
 pub use nodes::{NodeCommand, NodeResources};
 pub use registry::{MAX_MODEL_BYTES, ModelCommand, ModelEntry, ModelFile, ModelManifest, ModelOutcome, is_sha256_hex};

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cell0::cli::{self, Output, bench, infer, kv, model};
+use cell0::cli::{self, Output, bench, infer, kv, model, snapshot};
 use cell0::config::{LogFormat, NodeConfig};
 use cell0::{server, telemetry};
 use clap::{Args, Parser, Subcommand};
@@ -59,6 +59,48 @@ enum Command {
     /// Measure the cluster.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Back up the replicated state and restore it.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Act on a stopped node's data (disaster recovery).
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Save a consistent snapshot of the whole replicated state from the
+    /// node at --endpoint into FILE (verified before it gets its name).
+    Save {
+        /// The file to write; must not exist.
+        file: PathBuf,
+    },
+    /// Restore FILE into a new data dir (offline), as the only member of a
+    /// new cluster; takes the flags `cell0 run` will get (--data-dir,
+    /// --name, addresses).
+    Restore {
+        /// A file written by `cell0 snapshot save`.
+        file: PathBuf,
+        #[command(flatten)]
+        node: Box<RunArgs>,
+    },
+    /// Check FILE and describe it.
+    Inspect {
+        /// A snapshot file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// After quorum is lost for good: make this stopped node the only
+    /// member of its cluster, keeping every entry it has (like etcd's
+    /// --force-new-cluster). See docs/operations.md before using it.
+    Recover {
+        /// The stopped node's data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 /// Flags of `cell0 run`; each overrides the config file and its env var.
@@ -225,6 +267,16 @@ fn main() -> ExitCode {
             Command::Model(cmd) => model::run(&cli.endpoint, cli.output, cmd).await,
             Command::Infer(cmd) => infer::run(&cli.endpoint, cli.output, cmd).await,
             Command::Bench(cmd) => bench::run(&cli.endpoint, cli.output, cmd).await,
+            Command::Snapshot(SnapshotCommand::Save { file }) => snapshot::save(&cli.endpoint, cli.output, &file).await,
+            Command::Snapshot(SnapshotCommand::Inspect { file }) => snapshot::inspect(cli.output, &file),
+            Command::Snapshot(SnapshotCommand::Restore { file, node }) => {
+                if node.data_dir.is_none() {
+                    anyhow::bail!("--data-dir is required: the new data dir to restore into");
+                }
+                let (config, _) = node.into_config()?;
+                snapshot::restore(cli.output, &file, &config).await
+            }
+            Command::Operator(OperatorCommand::Recover { data_dir }) => snapshot::recover(cli.output, &data_dir).await,
         }
     });
     match result {

@@ -47,6 +47,17 @@ use crate::models::transfer::BlobService;
 use crate::supervisor::{Backoff, Supervisor, TaskEnd, stopped};
 use crate::{ops, resources, telemetry};
 
+/// The record node `id` runs with under `config`: its name (by default
+/// derived from the id), site and advertised addresses.
+pub fn node_info(config: &NodeConfig, id: u64) -> NodeInfo {
+    NodeInfo {
+        name: config.name.clone().unwrap_or_else(|| format!("cell0-{:06x}", id >> 40)),
+        site: config.site.clone(),
+        public_addr: config.advertise_public(),
+        internal_addr: config.advertise_internal(),
+    }
+}
+
 /// How long the node's tasks (in-flight requests included) may take to
 /// finish after shutdown began before they are cancelled.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,7 +96,6 @@ pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, ta
     let metrics = telemetry::init_metrics()?;
     let datadir = DataDir::open(&config.data_dir)?;
     let id = datadir.node_id();
-    let name = config.name.clone().unwrap_or_else(|| format!("cell0-{:06x}", id >> 40));
 
     let listeners = Listeners {
         public: bind(config.listen.public, "listen.public").await?,
@@ -93,13 +103,8 @@ pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, ta
         http: bind(config.listen.http, "listen.http").await?,
     };
 
-    let info = NodeInfo {
-        name: name.clone(),
-        site: config.site.clone(),
-        public_addr: config.advertise_public(),
-        internal_addr: config.advertise_internal(),
-    };
-    tracing::info!(node_id = id, %name, data_dir = %config.data_dir.display(), new = datadir.created(), "starting");
+    let info = node_info(&config, id);
+    tracing::info!(node_id = id, name = %info.name, data_dir = %config.data_dir.display(), new = datadir.created(), "starting");
     let consensus = Consensus::start(
         id,
         info.clone(),

@@ -43,7 +43,7 @@ pub use memory::MemEngine;
 #[cfg(feature = "rocksdb")]
 pub use rocks::RocksEngine;
 pub use snapshot::SnapshotFile;
-pub use state_machine::{Apply, StateMachineStore};
+pub use state_machine::{Apply, StateMachineStore, export_snapshot};
 pub use txn::{EngineTxn, Txn};
 
 /// The directory of snapshot files inside a RocksDB store's directory

@@ -72,6 +72,34 @@ where
     C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>>,
     E: Engine,
 {
+    /// Offline (no Raft running on this store): makes the log empty, purged
+    /// up to `last`, with no vote and no commit record, as after installing
+    /// a snapshot that ends at `last` (`cell0 snapshot restore`).
+    pub fn reset_to_snapshot(&self, last: Option<LogId<u64>>) -> crate::Result<()> {
+        let mut batch = WriteBatch::new();
+        batch.delete_range(Cf::Log, log_key(0), log_key(u64::MAX));
+        batch.delete(Cf::Log, log_key(u64::MAX));
+        batch.delete(Cf::Meta, VOTE_KEY);
+        batch.delete(Cf::Meta, COMMITTED_KEY);
+        match last {
+            Some(last) => batch.put(Cf::Meta, PURGED_KEY, encode(&last)?),
+            None => batch.delete(Cf::Meta, PURGED_KEY),
+        }
+        self.engine.write(batch, Durability::Sync)
+    }
+
+    /// Offline (no Raft running on this store): appends `entries` after the
+    /// last one and records `vote`, in one synced write (`cell0 operator
+    /// recover`).
+    pub fn force_append(&self, entries: &[Entry<C>], vote: &Vote<u64>) -> crate::Result<()> {
+        let mut batch = WriteBatch::new();
+        for entry in entries {
+            batch.put(Cf::Log, log_key(entry.log_id.index), encode(entry)?);
+        }
+        batch.put(Cf::Meta, VOTE_KEY, encode(vote)?);
+        self.engine.write(batch, Durability::Sync)
+    }
+
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8], what: &'static str) -> crate::Result<Option<T>> {
         match self.engine.get(Cf::Meta, key)? {
             Some(bytes) => Ok(Some(decode(what, &bytes)?)),

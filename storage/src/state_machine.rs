@@ -238,6 +238,88 @@ fn clear_staging<E: Engine>(engine: &E) -> crate::Result<()> {
     engine.write(batch, Durability::Buffered)
 }
 
+/// The applied log id and membership recorded in `view`.
+fn applied_from<N: openraft::Node>(view: &dyn ReadView) -> crate::Result<AppliedState<N>> {
+    let applied = match view.get(Cf::Meta, APPLIED_KEY)? {
+        Some(b) => decode::<Option<LogId<u64>>>("applied log id", &b)?,
+        None => None,
+    };
+    let membership = match view.get(Cf::Meta, MEMBERSHIP_KEY)? {
+        Some(b) => decode::<StoredMembership<u64, N>>("membership", &b)?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+/// A fresh snapshot file name for the state at `last`; the time keeps names
+/// unique across restarts (the sequence restarts).
+fn file_name_for(last: &Option<LogId<u64>>, seq: u64) -> String {
+    let (term, index) = last.map_or((0, 0), |l| (l.leader_id.term, l.index));
+    format!("snap-{term}-{index}-{}-{seq}.{SNAPSHOT_EXT}", unix_ms())
+}
+
+/// A snapshot id: the applied log id, the time and a sequence number.
+fn snapshot_id(last_log_id: &Option<LogId<u64>>, seq: u64) -> String {
+    match last_log_id {
+        Some(id) => format!(
+            "{}-{}-{}-{}-{seq}",
+            id.leader_id.term,
+            id.leader_id.node_id,
+            id.index,
+            unix_ms()
+        ),
+        None => format!("empty-{}-{seq}", unix_ms()),
+    }
+}
+
+/// Writes the state of `view` with its applied log id and membership into a
+/// new snapshot file at `path`.
+fn write_view<C, A>(
+    view: &dyn ReadView,
+    apply: &A,
+    seq: u64,
+    path: &Path,
+) -> crate::Result<(SnapshotMeta<u64, C::Node>, FileSummary)>
+where
+    C: RaftTypeConfig<NodeId = u64>,
+    A: Apply<C>,
+{
+    let (last_log_id, last_membership) = applied_from(view)?;
+    let meta = SnapshotMeta {
+        snapshot_id: snapshot_id(&last_log_id, seq),
+        last_log_id,
+        last_membership,
+    };
+    let header = FileHeader {
+        meta: encode(&meta)?,
+        cluster_id: apply.cluster_id(&EngineTxn::new(view)),
+        created_unix_ms: unix_ms(),
+    };
+    let mut writer = SnapshotWriter::create(path, header)?;
+    view.for_each(Cf::State, &mut |k, v| writer.row(k, v))?;
+    let summary = writer.finish()?;
+    Ok((meta, summary))
+}
+
+/// Writes a consistent snapshot of `engine`'s current state to a new file
+/// at `path`, without recording it anywhere (`cell0 snapshot save`).
+pub fn export_snapshot<C, A>(
+    engine: &dyn Engine,
+    apply: &A,
+    path: &Path,
+) -> crate::Result<(SnapshotMeta<u64, C::Node>, FileSummary)>
+where
+    C: RaftTypeConfig<NodeId = u64>,
+    A: Apply<C>,
+{
+    let mut out = None;
+    engine.with_view(&mut |view| {
+        out = Some(write_view::<C, A>(view, apply, 0, path)?);
+        Ok(())
+    })?;
+    out.ok_or_else(|| crate::Error::Io("snapshot view produced nothing".into()))
+}
+
 impl<C, E, A> StateMachineStore<C, E, A>
 where
     C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, SnapshotData = SnapshotFile>,
@@ -273,18 +355,6 @@ where
         &self.dir
     }
 
-    fn applied_from(view: &dyn ReadView) -> crate::Result<AppliedState<C::Node>> {
-        let applied = match view.get(Cf::Meta, APPLIED_KEY)? {
-            Some(b) => decode::<Option<LogId<u64>>>("applied log id", &b)?,
-            None => None,
-        };
-        let membership = match view.get(Cf::Meta, MEMBERSHIP_KEY)? {
-            Some(b) => decode::<StoredMembership<u64, C::Node>>("membership", &b)?,
-            None => StoredMembership::default(),
-        };
-        Ok((applied, membership))
-    }
-
     fn stored(&self) -> crate::Result<Option<StoredSnapshot<C>>> {
         match self.engine.get(Cf::Meta, SNAPSHOT_KEY)? {
             Some(bytes) => Ok(Some(decode("stored snapshot", &bytes)?)),
@@ -294,10 +364,7 @@ where
 
     /// A fresh name for a snapshot file of `meta`.
     fn new_file_name(&self, meta: &SnapshotMeta<u64, C::Node>) -> String {
-        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let (term, index) = meta.last_log_id.map_or((0, 0), |l| (l.leader_id.term, l.index));
-        // The time keeps names unique across restarts (the sequence restarts).
-        format!("snap-{term}-{index}-{}-{seq}.{SNAPSHOT_EXT}", unix_ms())
+        file_name_for(&meta.last_log_id, self.snapshot_seq.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Removes `.part` files (interrupted builds and transfers), snapshot
@@ -397,25 +464,10 @@ where
     fn build(&self) -> crate::Result<(OpenedSnapshot<C>, bool)> {
         let mut out = None;
         self.engine.with_view(&mut |view| {
-            let (last_log_id, last_membership) = Self::applied_from(view)?;
-            let seq = self.snapshot_seq.load(Ordering::Relaxed);
-            let snapshot_id = match &last_log_id {
-                Some(id) => format!(
-                    "{}-{}-{}-{}-{seq}",
-                    id.leader_id.term,
-                    id.leader_id.node_id,
-                    id.index,
-                    unix_ms()
-                ),
-                None => format!("empty-{}-{seq}", unix_ms()),
-            };
-            let meta = SnapshotMeta {
-                last_log_id,
-                last_membership,
-                snapshot_id,
-            };
-            let cluster_id = self.apply.cluster_id(&EngineTxn::new(view));
-            let (path, summary) = self.write_file(&meta, cluster_id, &mut |w| view.for_each(Cf::State, &mut |k, v| w.row(k, v)))?;
+            let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+            let last = applied_from::<C::Node>(view)?.0;
+            let path = self.dir.join(file_name_for(&last, seq));
+            let (meta, summary) = write_view::<C, A>(view, self.apply.as_ref(), seq, &path)?;
             tracing::info!(snapshot = %meta.snapshot_id, rows = summary.rows, bytes = summary.file_bytes, "wrote snapshot file");
             out = Some((meta, path));
             Ok(())
@@ -555,6 +607,45 @@ where
         Ok(())
     }
 
+    /// Offline restore (no Raft running on this store): replaces the whole
+    /// state with the checked snapshot file at `path`, with `membership`
+    /// instead of the file's, lets `edit` change rows of the result, and
+    /// records a fresh snapshot of it. Returns that snapshot's meta.
+    pub fn restore(
+        &self,
+        path: &Path,
+        membership: StoredMembership<u64, C::Node>,
+        edit: &mut dyn FnMut(&mut dyn Txn) -> crate::Result<()>,
+    ) -> crate::Result<SnapshotMeta<u64, C::Node>> {
+        let file_meta: SnapshotMeta<u64, C::Node> =
+            decode("snapshot file meta", &SnapshotReader::open(path)?.header().meta)?;
+        let meta = SnapshotMeta {
+            last_log_id: file_meta.last_log_id,
+            last_membership: membership,
+            snapshot_id: snapshot_id(&file_meta.last_log_id, 0),
+        };
+        self.install(&meta, path)?;
+        let engine = self.engine.as_ref();
+        let mut txn = EngineTxn::new(engine);
+        edit(&mut txn)?;
+        let mut batch = WriteBatch::new();
+        txn.into_batch(&mut batch);
+        engine.write(batch, Durability::Sync)?;
+        let mut fresh = None;
+        engine.with_view(&mut |view| {
+            let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+            let path = self.dir.join(file_name_for(&meta.last_log_id, seq));
+            fresh = Some((write_view::<C, A>(view, self.apply.as_ref(), seq, &path)?.0, path));
+            Ok(())
+        })?;
+        let Some((meta, path)) = fresh else {
+            return Err(crate::Error::Io("snapshot view produced nothing".into()));
+        };
+        let _guard = lock_snapshot(&self.snapshot_lock);
+        self.record(&meta, &path, WriteBatch::new())?;
+        Ok(meta)
+    }
+
     /// Opens the stored snapshot's file.
     fn open_stored(&self) -> crate::Result<Option<OpenedSnapshot<C>>> {
         let _guard = lock_snapshot(&self.snapshot_lock);
@@ -609,7 +700,7 @@ where
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> SResult<AppliedState<C::Node>> {
-        Self::applied_from(self.engine.as_ref()).map_err(read_sm_err)
+        applied_from(self.engine.as_ref()).map_err(read_sm_err)
     }
 
     async fn apply<I>(&mut self, entries: I) -> SResult<Vec<C::R>>

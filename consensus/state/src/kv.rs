@@ -3,10 +3,14 @@
 //!
 //! Tables (all in the storage crate's state column family):
 //! - `kv`: user key -> its value and etcd-style revisions,
-//! - `kv_events`: revision (big-endian) -> [`StateEvent`], the last
-//!   [`WATCH_HISTORY`] changes, so watchers can resume from a revision,
+//! - `kv_events`: revision (big-endian) -> [`StateEvent`], the newest
+//!   changes, at most [`WATCH_HISTORY`] of them and at most
+//!   [`WATCH_HISTORY_BYTES`] of stored rows (always at least the newest
+//!   one), so watchers can resume from a revision,
 //! - `meta`: `revision` -> the store's current revision, `cluster_id` -> the
-//!   cluster's id, and the bookkeeping of the request window below,
+//!   cluster's id, `history_window` -> the oldest retained event's revision
+//!   and the bytes of the retained event rows (see "The history's byte
+//!   bound" below), and the bookkeeping of the request window below,
 //! - `requests`: request id -> the first response to that request, for the
 //!   last [`REQUEST_WINDOW_ENTRIES`] requests (and at most
 //!   [`REQUEST_WINDOW_BYTES`] of responses); `request_order`: their order, so
@@ -19,9 +23,31 @@
 //! increments, so a key's `mod_revision` orders all writes of the cluster.
 //! Everything here is deterministic: no clock, no randomness, ordered maps only.
 //! Apply checks no size limit (those are checked before proposing, and may
-//! change between versions); the constants it does use (history length,
-//! request window) are part of the log format and change only with a new
-//! command variant.
+//! change between versions); the constants it does use (history length and
+//! bytes, request window) are part of the log format and change only with a
+//! new command variant.
+//!
+//! The history's byte bound: every event row is counted by its stored
+//! length (layout byte included), and after each new event the oldest
+//! events leave, in revision order, until at most [`WATCH_HISTORY`] remain
+//! and their rows hold at most [`WATCH_HISTORY_BYTES`] (the newest always
+//! stays). The `history_window` row keeps the oldest retained revision and
+//! the running byte total, so apply never rescans the table, and
+//! [`history`] reports compaction from that oldest revision.
+//!
+//! State written before the bound (an older data dir, or a snapshot from an
+//! older build) has no `history_window` row. Then [`history`] uses the count
+//! bound alone, which is exactly what older builds kept, and the first event
+//! applied rebuilds the row inside apply by scanning `kv_events` once (in
+//! key order, summing stored lengths), then evicts as usual. Every replica
+//! holds the same rows at the same log index, so every replica rebuilds the
+//! same row. The result does not depend on when the row was built either:
+//! incremental eviction always keeps the longest run of newest events that
+//! fits both bounds, and so does a rebuild followed by eviction, because
+//! the count-only history of an older build holds every event the bounded
+//! one keeps. A replica upgraded late therefore converges to the rows of
+//! one that has run this build all along. The bound changes only which old
+//! events are kept: no key, revision, response or other row depends on it.
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +65,7 @@ const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
 const REQUESTS_TABLE: &str = "requests";
 const REQUEST_ORDER_TABLE: &str = "request_order";
 const REQUEST_WINDOW_KEY: &[u8] = b"request_window";
+const HISTORY_WINDOW_KEY: &[u8] = b"history_window";
 
 /// Most requests whose first answer is kept for deduplicating retries. Part
 /// of the replicated logic, like [`WATCH_HISTORY`].
@@ -51,6 +78,11 @@ pub const MAX_RANGE_BYTES: usize = 2 * 1024 * 1024;
 /// How many of the latest changes are kept for watchers resuming from an old
 /// revision. Part of the replicated logic: every node must use the same value.
 pub const WATCH_HISTORY: u64 = 10_000;
+/// Most bytes of stored event rows the history keeps (the newest event
+/// always stays, however large); the oldest leave first. Part of the
+/// replicated logic, like [`WATCH_HISTORY`]: changing it changes which
+/// events every replica keeps.
+pub const WATCH_HISTORY_BYTES: u64 = 64 * 1024 * 1024;
 /// Most pairs one range read returns.
 pub const MAX_RANGE_LIMIT: usize = 10_000;
 
@@ -117,6 +149,17 @@ struct RequestWindow {
     bytes: u64,
 }
 
+/// The retained history's bookkeeping, one `meta` row. Absent in state
+/// written before the history had a byte bound; rebuilt from `kv_events`
+/// by the first event applied after that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct HistoryWindow {
+    /// Revision of the oldest retained event.
+    oldest: u64,
+    /// Bytes of the retained event rows, as stored (layout byte included).
+    bytes: u64,
+}
+
 /// Where a kept answer is, in arrival order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RequestOrderRow {
@@ -128,11 +171,19 @@ crate::row_v1!(Record, "record");
 crate::row_v1!(StateEvent, "event");
 crate::row_v1!(RequestRow, "request");
 crate::row_v1!(RequestWindow, "request window");
+crate::row_v1!(HistoryWindow, "history window");
 crate::row_v1!(RequestOrderRow, "request order");
 
 /// The cluster's id, 0 before the cluster recorded one.
 pub fn cluster_id(txn: &dyn Txn) -> Result<u64> {
     meta_u64(txn, CLUSTER_ID_KEY)
+}
+
+/// Replaces the cluster's id. Only for offline tools (`cell0 snapshot
+/// restore` gives a restored state a new cluster); never from apply, where
+/// the id is set once by `Command::InitCluster`.
+pub fn replace_cluster_id(txn: &mut dyn Txn, id: u64) -> Result<()> {
+    put_meta_u64(txn, CLUSTER_ID_KEY, id)
 }
 
 pub(crate) fn meta_u64(txn: &dyn Txn, key: &[u8]) -> Result<u64> {
@@ -214,6 +265,22 @@ pub fn range(txn: &dyn Txn, prefix: &[u8], start_after: &[u8], limit: usize) -> 
 /// Rows read per scan of the history.
 const HISTORY_SCAN_PAGE: usize = 256;
 
+/// Rows read per scan when rebuilding the history's bookkeeping: few, as
+/// each may hold a value of up to a MiB.
+const HISTORY_REBUILD_PAGE: usize = 16;
+
+/// The revision of the oldest retained event (1 while there is none).
+/// Without the `history_window` row (state from before the byte
+/// bound) the count bound alone applies, as it did when that state was
+/// written.
+fn oldest_retained(txn: &dyn Txn, current: u64) -> Result<u64> {
+    let by_count = current.saturating_sub(WATCH_HISTORY) + 1;
+    Ok(match txn.get(META_TABLE, HISTORY_WINDOW_KEY)? {
+        Some(b) => decode_row::<HistoryWindow>(&b)?.oldest.max(by_count),
+        None => by_count,
+    })
+}
+
 /// Rows read per scan of a range page.
 const RANGE_SCAN_PAGE: usize = 256;
 
@@ -227,7 +294,7 @@ const RANGE_SCAN_PAGE: usize = 256;
 /// (it always holds at least one event), so one page fits a watch message.
 pub fn history(txn: &dyn Txn, prefix: &[u8], from: u64, limit: usize, max_bytes: usize) -> Result<Vec<StateEvent>> {
     let current = revision(txn)?;
-    let oldest = current.saturating_sub(WATCH_HISTORY) + 1;
+    let oldest = oldest_retained(txn, current)?;
     if from < oldest && from <= current {
         return Err(StateError::Compacted {
             requested: from,
@@ -436,13 +503,69 @@ fn write(
     Ok(kv)
 }
 
+/// Stores `ev` in the history, then drops the oldest events until the
+/// history fits [`WATCH_HISTORY`] and [`WATCH_HISTORY_BYTES`].
 fn record_event(txn: &mut dyn Txn, events: &mut Vec<StateEvent>, ev: StateEvent) -> Result<()> {
     let rev = ev.revision();
-    txn.put(EVENTS_TABLE, &rev.to_be_bytes(), &encode_row(&ev)?)?;
-    if rev > WATCH_HISTORY {
-        txn.delete(EVENTS_TABLE, &(rev - WATCH_HISTORY).to_be_bytes())?;
-    }
+    let row = encode_row(&ev)?;
+    let size = row.len() as u64;
+    txn.put(EVENTS_TABLE, &rev.to_be_bytes(), &row)?;
+    let mut window = match txn.get(META_TABLE, HISTORY_WINDOW_KEY)? {
+        Some(b) => {
+            let mut w: HistoryWindow = decode_row(&b)?;
+            w.bytes = w.bytes.saturating_add(size);
+            w
+        }
+        // Counts the row just stored too.
+        None => rebuild_history_window(txn, rev)?,
+    };
+    evict_history(txn, &mut window, rev)?;
+    txn.put(META_TABLE, HISTORY_WINDOW_KEY, &encode_row(&window)?)?;
     events.push(ev);
+    Ok(())
+}
+
+/// The bookkeeping of the events stored up to `newest` (which is stored),
+/// from one scan in revision order: for state written before the history
+/// had a byte bound. Deterministic, as every replica holds the same rows.
+fn rebuild_history_window(txn: &dyn Txn, newest: u64) -> Result<HistoryWindow> {
+    let end = newest.saturating_add(1).to_be_bytes();
+    let mut oldest = None;
+    let mut bytes = 0u64;
+    let mut start = 0u64;
+    loop {
+        let rows = txn.scan(EVENTS_TABLE, &start.to_be_bytes(), Some(&end), HISTORY_REBUILD_PAGE)?;
+        let Some((last, _)) = rows.last() else { break };
+        let last = decode_key_u64(last)?;
+        if oldest.is_none() {
+            oldest = Some(decode_key_u64(&rows[0].0)?);
+        }
+        bytes = rows
+            .iter()
+            .fold(bytes, |sum, (_, v)| sum.saturating_add(v.len() as u64));
+        if rows.len() < HISTORY_REBUILD_PAGE || last >= newest {
+            break;
+        }
+        start = last + 1;
+    }
+    Ok(HistoryWindow {
+        oldest: oldest.unwrap_or(newest),
+        bytes,
+    })
+}
+
+/// Drops the oldest events, in revision order, while more than
+/// [`WATCH_HISTORY`] revisions or more than [`WATCH_HISTORY_BYTES`] are
+/// kept, never the newest (`newest`).
+fn evict_history(txn: &mut dyn Txn, window: &mut HistoryWindow, newest: u64) -> Result<()> {
+    while window.oldest < newest && (newest - window.oldest + 1 > WATCH_HISTORY || window.bytes > WATCH_HISTORY_BYTES) {
+        let key = window.oldest.to_be_bytes();
+        if let Some(row) = txn.get(EVENTS_TABLE, &key)? {
+            txn.delete(EVENTS_TABLE, &key)?;
+            window.bytes = window.bytes.saturating_sub(row.len() as u64);
+        }
+        window.oldest += 1;
+    }
     Ok(())
 }
 
@@ -717,5 +840,161 @@ mod tests {
         assert_eq!(history(txn, b"", 6, 1, usize::MAX).unwrap()[0].revision(), 6);
         let stored = txn.scan(EVENTS_TABLE, b"", None, usize::MAX).unwrap().len() as u64;
         assert_eq!(stored, WATCH_HISTORY);
+    }
+
+    /// The oldest revision kept after `n` puts by [`put_big`]: as many of
+    /// the newest as fit in [`WATCH_HISTORY_BYTES`] (all its rows have one
+    /// size).
+    fn big_oldest(n: u64) -> u64 {
+        let ev = StateEvent {
+            kind: EventKind::Put,
+            kv: KeyValue {
+                key: b"big/000".to_vec(),
+                value: vec![b'v'; 1024 * 1024],
+                create_revision: 1,
+                mod_revision: 1,
+                version: 1,
+            },
+        };
+        let row = encode_row(&ev).unwrap().len() as u64;
+        n - WATCH_HISTORY_BYTES / row + 1
+    }
+
+    fn window(txn: &dyn Txn) -> Option<HistoryWindow> {
+        txn.get(META_TABLE, HISTORY_WINDOW_KEY)
+            .unwrap()
+            .map(|b| decode_row(&b).unwrap())
+    }
+
+    fn stored_events(txn: &dyn Txn) -> Vec<(Vec<u8>, Vec<u8>)> {
+        txn.scan(EVENTS_TABLE, b"", None, usize::MAX).unwrap()
+    }
+
+    /// Puts of 1 MiB values, one entry each; every event applied.
+    fn put_big(state: &mut MemTxn, from: usize, to: usize) -> Vec<StateEvent> {
+        let big = vec![b'v'; 1024 * 1024];
+        (from..to)
+            .flat_map(|i| {
+                let cmd = Command::Put {
+                    key: format!("big/{i:03}").into_bytes(),
+                    value: big.clone(),
+                };
+                crate::apply(state, &cmd).unwrap().events
+            })
+            .collect()
+    }
+
+    #[test]
+    fn history_is_bounded_in_bytes_and_compaction_is_reported() {
+        let mut state = MemTxn::new();
+        put_big(&mut state, 0, 68);
+        let oldest = big_oldest(68);
+        assert!(oldest > 1, "the byte bound evicted");
+        let txn = &state;
+        let stored = stored_events(txn);
+        assert_eq!(stored.len() as u64, 68 - oldest + 1);
+        assert_eq!(decode_key_u64(&stored[0].0).unwrap(), oldest);
+        let bytes: u64 = stored.iter().map(|(_, v)| v.len() as u64).sum();
+        assert!(bytes <= WATCH_HISTORY_BYTES);
+        assert_eq!(window(txn), Some(HistoryWindow { oldest, bytes }));
+        let err = history(txn, b"", oldest - 1, 10, usize::MAX).unwrap_err();
+        assert!(
+            matches!(err, StateError::Compacted { requested, oldest: o } if requested == oldest - 1 && o == oldest),
+            "{err}"
+        );
+        assert!(matches!(
+            history(txn, b"", 1, 10, usize::MAX),
+            Err(StateError::Compacted { .. })
+        ));
+        let evs = history(txn, b"", oldest, 1000, usize::MAX).unwrap();
+        assert_eq!(evs.len() as u64, 68 - oldest + 1);
+        assert_eq!(evs[0].revision(), oldest);
+    }
+
+    #[test]
+    fn the_newest_event_stays_however_large() {
+        let mut state = MemTxn::new();
+        let huge = Command::Put {
+            key: b"huge".to_vec(),
+            value: vec![0; WATCH_HISTORY_BYTES as usize + 1],
+        };
+        // The huge event alone passes the bound: it stays, alone; the next
+        // event pushes it out.
+        for (cmd, rev) in [(put("a", "1"), 1), (put("b", "1"), 2), (huge, 3), (put("c", "1"), 4)] {
+            run(&mut state, &[cmd]);
+            let stored = stored_events(&state);
+            let kept: Vec<u64> = stored.iter().map(|(k, _)| decode_key_u64(k).unwrap()).collect();
+            let oldest = if rev < 3 { 1 } else { rev };
+            assert_eq!(kept, (oldest..=rev).collect::<Vec<_>>());
+            let bytes = stored.iter().map(|(_, v)| v.len() as u64).sum();
+            assert_eq!(window(&state), Some(HistoryWindow { oldest, bytes }));
+        }
+        let err = history(&state, b"", 3, 10, usize::MAX).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateError::Compacted {
+                    requested: 3,
+                    oldest: 4
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn state_without_the_history_window_row_evicts_like_state_with_it() {
+        let mut with_row = MemTxn::new();
+        let all = put_big(&mut with_row, 0, 70);
+        let kept = big_oldest(70);
+        assert!(kept > 1, "the byte bound evicted");
+        assert_eq!(window(&with_row).unwrap().oldest, kept);
+
+        // What a build without the byte bound kept at the same log index:
+        // every event of the count bound, and no `history_window` row.
+        let mut old = with_row.clone();
+        old.delete(META_TABLE, HISTORY_WINDOW_KEY).unwrap();
+        for ev in all.iter().filter(|ev| ev.revision() < kept) {
+            old.put(EVENTS_TABLE, &ev.revision().to_be_bytes(), &encode_row(ev).unwrap())
+                .unwrap();
+        }
+        assert_eq!(stored_events(&old).len(), 70);
+        // Only the row lost: as after a snapshot of a mixed-version cluster.
+        let mut no_row = with_row.clone();
+        no_row.delete(META_TABLE, HISTORY_WINDOW_KEY).unwrap();
+
+        // Before the next event, the old state reports compaction by count
+        // alone, exactly as the build that wrote it did, and serves it all.
+        assert_eq!(history(&old, b"", 1, 1000, usize::MAX).unwrap().len(), 70);
+        assert!(history(&with_row, b"", 1, 1000, usize::MAX).is_err());
+
+        // The next event rebuilds the row in each, and all three agree, then
+        // and after more events.
+        for n in [71, 72] {
+            put_big(&mut with_row, n - 1, n);
+            put_big(&mut old, n - 1, n);
+            put_big(&mut no_row, n - 1, n);
+            assert!(old == with_row, "rebuilt from the full old history");
+            assert!(no_row == with_row, "rebuilt from the bounded history");
+            let oldest = big_oldest(n as u64);
+            assert_eq!(window(&old).unwrap().oldest, oldest);
+            let err = history(&old, b"", oldest - 1, 10, usize::MAX).unwrap_err();
+            assert!(
+                matches!(err, StateError::Compacted { oldest: o, .. } if o == oldest),
+                "{err}"
+            );
+        }
+
+        // A fresh state's first event builds the row from an empty history.
+        let mut fresh = MemTxn::new();
+        run(&mut fresh, &[put("a", "1")]);
+        let stored = stored_events(&fresh);
+        assert_eq!(
+            window(&fresh),
+            Some(HistoryWindow {
+                oldest: 1,
+                bytes: stored[0].1.len() as u64
+            })
+        );
     }
 }

@@ -1,10 +1,15 @@
 //! `cell0.v1.Cluster`: status, membership and admission of new nodes.
 
 use std::collections::BTreeMap;
+use std::io::Read;
+use std::pin::Pin;
 
 use cell0_consensus::{Consensus, Consistency, Member, NodeId, NodeInfo, NodeResources, Role, nodes};
 use cell0_proto::v1::cluster_server::Cluster;
 use cell0_proto::v1::{self, RaftRole};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, RequestGate};
@@ -67,8 +72,81 @@ fn check_text(field: &str, v: &str, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Bytes of a snapshot file per `SaveSnapshot` message.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<v1::SaveSnapshotResponse, Status>> + Send>>;
+
+/// Sends `file` in chunks, `info` with the first; stops when the client
+/// goes away.
+fn send_file(
+    mut file: std::fs::File,
+    info: v1::SnapshotInfo,
+    tx: mpsc::Sender<Result<v1::SaveSnapshotResponse, Status>>,
+) {
+    let mut info = Some(info);
+    loop {
+        let mut data = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+        let mut filled = 0;
+        while filled < data.len() {
+            match file.read(&mut data[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::from(ApiError::Internal(format!(
+                        "reading the snapshot file: {e}"
+                    )))));
+                    return;
+                }
+            }
+        }
+        if filled == 0 && info.is_none() {
+            return;
+        }
+        data.truncate(filled);
+        let last = filled < SNAPSHOT_CHUNK_BYTES;
+        let msg = v1::SaveSnapshotResponse {
+            info: info.take(),
+            data: data.into(),
+        };
+        if tx.blocking_send(Ok(msg)).is_err() || last {
+            return;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterApi {
+    type SaveSnapshotStream = SnapshotStream;
+
+    async fn save_snapshot(
+        &self,
+        _request: Request<v1::SaveSnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        self.gate
+            .observe("Cluster/SaveSnapshot", async {
+                let exported = self.consensus.export_snapshot().await?;
+                let info = v1::SnapshotInfo {
+                    index: exported.index,
+                    term: exported.term,
+                    cluster_id: exported.summary.header.cluster_id,
+                    size_bytes: exported.summary.file_bytes,
+                    rows: exported.summary.rows,
+                    sha256: exported.summary.sha256.clone(),
+                    created_unix_ms: exported.summary.header.created_unix_ms,
+                };
+                tracing::info!(
+                    index = info.index,
+                    bytes = info.size_bytes,
+                    "sending a snapshot to a client"
+                );
+                let (tx, rx) = mpsc::channel(4);
+                tokio::task::spawn_blocking(move || send_file(exported.file, info, tx));
+                Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as SnapshotStream))
+            })
+            .await
+    }
+
     async fn status(&self, _request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
         self.gate
             .observe("Cluster/Status", async {

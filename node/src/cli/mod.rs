@@ -6,6 +6,7 @@ pub mod bench;
 pub mod infer;
 pub mod kv;
 pub mod model;
+pub mod snapshot;
 
 use std::time::Duration;
 
@@ -26,6 +27,62 @@ pub enum Output {
 
 /// How long the CLI waits for the answer to one request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Progress of a long transfer on stderr: one updating line on a terminal,
+/// a line per 10 % otherwise (logs, pipes). Silent for totals below
+/// `min_total` bytes.
+pub struct ProgressLine {
+    label: String,
+    total: u64,
+    min_total: u64,
+    tty: bool,
+    last: Option<u64>,
+}
+
+impl ProgressLine {
+    /// A display for `label` (e.g. "uploading m.safetensors") of `total` bytes.
+    pub fn new(label: impl Into<String>, total: u64, min_total: u64) -> Self {
+        Self {
+            label: label.into(),
+            total,
+            min_total,
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            last: None,
+        }
+    }
+
+    /// Shows that `done` bytes are through.
+    pub fn update(&mut self, done: u64) {
+        if self.total < self.min_total {
+            return;
+        }
+        let pct = done.min(self.total) * 100 / self.total.max(1);
+        let step = if self.tty { pct } else { pct / 10 * 10 };
+        if self.last == Some(step) {
+            return;
+        }
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        if self.tty {
+            eprint!(
+                "\r  {} {pct:>3}% ({:.1} of {:.1} MiB)",
+                self.label,
+                mib(done),
+                mib(self.total)
+            );
+        } else {
+            eprintln!("  {} {step:>3}%", self.label);
+        }
+        self.last = Some(step);
+    }
+
+    /// Ends the display (the terminal line gets its newline).
+    pub fn finish(&mut self) {
+        if self.tty && self.last.is_some() {
+            eprintln!();
+        }
+        self.last = None;
+    }
+}
 
 /// Connects to a node's public API; every call on the channel gives up after
 /// [`REQUEST_TIMEOUT`].

@@ -147,9 +147,7 @@ fn upload_stream(
         }
         let Ok(mut f) = std::fs::File::open(&path) else { return };
         let mut sent = 0u64;
-        let mut last_pct = u64::MAX;
-        // A terminal gets one updating line; a log gets a line per 10 %.
-        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut progress = super::ProgressLine::new(format!("uploading {label}"), size, UPLOAD_CHUNK_BYTES as u64 + 1);
         loop {
             let mut buf = vec![0u8; UPLOAD_CHUNK_BYTES];
             let n = match f.read(&mut buf) {
@@ -158,16 +156,7 @@ fn upload_stream(
             };
             buf.truncate(n);
             sent += n as u64;
-            let pct = sent * 100 / size.max(1);
-            let step = if tty { pct } else { pct / 10 * 10 };
-            if step != last_pct && size > UPLOAD_CHUNK_BYTES as u64 {
-                if tty {
-                    eprint!("\r  uploading {label} {pct:>3}%");
-                } else {
-                    eprintln!("  uploading {label} {step:>3}%");
-                }
-                last_pct = step;
-            }
+            progress.update(sent);
             let msg = v1::UploadRequest {
                 part: Some(Part::Data(buf.into())),
             };
@@ -175,9 +164,7 @@ fn upload_stream(
                 return;
             }
         }
-        if last_pct != u64::MAX && tty {
-            eprintln!();
-        }
+        progress.finish();
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
