@@ -109,7 +109,10 @@ pub async fn restore(
         cell0_state::kv::replace_cluster_id(txn, cluster_id)?;
         Ok(())
     })?;
-    log.reset_to_snapshot(last)?;
+    // A vote in the snapshot's term: the node's first election is in a term
+    // above every entry's.
+    let term = last.map_or(0, |l| l.leader_id.term);
+    log.reset_to_snapshot(last, &Vote::new(term, node_id))?;
     engine.flush()?;
     Ok(RestoreReport {
         file: summary,

@@ -23,6 +23,7 @@
 // type; boxing it is not an option for trait methods we implement.
 #![allow(clippy::result_large_err)]
 
+pub mod crash;
 mod engine;
 mod error;
 mod format;

@@ -27,6 +27,50 @@ const VOTE_KEY: &[u8] = b"raft/vote";
 const COMMITTED_KEY: &[u8] = b"raft/committed";
 const PURGED_KEY: &[u8] = b"raft/last_purged";
 
+/// Repairs the log after a snapshot install that a crash interrupted.
+///
+/// openraft purges the log up to a received snapshot as soon as it hands the
+/// snapshot to the state machine, before the state machine has loaded it; a
+/// crash in between leaves the log purged past the applied state, which
+/// openraft refuses at the next start (the purge point must not pass the
+/// committed index). Nothing is lost by moving the purge point back to the
+/// applied state: the leader counts the snapshot only once it is installed,
+/// so no entry at or after it was acknowledged, and none can be in the log
+/// (entries follow a snapshot only once it is installed; any found is an
+/// error, not repaired). The commit record is clamped the same way. The
+/// leader then sends the snapshot again.
+pub(crate) fn repair_interrupted_install<E: Engine>(engine: &E, applied: Option<LogId<u64>>) -> crate::Result<()> {
+    let purged: Option<LogId<u64>> = match engine.get(Cf::Meta, PURGED_KEY)? {
+        Some(b) => Some(decode("last purged log id", &b)?),
+        None => None,
+    };
+    if purged <= applied {
+        return Ok(());
+    }
+    if engine.last(Cf::Log)?.is_some() {
+        return Err(crate::Error::Corrupt {
+            what: "raft log",
+            detail: format!("purged up to {purged:?}, past the applied state {applied:?}, with entries after it"),
+        });
+    }
+    let committed: Option<LogId<u64>> = match engine.get(Cf::Meta, COMMITTED_KEY)? {
+        Some(b) => decode("committed log id", &b)?,
+        None => None,
+    };
+    tracing::warn!(
+        ?purged,
+        ?applied,
+        "a snapshot install was interrupted; the leader will send it again"
+    );
+    let mut batch = WriteBatch::new();
+    match applied {
+        Some(a) => batch.put(Cf::Meta, PURGED_KEY, encode(&a)?),
+        None => batch.delete(Cf::Meta, PURGED_KEY),
+    }
+    batch.put(Cf::Meta, COMMITTED_KEY, encode(&committed.min(applied))?);
+    engine.write(batch, Durability::Sync)
+}
+
 /// Key of the log entry at `index`: big-endian, so keys sort by index.
 fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
@@ -73,13 +117,15 @@ where
     E: Engine,
 {
     /// Offline (no Raft running on this store): makes the log empty, purged
-    /// up to `last`, with no vote and no commit record, as after installing
-    /// a snapshot that ends at `last` (`cell0 snapshot restore`).
-    pub fn reset_to_snapshot(&self, last: Option<LogId<u64>>) -> crate::Result<()> {
+    /// up to `last`, with `vote` and no commit record, as after installing
+    /// a snapshot that ends at `last` (`cell0 snapshot restore`). The vote's
+    /// term must be at least `last`'s, so the next election's term is above
+    /// every entry's.
+    pub fn reset_to_snapshot(&self, last: Option<LogId<u64>>, vote: &Vote<u64>) -> crate::Result<()> {
         let mut batch = WriteBatch::new();
         batch.delete_range(Cf::Log, log_key(0), log_key(u64::MAX));
         batch.delete(Cf::Log, log_key(u64::MAX));
-        batch.delete(Cf::Meta, VOTE_KEY);
+        batch.put(Cf::Meta, VOTE_KEY, encode(vote)?);
         batch.delete(Cf::Meta, COMMITTED_KEY);
         match last {
             Some(last) => batch.put(Cf::Meta, PURGED_KEY, encode(&last)?),

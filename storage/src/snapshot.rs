@@ -444,6 +444,9 @@ pub fn verify(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<FileSum
 pub struct SnapshotFile {
     file: tokio::fs::File,
     path: PathBuf,
+    /// Bytes written into it (receiving), and since when.
+    written: u64,
+    opened: std::time::Instant,
 }
 
 impl SnapshotFile {
@@ -453,6 +456,8 @@ impl SnapshotFile {
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            written: 0,
+            opened: std::time::Instant::now(),
         })
     }
 
@@ -469,6 +474,8 @@ impl SnapshotFile {
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            written: 0,
+            opened: std::time::Instant::now(),
         })
     }
 
@@ -477,7 +484,15 @@ impl SnapshotFile {
         Self {
             file: tokio::fs::File::from_std(file),
             path,
+            written: 0,
+            opened: std::time::Instant::now(),
         }
+    }
+
+    /// Bytes written into the file through this handle, and when it was
+    /// opened (transfer rates in logs).
+    pub fn written(&self) -> (u64, std::time::Instant) {
+        (self.written, self.opened)
     }
 
     /// Where the file is.
@@ -498,7 +513,12 @@ impl tokio::io::AsyncRead for SnapshotFile {
 
 impl tokio::io::AsyncWrite for SnapshotFile {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.file).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.file).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.written += *n as u64;
+            crate::crash::point(crate::crash::SNAPSHOT_RECEIVE, self.written);
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

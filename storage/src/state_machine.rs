@@ -33,7 +33,7 @@ use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cell0_state::codec::frame_unversioned;
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -207,6 +207,14 @@ fn read_sm_err(e: crate::Error) -> StorageError<u64> {
 
 fn write_sm_err(e: crate::Error) -> StorageError<u64> {
     StorageIOError::write_state_machine(&e).into()
+}
+
+/// Milliseconds since `started` and the MB/s that moving `bytes` in that
+/// time makes, for logs.
+fn rate(bytes: u64, started: Instant) -> (u64, f64) {
+    let secs = started.elapsed().as_secs_f64();
+    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    (ms, if secs > 0.0 { bytes as f64 / 1e6 / secs } else { 0.0 })
 }
 
 fn unix_ms() -> u64 {
@@ -386,7 +394,8 @@ where
             tracing::info!("removing the staged rows of an interrupted snapshot install");
             clear_staging(self.engine.as_ref())?;
         }
-        Ok(())
+        let (applied, _) = applied_from::<C::Node>(self.engine.as_ref())?;
+        crate::log_store::repair_interrupted_install(self.engine.as_ref(), applied)
     }
 
     /// Writes `rows` (in key order) into a new snapshot file for `meta`.
@@ -463,12 +472,14 @@ where
     /// stored.
     fn build(&self) -> crate::Result<(OpenedSnapshot<C>, bool)> {
         let mut out = None;
+        let started = Instant::now();
         self.engine.with_view(&mut |view| {
             let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
             let last = applied_from::<C::Node>(view)?.0;
             let path = self.dir.join(file_name_for(&last, seq));
             let (meta, summary) = write_view::<C, A>(view, self.apply.as_ref(), seq, &path)?;
-            tracing::info!(snapshot = %meta.snapshot_id, rows = summary.rows, bytes = summary.file_bytes, "wrote snapshot file");
+            let (elapsed_ms, mb_per_s) = rate(summary.file_bytes, started);
+            tracing::info!(snapshot = %meta.snapshot_id, rows = summary.rows, bytes = summary.file_bytes, elapsed_ms, mb_per_s, "wrote snapshot file");
             out = Some((meta, path));
             Ok(())
         })?;
@@ -557,6 +568,7 @@ where
     /// with `meta`'s applied log id and membership.
     fn load(&self, meta: &SnapshotMeta<u64, C::Node>, path: &Path) -> crate::Result<()> {
         let engine = self.engine.as_ref();
+        let started = Instant::now();
         clear_staging(engine)?;
         let mut reader = SnapshotReader::open(path)?;
         let file_meta: SnapshotMeta<u64, C::Node> = decode("snapshot file meta", &reader.header().meta)?;
@@ -571,12 +583,15 @@ where
         }
         let mut batch = WriteBatch::new();
         let mut batch_bytes = 0;
+        let mut loaded = 0u64;
         while let Some((k, v)) = reader.next_row()? {
             batch_bytes += k.len() + v.len();
             batch.put(Cf::Staging, k, v);
             if batch_bytes >= LOAD_BATCH_BYTES {
                 engine.write(std::mem::take(&mut batch), Durability::Buffered)?;
+                loaded += batch_bytes as u64;
                 batch_bytes = 0;
+                crate::crash::point(crate::crash::SNAPSHOT_LOAD, loaded);
             }
         }
         let summary = reader.summary().cloned();
@@ -601,7 +616,8 @@ where
         // The old state, now staged: not needed any more.
         clear_staging(engine)?;
         if let Some(summary) = summary {
-            tracing::info!(snapshot = %meta.snapshot_id, rows = summary.rows, bytes = summary.file_bytes, "installed snapshot");
+            let (elapsed_ms, mb_per_s) = rate(summary.file_bytes, started);
+            tracing::info!(snapshot = %meta.snapshot_id, rows = summary.rows, bytes = summary.file_bytes, elapsed_ms, mb_per_s, "installed snapshot");
         }
         self.apply.snapshot_installed(&EngineTxn::new(engine));
         Ok(())
@@ -755,6 +771,7 @@ where
     async fn begin_receiving_snapshot(&mut self) -> SResult<Box<SnapshotFile>> {
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(format!("incoming-{}-{seq}.part", unix_ms()));
+        tracing::info!(file = %path.display(), "receiving a snapshot");
         let file = SnapshotFile::create(&path)
             .await
             .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
@@ -768,6 +785,9 @@ where
     ) -> SResult<()> {
         let sig = meta.signature();
         let received = snapshot.path().to_path_buf();
+        let (bytes, since) = snapshot.written();
+        let (elapsed_ms, mb_per_s) = rate(bytes, since);
+        tracing::info!(snapshot = %meta.snapshot_id, bytes, elapsed_ms, mb_per_s, "received snapshot");
         // openraft flushed the file when the last chunk arrived.
         drop(snapshot);
         let store = self.clone();

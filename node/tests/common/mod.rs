@@ -64,28 +64,45 @@ pub struct Node {
     pub ports: Ports,
     pub child: Child,
     pub join: Option<String>,
+    /// Flags every start of this node gets (a config file).
+    pub extra: Vec<String>,
 }
 
 impl Node {
     /// Starts a node; `join` is the endpoint of a member, or `None` to
     /// bootstrap.
     pub fn start(name: &str, dir: &Path, ports: Ports, join: Option<String>) -> Node {
-        let cluster_flags = match &join {
+        Self::start_with(name, dir, ports, join, Vec::new(), &[])
+    }
+
+    /// [`Node::start`] with `extra` flags on every start and `env` on this
+    /// one only.
+    pub fn start_with(
+        name: &str,
+        dir: &Path,
+        ports: Ports,
+        join: Option<String>,
+        extra: Vec<String>,
+        env: &[(&str, &str)],
+    ) -> Node {
+        let mut flags = match &join {
             Some(j) => vec!["--join".to_string(), j.clone()],
             None => vec!["--bootstrap".to_string()],
         };
+        flags.extend(extra.iter().cloned());
         Node {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             ports,
-            child: spawn(name, dir, ports, &cluster_flags),
+            child: spawn(name, dir, ports, &flags, env),
             join,
+            extra,
         }
     }
 
     /// Starts the node again on its data dir and ports, with no cluster flags.
     pub fn restart(&mut self) {
-        self.child = spawn(&self.name, &self.dir, self.ports, &[]);
+        self.child = spawn(&self.name, &self.dir, self.ports, &self.extra, &[]);
     }
 
     pub fn endpoint(&self) -> String {
@@ -136,7 +153,7 @@ impl Node {
 }
 
 /// Spawns `cell0 run` for a node, its log appended to `<dir>.log`.
-fn spawn(name: &str, dir: &Path, ports: Ports, extra: &[String]) -> Child {
+fn spawn(name: &str, dir: &Path, ports: Ports, extra: &[String], env: &[(&str, &str)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -152,6 +169,7 @@ fn spawn(name: &str, dir: &Path, ports: Ports, extra: &[String]) -> Child {
         .args(["--listen-http", &ports.addr(ports.http)])
         .args(extra)
         .env("CELL0_LOG_LEVEL", "info,openraft=warn")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
