@@ -128,6 +128,8 @@ pub async fn restore(
 pub struct RecoverReport {
     /// The last log index the node had, all of it kept.
     pub kept_last_index: u64,
+    /// The term of that entry.
+    pub kept_last_term: u64,
     /// The index of the new one-member configuration.
     pub config_index: u64,
     /// Its term.
@@ -137,8 +139,9 @@ pub struct RecoverReport {
 }
 
 /// Forces a one-member configuration (this node alone) onto the stopped
-/// node's Raft store at `raft_dir`, keeping every entry it has.
-pub async fn recover(raft_dir: &Path, node_id: NodeId) -> Result<RecoverReport> {
+/// node's Raft store at `raft_dir`, keeping every entry it has. With
+/// `dry_run` it only reports what it would do.
+pub async fn recover(raft_dir: &Path, node_id: NodeId, dry_run: bool) -> Result<RecoverReport> {
     let (mut log, mut sm, engine) = open(raft_dir, node_id)?;
     let state = log.get_log_state().await.map_err(storage_err)?;
     let Some(last) = state.last_log_id else {
@@ -177,12 +180,16 @@ pub async fn recover(raft_dir: &Path, node_id: NodeId) -> Result<RecoverReport> 
             BTreeMap::from([(node_id, info)]),
         )),
     };
-    log.force_append(&[entry], &Vote::new(term, node_id))?;
-    engine.flush()?;
-    Ok(RecoverReport {
+    let report = RecoverReport {
         kept_last_index: last.index,
+        kept_last_term: last.leader_id.term,
         config_index: last.index + 1,
         term,
         removed,
-    })
+    };
+    if !dry_run {
+        log.force_append(&[entry], &Vote::new(term, node_id))?;
+        engine.flush()?;
+    }
+    Ok(report)
 }

@@ -220,7 +220,9 @@ async fn the_last_survivor_recovers_alone_with_every_write_it_had() {
     }
     // Nodes 1 and 2 are lost for good; node 3 is stopped with its data.
     let survivor = stopped.pop().unwrap();
-    let report = offline::recover(&survivor.dir, survivor.id).await.unwrap();
+    let dry = offline::recover(&survivor.dir, survivor.id, true).await.unwrap();
+    let report = offline::recover(&survivor.dir, survivor.id, false).await.unwrap();
+    assert_eq!(dry.kept_last_index, report.kept_last_index);
     assert!(report.kept_last_index >= last);
     assert_eq!(report.removed, vec![1, 2]);
 

@@ -100,6 +100,10 @@ enum OperatorCommand {
         /// The stopped node's data dir.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Only print the last log index and term the node has (to pick the
+        /// most up-to-date survivor); change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -276,7 +280,9 @@ fn main() -> ExitCode {
                 let (config, _) = node.into_config()?;
                 snapshot::restore(cli.output, &file, &config).await
             }
-            Command::Operator(OperatorCommand::Recover { data_dir }) => snapshot::recover(cli.output, &data_dir).await,
+            Command::Operator(OperatorCommand::Recover { data_dir, dry_run }) => {
+                snapshot::recover(cli.output, &data_dir, dry_run).await
+            }
         }
     });
     match result {

@@ -98,7 +98,23 @@ async fn a_saved_snapshot_restores_into_a_new_cluster_and_damaged_files_are_refu
     }
 
     // The old cluster goes away; the restored node serves its data alone.
+    let old_dir = nodes[1].dir.display().to_string();
     drop(nodes);
+    // Disaster recovery's dry run reports the survivor's log and changes nothing.
+    let dry = json(&cli(&[
+        "operator",
+        "recover",
+        "--data-dir",
+        &old_dir,
+        "--dry-run",
+        "--output",
+        "json",
+    ]));
+    assert!(
+        dry["kept_last_index"].as_u64().unwrap() >= saved["index"].as_u64().unwrap(),
+        "{dry}"
+    );
+    assert_eq!(dry["removed"].as_array().map(Vec::len), Some(2), "{dry}");
     let ports = Ports::new();
     let dir = root.path().join("restored");
     let restored = json(&cli(&[

@@ -228,30 +228,48 @@ pub async fn restore(output: Output, file: &Path, config: &NodeConfig) -> anyhow
 struct RecoverOutput {
     data_dir: PathBuf,
     node_id: String,
+    dry_run: bool,
     kept_last_index: u64,
+    kept_last_term: u64,
     term: u64,
     removed: Vec<String>,
 }
 
 /// `cell0 operator recover --data-dir DIR`: forces this stopped node's
 /// store into a one-member configuration after quorum is lost.
-pub async fn recover(output: Output, dir: &Path) -> anyhow::Result<()> {
+pub async fn recover(output: Output, dir: &Path, dry_run: bool) -> anyhow::Result<()> {
     if !dir.join("node.json").is_file() {
         bail!("{} is not a Cell0 data dir (no node.json)", dir.display());
     }
     let datadir = DataDir::open(dir)?;
-    let report = offline::recover(&datadir.raft_dir(), datadir.node_id())
+    let report = offline::recover(&datadir.raft_dir(), datadir.node_id(), dry_run)
         .await
         .context("recovering the data dir")?;
     let out = RecoverOutput {
         data_dir: dir.to_path_buf(),
         node_id: format!("{:016x}", datadir.node_id()),
+        dry_run,
         kept_last_index: report.kept_last_index,
+        kept_last_term: report.kept_last_term,
         term: report.term,
         removed: report.removed.iter().map(|id| format!("{id:016x}")).collect(),
     };
     match output {
         Output::Json => print_json(&out),
+        Output::Table if dry_run => {
+            println!(
+                "node {} has entries up to index {} (term {}); recovering it would remove: {}. Nothing was changed.",
+                out.node_id,
+                out.kept_last_index,
+                out.kept_last_term,
+                if out.removed.is_empty() {
+                    "none".to_string()
+                } else {
+                    out.removed.join(", ")
+                }
+            );
+            Ok(())
+        }
         Output::Table => {
             println!(
                 "node {} is now the only member (term {}); every entry up to index {} is kept. Removed: {}.",
