@@ -223,6 +223,15 @@ pub async fn restore(output: Output, file: &Path, config: &NodeConfig) -> anyhow
     }
 }
 
+/// `a, b` or `none`.
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
 /// What `recover` did.
 #[derive(Debug, Serialize)]
 struct RecoverOutput {
