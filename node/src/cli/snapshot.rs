@@ -271,11 +271,7 @@ pub async fn recover(output: Output, dir: &Path, dry_run: bool) -> anyhow::Resul
                 out.node_id,
                 out.kept_last_index,
                 out.kept_last_term,
-                if out.removed.is_empty() {
-                    "none".to_string()
-                } else {
-                    out.removed.join(", ")
-                }
+                list_or_none(&out.removed)
             );
             Ok(())
         }
@@ -285,11 +281,7 @@ pub async fn recover(output: Output, dir: &Path, dry_run: bool) -> anyhow::Resul
                 out.node_id,
                 out.term,
                 out.kept_last_index,
-                if out.removed.is_empty() {
-                    "none".to_string()
-                } else {
-                    out.removed.join(", ")
-                }
+                list_or_none(&out.removed)
             );
             println!(
                 "Start it with `cell0 run --data-dir {}`; wipe the data dirs of the removed nodes before they join again.",
