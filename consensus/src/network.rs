@@ -43,6 +43,24 @@ use crate::types::{NodeId, NodeInfo, TypeConfig};
 /// bounded well below it (see [`crate::ConsensusConfig`]).
 pub const MAX_INTERNAL_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// HTTP/2 flow-control window of one stream between nodes. hyper's default
+/// (64 KiB) lets a 1 MiB snapshot chunk or append batch cross only after
+/// sixteen window updates, each a round trip; measured on loopback, that
+/// capped snapshot transfers near 150 MB/s.
+pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+
+/// HTTP/2 flow-control window of one connection between nodes (all its
+/// streams together).
+pub const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
+/// A gRPC server builder for a node's ports, with the flow-control windows
+/// of [`STREAM_WINDOW_BYTES`] and [`CONNECTION_WINDOW_BYTES`].
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+}
+
 /// How long the accept loop pauses after a failed accept (such as running
 /// out of file descriptors) before it tries again, instead of spinning.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -220,6 +238,8 @@ impl Transport for TcpTransport {
             .map_err(|e| ConsensusError::invalid("internal_addr", format!("{addr:?} is not host:port ({e})")))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
         Ok(endpoint.connect_lazy())

@@ -76,7 +76,7 @@ impl LocalNode {
         let (stop, stopped) = oneshot::channel::<()>();
         let service = consensus.internal_service();
         let server = tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let result = crate::network::server_builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(nodelay_incoming(listener), async {
                     let _ = stopped.await;

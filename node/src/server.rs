@@ -187,7 +187,7 @@ async fn serve(
     // This node's budget of concurrent requests, shared by all of its
     // services (public and internal) and by no other node in the process.
     let gate = RequestGate::default();
-    let public_server = tonic::transport::Server::builder()
+    let public_server = cell0_consensus::network::server_builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(KvServer::new(KvApi::new(
@@ -206,7 +206,7 @@ async fn serve(
                 .max_decoding_message_size(MAX_UPLOAD_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(nodelay_incoming(listeners.public), when_stopped(stop()));
-    let internal_server = tonic::transport::Server::builder()
+    let internal_server = cell0_consensus::network::server_builder()
         .add_service(consensus.internal_service())
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone(), gate)))
         .add_service(BlobsServer::new(BlobService::new(store)))

@@ -106,7 +106,9 @@ async fn open_channel(endpoint: &str, timeout: Option<Duration>) -> anyhow::Resu
     let mut ep = tonic::transport::Endpoint::from_shared(uri)
         .with_context(|| format!("{endpoint:?} is not a valid endpoint (expected host:port)"))?
         .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .initial_stream_window_size(cell0_consensus::network::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(cell0_consensus::network::CONNECTION_WINDOW_BYTES);
     if let Some(t) = timeout {
         ep = ep.timeout(t);
     }
