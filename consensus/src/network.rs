@@ -87,16 +87,28 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
     }))
 }
 
-/// The internal message format this build writes (the `format` field of
-/// every [`RaftMessage`]). Message payloads are postcard enums whose variants
-/// are frozen (see `cell0_state::codec`); a change that an older node could
-/// misread instead bumps this, and the older node refuses it cleanly.
-pub const INTERNAL_FORMAT: u32 = 1;
+/// The newest internal message format this build reads (the `format` field
+/// of every [`RaftMessage`]). Message payloads are postcard enums whose
+/// variants are frozen (see `cell0_state::codec`); a change that an older
+/// node could misread instead bumps this, and the older node refuses it
+/// cleanly. Formats: 1, everything in `payload`; 2, as 1 but an
+/// InstallSnapshot chunk's bytes travel in `data` ([`SNAPSHOT_DATA_FORMAT`]).
+/// A sender writes the oldest format that carries its message, so nodes of
+/// the previous build still read everything but snapshot chunks.
+pub const INTERNAL_FORMAT: u32 = SNAPSHOT_DATA_FORMAT;
+
+/// The format of every message but snapshot chunks.
+pub const BASE_FORMAT: u32 = 1;
+
+/// The format of InstallSnapshot requests: chunk bytes in `data`, not
+/// encoded into the payload byte by byte (measured: that encoding and its
+/// decoding held snapshot transfers near 150 MB/s).
+pub const SNAPSHOT_DATA_FORMAT: u32 = 2;
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<RaftMessage, ConsensusError> {
     Ok(RaftMessage {
         payload: cell0_state::codec::encode("internal message", v)?.into(),
-        format: INTERNAL_FORMAT,
+        format: BASE_FORMAT,
         ..Default::default()
     })
 }
@@ -434,10 +446,14 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        mut rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(Method::Snapshot, &rpc, option.hard_ttl()).await
+        let data = std::mem::take(&mut rpc.data);
+        let mut msg = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&AnyErr(e.to_string()))))?;
+        msg.data = data.into();
+        msg.format = SNAPSHOT_DATA_FORMAT;
+        self.send(Method::Snapshot, msg, option.hard_ttl()).await
     }
 
     async fn vote(
@@ -517,7 +533,8 @@ mod tests {
             cluster_id,
             to_node,
             from_node: 9,
-            format: INTERNAL_FORMAT,
+            format: BASE_FORMAT,
+            data: Vec::new().into(),
         };
         identity.check(&msg(0xc1, 1)).unwrap();
         let err = identity.check(&msg(0xc1, 2)).unwrap_err();
@@ -534,7 +551,7 @@ mod tests {
     #[test]
     fn messages_of_older_formats_decode_and_newer_ones_are_refused() {
         let mut msg = encode(&7u64).unwrap();
-        assert_eq!(msg.format, INTERNAL_FORMAT);
+        assert_eq!(msg.format, BASE_FORMAT);
         assert_eq!(decode::<u64>(&msg).unwrap(), 7);
         // Senders from before the field existed leave it 0.
         msg.format = 0;

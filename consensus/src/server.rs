@@ -78,7 +78,10 @@ impl RaftRpc for InternalService {
 
     async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.inner.identity.check(request.get_ref())?;
-        let rpc: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref()).map_err(bad_payload)?;
+        let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref()).map_err(bad_payload)?;
+        if request.get_ref().format >= crate::network::SNAPSHOT_DATA_FORMAT {
+            rpc.data = request.into_inner().data.into();
+        }
         reply(&self.inner.raft.install_snapshot(rpc).await)
     }
 
