@@ -68,7 +68,7 @@ impl Default for ConsensusConfig {
             election_timeout_max_ms: 2000,
             snapshot_every: 10_000,
             keep_logs_after_snapshot: 1_000,
-            snapshot_chunk_bytes: 1024 * 1024,
+            snapshot_chunk_bytes: 4 * 1024 * 1024,
             max_append_entries: 64,
             max_append_bytes: 4 * 1024 * 1024,
             link_mbps: 1000,

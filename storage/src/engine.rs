@@ -101,6 +101,11 @@ pub enum Durability {
     Sync,
     /// Leave it in the OS page cache; a later synced write makes it durable.
     Buffered,
+    /// Not written to the write-ahead log at all: durable only once
+    /// [`Engine::flush`] returns, lost on a crash before. Only for bulk loads
+    /// whose loss is harmless (a snapshot staged in [`Cf::Staging`], removed
+    /// at the next start anyway): it halves their disk writes.
+    Unlogged,
 }
 
 /// One mutation of a [`WriteBatch`].

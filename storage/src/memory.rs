@@ -194,7 +194,9 @@ impl Engine for MemEngine {
         let mut guard = self.lock();
         let State { tables, slot, undo } = &mut *guard;
         // Undo records are only needed for writes a power loss can discard.
-        let buffered = durability == Durability::Buffered;
+        // An unlogged write is kept like a buffered one: a later synced
+        // write or flush makes both durable here.
+        let buffered = durability != Durability::Sync;
         let mut record = |space: Space, key: &[u8], previous: Option<Vec<u8>>| {
             if buffered {
                 undo.push(Undo::Key {

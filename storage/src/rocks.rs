@@ -332,6 +332,7 @@ impl Engine for RocksEngine {
         let promotes = batch.ops().iter().any(|op| matches!(op, WriteOp::PromoteStaging));
         let mut wo = WriteOptions::default();
         wo.set_sync(durability == Durability::Sync);
+        wo.disable_wal(durability == Durability::Unlogged);
         if !promotes {
             let slot = self.slot();
             self.db.write_opt(self.rocks_batch(*slot, &batch)?, &wo)?;

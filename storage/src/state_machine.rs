@@ -588,13 +588,17 @@ where
             batch_bytes += k.len() + v.len();
             batch.put(Cf::Staging, k, v);
             if batch_bytes >= LOAD_BATCH_BYTES {
-                engine.write(std::mem::take(&mut batch), Durability::Buffered)?;
+                // Not logged: staged rows are worth nothing after a crash.
+                engine.write(std::mem::take(&mut batch), Durability::Unlogged)?;
                 loaded += batch_bytes as u64;
                 batch_bytes = 0;
                 crate::crash::point(crate::crash::SNAPSHOT_LOAD, loaded);
             }
         }
         let summary = reader.summary().cloned();
+        engine.write(std::mem::take(&mut batch), Durability::Unlogged)?;
+        // The staged rows reach the disk before the promotion refers to them.
+        engine.flush()?;
         batch.put(Cf::Meta, APPLIED_KEY, encode(&meta.last_log_id)?);
         batch.put(Cf::Meta, MEMBERSHIP_KEY, encode(&meta.last_membership)?);
         batch.promote_staging();
