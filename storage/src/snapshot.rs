@@ -82,7 +82,8 @@ pub struct FileSummary {
     pub sha256: String,
 }
 
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+/// Maps an I/O error on the file at `path`.
+pub(crate) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::SnapshotIo {
         path: path.to_path_buf(),
         source,

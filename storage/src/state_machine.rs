@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
 use crate::error::{decode, decode_prefix, encode};
 use crate::snapshot::{
-    FileHeader, FileSummary, SnapshotFile, SnapshotReader, SnapshotWriter, is_snapshot_file, sync_dir,
+    FileHeader, FileSummary, SnapshotFile, SnapshotReader, SnapshotWriter, io_err, is_snapshot_file, sync_dir,
 };
 use crate::txn::{EngineTxn, Txn};
 
@@ -223,17 +223,10 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn file_err(path: &Path) -> impl Fn(std::io::Error) -> crate::Error + '_ {
-    move |source| crate::Error::SnapshotIo {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Removes `path`; a file already gone is not an error.
 fn remove_file(path: &Path) -> crate::Result<()> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(file_err(path)(e)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(path)(e)),
         _ => Ok(()),
     }
 }
@@ -339,7 +332,7 @@ where
     /// older format is upgraded first (see `format`); what an interrupted
     /// snapshot build, transfer or install left behind is removed.
     pub fn new(engine: Arc<E>, apply: Arc<A>, dir: PathBuf) -> crate::Result<Self> {
-        std::fs::create_dir_all(&dir).map_err(file_err(&dir))?;
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let store = Self {
             engine,
             apply,
@@ -379,9 +372,9 @@ where
     /// files no record refers to, and staged rows of an interrupted install.
     fn remove_leftovers(&self) -> crate::Result<()> {
         let keep = self.stored()?.map(|s| s.file);
-        let entries = std::fs::read_dir(self.dir.as_ref()).map_err(file_err(&self.dir))?;
+        let entries = std::fs::read_dir(self.dir.as_ref()).map_err(io_err(&self.dir))?;
         for entry in entries {
-            let entry = entry.map_err(file_err(&self.dir))?;
+            let entry = entry.map_err(io_err(&self.dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let stray = name.ends_with(".part")
                 || (name.ends_with(&format!(".{SNAPSHOT_EXT}")) && keep.as_deref() != Some(name.as_str()));
@@ -486,7 +479,7 @@ where
         let Some((meta, path)) = out else {
             return Err(crate::Error::Io("snapshot view produced nothing".into()));
         };
-        let file = std::fs::File::open(&path).map_err(file_err(&path))?;
+        let file = std::fs::File::open(&path).map_err(io_err(&path))?;
         let _guard = lock_snapshot(&self.snapshot_lock);
         // A snapshot installed (or built) while this one was being built may
         // be newer than this build's view: never replace it with an older
@@ -529,7 +522,7 @@ where
         let path = if !is_snapshot_file(received)? {
             // An older node's payload: small enough to have been held in
             // memory by its sender.
-            let data = std::fs::read(received).map_err(file_err(received))?;
+            let data = std::fs::read(received).map_err(io_err(received))?;
             let path = self.legacy_to_file(meta, &data)?;
             if own {
                 remove_file(received)?;
@@ -538,18 +531,18 @@ where
         } else if own {
             std::fs::File::open(received)
                 .and_then(|f| f.sync_all())
-                .map_err(file_err(received))?;
+                .map_err(io_err(received))?;
             let path = self.dir.join(self.new_file_name(meta));
-            std::fs::rename(received, &path).map_err(file_err(received))?;
+            std::fs::rename(received, &path).map_err(io_err(received))?;
             sync_dir(&self.dir)?;
             path
         } else {
             // Not one of ours (a restore, a test): copy, never move.
             let path = self.dir.join(self.new_file_name(meta));
-            std::fs::copy(received, &path).map_err(file_err(received))?;
+            std::fs::copy(received, &path).map_err(io_err(received))?;
             std::fs::File::open(&path)
                 .and_then(|f| f.sync_all())
-                .map_err(file_err(&path))?;
+                .map_err(io_err(&path))?;
             sync_dir(&self.dir)?;
             path
         };
@@ -673,7 +666,7 @@ where
             return Ok(None);
         };
         let path = self.dir.join(&stored.file);
-        let file = std::fs::File::open(&path).map_err(file_err(&path))?;
+        let file = std::fs::File::open(&path).map_err(io_err(&path))?;
         Ok(Some(OpenedSnapshot {
             meta: stored.meta,
             file,
