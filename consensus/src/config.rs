@@ -24,8 +24,16 @@ pub struct ConsensusConfig {
     pub election_timeout_min_ms: u64,
     /// Upper bound of the randomized election timeout, in milliseconds.
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot (and then purge the log) after this many entries.
+    /// Build a snapshot (and then purge the log) once at least this many
+    /// entries were applied since the last one, and (see
+    /// `snapshot_log_percent`) enough was written.
     pub snapshot_every: u64,
+    /// ... and once the commands applied since the last snapshot weigh at
+    /// least this percentage of that snapshot's size: a snapshot copies the
+    /// whole state, so a large state is not rebuilt for a few changes; the
+    /// log between snapshots stays about this fraction of the state. 0
+    /// builds on the entry count alone.
+    pub snapshot_log_percent: u64,
     /// Log entries kept behind the last snapshot, so slightly lagging
     /// followers catch up from the log instead of a snapshot.
     pub keep_logs_after_snapshot: u64,
@@ -67,6 +75,7 @@ impl Default for ConsensusConfig {
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
             snapshot_every: 10_000,
+            snapshot_log_percent: 25,
             keep_logs_after_snapshot: 1_000,
             snapshot_chunk_bytes: 4 * 1024 * 1024,
             max_append_entries: 64,
@@ -126,6 +135,9 @@ impl ConsensusConfig {
         }
         if self.snapshot_every == 0 {
             return Err(bad("snapshot_every", "must be positive"));
+        }
+        if self.snapshot_log_percent > 1000 {
+            return Err(bad("snapshot_log_percent", "must be in 0..=1000"));
         }
         let chunk_cap = (MAX_INTERNAL_MESSAGE_BYTES / 2) as u64;
         if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > chunk_cap {
@@ -196,7 +208,8 @@ impl ConsensusConfig {
             election_timeout_max: self.election_timeout_max_ms,
             install_snapshot_timeout: self.rpc_timeout_ms,
             max_payload_entries: self.max_append_entries,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            // Built when `crate::snapshots` says so.
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
             max_in_snapshot_log_to_keep: self.keep_logs_after_snapshot,
             ..Default::default()

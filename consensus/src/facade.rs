@@ -241,6 +241,15 @@ impl Consensus {
                         }
                     })
                 },
+                snapshot_trigger: crate::snapshots::spawn(
+                    raft.clone(),
+                    sm.clone(),
+                    snapshot_dir.clone(),
+                    crate::snapshots::SnapshotRule {
+                        every_entries: config.snapshot_every,
+                        log_percent: config.snapshot_log_percent,
+                    },
+                ),
                 id,
                 info,
                 config,
@@ -567,12 +576,17 @@ impl Consensus {
         self.inner.batcher.stop();
         self.inner.forwarder.stop();
         self.inner.reads.stop();
+        self.inner.snapshot_trigger.stop();
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
         self.inner.batcher.join(self.inner.config.request_timeout()).await;
         self.inner.forwarder.join(self.inner.config.request_timeout()).await;
         self.inner.reads.join(self.inner.config.request_timeout()).await;
+        self.inner
+            .snapshot_trigger
+            .join(self.inner.config.request_timeout())
+            .await;
         if let Err(e) = self.inner.engine.flush() {
             tracing::warn!(error = %e, "flushing storage");
         }

@@ -33,6 +33,8 @@ pub(crate) struct Inner {
     pub(crate) forwarder: Forwarder,
     /// Coalesces this node's linearizable reads into read-index rounds.
     pub(crate) reads: ReadIndexer,
+    /// Decides when to build snapshots.
+    pub(crate) snapshot_trigger: crate::task::NamedTask,
     pub(crate) pool: Arc<ChannelPool>,
     pub(crate) limits: Limits,
     /// Highest commit index a leader has told this node about.

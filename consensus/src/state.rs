@@ -71,6 +71,9 @@ pub struct KvStateMachine {
     pending: Mutex<BTreeSet<Table>>,
     /// The cluster id once known (0 before), shared with the transport.
     cluster_id: Arc<AtomicU64>,
+    /// Approximate bytes of the commands applied since start (snapshot
+    /// scheduling, see `crate::snapshots`).
+    applied_bytes: AtomicU64,
 }
 
 impl KvStateMachine {
@@ -84,7 +87,13 @@ impl KvStateMachine {
             tables: Table::ALL.into_iter().map(|t| (t, watch::Sender::new(0))).collect(),
             pending: Mutex::new(BTreeSet::new()),
             cluster_id: Arc::new(AtomicU64::new(0)),
+            applied_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Approximate bytes of the commands applied since this process started.
+    pub(crate) fn applied_bytes(&self) -> u64 {
+        self.applied_bytes.load(Ordering::Relaxed)
     }
 
     /// The cluster id as applied locally (0 while unknown), shared.
@@ -146,6 +155,8 @@ impl Apply<TypeConfig> for KvStateMachine {
         cmd: &Command,
         events: &mut Vec<StateEvent>,
     ) -> cell0_storage::Result<Response> {
+        self.applied_bytes
+            .fetch_add(cmd.approx_size() as u64, Ordering::Relaxed);
         let applied = cell0_state::apply(txn, cmd).map_err(|cell0_state::ApplyError::Fatal(e)| e)?;
         events.extend(applied.events);
         if applied.changed.contains(&Table::Cluster) {

@@ -26,6 +26,7 @@ fn config() -> ConsensusConfig {
         election_timeout_min_ms: 500,
         election_timeout_max_ms: 1000,
         snapshot_every: 200,
+        snapshot_log_percent: 0,
         keep_logs_after_snapshot: 0,
         snapshot_chunk_bytes: 64 * 1024,
         ..Default::default()

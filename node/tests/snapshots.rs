@@ -24,7 +24,7 @@ fn snapshot_config(root: &Path) -> Vec<String> {
     let path = root.join("cell0.toml");
     std::fs::write(
         &path,
-        "[raft]\nsnapshot_every = 20\nkeep_logs_after_snapshot = 0\nsnapshot_chunk_bytes = 65536\n",
+        "[raft]\nsnapshot_every = 20\nsnapshot_log_percent = 0\nkeep_logs_after_snapshot = 0\nsnapshot_chunk_bytes = 65536\n",
     )
     .unwrap();
     vec!["--config".into(), path.display().to_string()]
