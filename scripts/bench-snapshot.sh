@@ -52,6 +52,8 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 die() { echo "bench-snapshot: $*" >&2; exit 1; }
+# shellcheck source=scripts/lib/bench-common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bench-common.sh"
 say() { echo "bench-snapshot: $*" >&2; }
 
 size_mb="${SIZE_MB:-256}"
@@ -66,7 +68,6 @@ etcd_cache="${ETCD_CACHE:-$target_dir/etcd-3.4}"
 ready_timeout="${READY_TIMEOUT:-60}"
 poll_interval="${POLL_INTERVAL:-0.2}"
 
-is_number() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 for v in size_mb value_bytes fill_clients snapshot_every base_port ready_timeout; do
   is_number "${!v}" || die "${v^^} must be a positive integer, not '${!v}'"
 done
@@ -81,19 +82,12 @@ catchup_timeout="${CATCHUP_TIMEOUT:-$((120 + size_mb / 2))}"
 is_number "$fill_timeout" || die "FILL_TIMEOUT must be a positive integer, not '$fill_timeout'"
 is_number "$catchup_timeout" || die "CATCHUP_TIMEOUT must be a positive integer, not '$catchup_timeout'"
 
-etcd_port() { echo $((base_port + $1 * 10 + $2)); }       # etcd_port MEMBER OFFSET
 cell0_port() { echo $((base_port + 100 + $1 * 10 + $2)); } # cell0_port NODE OFFSET
 
 # --- processes this script started, stopped on exit -----------------------------
 started=()
 work=""
 
-running() { # running PID: exists and is not a zombie
-  [ -r "/proc/$1/stat" ] || return 1
-  local state
-  state="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
-  [ "$state" != Z ]
-}
 
 stop_pids() { # stop_pids PID...: TERM, then KILL after 20 s
   local pid deadline=$((SECONDS + 20))
@@ -133,51 +127,11 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 now() { echo "$EPOCHREALTIME"; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; } # elapsed START END
 
 # --- etcd 3.4 and the binaries: the same cache and builds as bench-vs-etcd.sh ------
-fetch_etcd() {
-  if [ -n "${ETCD_BIN:-}" ] || [ -n "${ETCDCTL_BIN:-}" ]; then
-    if [ -z "${ETCD_BIN:-}" ] || [ -z "${ETCDCTL_BIN:-}" ]; then die "set both ETCD_BIN and ETCDCTL_BIN, or neither"; fi
-    etcd_bin="$ETCD_BIN" etcdctl_bin="$ETCDCTL_BIN"
-  else
-    local unpacked="$etcd_cache/root" deb sandbox=()
-    etcd_bin="$unpacked/usr/bin/etcd" etcdctl_bin="$unpacked/usr/bin/etcdctl"
-    if [ ! -x "$etcd_bin" ] || [ ! -x "$etcdctl_bin" ]; then
-      echo "fetching etcd (apt-get download etcd-server etcd-client) into $etcd_cache"
-      rm -rf "$etcd_cache/debs.tmp" "$unpacked.tmp"
-      mkdir -p "$etcd_cache/debs.tmp" "$unpacked.tmp"
-      [ "$(id -u)" -eq 0 ] && sandbox=(-o APT::Sandbox::User=root)
-      (cd "$etcd_cache/debs.tmp" && apt-get "${sandbox[@]}" download etcd-server etcd-client) ||
-        die "apt-get download etcd-server etcd-client failed (try 'apt-get update', or set ETCD_BIN and ETCDCTL_BIN)"
-      for deb in "$etcd_cache"/debs.tmp/*.deb; do dpkg -x "$deb" "$unpacked.tmp"; done
-      rm -rf "$unpacked" "$etcd_cache/debs"
-      mv "$unpacked.tmp" "$unpacked"
-      mv "$etcd_cache/debs.tmp" "$etcd_cache/debs"
-    fi
-  fi
-  etcd_version="$("$etcd_bin" --version 2>/dev/null | sed -n 's/^etcd Version: *//p')"
-  [[ "$etcd_version" == 3.4.* ]] || die "$etcd_bin is etcd '${etcd_version:-unknown}', not 3.4"
-  echo "etcd $etcd_version: $etcd_bin"
-}
 
-build() {
-  cell0_bin="${CELL0_BIN:-$target_dir/release/cell0}"
-  load_bin="${LOAD_BIN:-$target_dir/release/cell0-load}"
-  if [ -z "${CELL0_BIN:-}" ]; then
-    echo "building cell0 (release) in $target_dir; the first build compiles RocksDB and takes a while"
-    (cd "$root" && CARGO_TARGET_DIR="$target_dir" cargo build --release --locked -p cell0)
-  fi
-  if [ -z "${LOAD_BIN:-}" ]; then
-    (cd "$root" && CARGO_TARGET_DIR="$target_dir" cargo build --release --locked -p cell0-chaos --bin cell0-load)
-  fi
-  [ -x "$cell0_bin" ] || die "no cell0 binary at $cell0_bin"
-  [ -x "$load_bin" ] || die "no cell0-load binary at $load_bin"
-  echo "cell0: $cell0_bin"
-  echo "cell0-load: $load_bin"
-}
 
 # --- waits, fill, RSS --------------------------------------------------------------
 wait_ready() { # wait_ready NAME PID LOG URL
@@ -479,7 +433,6 @@ for i, s in enumerate(json.load(sys.stdin), 1):
 }
 
 # --- main ------------------------------------------------------------------------
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 load_start="$(loadavg)"
 command -v python3 >/dev/null || die "python3 is needed to read the logs"
 command -v curl >/dev/null || die "curl is needed for the readiness checks"

@@ -37,6 +37,8 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 die() { echo "bench-vs-etcd: $*" >&2; exit 1; }
+# shellcheck source=scripts/lib/bench-common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bench-common.sh"
 
 quick="${QUICK:-0}"
 if [ "$quick" = 1 ]; then
@@ -53,7 +55,6 @@ bench_dir="${BENCH_DIR:-/var/tmp}"
 base_port="${BASE_PORT:-24000}"
 ready_timeout="${READY_TIMEOUT:-60}"
 
-is_number() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 for v in rounds duration keys ready_timeout base_port; do
   is_number "${!v}" || die "${v^^} must be a positive integer, not '${!v}'"
 done
@@ -61,19 +62,12 @@ done
 for c in $put_clients $get_clients; do is_number "$c" || die "PUT_CLIENTS/GET_CLIENTS must list positive integers, not '$c'"; done
 [ "$base_port" -le 65000 ] || die "BASE_PORT must leave room for 200 ports below 65536"
 
-etcd_port() { echo $((base_port + $1 * 10 + $2)); }       # etcd_port MEMBER OFFSET
 cell0_port() { echo $((base_port + 100 + $1 * 10 + $2)); } # cell0_port NODE OFFSET
 
 # --- processes this script started, stopped on exit ---------------------------
 started=()
 work=""
 
-running() { # running PID: exists and is not a zombie
-  [ -r "/proc/$1/stat" ] || return 1
-  local state
-  state="$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)"
-  [ "$state" != Z ]
-}
 
 cleanup() {
   local rc=$?
@@ -105,65 +99,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # --- 1. etcd 3.4 ----------------------------------------------------------------
-fetch_etcd() {
-  if [ -n "${ETCD_BIN:-}" ] || [ -n "${ETCDCTL_BIN:-}" ]; then
-    [ -n "${ETCD_BIN:-}" ] && [ -n "${ETCDCTL_BIN:-}" ] || die "set both ETCD_BIN and ETCDCTL_BIN, or neither"
-    etcd_bin="$ETCD_BIN" etcdctl_bin="$ETCDCTL_BIN"
-  else
-    local unpacked="$etcd_cache/root"
-    etcd_bin="$unpacked/usr/bin/etcd" etcdctl_bin="$unpacked/usr/bin/etcdctl"
-    if [ ! -x "$etcd_bin" ] || [ ! -x "$etcdctl_bin" ]; then
-      echo "fetching etcd (apt-get download etcd-server etcd-client) into $etcd_cache"
-      command -v apt-get >/dev/null && command -v dpkg >/dev/null || die "apt-get and dpkg are needed to fetch etcd (or set ETCD_BIN and ETCDCTL_BIN)"
-      mkdir -p "$etcd_cache"
-      rm -rf "$etcd_cache/debs.tmp" "$unpacked.tmp"
-      mkdir "$etcd_cache/debs.tmp" "$unpacked.tmp"
-      # As root, apt would hand the download to its sandbox user, who cannot write here.
-      local sandbox=()
-      [ "$(id -u)" -eq 0 ] && sandbox=(-o APT::Sandbox::User=root)
-      (cd "$etcd_cache/debs.tmp" && apt-get "${sandbox[@]}" download etcd-server etcd-client) ||
-        die "apt-get download etcd-server etcd-client failed (are the package lists current? 'apt-get update')"
-      local deb
-      for deb in "$etcd_cache"/debs.tmp/*.deb; do
-        dpkg -x "$deb" "$unpacked.tmp"
-      done
-      [ -x "$unpacked.tmp/usr/bin/etcd" ] && [ -x "$unpacked.tmp/usr/bin/etcdctl" ] ||
-        die "the packages in $etcd_cache/debs.tmp hold no usr/bin/etcd and usr/bin/etcdctl"
-      rm -rf "$unpacked" "$etcd_cache/debs"
-      mv "$unpacked.tmp" "$unpacked"
-      mv "$etcd_cache/debs.tmp" "$etcd_cache/debs"
-    fi
-  fi
-  etcd_version="$("$etcd_bin" --version 2>/dev/null | sed -n 's/^etcd Version: *//p')"
-  case "$etcd_version" in
-    3.4.*) ;;
-    *) die "$etcd_bin is etcd '${etcd_version:-unknown}', not 3.4" ;;
-  esac
-  "$etcdctl_bin" version >/dev/null 2>&1 || die "$etcdctl_bin does not run"
-  echo "etcd $etcd_version: $etcd_bin"
-}
 
 # --- 2. binaries ----------------------------------------------------------------
-build() {
-  cell0_bin="${CELL0_BIN:-$target_dir/release/cell0}"
-  load_bin="${LOAD_BIN:-$target_dir/release/cell0-load}"
-  if [ -z "${CELL0_BIN:-}" ]; then
-    echo "building cell0 (release) in $target_dir; the first build compiles RocksDB and takes a while"
-    # The same command as scripts/bootstrap-cluster.sh, so the same artifacts (RocksDB included).
-    (cd "$root" && CARGO_TARGET_DIR="$target_dir" cargo build --release --locked -p cell0)
-  fi
-  if [ -z "${LOAD_BIN:-}" ]; then
-    # cell0-chaos does not depend on RocksDB.
-    (cd "$root" && CARGO_TARGET_DIR="$target_dir" cargo build --release --locked -p cell0-chaos --bin cell0-load)
-  fi
-  [ -x "$cell0_bin" ] || die "no cell0 binary at $cell0_bin"
-  [ -x "$load_bin" ] || die "no cell0-load binary at $load_bin"
-  echo "cell0: $cell0_bin"
-  echo "cell0-load: $load_bin"
-}
 
 # --- 3. clusters ----------------------------------------------------------------
 etcd_pids=() cell0_pids=()
@@ -269,7 +208,6 @@ check_alive() {
 }
 
 # --- main -----------------------------------------------------------------------
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 load_start="$(loadavg)"
 fetch_etcd
 build
