@@ -53,12 +53,18 @@ pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 /// streams together).
 pub const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 
+/// Largest HTTP/2 frame a node accepts (hyper's default is 16 KiB: 256
+/// frames per 4 MiB snapshot chunk).
+pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
+
 /// A gRPC server builder for a node's ports, with the flow-control windows
-/// of [`STREAM_WINDOW_BYTES`] and [`CONNECTION_WINDOW_BYTES`].
+/// of [`STREAM_WINDOW_BYTES`] and [`CONNECTION_WINDOW_BYTES`] and frames up
+/// to [`MAX_FRAME_BYTES`].
 pub fn server_builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
 }
 
 /// How long the accept loop pauses after a failed accept (such as running
@@ -252,6 +258,7 @@ impl Transport for TcpTransport {
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .max_frame_size(MAX_FRAME_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
         Ok(endpoint.connect_lazy())
