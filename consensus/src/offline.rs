@@ -53,9 +53,19 @@ fn storage_err(e: openraft::StorageError<NodeId>) -> ConsensusError {
 /// The log index and term the state in a snapshot file is at, from its
 /// header.
 pub fn position(summary: &FileSummary) -> Result<(u64, u64)> {
+    Ok(last_log_id(summary)?.map_or((0, 0), |l| (l.index, l.leader_id.term)))
+}
+
+/// The last log id of the state in a snapshot file, from its header.
+fn last_log_id(summary: &FileSummary) -> Result<Option<LogId<NodeId>>> {
     let meta: openraft::SnapshotMeta<NodeId, NodeInfo> =
         cell0_state::codec::decode("snapshot file meta", &summary.header.meta)?;
-    Ok(meta.last_log_id.map_or((0, 0), |l| (l.index, l.leader_id.term)))
+    Ok(meta.last_log_id)
+}
+
+/// A configuration of `node_id` alone, as voter.
+fn sole_member(node_id: NodeId, info: NodeInfo) -> Membership<NodeId, NodeInfo> {
+    Membership::new(vec![BTreeSet::from([node_id])], BTreeMap::from([(node_id, info)]))
 }
 
 /// What a restore did.
@@ -97,13 +107,8 @@ pub async fn restore(
     }
     let cluster_id = random_u64(node_id);
     let mut old_cluster_id = 0;
-    let header_meta: openraft::SnapshotMeta<NodeId, NodeInfo> =
-        cell0_state::codec::decode("snapshot file meta", &summary.header.meta)?;
-    let last = header_meta.last_log_id;
-    let membership = StoredMembership::new(
-        last,
-        Membership::new(vec![BTreeSet::from([node_id])], BTreeMap::from([(node_id, info)])),
-    );
+    let last = last_log_id(&summary)?;
+    let membership = StoredMembership::new(last, sole_member(node_id, info));
     sm.restore(file, membership, &mut |txn| {
         old_cluster_id = cell0_state::kv::cluster_id(txn)?;
         cell0_state::kv::replace_cluster_id(txn, cluster_id)?;
@@ -119,7 +124,7 @@ pub async fn restore(
         old_cluster_id,
         cluster_id,
         index: last.map_or(0, |l| l.index),
-        term: last.map_or(0, |l| l.leader_id.term),
+        term,
     })
 }
 
@@ -175,10 +180,7 @@ pub async fn recover(raft_dir: &Path, node_id: NodeId, dry_run: bool) -> Result<
     let term = vote.leader_id().term.max(last.leader_id.term) + 1;
     let entry = Entry::<TypeConfig> {
         log_id: LogId::new(CommittedLeaderId::new(term, node_id), last.index + 1),
-        payload: EntryPayload::Membership(Membership::new(
-            vec![BTreeSet::from([node_id])],
-            BTreeMap::from([(node_id, info)]),
-        )),
+        payload: EntryPayload::Membership(sole_member(node_id, info)),
     };
     let report = RecoverReport {
         kept_last_index: last.index,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote};
 
-use crate::engine::{Cf, Durability, Engine, WriteBatch, run_blocking};
+use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
 use crate::error::{decode, encode};
 
 const VOTE_KEY: &[u8] = b"raft/vote";
@@ -40,10 +40,7 @@ const PURGED_KEY: &[u8] = b"raft/last_purged";
 /// error, not repaired). The commit record is clamped the same way. The
 /// leader then sends the snapshot again.
 pub(crate) fn repair_interrupted_install<E: Engine>(engine: &E, applied: Option<LogId<u64>>) -> crate::Result<()> {
-    let purged: Option<LogId<u64>> = match engine.get(Cf::Meta, PURGED_KEY)? {
-        Some(b) => Some(decode("last purged log id", &b)?),
-        None => None,
-    };
+    let purged: Option<LogId<u64>> = read_meta(engine, PURGED_KEY, "last purged log id")?;
     if purged <= applied {
         return Ok(());
     }
@@ -53,10 +50,7 @@ pub(crate) fn repair_interrupted_install<E: Engine>(engine: &E, applied: Option<
             detail: format!("purged up to {purged:?}, past the applied state {applied:?}, with entries after it"),
         });
     }
-    let committed: Option<LogId<u64>> = match engine.get(Cf::Meta, COMMITTED_KEY)? {
-        Some(b) => decode("committed log id", &b)?,
-        None => None,
-    };
+    let committed: Option<LogId<u64>> = read_meta(engine, COMMITTED_KEY, "committed log id")?.flatten();
     tracing::warn!(
         ?purged,
         ?applied,
@@ -147,10 +141,19 @@ where
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8], what: &'static str) -> crate::Result<Option<T>> {
-        match self.engine.get(Cf::Meta, key)? {
-            Some(bytes) => Ok(Some(decode(what, &bytes)?)),
-            None => Ok(None),
-        }
+        read_meta(self.engine.as_ref(), key, what)
+    }
+}
+
+/// The record `key` of [`Cf::Meta`], decoded, if present.
+fn read_meta<T: serde::de::DeserializeOwned>(
+    engine: &dyn ReadView,
+    key: &[u8],
+    what: &'static str,
+) -> crate::Result<Option<T>> {
+    match engine.get(Cf::Meta, key)? {
+        Some(bytes) => Ok(Some(decode(what, &bytes)?)),
+        None => Ok(None),
     }
 }
 

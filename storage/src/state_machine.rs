@@ -291,15 +291,28 @@ where
         last_log_id,
         last_membership,
     };
+    let cluster_id = apply.cluster_id(&EngineTxn::new(view));
+    let summary = write_snapshot_file(path, &meta, cluster_id, &mut |w| {
+        view.for_each(Cf::State, &mut |k, v| w.row(k, v))
+    })?;
+    Ok((meta, summary))
+}
+
+/// Writes the snapshot file of `meta` at `path`, its rows from `rows`.
+fn write_snapshot_file<N: openraft::Node>(
+    path: &Path,
+    meta: &SnapshotMeta<u64, N>,
+    cluster_id: u64,
+    rows: &mut dyn FnMut(&mut SnapshotWriter) -> crate::Result<()>,
+) -> crate::Result<FileSummary> {
     let header = FileHeader {
-        meta: encode(&meta)?,
-        cluster_id: apply.cluster_id(&EngineTxn::new(view)),
+        meta: encode(meta)?,
+        cluster_id,
         created_unix_ms: unix_ms(),
     };
     let mut writer = SnapshotWriter::create(path, header)?;
-    view.for_each(Cf::State, &mut |k, v| writer.row(k, v))?;
-    let summary = writer.finish()?;
-    Ok((meta, summary))
+    rows(&mut writer)?;
+    writer.finish()
 }
 
 /// Writes a consistent snapshot of `engine`'s current state to a new file
@@ -391,24 +404,6 @@ where
         crate::log_store::repair_interrupted_install(self.engine.as_ref(), applied)
     }
 
-    /// Writes `rows` (in key order) into a new snapshot file for `meta`.
-    fn write_file(
-        &self,
-        meta: &SnapshotMeta<u64, C::Node>,
-        cluster_id: u64,
-        rows: &mut dyn FnMut(&mut SnapshotWriter) -> crate::Result<()>,
-    ) -> crate::Result<(PathBuf, FileSummary)> {
-        let path = self.dir.join(self.new_file_name(meta));
-        let header = FileHeader {
-            meta: encode(meta)?,
-            cluster_id,
-            created_unix_ms: unix_ms(),
-        };
-        let mut writer = SnapshotWriter::create(&path, header)?;
-        rows(&mut writer)?;
-        Ok((path, writer.finish()?))
-    }
-
     /// The format 2 upgrade: moves a snapshot stored whole in [`Cf::Meta`]
     /// into a file, recording the move in `batch`.
     fn convert_legacy_snapshot(&self, batch: &mut WriteBatch) -> crate::Result<()> {
@@ -447,7 +442,8 @@ where
                 });
             }
         };
-        let (path, _) = self.write_file(meta, 0, &mut |w| {
+        let path = self.dir.join(self.new_file_name(meta));
+        write_snapshot_file(&path, meta, 0, &mut |w| {
             for (k, v) in &payload.rows {
                 if unversioned {
                     w.row(k, &frame_unversioned(v))?;
