@@ -15,7 +15,7 @@
 #      keep_logs_after_snapshot (100), so the log is purged behind each snapshot; writes
 #      SIZE_MB MiB as SIZE_MB*2^20/VALUE_BYTES distinct keys of VALUE_BYTES bytes
 #      (cell0-load --prefill); takes the leader's commit index, starts a 4th node with
-#      --join and times it from its start until `cell0 status` on it reports an applied
+#      --join and times it from its start until its metrics (`cell0_raft_applied_index`, polled with curl like etcd's) report an applied
 #      index at least that commit index (catch-up), then until its /ready answers (its
 #      join completed); VmRSS of the 4 processes is sampled every 0.5 s meanwhile; reads
 #      from the logs (JSON) the new node's "received snapshot" and "installed snapshot"
@@ -264,10 +264,11 @@ cell0_status() { # cell0_status NODE FIELD: one field of `cell0 status --output 
     sed -n "s/^ *\"$2\": *\"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}$/\1/p" || true
 }
 
-cell0_caught_up() { # node4's applied index reached the leader's commit index
+cell0_caught_up() { # node4's applied index (metrics, like etcd's probe) reached the leader's commit index
   local a
-  a="$(cell0_status 4 applied_index)"
-  seen="applied index ${a:-(no answer)} of $cell0_target"
+  a="$(curl -sf -m 5 "http://127.0.0.1:$(cell0_port 4 3)/metrics" 2>/dev/null |
+    awk '$1 == "cell0_raft_applied_index" { printf "%d", $2 }' || true)"
+  seen="applied index (metrics) ${a:-(no answer)} of $cell0_target"
   is_number "$a" && [ "$a" -ge "$cell0_target" ]
 }
 cell0_ready() { # node4's join completed
@@ -596,7 +597,7 @@ print()
 print(f"{e['cpus']}.")
 print(f"{e['size_mb']} MiB written as {e['keys']} distinct keys of {e['value_bytes']} bytes "
       f"(incompressible) with {e['fill_clients']} clients; then a 4th member joins and is timed from its")
-print(f"start until it holds everything: Cell0 `cell0 status` applied index >= the leader's commit index")
+print(f"start until it holds everything: Cell0 `cell0_raft_applied_index` on its metrics listener >= the leader's commit index")
 print(f"({e['cell0_target']}), etcd revision on its metrics listener = the leader's ({e['etcd_target']}). Cell0 raft.snapshot_every = "
       f"{e['snapshot_every']}, keep_logs_after_snapshot = {e['keep_logs_after']}; etcd --snapshot-count "
       f"{e['snapshot_every']}, quota {int(e['etcd_quota']) >> 20} MiB.")

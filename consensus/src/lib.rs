@@ -27,6 +27,7 @@ pub mod offline;
 mod reads;
 mod routing;
 mod server;
+mod snapshot_stream;
 mod snapshots;
 pub mod state;
 mod task;

@@ -23,13 +23,15 @@ use cell0_proto::internal::{IdentifyRequest, IdentifyResponse, RaftMessage};
 use futures::Stream;
 use futures::StreamExt;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, SnapshotResponse,
+    VoteRequest, VoteResponse,
 };
+use openraft::{Snapshot, Vote};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, TcpStream};
@@ -372,6 +374,26 @@ pub struct PeerNetwork {
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
 
 impl PeerNetwork {
+    /// The peer this connection reaches.
+    pub(crate) fn target(&self) -> NodeId {
+        self.target
+    }
+
+    /// This node's identity on the wire.
+    pub(crate) fn identity(&self) -> &WireIdentity {
+        &self.identity
+    }
+
+    /// A client of the peer's internal service.
+    pub(crate) fn client(&self) -> Result<RaftClient<Channel>, ConsensusError> {
+        self.pool.client(&self.addr)
+    }
+
+    /// Notes that the peer answered a Raft call.
+    pub(crate) fn record_reply(&self) {
+        self.health.record(self.target);
+    }
+
     async fn call<Req, Resp, E>(&self, method: Method, req: &Req, timeout: Duration) -> RpcResult<Resp, E>
     where
         Req: Serialize,
@@ -419,7 +441,7 @@ enum Method {
 
 /// A transport error as a plain message, for openraft's error wrappers.
 #[derive(Debug)]
-struct AnyErr(String);
+pub(crate) struct AnyErr(pub(crate) String);
 
 impl std::fmt::Display for AnyErr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -461,6 +483,18 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         msg.data = data.into();
         msg.format = SNAPSHOT_DATA_FORMAT;
         self.send(Method::Snapshot, msg, option.hard_ttl()).await
+    }
+
+    /// One streaming call per snapshot (see [`crate::snapshot_stream`]);
+    /// chunks for peers of older builds.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        crate::snapshot_stream::send(self, vote, snapshot, cancel, option).await
     }
 
     async fn vote(

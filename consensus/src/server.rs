@@ -85,6 +85,15 @@ impl RaftRpc for InternalService {
         reply(&self.inner.raft.install_snapshot(rpc).await)
     }
 
+    async fn stream_snapshot(
+        &self,
+        request: Request<tonic::Streaming<RaftMessage>>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let result =
+            crate::snapshot_stream::receive(&self.inner.raft, &self.inner.identity, request.into_inner()).await?;
+        reply(&result)
+    }
+
     async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.inner.identity.check(request.get_ref())?;
         let req: ForwardRequest = decode(request.get_ref()).map_err(bad_payload)?;

@@ -1,6 +1,6 @@
 //! Snapshots at scale, backups and disaster recovery, through the public
 //! API of real members on loopback (RocksDB, gRPC):
-//! - a new member catches up on a state of many chunks by snapshot and ends
+//! - a new member catches up by a snapshot streamed in many messages and ends
 //!   with exactly the leader's rows;
 //! - a snapshot exported from a loaded cluster restores into a new data dir
 //!   as a new cluster with the same rows (but its own cluster id), and a
@@ -94,11 +94,11 @@ fn state_rows(dir: &Path, id: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_new_member_catches_up_on_a_large_state_by_a_chunked_snapshot() {
+async fn a_new_member_catches_up_on_a_large_state_by_a_streamed_snapshot() {
     let root = tempfile::tempdir().unwrap();
     let nodes = local_cluster(root.path(), 3, config()).await.unwrap();
     let leader = &nodes[0].consensus;
-    // About 8 MiB of values: over a hundred 64 KiB chunks.
+    // About 8 MiB of values: over a hundred 64 KiB messages.
     load(leader, 2000, 4096).await;
     let last = leader.status().applied_index;
     leader.raft().trigger().snapshot().await.unwrap();

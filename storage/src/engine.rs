@@ -229,6 +229,32 @@ pub trait Engine: ReadView + Send + Sync + 'static {
     /// has nothing to recover from the write-ahead log.
     fn flush(&self) -> Result<()>;
 
+    /// Removes every row of `cf`. Engines that can also return the space at
+    /// once do so, so that a [`Engine::bulk_load`] into it starts from an
+    /// empty keyspace; views taken before still see the rows.
+    fn clear(&self, cf: Cf) -> Result<()> {
+        let mut batch = WriteBatch::new();
+        if let Some(end) = end_after_last(self, cf)? {
+            batch.delete_range(cf, Vec::new(), end);
+        }
+        self.write(batch, Durability::Buffered)
+    }
+
+    /// A loader of rows in strictly increasing key order into `cf`, which
+    /// holds no rows (see [`Engine::clear`]). What it loads is visible once
+    /// [`BulkLoad::finish`] returns, durable after [`Engine::flush`], and
+    /// may be partly there or lost after a crash before: only for keyspaces
+    /// whose content is worth nothing until a later write refers to it
+    /// ([`Cf::Staging`]). By default, [`Durability::Unlogged`] write batches.
+    fn bulk_load(&self, cf: Cf) -> Result<Box<dyn BulkLoad + '_>> {
+        Ok(Box::new(BatchLoad {
+            engine: self,
+            cf,
+            batch: WriteBatch::new(),
+            batch_bytes: 0,
+        }))
+    }
+
     /// Whether this engine's writes and scans may block the calling thread
     /// (disk I/O, fsync) long enough that async callers should run them on a
     /// blocking thread. Engines that never block (in memory) return `false`,
@@ -236,6 +262,52 @@ pub trait Engine: ReadView + Send + Sync + 'static {
     fn may_block(&self) -> bool {
         true
     }
+}
+
+/// Rows loaded in bulk into an empty keyspace ([`Engine::bulk_load`]).
+pub trait BulkLoad {
+    /// Adds a row; keys must come in strictly increasing order.
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()>;
+
+    /// Makes every row put so far visible in the keyspace.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Bytes of rows per write of [`BatchLoad`].
+const BULK_BATCH_BYTES: usize = 4 << 20;
+
+/// The default [`BulkLoad`]: unlogged write batches of [`BULK_BATCH_BYTES`].
+struct BatchLoad<'e, E: Engine + ?Sized> {
+    engine: &'e E,
+    cf: Cf,
+    batch: WriteBatch,
+    batch_bytes: usize,
+}
+
+impl<E: Engine + ?Sized> BulkLoad for BatchLoad<'_, E> {
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.batch_bytes += key.len() + value.len();
+        self.batch.put(self.cf, key, value);
+        if self.batch_bytes >= BULK_BATCH_BYTES {
+            self.batch_bytes = 0;
+            self.engine
+                .write(std::mem::take(&mut self.batch), Durability::Unlogged)?;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.engine.write(self.batch, Durability::Unlogged)
+    }
+}
+
+/// The smallest key after every key of `cf` (its last key followed by a
+/// zero byte); `None` when `cf` is empty.
+pub(crate) fn end_after_last<E: Engine + ?Sized>(engine: &E, cf: Cf) -> Result<Option<Vec<u8>>> {
+    Ok(engine.last(cf)?.map(|(mut key, _)| {
+        key.push(0);
+        key
+    }))
 }
 
 /// Every pair of `cf` in key order (a data dir upgrade of a small state).

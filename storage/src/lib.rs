@@ -36,7 +36,7 @@ mod state_machine;
 mod txn;
 
 pub use cell0_state::prefix_end;
-pub use engine::{Cf, Durability, Engine, ReadView, RowVisitor, WriteBatch, WriteOp};
+pub use engine::{BulkLoad, Cf, Durability, Engine, ReadView, RowVisitor, WriteBatch, WriteOp};
 pub use error::{Error, Result};
 pub use format::DATA_FORMAT;
 pub use log_store::LogStore;

@@ -6,6 +6,14 @@
 //! On open the store checks an identity record so that a node never starts on
 //! another node's data or on a directory that is not a Cell0 store.
 //!
+//! Memory is bounded, whatever the size of the state: all column families
+//! share one block cache of [`BLOCK_CACHE_BYTES`] that also holds index and
+//! filter blocks (by default RocksDB keeps those outside any cache, growing
+//! with the data), and their memtables together stay under
+//! [`WRITE_BUFFER_BYTES`] (a write buffer manager flushes the largest one when
+//! they reach it). Whole-keyspace scans (snapshot builds) read ahead and
+//! bypass the cache, so a build neither evicts the working set nor grows it.
+//!
 //! [`Cf::State`] and [`Cf::Staging`] map to the column families `state` and
 //! `state.1`, in the order the [`StateSlot`] record says. The slot is read
 //! under a lock that a promoting write holds exclusively, so every view and
@@ -33,6 +41,23 @@ struct Identity {
     node_id: u64,
 }
 
+/// The block cache all column families share (data, index and filter
+/// blocks), in bytes.
+pub const BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// The most memory all memtables together hold, in bytes.
+pub const WRITE_BUFFER_BYTES: usize = 96 << 20;
+/// One memtable's size before it is flushed, in bytes.
+const MEMTABLE_BYTES: usize = 32 << 20;
+/// Readahead of whole-keyspace scans, in bytes.
+const SCAN_READAHEAD_BYTES: usize = 2 << 20;
+
+/// Rows of a bulk load per SST file, in bytes: each file is ingested when
+/// it is full, so a load never holds more than one on disk outside the
+/// database.
+const SST_FILE_BYTES: u64 = 128 << 20;
+/// Directory, inside the database's, where bulk loads write SST files.
+const INGEST_DIR: &str = "ingest";
+
 /// On-disk names of the column families, physical state keyspaces last.
 const CF_NAMES: [&str; 4] = ["log", "meta", "state", "state.1"];
 
@@ -40,6 +65,8 @@ const CF_NAMES: [&str; 4] = ["log", "meta", "state", "state.1"];
 pub struct RocksEngine {
     db: DB,
     path: PathBuf,
+    /// Options of the state keyspaces, for SST files written by bulk loads.
+    sst_options: Options,
     /// Which physical keyspace is the state; written only by a promotion.
     slot: RwLock<StateSlot>,
 }
@@ -59,9 +86,16 @@ impl RocksEngine {
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_db_write_buffer_size(WRITE_BUFFER_BYTES);
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
         let cfs = CF_NAMES
             .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+            .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(&cache)));
+        // Files of a bulk load that a crash interrupted; never ingested.
+        let ingest = path.join(INGEST_DIR);
+        if ingest.exists() {
+            std::fs::remove_dir_all(&ingest).map_err(|e| Error::Io(format!("removing {}: {e}", ingest.display())))?;
+        }
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| Error::Open {
             path: path.to_path_buf(),
             source,
@@ -69,6 +103,7 @@ impl RocksEngine {
         let engine = RocksEngine {
             db,
             path: path.to_path_buf(),
+            sst_options: cf_options(&cache),
             slot: RwLock::new(StateSlot::default()),
         };
         let slot = StateSlot::decode(engine.get(Cf::Meta, StateSlot::KEY)?.as_deref())?;
@@ -194,9 +229,10 @@ impl RocksEngine {
     }
 
     fn for_each_at(&self, at: At<'_, '_>, cf: Cf, f: &mut RowVisitor<'_>) -> Result<()> {
-        let mut iter = self
-            .db
-            .raw_iterator_cf_opt(self.cf(at.slot, cf)?, Self::read_opts(at.snapshot));
+        let mut ro = Self::read_opts(at.snapshot);
+        ro.fill_cache(false);
+        ro.set_readahead_size(SCAN_READAHEAD_BYTES);
+        let mut iter = self.db.raw_iterator_cf_opt(self.cf(at.slot, cf)?, ro);
         iter.seek_to_first();
         while let (Some(k), Some(v)) = (iter.key(), iter.value()) {
             f(k, v)?;
@@ -224,6 +260,20 @@ impl At<'_, '_> {
     fn latest(slot: StateSlot) -> Self {
         At { snapshot: None, slot }
     }
+}
+
+/// Options of every column family: the shared cache, bounded memtables.
+fn cf_options(cache: &rocksdb::Cache) -> Options {
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    let mut opts = Options::default();
+    opts.set_block_based_table_factory(&table);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_write_buffer_size(MEMTABLE_BYTES);
+    opts.set_max_write_buffer_number(2);
+    opts
 }
 
 /// Refuses directories that hold something other than a RocksDB database, so
@@ -349,6 +399,36 @@ impl Engine for RocksEngine {
         Ok(())
     }
 
+    /// Deletes the rows, then compacts the keyspace so that it holds no
+    /// files (views taken before keep seeing the rows: compaction honours
+    /// RocksDB snapshots).
+    fn clear(&self, cf: Cf) -> Result<()> {
+        let mut batch = WriteBatch::new();
+        if let Some(end) = crate::engine::end_after_last(self, cf)? {
+            batch.delete_range(cf, Vec::new(), end);
+            self.write(batch, Durability::Buffered)?;
+        }
+        let slot = self.slot();
+        self.db
+            .compact_range_cf(self.cf(*slot, cf)?, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
+    /// SST files written in key order and ingested (moved, not copied) one
+    /// after another: no memtable, no write-ahead log, no compaction of an
+    /// empty keyspace.
+    fn bulk_load(&self, cf: Cf) -> Result<Box<dyn crate::engine::BulkLoad + '_>> {
+        let dir = self.path.join(INGEST_DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
+        Ok(Box::new(SstLoad {
+            engine: self,
+            cf,
+            dir,
+            writer: None,
+            seq: 0,
+        }))
+    }
+
     fn with_view(&self, f: &mut dyn FnMut(&dyn ReadView) -> Result<()>) -> Result<()> {
         let view = {
             let slot = self.slot();
@@ -369,6 +449,69 @@ impl Engine for RocksEngine {
             }
         }
         Ok(())
+    }
+}
+
+/// A bulk load through SST files ([`Engine::bulk_load`]).
+struct SstLoad<'e> {
+    engine: &'e RocksEngine,
+    cf: Cf,
+    dir: PathBuf,
+    /// The file being written and its path.
+    writer: Option<(rocksdb::SstFileWriter<'e>, PathBuf)>,
+    seq: u64,
+}
+
+impl SstLoad<'_> {
+    /// Finishes the file being written and ingests it.
+    fn ingest(&mut self) -> Result<()> {
+        let Some((mut writer, path)) = self.writer.take() else {
+            return Ok(());
+        };
+        writer.finish()?;
+        let mut opts = rocksdb::IngestExternalFileOptions::default();
+        opts.set_move_files(true);
+        let slot = self.engine.slot();
+        let cf = self.engine.cf(*slot, self.cf)?;
+        self.engine.db.ingest_external_file_cf_opts(cf, &opts, vec![&path])?;
+        Ok(())
+    }
+}
+
+impl crate::engine::BulkLoad for SstLoad<'_> {
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        if self
+            .writer
+            .as_ref()
+            .is_some_and(|(w, _)| w.file_size() >= SST_FILE_BYTES)
+        {
+            self.ingest()?;
+        }
+        let (writer, _) = match &mut self.writer {
+            Some(open) => open,
+            None => {
+                self.seq += 1;
+                let path = self.dir.join(format!("load-{}.sst", self.seq));
+                let writer = rocksdb::SstFileWriter::create(&self.engine.sst_options);
+                writer.open(&path)?;
+                self.writer.insert((writer, path))
+            }
+        };
+        writer.put(key, value)?;
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.ingest()
+    }
+}
+
+impl Drop for SstLoad<'_> {
+    fn drop(&mut self) {
+        // A load given up half way: its last file was never ingested.
+        if let Some((_, path)) = self.writer.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -61,8 +61,8 @@ const LEGACY_SNAPSHOT_KEY: &[u8] = b"sm/snapshot";
 const LEGACY_FORMAT_UNVERSIONED: u32 = 1;
 /// The payload format of legacy snapshots whose rows carry it.
 const LEGACY_FORMAT_VERSIONED: u32 = 2;
-/// Bytes of rows per engine write while a snapshot is loaded.
-const LOAD_BATCH_BYTES: usize = 4 << 20;
+/// Bytes of rows between two crash points while a snapshot is loaded.
+const LOAD_STEP_BYTES: u64 = 4 << 20;
 /// Extension of complete snapshot files.
 const SNAPSHOT_EXT: &str = "snap";
 
@@ -231,11 +231,14 @@ fn remove_file(path: &Path) -> crate::Result<()> {
     }
 }
 
-/// Empties [`Cf::Staging`]. Table names are UTF-8, which never contains
-/// 0xff, so every state key sorts below `[0xff]`.
-fn clear_staging<E: Engine>(engine: &E) -> crate::Result<()> {
+/// Deletes the rows of [`Cf::Staging`] (the replaced state after a
+/// promotion) without waiting for their space: [`Engine::clear`] returns it
+/// before the next load.
+fn drop_staged_rows<E: Engine>(engine: &E) -> crate::Result<()> {
     let mut batch = WriteBatch::new();
-    batch.delete_range(Cf::Staging, Vec::new(), vec![0xff]);
+    if let Some(end) = crate::engine::end_after_last(engine, Cf::Staging)? {
+        batch.delete_range(Cf::Staging, Vec::new(), end);
+    }
     engine.write(batch, Durability::Buffered)
 }
 
@@ -398,7 +401,7 @@ where
         }
         if self.engine.last(Cf::Staging)?.is_some() {
             tracing::info!("removing the staged rows of an interrupted snapshot install");
-            clear_staging(self.engine.as_ref())?;
+            self.engine.clear(Cf::Staging)?;
         }
         let (applied, _) = applied_from::<C::Node>(self.engine.as_ref())?;
         crate::log_store::repair_interrupted_install(self.engine.as_ref(), applied)
@@ -558,7 +561,7 @@ where
     fn load(&self, meta: &SnapshotMeta<u64, C::Node>, path: &Path) -> crate::Result<()> {
         let engine = self.engine.as_ref();
         let started = Instant::now();
-        clear_staging(engine)?;
+        engine.clear(Cf::Staging)?;
         let mut reader = SnapshotReader::open(path)?;
         let file_meta: SnapshotMeta<u64, C::Node> = decode("snapshot file meta", &reader.header().meta)?;
         if file_meta.last_log_id != meta.last_log_id {
@@ -570,24 +573,24 @@ where
                 ),
             });
         }
-        let mut batch = WriteBatch::new();
-        let mut batch_bytes = 0;
+        // Staged rows are worth nothing until the promotion refers to them:
+        // no write-ahead log, and a crash leaves them to the next start.
+        let mut loader = engine.bulk_load(Cf::Staging)?;
         let mut loaded = 0u64;
+        let mut next_point = LOAD_STEP_BYTES;
         while let Some((k, v)) = reader.next_row()? {
-            batch_bytes += k.len() + v.len();
-            batch.put(Cf::Staging, k, v);
-            if batch_bytes >= LOAD_BATCH_BYTES {
-                // Not logged: staged rows are worth nothing after a crash.
-                engine.write(std::mem::take(&mut batch), Durability::Unlogged)?;
-                loaded += batch_bytes as u64;
-                batch_bytes = 0;
+            loader.put(&k, &v)?;
+            loaded += (k.len() + v.len()) as u64;
+            if loaded >= next_point {
                 crate::crash::point(crate::crash::SNAPSHOT_LOAD, loaded);
+                next_point = loaded + LOAD_STEP_BYTES;
             }
         }
         let summary = reader.summary().cloned();
-        engine.write(std::mem::take(&mut batch), Durability::Unlogged)?;
+        loader.finish()?;
         // The staged rows reach the disk before the promotion refers to them.
         engine.flush()?;
+        let mut batch = WriteBatch::new();
         batch.put(Cf::Meta, APPLIED_KEY, encode(&meta.last_log_id)?);
         batch.put(Cf::Meta, MEMBERSHIP_KEY, encode(&meta.last_membership)?);
         batch.promote_staging();
@@ -607,7 +610,7 @@ where
             }
         }
         // The old state, now staged: not needed any more.
-        clear_staging(engine)?;
+        drop_staged_rows(engine)?;
         if let Some(summary) = summary {
             let (elapsed_ms, mb_per_s) = rate(summary.file_bytes, started);
             tracing::info!(snapshot = %meta.snapshot_id, rows = summary.rows, bytes = summary.file_bytes, elapsed_ms, mb_per_s, "installed snapshot");
