@@ -37,7 +37,8 @@ pub struct ConsensusConfig {
     /// Log entries kept behind the last snapshot, so slightly lagging
     /// followers catch up from the log instead of a snapshot.
     pub keep_logs_after_snapshot: u64,
-    /// Snapshot chunk size sent per InstallSnapshot call, in bytes.
+    /// Bytes of a snapshot file per message of a transfer (per
+    /// InstallSnapshot call to peers of older builds).
     pub snapshot_chunk_bytes: u64,
     /// Most log entries in one AppendEntries call.
     pub max_append_entries: u64,
@@ -78,7 +79,7 @@ impl Default for ConsensusConfig {
             snapshot_log_percent: 25,
             keep_logs_after_snapshot: 1_000,
             snapshot_chunk_bytes: 4 * 1024 * 1024,
-            max_append_entries: 64,
+            max_append_entries: 1024,
             max_append_bytes: 4 * 1024 * 1024,
             link_mbps: 1000,
             max_batch_commands: 1024,

@@ -169,12 +169,22 @@ impl Consensus {
         };
         let health = Arc::new(PeerHealth::default());
         let network = NetworkFactory::new(pool.clone(), identity.clone(), health.clone(), config.max_append_bytes);
+        let read_budget = crate::network::append_read_budget(config.max_append_bytes);
         let (raft, engine, snapshot_dir): (Raft, Arc<dyn Engine>, PathBuf) = match storage {
             StorageBackend::Rocks(path) => {
                 let engine = Arc::new(RocksEngine::open(&path, id)?);
                 let snapshots = path.join(cell0_storage::SNAPSHOT_DIR);
                 (
-                    start_raft(id, raft_config, network, engine.clone(), snapshots.clone(), sm.clone()).await?,
+                    start_raft(
+                        id,
+                        raft_config,
+                        read_budget,
+                        network,
+                        engine.clone(),
+                        snapshots.clone(),
+                        sm.clone(),
+                    )
+                    .await?,
                     engine,
                     snapshots,
                 )
@@ -185,6 +195,7 @@ impl Consensus {
                     start_raft(
                         id,
                         raft_config,
+                        read_budget,
                         network,
                         engine.clone(),
                         snapshot_dir.clone(),
@@ -612,12 +623,16 @@ impl Consensus {
 async fn start_raft<E: Engine>(
     id: NodeId,
     config: Arc<openraft::Config>,
+    read_budget: usize,
     network: NetworkFactory,
     engine: Arc<E>,
     snapshot_dir: PathBuf,
     sm: Arc<KvStateMachine>,
 ) -> Result<Raft> {
-    let log = LogStore::new(engine.clone());
+    // Replication reads stop short of the AppendEntries byte bound (the
+    // request's own fields take the rest), so a call is rarely cut after it
+    // was read.
+    let log = LogStore::new(engine.clone()).with_read_budget(read_budget);
     let sm_store = StateMachineStore::new(engine, sm, snapshot_dir)?;
     Raft::new(id, config, network, log, sm_store)
         .await

@@ -201,6 +201,16 @@ pub fn entries_that_fit(sizes: impl IntoIterator<Item = usize>, budget: usize) -
     n.max(1)
 }
 
+/// Room for an AppendEntries request's own fields (vote, previous log id,
+/// commit index, framing) beside its entries.
+const APPEND_FIELDS_BYTES: usize = 64 * 1024;
+
+/// Bytes of encoded entries a replication read gathers for one
+/// AppendEntries call of at most `max_append_bytes`.
+pub(crate) fn append_read_budget(max_append_bytes: usize) -> usize {
+    max_append_bytes.saturating_sub(APPEND_FIELDS_BYTES).max(1)
+}
+
 /// Asks the node at `addr` who it is.
 pub(crate) async fn identify(
     pool: &ChannelPool,
@@ -356,7 +366,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             pool: self.pool.clone(),
             identity: self.identity.clone(),
             health: self.health.clone(),
-            max_append_bytes: self.max_append_bytes,
+            append_budget: AppendBudget::new(self.max_append_bytes),
         }
     }
 }
@@ -368,7 +378,52 @@ pub struct PeerNetwork {
     pool: Arc<ChannelPool>,
     identity: WireIdentity,
     health: Arc<PeerHealth>,
-    max_append_bytes: usize,
+    append_budget: AppendBudget,
+}
+
+/// Smallest byte budget an AppendEntries call to a slow peer shrinks to.
+const MIN_APPEND_BUDGET_BYTES: usize = 64 * 1024;
+
+/// How many bytes the next AppendEntries call to one peer may carry:
+/// `max_append_bytes` at first, halved after a call that did not finish
+/// within openraft's timeout (it drops the call, so the next call sees the
+/// previous one unfinished), grown back by a quarter after each full call
+/// that finished. A peer too slow for full calls (a loaded machine, a debug
+/// build) is then sent smaller ones instead of the same call timing out
+/// forever.
+#[derive(Debug)]
+struct AppendBudget {
+    bytes: usize,
+    max: usize,
+    /// A call with entries went out and has not returned.
+    in_flight: bool,
+}
+
+impl AppendBudget {
+    fn new(max: usize) -> Self {
+        Self {
+            bytes: max,
+            max,
+            in_flight: false,
+        }
+    }
+
+    /// The budget for the next call with entries.
+    fn begin(&mut self) -> usize {
+        if std::mem::replace(&mut self.in_flight, true) {
+            self.bytes = (self.bytes / 2).max(MIN_APPEND_BUDGET_BYTES.min(self.max));
+            metrics::counter!("cell0_raft_append_shrink_total").increment(1);
+        }
+        self.bytes
+    }
+
+    /// A call of `sent` bytes returned (whatever its result).
+    fn end(&mut self, sent: usize) {
+        self.in_flight = false;
+        if sent >= self.bytes / 2 {
+            self.bytes = (self.bytes + self.bytes / 4).min(self.max);
+        }
+    }
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
@@ -459,18 +514,26 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
         let net_err = |e: &dyn std::error::Error| RPCError::Network(NetworkError::new(&AnyErr(e.to_string())));
         let msg = encode(&rpc).map_err(|e| net_err(&e))?;
-        if msg.payload.len() > self.max_append_bytes && rpc.entries.len() > 1 {
+        if rpc.entries.is_empty() {
+            return self.send(Method::Append, msg, option.hard_ttl()).await;
+        }
+        let budget = self.append_budget.begin();
+        if msg.payload.len() > budget && rpc.entries.len() > 1 {
             // Too large to arrive within the AppendEntries timeout: openraft
             // retries at once with as many entries as fit.
             let sizes = rpc
                 .entries
                 .iter()
                 .map(|e| cell0_state::codec::encode("log entry", e).map_or(usize::MAX, |b| b.len()));
-            let fit = entries_that_fit(sizes, self.max_append_bytes);
+            let fit = entries_that_fit(sizes, budget);
+            self.append_budget.in_flight = false;
             metrics::counter!("cell0_raft_append_split_total").increment(1);
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
         }
-        self.send(Method::Append, msg, option.hard_ttl()).await
+        let sent = msg.payload.len();
+        let result = self.send(Method::Append, msg, option.hard_ttl()).await;
+        self.append_budget.end(sent);
+        result
     }
 
     async fn install_snapshot(
@@ -517,6 +580,29 @@ mod tests {
         assert_eq!(entries_that_fit([500, 100], 250), 1, "one entry always goes");
         assert_eq!(entries_that_fit([usize::MAX, 1], 250), 1);
         assert_eq!(entries_that_fit([], 250), 1);
+    }
+
+    #[test]
+    fn the_append_budget_halves_after_an_unfinished_call_and_grows_back() {
+        let max = 4 << 20;
+        let mut budget = AppendBudget::new(max);
+        assert_eq!(budget.begin(), max);
+        // That call never returned (openraft's timeout dropped it).
+        assert_eq!(budget.begin(), max / 2);
+        assert_eq!(budget.begin(), max / 4);
+        budget.end(max / 4);
+        assert_eq!(budget.begin(), max / 4 + max / 16, "a full call that finished grows it");
+        budget.end(10);
+        assert_eq!(budget.begin(), max / 4 + max / 16, "a small one does not");
+        for _ in 0..40 {
+            budget.begin();
+        }
+        assert_eq!(budget.bytes, MIN_APPEND_BUDGET_BYTES, "never below the floor");
+        for _ in 0..40 {
+            budget.end(max);
+            budget.begin();
+        }
+        assert_eq!(budget.bytes, max, "never above max_append_bytes");
     }
 
     #[tokio::test]

@@ -112,7 +112,11 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_counter!(
         "cell0_raft_append_split_total",
-        "AppendEntries calls cut down to max_append_bytes."
+        "AppendEntries calls cut down to the byte budget of their peer (at most max_append_bytes)."
+    );
+    metrics::describe_counter!(
+        "cell0_raft_append_shrink_total",
+        "Halvings of a peer's AppendEntries byte budget after a call that did not finish in time."
     );
     metrics::describe_counter!(
         "cell0_accept_errors_total",

@@ -217,3 +217,117 @@ async fn a_node_killed_while_receiving_a_snapshot_restarts_and_catches_up() {
 async fn a_node_killed_while_installing_a_snapshot_restarts_and_catches_up() {
     crash_while_catching_up("snapshot-load:1").await;
 }
+
+/// Peak resident memory allowed to any node while a new member catches up
+/// (the state-at-scale bound; the full 2 GB run is `scripts/bench-snapshot.sh`).
+const RSS_LIMIT_BYTES: u64 = 512 << 20;
+
+/// Peak resident memory of process `pid` since it started, from
+/// `/proc/PID/status` (`VmHWM`).
+fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Every pair on the node at `endpoint`, page by page, as a client sees it.
+async fn all_pairs(endpoint: &str, consistency: cell0_proto::v1::Consistency) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut client = kv(endpoint).await;
+    let mut pairs = Vec::new();
+    let mut start_after = Vec::new();
+    loop {
+        let page = client
+            .range(cell0_proto::v1::RangeRequest {
+                start_after: start_after.clone().into(),
+                consistency: consistency as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pairs.extend(page.kvs.iter().map(|kv| (kv.key.to_vec(), kv.value.to_vec())));
+        match (page.more, page.kvs.last()) {
+            (true, Some(last)) => start_after = last.key.to_vec(),
+            _ => return pairs,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_member_catches_up_by_snapshot_within_the_memory_bound_and_holds_the_same_state() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join("cell0.toml");
+    std::fs::write(
+        &path,
+        "[raft]\nsnapshot_every = 250\nsnapshot_log_percent = 0\nkeep_logs_after_snapshot = 0\n",
+    )
+    .unwrap();
+    let config = vec!["--config".to_string(), path.display().to_string()];
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 1..=3 {
+        let join = nodes.first().map(|n| n.endpoint());
+        nodes.push(Node::start_with(
+            &format!("node{i}"),
+            &root.path().join(format!("node{i}")),
+            Ports::new(),
+            join,
+            config.clone(),
+            &[],
+        ));
+    }
+    for n in nodes.iter_mut() {
+        n.wait_ready();
+    }
+    // 48 MiB of values, written by 8 clients.
+    const KEYS: usize = 768;
+    const VALUE: usize = 64 * 1024;
+    let endpoint = nodes[0].endpoint();
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                for i in (w..KEYS).step_by(8) {
+                    put(&endpoint, &format!("k{i:04}"), &value(i, VALUE)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let target = status(&endpoint).await.commit_index;
+
+    let fourth = Node::start_with(
+        "node4",
+        &root.path().join("node4"),
+        Ports::new(),
+        Some(endpoint.clone()),
+        config.clone(),
+        &[],
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while !(fourth.is_ready() && status(&fourth.endpoint()).await.applied_index >= target) {
+        assert!(
+            Instant::now() < deadline,
+            "node4 did not catch up: {}\nnode1 (the writes' node): {}",
+            fourth.log(),
+            nodes[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        fourth.log().contains("installed snapshot"),
+        "node4 caught up by a snapshot"
+    );
+    for (i, node) in nodes.iter().chain([&fourth]).enumerate() {
+        let peak = peak_rss_bytes(node.child.id()).expect("the node runs");
+        assert!(peak < RSS_LIMIT_BYTES, "node{} peaked at {} MiB", i + 1, peak >> 20);
+    }
+    let on_leader = all_pairs(&endpoint, cell0_proto::v1::Consistency::Linearizable).await;
+    assert_eq!(on_leader.len(), KEYS);
+    assert!(
+        all_pairs(&fourth.endpoint(), cell0_proto::v1::Consistency::Serializable).await == on_leader,
+        "node4 holds exactly the leader's pairs"
+    );
+}

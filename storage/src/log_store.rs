@@ -73,6 +73,9 @@ fn log_key(index: u64) -> [u8; 8] {
 /// The Raft log and vote of one node.
 pub struct LogStore<C, E> {
     engine: Arc<E>,
+    /// Most bytes of encoded entries one replication read returns (always at
+    /// least one entry).
+    read_budget: usize,
     _c: PhantomData<fn() -> C>,
 }
 
@@ -80,18 +83,32 @@ impl<C, E> Clone for LogStore<C, E> {
     fn clone(&self) -> Self {
         Self {
             engine: self.engine.clone(),
+            read_budget: self.read_budget,
             _c: PhantomData,
         }
     }
 }
+
+/// Entries read per engine scan while a replication read fills its budget.
+const READ_PAGE_ENTRIES: usize = 16;
 
 impl<C, E: Engine> LogStore<C, E> {
     /// A log store over `engine`.
     pub fn new(engine: Arc<E>) -> Self {
         Self {
             engine,
+            read_budget: usize::MAX,
             _c: PhantomData,
         }
+    }
+
+    /// This store with replication reads (openraft's
+    /// `limited_get_log_entries`) cut at `bytes` of encoded entries, so one
+    /// AppendEntries call holds at most that much (and at least one entry)
+    /// however many entries it may carry.
+    pub fn with_read_budget(mut self, bytes: usize) -> Self {
+        self.read_budget = bytes;
+        self
     }
 }
 
@@ -189,6 +206,34 @@ where
         rows.iter()
             .map(|(_, v)| decode::<Entry<C>>("log entry", v).map_err(read_err))
             .collect()
+    }
+
+    /// The entries from `start` on, before `end`, up to the read budget in
+    /// encoded bytes (always at least one).
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> SResult<Vec<Entry<C>>> {
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = start;
+        let end_key = log_key(end);
+        while next < end {
+            let rows = self
+                .engine
+                .scan(Cf::Log, &log_key(next), Some(&end_key), READ_PAGE_ENTRIES)
+                .map_err(read_err)?;
+            if rows.is_empty() {
+                break;
+            }
+            for (_, v) in &rows {
+                bytes = bytes.saturating_add(v.len());
+                if bytes > self.read_budget && !entries.is_empty() {
+                    return Ok(entries);
+                }
+                let entry = decode::<Entry<C>>("log entry", v).map_err(read_err)?;
+                next = entry.log_id.index + 1;
+                entries.push(entry);
+            }
+        }
+        Ok(entries)
     }
 }
 
