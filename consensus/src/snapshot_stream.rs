@@ -36,7 +36,7 @@ use openraft::network::RPCOption;
 use openraft::raft::SnapshotResponse;
 use openraft::{RPCTypes, Snapshot, SnapshotMeta, StorageError, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncSeekExt;
 use tonic::Status;
 
 use crate::network::{AnyErr, PeerNetwork, decode, encode};
@@ -130,7 +130,6 @@ async fn stream(
     } = snapshot;
     let net_err = |e: &dyn std::error::Error| SendFailure::from(NetworkError::new(&AnyErr(e.to_string())));
     let bytes = file.seek(SeekFrom::End(0)).await.map_err(|e| read_error(&meta, &e))?;
-    file.seek(SeekFrom::Start(0)).await.map_err(|e| read_error(&meta, &e))?;
     let offer = encode(&SnapshotOffer::Whole {
         vote,
         meta: meta.clone(),
@@ -229,28 +228,23 @@ impl FileChunks {
             return None;
         }
         let want = self.remaining.min(self.chunk);
-        let mut data = Vec::with_capacity(want as usize);
-        let read = (&mut self.file).take(want).read_to_end(&mut data).await;
-        let error = match read {
-            Ok(n) if n as u64 == want => None,
-            Ok(n) => Some(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("snapshot file ended {} bytes early", self.remaining - n as u64),
-            )),
-            Err(e) => Some(e),
-        };
-        if let Some(e) = error {
-            // Ending the stream short makes the receiver refuse it.
-            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-            return None;
+        let offset = self.sent.load(Ordering::Acquire);
+        match self.file.read_at(offset, want as usize).await {
+            Ok(data) => {
+                self.remaining -= want;
+                self.sent.fetch_add(want, Ordering::AcqRel);
+                let message = RaftMessage {
+                    data: data.into(),
+                    ..Default::default()
+                };
+                Some((message, self))
+            }
+            Err(e) => {
+                // Ending the stream short makes the receiver refuse it.
+                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                None
+            }
         }
-        self.remaining -= want;
-        self.sent.fetch_add(want, Ordering::AcqRel);
-        let message = RaftMessage {
-            data: data.into(),
-            ..Default::default()
-        };
-        Some((message, self))
     }
 }
 
@@ -280,7 +274,7 @@ pub(crate) async fn receive(
                 "snapshot stream: more than the offered {bytes} bytes"
             )));
         }
-        file.write_all(&message.data)
+        file.append(message.data)
             .await
             .map_err(|e| Status::internal(format!("writing {}: {e}", incoming.0.display())))?;
     }
@@ -289,9 +283,6 @@ pub(crate) async fn receive(
             "snapshot stream: ended after {received} of the offered {bytes} bytes"
         )));
     }
-    file.flush()
-        .await
-        .map_err(|e| Status::internal(format!("writing {}: {e}", incoming.0.display())))?;
     let snapshot = Snapshot { meta, snapshot: file };
     // Installing moves the file into place; `incoming` removes it otherwise
     // (a stale vote, a snapshot not newer than this node's state).

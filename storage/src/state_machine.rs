@@ -120,11 +120,11 @@ struct OpenedSnapshot<C: RaftTypeConfig> {
 }
 
 impl<C: RaftTypeConfig<NodeId = u64, SnapshotData = SnapshotFile>> OpenedSnapshot<C> {
-    fn into_snapshot(self) -> Snapshot<C> {
-        Snapshot {
+    fn into_snapshot(self) -> crate::Result<Snapshot<C>> {
+        Ok(Snapshot {
             meta: self.meta,
-            snapshot: Box::new(SnapshotFile::from_std(self.file, self.path)),
-        }
+            snapshot: Box::new(SnapshotFile::from_std(self.file, self.path)?),
+        })
     }
 }
 
@@ -699,7 +699,9 @@ where
         // (`finish_building_snapshot` ignores one that is not newer, and so
         // schedules no purge for it), so the older result is simply dropped.
         tracing::info!(snapshot = %opened.meta.snapshot_id, stored, "built snapshot");
-        Ok(opened.into_snapshot())
+        opened
+            .into_snapshot()
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))
     }
 }
 
@@ -798,6 +800,9 @@ where
         let stored = run_blocking(&self.engine, move |_| store.open_stored())
             .await
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
-        Ok(stored.map(OpenedSnapshot::into_snapshot))
+        stored
+            .map(OpenedSnapshot::into_snapshot)
+            .transpose()
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))
     }
 }
