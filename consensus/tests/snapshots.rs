@@ -124,13 +124,22 @@ async fn a_new_member_catches_up_on_a_large_state_by_a_streamed_snapshot() {
         all_pairs(&fourth.consensus, Consistency::Serializable).await,
         all_pairs(leader, Consistency::Linearizable).await
     );
-    // The received snapshot is a file of its own; nothing is left over.
-    let files: Vec<_> = std::fs::read_dir(root.path().join("n4").join(cell0_storage::SNAPSHOT_DIR))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(files.len(), 1, "{files:?}");
-    assert!(files[0].ends_with(".snap"), "{files:?}");
+    // The received snapshot is a file of its own; nothing is left over once
+    // transfers still in flight (a replication stream rebuilt by the
+    // learner's promotion may have started a second one) have ended.
+    let dir = root.path().join("n4").join(cell0_storage::SNAPSHOT_DIR);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        if files.len() == 1 && files[0].ends_with(".snap") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{files:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     for n in nodes {
         n.stop().await;

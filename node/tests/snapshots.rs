@@ -199,13 +199,21 @@ async fn crash_while_catching_up(crash_at: &str) {
             "key {i} on the restarted node"
         );
     }
-    // Nothing of the interrupted attempt is left behind.
+    // Nothing of the interrupted attempt is left behind, once transfers
+    // still in flight have ended.
     let snapshots = root.path().join("node4").join("raft").join("snapshots");
-    let files: Vec<String> = std::fs::read_dir(snapshots)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(files.iter().all(|f| f.ends_with(".snap")), "{files:?}");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let files: Vec<String> = std::fs::read_dir(&snapshots)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        if files.iter().all(|f| f.ends_with(".snap")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{files:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

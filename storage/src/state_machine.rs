@@ -528,21 +528,15 @@ where
             }
             path
         } else if own {
-            std::fs::File::open(received)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err(received))?;
+            // Synced by `load` before anything refers to it, while the kernel
+            // writes it back during the load.
             let path = self.dir.join(self.new_file_name(meta));
             std::fs::rename(received, &path).map_err(io_err(received))?;
-            sync_dir(&self.dir)?;
             path
         } else {
             // Not one of ours (a restore, a test): copy, never move.
             let path = self.dir.join(self.new_file_name(meta));
             std::fs::copy(received, &path).map_err(io_err(received))?;
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err(&path))?;
-            sync_dir(&self.dir)?;
             path
         };
         match self.load(meta, &path) {
@@ -556,8 +550,9 @@ where
         }
     }
 
-    /// Loads the checked file at `path` into [`Cf::Staging`] and promotes it
-    /// with `meta`'s applied log id and membership.
+    /// Loads the checked file at `path` (in the snapshot directory) into
+    /// [`Cf::Staging`], syncs the file, and promotes it with `meta`'s applied
+    /// log id and membership.
     fn load(&self, meta: &SnapshotMeta<u64, C::Node>, path: &Path) -> crate::Result<()> {
         let engine = self.engine.as_ref();
         let started = Instant::now();
@@ -588,8 +583,13 @@ where
         }
         let summary = reader.summary().cloned();
         loader.finish()?;
-        // The staged rows reach the disk before the promotion refers to them.
+        // The staged rows and the file reach the disk before the promotion
+        // refers to them.
         engine.flush()?;
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(path))?;
+        sync_dir(&self.dir)?;
         let mut batch = WriteBatch::new();
         batch.put(Cf::Meta, APPLIED_KEY, encode(&meta.last_log_id)?);
         batch.put(Cf::Meta, MEMBERSHIP_KEY, encode(&meta.last_membership)?);
