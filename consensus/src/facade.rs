@@ -170,21 +170,19 @@ impl Consensus {
         let health = Arc::new(PeerHealth::default());
         let network = NetworkFactory::new(pool.clone(), identity.clone(), health.clone(), config.max_append_bytes);
         let read_budget = crate::network::append_read_budget(config.max_append_bytes);
+        let parts = RaftParts {
+            id,
+            config: raft_config,
+            read_budget,
+            network,
+            sm: sm.clone(),
+        };
         let (raft, engine, snapshot_dir): (Raft, Arc<dyn Engine>, PathBuf) = match storage {
             StorageBackend::Rocks(path) => {
                 let engine = Arc::new(RocksEngine::open(&path, id)?);
                 let snapshots = path.join(cell0_storage::SNAPSHOT_DIR);
                 (
-                    start_raft(
-                        id,
-                        raft_config,
-                        read_budget,
-                        network,
-                        engine.clone(),
-                        snapshots.clone(),
-                        sm.clone(),
-                    )
-                    .await?,
+                    start_raft(parts, engine.clone(), snapshots.clone()).await?,
                     engine,
                     snapshots,
                 )
@@ -192,16 +190,7 @@ impl Consensus {
             StorageBackend::Memory { snapshot_dir } => {
                 let engine = Arc::new(MemEngine::new());
                 (
-                    start_raft(
-                        id,
-                        raft_config,
-                        read_budget,
-                        network,
-                        engine.clone(),
-                        snapshot_dir.clone(),
-                        sm.clone(),
-                    )
-                    .await?,
+                    start_raft(parts, engine.clone(), snapshot_dir.clone()).await?,
                     engine,
                     snapshot_dir,
                 )
@@ -619,22 +608,24 @@ impl Consensus {
     }
 }
 
-/// Starts openraft over `engine`, which holds both the log and the state.
-async fn start_raft<E: Engine>(
+/// What openraft starts with, whatever the engine.
+struct RaftParts {
     id: NodeId,
     config: Arc<openraft::Config>,
+    /// Bytes of entries one replication read gathers.
     read_budget: usize,
     network: NetworkFactory,
-    engine: Arc<E>,
-    snapshot_dir: PathBuf,
     sm: Arc<KvStateMachine>,
-) -> Result<Raft> {
+}
+
+/// Starts openraft over `engine`, which holds both the log and the state.
+async fn start_raft<E: Engine>(parts: RaftParts, engine: Arc<E>, snapshot_dir: PathBuf) -> Result<Raft> {
     // Replication reads stop short of the AppendEntries byte bound (the
     // request's own fields take the rest), so a call is rarely cut after it
     // was read.
-    let log = LogStore::new(engine.clone()).with_read_budget(read_budget);
-    let sm_store = StateMachineStore::new(engine, sm, snapshot_dir)?;
-    Raft::new(id, config, network, log, sm_store)
+    let log = LogStore::new(engine.clone()).with_read_budget(parts.read_budget);
+    let sm_store = StateMachineStore::new(engine, parts.sm, snapshot_dir)?;
+    Raft::new(parts.id, parts.config, parts.network, log, sm_store)
         .await
         .map_err(|e| ConsensusError::Internal(format!("starting raft: {e}")))
 }
