@@ -8,11 +8,12 @@
 //! ([`SnapshotOffer`]: leader vote, snapshot meta, size) and whose later
 //! messages carry the file's bytes in order; HTTP/2 flow control keeps up to
 //! a stream window in flight, so reading, sending and writing overlap. The
-//! receiver writes the bytes into a file from `begin_receiving_snapshot`,
-//! checks that exactly the offered size arrived, and hands the file to
-//! `install_full_snapshot`, which checks the vote and installs it (the file's
-//! own checksum is verified while it loads); the reply carries the
-//! receiver's vote once the snapshot is installed.
+//! receiver writes the bytes into a file from `begin_receiving_snapshot`
+//! (the store loads its rows into staging as they arrive, see
+//! `cell0_storage`'s preload), checks that exactly the offered size arrived,
+//! and hands the file to `install_full_snapshot`, which checks the vote and
+//! installs it (the file's own checksum is verified while it loads); the
+//! reply carries the receiver's vote once the snapshot is installed.
 //!
 //! Invariants:
 //! - A transfer that breaks off (sender gone, short or long stream, read
@@ -283,6 +284,8 @@ pub(crate) async fn receive(
             "snapshot stream: ended after {received} of the offered {bytes} bytes"
         )));
     }
+    // A preload reading behind the transfer finishes with what is there.
+    file.finish_writing();
     let snapshot = Snapshot { meta, snapshot: file };
     // Installing moves the file into place; `incoming` removes it otherwise
     // (a stale vote, a snapshot not newer than this node's state).

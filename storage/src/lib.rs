@@ -29,6 +29,7 @@ mod error;
 mod format;
 mod log_store;
 mod memory;
+mod preload;
 #[cfg(feature = "rocksdb")]
 mod rocks;
 pub mod snapshot;

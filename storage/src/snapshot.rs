@@ -267,8 +267,8 @@ impl<R: Read> HashingReader<R> {
 
 /// Reads a snapshot file row by row; the file counts as valid only once
 /// [`SnapshotReader::next_row`] returned `None` (end and checksum checked).
-pub struct SnapshotReader {
-    input: HashingReader<BufReader<File>>,
+pub struct SnapshotReader<R = File> {
+    input: HashingReader<BufReader<R>>,
     path: PathBuf,
     header: FileHeader,
     file_bytes: u64,
@@ -283,8 +283,16 @@ impl SnapshotReader {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(io_err(path))?;
         let file_bytes = file.metadata().map_err(io_err(path))?.len();
+        SnapshotReader::from_reader(file, path, file_bytes)
+    }
+}
+
+impl<R: Read> SnapshotReader<R> {
+    /// Reads a snapshot file from `input` (`path` names it in errors;
+    /// `file_bytes` is its size, for progress) and reads its header.
+    pub(crate) fn from_reader(input: R, path: &Path, file_bytes: u64) -> Result<Self> {
         let mut input = HashingReader {
-            inner: BufReader::with_capacity(BUFFER_BYTES, file),
+            inner: BufReader::with_capacity(BUFFER_BYTES, input),
             hash: Sha256::new(),
             bytes: 0,
         };
@@ -456,6 +464,10 @@ pub struct SnapshotFile {
     /// Bytes written into it (receiving), and since when.
     written: u64,
     opened: std::time::Instant,
+    /// While receiving: how far the file grew, for a preload reading it.
+    growth: Option<std::sync::Arc<crate::preload::Growth>>,
+    /// The preload loading it into staging meanwhile, if one runs.
+    preload: Option<crate::preload::Preload>,
 }
 
 impl SnapshotFile {
@@ -486,7 +498,37 @@ impl SnapshotFile {
             path,
             written: 0,
             opened: std::time::Instant::now(),
+            growth: None,
+            preload: None,
         })
+    }
+
+    /// Lets `preload` read this file as it is appended to.
+    pub(crate) fn attach_preload(
+        &mut self,
+        growth: std::sync::Arc<crate::preload::Growth>,
+        preload: crate::preload::Preload,
+    ) {
+        self.growth = Some(growth);
+        self.preload = Some(preload);
+    }
+
+    /// The preload attached to this file, if any.
+    pub(crate) fn take_preload(&mut self) -> Option<crate::preload::Preload> {
+        self.preload.take()
+    }
+
+    /// The open file, for positioned reads.
+    pub(crate) fn raw(&self) -> std::sync::Arc<File> {
+        self.raw.clone()
+    }
+
+    /// Says that nothing more will be appended: a preload reading behind
+    /// the transfer finishes with what is there.
+    pub fn finish_writing(&self) {
+        if let Some(growth) = &self.growth {
+            growth.complete();
+        }
     }
 
     /// Reads exactly `len` bytes at `offset`, in one blocking call.
@@ -510,6 +552,9 @@ impl SnapshotFile {
         blocking(move || raw.write_all_at(data.as_ref(), offset)).await?;
         self.written += len;
         crate::crash::point(crate::crash::SNAPSHOT_RECEIVE, self.written);
+        if let Some(growth) = &self.growth {
+            growth.grew(self.written);
+        }
         Ok(())
     }
 
@@ -532,6 +577,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::io::Result<T> + Se
         .map_err(|e| std::io::Error::other(format!("file I/O task failed: {e}")))?
 }
 
+impl Drop for SnapshotFile {
+    fn drop(&mut self) {
+        // A file dropped before it was complete: its preload gives up.
+        if let Some(growth) = &self.growth {
+            growth.abandon();
+        }
+    }
+}
+
 impl tokio::io::AsyncRead for SnapshotFile {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -544,6 +598,10 @@ impl tokio::io::AsyncRead for SnapshotFile {
 
 impl tokio::io::AsyncWrite for SnapshotFile {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        // Chunks written at offsets: a preload cannot follow them.
+        if let Some(growth) = self.growth.take() {
+            growth.abandon();
+        }
         let polled = Pin::new(&mut self.file).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &polled {
             self.written += *n as u64;

@@ -45,6 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
 use crate::error::{decode, decode_prefix, encode};
+use crate::preload::{GrowingReader, Growth, Preload, Preloaded, Staging, StagingHold};
 use crate::snapshot::{
     FileHeader, FileSummary, SnapshotFile, SnapshotReader, SnapshotWriter, io_err, is_snapshot_file, sync_dir,
 };
@@ -159,6 +160,8 @@ pub struct StateMachineStore<C, E, A> {
     /// Held across the read-compare-write of the stored snapshot, by builds
     /// and installs of every clone, and while the stored file is opened.
     snapshot_lock: Arc<Mutex<()>>,
+    /// Who uses [`Cf::Staging`] (see [`crate::preload`]).
+    staging: Arc<Staging>,
     _c: PhantomData<fn() -> C>,
 }
 
@@ -170,6 +173,7 @@ impl<C, E, A> Clone for StateMachineStore<C, E, A> {
             dir: self.dir.clone(),
             snapshot_seq: self.snapshot_seq.clone(),
             snapshot_lock: self.snapshot_lock.clone(),
+            staging: self.staging.clone(),
             _c: PhantomData,
         }
     }
@@ -355,6 +359,7 @@ where
             dir: Arc::new(dir),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             snapshot_lock: Arc::new(Mutex::new(())),
+            staging: Arc::new(Staging::default()),
             _c: PhantomData,
         };
         crate::format::upgrade(store.engine.as_ref(), &mut |batch| store.convert_legacy_snapshot(batch))?;
@@ -370,6 +375,33 @@ where
     /// The directory of the snapshot files.
     pub fn snapshot_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Starts loading `file` into staging while it is received, if staging
+    /// is free (see [`crate::preload`]); the install finishes the job.
+    fn start_preload(&self, file: &mut SnapshotFile) {
+        let Some(generation) = self.staging.try_take() else {
+            return;
+        };
+        let growth = Arc::new(Growth::default());
+        let reader = GrowingReader::new(file.raw(), growth.clone());
+        let (tx, outcome) = std::sync::mpsc::sync_channel(1);
+        let engine = self.engine.clone();
+        let hold = StagingHold(self.staging.clone());
+        let path = file.path().to_path_buf();
+        // Ends with its transfer: when the file is complete and read, or
+        // abandoned (see the module's invariants).
+        tokio::task::spawn_blocking(move || {
+            let preloaded = preload_rows(engine.as_ref(), reader, &path, generation);
+            drop(hold);
+            let _ = tx.send(preloaded);
+        });
+        file.attach_preload(
+            growth,
+            Preload {
+                outcome: Mutex::new(outcome),
+            },
+        );
     }
 
     fn stored(&self) -> crate::Result<Option<StoredSnapshot<C>>> {
@@ -516,7 +548,12 @@ where
     /// Replaces the whole state with the snapshot in the file at `received`
     /// (its last byte checked before the state changes), records it if it is
     /// newer than the stored one, then tells `apply`.
-    fn install(&self, meta: &SnapshotMeta<u64, C::Node>, received: &Path) -> crate::Result<()> {
+    fn install(
+        &self,
+        meta: &SnapshotMeta<u64, C::Node>,
+        received: &Path,
+        preload: Option<Preload>,
+    ) -> crate::Result<()> {
         let own = received.parent() == Some(self.dir.as_path());
         let path = if !is_snapshot_file(received)? {
             // An older node's payload: small enough to have been held in
@@ -539,7 +576,7 @@ where
             std::fs::copy(received, &path).map_err(io_err(received))?;
             path
         };
-        match self.load(meta, &path) {
+        match self.load(meta, &path, preload) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Nothing refers to the file yet; staged rows go at the next
@@ -553,36 +590,43 @@ where
     /// Loads the checked file at `path` (in the snapshot directory) into
     /// [`Cf::Staging`], syncs the file, and promotes it with `meta`'s applied
     /// log id and membership.
-    fn load(&self, meta: &SnapshotMeta<u64, C::Node>, path: &Path) -> crate::Result<()> {
+    fn load(&self, meta: &SnapshotMeta<u64, C::Node>, path: &Path, preload: Option<Preload>) -> crate::Result<()> {
         let engine = self.engine.as_ref();
         let started = Instant::now();
-        engine.clear(Cf::Staging)?;
-        let mut reader = SnapshotReader::open(path)?;
-        let file_meta: SnapshotMeta<u64, C::Node> = decode("snapshot file meta", &reader.header().meta)?;
-        if file_meta.last_log_id != meta.last_log_id {
-            return Err(crate::Error::BadSnapshot {
-                path: path.to_path_buf(),
-                detail: format!(
-                    "it holds the state at {:?}, not at {:?}",
-                    file_meta.last_log_id, meta.last_log_id
-                ),
-            });
-        }
-        // Staged rows are worth nothing until the promotion refers to them:
-        // no write-ahead log, and a crash leaves them to the next start.
-        let mut loader = engine.bulk_load(Cf::Staging)?;
-        let mut loaded = 0u64;
-        let mut next_point = LOAD_STEP_BYTES;
-        while let Some((k, v)) = reader.next_row()? {
-            loader.put(&k, &v)?;
-            loaded += (k.len() + v.len()) as u64;
-            if loaded >= next_point {
-                crate::crash::point(crate::crash::SNAPSHOT_LOAD, loaded);
-                next_point = loaded + LOAD_STEP_BYTES;
+        // The file is complete, so its preload ends (and gives staging
+        // back) by itself.
+        let preloaded = preload.map(Preload::wait);
+        let current = self.staging.take();
+        let _hold = StagingHold(self.staging.clone());
+        let check = |file_meta: &[u8]| -> crate::Result<()> {
+            let file_meta: SnapshotMeta<u64, C::Node> = decode("snapshot file meta", file_meta)?;
+            if file_meta.last_log_id != meta.last_log_id {
+                return Err(crate::Error::BadSnapshot {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "it holds the state at {:?}, not at {:?}",
+                        file_meta.last_log_id, meta.last_log_id
+                    ),
+                });
             }
-        }
-        let summary = reader.summary().cloned();
-        loader.finish()?;
+            Ok(())
+        };
+        let (summary, preloaded) = match preloaded {
+            Some(Ok(p)) if p.generation == current => {
+                check(&p.meta)?;
+                (p.summary, true)
+            }
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::info!(error = %e, "the snapshot was not loaded while it arrived; loading it now");
+                }
+                self.staging.refilled();
+                engine.clear(Cf::Staging)?;
+                let mut reader = SnapshotReader::open(path)?;
+                check(&reader.header().meta)?;
+                (load_rows(engine, &mut reader)?, false)
+            }
+        };
         // The staged rows and the file reach the disk before the promotion
         // refers to them.
         engine.flush()?;
@@ -611,10 +655,16 @@ where
         }
         // The old state, now staged: not needed any more.
         drop_staged_rows(engine)?;
-        if let Some(summary) = summary {
-            let (elapsed_ms, mb_per_s) = rate(summary.file_bytes, started);
-            tracing::info!(snapshot = %meta.snapshot_id, rows = summary.rows, bytes = summary.file_bytes, elapsed_ms, mb_per_s, "installed snapshot");
-        }
+        let (elapsed_ms, mb_per_s) = rate(summary.file_bytes, started);
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            rows = summary.rows,
+            bytes = summary.file_bytes,
+            elapsed_ms,
+            mb_per_s,
+            preloaded,
+            "installed snapshot"
+        );
         self.apply.snapshot_installed(&EngineTxn::new(engine));
         Ok(())
     }
@@ -636,7 +686,7 @@ where
             last_membership: membership,
             snapshot_id: snapshot_id(&file_meta.last_log_id, 0),
         };
-        self.install(&meta, path)?;
+        self.install(&meta, path, None)?;
         let engine = self.engine.as_ref();
         let mut txn = EngineTxn::new(engine);
         edit(&mut txn)?;
@@ -672,6 +722,47 @@ where
             path,
         }))
     }
+}
+
+/// Writes every row of `reader` into [`Cf::Staging`] (emptied before) and
+/// returns the checked file's summary. Staged rows are worth nothing until a
+/// promotion refers to them: no write-ahead log, and a crash leaves them to
+/// the next start.
+fn load_rows<E: Engine, R: std::io::Read>(engine: &E, reader: &mut SnapshotReader<R>) -> crate::Result<FileSummary> {
+    let mut loader = engine.bulk_load(Cf::Staging)?;
+    let mut loaded = 0u64;
+    let mut next_point = LOAD_STEP_BYTES;
+    while let Some((k, v)) = reader.next_row()? {
+        loader.put(&k, &v)?;
+        loaded += (k.len() + v.len()) as u64;
+        if loaded >= next_point {
+            crate::crash::point(crate::crash::SNAPSHOT_LOAD, loaded);
+            next_point = loaded + LOAD_STEP_BYTES;
+        }
+    }
+    loader.finish()?;
+    reader
+        .summary()
+        .cloned()
+        .ok_or_else(|| crate::Error::Io("snapshot rows ended without a summary".into()))
+}
+
+/// A preload (see [`crate::preload`]): loads the file that `reader` follows
+/// into staging, which the caller took as `generation`.
+fn preload_rows<E: Engine>(
+    engine: &E,
+    reader: GrowingReader,
+    path: &Path,
+    generation: u64,
+) -> crate::Result<Preloaded> {
+    engine.clear(Cf::Staging)?;
+    let mut reader = SnapshotReader::from_reader(reader, path, 0)?;
+    let summary = load_rows(engine, &mut reader)?;
+    Ok(Preloaded {
+        generation,
+        meta: reader.header().meta.clone(),
+        summary,
+    })
 }
 
 /// The file name of `path`, as recorded.
@@ -770,9 +861,10 @@ where
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(format!("incoming-{}-{seq}.part", unix_ms()));
         tracing::info!(file = %path.display(), "receiving a snapshot");
-        let file = SnapshotFile::create(&path)
+        let mut file = SnapshotFile::create(&path)
             .await
             .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, &e)))?;
+        self.start_preload(&mut file);
         Ok(Box::new(file))
     }
 
@@ -786,11 +878,14 @@ where
         let (bytes, since) = snapshot.written();
         let (elapsed_ms, mb_per_s) = rate(bytes, since);
         tracing::info!(snapshot = %meta.snapshot_id, bytes, elapsed_ms, mb_per_s, "received snapshot");
-        // openraft flushed the file when the last chunk arrived.
+        let mut snapshot = snapshot;
+        let preload = snapshot.take_preload();
+        // Complete (openraft flushed it when the last chunk arrived, or the
+        // stream ended); dropping it only closes this handle.
         drop(snapshot);
         let store = self.clone();
         let meta = meta.clone();
-        run_blocking(&self.engine, move |_| store.install(&meta, &received))
+        run_blocking(&self.engine, move |_| store.install(&meta, &received, preload))
             .await
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(sig), &e)))
     }
