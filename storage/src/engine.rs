@@ -14,7 +14,8 @@
 //! - [`Cf::State`] and [`Cf::Staging`] are two physical keyspaces whose
 //!   roles a [`WriteOp::PromoteStaging`] swaps in the same atomic write as
 //!   the rest of its batch: a snapshot is loaded into the staging keyspace
-//!   batch by batch, then becomes the state at once with its applied index.
+//!   ([`Engine::bulk_load`]), then becomes the state at once with its applied
+//!   index.
 //!   A crash before that write leaves the old state; after it, the new one.
 //!   A view sees either role assignment whole.
 //! - [`run_blocking`] runs engine work that may block (fsync, snapshot
