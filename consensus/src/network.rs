@@ -548,8 +548,8 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         self.send(Method::Snapshot, msg, option.hard_ttl()).await
     }
 
-    /// One streaming call per snapshot (see [`crate::snapshot_stream`]);
-    /// chunks for peers of older builds.
+    /// One streaming call per snapshot (`StreamSnapshot`, module
+    /// `snapshot_stream`); chunks for peers of older builds.
     async fn full_snapshot(
         &mut self,
         vote: Vote<NodeId>,
