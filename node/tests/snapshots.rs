@@ -149,33 +149,12 @@ async fn a_saved_snapshot_restores_into_a_new_cluster_and_damaged_files_are_refu
     assert_eq!(members.as_array().map(Vec::len), Some(1), "{members}");
 }
 
-/// Starts a three-node cluster under `root` with the `config` arguments and
-/// waits until every node is ready.
-fn start_three(root: &Path, config: &[String]) -> Vec<Node> {
-    let mut nodes: Vec<Node> = Vec::new();
-    for i in 1..=3 {
-        let join = nodes.first().map(|n| n.endpoint());
-        nodes.push(Node::start_with(
-            &format!("node{i}"),
-            &root.join(format!("node{i}")),
-            Ports::new(),
-            join,
-            config.to_vec(),
-            &[],
-        ));
-    }
-    for n in nodes.iter_mut() {
-        n.wait_ready();
-    }
-    nodes
-}
-
 /// Starts a fourth node that must catch up by snapshot and crashes at
 /// `crash_at` (`CELL0_CRASH_AT`), then restarts it and checks it catches up.
 async fn crash_while_catching_up(crash_at: &str) {
     let root = tempfile::tempdir().unwrap();
     let config = snapshot_config(root.path());
-    let nodes = start_three(root.path(), &config);
+    let nodes = start_cluster_with(root.path(), 3, &config);
     // One write per entry, about 6 MiB in all.
     for i in 0..400 {
         put(&nodes[0].endpoint(), &format!("k{i:03}"), &value(i, 16 * 1024))
@@ -279,7 +258,7 @@ async fn a_new_member_catches_up_by_snapshot_within_the_memory_bound_and_holds_t
     )
     .unwrap();
     let config = vec!["--config".to_string(), path.display().to_string()];
-    let nodes = start_three(root.path(), &config);
+    let nodes = start_cluster_with(root.path(), 3, &config);
     // 48 MiB of values, written by 8 clients.
     const KEYS: usize = 768;
     const VALUE: usize = 64 * 1024;

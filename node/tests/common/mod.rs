@@ -208,14 +208,21 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 /// Starts a cluster of `n` nodes: the first bootstraps, the rest join it.
 pub fn start_cluster(root: &Path, n: usize) -> Vec<Node> {
+    start_cluster_with(root, n, &[])
+}
+
+/// [`start_cluster`] with `extra` flags on every node.
+pub fn start_cluster_with(root: &Path, n: usize, extra: &[String]) -> Vec<Node> {
     let mut nodes: Vec<Node> = Vec::new();
     for i in 1..=n {
         let join = nodes.first().map(|f| f.endpoint());
-        nodes.push(Node::start(
+        nodes.push(Node::start_with(
             &format!("node{i}"),
             &root.join(format!("node{i}")),
             Ports::new(),
             join,
+            extra.to_vec(),
+            &[],
         ));
     }
     for n in nodes.iter_mut() {
