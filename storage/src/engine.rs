@@ -234,11 +234,7 @@ pub trait Engine: ReadView + Send + Sync + 'static {
     /// once do so, so that a [`Engine::bulk_load`] into it starts from an
     /// empty keyspace; views taken before still see the rows.
     fn clear(&self, cf: Cf) -> Result<()> {
-        let mut batch = WriteBatch::new();
-        if let Some(end) = end_after_last(self, cf)? {
-            batch.delete_range(cf, Vec::new(), end);
-        }
-        self.write(batch, Durability::Buffered)
+        delete_all_rows(self, cf)
     }
 
     /// A loader of rows in strictly increasing key order into `cf`, which
@@ -302,13 +298,17 @@ impl<E: Engine + ?Sized> BulkLoad for BatchLoad<'_, E> {
     }
 }
 
-/// The smallest key after every key of `cf` (its last key followed by a
-/// zero byte); `None` when `cf` is empty.
-pub(crate) fn end_after_last<E: Engine + ?Sized>(engine: &E, cf: Cf) -> Result<Option<Vec<u8>>> {
-    Ok(engine.last(cf)?.map(|(mut key, _)| {
-        key.push(0);
-        key
-    }))
+/// Deletes every row of `cf` in one buffered write (a range deletion from
+/// the empty key to just past its last key), leaving the space to the
+/// engine.
+pub(crate) fn delete_all_rows<E: Engine + ?Sized>(engine: &E, cf: Cf) -> Result<()> {
+    let Some((mut end, _)) = engine.last(cf)? else {
+        return Ok(());
+    };
+    end.push(0);
+    let mut batch = WriteBatch::new();
+    batch.delete_range(cf, Vec::new(), end);
+    engine.write(batch, Durability::Buffered)
 }
 
 /// Every pair of `cf` in key order (a data dir upgrade of a small state).

@@ -409,11 +409,7 @@ impl Engine for RocksEngine {
     /// files (views taken before keep seeing the rows: compaction honours
     /// RocksDB snapshots).
     fn clear(&self, cf: Cf) -> Result<()> {
-        let mut batch = WriteBatch::new();
-        if let Some(end) = crate::engine::end_after_last(self, cf)? {
-            batch.delete_range(cf, Vec::new(), end);
-            self.write(batch, Durability::Buffered)?;
-        }
+        crate::engine::delete_all_rows(self, cf)?;
         let slot = self.slot();
         self.db
             .compact_range_cf(self.cf(*slot, cf)?, None::<&[u8]>, None::<&[u8]>);

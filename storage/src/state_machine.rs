@@ -235,17 +235,6 @@ fn remove_file(path: &Path) -> crate::Result<()> {
     }
 }
 
-/// Deletes the rows of [`Cf::Staging`] (the replaced state after a
-/// promotion) without waiting for their space: [`Engine::clear`] returns it
-/// before the next load.
-fn drop_staged_rows<E: Engine>(engine: &E) -> crate::Result<()> {
-    let mut batch = WriteBatch::new();
-    if let Some(end) = crate::engine::end_after_last(engine, Cf::Staging)? {
-        batch.delete_range(Cf::Staging, Vec::new(), end);
-    }
-    engine.write(batch, Durability::Buffered)
-}
-
 /// The applied log id and membership recorded in `view`.
 fn applied_from<N: openraft::Node>(view: &dyn ReadView) -> crate::Result<AppliedState<N>> {
     let applied = match view.get(Cf::Meta, APPLIED_KEY)? {
@@ -653,8 +642,10 @@ where
                 remove_file(path)?;
             }
         }
-        // The old state, now staged: not needed any more.
-        drop_staged_rows(engine)?;
+        // The old state, now staged: not needed any more. Deleted without
+        // waiting for its space, which `Engine::clear` returns before the
+        // next load.
+        crate::engine::delete_all_rows(engine, Cf::Staging)?;
         let (elapsed_ms, mb_per_s) = rate(summary.file_bytes, started);
         tracing::info!(
             snapshot = %meta.snapshot_id,
