@@ -89,24 +89,6 @@ started=()
 work=""
 
 
-stop_pids() { # stop_pids PID...: TERM, then KILL after 20 s
-  local pid deadline=$((SECONDS + 20))
-  for pid in "$@"; do
-    if running "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
-  done
-  for pid in "$@"; do
-    while running "$pid"; do
-      if [ "$SECONDS" -ge "$deadline" ]; then
-        say "pid $pid did not stop in 20 s; killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-        break
-      fi
-      sleep 0.1
-    done
-    wait "$pid" 2>/dev/null || true
-  done
-}
-
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM

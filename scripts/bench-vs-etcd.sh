@@ -72,21 +72,7 @@ work=""
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  for pid in "${started[@]}"; do
-    running "$pid" && kill -TERM "$pid" 2>/dev/null || true
-  done
-  local deadline=$((SECONDS + 20))
-  for pid in "${started[@]}"; do
-    while running "$pid"; do
-      if [ "$SECONDS" -ge "$deadline" ]; then
-        echo "bench-vs-etcd: pid $pid did not stop in 20 s; killing it" >&2
-        kill -KILL "$pid" 2>/dev/null || true
-        break
-      fi
-      sleep 0.1
-    done
-    wait "$pid" 2>/dev/null || true
-  done
+  stop_pids "${started[@]}"
   if [ -n "$work" ] && [ -d "$work" ]; then
     if [ "${KEEP_DATA:-0}" != 1 ]; then
       rm -rf "$work"/etcd[0-9] "$work"/cell0-[0-9]

@@ -16,6 +16,24 @@ running() { # running PID: exists and is not a zombie
   [ "$state" != Z ]
 }
 
+stop_pids() { # stop_pids PID...: TERM, then KILL after 20 s; waits for each
+  local pid deadline=$((SECONDS + 20))
+  for pid in "$@"; do
+    if running "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
+  done
+  for pid in "$@"; do
+    while running "$pid"; do
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        echo "$(basename "$0"): pid $pid did not stop in 20 s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+        break
+      fi
+      sleep 0.1
+    done
+    wait "$pid" 2>/dev/null || true
+  done
+}
+
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 fetch_etcd() {
