@@ -23,9 +23,8 @@
 //! - A receiver without the call (an older build answers UNIMPLEMENTED) is
 //!   sent the same snapshot in InstallSnapshot chunks instead.
 
-use std::io::SeekFrom;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +36,6 @@ use openraft::network::RPCOption;
 use openraft::raft::SnapshotResponse;
 use openraft::{RPCTypes, Snapshot, SnapshotMeta, StorageError, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncSeekExt;
 use tonic::Status;
 
 use crate::network::{AnyErr, PeerNetwork, decode, encode};
@@ -47,12 +45,32 @@ use crate::types::{NodeId, NodeInfo, TypeConfig};
 /// variant index is its version; a change adds a variant.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum SnapshotOffer {
-    /// A whole snapshot file of `bytes` bytes follows.
+    /// A whole snapshot file of `bytes` bytes follows (what builds before
+    /// [`SnapshotOffer::Streamed`] send and read).
     Whole {
         /// The sending leader's vote.
         vote: Vote<NodeId>,
         /// What the snapshot holds.
         meta: SnapshotMeta<NodeId, NodeInfo>,
+        /// Size of the file, in bytes.
+        bytes: u64,
+    },
+    /// A snapshot file follows whose size is known only at its end (a live
+    /// snapshot still being written); a [`SnapshotEnd`] message closes it.
+    Streamed {
+        /// The sending leader's vote.
+        vote: Vote<NodeId>,
+        /// What the snapshot holds.
+        meta: SnapshotMeta<NodeId, NodeInfo>,
+    },
+}
+
+/// The last message of a [`SnapshotOffer::Streamed`] transfer, in the
+/// message payload (file bytes travel in `data`). Frozen-variant rule.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum SnapshotEnd {
+    /// The file is complete at `bytes` bytes.
+    Complete {
         /// Size of the file, in bytes.
         bytes: u64,
     },
@@ -64,10 +82,23 @@ type InstallResult = Result<SnapshotResponse<NodeId>, Fatal<NodeId>>;
 
 type SendResult = Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>>;
 
+/// How the bytes of one transfer are framed.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// [`SnapshotOffer::Streamed`], closed by [`SnapshotEnd`].
+    Streamed,
+    /// [`SnapshotOffer::Whole`] of a complete file of `bytes` bytes.
+    Whole { bytes: u64 },
+}
+
 /// Why a streaming send did not deliver the snapshot.
 pub(crate) enum SendFailure {
     /// The receiver lacks the call: send it in chunks instead.
     Unsupported,
+    /// The receiver reads only [`SnapshotOffer::Whole`] (a build before
+    /// [`SnapshotOffer::Streamed`], which answers that the offer is
+    /// malformed): send the complete file that way.
+    WholeOnly,
     /// Any other failure, as openraft's replication takes it.
     Failed(Box<StreamingError<TypeConfig, Fatal<NodeId>>>),
 }
@@ -78,6 +109,10 @@ impl<E: Into<StreamingError<TypeConfig, Fatal<NodeId>>>> From<E> for SendFailure
     }
 }
 
+/// How a receiver refuses an offer it cannot decode (the start of the
+/// message is what builds before [`SnapshotOffer::Streamed`] answer too).
+const MALFORMED_OFFER: &str = "malformed snapshot offer";
+
 fn read_error(meta: &SnapshotMeta<NodeId, NodeInfo>, e: &dyn std::error::Error) -> StorageError<NodeId> {
     StorageError::from(StorageIOError::read_snapshot(
         Some(meta.signature()),
@@ -85,8 +120,9 @@ fn read_error(meta: &SnapshotMeta<NodeId, NodeInfo>, e: &dyn std::error::Error) 
     ))
 }
 
-/// Sends `snapshot` to the peer of `net` in one streaming call; the snapshot
-/// file is reopened from its path when the peer needs chunks instead.
+/// Sends `snapshot` to the peer of `net` in one streaming call, as it is
+/// written if it is live; a peer of an older build gets the complete file
+/// as a whole offer, or in chunks.
 pub(crate) async fn send(
     net: &mut PeerNetwork,
     vote: Vote<NodeId>,
@@ -95,25 +131,46 @@ pub(crate) async fn send(
     option: RPCOption,
 ) -> SendResult {
     let mut cancel = Box::pin(cancel);
-    let meta = snapshot.meta.clone();
-    let path = snapshot.snapshot.path().to_path_buf();
-    match stream(net, vote, snapshot, cancel.as_mut(), &option).await {
-        Ok(response) => Ok(response),
-        Err(SendFailure::Failed(e)) => Err(*e),
-        Err(SendFailure::Unsupported) => {
-            use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
-            tracing::info!(
-                target_node = net.target(),
-                "peer lacks StreamSnapshot; sending snapshot chunks"
-            );
-            let file = SnapshotFile::open(&path)
-                .await
-                .map_err(|e| StreamingError::StorageError(read_error(&meta, &e)))?;
-            let snapshot = Snapshot {
-                meta,
-                snapshot: Box::new(file),
-            };
-            Chunked::send_snapshot(net, vote, snapshot, cancel, option).await
+    let Snapshot { meta, snapshot: file } = snapshot;
+    let file: Arc<SnapshotFile> = Arc::from(file);
+    let storage_err = |e: &std::io::Error| StreamingError::StorageError(read_error(&meta, e));
+    let mut framing = Framing::Streamed;
+    loop {
+        match stream(net, vote, &meta, file.clone(), framing, cancel.as_mut(), &option).await {
+            Ok(response) => return Ok(response),
+            Err(SendFailure::Failed(e)) => return Err(*e),
+            Err(SendFailure::WholeOnly) if matches!(framing, Framing::Streamed) => {
+                tracing::info!(
+                    target_node = net.target(),
+                    "peer reads only whole snapshot offers; sending the complete file"
+                );
+                let bytes = file.complete_size().await.map_err(|e| storage_err(&e))?;
+                framing = Framing::Whole { bytes };
+            }
+            Err(SendFailure::WholeOnly) => {
+                return Err(StreamingError::Network(NetworkError::new(&AnyErr(format!(
+                    "node {} refused a whole snapshot offer as malformed",
+                    net.target()
+                )))));
+            }
+            Err(SendFailure::Unsupported) => {
+                use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
+                tracing::info!(
+                    target_node = net.target(),
+                    "peer lacks StreamSnapshot; sending snapshot chunks"
+                );
+                // A second handle on the same (complete) file; `file` keeps
+                // a live one from being removed meanwhile.
+                file.complete_size().await.map_err(|e| storage_err(&e))?;
+                let chunked = SnapshotFile::open(file.path())
+                    .await
+                    .map_err(|e| StreamingError::StorageError(read_error(&meta, &e)))?;
+                let snapshot = Snapshot {
+                    meta,
+                    snapshot: Box::new(chunked),
+                };
+                return Chunked::send_snapshot(net, vote, snapshot, cancel, option).await;
+            }
         }
     }
 }
@@ -121,33 +178,37 @@ pub(crate) async fn send(
 async fn stream(
     net: &mut PeerNetwork,
     vote: Vote<NodeId>,
-    snapshot: Snapshot<TypeConfig>,
+    meta: &SnapshotMeta<NodeId, NodeInfo>,
+    file: Arc<SnapshotFile>,
+    framing: Framing,
     cancel: std::pin::Pin<&mut (impl std::future::Future<Output = ReplicationClosed> + Send)>,
     option: &RPCOption,
 ) -> Result<SnapshotResponse<NodeId>, SendFailure> {
-    let Snapshot {
-        meta,
-        snapshot: mut file,
-    } = snapshot;
     let net_err = |e: &dyn std::error::Error| SendFailure::from(NetworkError::new(&AnyErr(e.to_string())));
-    let bytes = file.seek(SeekFrom::End(0)).await.map_err(|e| read_error(&meta, &e))?;
-    let offer = encode(&SnapshotOffer::Whole {
-        vote,
-        meta: meta.clone(),
-        bytes,
-    })
-    .map_err(|e| net_err(&e))?;
-    let first = net.identity().stamp(offer, net.target());
-    let chunk = option.snapshot_chunk_size().unwrap_or(DEFAULT_CHUNK_BYTES).max(1) as u64;
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
+    let offer = match framing {
+        Framing::Streamed => SnapshotOffer::Streamed {
+            vote,
+            meta: meta.clone(),
+        },
+        Framing::Whole { bytes } => SnapshotOffer::Whole {
+            vote,
+            meta: meta.clone(),
+            bytes,
+        },
+    };
+    let first = net
+        .identity()
+        .stamp(encode(&offer).map_err(|e| net_err(&e))?, net.target());
+    let chunk = option.snapshot_chunk_size().unwrap_or(DEFAULT_CHUNK_BYTES).max(1);
+    let progress = Arc::new(Progress::default());
     let body = FileChunks {
         file,
-        remaining: bytes,
+        framing,
         chunk,
-        sent: sent.clone(),
-        failed: failed.clone(),
+        progress: progress.clone(),
+        failed: Arc::default(),
     };
+    let failed = body.failed.clone();
     let body = futures::stream::once(async move { first }).chain(futures::stream::unfold(body, FileChunks::next));
 
     let mut client = net.client().map_err(|e| net_err(&e))?;
@@ -156,7 +217,7 @@ async fn stream(
     let reply = tokio::select! {
         reply = client.stream_snapshot(tonic::Request::new(body)) => reply,
         closed = cancel => return Err(StreamingError::Closed(closed).into()),
-        () = stalled(&sent, bytes, ttl) => {
+        () = stalled(&progress, ttl) => {
             return Err(StreamingError::Timeout(Timeout {
                 action: RPCTypes::InstallSnapshot,
                 id: net.identity().node,
@@ -167,11 +228,16 @@ async fn stream(
         }
     };
     if let Some(e) = failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(StreamingError::StorageError(read_error(&meta, &e)).into());
+        return Err(StreamingError::StorageError(read_error(meta, &e)).into());
     }
     let reply = match reply {
         Ok(r) => r.into_inner(),
         Err(status) if status.code() == tonic::Code::Unimplemented => return Err(SendFailure::Unsupported),
+        Err(status)
+            if status.code() == tonic::Code::InvalidArgument && status.message().starts_with(MALFORMED_OFFER) =>
+        {
+            return Err(SendFailure::WholeOnly);
+        }
         Err(status) if status.code() == tonic::Code::Unavailable => {
             return Err(StreamingError::Unreachable(Unreachable::new(&AnyErr(status.to_string()))).into());
         }
@@ -184,7 +250,7 @@ async fn stream(
     tracing::info!(
         snapshot = %meta.snapshot_id,
         target_node = net.target(),
-        bytes,
+        bytes = progress.sent.load(Ordering::Acquire),
         elapsed_ms = elapsed.as_millis() as u64,
         "sent snapshot"
     );
@@ -194,17 +260,26 @@ async fn stream(
 /// Chunk size when openraft names none (it always does for snapshots).
 const DEFAULT_CHUNK_BYTES: usize = 4 << 20;
 
-/// Completes once no byte was handed to the transport for `ttl` while bytes
-/// remained to send; never once all `total` bytes went (the receiver then
-/// installs, which takes as long as it takes).
-async fn stalled(sent: &AtomicU64, total: u64, ttl: Duration) {
-    let mut last = sent.load(Ordering::Acquire);
+/// How far a streaming send got.
+#[derive(Debug, Default)]
+struct Progress {
+    /// File bytes handed to the transport so far.
+    sent: AtomicU64,
+    /// Every message was handed to the transport.
+    done: AtomicBool,
+}
+
+/// Completes once no byte was handed to the transport for `ttl` while the
+/// body was not done; never once it is (the receiver then installs, which
+/// takes as long as it takes).
+async fn stalled(progress: &Progress, ttl: Duration) {
+    let mut last = progress.sent.load(Ordering::Acquire);
     loop {
         tokio::time::sleep(ttl).await;
-        let now = sent.load(Ordering::Acquire);
-        if now >= total {
+        if progress.done.load(Ordering::Acquire) {
             std::future::pending::<()>().await;
         }
+        let now = progress.sent.load(Ordering::Acquire);
         if now == last {
             return;
         }
@@ -212,36 +287,48 @@ async fn stalled(sent: &AtomicU64, total: u64, ttl: Duration) {
     }
 }
 
-/// The body of a streaming send: the snapshot file in chunks.
+/// The body of a streaming send: the snapshot file in chunks, read as it
+/// grows when it is live, then the end message if the framing has one.
 struct FileChunks {
-    file: Box<SnapshotFile>,
-    remaining: u64,
-    chunk: u64,
-    /// Bytes handed to the transport so far.
-    sent: Arc<AtomicU64>,
+    file: Arc<SnapshotFile>,
+    framing: Framing,
+    chunk: usize,
+    progress: Arc<Progress>,
     /// A read error that ended the stream early.
     failed: Arc<Mutex<Option<std::io::Error>>>,
 }
 
 impl FileChunks {
-    async fn next(mut self) -> Option<(RaftMessage, Self)> {
-        if self.remaining == 0 {
+    async fn next(self) -> Option<(RaftMessage, Self)> {
+        if self.progress.done.load(Ordering::Acquire) {
             return None;
         }
-        let want = self.remaining.min(self.chunk);
-        let offset = self.sent.load(Ordering::Acquire);
-        match self.file.read_at(offset, want as usize).await {
-            Ok(data) => {
-                self.remaining -= want;
-                self.sent.fetch_add(want, Ordering::AcqRel);
+        let offset = self.progress.sent.load(Ordering::Acquire);
+        match self.file.read_chunk(offset, self.chunk).await {
+            Ok(Some(data)) => {
+                self.progress.sent.fetch_add(data.len() as u64, Ordering::AcqRel);
                 let message = RaftMessage {
                     data: data.into(),
                     ..Default::default()
                 };
                 Some((message, self))
             }
+            Ok(None) => {
+                self.progress.done.store(true, Ordering::Release);
+                match self.framing {
+                    Framing::Whole { .. } => None,
+                    Framing::Streamed => match encode(&SnapshotEnd::Complete { bytes: offset }) {
+                        Ok(end) => Some((end, self)),
+                        Err(e) => {
+                            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::io::Error::other(e));
+                            None
+                        }
+                    },
+                }
+            }
             Err(e) => {
-                // Ending the stream short makes the receiver refuse it.
+                // Ending the stream without its end (or short of the whole
+                // offer) makes the receiver refuse it.
                 *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 None
             }
@@ -260,17 +347,32 @@ pub(crate) async fn receive(
         return Err(Status::invalid_argument("snapshot stream: no offer"));
     };
     identity.check(&first)?;
-    let SnapshotOffer::Whole { vote, meta, bytes } =
-        decode(&first).map_err(|e| Status::invalid_argument(format!("malformed snapshot offer: {e}")))?;
+    let offer = decode(&first).map_err(|e| Status::invalid_argument(format!("{MALFORMED_OFFER}: {e}")))?;
+    let (vote, meta, offered) = match offer {
+        SnapshotOffer::Whole { vote, meta, bytes } => (vote, meta, Some(bytes)),
+        SnapshotOffer::Streamed { vote, meta } => (vote, meta, None),
+    };
     let mut file = raft
         .begin_receiving_snapshot()
         .await
         .map_err(|e| Status::internal(format!("cannot receive a snapshot: {e}")))?;
     let incoming = IncomingFile(file.path().to_path_buf());
     let mut received = 0u64;
+    let mut ended = None;
     while let Some(message) = stream.message().await? {
+        if ended.is_some() {
+            return Err(Status::invalid_argument("snapshot stream: a message after its end"));
+        }
+        if !message.payload.is_empty() {
+            let SnapshotEnd::Complete { bytes } = decode(&message)
+                .map_err(|e| Status::invalid_argument(format!("malformed snapshot stream end: {e}")))?;
+            ended = Some(bytes);
+            continue;
+        }
         received += message.data.len() as u64;
-        if received > bytes {
+        if let Some(bytes) = offered
+            && received > bytes
+        {
             return Err(Status::invalid_argument(format!(
                 "snapshot stream: more than the offered {bytes} bytes"
             )));
@@ -279,10 +381,23 @@ pub(crate) async fn receive(
             .await
             .map_err(|e| Status::internal(format!("writing {}: {e}", incoming.0.display())))?;
     }
-    if received != bytes {
-        return Err(Status::invalid_argument(format!(
-            "snapshot stream: ended after {received} of the offered {bytes} bytes"
-        )));
+    match (offered, ended) {
+        (Some(bytes), _) if received != bytes => {
+            return Err(Status::invalid_argument(format!(
+                "snapshot stream: ended after {received} of the offered {bytes} bytes"
+            )));
+        }
+        (None, None) => {
+            return Err(Status::invalid_argument(format!(
+                "snapshot stream: ended without its end message after {received} bytes"
+            )));
+        }
+        (None, Some(bytes)) if received != bytes => {
+            return Err(Status::invalid_argument(format!(
+                "snapshot stream: carried {received} bytes but its end message says {bytes}"
+            )));
+        }
+        _ => {}
     }
     // A preload reading behind the transfer finishes with what is there.
     file.finish_writing();

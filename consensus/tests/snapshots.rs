@@ -1,7 +1,8 @@
 //! Snapshots at scale, backups and disaster recovery, through the public
 //! API of real members on loopback (RocksDB, gRPC):
-//! - a new member catches up by a snapshot streamed in many messages and ends
-//!   with exactly the leader's rows;
+//! - a new member catches up by a snapshot of the leader's current state
+//!   (not its older stored one), streamed in many messages, and ends with
+//!   exactly the leader's rows;
 //! - a snapshot exported from a loaded cluster restores into a new data dir
 //!   as a new cluster with the same rows (but its own cluster id), and a
 //!   truncated file is refused;
@@ -93,32 +94,48 @@ fn state_rows(dir: &Path, id: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
     rows
 }
 
+/// Every file in the snapshot directory of the node at `dir`.
+fn snapshot_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join(cell0_storage::SNAPSHOT_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_new_member_catches_up_on_a_large_state_by_a_streamed_snapshot() {
+async fn a_new_member_catches_up_on_a_large_state_by_a_streamed_snapshot_of_the_current_state() {
     let root = tempfile::tempdir().unwrap();
-    let nodes = local_cluster(root.path(), 3, config()).await.unwrap();
+    // Snapshots only when asked, so the stored one falls behind.
+    let config = ConsensusConfig {
+        snapshot_every: 1_000_000,
+        ..config()
+    };
+    let nodes = local_cluster(root.path(), 3, config.clone()).await.unwrap();
     let leader = &nodes[0].consensus;
     // About 8 MiB of values: over a hundred 64 KiB messages.
     load(leader, 2000, 4096).await;
-    let last = leader.status().applied_index;
+    let stored = leader.status().applied_index;
     leader.raft().trigger().snapshot().await.unwrap();
     leader
         .raft()
         .wait(Some(DEADLINE))
-        .metrics(|m| m.snapshot.is_some_and(|s| s.index >= last), "snapshot built")
+        .metrics(|m| m.snapshot.is_some_and(|s| s.index >= stored), "snapshot built")
         .await
         .unwrap();
-    leader.raft().trigger().purge_log(last).await.unwrap();
+    leader.raft().trigger().purge_log(stored).await.unwrap();
+    // Written after the stored snapshot: a new member gets them in the
+    // snapshot of the current state, not as entries to replay.
+    load(leader, 300, 64).await;
+    let current = leader.status().applied_index;
+    assert!(current > stored);
 
-    let fourth = LocalNode::start(4, root.path().join("n4"), None, config())
-        .await
-        .unwrap();
+    let fourth = LocalNode::start(4, root.path().join("n4"), None, config).await.unwrap();
     leader.join(4, fourth.consensus.info().clone()).await.unwrap();
-    applied(&fourth.consensus, last).await;
+    applied(&fourth.consensus, current).await;
     let snap = fourth.consensus.raft().metrics().borrow().snapshot;
     assert!(
-        snap.is_some_and(|s| s.index >= last),
-        "caught up by a snapshot: {snap:?}"
+        snap.is_some_and(|s| s.index >= current),
+        "caught up by a snapshot of the current state (stored one at {stored}, applied {current}): {snap:?}"
     );
     assert_eq!(
         all_pairs(&fourth.consensus, Consistency::Serializable).await,
@@ -127,17 +144,20 @@ async fn a_new_member_catches_up_on_a_large_state_by_a_streamed_snapshot() {
     // The received snapshot is a file of its own; nothing is left over once
     // transfers still in flight (a replication stream rebuilt by the
     // learner's promotion may have started a second one) have ended.
-    let dir = root.path().join("n4").join(cell0_storage::SNAPSHOT_DIR);
+    // The leader's live file is gone once its transfer ended: only its
+    // stored snapshot is left.
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        if files.len() == 1 && files[0].ends_with(".snap") {
+        let fourth_files = snapshot_files(&root.path().join("n4"));
+        let leader_files = snapshot_files(&root.path().join("n1"));
+        let one_snap = |files: &[String]| files.len() == 1 && files[0].ends_with(".snap");
+        if one_snap(&fourth_files) && one_snap(&leader_files) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{files:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new member: {fourth_files:?}, leader: {leader_files:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 

@@ -31,7 +31,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::snapshot::FileSummary;
 
-/// How far a file being received has grown, and whether it is complete.
+/// How far a file being written has grown (a snapshot received, or one
+/// built live for a transfer), and whether it is complete.
 #[derive(Debug, Default)]
 pub(crate) struct Growth {
     state: Mutex<GrowthState>,
@@ -70,11 +71,50 @@ impl Growth {
     }
 
     /// The transfer ended without completing the file (or stopped writing
-    /// it in order); readers give up.
+    /// it in order), or its reader went away; the other side gives up.
     pub(crate) fn abandon(&self) {
         let mut state = self.lock();
         state.end.get_or_insert(GrowthEnd::Abandoned);
         self.changed.notify_all();
+    }
+
+    /// Whether [`Growth::abandon`] was called.
+    pub(crate) fn abandoned(&self) -> bool {
+        self.lock().end == Some(GrowthEnd::Abandoned)
+    }
+
+    /// Waits until the file holds more than `offset` bytes and returns how
+    /// many more, or `None` once it is complete at `offset` or before; an
+    /// abandoned file is an error.
+    pub(crate) fn wait_beyond(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        let mut state = self.lock();
+        loop {
+            if state.written > offset {
+                return Ok(Some(state.written - offset));
+            }
+            match state.end {
+                Some(GrowthEnd::Complete) => return Ok(None),
+                Some(GrowthEnd::Abandoned) => {
+                    return Err(std::io::Error::other("the snapshot transfer was abandoned"));
+                }
+                None => state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+
+    /// Waits until the file is complete and returns its size; an abandoned
+    /// file is an error.
+    pub(crate) fn wait_complete(&self) -> std::io::Result<u64> {
+        let mut state = self.lock();
+        loop {
+            match state.end {
+                Some(GrowthEnd::Complete) => return Ok(state.written),
+                Some(GrowthEnd::Abandoned) => {
+                    return Err(std::io::Error::other("the snapshot transfer was abandoned"));
+                }
+                None => state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
     }
 }
 
@@ -97,22 +137,8 @@ impl GrowingReader {
 
 impl Read for GrowingReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let available = {
-            let mut state = self.growth.lock();
-            loop {
-                if state.written > self.offset {
-                    break state.written - self.offset;
-                }
-                match state.end {
-                    Some(GrowthEnd::Complete) => return Ok(0),
-                    Some(GrowthEnd::Abandoned) => {
-                        return Err(std::io::Error::other("the snapshot transfer was abandoned"));
-                    }
-                    None => {
-                        state = self.growth.changed.wait(state).unwrap_or_else(|p| p.into_inner());
-                    }
-                }
-            }
+        let Some(available) = self.growth.wait_beyond(self.offset)? else {
+            return Ok(0);
         };
         let want = buf.len().min(usize::try_from(available).unwrap_or(usize::MAX));
         let n = self.file.read_at(&mut buf[..want], self.offset)?;

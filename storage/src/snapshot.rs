@@ -31,12 +31,14 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{decode, encode};
+use crate::preload::Growth;
 use crate::{Error, Result};
 
 /// First bytes of every snapshot file.
@@ -137,10 +139,39 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// Writes one snapshot file under a temporary name; [`SnapshotWriter::finish`]
-/// makes it durable under its final name.
+/// The file under a [`SnapshotWriter`]: counts what reached it and, for a
+/// file built live, tells its reader how far it grew, and fails once that
+/// reader went away (so the build stops).
+struct Appending {
+    file: File,
+    written: u64,
+    growth: Option<Arc<Growth>>,
+}
+
+impl Write for Appending {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.growth.as_ref().is_some_and(|g| g.abandoned()) {
+            return Err(std::io::Error::other("nobody reads this snapshot any more"));
+        }
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if let Some(growth) = &self.growth {
+            growth.grew(self.written);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Writes one snapshot file: under a temporary name that
+/// [`SnapshotWriter::finish`] makes durable under its final name, or, for a
+/// live file that only a transfer reads, in place
+/// ([`SnapshotWriter::create_live`], [`SnapshotWriter::finish_live`]).
 pub struct SnapshotWriter {
-    out: Hashing<BufWriter<File>>,
+    out: Hashing<BufWriter<Appending>>,
     part: PathBuf,
     path: PathBuf,
     header: FileHeader,
@@ -152,8 +183,22 @@ pub struct SnapshotWriter {
 impl SnapshotWriter {
     /// Starts the file that will be `path` (written as `path` + `.part`).
     pub fn create(path: &Path, header: FileHeader) -> Result<Self> {
-        let part = part_path(path);
+        Self::create_at(part_path(path), path, header, None)
+    }
+
+    /// Starts a live file at `path` itself, reporting its growth to
+    /// `growth` (see [`SnapshotFile::live`]).
+    pub(crate) fn create_live(path: &Path, header: FileHeader, growth: Arc<Growth>) -> Result<Self> {
+        Self::create_at(path.to_path_buf(), path, header, Some(growth))
+    }
+
+    fn create_at(part: PathBuf, path: &Path, header: FileHeader, growth: Option<Arc<Growth>>) -> Result<Self> {
         let file = File::create(&part).map_err(io_err(&part))?;
+        let file = Appending {
+            file,
+            written: 0,
+            growth,
+        };
         let mut out = Hashing {
             inner: BufWriter::with_capacity(BUFFER_BYTES, file),
             hash: Sha256::new(),
@@ -215,26 +260,48 @@ impl SnapshotWriter {
 
     /// Writes the end and checksum, fsyncs the file, renames it to its final
     /// name and fsyncs the directory.
-    pub fn finish(mut self) -> Result<FileSummary> {
+    pub fn finish(self) -> Result<FileSummary> {
+        let (part, path) = (self.part.clone(), self.path.clone());
+        let (file, summary) = self.write_end()?;
+        let err = io_err(&part);
+        file.file.sync_all().map_err(&err)?;
+        std::fs::rename(&part, &path).map_err(&err)?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+        Ok(summary)
+    }
+
+    /// Writes the end and checksum of a live file and tells its reader it
+    /// is complete (no fsync: the file is gone once the transfer ends).
+    pub(crate) fn finish_live(self) -> Result<FileSummary> {
+        let (file, summary) = self.write_end()?;
+        if let Some(growth) = &file.growth {
+            growth.complete();
+        }
+        Ok(summary)
+    }
+
+    /// Writes the end record and checksum and flushes them to the file.
+    fn write_end(mut self) -> Result<(Appending, FileSummary)> {
         let err = io_err(&self.part);
         self.out.write_all(&[END]).map_err(&err)?;
         self.out.write_all(&self.rows.to_le_bytes()).map_err(&err)?;
         self.out.write_all(&self.row_bytes.to_le_bytes()).map_err(&err)?;
         let digest = self.out.hash.clone().finalize();
         self.out.write_all(&digest).map_err(&err)?;
+        let file_bytes = self.out.bytes;
         let file = self.out.inner.into_inner().map_err(|e| err(e.into_error()))?;
-        file.sync_all().map_err(&err)?;
-        std::fs::rename(&self.part, &self.path).map_err(&err)?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir)?;
-        }
-        Ok(FileSummary {
-            header: self.header,
-            rows: self.rows,
-            row_bytes: self.row_bytes,
-            file_bytes: self.out.bytes,
-            sha256: hex(&digest),
-        })
+        Ok((
+            file,
+            FileSummary {
+                header: self.header,
+                rows: self.rows,
+                row_bytes: self.row_bytes,
+                file_bytes,
+                sha256: hex(&digest),
+            },
+        ))
     }
 }
 
@@ -450,6 +517,11 @@ pub fn verify(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<FileSum
 /// at chunk offsets when receiving. It knows its path so the store can
 /// install or remove it.
 ///
+/// A live file ([`SnapshotFile::live`]) is still being written by a build
+/// of the current state for one transfer: [`SnapshotFile::read_chunk`]
+/// waits for its bytes, and dropping the handle stops the build and removes
+/// the file.
+///
 /// Besides openraft's async read, write and seek (through tokio's file, which
 /// copies every buffer and moves at most 2 MiB per blocking call), a
 /// transfer reads and appends whole chunks with positioned I/O on a second
@@ -459,15 +531,36 @@ pub fn verify(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<FileSum
 pub struct SnapshotFile {
     file: tokio::fs::File,
     /// The same open file, for positioned reads and writes.
-    raw: std::sync::Arc<File>,
+    raw: Arc<File>,
     path: PathBuf,
     /// Bytes written into it (receiving), and since when.
     written: u64,
     opened: std::time::Instant,
     /// While receiving: how far the file grew, for a preload reading it.
-    growth: Option<std::sync::Arc<crate::preload::Growth>>,
+    growth: Option<Arc<Growth>>,
     /// The preload loading it into staging meanwhile, if one runs.
     preload: Option<crate::preload::Preload>,
+    /// For a live file, the build writing it.
+    live: Option<LiveBuild>,
+}
+
+/// The build behind a live [`SnapshotFile`]; dropping it stops the build
+/// (if it still runs) and removes the file.
+#[derive(Debug)]
+pub(crate) struct LiveBuild {
+    pub(crate) growth: Arc<Growth>,
+    pub(crate) path: PathBuf,
+}
+
+impl Drop for LiveBuild {
+    fn drop(&mut self) {
+        self.growth.abandon();
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %self.path.display(), error = %e, "cannot remove a live snapshot file");
+        }
+    }
 }
 
 impl SnapshotFile {
@@ -491,7 +584,7 @@ impl SnapshotFile {
 
     /// Wraps a file opened by blocking code.
     pub fn from_std(file: File, path: PathBuf) -> Result<Self> {
-        let raw = std::sync::Arc::new(file.try_clone().map_err(io_err(&path))?);
+        let raw = Arc::new(file.try_clone().map_err(io_err(&path))?);
         Ok(Self {
             file: tokio::fs::File::from_std(file),
             raw,
@@ -500,15 +593,58 @@ impl SnapshotFile {
             opened: std::time::Instant::now(),
             growth: None,
             preload: None,
+            live: None,
         })
     }
 
+    /// Opens the file that `build` is writing, to read it as it grows.
+    pub(crate) fn live(build: LiveBuild) -> Result<Self> {
+        let file = File::open(&build.path).map_err(io_err(&build.path))?;
+        let mut this = Self::from_std(file, build.path.clone())?;
+        this.live = Some(build);
+        Ok(this)
+    }
+
+    /// Whether this file is still (or was) written by a live build.
+    pub fn is_live(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// Reads up to `max` bytes at `offset`, in one blocking call; a live
+    /// file is waited for until it holds more than `offset` bytes. `None`
+    /// at the end of the (complete) file.
+    pub async fn read_chunk(&self, offset: u64, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let raw = self.raw.clone();
+        let growth = self.live.as_ref().map(|l| l.growth.clone());
+        blocking(move || {
+            let available = match growth {
+                Some(growth) => growth.wait_beyond(offset)?,
+                None => Some(raw.metadata()?.len().saturating_sub(offset)).filter(|n| *n > 0),
+            };
+            let Some(available) = available else {
+                return Ok(None);
+            };
+            let mut buf = vec![0; usize::try_from(available).unwrap_or(usize::MAX).min(max)];
+            raw.read_exact_at(&mut buf, offset)?;
+            Ok(Some(buf))
+        })
+        .await
+    }
+
+    /// The size of the file once complete (a live file is waited for).
+    pub async fn complete_size(&self) -> std::io::Result<u64> {
+        let raw = self.raw.clone();
+        let growth = self.live.as_ref().map(|l| l.growth.clone());
+        blocking(move || match growth {
+            Some(growth) => growth.wait_complete(),
+            None => Ok(raw.metadata()?.len()),
+        })
+        .await
+    }
+
     /// Lets `preload` read this file as it is appended to.
-    pub(crate) fn attach_preload(
-        &mut self,
-        growth: std::sync::Arc<crate::preload::Growth>,
-        preload: crate::preload::Preload,
-    ) {
+    pub(crate) fn attach_preload(&mut self, growth: Arc<Growth>, preload: crate::preload::Preload) {
         self.growth = Some(growth);
         self.preload = Some(preload);
     }
@@ -519,7 +655,7 @@ impl SnapshotFile {
     }
 
     /// The open file, for positioned reads.
-    pub(crate) fn raw(&self) -> std::sync::Arc<File> {
+    pub(crate) fn raw(&self) -> Arc<File> {
         self.raw.clone()
     }
 
@@ -529,18 +665,6 @@ impl SnapshotFile {
         if let Some(growth) = &self.growth {
             growth.complete();
         }
-    }
-
-    /// Reads exactly `len` bytes at `offset`, in one blocking call.
-    pub async fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let raw = self.raw.clone();
-        blocking(move || {
-            let mut buf = vec![0; len];
-            raw.read_exact_at(&mut buf, offset)?;
-            Ok(buf)
-        })
-        .await
     }
 
     /// Writes `data` after everything written so far, in one blocking call.

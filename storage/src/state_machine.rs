@@ -24,6 +24,13 @@
 //!   id is greater, and that read-compare-write runs under one lock shared by
 //!   every clone of the store, so a slow build never overwrites a newer
 //!   snapshot installed meanwhile.
+//! - Once openraft has started, a lagging member is sent a live snapshot of
+//!   the current state instead of an older stored one
+//!   ([`StateMachineStore::serve_live_snapshots`]): written from a
+//!   point-in-time view into a temporary file that the transfer reads as it
+//!   grows, never recorded, removed when the transfer ends. Only built and
+//!   installed snapshots are ever recorded, so what openraft may purge is
+//!   decided by durable snapshots alone.
 //! - Snapshot builds, installs and reads of the stored snapshot run through
 //!   `engine::run_blocking`, so they never stall the other tasks of an async
 //!   worker; each call returns after that work, so applies and installs stay
@@ -31,7 +38,7 @@
 
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,7 +54,8 @@ use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
 use crate::error::{decode, decode_prefix, encode};
 use crate::preload::{GrowingReader, Growth, Preload, Preloaded, Staging, StagingHold};
 use crate::snapshot::{
-    FileHeader, FileSummary, SnapshotFile, SnapshotReader, SnapshotWriter, io_err, is_snapshot_file, sync_dir,
+    FileHeader, FileSummary, LiveBuild, SnapshotFile, SnapshotReader, SnapshotWriter, io_err, is_snapshot_file,
+    sync_dir,
 };
 use crate::txn::{EngineTxn, Txn};
 
@@ -162,6 +170,9 @@ pub struct StateMachineStore<C, E, A> {
     snapshot_lock: Arc<Mutex<()>>,
     /// Who uses [`Cf::Staging`] (see [`crate::preload`]).
     staging: Arc<Staging>,
+    /// Whether `get_current_snapshot` builds live snapshots (see
+    /// [`StateMachineStore::serve_live_snapshots`]).
+    serve_live: Arc<AtomicBool>,
     _c: PhantomData<fn() -> C>,
 }
 
@@ -174,6 +185,7 @@ impl<C, E, A> Clone for StateMachineStore<C, E, A> {
             snapshot_seq: self.snapshot_seq.clone(),
             snapshot_lock: self.snapshot_lock.clone(),
             staging: self.staging.clone(),
+            serve_live: self.serve_live.clone(),
             _c: PhantomData,
         }
     }
@@ -269,6 +281,36 @@ fn snapshot_id(last_log_id: &Option<LogId<u64>>, seq: u64) -> String {
     }
 }
 
+/// The file header of a snapshot of `meta` in cluster `cluster_id`.
+fn file_header<N: openraft::Node>(meta: &SnapshotMeta<u64, N>, cluster_id: u64) -> crate::Result<FileHeader> {
+    Ok(FileHeader {
+        meta: encode(meta)?,
+        cluster_id,
+        created_unix_ms: unix_ms(),
+    })
+}
+
+/// The snapshot meta of the state `view` holds (applied log id and
+/// membership), and the header of its file.
+fn view_header<C, A>(
+    view: &dyn ReadView,
+    apply: &A,
+    seq: u64,
+) -> crate::Result<(SnapshotMeta<u64, C::Node>, FileHeader)>
+where
+    C: RaftTypeConfig<NodeId = u64>,
+    A: Apply<C>,
+{
+    let (last_log_id, last_membership) = applied_from(view)?;
+    let meta = SnapshotMeta {
+        snapshot_id: snapshot_id(&last_log_id, seq),
+        last_log_id,
+        last_membership,
+    };
+    let header = file_header(&meta, apply.cluster_id(&EngineTxn::new(view)))?;
+    Ok((meta, header))
+}
+
 /// Writes the state of `view` with its applied log id and membership into a
 /// new snapshot file at `path`.
 fn write_view<C, A>(
@@ -281,34 +323,10 @@ where
     C: RaftTypeConfig<NodeId = u64>,
     A: Apply<C>,
 {
-    let (last_log_id, last_membership) = applied_from(view)?;
-    let meta = SnapshotMeta {
-        snapshot_id: snapshot_id(&last_log_id, seq),
-        last_log_id,
-        last_membership,
-    };
-    let cluster_id = apply.cluster_id(&EngineTxn::new(view));
-    let summary = write_snapshot_file(path, &meta, cluster_id, &mut |w| {
-        view.for_each(Cf::State, &mut |k, v| w.row(k, v))
-    })?;
-    Ok((meta, summary))
-}
-
-/// Writes the snapshot file of `meta` at `path`, its rows from `rows`.
-fn write_snapshot_file<N: openraft::Node>(
-    path: &Path,
-    meta: &SnapshotMeta<u64, N>,
-    cluster_id: u64,
-    rows: &mut dyn FnMut(&mut SnapshotWriter) -> crate::Result<()>,
-) -> crate::Result<FileSummary> {
-    let header = FileHeader {
-        meta: encode(meta)?,
-        cluster_id,
-        created_unix_ms: unix_ms(),
-    };
+    let (meta, header) = view_header::<C, A>(view, apply, seq)?;
     let mut writer = SnapshotWriter::create(path, header)?;
-    rows(&mut writer)?;
-    writer.finish()
+    view.for_each(Cf::State, &mut |k, v| writer.row(k, v))?;
+    Ok((meta, writer.finish()?))
 }
 
 /// Writes a consistent snapshot of `engine`'s current state to a new file
@@ -349,6 +367,7 @@ where
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             snapshot_lock: Arc::new(Mutex::new(())),
             staging: Arc::new(Staging::default()),
+            serve_live: Arc::new(AtomicBool::new(false)),
             _c: PhantomData,
         };
         crate::format::upgrade(store.engine.as_ref(), &mut |batch| store.convert_legacy_snapshot(batch))?;
@@ -364,6 +383,75 @@ where
     /// The directory of the snapshot files.
     pub fn snapshot_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// From now on, `get_current_snapshot` (which openraft calls to send a
+    /// snapshot to a lagging member) returns a live snapshot of the current
+    /// state whenever the stored one is older (see
+    /// [`StateMachineStore::start_live`]). Called once openraft has started:
+    /// at startup openraft reads the stored snapshot to decide how far the
+    /// log may be purged, which only a durable snapshot may decide.
+    pub fn serve_live_snapshots(&self) {
+        self.serve_live.store(true, Ordering::Release);
+    }
+
+    /// Starts a live snapshot of the current state for one transfer: a
+    /// point-in-time view is taken now, a blocking task writes its rows into
+    /// a temporary `live-….part` file, and the file is returned at once,
+    /// readable as it grows ([`SnapshotFile::live`]). It is never recorded
+    /// nor fsynced; dropping it stops the build and removes it (a crash
+    /// leaves a `.part` file that the next open removes). `None` when the
+    /// stored snapshot already holds the applied state.
+    ///
+    /// A new member then installs the state as of now instead of an older
+    /// stored snapshot plus every entry since, which it would have to
+    /// replay.
+    fn start_live(&self) -> crate::Result<Option<Snapshot<C>>> {
+        let (applied, _) = applied_from::<C::Node>(self.engine.as_ref())?;
+        if stored_snapshot_log_id::<C>(self.engine.as_ref())? == Some(applied) {
+            return Ok(None);
+        }
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("live-{}-{seq}.part", unix_ms()));
+        let growth = Arc::new(Growth::default());
+        // Created first, so that an early return removes the file.
+        let build = LiveBuild {
+            growth: growth.clone(),
+            path: path.clone(),
+        };
+        let (tx, started) = std::sync::mpsc::sync_channel(1);
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let begun = Instant::now();
+            let built = store.engine.with_view(&mut |view| {
+                let (meta, header) = view_header::<C, A>(view, store.apply.as_ref(), seq)?;
+                let mut writer = SnapshotWriter::create_live(&path, header, growth.clone())?;
+                let id = meta.snapshot_id.clone();
+                let _ = tx.send(Ok(meta));
+                view.for_each(Cf::State, &mut |k, v| writer.row(k, v))?;
+                let summary = writer.finish_live()?;
+                let (elapsed_ms, mb_per_s) = rate(summary.file_bytes, begun);
+                tracing::info!(snapshot = %id, rows = summary.rows, bytes = summary.file_bytes, elapsed_ms, mb_per_s, "wrote live snapshot");
+                Ok(())
+            });
+            if let Err(e) = built {
+                if growth.abandoned() {
+                    tracing::info!(error = %e, "live snapshot build stopped: its transfer ended");
+                } else {
+                    tracing::warn!(error = %e, "live snapshot build failed");
+                    growth.abandon();
+                }
+                let _ = tx.send(Err(e));
+            }
+        });
+        let meta = started
+            .recv()
+            .map_err(|_| crate::Error::Io("the live snapshot build ended before it started".into()))??;
+        tracing::info!(snapshot = %meta.snapshot_id, "sending a live snapshot");
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(SnapshotFile::live(build)?),
+        }))
     }
 
     /// Starts loading `file` into staging while it is received, if staging
@@ -467,16 +555,15 @@ where
             }
         };
         let path = self.dir.join(self.new_file_name(meta));
-        write_snapshot_file(&path, meta, 0, &mut |w| {
-            for (k, v) in &payload.rows {
-                if unversioned {
-                    w.row(k, &frame_unversioned(v))?;
-                } else {
-                    w.row(k, v)?;
-                }
+        let mut writer = SnapshotWriter::create(&path, file_header(meta, 0)?)?;
+        for (k, v) in &payload.rows {
+            if unversioned {
+                writer.row(k, &frame_unversioned(v))?;
+            } else {
+                writer.row(k, v)?;
             }
-            Ok(())
-        })?;
+        }
+        writer.finish()?;
         Ok(path)
     }
 
@@ -883,12 +970,14 @@ where
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<C>>> {
         let store = self.clone();
-        let stored = run_blocking(&self.engine, move |_| store.open_stored())
-            .await
-            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
-        stored
-            .map(OpenedSnapshot::into_snapshot)
-            .transpose()
-            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))
+        let live = self.serve_live.load(Ordering::Acquire);
+        run_blocking(&self.engine, move |_| {
+            if live && let Some(snapshot) = store.start_live()? {
+                return Ok(Some(snapshot));
+            }
+            store.open_stored()?.map(OpenedSnapshot::into_snapshot).transpose()
+        })
+        .await
+        .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))
     }
 }
