@@ -625,13 +625,14 @@ async fn start_raft<E: Engine>(parts: RaftParts, engine: Arc<E>, snapshot_dir: P
     // was read.
     let log = LogStore::new(engine.clone()).with_read_budget(parts.read_budget);
     let sm_store = StateMachineStore::new(engine, parts.sm, snapshot_dir)?;
-    let snapshots = sm_store.clone();
-    let raft = Raft::new(parts.id, parts.config, parts.network, log, sm_store)
+    let live = sm_store.live_snapshots();
+    let network = parts.network.with_live_snapshots(live.clone());
+    let raft = Raft::new(parts.id, parts.config, network, log, sm_store)
         .await
         .map_err(|e| ConsensusError::Internal(format!("starting raft: {e}")))?;
     // Lagging members get the state as of now, not the stored snapshot plus
     // every entry since (which they would replay).
-    snapshots.serve_live_snapshots();
+    live.enable();
     Ok(raft)
 }
 

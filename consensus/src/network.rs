@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use cell0_proto::internal::raft_client::RaftClient;
 use cell0_proto::internal::{IdentifyRequest, IdentifyResponse, RaftMessage};
+use cell0_storage::LiveSnapshots;
 use futures::Stream;
 use futures::StreamExt;
 use openraft::error::{
@@ -335,6 +336,7 @@ pub struct NetworkFactory {
     identity: WireIdentity,
     health: Arc<PeerHealth>,
     max_append_bytes: usize,
+    live: LiveSnapshots,
 }
 
 impl NetworkFactory {
@@ -352,7 +354,15 @@ impl NetworkFactory {
             identity,
             health,
             max_append_bytes,
+            live: LiveSnapshots::default(),
         }
+    }
+
+    /// The same factory, turning `live` off when a peer cannot take a live
+    /// snapshot (see `snapshot_stream`).
+    pub fn with_live_snapshots(mut self, live: LiveSnapshots) -> Self {
+        self.live = live;
+        self
     }
 }
 
@@ -367,6 +377,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             identity: self.identity.clone(),
             health: self.health.clone(),
             append_budget: AppendBudget::new(self.max_append_bytes),
+            live: self.live.clone(),
         }
     }
 }
@@ -379,6 +390,7 @@ pub struct PeerNetwork {
     identity: WireIdentity,
     health: Arc<PeerHealth>,
     append_budget: AppendBudget,
+    live: LiveSnapshots,
 }
 
 /// Smallest byte budget an AppendEntries call to a slow peer shrinks to.
@@ -435,6 +447,11 @@ impl PeerNetwork {
     }
 
     /// This node's identity on the wire.
+    /// The switch of live snapshots, turned off for peers of older builds.
+    pub(crate) fn live_snapshots(&self) -> &LiveSnapshots {
+        &self.live
+    }
+
     pub(crate) fn identity(&self) -> &WireIdentity {
         &self.identity
     }

@@ -121,8 +121,11 @@ fn read_error(meta: &SnapshotMeta<NodeId, NodeInfo>, e: &dyn std::error::Error) 
 }
 
 /// Sends `snapshot` to the peer of `net` in one streaming call, as it is
-/// written if it is live; a peer of an older build gets the complete file
-/// as a whole offer, or in chunks.
+/// built if it is live. A peer of an older build gets a stored snapshot
+/// file as a whole offer, or in chunks; a live snapshot cannot be sent that
+/// way (its size is known only at its end, and it is read once), so the
+/// send fails and live snapshots are turned off: openraft's retry gets the
+/// stored file.
 pub(crate) async fn send(
     net: &mut PeerNetwork,
     vote: Vote<NodeId>,
@@ -136,32 +139,38 @@ pub(crate) async fn send(
     let storage_err = |e: &std::io::Error| StreamingError::StorageError(read_error(&meta, e));
     let mut framing = Framing::Streamed;
     loop {
-        match stream(net, vote, &meta, file.clone(), framing, cancel.as_mut(), &option).await {
+        let failure = match stream(net, vote, &meta, file.clone(), framing, cancel.as_mut(), &option).await {
             Ok(response) => return Ok(response),
             Err(SendFailure::Failed(e)) => return Err(*e),
-            Err(SendFailure::WholeOnly) if matches!(framing, Framing::Streamed) => {
-                tracing::info!(
+            Err(old_peer) if file.is_live() => {
+                tracing::warn!(
                     target_node = net.target(),
-                    "peer reads only whole snapshot offers; sending the complete file"
+                    "peer runs an older build that cannot take a live snapshot; sending stored snapshots from now on"
                 );
-                let bytes = file.complete_size().await.map_err(|e| storage_err(&e))?;
-                framing = Framing::Whole { bytes };
-            }
-            Err(SendFailure::WholeOnly) => {
+                net.live_snapshots().disable();
                 return Err(StreamingError::Network(NetworkError::new(&AnyErr(format!(
-                    "node {} refused a whole snapshot offer as malformed",
-                    net.target()
+                    "node {} cannot take a live snapshot ({})",
+                    net.target(),
+                    old_peer.describe()
                 )))));
             }
-            Err(SendFailure::Unsupported) => {
+            Err(old_peer) => old_peer,
+        };
+        match failure {
+            SendFailure::WholeOnly if matches!(framing, Framing::Streamed) => {
+                tracing::info!(
+                    target_node = net.target(),
+                    "peer reads only whole snapshot offers; sending the file that way"
+                );
+                let bytes = file.size().await.map_err(|e| storage_err(&e))?;
+                framing = Framing::Whole { bytes };
+            }
+            SendFailure::Unsupported => {
                 use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
                 tracing::info!(
                     target_node = net.target(),
                     "peer lacks StreamSnapshot; sending snapshot chunks"
                 );
-                // A second handle on the same (complete) file; `file` keeps
-                // a live one from being removed meanwhile.
-                file.complete_size().await.map_err(|e| storage_err(&e))?;
                 let chunked = SnapshotFile::open(file.path())
                     .await
                     .map_err(|e| StreamingError::StorageError(read_error(&meta, &e)))?;
@@ -171,6 +180,23 @@ pub(crate) async fn send(
                 };
                 return Chunked::send_snapshot(net, vote, snapshot, cancel, option).await;
             }
+            other => {
+                return Err(StreamingError::Network(NetworkError::new(&AnyErr(format!(
+                    "node {} refused the snapshot offer ({})",
+                    net.target(),
+                    other.describe()
+                )))));
+            }
+        }
+    }
+}
+
+impl SendFailure {
+    fn describe(&self) -> &'static str {
+        match self {
+            SendFailure::Unsupported => "it lacks StreamSnapshot",
+            SendFailure::WholeOnly => "it reads only whole offers",
+            SendFailure::Failed(_) => "the transfer failed",
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod crash;
 mod engine;
 mod error;
 mod format;
+pub mod live;
 mod log_store;
 mod memory;
 mod preload;
@@ -40,6 +41,7 @@ pub use cell0_state::prefix_end;
 pub use engine::{BulkLoad, Cf, Durability, Engine, ReadView, RowVisitor, WriteBatch, WriteOp};
 pub use error::{Error, Result};
 pub use format::DATA_FORMAT;
+pub use live::LiveSnapshots;
 pub use log_store::LogStore;
 pub use memory::MemEngine;
 #[cfg(feature = "rocksdb")]

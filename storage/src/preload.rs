@@ -31,8 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::snapshot::FileSummary;
 
-/// How far a file being written has grown (a snapshot received, or one
-/// built live for a transfer), and whether it is complete.
+/// How far a file being received has grown, and whether it is complete.
 #[derive(Debug, Default)]
 pub(crate) struct Growth {
     state: Mutex<GrowthState>,
@@ -71,16 +70,11 @@ impl Growth {
     }
 
     /// The transfer ended without completing the file (or stopped writing
-    /// it in order), or its reader went away; the other side gives up.
+    /// it in order); readers give up.
     pub(crate) fn abandon(&self) {
         let mut state = self.lock();
         state.end.get_or_insert(GrowthEnd::Abandoned);
         self.changed.notify_all();
-    }
-
-    /// Whether [`Growth::abandon`] was called.
-    pub(crate) fn abandoned(&self) -> bool {
-        self.lock().end == Some(GrowthEnd::Abandoned)
     }
 
     /// Waits until the file holds more than `offset` bytes and returns how
@@ -94,21 +88,6 @@ impl Growth {
             }
             match state.end {
                 Some(GrowthEnd::Complete) => return Ok(None),
-                Some(GrowthEnd::Abandoned) => {
-                    return Err(std::io::Error::other("the snapshot transfer was abandoned"));
-                }
-                None => state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
-            }
-        }
-    }
-
-    /// Waits until the file is complete and returns its size; an abandoned
-    /// file is an error.
-    pub(crate) fn wait_complete(&self) -> std::io::Result<u64> {
-        let mut state = self.lock();
-        loop {
-            match state.end {
-                Some(GrowthEnd::Complete) => return Ok(state.written),
                 Some(GrowthEnd::Abandoned) => {
                     return Err(std::io::Error::other("the snapshot transfer was abandoned"));
                 }

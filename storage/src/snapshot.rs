@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{decode, encode};
+use crate::live::{LivePipe, PipeSink};
 use crate::preload::Growth;
 use crate::{Error, Result};
 
@@ -139,39 +140,35 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// The file under a [`SnapshotWriter`]: counts what reached it and, for a
-/// file built live, tells its reader how far it grew, and fails once that
-/// reader went away (so the build stops).
-struct Appending {
-    file: File,
-    written: u64,
-    growth: Option<Arc<Growth>>,
+/// Where a [`SnapshotWriter`] writes: a file, or the pipe of a live
+/// snapshot.
+enum Sink {
+    File(File),
+    Pipe(PipeSink),
 }
 
-impl Write for Appending {
+impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.growth.as_ref().is_some_and(|g| g.abandoned()) {
-            return Err(std::io::Error::other("nobody reads this snapshot any more"));
+        match self {
+            Sink::File(f) => f.write(buf),
+            Sink::Pipe(p) => p.write(buf),
         }
-        let n = self.file.write(buf)?;
-        self.written += n as u64;
-        if let Some(growth) = &self.growth {
-            growth.grew(self.written);
-        }
-        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
+        match self {
+            Sink::File(f) => f.flush(),
+            Sink::Pipe(p) => p.flush(),
+        }
     }
 }
 
 /// Writes one snapshot file: under a temporary name that
 /// [`SnapshotWriter::finish`] makes durable under its final name, or, for a
-/// live file that only a transfer reads, in place
-/// ([`SnapshotWriter::create_live`], [`SnapshotWriter::finish_live`]).
+/// live snapshot, into its pipe ([`SnapshotWriter::create_live`],
+/// [`SnapshotWriter::finish_live`]).
 pub struct SnapshotWriter {
-    out: Hashing<BufWriter<Appending>>,
+    out: Hashing<BufWriter<Sink>>,
     part: PathBuf,
     path: PathBuf,
     header: FileHeader,
@@ -183,24 +180,20 @@ pub struct SnapshotWriter {
 impl SnapshotWriter {
     /// Starts the file that will be `path` (written as `path` + `.part`).
     pub fn create(path: &Path, header: FileHeader) -> Result<Self> {
-        Self::create_at(part_path(path), path, header, None)
-    }
-
-    /// Starts a live file at `path` itself, reporting its growth to
-    /// `growth` (see [`SnapshotFile::live`]).
-    pub(crate) fn create_live(path: &Path, header: FileHeader, growth: Arc<Growth>) -> Result<Self> {
-        Self::create_at(path.to_path_buf(), path, header, Some(growth))
-    }
-
-    fn create_at(part: PathBuf, path: &Path, header: FileHeader, growth: Option<Arc<Growth>>) -> Result<Self> {
+        let part = part_path(path);
         let file = File::create(&part).map_err(io_err(&part))?;
-        let file = Appending {
-            file,
-            written: 0,
-            growth,
-        };
+        Self::start(Sink::File(file), part, path, header)
+    }
+
+    /// Starts a live snapshot known as `name`, written into `pipe` (see
+    /// [`crate::live`]).
+    pub(crate) fn create_live(name: &Path, header: FileHeader, pipe: Arc<LivePipe>) -> Result<Self> {
+        Self::start(Sink::Pipe(PipeSink(pipe)), name.to_path_buf(), name, header)
+    }
+
+    fn start(sink: Sink, part: PathBuf, path: &Path, header: FileHeader) -> Result<Self> {
         let mut out = Hashing {
-            inner: BufWriter::with_capacity(BUFFER_BYTES, file),
+            inner: BufWriter::with_capacity(BUFFER_BYTES, sink),
             hash: Sha256::new(),
             bytes: 0,
         };
@@ -262,9 +255,12 @@ impl SnapshotWriter {
     /// name and fsyncs the directory.
     pub fn finish(self) -> Result<FileSummary> {
         let (part, path) = (self.part.clone(), self.path.clone());
-        let (file, summary) = self.write_end()?;
+        let (sink, summary) = self.write_end()?;
         let err = io_err(&part);
-        file.file.sync_all().map_err(&err)?;
+        let Sink::File(file) = sink else {
+            return Err(Error::Io(format!("{} is a live snapshot, not a file", path.display())));
+        };
+        file.sync_all().map_err(&err)?;
         std::fs::rename(&part, &path).map_err(&err)?;
         if let Some(dir) = path.parent() {
             sync_dir(dir)?;
@@ -272,18 +268,18 @@ impl SnapshotWriter {
         Ok(summary)
     }
 
-    /// Writes the end and checksum of a live file and tells its reader it
-    /// is complete (no fsync: the file is gone once the transfer ends).
+    /// Writes the end and checksum of a live snapshot and tells its
+    /// transfer it is complete.
     pub(crate) fn finish_live(self) -> Result<FileSummary> {
-        let (file, summary) = self.write_end()?;
-        if let Some(growth) = &file.growth {
-            growth.complete();
+        let (sink, summary) = self.write_end()?;
+        if let Sink::Pipe(PipeSink(pipe)) = sink {
+            pipe.complete();
         }
         Ok(summary)
     }
 
-    /// Writes the end record and checksum and flushes them to the file.
-    fn write_end(mut self) -> Result<(Appending, FileSummary)> {
+    /// Writes the end record and checksum and flushes them to the sink.
+    fn write_end(mut self) -> Result<(Sink, FileSummary)> {
         let err = io_err(&self.part);
         self.out.write_all(&[END]).map_err(&err)?;
         self.out.write_all(&self.rows.to_le_bytes()).map_err(&err)?;
@@ -291,9 +287,9 @@ impl SnapshotWriter {
         let digest = self.out.hash.clone().finalize();
         self.out.write_all(&digest).map_err(&err)?;
         let file_bytes = self.out.bytes;
-        let file = self.out.inner.into_inner().map_err(|e| err(e.into_error()))?;
+        let sink = self.out.inner.into_inner().map_err(|e| err(e.into_error()))?;
         Ok((
-            file,
+            sink,
             FileSummary {
                 header: self.header,
                 rows: self.rows,
@@ -517,21 +513,20 @@ pub fn verify(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<FileSum
 /// at chunk offsets when receiving. It knows its path so the store can
 /// install or remove it.
 ///
-/// A live file ([`SnapshotFile::live`]) is still being written by a build
-/// of the current state for one transfer: [`SnapshotFile::read_chunk`]
-/// waits for its bytes, and dropping the handle stops the build and removes
-/// the file.
+/// A live snapshot ([`SnapshotFile::live`]) has no file: its bytes come
+/// from its build through a [`LivePipe`] and are read once, in order, with
+/// [`SnapshotFile::read_chunk`]; dropping it stops the build. openraft's
+/// own reads, writes and seeks are refused on it.
 ///
 /// Besides openraft's async read, write and seek (through tokio's file, which
 /// copies every buffer and moves at most 2 MiB per blocking call), a
 /// transfer reads and appends whole chunks with positioned I/O on a second
-/// handle of the same file ([`SnapshotFile::read_at`],
+/// handle of the same file ([`SnapshotFile::read_chunk`],
 /// [`SnapshotFile::append`]): one blocking call per chunk, no copy.
 #[derive(Debug)]
 pub struct SnapshotFile {
-    file: tokio::fs::File,
-    /// The same open file, for positioned reads and writes.
-    raw: Arc<File>,
+    backing: Backing,
+    /// Where the file is (what a live snapshot is known as).
     path: PathBuf,
     /// Bytes written into it (receiving), and since when.
     written: u64,
@@ -540,27 +535,34 @@ pub struct SnapshotFile {
     growth: Option<Arc<Growth>>,
     /// The preload loading it into staging meanwhile, if one runs.
     preload: Option<crate::preload::Preload>,
-    /// For a live file, the build writing it.
-    live: Option<LiveBuild>,
+}
+
+#[derive(Debug)]
+enum Backing {
+    File {
+        file: tokio::fs::File,
+        /// The same open file, for positioned reads and writes.
+        raw: Arc<File>,
+    },
+    Live(LiveBuild),
 }
 
 /// The build behind a live [`SnapshotFile`]; dropping it stops the build
-/// (if it still runs) and removes the file.
+/// if it still runs.
 #[derive(Debug)]
-pub(crate) struct LiveBuild {
-    pub(crate) growth: Arc<Growth>,
-    pub(crate) path: PathBuf,
-}
+pub(crate) struct LiveBuild(pub(crate) Arc<LivePipe>);
 
 impl Drop for LiveBuild {
     fn drop(&mut self) {
-        self.growth.abandon();
-        if let Err(e) = std::fs::remove_file(&self.path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(file = %self.path.display(), error = %e, "cannot remove a live snapshot file");
-        }
+        self.0.abandon();
     }
+}
+
+fn not_a_file() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "a live snapshot is only read in order, with read_chunk",
+    )
 }
 
 impl SnapshotFile {
@@ -585,62 +587,80 @@ impl SnapshotFile {
     /// Wraps a file opened by blocking code.
     pub fn from_std(file: File, path: PathBuf) -> Result<Self> {
         let raw = Arc::new(file.try_clone().map_err(io_err(&path))?);
-        Ok(Self {
-            file: tokio::fs::File::from_std(file),
-            raw,
+        Ok(Self::with_backing(
+            Backing::File {
+                file: tokio::fs::File::from_std(file),
+                raw,
+            },
+            path,
+        ))
+    }
+
+    /// A live snapshot known as `name`, its bytes coming through `build`.
+    pub(crate) fn live(build: LiveBuild, name: PathBuf) -> Self {
+        Self::with_backing(Backing::Live(build), name)
+    }
+
+    fn with_backing(backing: Backing, path: PathBuf) -> Self {
+        Self {
+            backing,
             path,
             written: 0,
             opened: std::time::Instant::now(),
             growth: None,
             preload: None,
-            live: None,
-        })
+        }
     }
 
-    /// Opens the file that `build` is writing, to read it as it grows.
-    pub(crate) fn live(build: LiveBuild) -> Result<Self> {
-        let file = File::open(&build.path).map_err(io_err(&build.path))?;
-        let mut this = Self::from_std(file, build.path.clone())?;
-        this.live = Some(build);
-        Ok(this)
-    }
-
-    /// Whether this file is still (or was) written by a live build.
+    /// Whether this is a live snapshot (no file: read once, in order).
     pub fn is_live(&self) -> bool {
-        self.live.is_some()
+        matches!(self.backing, Backing::Live(_))
     }
 
-    /// Reads up to `max` bytes at `offset`, in one blocking call; a live
-    /// file is waited for until it holds more than `offset` bytes. `None`
-    /// at the end of the (complete) file.
+    fn tokio_file(&mut self) -> std::io::Result<&mut tokio::fs::File> {
+        match &mut self.backing {
+            Backing::File { file, .. } => Ok(file),
+            Backing::Live(_) => Err(not_a_file()),
+        }
+    }
+
+    /// The open file, for positioned reads and writes.
+    pub(crate) fn raw(&self) -> std::io::Result<Arc<File>> {
+        match &self.backing {
+            Backing::File { raw, .. } => Ok(raw.clone()),
+            Backing::Live(_) => Err(not_a_file()),
+        }
+    }
+
+    /// Reads the next bytes after `offset`, up to `max`, in one blocking
+    /// call; `None` at the end. A live snapshot is read in order (`offset`
+    /// is what was read so far) and waited for while its build runs.
     pub async fn read_chunk(&self, offset: u64, max: usize) -> std::io::Result<Option<Vec<u8>>> {
         use std::os::unix::fs::FileExt;
-        let raw = self.raw.clone();
-        let growth = self.live.as_ref().map(|l| l.growth.clone());
+        let raw = match &self.backing {
+            Backing::Live(LiveBuild(pipe)) => {
+                let pipe = pipe.clone();
+                return blocking(move || pipe.pop(max)).await;
+            }
+            Backing::File { raw, .. } => raw.clone(),
+        };
         blocking(move || {
-            let available = match growth {
-                Some(growth) => growth.wait_beyond(offset)?,
-                None => Some(raw.metadata()?.len().saturating_sub(offset)).filter(|n| *n > 0),
-            };
-            let Some(available) = available else {
+            let left = raw.metadata()?.len().saturating_sub(offset);
+            if left == 0 {
                 return Ok(None);
-            };
-            let mut buf = vec![0; usize::try_from(available).unwrap_or(usize::MAX).min(max)];
+            }
+            let mut buf = vec![0; usize::try_from(left).unwrap_or(usize::MAX).min(max)];
             raw.read_exact_at(&mut buf, offset)?;
             Ok(Some(buf))
         })
         .await
     }
 
-    /// The size of the file once complete (a live file is waited for).
-    pub async fn complete_size(&self) -> std::io::Result<u64> {
-        let raw = self.raw.clone();
-        let growth = self.live.as_ref().map(|l| l.growth.clone());
-        blocking(move || match growth {
-            Some(growth) => growth.wait_complete(),
-            None => Ok(raw.metadata()?.len()),
-        })
-        .await
+    /// The size of the file; an error for a live snapshot, whose size is
+    /// known only at its end.
+    pub async fn size(&self) -> std::io::Result<u64> {
+        let raw = self.raw()?;
+        blocking(move || Ok(raw.metadata()?.len())).await
     }
 
     /// Lets `preload` read this file as it is appended to.
@@ -654,11 +674,6 @@ impl SnapshotFile {
         self.preload.take()
     }
 
-    /// The open file, for positioned reads.
-    pub(crate) fn raw(&self) -> Arc<File> {
-        self.raw.clone()
-    }
-
     /// Says that nothing more will be appended: a preload reading behind
     /// the transfer finishes with what is there.
     pub fn finish_writing(&self) {
@@ -670,7 +685,7 @@ impl SnapshotFile {
     /// Writes `data` after everything written so far, in one blocking call.
     pub async fn append<B: AsRef<[u8]> + Send + 'static>(&mut self, data: B) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let raw = self.raw.clone();
+        let raw = self.raw()?;
         let offset = self.written;
         let len = data.as_ref().len() as u64;
         blocking(move || raw.write_all_at(data.as_ref(), offset)).await?;
@@ -716,7 +731,10 @@ impl tokio::io::AsyncRead for SnapshotFile {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_read(cx, buf)
+        match self.tokio_file() {
+            Ok(file) => Pin::new(file).poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -726,7 +744,10 @@ impl tokio::io::AsyncWrite for SnapshotFile {
         if let Some(growth) = self.growth.take() {
             growth.abandon();
         }
-        let polled = Pin::new(&mut self.file).poll_write(cx, buf);
+        let polled = match self.tokio_file() {
+            Ok(file) => Pin::new(file).poll_write(cx, buf),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
         if let Poll::Ready(Ok(n)) = &polled {
             self.written += *n as u64;
             crate::crash::point(crate::crash::SNAPSHOT_RECEIVE, self.written);
@@ -735,21 +756,30 @@ impl tokio::io::AsyncWrite for SnapshotFile {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_flush(cx)
+        match self.tokio_file() {
+            Ok(file) => Pin::new(file).poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_shutdown(cx)
+        match self.tokio_file() {
+            Ok(file) => Pin::new(file).poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
 impl tokio::io::AsyncSeek for SnapshotFile {
     fn start_seek(mut self: Pin<&mut Self>, position: std::io::SeekFrom) -> std::io::Result<()> {
-        Pin::new(&mut self.file).start_seek(position)
+        Pin::new(self.tokio_file()?).start_seek(position)
     }
 
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
-        Pin::new(&mut self.file).poll_complete(cx)
+        match self.tokio_file() {
+            Ok(file) => Pin::new(file).poll_complete(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 

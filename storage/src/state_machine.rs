@@ -24,13 +24,12 @@
 //!   id is greater, and that read-compare-write runs under one lock shared by
 //!   every clone of the store, so a slow build never overwrites a newer
 //!   snapshot installed meanwhile.
-//! - Once openraft has started, a lagging member is sent a live snapshot of
-//!   the current state instead of an older stored one
-//!   ([`StateMachineStore::serve_live_snapshots`]): written from a
-//!   point-in-time view into a temporary file that the transfer reads as it
-//!   grows, never recorded, removed when the transfer ends. Only built and
-//!   installed snapshots are ever recorded, so what openraft may purge is
-//!   decided by durable snapshots alone.
+//! - Once enabled (after openraft has started), a lagging member is sent a
+//!   live snapshot of the current state instead of an older stored one
+//!   ([`StateMachineStore::live_snapshots`], [`crate::live`]): streamed from
+//!   a point-in-time view through a bounded pipe, never written to disk nor
+//!   recorded. Only built and installed snapshots are ever recorded, so what
+//!   openraft may purge is decided by durable snapshots alone.
 //! - Snapshot builds, installs and reads of the stored snapshot run through
 //!   `engine::run_blocking`, so they never stall the other tasks of an async
 //!   worker; each call returns after that work, so applies and installs stay
@@ -38,7 +37,7 @@
 
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +51,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
 use crate::error::{decode, decode_prefix, encode};
+use crate::live::{LivePipe, LiveSnapshots};
 use crate::preload::{GrowingReader, Growth, Preload, Preloaded, Staging, StagingHold};
 use crate::snapshot::{
     FileHeader, FileSummary, LiveBuild, SnapshotFile, SnapshotReader, SnapshotWriter, io_err, is_snapshot_file,
@@ -171,8 +171,8 @@ pub struct StateMachineStore<C, E, A> {
     /// Who uses [`Cf::Staging`] (see [`crate::preload`]).
     staging: Arc<Staging>,
     /// Whether `get_current_snapshot` builds live snapshots (see
-    /// [`StateMachineStore::serve_live_snapshots`]).
-    serve_live: Arc<AtomicBool>,
+    /// [`StateMachineStore::live_snapshots`]).
+    live: LiveSnapshots,
     _c: PhantomData<fn() -> C>,
 }
 
@@ -185,7 +185,7 @@ impl<C, E, A> Clone for StateMachineStore<C, E, A> {
             snapshot_seq: self.snapshot_seq.clone(),
             snapshot_lock: self.snapshot_lock.clone(),
             staging: self.staging.clone(),
-            serve_live: self.serve_live.clone(),
+            live: self.live.clone(),
             _c: PhantomData,
         }
     }
@@ -367,7 +367,7 @@ where
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             snapshot_lock: Arc::new(Mutex::new(())),
             staging: Arc::new(Staging::default()),
-            serve_live: Arc::new(AtomicBool::new(false)),
+            live: LiveSnapshots::default(),
             _c: PhantomData,
         };
         crate::format::upgrade(store.engine.as_ref(), &mut |batch| store.convert_legacy_snapshot(batch))?;
@@ -385,22 +385,22 @@ where
         &self.dir
     }
 
-    /// From now on, `get_current_snapshot` (which openraft calls to send a
-    /// snapshot to a lagging member) returns a live snapshot of the current
-    /// state whenever the stored one is older (see
-    /// [`StateMachineStore::start_live`]). Called once openraft has started:
-    /// at startup openraft reads the stored snapshot to decide how far the
-    /// log may be purged, which only a durable snapshot may decide.
-    pub fn serve_live_snapshots(&self) {
-        self.serve_live.store(true, Ordering::Release);
+    /// The switch of live snapshots, off until enabled: once on,
+    /// `get_current_snapshot` (which openraft calls to send a snapshot to a
+    /// lagging member) returns a live snapshot of the current state whenever
+    /// the stored one is older (see [`StateMachineStore::start_live`]).
+    /// Enable it once openraft has started: at startup openraft reads the
+    /// stored snapshot to decide how far the log may be purged, which only a
+    /// durable snapshot may decide.
+    pub fn live_snapshots(&self) -> LiveSnapshots {
+        self.live.clone()
     }
 
     /// Starts a live snapshot of the current state for one transfer: a
-    /// point-in-time view is taken now, a blocking task writes its rows into
-    /// a temporary `live-….part` file, and the file is returned at once,
-    /// readable as it grows ([`SnapshotFile::live`]). It is never recorded
-    /// nor fsynced; dropping it stops the build and removes it (a crash
-    /// leaves a `.part` file that the next open removes). `None` when the
+    /// point-in-time view is taken now and a blocking task writes its rows,
+    /// in the snapshot file format, into a bounded pipe that the transfer
+    /// drains (see [`crate::live`]). Nothing is written to disk nor
+    /// recorded; dropping the snapshot stops the build. `None` when the
     /// stored snapshot already holds the applied state.
     ///
     /// A new member then installs the state as of now instead of an older
@@ -412,20 +412,18 @@ where
             return Ok(None);
         }
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("live-{}-{seq}.part", unix_ms()));
-        let growth = Arc::new(Growth::default());
-        // Created first, so that an early return removes the file.
-        let build = LiveBuild {
-            growth: growth.clone(),
-            path: path.clone(),
-        };
+        let name = self.dir.join(format!("live-{}-{seq}", unix_ms()));
+        let pipe = Arc::new(LivePipe::default());
+        // Made first, so that an early return stops the build.
+        let build = LiveBuild(pipe.clone());
         let (tx, started) = std::sync::mpsc::sync_channel(1);
         let store = self.clone();
+        let writer_name = name.clone();
         tokio::task::spawn_blocking(move || {
             let begun = Instant::now();
             let built = store.engine.with_view(&mut |view| {
                 let (meta, header) = view_header::<C, A>(view, store.apply.as_ref(), seq)?;
-                let mut writer = SnapshotWriter::create_live(&path, header, growth.clone())?;
+                let mut writer = SnapshotWriter::create_live(&writer_name, header, pipe.clone())?;
                 let id = meta.snapshot_id.clone();
                 let _ = tx.send(Ok(meta));
                 view.for_each(Cf::State, &mut |k, v| writer.row(k, v))?;
@@ -435,11 +433,11 @@ where
                 Ok(())
             });
             if let Err(e) = built {
-                if growth.abandoned() {
+                if pipe.is_abandoned() {
                     tracing::info!(error = %e, "live snapshot build stopped: its transfer ended");
                 } else {
                     tracing::warn!(error = %e, "live snapshot build failed");
-                    growth.abandon();
+                    pipe.abandon();
                 }
                 let _ = tx.send(Err(e));
             }
@@ -450,18 +448,23 @@ where
         tracing::info!(snapshot = %meta.snapshot_id, "sending a live snapshot");
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(SnapshotFile::live(build)?),
+            snapshot: Box::new(SnapshotFile::live(build, name)),
         }))
     }
 
     /// Starts loading `file` into staging while it is received, if staging
     /// is free (see [`crate::preload`]); the install finishes the job.
     fn start_preload(&self, file: &mut SnapshotFile) {
+        // A file being received always has one; without it, the install
+        // loads the file itself.
+        let Ok(raw) = file.raw() else {
+            return;
+        };
         let Some(generation) = self.staging.try_take() else {
             return;
         };
         let growth = Arc::new(Growth::default());
-        let reader = GrowingReader::new(file.raw(), growth.clone());
+        let reader = GrowingReader::new(raw, growth.clone());
         let (tx, outcome) = std::sync::mpsc::sync_channel(1);
         let engine = self.engine.clone();
         let hold = StagingHold(self.staging.clone());
@@ -970,7 +973,7 @@ where
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<C>>> {
         let store = self.clone();
-        let live = self.serve_live.load(Ordering::Acquire);
+        let live = self.live.enabled();
         run_blocking(&self.engine, move |_| {
             if live && let Some(snapshot) = store.start_live()? {
                 return Ok(Some(snapshot));
