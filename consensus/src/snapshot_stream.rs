@@ -5,23 +5,30 @@
 //! sleeping a millisecond) before reading the next chunk: the sender's disk,
 //! the link and the receiver's disk take turns. Here the leader opens one
 //! client-streaming call whose first message offers the snapshot
-//! ([`SnapshotOffer`]: leader vote, snapshot meta, size) and whose later
-//! messages carry the file's bytes in order; HTTP/2 flow control keeps up to
-//! a stream window in flight, so reading, sending and writing overlap. The
+//! ([`SnapshotOffer::Streamed`]: leader vote, snapshot meta), whose next
+//! messages carry its bytes in order as they are read or built (a live
+//! snapshot, see `cell0_storage::live`), and whose last message
+//! ([`SnapshotEnd`]) gives the size. HTTP/2 flow control keeps up to a
+//! stream window in flight, so building, sending and writing overlap. The
 //! receiver writes the bytes into a file from `begin_receiving_snapshot`
 //! (the store loads its rows into staging as they arrive, see
-//! `cell0_storage`'s preload), checks that exactly the offered size arrived,
-//! and hands the file to `install_full_snapshot`, which checks the vote and
-//! installs it (the file's own checksum is verified while it loads); the
-//! reply carries the receiver's vote once the snapshot is installed.
+//! `cell0_storage`'s preload), checks that the end message came and matches
+//! what arrived, and hands the file to `install_full_snapshot`, which checks
+//! the vote and installs it (the file's own checksum is verified while it
+//! loads); the reply carries the receiver's vote once the snapshot is
+//! installed.
 //!
 //! Invariants:
-//! - A transfer that breaks off (sender gone, short or long stream, read
-//!   error) installs nothing, and its partial file is removed.
+//! - A transfer that breaks off (sender gone, no end message, a size that
+//!   differs from the end or the offer, a read error) installs nothing, and
+//!   its partial file is removed.
 //! - A sender that makes no progress for the RPC timeout (the receiver stopped
 //!   reading) gives up with a timeout; openraft retries later.
-//! - A receiver without the call (an older build answers UNIMPLEMENTED) is
-//!   sent the same snapshot in InstallSnapshot chunks instead.
+//! - Peers of older builds get stored snapshot files only: as a
+//!   [`SnapshotOffer::Whole`] when they refuse the streamed offer as
+//!   malformed, or in InstallSnapshot chunks when they answer UNIMPLEMENTED.
+//!   A live snapshot cannot go either way, so meeting such a peer turns live
+//!   snapshots off and fails the send; openraft retries with the stored one.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -463,12 +470,29 @@ mod tests {
             meta: SnapshotMeta::default(),
             bytes: offered,
         };
-        let mut first = encode(&offer).unwrap();
+        call(node, &offer, sent, None).await
+    }
+
+    /// A streamed `StreamSnapshot` call to `node` sending `sent`, then an
+    /// end message saying `end` bytes if there is one.
+    async fn stream_of(node: &LocalNode, sent: Vec<Vec<u8>>, end: Option<u64>) -> Status {
+        let offer = SnapshotOffer::Streamed {
+            vote: Vote::new_committed(9, 9),
+            meta: SnapshotMeta::default(),
+        };
+        call(node, &offer, sent, end).await
+    }
+
+    async fn call(node: &LocalNode, offer: &SnapshotOffer, sent: Vec<Vec<u8>>, end: Option<u64>) -> Status {
+        let mut first = encode(offer).unwrap();
         first.to_node = node.id();
-        let messages = std::iter::once(first).chain(sent.into_iter().map(|data| RaftMessage {
-            data: data.into(),
-            ..Default::default()
-        }));
+        let end = end.map(|bytes| encode(&SnapshotEnd::Complete { bytes }).unwrap());
+        let messages = std::iter::once(first)
+            .chain(sent.into_iter().map(|data| RaftMessage {
+                data: data.into(),
+                ..Default::default()
+            }))
+            .chain(end);
         let mut client = RaftClient::connect(format!("http://{}", node.addr)).await.unwrap();
         client
             .stream_snapshot(tonic::Request::new(futures::stream::iter(messages)))
@@ -486,7 +510,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_short_or_long_transfer_installs_nothing_and_leaves_no_file() {
+    async fn a_short_long_or_endless_transfer_installs_nothing_and_leaves_no_file() {
         let root = tempfile::tempdir().unwrap();
         let node = LocalNode::start(1, root.path().join("n1"), None, crate::ConsensusConfig::default())
             .await
@@ -502,6 +526,24 @@ mod tests {
         let long = offer(&node, 3, vec![vec![1; 2], vec![2; 2]]).await;
         assert_eq!(long.code(), tonic::Code::InvalidArgument, "{long}");
         assert!(long.message().contains("more than the offered 3 bytes"), "{long}");
+
+        let endless = stream_of(&node, vec![vec![1; 4]], None).await;
+        assert_eq!(endless.code(), tonic::Code::InvalidArgument, "{endless}");
+        assert!(
+            endless
+                .message()
+                .contains("ended without its end message after 4 bytes"),
+            "{endless}"
+        );
+
+        let mismatched = stream_of(&node, vec![vec![1; 4]], Some(5)).await;
+        assert_eq!(mismatched.code(), tonic::Code::InvalidArgument, "{mismatched}");
+        assert!(
+            mismatched
+                .message()
+                .contains("carried 4 bytes but its end message says 5"),
+            "{mismatched}"
+        );
 
         assert_eq!(snapshot_files(&node), Vec::<String>::new());
         assert_eq!(node.consensus.status().applied_index, 0, "nothing was installed");

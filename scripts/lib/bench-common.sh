@@ -10,10 +10,10 @@ is_number() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 etcd_port() { echo $((base_port + $1 * 10 + $2)); }       # etcd_port MEMBER OFFSET
 
 running() { # running PID: exists and is not a zombie
-  [ -r "/proc/$1/stat" ] || return 1
   local state
-  state="$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)"
-  [ "$state" != Z ]
+  # The process may exit between any two reads: a missing file means gone.
+  state="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
+  [ -n "$state" ] && [ "$state" != Z ]
 }
 
 stop_pids() { # stop_pids PID...: TERM, then KILL after 20 s; waits for each
