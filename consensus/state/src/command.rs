@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::agents::{AgentCommand, AgentOutcome};
 use crate::error::StateError;
 use crate::nodes::NodeCommand;
 use crate::registry::{ModelCommand, ModelOutcome};
@@ -65,6 +66,8 @@ pub enum Command {
         /// A random non-zero id.
         cluster_id: u64,
     },
+    /// A change to agents, their allocations or node scheduling status.
+    Agent(AgentCommand),
 }
 
 /// Identifies one client request across retries: the sending process (a
@@ -135,6 +138,8 @@ pub enum Response {
     Rejected(String),
     /// The cluster's id after a [`Command::InitCluster`].
     ClusterId(u64),
+    /// What a [`Command::Agent`] did.
+    Agent(AgentOutcome),
 }
 
 /// Limits a command must respect, checked before proposing and again,
@@ -222,6 +227,7 @@ impl Command {
             }
             Command::Model(m) => m.validate().map_err(|e| prefix_field(path, e)),
             Command::Node(n) => n.validate().map_err(|e| prefix_field(path, e)),
+            Command::Agent(a) => a.validate().map_err(|e| prefix_field(path, e)),
             Command::Request { cmd, .. } => cmd.validate_sizes(path, limits),
             Command::InitCluster { cluster_id } => {
                 if *cluster_id == 0 {
@@ -276,6 +282,7 @@ impl Command {
             Command::Node(_) => 128,
             Command::Request { cmd, .. } => cmd.approx_size() + 16,
             Command::InitCluster { .. } => 16,
+            Command::Agent(a) => a.approx_size(),
         }
     }
 }

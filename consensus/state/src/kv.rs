@@ -55,7 +55,7 @@ use crate::codec::{Counter, decode_row, encode_row};
 use crate::command::{Command, KeyValue, RequestId, Response};
 use crate::error::{Result, StateError};
 use crate::txn::Txn;
-use crate::{Table, nodes, registry};
+use crate::{Table, agents, nodes, registry};
 
 const KV_TABLE: &str = "kv";
 const EVENTS_TABLE: &str = "kv_events";
@@ -403,6 +403,10 @@ pub(crate) fn apply_command(
         Command::Model(m) => {
             changed.insert(Table::Models);
             Ok(Response::Model(registry::apply(txn, m)?))
+        }
+        Command::Agent(a) => {
+            changed.insert(Table::Agents);
+            Ok(Response::Agent(agents::apply(txn, a)?))
         }
         Command::Node(n) => {
             changed.insert(Table::Nodes);

@@ -10,12 +10,15 @@
 //! - [`kv`]: the key-value table with etcd-style revisions, its change
 //!   history and the request window (exactly-once writes).
 //! - [`registry`]: the model registry; [`nodes`]: node records.
+//! - [`agents`]: agents, their allocations (incarnations that fence older
+//!   ones) and node scheduling status.
 //! - [`txn`]: the storage interface (named tables over one transaction).
 //!
 //! [`apply`] is the one entry point: it applies a command through a [`Txn`]
 //! and reports the response, the key-value events and which [`Table`]s
 //! changed, so subscribers can wait for "this table changed" without polling.
 
+pub mod agents;
 pub mod codec;
 pub mod command;
 pub mod error;
@@ -45,11 +48,13 @@ pub enum Table {
     Nodes,
     /// The cluster's own records (its id).
     Cluster,
+    /// Agents, their allocations and node scheduling status.
+    Agents,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 4] = [Table::Kv, Table::Models, Table::Nodes, Table::Cluster];
+    pub const ALL: [Table; 5] = [Table::Kv, Table::Models, Table::Nodes, Table::Cluster, Table::Agents];
 }
 
 /// What applying one command did.

@@ -120,6 +120,13 @@ pub fn resources(txn: &dyn Txn) -> Result<BTreeMap<NodeId, NodeResources>> {
         .collect()
 }
 
+/// The record of `node`, if it reported one.
+pub fn resources_of(txn: &dyn Txn, node: NodeId) -> Result<Option<NodeResources>> {
+    txn.get(RESOURCES_TABLE, &node.to_be_bytes())?
+        .map(|v| decode_row(&v))
+        .transpose()
+}
+
 /// Applies a validated node command. A record beyond [`MAX_NODES`] is
 /// dropped (returns false); replacing an existing one always succeeds.
 pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {

@@ -1,0 +1,1079 @@
+//! Replicated agents: their specs, where they run (allocations, each with an
+//! incarnation number that fences older ones), and node scheduling status.
+//!
+//! Tables (in the state column family), every row versioned:
+//! - `agents`: agent name -> [`AgentRecord`] (spec, desired status,
+//!   generation, the last incarnation issued, why it is pending);
+//! - `allocations`: agent name -> [`Allocation`] (node, incarnation, status);
+//! - `node_allocs`: node id (big-endian) ++ agent name -> empty, the
+//!   allocations on a node that hold resources (an index of `allocations`);
+//! - `node_usage`: node id -> [`Resources`] held there (the sum of its
+//!   indexed allocations' requests);
+//! - `node_status`: node id -> [`NodeStatus`] (ready, draining, ineligible,
+//!   down, with a reason).
+//!
+//! Invariants (every apply keeps them; the tests check them):
+//! - An agent has at most one allocation, and its incarnation is the
+//!   agent's `incarnation`: a placement issues the next one, so a result or
+//!   a status from any earlier incarnation is refused ([`AgentCommand::Report`]).
+//! - `node_usage` of a node is the sum of the requests of the allocations
+//!   `node_allocs` lists for it, and those are exactly the allocations on
+//!   that node whose status holds resources ([`AllocStatus::holds_resources`]).
+//! - A plan is validated again when applied ([`AgentCommand::Plan`]): a
+//!   placement for another generation of the agent, onto a node that is not
+//!   ready or lacks capacity (counting the placements accepted before it in
+//!   the same plan) is refused with its reason, and the rest still applies.
+//! - Times come from the command (the leader's clock when it proposed), never
+//!   from a clock inside apply.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+use crate::codec::{decode_row, encode_row};
+use crate::error::{Result, StateError};
+use crate::nodes;
+use crate::txn::{Txn, prefix_end};
+
+const AGENTS_TABLE: &str = "agents";
+const ALLOCATIONS_TABLE: &str = "allocations";
+const NODE_ALLOCS_TABLE: &str = "node_allocs";
+const NODE_USAGE_TABLE: &str = "node_usage";
+const NODE_STATUS_TABLE: &str = "node_status";
+
+/// Longest agent name, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Most node labels an agent may require.
+pub const MAX_LABELS: usize = 32;
+/// Longest label key or value, in bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
+/// Most arguments of a command.
+pub const MAX_ARGS: usize = 256;
+/// Longest argument, in bytes.
+pub const MAX_ARG_BYTES: usize = 4096;
+/// Longest reason a report or a node status may carry, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Most placements (and stops) one plan may carry.
+pub const MAX_PLAN_ITEMS: usize = 20_000;
+/// Most CPU an agent may request, in millicores.
+pub const MAX_CPU_MILLIS: u32 = 1_024_000;
+/// Most memory or GPU memory an agent may request, in MB.
+pub const MAX_MEMORY_MB: u32 = 16 * 1024 * 1024;
+/// Longest run time of an `exec` task, in milliseconds.
+pub const MAX_TASK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+/// Most output an `exec` task may return, in bytes.
+pub const MAX_TASK_OUTPUT_BYTES: u64 = 1024 * 1024;
+
+/// What an agent asks of the node it runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU, in thousandths of a core.
+    pub cpu_millis: u64,
+    /// Memory, in MB.
+    pub memory_mb: u64,
+    /// GPU memory, in MB.
+    pub gpu_memory_mb: u64,
+}
+
+crate::row_v1!(Resources, "node usage");
+
+impl Resources {
+    fn plus(self, other: Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_add(other.cpu_millis),
+            memory_mb: self.memory_mb.saturating_add(other.memory_mb),
+            gpu_memory_mb: self.gpu_memory_mb.saturating_add(other.gpu_memory_mb),
+        }
+    }
+
+    fn minus(self, other: Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis),
+            memory_mb: self.memory_mb.saturating_sub(other.memory_mb),
+            gpu_memory_mb: self.gpu_memory_mb.saturating_sub(other.gpu_memory_mb),
+        }
+    }
+
+    /// The first dimension in which `self` exceeds `capacity`, named as a
+    /// person reads it.
+    pub fn exceeds(&self, capacity: &Resources) -> Option<&'static str> {
+        if self.cpu_millis > capacity.cpu_millis {
+            Some("cpu")
+        } else if self.memory_mb > capacity.memory_mb {
+            Some("memory")
+        } else if self.gpu_memory_mb > capacity.gpu_memory_mb {
+            Some("gpu memory")
+        } else {
+            None
+        }
+    }
+
+    /// What a node offers to agents, from its replicated record.
+    pub fn of_node(r: &nodes::NodeResources) -> Resources {
+        Resources {
+            cpu_millis: u64::from(r.cpu_cores) * 1000,
+            memory_mb: r.memory_bytes / (1024 * 1024),
+            gpu_memory_mb: r.gpu_memory_bytes / (1024 * 1024),
+        }
+    }
+}
+
+/// Where an agent may run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Constraints {
+    /// Node labels that must be present with these values.
+    pub labels: BTreeMap<String, String>,
+    /// Whether the node must run its inference engine on a hardware GPU.
+    pub gpu: bool,
+    /// A model the node must hold, by name (empty: none).
+    pub model: String,
+}
+
+/// When a stopped or failed agent is started again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    /// Never.
+    Never,
+    /// When it failed, up to `max_restarts` times in a row.
+    OnFailure {
+        /// Restarts allowed before it stays failed.
+        max_restarts: u32,
+    },
+    /// Whenever it ends.
+    #[default]
+    Always,
+}
+
+/// What an agent runs, by kind. Frozen-variant rule: the variant index is
+/// its tag; a change adds a variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentKind {
+    /// One command per task: input on stdin, output from stdout.
+    Exec {
+        /// Program and arguments.
+        command: Vec<String>,
+        /// Wall-clock limit of one task, in milliseconds.
+        timeout_ms: u64,
+        /// Output kept from one task, in bytes.
+        max_output_bytes: u64,
+    },
+    /// A supervised long-running process.
+    Process {
+        /// Program and arguments.
+        command: Vec<String>,
+        /// Between SIGTERM and SIGKILL, in milliseconds.
+        grace_ms: u64,
+    },
+    /// Tasks answered by the node's inference engine (embed, remember,
+    /// recall).
+    Inference,
+}
+
+impl AgentKind {
+    /// The kind's name, as specs write it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentKind::Exec { .. } => "exec",
+            AgentKind::Process { .. } => "process",
+            AgentKind::Inference => "inference",
+        }
+    }
+}
+
+/// What a user asks to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSpec {
+    /// Unique name: 1..=[`MAX_NAME_BYTES`] of `a-z`, `0-9`, `-`, `_`, `.`.
+    pub name: String,
+    /// What it runs.
+    pub kind: AgentKind,
+    /// What it needs.
+    pub resources: Resources,
+    /// Where it may run.
+    pub constraints: Constraints,
+    /// When it is started again.
+    pub restart: RestartPolicy,
+}
+
+fn too_long(field: &str, len: usize, limit: usize) -> StateError {
+    StateError::invalid(field, format!("is {len} bytes; the limit is {limit}"))
+}
+
+/// Checks an agent name; the error names `field`.
+pub fn check_name(field: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(StateError::invalid(field, "must not be empty"));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(too_long(field, name.len(), MAX_NAME_BYTES));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(StateError::invalid(
+            field,
+            format!("contains {c:?}; use a-z, 0-9, '-', '_' and '.'"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_command(field: &str, command: &[String]) -> Result<()> {
+    if command.is_empty() || command[0].is_empty() {
+        return Err(StateError::invalid(field, "must name a program"));
+    }
+    if command.len() > MAX_ARGS {
+        return Err(StateError::invalid(
+            field,
+            format!("has {} arguments; the limit is {MAX_ARGS}", command.len()),
+        ));
+    }
+    for (i, arg) in command.iter().enumerate() {
+        if arg.len() > MAX_ARG_BYTES {
+            return Err(too_long(&format!("{field}[{i}]"), arg.len(), MAX_ARG_BYTES));
+        }
+    }
+    Ok(())
+}
+
+fn check_range(field: &str, value: u64, min: u64, max: u64) -> Result<()> {
+    if value < min || value > max {
+        return Err(StateError::invalid(
+            field,
+            format!("is {value}; it must be between {min} and {max}"),
+        ));
+    }
+    Ok(())
+}
+
+impl AgentSpec {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        check_name("name", &self.name)?;
+        match &self.kind {
+            AgentKind::Exec {
+                command,
+                timeout_ms,
+                max_output_bytes,
+            } => {
+                check_command("config.command", command)?;
+                check_range("config.timeout_ms", *timeout_ms, 1, MAX_TASK_TIMEOUT_MS)?;
+                check_range("config.max_output_bytes", *max_output_bytes, 1, MAX_TASK_OUTPUT_BYTES)?;
+            }
+            AgentKind::Process { command, grace_ms } => {
+                check_command("config.command", command)?;
+                check_range("config.grace_ms", *grace_ms, 0, 3_600_000)?;
+            }
+            AgentKind::Inference => {}
+        }
+        let r = &self.resources;
+        check_range("resources.cpu_millis", r.cpu_millis, 1, u64::from(MAX_CPU_MILLIS))?;
+        check_range("resources.memory_mb", r.memory_mb, 1, u64::from(MAX_MEMORY_MB))?;
+        check_range("resources.gpu_memory_mb", r.gpu_memory_mb, 0, u64::from(MAX_MEMORY_MB))?;
+        let c = &self.constraints;
+        if c.labels.len() > MAX_LABELS {
+            return Err(StateError::invalid(
+                "constraints.labels",
+                format!("has {} labels; the limit is {MAX_LABELS}", c.labels.len()),
+            ));
+        }
+        for (k, v) in &c.labels {
+            if k.is_empty() {
+                return Err(StateError::invalid("constraints.labels", "has an empty key"));
+            }
+            if k.len() > MAX_LABEL_BYTES {
+                return Err(too_long("constraints.labels", k.len(), MAX_LABEL_BYTES));
+            }
+            if v.len() > MAX_LABEL_BYTES {
+                return Err(too_long(&format!("constraints.labels.{k}"), v.len(), MAX_LABEL_BYTES));
+            }
+        }
+        if c.model.len() > MAX_LABEL_BYTES {
+            return Err(too_long("constraints.model", c.model.len(), MAX_LABEL_BYTES));
+        }
+        Ok(())
+    }
+}
+
+/// What the user wants of an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Desired {
+    /// Placed and kept running.
+    Running,
+    /// Stopped, its allocation released.
+    Stopped,
+}
+
+/// An agent as the cluster records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// The spec last submitted.
+    pub spec: AgentSpec,
+    /// What the user wants.
+    pub desired: Desired,
+    /// Bumped by every change of spec or desired status; a plan made for
+    /// another generation is refused.
+    pub generation: u64,
+    /// The last incarnation issued (0: never placed).
+    pub incarnation: u64,
+    /// Why it is not placed, when it is not (for people: "2 nodes lack a
+    /// GPU, 1 lacks memory").
+    pub pending_reason: String,
+    /// When it was first submitted (the proposing leader's clock, ms since
+    /// the Unix epoch).
+    pub created_at_ms: u64,
+}
+
+crate::row_v1!(AgentRecord, "agent record");
+
+/// Where an allocation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AllocStatus {
+    /// Placed; the node has not reported it running yet.
+    Pending,
+    /// Running on its node.
+    Running,
+    /// Stopped on purpose (the agent was stopped or moved).
+    Stopped,
+    /// Ended with an error.
+    Failed,
+    /// Its node was declared down.
+    Lost,
+}
+
+impl AllocStatus {
+    /// Whether an allocation in this status holds its node's resources.
+    pub fn holds_resources(self) -> bool {
+        matches!(self, AllocStatus::Pending | AllocStatus::Running)
+    }
+}
+
+/// One incarnation of an agent on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// The node it runs on.
+    pub node: NodeId,
+    /// Its fencing token: only this incarnation's reports count.
+    pub incarnation: u64,
+    /// Where it stands.
+    pub status: AllocStatus,
+    /// Why it is in that status (empty when there is nothing to say).
+    pub reason: String,
+    /// The resources it holds while [`AllocStatus::holds_resources`].
+    pub resources: Resources,
+    /// The generation of the agent it was placed for.
+    pub generation: u64,
+    /// When the status last changed (proposing leader's clock, ms).
+    pub updated_at_ms: u64,
+}
+
+crate::row_v1!(Allocation, "allocation");
+
+/// Whether a node takes new agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Takes new agents.
+    Ready,
+    /// Takes none; its agents are being moved away.
+    Draining,
+    /// Takes none; its agents stay.
+    Ineligible,
+    /// Declared down by the leader; its allocations are lost.
+    Down,
+}
+
+/// A node's scheduling status. A node without one is ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Whether it takes new agents.
+    pub state: NodeState,
+    /// Why (empty when ready).
+    pub reason: String,
+    /// Since when (proposing leader's clock, ms).
+    pub since_ms: u64,
+}
+
+crate::row_v1!(NodeStatus, "node status");
+
+/// One agent placed onto one node by a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The agent.
+    pub agent: String,
+    /// The generation the scheduler saw.
+    pub generation: u64,
+    /// The chosen node.
+    pub node: NodeId,
+}
+
+/// An agent the scheduler could not place, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unplaced {
+    /// The agent.
+    pub agent: String,
+    /// The generation the scheduler saw.
+    pub generation: u64,
+    /// For people: what the nodes lack.
+    pub reason: String,
+}
+
+/// What the scheduler decided for a set of evaluations, committed as one
+/// command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// New allocations (a placed agent's old allocation is stopped).
+    pub placements: Vec<Placement>,
+    /// Allocations to stop (agents whose desired status is stopped).
+    pub stops: Vec<String>,
+    /// Agents left pending.
+    pub unplaced: Vec<Unplaced>,
+}
+
+/// A change to agents, carried in [`crate::Command`]. Frozen-variant rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentCommand {
+    /// Submits an agent, or a new spec for it (a new generation); the same
+    /// spec again changes nothing.
+    Run {
+        /// The spec.
+        spec: AgentSpec,
+        /// The proposing leader's clock, ms since the Unix epoch.
+        at_ms: u64,
+    },
+    /// Asks for an agent to be stopped.
+    Stop {
+        /// The agent.
+        agent: String,
+        /// The proposing leader's clock.
+        at_ms: u64,
+    },
+    /// The scheduler's decisions, validated again as they apply.
+    Plan {
+        /// What to do.
+        plan: Plan,
+        /// The proposing leader's clock.
+        at_ms: u64,
+    },
+    /// A node reports an allocation's status; refused unless it comes from
+    /// the agent's current incarnation.
+    Report {
+        /// The agent.
+        agent: String,
+        /// The reporting incarnation.
+        incarnation: u64,
+        /// Its new status.
+        status: AllocStatus,
+        /// Why.
+        reason: String,
+        /// The proposing leader's clock.
+        at_ms: u64,
+    },
+    /// Sets a node's scheduling status. `Down` marks its holding
+    /// allocations lost and releases their resources.
+    SetNodeState {
+        /// The node.
+        node: NodeId,
+        /// Its new state.
+        state: NodeState,
+        /// Why.
+        reason: String,
+        /// The proposing leader's clock.
+        at_ms: u64,
+    },
+}
+
+/// What an [`AgentCommand`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentOutcome {
+    /// The agent's generation after a run or stop (unchanged when nothing
+    /// changed).
+    Generation(u64),
+    /// What a plan did.
+    Planned(PlanOutcome),
+    /// A report was recorded.
+    Reported,
+    /// The command was refused, with the reason (an unknown agent, a stale
+    /// incarnation).
+    Refused(String),
+    /// A node state was recorded.
+    NodeState,
+}
+
+/// What applying a plan did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanOutcome {
+    /// Placements made, with the incarnation each received.
+    pub placed: Vec<(String, u64)>,
+    /// Placements refused, with the reason (evaluate these again).
+    pub refused: Vec<(String, String)>,
+    /// Allocations stopped.
+    pub stopped: Vec<String>,
+}
+
+impl AgentCommand {
+    /// The command carrying this change.
+    pub fn into_command(self) -> crate::Command {
+        crate::Command::Agent(self)
+    }
+
+    /// Approximate encoded size, for batching decisions.
+    pub fn approx_size(&self) -> usize {
+        let names = |n: &[String]| n.iter().map(|a| a.len() + 1).sum::<usize>();
+        match self {
+            AgentCommand::Run { spec, .. } => {
+                let command = match &spec.kind {
+                    AgentKind::Exec { command, .. } | AgentKind::Process { command, .. } => names(command),
+                    AgentKind::Inference => 0,
+                };
+                let labels: usize = spec.constraints.labels.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+                128 + spec.name.len() + command + labels + spec.constraints.model.len()
+            }
+            AgentCommand::Plan { plan, .. } => {
+                let placed: usize = plan.placements.iter().map(|p| p.agent.len() + 20).sum();
+                let unplaced: usize = plan.unplaced.iter().map(|u| u.agent.len() + u.reason.len() + 12).sum();
+                16 + placed + names(&plan.stops) + unplaced
+            }
+            AgentCommand::Stop { agent, .. } => agent.len() + 16,
+            AgentCommand::Report { agent, reason, .. } => agent.len() + reason.len() + 32,
+            AgentCommand::SetNodeState { reason, .. } => reason.len() + 32,
+        }
+    }
+
+    /// Checks sizes and fields before proposing; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let reason_len = |reason: &str| {
+            if reason.len() > MAX_REASON_BYTES {
+                return Err(too_long("reason", reason.len(), MAX_REASON_BYTES));
+            }
+            Ok(())
+        };
+        match self {
+            AgentCommand::Run { spec, .. } => spec.validate(),
+            AgentCommand::Stop { agent, .. } => check_name("agent", agent),
+            AgentCommand::Plan { plan, .. } => {
+                let items = plan.placements.len() + plan.stops.len() + plan.unplaced.len();
+                if items > MAX_PLAN_ITEMS {
+                    return Err(StateError::invalid(
+                        "plan",
+                        format!("has {items} items; the limit is {MAX_PLAN_ITEMS}"),
+                    ));
+                }
+                for (i, p) in plan.placements.iter().enumerate() {
+                    check_name(&format!("plan.placements[{i}].agent"), &p.agent)?;
+                }
+                for (i, a) in plan.stops.iter().enumerate() {
+                    check_name(&format!("plan.stops[{i}]"), a)?;
+                }
+                for (i, u) in plan.unplaced.iter().enumerate() {
+                    check_name(&format!("plan.unplaced[{i}].agent"), &u.agent)?;
+                    reason_len(&u.reason)?;
+                }
+                Ok(())
+            }
+            AgentCommand::Report { agent, reason, .. } => {
+                check_name("agent", agent)?;
+                reason_len(reason)
+            }
+            AgentCommand::SetNodeState { node, reason, .. } => {
+                if *node == 0 {
+                    return Err(StateError::invalid("node", "must not be 0"));
+                }
+                reason_len(reason)
+            }
+        }
+    }
+}
+
+fn node_key(node: NodeId) -> [u8; 8] {
+    node.to_be_bytes()
+}
+
+fn node_alloc_key(node: NodeId, agent: &str) -> Vec<u8> {
+    let mut key = node_key(node).to_vec();
+    key.extend_from_slice(agent.as_bytes());
+    key
+}
+
+fn get_row<T: crate::codec::Row>(txn: &dyn Txn, table: &str, key: &[u8]) -> Result<Option<T>> {
+    txn.get(table, key)?.map(|b| decode_row(&b)).transpose()
+}
+
+fn put_row<T: crate::codec::Row>(txn: &mut dyn Txn, table: &str, key: &[u8], row: &T) -> Result<()> {
+    txn.put(table, key, &encode_row(row)?)
+}
+
+/// The agent named `name`.
+pub fn agent(txn: &dyn Txn, name: &str) -> Result<Option<AgentRecord>> {
+    get_row(txn, AGENTS_TABLE, name.as_bytes())
+}
+
+/// The current allocation of the agent named `name`.
+pub fn allocation(txn: &dyn Txn, name: &str) -> Result<Option<Allocation>> {
+    get_row(txn, ALLOCATIONS_TABLE, name.as_bytes())
+}
+
+/// Up to `limit` agents with names after `after`, in name order.
+pub fn agents_after(txn: &dyn Txn, after: &str, limit: usize) -> Result<Vec<AgentRecord>> {
+    let mut start = after.as_bytes().to_vec();
+    if !start.is_empty() {
+        start.push(0);
+    }
+    txn.scan(AGENTS_TABLE, &start, None, limit)?
+        .into_iter()
+        .map(|(_, v)| decode_row(&v))
+        .collect()
+}
+
+/// The scheduling status of `node` (ready when none was recorded).
+pub fn node_status(txn: &dyn Txn, node: NodeId) -> Result<NodeStatus> {
+    Ok(get_row(txn, NODE_STATUS_TABLE, &node_key(node))?.unwrap_or(NodeStatus {
+        state: NodeState::Ready,
+        reason: String::new(),
+        since_ms: 0,
+    }))
+}
+
+/// The resources held on `node` by its allocations.
+pub fn node_usage(txn: &dyn Txn, node: NodeId) -> Result<Resources> {
+    Ok(get_row(txn, NODE_USAGE_TABLE, &node_key(node))?.unwrap_or_default())
+}
+
+/// Names of the agents whose allocations hold resources on `node`, in name
+/// order, up to `limit`.
+pub fn agents_on(txn: &dyn Txn, node: NodeId, limit: usize) -> Result<Vec<String>> {
+    let start = node_key(node);
+    let end = prefix_end(&start);
+    txn.scan(NODE_ALLOCS_TABLE, &start, end.as_deref(), limit)?
+        .into_iter()
+        .map(|(k, _)| {
+            String::from_utf8(k[8..].to_vec()).map_err(|e| StateError::Corrupt {
+                what: "node allocation key",
+                detail: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Sets `agent`'s allocation to `alloc`, keeping the node index and usage
+/// in step with what it holds before and after.
+fn set_allocation(txn: &mut dyn Txn, agent: &str, alloc: &Allocation) -> Result<()> {
+    if let Some(old) = allocation(txn, agent)?
+        && old.status.holds_resources()
+    {
+        release(txn, agent, &old)?;
+    }
+    if alloc.status.holds_resources() {
+        let usage = node_usage(txn, alloc.node)?.plus(alloc.resources);
+        put_row(txn, NODE_USAGE_TABLE, &node_key(alloc.node), &usage)?;
+        txn.put(NODE_ALLOCS_TABLE, &node_alloc_key(alloc.node, agent), &[])?;
+    }
+    put_row(txn, ALLOCATIONS_TABLE, agent.as_bytes(), alloc)
+}
+
+fn release(txn: &mut dyn Txn, agent: &str, alloc: &Allocation) -> Result<()> {
+    let usage = node_usage(txn, alloc.node)?.minus(alloc.resources);
+    put_row(txn, NODE_USAGE_TABLE, &node_key(alloc.node), &usage)?;
+    txn.delete(NODE_ALLOCS_TABLE, &node_alloc_key(alloc.node, agent))
+}
+
+/// Ends `agent`'s allocation with `status` if it still holds resources.
+fn end_allocation(txn: &mut dyn Txn, agent: &str, status: AllocStatus, reason: &str, at_ms: u64) -> Result<bool> {
+    let Some(mut alloc) = allocation(txn, agent)? else {
+        return Ok(false);
+    };
+    if !alloc.status.holds_resources() {
+        return Ok(false);
+    }
+    alloc.status = status;
+    alloc.reason = reason.to_string();
+    alloc.updated_at_ms = at_ms;
+    set_allocation(txn, agent, &alloc)?;
+    Ok(true)
+}
+
+/// Why `node` cannot take `resources` now, if it cannot.
+fn refuse_node(txn: &dyn Txn, node: NodeId, resources: Resources) -> Result<Option<String>> {
+    let Some(record) = nodes::resources_of(txn, node)? else {
+        return Ok(Some(format!("node {node:016x} is unknown")));
+    };
+    let status = node_status(txn, node)?;
+    if status.state != NodeState::Ready {
+        return Ok(Some(format!("node {node:016x} is {:?}", status.state).to_lowercase()));
+    }
+    let wanted = node_usage(txn, node)?.plus(resources);
+    Ok(wanted
+        .exceeds(&Resources::of_node(&record))
+        .map(|what| format!("node {node:016x} lacks {what}")))
+}
+
+/// Applies a validated agent command.
+pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcome> {
+    match cmd {
+        AgentCommand::Run { spec, at_ms } => {
+            let record = match agent(txn, &spec.name)? {
+                Some(r) if r.spec == *spec && r.desired == Desired::Running => {
+                    return Ok(AgentOutcome::Generation(r.generation));
+                }
+                Some(r) => AgentRecord {
+                    spec: spec.clone(),
+                    desired: Desired::Running,
+                    generation: r.generation + 1,
+                    ..r
+                },
+                None => AgentRecord {
+                    spec: spec.clone(),
+                    desired: Desired::Running,
+                    generation: 1,
+                    incarnation: 0,
+                    pending_reason: String::new(),
+                    created_at_ms: *at_ms,
+                },
+            };
+            put_row(txn, AGENTS_TABLE, spec.name.as_bytes(), &record)?;
+            Ok(AgentOutcome::Generation(record.generation))
+        }
+        AgentCommand::Stop { agent: name, .. } => {
+            let Some(mut record) = agent(txn, name)? else {
+                return Ok(AgentOutcome::Refused(format!("no agent named {name:?}")));
+            };
+            if record.desired != Desired::Stopped {
+                record.desired = Desired::Stopped;
+                record.generation += 1;
+                put_row(txn, AGENTS_TABLE, name.as_bytes(), &record)?;
+            }
+            Ok(AgentOutcome::Generation(record.generation))
+        }
+        AgentCommand::Plan { plan, at_ms } => Ok(AgentOutcome::Planned(apply_plan(txn, plan, *at_ms)?)),
+        AgentCommand::Report {
+            agent: name,
+            incarnation,
+            status,
+            reason,
+            at_ms,
+        } => {
+            let Some(mut alloc) = allocation(txn, name)? else {
+                return Ok(AgentOutcome::Refused(format!("agent {name:?} has no allocation")));
+            };
+            if alloc.incarnation != *incarnation {
+                return Ok(AgentOutcome::Refused(format!(
+                    "incarnation {incarnation} of agent {name:?} is superseded by {}",
+                    alloc.incarnation
+                )));
+            }
+            if !alloc.status.holds_resources() {
+                return Ok(AgentOutcome::Refused(format!(
+                    "incarnation {incarnation} of agent {name:?} already ended ({:?})",
+                    alloc.status
+                )));
+            }
+            alloc.status = *status;
+            alloc.reason = reason.clone();
+            alloc.updated_at_ms = *at_ms;
+            set_allocation(txn, name, &alloc)?;
+            Ok(AgentOutcome::Reported)
+        }
+        AgentCommand::SetNodeState {
+            node,
+            state,
+            reason,
+            at_ms,
+        } => {
+            let status = NodeStatus {
+                state: *state,
+                reason: reason.clone(),
+                since_ms: *at_ms,
+            };
+            put_row(txn, NODE_STATUS_TABLE, &node_key(*node), &status)?;
+            if *state == NodeState::Down {
+                for name in agents_on(txn, *node, usize::MAX)? {
+                    end_allocation(txn, &name, AllocStatus::Lost, &format!("node down: {reason}"), *at_ms)?;
+                }
+            }
+            Ok(AgentOutcome::NodeState)
+        }
+    }
+}
+
+fn apply_plan(txn: &mut dyn Txn, plan: &Plan, at_ms: u64) -> Result<PlanOutcome> {
+    let mut out = PlanOutcome::default();
+    for name in &plan.stops {
+        if end_allocation(txn, name, AllocStatus::Stopped, "stopped", at_ms)? {
+            out.stopped.push(name.clone());
+        }
+    }
+    for p in &plan.placements {
+        let Some(mut record) = agent(txn, &p.agent)? else {
+            out.refused.push((p.agent.clone(), "the agent is gone".into()));
+            continue;
+        };
+        if record.generation != p.generation || record.desired != Desired::Running {
+            out.refused.push((
+                p.agent.clone(),
+                format!(
+                    "planned for generation {}, the agent is at {}",
+                    p.generation, record.generation
+                ),
+            ));
+            continue;
+        }
+        let resources = record.spec.resources;
+        // Its own allocation on the same node frees what it holds there.
+        let current = allocation(txn, &p.agent)?;
+        let held_here = current
+            .as_ref()
+            .filter(|a| a.node == p.node && a.status.holds_resources())
+            .map(|a| a.resources)
+            .unwrap_or_default();
+        if let Some(reason) = refuse_node(txn, p.node, resources.minus(held_here))? {
+            out.refused.push((p.agent.clone(), reason));
+            continue;
+        }
+        if current.is_some() {
+            end_allocation(
+                txn,
+                &p.agent,
+                AllocStatus::Stopped,
+                "replaced by a new placement",
+                at_ms,
+            )?;
+        }
+        record.incarnation += 1;
+        record.pending_reason.clear();
+        let alloc = Allocation {
+            node: p.node,
+            incarnation: record.incarnation,
+            status: AllocStatus::Pending,
+            reason: String::new(),
+            resources,
+            generation: record.generation,
+            updated_at_ms: at_ms,
+        };
+        set_allocation(txn, &p.agent, &alloc)?;
+        put_row(txn, AGENTS_TABLE, p.agent.as_bytes(), &record)?;
+        out.placed.push((p.agent.clone(), record.incarnation));
+    }
+    for u in &plan.unplaced {
+        if let Some(mut record) = agent(txn, &u.agent)?
+            && record.generation == u.generation
+            && record.pending_reason != u.reason
+        {
+            record.pending_reason = u.reason.clone();
+            put_row(txn, AGENTS_TABLE, u.agent.as_bytes(), &record)?;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::MemTxn;
+    use crate::nodes::{NodeCommand, NodeResources};
+
+    fn spec(name: &str, cpu_millis: u64, memory_mb: u64) -> AgentSpec {
+        AgentSpec {
+            name: name.into(),
+            kind: AgentKind::Exec {
+                command: vec!["/bin/cat".into()],
+                timeout_ms: 1000,
+                max_output_bytes: 1024,
+            },
+            resources: Resources {
+                cpu_millis,
+                memory_mb,
+                gpu_memory_mb: 0,
+            },
+            constraints: Constraints::default(),
+            restart: RestartPolicy::Always,
+        }
+    }
+
+    fn add_node(txn: &mut MemTxn, node: NodeId, cores: u32, memory_mb: u64) {
+        let cmd = NodeCommand::SetResources {
+            node,
+            resources: NodeResources {
+                cpu_cores: cores,
+                memory_bytes: memory_mb * 1024 * 1024,
+                ..Default::default()
+            },
+        };
+        crate::nodes::apply(txn, &cmd).unwrap();
+    }
+
+    fn run(txn: &mut MemTxn, spec: AgentSpec) -> u64 {
+        match apply(txn, &AgentCommand::Run { spec, at_ms: 1 }).unwrap() {
+            AgentOutcome::Generation(g) => g,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn plan(txn: &mut MemTxn, placements: &[(&str, u64, NodeId)]) -> PlanOutcome {
+        let plan = Plan {
+            placements: placements
+                .iter()
+                .map(|(agent, generation, node)| Placement {
+                    agent: (*agent).into(),
+                    generation: *generation,
+                    node: *node,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        match apply(txn, &AgentCommand::Plan { plan, at_ms: 2 }).unwrap() {
+            AgentOutcome::Planned(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The usage and index invariants of the module docs.
+    fn check_invariants(txn: &MemTxn, nodes: &[NodeId]) {
+        for node in nodes {
+            let mut sum = Resources::default();
+            for name in agents_on(txn, *node, usize::MAX).unwrap() {
+                let alloc = allocation(txn, &name).unwrap().unwrap();
+                assert_eq!(alloc.node, *node);
+                assert!(alloc.status.holds_resources());
+                sum = sum.plus(alloc.resources);
+            }
+            assert_eq!(node_usage(txn, *node).unwrap(), sum, "usage of node {node}");
+        }
+    }
+
+    #[test]
+    fn a_plan_is_validated_again_and_never_overcommits_a_node() {
+        let mut txn = MemTxn::new();
+        add_node(&mut txn, 1, 2, 1024);
+        let a = run(&mut txn, spec("a", 1500, 100));
+        let b = run(&mut txn, spec("b", 1000, 100));
+        let out = plan(&mut txn, &[("a", a, 1), ("b", b, 1), ("c", 1, 1)]);
+        assert_eq!(out.placed, vec![("a".to_string(), 1)]);
+        assert_eq!(out.refused.len(), 2, "{out:?}");
+        assert!(out.refused[0].1.contains("lacks cpu"), "{out:?}");
+        assert!(out.refused[1].1.contains("gone"), "{out:?}");
+        assert_eq!(node_usage(&txn, 1).unwrap().cpu_millis, 1500);
+        check_invariants(&txn, &[1]);
+    }
+
+    #[test]
+    fn a_stale_generation_or_an_unready_node_is_refused() {
+        let mut txn = MemTxn::new();
+        add_node(&mut txn, 1, 4, 1024);
+        add_node(&mut txn, 2, 4, 1024);
+        let g1 = run(&mut txn, spec("a", 100, 10));
+        let g2 = run(&mut txn, spec("a", 200, 10));
+        assert_eq!(g2, g1 + 1);
+        assert_eq!(run(&mut txn, spec("a", 200, 10)), g2, "the same spec changes nothing");
+        let out = plan(&mut txn, &[("a", g1, 1)]);
+        assert!(out.refused[0].1.contains("generation"), "{out:?}");
+        apply(
+            &mut txn,
+            &AgentCommand::SetNodeState {
+                node: 1,
+                state: NodeState::Draining,
+                reason: "maintenance".into(),
+                at_ms: 3,
+            },
+        )
+        .unwrap();
+        let out = plan(&mut txn, &[("a", g2, 1), ("a", g2, 9)]);
+        assert!(out.refused[0].1.contains("draining"), "{out:?}");
+        assert!(out.refused[1].1.contains("unknown"), "{out:?}");
+        assert!(out.placed.is_empty());
+    }
+
+    #[test]
+    fn each_placement_issues_the_next_incarnation_and_fences_the_older_ones() {
+        let mut txn = MemTxn::new();
+        add_node(&mut txn, 1, 4, 1024);
+        add_node(&mut txn, 2, 4, 1024);
+        let g = run(&mut txn, spec("a", 1000, 100));
+        assert_eq!(plan(&mut txn, &[("a", g, 1)]).placed, vec![("a".into(), 1)]);
+        // Moved to node 2: incarnation 2; node 1 is free again.
+        assert_eq!(plan(&mut txn, &[("a", g, 2)]).placed, vec![("a".into(), 2)]);
+        assert_eq!(node_usage(&txn, 1).unwrap(), Resources::default());
+        check_invariants(&txn, &[1, 2]);
+
+        let report = |incarnation, status| AgentCommand::Report {
+            agent: "a".into(),
+            incarnation,
+            status,
+            reason: String::new(),
+            at_ms: 5,
+        };
+        let stale = apply(&mut txn, &report(1, AllocStatus::Running)).unwrap();
+        assert!(
+            matches!(stale, AgentOutcome::Refused(ref r) if r.contains("superseded")),
+            "{stale:?}"
+        );
+        assert_eq!(
+            apply(&mut txn, &report(2, AllocStatus::Running)).unwrap(),
+            AgentOutcome::Reported
+        );
+        assert_eq!(allocation(&txn, "a").unwrap().unwrap().status, AllocStatus::Running);
+    }
+
+    #[test]
+    fn a_node_declared_down_loses_its_allocations_and_their_resources() {
+        let mut txn = MemTxn::new();
+        add_node(&mut txn, 1, 4, 1024);
+        for name in ["a", "b"] {
+            let g = run(&mut txn, spec(name, 1000, 100));
+            plan(&mut txn, &[(name, g, 1)]);
+        }
+        apply(
+            &mut txn,
+            &AgentCommand::SetNodeState {
+                node: 1,
+                state: NodeState::Down,
+                reason: "lease expired".into(),
+                at_ms: 9,
+            },
+        )
+        .unwrap();
+        for name in ["a", "b"] {
+            let alloc = allocation(&txn, name).unwrap().unwrap();
+            assert_eq!(alloc.status, AllocStatus::Lost);
+            assert!(alloc.reason.contains("lease expired"));
+        }
+        assert!(agents_on(&txn, 1, 10).unwrap().is_empty());
+        check_invariants(&txn, &[1]);
+        // A late report of the lost incarnation is refused.
+        let late = apply(
+            &mut txn,
+            &AgentCommand::Report {
+                agent: "a".into(),
+                incarnation: 1,
+                status: AllocStatus::Running,
+                reason: String::new(),
+                at_ms: 10,
+            },
+        )
+        .unwrap();
+        assert!(matches!(late, AgentOutcome::Refused(_)), "{late:?}");
+    }
+
+    #[test]
+    fn specs_are_refused_naming_the_bad_field() {
+        let mut bad = spec("UPPER", 1, 1);
+        assert!(bad.validate().unwrap_err().to_string().contains("name"));
+        bad = spec("ok", 0, 1);
+        assert!(bad.validate().unwrap_err().to_string().contains("resources.cpu_millis"));
+        bad = spec("ok", 1, 0);
+        assert!(bad.validate().unwrap_err().to_string().contains("resources.memory_mb"));
+        bad = spec("ok", 1, 1);
+        bad.kind = AgentKind::Exec {
+            command: vec![],
+            timeout_ms: 1,
+            max_output_bytes: 1,
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("config.command"));
+        bad = spec("ok", 1, 1);
+        bad.constraints.labels.insert(String::new(), "x".into());
+        assert!(bad.validate().unwrap_err().to_string().contains("constraints.labels"));
+        spec("ok", 1, 1).validate().unwrap();
+    }
+}
