@@ -19,10 +19,13 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use cell0_state::agents::{
+    AgentCommand, AgentKind, AgentSpec, AllocStatus, Constraints, NodeState, Placement, Plan, Resources, RestartPolicy,
+};
 use cell0_state::command::RequestId;
 use cell0_state::nodes::{NodeCommand, NodeResources};
 use cell0_state::registry::{ModelCommand, ModelFile, ModelManifest};
-use cell0_state::{Command, MemTxn, Txn, kv, nodes, registry};
+use cell0_state::{Command, MemTxn, Txn, agents, kv, nodes, registry};
 
 fn parse_command(words: &[&str]) -> Command {
     let text = |i: usize| words[i].as_bytes().to_vec();
@@ -92,6 +95,70 @@ fn parse_command(words: &[&str]) -> Command {
                 gpu_memory_bytes: 0,
             },
         }),
+        "agent-run" => Command::Agent(AgentCommand::Run {
+            spec: AgentSpec {
+                name: words[1].into(),
+                kind: AgentKind::Exec {
+                    command: vec!["/bin/cat".into()],
+                    timeout_ms: 1000,
+                    max_output_bytes: 1024,
+                },
+                resources: Resources {
+                    cpu_millis: num(2),
+                    memory_mb: num(3),
+                    gpu_memory_mb: 0,
+                },
+                constraints: Constraints::default(),
+                restart: RestartPolicy::Always,
+            },
+            at_ms: 100,
+        }),
+        "agent-stop" => Command::Agent(AgentCommand::Stop {
+            agent: words[1].into(),
+            at_ms: 200,
+        }),
+        // agent-plan AGENT:GENERATION:NODE... [stop AGENT...]
+        "agent-plan" => {
+            let mut plan = Plan::default();
+            let mut stops = false;
+            for w in &words[1..] {
+                if *w == "stop" {
+                    stops = true;
+                } else if stops {
+                    plan.stops.push((*w).into());
+                } else {
+                    let parts: Vec<&str> = w.split(':').collect();
+                    plan.placements.push(Placement {
+                        agent: parts[0].into(),
+                        generation: parts[1].parse().unwrap(),
+                        node: parts[2].parse().unwrap(),
+                    });
+                }
+            }
+            Command::Agent(AgentCommand::Plan { plan, at_ms: 300 })
+        }
+        "agent-report" => Command::Agent(AgentCommand::Report {
+            agent: words[1].into(),
+            incarnation: num(2),
+            status: match words[3] {
+                "running" => AllocStatus::Running,
+                "failed" => AllocStatus::Failed,
+                other => panic!("unknown status {other:?}"),
+            },
+            reason: words[4..].join(" "),
+            at_ms: 400,
+        }),
+        "node-state" => Command::Agent(AgentCommand::SetNodeState {
+            node: num(1),
+            state: match words[2] {
+                "ready" => NodeState::Ready,
+                "draining" => NodeState::Draining,
+                "down" => NodeState::Down,
+                other => panic!("unknown node state {other:?}"),
+            },
+            reason: words[3..].join(" "),
+            at_ms: 500,
+        }),
         other => panic!("unknown command {other:?}"),
     }
 }
@@ -125,6 +192,18 @@ fn reads(state: &MemTxn) -> String {
     }
     for (id, r) in nodes::resources(state).unwrap() {
         writeln!(out, "node {id}: {r:?}").unwrap();
+        writeln!(out, "  status: {:?}", agents::node_status(state, id).unwrap()).unwrap();
+        writeln!(out, "  usage: {:?}", agents::node_usage(state, id).unwrap()).unwrap();
+        writeln!(out, "  agents: {:?}", agents::agents_on(state, id, 100).unwrap()).unwrap();
+    }
+    for a in agents::agents_after(state, "", 1000).unwrap() {
+        writeln!(out, "agent: {a:?}").unwrap();
+        writeln!(
+            out,
+            "  allocation: {:?}",
+            agents::allocation(state, &a.spec.name).unwrap()
+        )
+        .unwrap();
     }
     out
 }
