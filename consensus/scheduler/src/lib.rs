@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cell0_state::NodeId;
-use cell0_state::agents::{AgentSpec, Allocation, Desired, NodeState, Placement, Plan, Resources, Unplaced};
+use cell0_state::agents::{AgentSpec, Allocation, Desired, NodeState, Placement, Plan, Resources, Settled, Unplaced};
 
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,9 +274,15 @@ pub fn process(evals: &[Evaluation], view: &ClusterView, options: Options) -> Pl
             continue;
         }
         let holding = eval.current.as_ref().filter(|a| a.status.holds_resources());
+        let settled = || Settled {
+            agent: name.clone(),
+            generation: eval.generation,
+        };
         if eval.desired == Desired::Stopped {
             if holding.is_some() {
                 plan.stops.push(name.clone());
+            } else {
+                plan.settled.push(settled());
             }
             continue;
         }
@@ -286,6 +292,7 @@ pub fn process(evals: &[Evaluation], view: &ClusterView, options: Options) -> Pl
             && current.generation == eval.generation
             && stays(current, view)
         {
+            plan.settled.push(settled());
             continue;
         }
         let avoid = holding.filter(|_| moving).map(|a| a.node);
@@ -478,7 +485,9 @@ mod tests {
         };
         let mut running = eval("a", 100, 10);
         running.current = Some(alloc.clone());
-        assert_eq!(process(&[running.clone()], &view, Options::default()), Plan::default());
+        let plan = process(&[running.clone()], &view, Options::default());
+        assert!(plan.placements.is_empty() && plan.stops.is_empty(), "{plan:?}");
+        assert_eq!(plan.settled.len(), 1, "the evaluation is settled with nothing to do");
 
         let mut drained = running.clone();
         drained.trigger = Trigger::Drain;

@@ -10,7 +10,13 @@
 //! - `node_usage`: node id -> [`Resources`] held there (the sum of its
 //!   indexed allocations' requests);
 //! - `node_status`: node id -> [`NodeStatus`] (ready, draining, ineligible,
-//!   down, with a reason).
+//!   down, with a reason);
+//! - `evals`: agent name -> [`Eval`], the agents the scheduler must look at
+//!   (Nomad's evaluations): written by every change that may need a new
+//!   placement or a stop, removed by the plan that handles it;
+//! - `blocked`: agent name -> [`Eval`], agents the last plan could not
+//!   place; any change to nodes (a record, a status) moves them back to
+//!   `evals`.
 //!
 //! Invariants (every apply keeps them; the tests check them):
 //! - An agent has at most one allocation, and its incarnation is the
@@ -25,6 +31,9 @@
 //!   the same plan) is refused with its reason, and the rest still applies.
 //! - Times come from the command (the leader's clock when it proposed), never
 //!   from a clock inside apply.
+//! - An agent whose desired status and allocation disagree (running but not
+//!   placed on a usable node, or stopped but still holding resources) has an
+//!   evaluation, pending or blocked, so no agent is forgotten.
 
 use std::collections::BTreeMap;
 
@@ -41,6 +50,8 @@ const ALLOCATIONS_TABLE: &str = "allocations";
 const NODE_ALLOCS_TABLE: &str = "node_allocs";
 const NODE_USAGE_TABLE: &str = "node_usage";
 const NODE_STATUS_TABLE: &str = "node_status";
+const EVALS_TABLE: &str = "evals";
+const BLOCKED_TABLE: &str = "blocked";
 
 /// Longest agent name, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
@@ -397,6 +408,35 @@ pub struct NodeStatus {
 
 crate::row_v1!(NodeStatus, "node status");
 
+/// Why an agent must be looked at again. Frozen-variant rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EvalTrigger {
+    /// It was submitted, changed or stopped.
+    Changed,
+    /// Its node was declared down.
+    NodeDown,
+    /// Its node is draining.
+    Drain,
+    /// A user asked to move it (to `to`, when not 0).
+    Migrate {
+        /// The target node, 0 for any other.
+        to: NodeId,
+    },
+    /// The nodes changed while it could not be placed.
+    Unblocked,
+}
+
+/// A pending evaluation of one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Eval {
+    /// Why.
+    pub trigger: EvalTrigger,
+    /// The agent's generation when it was queued.
+    pub generation: u64,
+}
+
+crate::row_v1!(Eval, "evaluation");
+
 /// One agent placed onto one node by a plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
@@ -419,6 +459,16 @@ pub struct Unplaced {
     pub reason: String,
 }
 
+/// An evaluation that needed nothing (the agent runs where it may, or is
+/// stopped and holds nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    /// The agent.
+    pub agent: String,
+    /// The generation the scheduler saw.
+    pub generation: u64,
+}
+
 /// What the scheduler decided for a set of evaluations, committed as one
 /// command.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,6 +479,8 @@ pub struct Plan {
     pub stops: Vec<String>,
     /// Agents left pending.
     pub unplaced: Vec<Unplaced>,
+    /// Evaluations that needed nothing.
+    pub settled: Vec<Settled>,
 }
 
 /// A change to agents, carried in [`crate::Command`]. Frozen-variant rule.
@@ -471,7 +523,8 @@ pub enum AgentCommand {
         at_ms: u64,
     },
     /// Sets a node's scheduling status. `Down` marks its holding
-    /// allocations lost and releases their resources.
+    /// allocations lost and releases their resources; `Down` and `Draining`
+    /// queue an evaluation for each agent that was on it.
     SetNodeState {
         /// The node.
         node: NodeId,
@@ -481,6 +534,13 @@ pub enum AgentCommand {
         reason: String,
         /// The proposing leader's clock.
         at_ms: u64,
+    },
+    /// Asks for an agent to be moved: to `to`, or to any other node when 0.
+    Migrate {
+        /// The agent.
+        agent: String,
+        /// The target node, 0 for any other.
+        to: NodeId,
     },
 }
 
@@ -531,13 +591,19 @@ impl AgentCommand {
                 128 + spec.name.len() + command + labels + spec.constraints.model.len()
             }
             AgentCommand::Plan { plan, .. } => {
-                let placed: usize = plan.placements.iter().map(|p| p.agent.len() + 20).sum();
+                let placed: usize = plan
+                    .placements
+                    .iter()
+                    .map(|p| p.agent.len() + 20)
+                    .chain(plan.settled.iter().map(|d| d.agent.len() + 10))
+                    .sum();
                 let unplaced: usize = plan.unplaced.iter().map(|u| u.agent.len() + u.reason.len() + 12).sum();
                 16 + placed + names(&plan.stops) + unplaced
             }
             AgentCommand::Stop { agent, .. } => agent.len() + 16,
             AgentCommand::Report { agent, reason, .. } => agent.len() + reason.len() + 32,
             AgentCommand::SetNodeState { reason, .. } => reason.len() + 32,
+            AgentCommand::Migrate { agent, .. } => agent.len() + 16,
         }
     }
 
@@ -553,7 +619,7 @@ impl AgentCommand {
             AgentCommand::Run { spec, .. } => spec.validate(),
             AgentCommand::Stop { agent, .. } => check_name("agent", agent),
             AgentCommand::Plan { plan, .. } => {
-                let items = plan.placements.len() + plan.stops.len() + plan.unplaced.len();
+                let items = plan.placements.len() + plan.stops.len() + plan.unplaced.len() + plan.settled.len();
                 if items > MAX_PLAN_ITEMS {
                     return Err(StateError::invalid(
                         "plan",
@@ -570,6 +636,9 @@ impl AgentCommand {
                     check_name(&format!("plan.unplaced[{i}].agent"), &u.agent)?;
                     reason_len(&u.reason)?;
                 }
+                for (i, d) in plan.settled.iter().enumerate() {
+                    check_name(&format!("plan.settled[{i}].agent"), &d.agent)?;
+                }
                 Ok(())
             }
             AgentCommand::Report { agent, reason, .. } => {
@@ -582,6 +651,7 @@ impl AgentCommand {
                 }
                 reason_len(reason)
             }
+            AgentCommand::Migrate { agent, .. } => check_name("agent", agent),
         }
     }
 }
@@ -654,6 +724,59 @@ pub fn agents_on(txn: &dyn Txn, node: NodeId, limit: usize) -> Result<Vec<String
             })
         })
         .collect()
+}
+
+/// Up to `limit` pending evaluations, in agent name order.
+pub fn pending_evals(txn: &dyn Txn, limit: usize) -> Result<Vec<(String, Eval)>> {
+    txn.scan(EVALS_TABLE, b"", None, limit)?
+        .into_iter()
+        .map(|(k, v)| {
+            let name = String::from_utf8(k).map_err(|e| StateError::Corrupt {
+                what: "evaluation key",
+                detail: e.to_string(),
+            })?;
+            Ok((name, decode_row(&v)?))
+        })
+        .collect()
+}
+
+/// Whether `agent` waits for nodes to change before it is evaluated again.
+pub fn is_blocked(txn: &dyn Txn, agent: &str) -> Result<bool> {
+    Ok(txn.get(BLOCKED_TABLE, agent.as_bytes())?.is_some())
+}
+
+/// Queues an evaluation of `agent` (replacing a pending one, which the new
+/// one covers) and takes it off the blocked list.
+fn queue_eval(txn: &mut dyn Txn, agent: &str, trigger: EvalTrigger, generation: u64) -> Result<()> {
+    txn.delete(BLOCKED_TABLE, agent.as_bytes())?;
+    put_row(txn, EVALS_TABLE, agent.as_bytes(), &Eval { trigger, generation })
+}
+
+/// Moves every blocked agent back to the pending evaluations: the nodes
+/// changed, so it may fit now. Called by every change to node records or
+/// node status.
+pub(crate) fn unblock_all(txn: &mut dyn Txn) -> Result<()> {
+    loop {
+        let batch = txn.scan(BLOCKED_TABLE, b"", None, 1024)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for (key, value) in batch {
+            let blocked: Eval = decode_row(&value)?;
+            txn.delete(BLOCKED_TABLE, &key)?;
+            if txn.get(EVALS_TABLE, &key)?.is_none() {
+                put_row(
+                    txn,
+                    EVALS_TABLE,
+                    &key,
+                    &Eval {
+                        trigger: EvalTrigger::Unblocked,
+                        generation: blocked.generation,
+                    },
+                )?;
+            }
+        }
+    }
 }
 
 /// Sets `agent`'s allocation to `alloc`, keeping the node index and usage
@@ -732,6 +855,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
                 },
             };
             put_row(txn, AGENTS_TABLE, spec.name.as_bytes(), &record)?;
+            queue_eval(txn, &spec.name, EvalTrigger::Changed, record.generation)?;
             Ok(AgentOutcome::Generation(record.generation))
         }
         AgentCommand::Stop { agent: name, .. } => {
@@ -742,7 +866,18 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
                 record.desired = Desired::Stopped;
                 record.generation += 1;
                 put_row(txn, AGENTS_TABLE, name.as_bytes(), &record)?;
+                queue_eval(txn, name, EvalTrigger::Changed, record.generation)?;
             }
+            Ok(AgentOutcome::Generation(record.generation))
+        }
+        AgentCommand::Migrate { agent: name, to } => {
+            let Some(record) = agent(txn, name)? else {
+                return Ok(AgentOutcome::Refused(format!("no agent named {name:?}")));
+            };
+            if record.desired != Desired::Running {
+                return Ok(AgentOutcome::Refused(format!("agent {name:?} is stopped")));
+            }
+            queue_eval(txn, name, EvalTrigger::Migrate { to: *to }, record.generation)?;
             Ok(AgentOutcome::Generation(record.generation))
         }
         AgentCommand::Plan { plan, at_ms } => Ok(AgentOutcome::Planned(apply_plan(txn, plan, *at_ms)?)),
@@ -786,11 +921,22 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
                 since_ms: *at_ms,
             };
             put_row(txn, NODE_STATUS_TABLE, &node_key(*node), &status)?;
-            if *state == NodeState::Down {
+            let trigger = match state {
+                NodeState::Down => Some(EvalTrigger::NodeDown),
+                NodeState::Draining => Some(EvalTrigger::Drain),
+                NodeState::Ready | NodeState::Ineligible => None,
+            };
+            if let Some(trigger) = trigger {
                 for name in agents_on(txn, *node, usize::MAX)? {
-                    end_allocation(txn, &name, AllocStatus::Lost, &format!("node down: {reason}"), *at_ms)?;
+                    if *state == NodeState::Down {
+                        end_allocation(txn, &name, AllocStatus::Lost, &format!("node down: {reason}"), *at_ms)?;
+                    }
+                    if let Some(record) = agent(txn, &name)? {
+                        queue_eval(txn, &name, trigger, record.generation)?;
+                    }
                 }
             }
+            unblock_all(txn)?;
             Ok(AgentOutcome::NodeState)
         }
     }
@@ -801,6 +947,9 @@ fn apply_plan(txn: &mut dyn Txn, plan: &Plan, at_ms: u64) -> Result<PlanOutcome>
     for name in &plan.stops {
         if end_allocation(txn, name, AllocStatus::Stopped, "stopped", at_ms)? {
             out.stopped.push(name.clone());
+        }
+        if agent(txn, name)?.is_some_and(|r| r.desired == Desired::Stopped) {
+            txn.delete(EVALS_TABLE, name.as_bytes())?;
         }
     }
     for p in &plan.placements {
@@ -852,18 +1001,45 @@ fn apply_plan(txn: &mut dyn Txn, plan: &Plan, at_ms: u64) -> Result<PlanOutcome>
         };
         set_allocation(txn, &p.agent, &alloc)?;
         put_row(txn, AGENTS_TABLE, p.agent.as_bytes(), &record)?;
+        settle_eval(txn, &p.agent, record.generation)?;
         out.placed.push((p.agent.clone(), record.incarnation));
     }
+    for d in &plan.settled {
+        settle_eval(txn, &d.agent, d.generation)?;
+    }
     for u in &plan.unplaced {
-        if let Some(mut record) = agent(txn, &u.agent)?
-            && record.generation == u.generation
-            && record.pending_reason != u.reason
-        {
+        let Some(mut record) = agent(txn, &u.agent)? else {
+            continue;
+        };
+        if record.generation != u.generation {
+            continue;
+        }
+        if record.pending_reason != u.reason {
             record.pending_reason = u.reason.clone();
             put_row(txn, AGENTS_TABLE, u.agent.as_bytes(), &record)?;
         }
+        if settle_eval(txn, &u.agent, record.generation)? {
+            let blocked = Eval {
+                trigger: EvalTrigger::Changed,
+                generation: record.generation,
+            };
+            put_row(txn, BLOCKED_TABLE, u.agent.as_bytes(), &blocked)?;
+        }
     }
     Ok(out)
+}
+
+/// Removes `agent`'s pending evaluation if it was queued for `generation`
+/// (a newer one stays); whether it was removed.
+fn settle_eval(txn: &mut dyn Txn, agent: &str, generation: u64) -> Result<bool> {
+    let Some(eval) = get_row::<Eval>(txn, EVALS_TABLE, agent.as_bytes())? else {
+        return Ok(false);
+    };
+    if eval.generation != generation {
+        return Ok(false);
+    }
+    txn.delete(EVALS_TABLE, agent.as_bytes())?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -1054,6 +1230,89 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(late, AgentOutcome::Refused(_)), "{late:?}");
+    }
+
+    fn evals(txn: &MemTxn) -> Vec<(String, EvalTrigger)> {
+        pending_evals(txn, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(name, e)| (name, e.trigger))
+            .collect()
+    }
+
+    #[test]
+    fn every_change_queues_an_evaluation_and_the_plan_that_handles_it_settles_it() {
+        let mut txn = MemTxn::new();
+        add_node(&mut txn, 1, 1, 1024);
+        let g = run(&mut txn, spec("a", 500, 10));
+        let big = run(&mut txn, spec("big", 4000, 10));
+        assert_eq!(
+            evals(&txn),
+            vec![("a".into(), EvalTrigger::Changed), ("big".into(), EvalTrigger::Changed)]
+        );
+
+        // a is placed; big does not fit anywhere and is blocked.
+        let plan = Plan {
+            placements: vec![Placement {
+                agent: "a".into(),
+                generation: g,
+                node: 1,
+            }],
+            unplaced: vec![Unplaced {
+                agent: "big".into(),
+                generation: big,
+                reason: "1 node lacks CPU".into(),
+            }],
+            ..Plan::default()
+        };
+        apply(&mut txn, &AgentCommand::Plan { plan, at_ms: 2 }).unwrap();
+        assert!(evals(&txn).is_empty());
+        assert!(is_blocked(&txn, "big").unwrap());
+        assert_eq!(agent(&txn, "big").unwrap().unwrap().pending_reason, "1 node lacks CPU");
+
+        // A new node unblocks it.
+        add_node(&mut txn, 2, 8, 1024);
+        unblock_all(&mut txn).unwrap();
+        assert_eq!(evals(&txn), vec![("big".into(), EvalTrigger::Unblocked)]);
+        assert!(!is_blocked(&txn, "big").unwrap());
+
+        // Draining node 1 queues its agent; a migration queues one too.
+        for (state, trigger) in [
+            (NodeState::Draining, EvalTrigger::Drain),
+            (NodeState::Down, EvalTrigger::NodeDown),
+        ] {
+            apply(
+                &mut txn,
+                &AgentCommand::SetNodeState {
+                    node: 1,
+                    state,
+                    reason: String::new(),
+                    at_ms: 3,
+                },
+            )
+            .unwrap();
+            assert!(evals(&txn).contains(&("a".into(), trigger)), "{:?}", evals(&txn));
+        }
+        apply(
+            &mut txn,
+            &AgentCommand::Migrate {
+                agent: "big".into(),
+                to: 2,
+            },
+        )
+        .unwrap();
+        assert!(evals(&txn).contains(&("big".into(), EvalTrigger::Migrate { to: 2 })));
+
+        // A plan that finds nothing to do settles the evaluation.
+        let plan = Plan {
+            settled: vec![Settled {
+                agent: "a".into(),
+                generation: g,
+            }],
+            ..Plan::default()
+        };
+        apply(&mut txn, &AgentCommand::Plan { plan, at_ms: 4 }).unwrap();
+        assert_eq!(evals(&txn), vec![("big".into(), EvalTrigger::Migrate { to: 2 })]);
     }
 
     #[test]

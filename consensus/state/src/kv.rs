@@ -410,9 +410,11 @@ pub(crate) fn apply_command(
         }
         Command::Node(n) => {
             changed.insert(Table::Nodes);
-            Ok(Response::Node {
-                stored: nodes::apply(txn, n)?,
-            })
+            changed.insert(Table::Agents);
+            let stored = nodes::apply(txn, n)?;
+            // New or changed capacity: agents that did not fit may now.
+            agents::unblock_all(txn)?;
+            Ok(Response::Node { stored })
         }
         Command::Request { id, cmd } => {
             let key = request_key(id);

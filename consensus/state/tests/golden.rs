@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use cell0_state::agents::{
     AgentCommand, AgentKind, AgentSpec, AllocStatus, Constraints, NodeState, Placement, Plan, Resources, RestartPolicy,
+    Unplaced,
 };
 use cell0_state::command::RequestId;
 use cell0_state::nodes::{NodeCommand, NodeResources};
@@ -137,6 +138,21 @@ fn parse_command(words: &[&str]) -> Command {
             }
             Command::Agent(AgentCommand::Plan { plan, at_ms: 300 })
         }
+        "agent-plan-unplaced" => Command::Agent(AgentCommand::Plan {
+            plan: Plan {
+                unplaced: vec![Unplaced {
+                    agent: words[1].into(),
+                    generation: num(2),
+                    reason: words[3..].join(" "),
+                }],
+                ..Plan::default()
+            },
+            at_ms: 300,
+        }),
+        "agent-migrate" => Command::Agent(AgentCommand::Migrate {
+            agent: words[1].into(),
+            to: num(2),
+        }),
         "agent-report" => Command::Agent(AgentCommand::Report {
             agent: words[1].into(),
             incarnation: num(2),
@@ -204,6 +220,10 @@ fn reads(state: &MemTxn) -> String {
             agents::allocation(state, &a.spec.name).unwrap()
         )
         .unwrap();
+        writeln!(out, "  blocked: {}", agents::is_blocked(state, &a.spec.name).unwrap()).unwrap();
+    }
+    for (name, eval) in agents::pending_evals(state, 1000).unwrap() {
+        writeln!(out, "eval {name}: {eval:?}").unwrap();
     }
     out
 }
