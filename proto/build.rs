@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cell0/v1/cluster.proto",
         "cell0/v1/inference.proto",
         "cell0/v1/models.proto",
+        "cell0/v1/agents.proto",
         "cell0/internal/v1/raft.proto",
         "cell0/internal/v1/blobs.proto",
     ];

@@ -30,3 +30,4 @@ mod datadir;
 mod models;
 mod ops;
 mod resources;
+mod scheduling;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cell0::cli::{self, Output, bench, infer, kv, model, snapshot};
+use cell0::cli::{self, Output, agent, bench, infer, kv, model, snapshot};
 use cell0::config::{LogFormat, NodeConfig};
 use cell0::{server, telemetry};
 use clap::{Args, Parser, Subcommand};
@@ -53,6 +53,12 @@ enum Command {
     /// Manage the replicated model registry.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Run, list, stop and move agents.
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
+    /// Nodes' scheduling status: list, drain, eligibility.
+    #[command(subcommand)]
+    Node(agent::NodeCommand),
     /// Embed texts and inspect the inference engine.
     #[command(subcommand)]
     Infer(infer::InferCommand),
@@ -295,6 +301,8 @@ fn main() -> ExitCode {
             Command::Remove { node } => cli::remove(&cli.endpoint, &node).await,
             Command::Kv(cmd) => kv::run(&cli.endpoint, cli.output, cmd).await,
             Command::Model(cmd) => model::run(&cli.endpoint, cli.output, cmd).await,
+            Command::Agent(cmd) => agent::run(&cli.endpoint, cli.output, cmd).await,
+            Command::Node(cmd) => agent::run_node(&cli.endpoint, cli.output, cmd).await,
             Command::Infer(cmd) => infer::run(&cli.endpoint, cli.output, cmd).await,
             Command::Bench(cmd) => bench::run(&cli.endpoint, cli.output, cmd).await,
             Command::Snapshot(SnapshotCommand::Save { file }) => snapshot::save(&cli.endpoint, cli.output, &file).await,

@@ -25,16 +25,19 @@ use cell0_consensus::network::nodelay_incoming;
 use cell0_consensus::{Consensus, NodeInfo, StorageBackend};
 use cell0_proto::internal::blobs_server::BlobsServer;
 use cell0_proto::v1::JoinRequest;
+use cell0_proto::v1::agents_server::AgentsServer;
 use cell0_proto::v1::cluster_client::ClusterClient;
 use cell0_proto::v1::cluster_server::ClusterServer;
 use cell0_proto::v1::inference_server::InferenceServer;
 use cell0_proto::v1::kv_server::KvServer;
 use cell0_proto::v1::models_server::ModelsServer;
+use cell0_proto::v1::nodes_server::NodesServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::RequestGate;
+use crate::api::agents::AgentsApi;
 use crate::api::cluster::ClusterApi;
 use crate::api::inference::InferenceApi;
 use crate::api::kv::KvApi;
@@ -45,7 +48,7 @@ use crate::models::ModelManager;
 use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
 use crate::supervisor::{Backoff, Supervisor, TaskEnd, stopped};
-use crate::{ops, resources, telemetry};
+use crate::{ops, resources, scheduling, telemetry};
 
 /// The record node `id` runs with under `config`: its name (by default
 /// derived from the id), site and advertised addresses.
@@ -196,6 +199,8 @@ async fn serve(
             gate.clone(),
         )))
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone(), gate.clone())))
+        .add_service(AgentsServer::new(AgentsApi::new(consensus.clone(), gate.clone())))
+        .add_service(NodesServer::new(AgentsApi::new(consensus.clone(), gate.clone())))
         .add_service(InferenceServer::new(InferenceApi::new(
             id,
             models.clone(),
@@ -249,6 +254,10 @@ async fn serve(
     } else {
         tracing::info!("rejoining the cluster from the data dir");
     }
+    tasks.spawn(
+        "scheduler",
+        scheduling::run(consensus.clone(), cell0_scheduler::Options::default(), stop()),
+    );
     tasks.spawn("health", report_health(consensus.clone(), readiness, health, stop()));
 
     tracing::info!(

@@ -102,13 +102,18 @@ pub enum Reason {
     PeerFetchFailed,
     /// No other node holds a file this node needs.
     NoHolder,
+    /// No agent has the requested name.
+    AgentNotFound,
+    /// The cluster refused an agent operation (a stopped agent, an unknown
+    /// one); the message says why.
+    AgentRefused,
     /// A bug or a storage failure.
     Internal,
 }
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 35] = [
+    pub const ALL: [Reason; 37] = [
         Reason::InvalidArgumentField,
         Reason::ModelAmbiguous,
         Reason::NotLeader,
@@ -143,6 +148,8 @@ impl Reason {
         Reason::BlobCorrupt,
         Reason::PeerFetchFailed,
         Reason::NoHolder,
+        Reason::AgentNotFound,
+        Reason::AgentRefused,
         Reason::Internal,
     ];
 
@@ -183,6 +190,8 @@ impl Reason {
             Reason::BlobCorrupt => "BLOB_CORRUPT",
             Reason::PeerFetchFailed => "PEER_FETCH_FAILED",
             Reason::NoHolder => "NO_HOLDER",
+            Reason::AgentNotFound => "AGENT_NOT_FOUND",
+            Reason::AgentRefused => "AGENT_REFUSED",
             Reason::Internal => "INTERNAL",
         }
     }
@@ -259,6 +268,15 @@ pub enum ApiError {
         /// Version.
         version: u32,
     },
+    /// `Get` of an agent that does not exist.
+    #[error("no agent is named {name:?}")]
+    AgentNotFound {
+        /// The name asked for.
+        name: String,
+    },
+    /// The state machine refused an agent command; the reason says why.
+    #[error("{0}")]
+    AgentRefused(String),
     /// Something that cannot happen did.
     #[error("{0}")]
     Internal(String),
@@ -329,6 +347,10 @@ impl ApiError {
                     .with("model", name)
                     .with("version", version)
             }
+            ApiError::AgentNotFound { name } => {
+                Described::new(Code::NotFound, Reason::AgentNotFound, self.to_string()).with("agent", name)
+            }
+            ApiError::AgentRefused(m) => Described::new(Code::FailedPrecondition, Reason::AgentRefused, m.clone()),
             ApiError::Internal(m) => Described::new(Code::Internal, Reason::Internal, m.clone()),
         }
     }

@@ -8,6 +8,7 @@
 //! so the concurrent-request budget belongs to the node: several nodes in
 //! one process (tests, the simulator) each have their own.
 
+pub mod agents;
 pub mod cluster;
 pub mod error;
 pub mod inference;

@@ -2,6 +2,7 @@
 //! gRPC API, prints a table for people or JSON for scripts, and reports
 //! failures as one line with a non-zero exit code.
 
+pub mod agent;
 pub mod bench;
 pub mod infer;
 pub mod kv;
@@ -354,7 +355,7 @@ pub async fn remove(endpoint: &str, node: &str) -> anyhow::Result<()> {
 }
 
 /// A node id as `cell0 members` prints it (16 hex digits) or in decimal.
-fn parse_node_id(s: &str) -> anyhow::Result<u64> {
+pub(crate) fn parse_node_id(s: &str) -> anyhow::Result<u64> {
     let parsed = if s.len() == 16 {
         u64::from_str_radix(s, 16).ok()
     } else {

@@ -1,0 +1,400 @@
+//! `cell0.v1.Agents` and `cell0.v1.Nodes`: submitting, listing, stopping and
+//! moving agents, and the nodes' scheduling status.
+//!
+//! Writes are commands through Raft (the leader's clock stamps them); reads
+//! are linearizable. A spec is checked field by field before it is proposed
+//! (`InvalidArgument` naming the field, e.g. `spec.resources.cpu_millis`).
+//! Placement is the leader scheduler's job (`crate::scheduling`): `Run`
+//! returns once the agent is recorded, and `Get` shows where it went.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cell0_consensus::agents::{
+    self, AgentCommand, AgentKind, AgentOutcome, AgentRecord, AgentSpec, AllocStatus, Allocation, Constraints, Desired,
+    NodeState, Resources, RestartPolicy,
+};
+use cell0_consensus::{Consensus, ConsensusError, Consistency, Response as Applied, nodes};
+use cell0_proto::v1::agents_server::Agents;
+use cell0_proto::v1::nodes_server::Nodes;
+use cell0_proto::v1::{self, agent_spec::Kind};
+use tonic::{Request, Response, Status};
+
+use super::{ApiError, RequestGate};
+
+/// Most agents one `List` page returns.
+pub const MAX_LIST_PAGE: u32 = 1000;
+/// Agents a `List` page returns when the request names no limit.
+const DEFAULT_LIST_PAGE: u32 = 100;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A validation error of the state crate, as the API answers it, its field
+/// under `prefix`.
+fn invalid(prefix: &str, e: cell0_state::StateError) -> ApiError {
+    match e {
+        cell0_state::StateError::InvalidArgument { field, reason } => {
+            ApiError::invalid(&format!("{prefix}{field}"), reason)
+        }
+        other => ApiError::Consensus(ConsensusError::from(other)),
+    }
+}
+
+/// The spec of a request, checked.
+pub fn spec_from_proto(spec: Option<v1::AgentSpec>) -> Result<AgentSpec, ApiError> {
+    let spec = spec.ok_or_else(|| ApiError::invalid("spec", "is missing"))?;
+    let kind = match spec.kind {
+        Some(Kind::Exec(c)) => AgentKind::Exec {
+            command: c.command,
+            timeout_ms: c.timeout_ms,
+            max_output_bytes: c.max_output_bytes,
+        },
+        Some(Kind::Process(c)) => AgentKind::Process {
+            command: c.command,
+            grace_ms: c.grace_ms,
+        },
+        Some(Kind::Inference(_)) => AgentKind::Inference,
+        None => return Err(ApiError::invalid("spec.kind", "is missing: exec, process or inference")),
+    };
+    let restart = match spec.restart.as_str() {
+        "" | "always" => RestartPolicy::Always,
+        "never" => RestartPolicy::Never,
+        "on-failure" => RestartPolicy::OnFailure {
+            max_restarts: spec.max_restarts,
+        },
+        other => {
+            return Err(ApiError::invalid(
+                "spec.restart",
+                format!("is {other:?}; use never, on-failure or always"),
+            ));
+        }
+    };
+    let resources = spec.resources.unwrap_or_default();
+    let constraints = spec.constraints.unwrap_or_default();
+    let spec = AgentSpec {
+        name: spec.name,
+        kind,
+        resources: Resources {
+            cpu_millis: resources.cpu_millis,
+            memory_mb: resources.memory_mb,
+            gpu_memory_mb: resources.gpu_memory_mb,
+        },
+        constraints: Constraints {
+            labels: constraints.labels.into_iter().collect(),
+            gpu: constraints.gpu,
+            model: constraints.model,
+        },
+        restart,
+    };
+    spec.validate().map_err(|e| invalid("spec.", e))?;
+    Ok(spec)
+}
+
+/// `spec` as the API shows it.
+pub fn spec_to_proto(spec: AgentSpec) -> v1::AgentSpec {
+    let (restart, max_restarts) = match spec.restart {
+        RestartPolicy::Never => ("never", 0),
+        RestartPolicy::OnFailure { max_restarts } => ("on-failure", max_restarts),
+        RestartPolicy::Always => ("always", 0),
+    };
+    let kind = match spec.kind {
+        AgentKind::Exec {
+            command,
+            timeout_ms,
+            max_output_bytes,
+        } => Kind::Exec(v1::ExecConfig {
+            command,
+            timeout_ms,
+            max_output_bytes,
+        }),
+        AgentKind::Process { command, grace_ms } => Kind::Process(v1::ProcessConfig { command, grace_ms }),
+        AgentKind::Inference => Kind::Inference(v1::InferenceConfig {}),
+    };
+    v1::AgentSpec {
+        name: spec.name,
+        resources: Some(resources_to_proto(spec.resources)),
+        constraints: Some(v1::AgentConstraints {
+            labels: spec.constraints.labels.into_iter().collect(),
+            gpu: spec.constraints.gpu,
+            model: spec.constraints.model,
+        }),
+        restart: restart.into(),
+        max_restarts,
+        kind: Some(kind),
+    }
+}
+
+fn resources_to_proto(r: Resources) -> v1::AgentResources {
+    v1::AgentResources {
+        cpu_millis: r.cpu_millis,
+        memory_mb: r.memory_mb,
+        gpu_memory_mb: r.gpu_memory_mb,
+    }
+}
+
+/// How the API names an allocation status.
+pub fn status_name(status: AllocStatus) -> &'static str {
+    match status {
+        AllocStatus::Pending => "pending",
+        AllocStatus::Running => "running",
+        AllocStatus::Stopped => "stopped",
+        AllocStatus::Failed => "failed",
+        AllocStatus::Lost => "lost",
+    }
+}
+
+/// How the API names a node state.
+pub fn node_state_name(state: NodeState) -> &'static str {
+    match state {
+        NodeState::Ready => "ready",
+        NodeState::Draining => "draining",
+        NodeState::Ineligible => "ineligible",
+        NodeState::Down => "down",
+    }
+}
+
+fn allocation_to_proto(a: Allocation) -> v1::Allocation {
+    v1::Allocation {
+        node: a.node,
+        incarnation: a.incarnation,
+        status: status_name(a.status).into(),
+        reason: a.reason,
+        updated_at_ms: a.updated_at_ms,
+    }
+}
+
+fn agent_to_proto(record: AgentRecord, allocation: Option<Allocation>) -> v1::AgentInfo {
+    v1::AgentInfo {
+        desired: match record.desired {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+        }
+        .into(),
+        generation: record.generation,
+        allocation: allocation.map(allocation_to_proto),
+        pending_reason: record.pending_reason,
+        created_at_ms: record.created_at_ms,
+        spec: Some(spec_to_proto(record.spec)),
+    }
+}
+
+/// The outcome of an agent command, or the refusal it carries.
+fn outcome(response: Applied) -> Result<AgentOutcome, ApiError> {
+    match response {
+        Applied::Agent(AgentOutcome::Refused(reason)) => Err(ApiError::AgentRefused(reason)),
+        Applied::Agent(o) => Ok(o),
+        Applied::Rejected(reason) => Err(ApiError::invalid("request", reason)),
+        other => Err(ApiError::Internal(format!(
+            "unexpected answer to an agent command: {other:?}"
+        ))),
+    }
+}
+
+fn generation(o: AgentOutcome) -> Result<u64, ApiError> {
+    match o {
+        AgentOutcome::Generation(g) => Ok(g),
+        other => Err(ApiError::Internal(format!("unexpected agent outcome {other:?}"))),
+    }
+}
+
+/// The Agents and Nodes services of one node.
+#[derive(Clone)]
+pub struct AgentsApi {
+    consensus: Consensus,
+    gate: RequestGate,
+}
+
+impl AgentsApi {
+    /// The services over `consensus`, within the node's request budget `gate`.
+    pub fn new(consensus: Consensus, gate: RequestGate) -> Self {
+        Self { consensus, gate }
+    }
+
+    async fn propose(&self, command: AgentCommand) -> Result<AgentOutcome, ApiError> {
+        command.validate().map_err(|e| invalid("", e))?;
+        outcome(self.consensus.propose(command.into_command()).await?)
+    }
+
+    async fn set_node_state(&self, node: u64, state: NodeState, reason: &str) -> Result<(), ApiError> {
+        let known = self
+            .consensus
+            .read(Consistency::Linearizable, move |txn| nodes::resources_of(txn, node))
+            .await?;
+        if node == 0 || known.is_none() {
+            return Err(ApiError::invalid(
+                "node",
+                format!("{node:016x} is not a node of this cluster"),
+            ));
+        }
+        self.propose(AgentCommand::SetNodeState {
+            node,
+            state,
+            reason: reason.into(),
+            at_ms: now_ms(),
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Agents for AgentsApi {
+    async fn run(&self, request: Request<v1::RunAgentRequest>) -> Result<Response<v1::RunAgentResponse>, Status> {
+        self.gate
+            .observe("Agents/Run", async {
+                let spec = spec_from_proto(request.into_inner().spec)?;
+                let generation = generation(self.propose(AgentCommand::Run { spec, at_ms: now_ms() }).await?)?;
+                Ok(Response::new(v1::RunAgentResponse { generation }))
+            })
+            .await
+    }
+
+    async fn get(&self, request: Request<v1::GetAgentRequest>) -> Result<Response<v1::AgentInfo>, Status> {
+        self.gate
+            .observe("Agents/Get", async {
+                let name = request.into_inner().name;
+                agents::check_name("name", &name).map_err(|e| invalid("", e))?;
+                let lookup = name.clone();
+                let (record, allocation) = self
+                    .consensus
+                    .read(Consistency::Linearizable, move |txn| {
+                        Ok((agents::agent(txn, &lookup)?, agents::allocation(txn, &lookup)?))
+                    })
+                    .await?;
+                let record = record.ok_or(ApiError::AgentNotFound { name })?;
+                Ok(Response::new(agent_to_proto(record, allocation)))
+            })
+            .await
+    }
+
+    async fn list(&self, request: Request<v1::ListAgentsRequest>) -> Result<Response<v1::ListAgentsResponse>, Status> {
+        self.gate
+            .observe("Agents/List", async {
+                let req = request.into_inner();
+                let limit = match req.limit {
+                    0 => DEFAULT_LIST_PAGE,
+                    n if n > MAX_LIST_PAGE => {
+                        return Err(ApiError::invalid(
+                            "limit",
+                            format!("is {n}; the limit is {MAX_LIST_PAGE}"),
+                        ));
+                    }
+                    n => n,
+                } as usize;
+                let after = req.start_after;
+                let page = self
+                    .consensus
+                    .read(Consistency::Linearizable, move |txn| {
+                        let records = agents::agents_after(txn, &after, limit + 1)?;
+                        records
+                            .into_iter()
+                            .map(|r| {
+                                let a = agents::allocation(txn, &r.spec.name)?;
+                                Ok((r, a))
+                            })
+                            .collect::<cell0_state::Result<Vec<_>>>()
+                    })
+                    .await?;
+                let more = page.len() > limit;
+                let agents = page
+                    .into_iter()
+                    .take(limit)
+                    .map(|(r, a)| agent_to_proto(r, a))
+                    .collect();
+                Ok(Response::new(v1::ListAgentsResponse { agents, more }))
+            })
+            .await
+    }
+
+    async fn stop(&self, request: Request<v1::StopAgentRequest>) -> Result<Response<v1::StopAgentResponse>, Status> {
+        self.gate
+            .observe("Agents/Stop", async {
+                let agent = request.into_inner().name;
+                let generation = generation(self.propose(AgentCommand::Stop { agent, at_ms: now_ms() }).await?)?;
+                Ok(Response::new(v1::StopAgentResponse { generation }))
+            })
+            .await
+    }
+
+    async fn migrate(
+        &self,
+        request: Request<v1::MigrateAgentRequest>,
+    ) -> Result<Response<v1::MigrateAgentResponse>, Status> {
+        self.gate
+            .observe("Agents/Migrate", async {
+                let req = request.into_inner();
+                self.propose(AgentCommand::Migrate {
+                    agent: req.name,
+                    to: req.to_node,
+                })
+                .await?;
+                Ok(Response::new(v1::MigrateAgentResponse {}))
+            })
+            .await
+    }
+}
+
+#[tonic::async_trait]
+impl Nodes for AgentsApi {
+    async fn list(&self, _request: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
+        self.gate
+            .observe("Nodes/List", async {
+                let nodes = self
+                    .consensus
+                    .read(Consistency::Linearizable, |txn| {
+                        nodes::resources(txn)?
+                            .into_iter()
+                            .map(|(id, r)| {
+                                let status = agents::node_status(txn, id)?;
+                                let used = agents::node_usage(txn, id)?;
+                                let count = agents::agents_on(txn, id, usize::MAX)?.len();
+                                Ok(v1::NodeInfo {
+                                    id,
+                                    cpu_cores: r.cpu_cores,
+                                    memory_mb: r.memory_bytes / (1024 * 1024),
+                                    gpu: r.gpu,
+                                    used: Some(resources_to_proto(used)),
+                                    state: node_state_name(status.state).into(),
+                                    reason: status.reason,
+                                    agents: u32::try_from(count).unwrap_or(u32::MAX),
+                                })
+                            })
+                            .collect::<cell0_state::Result<Vec<_>>>()
+                    })
+                    .await?;
+                Ok(Response::new(v1::ListNodesResponse { nodes }))
+            })
+            .await
+    }
+
+    async fn drain(&self, request: Request<v1::DrainNodeRequest>) -> Result<Response<v1::DrainNodeResponse>, Status> {
+        self.gate
+            .observe("Nodes/Drain", async {
+                self.set_node_state(request.into_inner().node, NodeState::Draining, "drained by an operator")
+                    .await?;
+                Ok(Response::new(v1::DrainNodeResponse {}))
+            })
+            .await
+    }
+
+    async fn set_eligibility(
+        &self,
+        request: Request<v1::SetEligibilityRequest>,
+    ) -> Result<Response<v1::SetEligibilityResponse>, Status> {
+        self.gate
+            .observe("Nodes/SetEligibility", async {
+                let req = request.into_inner();
+                let (state, reason) = if req.eligible {
+                    (NodeState::Ready, "")
+                } else {
+                    (NodeState::Ineligible, "marked ineligible by an operator")
+                };
+                self.set_node_state(req.node, state, reason).await?;
+                Ok(Response::new(v1::SetEligibilityResponse {}))
+            })
+            .await
+    }
+}

@@ -1,0 +1,489 @@
+//! `cell0 agent ...` and `cell0 node ...`: agents and the nodes' scheduling
+//! status.
+//!
+//! `agent run` reads a spec file (TOML, unknown keys refused with their
+//! name):
+//!
+//! ```toml
+//! name = "summarizer"
+//! kind = "exec"              # exec, process or inference
+//! restart = "on-failure"     # never, on-failure or always (default)
+//! max_restarts = 3
+//!
+//! [resources]
+//! cpu_millis = 500
+//! memory_mb = 256
+//! gpu_memory_mb = 0
+//!
+//! [constraints]              # all optional
+//! gpu = false
+//! model = "minilm"
+//! labels = { zone = "a" }
+//!
+//! [config]                   # exec: command, timeout_ms, max_output_bytes
+//! command = ["/usr/bin/wc", "-w"]   # process: command, grace_ms
+//! timeout_ms = 10000
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use cell0_proto::v1::agents_client::AgentsClient;
+use cell0_proto::v1::nodes_client::NodesClient;
+use cell0_proto::v1::{self, agent_spec::Kind};
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+
+use super::{Output, connect, parse_node_id, print_json, print_list, rpc_error};
+
+/// Longest spec file read, in bytes.
+pub const MAX_SPEC_FILE_BYTES: u64 = 64 * 1024;
+/// Default wall-clock limit of one `exec` task, in milliseconds.
+const DEFAULT_TIMEOUT_MS: u64 = 60_000;
+/// Default output kept from one `exec` task, in bytes.
+const DEFAULT_MAX_OUTPUT_BYTES: u64 = 1 << 20;
+/// Default time between SIGTERM and SIGKILL for `process` agents, in ms.
+const DEFAULT_GRACE_MS: u64 = 10_000;
+
+/// Agent commands.
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Submit an agent from a spec file (or a new spec for it).
+    Run {
+        /// The spec file (TOML).
+        spec: std::path::PathBuf,
+    },
+    /// List agents with where they run.
+    Ls,
+    /// Show one agent.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Stop an agent; its allocation is released.
+    Stop {
+        /// Its name.
+        name: String,
+    },
+    /// Move an agent to another node.
+    Migrate {
+        /// Its name.
+        name: String,
+        /// The target node id, as `cell0 node ls` shows it (default: any
+        /// other node).
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+/// Node scheduling commands.
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// List nodes with their resources, usage and scheduling status.
+    Ls,
+    /// Drain a node: it takes no new agents and its agents move away.
+    Drain {
+        /// The node id, as `cell0 node ls` shows it.
+        node: String,
+    },
+    /// Make a node eligible for new agents again, or not.
+    Eligibility {
+        /// The node id, as `cell0 node ls` shows it.
+        node: String,
+        /// Eligible (`--enable`) or not (`--disable`).
+        #[arg(long, conflicts_with = "disable", required_unless_present = "disable")]
+        enable: bool,
+        /// Not eligible: its agents stay but no new ones come.
+        #[arg(long)]
+        disable: bool,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecFile {
+    name: String,
+    kind: String,
+    #[serde(default)]
+    restart: String,
+    #[serde(default)]
+    max_restarts: u32,
+    resources: ResourcesFile,
+    #[serde(default)]
+    constraints: ConstraintsFile,
+    #[serde(default)]
+    config: ConfigFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourcesFile {
+    cpu_millis: i64,
+    memory_mb: i64,
+    #[serde(default)]
+    gpu_memory_mb: i64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConstraintsFile {
+    #[serde(default)]
+    gpu: bool,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    command: Option<Vec<String>>,
+    timeout_ms: Option<u64>,
+    max_output_bytes: Option<u64>,
+    grace_ms: Option<u64>,
+}
+
+/// A resource amount from the file: negative numbers are refused by name.
+fn amount(field: &str, v: i64) -> anyhow::Result<u64> {
+    u64::try_from(v).map_err(|_| anyhow::anyhow!("{field} is {v}; it must not be negative"))
+}
+
+/// Parses a spec file's text into the API's spec; errors name the field.
+pub fn parse_spec(text: &str) -> anyhow::Result<v1::AgentSpec> {
+    let file: SpecFile = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message().trim()))?;
+    let config = file.config;
+    let not_for = |field: &str, present: bool| {
+        if present {
+            anyhow::bail!("config.{field} is not a setting of {} agents", file.kind);
+        }
+        Ok(())
+    };
+    let command = || {
+        config
+            .command
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("config.command is missing: {} agents run a program", file.kind))
+    };
+    let kind = match file.kind.as_str() {
+        "exec" => {
+            not_for("grace_ms", config.grace_ms.is_some())?;
+            Kind::Exec(v1::ExecConfig {
+                command: command()?,
+                timeout_ms: config.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
+                max_output_bytes: config.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT_BYTES),
+            })
+        }
+        "process" => {
+            not_for("timeout_ms", config.timeout_ms.is_some())?;
+            not_for("max_output_bytes", config.max_output_bytes.is_some())?;
+            Kind::Process(v1::ProcessConfig {
+                command: command()?,
+                grace_ms: config.grace_ms.unwrap_or(DEFAULT_GRACE_MS),
+            })
+        }
+        "inference" => {
+            for (field, present) in [
+                ("command", config.command.is_some()),
+                ("timeout_ms", config.timeout_ms.is_some()),
+                ("max_output_bytes", config.max_output_bytes.is_some()),
+                ("grace_ms", config.grace_ms.is_some()),
+            ] {
+                not_for(field, present)?;
+            }
+            Kind::Inference(v1::InferenceConfig {})
+        }
+        other => anyhow::bail!("kind is {other:?}; use exec, process or inference"),
+    };
+    Ok(v1::AgentSpec {
+        name: file.name,
+        resources: Some(v1::AgentResources {
+            cpu_millis: amount("resources.cpu_millis", file.resources.cpu_millis)?,
+            memory_mb: amount("resources.memory_mb", file.resources.memory_mb)?,
+            gpu_memory_mb: amount("resources.gpu_memory_mb", file.resources.gpu_memory_mb)?,
+        }),
+        constraints: Some(v1::AgentConstraints {
+            labels: file.constraints.labels.into_iter().collect(),
+            gpu: file.constraints.gpu,
+            model: file.constraints.model,
+        }),
+        restart: file.restart,
+        max_restarts: file.max_restarts,
+        kind: Some(kind),
+    })
+}
+
+fn read_spec(path: &Path) -> anyhow::Result<v1::AgentSpec> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if len > MAX_SPEC_FILE_BYTES {
+        anyhow::bail!(
+            "{} is {len} bytes; a spec file may hold at most {MAX_SPEC_FILE_BYTES}",
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_spec(&text).with_context(|| format!("{} is not a valid agent spec", path.display()))
+}
+
+/// One agent, as `ls`, `show` and JSON output give it.
+#[derive(Debug, Serialize)]
+struct AgentView {
+    name: String,
+    kind: &'static str,
+    desired: String,
+    generation: u64,
+    /// The node it is placed on, as hex.
+    node: Option<String>,
+    incarnation: Option<u64>,
+    status: String,
+    reason: String,
+    cpu_millis: u64,
+    memory_mb: u64,
+}
+
+impl From<v1::AgentInfo> for AgentView {
+    fn from(a: v1::AgentInfo) -> Self {
+        let spec = a.spec.unwrap_or_default();
+        let resources = spec.resources.unwrap_or_default();
+        let kind = match spec.kind {
+            Some(Kind::Exec(_)) => "exec",
+            Some(Kind::Process(_)) => "process",
+            Some(Kind::Inference(_)) => "inference",
+            None => "?",
+        };
+        let (node, incarnation, status, reason) = match a.allocation {
+            Some(al) => (
+                Some(format!("{:016x}", al.node)),
+                Some(al.incarnation),
+                al.status,
+                al.reason,
+            ),
+            None => (None, None, "unplaced".into(), a.pending_reason),
+        };
+        AgentView {
+            name: spec.name,
+            kind,
+            desired: a.desired,
+            generation: a.generation,
+            node,
+            incarnation,
+            status,
+            reason,
+            cpu_millis: resources.cpu_millis,
+            memory_mb: resources.memory_mb,
+        }
+    }
+}
+
+fn agent_row(a: AgentView) -> Vec<String> {
+    vec![
+        a.name,
+        a.kind.into(),
+        a.desired,
+        a.node.unwrap_or_else(|| "-".into()),
+        a.incarnation.map_or_else(|| "-".into(), |i| i.to_string()),
+        a.status,
+        a.reason,
+    ]
+}
+
+const AGENT_HEADERS: [&str; 7] = ["NAME", "KIND", "DESIRED", "NODE", "INCARNATION", "STATUS", "REASON"];
+
+/// Runs an agent command against `endpoint`.
+pub async fn run(endpoint: &str, output: Output, cmd: AgentCommand) -> anyhow::Result<()> {
+    let mut client = AgentsClient::new(connect(endpoint).await?);
+    match cmd {
+        AgentCommand::Run { spec } => {
+            let spec = read_spec(&spec)?;
+            let name = spec.name.clone();
+            let r = client
+                .run(v1::RunAgentRequest { spec: Some(spec) })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            match output {
+                Output::Json => print_json(&serde_json::json!({"name": name, "generation": r.generation})),
+                Output::Table => {
+                    println!("agent {name} submitted (generation {})", r.generation);
+                    Ok(())
+                }
+            }
+        }
+        AgentCommand::Ls => {
+            let mut views = Vec::new();
+            let mut after = String::new();
+            loop {
+                let page = client
+                    .list(v1::ListAgentsRequest {
+                        start_after: after.clone(),
+                        limit: 1000,
+                    })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                if let Some(last) = page.agents.last().and_then(|a| a.spec.as_ref()) {
+                    after = last.name.clone();
+                }
+                views.extend(page.agents.into_iter().map(AgentView::from));
+                if !page.more {
+                    break;
+                }
+            }
+            print_list(output, views, &AGENT_HEADERS, agent_row)
+        }
+        AgentCommand::Show { name } => {
+            let a = client
+                .get(v1::GetAgentRequest { name })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            print_list(output, vec![AgentView::from(a)], &AGENT_HEADERS, agent_row)
+        }
+        AgentCommand::Stop { name } => {
+            let r = client
+                .stop(v1::StopAgentRequest { name: name.clone() })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            eprintln!("agent {name} stopping (generation {})", r.generation);
+            Ok(())
+        }
+        AgentCommand::Migrate { name, to } => {
+            let to_node = to.as_deref().map(parse_node_id).transpose()?.unwrap_or(0);
+            client
+                .migrate(v1::MigrateAgentRequest {
+                    name: name.clone(),
+                    to_node,
+                })
+                .await
+                .map_err(rpc_error)?;
+            eprintln!("agent {name} moving");
+            Ok(())
+        }
+    }
+}
+
+/// One node, as `node ls` gives it.
+#[derive(Debug, Serialize)]
+struct NodeView {
+    id: String,
+    state: String,
+    reason: String,
+    agents: u32,
+    cpu_millis_used: u64,
+    cpu_millis: u64,
+    memory_mb_used: u64,
+    memory_mb: u64,
+    gpu: bool,
+}
+
+/// Runs a node command against `endpoint`.
+pub async fn run_node(endpoint: &str, output: Output, cmd: NodeCommand) -> anyhow::Result<()> {
+    let mut client = NodesClient::new(connect(endpoint).await?);
+    match cmd {
+        NodeCommand::Ls => {
+            let nodes = client
+                .list(v1::ListNodesRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .nodes;
+            let views = nodes
+                .into_iter()
+                .map(|n| {
+                    let used = n.used.unwrap_or_default();
+                    NodeView {
+                        id: format!("{:016x}", n.id),
+                        state: n.state,
+                        reason: n.reason,
+                        agents: n.agents,
+                        cpu_millis_used: used.cpu_millis,
+                        cpu_millis: u64::from(n.cpu_cores) * 1000,
+                        memory_mb_used: used.memory_mb,
+                        memory_mb: n.memory_mb,
+                        gpu: n.gpu,
+                    }
+                })
+                .collect();
+            print_list(
+                output,
+                views,
+                &["ID", "STATE", "AGENTS", "CPU (millis)", "MEMORY (MB)", "GPU", "REASON"],
+                |n| {
+                    vec![
+                        n.id,
+                        n.state,
+                        n.agents.to_string(),
+                        format!("{}/{}", n.cpu_millis_used, n.cpu_millis),
+                        format!("{}/{}", n.memory_mb_used, n.memory_mb),
+                        if n.gpu { "yes" } else { "no" }.into(),
+                        n.reason,
+                    ]
+                },
+            )
+        }
+        NodeCommand::Drain { node } => {
+            let node = parse_node_id(&node)?;
+            client.drain(v1::DrainNodeRequest { node }).await.map_err(rpc_error)?;
+            eprintln!("node {node:016x} draining: its agents move to other nodes");
+            Ok(())
+        }
+        NodeCommand::Eligibility { node, enable, .. } => {
+            let node = parse_node_id(&node)?;
+            client
+                .set_eligibility(v1::SetEligibilityRequest { node, eligible: enable })
+                .await
+                .map_err(rpc_error)?;
+            eprintln!(
+                "node {node:016x} is {} for new agents",
+                if enable { "eligible" } else { "ineligible" }
+            );
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const SPEC: &str = r#"
+name = "wc"
+kind = "exec"
+[resources]
+cpu_millis = 500
+memory_mb = 64
+[config]
+command = ["/usr/bin/wc", "-w"]
+"#;
+
+    #[test]
+    fn a_spec_file_parses_with_defaults() {
+        let spec = parse_spec(SPEC).unwrap();
+        assert_eq!(spec.name, "wc");
+        match spec.kind {
+            Some(Kind::Exec(c)) => {
+                assert_eq!(c.command, vec!["/usr/bin/wc", "-w"]);
+                assert_eq!(c.timeout_ms, DEFAULT_TIMEOUT_MS);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_spec_files_are_refused_naming_the_field() {
+        let unknown = parse_spec(&SPEC.replace("[config]", "colour = \"red\"\n[config]")).unwrap_err();
+        assert!(unknown.to_string().contains("colour"), "{unknown}");
+        let negative = parse_spec(&SPEC.replace("cpu_millis = 500", "cpu_millis = -1")).unwrap_err();
+        assert!(negative.to_string().contains("resources.cpu_millis"), "{negative}");
+        let kind = parse_spec(&SPEC.replace("\"exec\"", "\"docker\"")).unwrap_err();
+        assert!(kind.to_string().contains("kind"), "{kind}");
+        let misplaced = parse_spec(&format!("{SPEC}grace_ms = 5\n")).unwrap_err();
+        assert!(misplaced.to_string().contains("config.grace_ms"), "{misplaced}");
+    }
+}

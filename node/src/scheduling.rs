@@ -1,0 +1,159 @@
+//! The leader's scheduler worker (task `scheduler`): pending evaluations in,
+//! plans committed through Raft.
+//!
+//! Every node runs the task; only the one that is leader does work. A round
+//! reads, from one point-in-time view of the local replica, up to
+//! [`EVALS_PER_PLAN`] pending evaluations with their agents and
+//! allocations, and the nodes (records, status, usage, models held); runs
+//! `cell0_scheduler::process`; and proposes the plan as one command. The
+//! state machine validates the plan again as it applies: a placement made
+//! on a view that changed meanwhile is refused and its evaluation stays
+//! pending for the next round. A round follows every change to agent or
+//! node tables, and at least every [`IDLE_ROUND`] while evaluations are
+//! pending.
+//!
+//! Invariants:
+//! - Only plans go through Raft; the scheduler itself holds no state, so a
+//!   new leader simply picks up the evaluations that are still pending.
+//! - The plan's time (`at_ms`) is the leader's clock when it proposes; apply
+//!   never reads a clock.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cell0_consensus::agents::{self, AgentCommand, EvalTrigger, Plan};
+use cell0_consensus::{Consensus, Consistency, Role, Table, nodes, registry};
+use cell0_scheduler::{ClusterView, Evaluation, NodeView, Options, Trigger};
+use tokio::sync::watch;
+
+use crate::supervisor::{Backoff, stopped};
+
+/// Most evaluations one plan handles.
+pub const EVALS_PER_PLAN: usize = 5_000;
+/// Longest pause between rounds while this node leads.
+const IDLE_ROUND: Duration = Duration::from_secs(1);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What one round read: the evaluations and the nodes.
+struct Round {
+    evals: Vec<Evaluation>,
+    view: ClusterView,
+}
+
+fn trigger(t: EvalTrigger) -> Trigger {
+    match t {
+        EvalTrigger::Changed | EvalTrigger::Unblocked => Trigger::Changed,
+        EvalTrigger::NodeDown => Trigger::NodeDown,
+        EvalTrigger::Drain => Trigger::Drain,
+        EvalTrigger::Migrate { to } => Trigger::Migrate {
+            to: (to != 0).then_some(to),
+        },
+    }
+}
+
+/// Reads one round's input from `txn`.
+fn read_round(txn: &dyn cell0_state::Txn) -> cell0_state::Result<Round> {
+    let mut evals = Vec::new();
+    for (name, eval) in agents::pending_evals(txn, EVALS_PER_PLAN)? {
+        let Some(record) = agents::agent(txn, &name)? else {
+            continue;
+        };
+        evals.push(Evaluation {
+            current: agents::allocation(txn, &name)?,
+            generation: record.generation,
+            desired: record.desired,
+            spec: record.spec,
+            trigger: trigger(eval.trigger),
+        });
+    }
+    let mut models: BTreeMap<u64, std::collections::BTreeSet<String>> = BTreeMap::new();
+    if !evals.is_empty() {
+        for entry in registry::list(txn)? {
+            for holder in &entry.holders {
+                models.entry(*holder).or_default().insert(entry.manifest.name.clone());
+            }
+        }
+    }
+    let mut view = Vec::new();
+    for (id, record) in nodes::resources(txn)? {
+        view.push(NodeView {
+            id,
+            capacity: agents::Resources::of_node(&record),
+            usage: agents::node_usage(txn, id)?,
+            state: agents::node_status(txn, id)?.state,
+            gpu: record.gpu,
+            labels: BTreeMap::new(),
+            models: models.remove(&id).unwrap_or_default(),
+        });
+    }
+    Ok(Round {
+        evals,
+        view: ClusterView::new(view),
+    })
+}
+
+/// One round on the leader: how many evaluations it handled.
+async fn round(consensus: &Consensus, options: Options) -> cell0_consensus::Result<usize> {
+    let started = Instant::now();
+    let input = consensus.read(Consistency::Serializable, read_round).await?;
+    if input.evals.is_empty() {
+        return Ok(0);
+    }
+    let plan: Plan = cell0_scheduler::process(&input.evals, &input.view, options);
+    let (placed, unplaced) = (plan.placements.len(), plan.unplaced.len());
+    let command = AgentCommand::Plan { plan, at_ms: now_ms() };
+    let outcome = consensus.propose(command.into_command()).await?;
+    let refused = match outcome {
+        cell0_consensus::Response::Agent(agents::AgentOutcome::Planned(p)) => p.refused.len(),
+        _ => 0,
+    };
+    metrics::counter!("cell0_scheduler_placements_total").increment((placed - refused.min(placed)) as u64);
+    metrics::counter!("cell0_scheduler_plan_refusals_total").increment(refused as u64);
+    metrics::gauge!("cell0_scheduler_pending_agents").set(unplaced as f64);
+    metrics::histogram!("cell0_scheduler_round_duration_seconds").record(started.elapsed().as_secs_f64());
+    tracing::debug!(
+        evaluations = input.evals.len(),
+        placed,
+        refused,
+        unplaced,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "scheduler round"
+    );
+    Ok(input.evals.len())
+}
+
+/// Runs scheduler rounds while this node leads, until `stop` rises.
+pub async fn run(consensus: Consensus, options: Options, mut stop: watch::Receiver<bool>) {
+    let mut agents_changed = consensus.watch_table(Table::Agents);
+    let mut backoff = Backoff::default();
+    loop {
+        if consensus.status().role == Role::Leader {
+            let handled = tokio::select! {
+                r = round(&consensus, options) => r,
+                () = stopped(&mut stop) => return,
+            };
+            match handled {
+                // A full batch: more may be pending.
+                Ok(n) if n >= EVALS_PER_PLAN => continue,
+                Ok(_) => backoff.reset(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduler round failed; retrying");
+                    if !backoff.wait(&mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            Ok(()) = agents_changed.changed() => {}
+            () = tokio::time::sleep(IDLE_ROUND) => {}
+            () = stopped(&mut stop) => return,
+        }
+    }
+}

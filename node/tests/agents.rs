@@ -1,0 +1,248 @@
+//! End-to-end tests of agent placement: real processes on loopback, the
+//! public API and the CLI only.
+//!
+//! - agents submitted to any node are placed by the leader's scheduler within
+//!   every node's capacity, each with its first incarnation; one too large
+//!   for any node stays pending with a reason;
+//! - draining a node moves its agents to the others, each with a new
+//!   incarnation, and leaves nothing placed on it;
+//! - bad specs are refused naming the field.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cell0_proto::v1;
+use cell0_proto::v1::agents_client::AgentsClient;
+use cell0_proto::v1::nodes_client::NodesClient;
+use common::*;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Polls `cond` every 100 ms until it holds, failing with `what` at the deadline.
+async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut cond: F) {
+    let end = Instant::now() + DEADLINE;
+    while !cond().await {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn spec(name: &str, cpu_millis: u64) -> v1::AgentSpec {
+    v1::AgentSpec {
+        name: name.into(),
+        resources: Some(v1::AgentResources {
+            cpu_millis,
+            memory_mb: 16,
+            gpu_memory_mb: 0,
+        }),
+        constraints: None,
+        restart: String::new(),
+        max_restarts: 0,
+        kind: Some(v1::agent_spec::Kind::Exec(v1::ExecConfig {
+            command: vec!["/bin/cat".into()],
+            timeout_ms: 1000,
+            max_output_bytes: 1024,
+        })),
+    }
+}
+
+async fn agents(endpoint: &str) -> Vec<v1::AgentInfo> {
+    AgentsClient::new(channel(endpoint).await)
+        .list(v1::ListAgentsRequest {
+            start_after: String::new(),
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+}
+
+async fn nodes(endpoint: &str) -> Vec<v1::NodeInfo> {
+    NodesClient::new(channel(endpoint).await)
+        .list(v1::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+}
+
+/// Holding allocations per node, and every node's CPU use within its capacity.
+fn placed_per_node(agents: &[v1::AgentInfo]) -> BTreeMap<u64, Vec<String>> {
+    let mut out: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for a in agents {
+        if let Some(al) = &a.allocation
+            && matches!(al.status.as_str(), "pending" | "running")
+        {
+            out.entry(al.node)
+                .or_default()
+                .push(a.spec.as_ref().unwrap().name.clone());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_are_placed_within_capacity_and_a_drain_moves_them() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = start_cluster(root.path(), 3);
+    let endpoints: Vec<String> = cluster.iter().map(|n| n.endpoint()).collect();
+
+    // Every node reports its resources once it is in the cluster.
+    wait_until("three nodes report resources", async || {
+        nodes(&endpoints[0]).await.len() == 3
+    })
+    .await;
+    let capacity = nodes(&endpoints[0]).await[0].cpu_cores as u64 * 1000;
+    assert!(
+        nodes(&endpoints[0])
+            .await
+            .iter()
+            .all(|n| n.cpu_cores as u64 * 1000 == capacity)
+    );
+    // Two nodes' worth of agents, a quarter of a node each, submitted to
+    // every node in turn; and one larger than any node.
+    let quarter = capacity / 4;
+    for i in 0..8 {
+        let mut client = AgentsClient::new(channel(&endpoints[i % 3]).await);
+        let r = client
+            .run(v1::RunAgentRequest {
+                spec: Some(spec(&format!("worker-{i}"), quarter)),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.generation, 1);
+    }
+    // The same spec again changes nothing.
+    let again = AgentsClient::new(channel(&endpoints[1]).await)
+        .run(v1::RunAgentRequest {
+            spec: Some(spec("worker-0", quarter)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.generation, 1);
+
+    // One through the CLI, from a spec file: too large for any node.
+    let spec_file = root.path().join("huge.toml");
+    std::fs::write(
+        &spec_file,
+        format!(
+            "name = \"huge\"\nkind = \"exec\"\n[resources]\ncpu_millis = {}\nmemory_mb = 16\n[config]\ncommand = [\"/bin/cat\"]\n",
+            capacity + 1
+        ),
+    )
+    .unwrap();
+    let out = cli(&["--endpoint", &endpoints[2], "agent", "run", spec_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    wait_until("every worker is placed", async || {
+        let all = agents(&endpoints[0]).await;
+        placed_per_node(&all).values().map(Vec::len).sum::<usize>() == 8
+    })
+    .await;
+    wait_until("huge says why it is pending", async || {
+        let all = agents(&endpoints[0]).await;
+        all.iter()
+            .any(|a| a.spec.as_ref().unwrap().name == "huge" && a.pending_reason == "3 nodes lack CPU")
+    })
+    .await;
+    let before = agents(&endpoints[0]).await;
+    let placed = placed_per_node(&before);
+    for (node, names) in &placed {
+        assert!(
+            names.len() as u64 * quarter <= capacity,
+            "node {node:x} over capacity: {names:?}"
+        );
+    }
+    for a in before.iter().filter(|a| a.spec.as_ref().unwrap().name != "huge") {
+        assert_eq!(a.allocation.as_ref().unwrap().incarnation, 1, "{a:?}");
+    }
+    // Usage as the nodes report it matches the placements.
+    let used: u64 = nodes(&endpoints[1])
+        .await
+        .iter()
+        .map(|n| n.used.unwrap().cpu_millis)
+        .sum();
+    assert_eq!(used, 8 * quarter);
+
+    // Drain the busiest node: its agents move, each with a new incarnation.
+    let (&drained, moved) = placed.iter().max_by_key(|(_, names)| names.len()).unwrap();
+    let out = cli(&["--endpoint", &endpoints[0], "node", "drain", &format!("{drained:016x}")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("the drained node's agents moved", async || {
+        let all = agents(&endpoints[0]).await;
+        let now = placed_per_node(&all);
+        !now.contains_key(&drained) && now.values().map(Vec::len).sum::<usize>() == 8
+    })
+    .await;
+    let after = agents(&endpoints[2]).await;
+    for a in &after {
+        let name = &a.spec.as_ref().unwrap().name;
+        if moved.contains(name) {
+            let al = a.allocation.as_ref().unwrap();
+            assert_eq!(al.incarnation, 2, "{name} moved with the next incarnation");
+            assert_ne!(al.node, drained);
+        }
+    }
+    for (node, names) in placed_per_node(&after) {
+        assert!(
+            names.len() as u64 * quarter <= capacity,
+            "node {node:x} over capacity: {names:?}"
+        );
+    }
+    let listed = cli(&["--endpoint", &endpoints[1], "node", "ls", "--output", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let drained_view = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == format!("{drained:016x}"))
+        .unwrap();
+    assert_eq!(drained_view["state"], "draining");
+    assert_eq!(drained_view["agents"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_specs_are_refused_naming_the_field() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = start_cluster(root.path(), 1);
+    let endpoint = cluster[0].endpoint();
+    let mut client = AgentsClient::new(channel(&endpoint).await);
+    for (spec, field) in [
+        (spec("zero", 0), "spec.resources.cpu_millis"),
+        (spec("Bad Name", 100), "spec.name"),
+        (
+            v1::AgentSpec {
+                kind: None,
+                ..spec("nokind", 100)
+            },
+            "spec.kind",
+        ),
+    ] {
+        let err = client.run(v1::RunAgentRequest { spec: Some(spec) }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(err.message().contains(field), "{field}: {err}");
+    }
+    let missing = client
+        .get(v1::GetAgentRequest { name: "ghost".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+
+    // The CLI names unknown keys of a spec file.
+    let file = root.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "name = \"x\"\nkind = \"exec\"\nflavour = 1\n[resources]\ncpu_millis = 1\nmemory_mb = 1\n",
+    )
+    .unwrap();
+    let out = cli(&["--endpoint", &endpoint, "agent", "run", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("flavour"), "{}", stderr(&out));
+}
