@@ -165,8 +165,7 @@ impl Write for Sink {
 
 /// Writes one snapshot file: under a temporary name that
 /// [`SnapshotWriter::finish`] makes durable under its final name, or, for a
-/// live snapshot, into its pipe ([`SnapshotWriter::create_live`],
-/// [`SnapshotWriter::finish_live`]).
+/// live snapshot, into its pipe (`create_live`, `finish_live`).
 pub struct SnapshotWriter {
     out: Hashing<BufWriter<Sink>>,
     part: PathBuf,
@@ -513,7 +512,7 @@ pub fn verify(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<FileSum
 /// at chunk offsets when receiving. It knows its path so the store can
 /// install or remove it.
 ///
-/// A live snapshot ([`SnapshotFile::live`]) has no file: its bytes come
+/// A live snapshot (`SnapshotFile::live`) has no file: its bytes come
 /// from its build through a [`LivePipe`] and are read once, in order, with
 /// [`SnapshotFile::read_chunk`]; dropping it stops the build. openraft's
 /// own reads, writes and seeks are refused on it.

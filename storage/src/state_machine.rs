@@ -388,7 +388,7 @@ where
     /// The switch of live snapshots, off until enabled: once on,
     /// `get_current_snapshot` (which openraft calls to send a snapshot to a
     /// lagging member) returns a live snapshot of the current state whenever
-    /// the stored one is older (see [`StateMachineStore::start_live`]).
+    /// the stored one is older (see `StateMachineStore::start_live`).
     /// Enable it once openraft has started: at startup openraft reads the
     /// stored snapshot to decide how far the log may be purged, which only a
     /// durable snapshot may decide.
