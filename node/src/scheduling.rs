@@ -114,7 +114,7 @@ async fn round(consensus: &Consensus, options: Options) -> cell0_consensus::Resu
     };
     metrics::counter!("cell0_scheduler_placements_total").increment((placed - refused.min(placed)) as u64);
     metrics::counter!("cell0_scheduler_plan_refusals_total").increment(refused as u64);
-    metrics::gauge!("cell0_scheduler_pending_agents").set(unplaced as f64);
+    metrics::gauge!("cell0_scheduler_unplaced_agents").set(unplaced as f64);
     metrics::histogram!("cell0_scheduler_round_duration_seconds").record(started.elapsed().as_secs_f64());
     tracing::debug!(
         evaluations = input.evals.len(),

@@ -119,6 +119,23 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         "Halvings of a peer's AppendEntries byte budget after a call that did not finish in time."
     );
     metrics::describe_counter!(
+        "cell0_scheduler_placements_total",
+        "Agent placements committed by this node's scheduler while it led."
+    );
+    metrics::describe_counter!(
+        "cell0_scheduler_plan_refusals_total",
+        "Placements of committed plans that the state machine refused (made on a stale view; evaluated again)."
+    );
+    metrics::describe_gauge!(
+        "cell0_scheduler_unplaced_agents",
+        "Agents the scheduler's last plan could not place (they wait for the nodes to change)."
+    );
+    metrics::describe_histogram!(
+        "cell0_scheduler_round_duration_seconds",
+        metrics::Unit::Seconds,
+        "One scheduler round on the leader: read the evaluations and nodes, plan, commit."
+    );
+    metrics::describe_counter!(
         "cell0_accept_errors_total",
         "Failed accepts on a listening port (each followed by a 100 ms pause)."
     );

@@ -215,7 +215,7 @@ fn infeasible(node: &NodeView, planned: Resources, spec: &AgentSpec) -> Option<W
     if c.labels.iter().any(|(k, v)| node.labels.get(k) != Some(v)) {
         return Some(Why::NoLabels);
     }
-    let wanted = add(add(node.usage, planned), spec.resources);
+    let wanted = node.usage.plus(planned).plus(spec.resources);
     if wanted.cpu_millis > node.capacity.cpu_millis {
         Some(Why::NoCpu)
     } else if wanted.memory_mb > node.capacity.memory_mb {
@@ -224,14 +224,6 @@ fn infeasible(node: &NodeView, planned: Resources, spec: &AgentSpec) -> Option<W
         Some(Why::NoGpuMemory)
     } else {
         None
-    }
-}
-
-fn add(a: Resources, b: Resources) -> Resources {
-    Resources {
-        cpu_millis: a.cpu_millis.saturating_add(b.cpu_millis),
-        memory_mb: a.memory_mb.saturating_add(b.memory_mb),
-        gpu_memory_mb: a.gpu_memory_mb.saturating_add(b.gpu_memory_mb),
     }
 }
 
@@ -298,7 +290,7 @@ pub fn process(evals: &[Evaluation], view: &ClusterView, options: Options) -> Pl
         let avoid = holding.filter(|_| moving).map(|a| a.node);
         match choose(eval, view, &planned, avoid, options) {
             Ok(i) => {
-                planned[i] = add(planned[i], eval.spec.resources);
+                planned[i] = planned[i].plus(eval.spec.resources);
                 plan.placements.push(Placement {
                     agent: name.clone(),
                     generation: eval.generation,
@@ -349,7 +341,7 @@ fn choose(
             refusals.add(why);
             continue;
         }
-        let after = add(add(node.usage, planned[i]), spec.resources);
+        let after = node.usage.plus(planned[i]).plus(spec.resources);
         let full = fullness(after, &node.capacity);
         let score = match options.ranking {
             Ranking::BinPack => full,

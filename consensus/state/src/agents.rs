@@ -90,7 +90,8 @@ pub struct Resources {
 crate::row_v1!(Resources, "node usage");
 
 impl Resources {
-    fn plus(self, other: Resources) -> Resources {
+    /// The sum, dimension by dimension (saturating).
+    pub fn plus(self, other: Resources) -> Resources {
         Resources {
             cpu_millis: self.cpu_millis.saturating_add(other.cpu_millis),
             memory_mb: self.memory_mb.saturating_add(other.memory_mb),
@@ -98,7 +99,8 @@ impl Resources {
         }
     }
 
-    fn minus(self, other: Resources) -> Resources {
+    /// The difference, dimension by dimension (saturating at 0).
+    pub fn minus(self, other: Resources) -> Resources {
         Resources {
             cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis),
             memory_mb: self.memory_mb.saturating_sub(other.memory_mb),
