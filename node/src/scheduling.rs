@@ -98,7 +98,7 @@ fn read_round(txn: &dyn cell0_state::Txn) -> cell0_state::Result<Round> {
 }
 
 /// One round on the leader: how many evaluations it handled.
-async fn round(consensus: &Consensus, options: Options) -> cell0_consensus::Result<usize> {
+pub(crate) async fn round(consensus: &Consensus, options: Options) -> cell0_consensus::Result<usize> {
     let started = Instant::now();
     let input = consensus.read(Consistency::Serializable, read_round).await?;
     if input.evals.is_empty() {

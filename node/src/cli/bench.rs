@@ -4,7 +4,8 @@
 //! concurrently for a fixed time, each issuing one request after another;
 //! latencies go into one HDR histogram and progress goes to stderr once a
 //! second. `bench raft` does the same against an in-process Raft cluster,
-//! and `bench infer` measures the local inference engine (no cluster).
+//! `bench schedule` places agents through the real scheduler and Raft on
+//! one, and `bench infer` measures the local inference engine (no cluster).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +39,11 @@ pub enum BenchCommand {
     /// Embeddings/s and matmul GFLOP/s of the local inference engine, per
     /// backend (no cluster needed).
     Infer(InferBench),
+    /// Agent placement: a 3-node cluster inside this process (RocksDB with
+    /// fsync, real gRPC on loopback), synthetic node records, agents
+    /// submitted in batches and placed by the real scheduler, each plan a
+    /// real Raft commit.
+    Schedule(ScheduleBench),
     /// Embed throughput and latency of one node through the public API
     /// (concurrent requests share forward passes).
     Embed(EmbedBench),
@@ -109,6 +115,35 @@ pub struct RaftBench {
     dir: std::path::PathBuf,
 }
 
+/// Arguments of `bench schedule`.
+#[derive(clap::Args)]
+pub struct ScheduleBench {
+    /// Synthetic node records (64 cores and 256 GiB each), at most the
+    /// cluster's node-record limit.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Agents to place (100 millicores and 128 MB each).
+    #[arg(long, default_value_t = 100_000)]
+    agents: usize,
+    /// Directory for the nodes' databases (a temporary directory inside it is
+    /// removed afterwards).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: std::path::PathBuf,
+}
+
+/// What `bench schedule` measured.
+#[derive(Debug, Serialize)]
+struct ScheduleResult {
+    nodes: usize,
+    agents: usize,
+    submit_seconds: f64,
+    place_seconds: f64,
+    placements_per_second: f64,
+    plans: u64,
+    placed: usize,
+    peak_rss_mb: u64,
+}
+
 /// The operation a kv bench issues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchOp {
@@ -159,6 +194,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: BenchCommand) -> anyhow::R
         BenchCommand::Kv(b) => kv(endpoint, output, b).await,
         BenchCommand::Raft(b) => raft(output, b).await,
         BenchCommand::Infer(b) => infer(output, b).await,
+        BenchCommand::Schedule(b) => schedule(output, b).await,
         BenchCommand::Embed(b) => embed(endpoint, output, b).await,
     }
 }
@@ -430,6 +466,161 @@ async fn raft(output: Output, b: RaftBench) -> anyhow::Result<()> {
         n.stop().await;
     }
     print_results(output, &results)
+}
+
+/// Peak resident memory of this process (VmHWM), in MB; 0 where unknown.
+fn peak_rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// Proposes `commands` through `leader` in batches of at most 1,024.
+async fn propose_batched(
+    leader: &cell0_consensus::Consensus,
+    commands: impl Iterator<Item = cell0_consensus::Command>,
+    what: &str,
+    total: usize,
+) -> anyhow::Result<()> {
+    let mut batch = Vec::with_capacity(1024);
+    let mut done = 0;
+    let mut next_report = Instant::now() + Duration::from_secs(1);
+    let mut commands = commands.peekable();
+    while commands.peek().is_some() {
+        batch.extend(commands.by_ref().take(1024));
+        done += batch.len();
+        leader
+            .propose(cell0_consensus::Command::Batch(std::mem::take(&mut batch)))
+            .await
+            .with_context(|| format!("proposing {what}"))?;
+        if Instant::now() >= next_report {
+            eprintln!("{what}: {done}/{total}");
+            next_report = Instant::now() + Duration::from_secs(1);
+        }
+    }
+    Ok(())
+}
+
+async fn schedule(output: Output, b: ScheduleBench) -> anyhow::Result<()> {
+    use cell0_consensus::agents::{AgentCommand, AgentKind, AgentSpec, Constraints, Resources, RestartPolicy};
+    use cell0_consensus::{NodeCommand, NodeResources};
+    if b.nodes == 0 || b.nodes > cell0_consensus::nodes::MAX_NODES {
+        anyhow::bail!("--nodes must be between 1 and {}", cell0_consensus::nodes::MAX_NODES);
+    }
+    if b.agents == 0 {
+        anyhow::bail!("--agents must be at least 1");
+    }
+    let root = tempfile::Builder::new()
+        .prefix("cell0-bench-")
+        .tempdir_in(&b.dir)
+        .with_context(|| format!("cannot create a directory under {}", b.dir.display()))?;
+    eprintln!("starting a 3-node cluster under {}", root.path().display());
+    let nodes = cell0_consensus::testkit::local_cluster(root.path(), 3, cell0_consensus::ConsensusConfig::default())
+        .await
+        .context("starting the in-process cluster")?;
+    let leader_id = nodes[0].consensus.leader().context("no leader")?.0;
+    let leader = nodes
+        .iter()
+        .find(|n| n.id() == leader_id)
+        .context("the leader is not local")?
+        .consensus
+        .clone();
+    let records = (0..b.nodes).map(|i| {
+        NodeCommand::SetResources {
+            node: 1_000_000 + i as u64,
+            resources: NodeResources {
+                cpu_cores: 64,
+                memory_bytes: 256 << 30,
+                inference_backend: "cpu".into(),
+                ..NodeResources::default()
+            },
+        }
+        .into_command()
+    });
+    propose_batched(&leader, records, "node records", b.nodes).await?;
+
+    let started = Instant::now();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let runs = (0..b.agents).map(|i| {
+        AgentCommand::Run {
+            spec: AgentSpec {
+                name: format!("agent-{i:07}"),
+                kind: AgentKind::Inference,
+                resources: Resources {
+                    cpu_millis: 100,
+                    memory_mb: 128,
+                    gpu_memory_mb: 0,
+                },
+                constraints: Constraints::default(),
+                restart: RestartPolicy::Always,
+            },
+            at_ms: now_ms,
+        }
+        .into_command()
+    });
+    propose_batched(&leader, runs, "agents submitted", b.agents).await?;
+    let submit_seconds = started.elapsed().as_secs_f64();
+
+    let placing = Instant::now();
+    let mut plans = 0u64;
+    let mut handled = 0usize;
+    loop {
+        let n = crate::scheduling::round(&leader, cell0_scheduler::Options::default()).await?;
+        if n == 0 {
+            break;
+        }
+        plans += 1;
+        handled += n;
+        eprintln!("evaluations handled: {handled}/{}", b.agents);
+    }
+    let place_seconds = placing.elapsed().as_secs_f64();
+    let placed = leader
+        .read(cell0_consensus::Consistency::Linearizable, |txn| {
+            let mut placed = 0;
+            for node in 0..b.nodes {
+                placed += cell0_consensus::agents::agents_on(txn, 1_000_000 + node as u64, usize::MAX)?.len();
+            }
+            Ok(placed)
+        })
+        .await?;
+    let result = ScheduleResult {
+        nodes: b.nodes,
+        agents: b.agents,
+        submit_seconds,
+        place_seconds,
+        placements_per_second: placed as f64 / place_seconds.max(1e-9),
+        plans,
+        placed,
+        peak_rss_mb: peak_rss_mb(),
+    };
+    for n in nodes {
+        n.stop().await;
+    }
+    match output {
+        Output::Json => print_json(&result),
+        Output::Table => {
+            print_table(
+                &["NODES", "AGENTS", "SUBMIT s", "PLACE s", "PLACEMENTS/s", "PLANS", "PLACED", "PEAK RSS MB"],
+                &[vec![
+                    result.nodes.to_string(),
+                    result.agents.to_string(),
+                    format!("{:.2}", result.submit_seconds),
+                    format!("{:.2}", result.place_seconds),
+                    format!("{:.0}", result.placements_per_second),
+                    result.plans.to_string(),
+                    result.placed.to_string(),
+                    result.peak_rss_mb.to_string(),
+                ]],
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn infer(output: Output, b: InferBench) -> anyhow::Result<()> {
