@@ -606,7 +606,16 @@ async fn schedule(output: Output, b: ScheduleBench) -> anyhow::Result<()> {
         Output::Json => print_json(&result),
         Output::Table => {
             print_table(
-                &["NODES", "AGENTS", "SUBMIT s", "PLACE s", "PLACEMENTS/s", "PLANS", "PLACED", "PEAK RSS MB"],
+                &[
+                    "NODES",
+                    "AGENTS",
+                    "SUBMIT s",
+                    "PLACE s",
+                    "PLACEMENTS/s",
+                    "PLANS",
+                    "PLACED",
+                    "PEAK RSS MB",
+                ],
                 &[vec![
                     result.nodes.to_string(),
                     result.agents.to_string(),
