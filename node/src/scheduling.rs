@@ -3,7 +3,8 @@
 //!
 //! Every node runs the task; only the one that is leader does work. A round
 //! reads, from one point-in-time view of the local replica, up to
-//! [`EVALS_PER_PLAN`] pending evaluations with their agents and
+//! [`EVALS_PER_PLAN`] pending evaluations (from where the previous round
+//! stopped, wrapping around: see [`Cursor`]) with their agents and
 //! allocations, and the nodes (records, status, usage, models held); runs
 //! `cell0_scheduler::process`; and proposes the plan as one command. The
 //! state machine validates the plan again as it applies: a placement made
@@ -56,10 +57,15 @@ fn trigger(t: EvalTrigger) -> Trigger {
     }
 }
 
-/// Reads one round's input from `txn`.
-fn read_round(txn: &dyn cell0_state::Txn) -> cell0_state::Result<Round> {
+/// Reads one round's input from `txn`: the pending evaluations of agents
+/// named after `cursor` (from the start when there are none after it).
+fn read_round(txn: &dyn cell0_state::Txn, cursor: &str) -> cell0_state::Result<Round> {
+    let mut pending = agents::pending_evals(txn, cursor, EVALS_PER_PLAN)?;
+    if pending.is_empty() && !cursor.is_empty() {
+        pending = agents::pending_evals(txn, "", EVALS_PER_PLAN)?;
+    }
     let mut evals = Vec::new();
-    for (name, eval) in agents::pending_evals(txn, EVALS_PER_PLAN)? {
+    for (name, eval) in pending {
         let Some(record) = agents::agent(txn, &name)? else {
             continue;
         };
@@ -97,13 +103,30 @@ fn read_round(txn: &dyn cell0_state::Txn) -> cell0_state::Result<Round> {
     })
 }
 
+/// Where the next round starts reading evaluations: after the last agent
+/// the previous round handled. The queue is read in name order, and the
+/// plans delete what they settle, so starting from the beginning every
+/// time would walk over ever more deleted rows; evaluations before the
+/// cursor are reached when the scan wraps around.
+#[derive(Debug, Default)]
+pub(crate) struct Cursor(String);
+
 /// One round on the leader: how many evaluations it handled.
-pub(crate) async fn round(consensus: &Consensus, options: Options) -> cell0_consensus::Result<usize> {
+pub(crate) async fn round(
+    consensus: &Consensus,
+    options: Options,
+    cursor: &mut Cursor,
+) -> cell0_consensus::Result<usize> {
     let started = Instant::now();
-    let input = consensus.read(Consistency::Serializable, read_round).await?;
-    if input.evals.is_empty() {
+    let after = cursor.0.clone();
+    let input = consensus
+        .read(Consistency::Serializable, move |txn| read_round(txn, &after))
+        .await?;
+    let Some(last) = input.evals.last() else {
+        cursor.0.clear();
         return Ok(0);
-    }
+    };
+    cursor.0 = last.spec.name.clone();
     let plan: Plan = cell0_scheduler::process(&input.evals, &input.view, options);
     let (placed, unplaced) = (plan.placements.len(), plan.unplaced.len());
     let command = AgentCommand::Plan { plan, at_ms: now_ms() };
@@ -131,10 +154,11 @@ pub(crate) async fn round(consensus: &Consensus, options: Options) -> cell0_cons
 pub async fn run(consensus: Consensus, options: Options, mut stop: watch::Receiver<bool>) {
     let mut agents_changed = consensus.watch_table(Table::Agents);
     let mut backoff = Backoff::default();
+    let mut cursor = Cursor::default();
     loop {
         if consensus.status().role == Role::Leader {
             let handled = tokio::select! {
-                r = round(&consensus, options) => r,
+                r = round(&consensus, options, &mut cursor) => r,
                 () = stopped(&mut stop) => return,
             };
             match handled {

@@ -728,9 +728,14 @@ pub fn agents_on(txn: &dyn Txn, node: NodeId, limit: usize) -> Result<Vec<String
         .collect()
 }
 
-/// Up to `limit` pending evaluations, in agent name order.
-pub fn pending_evals(txn: &dyn Txn, limit: usize) -> Result<Vec<(String, Eval)>> {
-    txn.scan(EVALS_TABLE, b"", None, limit)?
+/// Up to `limit` pending evaluations of agents named after `after` (all
+/// when empty), in agent name order.
+pub fn pending_evals(txn: &dyn Txn, after: &str, limit: usize) -> Result<Vec<(String, Eval)>> {
+    let mut start = after.as_bytes().to_vec();
+    if !start.is_empty() {
+        start.push(0);
+    }
+    txn.scan(EVALS_TABLE, &start, None, limit)?
         .into_iter()
         .map(|(k, v)| {
             let name = String::from_utf8(k).map_err(|e| StateError::Corrupt {
@@ -1235,7 +1240,7 @@ mod tests {
     }
 
     fn evals(txn: &MemTxn) -> Vec<(String, EvalTrigger)> {
-        pending_evals(txn, 100)
+        pending_evals(txn, "", 100)
             .unwrap()
             .into_iter()
             .map(|(name, e)| (name, e.trigger))

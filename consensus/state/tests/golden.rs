@@ -222,7 +222,7 @@ fn reads(state: &MemTxn) -> String {
         .unwrap();
         writeln!(out, "  blocked: {}", agents::is_blocked(state, &a.spec.name).unwrap()).unwrap();
     }
-    for (name, eval) in agents::pending_evals(state, 1000).unwrap() {
+    for (name, eval) in agents::pending_evals(state, "", 1000).unwrap() {
         writeln!(out, "eval {name}: {eval:?}").unwrap();
     }
     out

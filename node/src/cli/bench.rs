@@ -570,8 +570,9 @@ async fn schedule(output: Output, b: ScheduleBench) -> anyhow::Result<()> {
     let placing = Instant::now();
     let mut plans = 0u64;
     let mut handled = 0usize;
+    let mut cursor = crate::scheduling::Cursor::default();
     loop {
-        let n = crate::scheduling::round(&leader, cell0_scheduler::Options::default()).await?;
+        let n = crate::scheduling::round(&leader, cell0_scheduler::Options::default(), &mut cursor).await?;
         if n == 0 {
             break;
         }
