@@ -417,17 +417,20 @@ fn print_results(output: Output, results: &[BenchResult]) -> anyhow::Result<()> 
     }
 }
 
-async fn raft(output: Output, b: RaftBench) -> anyhow::Result<()> {
-    if b.writers.is_empty() || b.writers.iter().any(|w| *w == 0 || *w > MAX_CLIENTS) {
-        anyhow::bail!("--writers must list numbers between 1 and {MAX_CLIENTS}");
-    }
-    if b.duration == 0 {
-        anyhow::bail!("--duration must be at least 1 second");
-    }
+/// A 3-node cluster inside this process, its databases in a temporary
+/// directory under `dir` (removed when the returned guard drops), and a
+/// handle on its leader.
+async fn local_cluster(
+    dir: &std::path::Path,
+) -> anyhow::Result<(
+    tempfile::TempDir,
+    Vec<cell0_consensus::testkit::LocalNode>,
+    cell0_consensus::Consensus,
+)> {
     let root = tempfile::Builder::new()
         .prefix("cell0-bench-")
-        .tempdir_in(&b.dir)
-        .with_context(|| format!("cannot create a directory under {}", b.dir.display()))?;
+        .tempdir_in(dir)
+        .with_context(|| format!("cannot create a directory under {}", dir.display()))?;
     eprintln!("starting a 3-node cluster under {}", root.path().display());
     let nodes = cell0_consensus::testkit::local_cluster(root.path(), 3, cell0_consensus::ConsensusConfig::default())
         .await
@@ -439,6 +442,17 @@ async fn raft(output: Output, b: RaftBench) -> anyhow::Result<()> {
         .context("the leader is not local")?
         .consensus
         .clone();
+    Ok((root, nodes, leader))
+}
+
+async fn raft(output: Output, b: RaftBench) -> anyhow::Result<()> {
+    if b.writers.is_empty() || b.writers.iter().any(|w| *w == 0 || *w > MAX_CLIENTS) {
+        anyhow::bail!("--writers must list numbers between 1 and {MAX_CLIENTS}");
+    }
+    if b.duration == 0 {
+        anyhow::bail!("--duration must be at least 1 second");
+    }
+    let (_root, nodes, leader) = local_cluster(&b.dir).await?;
     let mut results = Vec::new();
     for &writers in &b.writers {
         let before = leader.status().last_log_index;
@@ -514,21 +528,7 @@ async fn schedule(output: Output, b: ScheduleBench) -> anyhow::Result<()> {
     if b.agents == 0 {
         anyhow::bail!("--agents must be at least 1");
     }
-    let root = tempfile::Builder::new()
-        .prefix("cell0-bench-")
-        .tempdir_in(&b.dir)
-        .with_context(|| format!("cannot create a directory under {}", b.dir.display()))?;
-    eprintln!("starting a 3-node cluster under {}", root.path().display());
-    let nodes = cell0_consensus::testkit::local_cluster(root.path(), 3, cell0_consensus::ConsensusConfig::default())
-        .await
-        .context("starting the in-process cluster")?;
-    let leader_id = nodes[0].consensus.leader().context("no leader")?.0;
-    let leader = nodes
-        .iter()
-        .find(|n| n.id() == leader_id)
-        .context("the leader is not local")?
-        .consensus
-        .clone();
+    let (_root, nodes, leader) = local_cluster(&b.dir).await?;
     let records = (0..b.nodes).map(|i| {
         NodeCommand::SetResources {
             node: 1_000_000 + i as u64,
