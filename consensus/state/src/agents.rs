@@ -1013,6 +1013,15 @@ fn apply_plan(txn: &mut dyn Txn, plan: &Plan, at_ms: u64) -> Result<PlanOutcome>
     }
     for d in &plan.settled {
         settle_eval(txn, &d.agent, d.generation)?;
+        // Placed where it may run: a reason left by an earlier plan (a move
+        // that found no room) no longer holds.
+        if let Some(mut record) = agent(txn, &d.agent)?
+            && !record.pending_reason.is_empty()
+            && allocation(txn, &d.agent)?.is_some_and(|a| a.status.holds_resources())
+        {
+            record.pending_reason.clear();
+            put_row(txn, AGENTS_TABLE, d.agent.as_bytes(), &record)?;
+        }
     }
     for u in &plan.unplaced {
         let Some(mut record) = agent(txn, &u.agent)? else {
@@ -1320,6 +1329,67 @@ mod tests {
         };
         apply(&mut txn, &AgentCommand::Plan { plan, at_ms: 4 }).unwrap();
         assert_eq!(evals(&txn), vec![("big".into(), EvalTrigger::Migrate { to: 2 })]);
+    }
+
+    #[test]
+    fn a_move_that_found_no_room_leaves_a_reason_until_the_agent_is_settled() {
+        let mut txn = MemTxn::new();
+        add_node(&mut txn, 1, 1, 1024);
+        let g = run(&mut txn, spec("a", 500, 10));
+        plan(&mut txn, &[("a", g, 1)]);
+        apply(
+            &mut txn,
+            &AgentCommand::Migrate {
+                agent: "a".into(),
+                to: 0,
+            },
+        )
+        .unwrap();
+        let no_room = Plan {
+            unplaced: vec![Unplaced {
+                agent: "a".into(),
+                generation: g,
+                reason: "1 node is where it runs now".into(),
+            }],
+            ..Plan::default()
+        };
+        apply(
+            &mut txn,
+            &AgentCommand::Plan {
+                plan: no_room,
+                at_ms: 3,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            agent(&txn, "a").unwrap().unwrap().pending_reason,
+            "1 node is where it runs now"
+        );
+        assert_eq!(
+            allocation(&txn, "a").unwrap().unwrap().status,
+            AllocStatus::Pending,
+            "it still runs"
+        );
+        // A node change unblocks it; the scheduler finds it fine where it is.
+        add_node(&mut txn, 2, 1, 1024);
+        unblock_all(&mut txn).unwrap();
+        let settled = Plan {
+            settled: vec![Settled {
+                agent: "a".into(),
+                generation: g,
+            }],
+            ..Plan::default()
+        };
+        apply(
+            &mut txn,
+            &AgentCommand::Plan {
+                plan: settled,
+                at_ms: 4,
+            },
+        )
+        .unwrap();
+        assert_eq!(agent(&txn, "a").unwrap().unwrap().pending_reason, "");
+        assert!(evals(&txn).is_empty());
     }
 
     #[test]
