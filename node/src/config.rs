@@ -129,6 +129,10 @@ pub struct ResourcesConfig {
     /// GPU memory to offer, in MiB, when the engine runs on a hardware GPU
     /// (wgpu does not report it); 0 means unknown.
     pub gpu_memory_mb: u64,
+    /// Labels of this node (`labels = { zone = "a" }`), which agents'
+    /// `constraints.labels` must match; at most 32, keys and values of at
+    /// most 256 bytes.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Listen addresses of the node's ports.
@@ -287,6 +291,10 @@ impl NodeConfig {
         self.inference.validate().map_err(|e| match e {
             InferenceError::InvalidConfig { field, message } => bad(&format!("inference.{field}"), message),
             other => bad("inference", other.to_string()),
+        })?;
+        cell0_consensus::nodes::check_labels("resources.labels", &self.resources.labels).map_err(|e| match e {
+            cell0_state::StateError::InvalidArgument { field, reason } => bad(&field, reason),
+            other => bad("resources.labels", other.to_string()),
         })?;
         self.models.validate()
     }

@@ -2,12 +2,15 @@
 //!
 //! The record is measured at start (CPUs, memory, the inference engine's
 //! backend and adapter) plus what the operator configures (GPU memory, which
-//! wgpu does not report), and written once the node is in a cluster, so the
-//! scheduler reads every node's resources from the replicated state.
+//! wgpu does not report, and the node's labels), and written once the node
+//! is in a cluster, so the scheduler reads every node's resources and
+//! labels from the replicated state.
 //!
 //! The report runs as the supervised task `resources`: it ends once the
 //! record is written, and at once when the node stops (an attempt in flight
 //! is abandoned; the next start reports again).
+
+use std::collections::BTreeMap;
 
 use cell0_consensus::{Consensus, ConsensusError, Consistency, NodeCommand, NodeResources, nodes};
 use cell0_inference::BackendInfo;
@@ -41,35 +44,53 @@ pub fn measure(engine: &BackendInfo, gpu_memory_mb: u64) -> NodeResources {
     }
 }
 
-/// Writes `resources` for this node unless the replicated record already
-/// says the same; retries (the node may still be joining) until done or
-/// `stop` turns true.
-pub async fn report(consensus: Consensus, resources: NodeResources, mut stop: watch::Receiver<bool>) {
+/// Writes `resources` and `labels` for this node unless the replicated
+/// records already say the same; retries (the node may still be joining)
+/// until done or `stop` turns true.
+pub async fn report(
+    consensus: Consensus,
+    resources: NodeResources,
+    labels: BTreeMap<String, String>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Backoff::default();
     loop {
         let attempt = async {
-            let current = consensus
-                .read(Consistency::Serializable, nodes::resources)
+            let id = consensus.id();
+            let (current, current_labels) = consensus
+                .read(Consistency::Serializable, move |txn| {
+                    Ok((nodes::resources_of(txn, id)?, nodes::labels_of(txn, id)?))
+                })
                 .await
-                .ok()
-                .and_then(|mut all| all.remove(&consensus.id()));
-            if current.as_ref() == Some(&resources) {
-                return Ok(false);
+                .unwrap_or_default();
+            let mut wrote = false;
+            if current.as_ref() != Some(&resources) {
+                let set = NodeCommand::SetResources {
+                    node: id,
+                    resources: resources.clone(),
+                };
+                if !NodeCommand::stored(consensus.propose(set.into_command()).await?)? {
+                    return Err(ConsensusError::invalid(
+                        "resources",
+                        format!(
+                            "cannot be stored: the cluster already has {} node records",
+                            nodes::MAX_NODES
+                        ),
+                    ));
+                }
+                wrote = true;
             }
-            let set = NodeCommand::SetResources {
-                node: consensus.id(),
-                resources: resources.clone(),
-            };
-            if !NodeCommand::stored(consensus.propose(set.into_command()).await?)? {
-                return Err(ConsensusError::invalid(
-                    "resources",
-                    format!(
-                        "cannot be stored: the cluster already has {} node records",
-                        nodes::MAX_NODES
-                    ),
-                ));
+            if current_labels != labels {
+                let set = NodeCommand::SetLabels {
+                    node: id,
+                    labels: labels.clone(),
+                };
+                if !NodeCommand::stored(consensus.propose(set.into_command()).await?)? {
+                    return Err(ConsensusError::invalid("labels", "the node has no record yet"));
+                }
+                wrote = true;
             }
-            Ok(true)
+            Ok(wrote)
         };
         let outcome = tokio::select! {
             outcome = attempt => outcome,

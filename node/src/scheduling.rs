@@ -93,7 +93,7 @@ fn read_round(txn: &dyn cell0_state::Txn, cursor: &str) -> cell0_state::Result<R
             usage: agents::node_usage(txn, id)?,
             state: agents::node_status(txn, id)?.state,
             gpu: record.gpu,
-            labels: BTreeMap::new(),
+            labels: nodes::labels_of(txn, id)?,
             models: models.remove(&id).unwrap_or_default(),
         });
     }

@@ -177,6 +177,7 @@ async fn serve(
         resources::report(
             consensus.clone(),
             resources::measure(models.engine(), config.resources.gpu_memory_mb),
+            config.resources.labels.clone(),
             stop(),
         ),
     );

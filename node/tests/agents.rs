@@ -6,6 +6,8 @@
 //!   for any node stays pending with a reason;
 //! - draining a node moves its agents to the others, each with a new
 //!   incarnation, and leaves nothing placed on it;
+//! - an agent that requires node labels goes to the node that has them, and
+//!   one whose labels no node has stays pending saying so;
 //! - bad specs are refused naming the field.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -206,6 +208,62 @@ async fn agents_are_placed_within_capacity_and_a_drain_moves_them() {
         .unwrap();
     assert_eq!(drained_view["state"], "draining");
     assert_eq!(drained_view["agents"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_go_to_nodes_with_the_labels_they_require() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("zone-b.toml");
+    std::fs::write(&config, "[resources]\nlabels = { zone = \"b\" }\n").unwrap();
+    let mut first = Node::start("node1", &root.path().join("node1"), Ports::new(), None);
+    first.wait_ready();
+    let mut second = Node::start_with(
+        "node2",
+        &root.path().join("node2"),
+        Ports::new(),
+        Some(first.endpoint()),
+        vec!["--config".into(), config.to_str().unwrap().into()],
+        &[],
+    );
+    second.wait_ready();
+    let endpoint = first.endpoint();
+    wait_until("node2 reports its labels", async || {
+        nodes(&endpoint)
+            .await
+            .iter()
+            .any(|n| n.labels.get("zone").map(String::as_str) == Some("b"))
+    })
+    .await;
+    let zone_b = nodes(&endpoint)
+        .await
+        .into_iter()
+        .find(|n| !n.labels.is_empty())
+        .unwrap()
+        .id;
+
+    let mut client = AgentsClient::new(channel(&endpoint).await);
+    for (name, zone) in [("in-b", "b"), ("in-c", "c")] {
+        let mut s = spec(name, 100);
+        s.constraints = Some(v1::AgentConstraints {
+            labels: [("zone".to_string(), zone.to_string())].into(),
+            gpu: false,
+            model: String::new(),
+        });
+        client.run(v1::RunAgentRequest { spec: Some(s) }).await.unwrap();
+    }
+    wait_until("in-b is placed and in-c says why not", async || {
+        let all = agents(&endpoint).await;
+        let placed_on_b = all.iter().any(|a| {
+            a.spec.as_ref().unwrap().name == "in-b" && a.allocation.as_ref().is_some_and(|al| al.node == zone_b)
+        });
+        let c_pending = all
+            .iter()
+            .any(|a| a.spec.as_ref().unwrap().name == "in-c" && a.pending_reason == "2 nodes lack the labels");
+        placed_on_b && c_pending
+    })
+    .await;
+    let listed = cli(&["--endpoint", &endpoint, "node", "ls"]);
+    assert!(stdout(&listed).contains("zone=b"), "{}", stdout(&listed));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -460,6 +460,27 @@ mod tests {
     }
 
     #[test]
+    fn labels_models_and_gpus_are_required_where_asked() {
+        let mut labelled = node(1, 4, 1024);
+        labelled.labels.insert("zone".into(), "b".into());
+        labelled.models.insert("minilm".into());
+        let view = ClusterView::new(vec![labelled, node(2, 4, 1024)]);
+        let mut e = eval("a", 100, 10);
+        e.spec.constraints.labels.insert("zone".into(), "b".into());
+        e.spec.constraints.model = "minilm".into();
+        assert_eq!(
+            placed_on(&process(&[e.clone()], &view, Options::default())),
+            vec![("a".to_string(), 1)]
+        );
+        e.spec.constraints.labels.insert("zone".into(), "c".into());
+        let plan = process(&[e], &view, Options::default());
+        assert_eq!(
+            plan.unplaced[0].reason,
+            "1 node lacks the model, 1 node lacks the labels"
+        );
+    }
+
+    #[test]
     fn running_agents_stay_unless_moved_and_stopped_ones_are_stopped() {
         let view = ClusterView::new(vec![node(1, 4, 1024), node(2, 4, 1024)]);
         let alloc = Allocation {

@@ -16,6 +16,11 @@ use crate::NodeId;
 use crate::error::{Result, StateError};
 
 const RESOURCES_TABLE: &str = "node_resources";
+const LABELS_TABLE: &str = "node_labels";
+/// Most labels a node may carry.
+pub const MAX_NODE_LABELS: usize = 32;
+/// Longest label key or value, in bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
 /// Longest text field of a record, in bytes.
 pub const MAX_RESOURCE_TEXT_BYTES: usize = 256;
 /// Most node records kept.
@@ -62,6 +67,39 @@ impl NodeResources {
 
 crate::row_v1!(NodeResources, "node record");
 
+/// A node's labels (`zone = "a"`), which agent constraints match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLabels {
+    /// Label keys and values.
+    pub labels: BTreeMap<String, String>,
+}
+
+crate::row_v1!(NodeLabels, "node labels");
+
+/// Checks a set of node labels; the error names `field`.
+pub fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > MAX_NODE_LABELS {
+        return Err(StateError::invalid(
+            field,
+            format!("has {} labels; the limit is {MAX_NODE_LABELS}", labels.len()),
+        ));
+    }
+    for (k, v) in labels {
+        if k.is_empty() {
+            return Err(StateError::invalid(field, "has an empty key"));
+        }
+        for (what, text) in [("key", k), ("value", v)] {
+            if text.len() > MAX_LABEL_BYTES {
+                return Err(StateError::invalid(
+                    &format!("{field}.{k}"),
+                    format!("has a {what} of {} bytes; the limit is {MAX_LABEL_BYTES}", text.len()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A change to node records, carried in [`crate::Command`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeCommand {
@@ -71,6 +109,14 @@ pub enum NodeCommand {
         node: NodeId,
         /// Its resources.
         resources: NodeResources,
+    },
+    /// Sets `node`'s labels, replacing earlier ones; refused (not stored)
+    /// for a node without a record.
+    SetLabels {
+        /// The node.
+        node: NodeId,
+        /// Its labels.
+        labels: BTreeMap<String, String>,
     },
 }
 
@@ -101,8 +147,24 @@ impl NodeCommand {
                 }
                 resources.validate()
             }
+            NodeCommand::SetLabels { node, labels } => {
+                if *node == 0 {
+                    return Err(StateError::invalid("node", "must not be 0"));
+                }
+                check_labels("labels", labels)
+            }
         }
     }
+}
+
+/// The labels of `node` (none when it has not set any).
+pub fn labels_of(txn: &dyn Txn, node: NodeId) -> Result<BTreeMap<String, String>> {
+    Ok(txn
+        .get(LABELS_TABLE, &node.to_be_bytes())?
+        .map(|v| decode_row::<NodeLabels>(&v))
+        .transpose()?
+        .map(|l| l.labels)
+        .unwrap_or_default())
 }
 
 /// Every node's record, by node id.
@@ -142,6 +204,19 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
             txn.put(RESOURCES_TABLE, &key, &bytes)?;
             Ok(true)
         }
+        NodeCommand::SetLabels { node, labels } => {
+            let key = node.to_be_bytes();
+            if txn.get(RESOURCES_TABLE, &key)?.is_none() {
+                return Ok(false);
+            }
+            if labels.is_empty() {
+                txn.delete(LABELS_TABLE, &key)?;
+            } else {
+                let row = NodeLabels { labels: labels.clone() };
+                txn.put(LABELS_TABLE, &key, &encode_row(&row)?)?;
+            }
+            Ok(true)
+        }
     }
 }
 
@@ -149,6 +224,37 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
 mod tests {
     use super::*;
     use crate::MemTxn;
+
+    #[test]
+    fn labels_are_kept_only_for_recorded_nodes_and_replaced_whole() {
+        let mut txn = MemTxn::new();
+        let zone = |z: &str| BTreeMap::from([("zone".to_string(), z.to_string())]);
+        let set = |txn: &mut MemTxn, labels| apply(txn, &NodeCommand::SetLabels { node: 1, labels }).unwrap();
+        assert!(!set(&mut txn, zone("a")), "no record yet");
+        assert!(labels_of(&txn, 1).unwrap().is_empty());
+        apply(
+            &mut txn,
+            &NodeCommand::SetResources {
+                node: 1,
+                resources: NodeResources::default(),
+            },
+        )
+        .unwrap();
+        assert!(set(&mut txn, zone("a")));
+        assert_eq!(labels_of(&txn, 1).unwrap(), zone("a"));
+        assert!(set(&mut txn, BTreeMap::new()));
+        assert!(labels_of(&txn, 1).unwrap().is_empty());
+        let too_many: BTreeMap<_, _> = (0..=MAX_NODE_LABELS)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect();
+        let err = NodeCommand::SetLabels {
+            node: 1,
+            labels: too_many,
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("labels"), "{err}");
+    }
 
     #[test]
     fn records_are_replaced_per_node_and_listed_by_id() {

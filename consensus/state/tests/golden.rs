@@ -96,6 +96,16 @@ fn parse_command(words: &[&str]) -> Command {
                 gpu_memory_bytes: 0,
             },
         }),
+        "node-labels" => Command::Node(NodeCommand::SetLabels {
+            node: num(1),
+            labels: words[2..]
+                .iter()
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap();
+                    (k.to_string(), v.to_string())
+                })
+                .collect(),
+        }),
         "agent-run" => Command::Agent(AgentCommand::Run {
             spec: AgentSpec {
                 name: words[1].into(),
@@ -208,6 +218,7 @@ fn reads(state: &MemTxn) -> String {
     }
     for (id, r) in nodes::resources(state).unwrap() {
         writeln!(out, "node {id}: {r:?}").unwrap();
+        writeln!(out, "  labels: {:?}", nodes::labels_of(state, id).unwrap()).unwrap();
         writeln!(out, "  status: {:?}", agents::node_status(state, id).unwrap()).unwrap();
         writeln!(out, "  usage: {:?}", agents::node_usage(state, id).unwrap()).unwrap();
         writeln!(out, "  agents: {:?}", agents::agents_on(state, id, 100).unwrap()).unwrap();

@@ -360,6 +360,7 @@ impl Nodes for AgentsApi {
                                     state: node_state_name(status.state).into(),
                                     reason: status.reason,
                                     agents: u32::try_from(count).unwrap_or(u32::MAX),
+                                    labels: nodes::labels_of(txn, id)?.into_iter().collect(),
                                 })
                             })
                             .collect::<cell0_state::Result<Vec<_>>>()

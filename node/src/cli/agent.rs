@@ -378,6 +378,7 @@ struct NodeView {
     memory_mb_used: u64,
     memory_mb: u64,
     gpu: bool,
+    labels: BTreeMap<String, String>,
 }
 
 /// Runs a node command against `endpoint`.
@@ -405,13 +406,23 @@ pub async fn run_node(endpoint: &str, output: Output, cmd: NodeCommand) -> anyho
                         memory_mb_used: used.memory_mb,
                         memory_mb: n.memory_mb,
                         gpu: n.gpu,
+                        labels: n.labels.into_iter().collect(),
                     }
                 })
                 .collect();
             print_list(
                 output,
                 views,
-                &["ID", "STATE", "AGENTS", "CPU (millis)", "MEMORY (MB)", "GPU", "REASON"],
+                &[
+                    "ID",
+                    "STATE",
+                    "AGENTS",
+                    "CPU (millis)",
+                    "MEMORY (MB)",
+                    "GPU",
+                    "LABELS",
+                    "REASON",
+                ],
                 |n| {
                     vec![
                         n.id,
@@ -420,6 +431,11 @@ pub async fn run_node(endpoint: &str, output: Output, cmd: NodeCommand) -> anyho
                         format!("{}/{}", n.cpu_millis_used, n.cpu_millis),
                         format!("{}/{}", n.memory_mb_used, n.memory_mb),
                         if n.gpu { "yes" } else { "no" }.into(),
+                        n.labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
                         n.reason,
                     ]
                 },
