@@ -329,6 +329,9 @@ mod tests {
         let err = toml::from_str::<NodeConfig>("sit = 1").unwrap_err();
         assert!(err.to_string().contains("unknown field `sit`"), "{err}");
         let mut c = NodeConfig::default();
+        c.resources.labels.insert("zone".into(), "x".repeat(300));
+        assert_eq!(c.validate().unwrap_err().field, "resources.labels.zone");
+        let mut c = NodeConfig::default();
         c.listen.http = c.listen.public;
         assert_eq!(c.validate().unwrap_err().field, "listen.http");
         let mut c = NodeConfig::default();
