@@ -34,7 +34,9 @@ pub const EVALS_PER_PLAN: usize = 5_000;
 /// Longest pause between rounds while this node leads.
 const IDLE_ROUND: Duration = Duration::from_secs(1);
 
-fn now_ms() -> u64 {
+/// The leader's clock as agent commands carry it (`at_ms`): milliseconds
+/// since the Unix epoch, read when the command is proposed.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -7,8 +7,6 @@
 //! Placement is the leader scheduler's job (`crate::scheduling`): `Run`
 //! returns once the agent is recorded, and `Get` shows where it went.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use cell0_consensus::agents::{
     self, AgentCommand, AgentKind, AgentOutcome, AgentRecord, AgentSpec, AllocStatus, Allocation, Constraints, Desired,
     NodeState, Resources, RestartPolicy,
@@ -20,17 +18,12 @@ use cell0_proto::v1::{self, agent_spec::Kind};
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, RequestGate};
+use crate::scheduling::now_ms;
 
 /// Most agents one `List` page returns.
 pub const MAX_LIST_PAGE: u32 = 1000;
 /// Agents a `List` page returns when the request names no limit.
 const DEFAULT_LIST_PAGE: u32 = 100;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// A validation error of the state crate, as the API answers it, its field
 /// under `prefix`.

@@ -544,9 +544,7 @@ async fn schedule(output: Output, b: ScheduleBench) -> anyhow::Result<()> {
     propose_batched(&leader, records, "node records", b.nodes).await?;
 
     let started = Instant::now();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = crate::scheduling::now_ms();
     let runs = (0..b.agents).map(|i| {
         AgentCommand::Run {
             spec: AgentSpec {
