@@ -79,12 +79,18 @@ fn read_round(txn: &dyn cell0_state::Txn, cursor: &str) -> cell0_state::Result<R
             trigger: trigger(eval.trigger),
         });
     }
+    if evals.is_empty() {
+        // Nothing to decide: the nodes need not be read (this runs every
+        // idle tick on the leader).
+        return Ok(Round {
+            evals,
+            view: ClusterView::default(),
+        });
+    }
     let mut models: BTreeMap<u64, std::collections::BTreeSet<String>> = BTreeMap::new();
-    if !evals.is_empty() {
-        for entry in registry::list(txn)? {
-            for holder in &entry.holders {
-                models.entry(*holder).or_default().insert(entry.manifest.name.clone());
-            }
+    for entry in registry::list(txn)? {
+        for holder in &entry.holders {
+            models.entry(*holder).or_default().insert(entry.manifest.name.clone());
         }
     }
     let mut view = Vec::new();
