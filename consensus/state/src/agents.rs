@@ -55,10 +55,8 @@ const BLOCKED_TABLE: &str = "blocked";
 
 /// Longest agent name, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
-/// Most node labels an agent may require.
-pub const MAX_LABELS: usize = 32;
-/// Longest label key or value, in bytes.
-pub const MAX_LABEL_BYTES: usize = 256;
+/// Longest model name a constraint may require, in bytes.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
 /// Most arguments of a command.
 pub const MAX_ARGS: usize = 256;
 /// Longest argument, in bytes.
@@ -286,25 +284,10 @@ impl AgentSpec {
         check_range("resources.memory_mb", r.memory_mb, 1, u64::from(MAX_MEMORY_MB))?;
         check_range("resources.gpu_memory_mb", r.gpu_memory_mb, 0, u64::from(MAX_MEMORY_MB))?;
         let c = &self.constraints;
-        if c.labels.len() > MAX_LABELS {
-            return Err(StateError::invalid(
-                "constraints.labels",
-                format!("has {} labels; the limit is {MAX_LABELS}", c.labels.len()),
-            ));
-        }
-        for (k, v) in &c.labels {
-            if k.is_empty() {
-                return Err(StateError::invalid("constraints.labels", "has an empty key"));
-            }
-            if k.len() > MAX_LABEL_BYTES {
-                return Err(too_long("constraints.labels", k.len(), MAX_LABEL_BYTES));
-            }
-            if v.len() > MAX_LABEL_BYTES {
-                return Err(too_long(&format!("constraints.labels.{k}"), v.len(), MAX_LABEL_BYTES));
-            }
-        }
-        if c.model.len() > MAX_LABEL_BYTES {
-            return Err(too_long("constraints.model", c.model.len(), MAX_LABEL_BYTES));
+        // The labels an agent requires obey the same rules as a node's.
+        nodes::check_labels("constraints.labels", &c.labels)?;
+        if c.model.len() > MAX_MODEL_NAME_BYTES {
+            return Err(too_long("constraints.model", c.model.len(), MAX_MODEL_NAME_BYTES));
         }
         Ok(())
     }
