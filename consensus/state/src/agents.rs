@@ -16,7 +16,10 @@
 //!   placement or a stop, removed by the plan that handles it;
 //! - `blocked`: agent name -> [`Eval`], agents the last plan could not
 //!   place; any change to nodes (a record, a status) moves them back to
-//!   `evals`.
+//!   `evals`;
+//! - `stopping`: agent name ++ 0 ++ incarnation (big-endian) -> [`Stopping`],
+//!   incarnations the cluster ended (stopped, moved) whose node has not yet
+//!   confirmed that they no longer run ([`AgentCommand::Released`]).
 //!
 //! Invariants (every apply keeps them; the tests check them):
 //! - An agent has at most one allocation, and its incarnation is the
@@ -33,7 +36,16 @@
 //!   from a clock inside apply.
 //! - An agent whose desired status and allocation disagree (running but not
 //!   placed on a usable node, or stopped but still holding resources) has an
-//!   evaluation, pending or blocked, so no agent is forgotten.
+//!   evaluation, pending or blocked, so no agent is forgotten. The one
+//!   exception is an allocation its node reported failed: the node applied
+//!   the restart policy already, so it stays failed until the agent is run
+//!   again.
+//! - Never two incarnations at once: an incarnation the cluster ends on a
+//!   node that is not down gets a `stopping` row, and a node starts a new
+//!   incarnation only once the agent has no `stopping` row left
+//!   ([`stopping_of`]). The row goes when its node confirms the stop, or
+//!   when the node is declared down (which happens only after its lease
+//!   expired, and a node stops its agents before that).
 
 use std::collections::BTreeMap;
 
@@ -52,6 +64,7 @@ const NODE_USAGE_TABLE: &str = "node_usage";
 const NODE_STATUS_TABLE: &str = "node_status";
 const EVALS_TABLE: &str = "evals";
 const BLOCKED_TABLE: &str = "blocked";
+const STOPPING_TABLE: &str = "stopping";
 
 /// Longest agent name, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
@@ -393,6 +406,17 @@ pub struct NodeStatus {
 
 crate::row_v1!(NodeStatus, "node status");
 
+/// An ended incarnation whose node has not yet confirmed it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stopping {
+    /// The node it ran on.
+    pub node: NodeId,
+    /// When it was ended (proposing leader's clock, ms).
+    pub since_ms: u64,
+}
+
+crate::row_v1!(Stopping, "stopping incarnation");
+
 /// Why an agent must be looked at again. Frozen-variant rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EvalTrigger {
@@ -527,6 +551,16 @@ pub enum AgentCommand {
         /// The target node, 0 for any other.
         to: NodeId,
     },
+    /// A node confirms that an incarnation the cluster ended no longer runs
+    /// there (its `stopping` row goes, and the next incarnation may start).
+    Released {
+        /// The agent.
+        agent: String,
+        /// The ended incarnation.
+        incarnation: u64,
+        /// The confirming node (only the node it ran on may release it).
+        node: NodeId,
+    },
 }
 
 /// What an [`AgentCommand`] did.
@@ -588,7 +622,7 @@ impl AgentCommand {
             AgentCommand::Stop { agent, .. } => agent.len() + 16,
             AgentCommand::Report { agent, reason, .. } => agent.len() + reason.len() + 32,
             AgentCommand::SetNodeState { reason, .. } => reason.len() + 32,
-            AgentCommand::Migrate { agent, .. } => agent.len() + 16,
+            AgentCommand::Migrate { agent, .. } | AgentCommand::Released { agent, .. } => agent.len() + 24,
         }
     }
 
@@ -636,7 +670,7 @@ impl AgentCommand {
                 }
                 reason_len(reason)
             }
-            AgentCommand::Migrate { agent, .. } => check_name("agent", agent),
+            AgentCommand::Migrate { agent, .. } | AgentCommand::Released { agent, .. } => check_name("agent", agent),
         }
     }
 }
@@ -730,6 +764,50 @@ pub fn pending_evals(txn: &dyn Txn, after: &str, limit: usize) -> Result<Vec<(St
         .collect()
 }
 
+fn stopping_key(agent: &str, incarnation: u64) -> Vec<u8> {
+    let mut key = agent.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&incarnation.to_be_bytes());
+    key
+}
+
+fn parse_stopping_key(key: &[u8]) -> Result<(String, u64)> {
+    let corrupt = |detail: &str| StateError::Corrupt {
+        what: "stopping key",
+        detail: detail.to_string(),
+    };
+    let split = key.len().checked_sub(9).ok_or_else(|| corrupt("too short"))?;
+    let name = std::str::from_utf8(&key[..split]).map_err(|e| corrupt(&e.to_string()))?;
+    let mut inc = [0u8; 8];
+    inc.copy_from_slice(&key[split + 1..]);
+    Ok((name.to_string(), u64::from_be_bytes(inc)))
+}
+
+/// The ended incarnations of `agent` that may still run, with their nodes,
+/// oldest first. A new incarnation starts only when this is empty.
+pub fn stopping_of(txn: &dyn Txn, agent: &str) -> Result<Vec<(u64, Stopping)>> {
+    let mut start = agent.as_bytes().to_vec();
+    start.push(0);
+    let end = prefix_end(&start);
+    txn.scan(STOPPING_TABLE, &start, end.as_deref(), usize::MAX)?
+        .into_iter()
+        .map(|(k, v)| Ok((parse_stopping_key(&k)?.1, decode_row(&v)?)))
+        .collect()
+}
+
+/// The ended incarnations that `node` has not confirmed stopped, as
+/// (agent, incarnation), in agent order.
+pub fn stopping_on(txn: &dyn Txn, node: NodeId) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for (key, value) in txn.scan(STOPPING_TABLE, b"", None, usize::MAX)? {
+        let row: Stopping = decode_row(&value)?;
+        if row.node == node {
+            out.push(parse_stopping_key(&key)?);
+        }
+    }
+    Ok(out)
+}
+
 /// Whether `agent` waits for nodes to change before it is evaluated again.
 pub fn is_blocked(txn: &dyn Txn, agent: &str) -> Result<bool> {
     Ok(txn.get(BLOCKED_TABLE, agent.as_bytes())?.is_some())
@@ -792,12 +870,21 @@ fn release(txn: &mut dyn Txn, agent: &str, alloc: &Allocation) -> Result<()> {
 }
 
 /// Ends `agent`'s allocation with `status` if it still holds resources.
+/// Unless it is lost (its node is down), its node must confirm the stop
+/// before a next incarnation starts: a `stopping` row says so.
 fn end_allocation(txn: &mut dyn Txn, agent: &str, status: AllocStatus, reason: &str, at_ms: u64) -> Result<bool> {
     let Some(mut alloc) = allocation(txn, agent)? else {
         return Ok(false);
     };
     if !alloc.status.holds_resources() {
         return Ok(false);
+    }
+    if status != AllocStatus::Lost {
+        let row = Stopping {
+            node: alloc.node,
+            since_ms: at_ms,
+        };
+        put_row(txn, STOPPING_TABLE, &stopping_key(agent, alloc.incarnation), &row)?;
     }
     alloc.status = status;
     alloc.reason = reason.to_string();
@@ -870,6 +957,22 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
             queue_eval(txn, name, EvalTrigger::Migrate { to: *to }, record.generation)?;
             Ok(AgentOutcome::Generation(record.generation))
         }
+        AgentCommand::Released {
+            agent: name,
+            incarnation,
+            node,
+        } => {
+            let key = stopping_key(name, *incarnation);
+            match get_row::<Stopping>(txn, STOPPING_TABLE, &key)? {
+                Some(row) if row.node == *node => {
+                    txn.delete(STOPPING_TABLE, &key)?;
+                    Ok(AgentOutcome::Reported)
+                }
+                _ => Ok(AgentOutcome::Refused(format!(
+                    "incarnation {incarnation} of agent {name:?} is not stopping on node {node:016x}"
+                ))),
+            }
+        }
         AgentCommand::Plan { plan, at_ms } => Ok(AgentOutcome::Planned(apply_plan(txn, plan, *at_ms)?)),
         AgentCommand::Report {
             agent: name,
@@ -911,6 +1014,13 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
                 since_ms: *at_ms,
             };
             put_row(txn, NODE_STATUS_TABLE, &node_key(*node), &status)?;
+            if *state == NodeState::Down {
+                // A node is declared down only after its lease expired, and
+                // it stops its agents before then: nothing of it still runs.
+                for (name, incarnation) in stopping_on(txn, *node)? {
+                    txn.delete(STOPPING_TABLE, &stopping_key(&name, incarnation))?;
+                }
+            }
             let trigger = match state {
                 NodeState::Down => Some(EvalTrigger::NodeDown),
                 NodeState::Draining => Some(EvalTrigger::Drain),

@@ -11,6 +11,7 @@ use crate::agents::{AgentCommand, AgentOutcome};
 use crate::error::StateError;
 use crate::nodes::NodeCommand;
 use crate::registry::{ModelCommand, ModelOutcome};
+use crate::tasks::{TaskCommand, TaskOutcome};
 
 /// Largest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 4096;
@@ -68,6 +69,8 @@ pub enum Command {
     },
     /// A change to agents, their allocations or node scheduling status.
     Agent(AgentCommand),
+    /// A change to agents' tasks or memory.
+    Task(TaskCommand),
 }
 
 /// Identifies one client request across retries: the sending process (a
@@ -140,6 +143,8 @@ pub enum Response {
     ClusterId(u64),
     /// What a [`Command::Agent`] did.
     Agent(AgentOutcome),
+    /// What a [`Command::Task`] did.
+    Task(TaskOutcome),
 }
 
 /// Limits a command must respect, checked before proposing and again,
@@ -228,6 +233,7 @@ impl Command {
             Command::Model(m) => m.validate().map_err(|e| prefix_field(path, e)),
             Command::Node(n) => n.validate().map_err(|e| prefix_field(path, e)),
             Command::Agent(a) => a.validate().map_err(|e| prefix_field(path, e)),
+            Command::Task(t) => t.validate().map_err(|e| prefix_field(path, e)),
             Command::Request { cmd, .. } => cmd.validate_sizes(path, limits),
             Command::InitCluster { cluster_id } => {
                 if *cluster_id == 0 {
@@ -283,6 +289,7 @@ impl Command {
             Command::Request { cmd, .. } => cmd.approx_size() + 16,
             Command::InitCluster { .. } => 16,
             Command::Agent(a) => a.approx_size(),
+            Command::Task(t) => t.approx_size(),
         }
     }
 }

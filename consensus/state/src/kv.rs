@@ -55,7 +55,7 @@ use crate::codec::{Counter, decode_row, encode_row};
 use crate::command::{Command, KeyValue, RequestId, Response};
 use crate::error::{Result, StateError};
 use crate::txn::Txn;
-use crate::{Table, agents, nodes, registry};
+use crate::{Table, agents, nodes, registry, tasks};
 
 const KV_TABLE: &str = "kv";
 const EVENTS_TABLE: &str = "kv_events";
@@ -407,6 +407,10 @@ pub(crate) fn apply_command(
         Command::Agent(a) => {
             changed.insert(Table::Agents);
             Ok(Response::Agent(agents::apply(txn, a)?))
+        }
+        Command::Task(t) => {
+            changed.insert(Table::Tasks);
+            Ok(Response::Task(tasks::apply(txn, t)?))
         }
         Command::Node(n) => {
             changed.insert(Table::Nodes);

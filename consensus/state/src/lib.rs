@@ -12,6 +12,8 @@
 //! - [`registry`]: the model registry; [`nodes`]: node records.
 //! - [`agents`]: agents, their allocations (incarnations that fence older
 //!   ones) and node scheduling status.
+//! - [`tasks`]: agents' tasks (results committed exactly once) and their
+//!   memory.
 //! - [`txn`]: the storage interface (named tables over one transaction).
 //!
 //! [`apply`] is the one entry point: it applies a command through a [`Txn`]
@@ -25,6 +27,7 @@ pub mod error;
 pub mod kv;
 pub mod nodes;
 pub mod registry;
+pub mod tasks;
 pub mod txn;
 
 use std::collections::BTreeSet;
@@ -50,11 +53,20 @@ pub enum Table {
     Cluster,
     /// Agents, their allocations and node scheduling status.
     Agents,
+    /// Agents' tasks and memory.
+    Tasks,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 5] = [Table::Kv, Table::Models, Table::Nodes, Table::Cluster, Table::Agents];
+    pub const ALL: [Table; 6] = [
+        Table::Kv,
+        Table::Models,
+        Table::Nodes,
+        Table::Cluster,
+        Table::Agents,
+        Table::Tasks,
+    ];
 }
 
 /// What applying one command did.

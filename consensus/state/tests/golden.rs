@@ -26,6 +26,7 @@ use cell0_state::agents::{
 use cell0_state::command::RequestId;
 use cell0_state::nodes::{NodeCommand, NodeResources};
 use cell0_state::registry::{ModelCommand, ModelFile, ModelManifest};
+use cell0_state::tasks::{self, MemoryChange, TaskCommand, TaskResult};
 use cell0_state::{Command, MemTxn, Txn, agents, kv, nodes, registry};
 
 fn parse_command(words: &[&str]) -> Command {
@@ -185,6 +186,48 @@ fn parse_command(words: &[&str]) -> Command {
             reason: words[3..].join(" "),
             at_ms: 500,
         }),
+        "agent-release" => Command::Agent(AgentCommand::Released {
+            agent: words[1].into(),
+            incarnation: num(2),
+            node: num(3),
+        }),
+        "task-submit" => Command::Task(TaskCommand::Submit {
+            agent: words[1].into(),
+            idempotency_key: if words[2] == "-" {
+                String::new()
+            } else {
+                words[2].into()
+            },
+            input: text(3),
+            at_ms: 600,
+        }),
+        // task-complete AGENT TASK INCARNATION ok|fail TEXT [+key=value | -key]...
+        "task-complete" => Command::Task(TaskCommand::Complete {
+            agent: words[1].into(),
+            task: num(2),
+            incarnation: num(3),
+            result: match words[4] {
+                "ok" => TaskResult::Succeeded { output: text(5) },
+                "fail" => TaskResult::Failed { error: words[5].into() },
+                other => panic!("unknown result {other:?}"),
+            },
+            memory: words[6..]
+                .iter()
+                .map(|w| match w.split_at(1) {
+                    ("+", kv) => {
+                        let (key, value) = kv.split_once('=').expect("+key=value");
+                        MemoryChange::Put {
+                            key: key.into(),
+                            value: value.into(),
+                            embedding: tasks::encode_embedding(&[1.0, -0.5]),
+                        }
+                    }
+                    ("-", key) => MemoryChange::Delete { key: key.into() },
+                    _ => panic!("memory change {w:?}: +key=value or -key"),
+                })
+                .collect(),
+            at_ms: 700,
+        }),
         other => panic!("unknown command {other:?}"),
     }
 }
@@ -232,6 +275,25 @@ fn reads(state: &MemTxn) -> String {
         )
         .unwrap();
         writeln!(out, "  blocked: {}", agents::is_blocked(state, &a.spec.name).unwrap()).unwrap();
+        writeln!(
+            out,
+            "  stopping: {:?}",
+            agents::stopping_of(state, &a.spec.name).unwrap()
+        )
+        .unwrap();
+        writeln!(out, "  counts: {:?}", tasks::counts(state, &a.spec.name).unwrap()).unwrap();
+        for t in tasks::tasks_of(state, &a.spec.name, 0, 1000).unwrap() {
+            writeln!(out, "  task: {t:?}").unwrap();
+        }
+        let queued: Vec<u64> = tasks::inbox(state, &a.spec.name, 0, 1000)
+            .unwrap()
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        writeln!(out, "  inbox: {queued:?}").unwrap();
+        for (key, entry) in tasks::memory_list(state, &a.spec.name, "", 1000).unwrap() {
+            writeln!(out, "  memory {key}: {entry:?}").unwrap();
+        }
     }
     for (name, eval) in agents::pending_evals(state, "", 1000).unwrap() {
         writeln!(out, "eval {name}: {eval:?}").unwrap();
