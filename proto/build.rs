@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cell0/v1/agents.proto",
         "cell0/internal/v1/raft.proto",
         "cell0/internal/v1/blobs.proto",
+        "cell0/internal/v1/leases.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

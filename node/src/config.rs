@@ -49,6 +49,79 @@ pub struct NodeConfig {
     pub models: ModelsConfig,
     /// Resources offered beyond what the node measures itself.
     pub resources: ResourcesConfig,
+    /// The agent runtime: node leases and task concurrency.
+    pub agents: AgentsConfig,
+}
+
+/// The agent runtime (`[agents]`).
+///
+/// A node holds a lease with the leader, renewed every third of
+/// `node_lease_ms`. Without a renewal it stops its agents once
+/// `node_lease_ms - lease_margin_ms` passed since the last successful
+/// renewal was sent; the leader declares it down only after
+/// `node_lease_ms + lease_margin_ms` passed since it received that renewal,
+/// so the agents have stopped before they run elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// Whether this node runs agents (it still schedules them as leader).
+    pub enabled: bool,
+    /// The node lease, in milliseconds.
+    pub node_lease_ms: u64,
+    /// Safety margin on both sides of the lease for clock-rate differences
+    /// and scheduling delays, in milliseconds; less than half the lease.
+    pub lease_margin_ms: u64,
+    /// Tasks this node runs at once, over all of its agents (each agent
+    /// runs one task at a time, in submission order).
+    pub max_parallel_tasks: usize,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            node_lease_ms: 3_000,
+            lease_margin_ms: 500,
+            max_parallel_tasks: 16,
+        }
+    }
+}
+
+impl AgentsConfig {
+    /// The lease as a duration.
+    pub fn node_lease(&self) -> Duration {
+        Duration::from_millis(self.node_lease_ms)
+    }
+
+    /// The margin as a duration.
+    pub fn lease_margin(&self) -> Duration {
+        Duration::from_millis(self.lease_margin_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(300..=600_000).contains(&self.node_lease_ms) {
+            return Err(bad(
+                "agents.node_lease_ms",
+                format!("must be in 300..=600000, got {}", self.node_lease_ms),
+            ));
+        }
+        if self.lease_margin_ms == 0 || self.lease_margin_ms * 2 >= self.node_lease_ms {
+            return Err(bad(
+                "agents.lease_margin_ms",
+                format!(
+                    "must be at least 1 and less than half of agents.node_lease_ms ({}), got {}",
+                    self.node_lease_ms, self.lease_margin_ms
+                ),
+            ));
+        }
+        if !(1..=1024).contains(&self.max_parallel_tasks) {
+            return Err(bad(
+                "agents.max_parallel_tasks",
+                format!("must be in 1..=1024, got {}", self.max_parallel_tasks),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Model files on this node (`[models]`): limits on uploads, and the free
@@ -194,6 +267,7 @@ impl Default for NodeConfig {
             inference: InferenceConfig::default(),
             models: ModelsConfig::default(),
             resources: ResourcesConfig::default(),
+            agents: AgentsConfig::default(),
         }
     }
 }
@@ -296,6 +370,7 @@ impl NodeConfig {
             cell0_state::StateError::InvalidArgument { field, reason } => bad(&field, reason),
             other => bad("resources.labels", other.to_string()),
         })?;
+        self.agents.validate()?;
         self.models.validate()
     }
 }

@@ -110,11 +110,17 @@ impl DataDir {
             id.raft_created = true;
             write_atomically(&id_path, &serde_json::to_vec_pretty(&id)?)?;
         }
+        restrict(root, &id_path, &raft)?;
         Ok(Self {
             root: root.to_path_buf(),
             node_id: id.node_id,
             created,
         })
+    }
+
+    /// The agent runtime's directory (working directories and journal).
+    pub fn agents_dir(&self) -> PathBuf {
+        self.root.join("agents")
     }
 
     /// This node's id.
@@ -153,6 +159,26 @@ fn amnesia_message(root: &Path, raft: &Path, node_id: u64) -> String {
         identity = root.join(IDENTITY_FILE).display(),
         root = root.display(),
     )
+}
+
+/// Permissions: the data dir may be traversed by others (agent processes
+/// run as an unprivileged user reach their working directories under
+/// `agents/`) but not listed; the identity, the Raft store and the model
+/// files are the node's alone.
+fn restrict(root: &Path, identity: &Path, raft: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let models = root.join("models");
+    std::fs::create_dir_all(&models)?;
+    for (path, mode) in [
+        (root, 0o711),
+        (identity, 0o600),
+        (raft, 0o700),
+        (models.as_path(), 0o700),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

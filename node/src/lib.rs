@@ -27,7 +27,9 @@ pub mod telemetry;
 
 mod api;
 mod datadir;
+mod leases;
 mod models;
 mod ops;
 mod resources;
+mod runner;
 mod scheduling;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cell0::cli::{self, Output, agent, bench, infer, kv, model, snapshot};
+use cell0::cli::{self, Output, agent, bench, infer, kv, model, snapshot, task};
 use cell0::config::{LogFormat, NodeConfig};
 use cell0::{server, telemetry};
 use clap::{Args, Parser, Subcommand};
@@ -59,6 +59,9 @@ enum Command {
     /// Nodes' scheduling status: list, drain, eligibility.
     #[command(subcommand)]
     Node(agent::NodeCommand),
+    /// Submit tasks to agents, wait for results, read agents' memory.
+    #[command(subcommand)]
+    Task(task::TaskCommand),
     /// Embed texts and inspect the inference engine.
     #[command(subcommand)]
     Infer(infer::InferCommand),
@@ -303,6 +306,7 @@ fn main() -> ExitCode {
             Command::Model(cmd) => model::run(&cli.endpoint, cli.output, cmd).await,
             Command::Agent(cmd) => agent::run(&cli.endpoint, cli.output, cmd).await,
             Command::Node(cmd) => agent::run_node(&cli.endpoint, cli.output, cmd).await,
+            Command::Task(cmd) => task::run(&cli.endpoint, cli.output, cmd).await,
             Command::Infer(cmd) => infer::run(&cli.endpoint, cli.output, cmd).await,
             Command::Bench(cmd) => bench::run(&cli.endpoint, cli.output, cmd).await,
             Command::Snapshot(SnapshotCommand::Save { file }) => snapshot::save(&cli.endpoint, cli.output, &file).await,

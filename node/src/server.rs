@@ -32,6 +32,7 @@ use cell0_proto::v1::inference_server::InferenceServer;
 use cell0_proto::v1::kv_server::KvServer;
 use cell0_proto::v1::models_server::ModelsServer;
 use cell0_proto::v1::nodes_server::NodesServer;
+use cell0_proto::v1::tasks_server::TasksServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -42,13 +43,14 @@ use crate::api::cluster::ClusterApi;
 use crate::api::inference::InferenceApi;
 use crate::api::kv::KvApi;
 use crate::api::models::ModelsApi;
+use crate::api::tasks::TasksApi;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
 use crate::models::ModelManager;
 use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
 use crate::supervisor::{Backoff, Supervisor, TaskEnd, stopped};
-use crate::{ops, resources, scheduling, telemetry};
+use crate::{leases, ops, resources, runner, scheduling, telemetry};
 
 /// The record node `id` runs with under `config`: its name (by default
 /// derived from the id), site and advertised addresses.
@@ -202,6 +204,7 @@ async fn serve(
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone(), gate.clone())))
         .add_service(AgentsServer::new(AgentsApi::new(consensus.clone(), gate.clone())))
         .add_service(NodesServer::new(AgentsApi::new(consensus.clone(), gate.clone())))
+        .add_service(TasksServer::new(TasksApi::new(consensus.clone(), gate.clone())))
         .add_service(InferenceServer::new(InferenceApi::new(
             id,
             models.clone(),
@@ -212,10 +215,12 @@ async fn serve(
                 .max_decoding_message_size(MAX_UPLOAD_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(nodelay_incoming(listeners.public), when_stopped(stop()));
+    let lease_table = leases::LeaseTable::new(consensus.clone());
     let internal_server = cell0_consensus::network::server_builder()
         .add_service(consensus.internal_service())
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone(), gate)))
         .add_service(BlobsServer::new(BlobService::new(store)))
+        .add_service(lease_table.service())
         .serve_with_incoming_shutdown(nodelay_incoming(listeners.internal), when_stopped(stop()));
     let readiness = ops::Readiness::new(consensus.clone());
     let http_server = std::future::IntoFuture::into_future(
@@ -259,6 +264,28 @@ async fn serve(
         "scheduler",
         scheduling::run(consensus.clone(), cell0_scheduler::Options::default(), stop()),
     );
+    tasks.spawn(
+        "lease-expiry",
+        leases::expire(lease_table, config.agents.clone(), stop()),
+    );
+    if config.agents.enabled {
+        let (held, lease) = watch::channel(false);
+        tasks.spawn(
+            "lease",
+            leases::renew(consensus.clone(), config.agents.clone(), held, stop()),
+        );
+        tasks.spawn(
+            "agents",
+            runner::run(
+                consensus.clone(),
+                models.clone(),
+                datadir.agents_dir(),
+                config.agents.max_parallel_tasks,
+                lease,
+                stop(),
+            ),
+        );
+    }
     tasks.spawn("health", report_health(consensus.clone(), readiness, health, stop()));
 
     tracing::info!(

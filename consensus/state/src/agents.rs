@@ -290,7 +290,14 @@ impl AgentSpec {
                 check_command("config.command", command)?;
                 check_range("config.grace_ms", *grace_ms, 0, 3_600_000)?;
             }
-            AgentKind::Inference => {}
+            AgentKind::Inference => {
+                if self.constraints.model.is_empty() {
+                    return Err(StateError::invalid(
+                        "constraints.model",
+                        "must name the model an inference agent embeds with",
+                    ));
+                }
+            }
         }
         let r = &self.resources;
         check_range("resources.cpu_millis", r.cpu_millis, 1, u64::from(MAX_CPU_MILLIS))?;

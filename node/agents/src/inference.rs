@@ -121,12 +121,9 @@ fn json(value: serde_json::Value) -> Vec<u8> {
 
 /// Answers the task `input`, embedding with `embed` and recalling from
 /// `memory` (read only for recall); the error says what is wrong.
-pub async fn answer<E>(
-    input: &[u8],
-    memory: impl FnOnce() -> Result<Vec<Entry>, String>,
-    embed: E,
-) -> Result<Answer, String>
+pub async fn answer<M, E>(input: &[u8], memory: M, embed: E) -> Result<Answer, String>
 where
+    M: AsyncFnOnce() -> Result<Vec<Entry>, String>,
     E: AsyncFnOnce(String) -> Result<Vec<f32>, String>,
 {
     let request: Request =
@@ -151,7 +148,7 @@ where
                 return Err(format!("k is {k}; it must be between 1 and {MAX_K}"));
             }
             let query = embed(text).await?;
-            let memory = memory()?;
+            let memory = memory().await?;
             let matches: Vec<Match> = nearest(&memory, &query, k)
                 .into_iter()
                 .map(|(e, score)| Match {
@@ -194,9 +191,13 @@ mod tests {
             entry("c", vec![-1.0, 0.0]),
         ];
         let embed = async |_: String| Ok(vec![1.0, 0.0]);
-        let out = answer(br#"{"op":"recall","text":"x","k":2}"#, || Ok(memory.clone()), embed)
-            .await
-            .unwrap();
+        let out = answer(
+            br#"{"op":"recall","text":"x","k":2}"#,
+            async || Ok(memory.clone()),
+            embed,
+        )
+        .await
+        .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.output).unwrap();
         let keys: Vec<&str> = v["matches"]
             .as_array()
@@ -205,7 +206,7 @@ mod tests {
             .map(|m| m["key"].as_str().unwrap())
             .collect();
         assert_eq!(keys, ["a", "b"]);
-        let out = answer(br#"{"op":"remember","key":"k","text":"t"}"#, || Ok(vec![]), embed)
+        let out = answer(br#"{"op":"remember","key":"k","text":"t"}"#, async || Ok(vec![]), embed)
             .await
             .unwrap();
         assert_eq!(
@@ -221,9 +222,11 @@ mod tests {
     #[tokio::test]
     async fn bad_requests_say_what_is_wrong() {
         let embed = async |_: String| Ok(vec![1.0]);
-        let err = answer(b"{\"op\":\"dance\"}", || Ok(vec![]), embed).await.unwrap_err();
+        let err = answer(b"{\"op\":\"dance\"}", async || Ok(vec![]), embed)
+            .await
+            .unwrap_err();
         assert!(err.contains("not an inference request"), "{err}");
-        let err = answer(br#"{"op":"recall","text":"x","k":0}"#, || Ok(vec![]), embed)
+        let err = answer(br#"{"op":"recall","text":"x","k":0}"#, async || Ok(vec![]), embed)
             .await
             .unwrap_err();
         assert!(err.contains("k is 0"), "{err}");

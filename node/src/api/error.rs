@@ -107,13 +107,15 @@ pub enum Reason {
     /// The cluster refused an agent operation (a stopped agent, an unknown
     /// one); the message says why.
     AgentRefused,
+    /// A task id that does not exist; metadata `task`.
+    TaskNotFound,
     /// A bug or a storage failure.
     Internal,
 }
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 37] = [
+    pub const ALL: [Reason; 38] = [
         Reason::InvalidArgumentField,
         Reason::ModelAmbiguous,
         Reason::NotLeader,
@@ -150,6 +152,7 @@ impl Reason {
         Reason::NoHolder,
         Reason::AgentNotFound,
         Reason::AgentRefused,
+        Reason::TaskNotFound,
         Reason::Internal,
     ];
 
@@ -192,6 +195,7 @@ impl Reason {
             Reason::NoHolder => "NO_HOLDER",
             Reason::AgentNotFound => "AGENT_NOT_FOUND",
             Reason::AgentRefused => "AGENT_REFUSED",
+            Reason::TaskNotFound => "TASK_NOT_FOUND",
             Reason::Internal => "INTERNAL",
         }
     }
@@ -277,6 +281,12 @@ pub enum ApiError {
     /// The state machine refused an agent command; the reason says why.
     #[error("{0}")]
     AgentRefused(String),
+    /// `Get` or `Wait` of a task that does not exist.
+    #[error("no task has id {id}")]
+    TaskNotFound {
+        /// The id asked for.
+        id: u64,
+    },
     /// Something that cannot happen did.
     #[error("{0}")]
     Internal(String),
@@ -351,6 +361,9 @@ impl ApiError {
                 Described::new(Code::NotFound, Reason::AgentNotFound, self.to_string()).with("agent", name)
             }
             ApiError::AgentRefused(m) => Described::new(Code::FailedPrecondition, Reason::AgentRefused, m.clone()),
+            ApiError::TaskNotFound { id } => {
+                Described::new(Code::NotFound, Reason::TaskNotFound, self.to_string()).with("task", id)
+            }
             ApiError::Internal(m) => Described::new(Code::Internal, Reason::Internal, m.clone()),
         }
     }

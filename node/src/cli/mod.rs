@@ -8,6 +8,7 @@ pub mod infer;
 pub mod kv;
 pub mod model;
 pub mod snapshot;
+pub mod task;
 
 use std::time::Duration;
 

@@ -1,0 +1,379 @@
+//! End-to-end tests of the agent runtime: real `cell0` processes on
+//! loopback, the public API only, checked against each runtime's own
+//! journal of starts and stops.
+//!
+//! - exec agents answer tasks submitted with idempotency keys: every task
+//!   completes exactly once with the right output, a resubmitted key names
+//!   the same task, and draining a node under that load moves its agents
+//!   with no two incarnations of an agent ever running at the same time;
+//! - after kill -9 of a node (the leader too) its agents run elsewhere (the
+//!   test prints how long that took) and take tasks again.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cell0_agents::journal;
+use cell0_proto::v1;
+use cell0_proto::v1::agents_client::AgentsClient;
+use cell0_proto::v1::nodes_client::NodesClient;
+use cell0_proto::v1::tasks_client::TasksClient;
+use common::*;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// Polls `cond` every 50 ms until it holds, failing with `what` at the deadline.
+async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut cond: F) {
+    let end = Instant::now() + DEADLINE;
+    while !cond().await {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A directory agent processes (running as `nobody` when the tests run as
+/// root) can traverse to reach their working directories.
+fn traversable_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    root
+}
+
+/// An exec agent that answers `AGENT:INPUT-IN-CAPITALS`.
+fn echo_spec(name: &str) -> v1::AgentSpec {
+    v1::AgentSpec {
+        name: name.into(),
+        resources: Some(v1::AgentResources {
+            cpu_millis: 100,
+            memory_mb: 64,
+            gpu_memory_mb: 0,
+        }),
+        constraints: None,
+        restart: String::new(),
+        max_restarts: 0,
+        kind: Some(v1::agent_spec::Kind::Exec(v1::ExecConfig {
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "printf '%s:' \"$CELL0_AGENT\"; tr a-z A-Z".into(),
+            ],
+            timeout_ms: 20_000,
+            max_output_bytes: 4096,
+        })),
+    }
+}
+
+async fn agents(endpoint: &str) -> Vec<v1::AgentInfo> {
+    AgentsClient::new(channel(endpoint).await)
+        .list(v1::ListAgentsRequest {
+            start_after: String::new(),
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+}
+
+/// Agents whose allocation is running on a node, by node.
+async fn running_per_node(endpoint: &str) -> BTreeMap<u64, Vec<String>> {
+    let mut out: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for a in agents(endpoint).await {
+        if let Some(al) = &a.allocation
+            && al.status == "running"
+        {
+            out.entry(al.node).or_default().push(a.spec.unwrap().name);
+        }
+    }
+    out
+}
+
+async fn node_ids(endpoint: &str) -> Vec<u64> {
+    NodesClient::new(channel(endpoint).await)
+        .list(v1::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .collect()
+}
+
+async fn submit(endpoint: &str, agent: &str, input: &str, key: &str) -> v1::SubmitTaskResponse {
+    TasksClient::new(channel(endpoint).await)
+        .submit(v1::SubmitTaskRequest {
+            agent: agent.into(),
+            input: input.as_bytes().to_vec().into(),
+            idempotency_key: key.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn wait_task(endpoint: &str, id: u64) -> v1::TaskInfo {
+    let mut client = TasksClient::new(channel(endpoint).await);
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let t = client
+            .wait(v1::WaitTaskRequest { id, timeout_ms: 10_000 })
+            .await
+            .unwrap()
+            .into_inner();
+        if t.status != "queued" {
+            return t;
+        }
+        assert!(Instant::now() < end, "task {id} never completed: {t:?}");
+    }
+}
+
+/// Checks, from every node's journal, that no two incarnations of an agent
+/// ever ran at the same time (the nodes share this machine's monotonic
+/// clock); returns how many incarnations ran. A node killed at a
+/// monotonic time could not journal its stops: its incarnations ended then
+/// at the latest (their processes die with it).
+fn assert_no_overlap(dirs: &[(&Path, Option<u64>)]) -> usize {
+    let mut spans: BTreeMap<String, BTreeMap<u64, (u64, u64)>> = BTreeMap::new();
+    for (dir, killed_at) in dirs {
+        let path = dir.join("agents/journal.jsonl");
+        let Ok(records) = journal::read(&path) else {
+            continue;
+        };
+        for r in records {
+            let span = spans
+                .entry(r.agent.clone())
+                .or_default()
+                .entry(r.incarnation)
+                .or_insert((u64::MAX, u64::MAX));
+            match r.event.as_str() {
+                "started" => span.0 = r.monotonic_ns,
+                "stopped" => span.1 = r.monotonic_ns,
+                other => panic!("unknown journal event {other:?}"),
+            }
+        }
+        if let Some(killed) = killed_at {
+            for incarnations in spans.values_mut() {
+                for span in incarnations.values_mut() {
+                    if span.1 == u64::MAX && span.0 < *killed {
+                        span.1 = *killed;
+                    }
+                }
+            }
+        }
+    }
+    let mut count = 0;
+    for (agent, incarnations) in &spans {
+        let list: Vec<(u64, (u64, u64))> = incarnations.iter().map(|(i, s)| (*i, *s)).collect();
+        for pair in list.windows(2) {
+            let ((a, (_, a_end)), (b, (b_start, _))) = (pair[0], pair[1]);
+            assert!(
+                a_end <= b_start,
+                "agent {agent}: incarnation {b} started before incarnation {a} stopped"
+            );
+        }
+        count += list.len();
+    }
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
+    let root = traversable_root();
+    let cluster = start_cluster(root.path(), 3);
+    let endpoints: Vec<String> = cluster.iter().map(|n| n.endpoint()).collect();
+    wait_until("three nodes report resources", async || {
+        node_ids(&endpoints[0]).await.len() == 3
+    })
+    .await;
+
+    const AGENTS: usize = 12;
+    const TASKS: usize = 240;
+    let mut client = AgentsClient::new(channel(&endpoints[0]).await);
+    for i in 0..AGENTS {
+        client
+            .run(v1::RunAgentRequest {
+                spec: Some(echo_spec(&format!("echo-{i}"))),
+            })
+            .await
+            .unwrap();
+    }
+    wait_until("every agent runs", async || {
+        running_per_node(&endpoints[1])
+            .await
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            == AGENTS
+    })
+    .await;
+
+    // Half the tasks, spread over the nodes; then drain the node with the
+    // most agents while the rest arrive.
+    let mut ids = Vec::new();
+    for t in 0..TASKS {
+        if t == TASKS / 2 {
+            let placed = running_per_node(&endpoints[0]).await;
+            let (busiest, _) = placed.iter().max_by_key(|(_, a)| a.len()).unwrap();
+            NodesClient::new(channel(&endpoints[0]).await)
+                .drain(v1::DrainNodeRequest { node: *busiest })
+                .await
+                .unwrap();
+        }
+        let agent = format!("echo-{}", t % AGENTS);
+        let r = submit(
+            &endpoints[t % 3],
+            &agent,
+            &format!("task number {t}"),
+            &format!("key-{t}"),
+        )
+        .await;
+        assert!(!r.existing);
+        ids.push((t, agent, r.id));
+    }
+    // A retried key names the task it named first.
+    for (t, agent, id) in ids.iter().take(10) {
+        let r = submit(&endpoints[(t + 1) % 3], agent, "something else", &format!("key-{t}")).await;
+        assert_eq!((r.id, r.existing), (*id, true));
+    }
+    for (t, agent, id) in &ids {
+        let task = wait_task(&endpoints[t % 3], *id).await;
+        assert_eq!(task.status, "succeeded", "{task:?}");
+        assert_eq!(
+            String::from_utf8(task.output.to_vec()).unwrap(),
+            format!("{agent}:TASK NUMBER {t}")
+        );
+        assert!(task.incarnation >= 1);
+    }
+    // Every task once in its agent's list.
+    let mut listed = 0;
+    for i in 0..AGENTS {
+        let page = TasksClient::new(channel(&endpoints[2]).await)
+            .list(v1::ListTasksRequest {
+                agent: format!("echo-{i}"),
+                start_after: 0,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.tasks.iter().all(|t| t.status == "succeeded"));
+        listed += page.tasks.len();
+    }
+    assert_eq!(listed, TASKS);
+
+    // The drained node runs nothing; every agent runs elsewhere.
+    wait_until("every agent runs off the drained node", async || {
+        let placed = running_per_node(&endpoints[0]).await;
+        let draining: Vec<u64> = NodesClient::new(channel(&endpoints[0]).await)
+            .list(v1::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+            .iter()
+            .filter(|n| n.state == "draining")
+            .map(|n| n.id)
+            .collect();
+        placed.values().map(Vec::len).sum::<usize>() == AGENTS && draining.iter().all(|d| !placed.contains_key(d))
+    })
+    .await;
+    let dirs: Vec<(&Path, Option<u64>)> = cluster.iter().map(|n| (n.dir.as_path(), None)).collect();
+    let incarnations = assert_no_overlap(&dirs);
+    assert!(
+        incarnations > AGENTS,
+        "the drain moved no agent ({incarnations} incarnations)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_a_nodes_agents_run_elsewhere() {
+    let root = traversable_root();
+    let mut cluster = start_cluster(root.path(), 3);
+    let endpoints: Vec<String> = cluster.iter().map(|n| n.endpoint()).collect();
+    wait_until("three nodes report resources", async || {
+        node_ids(&endpoints[0]).await.len() == 3
+    })
+    .await;
+    const AGENTS: usize = 6;
+    let mut client = AgentsClient::new(channel(&endpoints[0]).await);
+    for i in 0..AGENTS {
+        client
+            .run(v1::RunAgentRequest {
+                spec: Some(echo_spec(&format!("survivor-{i}"))),
+            })
+            .await
+            .unwrap();
+    }
+    wait_until("every agent runs", async || {
+        running_per_node(&endpoints[0])
+            .await
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            == AGENTS
+    })
+    .await;
+    // A node that runs agents (bin-packing puts them together), whichever
+    // it is, the leader included.
+    let placed = running_per_node(&endpoints[0]).await;
+    let mut victim = None;
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let id = common::status(endpoint).await.node_id;
+        if placed.contains_key(&id) {
+            victim = Some((i, id));
+        }
+    }
+    let (victim, victim_id) = victim.expect("some node runs the agents");
+    let killed = Instant::now();
+    cluster[victim].kill9();
+    let killed_at = journal::monotonic_ns();
+    let survivor = (victim + 1) % 3;
+    let _logs = DumpLogs(cluster.iter().map(|n| n.dir.with_extension("log")).collect());
+    wait_until("the killed node's agents run elsewhere", async || {
+        let placed = running_per_node(&endpoints[survivor]).await;
+        !placed.contains_key(&victim_id) && placed.values().map(Vec::len).sum::<usize>() == AGENTS
+    })
+    .await;
+    println!(
+        "kill -9 to every agent running elsewhere: {} ms",
+        killed.elapsed().as_millis()
+    );
+    for i in 0..AGENTS {
+        let agent = format!("survivor-{i}");
+        let r = submit(&endpoints[survivor], &agent, "still here", "").await;
+        let task = wait_task(&endpoints[survivor], r.id).await;
+        assert_eq!(
+            String::from_utf8(task.output.to_vec()).unwrap(),
+            format!("{agent}:STILL HERE")
+        );
+    }
+    let dirs: Vec<(&Path, Option<u64>)> = cluster
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.dir.as_path(), (i == victim).then_some(killed_at)))
+        .collect();
+    assert_no_overlap(&dirs);
+}
+
+/// Prints the nodes' logs if the test fails.
+struct DumpLogs(Vec<std::path::PathBuf>);
+
+impl Drop for DumpLogs {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in &self.0 {
+                eprintln!(
+                    "==== {}\n{}",
+                    p.display(),
+                    std::fs::read_to_string(p).unwrap_or_default()
+                );
+            }
+        }
+    }
+}
