@@ -7,7 +7,12 @@
 //!   the same task, and draining a node under that load moves its agents
 //!   with no two incarnations of an agent ever running at the same time;
 //! - after kill -9 of a node (the leader too) its agents run elsewhere (the
-//!   test prints how long that took) and take tasks again.
+//!   test prints how long that took) and take tasks again;
+//! - a node stopped (SIGSTOP) past its lease loses its agents to other
+//!   nodes; resumed, it does not restart them, and the results it finishes
+//!   late never count;
+//! - an inference agent remembers 100 texts, recalls the expected
+//!   neighbours, and recalls the same after it moved to another node.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -359,6 +364,244 @@ async fn after_kill_9_a_nodes_agents_run_elsewhere() {
         .map(|(i, n)| (n.dir.as_path(), (i == victim).then_some(killed_at)))
         .collect();
     assert_no_overlap(&dirs);
+}
+
+fn signal(node: &Node, sig: &str) {
+    let pid = node.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// A counter's value in a node's Prometheus text (0 when absent).
+fn counter(node: &Node, name: &str) -> f64 {
+    let (_, body) = node.http_get("/metrics").expect("metrics answer");
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_past_its_lease_loses_its_agents_and_its_late_results() {
+    let root = traversable_root();
+    let cluster = start_cluster(root.path(), 3);
+    let endpoints: Vec<String> = cluster.iter().map(|n| n.endpoint()).collect();
+    wait_until("three nodes report resources", async || {
+        node_ids(&endpoints[0]).await.len() == 3
+    })
+    .await;
+    const AGENTS: usize = 3;
+    let mut client = AgentsClient::new(channel(&endpoints[0]).await);
+    for i in 0..AGENTS {
+        let mut spec = echo_spec(&format!("slow-{i}"));
+        spec.kind = Some(v1::agent_spec::Kind::Exec(v1::ExecConfig {
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "touch running; sleep 1; printf done".into(),
+            ],
+            timeout_ms: 20_000,
+            max_output_bytes: 64,
+        }));
+        client.run(v1::RunAgentRequest { spec: Some(spec) }).await.unwrap();
+    }
+    wait_until("every agent runs", async || {
+        running_per_node(&endpoints[0])
+            .await
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            == AGENTS
+    })
+    .await;
+    let placed = running_per_node(&endpoints[0]).await;
+    let mut frozen = None;
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let id = common::status(endpoint).await.node_id;
+        if placed.contains_key(&id) {
+            frozen = Some((i, id));
+        }
+    }
+    let (frozen, frozen_id) = frozen.expect("some node runs the agents");
+    let other = (frozen + 1) % 3;
+    let _logs = DumpLogs(cluster.iter().map(|n| n.dir.with_extension("log")).collect());
+    // A task in flight on each agent, then the node freezes mid-task (its
+    // tasks' processes run on and finish while it is stopped).
+    let mut tasks = Vec::new();
+    for i in 0..AGENTS {
+        tasks.push(submit(&endpoints[other], &format!("slow-{i}"), "", "").await.id);
+    }
+    let work = cluster[frozen].dir.join("agents/work");
+    wait_until("every task runs on the node", async || {
+        (0..AGENTS).all(|i| work.join(format!("slow-{i}/1/running")).exists())
+    })
+    .await;
+    signal(&cluster[frozen], "-STOP");
+    wait_until("the frozen node's agents run elsewhere", async || {
+        let placed = running_per_node(&endpoints[other]).await;
+        !placed.contains_key(&frozen_id) && placed.values().map(Vec::len).sum::<usize>() == AGENTS
+    })
+    .await;
+    signal(&cluster[frozen], "-CONT");
+    // Every task's result comes from the new incarnations.
+    for id in &tasks {
+        let task = wait_task(&endpoints[other], *id).await;
+        assert_eq!(task.status, "succeeded", "{task:?}");
+        assert!(
+            task.incarnation >= 2,
+            "a result of the frozen incarnation counted: {task:?}"
+        );
+    }
+    // Resumed, the node rejoins (its lease renewed, it is ready again) and
+    // never restarts the superseded incarnations.
+    wait_until("the resumed node is ready again", async || {
+        NodesClient::new(channel(&endpoints[other]).await)
+            .list(v1::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+            .iter()
+            .any(|n| n.id == frozen_id && n.state == "ready")
+    })
+    .await;
+    let records = journal::read(&cluster[frozen].dir.join("agents/journal.jsonl")).unwrap();
+    let started = records.iter().filter(|r| r.event == "started").count();
+    assert_eq!(
+        started, AGENTS,
+        "the resumed node restarted superseded agents: {records:?}"
+    );
+    assert!(running_per_node(&endpoints[other]).await.get(&frozen_id).is_none());
+    println!(
+        "late results the resumed node sent and the cluster refused: {}",
+        counter(&cluster[frozen], "cell0_agent_task_results_rejected_total")
+    );
+}
+
+const TOPICS: [&str; 5] = [
+    "cooking pasta with tomato sauce and fresh basil",
+    "programming in Rust with ownership and borrowing",
+    "hiking in the mountains above the tree line",
+    "jazz saxophone improvisation in a small club",
+    "investing in index funds for retirement",
+];
+
+async fn remember_and_recall(endpoint: &str, agent: &str, query: &str) -> serde_json::Value {
+    let r = submit(
+        endpoint,
+        agent,
+        &format!(r#"{{"op":"recall","text":"{query}","k":5}}"#),
+        "",
+    )
+    .await;
+    let task = wait_task(endpoint, r.id).await;
+    assert_eq!(task.status, "succeeded", "{task:?}");
+    serde_json::from_slice(&task.output).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inference_agent_recalls_the_same_after_it_moves() {
+    let root = traversable_root();
+    let cluster = start_cluster(root.path(), 3);
+    let endpoints: Vec<String> = cluster.iter().map(|n| n.endpoint()).collect();
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
+    let added = cli(&[
+        "model",
+        "add",
+        model.to_str().unwrap(),
+        "--name",
+        "minilm",
+        "--version",
+        "1",
+        "--endpoint",
+        &endpoints[0],
+    ]);
+    assert!(added.status.success(), "{}", stderr(&added));
+    wait_until("every node holds the model", async || {
+        let ls = cli(&["model", "ls", "--output", "json", "--endpoint", &endpoints[0]]);
+        let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap_or_default();
+        v[0]["holders"].as_array().is_some_and(|h| h.len() == 3)
+    })
+    .await;
+    let mut spec = echo_spec("memo");
+    spec.kind = Some(v1::agent_spec::Kind::Inference(v1::InferenceConfig {}));
+    spec.constraints = Some(v1::AgentConstraints {
+        model: "minilm".into(),
+        ..Default::default()
+    });
+    AgentsClient::new(channel(&endpoints[0]).await)
+        .run(v1::RunAgentRequest { spec: Some(spec) })
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let text = format!("{} (note {i})", TOPICS[i % TOPICS.len()]);
+        let input = format!(r#"{{"op":"remember","key":"note-{i:03}","text":"{text}"}}"#);
+        ids.push(
+            submit(&endpoints[i % 3], "memo", &input, &format!("remember-{i}"))
+                .await
+                .id,
+        );
+    }
+    for id in ids {
+        assert_eq!(wait_task(&endpoints[0], id).await.status, "succeeded");
+    }
+    let before = remember_and_recall(&endpoints[1], "memo", "how long should spaghetti boil").await;
+    let keys: Vec<u64> = before["matches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["key"].as_str().unwrap()[5..].parse().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 5);
+    assert!(
+        keys.iter().all(|k| k % 5 == 0),
+        "recall should find the pasta notes: {before}"
+    );
+
+    let first = AgentsClient::new(channel(&endpoints[0]).await)
+        .get(v1::GetAgentRequest { name: "memo".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .allocation
+        .unwrap();
+    AgentsClient::new(channel(&endpoints[0]).await)
+        .migrate(v1::MigrateAgentRequest {
+            name: "memo".into(),
+            to_node: 0,
+        })
+        .await
+        .unwrap();
+    wait_until("the agent runs on another node", async || {
+        let a = AgentsClient::new(channel(&endpoints[0]).await)
+            .get(v1::GetAgentRequest { name: "memo".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .allocation
+            .unwrap();
+        a.status == "running" && a.node != first.node
+    })
+    .await;
+    let after = remember_and_recall(&endpoints[2], "memo", "how long should spaghetti boil").await;
+    assert_eq!(before, after, "recall changed after the move");
+    let memory = TasksClient::new(channel(&endpoints[2]).await)
+        .list_memory(v1::ListMemoryRequest {
+            agent: "memo".into(),
+            start_after: String::new(),
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(memory.entries.len(), 100);
+    assert!(memory.entries.iter().all(|e| e.embedding_dims == 384));
 }
 
 /// Prints the nodes' logs if the test fails.
