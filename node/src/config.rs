@@ -53,7 +53,8 @@ pub struct NodeConfig {
     pub agents: AgentsConfig,
 }
 
-/// The agent runtime (`[agents]`).
+/// The agent runtime (`[agents]`). Every node runs agents the scheduler
+/// places on it; `cell0 node eligibility --disable` keeps new ones away.
 ///
 /// A node holds a lease with the leader, renewed every third of
 /// `node_lease_ms`. Without a renewal it stops its agents once
@@ -64,8 +65,6 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentsConfig {
-    /// Whether this node runs agents (it still schedules them as leader).
-    pub enabled: bool,
     /// The node lease, in milliseconds.
     pub node_lease_ms: u64,
     /// Safety margin on both sides of the lease for clock-rate differences
@@ -79,7 +78,6 @@ pub struct AgentsConfig {
 impl Default for AgentsConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
             node_lease_ms: 3_000,
             lease_margin_ms: 500,
             max_parallel_tasks: 16,

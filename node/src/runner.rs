@@ -111,6 +111,8 @@ struct Local {
     /// The last task this incarnation finished, so a replica that has not
     /// applied its result yet does not hand it out again.
     last_done: u64,
+    /// Whether its start was reported (or needed no report).
+    reported: bool,
 }
 
 /// The runner's parts shared with spawned work.
@@ -208,7 +210,7 @@ async fn handle_event(shared: &Shared, local: &mut BTreeMap<String, Local>, even
                     End::Failed(reason) => (AllocStatus::Failed, reason),
                     End::Completed | End::Stopped => (AllocStatus::Stopped, "exited".to_string()),
                 };
-                report(shared, &agent, incarnation, status, reason).await;
+                let _ = report(shared, &agent, incarnation, status, reason).await;
             }
         }
     }
@@ -248,19 +250,26 @@ async fn round(shared: &Arc<Shared>, local: &mut BTreeMap<String, Local>, view: 
     }
     // 3. Start what is placed here.
     for (name, w) in &view.wanted {
-        if local.contains_key(name) || w.blocked {
+        if let Some(l) = local.get_mut(name) {
+            // Started, but its report failed: say it again.
+            if !l.reported && l.incarnation == w.incarnation && w.status == AllocStatus::Pending {
+                l.reported = report(shared, name, w.incarnation, AllocStatus::Running, String::new()).await;
+            }
+            continue;
+        }
+        if w.blocked {
             continue;
         }
         match start(shared, name, w) {
-            Ok(l) => {
-                local.insert(name.clone(), l);
+            Ok(mut l) => {
                 if w.status == AllocStatus::Pending {
-                    report(shared, name, w.incarnation, AllocStatus::Running, String::new()).await;
+                    l.reported = report(shared, name, w.incarnation, AllocStatus::Running, String::new()).await;
                 }
+                local.insert(name.clone(), l);
             }
             Err(e) => {
                 tracing::warn!(agent = %name, error = %e, "cannot start an agent");
-                report(shared, name, w.incarnation, AllocStatus::Failed, e).await;
+                let _ = report(shared, name, w.incarnation, AllocStatus::Failed, e).await;
             }
         }
     }
@@ -303,6 +312,7 @@ fn start(shared: &Arc<Shared>, name: &str, w: &Wanted) -> Result<Local, String> 
         process: None,
         task: None,
         last_done: 0,
+        reported: true,
     };
     if let AgentKind::Process { command, grace_ms } = &w.spec.kind {
         let (tx, rx) = watch::channel(false);
@@ -358,7 +368,8 @@ async fn stop_local(shared: &Shared, name: &str, l: Local) {
     tracing::info!(agent = name, incarnation = l.incarnation, "agent stopped");
 }
 
-async fn report(shared: &Shared, agent: &str, incarnation: u64, status: AllocStatus, reason: String) {
+/// Reports an allocation's status; whether the report was committed.
+async fn report(shared: &Shared, agent: &str, incarnation: u64, status: AllocStatus, reason: String) -> bool {
     let command = AgentCommand::Report {
         agent: agent.to_string(),
         incarnation,
@@ -366,8 +377,12 @@ async fn report(shared: &Shared, agent: &str, incarnation: u64, status: AllocSta
         reason,
         at_ms: now_ms(),
     };
-    if let Err(e) = shared.consensus.propose(command.into_command()).await {
-        tracing::warn!(agent, incarnation, error = %e, "cannot report an agent's status");
+    match shared.consensus.propose(command.into_command()).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(agent, incarnation, error = %e, "cannot report an agent's status");
+            false
+        }
     }
 }
 

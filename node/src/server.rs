@@ -268,24 +268,22 @@ async fn serve(
         "lease-expiry",
         leases::expire(lease_table, config.agents.clone(), stop()),
     );
-    if config.agents.enabled {
-        let (held, lease) = watch::channel(false);
-        tasks.spawn(
-            "lease",
-            leases::renew(consensus.clone(), config.agents.clone(), held, stop()),
-        );
-        tasks.spawn(
-            "agents",
-            runner::run(
-                consensus.clone(),
-                models.clone(),
-                datadir.agents_dir(),
-                config.agents.max_parallel_tasks,
-                lease,
-                stop(),
-            ),
-        );
-    }
+    let (held, lease) = watch::channel(false);
+    tasks.spawn(
+        "lease",
+        leases::renew(consensus.clone(), config.agents.clone(), held, stop()),
+    );
+    tasks.spawn(
+        "agents",
+        runner::run(
+            consensus.clone(),
+            models.clone(),
+            datadir.agents_dir(),
+            config.agents.max_parallel_tasks,
+            lease,
+            stop(),
+        ),
+    );
     tasks.spawn("health", report_health(consensus.clone(), readiness, health, stop()));
 
     tracing::info!(

@@ -476,7 +476,7 @@ async fn a_node_stopped_past_its_lease_loses_its_agents_and_its_late_results() {
         started, AGENTS,
         "the resumed node restarted superseded agents: {records:?}"
     );
-    assert!(running_per_node(&endpoints[other]).await.get(&frozen_id).is_none());
+    assert!(!running_per_node(&endpoints[other]).await.contains_key(&frozen_id));
     println!(
         "late results the resumed node sent and the cluster refused: {}",
         counter(&cluster[frozen], "cell0_agent_task_results_rejected_total")

@@ -44,8 +44,11 @@ pub struct Sandbox {
     root: PathBuf,
     unprivileged: bool,
     cgroups: Option<PathBuf>,
-    next_group: AtomicU64,
 }
+
+/// Numbers the memory groups of every sandbox in the process (several
+/// nodes may share one process, and so the `cell0-<pid>` group).
+static NEXT_GROUP: AtomicU64 = AtomicU64::new(0);
 
 impl Sandbox {
     /// A sandbox whose working directories live under `root` (created,
@@ -62,7 +65,6 @@ impl Sandbox {
             root: root.to_path_buf(),
             unprivileged,
             cgroups,
-            next_group: AtomicU64::new(0),
         })
     }
 
@@ -166,7 +168,7 @@ impl Sandbox {
     /// has cgroup v1 memory (None otherwise).
     pub fn memory_group(&self, limits: Limits) -> Option<MemoryGroup> {
         let root = self.cgroups.as_ref()?;
-        let n = self.next_group.fetch_add(1, Ordering::Relaxed);
+        let n = NEXT_GROUP.fetch_add(1, Ordering::Relaxed);
         let dir = root.join(n.to_string());
         std::fs::create_dir(&dir).ok()?;
         let bytes = limits.memory_mb.saturating_mul(1024 * 1024);

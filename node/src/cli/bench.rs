@@ -47,6 +47,9 @@ pub enum BenchCommand {
     /// Embed throughput and latency of one node through the public API
     /// (concurrent requests share forward passes).
     Embed(EmbedBench),
+    /// Agent spawn latency and migration downtime on a running cluster,
+    /// one agent at a time.
+    Agents(super::agent_bench::AgentsBench),
 }
 
 /// Options of `cell0 bench embed`.
@@ -196,6 +199,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: BenchCommand) -> anyhow::R
         BenchCommand::Infer(b) => infer(output, b).await,
         BenchCommand::Schedule(b) => schedule(output, b).await,
         BenchCommand::Embed(b) => embed(endpoint, output, b).await,
+        BenchCommand::Agents(b) => super::agent_bench::run(endpoint, output, b).await,
     }
 }
 

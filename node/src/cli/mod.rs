@@ -3,6 +3,7 @@
 //! failures as one line with a non-zero exit code.
 
 pub mod agent;
+mod agent_bench;
 pub mod bench;
 pub mod infer;
 pub mod kv;
