@@ -187,36 +187,53 @@ fn assert_no_overlap(dirs: &[(&Path, Option<u64>)]) -> usize {
     count
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
-    let root = traversable_root();
-    let cluster = start_cluster(root.path(), 3);
+/// Starts a 3-node cluster and runs `specs` on it; returns once every agent
+/// runs.
+async fn cluster_running(root: &Path, specs: Vec<v1::AgentSpec>) -> (Vec<Node>, Vec<String>) {
+    let cluster = start_cluster(root, 3);
     let endpoints: Vec<String> = cluster.iter().map(|n| n.endpoint()).collect();
     wait_until("three nodes report resources", async || {
         node_ids(&endpoints[0]).await.len() == 3
     })
     .await;
-
-    const AGENTS: usize = 12;
-    const TASKS: usize = 240;
+    let count = specs.len();
     let mut client = AgentsClient::new(channel(&endpoints[0]).await);
-    for i in 0..AGENTS {
-        client
-            .run(v1::RunAgentRequest {
-                spec: Some(echo_spec(&format!("echo-{i}"))),
-            })
-            .await
-            .unwrap();
+    for spec in specs {
+        client.run(v1::RunAgentRequest { spec: Some(spec) }).await.unwrap();
     }
     wait_until("every agent runs", async || {
-        running_per_node(&endpoints[1])
+        running_per_node(&endpoints[0])
             .await
             .values()
             .map(Vec::len)
             .sum::<usize>()
-            == AGENTS
+            == count
     })
     .await;
+    (cluster, endpoints)
+}
+
+/// The index and id of a node that runs agents (bin-packing puts them
+/// together), whichever it is, the leader included.
+async fn node_with_agents(endpoints: &[String]) -> (usize, u64) {
+    let placed = running_per_node(&endpoints[0]).await;
+    let mut found = None;
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let id = common::status(endpoint).await.node_id;
+        if placed.contains_key(&id) {
+            found = Some((i, id));
+        }
+    }
+    found.expect("some node runs the agents")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
+    let root = traversable_root();
+    const AGENTS: usize = 12;
+    const TASKS: usize = 240;
+    let specs = (0..AGENTS).map(|i| echo_spec(&format!("echo-{i}"))).collect();
+    let (cluster, endpoints) = cluster_running(root.path(), specs).await;
 
     // Half the tasks, spread over the nodes; then drain the node with the
     // most agents while the rest arrive.
@@ -299,42 +316,10 @@ async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_a_nodes_agents_run_elsewhere() {
     let root = traversable_root();
-    let mut cluster = start_cluster(root.path(), 3);
-    let endpoints: Vec<String> = cluster.iter().map(|n| n.endpoint()).collect();
-    wait_until("three nodes report resources", async || {
-        node_ids(&endpoints[0]).await.len() == 3
-    })
-    .await;
     const AGENTS: usize = 6;
-    let mut client = AgentsClient::new(channel(&endpoints[0]).await);
-    for i in 0..AGENTS {
-        client
-            .run(v1::RunAgentRequest {
-                spec: Some(echo_spec(&format!("survivor-{i}"))),
-            })
-            .await
-            .unwrap();
-    }
-    wait_until("every agent runs", async || {
-        running_per_node(&endpoints[0])
-            .await
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            == AGENTS
-    })
-    .await;
-    // A node that runs agents (bin-packing puts them together), whichever
-    // it is, the leader included.
-    let placed = running_per_node(&endpoints[0]).await;
-    let mut victim = None;
-    for (i, endpoint) in endpoints.iter().enumerate() {
-        let id = common::status(endpoint).await.node_id;
-        if placed.contains_key(&id) {
-            victim = Some((i, id));
-        }
-    }
-    let (victim, victim_id) = victim.expect("some node runs the agents");
+    let specs = (0..AGENTS).map(|i| echo_spec(&format!("survivor-{i}"))).collect();
+    let (mut cluster, endpoints) = cluster_running(root.path(), specs).await;
+    let (victim, victim_id) = node_with_agents(&endpoints).await;
     let killed = Instant::now();
     cluster[victim].kill9();
     let killed_at = journal::monotonic_ns();
@@ -389,45 +374,24 @@ fn counter(node: &Node, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_past_its_lease_loses_its_agents_and_its_late_results() {
     let root = traversable_root();
-    let cluster = start_cluster(root.path(), 3);
-    let endpoints: Vec<String> = cluster.iter().map(|n| n.endpoint()).collect();
-    wait_until("three nodes report resources", async || {
-        node_ids(&endpoints[0]).await.len() == 3
-    })
-    .await;
     const AGENTS: usize = 3;
-    let mut client = AgentsClient::new(channel(&endpoints[0]).await);
-    for i in 0..AGENTS {
-        let mut spec = echo_spec(&format!("slow-{i}"));
-        spec.kind = Some(v1::agent_spec::Kind::Exec(v1::ExecConfig {
-            command: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "touch running; sleep 1; printf done".into(),
-            ],
-            timeout_ms: 20_000,
-            max_output_bytes: 64,
-        }));
-        client.run(v1::RunAgentRequest { spec: Some(spec) }).await.unwrap();
-    }
-    wait_until("every agent runs", async || {
-        running_per_node(&endpoints[0])
-            .await
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            == AGENTS
-    })
-    .await;
-    let placed = running_per_node(&endpoints[0]).await;
-    let mut frozen = None;
-    for (i, endpoint) in endpoints.iter().enumerate() {
-        let id = common::status(endpoint).await.node_id;
-        if placed.contains_key(&id) {
-            frozen = Some((i, id));
-        }
-    }
-    let (frozen, frozen_id) = frozen.expect("some node runs the agents");
+    let specs = (0..AGENTS)
+        .map(|i| {
+            let mut spec = echo_spec(&format!("slow-{i}"));
+            spec.kind = Some(v1::agent_spec::Kind::Exec(v1::ExecConfig {
+                command: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "touch running; sleep 1; printf done".into(),
+                ],
+                timeout_ms: 20_000,
+                max_output_bytes: 64,
+            }));
+            spec
+        })
+        .collect();
+    let (cluster, endpoints) = cluster_running(root.path(), specs).await;
+    let (frozen, frozen_id) = node_with_agents(&endpoints).await;
     let other = (frozen + 1) % 3;
     let _logs = DumpLogs(cluster.iter().map(|n| n.dir.with_extension("log")).collect());
     // A task in flight on each agent, then the node freezes mid-task (its
