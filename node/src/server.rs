@@ -202,8 +202,16 @@ async fn serve(
             gate.clone(),
         )))
         .add_service(ClusterServer::new(ClusterApi::new(consensus.clone(), gate.clone())))
-        .add_service(AgentsServer::new(AgentsApi::new(consensus.clone(), gate.clone())))
-        .add_service(NodesServer::new(AgentsApi::new(consensus.clone(), gate.clone())))
+        .add_service(AgentsServer::new(AgentsApi::new(
+            consensus.clone(),
+            gate.clone(),
+            tasks.clone(),
+        )))
+        .add_service(NodesServer::new(AgentsApi::new(
+            consensus.clone(),
+            gate.clone(),
+            tasks.clone(),
+        )))
         .add_service(TasksServer::new(TasksApi::new(consensus.clone(), gate.clone())))
         .add_service(InferenceServer::new(InferenceApi::new(
             id,

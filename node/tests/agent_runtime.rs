@@ -238,10 +238,21 @@ async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
     // Half the tasks, spread over the nodes; then drain the node with the
     // most agents while the rest arrive.
     let mut ids = Vec::new();
+    let mut watch = None;
     for t in 0..TASKS {
         if t == TASKS / 2 {
             let placed = running_per_node(&endpoints[0]).await;
-            let (busiest, _) = placed.iter().max_by_key(|(_, a)| a.len()).unwrap();
+            let (busiest, on_it) = placed.iter().max_by_key(|(_, a)| a.len()).unwrap();
+            // One agent of that node as a client follows it.
+            let mut stream = AgentsClient::new(channel(&endpoints[1]).await)
+                .watch(v1::WatchAgentRequest { name: on_it[0].clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            let first = stream.message().await.unwrap().unwrap();
+            let first = first.allocation.unwrap();
+            assert_eq!((first.node, first.status.as_str()), (*busiest, "running"));
+            watch = Some((stream, first.incarnation));
             NodesClient::new(channel(&endpoints[0]).await)
                 .drain(v1::DrainNodeRequest { node: *busiest })
                 .await
@@ -305,6 +316,21 @@ async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
         placed.values().map(Vec::len).sum::<usize>() == AGENTS && draining.iter().all(|d| !placed.contains_key(d))
     })
     .await;
+    // The watch saw the move: the next incarnation, running.
+    let (mut stream, before) = watch.unwrap();
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let a = stream.message().await.unwrap().expect("the watch ended");
+            if a.allocation
+                .as_ref()
+                .is_some_and(|a| a.incarnation > before && a.status == "running")
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the watch never showed the agent running again");
     let dirs: Vec<(&Path, Option<u64>)> = cluster.iter().map(|n| (n.dir.as_path(), None)).collect();
     let incarnations = assert_no_overlap(&dirs);
     assert!(

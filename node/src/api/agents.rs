@@ -11,14 +11,22 @@ use cell0_consensus::agents::{
     self, AgentCommand, AgentKind, AgentOutcome, AgentRecord, AgentSpec, AllocStatus, Allocation, Constraints, Desired,
     NodeState, Resources, RestartPolicy,
 };
-use cell0_consensus::{Consensus, ConsensusError, Consistency, Response as Applied, nodes};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use cell0_consensus::{Consensus, ConsensusError, Consistency, Response as Applied, Table, nodes};
 use cell0_proto::v1::agents_server::Agents;
 use cell0_proto::v1::nodes_server::Nodes;
 use cell0_proto::v1::{self, agent_spec::Kind};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::kv::MAX_WATCHES;
 use super::{ApiError, RequestGate};
 use crate::scheduling::now_ms;
+use crate::supervisor::{Supervisor, stopped};
 
 /// Most agents one `List` page returns.
 pub const MAX_LIST_PAGE: u32 = 1000;
@@ -198,12 +206,35 @@ fn generation(o: AgentOutcome) -> Result<u64, ApiError> {
 pub struct AgentsApi {
     consensus: Consensus,
     gate: RequestGate,
+    tasks: Supervisor,
+    /// `Watch` streams open at once (at most [`MAX_WATCHES`]).
+    watches: Arc<Semaphore>,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::AgentInfo, Status>> + Send>>;
+
+/// The agent named `name` as the API shows it, from the local replica.
+async fn read_agent(consensus: &Consensus, name: &str, consistency: Consistency) -> Result<v1::AgentInfo, ApiError> {
+    let lookup = name.to_string();
+    let (record, allocation) = consensus
+        .read(consistency, move |txn| {
+            Ok((agents::agent(txn, &lookup)?, agents::allocation(txn, &lookup)?))
+        })
+        .await?;
+    let record = record.ok_or_else(|| ApiError::AgentNotFound { name: name.to_string() })?;
+    Ok(agent_to_proto(record, allocation))
 }
 
 impl AgentsApi {
-    /// The services over `consensus`, within the node's request budget `gate`.
-    pub fn new(consensus: Consensus, gate: RequestGate) -> Self {
-        Self { consensus, gate }
+    /// The services over `consensus`, within the node's request budget
+    /// `gate`; watch streams run as transient tasks of `tasks`.
+    pub fn new(consensus: Consensus, gate: RequestGate, tasks: Supervisor) -> Self {
+        Self {
+            consensus,
+            gate,
+            tasks,
+            watches: Arc::new(Semaphore::new(MAX_WATCHES)),
+        }
     }
 
     async fn propose(&self, command: AgentCommand) -> Result<AgentOutcome, ApiError> {
@@ -250,15 +281,64 @@ impl Agents for AgentsApi {
             .observe("Agents/Get", async {
                 let name = request.into_inner().name;
                 agents::check_name("name", &name).map_err(|e| invalid("", e))?;
-                let lookup = name.clone();
-                let (record, allocation) = self
-                    .consensus
-                    .read(Consistency::Linearizable, move |txn| {
-                        Ok((agents::agent(txn, &lookup)?, agents::allocation(txn, &lookup)?))
-                    })
-                    .await?;
-                let record = record.ok_or(ApiError::AgentNotFound { name })?;
-                Ok(Response::new(agent_to_proto(record, allocation)))
+                Ok(Response::new(
+                    read_agent(&self.consensus, &name, Consistency::Linearizable).await?,
+                ))
+            })
+            .await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<v1::WatchAgentRequest>) -> Result<Response<WatchStream>, Status> {
+        self.gate
+            .observe("Agents/Watch", async {
+                let name = request.into_inner().name;
+                agents::check_name("name", &name).map_err(|e| invalid("", e))?;
+                let permit = self
+                    .watches
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| ApiError::TooManyWatches)?;
+                // Subscribe before the first read so no change falls between.
+                let mut changes = self.consensus.watch_table(Table::Agents);
+                let mut last = read_agent(&self.consensus, &name, Consistency::Linearizable).await?;
+                let (tx, rx) = mpsc::channel(16);
+                let consensus = self.consensus.clone();
+                let mut stop = self.tasks.stop_signal();
+                let started = self.tasks.spawn_transient("agent-watch", async move {
+                    let _permit = permit;
+                    if tx.send(Ok(last.clone())).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        tokio::select! {
+                            changed = changes.changed() => if changed.is_err() { return },
+                            () = tx.closed() => return,
+                            () = stopped(&mut stop) => {
+                                let _ = tx.send(Err(Status::from(ApiError::ShuttingDown))).await;
+                                return;
+                            }
+                        }
+                        match read_agent(&consensus, &name, Consistency::Serializable).await {
+                            Ok(now) if now == last => {}
+                            Ok(now) => {
+                                last = now;
+                                if tx.send(Ok(last.clone())).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(Status::from(e))).await;
+                                return;
+                            }
+                        }
+                    }
+                });
+                if !started {
+                    return Err(ApiError::ShuttingDown);
+                }
+                Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as WatchStream))
             })
             .await
     }

@@ -35,7 +35,7 @@ use cell0_proto::v1::{self, agent_spec::Kind};
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
-use super::{Output, connect, parse_node_id, print_json, print_list, rpc_error};
+use super::{Output, connect, connect_streaming, parse_node_id, print_json, print_list, rpc_error};
 
 /// Longest spec file read, in bytes.
 pub const MAX_SPEC_FILE_BYTES: u64 = 64 * 1024;
@@ -74,6 +74,11 @@ pub enum AgentCommand {
         /// other node).
         #[arg(long)]
         to: Option<String>,
+    },
+    /// Follow an agent's lifecycle: one line per change until interrupted.
+    Watch {
+        /// Its name.
+        name: String,
     },
 }
 
@@ -361,6 +366,21 @@ pub async fn run(endpoint: &str, output: Output, cmd: AgentCommand) -> anyhow::R
                 .await
                 .map_err(rpc_error)?;
             eprintln!("agent {name} moving");
+            Ok(())
+        }
+        AgentCommand::Watch { name } => {
+            let mut stream = AgentsClient::new(connect_streaming(endpoint).await?)
+                .watch(v1::WatchAgentRequest { name })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            while let Some(a) = stream.message().await.map_err(rpc_error)? {
+                let view = AgentView::from(a);
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string(&view)?),
+                    Output::Table => println!("{}", agent_row(view).join("  ")),
+                }
+            }
             Ok(())
         }
     }
