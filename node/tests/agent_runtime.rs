@@ -346,6 +346,7 @@ async fn after_kill_9_a_nodes_agents_run_elsewhere() {
     let specs = (0..AGENTS).map(|i| echo_spec(&format!("survivor-{i}"))).collect();
     let (mut cluster, endpoints) = cluster_running(root.path(), specs).await;
     let (victim, victim_id) = node_with_agents(&endpoints).await;
+    let was_leader = common::status(&endpoints[victim]).await.leader_id == victim_id;
     let killed = Instant::now();
     cluster[victim].kill9();
     let killed_at = journal::monotonic_ns();
@@ -357,7 +358,7 @@ async fn after_kill_9_a_nodes_agents_run_elsewhere() {
     })
     .await;
     println!(
-        "kill -9 to every agent running elsewhere: {} ms",
+        "kill -9 to every agent running elsewhere: {} ms (the killed node led: {was_leader})",
         killed.elapsed().as_millis()
     );
     for i in 0..AGENTS {
