@@ -21,7 +21,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cell0_agents::journal;
 use cell0_proto::v1;
@@ -29,17 +29,6 @@ use cell0_proto::v1::agents_client::AgentsClient;
 use cell0_proto::v1::nodes_client::NodesClient;
 use cell0_proto::v1::tasks_client::TasksClient;
 use common::*;
-
-const DEADLINE: Duration = Duration::from_secs(90);
-
-/// Polls `cond` every 50 ms until it holds, failing with `what` at the deadline.
-async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut cond: F) {
-    let end = Instant::now() + DEADLINE;
-    while !cond().await {
-        assert!(Instant::now() < end, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A directory agent processes (running as `nobody` when the tests run as
 /// root) can traverse to reach their working directories.

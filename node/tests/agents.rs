@@ -15,23 +15,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use cell0_proto::v1;
 use cell0_proto::v1::agents_client::AgentsClient;
 use cell0_proto::v1::nodes_client::NodesClient;
 use common::*;
-
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Polls `cond` every 100 ms until it holds, failing with `what` at the deadline.
-async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut cond: F) {
-    let end = Instant::now() + DEADLINE;
-    while !cond().await {
-        assert!(Instant::now() < end, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn spec(name: &str, cpu_millis: u64) -> v1::AgentSpec {
     v1::AgentSpec {

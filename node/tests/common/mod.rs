@@ -231,6 +231,16 @@ pub fn start_cluster_with(root: &Path, n: usize, extra: &[String]) -> Vec<Node> 
     nodes
 }
 
+/// Polls `cond` every 50 ms until it holds, failing with `what` after
+/// [`DEADLINE`].
+pub async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut cond: F) {
+    let end = Instant::now() + DEADLINE;
+    while !cond().await {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs the CLI with `args`.
 pub fn cli(args: &[&str]) -> Output {
     Command::new(bin()).args(args).output().expect("run cell0 CLI")
