@@ -52,7 +52,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
-use crate::codec::{decode_row, encode_row};
+use crate::codec::{decode_row, get_row, put_row};
 use crate::error::{Result, StateError};
 use crate::nodes;
 use crate::txn::{Txn, prefix_end};
@@ -220,17 +220,13 @@ pub struct AgentSpec {
     pub restart: RestartPolicy,
 }
 
-fn too_long(field: &str, len: usize, limit: usize) -> StateError {
-    StateError::invalid(field, format!("is {len} bytes; the limit is {limit}"))
-}
-
 /// Checks an agent name; the error names `field`.
 pub fn check_name(field: &str, name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(StateError::invalid(field, "must not be empty"));
     }
     if name.len() > MAX_NAME_BYTES {
-        return Err(too_long(field, name.len(), MAX_NAME_BYTES));
+        return Err(StateError::too_long(field, name.len(), MAX_NAME_BYTES));
     }
     if let Some(c) = name
         .chars()
@@ -256,7 +252,7 @@ fn check_command(field: &str, command: &[String]) -> Result<()> {
     }
     for (i, arg) in command.iter().enumerate() {
         if arg.len() > MAX_ARG_BYTES {
-            return Err(too_long(&format!("{field}[{i}]"), arg.len(), MAX_ARG_BYTES));
+            return Err(StateError::too_long(&format!("{field}[{i}]"), arg.len(), MAX_ARG_BYTES));
         }
     }
     Ok(())
@@ -307,7 +303,11 @@ impl AgentSpec {
         // The labels an agent requires obey the same rules as a node's.
         nodes::check_labels("constraints.labels", &c.labels)?;
         if c.model.len() > MAX_MODEL_NAME_BYTES {
-            return Err(too_long("constraints.model", c.model.len(), MAX_MODEL_NAME_BYTES));
+            return Err(StateError::too_long(
+                "constraints.model",
+                c.model.len(),
+                MAX_MODEL_NAME_BYTES,
+            ));
         }
         Ok(())
     }
@@ -637,7 +637,7 @@ impl AgentCommand {
     pub fn validate(&self) -> Result<()> {
         let reason_len = |reason: &str| {
             if reason.len() > MAX_REASON_BYTES {
-                return Err(too_long("reason", reason.len(), MAX_REASON_BYTES));
+                return Err(StateError::too_long("reason", reason.len(), MAX_REASON_BYTES));
             }
             Ok(())
         };
@@ -690,14 +690,6 @@ fn node_alloc_key(node: NodeId, agent: &str) -> Vec<u8> {
     let mut key = node_key(node).to_vec();
     key.extend_from_slice(agent.as_bytes());
     key
-}
-
-fn get_row<T: crate::codec::Row>(txn: &dyn Txn, table: &str, key: &[u8]) -> Result<Option<T>> {
-    txn.get(table, key)?.map(|b| decode_row(&b)).transpose()
-}
-
-fn put_row<T: crate::codec::Row>(txn: &mut dyn Txn, table: &str, key: &[u8], row: &T) -> Result<()> {
-    txn.put(table, key, &encode_row(row)?)
 }
 
 /// The agent named `name`.

@@ -96,6 +96,16 @@ pub fn decode_row<T: Row>(bytes: &[u8]) -> Result<T> {
     T::decode_body(version, body)
 }
 
+/// The row of `table` at `key`, decoded.
+pub(crate) fn get_row<T: Row>(txn: &dyn crate::Txn, table: &str, key: &[u8]) -> Result<Option<T>> {
+    txn.get(table, key)?.map(|b| decode_row(&b)).transpose()
+}
+
+/// Stores `row` in `table` at `key`, encoded.
+pub(crate) fn put_row<T: Row>(txn: &mut dyn crate::Txn, table: &str, key: &[u8], row: &T) -> Result<()> {
+    txn.put(table, key, &encode_row(row)?)
+}
+
 /// The stored row of a data dir from before rows carried a layout byte: its
 /// body is layout 1 of the same row.
 pub fn frame_unversioned(body: &[u8]) -> Vec<u8> {

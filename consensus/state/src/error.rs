@@ -79,6 +79,12 @@ impl StateError {
         }
     }
 
+    /// An [`StateError::InvalidArgument`] for `field`, `len` bytes long
+    /// where `limit` is the most allowed.
+    pub fn too_long(field: &str, len: usize, limit: usize) -> Self {
+        StateError::invalid(field, format!("is {len} bytes; the limit is {limit}"))
+    }
+
     /// A storage failure with its typed source.
     pub fn storage(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         StateError::Storage(Box::new(e))

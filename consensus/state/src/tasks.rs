@@ -29,7 +29,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::agents::{self, AgentKind, Desired, MAX_TASK_OUTPUT_BYTES, check_name};
-use crate::codec::{decode_row, encode_row};
+use crate::codec::{decode_row, get_row, put_row};
 use crate::error::{Result, StateError};
 use crate::txn::{Txn, prefix_end};
 
@@ -231,13 +231,9 @@ pub enum TaskOutcome {
     Refused(String),
 }
 
-fn too_long(field: &str, len: usize, limit: usize) -> StateError {
-    StateError::invalid(field, format!("is {len} bytes; the limit is {limit}"))
-}
-
 fn check_len(field: &str, len: usize, limit: usize) -> Result<()> {
     if len > limit {
-        return Err(too_long(field, len, limit));
+        return Err(StateError::too_long(field, len, limit));
     }
     Ok(())
 }
@@ -343,14 +339,6 @@ fn agent_key(agent: &str, suffix: &[u8]) -> Vec<u8> {
 
 fn agent_prefix(agent: &str) -> Vec<u8> {
     agent_key(agent, &[])
-}
-
-fn get_row<T: crate::codec::Row>(txn: &dyn Txn, table: &str, key: &[u8]) -> Result<Option<T>> {
-    txn.get(table, key)?.map(|b| decode_row(&b)).transpose()
-}
-
-fn put_row<T: crate::codec::Row>(txn: &mut dyn Txn, table: &str, key: &[u8], row: &T) -> Result<()> {
-    txn.put(table, key, &encode_row(row)?)
 }
 
 fn id_of(bytes: &[u8]) -> Result<u64> {
