@@ -104,6 +104,8 @@ enum Event {
 struct Local {
     incarnation: u64,
     spec: AgentSpec,
+    /// Its working directory, made when it started.
+    workdir: Arc<std::path::Path>,
     /// The process supervisor (process agents).
     process: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     /// The task in flight (exec and inference agents).
@@ -289,7 +291,13 @@ async fn round(shared: &Arc<Shared>, local: &mut BTreeMap<String, Local>, view: 
             continue;
         };
         let id = task.id;
-        let handle = tokio::spawn(run_task(shared.clone(), l.incarnation, l.spec.clone(), task));
+        let handle = tokio::spawn(run_task(
+            shared.clone(),
+            l.incarnation,
+            l.spec.clone(),
+            l.workdir.clone(),
+            task,
+        ));
         l.task = Some((id, handle));
     }
 }
@@ -309,6 +317,7 @@ fn start(shared: &Arc<Shared>, name: &str, w: &Wanted) -> Result<Local, String> 
     let mut l = Local {
         incarnation: w.incarnation,
         spec: w.spec.clone(),
+        workdir: Arc::from(workdir.as_path()),
         process: None,
         task: None,
         last_done: 0,
@@ -387,12 +396,18 @@ async fn report(shared: &Shared, agent: &str, incarnation: u64, status: AllocSta
 }
 
 /// Runs one task and commits its result; tells the runner when done.
-async fn run_task(shared: Arc<Shared>, incarnation: u64, spec: AgentSpec, task: TaskRecord) {
+async fn run_task(
+    shared: Arc<Shared>,
+    incarnation: u64,
+    spec: AgentSpec,
+    workdir: Arc<std::path::Path>,
+    task: TaskRecord,
+) {
     let Ok(_slot) = shared.slots.acquire().await else {
         return;
     };
     let started = Instant::now();
-    let (result, memory) = execute(&shared, incarnation, &spec, &task).await;
+    let (result, memory) = execute(&shared, incarnation, &spec, &workdir, &task).await;
     let outcome = match &result {
         TaskResult::Succeeded { .. } => "succeeded",
         TaskResult::Failed { .. } => "failed",
@@ -424,8 +439,8 @@ async fn run_task(shared: Arc<Shared>, incarnation: u64, spec: AgentSpec, task: 
             }
             Err(e) => {
                 tracing::warn!(agent = %spec.name, task = task.id, attempt, error = %e, "cannot commit a task result");
-                let (_never, mut no_stop) = watch::channel(false);
-                backoff.wait(&mut no_stop).await;
+                // Not a loop of the node: an incarnation's stop aborts it.
+                tokio::time::sleep(backoff.next_pause()).await;
             }
         }
     }
@@ -441,6 +456,7 @@ async fn execute(
     shared: &Shared,
     incarnation: u64,
     spec: &AgentSpec,
+    workdir: &std::path::Path,
     task: &TaskRecord,
 ) -> (TaskResult, Vec<MemoryChange>) {
     let failed = |error: String| (TaskResult::Failed { error }, Vec::new());
@@ -450,10 +466,6 @@ async fn execute(
             timeout_ms,
             max_output_bytes,
         } => {
-            let workdir = match shared.sandbox.workdir(&spec.name, incarnation) {
-                Ok(w) => w,
-                Err(e) => return failed(format!("cannot create the working directory: {e}")),
-            };
             let run = exec::Task {
                 command,
                 input: &task.input,
@@ -464,7 +476,7 @@ async fn execute(
                     cpu_seconds: timeout_ms.div_ceil(1000),
                 },
             };
-            match exec::run(&shared.sandbox, &workdir, &spec.name, incarnation, run).await {
+            match exec::run(&shared.sandbox, workdir, &spec.name, incarnation, run).await {
                 Ok(output) => (TaskResult::Succeeded { output }, Vec::new()),
                 Err(error) => failed(error),
             }
