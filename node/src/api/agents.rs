@@ -28,14 +28,26 @@ use super::{ApiError, RequestGate};
 use crate::scheduling::now_ms;
 use crate::supervisor::{Supervisor, stopped};
 
-/// Most agents one `List` page returns.
+/// Most items one `List` page returns (agents, tasks, memory entries).
 pub const MAX_LIST_PAGE: u32 = 1000;
-/// Agents a `List` page returns when the request names no limit.
+/// Items a `List` page returns when the request names no limit.
 const DEFAULT_LIST_PAGE: u32 = 100;
+
+/// The page size a request's `limit` asks for, checked.
+pub(super) fn page_limit(limit: u32) -> Result<usize, ApiError> {
+    match limit {
+        0 => Ok(DEFAULT_LIST_PAGE as usize),
+        n if n > MAX_LIST_PAGE => Err(ApiError::invalid(
+            "limit",
+            format!("is {n}; the limit is {MAX_LIST_PAGE}"),
+        )),
+        n => Ok(n as usize),
+    }
+}
 
 /// A validation error of the state crate, as the API answers it, its field
 /// under `prefix`.
-fn invalid(prefix: &str, e: cell0_state::StateError) -> ApiError {
+pub(super) fn invalid(prefix: &str, e: cell0_state::StateError) -> ApiError {
     match e {
         cell0_state::StateError::InvalidArgument { field, reason } => {
             ApiError::invalid(&format!("{prefix}{field}"), reason)
@@ -347,16 +359,7 @@ impl Agents for AgentsApi {
         self.gate
             .observe("Agents/List", async {
                 let req = request.into_inner();
-                let limit = match req.limit {
-                    0 => DEFAULT_LIST_PAGE,
-                    n if n > MAX_LIST_PAGE => {
-                        return Err(ApiError::invalid(
-                            "limit",
-                            format!("is {n}; the limit is {MAX_LIST_PAGE}"),
-                        ));
-                    }
-                    n => n,
-                } as usize;
+                let limit = page_limit(req.limit)?;
                 let after = req.start_after;
                 let page = self
                     .consensus

@@ -11,40 +11,19 @@ use std::time::Duration;
 
 use cell0_consensus::agents::check_name;
 use cell0_consensus::tasks::{self, MemoryEntry, TaskCommand, TaskOutcome, TaskRecord, TaskStatus};
-use cell0_consensus::{Consensus, ConsensusError, Consistency, Response as Applied, Table};
+use cell0_consensus::{Consensus, Consistency, Response as Applied, Table};
 use cell0_proto::v1;
 use cell0_proto::v1::tasks_server::Tasks;
 use tonic::{Request, Response, Status};
 
+use super::agents::{invalid, page_limit};
 use super::{ApiError, RequestGate};
 use crate::scheduling::now_ms;
 
-/// Most items one `List` or `ListMemory` page returns.
-pub const MAX_LIST_PAGE: u32 = 1000;
-/// Items a page returns when the request names no limit.
-const DEFAULT_LIST_PAGE: u32 = 100;
 /// Longest `Wait`, in milliseconds.
 pub const MAX_WAIT_MS: u64 = 300_000;
 /// `Wait` without a timeout waits this long, in milliseconds.
 const DEFAULT_WAIT_MS: u64 = 30_000;
-
-fn invalid(e: cell0_state::StateError) -> ApiError {
-    match e {
-        cell0_state::StateError::InvalidArgument { field, reason } => ApiError::invalid(&field, reason),
-        other => ApiError::Consensus(ConsensusError::from(other)),
-    }
-}
-
-fn page_limit(limit: u32) -> Result<usize, ApiError> {
-    match limit {
-        0 => Ok(DEFAULT_LIST_PAGE as usize),
-        n if n > MAX_LIST_PAGE => Err(ApiError::invalid(
-            "limit",
-            format!("is {n}; the limit is {MAX_LIST_PAGE}"),
-        )),
-        n => Ok(n as usize),
-    }
-}
 
 /// A task as the API shows it.
 pub fn task_to_proto(t: TaskRecord) -> v1::TaskInfo {
@@ -113,7 +92,7 @@ impl Tasks for TasksApi {
                     idempotency_key: req.idempotency_key,
                     at_ms: now_ms(),
                 };
-                command.validate().map_err(invalid)?;
+                command.validate().map_err(|e| invalid("", e))?;
                 match self.consensus.propose(command.into_command()).await? {
                     Applied::Task(TaskOutcome::Submitted { id, existing }) => {
                         Ok(Response::new(v1::SubmitTaskResponse { id, existing }))
@@ -167,7 +146,7 @@ impl Tasks for TasksApi {
         self.gate
             .observe("Tasks/List", async {
                 let req = request.into_inner();
-                check_name("agent", &req.agent).map_err(invalid)?;
+                check_name("agent", &req.agent).map_err(|e| invalid("", e))?;
                 let limit = page_limit(req.limit)?;
                 let (agent, after) = (req.agent, req.start_after);
                 let mut page = self
@@ -193,7 +172,7 @@ impl Tasks for TasksApi {
         self.gate
             .observe("Tasks/ListMemory", async {
                 let req = request.into_inner();
-                check_name("agent", &req.agent).map_err(invalid)?;
+                check_name("agent", &req.agent).map_err(|e| invalid("", e))?;
                 let limit = page_limit(req.limit)?;
                 let (agent, after) = (req.agent, req.start_after);
                 let mut page = self
