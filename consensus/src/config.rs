@@ -20,7 +20,11 @@ pub struct ConsensusConfig {
     /// Leader heartbeat period, in milliseconds.
     pub heartbeat_ms: u64,
     /// Lower bound of the randomized election timeout, in milliseconds. Must
-    /// be well above `heartbeat_ms`.
+    /// be well above `heartbeat_ms`. A follower that hears nothing from its
+    /// leader stands for election after `election_timeout_max_ms` (the
+    /// leader lease, during which it also refuses to vote for others) plus
+    /// a random timeout between the two bounds: 0.9 to 1.2 s at the
+    /// defaults, close to etcd's 1 s.
     pub election_timeout_min_ms: u64,
     /// Upper bound of the randomized election timeout, in milliseconds.
     pub election_timeout_max_ms: u64,
@@ -72,9 +76,9 @@ impl Default for ConsensusConfig {
     fn default() -> Self {
         Self {
             voters: 3,
-            heartbeat_ms: 150,
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 2000,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
             snapshot_every: 10_000,
             snapshot_log_percent: 25,
             keep_logs_after_snapshot: 1_000,

@@ -58,6 +58,16 @@ pub enum StorageBackend {
     },
 }
 
+/// A write's answer: its response, or the state machine's refusal as an
+/// invalid argument.
+fn write_response(r: ForwardResponse) -> Result<Response> {
+    match r {
+        ForwardResponse::Write(Response::Rejected(reason)) => Err(ConsensusError::invalid("command", reason)),
+        ForwardResponse::Write(r) => Ok(r),
+        _ => Err(wrong_type()),
+    }
+}
+
 /// A member of the Raft group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -341,18 +351,37 @@ impl Consensus {
     pub async fn propose(&self, cmd: Command) -> Result<Response> {
         cmd.validate(&self.inner.limits)?;
         let started = Instant::now();
+        let cmd = self.with_request_id(cmd);
+        let result = write_response(self.inner.route(ForwardRequest::Write(cmd)).await?);
+        metrics::histogram!("cell0_write_duration_seconds").record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Proposes `cmd` only while this node leads in `term`: never forwarded
+    /// and never retried. For decisions a leader makes from what only it
+    /// saw in its term (a node lease it granted running out): forwarded,
+    /// such a decision would be applied by a later leader that granted the
+    /// node a new lease. An entry a deposed leader still appends in its old
+    /// term is never committed, as a majority refuses that term; and this
+    /// node cannot lead again in a later term between the check and the
+    /// append, as standing for election takes an election timeout.
+    pub async fn propose_as_leader(&self, cmd: Command, term: u64) -> Result<Response> {
+        cmd.validate(&self.inner.limits)?;
+        let status = self.status();
+        if status.role != Role::Leader || status.term != term {
+            return Err(ConsensusError::not_leader(None, None));
+        }
+        let cmd = self.with_request_id(cmd);
+        write_response(self.inner.handle_local(ForwardRequest::Write(cmd)).await?)
+    }
+
+    /// `cmd` with this node's next request id, for deduplication.
+    fn with_request_id(&self, cmd: Command) -> Command {
         let id = RequestId {
             client: self.inner.client_id,
             seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
         };
-        let cmd = Command::Request { id, cmd: Box::new(cmd) };
-        let result = match self.inner.route(ForwardRequest::Write(cmd)).await? {
-            ForwardResponse::Write(Response::Rejected(reason)) => Err(ConsensusError::invalid("command", reason)),
-            ForwardResponse::Write(r) => Ok(r),
-            _ => Err(wrong_type()),
-        };
-        metrics::histogram!("cell0_write_duration_seconds").record(started.elapsed().as_secs_f64());
-        result
+        Command::Request { id, cmd: Box::new(cmd) }
     }
 
     /// Waits until a read at `consistency` may be served from the local

@@ -56,7 +56,7 @@ pub struct NodeConfig {
 /// The agent runtime (`[agents]`). Every node runs agents the scheduler
 /// places on it; `cell0 node eligibility --disable` keeps new ones away.
 ///
-/// A node holds a lease with the leader, renewed every third of
+/// A node holds a lease with the leader, renewed every fifth of
 /// `node_lease_ms`. Without a renewal it stops its agents once
 /// `node_lease_ms - lease_margin_ms` passed since the last successful
 /// renewal was sent; the leader declares it down only after
@@ -78,7 +78,7 @@ pub struct AgentsConfig {
 impl Default for AgentsConfig {
     fn default() -> Self {
         Self {
-            node_lease_ms: 3_000,
+            node_lease_ms: 2_500,
             lease_margin_ms: 500,
             max_parallel_tasks: 16,
         }
@@ -89,6 +89,11 @@ impl AgentsConfig {
     /// The lease as a duration.
     pub fn node_lease(&self) -> Duration {
         Duration::from_millis(self.node_lease_ms)
+    }
+
+    /// How often a node renews its lease: a fifth of it.
+    pub fn renewal_period(&self) -> Duration {
+        self.node_lease() / 5
     }
 
     /// The margin as a duration.

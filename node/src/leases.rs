@@ -2,7 +2,7 @@
 //! an agent whose effects count).
 //!
 //! Every node renews a lease with the Raft leader over the internal port
-//! (`cell0.internal.v1.Leases/Renew`) every third of `agents.node_lease_ms`;
+//! (`cell0.internal.v1.Leases/Renew`) every fifth of `agents.node_lease_ms`;
 //! a renewal is not a Raft write. Times are monotonic (`Instant`):
 //! - the node counts its lease from when it *sent* the last renewal the
 //!   leader granted, and stops its agents once `lease - margin` passed
@@ -13,7 +13,11 @@
 //!   command with the reason, once `lease + margin` passed ([`expire`],
 //!   task `lease-expiry`);
 //! - a new leader grants every node a full lease from the moment it saw
-//!   itself leader, as it knows nothing of the old leader's grants.
+//!   itself leader, as it knows nothing of the old leader's grants;
+//! - a leader's decisions from its grants are proposed only in its own
+//!   term ([`Consensus::propose_as_leader`]): a leader frozen past its term
+//!   that wakes up sees every lease expired, and its verdict must not reach
+//!   the new leader through forwarding.
 //!
 //! Since a renewal is received after it is sent, the node's deadline comes
 //! at least `2 * margin` before the leader's, which covers clock-rate
@@ -124,7 +128,7 @@ impl Leases for LeaseTable {
                 at_ms: now_ms(),
             };
             self.consensus
-                .propose(command.into_command())
+                .propose_as_leader(command.into_command(), term)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             tracing::info!(
@@ -139,27 +143,40 @@ impl Leases for LeaseTable {
 }
 
 /// Task `lease-expiry`: while this node leads, declares down every node
-/// whose lease expired (by `lease + margin`).
+/// whose lease expired (by `lease + margin`). It wakes when the next lease
+/// runs out, when leadership changes, and at least every `lease_margin` (to
+/// see nodes that joined).
 pub async fn expire(table: LeaseTable, config: AgentsConfig, mut stop: watch::Receiver<bool>) {
     let deadline = config.node_lease() + config.lease_margin();
-    let tick = config.lease_margin() / 2;
+    let idle = config.lease_margin();
+    let mut leadership = table.consensus.raft().server_metrics();
+    let mut wake = Instant::now() + idle;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(tick) => {}
+            () = tokio::time::sleep_until(wake) => {}
+            r = leadership.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
             () = stopped(&mut stop) => return,
         }
+        wake = Instant::now() + idle;
         let status = table.consensus.status();
         if status.role != Role::Leader {
             continue;
         }
-        let expired = match expired_nodes(&table, status.term, deadline).await {
-            Ok(e) => e,
+        let check = match check_leases(&table, status.term, deadline).await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read node leases");
                 continue;
             }
         };
-        for (node, silent) in expired {
+        if let Some(next) = check.next_expiry {
+            wake = wake.min(next);
+        }
+        for (node, silent) in check.expired {
             let reason = format!("lease expired: no renewal for {} ms", silent.as_millis());
             tracing::warn!(node = format_args!("{node:016x}"), %reason, "declaring node down");
             let command = AgentCommand::SetNodeState {
@@ -168,7 +185,13 @@ pub async fn expire(table: LeaseTable, config: AgentsConfig, mut stop: watch::Re
                 reason,
                 at_ms: now_ms(),
             };
-            match table.consensus.propose(command.into_command()).await {
+            // Decided from this term's grants: it must not be forwarded
+            // to a later leader, which granted the node a new lease.
+            match table
+                .consensus
+                .propose_as_leader(command.into_command(), status.term)
+                .await
+            {
                 Ok(_) => metrics::counter!("cell0_lease_expiries_total").increment(1),
                 Err(e) => tracing::warn!(error = %e, "cannot declare a node down; will retry"),
             }
@@ -176,12 +199,16 @@ pub async fn expire(table: LeaseTable, config: AgentsConfig, mut stop: watch::Re
     }
 }
 
-/// The nodes not down whose lease expired, with how long they were silent.
-async fn expired_nodes(
-    table: &LeaseTable,
-    term: u64,
-    deadline: Duration,
-) -> cell0_consensus::Result<Vec<(NodeId, Duration)>> {
+/// The leader's leases at one moment.
+struct LeaseCheck {
+    /// Nodes not down whose lease expired, with how long they were silent.
+    expired: Vec<(NodeId, Duration)>,
+    /// When the first of the other leases expires.
+    next_expiry: Option<Instant>,
+}
+
+/// Checks the lease of every node that is not down.
+async fn check_leases(table: &LeaseTable, term: u64, deadline: Duration) -> cell0_consensus::Result<LeaseCheck> {
     let up = table
         .consensus
         .read(Consistency::Serializable, |txn| {
@@ -196,28 +223,47 @@ async fn expired_nodes(
         .await?;
     let now = Instant::now();
     Ok(table.with_term(term, |g| {
-        up.into_iter()
-            .filter_map(|id| {
-                // A node this term has not seen yet (a new leader, a node
-                // that just joined) is granted a full lease from now.
-                let last = *g.renewed.entry(id).or_insert(now);
-                let silent = now.saturating_duration_since(last);
-                (silent > deadline).then_some((id, silent))
-            })
-            .collect()
+        let mut check = LeaseCheck {
+            expired: Vec::new(),
+            next_expiry: None,
+        };
+        for id in up {
+            // A node this term has not seen yet (a new leader, a node that
+            // just joined) is granted a full lease from now.
+            let last = *g.renewed.entry(id).or_insert(now);
+            let silent = now.saturating_duration_since(last);
+            if silent >= deadline {
+                check.expired.push((id, silent));
+            } else {
+                let at = last + deadline;
+                check.next_expiry = Some(check.next_expiry.map_or(at, |n| n.min(at)));
+            }
+        }
+        check
     }))
 }
 
+/// Pause before retrying a failed renewal (sooner when a new leader shows
+/// up), capped at the renewal period.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
 /// Task `lease`: renews this node's lease with the leader and publishes
 /// whether it holds one (`true`: its agents may run).
+///
+/// It renews every fifth of the lease, so an election shorter than about
+/// `lease * 4/5 - margin` (1.5 s at the defaults) ends before any node's
+/// lease runs out: a failed renewal is retried every [`RETRY_PAUSE`] and at
+/// once when the node learns of a new leader.
 pub async fn renew(
     consensus: Consensus,
     config: AgentsConfig,
     held: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let every = config.node_lease() / 3;
+    let every = config.renewal_period();
+    let retry = RETRY_PAUSE.min(every);
     let valid_for = config.node_lease() - config.lease_margin();
+    let mut leadership = consensus.raft().server_metrics();
     let mut valid_until: Option<Instant> = None;
     loop {
         // Read each time: a joining node learns its cluster's id on joining.
@@ -235,17 +281,20 @@ pub async fn renew(
             }
             () = stopped(&mut stop) => return,
         };
-        match attempt {
+        let failed = attempt.is_err();
+        let next = match attempt {
             Ok(()) => {
                 valid_until = Some(sent + valid_for);
                 held.send_if_modified(|h| !std::mem::replace(h, true));
+                sent + every
             }
             Err(e) => {
                 metrics::counter!("cell0_lease_renewal_failures_total").increment(1);
                 tracing::debug!(error = %e, "lease renewal failed");
+                leadership.borrow_and_update();
+                Instant::now() + retry
             }
-        }
-        let next = sent + every;
+        };
         loop {
             let lapsed = valid_until.is_some_and(|u| Instant::now() >= u);
             if lapsed && *held.borrow() {
@@ -258,6 +307,13 @@ pub async fn renew(
             };
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {}
+                // After a failure, a change of leader is worth a retry now.
+                r = leadership.changed(), if failed => {
+                    if r.is_err() {
+                        return;
+                    }
+                    break;
+                }
                 () = stopped(&mut stop) => return,
             }
             if Instant::now() >= next {
