@@ -11,7 +11,8 @@
 //! on a view that changed meanwhile is refused and its evaluation stays
 //! pending for the next round. A round follows every change to agent or
 //! node tables, and at least every [`IDLE_ROUND`] while evaluations are
-//! pending.
+//! pending. After each round the leader also ends the drains whose deadline
+//! passed on its clock (the rest of their agents move at once).
 //!
 //! Invariants:
 //! - Only plans go through Raft; the scheduler itself holds no state, so a
@@ -22,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cell0_consensus::agents::{self, AgentCommand, EvalTrigger, Plan};
+use cell0_consensus::agents::{self, AgentCommand, DrainSpec, EvalTrigger, Plan};
 use cell0_consensus::{Consensus, Consistency, Role, Table, nodes, registry};
 use cell0_scheduler::{ClusterView, Evaluation, NodeView, Options, Trigger};
 use tokio::sync::watch;
@@ -158,6 +159,37 @@ pub(crate) async fn round(
     Ok(input.evals.len())
 }
 
+/// Proposes again, with no limit, every drain whose deadline passed on this
+/// leader's clock: the rest of its agents move at once.
+async fn drain_deadlines(consensus: &Consensus) -> cell0_consensus::Result<()> {
+    let now = now_ms();
+    let due = consensus
+        .read(Consistency::Serializable, move |txn| {
+            Ok(agents::drains(txn)?
+                .into_iter()
+                .filter(|(_, d)| d.max_parallel != 0 && d.deadline_ms != 0 && d.deadline_ms <= now)
+                .collect::<Vec<_>>())
+        })
+        .await?;
+    for (node, drain) in due {
+        tracing::info!(
+            node = format_args!("{node:016x}"),
+            "drain deadline passed: the rest of its agents move at once"
+        );
+        let command = AgentCommand::Drain {
+            node,
+            drain: DrainSpec {
+                max_parallel: 0,
+                ..drain
+            },
+            reason: "drain deadline passed: the rest move at once".into(),
+            at_ms: now,
+        };
+        consensus.propose(command.into_command()).await?;
+    }
+    Ok(())
+}
+
 /// Runs scheduler rounds while this node leads, until `stop` rises.
 pub async fn run(consensus: Consensus, options: Options, mut stop: watch::Receiver<bool>) {
     let mut agents_changed = consensus.watch_table(Table::Agents);
@@ -169,6 +201,9 @@ pub async fn run(consensus: Consensus, options: Options, mut stop: watch::Receiv
                 r = round(&consensus, options, &mut cursor) => r,
                 () = stopped(&mut stop) => return,
             };
+            if let Err(e) = drain_deadlines(&consensus).await {
+                tracing::warn!(error = %e, "cannot end drains past their deadline; retrying");
+            }
             match handled {
                 // A full batch: more may be pending.
                 Ok(n) if n >= EVALS_PER_PLAN => continue,

@@ -176,6 +176,40 @@ fn assert_no_overlap(dirs: &[(&Path, Option<u64>)]) -> usize {
     count
 }
 
+/// The most moves off `drained` at one moment, from the runtimes' own
+/// records: a move spans from an incarnation's last stop on that node to
+/// the start of a later one elsewhere (a subset of the time the cluster
+/// counts it as moving).
+fn most_moves_at_once(drained: &Path, dirs: &[(&Path, Option<u64>)]) -> usize {
+    let read = |dir: &Path| journal::read(&dir.join("agents/journal.jsonl")).unwrap_or_default();
+    let mut stops: BTreeMap<(String, u64), u64> = BTreeMap::new();
+    for r in read(drained).into_iter().filter(|r| r.event == "stopped") {
+        stops.insert((r.agent, r.incarnation), r.monotonic_ns);
+    }
+    let mut starts: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
+    for (dir, _) in dirs.iter().filter(|(d, _)| *d != drained) {
+        for r in read(dir).into_iter().filter(|r| r.event == "started") {
+            starts.entry(r.agent).or_default().insert(r.incarnation, r.monotonic_ns);
+        }
+    }
+    // +1 at a move's start, -1 at its end; ends sort before starts at a tie.
+    let mut edges: Vec<(u64, i64)> = Vec::new();
+    for ((agent, incarnation), stopped) in stops {
+        let next = starts.get(&agent).and_then(|s| s.range(incarnation + 1..).next());
+        if let Some((_, started)) = next {
+            edges.push((stopped, 1));
+            edges.push((*started, -1));
+        }
+    }
+    edges.sort();
+    let (mut now, mut most) = (0i64, 0i64);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    most as usize
+}
+
 /// Starts a 3-node cluster and runs `specs` on it; returns once every agent
 /// runs.
 async fn cluster_running(root: &Path, specs: Vec<v1::AgentSpec>) -> (Vec<Node>, Vec<String>) {
@@ -259,8 +293,10 @@ async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
 
     // Half the tasks, spread over the nodes; then drain the node with the
     // most agents while the rest arrive.
+    const MAX_PARALLEL: u32 = 2;
     let mut ids = Vec::new();
     let mut watch = None;
+    let mut drained = None;
     for t in 0..TASKS {
         if t == TASKS / 2 {
             let placed = running_per_node(&endpoints[0]).await;
@@ -275,8 +311,17 @@ async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
             let first = first.allocation.unwrap();
             assert_eq!((first.node, first.status.as_str()), (*busiest, "running"));
             watch = Some((stream, first.incarnation));
+            for (i, endpoint) in endpoints.iter().enumerate() {
+                if common::status(endpoint).await.node_id == *busiest {
+                    drained = Some(i);
+                }
+            }
             NodesClient::new(channel(&endpoints[0]).await)
-                .drain(v1::DrainNodeRequest { node: *busiest })
+                .drain(v1::DrainNodeRequest {
+                    node: *busiest,
+                    max_parallel: MAX_PARALLEL,
+                    deadline_ms: 0,
+                })
                 .await
                 .unwrap();
         }
@@ -354,6 +399,12 @@ async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
     .await
     .expect("the watch never showed the agent running again");
     let dirs: Vec<(&Path, Option<u64>)> = cluster.iter().map(|n| (n.dir.as_path(), None)).collect();
+    let drained = drained.expect("the drained node is one of the nodes");
+    let moves = most_moves_at_once(&cluster[drained].dir, &dirs);
+    assert!(
+        (1..=MAX_PARALLEL as usize).contains(&moves),
+        "{moves} moves off the drained node at once; max_parallel is {MAX_PARALLEL}"
+    );
     let incarnations = assert_no_overlap(&dirs);
     assert!(
         incarnations > AGENTS,

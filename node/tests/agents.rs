@@ -281,6 +281,43 @@ async fn bad_specs_are_refused_naming_the_field() {
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
 
+    // Drain settings out of range, or a node that is not a member.
+    let mut nodes = NodesClient::new(channel(&endpoint).await);
+    let me = common::status(&endpoint).await.node_id;
+    for (request, field) in [
+        (
+            v1::DrainNodeRequest {
+                node: me,
+                max_parallel: 10_001,
+                deadline_ms: 0,
+            },
+            "max_parallel",
+        ),
+        (
+            v1::DrainNodeRequest {
+                node: me,
+                max_parallel: 1,
+                deadline_ms: u64::MAX,
+            },
+            "deadline_ms",
+        ),
+        (
+            v1::DrainNodeRequest {
+                node: 42,
+                max_parallel: 1,
+                deadline_ms: 0,
+            },
+            "node",
+        ),
+    ] {
+        let err = nodes.drain(request).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(err.message().contains(field), "{field}: {err}");
+    }
+    let out = cli(&["--endpoint", &endpoint, "node", "drain", "1", "--deadline", "soon"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not a duration"), "{}", stderr(&out));
+
     // The CLI names unknown keys of a spec file.
     let file = root.path().join("bad.toml");
     std::fs::write(
@@ -291,4 +328,27 @@ async fn bad_specs_are_refused_naming_the_field() {
     let out = cli(&["--endpoint", &endpoint, "agent", "run", file.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("flavour"), "{}", stderr(&out));
+
+    // A drain past its deadline: the leader lifts its limit.
+    let out = cli(&[
+        "--endpoint",
+        &endpoint,
+        "node",
+        "drain",
+        &format!("{me:016x}"),
+        "--max-parallel",
+        "1",
+        "--deadline",
+        "1ms",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1 at a time"), "{}", stderr(&out));
+    wait_until("the leader ends the drain's limit at its deadline", async || {
+        let listed = nodes.list(v1::ListNodesRequest {}).await.unwrap().into_inner();
+        listed
+            .nodes
+            .iter()
+            .any(|n| n.id == me && n.state == "draining" && n.reason.contains("deadline passed"))
+    })
+    .await;
 }

@@ -19,7 +19,12 @@
 //!   `evals`;
 //! - `stopping`: agent name ++ 0 ++ incarnation (big-endian) -> [`Stopping`],
 //!   incarnations the cluster ended (stopped, moved) whose node has not yet
-//!   confirmed that they no longer run ([`AgentCommand::Released`]).
+//!   confirmed that they no longer run ([`AgentCommand::Released`]);
+//! - `drains`: node id -> [`DrainSpec`], how a draining node's agents move
+//!   (at most so many at once, the rest at a deadline);
+//! - `drain_moves`: node id ++ agent name -> [`DrainMove`], the moves a
+//!   drain started that have not ended: the agent is not yet running or
+//!   failed on another node.
 //!
 //! Invariants (every apply keeps them; the tests check them):
 //! - An agent has at most one allocation, and its incarnation is the
@@ -46,6 +51,9 @@
 //!   ([`stopping_of`]). The row goes when its node confirms the stop, or
 //!   when the node is declared down (which happens only after its lease
 //!   expired, and a node stops its agents before that).
+//! - A drain with `max_parallel = n` has at most `n` rows in `drain_moves`;
+//!   each row's agent has an evaluation or runs elsewhere, and it starts the
+//!   next move when one ends ([`AgentCommand::Drain`]).
 
 use std::collections::BTreeMap;
 
@@ -65,6 +73,8 @@ const NODE_STATUS_TABLE: &str = "node_status";
 const EVALS_TABLE: &str = "evals";
 const BLOCKED_TABLE: &str = "blocked";
 const STOPPING_TABLE: &str = "stopping";
+const DRAINS_TABLE: &str = "drains";
+const DRAIN_MOVES_TABLE: &str = "drain_moves";
 
 /// Longest agent name, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
@@ -82,6 +92,8 @@ pub const MAX_PLAN_ITEMS: usize = 20_000;
 pub const MAX_CPU_MILLIS: u32 = 1_024_000;
 /// Most memory or GPU memory an agent may request, in MB.
 pub const MAX_MEMORY_MB: u32 = 16 * 1024 * 1024;
+/// Most moves a drain may run at once (0 means all at once).
+pub const MAX_DRAIN_PARALLEL: u32 = 10_000;
 /// Longest run time of an `exec` task, in milliseconds.
 pub const MAX_TASK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// Most output an `exec` task may return, in bytes.
@@ -413,6 +425,29 @@ pub struct NodeStatus {
 
 crate::row_v1!(NodeStatus, "node status");
 
+/// How a draining node's agents move away (`cell0 node drain`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainSpec {
+    /// Most of its agents moving at once: moved off the node and not yet
+    /// running (or failed) elsewhere. 0: all at once.
+    pub max_parallel: u32,
+    /// From this time (ms since the Unix epoch, the leader's clock) the rest
+    /// move at once: the leader then proposes the drain again with
+    /// `max_parallel = 0`. 0: no deadline.
+    pub deadline_ms: u64,
+}
+
+crate::row_v1!(DrainSpec, "drain");
+
+/// A move a drain started that has not ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainMove {
+    /// When the drain started it (proposing leader's clock, ms).
+    pub since_ms: u64,
+}
+
+crate::row_v1!(DrainMove, "drain move");
+
 /// An ended incarnation whose node has not yet confirmed it stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stopping {
@@ -568,6 +603,20 @@ pub enum AgentCommand {
         /// The confirming node (only the node it ran on may release it).
         node: NodeId,
     },
+    /// Drains a node: it takes no new agents, and its agents move away at
+    /// most `drain.max_parallel` at a time (each move queues an evaluation;
+    /// the next starts when one ends). Proposed again, it replaces the
+    /// drain's settings and keeps the moves under way.
+    Drain {
+        /// The node.
+        node: NodeId,
+        /// How its agents move.
+        drain: DrainSpec,
+        /// Why (shown with the node's status).
+        reason: String,
+        /// The proposing leader's clock.
+        at_ms: u64,
+    },
 }
 
 /// What an [`AgentCommand`] did.
@@ -629,6 +678,7 @@ impl AgentCommand {
             AgentCommand::Stop { agent, .. } => agent.len() + 16,
             AgentCommand::Report { agent, reason, .. } => agent.len() + reason.len() + 32,
             AgentCommand::SetNodeState { reason, .. } => reason.len() + 32,
+            AgentCommand::Drain { reason, .. } => reason.len() + 48,
             AgentCommand::Migrate { agent, .. } | AgentCommand::Released { agent, .. } => agent.len() + 24,
         }
     }
@@ -674,6 +724,20 @@ impl AgentCommand {
             AgentCommand::SetNodeState { node, reason, .. } => {
                 if *node == 0 {
                     return Err(StateError::invalid("node", "must not be 0"));
+                }
+                reason_len(reason)
+            }
+            AgentCommand::Drain {
+                node, drain, reason, ..
+            } => {
+                if *node == 0 {
+                    return Err(StateError::invalid("node", "must not be 0"));
+                }
+                if drain.max_parallel > MAX_DRAIN_PARALLEL {
+                    return Err(StateError::invalid(
+                        "max_parallel",
+                        format!("is {}; the limit is {MAX_DRAIN_PARALLEL}", drain.max_parallel),
+                    ));
                 }
                 reason_len(reason)
             }
@@ -731,13 +795,19 @@ pub fn node_usage(txn: &dyn Txn, node: NodeId) -> Result<Resources> {
 /// Names of the agents whose allocations hold resources on `node`, in name
 /// order, up to `limit`.
 pub fn agents_on(txn: &dyn Txn, node: NodeId, limit: usize) -> Result<Vec<String>> {
+    names_under(txn, NODE_ALLOCS_TABLE, node, limit)
+}
+
+/// The agent names of `table`'s keys (node id ++ agent name) under `node`,
+/// in name order, up to `limit`.
+fn names_under(txn: &dyn Txn, table: &str, node: NodeId, limit: usize) -> Result<Vec<String>> {
     let start = node_key(node);
     let end = prefix_end(&start);
-    txn.scan(NODE_ALLOCS_TABLE, &start, end.as_deref(), limit)?
+    txn.scan(table, &start, end.as_deref(), limit)?
         .into_iter()
         .map(|(k, _)| {
             String::from_utf8(k[8..].to_vec()).map_err(|e| StateError::Corrupt {
-                what: "node allocation key",
+                what: "node ++ agent key",
                 detail: e.to_string(),
             })
         })
@@ -934,7 +1004,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
             queue_eval(txn, &spec.name, EvalTrigger::Changed, record.generation)?;
             Ok(AgentOutcome::Generation(record.generation))
         }
-        AgentCommand::Stop { agent: name, .. } => {
+        AgentCommand::Stop { agent: name, at_ms } => {
             let Some(mut record) = agent(txn, name)? else {
                 return Ok(AgentOutcome::Refused(format!("no agent named {name:?}")));
             };
@@ -943,6 +1013,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
                 record.generation += 1;
                 put_row(txn, AGENTS_TABLE, name.as_bytes(), &record)?;
                 queue_eval(txn, name, EvalTrigger::Changed, record.generation)?;
+                end_drain_moves(txn, name, None, *at_ms)?;
             }
             Ok(AgentOutcome::Generation(record.generation))
         }
@@ -999,6 +1070,10 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
             alloc.reason = reason.clone();
             alloc.updated_at_ms = *at_ms;
             set_allocation(txn, name, &alloc)?;
+            if matches!(status, AllocStatus::Running | AllocStatus::Failed) {
+                // Running (or failed) on its new node: a drain's move ended.
+                end_drain_moves(txn, name, Some(alloc.node), *at_ms)?;
+            }
             Ok(AgentOutcome::Reported)
         }
         AgentCommand::SetNodeState {
@@ -1013,6 +1088,9 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
                 since_ms: *at_ms,
             };
             put_row(txn, NODE_STATUS_TABLE, &node_key(*node), &status)?;
+            // A drain with settings ends (this command's own `Draining`
+            // moves every agent at once).
+            clear_drain(txn, *node)?;
             if *state == NodeState::Down {
                 // A node is declared down only after its lease expired, and
                 // it stops its agents before then: nothing of it still runs.
@@ -1038,7 +1116,102 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
             unblock_all(txn)?;
             Ok(AgentOutcome::NodeState)
         }
+        AgentCommand::Drain {
+            node,
+            drain,
+            reason,
+            at_ms,
+        } => {
+            let status = NodeStatus {
+                state: NodeState::Draining,
+                reason: reason.clone(),
+                since_ms: *at_ms,
+            };
+            put_row(txn, NODE_STATUS_TABLE, &node_key(*node), &status)?;
+            put_row(txn, DRAINS_TABLE, &node_key(*node), drain)?;
+            drain_step(txn, *node, *at_ms)?;
+            unblock_all(txn)?;
+            Ok(AgentOutcome::NodeState)
+        }
     }
+}
+
+/// Starts moves of `node`'s agents, in name order, while its drain has room
+/// for them.
+fn drain_step(txn: &mut dyn Txn, node: NodeId, at_ms: u64) -> Result<()> {
+    let Some(drain) = get_row::<DrainSpec>(txn, DRAINS_TABLE, &node_key(node))? else {
+        return Ok(());
+    };
+    let moving = names_under(txn, DRAIN_MOVES_TABLE, node, usize::MAX)?;
+    let limit = match drain.max_parallel {
+        0 => usize::MAX,
+        n => n as usize,
+    };
+    let mut room = limit.saturating_sub(moving.len());
+    // Among the first `moving + room` agents on the node, at least `room`
+    // are not moving yet.
+    for name in agents_on(txn, node, moving.len().saturating_add(room))? {
+        if room == 0 {
+            break;
+        }
+        if moving.binary_search(&name).is_ok() {
+            continue;
+        }
+        let Some(record) = agent(txn, &name)? else {
+            continue;
+        };
+        put_row(
+            txn,
+            DRAIN_MOVES_TABLE,
+            &node_alloc_key(node, &name),
+            &DrainMove { since_ms: at_ms },
+        )?;
+        queue_eval(txn, &name, EvalTrigger::Drain, record.generation)?;
+        room -= 1;
+    }
+    Ok(())
+}
+
+/// Ends `agent`'s drain moves (from every draining node but `except`,
+/// where it still is) and lets those drains start their next moves.
+fn end_drain_moves(txn: &mut dyn Txn, agent: &str, except: Option<NodeId>, at_ms: u64) -> Result<()> {
+    for (node, _) in drains(txn)? {
+        let key = node_alloc_key(node, agent);
+        if Some(node) != except && txn.get(DRAIN_MOVES_TABLE, &key)?.is_some() {
+            txn.delete(DRAIN_MOVES_TABLE, &key)?;
+            drain_step(txn, node, at_ms)?;
+        }
+    }
+    Ok(())
+}
+
+/// Ends `node`'s drain settings and moves (its state changed).
+fn clear_drain(txn: &mut dyn Txn, node: NodeId) -> Result<()> {
+    txn.delete(DRAINS_TABLE, &node_key(node))?;
+    for name in names_under(txn, DRAIN_MOVES_TABLE, node, usize::MAX)? {
+        txn.delete(DRAIN_MOVES_TABLE, &node_alloc_key(node, &name))?;
+    }
+    Ok(())
+}
+
+/// The drains with settings, by node id.
+pub fn drains(txn: &dyn Txn) -> Result<Vec<(NodeId, DrainSpec)>> {
+    txn.scan(DRAINS_TABLE, b"", None, usize::MAX)?
+        .into_iter()
+        .map(|(k, v)| {
+            let id = <[u8; 8]>::try_from(k.as_slice()).map_err(|_| StateError::Corrupt {
+                what: "drain key",
+                detail: format!("{} bytes", k.len()),
+            })?;
+            Ok((NodeId::from_be_bytes(id), decode_row(&v)?))
+        })
+        .collect()
+}
+
+/// The agents whose move `node`'s drain started and that has not ended, in
+/// name order.
+pub fn drain_moves(txn: &dyn Txn, node: NodeId) -> Result<Vec<String>> {
+    names_under(txn, DRAIN_MOVES_TABLE, node, usize::MAX)
 }
 
 fn apply_plan(txn: &mut dyn Txn, plan: &Plan, at_ms: u64) -> Result<PlanOutcome> {
@@ -1346,6 +1519,79 @@ mod tests {
             .into_iter()
             .map(|(name, e)| (name, e.trigger))
             .collect()
+    }
+
+    #[test]
+    fn a_drain_moves_at_most_max_parallel_agents_at_once_and_the_rest_at_its_deadline() {
+        let mut txn = MemTxn::new();
+        add_node(&mut txn, 1, 8, 4096);
+        add_node(&mut txn, 2, 8, 4096);
+        let names = ["a", "b", "c", "d", "e"];
+        let mut generation = BTreeMap::new();
+        for name in names {
+            let g = run(&mut txn, spec(name, 100, 10));
+            plan(&mut txn, &[(name, g, 1)]);
+            generation.insert(name, g);
+        }
+        let drain = |max_parallel, at_ms| AgentCommand::Drain {
+            node: 1,
+            drain: DrainSpec {
+                max_parallel,
+                deadline_ms: 1_000,
+            },
+            reason: "maintenance".into(),
+            at_ms,
+        };
+        apply(&mut txn, &drain(2, 10)).unwrap();
+        assert_eq!(node_status(&txn, 1).unwrap().state, NodeState::Draining);
+        // Two moves at once, in name order.
+        assert_eq!(
+            evals(&txn),
+            vec![("a".into(), EvalTrigger::Drain), ("b".into(), EvalTrigger::Drain)]
+        );
+        assert_eq!(drain_moves(&txn, 1).unwrap(), vec!["a", "b"]);
+        plan(&mut txn, &[("a", generation["a"], 2), ("b", generation["b"], 2)]);
+        assert!(evals(&txn).is_empty(), "no third move while two are under way");
+        let running = |agent: &str, incarnation| AgentCommand::Report {
+            agent: agent.into(),
+            incarnation,
+            status: AllocStatus::Running,
+            reason: String::new(),
+            at_ms: 20,
+        };
+        // "a" runs on node 2: its move ended and "c" starts.
+        apply(&mut txn, &running("a", 2)).unwrap();
+        assert_eq!(drain_moves(&txn, 1).unwrap(), vec!["b", "c"]);
+        assert_eq!(evals(&txn), vec![("c".into(), EvalTrigger::Drain)]);
+        // Stopping an agent whose move is under way ends it too.
+        apply(
+            &mut txn,
+            &AgentCommand::Stop {
+                agent: "b".into(),
+                at_ms: 21,
+            },
+        )
+        .unwrap();
+        assert_eq!(drain_moves(&txn, 1).unwrap(), vec!["c", "d"]);
+        // The deadline: the leader proposes the drain again with no limit.
+        apply(&mut txn, &drain(0, 1_000)).unwrap();
+        assert_eq!(drain_moves(&txn, 1).unwrap(), vec!["c", "d", "e"]);
+        let queued: Vec<String> = evals(&txn).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(queued, vec!["b", "c", "d", "e"]);
+        // Made ready again, the node's drain and its moves are gone.
+        apply(
+            &mut txn,
+            &AgentCommand::SetNodeState {
+                node: 1,
+                state: NodeState::Ready,
+                reason: String::new(),
+                at_ms: 30,
+            },
+        )
+        .unwrap();
+        assert!(drains(&txn).unwrap().is_empty());
+        assert!(drain_moves(&txn, 1).unwrap().is_empty());
+        check_invariants(&txn, &[1, 2]);
     }
 
     #[test]

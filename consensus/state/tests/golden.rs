@@ -20,8 +20,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use cell0_state::agents::{
-    AgentCommand, AgentKind, AgentSpec, AllocStatus, Constraints, NodeState, Placement, Plan, Resources, RestartPolicy,
-    Unplaced,
+    AgentCommand, AgentKind, AgentSpec, AllocStatus, Constraints, DrainSpec, NodeState, Placement, Plan, Resources,
+    RestartPolicy, Unplaced,
 };
 use cell0_state::command::RequestId;
 use cell0_state::nodes::{NodeCommand, NodeResources};
@@ -186,6 +186,15 @@ fn parse_command(words: &[&str]) -> Command {
             reason: words[3..].join(" "),
             at_ms: 500,
         }),
+        "node-drain" => Command::Agent(AgentCommand::Drain {
+            node: num(1),
+            drain: DrainSpec {
+                max_parallel: num(2) as u32,
+                deadline_ms: num(3),
+            },
+            reason: words[4..].join(" "),
+            at_ms: 550,
+        }),
         "agent-release" => Command::Agent(AgentCommand::Released {
             agent: words[1].into(),
             incarnation: num(2),
@@ -265,6 +274,10 @@ fn reads(state: &MemTxn) -> String {
         writeln!(out, "  status: {:?}", agents::node_status(state, id).unwrap()).unwrap();
         writeln!(out, "  usage: {:?}", agents::node_usage(state, id).unwrap()).unwrap();
         writeln!(out, "  agents: {:?}", agents::agents_on(state, id, 100).unwrap()).unwrap();
+        writeln!(out, "  drain moves: {:?}", agents::drain_moves(state, id).unwrap()).unwrap();
+    }
+    for (id, drain) in agents::drains(state).unwrap() {
+        writeln!(out, "drain {id}: {drain:?}").unwrap();
     }
     for a in agents::agents_after(state, "", 1000).unwrap() {
         writeln!(out, "agent: {a:?}").unwrap();

@@ -9,7 +9,7 @@
 
 use cell0_consensus::agents::{
     self, AgentCommand, AgentKind, AgentOutcome, AgentRecord, AgentSpec, AllocStatus, Allocation, Constraints, Desired,
-    NodeState, Resources, RestartPolicy,
+    DrainSpec, NodeState, Resources, RestartPolicy,
 };
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,6 +32,8 @@ use crate::supervisor::{Supervisor, stopped};
 pub const MAX_LIST_PAGE: u32 = 1000;
 /// Items a `List` page returns when the request names no limit.
 const DEFAULT_LIST_PAGE: u32 = 100;
+/// Longest drain deadline, in milliseconds (30 days).
+pub const MAX_DRAIN_DEADLINE_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// The page size a request's `limit` asks for, checked.
 pub(super) fn page_limit(limit: u32) -> Result<usize, ApiError> {
@@ -255,6 +257,19 @@ impl AgentsApi {
     }
 
     async fn set_node_state(&self, node: u64, state: NodeState, reason: &str) -> Result<(), ApiError> {
+        self.check_node(node).await?;
+        self.propose(AgentCommand::SetNodeState {
+            node,
+            state,
+            reason: reason.into(),
+            at_ms: now_ms(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Refuses a node id that is not a node of this cluster.
+    async fn check_node(&self, node: u64) -> Result<(), ApiError> {
         let known = self
             .consensus
             .read(Consistency::Linearizable, move |txn| nodes::resources_of(txn, node))
@@ -265,11 +280,39 @@ impl AgentsApi {
                 format!("{node:016x} is not a node of this cluster"),
             ));
         }
-        self.propose(AgentCommand::SetNodeState {
-            node,
-            state,
-            reason: reason.into(),
-            at_ms: now_ms(),
+        Ok(())
+    }
+
+    async fn drain_node(&self, req: v1::DrainNodeRequest) -> Result<(), ApiError> {
+        if req.max_parallel > agents::MAX_DRAIN_PARALLEL {
+            return Err(ApiError::invalid(
+                "max_parallel",
+                format!("is {}; the limit is {}", req.max_parallel, agents::MAX_DRAIN_PARALLEL),
+            ));
+        }
+        if req.deadline_ms > MAX_DRAIN_DEADLINE_MS {
+            return Err(ApiError::invalid(
+                "deadline_ms",
+                format!("is {}; the limit is {MAX_DRAIN_DEADLINE_MS} (30 days)", req.deadline_ms),
+            ));
+        }
+        self.check_node(req.node).await?;
+        let now = now_ms();
+        let mut reason = String::from("drained by an operator");
+        if req.max_parallel > 0 {
+            reason.push_str(&format!(", {} at a time", req.max_parallel));
+        }
+        if req.deadline_ms > 0 {
+            reason.push_str(&format!(", the rest after {} s", req.deadline_ms / 1000));
+        }
+        self.propose(AgentCommand::Drain {
+            node: req.node,
+            drain: DrainSpec {
+                max_parallel: req.max_parallel,
+                deadline_ms: if req.deadline_ms == 0 { 0 } else { now + req.deadline_ms },
+            },
+            reason,
+            at_ms: now,
         })
         .await?;
         Ok(())
@@ -450,8 +493,7 @@ impl Nodes for AgentsApi {
     async fn drain(&self, request: Request<v1::DrainNodeRequest>) -> Result<Response<v1::DrainNodeResponse>, Status> {
         self.gate
             .observe("Nodes/Drain", async {
-                self.set_node_state(request.into_inner().node, NodeState::Draining, "drained by an operator")
-                    .await?;
+                self.drain_node(request.into_inner()).await?;
                 Ok(Response::new(v1::DrainNodeResponse {}))
             })
             .await

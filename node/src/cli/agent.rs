@@ -91,6 +91,13 @@ pub enum NodeCommand {
     Drain {
         /// The node id, as `cell0 node ls` shows it.
         node: String,
+        /// Move at most this many of its agents at once (0: all at once).
+        #[arg(long, default_value_t = 0)]
+        max_parallel: u32,
+        /// After this long, move the rest at once: e.g. `90s`, `10m`, `2h`
+        /// (default: no deadline).
+        #[arg(long, value_parser = parse_duration)]
+        deadline: Option<std::time::Duration>,
     },
     /// Make a node eligible for new agents again, or not.
     Eligibility {
@@ -461,10 +468,26 @@ pub async fn run_node(endpoint: &str, output: Output, cmd: NodeCommand) -> anyho
                 },
             )
         }
-        NodeCommand::Drain { node } => {
+        NodeCommand::Drain {
+            node,
+            max_parallel,
+            deadline,
+        } => {
             let node = parse_node_id(&node)?;
-            client.drain(v1::DrainNodeRequest { node }).await.map_err(rpc_error)?;
-            eprintln!("node {node:016x} draining: its agents move to other nodes");
+            let deadline_ms = deadline.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            client
+                .drain(v1::DrainNodeRequest {
+                    node,
+                    max_parallel,
+                    deadline_ms,
+                })
+                .await
+                .map_err(rpc_error)?;
+            let pace = match max_parallel {
+                0 => "all at once".to_string(),
+                n => format!("{n} at a time"),
+            };
+            eprintln!("node {node:016x} draining: its agents move to other nodes, {pace}");
             Ok(())
         }
         NodeCommand::Eligibility { node, enable, .. } => {
@@ -482,11 +505,43 @@ pub async fn run_node(endpoint: &str, output: Output, cmd: NodeCommand) -> anyho
     }
 }
 
+/// A duration such as `500ms`, `90s`, `10m` or `2h` (a bare number is
+/// seconds).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 10m or 2h"))?;
+    let ms_per = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60 * 1000,
+        "h" => 3600 * 1000,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use ms, s, m or h")),
+    };
+    n.checked_mul(ms_per)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(parse_duration("90s").unwrap(), std::time::Duration::from_secs(90));
+        assert_eq!(parse_duration("10m").unwrap(), std::time::Duration::from_secs(600));
+        assert_eq!(parse_duration("2h").unwrap(), std::time::Duration::from_secs(7200));
+        assert_eq!(parse_duration("250ms").unwrap(), std::time::Duration::from_millis(250));
+        assert_eq!(parse_duration("30").unwrap(), std::time::Duration::from_secs(30));
+        assert!(parse_duration("10 minutes").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+    }
 
     const SPEC: &str = r#"
 name = "wc"
