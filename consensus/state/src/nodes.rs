@@ -5,6 +5,8 @@
 //! start (CPU, memory, and the inference backend it runs: a node with a
 //! hardware GPU says so), so the scheduler can place agents that need a GPU
 //! or a model without asking the nodes. Deterministic like every table.
+//! The `meta` row `node_records` counts the records (at most
+//! [`MAX_NODES`]), so adding one does not scan them.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
 use crate::error::{Result, StateError};
+use crate::kv;
 
 const RESOURCES_TABLE: &str = "node_resources";
 const LABELS_TABLE: &str = "node_labels";
@@ -24,7 +27,10 @@ pub const MAX_LABEL_BYTES: usize = 256;
 /// Longest text field of a record, in bytes.
 pub const MAX_RESOURCE_TEXT_BYTES: usize = 256;
 /// Most node records kept.
-pub const MAX_NODES: usize = 4096;
+pub const MAX_NODES: usize = 16_384;
+/// Meta key of the number of node records (absent in state written before
+/// it existed: the records are then counted once).
+const RECORDS_KEY: &[u8] = b"node_records";
 
 /// What a node offers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,16 +195,26 @@ pub fn resources_of(txn: &dyn Txn, node: NodeId) -> Result<Option<NodeResources>
         .transpose()
 }
 
+/// The number of node records.
+fn record_count(txn: &dyn Txn) -> Result<u64> {
+    if txn.get(kv::META_TABLE, RECORDS_KEY)?.is_some() {
+        return kv::meta_u64(txn, RECORDS_KEY);
+    }
+    Ok(txn.scan(RESOURCES_TABLE, b"", None, usize::MAX)?.len() as u64)
+}
+
 /// Applies a validated node command. A record beyond [`MAX_NODES`] is
 /// dropped (returns false); replacing an existing one always succeeds.
 pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
     match cmd {
         NodeCommand::SetResources { node, resources } => {
             let key = node.to_be_bytes();
-            if txn.get(RESOURCES_TABLE, &key)?.is_none()
-                && txn.scan(RESOURCES_TABLE, b"", None, MAX_NODES)?.len() >= MAX_NODES
-            {
-                return Ok(false);
+            if txn.get(RESOURCES_TABLE, &key)?.is_none() {
+                let records = record_count(txn)?;
+                if records >= MAX_NODES as u64 {
+                    return Ok(false);
+                }
+                kv::put_meta_u64(txn, RECORDS_KEY, records + 1)?;
             }
             let bytes = encode_row(resources)?;
             txn.put(RESOURCES_TABLE, &key, &bytes)?;
@@ -224,6 +240,34 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
 mod tests {
     use super::*;
     use crate::MemTxn;
+
+    #[test]
+    fn records_stop_at_the_limit_counted_also_in_state_written_before_the_count() {
+        let mut txn = MemTxn::new();
+        let set = |txn: &mut MemTxn, node| {
+            apply(
+                txn,
+                &NodeCommand::SetResources {
+                    node,
+                    resources: NodeResources::default(),
+                },
+            )
+            .unwrap()
+        };
+        for node in 1..=10 {
+            assert!(set(&mut txn, node));
+        }
+        // State from before the count row: the records are counted.
+        txn.delete(kv::META_TABLE, RECORDS_KEY).unwrap();
+        assert!(set(&mut txn, 11));
+        assert_eq!(kv::meta_u64(&txn, RECORDS_KEY).unwrap(), 11);
+        for node in 12..=MAX_NODES as u64 {
+            assert!(set(&mut txn, node));
+        }
+        assert!(!set(&mut txn, MAX_NODES as u64 + 1), "one record too many");
+        assert!(set(&mut txn, 5), "replacing a record is always allowed");
+        assert_eq!(resources(&txn).unwrap().len(), MAX_NODES);
+    }
 
     #[test]
     fn labels_are_kept_only_for_recorded_nodes_and_replaced_whole() {
