@@ -11,9 +11,10 @@
 //!   which bounds the downtime (old stopped, new running) from above.
 //!
 //! Run it on a machine of the cluster: the clocks compared are then one
-//! clock. The agents are stopped afterwards.
+//! clock. The client follows each agent with `Agents.Watch` rather than
+//! polling, so it adds no load of its own. The agents are stopped afterwards.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cell0_proto::v1;
 use cell0_proto::v1::agents_client::AgentsClient;
@@ -67,26 +68,30 @@ fn spec(name: &str) -> v1::AgentSpec {
     }
 }
 
-/// Polls until `name` runs with an incarnation above `after`: the agent.
+/// Waits, on the agent's watch stream (no polling load on the cluster),
+/// until `name` runs with an incarnation above `after`: the agent.
 async fn running(client: &mut AgentsClient<Channel>, name: &str, after: u64) -> anyhow::Result<v1::AgentInfo> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let a = client
-            .get(v1::GetAgentRequest { name: name.into() })
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
-        if a.allocation
-            .as_ref()
-            .is_some_and(|al| al.status == "running" && al.incarnation > after)
-        {
-            return Ok(a);
+    let mut stream = client
+        .watch(v1::WatchAgentRequest { name: name.into() })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let wait = async {
+        let mut last = None;
+        while let Some(a) = stream.message().await.map_err(rpc_error)? {
+            if a.allocation
+                .as_ref()
+                .is_some_and(|al| al.status == "running" && al.incarnation > after)
+            {
+                return Ok(a);
+            }
+            last = Some(a);
         }
-        if Instant::now() > deadline {
-            anyhow::bail!("agent {name} did not run within {} s: {a:?}", WAIT.as_secs());
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+        anyhow::bail!("the watch of agent {name} ended before it ran: {last:?}")
+    };
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .map_err(|_| anyhow::anyhow!("agent {name} did not run within {} s", WAIT.as_secs()))?
 }
 
 /// Runs the bench against `endpoint`.
