@@ -553,7 +553,11 @@ async fn schedule(output: Output, b: ScheduleBench) -> anyhow::Result<()> {
         AgentCommand::Run {
             spec: AgentSpec {
                 name: format!("agent-{i:07}"),
-                kind: AgentKind::Inference,
+                kind: AgentKind::Exec {
+                    command: vec!["/bin/cat".into()],
+                    timeout_ms: 1000,
+                    max_output_bytes: 1024,
+                },
                 resources: Resources {
                     cpu_millis: 100,
                     memory_mb: 128,
