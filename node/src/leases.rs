@@ -212,13 +212,11 @@ async fn check_leases(table: &LeaseTable, term: u64, deadline: Duration) -> cell
     let up = table
         .consensus
         .read(Consistency::Serializable, |txn| {
-            let mut up = Vec::new();
-            for id in nodes::resources(txn)?.into_keys() {
-                if agents::node_status(txn, id)?.state != NodeState::Down {
-                    up.push(id);
-                }
-            }
-            Ok(up)
+            let statuses = agents::node_statuses(txn)?;
+            Ok(nodes::resources(txn)?
+                .into_keys()
+                .filter(|id| statuses.get(id).is_none_or(|s| s.state != NodeState::Down))
+                .collect::<Vec<_>>())
         })
         .await?;
     let now = Instant::now();

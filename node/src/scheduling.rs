@@ -94,15 +94,20 @@ fn read_round(txn: &dyn cell0_state::Txn, cursor: &str) -> cell0_state::Result<R
             models.entry(*holder).or_default().insert(entry.manifest.name.clone());
         }
     }
+    // Each table in one scan: a read per node would cost 4 x 10,000 reads
+    // per round on a large cluster.
+    let mut usages = agents::node_usages(txn)?;
+    let mut statuses = agents::node_statuses(txn)?;
+    let mut labels = nodes::labels(txn)?;
     let mut view = Vec::new();
     for (id, record) in nodes::resources(txn)? {
         view.push(NodeView {
             id,
             capacity: agents::Resources::of_node(&record),
-            usage: agents::node_usage(txn, id)?,
-            state: agents::node_status(txn, id)?.state,
+            usage: usages.remove(&id).unwrap_or_default(),
+            state: statuses.remove(&id).map_or(agents::NodeState::Ready, |s| s.state),
             gpu: record.gpu,
-            labels: nodes::labels_of(txn, id)?,
+            labels: labels.remove(&id).unwrap_or_default(),
             models: models.remove(&id).unwrap_or_default(),
         });
     }

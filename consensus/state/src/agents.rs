@@ -60,7 +60,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
-use crate::codec::{decode_row, get_row, put_row};
+use crate::codec::{decode_row, get_row, put_row, rows_by_node};
 use crate::error::{Result, StateError};
 use crate::nodes;
 use crate::txn::{Txn, prefix_end};
@@ -787,6 +787,17 @@ pub fn node_status(txn: &dyn Txn, node: NodeId) -> Result<NodeStatus> {
     }))
 }
 
+/// Every recorded scheduling status, by node id (ready nodes may be
+/// absent).
+pub fn node_statuses(txn: &dyn Txn) -> Result<BTreeMap<NodeId, NodeStatus>> {
+    rows_by_node(txn, NODE_STATUS_TABLE)
+}
+
+/// The resources held on every node that holds any, by node id.
+pub fn node_usages(txn: &dyn Txn) -> Result<BTreeMap<NodeId, Resources>> {
+    rows_by_node(txn, NODE_USAGE_TABLE)
+}
+
 /// The resources held on `node` by its allocations.
 pub fn node_usage(txn: &dyn Txn, node: NodeId) -> Result<Resources> {
     Ok(get_row(txn, NODE_USAGE_TABLE, &node_key(node))?.unwrap_or_default())
@@ -1195,17 +1206,8 @@ fn clear_drain(txn: &mut dyn Txn, node: NodeId) -> Result<()> {
 }
 
 /// The drains with settings, by node id.
-pub fn drains(txn: &dyn Txn) -> Result<Vec<(NodeId, DrainSpec)>> {
-    txn.scan(DRAINS_TABLE, b"", None, usize::MAX)?
-        .into_iter()
-        .map(|(k, v)| {
-            let id = <[u8; 8]>::try_from(k.as_slice()).map_err(|_| StateError::Corrupt {
-                what: "drain key",
-                detail: format!("{} bytes", k.len()),
-            })?;
-            Ok((NodeId::from_be_bytes(id), decode_row(&v)?))
-        })
-        .collect()
+pub fn drains(txn: &dyn Txn) -> Result<BTreeMap<NodeId, DrainSpec>> {
+    rows_by_node(txn, DRAINS_TABLE)
 }
 
 /// The agents whose move `node`'s drain started and that has not ended, in

@@ -101,6 +101,24 @@ pub(crate) fn get_row<T: Row>(txn: &dyn crate::Txn, table: &str, key: &[u8]) -> 
     txn.get(table, key)?.map(|b| decode_row(&b)).transpose()
 }
 
+/// Every row of `table`, whose keys are node ids (8 bytes, big-endian), by
+/// node id: one scan instead of a read per node.
+pub(crate) fn rows_by_node<T: Row>(
+    txn: &dyn crate::Txn,
+    table: &str,
+) -> Result<std::collections::BTreeMap<crate::NodeId, T>> {
+    txn.scan(table, b"", None, usize::MAX)?
+        .into_iter()
+        .map(|(k, v)| {
+            let id: [u8; 8] = k.as_slice().try_into().map_err(|_| StateError::Corrupt {
+                what: "node key",
+                detail: format!("{} bytes in {table}, not 8", k.len()),
+            })?;
+            Ok((crate::NodeId::from_be_bytes(id), decode_row(&v)?))
+        })
+        .collect()
+}
+
 /// Stores `row` in `table` at `key`, encoded.
 pub(crate) fn put_row<T: Row>(txn: &mut dyn crate::Txn, table: &str, key: &[u8], row: &T) -> Result<()> {
     txn.put(table, key, &encode_row(row)?)

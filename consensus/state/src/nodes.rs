@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::codec::{decode_row, encode_row};
+use crate::codec::{decode_row, encode_row, rows_by_node};
 use crate::txn::Txn;
 use serde::{Deserialize, Serialize};
 
@@ -175,17 +175,15 @@ pub fn labels_of(txn: &dyn Txn, node: NodeId) -> Result<BTreeMap<String, String>
 
 /// Every node's record, by node id.
 pub fn resources(txn: &dyn Txn) -> Result<BTreeMap<NodeId, NodeResources>> {
-    txn.scan(RESOURCES_TABLE, b"", None, MAX_NODES)?
+    rows_by_node(txn, RESOURCES_TABLE)
+}
+
+/// Every node's labels, by node id (nodes without labels are absent).
+pub fn labels(txn: &dyn Txn) -> Result<BTreeMap<NodeId, BTreeMap<String, String>>> {
+    Ok(rows_by_node::<NodeLabels>(txn, LABELS_TABLE)?
         .into_iter()
-        .map(|(k, v)| {
-            let id: [u8; 8] = k.as_slice().try_into().map_err(|_| StateError::Corrupt {
-                what: "node record key",
-                detail: format!("{} bytes, not 8", k.len()),
-            })?;
-            let r = decode_row(&v)?;
-            Ok((NodeId::from_be_bytes(id), r))
-        })
-        .collect()
+        .map(|(id, l)| (id, l.labels))
+        .collect())
 }
 
 /// The record of `node`, if it reported one.
