@@ -88,6 +88,15 @@ fn read_round(txn: &dyn cell0_state::Txn, cursor: &str) -> cell0_state::Result<R
             view: ClusterView::default(),
         });
     }
+    Ok(Round {
+        evals,
+        view: cluster_view(txn)?,
+    })
+}
+
+/// The nodes as the scheduler sees them: records, status, usage, labels
+/// and the models each holds.
+fn cluster_view(txn: &dyn cell0_state::Txn) -> cell0_state::Result<ClusterView> {
     let mut models: BTreeMap<u64, std::collections::BTreeSet<String>> = BTreeMap::new();
     for entry in registry::list(txn)? {
         for holder in &entry.holders {
@@ -111,10 +120,46 @@ fn read_round(txn: &dyn cell0_state::Txn, cursor: &str) -> cell0_state::Result<R
             models: models.remove(&id).unwrap_or_default(),
         });
     }
-    Ok(Round {
-        evals,
-        view: ClusterView::new(view),
-    })
+    Ok(ClusterView::new(view))
+}
+
+/// Clusters up to this many node records get [`first_plan`] on `Run`.
+pub(crate) const FIRST_PLAN_MAX_NODES: u64 = 1024;
+
+/// The placement of `spec` as `Run` would leave it (its next generation),
+/// computed on this replica's view, for `Agents.Run` to propose in the
+/// same log entry as the agent: one commit instead of two. The state
+/// machine validates it as it applies; when the view was stale the
+/// placement is refused and the evaluation stays for the leader's
+/// scheduler, which also handles everything this does not: an unchanged
+/// spec, no room in this view (the leader then records why), and clusters
+/// over [`FIRST_PLAN_MAX_NODES`] nodes (reading their view would cost more
+/// than the commit it saves).
+pub(crate) fn first_plan(
+    txn: &dyn cell0_state::Txn,
+    spec: &agents::AgentSpec,
+    options: Options,
+) -> cell0_state::Result<Option<Plan>> {
+    if nodes::record_count(txn)? > FIRST_PLAN_MAX_NODES {
+        return Ok(None);
+    }
+    let (generation, current) = match agents::agent(txn, &spec.name)? {
+        Some(r) if r.spec == *spec && r.desired == agents::Desired::Running => return Ok(None),
+        Some(r) => (r.generation + 1, agents::allocation(txn, &spec.name)?),
+        None => (1, None),
+    };
+    let eval = Evaluation {
+        current,
+        generation,
+        desired: agents::Desired::Running,
+        spec: spec.clone(),
+        trigger: Trigger::Changed,
+    };
+    let plan = cell0_scheduler::process(std::slice::from_ref(&eval), &cluster_view(txn)?, options);
+    Ok((!plan.placements.is_empty()).then(|| Plan {
+        placements: plan.placements,
+        ..Plan::default()
+    }))
 }
 
 /// Where the next round starts reading evaluations: after the last agent
@@ -227,5 +272,81 @@ pub async fn run(consensus: Consensus, options: Options, mut stop: watch::Receiv
             () = tokio::time::sleep(IDLE_ROUND) => {}
             () = stopped(&mut stop) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use cell0_state::agents::{AgentKind, AgentOutcome, AgentSpec, Constraints, Resources, RestartPolicy};
+    use cell0_state::nodes::{NodeCommand, NodeResources};
+    use cell0_state::{Command, MemTxn, Response};
+
+    use super::*;
+
+    fn spec(name: &str, cpu_millis: u64) -> AgentSpec {
+        AgentSpec {
+            name: name.into(),
+            kind: AgentKind::Exec {
+                command: vec!["/bin/cat".into()],
+                timeout_ms: 1000,
+                max_output_bytes: 1024,
+            },
+            resources: Resources {
+                cpu_millis,
+                memory_mb: 16,
+                gpu_memory_mb: 0,
+            },
+            constraints: Constraints::default(),
+            restart: RestartPolicy::Always,
+        }
+    }
+
+    fn apply(txn: &mut MemTxn, cmd: Command) -> Response {
+        cell0_state::apply(txn, &cmd).unwrap().response
+    }
+
+    #[test]
+    fn a_run_carries_its_first_placement_in_the_same_entry_when_there_is_room() {
+        let mut txn = MemTxn::new();
+        let node = NodeCommand::SetResources {
+            node: 7,
+            resources: NodeResources {
+                cpu_cores: 2,
+                memory_bytes: 1 << 30,
+                ..NodeResources::default()
+            },
+        };
+        apply(&mut txn, node.into_command());
+        let a = spec("a", 1500);
+        let plan = first_plan(&txn, &a, Options::default())
+            .unwrap()
+            .expect("room on node 7");
+        assert_eq!(plan.placements.len(), 1);
+        assert_eq!((plan.placements[0].node, plan.placements[0].generation), (7, 1));
+        let batch = Command::Batch(vec![
+            AgentCommand::Run {
+                spec: a.clone(),
+                at_ms: 1,
+            }
+            .into_command(),
+            AgentCommand::Plan { plan, at_ms: 1 }.into_command(),
+        ]);
+        let Response::Batch(answers) = apply(&mut txn, batch) else {
+            panic!("a batch answers a batch");
+        };
+        assert_eq!(answers[0], Response::Agent(AgentOutcome::Generation(1)));
+        // Placed, and nothing left for the leader's scheduler.
+        assert_eq!(agents::allocation(&txn, "a").unwrap().unwrap().node, 7);
+        assert!(agents::pending_evals(&txn, "", 10).unwrap().is_empty());
+        // Unchanged: nothing to place. No room: the leader's scheduler
+        // records why.
+        assert!(first_plan(&txn, &a, Options::default()).unwrap().is_none());
+        assert!(
+            first_plan(&txn, &spec("b", 1500), Options::default())
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -194,7 +194,7 @@ pub fn resources_of(txn: &dyn Txn, node: NodeId) -> Result<Option<NodeResources>
 }
 
 /// The number of node records.
-fn record_count(txn: &dyn Txn) -> Result<u64> {
+pub fn record_count(txn: &dyn Txn) -> Result<u64> {
     if txn.get(kv::META_TABLE, RECORDS_KEY)?.is_some() {
         return kv::meta_u64(txn, RECORDS_KEY);
     }

@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 
 use super::kv::MAX_WATCHES;
 use super::{ApiError, RequestGate};
-use crate::scheduling::now_ms;
+use crate::scheduling::{self, now_ms};
 use crate::supervisor::{Supervisor, stopped};
 
 /// Most items one `List` page returns (agents, tasks, memory entries).
@@ -256,6 +256,41 @@ impl AgentsApi {
         outcome(self.consensus.propose(command.into_command()).await?)
     }
 
+    /// Records the agent and, in the same log entry, its first placement
+    /// where this replica's view has room for it
+    /// ([`scheduling::first_plan`]).
+    async fn run_agent(&self, spec: AgentSpec) -> Result<AgentOutcome, ApiError> {
+        let at_ms = now_ms();
+        let run = AgentCommand::Run { spec, at_ms };
+        run.validate().map_err(|e| invalid("", e))?;
+        let AgentCommand::Run { spec, .. } = &run else {
+            return Err(ApiError::Internal("a run command is not a run".into()));
+        };
+        let lookup = spec.clone();
+        let plan = self
+            .consensus
+            .read(Consistency::Serializable, move |txn| {
+                scheduling::first_plan(txn, &lookup, cell0_scheduler::Options::default())
+            })
+            .await?;
+        let Some(plan) = plan else {
+            return outcome(self.consensus.propose(run.into_command()).await?);
+        };
+        let batch = cell0_consensus::Command::Batch(vec![
+            run.into_command(),
+            AgentCommand::Plan { plan, at_ms }.into_command(),
+        ]);
+        // The run's answer; a refused placement leaves the evaluation to
+        // the leader's scheduler.
+        let answer = self.consensus.propose(batch).await?;
+        if let Applied::Batch(answers) = &answer
+            && let [run, _plan] = answers.as_slice()
+        {
+            return outcome(run.clone());
+        }
+        Err(ApiError::Internal(format!("unexpected answer to a run: {answer:?}")))
+    }
+
     async fn set_node_state(&self, node: u64, state: NodeState, reason: &str) -> Result<(), ApiError> {
         self.check_node(node).await?;
         self.propose(AgentCommand::SetNodeState {
@@ -325,7 +360,7 @@ impl Agents for AgentsApi {
         self.gate
             .observe("Agents/Run", async {
                 let spec = spec_from_proto(request.into_inner().spec)?;
-                let generation = generation(self.propose(AgentCommand::Run { spec, at_ms: now_ms() }).await?)?;
+                let generation = generation(self.run_agent(spec).await?)?;
                 Ok(Response::new(v1::RunAgentResponse { generation }))
             })
             .await
