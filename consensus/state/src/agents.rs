@@ -60,7 +60,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
-use crate::codec::{decode_row, get_row, put_row, rows_by_node};
+use crate::codec::{Counted, decode_row, get_row, put_row, rows_by_node};
 use crate::error::{Result, StateError};
 use crate::nodes;
 use crate::txn::{Txn, prefix_end};
@@ -71,8 +71,25 @@ const NODE_ALLOCS_TABLE: &str = "node_allocs";
 const NODE_USAGE_TABLE: &str = "node_usage";
 const NODE_STATUS_TABLE: &str = "node_status";
 const EVALS_TABLE: &str = "evals";
+/// Pending evaluations, counted: the leader's scheduler looks after every
+/// change.
+const EVALS: Counted = Counted {
+    table: EVALS_TABLE,
+    count_key: b"evals_pending",
+};
 const BLOCKED_TABLE: &str = "blocked";
 const STOPPING_TABLE: &str = "stopping";
+/// Stopping incarnations, counted: every node's runtime looks after every
+/// change.
+const STOPPING: Counted = Counted {
+    table: STOPPING_TABLE,
+    count_key: b"stopping_rows",
+};
+/// Blocked agents, counted: every node change looks.
+const BLOCKED: Counted = Counted {
+    table: BLOCKED_TABLE,
+    count_key: b"blocked_agents",
+};
 const DRAINS_TABLE: &str = "drains";
 const DRAIN_MOVES_TABLE: &str = "drain_moves";
 
@@ -828,6 +845,9 @@ fn names_under(txn: &dyn Txn, table: &str, node: NodeId, limit: usize) -> Result
 /// Up to `limit` pending evaluations of agents named after `after` (all
 /// when empty), in agent name order.
 pub fn pending_evals(txn: &dyn Txn, after: &str, limit: usize) -> Result<Vec<(String, Eval)>> {
+    if EVALS.count(txn)? == 0 {
+        return Ok(Vec::new());
+    }
     let mut start = after.as_bytes().to_vec();
     if !start.is_empty() {
         start.push(0);
@@ -866,6 +886,9 @@ fn parse_stopping_key(key: &[u8]) -> Result<(String, u64)> {
 /// The ended incarnations of `agent` that may still run, with their nodes,
 /// oldest first. A new incarnation starts only when this is empty.
 pub fn stopping_of(txn: &dyn Txn, agent: &str) -> Result<Vec<(u64, Stopping)>> {
+    if STOPPING.count(txn)? == 0 {
+        return Ok(Vec::new());
+    }
     let mut start = agent.as_bytes().to_vec();
     start.push(0);
     let end = prefix_end(&start);
@@ -879,6 +902,9 @@ pub fn stopping_of(txn: &dyn Txn, agent: &str) -> Result<Vec<(u64, Stopping)>> {
 /// (agent, incarnation), in agent order.
 pub fn stopping_on(txn: &dyn Txn, node: NodeId) -> Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
+    if STOPPING.count(txn)? == 0 {
+        return Ok(out);
+    }
     for (key, value) in txn.scan(STOPPING_TABLE, b"", None, usize::MAX)? {
         let row: Stopping = decode_row(&value)?;
         if row.node == node {
@@ -896,26 +922,25 @@ pub fn is_blocked(txn: &dyn Txn, agent: &str) -> Result<bool> {
 /// Queues an evaluation of `agent` (replacing a pending one, which the new
 /// one covers) and takes it off the blocked list.
 fn queue_eval(txn: &mut dyn Txn, agent: &str, trigger: EvalTrigger, generation: u64) -> Result<()> {
-    txn.delete(BLOCKED_TABLE, agent.as_bytes())?;
-    put_row(txn, EVALS_TABLE, agent.as_bytes(), &Eval { trigger, generation })
+    BLOCKED.delete(txn, agent.as_bytes())?;
+    EVALS.put(txn, agent.as_bytes(), &Eval { trigger, generation })
 }
 
 /// Moves every blocked agent back to the pending evaluations: the nodes
 /// changed, so it may fit now. Called by every change to node records or
 /// node status.
 pub(crate) fn unblock_all(txn: &mut dyn Txn) -> Result<()> {
-    loop {
+    while BLOCKED.count(txn)? > 0 {
         let batch = txn.scan(BLOCKED_TABLE, b"", None, 1024)?;
         if batch.is_empty() {
-            return Ok(());
+            break;
         }
         for (key, value) in batch {
             let blocked: Eval = decode_row(&value)?;
-            txn.delete(BLOCKED_TABLE, &key)?;
+            BLOCKED.delete(txn, &key)?;
             if txn.get(EVALS_TABLE, &key)?.is_none() {
-                put_row(
+                EVALS.put(
                     txn,
-                    EVALS_TABLE,
                     &key,
                     &Eval {
                         trigger: EvalTrigger::Unblocked,
@@ -925,6 +950,7 @@ pub(crate) fn unblock_all(txn: &mut dyn Txn) -> Result<()> {
             }
         }
     }
+    Ok(())
 }
 
 /// Sets `agent`'s allocation to `alloc`, keeping the node index and usage
@@ -964,7 +990,7 @@ fn end_allocation(txn: &mut dyn Txn, agent: &str, status: AllocStatus, reason: &
             node: alloc.node,
             since_ms: at_ms,
         };
-        put_row(txn, STOPPING_TABLE, &stopping_key(agent, alloc.incarnation), &row)?;
+        STOPPING.put(txn, &stopping_key(agent, alloc.incarnation), &row)?;
     }
     alloc.status = status;
     alloc.reason = reason.to_string();
@@ -1046,7 +1072,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
             let key = stopping_key(name, *incarnation);
             match get_row::<Stopping>(txn, STOPPING_TABLE, &key)? {
                 Some(row) if row.node == *node => {
-                    txn.delete(STOPPING_TABLE, &key)?;
+                    STOPPING.delete(txn, &key)?;
                     Ok(AgentOutcome::Reported)
                 }
                 _ => Ok(AgentOutcome::Refused(format!(
@@ -1106,7 +1132,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
                 // A node is declared down only after its lease expired, and
                 // it stops its agents before then: nothing of it still runs.
                 for (name, incarnation) in stopping_on(txn, *node)? {
-                    txn.delete(STOPPING_TABLE, &stopping_key(&name, incarnation))?;
+                    STOPPING.delete(txn, &stopping_key(&name, incarnation))?;
                 }
             }
             let trigger = match state {
@@ -1223,7 +1249,7 @@ fn apply_plan(txn: &mut dyn Txn, plan: &Plan, at_ms: u64) -> Result<PlanOutcome>
             out.stopped.push(name.clone());
         }
         if agent(txn, name)?.is_some_and(|r| r.desired == Desired::Stopped) {
-            txn.delete(EVALS_TABLE, name.as_bytes())?;
+            EVALS.delete(txn, name.as_bytes())?;
         }
     }
     for p in &plan.placements {
@@ -1306,7 +1332,7 @@ fn apply_plan(txn: &mut dyn Txn, plan: &Plan, at_ms: u64) -> Result<PlanOutcome>
                 trigger: EvalTrigger::Changed,
                 generation: record.generation,
             };
-            put_row(txn, BLOCKED_TABLE, u.agent.as_bytes(), &blocked)?;
+            BLOCKED.put(txn, u.agent.as_bytes(), &blocked)?;
         }
     }
     Ok(out)
@@ -1321,7 +1347,7 @@ fn settle_eval(txn: &mut dyn Txn, agent: &str, generation: u64) -> Result<bool> 
     if eval.generation != generation {
         return Ok(false);
     }
-    txn.delete(EVALS_TABLE, agent.as_bytes())?;
+    EVALS.delete(txn, agent.as_bytes())?;
     Ok(true)
 }
 
@@ -1399,6 +1425,10 @@ mod tests {
                 sum = sum.plus(alloc.resources);
             }
             assert_eq!(node_usage(txn, *node).unwrap(), sum, "usage of node {node}");
+        }
+        for counted in [EVALS, STOPPING, BLOCKED] {
+            let rows = txn.scan(counted.table, b"", None, usize::MAX).unwrap().len() as u64;
+            assert_eq!(counted.count(txn).unwrap(), rows, "count of {}", counted.table);
         }
     }
 

@@ -119,6 +119,49 @@ pub(crate) fn rows_by_node<T: Row>(
         .collect()
 }
 
+/// A table whose rows are counted in a `meta` row, so that asking whether
+/// it has any costs one read rather than a scan: a scan walks over every
+/// deleted key RocksDB still holds, which for a queue-like table (rows put
+/// and deleted all the time) grows until compaction. State written before
+/// a count existed is counted once, on the first change.
+pub(crate) struct Counted {
+    /// The table.
+    pub table: &'static str,
+    /// Its count's key in `meta`.
+    pub count_key: &'static [u8],
+}
+
+impl Counted {
+    /// How many rows the table has.
+    pub fn count(&self, txn: &dyn crate::Txn) -> Result<u64> {
+        if txn.get(crate::kv::META_TABLE, self.count_key)?.is_some() {
+            return crate::kv::meta_u64(txn, self.count_key);
+        }
+        Ok(txn.scan(self.table, b"", None, usize::MAX)?.len() as u64)
+    }
+
+    /// Puts `row` at `key`, counting it when it is new.
+    pub fn put<T: Row>(&self, txn: &mut dyn crate::Txn, key: &[u8], row: &T) -> Result<()> {
+        if txn.get(self.table, key)?.is_none() {
+            let n = self.count(txn)?;
+            crate::kv::put_meta_u64(txn, self.count_key, n + 1)?;
+        }
+        put_row(txn, self.table, key, row)
+    }
+
+    /// Deletes the row at `key`, if there is one (no tombstone otherwise);
+    /// whether there was.
+    pub fn delete(&self, txn: &mut dyn crate::Txn, key: &[u8]) -> Result<bool> {
+        if txn.get(self.table, key)?.is_none() {
+            return Ok(false);
+        }
+        let n = self.count(txn)?;
+        crate::kv::put_meta_u64(txn, self.count_key, n.saturating_sub(1))?;
+        txn.delete(self.table, key)?;
+        Ok(true)
+    }
+}
+
 /// Stores `row` in `table` at `key`, encoded.
 pub(crate) fn put_row<T: Row>(txn: &mut dyn crate::Txn, table: &str, key: &[u8], row: &T) -> Result<()> {
     txn.put(table, key, &encode_row(row)?)

@@ -10,13 +10,12 @@
 
 use std::collections::BTreeMap;
 
-use crate::codec::{decode_row, encode_row, rows_by_node};
+use crate::codec::{Counted, decode_row, encode_row, rows_by_node};
 use crate::txn::Txn;
 use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
 use crate::error::{Result, StateError};
-use crate::kv;
 
 const RESOURCES_TABLE: &str = "node_resources";
 const LABELS_TABLE: &str = "node_labels";
@@ -28,9 +27,11 @@ pub const MAX_LABEL_BYTES: usize = 256;
 pub const MAX_RESOURCE_TEXT_BYTES: usize = 256;
 /// Most node records kept.
 pub const MAX_NODES: usize = 16_384;
-/// Meta key of the number of node records (absent in state written before
-/// it existed: the records are then counted once).
-const RECORDS_KEY: &[u8] = b"node_records";
+/// The node records, counted (in `meta`, key `node_records`).
+const RECORDS: Counted = Counted {
+    table: RESOURCES_TABLE,
+    count_key: b"node_records",
+};
 
 /// What a node offers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,10 +196,7 @@ pub fn resources_of(txn: &dyn Txn, node: NodeId) -> Result<Option<NodeResources>
 
 /// The number of node records.
 pub fn record_count(txn: &dyn Txn) -> Result<u64> {
-    if txn.get(kv::META_TABLE, RECORDS_KEY)?.is_some() {
-        return kv::meta_u64(txn, RECORDS_KEY);
-    }
-    Ok(txn.scan(RESOURCES_TABLE, b"", None, usize::MAX)?.len() as u64)
+    RECORDS.count(txn)
 }
 
 /// Applies a validated node command. A record beyond [`MAX_NODES`] is
@@ -207,15 +205,10 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
     match cmd {
         NodeCommand::SetResources { node, resources } => {
             let key = node.to_be_bytes();
-            if txn.get(RESOURCES_TABLE, &key)?.is_none() {
-                let records = record_count(txn)?;
-                if records >= MAX_NODES as u64 {
-                    return Ok(false);
-                }
-                kv::put_meta_u64(txn, RECORDS_KEY, records + 1)?;
+            if txn.get(RESOURCES_TABLE, &key)?.is_none() && record_count(txn)? >= MAX_NODES as u64 {
+                return Ok(false);
             }
-            let bytes = encode_row(resources)?;
-            txn.put(RESOURCES_TABLE, &key, &bytes)?;
+            RECORDS.put(txn, &key, resources)?;
             Ok(true)
         }
         NodeCommand::SetLabels { node, labels } => {
@@ -238,6 +231,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
 mod tests {
     use super::*;
     use crate::MemTxn;
+    use crate::kv;
 
     #[test]
     fn records_stop_at_the_limit_counted_also_in_state_written_before_the_count() {
@@ -256,9 +250,9 @@ mod tests {
             assert!(set(&mut txn, node));
         }
         // State from before the count row: the records are counted.
-        txn.delete(kv::META_TABLE, RECORDS_KEY).unwrap();
+        txn.delete(kv::META_TABLE, RECORDS.count_key).unwrap();
         assert!(set(&mut txn, 11));
-        assert_eq!(kv::meta_u64(&txn, RECORDS_KEY).unwrap(), 11);
+        assert_eq!(kv::meta_u64(&txn, RECORDS.count_key).unwrap(), 11);
         for node in 12..=MAX_NODES as u64 {
             assert!(set(&mut txn, node));
         }
