@@ -59,7 +59,7 @@ struct Wanted {
 }
 
 /// What one round reads from the replica.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct View {
     wanted: BTreeMap<String, Wanted>,
     /// Ended incarnations this node must confirm stopped.
@@ -152,13 +152,28 @@ pub async fn run(
     let mut tasks_changed = consensus.watch_table(Table::Tasks);
     let mut local: BTreeMap<String, Local> = BTreeMap::new();
     let mut backoff = Backoff::default();
+    // The last view read, with the node's change count it was read at: most
+    // changes in the cluster do not touch this node, and reading the view
+    // scans its allocation index.
+    let mut cached: Option<(u64, View)> = None;
     loop {
         let held = *lease.borrow_and_update();
+        let known = cached.as_ref().map(|(changes, _)| *changes);
         match consensus
-            .read(Consistency::Serializable, move |txn| read_view(txn, me))
+            .read(Consistency::Serializable, move |txn| {
+                let changes = agents::node_changes(txn, me)?;
+                if known == Some(changes) {
+                    return Ok(None);
+                }
+                Ok(Some((changes, read_view(txn, me)?)))
+            })
             .await
         {
-            Ok(view) => {
+            Ok(fresh) => {
+                if fresh.is_some() {
+                    cached = fresh;
+                }
+                let view = cached.as_ref().map(|(_, v)| v.clone()).unwrap_or_default();
                 round(&shared, &mut local, view, held).await;
                 backoff.reset();
             }

@@ -62,6 +62,7 @@ use serde::{Deserialize, Serialize};
 use crate::NodeId;
 use crate::codec::{Counted, decode_row, get_row, put_row, rows_by_node};
 use crate::error::{Result, StateError};
+use crate::kv;
 use crate::nodes;
 use crate::txn::{Txn, prefix_end};
 
@@ -956,17 +957,62 @@ pub(crate) fn unblock_all(txn: &mut dyn Txn) -> Result<()> {
 /// Sets `agent`'s allocation to `alloc`, keeping the node index and usage
 /// in step with what it holds before and after.
 fn set_allocation(txn: &mut dyn Txn, agent: &str, alloc: &Allocation) -> Result<()> {
-    if let Some(old) = allocation(txn, agent)?
-        && old.status.holds_resources()
-    {
-        release(txn, agent, &old)?;
+    let old = allocation(txn, agent)?;
+    let held = old.as_ref().filter(|o| o.status.holds_resources());
+    // A status change on the same node keeps its index row and usage (a
+    // delete and a put of the same key would leave versions for scans of
+    // the node's index to step over).
+    let kept =
+        held.is_some_and(|o| alloc.status.holds_resources() && o.node == alloc.node && o.resources == alloc.resources);
+    if !kept {
+        if let Some(o) = held {
+            release(txn, agent, o)?;
+        }
+        if alloc.status.holds_resources() {
+            let usage = node_usage(txn, alloc.node)?.plus(alloc.resources);
+            put_row(txn, NODE_USAGE_TABLE, &node_key(alloc.node), &usage)?;
+            txn.put(NODE_ALLOCS_TABLE, &node_alloc_key(alloc.node, agent), &[])?;
+        }
     }
-    if alloc.status.holds_resources() {
-        let usage = node_usage(txn, alloc.node)?.plus(alloc.resources);
-        put_row(txn, NODE_USAGE_TABLE, &node_key(alloc.node), &usage)?;
-        txn.put(NODE_ALLOCS_TABLE, &node_alloc_key(alloc.node, agent), &[])?;
+    if let Some(o) = &old {
+        touch_node(txn, o.node)?;
     }
+    touch_node(txn, alloc.node)?;
     put_row(txn, ALLOCATIONS_TABLE, agent.as_bytes(), alloc)
+}
+
+/// The `meta` key counting changes to what `node`'s runtime reads.
+fn node_changes_key(node: NodeId) -> Vec<u8> {
+    let mut key = b"node_changes/".to_vec();
+    key.extend_from_slice(&node_key(node));
+    key
+}
+
+/// Counts a change to what `node`'s runtime reads (its allocations, the
+/// stopping incarnations it must confirm or wait for).
+fn touch_node(txn: &mut dyn Txn, node: NodeId) -> Result<()> {
+    let key = node_changes_key(node);
+    let n = kv::meta_u64(txn, &key)?;
+    kv::put_meta_u64(txn, &key, n.wrapping_add(1))
+}
+
+/// How many changes there were to what `node`'s runtime reads: while it is
+/// the same, so is that view ([`agents_on`], [`stopping_on`], and
+/// [`stopping_of`] for the agents on the node), and a runtime need not read
+/// it again.
+pub fn node_changes(txn: &dyn Txn, node: NodeId) -> Result<u64> {
+    kv::meta_u64(txn, &node_changes_key(node))
+}
+
+/// Deletes a stopping row, telling the nodes whose view it was part of:
+/// the node it ran on and the node of the agent's current allocation.
+fn remove_stopping(txn: &mut dyn Txn, agent: &str, incarnation: u64, ran_on: NodeId) -> Result<()> {
+    STOPPING.delete(txn, &stopping_key(agent, incarnation))?;
+    touch_node(txn, ran_on)?;
+    if let Some(alloc) = allocation(txn, agent)? {
+        touch_node(txn, alloc.node)?;
+    }
+    Ok(())
 }
 
 fn release(txn: &mut dyn Txn, agent: &str, alloc: &Allocation) -> Result<()> {
@@ -1072,7 +1118,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
             let key = stopping_key(name, *incarnation);
             match get_row::<Stopping>(txn, STOPPING_TABLE, &key)? {
                 Some(row) if row.node == *node => {
-                    STOPPING.delete(txn, &key)?;
+                    remove_stopping(txn, name, *incarnation, row.node)?;
                     Ok(AgentOutcome::Reported)
                 }
                 _ => Ok(AgentOutcome::Refused(format!(
@@ -1132,7 +1178,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
                 // A node is declared down only after its lease expired, and
                 // it stops its agents before then: nothing of it still runs.
                 for (name, incarnation) in stopping_on(txn, *node)? {
-                    STOPPING.delete(txn, &stopping_key(&name, incarnation))?;
+                    remove_stopping(txn, &name, incarnation, *node)?;
                 }
             }
             let trigger = match state {
@@ -1551,6 +1597,53 @@ mod tests {
             .into_iter()
             .map(|(name, e)| (name, e.trigger))
             .collect()
+    }
+
+    #[test]
+    fn a_nodes_change_count_moves_with_every_change_to_its_runtimes_view() {
+        let mut txn = MemTxn::new();
+        add_node(&mut txn, 1, 4, 1024);
+        add_node(&mut txn, 2, 4, 1024);
+        add_node(&mut txn, 3, 4, 1024);
+        let changes = |txn: &MemTxn| [1, 2, 3].map(|n| node_changes(txn, n).unwrap());
+        let g = run(&mut txn, spec("a", 1000, 100));
+        let before = changes(&txn);
+        plan(&mut txn, &[("a", g, 1)]);
+        let placed = changes(&txn);
+        assert!(placed[0] > before[0] && placed[1] == before[1], "{before:?} {placed:?}");
+        // Moved to node 2: both nodes' views change; node 3's does not.
+        plan(&mut txn, &[("a", g, 2)]);
+        let moved = changes(&txn);
+        assert!(moved[0] > placed[0] && moved[1] > placed[1] && moved[2] == placed[2]);
+        assert_eq!(stopping_of(&txn, "a").unwrap().len(), 1, "node 2 waits");
+        // Node 1 confirms the stop: node 2 may start it now, so its view
+        // changed too.
+        apply(
+            &mut txn,
+            &AgentCommand::Released {
+                agent: "a".into(),
+                incarnation: 1,
+                node: 1,
+            },
+        )
+        .unwrap();
+        let released = changes(&txn);
+        assert!(released[0] > moved[0] && released[1] > moved[1] && released[2] == moved[2]);
+        // A report changes only its own node's view.
+        apply(
+            &mut txn,
+            &AgentCommand::Report {
+                agent: "a".into(),
+                incarnation: 2,
+                status: AllocStatus::Running,
+                reason: String::new(),
+                at_ms: 5,
+            },
+        )
+        .unwrap();
+        let reported = changes(&txn);
+        assert!(reported[1] > released[1] && reported[0] == released[0]);
+        check_invariants(&txn, &[1, 2, 3]);
     }
 
     #[test]
