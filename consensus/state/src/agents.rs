@@ -957,6 +957,15 @@ pub(crate) fn unblock_all(txn: &mut dyn Txn) -> Result<()> {
 /// Sets `agent`'s allocation to `alloc`, keeping the node index and usage
 /// in step with what it holds before and after.
 fn set_allocation(txn: &mut dyn Txn, agent: &str, alloc: &Allocation) -> Result<()> {
+    for node in write_allocation(txn, agent, alloc)?.into_iter().flatten() {
+        touch_node(txn, node)?;
+    }
+    Ok(())
+}
+
+/// [`set_allocation`] without counting the change: returns the nodes whose
+/// runtime views changed, for a caller that counts once per node.
+fn write_allocation(txn: &mut dyn Txn, agent: &str, alloc: &Allocation) -> Result<[Option<NodeId>; 2]> {
     let old = allocation(txn, agent)?;
     let held = old.as_ref().filter(|o| o.status.holds_resources());
     // A status change on the same node keeps its index row and usage (a
@@ -974,11 +983,8 @@ fn set_allocation(txn: &mut dyn Txn, agent: &str, alloc: &Allocation) -> Result<
             txn.put(NODE_ALLOCS_TABLE, &node_alloc_key(alloc.node, agent), &[])?;
         }
     }
-    if let Some(o) = &old {
-        touch_node(txn, o.node)?;
-    }
-    touch_node(txn, alloc.node)?;
-    put_row(txn, ALLOCATIONS_TABLE, agent.as_bytes(), alloc)
+    put_row(txn, ALLOCATIONS_TABLE, agent.as_bytes(), alloc)?;
+    Ok([old.map(|o| o.node), Some(alloc.node)])
 }
 
 /// The `meta` key counting changes to what `node`'s runtime reads.
@@ -1290,6 +1296,7 @@ pub fn drain_moves(txn: &dyn Txn, node: NodeId) -> Result<Vec<String>> {
 
 fn apply_plan(txn: &mut dyn Txn, plan: &Plan, at_ms: u64) -> Result<PlanOutcome> {
     let mut out = PlanOutcome::default();
+    let mut touched = std::collections::BTreeSet::new();
     for name in &plan.stops {
         if end_allocation(txn, name, AllocStatus::Stopped, "stopped", at_ms)? {
             out.stopped.push(name.clone());
@@ -1345,10 +1352,14 @@ fn apply_plan(txn: &mut dyn Txn, plan: &Plan, at_ms: u64) -> Result<PlanOutcome>
             generation: record.generation,
             updated_at_ms: at_ms,
         };
-        set_allocation(txn, &p.agent, &alloc)?;
+        // Counted once per node below: a plan places thousands.
+        touched.extend(write_allocation(txn, &p.agent, &alloc)?.into_iter().flatten());
         put_row(txn, AGENTS_TABLE, p.agent.as_bytes(), &record)?;
         settle_eval(txn, &p.agent, record.generation)?;
         out.placed.push((p.agent.clone(), record.incarnation));
+    }
+    for node in touched {
+        touch_node(txn, node)?;
     }
     for d in &plan.settled {
         settle_eval(txn, &d.agent, d.generation)?;
