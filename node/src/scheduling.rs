@@ -47,6 +47,8 @@ pub(crate) fn now_ms() -> u64 {
 struct Round {
     evals: Vec<Evaluation>,
     view: ClusterView,
+    /// Evaluations pending in all (the queue depth).
+    pending: u64,
 }
 
 fn trigger(t: EvalTrigger) -> Trigger {
@@ -63,6 +65,7 @@ fn trigger(t: EvalTrigger) -> Trigger {
 /// Reads one round's input from `txn`: the pending evaluations of agents
 /// named after `cursor` (from the start when there are none after it).
 fn read_round(txn: &dyn cell0_state::Txn, cursor: &str) -> cell0_state::Result<Round> {
+    let depth = agents::pending_eval_count(txn)?;
     let mut pending = agents::pending_evals(txn, cursor, EVALS_PER_PLAN)?;
     if pending.is_empty() && !cursor.is_empty() {
         pending = agents::pending_evals(txn, "", EVALS_PER_PLAN)?;
@@ -86,11 +89,13 @@ fn read_round(txn: &dyn cell0_state::Txn, cursor: &str) -> cell0_state::Result<R
         return Ok(Round {
             evals,
             view: ClusterView::default(),
+            pending: depth,
         });
     }
     Ok(Round {
         evals,
         view: cluster_view(txn)?,
+        pending: depth,
     })
 }
 
@@ -186,16 +191,16 @@ pub(crate) async fn round(
         return Ok(0);
     };
     cursor.0 = last.spec.name.clone();
-    let plan: Plan = cell0_scheduler::process(&input.evals, &input.view, options);
+    metrics::gauge!("cell0_scheduler_pending_evaluations").set(input.pending as f64);
+    let decision = cell0_scheduler::decide(&input.evals, &input.view, options);
+    for (reason, n) in &decision.failures {
+        metrics::counter!("cell0_scheduler_placement_failures_total", "reason" => *reason).increment(*n);
+    }
+    let plan = decision.plan;
     let (placed, unplaced) = (plan.placements.len(), plan.unplaced.len());
     let command = AgentCommand::Plan { plan, at_ms: now_ms() };
     let outcome = consensus.propose(command.into_command()).await?;
-    let refused = match outcome {
-        cell0_consensus::Response::Agent(agents::AgentOutcome::Planned(p)) => p.refused.len(),
-        _ => 0,
-    };
-    metrics::counter!("cell0_scheduler_placements_total").increment((placed - refused.min(placed)) as u64);
-    metrics::counter!("cell0_scheduler_plan_refusals_total").increment(refused as u64);
+    let refused = count_plan(placed, &outcome);
     metrics::gauge!("cell0_scheduler_unplaced_agents").set(unplaced as f64);
     metrics::histogram!("cell0_scheduler_round_duration_seconds").record(started.elapsed().as_secs_f64());
     tracing::debug!(
@@ -207,6 +212,18 @@ pub(crate) async fn round(
         "scheduler round"
     );
     Ok(input.evals.len())
+}
+
+/// Counts a committed plan of `proposed` placements in the scheduler's
+/// metrics; returns how many the state machine refused.
+pub(crate) fn count_plan(proposed: usize, outcome: &cell0_consensus::Response) -> usize {
+    let refused = match outcome {
+        cell0_consensus::Response::Agent(agents::AgentOutcome::Planned(p)) => p.refused.len(),
+        _ => 0,
+    };
+    metrics::counter!("cell0_scheduler_placements_total").increment(proposed.saturating_sub(refused) as u64);
+    metrics::counter!("cell0_scheduler_plan_refusals_total").increment(refused as u64);
+    refused
 }
 
 /// Proposes again, with no limit, every drain whose deadline passed on this

@@ -142,6 +142,11 @@ async fn agents_are_placed_within_capacity_and_a_drain_moves_them() {
             .any(|a| a.spec.as_ref().unwrap().name == "huge" && a.pending_reason == "3 nodes lack CPU")
     })
     .await;
+    // The scheduler that left it pending counted it, by reason.
+    assert!(cluster.iter().any(|n| {
+        n.http_get("/metrics")
+            .is_some_and(|(_, body)| body.contains("cell0_scheduler_placement_failures_total{reason=\"no_cpu\"}"))
+    }));
     let before = agents(&endpoints[0]).await;
     let placed = placed_per_node(&before);
     for (node, names) in &placed {

@@ -147,6 +147,22 @@ enum Why {
 }
 
 impl Why {
+    /// A short stable name, for metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Why::Draining => "draining",
+            Why::Ineligible => "ineligible",
+            Why::Down => "down",
+            Why::NoGpu => "no_gpu",
+            Why::NoModel => "no_model",
+            Why::NoLabels => "no_labels",
+            Why::NoCpu => "no_cpu",
+            Why::NoMemory => "no_memory",
+            Why::NoGpuMemory => "no_gpu_memory",
+            Why::CurrentNode => "current_node",
+        }
+    }
+
     /// What `n` nodes do, in words.
     fn phrase(self, n: usize) -> String {
         let (noun, is, lack) = if n == 1 {
@@ -181,18 +197,25 @@ impl Refusals {
         *self.counts.entry(why).or_default() += 1;
     }
 
-    /// "2 nodes lack a GPU, 1 node lacks memory", most common first.
-    fn describe(&self) -> String {
-        if self.counts.is_empty() {
-            return "no node has reported its resources".into();
-        }
+    /// "2 nodes lack a GPU, 1 node lacks memory", most common first, and
+    /// the most common reason's label.
+    fn describe(&self) -> Unplaceable {
         let mut counts: Vec<_> = self.counts.iter().collect();
         counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        counts
-            .into_iter()
-            .map(|(why, n)| why.phrase(*n))
-            .collect::<Vec<_>>()
-            .join(", ")
+        let Some((main, _)) = counts.first() else {
+            return Unplaceable {
+                reason: "no node has reported its resources".into(),
+                label: "no_nodes",
+            };
+        };
+        Unplaceable {
+            label: main.label(),
+            reason: counts
+                .iter()
+                .map(|(why, n)| why.phrase(**n))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
     }
 }
 
@@ -254,9 +277,34 @@ fn stays(current: &Allocation, view: &ClusterView) -> bool {
             .is_ok_and(|i| matches!(view.nodes[i].state, NodeState::Ready | NodeState::Ineligible))
 }
 
-/// Decides about `evals` over `view` (see the crate docs).
+/// Why an agent fits no node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Unplaceable {
+    /// For people: "3 nodes lack a GPU, 1 node lacks memory".
+    reason: String,
+    /// For metrics: the most common reason, e.g. `no_gpu`.
+    label: &'static str,
+}
+
+/// A plan, and how many agents it could not place by their most common
+/// reason (`no_gpu`, `no_cpu`, `draining`, ...: [`Decision::failures`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// What to commit.
+    pub plan: Plan,
+    /// Agents left unplaced, by the label of the reason most nodes gave.
+    pub failures: BTreeMap<&'static str, u64>,
+}
+
+/// Decides about `evals` over `view` (see the crate docs): the plan only.
 pub fn process(evals: &[Evaluation], view: &ClusterView, options: Options) -> Plan {
+    decide(evals, view, options).plan
+}
+
+/// Decides about `evals` over `view`, counting placement failures.
+pub fn decide(evals: &[Evaluation], view: &ClusterView, options: Options) -> Decision {
     let mut plan = Plan::default();
+    let mut failures = BTreeMap::new();
     // What this plan placed on each node (index into view.nodes).
     let mut planned = vec![Resources::default(); view.nodes.len()];
     let mut seen = BTreeSet::new();
@@ -297,14 +345,17 @@ pub fn process(evals: &[Evaluation], view: &ClusterView, options: Options) -> Pl
                     node: view.nodes[i].id,
                 });
             }
-            Err(reason) => plan.unplaced.push(Unplaced {
-                agent: name.clone(),
-                generation: eval.generation,
-                reason,
-            }),
+            Err(why) => {
+                *failures.entry(why.label).or_default() += 1;
+                plan.unplaced.push(Unplaced {
+                    agent: name.clone(),
+                    generation: eval.generation,
+                    reason: why.reason,
+                });
+            }
         }
     }
-    plan
+    Decision { plan, failures }
 }
 
 /// The index of the node to place `eval` on, or why there is none.
@@ -314,16 +365,22 @@ fn choose(
     planned: &[Resources],
     avoid: Option<NodeId>,
     options: Options,
-) -> Result<usize, String> {
+) -> Result<usize, Unplaceable> {
     let nodes = &view.nodes;
     let spec = &eval.spec;
     if let Trigger::Migrate { to: Some(to) } = eval.trigger {
         let Ok(i) = nodes.binary_search_by_key(&to, |n| n.id) else {
-            return Err(format!("node {to:016x} is unknown"));
+            return Err(Unplaceable {
+                reason: format!("node {to:016x} is unknown"),
+                label: "unknown_node",
+            });
         };
         return match infeasible(&nodes[i], planned[i], spec) {
             None => Ok(i),
-            Some(why) => Err(format!("the named node: {}", why.phrase(1))),
+            Some(why) => Err(Unplaceable {
+                reason: format!("the named node: {}", why.phrase(1)),
+                label: why.label(),
+            }),
         };
     }
     let mut refusals = Refusals::default();
@@ -451,7 +508,10 @@ mod tests {
         let view = ClusterView::new(vec![gpu, node(2, 8, 8192), node(3, 8, 8192), drained]);
         let mut e = eval("a", 2000, 100);
         e.spec.constraints.gpu = true;
-        let plan = process(&[e], &view, Options::default());
+        let decision = decide(&[e], &view, Options::default());
+        // Counted for metrics by the most common reason.
+        assert_eq!(decision.failures, BTreeMap::from([("no_gpu", 1)]));
+        let plan = decision.plan;
         assert!(plan.placements.is_empty());
         assert_eq!(
             plan.unplaced[0].reason,

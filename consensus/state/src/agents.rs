@@ -843,6 +843,11 @@ fn names_under(txn: &dyn Txn, table: &str, node: NodeId, limit: usize) -> Result
         .collect()
 }
 
+/// How many evaluations are pending (the scheduler's queue depth).
+pub fn pending_eval_count(txn: &dyn Txn) -> Result<u64> {
+    EVALS.count(txn)
+}
+
 /// Up to `limit` pending evaluations of agents named after `after` (all
 /// when empty), in agent name order.
 pub fn pending_evals(txn: &dyn Txn, after: &str, limit: usize) -> Result<Vec<(String, Eval)>> {

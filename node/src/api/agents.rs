@@ -276,6 +276,7 @@ impl AgentsApi {
         let Some(plan) = plan else {
             return outcome(self.consensus.propose(run.into_command()).await?);
         };
+        let proposed = plan.placements.len();
         let batch = cell0_consensus::Command::Batch(vec![
             run.into_command(),
             AgentCommand::Plan { plan, at_ms }.into_command(),
@@ -284,8 +285,9 @@ impl AgentsApi {
         // the leader's scheduler.
         let answer = self.consensus.propose(batch).await?;
         if let Applied::Batch(answers) = &answer
-            && let [run, _plan] = answers.as_slice()
+            && let [run, plan] = answers.as_slice()
         {
+            scheduling::count_plan(proposed, plan);
             return outcome(run.clone());
         }
         Err(ApiError::Internal(format!("unexpected answer to a run: {answer:?}")))
