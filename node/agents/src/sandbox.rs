@@ -59,6 +59,7 @@ impl Sandbox {
         if unprivileged {
             std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
         }
+        sweep_stale_groups(Path::new(CGROUP_MEMORY));
         let cgroups = Path::new(CGROUP_MEMORY).join(format!("cell0-{}", std::process::id()));
         let cgroups = std::fs::create_dir_all(&cgroups).ok().map(|()| cgroups);
         Ok(Sandbox {
@@ -180,6 +181,34 @@ impl Sandbox {
     }
 }
 
+/// Removes the `cell0-<pid>` memory groups under `root` whose process is
+/// gone (a node killed with SIGKILL cannot remove its own). A group that
+/// still holds a process cannot be removed and stays; so does one whose
+/// pid runs again.
+fn sweep_stale_groups(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("cell0-")) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        if let Ok(groups) = std::fs::read_dir(&dir) {
+            for group in groups.flatten() {
+                if group.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(group.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if let Some(dir) = &self.cgroups {
@@ -230,5 +259,32 @@ pub struct GroupGuard(pub u32);
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         kill_group(self.0, Signal::KILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn groups_of_processes_that_are_gone_are_swept_and_live_ones_kept() {
+        let root = tempfile::tempdir().unwrap();
+        // A pid that just ended.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = root.path().join(format!("cell0-{dead}"));
+        std::fs::create_dir_all(stale.join("0")).unwrap();
+        std::fs::create_dir_all(stale.join("7")).unwrap();
+        let live = root.path().join(format!("cell0-{}", std::process::id()));
+        std::fs::create_dir_all(live.join("0")).unwrap();
+        let other = root.path().join("system.slice");
+        std::fs::create_dir(&other).unwrap();
+        sweep_stale_groups(root.path());
+        assert!(!stale.exists(), "the dead process's groups are gone");
+        assert!(live.join("0").exists(), "a live process keeps its groups");
+        assert!(other.exists(), "other groups are not ours");
     }
 }
