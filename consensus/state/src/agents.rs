@@ -24,7 +24,11 @@
 //!   (at most so many at once, the rest at a deadline);
 //! - `drain_moves`: node id ++ agent name -> [`DrainMove`], the moves a
 //!   drain started that have not ended: the agent is not yet running or
-//!   failed on another node.
+//!   failed on another node;
+//! - in `meta`: the row counts of `evals`, `stopping` and `blocked`
+//!   (`codec::Counted`: an empty table costs a read, not a scan over deleted
+//!   keys), and per node the changes to what its runtime reads
+//!   ([`node_changes`]).
 //!
 //! Invariants (every apply keeps them; the tests check them):
 //! - An agent has at most one allocation, and its incarnation is the

@@ -261,12 +261,9 @@ impl AgentsApi {
     /// ([`scheduling::first_plan`]).
     async fn run_agent(&self, spec: AgentSpec) -> Result<AgentOutcome, ApiError> {
         let at_ms = now_ms();
+        let lookup = spec.clone();
         let run = AgentCommand::Run { spec, at_ms };
         run.validate().map_err(|e| invalid("", e))?;
-        let AgentCommand::Run { spec, .. } = &run else {
-            return Err(ApiError::Internal("a run command is not a run".into()));
-        };
-        let lookup = spec.clone();
         let plan = self
             .consensus
             .read(Consistency::Serializable, move |txn| {
