@@ -47,6 +47,14 @@ pub(super) fn page_limit(limit: u32) -> Result<usize, ApiError> {
     }
 }
 
+/// A page read with one row beyond `limit`: at most `limit` rows, and
+/// whether more follow.
+pub(super) fn split_page<T>(mut rows: Vec<T>, limit: usize) -> (Vec<T>, bool) {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    (rows, more)
+}
+
 /// A validation error of the state crate, as the API answers it, its field
 /// under `prefix`.
 pub(super) fn invalid(prefix: &str, e: cell0_state::StateError) -> ApiError {
@@ -451,12 +459,8 @@ impl Agents for AgentsApi {
                             .collect::<cell0_state::Result<Vec<_>>>()
                     })
                     .await?;
-                let more = page.len() > limit;
-                let agents = page
-                    .into_iter()
-                    .take(limit)
-                    .map(|(r, a)| agent_to_proto(r, a))
-                    .collect();
+                let (page, more) = split_page(page, limit);
+                let agents = page.into_iter().map(|(r, a)| agent_to_proto(r, a)).collect();
                 Ok(Response::new(v1::ListAgentsResponse { agents, more }))
             })
             .await

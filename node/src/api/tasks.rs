@@ -16,7 +16,7 @@ use cell0_proto::v1;
 use cell0_proto::v1::tasks_server::Tasks;
 use tonic::{Request, Response, Status};
 
-use super::agents::{invalid, page_limit};
+use super::agents::{invalid, page_limit, split_page};
 use super::{ApiError, RequestGate};
 use crate::scheduling::now_ms;
 
@@ -149,14 +149,13 @@ impl Tasks for TasksApi {
                 check_name("agent", &req.agent).map_err(|e| invalid("", e))?;
                 let limit = page_limit(req.limit)?;
                 let (agent, after) = (req.agent, req.start_after);
-                let mut page = self
+                let rows = self
                     .consensus
                     .read(Consistency::Linearizable, move |txn| {
                         tasks::tasks_of(txn, &agent, after, limit + 1)
                     })
                     .await?;
-                let more = page.len() > limit;
-                page.truncate(limit);
+                let (page, more) = split_page(rows, limit);
                 Ok(Response::new(v1::ListTasksResponse {
                     tasks: page.into_iter().map(task_to_proto).collect(),
                     more,
@@ -175,14 +174,13 @@ impl Tasks for TasksApi {
                 check_name("agent", &req.agent).map_err(|e| invalid("", e))?;
                 let limit = page_limit(req.limit)?;
                 let (agent, after) = (req.agent, req.start_after);
-                let mut page = self
+                let rows = self
                     .consensus
                     .read(Consistency::Linearizable, move |txn| {
                         tasks::memory_list(txn, &agent, &after, limit + 1)
                     })
                     .await?;
-                let more = page.len() > limit;
-                page.truncate(limit);
+                let (page, more) = split_page(rows, limit);
                 Ok(Response::new(v1::ListMemoryResponse {
                     entries: page.into_iter().map(|(k, e)| memory_to_proto(k, e)).collect(),
                     more,
