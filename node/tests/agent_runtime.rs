@@ -586,6 +586,17 @@ const TOPICS: [&str; 5] = [
     "investing in index funds for retirement",
 ];
 
+/// The current allocation of agent `name`.
+async fn allocation_of(endpoint: &str, name: &str) -> v1::Allocation {
+    AgentsClient::new(channel(endpoint).await)
+        .get(v1::GetAgentRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .allocation
+        .expect("the agent is placed")
+}
+
 async fn remember_and_recall(endpoint: &str, agent: &str, query: &str) -> serde_json::Value {
     let r = submit(
         endpoint,
@@ -659,13 +670,7 @@ async fn an_inference_agent_recalls_the_same_after_it_moves() {
         "recall should find the pasta notes: {before}"
     );
 
-    let first = AgentsClient::new(channel(&endpoints[0]).await)
-        .get(v1::GetAgentRequest { name: "memo".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .allocation
-        .unwrap();
+    let first = allocation_of(&endpoints[0], "memo").await;
     AgentsClient::new(channel(&endpoints[0]).await)
         .migrate(v1::MigrateAgentRequest {
             name: "memo".into(),
@@ -674,13 +679,7 @@ async fn an_inference_agent_recalls_the_same_after_it_moves() {
         .await
         .unwrap();
     wait_until("the agent runs on another node", async || {
-        let a = AgentsClient::new(channel(&endpoints[0]).await)
-            .get(v1::GetAgentRequest { name: "memo".into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .allocation
-            .unwrap();
+        let a = allocation_of(&endpoints[0], "memo").await;
         a.status == "running" && a.node != first.node
     })
     .await;
