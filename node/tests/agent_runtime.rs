@@ -64,18 +64,6 @@ fn echo_spec(name: &str) -> v1::AgentSpec {
     }
 }
 
-async fn agents(endpoint: &str) -> Vec<v1::AgentInfo> {
-    AgentsClient::new(channel(endpoint).await)
-        .list(v1::ListAgentsRequest {
-            start_after: String::new(),
-            limit: 1000,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .agents
-}
-
 /// Agents whose allocation is running on a node, by node.
 async fn running_per_node(endpoint: &str) -> BTreeMap<u64, Vec<String>> {
     let mut out: BTreeMap<u64, Vec<String>> = BTreeMap::new();
@@ -87,18 +75,6 @@ async fn running_per_node(endpoint: &str) -> BTreeMap<u64, Vec<String>> {
         }
     }
     out
-}
-
-async fn node_ids(endpoint: &str) -> Vec<u64> {
-    NodesClient::new(channel(endpoint).await)
-        .list(v1::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .collect()
 }
 
 async fn submit(endpoint: &str, agent: &str, input: &str, key: &str) -> v1::SubmitTaskResponse {
@@ -218,7 +194,7 @@ async fn cluster_running(root: &Path, specs: Vec<v1::AgentSpec>) -> (Vec<Node>, 
     let cluster = start_cluster(root, 3);
     let endpoints: Vec<String> = cluster.iter().map(|n| n.endpoint()).collect();
     wait_until("three nodes report resources", async || {
-        node_ids(&endpoints[0]).await.len() == 3
+        nodes(&endpoints[0]).await.len() == 3
     })
     .await;
     let count = specs.len();
@@ -382,12 +358,8 @@ async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
     // The drained node runs nothing; every agent runs elsewhere.
     wait_until("every agent runs off the drained node", async || {
         let placed = running_per_node(&endpoints[0]).await;
-        let draining: Vec<u64> = NodesClient::new(channel(&endpoints[0]).await)
-            .list(v1::ListNodesRequest {})
+        let draining: Vec<u64> = nodes(&endpoints[0])
             .await
-            .unwrap()
-            .into_inner()
-            .nodes
             .iter()
             .filter(|n| n.state == "draining")
             .map(|n| n.id)
@@ -555,12 +527,8 @@ async fn a_node_stopped_past_its_lease_loses_its_agents_and_its_late_results() {
     // Resumed, the node rejoins (its lease renewed, it is ready again) and
     // never restarts the superseded incarnations.
     wait_until("the resumed node is ready again", async || {
-        NodesClient::new(channel(&endpoints[other]).await)
-            .list(v1::ListNodesRequest {})
+        nodes(&endpoints[other])
             .await
-            .unwrap()
-            .into_inner()
-            .nodes
             .iter()
             .any(|n| n.id == frozen_id && n.state == "ready")
     })

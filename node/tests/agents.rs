@@ -40,27 +40,6 @@ fn spec(name: &str, cpu_millis: u64) -> v1::AgentSpec {
     }
 }
 
-async fn agents(endpoint: &str) -> Vec<v1::AgentInfo> {
-    AgentsClient::new(channel(endpoint).await)
-        .list(v1::ListAgentsRequest {
-            start_after: String::new(),
-            limit: 1000,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .agents
-}
-
-async fn nodes(endpoint: &str) -> Vec<v1::NodeInfo> {
-    NodesClient::new(channel(endpoint).await)
-        .list(v1::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes
-}
-
 /// Holding allocations per node, and every node's CPU use within its capacity.
 fn placed_per_node(agents: &[v1::AgentInfo]) -> BTreeMap<u64, Vec<String>> {
     let mut out: BTreeMap<u64, Vec<String>> = BTreeMap::new();

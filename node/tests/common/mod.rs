@@ -10,8 +10,10 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use cell0_proto::v1::agents_client::AgentsClient;
 use cell0_proto::v1::cluster_client::ClusterClient;
 use cell0_proto::v1::kv_client::KvClient;
+use cell0_proto::v1::nodes_client::NodesClient;
 use cell0_proto::v1::{self, StatusResponse};
 use tonic::transport::Channel;
 
@@ -328,4 +330,27 @@ pub async fn list_services(endpoint: &str) -> Vec<String> {
         Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
         other => panic!("unexpected reflection reply {other:?}"),
     }
+}
+
+/// Every agent (up to 1,000), in name order.
+pub async fn agents(endpoint: &str) -> Vec<v1::AgentInfo> {
+    AgentsClient::new(channel(endpoint).await)
+        .list(v1::ListAgentsRequest {
+            start_after: String::new(),
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+}
+
+/// Every node with its resources and scheduling state.
+pub async fn nodes(endpoint: &str) -> Vec<v1::NodeInfo> {
+    NodesClient::new(channel(endpoint).await)
+        .list(v1::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
 }
