@@ -10,9 +10,12 @@
 #   scripts/bootstrap-cluster.sh status              show each node's process and Raft state
 #   scripts/bootstrap-cluster.sh stop                stop exactly the processes this script started
 #
-# Node i listens on 127.0.0.1 ports 7i00 (public gRPC), 7i01 (internal gRPC) and
-# 7i03 (HTTP: /metrics, /ready). Data and logs live under $CELL0_CLUSTER_DIR
-# (default: .cluster in the repository).
+# Node i listens on 127.0.0.1 ports 7i00 (public gRPC), 7i01 (internal gRPC),
+# 7i02 (gossip) and 7i03 (HTTP: /metrics, /ready). The nodes find each other
+# through gossip and form the cluster with --bootstrap-expect N; the cluster
+# secret is made once (cell0 keygen) and kept in $CELL0_CLUSTER_DIR/secret.
+# Data and logs live under $CELL0_CLUSTER_DIR (default: .cluster in the
+# repository).
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -46,7 +49,7 @@ nodes_in_dir() {
 
 build() {
   bash "$root/scripts/setup.sh"
-  if [ ! -x "$bin" ] || [ -n "$(find "$root/node" "$root/consensus" "$root/storage" "$root/proto" "$root/Cargo.toml" "$root/Cargo.lock" -newer "$bin" -print -quit)" ]; then
+  if [ ! -x "$bin" ] || [ -n "$(find "$root/node" "$root/consensus" "$root/storage" "$root/proto" "$root/federation" "$root/Cargo.toml" "$root/Cargo.lock" -newer "$bin" -print -quit 2>/dev/null)" ]; then
     echo "building cell0 (release); the first build compiles RocksDB and takes a while"
     (cd "$root" && CARGO_TARGET_DIR="$target_dir" cargo build --release --locked -p cell0)
   fi
@@ -85,6 +88,11 @@ start() {
     bash "$root/scripts/fetch-model.sh"
   fi
   mkdir -p "$cluster_dir"
+  if [ ! -s "$cluster_dir/secret" ]; then
+    (umask 077 && "$bin" keygen >"$cluster_dir/secret")
+  fi
+  local secret
+  secret="$(cat "$cluster_dir/secret")"
   for i in $(seq 1 "$nodes"); do
     if pid="$(running_pid "$i")"; then
       echo "node$i already running (pid $pid)"
@@ -96,14 +104,20 @@ start() {
       --listen-public "127.0.0.1:$(port "$i" 0)"
       --listen-internal "127.0.0.1:$(port "$i" 1)"
       --listen-http "127.0.0.1:$(port "$i" 3)"
+      --listen-gossip "127.0.0.1:$(port "$i" 2)"
+      --bootstrap-expect "$nodes"
       --pid-file "$dir/cell0.pid")
-    if [ "$i" -eq 1 ]; then
-      args+=(--bootstrap)
-    else
-      args+=(--join "127.0.0.1:$(port 1 0)")
+    # Every node contacts node 1's gossip port, node 1 contacts node 2's.
+    if [ "$nodes" -gt 1 ]; then
+      if [ "$i" -eq 1 ]; then
+        args+=(--gossip-join "127.0.0.1:$(port 2 2)")
+      else
+        args+=(--gossip-join "127.0.0.1:$(port 1 2)")
+      fi
     fi
-    # setsid: the node outlives this script and its terminal.
-    setsid "$bin" "${args[@]}" >>"$dir/cell0.log" 2>&1 </dev/null &
+    # setsid: the node outlives this script and its terminal. The secret
+    # goes through the environment, not the command line (ps shows that).
+    CELL0_GOSSIP_SECRET="$secret" setsid "$bin" "${args[@]}" >>"$dir/cell0.log" 2>&1 </dev/null &
     echo "started node$i (log: $dir/cell0.log)"
   done
 

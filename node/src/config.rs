@@ -35,8 +35,13 @@ pub struct NodeConfig {
     /// (host:port of their public or internal port).
     pub join: Vec<String>,
     /// Start a new cluster with this node as its first member if it is not in
-    /// one yet. Implied when `join` is empty.
+    /// one yet. Implied when `join` is empty and `bootstrap_expect` unset.
     pub bootstrap: bool,
+    /// Form the cluster once this many freshly started nodes see each other
+    /// through gossip (Consul's `bootstrap_expect`): the one with the lowest
+    /// id bootstraps, the others join it; a node already in a cluster never
+    /// bootstraps again. Needs gossip; excludes `bootstrap` and `join`.
+    pub bootstrap_expect: Option<usize>,
     /// Log output format.
     pub log_format: LogFormat,
     /// Log filter in `RUST_LOG` syntax.
@@ -51,6 +56,88 @@ pub struct NodeConfig {
     pub resources: ResourcesConfig,
     /// The agent runtime: node leases and task concurrency.
     pub agents: AgentsConfig,
+    /// Discovery and failure detection over libp2p gossip.
+    pub gossip: GossipConfig,
+}
+
+/// Gossip (`[gossip]`): libp2p on its own port, signed heartbeats, a
+/// phi-accrual failure detector per peer. Off unless enabled; what it
+/// learns shows in `cell0 members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GossipConfig {
+    /// Run gossip on `listen`.
+    pub enabled: bool,
+    /// libp2p TCP listen address.
+    pub listen: SocketAddr,
+    /// Gossip address advertised to other nodes (host:port); defaults to
+    /// `listen`, which must then not be a wildcard.
+    pub advertise: Option<String>,
+    /// Gossip addresses of nodes to contact (host:port; a DNS name may
+    /// resolve to several nodes).
+    pub join: Vec<String>,
+    /// The cluster secret: 64 hex digits from `cell0 keygen`, the same on
+    /// every node. Nodes without it cannot connect. Required when gossip is
+    /// enabled, unless `allow_no_secret`.
+    pub secret: Option<String>,
+    /// Run gossip without a cluster secret (any node that reaches the port
+    /// can take part): for development only; `cell0 run --dev` sets it.
+    pub allow_no_secret: bool,
+    /// Interval between this node's heartbeats, in milliseconds.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7102)),
+            advertise: None,
+            join: Vec::new(),
+            secret: None,
+            allow_no_secret: false,
+            heartbeat_ms: 1_000,
+        }
+    }
+}
+
+impl GossipConfig {
+    /// The cluster secret, parsed; `None` without one.
+    pub fn cluster_secret(&self) -> Result<Option<cell0_gossip::ClusterSecret>, ConfigError> {
+        self.secret
+            .as_deref()
+            .map(cell0_gossip::ClusterSecret::parse)
+            .transpose()
+            .map_err(|e| bad("gossip.secret", e.to_string()))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.cluster_secret()?.is_none() && !self.allow_no_secret {
+            return Err(bad(
+                "gossip.secret",
+                "gossip needs the cluster secret (make one with `cell0 keygen`, give every node the same with \
+                 --gossip-secret or CELL0_GOSSIP_SECRET); only a --dev node runs gossip without one",
+            ));
+        }
+        if self.advertise.is_none() && self.listen.ip().is_unspecified() {
+            return Err(bad(
+                "gossip.advertise",
+                "must be set when gossip.listen is a wildcard address",
+            ));
+        }
+        for (i, j) in self.join.iter().enumerate() {
+            if !j.contains(':') {
+                return Err(bad(&format!("gossip.join[{i}]"), format!("{j:?} is not host:port")));
+            }
+        }
+        if !(100..=60_000).contains(&self.heartbeat_ms) {
+            return Err(bad("gossip.heartbeat_ms", "must be 100 to 60000"));
+        }
+        Ok(())
+    }
 }
 
 /// The agent runtime (`[agents]`). Every node runs agents the scheduler
@@ -264,6 +351,7 @@ impl Default for NodeConfig {
             advertise: AdvertiseConfig::default(),
             join: Vec::new(),
             bootstrap: false,
+            bootstrap_expect: None,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             raft: ConsensusConfig::default(),
@@ -271,9 +359,13 @@ impl Default for NodeConfig {
             models: ModelsConfig::default(),
             resources: ResourcesConfig::default(),
             agents: AgentsConfig::default(),
+            gossip: GossipConfig::default(),
         }
     }
 }
+
+/// Most nodes `bootstrap_expect` may wait for.
+pub const MAX_BOOTSTRAP_EXPECT: usize = 16;
 
 /// A configuration problem, naming the field.
 #[derive(Debug, thiserror::Error)]
@@ -329,11 +421,14 @@ impl NodeConfig {
         if self.site.is_empty() || self.site.len() > 64 {
             return Err(bad("site", "must be 1 to 64 characters"));
         }
-        let ports = [
+        let mut ports = vec![
             ("listen.public", self.listen.public),
             ("listen.internal", self.listen.internal),
             ("listen.http", self.listen.http),
         ];
+        if self.gossip.enabled {
+            ports.push(("gossip.listen", self.gossip.listen));
+        }
         for (i, (a_name, a)) in ports.iter().enumerate() {
             for (b_name, b) in &ports[i + 1..] {
                 if a == b && a.port() != 0 {
@@ -360,6 +455,27 @@ impl NodeConfig {
         }
         if self.log_level.is_empty() {
             return Err(bad("log_level", "must not be empty"));
+        }
+        self.gossip.validate()?;
+        if let Some(n) = self.bootstrap_expect {
+            if !(1..=MAX_BOOTSTRAP_EXPECT).contains(&n) {
+                return Err(bad("bootstrap_expect", format!("must be 1 to {MAX_BOOTSTRAP_EXPECT}")));
+            }
+            if !self.gossip.enabled {
+                return Err(bad(
+                    "bootstrap_expect",
+                    "needs gossip: set gossip.enabled (or --listen-gossip / --gossip-join)",
+                ));
+            }
+            if self.bootstrap {
+                return Err(bad("bootstrap_expect", "cannot be combined with bootstrap"));
+            }
+            if !self.join.is_empty() {
+                return Err(bad(
+                    "bootstrap_expect",
+                    "cannot be combined with join (gossip finds the members; use gossip.join)",
+                ));
+            }
         }
         self.raft.validate().map_err(|e| match e {
             cell0_consensus::ConsensusError::InvalidArgument { field, reason } => bad(&field, reason),

@@ -142,6 +142,11 @@ impl DataDir {
     pub fn models_dir(&self) -> PathBuf {
         self.root.join("models")
     }
+
+    /// This node's libp2p key (made on first use).
+    pub fn gossip_key_file(&self) -> PathBuf {
+        self.root.join("gossip.key")
+    }
 }
 
 /// Why a node whose Raft store is gone does not start, and how to recover.

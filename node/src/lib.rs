@@ -27,6 +27,7 @@ pub mod telemetry;
 
 mod api;
 mod datadir;
+mod gossip;
 mod leases;
 mod models;
 mod ops;

@@ -41,6 +41,9 @@ enum Command {
     Status,
     /// List the members of the cluster.
     Members,
+    /// Print a new cluster secret for gossip (64 hex digits): give every
+    /// node the same one (--gossip-secret or CELL0_GOSSIP_SECRET).
+    Keygen,
     /// Remove a member from the cluster (a voter only while the others keep
     /// a reachable quorum).
     Remove {
@@ -152,6 +155,9 @@ struct RunArgs {
     /// Start a new cluster if this node is not in one yet.
     #[arg(long, env = "CELL0_BOOTSTRAP")]
     bootstrap: bool,
+    /// Form the cluster once this many nodes see each other through gossip.
+    #[arg(long, env = "CELL0_BOOTSTRAP_EXPECT")]
+    bootstrap_expect: Option<usize>,
     /// Run a throwaway one-node cluster in a temporary directory.
     #[arg(long, conflicts_with_all = ["data_dir", "join"])]
     dev: bool,
@@ -168,6 +174,19 @@ struct RunArgs {
     /// Write the process id here while running.
     #[arg(long)]
     pid_file: Option<PathBuf>,
+    /// Run gossip (discovery and failure detection) on this address
+    /// (host:port; the default port is 7102).
+    #[arg(long, env = "CELL0_LISTEN_GOSSIP")]
+    listen_gossip: Option<std::net::SocketAddr>,
+    /// Gossip address advertised to other nodes.
+    #[arg(long, env = "CELL0_ADVERTISE_GOSSIP")]
+    advertise_gossip: Option<String>,
+    /// Gossip addresses of nodes to contact (host:port, comma-separated).
+    #[arg(long, env = "CELL0_GOSSIP_JOIN", value_delimiter = ',')]
+    gossip_join: Vec<String>,
+    /// The cluster secret for gossip (64 hex digits from `cell0 keygen`).
+    #[arg(long, env = "CELL0_GOSSIP_SECRET", hide_env_values = true)]
+    gossip_secret: Option<String>,
 }
 
 impl RunArgs {
@@ -211,6 +230,9 @@ impl RunArgs {
             c.join = self.join.into_iter().filter(|j| !j.is_empty()).collect();
         }
         c.bootstrap |= self.bootstrap;
+        if let Some(v) = self.bootstrap_expect {
+            c.bootstrap_expect = Some(v);
+        }
         if let Some(v) = self.log_format {
             c.log_format = v;
         }
@@ -220,6 +242,21 @@ impl RunArgs {
         if let Some(v) = self.inference_backend {
             c.inference.backend = v;
         }
+        if let Some(v) = self.listen_gossip {
+            c.gossip.enabled = true;
+            c.gossip.listen = v;
+        }
+        if let Some(v) = self.advertise_gossip {
+            c.gossip.advertise = Some(v);
+        }
+        if !self.gossip_join.is_empty() {
+            c.gossip.enabled = true;
+            c.gossip.join = self.gossip_join.into_iter().filter(|j| !j.is_empty()).collect();
+        }
+        if let Some(v) = self.gossip_secret {
+            c.gossip.secret = Some(v);
+        }
+        c.gossip.allow_no_secret |= self.dev;
         Ok((c, dev_dir))
     }
 }
@@ -301,6 +338,10 @@ fn main() -> ExitCode {
             }
             Command::Status => cli::status(&cli.endpoint, cli.output).await,
             Command::Members => cli::members(&cli.endpoint, cli.output).await,
+            Command::Keygen => {
+                println!("{}", cell0_gossip::ClusterSecret::generate().to_hex());
+                Ok(())
+            }
             Command::Remove { node } => cli::remove(&cli.endpoint, &node).await,
             Command::Kv(cmd) => kv::run(&cli.endpoint, cli.output, cmd).await,
             Command::Model(cmd) => model::run(&cli.endpoint, cli.output, cmd).await,

@@ -46,6 +46,7 @@ use crate::api::models::ModelsApi;
 use crate::api::tasks::TasksApi;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
+use crate::gossip;
 use crate::models::ModelManager;
 use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
@@ -190,6 +191,20 @@ async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
+    let gossip_view = gossip::GossipView::default();
+    if config.gossip.enabled {
+        tasks.spawn(
+            "gossip",
+            gossip::run(
+                config.gossip.clone(),
+                datadir.gossip_key_file(),
+                info.clone(),
+                consensus.clone(),
+                gossip_view.clone(),
+                stop(),
+            ),
+        );
+    }
     // This node's budget of concurrent requests, shared by all of its
     // services (public and internal) and by no other node in the process.
     let gate = RequestGate::default();
@@ -201,7 +216,11 @@ async fn serve(
             tasks.clone(),
             gate.clone(),
         )))
-        .add_service(ClusterServer::new(ClusterApi::new(consensus.clone(), gate.clone())))
+        .add_service(ClusterServer::new(ClusterApi::new(
+            consensus.clone(),
+            gate.clone(),
+            gossip_view.clone(),
+        )))
         .add_service(AgentsServer::new(AgentsApi::new(
             consensus.clone(),
             gate.clone(),
@@ -226,7 +245,11 @@ async fn serve(
     let lease_table = leases::LeaseTable::new(consensus.clone());
     let internal_server = cell0_consensus::network::server_builder()
         .add_service(consensus.internal_service())
-        .add_service(ClusterServer::new(ClusterApi::new(consensus.clone(), gate)))
+        .add_service(ClusterServer::new(ClusterApi::new(
+            consensus.clone(),
+            gate,
+            gossip_view.clone(),
+        )))
         .add_service(BlobsServer::new(BlobService::new(store)))
         .add_service(lease_table.service())
         .serve_with_incoming_shutdown(nodelay_incoming(listeners.internal), when_stopped(stop()));
@@ -248,7 +271,20 @@ async fn serve(
     );
 
     if !consensus.is_initialized().await {
-        if config.join.is_empty() || config.bootstrap {
+        if let Some(expect) = config.bootstrap_expect {
+            readiness.set_joining(true);
+            tasks.spawn(
+                "formation",
+                form_cluster(
+                    consensus.clone(),
+                    gossip_view.clone(),
+                    expect,
+                    info,
+                    readiness.clone(),
+                    stop(),
+                ),
+            );
+        } else if config.join.is_empty() || config.bootstrap {
             tracing::info!("bootstrapping a new cluster");
             consensus.initialize().await?;
         } else {
@@ -305,6 +341,74 @@ async fn serve(
 }
 
 /// Asks the seeds, in turn, to admit this node until one does.
+/// How often formation looks at what gossip has heard.
+const FORMATION_POLL: Duration = Duration::from_millis(200);
+
+/// `--bootstrap-expect`: waits until gossip shows enough nodes, then
+/// bootstraps (the lowest id) or joins the cluster a peer formed
+/// (`cell0_gossip::expect`).
+async fn form_cluster(
+    consensus: Consensus,
+    view: gossip::GossipView,
+    expect: usize,
+    info: NodeInfo,
+    readiness: ops::Readiness,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use cell0_gossip::expect::{Candidate, Decision, decide};
+    let id = consensus.id();
+    let mut poll = tokio::time::interval(FORMATION_POLL);
+    let mut last_seen = None;
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => return Ok(()),
+            _ = poll.tick() => {}
+        }
+        let members = view.members();
+        let alive = members
+            .iter()
+            .filter(|m| m.state == cell0_gossip::MemberState::Alive)
+            .map(|m| Candidate {
+                node_id: m.heartbeat.node_id,
+                cluster_id: m.heartbeat.cluster_id,
+            })
+            .collect::<Vec<_>>();
+        match decide(id, None, expect, &alive) {
+            Decision::Member => return Ok(()),
+            Decision::Bootstrap => {
+                tracing::info!(
+                    expect,
+                    "bootstrap-expect: {expect} nodes see each other; this node has the lowest id and forms the cluster"
+                );
+                consensus.initialize().await?;
+                readiness.set_joining(false);
+                return Ok(());
+            }
+            Decision::Join { cluster_id, via } => {
+                // Every member of that cluster is a seed, the chosen one first.
+                let mut seeds: Vec<String> = members
+                    .iter()
+                    .filter(|m| m.heartbeat.cluster_id == Some(cluster_id))
+                    .map(|m| (m.heartbeat.node_id != via, m.heartbeat.addresses.internal.clone()))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .map(|(_, addr)| addr)
+                    .collect();
+                seeds.dedup();
+                tracing::info!(cluster = %format!("{cluster_id:016x}"), via = %format!("{via:016x}"), "bootstrap-expect: joining the cluster a peer formed");
+                join_loop(consensus, seeds, id, info, readiness, stop).await;
+                return Ok(());
+            }
+            Decision::Wait { seen } => {
+                if last_seen != Some(seen) {
+                    tracing::info!(seen, expect, "bootstrap-expect: waiting for nodes to see each other");
+                    last_seen = Some(seen);
+                }
+            }
+        }
+    }
+}
+
 async fn join_loop(
     consensus: Consensus,
     seeds: Vec<String>,

@@ -13,19 +13,58 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, RequestGate};
+use crate::gossip::{GossipView, MemberStatus};
 
 /// The Cluster service of one node.
 pub struct ClusterApi {
     consensus: Consensus,
     gate: RequestGate,
+    gossip: GossipView,
 }
 
 impl ClusterApi {
     /// A service answering through `consensus`, within the node's request
-    /// budget `gate`.
-    pub fn new(consensus: Consensus, gate: RequestGate) -> Self {
-        Self { consensus, gate }
+    /// budget `gate`; members carry what `gossip` knows of them.
+    pub fn new(consensus: Consensus, gate: RequestGate, gossip: GossipView) -> Self {
+        Self {
+            consensus,
+            gate,
+            gossip,
+        }
     }
+}
+
+fn gossip_to_proto(m: &MemberStatus) -> v1::GossipStatus {
+    v1::GossipStatus {
+        state: m.state.as_str().to_string(),
+        last_heard_ms_ago: m.last_heard_ms_ago,
+        version: m.heartbeat.version.clone(),
+        gossip_addr: m.heartbeat.addresses.gossip.clone(),
+        incarnation: m.heartbeat.incarnation,
+        peer_id: m.heartbeat.peer_id.clone(),
+    }
+}
+
+/// The Raft members with what gossip knows of each, then the nodes only
+/// gossip knows, in id order.
+fn with_gossip(mut members: Vec<v1::Member>, gossip: Vec<MemberStatus>) -> Vec<v1::Member> {
+    let mut heard: BTreeMap<u64, MemberStatus> = gossip.into_iter().map(|m| (m.heartbeat.node_id, m)).collect();
+    for m in &mut members {
+        if let Some(g) = heard.remove(&m.id) {
+            m.gossip = Some(gossip_to_proto(&g));
+        }
+    }
+    members.extend(heard.into_values().map(|g| v1::Member {
+        id: g.heartbeat.node_id,
+        gossip: Some(gossip_to_proto(&g)),
+        name: g.heartbeat.name,
+        site: g.heartbeat.site,
+        public_addr: g.heartbeat.addresses.public,
+        internal_addr: g.heartbeat.addresses.internal,
+        gossip_only: true,
+        ..v1::Member::default()
+    }));
+    members
 }
 
 fn resources_to_proto(r: NodeResources) -> v1::NodeResources {
@@ -44,6 +83,8 @@ fn resources_to_proto(r: NodeResources) -> v1::NodeResources {
 fn member_to_proto(m: Member, resources: &mut BTreeMap<NodeId, NodeResources>) -> v1::Member {
     v1::Member {
         resources: resources.remove(&m.id).map(resources_to_proto),
+        gossip: None,
+        gossip_only: false,
         id: m.id,
         name: m.info.name,
         site: m.info.site,
@@ -172,13 +213,14 @@ impl Cluster for ClusterApi {
         self.gate
             .observe("Cluster/Members", async {
                 let mut resources = self.consensus.read(Consistency::Serializable, nodes::resources).await?;
+                let members = self
+                    .consensus
+                    .members()
+                    .into_iter()
+                    .map(|m| member_to_proto(m, &mut resources))
+                    .collect();
                 Ok(Response::new(v1::MembersResponse {
-                    members: self
-                        .consensus
-                        .members()
-                        .into_iter()
-                        .map(|m| member_to_proto(m, &mut resources))
-                        .collect(),
+                    members: with_gossip(members, self.gossip.members()),
                     leader_id: self.consensus.status().leader.unwrap_or(0),
                 }))
             })

@@ -286,6 +286,14 @@ struct MemberView {
     cpu_cores: u32,
     memory_bytes: u64,
     gpu_memory_bytes: u64,
+    /// Gossip's view: alive, suspect or dead; empty when unknown.
+    gossip: String,
+    /// Milliseconds since gossip last heard the member.
+    last_heard_ms: Option<u64>,
+    /// The version the member reports through gossip.
+    version: String,
+    /// host:port of its gossip listener.
+    gossip_addr: String,
 }
 
 /// `cell0 members`.
@@ -301,7 +309,12 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
         .into_iter()
         .map(|m| {
             let r = m.resources.unwrap_or_default();
+            let g = m.gossip.unwrap_or_default();
             MemberView {
+                gossip: g.state,
+                last_heard_ms: (!g.peer_id.is_empty()).then_some(g.last_heard_ms_ago),
+                version: g.version,
+                gossip_addr: g.gossip_addr,
                 inference: match r.inference_backend.as_str() {
                     "wgpu" => format!("wgpu ({})", r.adapter),
                     other => other.to_string(),
@@ -313,7 +326,13 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
                 id: format!("{:016x}", m.id),
                 name: m.name,
                 site: m.site,
-                role: if m.voter { "voter" } else { "learner" },
+                role: if m.gossip_only {
+                    "not in raft"
+                } else if m.voter {
+                    "voter"
+                } else {
+                    "learner"
+                },
                 leader: m.leader,
                 public_addr: m.public_addr,
                 internal_addr: m.internal_addr,
@@ -324,7 +343,18 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
     print_list(
         output,
         views,
-        &["NAME", "ID", "SITE", "ROLE", "PUBLIC", "INTERNAL", "INFERENCE"],
+        &[
+            "NAME",
+            "ID",
+            "SITE",
+            "ROLE",
+            "PUBLIC",
+            "INTERNAL",
+            "INFERENCE",
+            "GOSSIP",
+            "LAST HEARD",
+            "VERSION",
+        ],
         |v| {
             vec![
                 v.name,
@@ -338,6 +368,10 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
                 v.public_addr,
                 v.internal_addr,
                 v.inference,
+                if v.gossip.is_empty() { "-".into() } else { v.gossip },
+                v.last_heard_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
+                if v.version.is_empty() { "-".into() } else { v.version },
             ]
         },
     )

@@ -34,6 +34,7 @@ pub struct Ports {
     pub public: u16,
     pub internal: u16,
     pub http: u16,
+    pub gossip: u16,
 }
 
 impl Ports {
@@ -47,6 +48,7 @@ impl Ports {
             public: 7100,
             internal: 7101,
             http: 7103,
+            gossip: 7102,
         }
     }
 
@@ -102,9 +104,27 @@ impl Node {
         }
     }
 
+    /// Starts a node with exactly `flags` (also on every restart) and `env`
+    /// on this start; no `--bootstrap` or `--join` of its own.
+    pub fn start_flags(name: &str, dir: &Path, ports: Ports, flags: Vec<String>, env: &[(&str, &str)]) -> Node {
+        Node {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            ports,
+            child: spawn(name, dir, ports, &flags, env),
+            join: None,
+            extra: flags,
+        }
+    }
+
     /// Starts the node again on its data dir and ports, with no cluster flags.
     pub fn restart(&mut self) {
-        self.child = spawn(&self.name, &self.dir, self.ports, &self.extra, &[]);
+        self.restart_env(&[]);
+    }
+
+    /// [`Node::restart`] with `env` on this start.
+    pub fn restart_env(&mut self, env: &[(&str, &str)]) {
+        self.child = spawn(&self.name, &self.dir, self.ports, &self.extra, env);
     }
 
     pub fn endpoint(&self) -> String {
@@ -241,6 +261,16 @@ pub async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut cond: F) {
         assert!(Instant::now() < end, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Every member the node at `endpoint` lists, gossip-only ones included.
+pub async fn members(endpoint: &str) -> Vec<v1::Member> {
+    ClusterClient::new(channel(endpoint).await)
+        .members(v1::MembersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .members
 }
 
 /// Runs the CLI with `args`.

@@ -1,0 +1,264 @@
+//! The gossip worker: runs `cell0-gossip` for this node.
+//!
+//! It starts the libp2p transport with the node's key (`gossip.key` in the
+//! data dir) and the cluster secret, publishes this node's heartbeat every
+//! `gossip.heartbeat_ms` (at once after a refutation), feeds every heartbeat
+//! it hears into the membership table, re-evaluates the table every 100 ms,
+//! and keeps a copy of it for `Cluster.Members` ([`GossipView`]).
+//!
+//! Invariants:
+//! - A heartbeat is accepted (and relayed) only if it decodes within the
+//!   crate's limits, names the libp2p key that signed it, and does not
+//!   come from another cluster; a heartbeat of another cluster is refused
+//!   with a warning naming both cluster ids, once per node.
+//! - The worker knows nothing of Raft beyond reading this node's cluster
+//!   id; membership changes are logged and counted, not (yet) written to
+//!   the replicated state.
+//! - The clock is one monotonic origin taken at start; the table only ever
+//!   sees milliseconds since then.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cell0_consensus::{Consensus, NodeInfo};
+use cell0_gossip::transport::{Transport, TransportConfig, TransportEvent};
+use cell0_gossip::{Addresses, DetectorConfig, Heartbeat, Load, MemberState, MemberView, Members, MembershipEvent};
+use tokio::sync::watch;
+
+use crate::config::GossipConfig;
+use crate::supervisor::stopped;
+
+/// The gossipsub topic of heartbeats (versioned with the heartbeat layout).
+const TOPIC: &str = "cell0/heartbeats/1";
+
+/// How often the membership table is re-evaluated.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What this node's gossip knows, for the API.
+#[derive(Clone, Default)]
+pub struct GossipView {
+    inner: Arc<RwLock<ViewState>>,
+}
+
+#[derive(Default)]
+struct ViewState {
+    /// Every member known, with its age in ms at the last update.
+    members: Vec<(MemberView, u64)>,
+    /// When the copy was taken.
+    taken: Option<Instant>,
+}
+
+/// One member as the API shows it.
+pub struct MemberStatus {
+    /// The member's latest heartbeat.
+    pub heartbeat: Heartbeat,
+    /// Its state.
+    pub state: MemberState,
+    /// Milliseconds since it was last heard.
+    pub last_heard_ms_ago: u64,
+}
+
+impl GossipView {
+    /// Every member known, with its age as of now; empty when gossip is off.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        let Ok(state) = self.inner.read() else {
+            return Vec::new();
+        };
+        let since = state.taken.map_or(0, |t| t.elapsed().as_millis() as u64);
+        state
+            .members
+            .iter()
+            .map(|(m, age)| MemberStatus {
+                heartbeat: m.heartbeat.clone(),
+                state: m.state,
+                last_heard_ms_ago: age.saturating_add(since),
+            })
+            .collect()
+    }
+
+    fn publish(&self, members: Vec<MemberView>, now_ms: u64) {
+        if let Ok(mut state) = self.inner.write() {
+            state.members = members
+                .into_iter()
+                .map(|m| {
+                    let age = now_ms.saturating_sub(m.last_heard_ms);
+                    (m, age)
+                })
+                .collect();
+            state.taken = Some(Instant::now());
+        }
+    }
+}
+
+/// Runs gossip for this node (`info` is what it advertises) until `stop`.
+pub async fn run(
+    gossip: GossipConfig,
+    key_file: PathBuf,
+    info: NodeInfo,
+    consensus: Consensus,
+    view: GossipView,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let gossip = &gossip;
+    let keypair = cell0_gossip::load_or_create_keypair(&key_file)?;
+    let secret = gossip.cluster_secret()?;
+    let local_id = consensus.id();
+    let peer_id = keypair.public().to_peer_id();
+    let mut transport_config = TransportConfig::new(gossip.listen, keypair, TOPIC.to_string());
+    transport_config.join = gossip.join.clone();
+    transport_config.psk = secret.map(|s| s.bytes());
+    let validate = {
+        let consensus = consensus.clone();
+        let warned = Mutex::new(BTreeSet::new());
+        move |source: &cell0_gossip::PeerId, data: &[u8]| accept(&consensus, &warned, source, data)
+    };
+    let stop_transport = {
+        let mut stop = stop.clone();
+        async move { stopped(&mut stop).await }
+    };
+    let mut transport = Transport::start(transport_config, validate, stop_transport)
+        .await
+        .with_context(|| format!("starting gossip on {}", gossip.listen))?;
+    let advertised = gossip
+        .advertise
+        .clone()
+        .unwrap_or_else(|| transport.listen_addr().to_string());
+    tracing::info!(listen = %transport.listen_addr(), %peer_id, secret = secret.is_some(), "gossip started");
+    let origin = Instant::now();
+    let now_ms = move || origin.elapsed().as_millis() as u64;
+    let mut members = Members::new(local_id, DetectorConfig::default());
+    let mut beat = tokio::time::interval(Duration::from_millis(gossip.heartbeat_ms));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let events = tokio::select! {
+            () = stopped(&mut stop) => break,
+            _ = beat.tick() => {
+                let cluster_id = consensus.cluster_id();
+                let hb = Heartbeat {
+                    node_id: local_id,
+                    peer_id: peer_id.to_string(),
+                    name: info.name.clone(),
+                    site: info.site.clone(),
+                    cluster_id: (cluster_id != 0).then_some(cluster_id),
+                    addresses: Addresses {
+                        public: info.public_addr.clone(),
+                        internal: info.internal_addr.clone(),
+                        gossip: advertised.clone(),
+                    },
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    incarnation: members.incarnation(),
+                    load: Load::default(),
+                    suspects: members.suspects(now_ms()),
+                };
+                match hb.encode() {
+                    Ok(bytes) => {
+                        if let Err(e) = transport.publish(bytes).await {
+                            tracing::warn!(error = %e, "gossip transport ended");
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot encode this node's heartbeat"),
+                }
+                Vec::new()
+            }
+            _ = tick.tick() => {
+                let now = now_ms();
+                let events = members.tick(now);
+                let listing = members.members(now);
+                for state in [MemberState::Alive, MemberState::Suspect, MemberState::Dead] {
+                    let n = listing.iter().filter(|m| m.state == state).count();
+                    metrics::gauge!("cell0_gossip_members", "state" => state.as_str()).set(n as f64);
+                }
+                view.publish(listing, now);
+                events
+            }
+            event = transport.next_event() => match event {
+                None => break,
+                Some(TransportEvent::Message { data, .. }) => match Heartbeat::decode(&data) {
+                    Ok(hb) => members.observe(hb, now_ms()),
+                    Err(_) => Vec::new(),
+                },
+                Some(TransportEvent::Rtt { rtt, .. }) => {
+                    metrics::histogram!("cell0_gossip_heartbeat_rtt_seconds").record(rtt.as_secs_f64());
+                    Vec::new()
+                }
+                Some(_) => Vec::new(),
+            },
+        };
+        let refuted = events.iter().any(|e| matches!(e, MembershipEvent::Refuted { .. }));
+        for event in &events {
+            record(event);
+        }
+        if refuted {
+            // The next tick of `beat` fires at once: refute without waiting.
+            beat.reset_immediately();
+        }
+    }
+    transport.stop().await;
+    tracing::info!("gossip stopped");
+    Ok(())
+}
+
+/// Whether a received message is a heartbeat to accept.
+fn accept(consensus: &Consensus, warned: &Mutex<BTreeSet<u64>>, source: &cell0_gossip::PeerId, data: &[u8]) -> bool {
+    let hb = match Heartbeat::decode(data) {
+        Ok(hb) => hb,
+        Err(e) => {
+            tracing::debug!(%source, error = %e, "refused a gossip message");
+            return false;
+        }
+    };
+    if hb.peer_id != source.to_string() {
+        tracing::debug!(%source, claimed = %hb.peer_id, "refused a heartbeat signed by another key");
+        return false;
+    }
+    let mine = consensus.cluster_id();
+    if let Some(theirs) = hb.cluster_id
+        && mine != 0
+        && theirs != mine
+    {
+        if warned.lock().is_ok_and(|mut w| w.insert(hb.node_id)) {
+            tracing::warn!(
+                node = %format!("{:016x}", hb.node_id),
+                name = %hb.name,
+                their_cluster = %format!("{theirs:016x}"),
+                our_cluster = %format!("{mine:016x}"),
+                "refusing gossip from a node of another cluster (it shares the cluster secret but was formed apart)"
+            );
+        }
+        return false;
+    }
+    true
+}
+
+/// Logs and counts one membership change.
+fn record(event: &MembershipEvent) {
+    match event {
+        MembershipEvent::Joined(hb) => {
+            tracing::info!(node = %format!("{:016x}", hb.node_id), name = %hb.name, gossip = %hb.addresses.gossip, "gossip: member heard");
+        }
+        MembershipEvent::Updated(hb) => {
+            tracing::info!(node = %format!("{:016x}", hb.node_id), name = %hb.name, "gossip: member advertises new fields");
+        }
+        MembershipEvent::StateChanged {
+            node_id,
+            from,
+            to,
+            reason,
+        } => {
+            tracing::info!(node = %format!("{node_id:016x}"), from = from.as_str(), to = to.as_str(), ?reason, "gossip: member state changed");
+            if *to == MemberState::Suspect {
+                metrics::counter!("cell0_gossip_suspicions_total").increment(1);
+            }
+        }
+        MembershipEvent::Refuted { incarnation } => {
+            tracing::info!(incarnation, "gossip: refuting a suspicion of this node");
+            metrics::counter!("cell0_gossip_refutations_total").increment(1);
+        }
+    }
+}

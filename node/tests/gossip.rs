@@ -1,0 +1,205 @@
+//! Discovery through gossip with real processes: `--bootstrap-expect` forms
+//! one cluster, `cell0 members` shows what gossip heard, a node with another
+//! cluster secret stays out, and a killed node is seen dead.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+
+/// `cell0 keygen`, checked for shape.
+fn keygen() -> String {
+    let out = cli(&["keygen"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let secret = stdout(&out).trim().to_string();
+    assert_eq!(secret.len(), 64, "{secret}");
+    assert!(secret.chars().all(|c| c.is_ascii_hexdigit()), "{secret}");
+    secret
+}
+
+/// Gossip flags of a node that contacts `join` and waits for `expect` nodes.
+fn gossip_flags(ports: Ports, join: Ports, expect: usize) -> Vec<String> {
+    vec![
+        "--listen-gossip".into(),
+        ports.addr(ports.gossip),
+        "--gossip-join".into(),
+        join.addr(join.gossip),
+        "--bootstrap-expect".into(),
+        expect.to_string(),
+    ]
+}
+
+/// The Raft members (id, voter) the node at `endpoint` lists.
+async fn raft_members(endpoint: &str) -> BTreeSet<(u64, bool)> {
+    members(endpoint)
+        .await
+        .into_iter()
+        .filter(|m| !m.gossip_only)
+        .map(|m| (m.id, m.voter))
+        .collect()
+}
+
+/// The gossip state the node at `endpoint` shows for node `id` ("" if none).
+async fn gossip_state(endpoint: &str, id: u64) -> String {
+    members(endpoint)
+        .await
+        .into_iter()
+        .find(|m| m.id == id)
+        .and_then(|m| m.gossip)
+        .map(|g| g.state)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_expect_forms_one_cluster_that_gossip_watches() {
+    let root = tempfile::tempdir().unwrap();
+    let secret = keygen();
+    let ports: Vec<Ports> = (0..3).map(|_| Ports::new()).collect();
+    // All three at once; node 1 contacts node 2, the others node 1.
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let join = if i == 0 { ports[1] } else { ports[0] };
+            Node::start_flags(
+                &format!("node{}", i + 1),
+                &root.path().join(format!("node{}", i + 1)),
+                ports[i],
+                gossip_flags(ports[i], join, 3),
+                &[("CELL0_GOSSIP_SECRET", &secret)],
+            )
+        })
+        .collect();
+    for n in nodes.iter_mut() {
+        n.wait_ready();
+    }
+    let ids: Vec<u64> = {
+        let mut ids = Vec::new();
+        for n in &nodes {
+            ids.push(status(&n.endpoint()).await.node_id);
+        }
+        ids
+    };
+    // One cluster of three voters, the same on every node.
+    let expected: BTreeSet<(u64, bool)> = ids.iter().map(|id| (*id, true)).collect();
+    for n in &nodes {
+        let endpoint = n.endpoint();
+        wait_until("every node lists the same three voters", async || {
+            raft_members(&endpoint).await == expected
+        })
+        .await;
+    }
+    // Exactly one node bootstrapped: the one with the lowest id.
+    let lowest = *ids.iter().min().unwrap();
+    let bootstrapped: Vec<&Node> = nodes.iter().filter(|n| n.log().contains("forms the cluster")).collect();
+    assert_eq!(bootstrapped.len(), 1, "more than one node bootstrapped");
+    assert_eq!(
+        ids[nodes
+            .iter()
+            .position(|n| n.log().contains("forms the cluster"))
+            .unwrap()],
+        lowest
+    );
+
+    // Every node hears the others alive, with their version and gossip port.
+    for n in &nodes {
+        let endpoint = n.endpoint();
+        for (i, id) in ids.iter().enumerate() {
+            if status(&endpoint).await.node_id == *id {
+                continue;
+            }
+            wait_until("gossip hears every other node alive", async || {
+                gossip_state(&endpoint, *id).await == "alive"
+            })
+            .await;
+            let m = members(&endpoint).await.into_iter().find(|m| m.id == *id).unwrap();
+            let g = m.gossip.unwrap();
+            assert_eq!(g.gossip_addr, ports[i].addr(ports[i].gossip));
+            assert!(!g.version.is_empty());
+        }
+    }
+    // The CLI shows the gossip columns.
+    let out = cli(&["members", "--endpoint", &nodes[0].endpoint()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("GOSSIP") && text.contains("LAST HEARD") && text.contains("alive"),
+        "{text}"
+    );
+
+    // A node with another secret, pointed at node 1, stays out of every list.
+    let foreign_ports = Ports::new();
+    let mut foreign = Node::start_flags(
+        "foreign",
+        &root.path().join("foreign"),
+        foreign_ports,
+        gossip_flags(foreign_ports, ports[0], 1),
+        &[("CELL0_GOSSIP_SECRET", &keygen())],
+    );
+    foreign.wait_ready();
+    let foreign_id = status(&foreign.endpoint()).await.node_id;
+
+    // Kill node 3: the others see it dead; the foreign node was never heard.
+    nodes[2].kill9();
+    for n in &nodes[..2] {
+        let endpoint = n.endpoint();
+        wait_until("the killed node is seen dead", async || {
+            gossip_state(&endpoint, ids[2]).await == "dead"
+        })
+        .await;
+        assert!(
+            !members(&endpoint).await.iter().any(|m| m.id == foreign_id),
+            "the foreign node was listed"
+        );
+    }
+    let foreign_view: Vec<u64> = members(&foreign.endpoint()).await.iter().map(|m| m.id).collect();
+    assert_eq!(foreign_view, vec![foreign_id], "the foreign node heard the cluster");
+
+    // Restarted, it is heard alive again and still a member (no new cluster).
+    let log_before = nodes[2].log().len();
+    nodes[2].restart_env(&[("CELL0_GOSSIP_SECRET", &secret)]);
+    nodes[2].wait_ready();
+    let endpoint = nodes[0].endpoint();
+    wait_until("the restarted node is heard alive", async || {
+        gossip_state(&endpoint, ids[2]).await == "alive"
+    })
+    .await;
+    assert_eq!(raft_members(&endpoint).await, expected);
+    let log_after = nodes[2].log();
+    assert!(
+        !log_after[log_before..].contains("forms the cluster"),
+        "a member bootstrapped again"
+    );
+    assert!(log_after[log_before..].contains("rejoining the cluster from the data dir"));
+    foreign.sigterm();
+    for n in nodes.iter_mut() {
+        n.sigterm();
+    }
+}
+
+#[test]
+fn gossip_without_the_cluster_secret_is_refused_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    let ports = Ports::new();
+    let out = std::process::Command::new(bin())
+        .args([
+            "run",
+            "--data-dir",
+            root.path().join("n").to_str().unwrap(),
+            "--listen-public",
+            &ports.endpoint(),
+            "--listen-internal",
+            &ports.addr(ports.internal),
+            "--listen-http",
+            &ports.addr(ports.http),
+            "--listen-gossip",
+            &ports.addr(ports.gossip),
+        ])
+        .env_remove("CELL0_GOSSIP_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("gossip.secret") && err.contains("cell0 keygen"), "{err}");
+}
