@@ -58,6 +58,31 @@ pub struct NodeConfig {
     pub agents: AgentsConfig,
     /// Discovery and failure detection over libp2p gossip.
     pub gossip: GossipConfig,
+    /// Automatic voter management on the leader (needs gossip).
+    pub autopilot: AutopilotConfig,
+}
+
+/// Autopilot (`[autopilot]`): on the leader, removes voters gossip has seen
+/// dead for `dead_voter_cleanup_ms` and promotes healthy learners to keep
+/// `raft.voters` voters, never making a change that could lose quorum. Runs
+/// only where gossip runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutopilotConfig {
+    /// Run autopilot.
+    pub enabled: bool,
+    /// How long gossip must have seen a voter dead before it is removed, in
+    /// milliseconds.
+    pub dead_voter_cleanup_ms: u64,
+}
+
+impl Default for AutopilotConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dead_voter_cleanup_ms: 30_000,
+        }
+    }
 }
 
 /// Gossip (`[gossip]`): libp2p on its own port, signed heartbeats, a
@@ -360,6 +385,7 @@ impl Default for NodeConfig {
             resources: ResourcesConfig::default(),
             agents: AgentsConfig::default(),
             gossip: GossipConfig::default(),
+            autopilot: AutopilotConfig::default(),
         }
     }
 }
@@ -457,6 +483,12 @@ impl NodeConfig {
             return Err(bad("log_level", "must not be empty"));
         }
         self.gossip.validate()?;
+        if !(1_000..=86_400_000).contains(&self.autopilot.dead_voter_cleanup_ms) {
+            return Err(bad(
+                "autopilot.dead_voter_cleanup_ms",
+                "must be 1000 to 86400000 (one day)",
+            ));
+        }
         if let Some(n) = self.bootstrap_expect {
             if !(1..=MAX_BOOTSTRAP_EXPECT).contains(&n) {
                 return Err(bad("bootstrap_expect", format!("must be 1 to {MAX_BOOTSTRAP_EXPECT}")));

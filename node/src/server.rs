@@ -46,11 +46,11 @@ use crate::api::models::ModelsApi;
 use crate::api::tasks::TasksApi;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
-use crate::gossip;
 use crate::models::ModelManager;
 use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
 use crate::supervisor::{Backoff, Supervisor, TaskEnd, stopped};
+use crate::{autopilot, gossip};
 use crate::{leases, ops, resources, runner, scheduling, telemetry};
 
 /// The record node `id` runs with under `config`: its name (by default
@@ -204,6 +204,18 @@ async fn serve(
                 stop(),
             ),
         );
+        if config.autopilot.enabled {
+            tasks.spawn(
+                "autopilot",
+                autopilot::run(
+                    consensus.clone(),
+                    gossip_view.clone(),
+                    config.raft.voters,
+                    Duration::from_millis(config.autopilot.dead_voter_cleanup_ms),
+                    stop(),
+                ),
+            );
+        }
     }
     // This node's budget of concurrent requests, shared by all of its
     // services (public and internal) and by no other node in the process.

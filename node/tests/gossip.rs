@@ -203,3 +203,68 @@ fn gossip_without_the_cluster_secret_is_refused_at_start() {
     let err = stderr(&out);
     assert!(err.contains("gossip.secret") && err.contains("cell0 keygen"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autopilot_replaces_a_dead_voter_with_a_healthy_learner() {
+    let root = tempfile::tempdir().unwrap();
+    let secret = keygen();
+    let config = root.path().join("cell0.toml");
+    std::fs::write(&config, "[autopilot]\ndead_voter_cleanup_ms = 2000\n").unwrap();
+    let ports: Vec<Ports> = (0..4).map(|_| Ports::new()).collect();
+    let start = |i: usize| {
+        let join = if i == 0 { ports[1] } else { ports[0] };
+        let mut flags = gossip_flags(ports[i], join, 3);
+        flags.extend(["--config".to_string(), config.to_str().unwrap().to_string()]);
+        Node::start_flags(
+            &format!("node{}", i + 1),
+            &root.path().join(format!("node{}", i + 1)),
+            ports[i],
+            flags,
+            &[("CELL0_GOSSIP_SECRET", &secret)],
+        )
+    };
+    let mut nodes: Vec<Node> = (0..3).map(start).collect();
+    for n in nodes.iter_mut() {
+        n.wait_ready();
+    }
+    // A fourth node joins the formed cluster as a learner (three voters
+    // already).
+    nodes.push(start(3));
+    nodes[3].wait_ready();
+    let mut ids = Vec::new();
+    for n in &nodes {
+        ids.push(status(&n.endpoint()).await.node_id);
+    }
+    let endpoint = nodes[0].endpoint();
+    wait_until("three voters and one learner", async || {
+        let m = raft_members(&endpoint).await;
+        m.len() == 4 && m.iter().filter(|(_, voter)| *voter).count() == 3 && m.contains(&(ids[3], false))
+    })
+    .await;
+
+    // Kill voter 3: autopilot removes it once gossip has seen it dead for
+    // two seconds, and promotes the learner.
+    nodes[2].kill9();
+    let expected: BTreeSet<(u64, bool)> = [ids[0], ids[1], ids[3]].iter().map(|id| (*id, true)).collect();
+    for n in [&nodes[0], &nodes[1], &nodes[3]] {
+        let endpoint = n.endpoint();
+        wait_until("the dead voter is replaced by the learner", async || {
+            raft_members(&endpoint).await == expected
+        })
+        .await;
+    }
+    let removed_by = [&nodes[0], &nodes[1], &nodes[3]]
+        .iter()
+        .filter(|n| n.log().contains("autopilot: removing a voter gossip has seen dead"))
+        .count();
+    assert!(removed_by >= 1, "no node logged the removal");
+    // The cluster still takes writes, through the promoted node too.
+    put(&nodes[3].endpoint(), "after-autopilot", "yes").await.unwrap();
+    assert_eq!(
+        get(&nodes[0].endpoint(), "after-autopilot", false).await,
+        Some(b"yes".to_vec())
+    );
+    for i in [0, 1, 3] {
+        nodes[i].sigterm();
+    }
+}
