@@ -1,10 +1,10 @@
 //! The gossip worker: runs `cell0-gossip` for this node.
 //!
 //! It starts the libp2p transport with the node's key (`gossip.key` in the
-//! data dir) and the cluster secret, publishes this node's heartbeat every
-//! `gossip.heartbeat_ms` (at once after a refutation), feeds every heartbeat
-//! it hears into the membership table, re-evaluates the table every 100 ms,
-//! and keeps a copy of it for `Cluster.Members` ([`GossipView`]).
+//! data dir) and the cluster secret, runs `cell0_gossip::service` (its
+//! heartbeat every `gossip.heartbeat_ms`, the membership table), and keeps
+//! a copy of the table for `Cluster.Members` and autopilot
+//! ([`GossipView`]).
 //!
 //! Invariants:
 //! - A heartbeat is accepted (and relayed) only if it decodes within the
@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cell0_consensus::{Consensus, NodeInfo};
-use cell0_gossip::transport::{Transport, TransportConfig, TransportEvent};
-use cell0_gossip::{Addresses, DetectorConfig, Heartbeat, Load, MemberState, MemberView, Members, MembershipEvent};
+use cell0_gossip::service::{self, Observer};
+use cell0_gossip::transport::{Transport, TransportConfig};
+use cell0_gossip::{Addresses, DetectorConfig, Heartbeat, Load, MemberState, MemberView, MembershipEvent};
 use tokio::sync::watch;
 
 use crate::config::GossipConfig;
@@ -33,9 +34,6 @@ use crate::supervisor::stopped;
 
 /// The gossipsub topic of heartbeats (versioned with the heartbeat layout).
 const TOPIC: &str = "cell0/heartbeats/1";
-
-/// How often the membership table is re-evaluated.
-const TICK: Duration = Duration::from_millis(100);
 
 /// What this node's gossip knows, for the API.
 #[derive(Clone, Default)]
@@ -119,7 +117,7 @@ pub async fn run(
         let mut stop = stop.clone();
         async move { stopped(&mut stop).await }
     };
-    let mut transport = Transport::start(transport_config, validate, stop_transport)
+    let transport = Transport::start(transport_config, validate, stop_transport)
         .await
         .with_context(|| format!("starting gossip on {}", gossip.listen))?;
     let advertised = gossip
@@ -127,81 +125,71 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| transport.listen_addr().to_string());
     tracing::info!(listen = %transport.listen_addr(), %peer_id, secret = secret.is_some(), "gossip started");
-    let origin = Instant::now();
-    let now_ms = move || origin.elapsed().as_millis() as u64;
-    let mut members = Members::new(local_id, DetectorConfig::default());
-    let mut beat = tokio::time::interval(Duration::from_millis(gossip.heartbeat_ms));
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let events = tokio::select! {
-            () = stopped(&mut stop) => break,
-            _ = beat.tick() => {
-                let cluster_id = consensus.cluster_id();
-                let hb = Heartbeat {
-                    node_id: local_id,
-                    peer_id: peer_id.to_string(),
-                    name: info.name.clone(),
-                    site: info.site.clone(),
-                    cluster_id: (cluster_id != 0).then_some(cluster_id),
-                    addresses: Addresses {
-                        public: info.public_addr.clone(),
-                        internal: info.internal_addr.clone(),
-                        gossip: advertised.clone(),
-                    },
-                    version: env!("CARGO_PKG_VERSION").to_string(),
-                    incarnation: members.incarnation(),
-                    load: Load::default(),
-                    suspects: members.suspects(now_ms()),
-                };
-                match hb.encode() {
-                    Ok(bytes) => {
-                        if let Err(e) = transport.publish(bytes).await {
-                            tracing::warn!(error = %e, "gossip transport ended");
-                            break;
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot encode this node's heartbeat"),
-                }
-                Vec::new()
-            }
-            _ = tick.tick() => {
-                let now = now_ms();
-                let events = members.tick(now);
-                let listing = members.members(now);
-                for state in [MemberState::Alive, MemberState::Suspect, MemberState::Dead] {
-                    let n = listing.iter().filter(|m| m.state == state).count();
-                    metrics::gauge!("cell0_gossip_members", "state" => state.as_str()).set(n as f64);
-                }
-                view.publish(listing, now);
-                events
-            }
-            event = transport.next_event() => match event {
-                None => break,
-                Some(TransportEvent::Message { data, .. }) => match Heartbeat::decode(&data) {
-                    Ok(hb) => members.observe(hb, now_ms()),
-                    Err(_) => Vec::new(),
-                },
-                Some(TransportEvent::Rtt { rtt, .. }) => {
-                    metrics::histogram!("cell0_gossip_heartbeat_rtt_seconds").record(rtt.as_secs_f64());
-                    Vec::new()
-                }
-                Some(_) => Vec::new(),
+    let mut node = NodeObserver {
+        template: Heartbeat {
+            node_id: local_id,
+            peer_id: peer_id.to_string(),
+            name: info.name,
+            site: info.site,
+            cluster_id: None,
+            addresses: Addresses {
+                public: info.public_addr,
+                internal: info.internal_addr,
+                gossip: advertised,
             },
-        };
-        let refuted = events.iter().any(|e| matches!(e, MembershipEvent::Refuted { .. }));
-        for event in &events {
-            record(event);
-        }
-        if refuted {
-            // The next tick of `beat` fires at once: refute without waiting.
-            beat.reset_immediately();
-        }
-    }
-    transport.stop().await;
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            incarnation: 0,
+            load: Load::default(),
+            suspects: Vec::new(),
+        },
+        consensus,
+        view,
+    };
+    service::run(
+        transport,
+        local_id,
+        Duration::from_millis(gossip.heartbeat_ms),
+        DetectorConfig::default(),
+        &mut node,
+        async move { stopped(&mut stop).await },
+    )
+    .await;
     tracing::info!("gossip stopped");
     Ok(())
+}
+
+/// The node's side of the gossip loop.
+struct NodeObserver {
+    /// This node's heartbeat, but for the cluster id.
+    template: Heartbeat,
+    consensus: Consensus,
+    view: GossipView,
+}
+
+impl Observer for NodeObserver {
+    fn heartbeat(&mut self) -> Heartbeat {
+        let cluster_id = self.consensus.cluster_id();
+        Heartbeat {
+            cluster_id: (cluster_id != 0).then_some(cluster_id),
+            ..self.template.clone()
+        }
+    }
+
+    fn changed(&mut self, events: &[MembershipEvent]) {
+        events.iter().for_each(record);
+    }
+
+    fn ticked(&mut self, members: Vec<MemberView>, now_ms: u64) {
+        for state in [MemberState::Alive, MemberState::Suspect, MemberState::Dead] {
+            let n = members.iter().filter(|m| m.state == state).count();
+            metrics::gauge!("cell0_gossip_members", "state" => state.as_str()).set(n as f64);
+        }
+        self.view.publish(members, now_ms);
+    }
+
+    fn rtt(&mut self, rtt: Duration) {
+        metrics::histogram!("cell0_gossip_heartbeat_rtt_seconds").record(rtt.as_secs_f64());
+    }
 }
 
 /// Whether a received message is a heartbeat to accept.

@@ -68,6 +68,11 @@ impl ClusterSecret {
     }
 }
 
+/// A new ed25519 key (for nodes that keep none, like benchmarks).
+pub fn generate_keypair() -> Keypair {
+    Keypair::generate_ed25519()
+}
+
 /// The node's key from `path`, created there on first use.
 pub fn load_or_create_keypair(path: &Path) -> Result<Keypair, GossipError> {
     let io = |source| GossipError::KeyFile {
@@ -80,7 +85,7 @@ pub fn load_or_create_keypair(path: &Path) -> Result<Keypair, GossipError> {
             detail: e.to_string(),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
+            let key = generate_keypair();
             let bytes = key.to_protobuf_encoding().map_err(|e| GossipError::BadKey {
                 path: path.to_path_buf(),
                 detail: e.to_string(),

@@ -15,6 +15,7 @@ pub mod expect;
 pub mod heartbeat;
 pub mod keys;
 pub mod members;
+pub mod service;
 pub mod transport;
 
 pub use detector::{DetectorConfig, Liveness, PhiDetector};

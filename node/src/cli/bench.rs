@@ -50,6 +50,9 @@ pub enum BenchCommand {
     /// Agent spawn latency and migration downtime on a running cluster,
     /// one agent at a time.
     Agents(super::agent_bench::AgentsBench),
+    /// Gossip convergence and failure detection: N gossip services in this
+    /// process on loopback (the real libp2p stack), no cluster needed.
+    Gossip(super::gossip_bench::GossipBench),
 }
 
 /// Options of `cell0 bench embed`.
@@ -200,6 +203,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: BenchCommand) -> anyhow::R
         BenchCommand::Schedule(b) => schedule(output, b).await,
         BenchCommand::Embed(b) => embed(endpoint, output, b).await,
         BenchCommand::Agents(b) => super::agent_bench::run(endpoint, output, b).await,
+        BenchCommand::Gossip(b) => super::gossip_bench::run(output, b).await,
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod agent;
 mod agent_bench;
 pub mod bench;
+mod gossip_bench;
 pub mod infer;
 pub mod kv;
 pub mod model;

@@ -1,0 +1,104 @@
+//! The gossip loop of one node: its heartbeat out every interval (at once
+//! after a refutation), every heartbeat heard into the membership table, the
+//! table re-evaluated every [`TICK`].
+//!
+//! Invariants:
+//! - The loop owns the transport and the table; the caller sees them only
+//!   through its [`Observer`]: what to advertise, the changes, and a copy of
+//!   the table after every tick.
+//! - Time is milliseconds since the loop started (one monotonic origin).
+//! - The loop ends when `stop` resolves or the transport ends, and then
+//!   stops the transport.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tokio::time::MissedTickBehavior;
+
+use crate::detector::DetectorConfig;
+use crate::heartbeat::Heartbeat;
+use crate::members::{MemberView, Members, MembershipEvent};
+use crate::transport::{Transport, TransportEvent};
+
+/// How often the membership table is re-evaluated.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// What the loop asks of and tells its owner.
+pub trait Observer: Send {
+    /// This node's heartbeat as of now; the loop sets its incarnation and
+    /// suspicions.
+    fn heartbeat(&mut self) -> Heartbeat;
+    /// Changes of the membership table, as they happen.
+    fn changed(&mut self, events: &[MembershipEvent]);
+    /// The whole table after a tick, at `now_ms`.
+    fn ticked(&mut self, members: Vec<MemberView>, now_ms: u64);
+    /// A ping round trip to a connected peer.
+    fn rtt(&mut self, _rtt: Duration) {}
+}
+
+/// Runs the loop for node `local_id` until `stop` resolves or the transport
+/// ends.
+pub async fn run(
+    mut transport: Transport,
+    local_id: u64,
+    every: Duration,
+    detector: DetectorConfig,
+    observer: &mut impl Observer,
+    stop: impl Future<Output = ()>,
+) {
+    let origin = Instant::now();
+    let now_ms = move || origin.elapsed().as_millis() as u64;
+    let mut members = Members::new(local_id, detector);
+    let mut beat = tokio::time::interval(every);
+    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        let events = tokio::select! {
+            () = &mut stop => break,
+            _ = beat.tick() => {
+                let mut hb = observer.heartbeat();
+                hb.incarnation = members.incarnation();
+                hb.suspects = members.suspects(now_ms());
+                match hb.encode() {
+                    Ok(bytes) => {
+                        if transport.publish(bytes).await.is_err() {
+                            tracing::warn!("gossip transport ended");
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot encode this node's heartbeat"),
+                }
+                Vec::new()
+            }
+            _ = tick.tick() => {
+                let now = now_ms();
+                let events = members.tick(now);
+                observer.ticked(members.members(now), now);
+                events
+            }
+            event = transport.next_event() => match event {
+                None => break,
+                Some(TransportEvent::Message { data, .. }) => match Heartbeat::decode(&data) {
+                    Ok(hb) => members.observe(hb, now_ms()),
+                    Err(_) => Vec::new(),
+                },
+                Some(TransportEvent::Rtt { rtt, .. }) => {
+                    observer.rtt(rtt);
+                    Vec::new()
+                }
+                Some(_) => Vec::new(),
+            },
+        };
+        if events.is_empty() {
+            continue;
+        }
+        observer.changed(&events);
+        if events.iter().any(|e| matches!(e, MembershipEvent::Refuted { .. })) {
+            // Refute without waiting for the next interval.
+            beat.reset_immediately();
+        }
+    }
+    transport.stop().await;
+}

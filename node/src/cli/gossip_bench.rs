@@ -1,0 +1,267 @@
+//! `cell0 bench gossip`: N gossip services in this process, each with its
+//! own libp2p swarm on loopback TCP (private network, noise, yamux: the
+//! real stack) and its own membership table. Every node but the first
+//! contacts the first one only. Measures
+//! - convergence: from the moment the last service started until every node
+//!   hears every other alive;
+//! - detection: from stopping one node (its swarm closes, like a crash)
+//!   until every other node sees it suspect, then dead.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cell0_gossip::service::{self, Observer};
+use cell0_gossip::transport::{Transport, TransportConfig};
+use cell0_gossip::{
+    Addresses, ClusterSecret, DetectorConfig, Heartbeat, Load, MemberState, MemberView, MembershipEvent,
+};
+use clap::Args;
+use serde::Serialize;
+use tokio::sync::{Notify, oneshot};
+
+use super::{Output, print_json, print_table};
+
+/// Most nodes one run may start.
+const MAX_NODES: usize = 200;
+
+/// Options of `cell0 bench gossip`.
+#[derive(Args)]
+pub struct GossipBench {
+    /// Gossip services to start.
+    #[arg(long, default_value_t = 50)]
+    nodes: usize,
+    /// Interval between each node's heartbeats, in milliseconds.
+    #[arg(long, default_value_t = 1_000)]
+    heartbeat_ms: u64,
+    /// Seconds to wait for each phase before giving up.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct GossipReport {
+    nodes: usize,
+    heartbeat_ms: u64,
+    start_seconds: f64,
+    convergence_seconds: f64,
+    suspect_seconds: f64,
+    dead_seconds: f64,
+}
+
+/// Every node's latest view: observer id -> (member id -> state).
+type Views = Arc<Mutex<BTreeMap<u64, BTreeMap<u64, MemberState>>>>;
+
+struct BenchObserver {
+    template: Heartbeat,
+    views: Views,
+    changed: Arc<Notify>,
+}
+
+impl Observer for BenchObserver {
+    fn heartbeat(&mut self) -> Heartbeat {
+        self.template.clone()
+    }
+
+    fn changed(&mut self, _events: &[MembershipEvent]) {}
+
+    fn ticked(&mut self, members: Vec<MemberView>, _now_ms: u64) {
+        let view = members.iter().map(|m| (m.heartbeat.node_id, m.state)).collect();
+        if let Ok(mut views) = self.views.lock() {
+            views.insert(self.template.node_id, view);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// Runs the benchmark.
+pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
+    if !(2..=MAX_NODES).contains(&b.nodes) {
+        anyhow::bail!("--nodes must be between 2 and {MAX_NODES}");
+    }
+    if !(100..=60_000).contains(&b.heartbeat_ms) {
+        anyhow::bail!("--heartbeat-ms must be between 100 and 60000");
+    }
+    let timeout = Duration::from_secs(b.timeout.max(1));
+    let secret = ClusterSecret::generate();
+    let views: Views = Arc::default();
+    let changed = Arc::new(Notify::new());
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    let mut seed: Option<SocketAddr> = None;
+    let started = Instant::now();
+    for i in 0..b.nodes {
+        let id = i as u64 + 1;
+        let keypair = cell0_gossip::keys::generate_keypair();
+        let peer_id = keypair.public().to_peer_id();
+        let mut config = TransportConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), keypair, "cell0/bench/1");
+        config.psk = Some(secret.bytes());
+        config.join = seed.iter().map(|a| a.to_string()).collect();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let transport = Transport::start(config, |_, _| true, async move {
+            let _ = stop_rx.await;
+        })
+        .await?;
+        let addr = transport.listen_addr();
+        seed.get_or_insert(addr);
+        let mut observer = BenchObserver {
+            template: Heartbeat {
+                node_id: id,
+                peer_id: peer_id.to_string(),
+                name: format!("bench{id}"),
+                site: "bench".into(),
+                cluster_id: None,
+                addresses: Addresses {
+                    gossip: addr.to_string(),
+                    ..Addresses::default()
+                },
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                incarnation: 0,
+                load: Load::default(),
+                suspects: Vec::new(),
+            },
+            views: views.clone(),
+            changed: changed.clone(),
+        };
+        let (service_stop_tx, service_stop_rx) = oneshot::channel::<()>();
+        let every = Duration::from_millis(b.heartbeat_ms);
+        tasks.push(tokio::spawn(async move {
+            service::run(
+                transport,
+                id,
+                every,
+                DetectorConfig::default(),
+                &mut observer,
+                async move {
+                    let _ = service_stop_rx.await;
+                },
+            )
+            .await;
+        }));
+        stops.push((stop_tx, service_stop_tx));
+    }
+    let start_seconds = started.elapsed().as_secs_f64();
+    let all_started = Instant::now();
+    let n = b.nodes as u64;
+    eprintln!(
+        "{} gossip services started in {start_seconds:.2}s; waiting until every node hears every other",
+        b.nodes
+    );
+    wait_for(
+        &views,
+        &changed,
+        timeout,
+        "every node hears every other alive",
+        |views| {
+            (1..=n).all(|me| {
+                views.get(&me).is_some_and(|v| {
+                    (1..=n)
+                        .filter(|other| *other != me)
+                        .all(|other| v.get(&other) == Some(&MemberState::Alive))
+                })
+            })
+        },
+    )
+    .await?;
+    let convergence_seconds = all_started.elapsed().as_secs_f64();
+
+    // Stop the last node: its swarm closes and its heartbeats stop.
+    let (victim_stop, victim_service) = stops.pop().ok_or_else(|| anyhow::anyhow!("no node to stop"))?;
+    let victim = n;
+    let _ = victim_stop.send(());
+    let _ = victim_service.send(());
+    let stopped_at = Instant::now();
+    if let Ok(mut v) = views.lock() {
+        v.remove(&victim);
+    }
+    let others_see = |state: MemberState| {
+        move |views: &BTreeMap<u64, BTreeMap<u64, MemberState>>| {
+            (1..n).all(|me| {
+                views
+                    .get(&me)
+                    .is_some_and(|v| v.get(&victim).is_some_and(|s| *s >= state))
+            })
+        }
+    };
+    wait_for(
+        &views,
+        &changed,
+        timeout,
+        "every node suspects the stopped one",
+        others_see(MemberState::Suspect),
+    )
+    .await?;
+    let suspect_seconds = stopped_at.elapsed().as_secs_f64();
+    wait_for(
+        &views,
+        &changed,
+        timeout,
+        "every node sees the stopped one dead",
+        others_see(MemberState::Dead),
+    )
+    .await?;
+    let dead_seconds = stopped_at.elapsed().as_secs_f64();
+
+    for (transport_stop, service_stop) in stops {
+        let _ = transport_stop.send(());
+        let _ = service_stop.send(());
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let report = GossipReport {
+        nodes: b.nodes,
+        heartbeat_ms: b.heartbeat_ms,
+        start_seconds,
+        convergence_seconds,
+        suspect_seconds,
+        dead_seconds,
+    };
+    match output {
+        Output::Json => print_json(&report),
+        Output::Table => {
+            print_table(
+                &[
+                    "NODES",
+                    "HEARTBEAT ms",
+                    "START s",
+                    "CONVERGENCE s",
+                    "ALL SUSPECT s",
+                    "ALL DEAD s",
+                ],
+                &[vec![
+                    report.nodes.to_string(),
+                    report.heartbeat_ms.to_string(),
+                    format!("{:.2}", report.start_seconds),
+                    format!("{:.2}", report.convergence_seconds),
+                    format!("{:.2}", report.suspect_seconds),
+                    format!("{:.2}", report.dead_seconds),
+                ]],
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Waits until `cond` holds over the views, re-checking after every tick of
+/// any node, for at most `timeout`.
+async fn wait_for(
+    views: &Views,
+    changed: &Notify,
+    timeout: Duration,
+    what: &str,
+    cond: impl Fn(&BTreeMap<u64, BTreeMap<u64, MemberState>>) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let notified = changed.notified();
+        let holds = views.lock().map(|v| cond(&v)).unwrap_or(false);
+        if holds {
+            return Ok(());
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            anyhow::bail!("gave up after {}s waiting until {what}", timeout.as_secs());
+        }
+    }
+}
