@@ -43,6 +43,8 @@ pub struct GossipView {
 
 #[derive(Default)]
 struct ViewState {
+    /// This node's own heartbeat, as last sent.
+    local: Option<Heartbeat>,
     /// Every member known, with its age in ms at the last update.
     members: Vec<(MemberView, u64)>,
     /// When the copy was taken.
@@ -60,12 +62,18 @@ pub struct MemberStatus {
 }
 
 impl GossipView {
-    /// Every member known, with its age as of now; empty when gossip is off.
+    /// Every member known, this node included (alive, heard now), with its
+    /// age as of now; empty when gossip is off.
     pub fn members(&self) -> Vec<MemberStatus> {
         let Ok(state) = self.inner.read() else {
             return Vec::new();
         };
         let since = state.taken.map_or(0, |t| t.elapsed().as_millis() as u64);
+        let local = state.local.iter().map(|hb| MemberStatus {
+            heartbeat: hb.clone(),
+            state: MemberState::Alive,
+            last_heard_ms_ago: 0,
+        });
         state
             .members
             .iter()
@@ -74,7 +82,14 @@ impl GossipView {
                 state: m.state,
                 last_heard_ms_ago: age.saturating_add(since),
             })
+            .chain(local)
             .collect()
+    }
+
+    fn set_local(&self, hb: &Heartbeat) {
+        if let Ok(mut state) = self.inner.write() {
+            state.local = Some(hb.clone());
+        }
     }
 
     fn publish(&self, members: Vec<MemberView>, now_ms: u64) {
@@ -169,10 +184,12 @@ struct NodeObserver {
 impl Observer for NodeObserver {
     fn heartbeat(&mut self) -> Heartbeat {
         let cluster_id = self.consensus.cluster_id();
-        Heartbeat {
+        let hb = Heartbeat {
             cluster_id: (cluster_id != 0).then_some(cluster_id),
             ..self.template.clone()
-        }
+        };
+        self.view.set_local(&hb);
+        hb
     }
 
     fn changed(&mut self, events: &[MembershipEvent]) {
