@@ -106,6 +106,11 @@ const DEFAULT_MESH_HEARTBEAT: Duration = Duration::from_millis(500);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default limit on established connections.
 const DEFAULT_MAX_CONNECTIONS: u32 = 512;
+
+/// Peers this node dials on its own once it discovers them; gossipsub needs
+/// a handful of neighbours, not a full mesh of connections (50 nodes fully
+/// connected cost 2,450 connections).
+const DEFAULT_TARGET_PEERS: u32 = 12;
 /// Default redial interval.
 const DEFAULT_REDIAL: Duration = Duration::from_secs(2);
 
@@ -131,6 +136,9 @@ pub struct TransportConfig {
     pub idle_timeout: Duration,
     /// Most established connections in total.
     pub max_connections: u32,
+    /// Discovered peers are dialled only while fewer than this many are
+    /// connected (others may still connect to this node).
+    pub target_peers: u32,
     /// How often the join addresses are dialled again while no peer is
     /// connected (and Kademlia bootstrap re-run while the routing table is
     /// small).
@@ -140,7 +148,7 @@ pub struct TransportConfig {
 impl TransportConfig {
     /// A configuration with defaults: no join address, no pre-shared key,
     /// mesh heartbeat 500 ms, idle timeout 60 s, at most 512 connections,
-    /// redial every 2 s.
+    /// 12 peers dialled on discovery, redial every 2 s.
     pub fn new(listen: SocketAddr, keypair: Keypair, topic: impl Into<String>) -> Self {
         Self {
             listen,
@@ -151,6 +159,7 @@ impl TransportConfig {
             mesh_heartbeat: DEFAULT_MESH_HEARTBEAT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            target_peers: DEFAULT_TARGET_PEERS,
             redial: DEFAULT_REDIAL,
         }
     }
@@ -168,6 +177,7 @@ impl fmt::Debug for TransportConfig {
             .field("mesh_heartbeat", &self.mesh_heartbeat)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_connections", &self.max_connections)
+            .field("target_peers", &self.target_peers)
             .field("redial", &self.redial)
             .finish()
     }
@@ -369,6 +379,7 @@ impl Transport {
             joins,
             redial: config.redial.max(MIN_REDIAL),
             max_connections: config.max_connections,
+            target_peers: config.target_peers.max(1),
             resolving: false,
             pending_join_dials: HashSet::new(),
             bootstrap_query: None,
@@ -682,6 +693,8 @@ struct Driver<V> {
     redial: Duration,
     /// Most established connections.
     max_connections: u32,
+    /// Discovered peers are dialled while fewer are connected.
+    target_peers: u32,
     /// Whether a resolution of the join addresses is under way.
     resolving: bool,
     /// Dials of join addresses not finished yet.
@@ -875,9 +888,13 @@ where
     }
 
     /// Dials `peer` at `addresses` unless it is this node, already connected
-    /// (or being dialled), or the connection limit is reached.
+    /// (or being dialled), this node has its target of peers, or the
+    /// connection limit is reached.
     fn dial_peer(&mut self, peer: PeerId, addresses: Vec<Multiaddr>) {
         if peer == self.local_peer_id || self.swarm.is_connected(&peer) {
+            return;
+        }
+        if self.connected_peers() >= self.target_peers as usize {
             return;
         }
         let addresses: Vec<Multiaddr> = addresses.into_iter().filter(|a| self.is_dialable(a)).collect();
