@@ -1,7 +1,7 @@
 //! The heartbeat every node gossips about once a second.
 //!
 //! Invariants:
-//! - On the wire a heartbeat is a versioned envelope ([`Envelope`]) encoded
+//! - On the wire a heartbeat is a versioned envelope (`Envelope`) encoded
 //!   with postcard; a new field means a new variant, and a node decodes
 //!   every variant it knows. A message it cannot decode is rejected, never
 //!   half-read.
