@@ -139,6 +139,10 @@ async fn bootstrap_expect_forms_one_cluster_that_gossip_watches() {
     );
     foreign.wait_ready();
     let foreign_id = status(&foreign.endpoint()).await.node_id;
+    wait_until("the foreign node's log says why it cannot connect", async || {
+        foreign.log().contains("another cluster secret")
+    })
+    .await;
 
     // Kill node 3: the others see it dead; the foreign node was never heard.
     nodes[2].kill9();

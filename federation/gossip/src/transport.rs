@@ -977,9 +977,15 @@ where
                 peer_id,
                 error,
             } => {
-                self.pending_join_dials.remove(&connection_id);
+                let was_join = self.pending_join_dials.remove(&connection_id);
                 metrics::counter!("cell0_gossip_connection_errors_total", "direction" => "outgoing").increment(1);
-                tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                if was_join {
+                    // Retried every `redial` while no peer is connected.
+                    tracing::warn!(peer = ?peer_id, %error,
+                        "cannot connect to a join address (a node with another cluster secret fails the handshake here); will retry");
+                } else {
+                    tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                }
             }
             SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
             SwarmEvent::ExpiredListenAddr { address, .. } => tracing::info!(%address, "no longer listening"),
