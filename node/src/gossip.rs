@@ -12,10 +12,11 @@
 //!   come from another cluster; a heartbeat of another cluster is refused
 //!   with a warning naming both cluster ids, once per node.
 //! - The worker knows nothing of Raft beyond reading this node's cluster
-//!   id; membership changes are logged and counted, not (yet) written to
-//!   the replicated state.
-//! - The clock is one monotonic origin taken at start; the table only ever
-//!   sees milliseconds since then.
+//!   id; membership changes are logged and counted, not written to the
+//!   replicated state (formation and autopilot read the view and act
+//!   through Raft's own membership calls).
+//! - The view's ages are as of the last tick (100 ms at most) plus the time
+//!   since it was taken.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

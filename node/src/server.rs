@@ -352,7 +352,6 @@ async fn serve(
     Ok(())
 }
 
-/// Asks the seeds, in turn, to admit this node until one does.
 /// How often formation looks at what gossip has heard.
 const FORMATION_POLL: Duration = Duration::from_millis(200);
 
@@ -398,7 +397,7 @@ async fn form_cluster(
             }
             Decision::Join { cluster_id, via } => {
                 // Every member of that cluster is a seed, the chosen one first.
-                let mut seeds: Vec<String> = members
+                let seeds: Vec<String> = members
                     .iter()
                     .filter(|m| m.heartbeat.cluster_id == Some(cluster_id))
                     .map(|m| (m.heartbeat.node_id != via, m.heartbeat.addresses.internal.clone()))
@@ -406,7 +405,6 @@ async fn form_cluster(
                     .into_iter()
                     .map(|(_, addr)| addr)
                     .collect();
-                seeds.dedup();
                 tracing::info!(cluster = %format!("{cluster_id:016x}"), via = %format!("{via:016x}"), "bootstrap-expect: joining the cluster a peer formed");
                 join_loop(consensus, seeds, id, info, readiness, stop).await;
                 return Ok(());
@@ -421,6 +419,7 @@ async fn form_cluster(
     }
 }
 
+/// Asks the seeds, in turn, to admit this node until one does.
 async fn join_loop(
     consensus: Consensus,
     seeds: Vec<String>,

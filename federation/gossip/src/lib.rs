@@ -5,9 +5,11 @@
 //! peer with a phi-accrual detector ([`detector`]) and keeps a membership
 //! table ([`members`]) whose changes come out as [`MembershipEvent`]s; the
 //! node decides what they mean for the replicated state. [`expect`] holds
-//! the `--bootstrap-expect` rule, [`keys`] the node key and cluster secret.
+//! the `--bootstrap-expect` rule, [`keys`] the node key and cluster secret,
+//! and [`service`] the loop that ties a transport to a membership table.
 //!
-//! Everything but [`transport`] is pure logic over an injected clock.
+//! Everything but [`transport`] and [`service`] is pure logic over an
+//! injected clock.
 
 pub mod detector;
 pub mod error;
