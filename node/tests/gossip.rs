@@ -272,3 +272,60 @@ async fn autopilot_replaces_a_dead_voter_with_a_healthy_learner() {
         nodes[i].sigterm();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staggered_starts_and_a_restart_mid_formation_form_one_cluster() {
+    let root = tempfile::tempdir().unwrap();
+    let secret = keygen();
+    let ports: Vec<Ports> = (0..3).map(|_| Ports::new()).collect();
+    let start = |i: usize| {
+        let join = if i == 0 { ports[1] } else { ports[0] };
+        Node::start_flags(
+            &format!("node{}", i + 1),
+            &root.path().join(format!("node{}", i + 1)),
+            ports[i],
+            gossip_flags(ports[i], join, 3),
+            &[("CELL0_GOSSIP_SECRET", &secret)],
+        )
+    };
+    // Two nodes wait for a third; one of them is killed and restarted before
+    // the third arrives.
+    let mut first = start(0);
+    let mut second = start(1);
+    for n in [&first, &second] {
+        wait_until("both waiting nodes hear each other", async || {
+            n.log().contains("seen=2")
+        })
+        .await;
+    }
+    assert!(
+        !first.is_ready() && !second.is_ready(),
+        "ready before the cluster formed"
+    );
+    second.kill9();
+    second.restart_env(&[("CELL0_GOSSIP_SECRET", &secret)]);
+    let mut third = start(2);
+    for n in [&mut first, &mut second, &mut third] {
+        n.wait_ready();
+    }
+    let mut ids = Vec::new();
+    for n in [&first, &second, &third] {
+        ids.push(status(&n.endpoint()).await.node_id);
+    }
+    let expected: BTreeSet<(u64, bool)> = ids.iter().map(|id| (*id, true)).collect();
+    for n in [&first, &second, &third] {
+        let endpoint = n.endpoint();
+        wait_until("one cluster of three voters", async || {
+            raft_members(&endpoint).await == expected
+        })
+        .await;
+    }
+    let formed = [&first, &second, &third]
+        .iter()
+        .filter(|n| n.log().contains("forms the cluster"))
+        .count();
+    assert_eq!(formed, 1);
+    for n in [&mut first, &mut second, &mut third] {
+        n.sigterm();
+    }
+}
