@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::path::Path;
 
 use common::*;
 
@@ -30,6 +31,21 @@ fn gossip_flags(ports: Ports, join: Ports, expect: usize) -> Vec<String> {
         "--bootstrap-expect".into(),
         expect.to_string(),
     ]
+}
+
+/// Starts node `i` of `ports` with gossip and `--bootstrap-expect expect`:
+/// node 1 contacts node 2's gossip port, every other node node 1's.
+fn start_member(root: &Path, ports: &[Ports], i: usize, expect: usize, secret: &str, extra: &[String]) -> Node {
+    let join = if i == 0 { ports[1] } else { ports[0] };
+    let mut flags = gossip_flags(ports[i], join, expect);
+    flags.extend_from_slice(extra);
+    Node::start_flags(
+        &format!("node{}", i + 1),
+        &root.join(format!("node{}", i + 1)),
+        ports[i],
+        flags,
+        &[("CELL0_GOSSIP_SECRET", secret)],
+    )
 }
 
 /// The Raft members (id, voter) the node at `endpoint` lists.
@@ -58,18 +74,9 @@ async fn bootstrap_expect_forms_one_cluster_that_gossip_watches() {
     let root = tempfile::tempdir().unwrap();
     let secret = keygen();
     let ports: Vec<Ports> = (0..3).map(|_| Ports::new()).collect();
-    // All three at once; node 1 contacts node 2, the others node 1.
+    // All three at once.
     let mut nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let join = if i == 0 { ports[1] } else { ports[0] };
-            Node::start_flags(
-                &format!("node{}", i + 1),
-                &root.path().join(format!("node{}", i + 1)),
-                ports[i],
-                gossip_flags(ports[i], join, 3),
-                &[("CELL0_GOSSIP_SECRET", &secret)],
-            )
-        })
+        .map(|i| start_member(root.path(), &ports, i, 3, &secret, &[]))
         .collect();
     for n in nodes.iter_mut() {
         n.wait_ready();
@@ -215,18 +222,8 @@ async fn autopilot_replaces_a_dead_voter_with_a_healthy_learner() {
     let config = root.path().join("cell0.toml");
     std::fs::write(&config, "[autopilot]\ndead_voter_cleanup_ms = 2000\n").unwrap();
     let ports: Vec<Ports> = (0..4).map(|_| Ports::new()).collect();
-    let start = |i: usize| {
-        let join = if i == 0 { ports[1] } else { ports[0] };
-        let mut flags = gossip_flags(ports[i], join, 3);
-        flags.extend(["--config".to_string(), config.to_str().unwrap().to_string()]);
-        Node::start_flags(
-            &format!("node{}", i + 1),
-            &root.path().join(format!("node{}", i + 1)),
-            ports[i],
-            flags,
-            &[("CELL0_GOSSIP_SECRET", &secret)],
-        )
-    };
+    let extra = ["--config".to_string(), config.to_str().unwrap().to_string()];
+    let start = |i: usize| start_member(root.path(), &ports, i, 3, &secret, &extra);
     let mut nodes: Vec<Node> = (0..3).map(start).collect();
     for n in nodes.iter_mut() {
         n.wait_ready();
@@ -278,16 +275,7 @@ async fn staggered_starts_and_a_restart_mid_formation_form_one_cluster() {
     let root = tempfile::tempdir().unwrap();
     let secret = keygen();
     let ports: Vec<Ports> = (0..3).map(|_| Ports::new()).collect();
-    let start = |i: usize| {
-        let join = if i == 0 { ports[1] } else { ports[0] };
-        Node::start_flags(
-            &format!("node{}", i + 1),
-            &root.path().join(format!("node{}", i + 1)),
-            ports[i],
-            gossip_flags(ports[i], join, 3),
-            &[("CELL0_GOSSIP_SECRET", &secret)],
-        )
-    };
+    let start = |i: usize| start_member(root.path(), &ports, i, 3, &secret, &[]);
     // Two nodes wait for a third; one of them is killed and restarted before
     // the third arrives.
     let mut first = start(0);
