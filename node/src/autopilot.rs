@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cell0_consensus::{Consensus, Member, NodeId};
+use cell0_consensus::{Consensus, Member, NodeId, Role};
 use cell0_gossip::MemberState;
 use tokio::sync::watch;
 
@@ -108,7 +108,7 @@ pub async fn run(
             () = stopped(&mut stop) => return,
             _ = round.tick() => {}
         }
-        if consensus.status().leader != Some(consensus.id()) {
+        if consensus.status().role != Role::Leader {
             continue;
         }
         let health: BTreeMap<NodeId, Health> = gossip

@@ -147,17 +147,8 @@ impl GossipConfig {
                  --gossip-secret or CELL0_GOSSIP_SECRET); only a --dev node runs gossip without one",
             ));
         }
-        if self.advertise.is_none() && self.listen.ip().is_unspecified() {
-            return Err(bad(
-                "gossip.advertise",
-                "must be set when gossip.listen is a wildcard address",
-            ));
-        }
-        for (i, j) in self.join.iter().enumerate() {
-            if !j.contains(':') {
-                return Err(bad(&format!("gossip.join[{i}]"), format!("{j:?} is not host:port")));
-            }
-        }
+        check_advertised(&self.advertise, self.listen, "gossip.advertise", "gossip.listen")?;
+        check_join("gossip.join", &self.join)?;
         if !(100..=60_000).contains(&self.heartbeat_ms) {
             return Err(bad("gossip.heartbeat_ms", "must be 100 to 60000"));
         }
@@ -403,6 +394,33 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// An advertised address must be set when its listen address is a wildcard
+/// (others could not reach 0.0.0.0 or ::).
+fn check_advertised(
+    advertise: &Option<String>,
+    listen: SocketAddr,
+    advertise_field: &str,
+    listen_field: &str,
+) -> Result<(), ConfigError> {
+    if advertise.is_none() && listen.ip().is_unspecified() {
+        return Err(bad(
+            advertise_field,
+            format!("must be set when {listen_field} is a wildcard address"),
+        ));
+    }
+    Ok(())
+}
+
+/// Every entry of a join list (`field`) must be host:port.
+fn check_join(field: &str, join: &[String]) -> Result<(), ConfigError> {
+    for (i, j) in join.iter().enumerate() {
+        if !j.contains(':') {
+            return Err(bad(&format!("{field}[{i}]"), format!("{j:?} is not host:port")));
+        }
+    }
+    Ok(())
+}
+
 fn bad(field: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.to_string(),
@@ -462,23 +480,19 @@ impl NodeConfig {
                 }
             }
         }
-        if self.advertise.public.is_none() && self.listen.public.ip().is_unspecified() {
-            return Err(bad(
-                "advertise.public",
-                "must be set when listen.public is a wildcard address",
-            ));
-        }
-        if self.advertise.internal.is_none() && self.listen.internal.ip().is_unspecified() {
-            return Err(bad(
-                "advertise.internal",
-                "must be set when listen.internal is a wildcard address",
-            ));
-        }
-        for (i, j) in self.join.iter().enumerate() {
-            if !j.contains(':') {
-                return Err(bad(&format!("join[{i}]"), format!("{j:?} is not host:port")));
-            }
-        }
+        check_advertised(
+            &self.advertise.public,
+            self.listen.public,
+            "advertise.public",
+            "listen.public",
+        )?;
+        check_advertised(
+            &self.advertise.internal,
+            self.listen.internal,
+            "advertise.internal",
+            "listen.internal",
+        )?;
+        check_join("join", &self.join)?;
         if self.log_level.is_empty() {
             return Err(bad("log_level", "must not be empty"));
         }

@@ -397,13 +397,14 @@ async fn form_cluster(
             }
             Decision::Join { cluster_id, via } => {
                 // Every member of that cluster is a seed, the chosen one first.
-                let seeds: Vec<String> = members
+                let mut seeds: Vec<&gossip::MemberStatus> = members
                     .iter()
                     .filter(|m| m.heartbeat.cluster_id == Some(cluster_id))
-                    .map(|m| (m.heartbeat.node_id != via, m.heartbeat.addresses.internal.clone()))
-                    .collect::<std::collections::BTreeSet<_>>()
+                    .collect();
+                seeds.sort_by_key(|m| (m.heartbeat.node_id != via, m.heartbeat.node_id));
+                let seeds = seeds
                     .into_iter()
-                    .map(|(_, addr)| addr)
+                    .map(|m| m.heartbeat.addresses.internal.clone())
                     .collect();
                 tracing::info!(cluster = %format!("{cluster_id:016x}"), via = %format!("{via:016x}"), "bootstrap-expect: joining the cluster a peer formed");
                 join_loop(consensus, seeds, id, info, readiness, stop).await;
