@@ -110,9 +110,9 @@ start() {
     # Every node contacts node 1's gossip port, node 1 contacts node 2's.
     if [ "$nodes" -gt 1 ]; then
       if [ "$i" -eq 1 ]; then
-        args+=(--gossip-join "127.0.0.1:$(port 2 2)")
+        args+=(--join "127.0.0.1:$(port 2 2)")
       else
-        args+=(--gossip-join "127.0.0.1:$(port 1 2)")
+        args+=(--join "127.0.0.1:$(port 1 2)")
       fi
     fi
     # setsid: the node outlives this script and its terminal. The secret

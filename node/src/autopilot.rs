@@ -1,12 +1,15 @@
 //! Autopilot: on the Raft leader, keeps `raft.voters` voters by removing
 //! voters that gossip has seen dead for `autopilot.dead_voter_cleanup_ms`
-//! and promoting healthy learners.
+//! and promoting healthy learners, and records what the leader's gossip
+//! says of each node in the replicated state (`nodes::NodeLiveness`, which
+//! `cell0 members` shows and placement respects).
 //!
-//! [`plan`] is the policy, pure over the membership and gossip's view;
-//! [`run`] is the worker that applies it once a second through the same
-//! membership calls an operator uses (`Consensus::remove`, and
-//! `Consensus::join` for a learner, which promotes it when the cluster is
-//! short of voters and it is caught up).
+//! [`plan`] and [`verdicts`] are the policy, pure over the membership,
+//! gossip's view and the recorded liveness; [`run`] is the worker that
+//! applies them once a second through the same membership calls an
+//! operator uses (`Consensus::remove`, and `Consensus::join` for a
+//! learner, which promotes it when the cluster is short of voters and it
+//! is caught up) and through leader-only proposals for the verdicts.
 //!
 //! Invariants:
 //! - Only the leader acts; one change per round, so each is logged, counted
@@ -17,15 +20,22 @@
 //!   against Raft's own view and refuses a change that could not commit.
 //! - A member gossip has not heard is never acted on: no news is not death.
 //! - Learners are promoted only while gossip hears them alive.
+//! - Verdicts are proposed only in the term of the leader that reached
+//!   them (`Consensus::propose_as_leader`), so a node cut off from the
+//!   majority never records the majority down: it cannot commit, and its
+//!   verdict never reaches the next leader. A verdict changes only on a
+//!   transition (alive to dead or back); suspicion records nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use cell0_consensus::{Consensus, Member, NodeId, Role};
+use cell0_consensus::nodes::{Liveness, NodeCommand, NodeLiveness};
+use cell0_consensus::{Consensus, Consistency, Member, NodeId, Role, nodes};
 use cell0_gossip::MemberState;
 use tokio::sync::watch;
 
 use crate::gossip::GossipView;
+use crate::scheduling::now_ms;
 use crate::supervisor::stopped;
 
 /// How often the leader looks.
@@ -93,6 +103,96 @@ pub fn plan(
     None
 }
 
+/// A verdict for the leader to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The node.
+    pub node: NodeId,
+    /// What gossip says of it.
+    pub liveness: Liveness,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// The verdicts leader `leader` should record for the nodes with a record
+/// (`records`), given `health` from its gossip and what is `recorded`: a
+/// node gossip hears dead and not recorded dead, or recorded dead and
+/// heard alive again (the leader itself is alive). Suspect or unheard
+/// nodes get none.
+pub fn verdicts(
+    leader: NodeId,
+    records: &BTreeSet<NodeId>,
+    health: &BTreeMap<NodeId, Health>,
+    recorded: &BTreeMap<NodeId, NodeLiveness>,
+) -> Vec<Verdict> {
+    let is_dead = |id: &NodeId| recorded.get(id).is_some_and(|l| l.liveness == Liveness::Dead);
+    records
+        .iter()
+        .filter_map(|id| {
+            let verdict = |liveness, reason: String| Verdict {
+                node: *id,
+                liveness,
+                reason,
+            };
+            if *id == leader {
+                return is_dead(id).then(|| verdict(Liveness::Alive, "leads the cluster".into()));
+            }
+            let h = health.get(id)?;
+            match h.state {
+                MemberState::Dead if !is_dead(id) => Some(verdict(
+                    Liveness::Dead,
+                    format!("the leader's gossip has not heard it for {} ms", h.silent_ms),
+                )),
+                MemberState::Alive if is_dead(id) => {
+                    Some(verdict(Liveness::Alive, "the leader's gossip hears it again".into()))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Records the verdicts this leader (in `term`) reaches now.
+async fn record_verdicts(
+    consensus: &Consensus,
+    term: u64,
+    health: &BTreeMap<NodeId, Health>,
+) -> cell0_consensus::Result<()> {
+    let (records, recorded) = consensus
+        .read(Consistency::Serializable, |txn| {
+            Ok((
+                nodes::resources(txn)?.into_keys().collect::<BTreeSet<_>>(),
+                nodes::liveness(txn)?,
+            ))
+        })
+        .await?;
+    for v in verdicts(consensus.id(), &records, health, &recorded) {
+        let label = match v.liveness {
+            Liveness::Dead => {
+                tracing::warn!(node = %format!("{:016x}", v.node), reason = %v.reason, "autopilot: recording a node dead");
+                "record_dead"
+            }
+            Liveness::Alive => {
+                tracing::info!(node = %format!("{:016x}", v.node), reason = %v.reason, "autopilot: recording a node alive again");
+                "record_alive"
+            }
+        };
+        let command = NodeCommand::SetLiveness {
+            node: v.node,
+            liveness: NodeLiveness {
+                liveness: v.liveness,
+                reason: v.reason,
+                since_ms: now_ms(),
+            },
+        };
+        let result = consensus.propose_as_leader(command.into_command(), term).await;
+        let outcome = if result.is_ok() { "done" } else { "failed" };
+        metrics::counter!("cell0_autopilot_actions_total", "action" => label, "result" => outcome).increment(1);
+        result?;
+    }
+    Ok(())
+}
+
 /// Runs autopilot until `stop`.
 pub async fn run(
     consensus: Consensus,
@@ -108,7 +208,8 @@ pub async fn run(
             () = stopped(&mut stop) => return,
             _ = round.tick() => {}
         }
-        if consensus.status().role != Role::Leader {
+        let status = consensus.status();
+        if status.role != Role::Leader {
             continue;
         }
         let health: BTreeMap<NodeId, Health> = gossip
@@ -124,6 +225,9 @@ pub async fn run(
                 )
             })
             .collect();
+        if let Err(e) = record_verdicts(&consensus, status.term, &health).await {
+            tracing::warn!(error = %e, "autopilot: cannot record liveness; will look again");
+        }
         let members = consensus.members();
         let Some(action) = plan(consensus.id(), &members, &health, target, cleanup.as_millis() as u64) else {
             continue;
@@ -183,6 +287,44 @@ mod tests {
     }
 
     const CLEANUP: u64 = 30_000;
+
+    fn recorded(entries: &[(NodeId, Liveness)]) -> BTreeMap<NodeId, NodeLiveness> {
+        entries
+            .iter()
+            .map(|&(id, liveness)| {
+                (
+                    id,
+                    NodeLiveness {
+                        liveness,
+                        reason: String::new(),
+                        since_ms: 0,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn verdicts_change_only_on_transitions_and_never_on_no_news() {
+        use MemberState::*;
+        let records: BTreeSet<NodeId> = [1, 2, 3, 4, 5].into();
+        let h = health(&[(2, Dead, 9_000), (3, Suspect, 4_000), (4, Alive, 10), (5, Dead, 9_000)]);
+        // 5 is already recorded dead; 1 (the leader) and unheard nodes get
+        // nothing; a suspect is not dead.
+        let v = verdicts(1, &records, &h, &recorded(&[(5, Liveness::Dead), (4, Liveness::Alive)]));
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!((v[0].node, v[0].liveness), (2, Liveness::Dead));
+        assert!(v[0].reason.contains("9000 ms"), "{}", v[0].reason);
+        // Heard again: alive; the leader recorded dead by an earlier leader
+        // is alive.
+        let h = health(&[(2, Alive, 10)]);
+        let v = verdicts(1, &records, &h, &recorded(&[(1, Liveness::Dead), (2, Liveness::Dead)]));
+        let got: Vec<(NodeId, Liveness)> = v.iter().map(|v| (v.node, v.liveness)).collect();
+        assert_eq!(got, vec![(1, Liveness::Alive), (2, Liveness::Alive)]);
+        // Only nodes with a record.
+        let h = health(&[(9, Dead, 9_000)]);
+        assert!(verdicts(1, &records, &h, &BTreeMap::new()).is_empty());
+    }
 
     #[test]
     fn a_voter_dead_long_enough_is_removed_then_a_learner_promoted() {

@@ -31,8 +31,12 @@ pub struct NodeConfig {
     /// defaults to the matching listen address, which must then not be a
     /// wildcard (0.0.0.0 or ::).
     pub advertise: AdvertiseConfig,
-    /// Members to ask for admission when this node is not yet in a cluster
-    /// (host:port of their public or internal port).
+    /// Nodes to contact when this node is not yet in a cluster (host:port;
+    /// a DNS name may resolve to several nodes). With gossip enabled these
+    /// are gossip addresses: gossip finds every other node from any one of
+    /// them, and this node joins the cluster they belong to (or forms one,
+    /// with `bootstrap_expect`). Without gossip they are members' public or
+    /// internal addresses, asked for admission in turn.
     pub join: Vec<String>,
     /// Start a new cluster with this node as its first member if it is not in
     /// one yet. Implied when `join` is empty and `bootstrap_expect` unset.
@@ -40,7 +44,7 @@ pub struct NodeConfig {
     /// Form the cluster once this many freshly started nodes see each other
     /// through gossip (Consul's `bootstrap_expect`): the one with the lowest
     /// id bootstraps, the others join it; a node already in a cluster never
-    /// bootstraps again. Needs gossip; excludes `bootstrap` and `join`.
+    /// bootstraps again. Needs gossip; excludes `bootstrap`.
     pub bootstrap_expect: Option<usize>,
     /// Log output format.
     pub log_format: LogFormat,
@@ -98,9 +102,6 @@ pub struct GossipConfig {
     /// Gossip address advertised to other nodes (host:port); defaults to
     /// `listen`, which must then not be a wildcard.
     pub advertise: Option<String>,
-    /// Gossip addresses of nodes to contact (host:port; a DNS name may
-    /// resolve to several nodes).
-    pub join: Vec<String>,
     /// The cluster secret: 64 hex digits from `cell0 keygen`, the same on
     /// every node. Nodes without it cannot connect. Required when gossip is
     /// enabled, unless `allow_no_secret`.
@@ -118,7 +119,6 @@ impl Default for GossipConfig {
             enabled: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 7102)),
             advertise: None,
-            join: Vec::new(),
             secret: None,
             allow_no_secret: false,
             heartbeat_ms: 1_000,
@@ -148,7 +148,6 @@ impl GossipConfig {
             ));
         }
         check_advertised(&self.advertise, self.listen, "gossip.advertise", "gossip.listen")?;
-        check_join("gossip.join", &self.join)?;
         if !(100..=60_000).contains(&self.heartbeat_ms) {
             return Err(bad("gossip.heartbeat_ms", "must be 100 to 60000"));
         }
@@ -510,17 +509,11 @@ impl NodeConfig {
             if !self.gossip.enabled {
                 return Err(bad(
                     "bootstrap_expect",
-                    "needs gossip: set gossip.enabled (or --listen-gossip / --gossip-join)",
+                    "needs gossip: set gossip.enabled (or --listen-gossip)",
                 ));
             }
             if self.bootstrap {
                 return Err(bad("bootstrap_expect", "cannot be combined with bootstrap"));
-            }
-            if !self.join.is_empty() {
-                return Err(bad(
-                    "bootstrap_expect",
-                    "cannot be combined with join (gossip finds the members; use gossip.join)",
-                ));
             }
         }
         self.raft.validate().map_err(|e| match e {

@@ -44,7 +44,7 @@ pub struct GossipView {
 
 #[derive(Default)]
 struct ViewState {
-    /// This node's own heartbeat, as last sent.
+    /// This node's own heartbeat, as last sent (with its incarnation).
     local: Option<Heartbeat>,
     /// Every member known, with its age in ms at the last update.
     members: Vec<(MemberView, u64)>,
@@ -107,9 +107,11 @@ impl GossipView {
     }
 }
 
-/// Runs gossip for this node (`info` is what it advertises) until `stop`.
+/// Runs gossip for this node (`info` is what it advertises), contacting
+/// `join` first, until `stop`.
 pub async fn run(
     gossip: GossipConfig,
+    join: Vec<String>,
     key_file: PathBuf,
     info: NodeInfo,
     consensus: Consensus,
@@ -122,7 +124,7 @@ pub async fn run(
     let local_id = consensus.id();
     let peer_id = keypair.public().to_peer_id();
     let mut transport_config = TransportConfig::new(gossip.listen, keypair, TOPIC.to_string());
-    transport_config.join = gossip.join.clone();
+    transport_config.join = join;
     transport_config.psk = secret.map(|s| s.bytes());
     let validate = {
         let consensus = consensus.clone();
@@ -185,12 +187,14 @@ struct NodeObserver {
 impl Observer for NodeObserver {
     fn heartbeat(&mut self) -> Heartbeat {
         let cluster_id = self.consensus.cluster_id();
-        let hb = Heartbeat {
+        Heartbeat {
             cluster_id: (cluster_id != 0).then_some(cluster_id),
             ..self.template.clone()
-        };
-        self.view.set_local(&hb);
-        hb
+        }
+    }
+
+    fn sent(&mut self, heartbeat: &Heartbeat) {
+        self.view.set_local(heartbeat);
     }
 
     fn changed(&mut self, events: &[MembershipEvent]) {

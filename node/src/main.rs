@@ -149,7 +149,9 @@ struct RunArgs {
     /// Internal address advertised to other nodes.
     #[arg(long, env = "CELL0_ADVERTISE_INTERNAL")]
     advertise_internal: Option<String>,
-    /// Members to join through (host:port, comma-separated).
+    /// Nodes to contact (host:port, comma-separated, repeatable; a DNS name
+    /// may resolve to several): gossip addresses when gossip is on, else
+    /// members' public or internal addresses.
     #[arg(long, env = "CELL0_JOIN", value_delimiter = ',')]
     join: Vec<String>,
     /// Start a new cluster if this node is not in one yet.
@@ -181,9 +183,6 @@ struct RunArgs {
     /// Gossip address advertised to other nodes.
     #[arg(long, env = "CELL0_ADVERTISE_GOSSIP")]
     advertise_gossip: Option<String>,
-    /// Gossip addresses of nodes to contact (host:port, comma-separated).
-    #[arg(long, env = "CELL0_GOSSIP_JOIN", value_delimiter = ',')]
-    gossip_join: Vec<String>,
     /// The cluster secret for gossip (64 hex digits from `cell0 keygen`).
     #[arg(long, env = "CELL0_GOSSIP_SECRET", hide_env_values = true)]
     gossip_secret: Option<String>,
@@ -248,10 +247,6 @@ impl RunArgs {
         }
         if let Some(v) = self.advertise_gossip {
             c.gossip.advertise = Some(v);
-        }
-        if !self.gossip_join.is_empty() {
-            c.gossip.enabled = true;
-            c.gossip.join = self.gossip_join.into_iter().filter(|j| !j.is_empty()).collect();
         }
         if let Some(v) = self.gossip_secret {
             c.gossip.secret = Some(v);

@@ -99,8 +99,8 @@ fn read_round(txn: &dyn cell0_state::Txn, cursor: &str) -> cell0_state::Result<R
     })
 }
 
-/// The nodes as the scheduler sees them: records, status, usage, labels
-/// and the models each holds.
+/// The nodes as the scheduler sees them: records, status, recorded
+/// liveness, usage, labels and the models each holds.
 fn cluster_view(txn: &dyn cell0_state::Txn) -> cell0_state::Result<ClusterView> {
     let mut models: BTreeMap<u64, std::collections::BTreeSet<String>> = BTreeMap::new();
     for entry in registry::list(txn)? {
@@ -113,6 +113,7 @@ fn cluster_view(txn: &dyn cell0_state::Txn) -> cell0_state::Result<ClusterView> 
     let mut usages = agents::node_usages(txn)?;
     let mut statuses = agents::node_statuses(txn)?;
     let mut labels = nodes::labels(txn)?;
+    let liveness = nodes::liveness(txn)?;
     let mut view = Vec::new();
     for (id, record) in nodes::resources(txn)? {
         view.push(NodeView {
@@ -120,6 +121,7 @@ fn cluster_view(txn: &dyn cell0_state::Txn) -> cell0_state::Result<ClusterView> 
             capacity: agents::Resources::of_node(&record),
             usage: usages.remove(&id).unwrap_or_default(),
             state: statuses.remove(&id).map_or(agents::NodeState::Ready, |s| s.state),
+            unreachable: liveness.get(&id).is_some_and(|l| l.liveness == nodes::Liveness::Dead),
             gpu: record.gpu,
             labels: labels.remove(&id).unwrap_or_default(),
             models: models.remove(&id).unwrap_or_default(),

@@ -16,9 +16,10 @@
 //! [`run`]. A task that failed or panicked at any time makes [`run`] return
 //! an error after the shutdown.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cell0_consensus::network::nodelay_incoming;
@@ -197,6 +198,7 @@ async fn serve(
             "gossip",
             gossip::run(
                 config.gossip.clone(),
+                config.join.clone(),
                 datadir.gossip_key_file(),
                 info.clone(),
                 consensus.clone(),
@@ -283,14 +285,15 @@ async fn serve(
     );
 
     if !consensus.is_initialized().await {
-        if let Some(expect) = config.bootstrap_expect {
+        let through_gossip = config.gossip.enabled && !config.bootstrap && !config.join.is_empty();
+        if config.bootstrap_expect.is_some() || through_gossip {
             readiness.set_joining(true);
             tasks.spawn(
                 "formation",
                 form_cluster(
                     consensus.clone(),
                     gossip_view.clone(),
-                    expect,
+                    config.bootstrap_expect,
                     info,
                     readiness.clone(),
                     stop(),
@@ -355,13 +358,18 @@ async fn serve(
 /// How often formation looks at what gossip has heard.
 const FORMATION_POLL: Duration = Duration::from_millis(200);
 
-/// `--bootstrap-expect`: waits until gossip shows enough nodes, then
-/// bootstraps (the lowest id) or joins the cluster a peer formed
-/// (`cell0_gossip::expect`).
+/// How long the nodes a bootstrap decision rests on must stay the same
+/// before the node bootstraps.
+const FORMATION_SETTLE: Duration = Duration::from_secs(2);
+
+/// Formation through gossip: waits until gossip shows a cluster member and
+/// joins that cluster, or, with `--bootstrap-expect` (`expect`), until it
+/// shows enough nodes to form one, then bootstraps (the lowest id)
+/// (`cell0_gossip::expect`). Without `expect` it never bootstraps.
 async fn form_cluster(
     consensus: Consensus,
     view: gossip::GossipView,
-    expect: usize,
+    expect: Option<usize>,
     info: NodeInfo,
     readiness: ops::Readiness,
     mut stop: watch::Receiver<bool>,
@@ -370,6 +378,7 @@ async fn form_cluster(
     let id = consensus.id();
     let mut poll = tokio::time::interval(FORMATION_POLL);
     let mut last_seen = None;
+    let mut settling: Option<(BTreeSet<u64>, Instant)> = None;
     loop {
         tokio::select! {
             () = stopped(&mut stop) => return Ok(()),
@@ -384,9 +393,26 @@ async fn form_cluster(
                 cluster_id: m.heartbeat.cluster_id,
             })
             .collect::<Vec<_>>();
-        match decide(id, None, expect, &alive) {
+        let decision = decide(id, None, expect, &alive);
+        // Bootstrap only on a view that held still for the settle time: nodes
+        // started together hear each other within a heartbeat or two, and
+        // one more node heard in that time may be the lowest.
+        let seen: BTreeSet<u64> = alive.iter().map(|c| c.node_id).collect();
+        let settled = match &settling {
+            Some((view, since)) if *view == seen => since.elapsed() >= FORMATION_SETTLE,
+            _ => false,
+        };
+        if decision == Decision::Bootstrap && !settled {
+            if settling.as_ref().is_none_or(|(view, _)| *view != seen) {
+                settling = Some((seen, Instant::now()));
+            }
+            continue;
+        }
+        settling = None;
+        match decision {
             Decision::Member => return Ok(()),
             Decision::Bootstrap => {
+                let expect = expect.unwrap_or_default();
                 tracing::info!(
                     expect,
                     "bootstrap-expect: {expect} nodes see each other; this node has the lowest id and forms the cluster"
@@ -412,7 +438,12 @@ async fn form_cluster(
             }
             Decision::Wait { seen } => {
                 if last_seen != Some(seen) {
-                    tracing::info!(seen, expect, "bootstrap-expect: waiting for nodes to see each other");
+                    match expect {
+                        Some(expect) => {
+                            tracing::info!(seen, expect, "bootstrap-expect: waiting for nodes to see each other")
+                        }
+                        None => tracing::info!(seen, "waiting for gossip to find a member of the cluster to join"),
+                    }
                     last_seen = Some(seen);
                 }
             }

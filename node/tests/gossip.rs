@@ -9,6 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use common::netns;
 use common::*;
 
 /// `cell0 keygen`, checked for shape.
@@ -26,7 +27,7 @@ fn gossip_flags(ports: Ports, join: Ports, expect: usize) -> Vec<String> {
     vec![
         "--listen-gossip".into(),
         ports.addr(ports.gossip),
-        "--gossip-join".into(),
+        "--join".into(),
         join.addr(join.gossip),
         "--bootstrap-expect".into(),
         expect.to_string(),
@@ -216,57 +217,196 @@ fn gossip_without_the_cluster_secret_is_refused_at_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn autopilot_replaces_a_dead_voter_with_a_healthy_learner() {
+async fn five_nodes_expecting_three_form_one_cluster_and_autopilot_replaces_a_dead_voter() {
     let root = tempfile::tempdir().unwrap();
     let secret = keygen();
     let config = root.path().join("cell0.toml");
     std::fs::write(&config, "[autopilot]\ndead_voter_cleanup_ms = 2000\n").unwrap();
-    let ports: Vec<Ports> = (0..4).map(|_| Ports::new()).collect();
+    let ports: Vec<Ports> = (0..5).map(|_| Ports::new()).collect();
     let extra = ["--config".to_string(), config.to_str().unwrap().to_string()];
-    let start = |i: usize| start_member(root.path(), &ports, i, 3, &secret, &extra);
-    let mut nodes: Vec<Node> = (0..3).map(start).collect();
+    // Five nodes, all with --bootstrap-expect 3 and --join naming node 1
+    // (node 1 names node 2), started in reverse order.
+    let mut nodes: Vec<Node> = (0..5)
+        .rev()
+        .map(|i| start_member(root.path(), &ports, i, 3, &secret, &extra))
+        .collect();
+    nodes.reverse();
     for n in nodes.iter_mut() {
         n.wait_ready();
     }
-    // A fourth node joins the formed cluster as a learner (three voters
-    // already).
-    nodes.push(start(3));
-    nodes[3].wait_ready();
     let mut ids = Vec::new();
     for n in &nodes {
         ids.push(status(&n.endpoint()).await.node_id);
     }
-    let endpoint = nodes[0].endpoint();
-    wait_until("three voters and one learner", async || {
-        let m = raft_members(&endpoint).await;
-        m.len() == 4 && m.iter().filter(|(_, voter)| *voter).count() == 3 && m.contains(&(ids[3], false))
-    })
-    .await;
-
-    // Kill voter 3: autopilot removes it once gossip has seen it dead for
-    // two seconds, and promotes the learner.
-    nodes[2].kill9();
-    let expected: BTreeSet<(u64, bool)> = [ids[0], ids[1], ids[3]].iter().map(|id| (*id, true)).collect();
-    for n in [&nodes[0], &nodes[1], &nodes[3]] {
+    // One cluster: three voters and two learners, the same on every node.
+    for n in &nodes {
         let endpoint = n.endpoint();
-        wait_until("the dead voter is replaced by the learner", async || {
-            raft_members(&endpoint).await == expected
+        wait_until("three voters and two learners everywhere", async || {
+            let m = raft_members(&endpoint).await;
+            m.len() == 5 && m.iter().filter(|(_, voter)| *voter).count() == 3
         })
         .await;
     }
-    let removed_by = [&nodes[0], &nodes[1], &nodes[3]]
+    let formed = nodes.iter().filter(|n| n.log().contains("forms the cluster")).count();
+    assert_eq!(formed, 1, "more than one node bootstrapped");
+    let before = raft_members(&nodes[0].endpoint()).await;
+
+    // Kill -9 a voter that does not lead: autopilot removes it once gossip
+    // has seen it dead for two seconds and promotes a learner.
+    let leader = status(&nodes[0].endpoint()).await.leader_id;
+    let victim = (0..5)
+        .find(|i| ids[*i] != leader && before.contains(&(ids[*i], true)))
+        .unwrap();
+    nodes[victim].kill9();
+    let survivors: Vec<usize> = (0..5).filter(|i| *i != victim).collect();
+    for i in &survivors {
+        let endpoint = nodes[*i].endpoint();
+        wait_until("the dead voter is replaced by a learner", async || {
+            let m = raft_members(&endpoint).await;
+            m.len() == 4
+                && m.iter().filter(|(_, voter)| *voter).count() == 3
+                && !m.iter().any(|(id, _)| *id == ids[victim])
+        })
+        .await;
+        wait_until("the killed node is seen and recorded dead", async || {
+            members(&endpoint).await.iter().any(|m| {
+                m.id == ids[victim]
+                    && m.gossip.as_ref().is_some_and(|g| g.state == "dead")
+                    && m.liveness.as_ref().is_some_and(|l| l.state == "dead")
+            })
+        })
+        .await;
+    }
+    // Every survivor's Members agrees on the Raft membership.
+    let agreed = raft_members(&nodes[survivors[0]].endpoint()).await;
+    for i in &survivors {
+        assert_eq!(raft_members(&nodes[*i].endpoint()).await, agreed);
+    }
+    let logged = survivors
         .iter()
-        .filter(|n| n.log().contains("autopilot: removing a voter gossip has seen dead"))
+        .filter(|i| {
+            nodes[**i]
+                .log()
+                .contains("autopilot: removing a voter gossip has seen dead")
+        })
         .count();
-    assert!(removed_by >= 1, "no node logged the removal");
-    // The cluster still takes writes, through the promoted node too.
-    put(&nodes[3].endpoint(), "after-autopilot", "yes").await.unwrap();
+    assert!(logged >= 1, "no node logged the removal");
+    // The cluster still takes writes.
+    let last = nodes[survivors[3]].endpoint();
+    put(&last, "after-autopilot", "yes").await.unwrap();
     assert_eq!(
-        get(&nodes[0].endpoint(), "after-autopilot", false).await,
+        get(&nodes[survivors[0]].endpoint(), "after-autopilot", false).await,
         Some(b"yes".to_vec())
     );
-    for i in [0, 1, 3] {
+    for i in survivors {
         nodes[i].sigterm();
+    }
+}
+
+/// `cell0 members --output json` run in node `i`'s namespace against it.
+fn members_in(lab: &netns::Lab, i: usize) -> Vec<serde_json::Value> {
+    let mut command = std::process::Command::new("ip");
+    command.args(["netns", "exec", &lab.namespace(i), bin(), "members", "--output", "json"]);
+    command.args(["--endpoint", &lab.ports(i).endpoint()]);
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A field of the member with id `id` (16 hex digits) in `members`.
+fn field<'a>(members: &'a [serde_json::Value], id: u64, name: &str) -> &'a str {
+    members
+        .iter()
+        .find(|m| m["id"] == format!("{id:016x}"))
+        .and_then(|m| m[name].as_str())
+        .unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_minority_never_records_the_majority_dead() {
+    let Some(lab) = netns::Lab::new(3) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let secret = keygen();
+    let ports: Vec<Ports> = (0..3).map(|i| lab.ports(i)).collect();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let join = if i == 0 { ports[1] } else { ports[0] };
+            Node::start_wrapped(
+                lab.wrapper(i),
+                &format!("node{}", i + 1),
+                &root.path().join(format!("node{}", i + 1)),
+                ports[i],
+                gossip_flags(ports[i], join, 3),
+                &[("CELL0_GOSSIP_SECRET", &secret)],
+            )
+        })
+        .collect();
+    for n in nodes.iter_mut() {
+        n.wait_ready();
+    }
+    let mut ids = Vec::new();
+    for n in &nodes {
+        ids.push(status(&n.endpoint()).await.node_id);
+    }
+    let leader = status(&nodes[0].endpoint()).await.leader_id;
+    let cut = (0..3).find(|i| ids[*i] != leader).unwrap();
+    let majority: Vec<usize> = (0..3).filter(|i| *i != cut).collect();
+    for i in &majority {
+        let endpoint = nodes[*i].endpoint();
+        wait_until("gossip hears every node alive", async || {
+            let m = members(&endpoint).await;
+            ids.iter().all(|id| {
+                m.iter()
+                    .any(|m| m.id == *id && m.gossip.as_ref().is_some_and(|g| g.state == "alive"))
+            })
+        })
+        .await;
+    }
+
+    lab.isolate(cut);
+    // The majority's leader records the cut node dead.
+    for i in &majority {
+        let endpoint = nodes[*i].endpoint();
+        wait_until("the majority records the cut node dead", async || {
+            members(&endpoint)
+                .await
+                .iter()
+                .any(|m| m.id == ids[cut] && m.liveness.as_ref().is_some_and(|l| l.state == "dead"))
+        })
+        .await;
+    }
+    // The cut node hears the majority dead but records nothing: it has no
+    // quorum to commit with.
+    wait_until("the cut node's gossip sees the majority dead", async || {
+        let m = members_in(&lab, cut);
+        majority.iter().all(|i| field(&m, ids[*i], "gossip") == "dead")
+    })
+    .await;
+    let m = members_in(&lab, cut);
+    for i in &majority {
+        assert_eq!(
+            field(&m, ids[*i], "liveness"),
+            "",
+            "the minority recorded a verdict: {m:?}"
+        );
+    }
+
+    lab.heal(cut);
+    // After healing: nobody stays suspect or dead, the cut node is recorded
+    // alive again, and no majority node was ever judged.
+    for i in 0..3 {
+        wait_until("every node hears every node alive again", async || {
+            let m = members_in(&lab, i);
+            ids.iter().all(|id| field(&m, *id, "gossip") == "alive")
+                && field(&m, ids[cut], "liveness") == "alive"
+                && majority.iter().all(|j| field(&m, ids[*j], "liveness").is_empty())
+        })
+        .await;
+    }
+    for n in nodes.iter_mut() {
+        n.sigterm();
     }
 }
 

@@ -45,6 +45,10 @@ pub struct NodeView {
     pub usage: Resources,
     /// Whether it takes new agents.
     pub state: NodeState,
+    /// Whether the leader's failure detector last recorded it dead: it
+    /// takes no new agents until heard again (its running agents stay
+    /// until its lease says otherwise).
+    pub unreachable: bool,
     /// Whether its inference engine runs on a hardware GPU.
     pub gpu: bool,
     /// Its labels.
@@ -137,6 +141,7 @@ enum Why {
     Draining,
     Ineligible,
     Down,
+    Unreachable,
     NoGpu,
     NoModel,
     NoLabels,
@@ -153,6 +158,7 @@ impl Why {
             Why::Draining => "draining",
             Why::Ineligible => "ineligible",
             Why::Down => "down",
+            Why::Unreachable => "unreachable",
             Why::NoGpu => "no_gpu",
             Why::NoModel => "no_model",
             Why::NoLabels => "no_labels",
@@ -174,6 +180,7 @@ impl Why {
             Why::Draining => format!("{is} draining"),
             Why::Ineligible => format!("{is} ineligible"),
             Why::Down => format!("{is} down"),
+            Why::Unreachable => format!("{is} unreachable"),
             Why::NoGpu => format!("{lack} a GPU"),
             Why::NoModel => format!("{lack} the model"),
             Why::NoLabels => format!("{lack} the labels"),
@@ -227,6 +234,9 @@ fn infeasible(node: &NodeView, planned: Resources, spec: &AgentSpec) -> Option<W
         NodeState::Draining => return Some(Why::Draining),
         NodeState::Ineligible => return Some(Why::Ineligible),
         NodeState::Down => return Some(Why::Down),
+    }
+    if node.unreachable {
+        return Some(Why::Unreachable);
     }
     let c = &spec.constraints;
     if c.gpu && !node.gpu {
@@ -435,6 +445,7 @@ mod tests {
             },
             usage: Resources::default(),
             state: NodeState::Ready,
+            unreachable: false,
             gpu: false,
             labels: BTreeMap::new(),
             models: BTreeSet::new(),
@@ -517,6 +528,20 @@ mod tests {
             plan.unplaced[0].reason,
             "2 nodes lack a GPU, 1 node is draining, 1 node lacks CPU"
         );
+    }
+
+    #[test]
+    fn a_node_recorded_unreachable_takes_no_new_agent() {
+        let mut unreachable = node(1, 8, 8192);
+        unreachable.unreachable = true;
+        let view = ClusterView::new(vec![unreachable.clone(), node(2, 1, 64)]);
+        assert_eq!(
+            placed_on(&process(&[eval("a", 500, 10)], &view, Options::default())),
+            vec![("a".to_string(), 2)]
+        );
+        let view = ClusterView::new(vec![unreachable]);
+        let plan = process(&[eval("a", 500, 10)], &view, Options::default());
+        assert_eq!(plan.unplaced[0].reason, "1 node is unreachable");
     }
 
     #[test]

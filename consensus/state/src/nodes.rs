@@ -7,6 +7,12 @@
 //! or a model without asking the nodes. Deterministic like every table.
 //! The `meta` row `node_records` counts the records (at most
 //! [`MAX_NODES`]), so adding one does not scan them.
+//!
+//! Table `node_liveness`, key node id (big-endian) -> [`NodeLiveness`]: the
+//! failure detector's verdict on a node as the Raft leader recorded it
+//! (gossip's view is each node's own; this is the one the cluster agrees
+//! on). Only nodes with a record get one. It informs operators and
+//! placement; rescheduling still waits for the node's lease.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +25,7 @@ use crate::error::{Result, StateError};
 
 const RESOURCES_TABLE: &str = "node_resources";
 const LABELS_TABLE: &str = "node_labels";
+const LIVENESS_TABLE: &str = "node_liveness";
 /// Most labels a node may carry.
 pub const MAX_NODE_LABELS: usize = 32;
 /// Longest label key or value, in bytes.
@@ -107,6 +114,38 @@ pub fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<()
     Ok(())
 }
 
+/// The failure detector's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Liveness {
+    /// Heard by the leader's gossip.
+    Alive,
+    /// Not heard by the leader's gossip for long enough to be dead.
+    Dead,
+}
+
+impl Liveness {
+    /// `alive` or `dead`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Alive => "alive",
+            Liveness::Dead => "dead",
+        }
+    }
+}
+
+/// A node's liveness as the leader recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLiveness {
+    /// The verdict.
+    pub liveness: Liveness,
+    /// Why (what the detector saw).
+    pub reason: String,
+    /// Since when (proposing leader's clock, ms).
+    pub since_ms: u64,
+}
+
+crate::row_v1!(NodeLiveness, "node liveness");
+
 /// A change to node records, carried in [`crate::Command`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeCommand {
@@ -124,6 +163,14 @@ pub enum NodeCommand {
         node: NodeId,
         /// Its labels.
         labels: BTreeMap<String, String>,
+    },
+    /// Records the failure detector's verdict on `node` (proposed by the
+    /// leader only); refused (not stored) for a node without a record.
+    SetLiveness {
+        /// The node.
+        node: NodeId,
+        /// The verdict.
+        liveness: NodeLiveness,
     },
 }
 
@@ -160,8 +207,29 @@ impl NodeCommand {
                 }
                 check_labels("labels", labels)
             }
+            NodeCommand::SetLiveness { node, liveness } => {
+                if *node == 0 {
+                    return Err(StateError::invalid("node", "must not be 0"));
+                }
+                if liveness.reason.len() > MAX_RESOURCE_TEXT_BYTES {
+                    return Err(StateError::invalid(
+                        "liveness.reason",
+                        format!(
+                            "is {} bytes; the limit is {MAX_RESOURCE_TEXT_BYTES}",
+                            liveness.reason.len()
+                        ),
+                    ));
+                }
+                Ok(())
+            }
         }
     }
+}
+
+/// Every node's recorded liveness, by node id (nodes never judged are
+/// absent).
+pub fn liveness(txn: &dyn Txn) -> Result<BTreeMap<NodeId, NodeLiveness>> {
+    rows_by_node(txn, LIVENESS_TABLE)
 }
 
 /// The labels of `node` (none when it has not set any).
@@ -222,6 +290,14 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
                 let row = NodeLabels { labels: labels.clone() };
                 txn.put(LABELS_TABLE, &key, &encode_row(&row)?)?;
             }
+            Ok(true)
+        }
+        NodeCommand::SetLiveness { node, liveness } => {
+            let key = node.to_be_bytes();
+            if txn.get(RESOURCES_TABLE, &key)?.is_none() {
+                return Ok(false);
+            }
+            txn.put(LIVENESS_TABLE, &key, &encode_row(liveness)?)?;
             Ok(true)
         }
     }

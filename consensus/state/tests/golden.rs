@@ -24,7 +24,7 @@ use cell0_state::agents::{
     RestartPolicy, Unplaced,
 };
 use cell0_state::command::RequestId;
-use cell0_state::nodes::{NodeCommand, NodeResources};
+use cell0_state::nodes::{Liveness, NodeCommand, NodeLiveness, NodeResources};
 use cell0_state::registry::{ModelCommand, ModelFile, ModelManifest};
 use cell0_state::tasks::{self, MemoryChange, TaskCommand, TaskResult};
 use cell0_state::{Command, MemTxn, Txn, agents, kv, nodes, registry};
@@ -106,6 +106,18 @@ fn parse_command(words: &[&str]) -> Command {
                     (k.to_string(), v.to_string())
                 })
                 .collect(),
+        }),
+        "node-liveness" => Command::Node(NodeCommand::SetLiveness {
+            node: num(1),
+            liveness: NodeLiveness {
+                liveness: match words[2] {
+                    "alive" => Liveness::Alive,
+                    "dead" => Liveness::Dead,
+                    other => panic!("unknown liveness {other:?}"),
+                },
+                reason: words[3..].join(" "),
+                since_ms: 7,
+            },
         }),
         "agent-run" => Command::Agent(AgentCommand::Run {
             spec: AgentSpec {
@@ -271,6 +283,7 @@ fn reads(state: &MemTxn) -> String {
     for (id, r) in nodes::resources(state).unwrap() {
         writeln!(out, "node {id}: {r:?}").unwrap();
         writeln!(out, "  labels: {:?}", nodes::labels_of(state, id).unwrap()).unwrap();
+        writeln!(out, "  liveness: {:?}", nodes::liveness(state).unwrap().get(&id)).unwrap();
         writeln!(out, "  status: {:?}", agents::node_status(state, id).unwrap()).unwrap();
         writeln!(out, "  usage: {:?}", agents::node_usage(state, id).unwrap()).unwrap();
         writeln!(out, "  agents: {:?}", agents::agents_on(state, id, 100).unwrap()).unwrap();

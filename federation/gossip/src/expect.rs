@@ -51,8 +51,10 @@ pub enum Decision {
 }
 
 /// The decision of node `local` (with `local_cluster` if it belongs to one)
-/// expecting `expect` nodes, having seen `peers` alive.
-pub fn decide(local: u64, local_cluster: Option<u64>, expect: usize, peers: &[Candidate]) -> Decision {
+/// expecting `expect` nodes, having seen `peers` alive. Without `expect`
+/// (a node told only whom to contact) it never bootstraps: it waits for a
+/// cluster to join.
+pub fn decide(local: u64, local_cluster: Option<u64>, expect: Option<usize>, peers: &[Candidate]) -> Decision {
     if local_cluster.is_some() {
         return Decision::Member;
     }
@@ -77,7 +79,7 @@ pub fn decide(local: u64, local_cluster: Option<u64>, expect: usize, peers: &[Ca
         .collect();
     free.sort_unstable();
     free.dedup();
-    if free.len() >= expect.max(1) && free.first() == Some(&local) {
+    if expect.is_some_and(|n| free.len() >= n.max(1)) && free.first() == Some(&local) {
         Decision::Bootstrap
     } else {
         Decision::Wait { seen: free.len() }
@@ -102,9 +104,9 @@ mod tests {
     #[test]
     fn the_lowest_of_n_bootstraps_and_the_rest_wait_then_join() {
         let peers = [free(5), free(9), free(3)];
-        assert_eq!(decide(3, None, 3, &peers), Decision::Bootstrap);
-        assert_eq!(decide(5, None, 3, &peers), Decision::Wait { seen: 3 });
-        assert_eq!(decide(9, None, 3, &peers[..1]), Decision::Wait { seen: 2 });
+        assert_eq!(decide(3, None, Some(3), &peers), Decision::Bootstrap);
+        assert_eq!(decide(5, None, Some(3), &peers), Decision::Wait { seen: 3 });
+        assert_eq!(decide(9, None, Some(3), &peers[..1]), Decision::Wait { seen: 2 });
         let formed = [
             Candidate {
                 node_id: 3,
@@ -112,9 +114,18 @@ mod tests {
             },
             free(9),
         ];
-        assert_eq!(decide(5, None, 3, &formed), Decision::Join { cluster_id: 77, via: 3 });
-        assert_eq!(decide(3, Some(77), 3, &peers), Decision::Member);
-        assert_eq!(decide(1, None, 1, &[]), Decision::Bootstrap, "expect 1: alone");
+        assert_eq!(
+            decide(5, None, Some(3), &formed),
+            Decision::Join { cluster_id: 77, via: 3 }
+        );
+        assert_eq!(decide(3, Some(77), Some(3), &peers), Decision::Member);
+        assert_eq!(decide(1, None, Some(1), &[]), Decision::Bootstrap, "expect 1: alone");
+        // Told only whom to contact: never forms a cluster, joins one.
+        assert_eq!(decide(3, None, None, &peers), Decision::Wait { seen: 3 });
+        assert_eq!(
+            decide(5, None, None, &formed),
+            Decision::Join { cluster_id: 77, via: 3 }
+        );
     }
 
     /// One node's view of the simulation.
@@ -152,7 +163,7 @@ mod tests {
                     .filter(|p| nodes[*p].up)
                     .map(|p| Candidate { node_id: *p, cluster_id: nodes[p].cluster })
                     .collect();
-                match decide(id, node.cluster, n, &peers) {
+                match decide(id, node.cluster, Some(n), &peers) {
                     Decision::Bootstrap => {
                         next_cluster += 1;
                         formed.insert(next_cluster);

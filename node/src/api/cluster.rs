@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::pin::Pin;
 
+use cell0_consensus::nodes::NodeLiveness;
 use cell0_consensus::{Consensus, Consistency, Member, NodeId, NodeInfo, NodeResources, Role, nodes};
 use cell0_proto::v1::cluster_server::Cluster;
 use cell0_proto::v1::{self, RaftRole};
@@ -46,8 +47,9 @@ fn gossip_to_proto(m: &MemberStatus) -> v1::GossipStatus {
 }
 
 /// The Raft members with what gossip knows of each, then the nodes only
-/// gossip knows, in id order.
-fn with_gossip(mut members: Vec<v1::Member>, gossip: Vec<MemberStatus>) -> Vec<v1::Member> {
+/// gossip knows (with their recorded liveness, from `records`), in id
+/// order.
+fn with_gossip(mut members: Vec<v1::Member>, gossip: Vec<MemberStatus>, records: &mut Records) -> Vec<v1::Member> {
     let mut heard: BTreeMap<u64, MemberStatus> = gossip.into_iter().map(|m| (m.heartbeat.node_id, m)).collect();
     for m in &mut members {
         if let Some(g) = heard.remove(&m.id) {
@@ -55,6 +57,7 @@ fn with_gossip(mut members: Vec<v1::Member>, gossip: Vec<MemberStatus>) -> Vec<v
         }
     }
     members.extend(heard.into_values().map(|g| v1::Member {
+        liveness: records.liveness.remove(&g.heartbeat.node_id).map(liveness_to_proto),
         id: g.heartbeat.node_id,
         gossip: Some(gossip_to_proto(&g)),
         name: g.heartbeat.name,
@@ -79,10 +82,27 @@ fn resources_to_proto(r: NodeResources) -> v1::NodeResources {
     }
 }
 
-/// A member on the wire, with its resources when `resources` has them.
-fn member_to_proto(m: Member, resources: &mut BTreeMap<NodeId, NodeResources>) -> v1::Member {
+fn liveness_to_proto(l: NodeLiveness) -> v1::NodeLiveness {
+    v1::NodeLiveness {
+        state: l.liveness.as_str().to_string(),
+        reason: l.reason,
+        since_ms: l.since_ms,
+    }
+}
+
+/// What the replicated state records of the nodes, for members.
+#[derive(Default)]
+struct Records {
+    resources: BTreeMap<NodeId, NodeResources>,
+    liveness: BTreeMap<NodeId, NodeLiveness>,
+}
+
+/// A member on the wire, with its resources and liveness when `records`
+/// has them.
+fn member_to_proto(m: Member, records: &mut Records) -> v1::Member {
     v1::Member {
-        resources: resources.remove(&m.id).map(resources_to_proto),
+        resources: records.resources.remove(&m.id).map(resources_to_proto),
+        liveness: records.liveness.remove(&m.id).map(liveness_to_proto),
         gossip: None,
         gossip_only: false,
         id: m.id,
@@ -212,15 +232,23 @@ impl Cluster for ClusterApi {
     async fn members(&self, _request: Request<v1::MembersRequest>) -> Result<Response<v1::MembersResponse>, Status> {
         self.gate
             .observe("Cluster/Members", async {
-                let mut resources = self.consensus.read(Consistency::Serializable, nodes::resources).await?;
+                let mut records = self
+                    .consensus
+                    .read(Consistency::Serializable, |txn| {
+                        Ok(Records {
+                            resources: nodes::resources(txn)?,
+                            liveness: nodes::liveness(txn)?,
+                        })
+                    })
+                    .await?;
                 let members = self
                     .consensus
                     .members()
                     .into_iter()
-                    .map(|m| member_to_proto(m, &mut resources))
+                    .map(|m| member_to_proto(m, &mut records))
                     .collect();
                 Ok(Response::new(v1::MembersResponse {
-                    members: with_gossip(members, self.gossip.members()),
+                    members: with_gossip(members, self.gossip.members(), &mut records),
                     leader_id: self.consensus.status().leader.unwrap_or(0),
                 }))
             })
@@ -245,7 +273,7 @@ impl Cluster for ClusterApi {
                 Ok(Response::new(v1::JoinResponse {
                     members: members
                         .into_iter()
-                        .map(|m| member_to_proto(m, &mut BTreeMap::new()))
+                        .map(|m| member_to_proto(m, &mut Records::default()))
                         .collect(),
                 }))
             })

@@ -295,6 +295,10 @@ struct MemberView {
     version: String,
     /// host:port of its gossip listener.
     gossip_addr: String,
+    /// The leader's recorded verdict: alive or dead; empty until judged.
+    liveness: String,
+    /// Why the leader recorded it.
+    liveness_reason: String,
 }
 
 /// `cell0 members`.
@@ -311,7 +315,10 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
         .map(|m| {
             let r = m.resources.unwrap_or_default();
             let g = m.gossip.unwrap_or_default();
+            let l = m.liveness.unwrap_or_default();
             MemberView {
+                liveness: l.state,
+                liveness_reason: l.reason,
                 gossip: g.state,
                 last_heard_ms: (!g.peer_id.is_empty()).then_some(g.last_heard_ms_ago),
                 version: g.version,
@@ -354,6 +361,7 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
             "INFERENCE",
             "GOSSIP",
             "LAST HEARD",
+            "RECORDED",
             "VERSION",
         ],
         |v| {
@@ -372,6 +380,7 @@ pub async fn members(endpoint: &str, output: Output) -> anyhow::Result<()> {
                 if v.gossip.is_empty() { "-".into() } else { v.gossip },
                 v.last_heard_ms
                     .map_or_else(|| "-".into(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
+                if v.liveness.is_empty() { "-".into() } else { v.liveness },
                 if v.version.is_empty() { "-".into() } else { v.version },
             ]
         },

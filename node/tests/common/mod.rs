@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -70,6 +72,8 @@ pub struct Node {
     pub join: Option<String>,
     /// Flags every start of this node gets (a config file).
     pub extra: Vec<String>,
+    /// A command the node runs under (`ip netns exec NS`), on every start.
+    pub wrapper: Vec<String>,
 }
 
 impl Node {
@@ -98,22 +102,36 @@ impl Node {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             ports,
-            child: spawn(name, dir, ports, &flags, env),
+            child: spawn(&[], name, dir, ports, &flags, env),
             join,
             extra,
+            wrapper: Vec::new(),
         }
     }
 
     /// Starts a node with exactly `flags` (also on every restart) and `env`
     /// on this start; no `--bootstrap` or `--join` of its own.
     pub fn start_flags(name: &str, dir: &Path, ports: Ports, flags: Vec<String>, env: &[(&str, &str)]) -> Node {
+        Self::start_wrapped(Vec::new(), name, dir, ports, flags, env)
+    }
+
+    /// [`Node::start_flags`] under `wrapper` (e.g. `ip netns exec NS`).
+    pub fn start_wrapped(
+        wrapper: Vec<String>,
+        name: &str,
+        dir: &Path,
+        ports: Ports,
+        flags: Vec<String>,
+        env: &[(&str, &str)],
+    ) -> Node {
         Node {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             ports,
-            child: spawn(name, dir, ports, &flags, env),
+            child: spawn(&wrapper, name, dir, ports, &flags, env),
             join: None,
             extra: flags,
+            wrapper,
         }
     }
 
@@ -124,7 +142,7 @@ impl Node {
 
     /// [`Node::restart`] with `env` on this start.
     pub fn restart_env(&mut self, env: &[(&str, &str)]) {
-        self.child = spawn(&self.name, &self.dir, self.ports, &self.extra, env);
+        self.child = spawn(&self.wrapper, &self.name, &self.dir, self.ports, &self.extra, env);
     }
 
     pub fn endpoint(&self) -> String {
@@ -174,14 +192,23 @@ impl Node {
     }
 }
 
-/// Spawns `cell0 run` for a node, its log appended to `<dir>.log`.
-fn spawn(name: &str, dir: &Path, ports: Ports, extra: &[String], env: &[(&str, &str)]) -> Child {
+/// Spawns `cell0 run` for a node (under `wrapper`, which must exec it in
+/// the same process), its log appended to `<dir>.log`.
+fn spawn(wrapper: &[String], name: &str, dir: &Path, ports: Ports, extra: &[String], env: &[(&str, &str)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.with_extension("log"))
         .unwrap();
-    Command::new(bin())
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
+    command
         .arg("run")
         .arg("--data-dir")
         .arg(dir)
