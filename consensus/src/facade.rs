@@ -155,7 +155,7 @@ impl Consensus {
     /// it.
     pub async fn start(id: NodeId, info: NodeInfo, config: ConsensusConfig, storage: StorageBackend) -> Result<Self> {
         let transport = Arc::new(TcpTransport {
-            connect_timeout: Duration::from_millis(config.rpc_timeout_ms.min(2_000)),
+            connect_timeout: config.connect_timeout(),
         });
         Self::start_with_transport(id, info, config, storage, transport).await
     }

@@ -265,17 +265,23 @@ pub struct TcpTransport {
 
 impl Transport for TcpTransport {
     fn connect(&self, addr: &str) -> Result<Channel, ConsensusError> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ConsensusError::invalid("internal_addr", format!("{addr:?} is not host:port ({e})")))?
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-            .max_frame_size(MAX_FRAME_BYTES)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
-        Ok(endpoint.connect_lazy())
+        Ok(endpoint(addr, self.connect_timeout)?.connect_lazy())
     }
+}
+
+/// The HTTP/2 settings of every channel between nodes, for `addr`
+/// (host:port), whatever transport dials it: `TCP_NODELAY`, the
+/// flow-control windows, frames up to [`MAX_FRAME_BYTES`], keep-alives.
+pub fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, ConsensusError> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| ConsensusError::invalid("internal_addr", format!("{addr:?} is not host:port ({e})")))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5)))
 }
 
 /// Channels to peers, one per address, created lazily through the node's

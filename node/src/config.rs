@@ -64,6 +64,79 @@ pub struct NodeConfig {
     pub gossip: GossipConfig,
     /// Automatic voter management on the leader (needs gossip).
     pub autopilot: AutopilotConfig,
+    /// Mutual TLS between nodes on the internal port.
+    pub tls: TlsConfig,
+}
+
+/// Mutual TLS on the internal port (`[tls]`): Raft, forwarding, joins,
+/// leases and blob transfer. Both ends present a certificate signed by the
+/// cluster CA (`cell0 tls ca create`, `cell0 tls cert create`); the files
+/// are checked for changes every `reload_ms` and reloaded without a
+/// restart. Either all three files or `insecure`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA certificate (PEM), the same on every node.
+    pub ca_file: Option<PathBuf>,
+    /// This node's certificate (PEM), signed by the CA.
+    pub cert_file: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// Run the internal port in plaintext: anyone who reaches it can act
+    /// as a node. For development only; `cell0 run --dev` sets it.
+    pub insecure: bool,
+    /// How often the files are checked for changes, in milliseconds.
+    pub reload_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            insecure: false,
+            reload_ms: 5_000,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// The files, when TLS is on.
+    pub fn files(&self) -> Option<cell0_tls::TlsFiles> {
+        match (&self.ca_file, &self.cert_file, &self.key_file) {
+            (Some(ca), Some(cert), Some(key)) if !self.insecure => Some(cell0_tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let given = [
+            ("tls.ca_file", &self.ca_file),
+            ("tls.cert_file", &self.cert_file),
+            ("tls.key_file", &self.key_file),
+        ];
+        if self.insecure {
+            if let Some((field, _)) = given.iter().find(|(_, f)| f.is_some()) {
+                return Err(bad(field, "cannot be combined with tls.insecure (--insecure)"));
+            }
+        } else if let Some((field, _)) = given.iter().find(|(_, f)| f.is_none()) {
+            return Err(bad(
+                field,
+                "mutual TLS between nodes needs the cluster CA, this node's certificate and its key \
+                 (--tls-ca, --tls-cert, --tls-key; make them with `cell0 tls ca create` and `cell0 tls cert create`), \
+                 or run with --insecure for plaintext between nodes (development only; --dev implies it)",
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.reload_ms) {
+            return Err(bad("tls.reload_ms", "must be 100 to 3600000 (one hour)"));
+        }
+        Ok(())
+    }
 }
 
 /// Autopilot (`[autopilot]`): on the leader, removes voters gossip has seen
@@ -376,6 +449,7 @@ impl Default for NodeConfig {
             agents: AgentsConfig::default(),
             gossip: GossipConfig::default(),
             autopilot: AutopilotConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -529,7 +603,9 @@ impl NodeConfig {
             other => bad("resources.labels", other.to_string()),
         })?;
         self.agents.validate()?;
-        self.models.validate()
+        self.models.validate()?;
+        // Last, so that a config with one bad field names that field.
+        self.tls.validate()
     }
 }
 
@@ -539,7 +615,14 @@ mod tests {
 
     #[test]
     fn defaults_validate_and_toml_overrides_fields() {
-        NodeConfig::default().validate().unwrap();
+        let err = NodeConfig::default().validate().unwrap_err();
+        assert_eq!(err.field, "tls.ca_file", "TLS or --insecure: {err}");
+        assert!(err.to_string().contains("--insecure"), "{err}");
+        let mut c = NodeConfig::default();
+        c.tls.insecure = true;
+        c.validate().unwrap();
+        c.tls.cert_file = Some("node.pem".into());
+        assert_eq!(c.validate().unwrap_err().field, "tls.cert_file");
         let c: NodeConfig = toml::from_str(
             r#"
             site = "eu"
@@ -554,6 +637,8 @@ mod tests {
         assert_eq!(c.listen.public.port(), 8100);
         assert_eq!(c.listen.internal.port(), 7101, "unset fields keep defaults");
         assert_eq!(c.raft.voters, 5);
+        let mut c = c;
+        c.tls.insecure = true;
         c.validate().unwrap();
     }
 
@@ -585,7 +670,8 @@ mod tests {
             let c: NodeConfig = toml::from_str(&format!("[models]\n{toml}")).unwrap();
             assert_eq!(c.validate().unwrap_err().field, field, "{toml}");
         }
-        let c: NodeConfig = toml::from_str("[models]\nfree_space_reserve_bytes = 0").unwrap();
+        let mut c: NodeConfig = toml::from_str("[models]\nfree_space_reserve_bytes = 0").unwrap();
+        c.tls.insecure = true;
         c.validate().unwrap();
     }
 }

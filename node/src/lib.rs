@@ -29,6 +29,7 @@ mod api;
 mod autopilot;
 mod datadir;
 mod gossip;
+mod internal_tls;
 mod leases;
 mod models;
 mod ops;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cell0::cli::{self, Output, agent, bench, infer, kv, model, snapshot, task};
+use cell0::cli::{self, Output, agent, bench, infer, kv, model, snapshot, task, tls};
 use cell0::config::{LogFormat, NodeConfig};
 use cell0::{server, telemetry};
 use clap::{Args, Parser, Subcommand};
@@ -44,6 +44,10 @@ enum Command {
     /// Print a new cluster secret for gossip (64 hex digits): give every
     /// node the same one (--gossip-secret or CELL0_GOSSIP_SECRET).
     Keygen,
+    /// Make the cluster CA and node certificates for mutual TLS between
+    /// nodes.
+    #[command(subcommand)]
+    Tls(tls::TlsCommand),
     /// Remove a member from the cluster (a voter only while the others keep
     /// a reachable quorum).
     Remove {
@@ -186,6 +190,19 @@ struct RunArgs {
     /// The cluster secret for gossip (64 hex digits from `cell0 keygen`).
     #[arg(long, env = "CELL0_GOSSIP_SECRET", hide_env_values = true)]
     gossip_secret: Option<String>,
+    /// The cluster CA certificate for mutual TLS between nodes (PEM).
+    #[arg(long, env = "CELL0_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This node's certificate, signed by the CA (PEM).
+    #[arg(long, env = "CELL0_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "CELL0_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Plaintext between nodes: anyone who reaches the internal port can act
+    /// as a node. For development only (--dev implies it).
+    #[arg(long, env = "CELL0_INSECURE")]
+    insecure: bool,
 }
 
 impl RunArgs {
@@ -252,6 +269,16 @@ impl RunArgs {
             c.gossip.secret = Some(v);
         }
         c.gossip.allow_no_secret |= self.dev;
+        if let Some(v) = self.tls_ca {
+            c.tls.ca_file = Some(v);
+        }
+        if let Some(v) = self.tls_cert {
+            c.tls.cert_file = Some(v);
+        }
+        if let Some(v) = self.tls_key {
+            c.tls.key_file = Some(v);
+        }
+        c.tls.insecure |= self.insecure || self.dev;
         Ok((c, dev_dir))
     }
 }
@@ -337,6 +364,7 @@ fn main() -> ExitCode {
                 println!("{}", cell0_gossip::ClusterSecret::generate().to_hex());
                 Ok(())
             }
+            Command::Tls(cmd) => tls::run(cmd),
             Command::Remove { node } => cli::remove(&cli.endpoint, &node).await,
             Command::Kv(cmd) => kv::run(&cli.endpoint, cli.output, cmd).await,
             Command::Model(cmd) => model::run(&cli.endpoint, cli.output, cmd).await,

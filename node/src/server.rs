@@ -18,6 +18,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,7 @@ use cell0_proto::v1::kv_server::KvServer;
 use cell0_proto::v1::models_server::ModelsServer;
 use cell0_proto::v1::nodes_server::NodesServer;
 use cell0_proto::v1::tasks_server::TasksServer;
+use cell0_tls::TlsMaterial;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -51,7 +53,7 @@ use crate::models::ModelManager;
 use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
 use crate::supervisor::{Backoff, Supervisor, TaskEnd, stopped};
-use crate::{autopilot, gossip};
+use crate::{autopilot, gossip, internal_tls};
 use crate::{leases, ops, resources, runner, scheduling, telemetry};
 
 /// The record node `id` runs with under `config`: its name (by default
@@ -104,21 +106,35 @@ pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, ta
     let datadir = DataDir::open(&config.data_dir)?;
     let id = datadir.node_id();
 
+    let internal_tls = config
+        .tls
+        .files()
+        .map(TlsMaterial::load)
+        .transpose()
+        .context("loading the TLS files (tls.*)")?;
+    if internal_tls.is_none() {
+        tracing::warn!("--insecure: the internal port runs in plaintext; anyone who reaches it can act as a node");
+    }
     let listeners = Listeners {
         public: bind(config.listen.public, "listen.public").await?,
         internal: bind(config.listen.internal, "listen.internal").await?,
+        internal_tls: internal_tls.clone(),
         http: bind(config.listen.http, "listen.http").await?,
     };
 
     let info = node_info(&config, id);
-    tracing::info!(node_id = id, name = %info.name, data_dir = %config.data_dir.display(), new = datadir.created(), "starting");
-    let consensus = Consensus::start(
-        id,
-        info.clone(),
-        config.raft.clone(),
-        StorageBackend::Rocks(datadir.raft_dir()),
-    )
-    .await
+    tracing::info!(node_id = id, name = %info.name, data_dir = %config.data_dir.display(), new = datadir.created(), tls = internal_tls.is_some(), "starting");
+    let storage = StorageBackend::Rocks(datadir.raft_dir());
+    let consensus = match internal_tls {
+        Some(material) => {
+            let transport = Arc::new(internal_tls::MtlsTransport::new(
+                material,
+                config.raft.connect_timeout(),
+            ));
+            Consensus::start_with_transport(id, info.clone(), config.raft.clone(), storage, transport).await
+        }
+        None => Consensus::start(id, info.clone(), config.raft.clone(), storage).await,
+    }
     .context("starting consensus")?;
 
     let served = serve(
@@ -152,6 +168,9 @@ pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, ta
 struct Listeners {
     public: TcpListener,
     internal: TcpListener,
+    /// Mutual TLS on the internal listener; plaintext when `None`
+    /// (`--insecure`).
+    internal_tls: Option<TlsMaterial>,
     http: TcpListener,
 }
 
@@ -265,8 +284,24 @@ async fn serve(
             gossip_view.clone(),
         )))
         .add_service(BlobsServer::new(BlobService::new(store)))
-        .add_service(lease_table.service())
-        .serve_with_incoming_shutdown(nodelay_incoming(listeners.internal), when_stopped(stop()));
+        .add_service(lease_table.service());
+    let internal_incoming = nodelay_incoming(listeners.internal);
+    let internal_server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match listeners.internal_tls {
+            Some(material) => {
+                tasks.spawn(
+                    "tls-reload",
+                    material
+                        .clone()
+                        .watch(Duration::from_millis(config.tls.reload_ms), when_stopped(stop())),
+                );
+                Box::pin(internal_server.serve_with_incoming_shutdown(
+                    cell0_tls::wire::accept(internal_incoming, material),
+                    when_stopped(stop()),
+                ))
+            }
+            None => Box::pin(internal_server.serve_with_incoming_shutdown(internal_incoming, when_stopped(stop()))),
+        };
     let readiness = ops::Readiness::new(consensus.clone());
     let http_server = std::future::IntoFuture::into_future(
         axum::serve(listeners.http, ops::router(readiness.clone(), metrics))

@@ -273,7 +273,14 @@ async fn bad_input_gets_one_clear_message() {
 
     let busy = node.endpoint();
     let dir = root.path().join("other");
-    let out = cli(&["run", "--data-dir", dir.to_str().unwrap(), "--listen-public", &busy]);
+    let out = cli(&[
+        "run",
+        "--insecure",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--listen-public",
+        &busy,
+    ]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains(&format!("cannot listen on {busy} (listen.public)")),

@@ -58,6 +58,7 @@ impl InProcessNode {
         config.listen.public = SocketAddr::from((ports.ip, ports.public));
         config.listen.internal = SocketAddr::from((ports.ip, ports.internal));
         config.listen.http = SocketAddr::from((ports.ip, ports.http));
+        config.tls.insecure = true;
         match join {
             Some(j) => config.join = vec![j],
             None => config.bootstrap = true,

@@ -11,6 +11,7 @@ pub mod kv;
 pub mod model;
 pub mod snapshot;
 pub mod task;
+pub mod tls;
 
 use std::time::Duration;
 

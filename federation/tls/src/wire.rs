@@ -1,0 +1,202 @@
+//! The TLS ends of gRPC connections between nodes.
+//!
+//! - [`accept`]: turns a stream of accepted TCP connections into a stream
+//!   of handshaken TLS connections for `tonic`'s `serve_with_incoming`.
+//!   Handshakes run concurrently (at most [`MAX_PENDING_HANDSHAKES`], each
+//!   bounded by [`HANDSHAKE_TIMEOUT`]), so a slow or silent peer never
+//!   holds up the next connection; a failed one is logged with the peer's
+//!   address and why, counted, and dropped.
+//! - [`connector`]: what a `tonic` channel dials through: TCP with
+//!   `TCP_NODELAY`, then TLS with the newest client configuration,
+//!   expecting [`INTERNAL_SERVER_NAME`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::{Stream, StreamExt};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::codegen::http::Uri;
+use tonic::transport::server::Connected;
+
+use crate::{INTERNAL_SERVER_NAME, TlsMaterial};
+
+/// Longest a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most handshakes under way at once on one listener; more connections wait
+/// in the kernel's backlog.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// An accepted connection after its handshake.
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    remote: Option<SocketAddr>,
+}
+
+/// What a server learns of a TLS connection (tonic's connect info).
+#[derive(Debug, Clone)]
+pub struct TlsConnectInfo {
+    /// The peer's address.
+    pub remote_addr: Option<SocketAddr>,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = TlsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        TlsConnectInfo {
+            remote_addr: self.remote,
+        }
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A connection whose handshake failed.
+struct Refused {
+    remote: Option<SocketAddr>,
+    why: String,
+}
+
+/// A server-side handshake under way.
+type Handshake = Pin<Box<dyn Future<Output = Result<TlsConn, Refused>> + Send>>;
+
+/// One server-side handshake.
+async fn handshake(tcp: TcpStream, material: TlsMaterial) -> Result<TlsConn, Refused> {
+    let remote = tcp.peer_addr().ok();
+    let acceptor = tokio_rustls::TlsAcceptor::from(material.server());
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(inner)) => Ok(TlsConn { inner, remote }),
+        Ok(Err(e)) => Err(Refused {
+            remote,
+            why: e.to_string(),
+        }),
+        Err(_) => Err(Refused {
+            remote,
+            why: format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+        }),
+    }
+}
+
+/// The TLS connections of `tcp`'s accepted ones (see the module docs).
+pub fn accept<S>(tcp: S, material: TlsMaterial) -> impl Stream<Item = io::Result<TlsConn>> + Send + 'static
+where
+    S: Stream<Item = io::Result<TcpStream>> + Send + 'static,
+{
+    struct State<S> {
+        tcp: Pin<Box<S>>,
+        pending: FuturesUnordered<Handshake>,
+        material: TlsMaterial,
+        open: bool,
+    }
+    let state = State {
+        tcp: Box::pin(tcp),
+        pending: FuturesUnordered::new(),
+        material,
+        open: true,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if !st.open && st.pending.is_empty() {
+                return None;
+            }
+            let room = st.open && st.pending.len() < MAX_PENDING_HANDSHAKES;
+            tokio::select! {
+                Some(done) = st.pending.next(), if !st.pending.is_empty() => match done {
+                    Ok(conn) => return Some((Ok(conn), st)),
+                    Err(Refused { remote, why }) => {
+                        metrics::counter!("cell0_tls_handshake_failures_total", "side" => "server").increment(1);
+                        tracing::warn!(peer = ?remote, error = %why, "refused a connection on the internal port: TLS handshake failed");
+                    }
+                },
+                next = st.tcp.next(), if room => match next {
+                    Some(Ok(tcp)) => {
+                        st.pending.push(Box::pin(handshake(tcp, st.material.clone())));
+                    }
+                    Some(Err(e)) => return Some((Err(e), st)),
+                    None => st.open = false,
+                },
+            }
+        }
+    })
+}
+
+/// The connection a channel dials: TCP to the URI's host and port, then
+/// TLS with `material`'s newest client configuration.
+pub async fn connect(
+    uri: Uri,
+    material: TlsMaterial,
+) -> io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let host = uri
+        .host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} has no host")))?;
+    let port = uri
+        .port_u16()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} has no port")))?;
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    let name =
+        ServerName::try_from(INTERNAL_SERVER_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let connector = tokio_rustls::TlsConnector::from(material.client());
+    match connector.connect(name, tcp).await {
+        Ok(tls) => Ok(TokioIo::new(tls)),
+        Err(e) => {
+            metrics::counter!("cell0_tls_handshake_failures_total", "side" => "client").increment(1);
+            tracing::warn!(peer = %uri, error = %e, "TLS handshake with another node failed");
+            Err(e)
+        }
+    }
+}
+
+/// A connector for `tonic::transport::Endpoint::connect_with_connector_lazy`
+/// dialling through [`connect`].
+pub fn connector(
+    material: TlsMaterial,
+) -> impl tower::Service<
+    Uri,
+    Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    Error = io::Error,
+    Future = impl Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |uri: Uri| connect(uri, material.clone()))
+}
