@@ -85,6 +85,10 @@ pub struct TlsConfig {
     /// Run the internal port in plaintext: anyone who reaches it can act
     /// as a node. For development only; `cell0 run --dev` sets it.
     pub insecure: bool,
+    /// Serve the public port over TLS too, with this node's certificate
+    /// (clients verify it against the CA: `cell0 --ca FILE`); needs the
+    /// files.
+    pub public: bool,
     /// How often the files are checked for changes, in milliseconds.
     pub reload_ms: u64,
 }
@@ -96,6 +100,7 @@ impl Default for TlsConfig {
             cert_file: None,
             key_file: None,
             insecure: false,
+            public: false,
             reload_ms: 5_000,
         }
     }
@@ -123,6 +128,12 @@ impl TlsConfig {
         if self.insecure {
             if let Some((field, _)) = given.iter().find(|(_, f)| f.is_some()) {
                 return Err(bad(field, "cannot be combined with tls.insecure (--insecure)"));
+            }
+            if self.public {
+                return Err(bad(
+                    "tls.public",
+                    "needs the TLS files; cannot be combined with tls.insecure",
+                ));
             }
         } else if let Some((field, _)) = given.iter().find(|(_, f)| f.is_none()) {
             return Err(bad(

@@ -29,6 +29,10 @@ struct Cli {
     /// Output format of client commands.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Connect to the public port over TLS, trusting this CA certificate
+    /// (the nodes run with --tls-public).
+    #[arg(long, global = true, env = "CELL0_CA")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -203,6 +207,9 @@ struct RunArgs {
     /// as a node. For development only (--dev implies it).
     #[arg(long, env = "CELL0_INSECURE")]
     insecure: bool,
+    /// Serve the public port over TLS too, with the node's certificate.
+    #[arg(long, env = "CELL0_TLS_PUBLIC")]
+    tls_public: bool,
 }
 
 impl RunArgs {
@@ -279,6 +286,7 @@ impl RunArgs {
             c.tls.key_file = Some(v);
         }
         c.tls.insecure |= self.insecure || self.dev;
+        c.tls.public |= self.tls_public;
         Ok((c, dev_dir))
     }
 }
@@ -341,6 +349,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        if let Some(ca) = &cli.ca {
+            cli::trust_ca(ca)?;
+        }
         match cli.command {
             Command::Run(args) => {
                 let pid_file = args.pid_file.clone();

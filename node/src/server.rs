@@ -35,7 +35,7 @@ use cell0_proto::v1::kv_server::KvServer;
 use cell0_proto::v1::models_server::ModelsServer;
 use cell0_proto::v1::nodes_server::NodesServer;
 use cell0_proto::v1::tasks_server::TasksServer;
-use cell0_tls::TlsMaterial;
+use cell0_tls::{Listener, TlsMaterial};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -165,11 +165,14 @@ pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, ta
 }
 
 /// The node's bound ports.
+/// A gRPC server running until shutdown.
+type ServeFuture = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
 struct Listeners {
     public: TcpListener,
     internal: TcpListener,
-    /// Mutual TLS on the internal listener; plaintext when `None`
-    /// (`--insecure`).
+    /// Mutual TLS on the internal listener (and TLS on the public one with
+    /// `tls.public`); plaintext when `None` (`--insecure`).
     internal_tls: Option<TlsMaterial>,
     http: TcpListener,
 }
@@ -273,8 +276,15 @@ async fn serve(
         .add_service(
             ModelsServer::new(ModelsApi::new(consensus.clone(), models.clone(), gate.clone()))
                 .max_decoding_message_size(MAX_UPLOAD_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(nodelay_incoming(listeners.public), when_stopped(stop()));
+        );
+    let public_incoming = nodelay_incoming(listeners.public);
+    let public_server: ServeFuture = match listeners.internal_tls.clone().filter(|_| config.tls.public) {
+        Some(material) => Box::pin(public_server.serve_with_incoming_shutdown(
+            cell0_tls::wire::accept(public_incoming, material, Listener::Public),
+            when_stopped(stop()),
+        )),
+        None => Box::pin(public_server.serve_with_incoming_shutdown(public_incoming, when_stopped(stop()))),
+    };
     let lease_table = leases::LeaseTable::new(consensus.clone());
     let internal_server = cell0_consensus::network::server_builder()
         .add_service(consensus.internal_service())
@@ -286,22 +296,21 @@ async fn serve(
         .add_service(BlobsServer::new(BlobService::new(store)))
         .add_service(lease_table.service());
     let internal_incoming = nodelay_incoming(listeners.internal);
-    let internal_server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-        match listeners.internal_tls {
-            Some(material) => {
-                tasks.spawn(
-                    "tls-reload",
-                    material
-                        .clone()
-                        .watch(Duration::from_millis(config.tls.reload_ms), when_stopped(stop())),
-                );
-                Box::pin(internal_server.serve_with_incoming_shutdown(
-                    cell0_tls::wire::accept(internal_incoming, material),
-                    when_stopped(stop()),
-                ))
-            }
-            None => Box::pin(internal_server.serve_with_incoming_shutdown(internal_incoming, when_stopped(stop()))),
-        };
+    let internal_server: ServeFuture = match listeners.internal_tls {
+        Some(material) => {
+            tasks.spawn(
+                "tls-reload",
+                material
+                    .clone()
+                    .watch(Duration::from_millis(config.tls.reload_ms), when_stopped(stop())),
+            );
+            Box::pin(internal_server.serve_with_incoming_shutdown(
+                cell0_tls::wire::accept(internal_incoming, material, Listener::Internal),
+                when_stopped(stop()),
+            ))
+        }
+        None => Box::pin(internal_server.serve_with_incoming_shutdown(internal_incoming, when_stopped(stop()))),
+    };
     let readiness = ops::Readiness::new(consensus.clone());
     let http_server = std::future::IntoFuture::into_future(
         axum::serve(listeners.http, ops::router(readiness.clone(), metrics))

@@ -159,3 +159,50 @@ async fn only_nodes_with_a_valid_certificate_of_the_cluster_ca_take_part() {
 fn replace(from: &PathBuf, to: &PathBuf) {
     std::fs::rename(from, to).unwrap();
 }
+
+#[test]
+fn the_public_port_serves_tls_to_clients_that_trust_the_ca() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    let cluster_ca = ca(&certs);
+    let ports = Ports::new();
+    let out = NodeFiles::in_dir(&certs, "node1");
+    let request = NodeCertRequest {
+        node: "node1".into(),
+        site: "default".into(),
+        sans: vec![ports.ip.to_string()],
+        validity: Validity::days(30).unwrap(),
+    };
+    create_node_cert(&cluster_ca, &out, &request).unwrap();
+    let mut flags = tls_flags(&cluster_ca.cert, &out);
+    flags.push("--tls-public".into());
+    let mut node = start(root.path(), "node1", ports, None, flags);
+    node.wait_ready();
+    let endpoint = node.endpoint();
+    let trusted = cluster_ca.cert.to_str().unwrap();
+    let put = cli(&["--ca", trusted, "kv", "put", "k", "v", "--endpoint", &endpoint]);
+    assert!(put.status.success(), "{}", stderr(&put));
+    let get = cli(&["--ca", trusted, "kv", "get", "k", "--endpoint", &endpoint]);
+    assert!(get.status.success(), "{}", stderr(&get));
+    assert_eq!(stdout(&get).trim(), "v");
+    // Without the CA the client cannot talk to it; with another CA neither.
+    let plain = cli(&["kv", "get", "k", "--endpoint", &endpoint]);
+    assert!(!plain.status.success());
+    let other = ca(&root.path().join("other"));
+    let wrong = cli(&[
+        "--ca",
+        other.cert.to_str().unwrap(),
+        "kv",
+        "get",
+        "k",
+        "--endpoint",
+        &endpoint,
+    ]);
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).contains("cannot reach a cell0 node"),
+        "{}",
+        stderr(&wrong)
+    );
+    node.sigterm();
+}

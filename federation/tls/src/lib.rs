@@ -23,8 +23,10 @@ pub mod wire;
 
 use std::path::{Path, PathBuf};
 
+pub use rustls;
+
 pub use certs::{CaFiles, INTERNAL_SERVER_NAME, NodeCertRequest, NodeFiles, Validity};
-pub use material::{TlsFiles, TlsMaterial};
+pub use material::{Listener, TlsFiles, TlsMaterial};
 
 /// What can go wrong with certificates and TLS configuration.
 #[derive(Debug, thiserror::Error)]

@@ -40,9 +40,53 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// Which port a server configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The internal port: the client must present a certificate of the CA.
+    Internal,
+    /// The public port: server authentication only (clients prove who they
+    /// are with tokens, not certificates).
+    Public,
+}
+
+impl Listener {
+    fn as_str(self) -> &'static str {
+        match self {
+            Listener::Internal => "internal",
+            Listener::Public => "public",
+        }
+    }
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A client configuration that trusts the CA in `ca` and presents no
+/// certificate: what a client of the public port (the CLI) uses.
+pub fn public_client(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs(ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| parse_err(ca, format!("not a usable CA certificate: {e}")))?;
+    }
+    let mut client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(client))
+}
+
 /// The configurations built from one version of the files.
 struct Loaded {
     server: Arc<ServerConfig>,
+    public: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     /// Modification time and length of each file, to notice changes.
     stamps: Vec<Option<(SystemTime, u64)>>,
@@ -127,6 +171,13 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| parse_err(&files.key, format!("does not match the certificate: {e}")))?;
     server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut public = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| parse_err(&files.key, format!("does not match the certificate: {e}")))?;
+    public.alpn_protocols = vec![b"h2".to_vec()];
     let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
@@ -136,6 +187,7 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
     client.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Loaded {
         server: Arc::new(server),
+        public: Arc::new(public),
         client: Arc::new(client),
         stamps,
     })
@@ -197,9 +249,12 @@ impl TlsMaterial {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The server configuration for new connections.
-    pub fn server(&self) -> Arc<ServerConfig> {
-        self.loaded().server.clone()
+    /// The server configuration for new connections on `listener`.
+    pub fn server(&self, listener: Listener) -> Arc<ServerConfig> {
+        match listener {
+            Listener::Internal => self.loaded().server.clone(),
+            Listener::Public => self.loaded().public.clone(),
+        }
     }
 
     /// The client configuration for new connections.

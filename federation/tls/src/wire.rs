@@ -6,25 +6,29 @@
 //!   bounded by [`HANDSHAKE_TIMEOUT`]), so a slow or silent peer never
 //!   holds up the next connection; a failed one is logged with the peer's
 //!   address and why, counted, and dropped.
-//! - [`connector`]: what a `tonic` channel dials through: TCP with
-//!   `TCP_NODELAY`, then TLS with the newest client configuration,
-//!   expecting [`INTERNAL_SERVER_NAME`].
+//! - [`connector`]: what a `tonic` channel to another node dials through:
+//!   TCP with `TCP_NODELAY`, then TLS with the newest client configuration,
+//!   expecting [`INTERNAL_SERVER_NAME`]; [`public_connector`] the same for a
+//!   client of the public port, expecting the name it dialled.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::codegen::http::Uri;
 use tonic::transport::server::Connected;
 
+use crate::material::Listener;
 use crate::{INTERNAL_SERVER_NAME, TlsMaterial};
 
 /// Longest a TLS handshake may take.
@@ -99,9 +103,9 @@ struct Refused {
 type Handshake = Pin<Box<dyn Future<Output = Result<TlsConn, Refused>> + Send>>;
 
 /// One server-side handshake.
-async fn handshake(tcp: TcpStream, material: TlsMaterial) -> Result<TlsConn, Refused> {
+async fn handshake(tcp: TcpStream, material: TlsMaterial, listener: Listener) -> Result<TlsConn, Refused> {
     let remote = tcp.peer_addr().ok();
-    let acceptor = tokio_rustls::TlsAcceptor::from(material.server());
+    let acceptor = tokio_rustls::TlsAcceptor::from(material.server(listener));
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(inner)) => Ok(TlsConn { inner, remote }),
         Ok(Err(e)) => Err(Refused {
@@ -115,8 +119,13 @@ async fn handshake(tcp: TcpStream, material: TlsMaterial) -> Result<TlsConn, Ref
     }
 }
 
-/// The TLS connections of `tcp`'s accepted ones (see the module docs).
-pub fn accept<S>(tcp: S, material: TlsMaterial) -> impl Stream<Item = io::Result<TlsConn>> + Send + 'static
+/// The TLS connections of `tcp`'s accepted ones on `listener` (see the
+/// module docs).
+pub fn accept<S>(
+    tcp: S,
+    material: TlsMaterial,
+    listener: Listener,
+) -> impl Stream<Item = io::Result<TlsConn>> + Send + 'static
 where
     S: Stream<Item = io::Result<TcpStream>> + Send + 'static,
 {
@@ -132,7 +141,7 @@ where
         material,
         open: true,
     };
-    futures::stream::unfold(state, |mut st| async move {
+    futures::stream::unfold(state, move |mut st| async move {
         loop {
             if !st.open && st.pending.is_empty() {
                 return None;
@@ -142,13 +151,13 @@ where
                 Some(done) = st.pending.next(), if !st.pending.is_empty() => match done {
                     Ok(conn) => return Some((Ok(conn), st)),
                     Err(Refused { remote, why }) => {
-                        metrics::counter!("cell0_tls_handshake_failures_total", "side" => "server").increment(1);
-                        tracing::warn!(peer = ?remote, error = %why, "refused a connection on the internal port: TLS handshake failed");
+                        metrics::counter!("cell0_tls_handshake_failures_total", "side" => "server", "port" => listener.to_string()).increment(1);
+                        tracing::warn!(peer = ?remote, error = %why, port = %listener, "refused a connection: TLS handshake failed");
                     }
                 },
                 next = st.tcp.next(), if room => match next {
                     Some(Ok(tcp)) => {
-                        st.pending.push(Box::pin(handshake(tcp, st.material.clone())));
+                        st.pending.push(Box::pin(handshake(tcp, st.material.clone(), listener)));
                     }
                     Some(Err(e)) => return Some((Err(e), st)),
                     None => st.open = false,
@@ -158,12 +167,13 @@ where
     })
 }
 
-/// The connection a channel dials: TCP to the URI's host and port, then
-/// TLS with `material`'s newest client configuration.
-pub async fn connect(
-    uri: Uri,
-    material: TlsMaterial,
-) -> io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+/// A connection a channel dialled.
+pub type ClientConn = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// TCP to the URI's host and port, then TLS with `config`, expecting the
+/// server's certificate to name `server_name` (the dialled host when
+/// `None`).
+async fn connect(uri: Uri, config: Arc<ClientConfig>, server_name: Option<&'static str>) -> io::Result<ClientConn> {
     let host = uri
         .host()
         .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
@@ -171,32 +181,49 @@ pub async fn connect(
     let port = uri
         .port_u16()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} has no port")))?;
+    let name = ServerName::try_from(server_name.map_or(host.clone(), str::to_string))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let tcp = TcpStream::connect((host.as_str(), port)).await?;
     tcp.set_nodelay(true)?;
-    let name =
-        ServerName::try_from(INTERNAL_SERVER_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let connector = tokio_rustls::TlsConnector::from(material.client());
-    match connector.connect(name, tcp).await {
+    match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
         Ok(tls) => Ok(TokioIo::new(tls)),
         Err(e) => {
-            metrics::counter!("cell0_tls_handshake_failures_total", "side" => "client").increment(1);
-            tracing::warn!(peer = %uri, error = %e, "TLS handshake with another node failed");
+            let port = if server_name.is_some() { "internal" } else { "public" };
+            metrics::counter!("cell0_tls_handshake_failures_total", "side" => "client", "port" => port).increment(1);
+            tracing::warn!(peer = %uri, error = %e, "TLS handshake failed");
             Err(e)
         }
     }
 }
 
 /// A connector for `tonic::transport::Endpoint::connect_with_connector_lazy`
-/// dialling through [`connect`].
+/// to another node: `material`'s newest client configuration, expecting
+/// [`INTERNAL_SERVER_NAME`].
 pub fn connector(
     material: TlsMaterial,
 ) -> impl tower::Service<
     Uri,
-    Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    Response = ClientConn,
     Error = io::Error,
-    Future = impl Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send,
+    Future = impl Future<Output = io::Result<ClientConn>> + Send,
 > + Clone
 + Send
 + 'static {
-    tower::service_fn(move |uri: Uri| connect(uri, material.clone()))
+    tower::service_fn(move |uri: Uri| connect(uri, material.client(), Some(INTERNAL_SERVER_NAME)))
+}
+
+/// A connector for a client of the public port: `config` (from
+/// [`crate::material::public_client`]), expecting the certificate to name
+/// the dialled host.
+pub fn public_connector(
+    config: Arc<ClientConfig>,
+) -> impl tower::Service<
+    Uri,
+    Response = ClientConn,
+    Error = io::Error,
+    Future = impl Future<Output = io::Result<ClientConn>> + Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |uri: Uri| connect(uri, config.clone(), None))
 }

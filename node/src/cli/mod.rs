@@ -102,6 +102,18 @@ pub async fn connect_streaming(endpoint: &str) -> anyhow::Result<Channel> {
     open_channel(endpoint, None).await
 }
 
+/// The client TLS configuration of `--ca`, once set.
+static PUBLIC_TLS: std::sync::OnceLock<std::sync::Arc<cell0_tls::rustls::ClientConfig>> = std::sync::OnceLock::new();
+
+/// Makes every connection of this process to a public port use TLS,
+/// trusting the CA certificate in `ca` (`--ca`).
+pub fn trust_ca(ca: &std::path::Path) -> anyhow::Result<()> {
+    let config = cell0_tls::material::public_client(ca).map_err(|e| anyhow::anyhow!(e.describe()))?;
+    // Set once, before any connection; a second call keeps the first.
+    let _ = PUBLIC_TLS.set(config);
+    Ok(())
+}
+
 async fn open_channel(endpoint: &str, timeout: Option<Duration>) -> anyhow::Result<Channel> {
     let uri = if endpoint.contains("://") {
         endpoint.to_string()
@@ -117,9 +129,14 @@ async fn open_channel(endpoint: &str, timeout: Option<Duration>) -> anyhow::Resu
     if let Some(t) = timeout {
         ep = ep.timeout(t);
     }
-    ep.connect()
-        .await
-        .with_context(|| format!("cannot reach a cell0 node at {endpoint}"))
+    let connected = match PUBLIC_TLS.get() {
+        Some(tls) => {
+            ep.connect_with_connector(cell0_tls::wire::public_connector(tls.clone()))
+                .await
+        }
+        None => ep.connect().await,
+    };
+    connected.with_context(|| format!("cannot reach a cell0 node at {endpoint}"))
 }
 
 /// Turns a gRPC error into one readable line: the code, the node's stable
