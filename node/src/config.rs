@@ -66,6 +66,41 @@ pub struct NodeConfig {
     pub autopilot: AutopilotConfig,
     /// Mutual TLS between nodes on the internal port.
     pub tls: TlsConfig,
+    /// Request limits on the public port.
+    pub limits: LimitsConfig,
+}
+
+/// Request limits on the public port (`[limits]`); the defaults set none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests per second one client address may send (a token bucket per
+    /// IP address; health checks and reflection are exempt); 0: no limit.
+    pub client_rate: u32,
+    /// Requests one client address may send at once after a pause; 0: the
+    /// same as `client_rate`.
+    pub client_burst: u32,
+}
+
+impl LimitsConfig {
+    /// The burst in effect.
+    pub fn burst(&self) -> u32 {
+        if self.client_burst == 0 {
+            self.client_rate
+        } else {
+            self.client_burst
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.client_rate > 1_000_000 {
+            return Err(bad("limits.client_rate", "must be at most 1000000 (0 turns it off)"));
+        }
+        if self.client_burst > 1_000_000 {
+            return Err(bad("limits.client_burst", "must be at most 1000000"));
+        }
+        Ok(())
+    }
 }
 
 /// Mutual TLS on the internal port (`[tls]`): Raft, forwarding, joins,
@@ -461,6 +496,7 @@ impl Default for NodeConfig {
             gossip: GossipConfig::default(),
             autopilot: AutopilotConfig::default(),
             tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -615,6 +651,7 @@ impl NodeConfig {
         })?;
         self.agents.validate()?;
         self.models.validate()?;
+        self.limits.validate()?;
         // Last, so that a config with one bad field names that field.
         self.tls.validate()
     }

@@ -210,6 +210,10 @@ struct RunArgs {
     /// Serve the public port over TLS too, with the node's certificate.
     #[arg(long, env = "CELL0_TLS_PUBLIC")]
     tls_public: bool,
+    /// Requests per second one client address may send to the public port
+    /// (0: no limit).
+    #[arg(long, env = "CELL0_CLIENT_RATE")]
+    client_rate: Option<u32>,
 }
 
 impl RunArgs {
@@ -287,6 +291,9 @@ impl RunArgs {
         }
         c.tls.insecure |= self.insecure || self.dev;
         c.tls.public |= self.tls_public;
+        if let Some(v) = self.client_rate {
+            c.limits.client_rate = v;
+        }
         Ok((c, dev_dir))
     }
 }

@@ -46,6 +46,7 @@ use crate::api::cluster::ClusterApi;
 use crate::api::inference::InferenceApi;
 use crate::api::kv::KvApi;
 use crate::api::models::ModelsApi;
+use crate::api::ratelimit::RateLimitLayer;
 use crate::api::tasks::TasksApi;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
@@ -245,6 +246,7 @@ async fn serve(
     // services (public and internal) and by no other node in the process.
     let gate = RequestGate::default();
     let public_server = cell0_consensus::network::server_builder()
+        .layer(RateLimitLayer::new(config.limits.client_rate, config.limits.burst()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(KvServer::new(KvApi::new(

@@ -74,6 +74,8 @@ pub enum Reason {
     NewerMessageFormat,
     /// More concurrent requests than the node accepts.
     TooManyRequests,
+    /// The client's address is over its request rate.
+    RateLimited,
     /// More concurrent watches than the node serves.
     TooManyWatches,
     /// No model is registered.
@@ -115,7 +117,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 38] = [
+    pub const ALL: [Reason; 39] = [
         Reason::InvalidArgumentField,
         Reason::ModelAmbiguous,
         Reason::NotLeader,
@@ -136,6 +138,7 @@ impl Reason {
         Reason::OtherCluster,
         Reason::NewerMessageFormat,
         Reason::TooManyRequests,
+        Reason::RateLimited,
         Reason::TooManyWatches,
         Reason::NoModels,
         Reason::ModelNotFound,
@@ -179,6 +182,7 @@ impl Reason {
             Reason::OtherCluster => "OTHER_CLUSTER",
             Reason::NewerMessageFormat => "NEWER_MESSAGE_FORMAT",
             Reason::TooManyRequests => "TOO_MANY_REQUESTS",
+            Reason::RateLimited => "RATE_LIMITED",
             Reason::TooManyWatches => "TOO_MANY_WATCHES",
             Reason::NoModels => "NO_MODELS",
             Reason::ModelNotFound => "MODEL_NOT_FOUND",
@@ -231,6 +235,15 @@ pub enum ApiError {
     /// The node handles [`MAX_CONCURRENT_REQUESTS`] requests already.
     #[error("this node is handling {MAX_CONCURRENT_REQUESTS} requests; retry later")]
     TooManyRequests,
+    /// The client's address sent more requests than `limits.client_rate`
+    /// allows.
+    #[error("rate limit: at most {rate} requests per second from one client address; retry in {} ms", retry_after.as_millis())]
+    RateLimited {
+        /// The configured rate.
+        rate: u32,
+        /// When the next request will be allowed.
+        retry_after: Duration,
+    },
     /// The node serves [`MAX_WATCHES`] watches already.
     #[error("this node serves at most {MAX_WATCHES} watches")]
     TooManyWatches,
@@ -334,6 +347,13 @@ impl ApiError {
                 Described::new(Code::ResourceExhausted, Reason::TooManyRequests, self.to_string())
                     .with("limit", MAX_CONCURRENT_REQUESTS)
             }
+            ApiError::RateLimited { rate, retry_after } => {
+                let mut d = Described::new(Code::ResourceExhausted, Reason::RateLimited, self.to_string())
+                    .with("limit", rate)
+                    .with("retry_after_ms", retry_after.as_millis());
+                d.retry_after = Some(*retry_after);
+                d
+            }
             ApiError::TooManyWatches => {
                 Described::new(Code::ResourceExhausted, Reason::TooManyWatches, self.to_string())
                     .with("limit", MAX_WATCHES)
@@ -378,12 +398,11 @@ impl From<ApiError> for Status {
             metadata.insert(LEADER_METADATA, addr.1);
             info.insert("leader".to_string(), addr.0);
         }
-        Status::with_error_details_and_metadata(
-            d.code,
-            d.message,
-            ErrorDetails::with_error_info(d.reason.as_str(), DOMAIN, info),
-            metadata,
-        )
+        let mut details = ErrorDetails::with_error_info(d.reason.as_str(), DOMAIN, info);
+        if d.retry_after.is_some() {
+            details.set_retry_info(d.retry_after);
+        }
+        Status::with_error_details_and_metadata(d.code, d.message, details, metadata)
     }
 }
 
@@ -416,6 +435,8 @@ struct Described {
     info: HashMap<String, String>,
     /// The leader's public address, when known.
     leader: Option<String>,
+    /// When to retry (a `google.rpc.RetryInfo` detail).
+    retry_after: Option<Duration>,
 }
 
 impl Described {
@@ -426,6 +447,7 @@ impl Described {
             message,
             info: HashMap::new(),
             leader: None,
+            retry_after: None,
         }
     }
 
@@ -802,6 +824,14 @@ mod tests {
                 ApiError::TooManyRequests,
                 Code::ResourceExhausted,
                 Reason::TooManyRequests,
+            ),
+            (
+                ApiError::RateLimited {
+                    rate: 10,
+                    retry_after: Duration::from_millis(100),
+                },
+                Code::ResourceExhausted,
+                Reason::RateLimited,
             ),
             (
                 ApiError::TooManyWatches,

@@ -14,6 +14,7 @@ pub mod error;
 pub mod inference;
 pub mod kv;
 pub mod models;
+pub mod ratelimit;
 pub mod tasks;
 
 use std::future::Future;
