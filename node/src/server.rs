@@ -43,6 +43,7 @@ use tokio::sync::watch;
 use crate::api::RequestGate;
 use crate::api::agents::AgentsApi;
 use crate::api::cluster::ClusterApi;
+use crate::api::connlimit;
 use crate::api::inference::InferenceApi;
 use crate::api::kv::KvApi;
 use crate::api::models::ModelsApi;
@@ -246,6 +247,7 @@ async fn serve(
     // services (public and internal) and by no other node in the process.
     let gate = RequestGate::default();
     let public_server = cell0_consensus::network::server_builder()
+        .max_concurrent_streams(connlimit::MAX_STREAMS_PER_CONNECTION)
         .layer(RateLimitLayer::new(config.limits.client_rate, config.limits.burst()))
         .add_service(health_service)
         .add_service(reflection)
@@ -282,10 +284,16 @@ async fn serve(
     let public_incoming = nodelay_incoming(listeners.public);
     let public_server: ServeFuture = match listeners.internal_tls.clone().filter(|_| config.tls.public) {
         Some(material) => Box::pin(public_server.serve_with_incoming_shutdown(
-            cell0_tls::wire::accept(public_incoming, material, Listener::Public),
+            connlimit::limit(
+                cell0_tls::wire::accept(public_incoming, material, Listener::Public),
+                connlimit::MAX_PUBLIC_CONNECTIONS,
+            ),
             when_stopped(stop()),
         )),
-        None => Box::pin(public_server.serve_with_incoming_shutdown(public_incoming, when_stopped(stop()))),
+        None => Box::pin(public_server.serve_with_incoming_shutdown(
+            connlimit::limit(public_incoming, connlimit::MAX_PUBLIC_CONNECTIONS),
+            when_stopped(stop()),
+        )),
     };
     let lease_table = leases::LeaseTable::new(consensus.clone());
     let internal_server = cell0_consensus::network::server_builder()

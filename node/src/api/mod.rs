@@ -10,6 +10,7 @@
 
 pub mod agents;
 pub mod cluster;
+pub mod connlimit;
 pub mod error;
 pub mod inference;
 pub mod kv;
