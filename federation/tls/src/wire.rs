@@ -196,34 +196,26 @@ async fn connect(uri: Uri, config: Arc<ClientConfig>, server_name: Option<&'stat
     }
 }
 
-/// A connector for `tonic::transport::Endpoint::connect_with_connector_lazy`
-/// to another node: `material`'s newest client configuration, expecting
-/// [`INTERNAL_SERVER_NAME`].
-pub fn connector(
-    material: TlsMaterial,
-) -> impl tower::Service<
-    Uri,
-    Response = ClientConn,
-    Error = io::Error,
-    Future = impl Future<Output = io::Result<ClientConn>> + Send,
-> + Clone
-+ Send
-+ 'static {
+/// What a tonic channel dials through (`Endpoint::connect_with_connector`).
+pub trait Connector:
+    tower::Service<Uri, Response = ClientConn, Error = io::Error, Future: Send> + Clone + Send + 'static
+{
+}
+
+impl<T> Connector for T where
+    T: tower::Service<Uri, Response = ClientConn, Error = io::Error, Future: Send> + Clone + Send + 'static
+{
+}
+
+/// The connector of a channel to another node: `material`'s newest client
+/// configuration, expecting [`INTERNAL_SERVER_NAME`].
+pub fn connector(material: TlsMaterial) -> impl Connector {
     tower::service_fn(move |uri: Uri| connect(uri, material.client(), Some(INTERNAL_SERVER_NAME)))
 }
 
-/// A connector for a client of the public port: `config` (from
+/// The connector of a client of the public port: `config` (from
 /// [`crate::material::public_client`]), expecting the certificate to name
 /// the dialled host.
-pub fn public_connector(
-    config: Arc<ClientConfig>,
-) -> impl tower::Service<
-    Uri,
-    Response = ClientConn,
-    Error = io::Error,
-    Future = impl Future<Output = io::Result<ClientConn>> + Send,
-> + Clone
-+ Send
-+ 'static {
+pub fn public_connector(config: Arc<ClientConfig>) -> impl Connector {
     tower::service_fn(move |uri: Uri| connect(uri, config.clone(), None))
 }
