@@ -1,6 +1,6 @@
 //! The gossip loop of one node: its heartbeat out every interval (at once
-//! after a refutation, soon after a new connection), every heartbeat heard
-//! into the membership table, the table re-evaluated every [`TICK`].
+//! after a refutation), every heartbeat heard into the membership table, the
+//! table re-evaluated every [`TICK`].
 //!
 //! Invariants:
 //! - The loop owns the transport and the table; the caller sees them only
@@ -22,14 +22,6 @@ use crate::transport::{Transport, TransportEvent};
 
 /// How often the membership table is re-evaluated.
 pub const TICK: Duration = Duration::from_millis(100);
-
-/// After a new connection the node beats this soon (the peer has
-/// subscribed to the topic by then), so a joining node hears its new
-/// neighbours, and they it, without waiting a whole interval.
-const EARLY_BEAT_DELAY: Duration = Duration::from_millis(150);
-
-/// At most one early beat per this long (connections come in bursts).
-const EARLY_BEAT_GAP: Duration = Duration::from_millis(500);
 
 /// What the loop asks of and tells its owner.
 pub trait Observer: Send {
@@ -61,7 +53,6 @@ pub async fn run(
     let mut members = Members::new(local_id, detector);
     let mut beat = tokio::time::interval(every);
     beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_early: Option<Instant> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -98,13 +89,6 @@ pub async fn run(
                 },
                 Some(TransportEvent::Rtt { rtt, .. }) => {
                     observer.rtt(rtt);
-                    Vec::new()
-                }
-                Some(TransportEvent::Connected { .. }) => {
-                    if last_early.is_none_or(|t| t.elapsed() >= EARLY_BEAT_GAP) {
-                        beat.reset_after(EARLY_BEAT_DELAY);
-                        last_early = Some(Instant::now());
-                    }
                     Vec::new()
                 }
                 Some(_) => Vec::new(),
