@@ -120,7 +120,7 @@ pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, ta
     let listeners = Listeners {
         public: bind(config.listen.public, "listen.public").await?,
         internal: bind(config.listen.internal, "listen.internal").await?,
-        internal_tls: internal_tls.clone(),
+        tls: internal_tls.clone(),
         http: bind(config.listen.http, "listen.http").await?,
     };
 
@@ -166,16 +166,16 @@ pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, ta
     Ok(())
 }
 
-/// The node's bound ports.
 /// A gRPC server running until shutdown.
 type ServeFuture = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
+/// The node's bound ports.
 struct Listeners {
     public: TcpListener,
     internal: TcpListener,
     /// Mutual TLS on the internal listener (and TLS on the public one with
     /// `tls.public`); plaintext when `None` (`--insecure`).
-    internal_tls: Option<TlsMaterial>,
+    tls: Option<TlsMaterial>,
     http: TcpListener,
 }
 
@@ -282,7 +282,7 @@ async fn serve(
                 .max_decoding_message_size(MAX_UPLOAD_MESSAGE_BYTES),
         );
     let public_incoming = nodelay_incoming(listeners.public);
-    let public_server: ServeFuture = match listeners.internal_tls.clone().filter(|_| config.tls.public) {
+    let public_server: ServeFuture = match listeners.tls.clone().filter(|_| config.tls.public) {
         Some(material) => Box::pin(public_server.serve_with_incoming_shutdown(
             connlimit::limit(
                 cell0_tls::wire::accept(public_incoming, material, Listener::Public),
@@ -306,7 +306,7 @@ async fn serve(
         .add_service(BlobsServer::new(BlobService::new(store)))
         .add_service(lease_table.service());
     let internal_incoming = nodelay_incoming(listeners.internal);
-    let internal_server: ServeFuture = match listeners.internal_tls {
+    let internal_server: ServeFuture = match listeners.tls {
         Some(material) => {
             tasks.spawn(
                 "tls-reload",
