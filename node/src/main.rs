@@ -390,7 +390,14 @@ fn main() -> ExitCode {
             Command::Node(cmd) => agent::run_node(&cli.endpoint, cli.output, cmd).await,
             Command::Task(cmd) => task::run(&cli.endpoint, cli.output, cmd).await,
             Command::Infer(cmd) => infer::run(&cli.endpoint, cli.output, cmd).await,
-            Command::Bench(cmd) => bench::run(&cli.endpoint, cli.output, cmd).await,
+            Command::Bench(cmd) => {
+                // In-process benchmarks (gossip, raft, schedule) log to
+                // stderr when asked, like a node.
+                if let Ok(filter) = std::env::var("RUST_LOG") {
+                    telemetry::init_logging(LogFormat::Text, &filter)?;
+                }
+                bench::run(&cli.endpoint, cli.output, cmd).await
+            }
             Command::Snapshot(SnapshotCommand::Save { file }) => snapshot::save(&cli.endpoint, cli.output, &file).await,
             Command::Snapshot(SnapshotCommand::Inspect { file }) => snapshot::inspect(cli.output, &file),
             Command::Snapshot(SnapshotCommand::Restore { file, node }) => {
