@@ -525,7 +525,11 @@ fn build_behaviour(key: &Keypair, config: &TransportConfig) -> Result<Behaviour,
         .mesh_n(6)
         .mesh_n_low(4)
         .mesh_n_high(12)
-        .flood_publish(true)
+        // A heartbeat goes to the mesh (6 peers), not to every connected
+        // peer: with 50 nodes every node ends up connected to all others,
+        // and flooding each heartbeat to 49 peers overflowed the send
+        // queues (SlowPeer drops) and doubled the CPU (docs/benchmarks.md).
+        .flood_publish(false)
         .max_transmit_size(MAX_TRANSMIT_SIZE)
         .build()?;
     let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossipsub_config)?;
