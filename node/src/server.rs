@@ -451,18 +451,20 @@ async fn form_cluster(
         // Bootstrap only on a view that held still for the settle time: nodes
         // started together hear each other within a heartbeat or two, and
         // one more node heard in that time may be the lowest.
-        let seen: BTreeSet<u64> = alive.iter().map(|c| c.node_id).collect();
-        let settled = match &settling {
-            Some((view, since)) if *view == seen => since.elapsed() >= FORMATION_SETTLE,
-            _ => false,
-        };
-        if decision == Decision::Bootstrap && !settled {
-            if settling.as_ref().is_none_or(|(view, _)| *view != seen) {
-                settling = Some((seen, Instant::now()));
+        if decision == Decision::Bootstrap {
+            let seen: BTreeSet<u64> = alive.iter().map(|c| c.node_id).collect();
+            let since = match settling.take() {
+                Some((view, since)) if view == seen => since,
+                _ => Instant::now(),
+            };
+            let held = since.elapsed() >= FORMATION_SETTLE;
+            settling = Some((seen, since));
+            if !held {
+                continue;
             }
-            continue;
+        } else {
+            settling = None;
         }
-        settling = None;
         match decision {
             Decision::Member => return Ok(()),
             Decision::Bootstrap => {

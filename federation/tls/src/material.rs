@@ -51,7 +51,8 @@ pub enum Listener {
 }
 
 impl Listener {
-    fn as_str(self) -> &'static str {
+    /// `internal` or `public` (a metric label and log field).
+    pub fn as_str(self) -> &'static str {
         match self {
             Listener::Internal => "internal",
             Listener::Public => "public",
@@ -59,25 +60,13 @@ impl Listener {
     }
 }
 
-impl std::fmt::Display for Listener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// A client configuration that trusts the CA in `ca` and presents no
 /// certificate: what a client of the public port (the CLI) uses.
 pub fn public_client(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in certs(ca)? {
-        roots
-            .add(cert)
-            .map_err(|e| parse_err(ca, format!("not a usable CA certificate: {e}")))?;
-    }
     let mut client = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
-        .with_root_certificates(roots)
+        .with_root_certificates(roots(ca)?)
         .with_no_client_auth();
     client.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(client))
@@ -145,17 +134,22 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// Builds both configurations from the files.
+/// The CA certificates in `ca`, as trust roots.
+fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs(ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| parse_err(ca, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// Builds the configurations of both ends from the files.
 fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
     let stamps = stamps(files);
     let provider = provider();
-    let mut roots = RootCertStore::empty();
-    for ca in certs(&files.ca)? {
-        roots
-            .add(ca)
-            .map_err(|e| parse_err(&files.ca, format!("not a usable CA certificate: {e}")))?;
-    }
-    let roots = Arc::new(roots);
+    let roots = Arc::new(roots(&files.ca)?);
     let chain = certs(&files.cert)?;
     let key = PrivateKeyDer::from_pem_slice(&read_bytes(&files.key)?)
         .map_err(|e| parse_err(&files.key, format!("not a PEM private key: {e}")))?;
@@ -238,11 +232,6 @@ impl TlsMaterial {
             files: Arc::new(files),
             current: Arc::new(RwLock::new(Arc::new(loaded))),
         })
-    }
-
-    /// The files.
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
     }
 
     fn loaded(&self) -> Arc<Loaded> {

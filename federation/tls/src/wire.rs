@@ -151,8 +151,8 @@ where
                 Some(done) = st.pending.next(), if !st.pending.is_empty() => match done {
                     Ok(conn) => return Some((Ok(conn), st)),
                     Err(Refused { remote, why }) => {
-                        metrics::counter!("cell0_tls_handshake_failures_total", "side" => "server", "port" => listener.to_string()).increment(1);
-                        tracing::warn!(peer = ?remote, error = %why, port = %listener, "refused a connection: TLS handshake failed");
+                        metrics::counter!("cell0_tls_handshake_failures_total", "side" => "server", "port" => listener.as_str()).increment(1);
+                        tracing::warn!(peer = ?remote, error = %why, port = listener.as_str(), "refused a connection: TLS handshake failed");
                     }
                 },
                 next = st.tcp.next(), if room => match next {
