@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cell0/v1/inference.proto",
         "cell0/v1/models.proto",
         "cell0/v1/agents.proto",
+        "cell0/v1/acl.proto",
         "cell0/internal/v1/raft.proto",
         "cell0/internal/v1/blobs.proto",
         "cell0/internal/v1/leases.proto",

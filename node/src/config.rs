@@ -68,6 +68,58 @@ pub struct NodeConfig {
     pub tls: TlsConfig,
     /// Request limits on the public port.
     pub limits: LimitsConfig,
+    /// Access control (tokens and policies) on the public port.
+    pub acl: AclConfig,
+    /// The audit log of mutating and denied calls.
+    pub audit: AuditConfig,
+}
+
+/// Access control on the public port (`[acl]`, docs/security.md). Give
+/// every node the same setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclConfig {
+    /// Every call but health checks and `Acl/Bootstrap` needs a token
+    /// (`authorization: Bearer ...`) whose policies allow it (`--acl`).
+    pub enabled: bool,
+}
+
+/// The audit log (`[audit]`): one JSON line per mutating call and per
+/// denied call, rotated by size. Lines hold no secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Write the log (`--audit`).
+    pub enabled: bool,
+    /// The file; `<data_dir>/audit/audit.log` when unset.
+    pub path: Option<PathBuf>,
+    /// Rotate when the file would pass this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`audit.log.1` is the newest).
+    pub max_files: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: None,
+            max_bytes: 64 * 1024 * 1024,
+            max_files: 5,
+        }
+    }
+}
+
+impl AuditConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(4096..=(1 << 40)).contains(&self.max_bytes) {
+            return Err(bad("audit.max_bytes", "must be 4096 to 1099511627776 (1 TiB)"));
+        }
+        if !(1..=1000).contains(&self.max_files) {
+            return Err(bad("audit.max_files", "must be 1 to 1000"));
+        }
+        Ok(())
+    }
 }
 
 /// Request limits on the public port (`[limits]`); the defaults set none.
@@ -80,10 +132,17 @@ pub struct LimitsConfig {
     /// Requests one client address may send at once after a pause; 0: the
     /// same as `client_rate`.
     pub client_burst: u32,
+    /// Requests per second one ACL token may send, on each node (a token
+    /// bucket per token; management tokens are not limited; needs
+    /// `acl.enabled`); 0: no limit.
+    pub token_rate: u32,
+    /// Requests one token may send at once after a pause; 0: the same as
+    /// `token_rate`.
+    pub token_burst: u32,
 }
 
 impl LimitsConfig {
-    /// The burst in effect.
+    /// The burst per client address in effect.
     pub fn burst(&self) -> u32 {
         if self.client_burst == 0 {
             self.client_rate
@@ -92,12 +151,25 @@ impl LimitsConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        if self.client_rate > 1_000_000 {
-            return Err(bad("limits.client_rate", "must be at most 1000000 (0 turns it off)"));
+    /// The burst per token in effect.
+    pub fn token_burst(&self) -> u32 {
+        if self.token_burst == 0 {
+            self.token_rate
+        } else {
+            self.token_burst
         }
-        if self.client_burst > 1_000_000 {
-            return Err(bad("limits.client_burst", "must be at most 1000000"));
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("limits.client_rate", self.client_rate),
+            ("limits.client_burst", self.client_burst),
+            ("limits.token_rate", self.token_rate),
+            ("limits.token_burst", self.token_burst),
+        ] {
+            if v > 1_000_000 {
+                return Err(bad(field, "must be at most 1000000 (0 turns it off)"));
+            }
         }
         Ok(())
     }
@@ -497,6 +569,8 @@ impl Default for NodeConfig {
             autopilot: AutopilotConfig::default(),
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
+            acl: AclConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -652,6 +726,13 @@ impl NodeConfig {
         self.agents.validate()?;
         self.models.validate()?;
         self.limits.validate()?;
+        if self.limits.token_rate > 0 && !self.acl.enabled {
+            return Err(bad(
+                "limits.token_rate",
+                "limits tokens, so it needs acl.enabled (--acl)",
+            ));
+        }
+        self.audit.validate()?;
         // Last, so that a config with one bad field names that field.
         self.tls.validate()
     }

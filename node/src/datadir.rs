@@ -147,6 +147,11 @@ impl DataDir {
     pub fn gossip_key_file(&self) -> PathBuf {
         self.root.join("gossip.key")
     }
+
+    /// The audit log's default file.
+    pub fn audit_file(&self) -> PathBuf {
+        self.root.join("audit").join("audit.log")
+    }
 }
 
 /// Why a node whose Raft store is gone does not start, and how to recover.

@@ -26,6 +26,7 @@ pub mod supervisor;
 pub mod telemetry;
 
 mod api;
+mod audit;
 mod autopilot;
 mod datadir;
 mod gossip;

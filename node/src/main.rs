@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cell0::cli::{self, Output, agent, bench, infer, kv, model, snapshot, task, tls};
+use cell0::cli::{self, Output, acl, agent, bench, infer, kv, model, snapshot, task, tls};
 use cell0::config::{LogFormat, NodeConfig};
 use cell0::{server, telemetry};
 use clap::{Args, Parser, Subcommand};
@@ -33,6 +33,10 @@ struct Cli {
     /// (the nodes run with --tls-public).
     #[arg(long, global = true, env = "CELL0_CA")]
     ca: Option<PathBuf>,
+    /// ACL token sent with every call (`authorization: Bearer ...`), as
+    /// `cell0 acl bootstrap` or `cell0 acl token create` printed it.
+    #[arg(long, global = true, env = "CELL0_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +65,9 @@ enum Command {
     /// Read and write keys.
     #[command(subcommand)]
     Kv(kv::KvCommand),
+    /// Access control: bootstrap, policies, tokens.
+    #[command(subcommand)]
+    Acl(acl::AclCommand),
     /// Manage the replicated model registry.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -214,6 +221,21 @@ struct RunArgs {
     /// (0: no limit).
     #[arg(long, env = "CELL0_CLIENT_RATE")]
     client_rate: Option<u32>,
+    /// Require an ACL token on every call but health checks (make the first
+    /// with `cell0 acl bootstrap`).
+    #[arg(long, env = "CELL0_ACL")]
+    acl: bool,
+    /// Requests per second one ACL token may send to this node (0: no
+    /// limit).
+    #[arg(long, env = "CELL0_TOKEN_RATE")]
+    token_rate: Option<u32>,
+    /// Write the audit log (one JSON line per mutating or denied call) to
+    /// <data-dir>/audit/audit.log, or to --audit-file.
+    #[arg(long, env = "CELL0_AUDIT")]
+    audit: bool,
+    /// The audit log's file (implies --audit).
+    #[arg(long, env = "CELL0_AUDIT_FILE")]
+    audit_file: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -294,6 +316,14 @@ impl RunArgs {
         if let Some(v) = self.client_rate {
             c.limits.client_rate = v;
         }
+        c.acl.enabled |= self.acl;
+        if let Some(v) = self.token_rate {
+            c.limits.token_rate = v;
+        }
+        c.audit.enabled |= self.audit || self.audit_file.is_some();
+        if let Some(v) = self.audit_file {
+            c.audit.path = Some(v);
+        }
         Ok((c, dev_dir))
     }
 }
@@ -359,6 +389,9 @@ fn main() -> ExitCode {
         if let Some(ca) = &cli.ca {
             cli::trust_ca(ca)?;
         }
+        if let Some(token) = cli.token.as_deref().filter(|t| !t.is_empty()) {
+            cli::use_token(token)?;
+        }
         match cli.command {
             Command::Run(args) => {
                 let pid_file = args.pid_file.clone();
@@ -385,6 +418,7 @@ fn main() -> ExitCode {
             Command::Tls(cmd) => tls::run(cmd),
             Command::Remove { node } => cli::remove(&cli.endpoint, &node).await,
             Command::Kv(cmd) => kv::run(&cli.endpoint, cli.output, cmd).await,
+            Command::Acl(cmd) => acl::run(&cli.endpoint, cli.output, cmd).await,
             Command::Model(cmd) => model::run(&cli.endpoint, cli.output, cmd).await,
             Command::Agent(cmd) => agent::run(&cli.endpoint, cli.output, cmd).await,
             Command::Node(cmd) => agent::run_node(&cli.endpoint, cli.output, cmd).await,

@@ -27,6 +27,7 @@ use cell0_consensus::network::nodelay_incoming;
 use cell0_consensus::{Consensus, NodeInfo, StorageBackend};
 use cell0_proto::internal::blobs_server::BlobsServer;
 use cell0_proto::v1::JoinRequest;
+use cell0_proto::v1::acl_server::AclServer;
 use cell0_proto::v1::agents_server::AgentsServer;
 use cell0_proto::v1::cluster_client::ClusterClient;
 use cell0_proto::v1::cluster_server::ClusterServer;
@@ -41,7 +42,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::RequestGate;
+use crate::api::acl::AclApi;
 use crate::api::agents::AgentsApi;
+use crate::api::auth::AuthLayer;
 use crate::api::cluster::ClusterApi;
 use crate::api::connlimit;
 use crate::api::inference::InferenceApi;
@@ -49,6 +52,7 @@ use crate::api::kv::KvApi;
 use crate::api::models::ModelsApi;
 use crate::api::ratelimit::RateLimitLayer;
 use crate::api::tasks::TasksApi;
+use crate::audit;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
 use crate::models::ModelManager;
@@ -246,9 +250,25 @@ async fn serve(
     // This node's budget of concurrent requests, shared by all of its
     // services (public and internal) and by no other node in the process.
     let gate = RequestGate::default();
+    let audit = if config.audit.enabled {
+        let path = config.audit.path.clone().unwrap_or_else(|| datadir.audit_file());
+        let (log, worker) = audit::open(&config.audit, path.clone(), stop())?;
+        tasks.spawn("audit", worker);
+        tracing::info!(path = %path.display(), "writing the audit log");
+        Some(log)
+    } else {
+        None
+    };
     let public_server = cell0_consensus::network::server_builder()
         .max_concurrent_streams(connlimit::MAX_STREAMS_PER_CONNECTION)
         .layer(RateLimitLayer::new(config.limits.client_rate, config.limits.burst()))
+        .layer(AuthLayer::new(
+            consensus,
+            config.acl.enabled,
+            config.limits.token_rate,
+            config.limits.token_burst(),
+            audit,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(KvServer::new(KvApi::new(
@@ -272,6 +292,11 @@ async fn serve(
             tasks.clone(),
         )))
         .add_service(TasksServer::new(TasksApi::new(consensus.clone(), gate.clone())))
+        .add_service(AclServer::new(AclApi::new(
+            consensus.clone(),
+            gate.clone(),
+            config.acl.enabled,
+        )))
         .add_service(InferenceServer::new(InferenceApi::new(
             id,
             models.clone(),

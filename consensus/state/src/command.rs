@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::acl::{AclCommand, AclOutcome};
 use crate::agents::{AgentCommand, AgentOutcome};
 use crate::error::StateError;
 use crate::nodes::NodeCommand;
@@ -71,6 +72,8 @@ pub enum Command {
     Agent(AgentCommand),
     /// A change to agents' tasks or memory.
     Task(TaskCommand),
+    /// A change to ACL policies or tokens.
+    Acl(AclCommand),
 }
 
 /// Identifies one client request across retries: the sending process (a
@@ -145,6 +148,8 @@ pub enum Response {
     Agent(AgentOutcome),
     /// What a [`Command::Task`] did.
     Task(TaskOutcome),
+    /// What a [`Command::Acl`] did.
+    Acl(AclOutcome),
 }
 
 /// Limits a command must respect, checked before proposing and again,
@@ -234,6 +239,7 @@ impl Command {
             Command::Node(n) => n.validate().map_err(|e| prefix_field(path, e)),
             Command::Agent(a) => a.validate().map_err(|e| prefix_field(path, e)),
             Command::Task(t) => t.validate().map_err(|e| prefix_field(path, e)),
+            Command::Acl(a) => a.validate().map_err(|e| prefix_field(path, e)),
             Command::Request { cmd, .. } => cmd.validate_sizes(path, limits),
             Command::InitCluster { cluster_id } => {
                 if *cluster_id == 0 {
@@ -290,6 +296,7 @@ impl Command {
             Command::InitCluster { .. } => 16,
             Command::Agent(a) => a.approx_size(),
             Command::Task(t) => t.approx_size(),
+            Command::Acl(a) => a.approx_size(),
         }
     }
 }

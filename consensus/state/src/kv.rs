@@ -412,6 +412,13 @@ pub(crate) fn apply_command(
             changed.insert(Table::Tasks);
             Ok(Response::Task(tasks::apply(txn, t)?))
         }
+        Command::Acl(a) => {
+            let outcome = crate::acl::apply(txn, a)?;
+            if outcome.changed() {
+                changed.insert(Table::Acl);
+            }
+            Ok(Response::Acl(outcome))
+        }
         Command::Node(n) => {
             changed.insert(Table::Nodes);
             changed.insert(Table::Agents);

@@ -14,12 +14,15 @@
 //!   ones) and node scheduling status.
 //! - [`tasks`]: agents' tasks (results committed exactly once) and their
 //!   memory.
+//! - [`acl`]: ACL policies and tokens (salted hashes only) and the
+//!   authorizer that judges a request against them.
 //! - [`txn`]: the storage interface (named tables over one transaction).
 //!
 //! [`apply`] is the one entry point: it applies a command through a [`Txn`]
 //! and reports the response, the key-value events and which [`Table`]s
 //! changed, so subscribers can wait for "this table changed" without polling.
 
+pub mod acl;
 pub mod agents;
 pub mod codec;
 pub mod command;
@@ -55,17 +58,20 @@ pub enum Table {
     Agents,
     /// Agents' tasks and memory.
     Tasks,
+    /// ACL policies and tokens.
+    Acl,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Kv,
         Table::Models,
         Table::Nodes,
         Table::Cluster,
         Table::Agents,
         Table::Tasks,
+        Table::Acl,
     ];
 }
 

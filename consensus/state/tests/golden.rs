@@ -19,6 +19,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use cell0_state::acl::{self, AccessorId, AclCommand, Policy, Resource, Rule, SecretHash, Token};
 use cell0_state::agents::{
     AgentCommand, AgentKind, AgentSpec, AllocStatus, Constraints, DrainSpec, NodeState, Placement, Plan, Resources,
     RestartPolicy, Unplaced,
@@ -249,6 +250,46 @@ fn parse_command(words: &[&str]) -> Command {
                 .collect(),
             at_ms: 700,
         }),
+        // acl-bootstrap N | acl-token N POLICY... (accessor, salt and secret are N repeated)
+        "acl-bootstrap" | "acl-token" => {
+            let n = num(1) as u8;
+            let token = Token {
+                accessor: AccessorId([n; acl::ACCESSOR_BYTES]),
+                description: format!("token {n}"),
+                policies: words[2..].iter().map(|w| w.to_string()).collect(),
+                management: words[0] == "acl-bootstrap",
+                secret: SecretHash::new([n; acl::SALT_BYTES], &[n; acl::SECRET_BYTES]),
+                created_ms: 800,
+            };
+            Command::Acl(if words[0] == "acl-bootstrap" {
+                AclCommand::Bootstrap { token }
+            } else {
+                AclCommand::CreateToken { token }
+            })
+        }
+        // acl-policy NAME RESOURCE[:PREFIX]=ACCESS...
+        "acl-policy" => Command::Acl(AclCommand::SetPolicy {
+            policy: Policy {
+                name: words[1].into(),
+                description: "golden".into(),
+                rules: words[2..]
+                    .iter()
+                    .map(|w| {
+                        let (target, access) = w.split_once('=').expect("RESOURCE[:PREFIX]=ACCESS");
+                        let (resource, prefix) = target.split_once(':').unwrap_or((target, ""));
+                        Rule {
+                            resource: Resource::parse(resource).expect("resource"),
+                            prefix: prefix.as_bytes().to_vec(),
+                            access: acl::Access::parse(access).expect("access"),
+                        }
+                    })
+                    .collect(),
+            },
+        }),
+        "acl-policy-delete" => Command::Acl(AclCommand::DeletePolicy { name: words[1].into() }),
+        "acl-token-delete" => Command::Acl(AclCommand::DeleteToken {
+            accessor: AccessorId([num(1) as u8; acl::ACCESSOR_BYTES]),
+        }),
         other => panic!("unknown command {other:?}"),
     }
 }
@@ -323,6 +364,15 @@ fn reads(state: &MemTxn) -> String {
     }
     for (name, eval) in agents::pending_evals(state, "", 1000).unwrap() {
         writeln!(out, "eval {name}: {eval:?}").unwrap();
+    }
+    writeln!(out, "acl bootstrapped: {}", acl::bootstrapped(state).unwrap()).unwrap();
+    for p in acl::policies(state).unwrap() {
+        writeln!(out, "acl policy: {p:?}").unwrap();
+    }
+    for t in acl::tokens(state).unwrap() {
+        let (_, authorizer) = acl::resolve(state, &t.accessor).unwrap().unwrap();
+        writeln!(out, "acl token: {t:?}").unwrap();
+        writeln!(out, "  authorizer: {authorizer:?}").unwrap();
     }
     out
 }

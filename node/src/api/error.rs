@@ -111,13 +111,28 @@ pub enum Reason {
     AgentRefused,
     /// A task id that does not exist; metadata `task`.
     TaskNotFound,
+    /// ACLs are on and the call carries no token (or a malformed one).
+    TokenRequired,
+    /// The token is not known to the cluster.
+    TokenUnknown,
+    /// The token's policies do not allow the call; metadata `resource`,
+    /// `access`.
+    PermissionDenied,
+    /// An ACL call on a node that runs without ACLs.
+    AclDisabled,
+    /// `Acl/Bootstrap` after the first management token was made.
+    AclAlreadyBootstrapped,
+    /// A token named a policy that does not exist; metadata `policy`.
+    AclPolicyNotFound,
+    /// The cluster holds its maximum number of policies or tokens.
+    AclFull,
     /// A bug or a storage failure.
     Internal,
 }
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 39] = [
+    pub const ALL: [Reason; 46] = [
         Reason::InvalidArgumentField,
         Reason::ModelAmbiguous,
         Reason::NotLeader,
@@ -156,6 +171,13 @@ impl Reason {
         Reason::AgentNotFound,
         Reason::AgentRefused,
         Reason::TaskNotFound,
+        Reason::TokenRequired,
+        Reason::TokenUnknown,
+        Reason::PermissionDenied,
+        Reason::AclDisabled,
+        Reason::AclAlreadyBootstrapped,
+        Reason::AclPolicyNotFound,
+        Reason::AclFull,
         Reason::Internal,
     ];
 
@@ -200,6 +222,13 @@ impl Reason {
             Reason::AgentNotFound => "AGENT_NOT_FOUND",
             Reason::AgentRefused => "AGENT_REFUSED",
             Reason::TaskNotFound => "TASK_NOT_FOUND",
+            Reason::TokenRequired => "TOKEN_REQUIRED",
+            Reason::TokenUnknown => "TOKEN_UNKNOWN",
+            Reason::PermissionDenied => "PERMISSION_DENIED",
+            Reason::AclDisabled => "ACL_DISABLED",
+            Reason::AclAlreadyBootstrapped => "ACL_ALREADY_BOOTSTRAPPED",
+            Reason::AclPolicyNotFound => "ACL_POLICY_NOT_FOUND",
+            Reason::AclFull => "ACL_FULL",
             Reason::Internal => "INTERNAL",
         }
     }
@@ -235,12 +264,14 @@ pub enum ApiError {
     /// The node handles [`MAX_CONCURRENT_REQUESTS`] requests already.
     #[error("this node is handling {MAX_CONCURRENT_REQUESTS} requests; retry later")]
     TooManyRequests,
-    /// The client's address sent more requests than `limits.client_rate`
-    /// allows.
-    #[error("rate limit: at most {rate} requests per second from one client address; retry in {} ms", retry_after.as_millis())]
+    /// The client's address or token sent more requests than
+    /// `limits.client_rate` or `limits.token_rate` allows.
+    #[error("rate limit: at most {rate} requests per second from one {per}; retry in {} ms", retry_after.as_millis())]
     RateLimited {
         /// The configured rate.
         rate: u32,
+        /// What is limited: `client address` or `token`.
+        per: &'static str,
         /// When the next request will be allowed.
         retry_after: Duration,
     },
@@ -300,6 +331,42 @@ pub enum ApiError {
         /// The id asked for.
         id: u64,
     },
+    /// ACLs are on and the call carries no usable token; says why.
+    #[error("{0}")]
+    TokenRequired(String),
+    /// The token is not known to the cluster.
+    #[error("the token is not known to this cluster (deleted, mistyped, or from another cluster)")]
+    TokenUnknown,
+    /// The token's policies do not allow the call.
+    #[error("permission denied: {method} needs {resource}:{access}{on}; this token's policies do not grant it")]
+    PermissionDenied {
+        /// The method called.
+        method: String,
+        /// The resource it needs.
+        resource: &'static str,
+        /// The access it needs.
+        access: &'static str,
+        /// ` on key "..."` or ` on prefix "..."`, or empty.
+        on: String,
+    },
+    /// An ACL call on a node without `--acl`.
+    #[error("ACLs are off on this node; start every node with --acl (acl.enabled) to use them")]
+    AclDisabled,
+    /// Bootstrap ran before.
+    #[error("ACLs are bootstrapped already; the first management token was made once and cannot be made again")]
+    AclAlreadyBootstrapped,
+    /// A token named a policy that does not exist.
+    #[error("no ACL policy is named {name:?}")]
+    AclPolicyNotFound {
+        /// The missing policy.
+        name: String,
+    },
+    /// The cluster holds its maximum of policies or tokens.
+    #[error("the cluster holds its maximum number of ACL {what}; delete some first")]
+    AclFull {
+        /// `policies` or `tokens`.
+        what: String,
+    },
     /// Something that cannot happen did.
     #[error("{0}")]
     Internal(String),
@@ -347,7 +414,7 @@ impl ApiError {
                 Described::new(Code::ResourceExhausted, Reason::TooManyRequests, self.to_string())
                     .with("limit", MAX_CONCURRENT_REQUESTS)
             }
-            ApiError::RateLimited { rate, retry_after } => {
+            ApiError::RateLimited { rate, retry_after, .. } => {
                 let mut d = Described::new(Code::ResourceExhausted, Reason::RateLimited, self.to_string())
                     .with("limit", rate)
                     .with("retry_after_ms", retry_after.as_millis());
@@ -384,6 +451,23 @@ impl ApiError {
             ApiError::TaskNotFound { id } => {
                 Described::new(Code::NotFound, Reason::TaskNotFound, self.to_string()).with("task", id)
             }
+            ApiError::TokenRequired(m) => Described::new(Code::Unauthenticated, Reason::TokenRequired, m.clone()),
+            ApiError::TokenUnknown => Described::new(Code::Unauthenticated, Reason::TokenUnknown, self.to_string()),
+            ApiError::PermissionDenied { resource, access, .. } => {
+                Described::new(Code::PermissionDenied, Reason::PermissionDenied, self.to_string())
+                    .with("resource", resource)
+                    .with("access", access)
+            }
+            ApiError::AclDisabled => Described::new(Code::FailedPrecondition, Reason::AclDisabled, self.to_string()),
+            ApiError::AclAlreadyBootstrapped => Described::new(
+                Code::FailedPrecondition,
+                Reason::AclAlreadyBootstrapped,
+                self.to_string(),
+            ),
+            ApiError::AclPolicyNotFound { name } => {
+                Described::new(Code::NotFound, Reason::AclPolicyNotFound, self.to_string()).with("policy", name)
+            }
+            ApiError::AclFull { .. } => Described::new(Code::ResourceExhausted, Reason::AclFull, self.to_string()),
             ApiError::Internal(m) => Described::new(Code::Internal, Reason::Internal, m.clone()),
         }
     }
@@ -828,6 +912,7 @@ mod tests {
             (
                 ApiError::RateLimited {
                     rate: 10,
+                    per: "client address",
                     retry_after: Duration::from_millis(100),
                 },
                 Code::ResourceExhausted,
@@ -962,6 +1047,38 @@ mod tests {
                 ApiError::from(ModelError::Inference(InferenceError::Backend("x".into()))),
                 Code::Internal,
                 Reason::Internal,
+            ),
+            (
+                ApiError::TokenRequired("no token".into()),
+                Code::Unauthenticated,
+                Reason::TokenRequired,
+            ),
+            (ApiError::TokenUnknown, Code::Unauthenticated, Reason::TokenUnknown),
+            (
+                ApiError::PermissionDenied {
+                    method: "/cell0.v1.Kv/Put".into(),
+                    resource: "kv",
+                    access: "write",
+                    on: String::new(),
+                },
+                Code::PermissionDenied,
+                Reason::PermissionDenied,
+            ),
+            (ApiError::AclDisabled, Code::FailedPrecondition, Reason::AclDisabled),
+            (
+                ApiError::AclAlreadyBootstrapped,
+                Code::FailedPrecondition,
+                Reason::AclAlreadyBootstrapped,
+            ),
+            (
+                ApiError::AclPolicyNotFound { name: "p".into() },
+                Code::NotFound,
+                Reason::AclPolicyNotFound,
+            ),
+            (
+                ApiError::AclFull { what: "tokens".into() },
+                Code::ResourceExhausted,
+                Reason::AclFull,
             ),
         ];
         for (e, code, reason) in cases {

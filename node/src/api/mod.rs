@@ -3,12 +3,15 @@
 //! the only place an error becomes a gRPC status (code, message,
 //! `google.rpc.ErrorInfo` reason and the leader hint).
 //!
-//! Every handler runs through [`RequestGate::observe`]. A node has one
+//! Every call passes [`auth::AuthLayer`] first (trace id, ACL token,
+//! audit line), then every handler runs through [`RequestGate::observe`]. A node has one
 //! [`RequestGate`] (made by `server::run`) shared by all of its services,
 //! so the concurrent-request budget belongs to the node: several nodes in
 //! one process (tests, the simulator) each have their own.
 
+pub mod acl;
 pub mod agents;
+pub mod auth;
 pub mod cluster;
 pub mod connlimit;
 pub mod error;
@@ -77,7 +80,11 @@ impl RequestGate {
     where
         F: Future<Output = Result<T, ApiError>>,
     {
-        let trace_id = format!("{:016x}", rand::random::<u64>());
+        // The id the access layer gave the call (and returned in the
+        // `cell0-trace-id` header); a fresh one outside it (tests).
+        let trace_id = auth::TRACE_ID
+            .try_with(String::clone)
+            .unwrap_or_else(|_| auth::new_trace_id());
         let started = Instant::now();
         let result = match self.permits.try_acquire() {
             Ok(_permit) => {

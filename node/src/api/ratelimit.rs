@@ -1,20 +1,22 @@
-//! Request rate limits per client address on the public port
-//! (`limits.client_rate`, `limits.client_burst`): a token bucket per IP
-//! address, checked in one tower layer before any handler runs, so every
-//! method is covered, today's and tomorrow's. Health checks and reflection
-//! are exempt. Off when the rate is 0.
+//! Request rate limits on the public port: token buckets per client address
+//! (`limits.client_rate`, `limits.client_burst`), checked in one tower
+//! layer before any handler runs, so every method is covered, today's and
+//! tomorrow's (health checks and reflection are exempt); and per ACL token
+//! (`limits.token_rate`), checked by the ACL layer once it knows the token
+//! ([`super::auth`]). Off when the rate is 0.
 //!
 //! Invariants:
 //! - A bucket holds at most `burst` tokens and refills at `rate` per
 //!   second; a request takes one or is refused with `RATE_LIMITED`
 //!   (`RESOURCE_EXHAUSTED`, a `RetryInfo` detail and the wait in words).
-//! - At most [`MAX_TRACKED_CLIENTS`] addresses are tracked; when full, the
+//! - At most [`MAX_TRACKED_CLIENTS`] keys are tracked; when full, the
 //!   buckets that refilled completely (idle clients) are dropped, and if
-//!   none did, the new address is let through untracked rather than
-//!   evicting an active one.
+//!   none did, the new key is let through untracked rather than evicting
+//!   an active one.
 //! - The decision is pure over an injected `now` ([`RateLimits::take`]).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -27,7 +29,7 @@ use tonic::transport::server::TcpConnectInfo;
 
 use super::ApiError;
 
-/// Most client addresses tracked at once.
+/// Most client addresses (or tokens) tracked at once.
 pub const MAX_TRACKED_CLIENTS: usize = 65_536;
 
 /// Paths that are never limited: health checks and reflection.
@@ -39,16 +41,16 @@ struct Bucket {
     at: Instant,
 }
 
-/// The buckets of one node.
+/// The buckets of one node, one per key (a client address or a token).
 #[derive(Debug)]
-pub struct RateLimits {
+pub struct RateLimits<K = IpAddr> {
     rate: u32,
     burst: u32,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
 }
 
-impl RateLimits {
-    /// `rate` requests per second per address, bursts of up to `burst`.
+impl<K: Hash + Eq + Copy> RateLimits<K> {
+    /// `rate` requests per second per key, bursts of up to `burst`.
     pub fn new(rate: u32, burst: u32) -> Self {
         Self {
             rate,
@@ -57,9 +59,14 @@ impl RateLimits {
         }
     }
 
+    /// The configured rate.
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+
     /// Takes a token for `client` at `now`, or says how long until one is
     /// there.
-    pub fn take(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
+    pub fn take(&self, client: K, now: Instant) -> Result<(), Duration> {
         let rate = f64::from(self.rate);
         let burst = f64::from(self.burst);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -156,6 +163,7 @@ where
             metrics::counter!("cell0_rate_limited_total").increment(1);
             let status = Status::from(ApiError::RateLimited {
                 rate: limits.rate,
+                per: "client address",
                 retry_after,
             });
             return Box::pin(std::future::ready(Ok(status.into_http())));
@@ -170,7 +178,7 @@ mod tests {
 
     #[test]
     fn each_address_has_its_own_bucket_that_refills_at_the_rate() {
-        let limits = RateLimits::new(10, 3);
+        let limits = RateLimits::<IpAddr>::new(10, 3);
         let (a, b): (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
         let t0 = Instant::now();
         for _ in 0..3 {

@@ -21,7 +21,6 @@ use cell0_proto::v1::agents_client::AgentsClient;
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use super::{Output, connect, print_json, rpc_error};
 use crate::scheduling::now_ms;
@@ -70,7 +69,7 @@ fn spec(name: &str) -> v1::AgentSpec {
 
 /// Waits, on the agent's watch stream (no polling load on the cluster),
 /// until `name` runs with an incarnation above `after`: the agent.
-async fn running(client: &mut AgentsClient<Channel>, name: &str, after: u64) -> anyhow::Result<v1::AgentInfo> {
+async fn running(client: &mut AgentsClient<super::Conn>, name: &str, after: u64) -> anyhow::Result<v1::AgentInfo> {
     let mut stream = client
         .watch(v1::WatchAgentRequest { name: name.into() })
         .await

@@ -2,6 +2,7 @@
 //! gRPC API, prints a table for people or JSON for scripts, and reports
 //! failures as one line with a non-zero exit code.
 
+pub mod acl;
 pub mod agent;
 mod agent_bench;
 pub mod bench;
@@ -19,6 +20,7 @@ use anyhow::Context;
 use cell0_proto::v1::cluster_client::ClusterClient;
 use cell0_proto::v1::{self, RaftRole};
 use serde::Serialize;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// How client commands print their results.
@@ -89,17 +91,58 @@ impl ProgressLine {
     }
 }
 
+/// A connection to a node's public API whose calls carry this process's ACL
+/// token, if it has one ([`use_token`]).
+pub type Conn = InterceptedService<Channel, WithToken>;
+
+/// Adds `authorization: Bearer ...` to every call when a token is set.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WithToken;
+
+/// The `authorization` value of `--token`, once set.
+static TOKEN: std::sync::OnceLock<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = std::sync::OnceLock::new();
+
+impl tonic::service::Interceptor for WithToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = TOKEN.get() {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Makes every call of this process carry `token` (`--token`,
+/// `CELL0_TOKEN`), after checking that it looks like a Cell0 token.
+pub fn use_token(token: &str) -> anyhow::Result<()> {
+    let token = token.trim();
+    if cell0_state::acl::BearerToken::parse(token).is_none() {
+        anyhow::bail!(
+            "the token (--token or CELL0_TOKEN) is not a Cell0 ACL token: expected c0.<32 hex digits>.<64 hex \
+             digits>, as `cell0 acl bootstrap` and `cell0 acl token create` print it"
+        );
+    }
+    let value = format!("Bearer {token}")
+        .parse()
+        .context("the token is not valid header text")?;
+    // Set once, before any connection; a second call keeps the first.
+    let _ = TOKEN.set(value);
+    Ok(())
+}
+
 /// Connects to a node's public API; every call on the channel gives up after
 /// [`REQUEST_TIMEOUT`].
-pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
-    open_channel(endpoint, Some(REQUEST_TIMEOUT)).await
+pub async fn connect(endpoint: &str) -> anyhow::Result<Conn> {
+    Ok(InterceptedService::new(
+        open_channel(endpoint, Some(REQUEST_TIMEOUT)).await?,
+        WithToken,
+    ))
 }
 
 /// Connects to a node's public API for long streams: no call on the channel
 /// has an overall deadline, so the caller must bound each call by its
 /// progress instead (as `cell0 model add` does for uploads).
-pub async fn connect_streaming(endpoint: &str) -> anyhow::Result<Channel> {
-    open_channel(endpoint, None).await
+pub async fn connect_streaming(endpoint: &str) -> anyhow::Result<Conn> {
+    Ok(InterceptedService::new(open_channel(endpoint, None).await?, WithToken))
 }
 
 /// The client TLS configuration of `--ca`, once set.
@@ -172,6 +215,8 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::FailedPrecondition => "failed precondition",
         tonic::Code::AlreadyExists => "already exists",
         tonic::Code::DataLoss => "data loss",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::PermissionDenied => "permission denied",
         _ => "error",
     }
 }

@@ -23,7 +23,6 @@ use cell0_proto::v1::{self, upload_request::Part};
 use clap::Subcommand;
 use futures::Stream;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use super::{Output, REQUEST_TIMEOUT, connect, connect_streaming, print_json, print_list, rpc_error};
 
@@ -206,7 +205,7 @@ impl<S: Stream + Unpin> Stream for Watched<S> {
 /// takes no data for `idle`, or, once every chunk is sent, does not answer
 /// within `idle` plus the time to sync the file.
 async fn upload_file(
-    client: &mut ModelsClient<Channel>,
+    client: &mut ModelsClient<super::Conn>,
     path: PathBuf,
     sha256: String,
     size: u64,
@@ -437,7 +436,7 @@ mod tests {
     }
 
     /// Starts `node` on a loopback port and returns a streaming client of it.
-    async fn serve(node: SlowNode) -> ModelsClient<Channel> {
+    async fn serve(node: SlowNode) -> ModelsClient<crate::cli::Conn> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
