@@ -35,10 +35,9 @@ use http_body_util::BodyExt;
 use prost::Message;
 use tonic::Status;
 use tonic::codegen::http;
-use tonic::transport::server::TcpConnectInfo;
 
 use super::ApiError;
-use super::ratelimit::RateLimits;
+use super::ratelimit::{RateLimits, client_of};
 use crate::audit::{AuditLog, AuditRecord};
 
 /// The largest request body the layer reads to find a key (the default
@@ -430,18 +429,6 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct Authed<S> {
     inner: S,
     state: Arc<AuthState>,
-}
-
-fn client_of<B>(req: &http::Request<B>) -> Option<IpAddr> {
-    req.extensions()
-        .get::<TcpConnectInfo>()
-        .and_then(|i| i.remote_addr)
-        .or_else(|| {
-            req.extensions()
-                .get::<cell0_tls::wire::TlsConnectInfo>()
-                .and_then(|i| i.remote_addr)
-        })
-        .map(|a| a.ip())
 }
 
 /// A new trace id: 16 hex digits.

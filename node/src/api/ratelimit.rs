@@ -127,7 +127,7 @@ pub struct RateLimited<S> {
 }
 
 /// The client address of a request, as the server's listener recorded it.
-fn client_of<B>(req: &http::Request<B>) -> Option<IpAddr> {
+pub(super) fn client_of<B>(req: &http::Request<B>) -> Option<IpAddr> {
     req.extensions()
         .get::<TcpConnectInfo>()
         .and_then(|i| i.remote_addr)
