@@ -627,7 +627,13 @@ impl NodeConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| bad("config", format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| bad("config", format!("{}: {}", path.display(), e.message())))
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses a configuration file's text; `origin` names it in errors.
+    /// Does not validate ([`NodeConfig::validate`] does).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| bad("config", format!("{origin}: {}", e.message())))
     }
 
     /// The address other nodes use for the internal API.

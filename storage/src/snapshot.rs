@@ -352,7 +352,7 @@ impl SnapshotReader {
 impl<R: Read> SnapshotReader<R> {
     /// Reads a snapshot file from `input` (`path` names it in errors;
     /// `file_bytes` is its size, for progress) and reads its header.
-    pub(crate) fn from_reader(input: R, path: &Path, file_bytes: u64) -> Result<Self> {
+    pub fn from_reader(input: R, path: &Path, file_bytes: u64) -> Result<Self> {
         let mut input = HashingReader {
             inner: BufReader::with_capacity(BUFFER_BYTES, input),
             hash: Sha256::new(),

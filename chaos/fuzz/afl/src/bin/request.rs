@@ -1,0 +1,12 @@
+//! AFL++ binary of the `request` fuzz target (cell0-fuzz). The node starts
+//! on the first input, inside the process AFL++ forked (threads do not
+//! survive a fork), and serves every later input of that process.
+
+use std::sync::OnceLock;
+
+fn main() {
+    let target: OnceLock<cell0_fuzz::RequestTarget> = OnceLock::new();
+    afl::fuzz!(|data: &[u8]| {
+        let _ = target.get_or_init(cell0_fuzz::RequestTarget::start).run(data);
+    });
+}
