@@ -27,7 +27,7 @@ use cell0_consensus::{NodeId, NodeInfo, TypeConfig};
 use cell0_state::codec;
 use cell0_state::{Command, Limits, MemTxn};
 
-mod request;
+pub mod request;
 
 pub use request::RequestTarget;
 
