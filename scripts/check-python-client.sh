@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Generates a Python client from proto/ with grpcio-tools and runs Put/Get
+# Generates a Python client from proto/ with grpcio-tools and runs Put/Get and
+# server reflection (grpcio-reflection, v1alpha)
 # through every given node: scripts/check-python-client.sh 127.0.0.1:7100 127.0.0.1:7200 ...
 # The virtual environment is kept in $CELL0_PY_VENV (default /var/tmp/cell0-pyclient-venv).
 set -euo pipefail

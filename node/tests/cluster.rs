@@ -205,8 +205,23 @@ async fn health_metrics_and_reflection_are_served() {
     }
 
     let services = list_services(&node.endpoint()).await;
-    for s in ["cell0.v1.Kv", "cell0.v1.Cluster", "grpc.health.v1.Health"] {
+    for s in [
+        "cell0.v1.Kv",
+        "cell0.v1.Cluster",
+        "cell0.v1.Acl",
+        "grpc.health.v1.Health",
+    ] {
         assert!(services.iter().any(|x| x == s), "{s} not in {services:?}");
+    }
+    // The same through v1alpha, for clients that speak only that.
+    let services = list_services_v1alpha(&node.endpoint()).await;
+    for s in [
+        "cell0.v1.Kv",
+        "cell0.v1.Cluster",
+        "cell0.v1.Acl",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.iter().any(|x| x == s), "v1alpha: {s} not in {services:?}");
     }
 }
 

@@ -1,11 +1,13 @@
 """Put through one Cell0 node and Get (and Embed) through every node, with a client
 generated from proto/ by grpcio-tools: proves the .proto files are a usable
-contract for other languages."""
+contract for other languages. Then lists every node's services through
+grpcio-reflection (reflection v1alpha)."""
 
 import sys
 import uuid
 
 import grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from cell0.v1 import cluster_pb2, cluster_pb2_grpc, inference_pb2, inference_pb2_grpc, kv_pb2, kv_pb2_grpc
 
@@ -55,6 +57,15 @@ def main(endpoints):
         diff = max(abs(a - b) for va, vb in zip(vectors[0], other) for a, b in zip(va, vb))
         if diff > 1e-4:
             sys.exit(f"nodes disagree on embeddings by {diff}")
+    # Server reflection through grpcio-reflection's client, which speaks
+    # v1alpha only: every node lists the Cell0 services.
+    for endpoint in endpoints:
+        with grpc.insecure_channel(endpoint) as ch:
+            services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+            missing = {"cell0.v1.Kv", "cell0.v1.Cluster", "grpc.health.v1.Health"} - services
+            if missing:
+                sys.exit(f"reflection via {endpoint} lacks {sorted(missing)}: {sorted(services)}")
+            print(f"reflection (v1alpha) via {endpoint}: {len(services)} services")
     print("python client: all checks passed")
 
 

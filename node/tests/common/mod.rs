@@ -393,6 +393,31 @@ pub async fn list_services(endpoint: &str) -> Vec<String> {
     }
 }
 
+/// The services reflection `v1alpha` lists (what Python's grpcio-reflection
+/// and older grpcurl builds ask).
+pub async fn list_services_v1alpha(endpoint: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let mut client = ServerReflectionClient::new(channel(endpoint).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().expect("a reflection reply");
+    match reply.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection reply {other:?}"),
+    }
+}
+
 /// Every agent (up to 1,000), in name order.
 pub async fn agents(endpoint: &str) -> Vec<v1::AgentInfo> {
     AgentsClient::new(channel(endpoint).await)
