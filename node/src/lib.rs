@@ -37,3 +37,4 @@ mod ops;
 mod resources;
 mod runner;
 mod scheduling;
+mod sdnotify;

@@ -58,6 +58,7 @@ use crate::datadir::DataDir;
 use crate::models::ModelManager;
 use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
+use crate::sdnotify;
 use crate::supervisor::{Backoff, Supervisor, TaskEnd, stopped};
 use crate::{autopilot, gossip, internal_tls};
 use crate::{leases, ops, resources, runner, scheduling, telemetry};
@@ -604,6 +605,14 @@ async fn report_health(
 ) {
     let mut metrics = consensus.raft().metrics();
     let mut last = None;
+    // Under systemd (`Type=notify`): READY=1 once, STOPPING=1 on shutdown,
+    // and the watchdog while the node runs.
+    let systemd = sdnotify::Notifier::from_env();
+    let mut watchdog = systemd
+        .as_ref()
+        .and_then(sdnotify::Notifier::watchdog_interval)
+        .map(tokio::time::interval);
+    let mut told_ready = false;
     loop {
         let ready = readiness.not_ready_reason().is_none();
         if last != Some(ready) {
@@ -617,9 +626,29 @@ async fn report_health(
             }
             last = Some(ready);
         }
+        if ready
+            && !told_ready
+            && let Some(n) = &systemd
+        {
+            n.notify("READY=1\nSTATUS=serving");
+            told_ready = true;
+        }
         tokio::select! {
             r = metrics.changed() => if r.is_err() { return },
+            _ = async {
+                match watchdog.as_mut() {
+                    Some(w) => w.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(n) = &systemd {
+                    n.notify("WATCHDOG=1");
+                }
+            }
             () = stopped(&mut stop) => {
+                if let Some(n) = &systemd {
+                    n.notify("STOPPING=1\nSTATUS=shutting down");
+                }
                 for service in HEALTH_SERVICES {
                     health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
                 }
