@@ -192,3 +192,41 @@ pub async fn export_raft_metrics(consensus: Consensus, mut stop: watch::Receiver
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The Prometheus rules in deploy/ use only documented metrics, and
+    /// each rule has its runbook paragraph.
+    #[test]
+    fn every_alert_rule_uses_documented_metrics_and_has_a_runbook() {
+        let rules = include_str!("../../deploy/prometheus/alerts.yml");
+        let docs = include_str!("../../docs/operations.md");
+        let (_, metrics_section) = docs.split_once("## Metrics").expect("a metrics section");
+        let mut alerts = 0;
+        for line in rules.lines() {
+            if let Some(name) = line.trim().strip_prefix("- alert: ") {
+                alerts += 1;
+                assert!(
+                    docs.contains(&format!("### {name}\n")),
+                    "{name} has no runbook in docs/operations.md"
+                );
+                let anchor = format!("docs/operations.md#{}", name.to_lowercase());
+                assert!(rules.contains(&anchor), "{name} does not link {anchor}");
+            }
+            let mut rest = line;
+            while let Some(at) = rest.find("cell0_") {
+                let metric: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+                    .collect();
+                let base = metric.strip_suffix("_bucket").unwrap_or(&metric);
+                assert!(
+                    metrics_section.contains(&format!("`{base}")),
+                    "{base} (alerts.yml) is not in the metrics table of docs/operations.md"
+                );
+                rest = &rest[at + metric.len()..];
+            }
+        }
+        assert_eq!(alerts, 7);
+    }
+}
