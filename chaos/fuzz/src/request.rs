@@ -150,6 +150,8 @@ impl RequestTarget {
         });
         let channel = runtime.block_on(async {
             let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{public}")).expect("an endpoint");
+            // Polls (100 ms, at most a minute): the node's listener has no
+            // readiness signal this process can wait on.
             for _ in 0..600 {
                 if let Ok(c) = endpoint.connect().await {
                     return c;
@@ -160,6 +162,7 @@ impl RequestTarget {
         });
         let management = runtime.block_on(async {
             let mut client = cell0_proto::v1::acl_client::AclClient::new(channel.clone());
+            // Polls until the node has elected itself and can commit.
             for _ in 0..600 {
                 if let Ok(r) = client.bootstrap(cell0_proto::v1::AclBootstrapRequest {}).await {
                     return r.into_inner().secret;

@@ -369,53 +369,44 @@ pub async fn get(endpoint: &str, key: &str, serializable: bool) -> Option<Vec<u8
         .map(|kv| kv.value.to_vec())
 }
 
-/// The services a node lists through gRPC server reflection.
-pub async fn list_services(endpoint: &str) -> Vec<String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+/// The services gRPC reflection lists through the given version of the
+/// protocol (`v1` or `v1alpha`, which tonic-reflection generates alike).
+macro_rules! reflection_services {
+    ($version:ident, $endpoint:expr) => {{
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
 
-    let mut client = ServerReflectionClient::new(channel(endpoint).await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut replies = client
-        .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let reply = replies.message().await.unwrap().expect("a reflection reply");
-    match reply.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
-        other => panic!("unexpected reflection reply {other:?}"),
-    }
+        let mut client = ServerReflectionClient::new(channel($endpoint).await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = client
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.message().await.unwrap().expect("a reflection reply");
+        match reply.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect::<Vec<String>>()
+            }
+            other => panic!("unexpected reflection reply {other:?}"),
+        }
+    }};
+}
+
+/// The services reflection `v1` lists.
+pub async fn list_services(endpoint: &str) -> Vec<String> {
+    reflection_services!(v1, endpoint)
 }
 
 /// The services reflection `v1alpha` lists (what Python's grpcio-reflection
 /// and older grpcurl builds ask).
 pub async fn list_services_v1alpha(endpoint: &str) -> Vec<String> {
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-
-    let mut client = ServerReflectionClient::new(channel(endpoint).await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut replies = client
-        .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let reply = replies.message().await.unwrap().expect("a reflection reply");
-    match reply.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
-        other => panic!("unexpected reflection reply {other:?}"),
-    }
+    reflection_services!(v1alpha, endpoint)
 }
 
 /// Every agent (up to 1,000), in name order.
