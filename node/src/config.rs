@@ -122,6 +122,11 @@ impl AuditConfig {
     }
 }
 
+/// A configured burst, where 0 means "the same as the rate".
+fn burst_or_rate(burst: u32, rate: u32) -> u32 {
+    if burst == 0 { rate } else { burst }
+}
+
 /// Request limits on the public port (`[limits]`); the defaults set none.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -144,20 +149,12 @@ pub struct LimitsConfig {
 impl LimitsConfig {
     /// The burst per client address in effect.
     pub fn burst(&self) -> u32 {
-        if self.client_burst == 0 {
-            self.client_rate
-        } else {
-            self.client_burst
-        }
+        burst_or_rate(self.client_burst, self.client_rate)
     }
 
     /// The burst per token in effect.
     pub fn token_burst(&self) -> u32 {
-        if self.token_burst == 0 {
-            self.token_rate
-        } else {
-            self.token_burst
-        }
+        burst_or_rate(self.token_burst, self.token_rate)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -678,10 +678,14 @@ impl Authorizer {
     /// access at `prefix` itself and at every such point under it.
     fn kv_under(&self, prefix: &[u8]) -> Access {
         let mut least = self.kv_at(prefix);
+        // The rule prefixes under `prefix` (itself excluded) follow it in
+        // the map, one after another.
+        let after = (std::ops::Bound::Excluded(prefix), std::ops::Bound::Unbounded);
         for rule_prefix in self
             .kv
-            .keys()
-            .filter(|p| p.len() > prefix.len() && p.starts_with(prefix))
+            .range::<[u8], _>(after)
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(prefix))
         {
             least = least.min(self.kv_at(rule_prefix));
             if let Some(end) = prefix_end(rule_prefix).filter(|e| e.starts_with(prefix)) {

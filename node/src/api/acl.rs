@@ -113,6 +113,30 @@ pub fn access_to_proto(a: Access) -> v1::AclAccess {
     }
 }
 
+/// The resource of a wire value; `None` for unspecified or unknown values.
+pub fn resource_from_proto(value: i32) -> Option<Resource> {
+    match v1::AclResource::try_from(value).ok()? {
+        v1::AclResource::Kv => Some(Resource::Kv),
+        v1::AclResource::Agents => Some(Resource::Agents),
+        v1::AclResource::Tasks => Some(Resource::Tasks),
+        v1::AclResource::Nodes => Some(Resource::Nodes),
+        v1::AclResource::Models => Some(Resource::Models),
+        v1::AclResource::Operator => Some(Resource::Operator),
+        v1::AclResource::Acl => Some(Resource::Acl),
+        v1::AclResource::Unspecified => None,
+    }
+}
+
+/// The access of a wire value; `None` for unspecified or unknown values.
+pub fn access_from_proto(value: i32) -> Option<Access> {
+    match v1::AclAccess::try_from(value).ok()? {
+        v1::AclAccess::Deny => Some(Access::Deny),
+        v1::AclAccess::Read => Some(Access::Read),
+        v1::AclAccess::Write => Some(Access::Write),
+        v1::AclAccess::Unspecified => None,
+    }
+}
+
 fn policy_to_proto(p: Policy) -> v1::AclPolicy {
     v1::AclPolicy {
         name: p.name,
@@ -135,39 +159,22 @@ fn policy_from_proto(p: v1::AclPolicy) -> Result<Policy, ApiError> {
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let resource = match v1::AclResource::try_from(r.resource) {
-                Ok(v1::AclResource::Kv) => Resource::Kv,
-                Ok(v1::AclResource::Agents) => Resource::Agents,
-                Ok(v1::AclResource::Tasks) => Resource::Tasks,
-                Ok(v1::AclResource::Nodes) => Resource::Nodes,
-                Ok(v1::AclResource::Models) => Resource::Models,
-                Ok(v1::AclResource::Operator) => Resource::Operator,
-                Ok(v1::AclResource::Acl) => Resource::Acl,
-                Ok(v1::AclResource::Unspecified) | Err(_) => {
-                    return Err(ApiError::invalid(
-                        &format!("policy.rules[{i}].resource"),
-                        "must be one of kv, agents, tasks, nodes, models, operator, acl",
-                    ));
-                }
-            };
-            let access = match v1::AclAccess::try_from(r.access) {
-                Ok(v1::AclAccess::Deny) => Access::Deny,
-                Ok(v1::AclAccess::Read) => Access::Read,
-                Ok(v1::AclAccess::Write) => Access::Write,
-                Ok(v1::AclAccess::Unspecified) | Err(_) => {
-                    return Err(ApiError::invalid(
-                        &format!("policy.rules[{i}].access"),
-                        "must be deny, read or write",
-                    ));
-                }
-            };
+            let resource = resource_from_proto(r.resource).ok_or_else(|| {
+                ApiError::invalid(
+                    &format!("policy.rules[{i}].resource"),
+                    "must be one of kv, agents, tasks, nodes, models, operator, acl",
+                )
+            })?;
+            let access = access_from_proto(r.access).ok_or_else(|| {
+                ApiError::invalid(&format!("policy.rules[{i}].access"), "must be deny, read or write")
+            })?;
             Ok(Rule {
                 resource,
                 prefix: r.prefix.to_vec(),
                 access,
             })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Policy {
         name: p.name,
         description: p.description,

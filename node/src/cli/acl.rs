@@ -12,6 +12,7 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use super::{Output, connect, print_json, print_list, rpc_error};
+use crate::api::acl::{access_from_proto, access_to_proto, resource_from_proto, resource_to_proto};
 
 /// ACL commands.
 #[derive(Subcommand)]
@@ -91,23 +92,20 @@ pub fn parse_rule(text: &str) -> anyhow::Result<v1::AclRule> {
         anyhow::bail!("rule {text:?}: only kv rules take a prefix");
     }
     Ok(v1::AclRule {
-        resource: crate::api::acl::resource_to_proto(resource) as i32,
+        resource: resource_to_proto(resource) as i32,
         prefix: prefix.as_bytes().to_vec().into(),
-        access: crate::api::acl::access_to_proto(access) as i32,
+        access: access_to_proto(access) as i32,
     })
 }
 
 fn show_rule(r: &v1::AclRule) -> String {
-    let resource = v1::AclResource::try_from(r.resource)
-        .map(|r| r.as_str_name().trim_start_matches("ACL_RESOURCE_").to_lowercase())
-        .unwrap_or_else(|_| "?".into());
-    let access = v1::AclAccess::try_from(r.access)
-        .map(|a| a.as_str_name().trim_start_matches("ACL_ACCESS_").to_lowercase())
-        .unwrap_or_else(|_| "?".into());
-    if r.resource == v1::AclResource::Kv as i32 && !r.prefix.is_empty() {
-        format!("{resource}:{}={access}", String::from_utf8_lossy(&r.prefix))
+    let resource = resource_from_proto(r.resource);
+    let name = resource.map_or("?", Resource::as_str);
+    let access = access_from_proto(r.access).map_or("?", Access::as_str);
+    if resource == Some(Resource::Kv) && !r.prefix.is_empty() {
+        format!("{name}:{}={access}", String::from_utf8_lossy(&r.prefix))
     } else {
-        format!("{resource}={access}")
+        format!("{name}={access}")
     }
 }
 
