@@ -492,7 +492,7 @@ where
     let needs_target =
         path != STREAMED_REQUEST && (audited || (state.tokens.is_some() && matches!(guard, Guard::Kv(_))));
     let client = client_of(&req);
-    let (req, target) = if needs_target {
+    let (mut req, target) = if needs_target {
         match buffered(req).await {
             Ok((req, bytes)) => {
                 let target = message_of(&bytes).and_then(|m| target(&path, m));
@@ -515,25 +515,10 @@ where
     } else {
         (req, None)
     };
-    let (mut req, decision) = {
-        let decision = state.authorize(&path, guard, req.headers(), target.as_ref()).await;
-        (req, decision)
-    };
-    match decision {
+    match state.authorize(&path, guard, req.headers(), target.as_ref()).await {
         Err(e) => {
-            let principal = None;
             let response = Status::from(e).into_http();
-            Ok(finish(
-                &state,
-                &path,
-                client,
-                principal,
-                target.as_ref(),
-                &trace_id,
-                response,
-                true,
-            )
-            .await)
+            Ok(finish(&state, &path, client, None, target.as_ref(), &trace_id, response, true).await)
         }
         Ok(principal) => {
             let accessor = principal.as_ref().map(|p| p.accessor);
