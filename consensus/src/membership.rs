@@ -10,6 +10,8 @@
 //! - A voter is removed only when the voters left keep a reachable quorum
 //!   (etcd's strict reconfiguration check), so no change is proposed that
 //!   could never commit.
+//! - A voter is removed in two steps, voter to learner, then out, so a
+//!   reachable one hears it no longer votes and never campaigns after.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -28,6 +30,10 @@ use crate::types::{NodeId, NodeInfo};
 /// How far behind the leader's last log index a learner may be and still be
 /// promoted to voter. A further one would stall commits while it catches up.
 pub const MAX_PROMOTION_LAG: u64 = 1_000;
+
+/// How long the removal of a reachable voter waits for it to hear that it
+/// became a learner before it is removed.
+const DEMOTION_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether `addr` (host:port) names the local host.
 pub(crate) fn is_loopback(addr: &str) -> bool {
@@ -240,7 +246,7 @@ impl Inner {
             return Err(ConsensusError::NotFound(format!("node {id:016x} is not a member")));
         }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let change = if voters.contains(&id) {
+        if voters.contains(&id) {
             if voters.len() == 1 {
                 return Err(ConsensusError::invalid(
                     "node_id",
@@ -259,15 +265,51 @@ impl Inner {
                     ),
                 ));
             }
-            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
-        } else {
-            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
-        };
+            // First a learner: it hears that it no longer votes while the
+            // leader still replicates to it, so once cut off it never
+            // campaigns (a removed voter that missed its removal would
+            // keep calling elections and never learn it left).
+            let demoted = self
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true)
+                .await
+                .map_err(map_write_error)?;
+            tracing::info!(node = id, "removed voter is now a learner");
+            self.wait_matched(id, demoted.log_id.index, DEMOTION_WAIT).await;
+            if !self.is_leader() {
+                // The leader demoted itself: the next one removes it (the
+                // caller's retry finds a learner).
+                return Err(ConsensusError::not_leader(None, None));
+            }
+        }
         self.raft
-            .change_membership(change, false)
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
             .await
             .map_err(map_write_error)?;
+        tracing::info!(node = id, "removed member");
         Ok(ForwardResponse::Done)
+    }
+
+    /// Waits until `id` holds log index `index`, for at most `limit`, and
+    /// only while it is reachable: best effort, for a change it should hear.
+    async fn wait_matched(&self, id: NodeId, index: u64, limit: Duration) {
+        if id == self.id {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut rx = self.raft.metrics();
+        while self.reachable(id) && tokio::time::Instant::now() < deadline {
+            let matched = rx
+                .borrow_and_update()
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).copied().flatten())
+                .map_or(0, |l| l.index);
+            if matched >= index {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+        }
     }
 }
 

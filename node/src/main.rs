@@ -92,6 +92,11 @@ enum Command {
     /// Act on a stopped node's data (disaster recovery).
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Check this machine and the node its config describes (ports, data
+    /// dir, free space, certificates, inference, cluster health, clocks)
+    /// and print each problem with the fix; fails when one is found. Takes
+    /// the config file and flags `cell0 run` gets.
+    Doctor(Box<RunArgs>),
 }
 
 #[derive(Subcommand)]
@@ -440,6 +445,10 @@ fn main() -> ExitCode {
                 }
                 let (config, _) = node.into_config()?;
                 snapshot::restore(cli.output, &file, &config).await
+            }
+            Command::Doctor(node) => {
+                let (config, _) = node.into_config()?;
+                cli::doctor::run(&config, cli.output).await
             }
             Command::Operator(OperatorCommand::Recover { data_dir, dry_run }) => {
                 snapshot::recover(cli.output, &data_dir, dry_run).await

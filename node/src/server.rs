@@ -373,7 +373,43 @@ async fn serve(
         telemetry::export_raft_metrics(consensus.clone(), stop()),
     );
 
-    if !consensus.is_initialized().await {
+    if consensus.is_initialized().await {
+        tracing::info!("rejoining the cluster from the data dir");
+        if !config.join.is_empty() {
+            // A node that left (`cell0 node leave`) or was removed while it
+            // was away asks to be added again, as a new node would; for a
+            // member the join changes nothing (it is idempotent).
+            if config.gossip.enabled {
+                tasks.spawn(
+                    "rejoin",
+                    form_cluster(
+                        consensus.clone(),
+                        gossip_view.clone(),
+                        None,
+                        info,
+                        readiness.clone(),
+                        stop(),
+                    ),
+                );
+            } else {
+                tasks.spawn(
+                    "rejoin",
+                    join_loop(
+                        consensus.clone(),
+                        config.join.clone(),
+                        id,
+                        info,
+                        readiness.clone(),
+                        stop(),
+                    ),
+                );
+            }
+            tasks.spawn(
+                "leave-drain",
+                end_leave_drain(consensus.clone(), readiness.clone(), stop()),
+            );
+        }
+    } else {
         let through_gossip = config.gossip.enabled && !config.bootstrap && !config.join.is_empty();
         if config.bootstrap_expect.is_some() || through_gossip {
             readiness.set_joining(true);
@@ -405,8 +441,6 @@ async fn serve(
                 ),
             );
         }
-    } else {
-        tracing::info!("rejoining the cluster from the data dir");
     }
     tasks.spawn(
         "scheduler",
@@ -538,6 +572,61 @@ async fn form_cluster(
                     last_seen = Some(seen);
                 }
             }
+        }
+    }
+}
+
+/// After a node that left is added again: ends the drain its leave began
+/// (`cell0 node leave` drains before it removes), so it takes agents again.
+/// A drain for any other reason stays. Waits until the node is ready.
+async fn end_leave_drain(
+    consensus: Consensus,
+    readiness: ops::Readiness,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use cell0_consensus::agents::{self, AgentCommand, NodeState};
+    let id = consensus.id();
+    let mut poll = tokio::time::interval(FORMATION_POLL);
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => return Ok(()),
+            _ = poll.tick() => {}
+        }
+        if readiness.not_ready_reason().is_some() {
+            continue;
+        }
+        let status = match consensus
+            .read(cell0_consensus::Consistency::Linearizable, move |txn| {
+                agents::node_status(txn, id)
+            })
+            .await
+        {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading this node's scheduling status; will retry");
+                continue;
+            }
+        };
+        if status.state != NodeState::Draining || status.reason != crate::cli::leave::DRAIN_REASON {
+            return Ok(());
+        }
+        let ended = consensus
+            .propose(
+                AgentCommand::SetNodeState {
+                    node: id,
+                    state: NodeState::Ready,
+                    reason: "rejoined the cluster".into(),
+                    at_ms: crate::scheduling::now_ms(),
+                }
+                .into_command(),
+            )
+            .await;
+        match ended {
+            Ok(_) => {
+                tracing::info!("rejoined: this node takes agents again");
+                return Ok(());
+            }
+            Err(e) => tracing::debug!(error = %e, "ending the drain of this node's leave; will retry"),
         }
     }
 }

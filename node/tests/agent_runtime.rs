@@ -309,6 +309,7 @@ async fn tasks_complete_exactly_once_while_a_drain_moves_their_agents() {
                     node: *busiest,
                     max_parallel: MAX_PARALLEL,
                     deadline_ms: 0,
+                    reason: String::new(),
                 })
                 .await
                 .unwrap();

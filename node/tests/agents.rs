@@ -274,6 +274,7 @@ async fn bad_specs_are_refused_naming_the_field() {
                 node: me,
                 max_parallel: 10_001,
                 deadline_ms: 0,
+                ..Default::default()
             },
             "max_parallel",
         ),
@@ -282,6 +283,7 @@ async fn bad_specs_are_refused_naming_the_field() {
                 node: me,
                 max_parallel: 1,
                 deadline_ms: u64::MAX,
+                ..Default::default()
             },
             "deadline_ms",
         ),
@@ -290,8 +292,17 @@ async fn bad_specs_are_refused_naming_the_field() {
                 node: 42,
                 max_parallel: 1,
                 deadline_ms: 0,
+                ..Default::default()
             },
             "node",
+        ),
+        (
+            v1::DrainNodeRequest {
+                node: me,
+                reason: "x".repeat(257),
+                ..Default::default()
+            },
+            "reason",
         ),
     ] {
         let err = nodes.drain(request).await.unwrap_err();

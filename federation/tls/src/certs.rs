@@ -100,6 +100,19 @@ impl Validity {
             until: now + Duration::days(i64::from(days)),
         })
     }
+
+    /// The validity of the (first) certificate in the PEM file `path`.
+    pub fn of_file(path: &Path) -> Result<Self, TlsError> {
+        let pem = crate::read(path)?;
+        let params = CertificateParams::from_ca_cert_pem(&pem).map_err(|e| TlsError::Parse {
+            path: path.to_path_buf(),
+            detail: format!("not a PEM certificate: {e}"),
+        })?;
+        Ok(Self {
+            from: params.not_before,
+            until: params.not_after,
+        })
+    }
 }
 
 /// What a node certificate says.
@@ -291,5 +304,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("san"), "{e}");
+    }
+
+    #[test]
+    fn a_certificate_file_tells_its_validity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CaFiles::in_dir(dir.path());
+        let made = Validity::days(30).unwrap();
+        create_ca(&ca, "prod", made).unwrap();
+        let read = Validity::of_file(&ca.cert).unwrap();
+        // A certificate keeps whole seconds.
+        assert_eq!(read.until.unix_timestamp(), made.until.unix_timestamp());
+        assert_eq!(read.from.unix_timestamp(), made.from.unix_timestamp());
+        let e = Validity::of_file(&ca.key).unwrap_err();
+        assert!(e.to_string().contains("not a PEM certificate"), "{e}");
     }
 }

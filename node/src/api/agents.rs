@@ -35,6 +35,9 @@ const DEFAULT_LIST_PAGE: u32 = 100;
 /// Longest drain deadline, in milliseconds (30 days).
 pub const MAX_DRAIN_DEADLINE_MS: u64 = 30 * 24 * 3600 * 1000;
 
+/// The longest reason a drain may give.
+pub const MAX_DRAIN_REASON_BYTES: usize = 256;
+
 /// The page size a request's `limit` asks for, checked.
 pub(super) fn page_limit(limit: u32) -> Result<usize, ApiError> {
     match limit {
@@ -338,14 +341,23 @@ impl AgentsApi {
                 format!("is {}; the limit is {MAX_DRAIN_DEADLINE_MS} (30 days)", req.deadline_ms),
             ));
         }
+        if req.reason.len() > MAX_DRAIN_REASON_BYTES {
+            return Err(ApiError::invalid(
+                "reason",
+                format!("is {} bytes; the limit is {MAX_DRAIN_REASON_BYTES}", req.reason.len()),
+            ));
+        }
         self.check_node(req.node).await?;
         let now = now_ms();
-        let mut reason = String::from("drained by an operator");
-        if req.max_parallel > 0 {
-            reason.push_str(&format!(", {} at a time", req.max_parallel));
-        }
-        if req.deadline_ms > 0 {
-            reason.push_str(&format!(", the rest after {} s", req.deadline_ms / 1000));
+        let mut reason = req.reason;
+        if reason.is_empty() {
+            reason.push_str("drained by an operator");
+            if req.max_parallel > 0 {
+                reason.push_str(&format!(", {} at a time", req.max_parallel));
+            }
+            if req.deadline_ms > 0 {
+                reason.push_str(&format!(", the rest after {} s", req.deadline_ms / 1000));
+            }
         }
         self.propose(AgentCommand::Drain {
             node: req.node,

@@ -224,6 +224,7 @@ impl Cluster for ClusterApi {
                     applied_index: s.applied_index,
                     version: env!("CARGO_PKG_VERSION").to_string(),
                     revision: s.revision,
+                    unix_time_ms: crate::scheduling::now_ms(),
                 }))
             })
             .await

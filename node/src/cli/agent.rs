@@ -110,6 +110,15 @@ pub enum NodeCommand {
         #[arg(long)]
         disable: bool,
     },
+    /// The node at --endpoint leaves the cluster gracefully: its agents
+    /// move to other nodes, then it is removed from the Raft group. Stop
+    /// its process afterwards; started again with --join, it is added again.
+    Leave {
+        /// After this long, the agents still on the node move at once:
+        /// e.g. `90s`, `10m`.
+        #[arg(long, value_parser = parse_duration, default_value = "60s")]
+        drain_deadline: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,7 +419,8 @@ struct NodeView {
 
 /// Runs a node command against `endpoint`.
 pub async fn run_node(endpoint: &str, output: Output, cmd: NodeCommand) -> anyhow::Result<()> {
-    let mut client = NodesClient::new(connect(endpoint).await?);
+    let conn = connect(endpoint).await?;
+    let mut client = NodesClient::new(conn.clone());
     match cmd {
         NodeCommand::Ls => {
             let nodes = client
@@ -480,6 +490,7 @@ pub async fn run_node(endpoint: &str, output: Output, cmd: NodeCommand) -> anyho
                     node,
                     max_parallel,
                     deadline_ms,
+                    reason: String::new(),
                 })
                 .await
                 .map_err(rpc_error)?;
@@ -502,6 +513,7 @@ pub async fn run_node(endpoint: &str, output: Output, cmd: NodeCommand) -> anyho
             );
             Ok(())
         }
+        NodeCommand::Leave { drain_deadline } => super::leave::leave(conn, drain_deadline).await,
     }
 }
 

@@ -6,9 +6,11 @@ pub mod acl;
 pub mod agent;
 mod agent_bench;
 pub mod bench;
+pub mod doctor;
 mod gossip_bench;
 pub mod infer;
 pub mod kv;
+pub mod leave;
 pub mod model;
 pub mod snapshot;
 pub mod task;
@@ -189,7 +191,7 @@ pub fn rpc_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", rpc_error_line(&s))
 }
 
-fn rpc_error_line(s: &tonic::Status) -> String {
+pub(crate) fn rpc_error_line(s: &tonic::Status) -> String {
     let hint = s
         .metadata()
         .get(crate::api::LEADER_METADATA)

@@ -149,6 +149,11 @@ impl Node {
         self.ports.endpoint()
     }
 
+    /// The flags of this node's `cell0 run` (what `cell0 doctor` takes).
+    pub fn flags(&self) -> Vec<String> {
+        run_flags(&self.name, &self.dir, self.ports, &self.extra)
+    }
+
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -192,6 +197,41 @@ impl Node {
     }
 }
 
+/// Whether this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The flags `cell0 run` gets for a node (also what `cell0 doctor` takes).
+pub fn run_flags(name: &str, dir: &Path, ports: Ports, extra: &[String]) -> Vec<String> {
+    let mut flags = Vec::new();
+    // Plaintext between nodes unless the test gives certificates.
+    if !extra.iter().any(|f| f == "--tls-ca" || f == "--insecure") {
+        flags.push("--insecure".to_string());
+    }
+    flags.extend([
+        "--data-dir".to_string(),
+        dir.display().to_string(),
+        "--name".to_string(),
+        name.to_string(),
+        "--listen-public".to_string(),
+        ports.addr(ports.public),
+        "--listen-internal".to_string(),
+        ports.addr(ports.internal),
+        "--listen-http".to_string(),
+        ports.addr(ports.http),
+    ]);
+    flags.extend(extra.iter().cloned());
+    flags
+}
+
 /// Spawns `cell0 run` for a node (under `wrapper`, which must exec it in
 /// the same process), its log appended to `<dir>.log`.
 fn spawn(wrapper: &[String], name: &str, dir: &Path, ports: Ports, extra: &[String], env: &[(&str, &str)]) -> Child {
@@ -208,19 +248,9 @@ fn spawn(wrapper: &[String], name: &str, dir: &Path, ports: Ports, extra: &[Stri
         }
         None => Command::new(bin()),
     };
-    command.arg("run");
-    // Plaintext between nodes unless the test gives certificates.
-    if !extra.iter().any(|f| f == "--tls-ca" || f == "--insecure") {
-        command.arg("--insecure");
-    }
     command
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--name", name])
-        .args(["--listen-public", &ports.addr(ports.public)])
-        .args(["--listen-internal", &ports.addr(ports.internal)])
-        .args(["--listen-http", &ports.addr(ports.http)])
-        .args(extra)
+        .arg("run")
+        .args(run_flags(name, dir, ports, extra))
         .env("CELL0_LOG_LEVEL", "info,openraft=warn")
         .envs(env.iter().copied())
         .stdin(Stdio::null())

@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use super::Ports;
+use super::{Ports, is_root};
 
 /// A bridge and one namespace per node.
 pub struct Lab {
@@ -29,18 +29,6 @@ fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Whether this process runs as root (effective uid 0).
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
 }
 
 impl Lab {
