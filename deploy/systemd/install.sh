@@ -25,7 +25,7 @@ else
   echo "= kept /etc/cell0/cell0.env"
 fi
 if [ ! -e /etc/cell0/cell0.toml ]; then
-  printf '# docs/operations.md lists every setting.\nname = "%s"\n' "$(hostname -s)" >/etc/cell0/cell0.toml
+  printf '# docs/configuration.md lists every setting.\nname = "%s"\n' "$(hostname -s)" >/etc/cell0/cell0.toml
   echo "+ wrote /etc/cell0/cell0.toml"
 else
   echo "= kept /etc/cell0/cell0.toml"

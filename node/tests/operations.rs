@@ -206,6 +206,14 @@ fn a_node_leaves_gracefully_and_is_added_again_when_it_starts_with_join() {
     let left = node_state(&nodes[0].endpoint(), id2).expect("the node that left is still listed");
     assert_eq!(left["state"], "draining", "{left}");
     assert!(left["reason"].as_str().unwrap().contains("cell0 node leave"), "{left}");
+    // Doctor on the node that left says so, from the leader's view.
+    let (passed, findings) = doctor(&nodes[1].flags());
+    assert!(!passed, "{findings:#?}");
+    let cluster = finding(&findings, "cluster");
+    assert!(
+        cluster["detail"].as_str().unwrap().contains("not a member"),
+        "{cluster}"
+    );
     // Asked again, the leader says the node is no longer a member.
     let again = cli(&["--endpoint", &nodes[1].endpoint(), "node", "leave"]);
     assert!(!again.status.success());

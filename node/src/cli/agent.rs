@@ -114,8 +114,8 @@ pub enum NodeCommand {
     /// move to other nodes, then it is removed from the Raft group. Stop
     /// its process afterwards; started again with --join, it is added again.
     Leave {
-        /// After this long, the agents still on the node move at once:
-        /// e.g. `90s`, `10m`.
+        /// The node's agents move one at a time; after this long, those
+        /// still on it move at once: e.g. `90s`, `10m`.
         #[arg(long, value_parser = parse_duration, default_value = "60s")]
         drain_deadline: std::time::Duration,
     },

@@ -16,8 +16,10 @@
 //! and, while the node runs (its HTTP port answers `/live`):
 //! - **inference**: the engine answers, on the backend the config asks for,
 //!   and serves a model;
-//! - **cluster**: a leader is known, and every member answers and is not
-//!   recorded dead;
+//! - **cluster**: a leader is known; this node is a member in the leader's
+//!   view (one that left cannot tell from its own); the cluster has the
+//!   voters `raft.voters` asks for (a warning); every member answers and is
+//!   not recorded dead;
 //! - **clock**: every member's clock is within [`MAX_CLOCK_OFFSET_MS`] of
 //!   this machine's (after allowing for the round trip).
 //!
@@ -157,7 +159,7 @@ pub async fn examine(config: &NodeConfig) -> Vec<Finding> {
     match connect(&endpoint).await {
         Ok(conn) => {
             findings.push(check_inference(conn.clone(), config.inference.backend).await);
-            findings.extend(check_cluster(conn).await);
+            findings.extend(check_cluster(conn, config.raft.voters).await);
         }
         Err(e) => findings.push(Finding::problem(
             "node",
@@ -466,10 +468,14 @@ async fn check_inference(conn: Conn, wanted: BackendKind) -> Finding {
     let info = match InferenceClient::new(conn).info(v1::InferenceInfoRequest {}).await {
         Ok(info) => info.into_inner(),
         Err(s) => {
+            let fix = match s.code() {
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => rpc_fix(&s),
+                _ => "read the node's log; --inference-backend cpu runs the CPU engine",
+            };
             return Finding::problem(
                 CHECK,
                 format!("the inference engine does not answer: {}", rpc_error_line(&s)),
-                "read the node's log; --inference-backend cpu runs the CPU engine",
+                fix,
             );
         }
     };
@@ -519,46 +525,92 @@ async fn ask_status(conn: Conn) -> Result<Answer, String> {
     })
 }
 
-async fn check_cluster(conn: Conn) -> Vec<Finding> {
+/// The fix for a call the node refused or could not answer.
+fn rpc_fix(s: &tonic::Status) -> &'static str {
+    match s.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            "pass an ACL token that may read nodes and models (--token or CELL0_TOKEN)"
+        }
+        _ => "read the node's log (journalctl -u cell0)",
+    }
+}
+
+async fn members_of(conn: Conn) -> Result<Vec<v1::Member>, tonic::Status> {
+    let members = ClusterClient::new(conn)
+        .members(MembersRequest {})
+        .await?
+        .into_inner()
+        .members;
+    Ok(members.into_iter().filter(|m| !m.gossip_only).collect())
+}
+
+async fn check_cluster(conn: Conn, wanted_voters: usize) -> Vec<Finding> {
     let mut findings = Vec::new();
-    let local = match ask_status(conn.clone()).await {
-        Ok(a) => a.status,
-        Err(e) => {
+    let local = match ClusterClient::new(conn.clone()).status(StatusRequest {}).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
             return vec![Finding::problem(
                 "cluster",
-                format!("the node does not answer Status: {e}"),
-                "read the node's log",
+                format!("the node does not answer Status: {}", rpc_error_line(&s)),
+                rpc_fix(&s),
             )];
         }
     };
-    let members = match ClusterClient::new(conn).members(MembersRequest {}).await {
-        Ok(m) => m.into_inner().members,
+    let local_view = match members_of(conn).await {
+        Ok(m) => m,
         Err(s) => {
             return vec![Finding::problem(
                 "cluster",
                 format!("the node does not answer Members: {}", rpc_error_line(&s)),
-                "read the node's log",
+                rpc_fix(&s),
             )];
         }
     };
-    let members: Vec<v1::Member> = members.into_iter().filter(|m| !m.gossip_only).collect();
     if local.leader_id == 0 {
-        findings.push(Finding::problem(
+        return vec![Finding::problem(
             "cluster",
             format!("node {} knows no leader", local.node_name),
             "a majority of the voters must run and reach each other: see `cell0 members` and the nodes' logs",
-        ));
-    } else {
-        let leader = members
-            .iter()
-            .find(|m| m.id == local.leader_id)
-            .map_or_else(|| format!("{:016x}", local.leader_id), |m| m.name.clone());
-        let voters = members.iter().filter(|m| m.voter).count();
-        findings.push(Finding::ok(
-            "cluster",
-            format!("leader {leader}, {} member(s), {voters} voter(s)", members.len()),
-        ));
+        )];
     }
+    // The leader's view decides: a node that left cannot hear its own
+    // removal, so its own view may still list it.
+    let leader_addr = local_view
+        .iter()
+        .find(|m| m.id == local.leader_id && m.id != local.node_id)
+        .map(|m| m.public_addr.clone());
+    let members = match leader_addr {
+        Some(addr) => match connect(&addr).await {
+            Ok(c) => members_of(c).await.unwrap_or(local_view),
+            Err(_) => local_view,
+        },
+        None => local_view,
+    };
+    if !members.iter().any(|m| m.id == local.node_id) {
+        return vec![Finding::problem(
+            "cluster",
+            format!(
+                "node {} is not a member of its cluster: it left or was removed",
+                local.node_name
+            ),
+            "start it with --join naming a member, and it is added again (docs/operations.md, Cluster membership)",
+        )];
+    }
+    let leader = members
+        .iter()
+        .find(|m| m.id == local.leader_id)
+        .map_or_else(|| format!("{:016x}", local.leader_id), |m| m.name.clone());
+    let voters = members.iter().filter(|m| m.voter).count();
+    let detail = format!("leader {leader}, {} member(s), {voters} voter(s)", members.len());
+    findings.push(if voters < wanted_voters {
+        Finding::warn(
+            "cluster",
+            format!("{detail}; raft.voters asks for {wanted_voters}"),
+            "add nodes: a node that joins while the cluster is short of voters becomes one",
+        )
+    } else {
+        Finding::ok("cluster", detail)
+    });
     let mut worst_offset: Option<(String, i64)> = None;
     for m in &members {
         let check = format!("member {}", m.name);

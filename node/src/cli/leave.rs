@@ -23,6 +23,10 @@ use super::{Conn, connect, rpc_error};
 /// with this reason (and no other), so it takes agents again.
 pub const DRAIN_REASON: &str = "leaving the cluster (cell0 node leave)";
 
+/// Agents of the leaving node that move at once, until the deadline moves
+/// the rest together.
+const DRAIN_PARALLEL: u32 = 1;
+
 /// How often the drain's progress is read.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -94,7 +98,7 @@ async fn drain(mut nodes: NodesClient<Conn>, id: u64, name: &str, deadline: Dura
     nodes
         .drain(v1::DrainNodeRequest {
             node: id,
-            max_parallel: 0,
+            max_parallel: DRAIN_PARALLEL,
             deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
             reason: DRAIN_REASON.into(),
         })
