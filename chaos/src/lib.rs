@@ -10,11 +10,25 @@
 //! per operation ([`report`]). The `cell0-load` binary is its command line
 //! and `scripts/bench-vs-etcd.sh` runs the whole comparison.
 //!
-//! Fault injection, history recording and checkers will join it here.
+//! Chaos testing (issue #24, docs/chaos.md) lives here too: a cluster of
+//! real `cell0` processes ([`cluster`]), network namespaces whose links can
+//! be cut ([`lab`]), workloads that record histories ([`workload`],
+//! [`history`]), named scenarios of faults ([`scenario`]), the run that
+//! ties them together ([`run`]) and the checkers ([`checker`]):
+//! linearizability of a register and no lost acknowledged write of a set.
+//! The `cell0-chaos` binary is its command line and `scripts/chaos.sh` runs
+//! the CI subset and the soak.
 
+pub mod checker;
+pub mod cluster;
 pub mod config;
 pub mod etcd;
+pub mod history;
 pub mod kv;
+pub mod lab;
 pub mod load;
 pub mod procstat;
 pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod workload;

@@ -390,6 +390,10 @@ impl Consensus {
         if consistency == Consistency::Serializable {
             return Ok(());
         }
+        if crate::failpoints::stale_reads() && self.inner.is_leader() {
+            // A deliberately broken read path, for the chaos tests to catch.
+            return Ok(());
+        }
         // Concurrent readers of this node share one read-index round.
         let index = self.inner.reads.read_index().await?;
         self.wait_applied(index).await

@@ -18,6 +18,7 @@ mod batcher;
 mod config;
 mod error;
 mod facade;
+pub mod failpoints;
 mod forwarder;
 mod grouping;
 mod inner;
