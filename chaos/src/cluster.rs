@@ -4,7 +4,8 @@
 //!
 //! Invariants: every process the cluster started is killed and reaped on
 //! drop, also after a panic; a paused process is resumed before it is
-//! killed; node `0` bootstraps and the others join it.
+//! killed; node `0` bootstraps on its first start, and every other start
+//! joins through all the other nodes (so a node that left is added again).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -29,7 +30,7 @@ pub enum ClusterError {
         source: std::io::Error,
     },
     /// A node was not ready in time.
-    #[error("node {node} was not ready within {seconds} s; its log is {log}")]
+    #[error("node {node} was not ready within {seconds} s; its log is {log}, ending:\n{tail}")]
     NotReady {
         /// The node.
         node: usize,
@@ -37,6 +38,8 @@ pub enum ClusterError {
         seconds: u64,
         /// Its log file.
         log: String,
+        /// The last lines of its log.
+        tail: String,
     },
 }
 
@@ -46,6 +49,12 @@ const PUBLIC: u16 = 7100;
 const INTERNAL: u16 = 7101;
 const HTTP: u16 = 7103;
 
+/// Lines of a node's log an error about it shows.
+const LOG_TAIL_LINES: usize = 30;
+
+/// How long a graceful leave may take.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One node process.
 struct NodeProcess {
     ip: Ipv4Addr,
@@ -53,6 +62,8 @@ struct NodeProcess {
     wrapper: Vec<String>,
     child: Option<Child>,
     paused: bool,
+    /// Started before: it joins (or rejoins) instead of bootstrapping.
+    started: bool,
 }
 
 /// How the cluster's nodes run.
@@ -93,6 +104,7 @@ impl Cluster {
                     wrapper,
                     child: None,
                     paused: false,
+                    started: false,
                 }
             })
             .collect();
@@ -151,10 +163,16 @@ impl Cluster {
             .args(["--listen-public", &format!("{ip}:{PUBLIC}")])
             .args(["--listen-internal", &format!("{ip}:{INTERNAL}")])
             .args(["--listen-http", &format!("{ip}:{HTTP}")]);
-        if i == 0 {
+        if i == 0 && !node.started {
             command.arg("--bootstrap");
         } else {
-            command.args(["--join", &self.endpoint(0)]);
+            // Every other node is a seed: a restarted node that left (or
+            // was removed) asks to be added again through any of them.
+            let seeds: Vec<String> = (0..self.nodes.len())
+                .filter(|j| *j != i)
+                .map(|j| self.endpoint(j))
+                .collect();
+            command.args(["--join", &seeds.join(",")]);
         }
         let child = command
             .env("CELL0_LOG_LEVEL", "info,openraft=warn")
@@ -166,6 +184,7 @@ impl Cluster {
             .map_err(process_error(format!("starting node {i}")))?;
         self.nodes[i].child = Some(child);
         self.nodes[i].paused = false;
+        self.nodes[i].started = true;
         Ok(())
     }
 
@@ -188,10 +207,13 @@ impl Cluster {
         let deadline = Instant::now() + limit;
         while !self.is_ready(i) {
             if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.log(i)).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
                 return Err(ClusterError::NotReady {
                     node: i,
                     seconds: limit.as_secs(),
                     log: self.log(i).display().to_string(),
+                    tail: lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n"),
                 });
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -249,6 +271,45 @@ impl Cluster {
         self.signal(i, "-CONT")?;
         self.nodes[i].paused = false;
         Ok(())
+    }
+
+    /// Node `i` leaves the cluster gracefully (`cell0 node leave`), within
+    /// [`LEAVE_TIMEOUT`]; the CLI's error when it fails.
+    pub fn leave(&self, i: usize) -> Result<(), String> {
+        let mut child = Command::new(&self.options.bin)
+            .args([
+                "--endpoint",
+                &self.endpoint(i),
+                "node",
+                "leave",
+                "--drain-deadline",
+                "10s",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting cell0 node leave: {e}"))?;
+        let deadline = Instant::now() + LEAVE_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    let mut err = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    return Err(format!("{status}: {}", err.trim()));
+                }
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("no answer within {LEAVE_TIMEOUT:?}"));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
     }
 
     /// The index of the node that node `asked` believes leads, if it

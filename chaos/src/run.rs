@@ -72,7 +72,8 @@ pub enum RunError {
 pub struct Event {
     /// Microseconds since the workloads started.
     pub at_us: u64,
-    /// `kill`, `restart`, `pause`, `resume`, `partition` or `heal`.
+    /// `kill`, `restart`, `pause`, `resume`, `partition`, `heal`, `leave`
+    /// (or `leave-refused`), `stop` or `rejoin`.
     pub event: &'static str,
     /// The nodes it hit (node indexes).
     pub nodes: Vec<usize>,
@@ -178,6 +179,21 @@ impl Nemesis {
                 tokio::time::sleep(HOLD).await;
                 self.cluster.resume(node)?;
                 self.record("resume", vec![node]);
+            }
+            Fault::LeaveRejoin(target) => {
+                let node = self.target(target).await;
+                match tokio::task::block_in_place(|| self.cluster.leave(node)) {
+                    Ok(()) => self.record("leave", vec![node]),
+                    Err(e) => {
+                        tracing::warn!(node, error = %e, "leave refused");
+                        self.record("leave-refused", vec![node]);
+                    }
+                }
+                self.cluster.kill(node)?;
+                self.record("stop", vec![node]);
+                tokio::time::sleep(HOLD).await;
+                self.cluster.restart(node)?;
+                self.record("rejoin", vec![node]);
             }
             Fault::IsolateLeader | Fault::SplitMinority => {
                 let n = self.cluster.len();

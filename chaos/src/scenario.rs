@@ -2,9 +2,10 @@
 //!
 //! A nemesis round waits [`QUIET`], injects one fault drawn (by the run's
 //! seed) from the scenario's list, holds it for [`HOLD`], then heals it.
-//! Faults: kill -9 and restart, SIGSTOP and SIGCONT (of any node or of
-//! the leader), and partitions in a [`crate::lab::Lab`] (isolate the
-//! leader, or a random minority from the majority), which need root.
+//! Faults: kill -9 and restart, SIGSTOP and SIGCONT, a graceful leave and
+//! a rejoin (of any node or of the leader), and partitions in a
+//! [`crate::lab::Lab`] (isolate the leader, or a random minority from the
+//! majority), which need root.
 
 use std::time::Duration;
 
@@ -34,6 +35,9 @@ pub enum Fault {
     IsolateLeader,
     /// Cut a random minority off from the majority.
     SplitMinority,
+    /// `cell0 node leave`, stop the node, then start it again with its
+    /// join list, so it is added again (a membership change each way).
+    LeaveRejoin(Target),
 }
 
 impl Fault {
@@ -106,6 +110,18 @@ pub const SCENARIOS: &[Scenario] = &[
         expect: Expect::Valid,
     },
     Scenario {
+        name: "pause-membership",
+        about: "SIGSTOP and SIGCONT, and nodes (the leader too) leaving the cluster and being added again",
+        faults: &[
+            Fault::Pause(Target::Any),
+            Fault::Pause(Target::Leader),
+            Fault::LeaveRejoin(Target::Any),
+            Fault::LeaveRejoin(Target::Leader),
+        ],
+        failpoints: "",
+        expect: Expect::Valid,
+    },
+    Scenario {
         name: "partition-leader",
         about: "cut the leader off from the other nodes (clients still reach it), then heal",
         faults: &[Fault::IsolateLeader],
@@ -129,14 +145,15 @@ pub const SCENARIOS: &[Scenario] = &[
             Fault::Pause(Target::Leader),
             Fault::IsolateLeader,
             Fault::SplitMinority,
+            Fault::LeaveRejoin(Target::Any),
         ],
         failpoints: "",
         expect: Expect::Valid,
     },
     Scenario {
         name: "broken-reads",
-        about: "nodes with the stale-reads failpoint (a leader answers linearizable reads without confirming it \
-                still leads), the leader cut off: the checker must find stale reads",
+        about: "nodes with the stale-reads failpoint (linearizable reads served from the local replica without \
+                a read index), the leader cut off: the checker must find stale reads",
         faults: &[Fault::IsolateLeader],
         failpoints: "stale-reads",
         expect: Expect::Violation,

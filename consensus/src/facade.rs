@@ -390,7 +390,7 @@ impl Consensus {
         if consistency == Consistency::Serializable {
             return Ok(());
         }
-        if crate::failpoints::stale_reads() && self.inner.is_leader() {
+        if crate::failpoints::stale_reads() {
             // A deliberately broken read path, for the chaos tests to catch.
             return Ok(());
         }
