@@ -23,6 +23,8 @@ pub mod checker;
 pub mod cluster;
 pub mod config;
 pub mod etcd;
+pub mod etcd_cluster;
+pub mod failover;
 pub mod history;
 pub mod kv;
 pub mod lab;

@@ -94,6 +94,26 @@ fn certainly_not_applied(status: &tonic::Status) -> bool {
         )
 }
 
+/// Records in `op` that its write failed with `status`: `fail` when it
+/// certainly did not take effect, else `unknown`.
+fn write_failed(op: &mut Op, status: &tonic::Status) {
+    op.status = if certainly_not_applied(status) {
+        Status::Fail
+    } else {
+        Status::Unknown
+    };
+    op.error = Some(format!("{:?}: {}", status.code(), status.message()));
+}
+
+/// Appends `op` to `ops`; after a failed operation the client pauses.
+async fn record(ops: &mut Vec<Op>, op: Op) {
+    let failed = op.status != Status::Ok;
+    ops.push(op);
+    if failed {
+        tokio::time::sleep(ERROR_PAUSE).await;
+    }
+}
+
 fn parse_value(bytes: &[u8]) -> Value {
     // Every value of the workload is a decimal number; anything else is
     // recorded as a value no write wrote, which the checker rejects.
@@ -157,11 +177,7 @@ pub async fn register_client(c: RegisterClient, clock: Clock, until: Instant) ->
             op.key = key;
             op.consistency = Some(consistency);
             read(&mut kv, &mut op, clock).await;
-            let failed = op.status != Status::Ok;
-            ops.push(op);
-            if failed {
-                tokio::time::sleep(ERROR_PAUSE).await;
-            }
+            record(&mut ops, op).await;
         } else if pick < 80 {
             counter += 1;
             let value = (u64::from(c.id) + 1) << 32 | counter;
@@ -178,18 +194,9 @@ pub async fn register_client(c: RegisterClient, clock: Clock, until: Instant) ->
                 .await;
             op.complete_us = clock.now_us();
             if let Err(s) = answer {
-                op.status = if certainly_not_applied(&s) {
-                    Status::Fail
-                } else {
-                    Status::Unknown
-                };
-                op.error = Some(format!("{:?}: {}", s.code(), s.message()));
+                write_failed(&mut op, &s);
             }
-            let failed = op.status != Status::Ok;
-            ops.push(op);
-            if failed {
-                tokio::time::sleep(ERROR_PAUSE).await;
-            }
+            record(&mut ops, op).await;
         } else {
             // Read the key, then ask to replace exactly what was read.
             let mut seen = base(c.id);
@@ -220,20 +227,9 @@ pub async fn register_client(c: RegisterClient, clock: Clock, until: Instant) ->
             op.complete_us = clock.now_us();
             match answer {
                 Ok(r) => op.succeeded = Some(r.into_inner().succeeded),
-                Err(s) => {
-                    op.status = if certainly_not_applied(&s) {
-                        Status::Fail
-                    } else {
-                        Status::Unknown
-                    };
-                    op.error = Some(format!("{:?}: {}", s.code(), s.message()));
-                }
+                Err(s) => write_failed(&mut op, &s),
             }
-            let failed = op.status != Status::Ok;
-            ops.push(op);
-            if failed {
-                tokio::time::sleep(ERROR_PAUSE).await;
-            }
+            record(&mut ops, op).await;
         }
     }
     ops
@@ -287,22 +283,7 @@ pub async fn set_client(id: u32, node: u32, endpoint: String, clock: Clock, unti
                 value: value.to_string().into_bytes().into(),
             }))
             .await;
-        let complete_us = clock.now_us();
-        let (status, error) = match answer {
-            Ok(_) => (Status::Ok, None),
-            Err(s) => {
-                tokio::time::sleep(ERROR_PAUSE).await;
-                (
-                    if certainly_not_applied(&s) {
-                        Status::Fail
-                    } else {
-                        Status::Unknown
-                    },
-                    Some(format!("{:?}: {}", s.code(), s.message())),
-                )
-            }
-        };
-        ops.push(Op {
+        let mut op = Op {
             client: id,
             kind: OpKind::Write,
             key,
@@ -312,11 +293,15 @@ pub async fn set_client(id: u32, node: u32, endpoint: String, clock: Clock, unti
             read: None,
             succeeded: None,
             invoke_us,
-            complete_us,
-            status,
+            complete_us: clock.now_us(),
+            status: Status::Ok,
             node,
-            error,
-        });
+            error: None,
+        };
+        if let Err(s) = answer {
+            write_failed(&mut op, &s);
+        }
+        record(&mut ops, op).await;
     }
     ops
 }

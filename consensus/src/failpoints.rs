@@ -3,14 +3,19 @@
 //! `CELL0_FAILPOINTS` (a comma-separated list). Never set it in
 //! production: each one breaks a guarantee on purpose.
 //!
-//! - `stale-reads`: a node that believes it leads answers linearizable
-//!   reads from its replica without confirming its leadership with a
-//!   quorum, so an isolated old leader serves stale values.
+//! - `stale-reads`: every node answers linearizable reads from its own
+//!   replica without a read index (no leadership confirmed by a quorum, no
+//!   wait for the commit index): a lagging follower or an isolated old
+//!   leader serves stale values.
 //!
 //! Invariants: the variable is read once per process; with it unset (the
-//! default) every failpoint is off.
+//! default) every failpoint is off. Tests that run a whole cluster inside
+//! one process (the simulator, `cell0_sim`) switch a failpoint for
+//! that process with its setter ([`set_stale_reads`]), which wins over the
+//! variable; nothing else calls a setter.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The environment variable naming the failpoints that are on.
 pub const ENV: &str = "CELL0_FAILPOINTS";
@@ -33,8 +38,32 @@ fn enabled(name: &str) -> bool {
     .any(|f| f == name)
 }
 
-/// Whether linearizable reads skip the leadership confirmation on a node
-/// that believes it leads.
+/// What [`set_stale_reads`] decided: `UNSET` (the variable decides),
+/// `OFF` or `ON`.
+static STALE_READS_SET: AtomicU8 = AtomicU8::new(UNSET);
+const UNSET: u8 = 0;
+const OFF: u8 = 1;
+const ON: u8 = 2;
+
+/// Whether linearizable reads are served from the local replica without a
+/// read index.
 pub fn stale_reads() -> bool {
-    enabled("stale-reads")
+    match STALE_READS_SET.load(Ordering::Relaxed) {
+        OFF => false,
+        ON => true,
+        _ => enabled("stale-reads"),
+    }
+}
+
+/// Switches `stale-reads` on (`Some(true)`) or off (`Some(false)`) for every
+/// node of this process, whatever `CELL0_FAILPOINTS` says; `None` hands the
+/// decision back to the variable. For tests only: a test process that runs
+/// a cluster in-process (the simulator) has no per-node environment.
+pub fn set_stale_reads(on: Option<bool>) {
+    let v = match on {
+        None => UNSET,
+        Some(false) => OFF,
+        Some(true) => ON,
+    };
+    STALE_READS_SET.store(v, Ordering::Relaxed);
 }

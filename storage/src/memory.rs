@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::Result;
 use crate::engine::{Cf, Durability, Engine, ReadView, RowVisitor, StateSlot, WriteBatch, WriteOp};
@@ -57,9 +57,13 @@ enum Undo {
     Slot(StateSlot),
 }
 
+/// The keyspaces, each shared copy-on-write: a view ([`Engine::with_view`])
+/// takes a reference to each, and a write copies a keyspace only while a
+/// view of it is alive, so a view costs nothing like a copy of the whole
+/// store (the log included) per read.
 #[derive(Debug, Default)]
 struct State {
-    tables: BTreeMap<Space, Table>,
+    tables: BTreeMap<Space, Arc<Table>>,
     slot: StateSlot,
     /// Undo records of the buffered writes since the last synced write,
     /// oldest first.
@@ -68,8 +72,14 @@ struct State {
 
 impl State {
     fn table(&self, cf: Cf) -> Option<&Table> {
-        self.tables.get(&Space::of(self.slot, cf))
+        self.tables.get(&Space::of(self.slot, cf)).map(|t| &**t)
     }
+}
+
+/// Keyspace `space` of `tables`, for writing (copied first if a view shares
+/// it).
+fn table_mut(tables: &mut BTreeMap<Space, Arc<Table>>, space: Space) -> &mut Table {
+    Arc::make_mut(tables.entry(space).or_default())
 }
 
 /// Ordered maps per column family behind one lock.
@@ -95,7 +105,7 @@ impl MemEngine {
         for record in undo.into_iter().rev() {
             match record {
                 Undo::Key { space, key, previous } => {
-                    let table = state.tables.entry(space).or_default();
+                    let table = table_mut(&mut state.tables, space);
                     match previous {
                         Some(v) => table.insert(key, v),
                         None => table.remove(&key),
@@ -143,13 +153,13 @@ fn for_each_of(t: Option<&Table>, f: &mut RowVisitor<'_>) -> Result<()> {
 
 /// A frozen copy of the maps and slot, for [`Engine::with_view`].
 struct MemView {
-    tables: BTreeMap<Space, Table>,
+    tables: BTreeMap<Space, Arc<Table>>,
     slot: StateSlot,
 }
 
 impl MemView {
     fn table(&self, cf: Cf) -> Option<&Table> {
-        self.tables.get(&Space::of(self.slot, cf))
+        self.tables.get(&Space::of(self.slot, cf)).map(|t| &**t)
     }
 }
 
@@ -214,12 +224,12 @@ impl Engine for MemEngine {
             match op {
                 WriteOp::Put { cf, key, value } => {
                     let space = Space::of(before, *cf);
-                    let previous = tables.entry(space).or_default().insert(key.clone(), value.clone());
+                    let previous = table_mut(tables, space).insert(key.clone(), value.clone());
                     record(space, key, previous);
                 }
                 WriteOp::Delete { cf, key } => {
                     let space = Space::of(before, *cf);
-                    let previous = tables.entry(space).or_default().remove(key);
+                    let previous = table_mut(tables, space).remove(key);
                     record(space, key, previous);
                 }
                 WriteOp::DeleteRange { cf, start, end } => {
@@ -227,7 +237,7 @@ impl Engine for MemEngine {
                         continue;
                     }
                     let space = Space::of(before, *cf);
-                    let t = tables.entry(space).or_default();
+                    let t = table_mut(tables, space);
                     let doomed: Vec<Vec<u8>> = t.range(start.clone()..end.clone()).map(|(k, _)| k.clone()).collect();
                     for k in doomed {
                         let previous = t.remove(&k);

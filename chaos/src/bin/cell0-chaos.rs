@@ -67,6 +67,10 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         check_seconds: u64,
     },
+    /// Kills the leader of a 3-node Cell0 or etcd cluster under write load,
+    /// again and again, and reports how long writes took to succeed again
+    /// (docs/chaos.md, "Failover"); `--compare` pools earlier results.
+    Failover(cell0_chaos::failover::FailoverArgs),
 }
 
 /// A duration such as `90s`, `10m` or `1h` (a bare number is seconds),
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
 
 fn run_cli() -> anyhow::Result<bool> {
     match Cli::parse().command {
+        Command::Failover(args) => Ok(cell0_chaos::failover::command(args)?),
         Command::List => {
             for s in SCENARIOS {
                 let root = if s.needs_root() { " (needs root)" } else { "" };

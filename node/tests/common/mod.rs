@@ -3,8 +3,6 @@
 
 #![allow(dead_code)]
 
-pub mod netns;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -197,16 +195,15 @@ impl Node {
     }
 }
 
-/// Whether this process runs as root (effective uid 0).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
+/// Node `i`'s ports in `lab`, on its own address.
+pub fn lab_ports(lab: &cell0_chaos::lab::Lab, i: usize) -> Ports {
+    Ports {
+        ip: lab.ip(i),
+        public: 7100,
+        internal: 7101,
+        http: 7103,
+        gossip: 7102,
+    }
 }
 
 /// The flags `cell0 run` gets for a node (also what `cell0 doctor` takes).
