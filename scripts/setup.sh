@@ -10,10 +10,11 @@
 #   python3-venv          the reference-embedding, PyTorch and Python-client scripts
 #   systemd               systemd-analyze verify of deploy/systemd (scripts/check-deploy.sh)
 #   docker-compose        validates deploy/docker/compose.yaml without a daemon (scripts/check-deploy.sh)
+#   libfaketime           skews one node's clock in the chaos scenarios (docs/chaos.md)
 #   cargo-nextest         the test runner (from crates.io, if missing)
 set -euo pipefail
 
-packages=(clang libclang-dev mesa-vulkan-drivers libvulkan1 curl python3 python3-pip python3-venv systemd docker-compose)
+packages=(clang libclang-dev mesa-vulkan-drivers libvulkan1 curl python3 python3-pip python3-venv systemd docker-compose libfaketime)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -2,10 +2,17 @@
 //! loopback (each node on an address of its own), or, with a [`Lab`], each
 //! in its own network namespace so that links between nodes can be cut.
 //!
+//! Without a lab, a [`Proxy`] can stand in front of every node's internal
+//! port (each node advertises its proxy's address), so that links can be
+//! slowed, cut one way and reset without root. Nodes can run under
+//! libfaketime, so that their wall clocks can be skewed one by one, and on
+//! a tmpfs data dir of their own (root), so that their disks can be filled.
+//!
 //! Invariants: every process the cluster started is killed and reaped on
-//! drop, also after a panic; a paused process is resumed before it is
-//! killed; node `0` bootstraps on its first start, and every other start
-//! joins through all the other nodes (so a node that left is added again).
+//! drop, also after a panic, before its proxy stops and its tmpfs mounts
+//! go; a paused process is resumed before it is killed; node `0`
+//! bootstraps on its first start, and every other start joins through all
+//! the other nodes (so a node that left is added again).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -17,6 +24,7 @@ use cell0_proto::v1::cluster_client::ClusterClient;
 use cell0_proto::v1::{RaftRole, StatusRequest};
 
 use crate::lab::Lab;
+use crate::proxy::{Proxy, ProxyError, Route};
 
 /// What can go wrong running the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +36,17 @@ pub enum ClusterError {
         what: String,
         /// Why it failed.
         source: std::io::Error,
+    },
+    /// The fault proxy.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// A tmpfs could not be mounted, or a disk filled or freed.
+    #[error("{what}: {detail}")]
+    Disk {
+        /// What was done.
+        what: String,
+        /// Why it failed.
+        detail: String,
     },
     /// A node was not ready in time.
     #[error("node {node} was not ready within {seconds} s; its log is {log}, ending:\n{tail}")]
@@ -48,6 +67,11 @@ pub enum ClusterError {
 const PUBLIC: u16 = 7100;
 const INTERNAL: u16 = 7101;
 const HTTP: u16 = 7103;
+/// The port of a node's fault proxy, on the node's address.
+const PROXY: u16 = 7111;
+
+/// The file that fills a node's disk ([`Cluster::fill_disk`]).
+const FILLER: &str = "chaos-filler";
 
 /// Lines of a node's log an error about it shows.
 const LOG_TAIL_LINES: usize = 30;
@@ -64,6 +88,8 @@ struct NodeProcess {
     paused: bool,
     /// Started before: it joins (or rejoins) instead of bootstrapping.
     started: bool,
+    /// Its tmpfs data dir is mounted.
+    mounted: bool,
 }
 
 /// How the cluster's nodes run.
@@ -75,12 +101,40 @@ pub struct ClusterOptions {
     pub dir: PathBuf,
     /// Extra environment of every node (e.g. failpoints).
     pub env: Vec<(String, String)>,
+    /// Put a fault proxy in front of every node's internal port (not with
+    /// a lab); [`Cluster::proxy`].
+    pub proxy: bool,
+    /// Run every node under this libfaketime library, so that its clock
+    /// can be skewed ([`Cluster::skew_clock`]).
+    pub faketime: Option<PathBuf>,
+    /// Give every node a tmpfs data dir of this many bytes (needs root),
+    /// so that its disk can be filled ([`Cluster::fill_disk`]).
+    pub disk_bytes: Option<u64>,
 }
+
+impl ClusterOptions {
+    /// Nodes of `bin` with their files under `dir`, no extra environment
+    /// and no fault machinery.
+    pub fn new(bin: PathBuf, dir: PathBuf) -> Self {
+        Self {
+            bin,
+            dir,
+            env: Vec::new(),
+            proxy: false,
+            faketime: None,
+            disk_bytes: None,
+        }
+    }
+}
+
+/// Where libfaketime is on Debian (`scripts/setup.sh` installs it).
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// The cluster.
 pub struct Cluster {
     options: ClusterOptions,
     nodes: Vec<NodeProcess>,
+    proxy: Option<Proxy>,
 }
 
 impl Cluster {
@@ -105,10 +159,30 @@ impl Cluster {
                     child: None,
                     paused: false,
                     started: false,
+                    mounted: false,
                 }
             })
             .collect();
-        let mut cluster = Cluster { options, nodes };
+        let mut cluster = Cluster {
+            options,
+            nodes,
+            proxy: None,
+        };
+        if cluster.options.proxy && lab.is_none() {
+            let routes: Vec<Route> = cluster
+                .nodes
+                .iter()
+                .map(|node| Route {
+                    listen: SocketAddr::from((node.ip, PROXY)),
+                    upstream: SocketAddr::from((node.ip, INTERNAL)),
+                    source: node.ip.into(),
+                })
+                .collect();
+            cluster.proxy = Some(Proxy::start(&routes, u64::from(pid))?);
+        }
+        for i in 0..n {
+            cluster.prepare(i)?;
+        }
         for i in 0..n {
             cluster.spawn(i)?;
             cluster.wait_ready(i, Duration::from_secs(60))?;
@@ -129,6 +203,96 @@ impl Cluster {
     /// Node `i`'s public gRPC address.
     pub fn endpoint(&self, i: usize) -> String {
         format!("{}:{PUBLIC}", self.nodes[i].ip)
+    }
+
+    /// The fault proxy in front of the nodes' internal ports, if the
+    /// cluster has one.
+    pub fn proxy(&self) -> Option<&Proxy> {
+        self.proxy.as_ref()
+    }
+
+    /// Makes node `i`'s data dir (a tmpfs when asked) and its clock file.
+    fn prepare(&mut self, i: usize) -> Result<(), ClusterError> {
+        let dir = self.nodes[i].dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|source| ClusterError::Process {
+            what: format!("making {}", dir.display()),
+            source,
+        })?;
+        if let Some(bytes) = self.options.disk_bytes {
+            let size = format!("size={bytes}");
+            run_tool(
+                "mount",
+                &["-t", "tmpfs", "-o", &size, "tmpfs", &dir.display().to_string()],
+            )?;
+            self.nodes[i].mounted = true;
+        }
+        if self.options.faketime.is_some() {
+            self.skew_clock(i, 0)?;
+        }
+        Ok(())
+    }
+
+    fn clock_file(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.with_extension("faketime")
+    }
+
+    /// Sets node `i`'s wall clock `offset_s` seconds off the real one
+    /// (libfaketime reads the file again within a second); its monotonic
+    /// clock is left alone.
+    pub fn skew_clock(&self, i: usize, offset_s: i64) -> Result<(), ClusterError> {
+        let file = self.clock_file(i);
+        std::fs::write(&file, format!("{offset_s:+}\n")).map_err(|source| ClusterError::Process {
+            what: format!("writing {}", file.display()),
+            source,
+        })
+    }
+
+    /// Fills node `i`'s tmpfs data dir until no byte is left; how many
+    /// bytes it wrote.
+    pub fn fill_disk(&self, i: usize) -> Result<u64, ClusterError> {
+        let path = self.nodes[i].dir.join(FILLER);
+        let disk_error = |detail: String| ClusterError::Disk {
+            what: format!("filling {}", path.display()),
+            detail,
+        };
+        if !self.nodes[i].mounted {
+            return Err(disk_error(
+                "the node has no tmpfs of its own (ClusterOptions::disk_bytes)".into(),
+            ));
+        }
+        let mut file = std::fs::File::create(&path).map_err(|e| disk_error(e.to_string()))?;
+        let chunk = vec![0u8; 1 << 20];
+        let mut written = 0u64;
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => return Err(disk_error(e.to_string())),
+            }
+        }
+        Ok(written)
+    }
+
+    /// Frees what [`Cluster::fill_disk`] took.
+    pub fn free_disk(&self, i: usize) -> Result<(), ClusterError> {
+        let path = self.nodes[i].dir.join(FILLER);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ClusterError::Disk {
+                what: format!("removing {}", path.display()),
+                detail: e.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether node `i`'s process is still running (it may have exited on
+    /// its own, e.g. on a full disk).
+    pub fn is_running(&mut self, i: usize) -> bool {
+        match self.nodes[i].child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
     }
 
     /// Node `i`'s log file.
@@ -163,6 +327,17 @@ impl Cluster {
             .args(["--listen-public", &format!("{ip}:{PUBLIC}")])
             .args(["--listen-internal", &format!("{ip}:{INTERNAL}")])
             .args(["--listen-http", &format!("{ip}:{HTTP}")]);
+        if self.proxy.is_some() {
+            command.args(["--advertise-internal", &format!("{ip}:{PROXY}")]);
+        }
+        if let Some(lib) = &self.options.faketime {
+            command
+                .env("LD_PRELOAD", lib)
+                .env("FAKETIME_TIMESTAMP_FILE", self.clock_file(i))
+                .env("FAKETIME_CACHE_DURATION", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_DONT_RESET", "1");
+        }
         if i == 0 && !node.started {
             command.arg("--bootstrap");
         } else {
@@ -347,14 +522,20 @@ impl Cluster {
     }
 }
 
-async fn status(endpoint: &str) -> Option<cell0_proto::v1::StatusResponse> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
+/// A channel to `endpoint` for a quick probe: 500 ms to connect, 1 s per
+/// call; `None` when it cannot connect.
+pub(crate) async fn probe_channel(endpoint: &str) -> Option<tonic::transport::Channel> {
+    tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
         .ok()?
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(1))
         .connect()
         .await
-        .ok()?;
+        .ok()
+}
+
+async fn status(endpoint: &str) -> Option<cell0_proto::v1::StatusResponse> {
+    let channel = probe_channel(endpoint).await?;
     ClusterClient::new(channel)
         .status(StatusRequest {})
         .await
@@ -362,10 +543,36 @@ async fn status(endpoint: &str) -> Option<cell0_proto::v1::StatusResponse> {
         .map(|r| r.into_inner())
 }
 
+/// Runs `program` with `args`; its error output when it fails.
+fn run_tool(program: &str, args: &[&str]) -> Result<(), ClusterError> {
+    let what = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| ClusterError::Disk {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ClusterError::Disk {
+            what,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
             let _ = self.kill(i);
+        }
+        self.proxy = None;
+        for node in &self.nodes {
+            if node.mounted {
+                let _ = run_tool("umount", &["-l", &node.dir.display().to_string()]);
+            }
         }
     }
 }

@@ -25,7 +25,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::transport::Endpoint;
 
 use crate::cluster::ClusterError;
 use crate::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
@@ -189,13 +188,7 @@ impl EtcdCluster {
 
     /// Member `i`'s `Status`, if it answers within a second.
     pub async fn status(&self, i: usize) -> Option<StatusResponse> {
-        let channel = Endpoint::from_shared(format!("http://{}", self.endpoint(i)))
-            .ok()?
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(1))
-            .connect()
-            .await
-            .ok()?;
+        let channel = crate::cluster::probe_channel(&self.endpoint(i)).await?;
         MaintenanceClient::new(channel)
             .status(StatusRequest {})
             .await

@@ -441,9 +441,8 @@ impl Servers {
                     env.push(("CELL0_LOG_LEVEL".to_string(), level.clone()));
                 }
                 let cluster_options = ClusterOptions {
-                    bin: options.cell0_bin.clone(),
-                    dir: options.dir.clone(),
                     env,
+                    ..ClusterOptions::new(options.cell0_bin.clone(), options.dir.clone())
                 };
                 // Cluster::start waits with blocking probes.
                 let cluster = tokio::task::spawn_blocking(move || Cluster::start(cluster_options, NODES, None))

@@ -16,9 +16,13 @@
 //! [`history`]), named scenarios of faults ([`scenario`]), the run that
 //! ties them together ([`run`]) and the checkers ([`checker`]):
 //! linearizability of a register and no lost acknowledged write of a set.
+//! An optional agent workload ([`agents`]) runs agents and their tasks
+//! while agents are moved, drained and stopped; [`checker::agents`] checks
+//! that no agent or task is lost and only current incarnations count.
 //! The `cell0-chaos` binary is its command line and `scripts/chaos.sh` runs
 //! the CI subset and the soak.
 
+pub mod agents;
 pub mod checker;
 pub mod cluster;
 pub mod config;
@@ -30,6 +34,7 @@ pub mod kv;
 pub mod lab;
 pub mod load;
 pub mod procstat;
+pub mod proxy;
 pub mod report;
 pub mod run;
 pub mod scenario;

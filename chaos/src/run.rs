@@ -1,7 +1,9 @@
 //! One chaos run: start a cluster of real processes, run the register and
 //! set workloads while the scenario's nemesis injects faults, heal, read
 //! the set back, check the history, and write the history, the timeline
-//! of faults and a summary.
+//! of faults and a summary. With [`run_with_agents`] the agent workload
+//! ([`crate::agents`]) runs alongside and its final state is read back and
+//! checked too.
 //!
 //! Invariants: the same seed draws the same faults, targets and client
 //! choices (the timing, and so the history, still depends on the
@@ -18,12 +20,20 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::agents::{AgentOptions, AgentRun, AgentsSummary};
 use crate::checker::{self, Verdict};
 use crate::cluster::{Cluster, ClusterError, ClusterOptions};
 use crate::history::{self, HistoryError, Op, OpKind, Status};
 use crate::lab::{Lab, LabError};
-use crate::scenario::{Expect, Fault, HOLD, QUIET, Scenario, Target};
+use crate::proxy::{LinkFault, Proxy};
+use crate::scenario::{Expect, Fault, HOLD, Needs, QUIET, Scenario, Target};
 use crate::workload::{self, Clock, RegisterClient, SET_PREFIX};
+
+/// How long a node started on a full disk has to stop or become ready.
+const FULL_DISK_START: Duration = Duration::from_secs(30);
+
+/// The size of each node's tmpfs data dir in scenarios that fill disks.
+const DISK_BYTES: u64 = 512 << 20;
 
 /// What a run needs.
 #[derive(Debug, Clone)]
@@ -73,7 +83,12 @@ pub struct Event {
     /// Microseconds since the workloads started.
     pub at_us: u64,
     /// `kill`, `restart`, `pause`, `resume`, `partition`, `heal`, `leave`
-    /// (or `leave-refused`), `stop` or `rejoin`.
+    /// (or `leave-refused`), `stop`, `rejoin`; through the proxy `slow`,
+    /// `cut-from` and `cut-to` (the leader's links), `bridge` (the bridge
+    /// node), `ring` (the ring's order), `flapping` (the leader), `resets`;
+    /// `skew` and `unskew` (the clock), `disk-full`, `exited` (a node that
+    /// stopped on its own) or `ready` (one that came up on a full disk)
+    /// and `disk-freed`.
     pub event: &'static str,
     /// The nodes it hit (node indexes).
     pub nodes: Vec<usize>,
@@ -113,6 +128,9 @@ pub struct Summary {
     pub set_verdict: Verdict,
     /// Its report, in words.
     pub set_report: String,
+    /// The agent workload, when it ran (`--agents`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agents: Option<AgentsSummary>,
     /// Whether the verdicts are what the scenario expects.
     pub passed: bool,
     /// Where the files are.
@@ -161,8 +179,127 @@ impl Nemesis {
         }
     }
 
+    fn proxy(&self) -> Result<&Proxy, RunError> {
+        self.cluster
+            .proxy()
+            .ok_or_else(|| RunError::Other("a link fault needs the fault proxy".into()))
+    }
+
+    /// Node indexes in an order drawn by the seed.
+    fn shuffled(&mut self) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..self.cluster.len()).collect();
+        for i in (1..all.len()).rev() {
+            all.swap(i, self.rng.random_range(0..=i));
+        }
+        all
+    }
+
+    /// Holds a proxy fault for [`HOLD`], then heals every link.
+    async fn hold_links(&mut self, nodes: Vec<usize>) -> Result<(), RunError> {
+        tokio::time::sleep(HOLD).await;
+        self.proxy()?.heal();
+        self.record("heal", nodes);
+        Ok(())
+    }
+
+    /// Injects a fault through the proxy, holds it, heals it.
+    async fn strike_links(&mut self, fault: Fault) -> Result<(), RunError> {
+        let n = self.cluster.len();
+        match fault {
+            Fault::SlowNode(target) => {
+                let node = self.target(target).await;
+                let slow = LinkFault {
+                    delay: Duration::from_millis(50),
+                    jitter: Duration::from_millis(50),
+                    bandwidth: Some(1_000_000),
+                    cut: false,
+                };
+                for other in (0..n).filter(|o| *o != node) {
+                    self.proxy()?.set_both(node, other, slow);
+                }
+                self.record("slow", vec![node]);
+                self.hold_links(vec![node]).await
+            }
+            Fault::CutFromLeader | Fault::CutToLeader => {
+                let leader = self.target(Target::Leader).await;
+                for other in (0..n).filter(|o| *o != leader) {
+                    let (from, to) = if fault == Fault::CutFromLeader {
+                        (leader, other)
+                    } else {
+                        (other, leader)
+                    };
+                    self.proxy()?.set(from, to, LinkFault::CUT);
+                }
+                let event = if fault == Fault::CutFromLeader {
+                    "cut-from"
+                } else {
+                    "cut-to"
+                };
+                self.record(event, vec![leader]);
+                self.hold_links(vec![leader]).await
+            }
+            Fault::Bridge => {
+                let order = self.shuffled();
+                let (bridge, rest) = (order[0], &order[1..]);
+                let (left, right) = rest.split_at(rest.len() / 2);
+                for a in left {
+                    for b in right {
+                        self.proxy()?.set_both(*a, *b, LinkFault::CUT);
+                    }
+                }
+                self.record("bridge", vec![bridge]);
+                self.hold_links(vec![bridge]).await
+            }
+            Fault::Ring => {
+                let order = self.shuffled();
+                for (i, a) in order.iter().enumerate() {
+                    for (j, b) in order.iter().enumerate().skip(i + 1) {
+                        let apart = j - i;
+                        if apart != 1 && apart != n - 1 {
+                            self.proxy()?.set_both(*a, *b, LinkFault::CUT);
+                        }
+                    }
+                }
+                self.record("ring", order.clone());
+                self.hold_links(order).await
+            }
+            Fault::Flapping => {
+                let leader = self.target(Target::Leader).await;
+                let rest: Vec<usize> = (0..n).filter(|o| *o != leader).collect();
+                self.record("flapping", vec![leader]);
+                let until = Instant::now() + HOLD;
+                while Instant::now() < until {
+                    self.proxy()?.partition(&[vec![leader], rest.clone()]);
+                    tokio::time::sleep(Duration::from_millis(self.rng.random_range(200..800))).await;
+                    self.proxy()?.heal();
+                    tokio::time::sleep(Duration::from_millis(self.rng.random_range(200..800))).await;
+                }
+                self.record("heal", vec![leader]);
+                Ok(())
+            }
+            Fault::ResetLinks => {
+                self.record("resets", (0..n).collect());
+                let until = Instant::now() + HOLD;
+                while Instant::now() < until {
+                    for a in 0..n {
+                        for b in (0..n).filter(|b| *b != a) {
+                            self.proxy()?.reset(a, b);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                self.record("heal", (0..n).collect());
+                Ok(())
+            }
+            _ => Err(RunError::Other(format!("{fault:?} is not a link fault"))),
+        }
+    }
+
     /// Injects `fault`, holds it, heals it.
     async fn strike(&mut self, fault: Fault) -> Result<(), RunError> {
+        if fault.needs() == Needs::Proxy {
+            return self.strike_links(fault).await;
+        }
         match fault {
             Fault::Kill(target) => {
                 let node = self.target(target).await;
@@ -221,6 +358,56 @@ impl Nemesis {
                 }
                 self.record("heal", cut);
             }
+            Fault::SkewClock(target) => {
+                let node = self.target(target).await;
+                let seconds = self.rng.random_range(5..=120i64);
+                let offset = if self.rng.random() { seconds } else { -seconds };
+                self.cluster.skew_clock(node, offset)?;
+                tracing::info!(node, offset_s = offset, "clock skewed");
+                self.record("skew", vec![node]);
+                tokio::time::sleep(HOLD).await;
+                self.cluster.skew_clock(node, 0)?;
+                self.record("unskew", vec![node]);
+            }
+            Fault::FillDisk(target) => {
+                let node = self.target(target).await;
+                let bytes = tokio::task::block_in_place(|| self.cluster.fill_disk(node))?;
+                tracing::info!(node, bytes, "disk filled");
+                self.record("disk-full", vec![node]);
+                // Running on, it writes into the space RocksDB set aside;
+                // started again, it must open its files on a full disk.
+                tokio::time::sleep(HOLD / 2).await;
+                self.cluster.restart(node)?;
+                self.record("restart", vec![node]);
+                // It either stops on its own or comes up; wait for which.
+                let deadline = Instant::now() + FULL_DISK_START;
+                let mut ready = false;
+                while self.cluster.is_running(node) && Instant::now() < deadline {
+                    ready = tokio::task::block_in_place(|| self.cluster.is_ready(node));
+                    if ready {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if !self.cluster.is_running(node) {
+                    self.record("exited", vec![node]);
+                } else if ready {
+                    self.record("ready", vec![node]);
+                }
+                self.cluster.free_disk(node)?;
+                self.record("disk-freed", vec![node]);
+                if !self.cluster.is_running(node) {
+                    self.cluster.restart(node)?;
+                    self.record("restart", vec![node]);
+                }
+            }
+            Fault::SlowNode(_)
+            | Fault::CutFromLeader
+            | Fault::CutToLeader
+            | Fault::Bridge
+            | Fault::Ring
+            | Fault::Flapping
+            | Fault::ResetLinks => return self.strike_links(fault).await,
         }
         Ok(())
     }
@@ -228,9 +415,22 @@ impl Nemesis {
 
 /// Runs `options`: the summary, with the files written under `options.out`.
 pub async fn run(options: RunOptions) -> Result<Summary, RunError> {
+    run_with_agents(options, None).await
+}
+
+/// Runs `options` with the agent workload too when `agents` is given
+/// ([`crate::agents`]; its verdict must be `ok` where the scenario expects
+/// valid histories).
+pub async fn run_with_agents(options: RunOptions, agents: Option<AgentOptions>) -> Result<Summary, RunError> {
     let scenario = options.scenario;
     std::fs::create_dir_all(&options.out).map_err(|e| RunError::Other(format!("{}: {e}", options.out.display())))?;
-    let lab = if scenario.needs_root() {
+    if scenario.needs_root() && !crate::lab::is_root() {
+        return Err(RunError::Other(format!(
+            "{} needs root (network namespaces or tmpfs mounts); run as root or pick another scenario",
+            scenario.name
+        )));
+    }
+    let lab = if scenario.needs(Needs::Lab) {
         Some(Lab::new(options.nodes)?)
     } else {
         None
@@ -240,15 +440,36 @@ pub async fn run(options: RunOptions) -> Result<Summary, RunError> {
     } else {
         vec![("CELL0_FAILPOINTS".to_string(), scenario.failpoints.to_string())]
     };
+    let faketime = if scenario.needs(Needs::Faketime) {
+        let lib = PathBuf::from(crate::cluster::LIBFAKETIME);
+        if !lib.exists() {
+            return Err(RunError::Other(format!(
+                "{} skews clocks with libfaketime, which is not at {}: run scripts/setup.sh",
+                scenario.name,
+                lib.display()
+            )));
+        }
+        Some(lib)
+    } else {
+        None
+    };
     let cluster = Cluster::start(
         ClusterOptions {
-            bin: options.bin.clone(),
-            dir: options.out.join("nodes"),
             env,
+            proxy: scenario.needs(Needs::Proxy),
+            faketime,
+            disk_bytes: scenario.needs(Needs::Disk).then_some(DISK_BYTES),
+            ..ClusterOptions::new(options.bin.clone(), options.out.join("nodes"))
         },
         options.nodes,
         lab.as_ref(),
     )?;
+    let endpoints: Vec<String> = (0..cluster.len()).map(|i| cluster.endpoint(i)).collect();
+    if let Some(a) = &agents {
+        crate::agents::prepare(a, &options.out, &options.bin, &endpoints)
+            .await
+            .map_err(|e| RunError::Other(e.to_string()))?;
+    }
     let clock = Clock::start();
     let until = Instant::now() + options.duration;
     let mut clients = tokio::task::JoinSet::new();
@@ -274,6 +495,11 @@ pub async fn run(options: RunOptions) -> Result<Summary, RunError> {
             until,
         ));
     }
+
+    let agent_run = agents.as_ref().map(|a| {
+        let first = options.clients + options.set_clients;
+        AgentRun::start(a, endpoints.clone(), first, options.seed, clock, until)
+    });
 
     let mut nemesis = Nemesis {
         cluster,
@@ -315,6 +541,14 @@ pub async fn run(options: RunOptions) -> Result<Summary, RunError> {
         }
     }
     let present = present.ok_or_else(|| RunError::Other("the set could not be read back within 30 s".into()))?;
+    let agents = match agent_run {
+        Some(a) => Some(
+            a.finish(&options.out)
+                .await
+                .map_err(|e| RunError::Other(e.to_string()))?,
+        ),
+        None => None,
+    };
 
     let (set_ops, register_ops): (Vec<Op>, Vec<Op>) = ops
         .into_iter()
@@ -332,7 +566,11 @@ pub async fn run(options: RunOptions) -> Result<Summary, RunError> {
     let lin = checker::linearizable::check(&register_ops, options.check_budget);
     let set = checker::set::check(&set_ops, &present);
     let passed = match scenario.expect {
-        Expect::Valid => lin.verdict == Verdict::Ok && set.verdict == Verdict::Ok,
+        Expect::Valid => {
+            lin.verdict == Verdict::Ok
+                && set.verdict == Verdict::Ok
+                && agents.as_ref().is_none_or(|a| a.verdict == Verdict::Ok)
+        }
         Expect::Violation => lin.verdict == Verdict::Invalid,
     };
     let summary = Summary {
@@ -346,6 +584,7 @@ pub async fn run(options: RunOptions) -> Result<Summary, RunError> {
         set_verdict: set.verdict,
         set_report: set.to_string(),
         passed,
+        agents,
         out: options.out.clone(),
     };
     let json = serde_json::to_string_pretty(&summary).map_err(|e| RunError::Other(e.to_string()))?;

@@ -5,7 +5,15 @@
 //! Faults: kill -9 and restart, SIGSTOP and SIGCONT, a graceful leave and
 //! a rejoin (of any node or of the leader), and partitions in a
 //! [`crate::lab::Lab`] (isolate the leader, or a random minority from the
-//! majority), which need root.
+//! majority), which need root. Through the harness's fault proxy
+//! ([`crate::proxy`], no root): slow links (delay, jitter, bandwidth),
+//! one-way cuts to or from the leader, bridge and ring partitions, a
+//! flapping partition, and connection resets. With libfaketime: a node's
+//! wall clock skewed by up to two minutes either way. On tmpfs data dirs
+//! (root): a node's disk filled to the last byte.
+//!
+//! Invariant: a scenario's faults use the lab or the proxy, never both
+//! (the proxy's traffic would bypass the lab's cuts).
 
 use std::time::Duration;
 
@@ -38,12 +46,69 @@ pub enum Fault {
     /// `cell0 node leave`, stop the node, then start it again with its
     /// join list, so it is added again (a membership change each way).
     LeaveRejoin(Target),
+    /// Every link to and from the node delayed by 50 ms plus up to 50 ms
+    /// of jitter, at most 1 MB/s each way (proxy).
+    SlowNode(Target),
+    /// The leader's requests to every other node are lost; theirs to it
+    /// still pass (proxy).
+    CutFromLeader,
+    /// Every other node's requests to the leader are lost; the leader's to
+    /// them still pass (proxy).
+    CutToLeader,
+    /// Two halves that reach each other only through one bridge node
+    /// (proxy).
+    Bridge,
+    /// Each node reaches only its two neighbours on a ring (proxy; with
+    /// fewer than 5 nodes this is no partition).
+    Ring,
+    /// The leader cut off and healed again every 200 to 800 ms (proxy).
+    Flapping,
+    /// Every connection between nodes reset every 300 ms (proxy).
+    ResetLinks,
+    /// The node's wall clock 5 to 120 s ahead or behind (libfaketime).
+    SkewClock(Target),
+    /// The node's data dir (a tmpfs) filled to the last byte (root); half
+    /// way through, the node is killed and started on the full disk; a node
+    /// that exited is started again once the space is back.
+    FillDisk(Target),
+}
+
+/// What a fault needs from the harness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Nothing beyond processes.
+    Processes,
+    /// Network namespaces (root).
+    Lab,
+    /// The fault proxy.
+    Proxy,
+    /// libfaketime.
+    Faketime,
+    /// A tmpfs data dir per node (root).
+    Disk,
 }
 
 impl Fault {
+    /// What the fault needs.
+    pub fn needs(self) -> Needs {
+        match self {
+            Fault::Kill(_) | Fault::Pause(_) | Fault::LeaveRejoin(_) => Needs::Processes,
+            Fault::IsolateLeader | Fault::SplitMinority => Needs::Lab,
+            Fault::SlowNode(_)
+            | Fault::CutFromLeader
+            | Fault::CutToLeader
+            | Fault::Bridge
+            | Fault::Ring
+            | Fault::Flapping
+            | Fault::ResetLinks => Needs::Proxy,
+            Fault::SkewClock(_) => Needs::Faketime,
+            Fault::FillDisk(_) => Needs::Disk,
+        }
+    }
+
     /// Whether the fault needs network namespaces (root).
     pub fn needs_lab(self) -> bool {
-        matches!(self, Fault::IsolateLeader | Fault::SplitMinority)
+        self.needs() == Needs::Lab
     }
 }
 
@@ -70,12 +135,20 @@ pub struct Scenario {
     pub failpoints: &'static str,
     /// What the run must conclude.
     pub expect: Expect,
+    /// Nodes in its cluster, unless the run asks for another number.
+    pub nodes: u8,
 }
 
 impl Scenario {
-    /// Whether the scenario needs root (a partition among its faults).
+    /// Whether the scenario needs `needs` for one of its faults.
+    pub fn needs(&self, needs: Needs) -> bool {
+        self.faults.iter().any(|f| f.needs() == needs)
+    }
+
+    /// Whether the scenario needs root (network namespaces or tmpfs
+    /// mounts).
     pub fn needs_root(&self) -> bool {
-        self.faults.iter().any(|f| f.needs_lab())
+        self.needs(Needs::Lab) || self.needs(Needs::Disk)
     }
 }
 
@@ -87,6 +160,7 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: &[],
         failpoints: "",
         expect: Expect::Valid,
+        nodes: 3,
     },
     Scenario {
         name: "kill",
@@ -94,6 +168,7 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::Kill(Target::Any)],
         failpoints: "",
         expect: Expect::Valid,
+        nodes: 3,
     },
     Scenario {
         name: "kill-leader",
@@ -101,6 +176,7 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::Kill(Target::Leader)],
         failpoints: "",
         expect: Expect::Valid,
+        nodes: 3,
     },
     Scenario {
         name: "pause",
@@ -108,6 +184,7 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::Pause(Target::Any), Fault::Pause(Target::Leader)],
         failpoints: "",
         expect: Expect::Valid,
+        nodes: 3,
     },
     Scenario {
         name: "pause-membership",
@@ -120,6 +197,7 @@ pub const SCENARIOS: &[Scenario] = &[
         ],
         failpoints: "",
         expect: Expect::Valid,
+        nodes: 3,
     },
     Scenario {
         name: "partition-leader",
@@ -127,6 +205,7 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::IsolateLeader],
         failpoints: "",
         expect: Expect::Valid,
+        nodes: 3,
     },
     Scenario {
         name: "partition-minority",
@@ -134,6 +213,7 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::SplitMinority],
         failpoints: "",
         expect: Expect::Valid,
+        nodes: 3,
     },
     Scenario {
         name: "mixed",
@@ -149,6 +229,78 @@ pub const SCENARIOS: &[Scenario] = &[
         ],
         failpoints: "",
         expect: Expect::Valid,
+        nodes: 3,
+    },
+    Scenario {
+        name: "slow-links",
+        about: "every link of a random node or of the leader delayed 50-100 ms and held to 1 MB/s, then healed",
+        faults: &[Fault::SlowNode(Target::Any), Fault::SlowNode(Target::Leader)],
+        failpoints: "",
+        expect: Expect::Valid,
+        nodes: 3,
+    },
+    Scenario {
+        name: "one-way",
+        about: "the leader's requests to the others lost (theirs pass), or theirs to it lost (its pass)",
+        faults: &[Fault::CutFromLeader, Fault::CutToLeader],
+        failpoints: "",
+        expect: Expect::Valid,
+        nodes: 3,
+    },
+    Scenario {
+        name: "bridge-ring",
+        about: "5 nodes: two halves joined by one bridge node, or a ring where each node reaches only its \
+                neighbours",
+        faults: &[Fault::Bridge, Fault::Ring],
+        failpoints: "",
+        expect: Expect::Valid,
+        nodes: 5,
+    },
+    Scenario {
+        name: "flapping",
+        about: "the leader cut off and healed every 200-800 ms, and every connection between nodes reset \
+                every 300 ms",
+        faults: &[Fault::Flapping, Fault::ResetLinks],
+        failpoints: "",
+        expect: Expect::Valid,
+        nodes: 3,
+    },
+    Scenario {
+        name: "clock-skew",
+        about: "a random node's or the leader's wall clock 5-120 s ahead or behind (libfaketime)",
+        faults: &[Fault::SkewClock(Target::Any), Fault::SkewClock(Target::Leader)],
+        failpoints: "",
+        expect: Expect::Valid,
+        nodes: 3,
+    },
+    Scenario {
+        name: "disk-full",
+        about: "a random node's or the leader's data dir (a tmpfs) filled to the last byte, then freed",
+        faults: &[Fault::FillDisk(Target::Any), Fault::FillDisk(Target::Leader)],
+        failpoints: "",
+        expect: Expect::Valid,
+        nodes: 3,
+    },
+    Scenario {
+        name: "mixed-links",
+        about: "kill -9, pause, leave and rejoin, slow and one-way links, bridges, flapping, resets and \
+                clock skew, drawn at random (no root needed)",
+        faults: &[
+            Fault::Kill(Target::Any),
+            Fault::Kill(Target::Leader),
+            Fault::Pause(Target::Leader),
+            Fault::LeaveRejoin(Target::Any),
+            Fault::SlowNode(Target::Leader),
+            Fault::CutFromLeader,
+            Fault::CutToLeader,
+            Fault::Bridge,
+            Fault::Flapping,
+            Fault::ResetLinks,
+            Fault::SkewClock(Target::Any),
+        ],
+        failpoints: "",
+        expect: Expect::Valid,
+        nodes: 3,
     },
     Scenario {
         name: "broken-reads",
@@ -157,10 +309,38 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: &[Fault::IsolateLeader],
         failpoints: "stale-reads",
         expect: Expect::Violation,
+        nodes: 3,
     },
 ];
 
 /// The scenario called `name`.
 pub fn find(name: &str) -> Option<&'static Scenario> {
     SCENARIOS.iter().find(|s| s.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_scenario_needs_both_the_lab_and_the_proxy() {
+        for s in SCENARIOS {
+            assert!(
+                !(s.needs(Needs::Lab) && s.needs(Needs::Proxy)),
+                "{} needs both the lab and the proxy",
+                s.name
+            );
+        }
+    }
+
+    #[test]
+    fn scenario_names_are_unique_and_found() {
+        for s in SCENARIOS {
+            assert_eq!(find(s.name).map(|f| f.name), Some(s.name));
+        }
+        let mut names: Vec<_> = SCENARIOS.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), SCENARIOS.len());
+    }
 }

@@ -52,6 +52,18 @@ impl Clock {
     pub fn now_us(&self) -> u64 {
         u64::try_from(self.0.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
+
+    /// Sleeps at least `delay`, until the next millisecond of actor `slot`
+    /// of `slots`: actors that must never act at the same instant (the
+    /// simulator's clients and nemesis, whose order within one millisecond
+    /// tokio would draw at random) act only at milliseconds congruent to
+    /// their slot.
+    pub async fn sleep_in_slot(&self, delay: Duration, slot: u64, slots: u64) {
+        let slots = slots.max(1);
+        let earliest = (self.now_us() + u64::try_from(delay.as_micros()).unwrap_or(u64::MAX)).div_ceil(1_000);
+        let ms = earliest + (slot % slots + slots - earliest % slots) % slots;
+        tokio::time::sleep_until(self.0 + Duration::from_millis(ms)).await;
+    }
 }
 
 /// One client's connection: lazy, so a node that is down does not hold the
@@ -77,7 +89,7 @@ const ERROR_PAUSE: Duration = Duration::from_millis(20);
 /// Whether a failed write certainly did not take effect: the node refused
 /// it before anything reached the log, or the connection was never made
 /// (the request was not sent).
-fn certainly_not_applied(status: &tonic::Status) -> bool {
+pub(crate) fn certainly_not_applied(status: &tonic::Status) -> bool {
     let never_sent = status.code() == tonic::Code::Unavailable && {
         let m = status.message().to_ascii_lowercase();
         m.contains("tcp connect error") || m.contains("connection refused")

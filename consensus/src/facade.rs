@@ -46,13 +46,35 @@ pub enum Consistency {
 }
 
 /// Where the node keeps its Raft log and state.
+///
+/// Whatever the backend, a member started on storage that a member with
+/// the same id used before recovers from it: its vote and log (openraft
+/// reads them through the log store), its state machine with the applied
+/// index and membership (the state machine store), and the replica's
+/// revision and cluster id (read once openraft has started).
 #[derive(Debug, Clone)]
 pub enum StorageBackend {
     /// RocksDB in this directory (the real path).
     Rocks(PathBuf),
-    /// In memory, lost on drop (tests and simulation only); snapshot files
-    /// still go to a directory, this one.
+    /// On a new, empty in-memory engine, lost with the member (tests and
+    /// simulation only): [`StorageBackend::Shared`] on an engine no one
+    /// else keeps. Snapshot files still go to a directory, this one.
     Memory {
+        /// Where snapshot files are written.
+        snapshot_dir: PathBuf,
+    },
+    /// On an in-memory engine the caller keeps (tests and simulation
+    /// only): a member started again on the same engine and snapshot
+    /// directory, once the previous one is shut down, sees what that one
+    /// had stored, as a process restarted on its disk. What a crash keeps
+    /// is the caller's choice: the engine as it is (a process crash), or a
+    /// [`MemEngine::fork`] taken at the crash (so that the crashed member's
+    /// late writes are lost), with [`MemEngine::power_loss`] for a machine
+    /// that lost its unsynced writes. Never two running members on one
+    /// engine.
+    Shared {
+        /// The engine, shared with the caller.
+        engine: Arc<MemEngine>,
         /// Where snapshot files are written.
         snapshot_dir: PathBuf,
     },
@@ -156,6 +178,7 @@ impl Consensus {
     pub async fn start(id: NodeId, info: NodeInfo, config: ConsensusConfig, storage: StorageBackend) -> Result<Self> {
         let transport = Arc::new(TcpTransport {
             connect_timeout: config.connect_timeout(),
+            source: None,
         });
         Self::start_with_transport(id, info, config, storage, transport).await
     }
@@ -178,7 +201,9 @@ impl Consensus {
             cluster: sm.cluster_id_cell(),
         };
         let health = Arc::new(PeerHealth::default());
-        let network = NetworkFactory::new(pool.clone(), identity.clone(), health.clone(), config.max_append_bytes);
+        let (elections, nudges) = crate::elections::Elections::new(&config);
+        let network = NetworkFactory::new(pool.clone(), identity.clone(), health.clone(), config.max_append_bytes)
+            .with_elections(elections.clone());
         let read_budget = crate::network::append_read_budget(config.max_append_bytes);
         let parts = RaftParts {
             id,
@@ -187,25 +212,18 @@ impl Consensus {
             network,
             sm: sm.clone(),
         };
-        let (raft, engine, snapshot_dir): (Raft, Arc<dyn Engine>, PathBuf) = match storage {
+        let (raft, engine, snapshot_dir) = match storage {
             StorageBackend::Rocks(path) => {
                 let engine = Arc::new(RocksEngine::open(&path, id)?);
-                let snapshots = path.join(cell0_storage::SNAPSHOT_DIR);
-                (
-                    start_raft(parts, engine.clone(), snapshots.clone()).await?,
-                    engine,
-                    snapshots,
-                )
+                start_raft(parts, engine, path.join(cell0_storage::SNAPSHOT_DIR)).await?
             }
             StorageBackend::Memory { snapshot_dir } => {
-                let engine = Arc::new(MemEngine::new());
-                (
-                    start_raft(parts, engine.clone(), snapshot_dir.clone()).await?,
-                    engine,
-                    snapshot_dir,
-                )
+                start_raft(parts, Arc::new(MemEngine::new()), snapshot_dir).await?
             }
+            StorageBackend::Shared { engine, snapshot_dir } => start_raft(parts, engine, snapshot_dir).await?,
         };
+        // Read once openraft has started: its start re-applies the committed
+        // entries the state machine lacks (applies lost in a crash).
         sm.load_revision(&EngineTxn::new(engine.as_ref()))?;
         let batcher = Batcher::spawn(
             raft.clone(),
@@ -219,6 +237,7 @@ impl Consensus {
         let limits = Limits {
             max_batch_commands: config.max_client_batch_commands,
         };
+        let prompt_elections = crate::elections::spawn(id, raft.clone(), elections.clone(), nudges);
         Ok(Self {
             inner: Arc::new_cyclic(|me: &std::sync::Weak<Inner>| Inner {
                 forwarder: {
@@ -260,6 +279,8 @@ impl Consensus {
                         log_percent: config.snapshot_log_percent,
                     },
                 ),
+                elections,
+                prompt_elections,
                 id,
                 info,
                 config,
@@ -610,6 +631,7 @@ impl Consensus {
         self.inner.forwarder.stop();
         self.inner.reads.stop();
         self.inner.snapshot_trigger.stop();
+        self.inner.prompt_elections.stop();
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
@@ -618,6 +640,10 @@ impl Consensus {
         self.inner.reads.join(self.inner.config.request_timeout()).await;
         self.inner
             .snapshot_trigger
+            .join(self.inner.config.request_timeout())
+            .await;
+        self.inner
+            .prompt_elections
             .join(self.inner.config.request_timeout())
             .await;
         if let Err(e) = self.inner.engine.flush() {
@@ -651,13 +677,18 @@ struct RaftParts {
     sm: Arc<KvStateMachine>,
 }
 
-/// Starts openraft over `engine`, which holds both the log and the state.
-async fn start_raft<E: Engine>(parts: RaftParts, engine: Arc<E>, snapshot_dir: PathBuf) -> Result<Raft> {
+/// Starts openraft over `engine`, which holds both the log and the state;
+/// returns it with the engine and the snapshot directory.
+async fn start_raft<E: Engine>(
+    parts: RaftParts,
+    engine: Arc<E>,
+    snapshot_dir: PathBuf,
+) -> Result<(Raft, Arc<dyn Engine>, PathBuf)> {
     // Replication reads stop short of the AppendEntries byte bound (the
     // request's own fields take the rest), so a call is rarely cut after it
     // was read.
     let log = LogStore::new(engine.clone()).with_read_budget(parts.read_budget);
-    let sm_store = StateMachineStore::new(engine, parts.sm, snapshot_dir)?;
+    let sm_store = StateMachineStore::new(engine.clone(), parts.sm, snapshot_dir.clone())?;
     let live = sm_store.live_snapshots();
     let network = parts.network.with_live_snapshots(live.clone());
     let raft = Raft::new(parts.id, parts.config, network, log, sm_store)
@@ -666,7 +697,7 @@ async fn start_raft<E: Engine>(parts: RaftParts, engine: Arc<E>, snapshot_dir: P
     // Lagging members get the state as of now, not the stored snapshot plus
     // every entry since (which they would replay).
     live.enable();
-    Ok(raft)
+    Ok((raft, engine, snapshot_dir))
 }
 
 /// The highest log index stored on a quorum of voters (leader only).

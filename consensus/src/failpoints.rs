@@ -7,6 +7,9 @@
 //!   replica without a read index (no leadership confirmed by a quorum, no
 //!   wait for the commit index): a lagging follower or an isolated old
 //!   leader serves stale values.
+//! - `no-prompt-elections`: nodes stand for election only on openraft's
+//!   own timers, never at once (see `crate::elections`). Breaks no
+//!   guarantee, only slows failover; it is here to measure the difference.
 //!
 //! Invariants: the variable is read once per process; with it unset (the
 //! default) every failpoint is off. Tests that run a whole cluster inside
@@ -66,4 +69,9 @@ pub fn set_stale_reads(on: Option<bool>) {
         Some(true) => ON,
     };
     STALE_READS_SET.store(v, Ordering::Relaxed);
+}
+
+/// Whether prompt elections (`crate::elections`) are off for this process.
+pub fn no_prompt_elections() -> bool {
+    enabled("no-prompt-elections")
 }

@@ -35,6 +35,11 @@ pub(crate) struct Inner {
     pub(crate) reads: ReadIndexer,
     /// Decides when to build snapshots.
     pub(crate) snapshot_trigger: crate::task::NamedTask,
+    /// What the Raft service reports for prompt elections.
+    pub(crate) elections: Arc<crate::elections::Elections>,
+    /// Stands for election at once when waiting cannot help (see
+    /// [`crate::elections`]).
+    pub(crate) prompt_elections: crate::task::NamedTask,
     pub(crate) pool: Arc<ChannelPool>,
     pub(crate) limits: Limits,
     /// Highest commit index a leader has told this node about.

@@ -16,6 +16,7 @@
 
 mod batcher;
 mod config;
+mod elections;
 mod error;
 mod facade;
 pub mod failpoints;

@@ -62,6 +62,16 @@ impl RaftRpc for InternalService {
             Ok(AppendEntriesResponse::PartialSuccess(m)) => m.map(|m| m.index),
             _ => None,
         };
+        // Accepted from a leader (a conflict too: only the logs differ):
+        // this node's leader lease holds (prompt elections).
+        if matches!(
+            result,
+            Ok(AppendEntriesResponse::Success
+                | AppendEntriesResponse::PartialSuccess(_)
+                | AppendEntriesResponse::Conflict)
+        ) {
+            self.inner.elections.heard_from_leader();
+        }
         if let (Some(commit), Some(matched)) = (commit, matched) {
             self.inner
                 .leader_commit
@@ -73,7 +83,16 @@ impl RaftRpc for InternalService {
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.inner.identity.check(request.get_ref())?;
         let rpc: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad_payload)?;
-        reply(&self.inner.raft.vote(rpc).await)
+        let candidate = rpc.vote.leader_id.node_id;
+        let result = self.inner.raft.vote(rpc.clone()).await;
+        if let Ok(resp) = &result {
+            // A candidate this node refused for its shorter log, without
+            // taking its term (openraft #2117): stand at once instead of
+            // waiting for this node's own timer (`crate::elections`).
+            let nudge = crate::elections::refused_shorter_candidate(candidate, &rpc, resp);
+            self.inner.elections.nudge(nudge);
+        }
+        reply(&result)
     }
 
     async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
@@ -82,7 +101,12 @@ impl RaftRpc for InternalService {
         if request.get_ref().format >= crate::network::SNAPSHOT_DATA_FORMAT {
             rpc.data = request.into_inner().data.into();
         }
-        reply(&self.inner.raft.install_snapshot(rpc).await)
+        let vote = rpc.vote;
+        let result = self.inner.raft.install_snapshot(rpc).await;
+        if matches!(&result, Ok(resp) if resp.vote == vote) {
+            self.inner.elections.heard_from_leader();
+        }
+        reply(&result)
     }
 
     async fn stream_snapshot(
@@ -91,6 +115,9 @@ impl RaftRpc for InternalService {
     ) -> Result<Response<RaftMessage>, Status> {
         let result =
             crate::snapshot_stream::receive(&self.inner.raft, &self.inner.identity, request.into_inner()).await?;
+        if result.is_ok() {
+            self.inner.elections.heard_from_leader();
+        }
         reply(&result)
     }
 

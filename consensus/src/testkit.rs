@@ -45,6 +45,7 @@ impl LocalNode {
     pub async fn start(id: NodeId, dir: PathBuf, addr: Option<SocketAddr>, config: ConsensusConfig) -> Result<Self> {
         let transport = Arc::new(TcpTransport {
             connect_timeout: Duration::from_secs(2),
+            source: None,
         });
         Self::start_with_transport(id, dir, addr, config, transport).await
     }

@@ -587,6 +587,7 @@ async fn every_connection_to_another_node_goes_through_the_transport() {
     let transport = Arc::new(Faulty {
         tcp: TcpTransport {
             connect_timeout: Duration::from_secs(2),
+            source: None,
         },
         dialled: Mutex::new(BTreeSet::new()),
         cut: BTreeSet::from([third.addr.to_string()]),

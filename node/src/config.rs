@@ -507,7 +507,8 @@ pub struct ResourcesConfig {
 pub struct ListenConfig {
     /// Public gRPC API (clients, CLI).
     pub public: SocketAddr,
-    /// Internal gRPC API (Raft, forwarding).
+    /// Internal gRPC API (Raft, forwarding). Unless it is a wildcard, this
+    /// node's connections to other nodes also come from its address.
     pub internal: SocketAddr,
     /// HTTP operations endpoints (/metrics, /health, /ready, /live).
     pub http: SocketAddr,
@@ -639,6 +640,14 @@ impl NodeConfig {
             .internal
             .clone()
             .unwrap_or_else(|| self.listen.internal.to_string())
+    }
+
+    /// The address this node's connections to other nodes come from: the
+    /// internal listen address, unless that is a wildcard (then the
+    /// operating system picks).
+    pub fn internal_source(&self) -> Option<std::net::IpAddr> {
+        let ip = self.listen.internal.ip();
+        (!ip.is_unspecified()).then_some(ip)
     }
 
     /// The address clients use for the public API.

@@ -9,6 +9,7 @@
 //! - Each new connection uses the newest configuration the `tls-reload`
 //!   task loaded.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use cell0_consensus::ConsensusError;
@@ -21,15 +22,17 @@ use tonic::transport::Channel;
 pub struct MtlsTransport {
     material: TlsMaterial,
     connect_timeout: Duration,
+    source: Option<IpAddr>,
 }
 
 impl MtlsTransport {
     /// A transport presenting `material`'s certificate and checking the
-    /// peer's against its CA.
-    pub fn new(material: TlsMaterial, connect_timeout: Duration) -> Self {
+    /// peer's against its CA, connecting from `source` when given.
+    pub fn new(material: TlsMaterial, connect_timeout: Duration, source: Option<IpAddr>) -> Self {
         Self {
             material,
             connect_timeout,
+            source,
         }
     }
 }
@@ -37,6 +40,6 @@ impl MtlsTransport {
 impl Transport for MtlsTransport {
     fn connect(&self, addr: &str) -> Result<Channel, ConsensusError> {
         Ok(network::endpoint(addr, self.connect_timeout)?
-            .connect_with_connector_lazy(cell0_tls::wire::connector(self.material.clone())))
+            .connect_with_connector_lazy(cell0_tls::wire::connector(self.material.clone(), self.source)))
     }
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cell0_consensus::network::nodelay_incoming;
+use cell0_consensus::network::{TcpTransport, Transport, nodelay_incoming};
 use cell0_consensus::{Consensus, NodeInfo, StorageBackend};
 use cell0_proto::internal::blobs_server::BlobsServer;
 use cell0_proto::v1::JoinRequest;
@@ -132,17 +132,21 @@ pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, ta
     let info = node_info(&config, id);
     tracing::info!(node_id = id, name = %info.name, data_dir = %config.data_dir.display(), new = datadir.created(), tls = internal_tls.is_some(), "starting");
     let storage = StorageBackend::Rocks(datadir.raft_dir());
-    let consensus = match internal_tls {
-        Some(material) => {
-            let transport = Arc::new(internal_tls::MtlsTransport::new(
-                material,
-                config.raft.connect_timeout(),
-            ));
-            Consensus::start_with_transport(id, info.clone(), config.raft.clone(), storage, transport).await
-        }
-        None => Consensus::start(id, info.clone(), config.raft.clone(), storage).await,
-    }
-    .context("starting consensus")?;
+    let source = config.internal_source();
+    let transport: Arc<dyn Transport> = match internal_tls {
+        Some(material) => Arc::new(internal_tls::MtlsTransport::new(
+            material,
+            config.raft.connect_timeout(),
+            source,
+        )),
+        None => Arc::new(TcpTransport {
+            connect_timeout: config.raft.connect_timeout(),
+            source,
+        }),
+    };
+    let consensus = Consensus::start_with_transport(id, info.clone(), config.raft.clone(), storage, transport)
+        .await
+        .context("starting consensus")?;
 
     let served = serve(
         &config, &datadir, info, &consensus, listeners, metrics, &tasks, shutdown,
@@ -373,64 +377,34 @@ async fn serve(
         telemetry::export_raft_metrics(consensus.clone(), stop()),
     );
 
-    if consensus.is_initialized().await {
+    let initialized = consensus.is_initialized().await;
+    if initialized {
         tracing::info!("rejoining the cluster from the data dir");
-        if !config.join.is_empty() {
-            // A node that left (`cell0 node leave`) or was removed while it
-            // was away asks to be added again, as a new node would; for a
-            // member the join changes nothing (it is idempotent).
-            if config.gossip.enabled {
-                tasks.spawn(
-                    "rejoin",
-                    form_cluster(
-                        consensus.clone(),
-                        gossip_view.clone(),
-                        None,
-                        info,
-                        readiness.clone(),
-                        stop(),
-                    ),
-                );
-            } else {
-                tasks.spawn(
-                    "rejoin",
-                    join_loop(
-                        consensus.clone(),
-                        config.join.clone(),
-                        id,
-                        info,
-                        readiness.clone(),
-                        stop(),
-                    ),
-                );
-            }
-            tasks.spawn(
-                "leave-drain",
-                end_leave_drain(consensus.clone(), readiness.clone(), stop()),
-            );
+    }
+    match Entry::of(config, initialized) {
+        Entry::Stay => {}
+        Entry::Bootstrap => {
+            tracing::info!("bootstrapping a new cluster");
+            consensus.initialize().await?;
         }
-    } else {
-        let through_gossip = config.gossip.enabled && !config.bootstrap && !config.join.is_empty();
-        if config.bootstrap_expect.is_some() || through_gossip {
-            readiness.set_joining(true);
+        Entry::Gossip { task, expect } => {
+            readiness.set_joining(!initialized);
             tasks.spawn(
-                "formation",
+                task,
                 form_cluster(
                     consensus.clone(),
                     gossip_view.clone(),
-                    config.bootstrap_expect,
+                    expect,
                     info,
                     readiness.clone(),
                     stop(),
                 ),
             );
-        } else if config.join.is_empty() || config.bootstrap {
-            tracing::info!("bootstrapping a new cluster");
-            consensus.initialize().await?;
-        } else {
-            readiness.set_joining(true);
+        }
+        Entry::Seeds { task } => {
+            readiness.set_joining(!initialized);
             tasks.spawn(
-                "join",
+                task,
                 join_loop(
                     consensus.clone(),
                     config.join.clone(),
@@ -441,6 +415,12 @@ async fn serve(
                 ),
             );
         }
+    }
+    if initialized && !config.join.is_empty() {
+        tasks.spawn(
+            "leave-drain",
+            end_leave_drain(consensus.clone(), readiness.clone(), stop()),
+        );
     }
     tasks.spawn(
         "scheduler",
@@ -627,6 +607,56 @@ async fn end_leave_drain(
                 return Ok(());
             }
             Err(e) => tracing::debug!(error = %e, "ending the drain of this node's leave; will retry"),
+        }
+    }
+}
+
+/// How a starting node takes its place in a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// A member with no join list: Raft carries on from the data dir.
+    Stay,
+    /// A new node bootstraps a cluster of its own.
+    Bootstrap,
+    /// Through gossip (`form_cluster`): `--bootstrap-expect`, a join list
+    /// with gossip on, or a gossip member asking to be added again.
+    Gossip {
+        /// The task's name.
+        task: &'static str,
+        /// `--bootstrap-expect`.
+        expect: Option<usize>,
+    },
+    /// Through the join list's seeds (`join_loop`), also a member asking
+    /// to be added again after it left or was removed (joins are
+    /// idempotent).
+    Seeds {
+        /// The task's name.
+        task: &'static str,
+    },
+}
+
+impl Entry {
+    fn of(config: &NodeConfig, initialized: bool) -> Entry {
+        if initialized {
+            return match (config.join.is_empty(), config.gossip.enabled) {
+                (true, _) => Entry::Stay,
+                (false, true) => Entry::Gossip {
+                    task: "rejoin",
+                    expect: None,
+                },
+                (false, false) => Entry::Seeds { task: "rejoin" },
+            };
+        }
+        let through_gossip = config.gossip.enabled && !config.bootstrap && !config.join.is_empty();
+        if config.bootstrap_expect.is_some() || through_gossip {
+            Entry::Gossip {
+                task: "formation",
+                expect: config.bootstrap_expect,
+            }
+        } else if config.join.is_empty() || config.bootstrap {
+            Entry::Bootstrap
+        } else {
+            Entry::Seeds { task: "join" }
         }
     }
 }

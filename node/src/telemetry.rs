@@ -119,6 +119,10 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         "Halvings of a peer's AppendEntries byte budget after a call that did not finish in time."
     );
     metrics::describe_counter!(
+        "cell0_raft_prompt_elections_total",
+        "Elections this node started at once, not on openraft's timer, after its leader lease ran out, by reason."
+    );
+    metrics::describe_counter!(
         "cell0_scheduler_placements_total",
         "Agent placements committed by this node's scheduler while it led."
     );

@@ -15,6 +15,23 @@
 //! touched) of every buffered write since the last synced one. The undo log is
 //! emptied by each synced write, so it only ever holds the writes of one
 //! fsync interval.
+//!
+//! A crash of the process that writes to the engine, followed by a restart
+//! on the same disk, is [`MemEngine::fork`]: an independent copy of the
+//! engine as it is at that instant (unsynced writes and their undo records
+//! included), for the restarted process, while the crashed one keeps the
+//! original until its last task is gone: whatever it still writes after the
+//! crash reaches nothing the restart reads. Calling [`MemEngine::power_loss`]
+//! on the copy makes the crash a power loss of the machine too.
+//!
+//! Simplification: a [`Durability::Unlogged`] write is kept like a buffered
+//! one (a later synced write makes it durable), and a fork keeps it, where
+//! RocksDB keeps it only once flushed. Only snapshot loads into
+//! [`crate::Cf::Staging`] write unlogged, and a restart clears that keyspace.
+//!
+//! Invariant: after `power_loss`, the engine holds exactly the writes that
+//! returned before the last synced write (or flush) returned, whole batches
+//! at a time; a fork shares nothing mutable with its original.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -45,7 +62,7 @@ impl Space {
 }
 
 /// How to undo one buffered mutation on a power loss.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Undo {
     /// A key's value before the write (`None`: it was absent).
     Key {
@@ -61,7 +78,7 @@ enum Undo {
 /// takes a reference to each, and a write copies a keyspace only while a
 /// view of it is alive, so a view costs nothing like a copy of the whole
 /// store (the log included) per read.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct State {
     tables: BTreeMap<Space, Arc<Table>>,
     slot: StateSlot,
@@ -83,9 +100,20 @@ fn table_mut(tables: &mut BTreeMap<Space, Arc<Table>>, space: Space) -> &mut Tab
 }
 
 /// Ordered maps per column family behind one lock.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct MemEngine {
     state: Mutex<State>,
+}
+
+impl std::fmt::Debug for MemEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Counts, not the rows: a store's worth of bytes helps no one.
+        let state = self.lock();
+        f.debug_struct("MemEngine")
+            .field("rows", &state.tables.values().map(|t| t.len()).sum::<usize>())
+            .field("unsynced_mutations", &state.undo.len())
+            .finish()
+    }
 }
 
 impl MemEngine {
@@ -113,6 +141,18 @@ impl MemEngine {
                 }
                 Undo::Slot(slot) => state.slot = slot,
             }
+        }
+    }
+
+    /// Test and simulation facility: an independent copy of this engine as
+    /// it is now, writes not yet synced included (with what
+    /// [`MemEngine::power_loss`] needs to discard them): the disk a process
+    /// that crashed at this instant leaves to its restart. Writes to either
+    /// engine afterwards do not reach the other. Cheap: keyspaces are shared
+    /// copy-on-write until one side writes to them.
+    pub fn fork(&self) -> MemEngine {
+        MemEngine {
+            state: Mutex::new(self.lock().clone()),
         }
     }
 
@@ -325,5 +365,44 @@ mod tests {
         e.flush().unwrap();
         e.power_loss();
         assert_eq!(all(&e).len(), 3);
+    }
+
+    #[test]
+    fn a_fork_is_the_disk_a_crash_leaves_and_takes_no_later_write() {
+        let e = MemEngine::new();
+        put(&e, b"a", b"1", Durability::Sync);
+        put(&e, b"b", b"1", Durability::Buffered);
+        // A view holds the keyspace while the fork is taken: neither the
+        // view nor the fork sees later writes.
+        let mut viewed = Vec::new();
+        let mut crashed = None;
+        e.with_view(&mut |view| {
+            crashed = Some(e.fork());
+            put(&e, b"c", b"1", Durability::Sync);
+            viewed = view.scan(Cf::State, b"", None, usize::MAX)?;
+            Ok(())
+        })
+        .unwrap();
+        let crashed = crashed.unwrap();
+        assert_eq!(viewed.len(), 2);
+        // The crashed process writes on to its engine (synced writes make
+        // the earlier buffered one durable there, not in the fork).
+        put(&e, b"d", b"1", Durability::Sync);
+        assert_eq!(all(&e).len(), 4);
+        let kept = vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"1".to_vec())];
+        assert_eq!(all(&crashed), kept, "a process crash keeps the unsynced write");
+        // The same disk after a power loss: only the synced write.
+        let power_lost = crashed.fork();
+        power_lost.power_loss();
+        assert_eq!(all(&power_lost), kept[..1].to_vec());
+        assert_eq!(all(&crashed), kept, "forks are independent");
+        // The restarted process writes to its fork only.
+        put(&crashed, b"e", b"1", Durability::Buffered);
+        assert_eq!(all(&crashed).len(), 3);
+        assert_eq!(all(&e).len(), 4);
+        assert!(!all(&e).iter().any(|(k, _)| k == b"e"));
+        crashed.power_loss();
+        assert_eq!(all(&crashed), kept[..1].to_vec());
+        assert!(format!("{crashed:?}").contains("rows: 1"));
     }
 }

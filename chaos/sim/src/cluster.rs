@@ -1,25 +1,38 @@
-//! A simulated cluster: consensus members in this process, each with
-//! in-memory storage ([`StorageBackend::Memory`]) and its internal gRPC
-//! service served over the [simulated network](crate::net).
+//! A simulated cluster: consensus members in this process, each on an
+//! in-memory engine the cluster keeps ([`StorageBackend::Shared`]), with
+//! its internal gRPC service served over the [simulated network](crate::net).
 //!
 //! Election timeouts: openraft 0.9 draws a member's election timeout once,
 //! when its Raft starts, from `rand::thread_rng()` within
 //! `[election_timeout_min, election_timeout_max)`. The simulator gives each
 //! member a range one millisecond wide (`[t, t + 1)`), which leaves that
 //! draw exactly one value: the timeouts are the seed's choice (distinct
-//! values, a seeded permutation of the members), not the thread's.
+//! values, a seeded permutation of the members), not the thread's, and a
+//! restarted member gets its timeout again.
 //!
-//! A crash stops a member for good: its connections are reset, its
-//! consensus is shut down and its in-memory storage dropped. Restarting it
-//! on the same storage would need `Consensus` to start on an existing
-//! engine, which [`StorageBackend`] cannot express yet (it opens a new
-//! `cell0_storage::MemEngine` each time).
+//! Crashes and restarts: a crash ([`SimCluster::crash_as`]) takes the
+//! member off the network (its connections reset, dials to it refused),
+//! keeps a copy of its engine as it is at that instant
+//! ([`MemEngine::fork`]), after a [`MemEngine::power_loss`] for a
+//! [`Crash::PowerLoss`], and then shuts the old member down. The old
+//! member keeps the original engine until its last task is gone, so
+//! nothing it does after the crash reaches the storage a restart reads.
+//! [`SimCluster::restart`] starts a new member with the same id, address,
+//! configuration and snapshot directory on the copy, and puts it back on
+//! the network: it recovers its vote, log, state machine and membership
+//! from that storage, as a process restarted on its disk.
+//!
+//! Invariants: at most one running member per id, and a member runs only
+//! on its own engine; a member that is down is in neither the network's
+//! servers nor the clients' [`Handles`].
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cell0_consensus::network::server_builder;
 use cell0_consensus::{Consensus, ConsensusConfig, NodeId, NodeInfo, Role, StorageBackend};
+use cell0_storage::MemEngine;
 use rand::Rng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -32,10 +45,24 @@ use crate::SimError;
 use crate::net::{SimNet, SimTransport, addr_of};
 use crate::workload::Handles;
 
+/// What a crash keeps of a member's storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// The process dies, the machine runs on: every write the engine took
+    /// is kept, synced or not (the OS still holds the unsynced ones).
+    Process,
+    /// The machine loses power: only what was synced is kept.
+    PowerLoss,
+}
+
 /// One member.
 struct SimNode {
     id: NodeId,
-    /// `None` once it crashed.
+    config: ConsensusConfig,
+    snapshot_dir: PathBuf,
+    /// Its disk: the engine it runs on, or will restart on.
+    engine: Arc<MemEngine>,
+    /// `None` while it is down.
     consensus: Option<Consensus>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
@@ -83,25 +110,38 @@ impl SimCluster {
     /// timeouts are 300 ms and then a spacing (drawn from `rng`, 30 to 80
     /// ms) apart, given to the members in an order drawn from `rng`.
     pub async fn start(n: u64, net: SimNet, rng: &mut StdRng) -> Result<Self, SimError> {
-        let voters = usize::try_from(n).unwrap_or(usize::MAX);
-        let dir = tempfile::tempdir().map_err(|e| SimError::Setup(format!("temp dir: {e}")))?;
         let mut order: Vec<u64> = (0..n).collect();
         order.shuffle(rng);
         // A jitter so that seeds also differ in how far apart the timeouts are.
         let spacing = rng.random_range(30..=80);
+        let timeouts: Vec<u64> = order.iter().map(|rank| 300 + rank * spacing).collect();
+        Self::start_with_timeouts(net, &timeouts).await
+    }
+
+    /// Starts one member per entry of `election_ms` (ids 1..; 1, 3 or 5),
+    /// member *i* with the election timeout `election_ms[i - 1]` (its
+    /// leader lease is that plus one millisecond, see the module notes), on
+    /// `net`; bootstraps the cluster on member 1, which leads, and joins the
+    /// others as voters.
+    pub async fn start_with_timeouts(net: SimNet, election_ms: &[u64]) -> Result<Self, SimError> {
+        let n = u64::try_from(election_ms.len()).unwrap_or(u64::MAX);
+        let voters = election_ms.len();
+        let dir = tempfile::tempdir().map_err(|e| SimError::Setup(format!("temp dir: {e}")))?;
         let mut nodes = Vec::new();
-        for (i, rank) in (1..=n).zip(order) {
-            let election_ms = 300 + rank * spacing;
+        for (i, &election_ms) in (1..=n).zip(election_ms) {
             let snapshot_dir = dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&snapshot_dir).map_err(|e| SimError::Setup(format!("snapshot dir: {e}")))?;
-            let consensus = start_member(i, &net, member_config(voters, election_ms), snapshot_dir).await?;
-            let (stop, server) = serve(i, &net, &consensus);
-            nodes.push(SimNode {
+            let mut node = SimNode {
                 id: i,
-                consensus: Some(consensus),
-                stop: Some(stop),
-                server: Some(server),
-            });
+                config: member_config(voters, election_ms),
+                snapshot_dir,
+                engine: Arc::new(MemEngine::new()),
+                consensus: None,
+                stop: None,
+                server: None,
+            };
+            node.start(&net).await?;
+            nodes.push(node);
         }
         let handles = Handles::default();
         for node in &nodes {
@@ -180,30 +220,99 @@ impl SimCluster {
             .map(|s| s.id)
     }
 
-    /// Crashes member `id` for good: connections reset first (the process
-    /// is gone), then its consensus stops and its storage is dropped.
+    /// The engine member `id` runs on or, while it is down, will restart on.
+    pub fn engine(&self, id: NodeId) -> Option<Arc<MemEngine>> {
+        Some(self.nodes.iter().find(|n| n.id == id)?.engine.clone())
+    }
+
+    /// Crashes member `id` with a power loss ([`Crash::PowerLoss`]).
     pub async fn crash(&mut self, id: NodeId) {
-        self.handles.remove(id);
-        self.net.down(id);
+        self.crash_as(id, Crash::PowerLoss).await;
+    }
+
+    /// Crashes member `id`, keeping of its storage what `kind` keeps, for a
+    /// [`SimCluster::restart`]: connections reset first (the process is
+    /// gone), the disk is copied as it is at that instant, then the old
+    /// member is shut down on the old engine. Nothing happens to a member
+    /// that is down already.
+    pub async fn crash_as(&mut self, id: NodeId, kind: Crash) {
         let Some(node) = self.nodes.iter_mut().find(|n| n.id == id) else {
             return;
         };
-        if let Some(stop) = node.stop.take() {
-            let _ = stop.send(());
+        if node.consensus.is_none() {
+            return;
         }
-        if let Some(c) = node.consensus.take() {
-            c.shutdown().await;
+        self.handles.remove(id);
+        self.net.down(id);
+        // No await since the member was cut off: this is its disk at the
+        // instant of the crash.
+        let disk = node.engine.fork();
+        if kind == Crash::PowerLoss {
+            disk.power_loss();
         }
-        if let Some(server) = node.server.take() {
-            server.abort();
-            let _ = server.await;
+        node.engine = Arc::new(disk);
+        node.halt().await;
+    }
+
+    /// Starts member `id` again after a crash, on what the crash kept of
+    /// its storage, with its id, address and configuration, and puts it
+    /// back on the network and in the clients' handles.
+    pub async fn restart(&mut self, id: NodeId) -> Result<(), SimError> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .ok_or_else(|| SimError::Setup(format!("no member {id}")))?;
+        if node.consensus.is_some() {
+            return Err(SimError::Setup(format!("member {id} is up")));
         }
+        node.start(&self.net).await?;
+        if let Some(c) = &node.consensus {
+            self.handles.insert(id, c.clone());
+        }
+        Ok(())
     }
 
     /// Stops every member (the end of a simulation).
     pub async fn stop(mut self) {
-        for id in self.ids() {
-            self.crash(id).await;
+        for node in &mut self.nodes {
+            self.handles.remove(node.id);
+            self.net.down(node.id);
+            node.halt().await;
+        }
+    }
+}
+
+impl SimNode {
+    /// Starts the member on its engine and serves it on `net`.
+    async fn start(&mut self, net: &SimNet) -> Result<(), SimError> {
+        let consensus = start_member(
+            self.id,
+            net,
+            self.config.clone(),
+            self.engine.clone(),
+            self.snapshot_dir.clone(),
+        )
+        .await?;
+        let (stop, server) = serve(self.id, net, &consensus);
+        self.consensus = Some(consensus);
+        self.stop = Some(stop);
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Stops the member (already off the network): its server, then its
+    /// consensus and every task of it ([`Consensus::shutdown`] joins them).
+    async fn halt(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(c) = self.consensus.take() {
+            c.shutdown().await;
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+            let _ = server.await;
         }
     }
 }
@@ -212,7 +321,8 @@ async fn start_member(
     id: NodeId,
     net: &SimNet,
     config: ConsensusConfig,
-    snapshot_dir: std::path::PathBuf,
+    engine: Arc<MemEngine>,
+    snapshot_dir: PathBuf,
 ) -> Result<Consensus, SimError> {
     let addr = addr_of(id);
     let info = NodeInfo {
@@ -226,7 +336,8 @@ async fn start_member(
         net: net.clone(),
         connect_timeout: config.connect_timeout(),
     });
-    Consensus::start_with_transport(id, info, config, StorageBackend::Memory { snapshot_dir }, transport)
+    let storage = StorageBackend::Shared { engine, snapshot_dir };
+    Consensus::start_with_transport(id, info, config, storage, transport)
         .await
         .map_err(|e| SimError::Setup(format!("starting member {id}: {e}")))
 }

@@ -77,37 +77,13 @@ impl Handles {
     }
 }
 
-/// The clock every client records times on (the runtime's, so simulated).
-///
-/// It also gives each actor (client or nemesis) instants of its own: tokio's
-/// timers fire on whole milliseconds, and tasks woken at the same instant
-/// may run in an order that tokio draws at random (see the crate
-/// documentation), so no two actors ever start something at the same
-/// millisecond: actor `slot` of `slots` acts only at milliseconds congruent
-/// to `slot` modulo `slots`.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock(Instant);
-
-impl Clock {
-    /// A clock starting now.
-    pub fn start() -> Self {
-        Self(Instant::now())
-    }
-
-    /// Microseconds since the start.
-    pub fn now_us(&self) -> u64 {
-        u64::try_from(self.0.elapsed().as_micros()).unwrap_or(u64::MAX)
-    }
-
-    /// Sleeps at least `delay`, until the next millisecond of actor `slot`
-    /// of `slots`.
-    pub async fn sleep_in_slot(&self, delay: Duration, slot: u64, slots: u64) {
-        let slots = slots.max(1);
-        let earliest = (self.now_us() + u64::try_from(delay.as_micros()).unwrap_or(u64::MAX)).div_ceil(1_000);
-        let ms = earliest + (slot % slots + slots - earliest % slots) % slots;
-        tokio::time::sleep_until(self.0 + Duration::from_millis(ms)).await;
-    }
-}
+/// The clock every client records times on: the chaos harness's, on the
+/// runtime's (here simulated) time. Tokio's timers fire on whole
+/// milliseconds, and tasks woken at the same instant may run in an order
+/// that tokio draws at random (see the crate documentation), so every actor
+/// (client or nemesis) waits with [`Clock::sleep_in_slot`] and no two ever
+/// start something at the same millisecond.
+pub use cell0_chaos::workload::Clock;
 
 /// One client.
 #[derive(Debug, Clone, Copy)]

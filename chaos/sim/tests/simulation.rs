@@ -1,7 +1,7 @@
 //! Deterministic simulation (docs/chaos.md, "Simulation"): 200 seeds of a
-//! three-member cluster under partitions, slow links, connection resets and
-//! a crash, each checked for linearizability, lost acknowledged writes and
-//! agreeing replicas, in eight tests of 25 seeds (so that the test runner
+//! three-member cluster under partitions, slow links, connection resets,
+//! crashes and restarts, each checked for linearizability, lost acknowledged
+//! writes and agreeing replicas, in eight tests of 25 seeds (so that the test runner
 //! spreads them over the cores); and a seed run twice fingerprints the
 //! same.
 //!

@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! cell0-chaos list
-//! cell0-chaos run --scenario NAME [--duration 60s] [--seed S] [--nodes 3] [--clients 8]
+//! cell0-chaos run --scenario NAME [--duration 60s] [--seed S] [--nodes N] [--clients 8]
 //!                 [--set-clients 2] [--keys 4] [--out DIR] [--cell0-bin PATH]
+//!                 [--agents N [--agent-model DIR]]
 //! ```
 //!
 //! `run` prints a summary (operations, faults, verdicts) and writes the
@@ -44,9 +45,9 @@ enum Command {
         /// Draws the faults and the clients' choices (default: from the clock).
         #[arg(long)]
         seed: Option<u64>,
-        /// Nodes in the cluster (3 to 7).
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=7))]
-        nodes: u8,
+        /// Nodes in the cluster, 3 to 7 (default: the scenario's, 3 or 5).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(3..=7))]
+        nodes: Option<u8>,
         /// Register clients (1 to 64).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
         clients: u32,
@@ -66,6 +67,15 @@ enum Command {
         /// How long the linearizability checker may take, in seconds.
         #[arg(long, default_value_t = 60)]
         check_seconds: u64,
+        /// Also run the agent workload with this many exec agents (0 to 32;
+        /// 0: off): tasks, migrations, drains and stops, checked for lost
+        /// agents and tasks and for results of superseded incarnations.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=32))]
+        agents: u32,
+        /// With `--agents`: a model directory (e.g. models/all-minilm-l6-v2)
+        /// for an inference agent whose tasks write its memory.
+        #[arg(long, requires = "agents")]
+        agent_model: Option<PathBuf>,
     },
     /// Kills the leader of a 3-node Cell0 or etcd cluster under write load,
     /// again and again, and reports how long writes took to succeed again
@@ -118,7 +128,12 @@ fn run_cli() -> anyhow::Result<bool> {
         Command::List => {
             for s in SCENARIOS {
                 let root = if s.needs_root() { " (needs root)" } else { "" };
-                println!("{:<20} {}{root}", s.name, s.about);
+                let nodes = if s.nodes == 3 {
+                    String::new()
+                } else {
+                    format!(" ({} nodes)", s.nodes)
+                };
+                println!("{:<20} {}{nodes}{root}", s.name, s.about);
             }
             Ok(true)
         }
@@ -133,9 +148,12 @@ fn run_cli() -> anyhow::Result<bool> {
             out,
             cell0_bin,
             check_seconds,
+            agents,
+            agent_model,
         } => {
             let scenario = scenario::find(&scenario)
                 .with_context(|| format!("no scenario {scenario:?}: `cell0-chaos list` shows them"))?;
+            let nodes = nodes.unwrap_or(scenario.nodes);
             let seed = seed.unwrap_or_else(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -160,18 +178,25 @@ fn run_cli() -> anyhow::Result<bool> {
                 out.display()
             );
             let runtime = tokio::runtime::Runtime::new()?;
-            let summary = runtime.block_on(run::run(RunOptions {
-                scenario,
-                duration,
-                seed,
-                nodes: usize::from(nodes),
-                clients,
-                set_clients,
-                keys,
-                out,
-                bin,
-                check_budget: Duration::from_secs(check_seconds),
-            }))?;
+            let agents = (agents > 0 || agent_model.is_some()).then_some(cell0_chaos::agents::AgentOptions {
+                agents,
+                model: agent_model,
+            });
+            let summary = runtime.block_on(run::run_with_agents(
+                RunOptions {
+                    scenario,
+                    duration,
+                    seed,
+                    nodes: usize::from(nodes),
+                    clients,
+                    set_clients,
+                    keys,
+                    out,
+                    bin,
+                    check_budget: Duration::from_secs(check_seconds),
+                },
+                agents,
+            ))?;
             println!(
                 "scenario {} seed {}: {} faults; register {} ops ({} ok, {} fail, {} unknown); set {} writes ({} ok, {} unknown)",
                 summary.scenario,
@@ -187,6 +212,13 @@ fn run_cli() -> anyhow::Result<bool> {
             );
             println!("linearizable: {}", summary.linearizable_report);
             println!("set: {}", summary.set_report);
+            if let Some(a) = &summary.agents {
+                println!(
+                    "agent workload: {} ops ({} ok, {} fail, {} unknown), settled in {} ms",
+                    a.ops, a.ok, a.fail, a.unknown, a.settle_ms
+                );
+                print!("{}", a.report);
+            }
             println!(
                 "{}: the verdicts are {}what scenario {} expects; rerun with --seed {}",
                 if summary.passed { "PASS" } else { "FAIL" },

@@ -1,7 +1,7 @@
 //! Checkers: what a recorded [history](crate::history) proves about the
 //! system that produced it.
 //!
-//! Two checkers share the vocabulary of this module:
+//! The checkers share the vocabulary of this module:
 //!
 //! - [`linearizable`] checks the register workloads: every key is a
 //!   register of `Option<Value>` (absent, or the value of one write), and
@@ -11,6 +11,9 @@
 //!   reads).
 //! - [`set`] checks the set workload: unique keys written once each and
 //!   read back at the end as one set.
+//! - [`agents`] checks the agent workload: no lost agent or task, every
+//!   result committed once and only from the current incarnation, memory
+//!   written only with its task's accepted result.
 //!
 //! Both answer with a [`Verdict`]. The invariant every checker keeps is
 //! that **`Invalid` is a proof**: it is only given when no execution of a
@@ -29,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::history::{Op, OpKind, ReadConsistency, Status};
 
+pub mod agents;
 pub mod linearizable;
 pub mod set;
 

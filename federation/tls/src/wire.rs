@@ -12,7 +12,7 @@
 //!   client of the public port, expecting the name it dialled.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tonic::codegen::http::Uri;
 use tonic::transport::server::Connected;
 
@@ -170,10 +170,15 @@ where
 /// A connection a channel dialled.
 pub type ClientConn = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
 
-/// TCP to the URI's host and port, then TLS with `config`, expecting the
-/// server's certificate to name `server_name` (the dialled host when
-/// `None`).
-async fn connect(uri: Uri, config: Arc<ClientConfig>, server_name: Option<&'static str>) -> io::Result<ClientConn> {
+/// TCP to the URI's host and port (from `source` when given), then TLS
+/// with `config`, expecting the server's certificate to name `server_name`
+/// (the dialled host when `None`).
+async fn connect(
+    uri: Uri,
+    config: Arc<ClientConfig>,
+    server_name: Option<&'static str>,
+    source: Option<IpAddr>,
+) -> io::Result<ClientConn> {
     let host = uri
         .host()
         .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
@@ -183,7 +188,7 @@ async fn connect(uri: Uri, config: Arc<ClientConfig>, server_name: Option<&'stat
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} has no port")))?;
     let name = ServerName::try_from(server_name.map_or(host.clone(), str::to_string))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    let tcp = dial(&host, port, source).await?;
     tcp.set_nodelay(true)?;
     match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
         Ok(tls) => Ok(TokioIo::new(tls)),
@@ -194,6 +199,37 @@ async fn connect(uri: Uri, config: Arc<ClientConfig>, server_name: Option<&'stat
             Err(e)
         }
     }
+}
+
+/// TCP to `host:port`, from the address `source` when given (a node's own
+/// address, so that the peer and anything between them see which node
+/// connects).
+async fn dial(host: &str, port: u16, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect((host, port)).await;
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        if addr.is_ipv4() != source.is_ipv4() {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!("{host}:{port} has no address of the family of the source {source}"),
+        )
+    }))
 }
 
 /// What a tonic channel dials through (`Endpoint::connect_with_connector`).
@@ -208,14 +244,15 @@ impl<T> Connector for T where
 }
 
 /// The connector of a channel to another node: `material`'s newest client
-/// configuration, expecting [`INTERNAL_SERVER_NAME`].
-pub fn connector(material: TlsMaterial) -> impl Connector {
-    tower::service_fn(move |uri: Uri| connect(uri, material.client(), Some(INTERNAL_SERVER_NAME)))
+/// configuration, expecting [`INTERNAL_SERVER_NAME`], from the address
+/// `source` when given.
+pub fn connector(material: TlsMaterial, source: Option<IpAddr>) -> impl Connector {
+    tower::service_fn(move |uri: Uri| connect(uri, material.client(), Some(INTERNAL_SERVER_NAME), source))
 }
 
 /// The connector of a client of the public port: `config` (from
 /// [`crate::material::public_client`]), expecting the certificate to name
 /// the dialled host.
 pub fn public_connector(config: Arc<ClientConfig>) -> impl Connector {
-    tower::service_fn(move |uri: Uri| connect(uri, config.clone(), None))
+    tower::service_fn(move |uri: Uri| connect(uri, config.clone(), None, None))
 }
