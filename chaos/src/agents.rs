@@ -799,81 +799,110 @@ pub async fn lifecycle_client(
     ops
 }
 
-/// Every page of `Agents.List` through `conn`'s current node.
-async fn read_agents(conn: &Conn) -> Result<Vec<AgentView>, String> {
-    let mut agents = conn.agents().ok_or("no connection")?;
+/// Every item of a paged list: `page(after)` fetches the page after the
+/// cursor `after` (its items, and whether more follow); `cursor` names the
+/// item the next page starts after.
+async fn every_page<C, T, F, Fut>(mut after: C, mut page: F, cursor: impl Fn(&T) -> C) -> Result<Vec<T>, String>
+where
+    F: FnMut(C) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, bool), tonic::Status>>,
+{
     let mut out = Vec::new();
-    let mut after = String::new();
     loop {
-        let page = agents
-            .list(request(
-                v1::ListAgentsRequest {
-                    start_after: after.clone(),
-                    limit: 1000,
-                },
-                OP_TIMEOUT,
-            ))
-            .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
-        out.extend(page.agents.iter().map(agent_view));
-        match (page.more, out.last()) {
-            (true, Some(last)) => after = last.name.clone(),
+        let (items, more) = page(after).await.map_err(|s| s.message().to_string())?;
+        out.extend(items);
+        match (more, out.last()) {
+            (true, Some(last)) => after = cursor(last),
             _ => return Ok(out),
         }
     }
 }
 
+/// Every page of `Agents.List` through `conn`'s current node.
+async fn read_agents(conn: &Conn) -> Result<Vec<AgentView>, String> {
+    let agents = conn.agents().ok_or("no connection")?;
+    every_page(
+        String::new(),
+        |start_after| {
+            let mut agents = agents.clone();
+            async move {
+                let page = agents
+                    .list(request(
+                        v1::ListAgentsRequest {
+                            start_after,
+                            limit: 1000,
+                        },
+                        OP_TIMEOUT,
+                    ))
+                    .await?
+                    .into_inner();
+                Ok((page.agents.iter().map(agent_view).collect(), page.more))
+            }
+        },
+        |last: &AgentView| last.name.clone(),
+    )
+    .await
+}
+
 /// Every task and memory entry of `agent` through `conn`'s current node.
 async fn read_tasks(conn: &Conn, agent: &str) -> Result<(Vec<TaskView>, Vec<MemoryView>), String> {
-    let mut tasks = conn.tasks().ok_or("no connection")?;
-    let mut listed = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = tasks
-            .list(request(
-                v1::ListTasksRequest {
-                    agent: agent.into(),
-                    start_after: after,
-                    limit: 1000,
-                },
-                OP_TIMEOUT,
-            ))
-            .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
-        listed.extend(page.tasks.iter().map(task_view));
-        match (page.more, listed.last()) {
-            (true, Some(last)) => after = last.id,
-            _ => break,
-        }
-    }
-    let mut memory = Vec::new();
-    let mut after = String::new();
-    loop {
-        let page = tasks
-            .list_memory(request(
-                v1::ListMemoryRequest {
-                    agent: agent.into(),
-                    start_after: after.clone(),
-                    limit: 1000,
-                },
-                OP_TIMEOUT,
-            ))
-            .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
-        memory.extend(page.entries.iter().map(|e| MemoryView {
-            agent: agent.into(),
-            key: e.key.clone(),
-            value: e.value.clone(),
-            incarnation: e.incarnation,
-        }));
-        match (page.more, memory.last()) {
-            (true, Some(last)) => after = last.key.clone(),
-            _ => break,
-        }
-    }
+    let tasks = conn.tasks().ok_or("no connection")?;
+    let listed = every_page(
+        0,
+        |start_after| {
+            let mut tasks = tasks.clone();
+            let agent = agent.to_string();
+            async move {
+                let page = tasks
+                    .list(request(
+                        v1::ListTasksRequest {
+                            agent,
+                            start_after,
+                            limit: 1000,
+                        },
+                        OP_TIMEOUT,
+                    ))
+                    .await?
+                    .into_inner();
+                Ok((page.tasks.iter().map(task_view).collect(), page.more))
+            }
+        },
+        |last: &TaskView| last.id,
+    )
+    .await?;
+    let memory = every_page(
+        String::new(),
+        |start_after| {
+            let mut tasks = tasks.clone();
+            let agent = agent.to_string();
+            async move {
+                let page = tasks
+                    .list_memory(request(
+                        v1::ListMemoryRequest {
+                            agent: agent.clone(),
+                            start_after,
+                            limit: 1000,
+                        },
+                        OP_TIMEOUT,
+                    ))
+                    .await?
+                    .into_inner();
+                let entries = page
+                    .entries
+                    .iter()
+                    .map(|e| MemoryView {
+                        agent: agent.clone(),
+                        key: e.key.clone(),
+                        value: e.value.clone(),
+                        incarnation: e.incarnation,
+                    })
+                    .collect();
+                Ok((entries, page.more))
+            }
+        },
+        |last: &MemoryView| last.key.clone(),
+    )
+    .await?;
     Ok((listed, memory))
 }
 

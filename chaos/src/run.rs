@@ -297,9 +297,6 @@ impl Nemesis {
 
     /// Injects `fault`, holds it, heals it.
     async fn strike(&mut self, fault: Fault) -> Result<(), RunError> {
-        if fault.needs() == Needs::Proxy {
-            return self.strike_links(fault).await;
-        }
         match fault {
             Fault::Kill(target) => {
                 let node = self.target(target).await;
