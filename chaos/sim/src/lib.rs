@@ -8,13 +8,19 @@
 //! (resets), partitions and slows their connections ([`net`]) through the
 //! consensus crate's `Transport` seam, so every byte between members goes
 //! through the real gRPC code. Clients ([`workload`]) run the register and
-//! set workloads of the chaos tests through `Consensus`'s own API while a
+//! set workloads of the chaos tests through `Consensus`'s own API, an agent
+//! client submits and stops agents on synthetic nodes while a scheduler
+//! actor places them from whichever member leads ([`scheduling`]), and a
 //! nemesis ([`nemesis`]) injects faults; then every link is healed, each
-//! register key is read once more, the set is read back, and the replicas
-//! are compared. The verdicts are the chaos checkers': the register history
-//! must be linearizable ([`cell0_chaos::checker::linearizable`]), no
-//! acknowledged set write may be lost ([`cell0_chaos::checker::set`]), and
-//! every member that is up must hold the same state.
+//! register key is read once more, the set is read back, the scheduler
+//! settles, and the replicas are compared. The verdicts are the chaos
+//! checkers': the register history must be linearizable
+//! ([`cell0_chaos::checker::linearizable`]), no acknowledged set write may
+//! be lost ([`cell0_chaos::checker::set`]), and every member that is up
+//! must hold the same state; and the scheduler's
+//! ([`scheduling::check`]): every agent that should run is placed exactly
+//! once unless no node has room, no node holds more than its capacity, no
+//! stopped agent holds an allocation, and no plan placed an agent twice.
 //!
 //! # Reproducibility
 //!
@@ -63,12 +69,14 @@
 //!
 //! Not simulated: snapshots (built and installed on threads of their own),
 //! membership changes during faults, disks (only their durability model:
-//! `cell0_storage::MemEngine`), clocks; nor the scheduler
-//! (`cell0-scheduler` is a pure function of its input; the loop that runs
-//! it and commits its plans lives in the node crate).
+//! `cell0_storage::MemEngine`), clocks; nor the node side of agents (no
+//! runtime starts, reports or releases them: an allocation stays
+//! `pending`), nor the scheduler's drains, node-down moves and migrations.
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cell0_consensus::{Consistency, Role};
@@ -84,11 +92,13 @@ use cell0_chaos::history::{Op, ReadConsistency, Status};
 pub mod cluster;
 pub mod nemesis;
 pub mod net;
+pub mod scheduling;
 pub mod workload;
 
 use cluster::SimCluster;
 use nemesis::{Event, FaultMix};
 use net::{NetCounts, NetParams, SimNet};
+use scheduling::{AgentClientSpec, AgentState, PlanCommit, SchedulerLog};
 use workload::{ClientSpec, Clock, Handles, REGISTER_PREFIX, SET_PREFIX};
 
 /// Client ids from this one on are the final reads after the heal.
@@ -113,6 +123,9 @@ pub struct SimConfig {
     pub net: NetParams,
     /// Wall-clock budget of the linearizability search.
     pub check_budget: Duration,
+    /// Longest pause of the agent client between two operations; `None`:
+    /// no agents, no scheduler ([`scheduling`]).
+    pub agents: Option<Duration>,
 }
 
 impl Default for SimConfig {
@@ -126,6 +139,7 @@ impl Default for SimConfig {
             faults: FaultMix::ALL,
             net: NetParams::default(),
             check_budget: Duration::from_secs(20),
+            agents: Some(Duration::from_millis(200)),
         }
     }
 }
@@ -156,8 +170,16 @@ pub struct SimOutcome {
     pub linearizable: Report,
     /// The set checker's report.
     pub set: SetReport,
+    /// The agent client's operations, in order.
+    pub agent_ops: Vec<scheduling::AgentOp>,
+    /// What the scheduler actor committed.
+    pub plans: scheduling::SchedulerLog,
+    /// The agent tables at the end, as the leader holds them (`None`
+    /// without agents, or when they could not be read).
+    pub agents: Option<AgentState>,
     /// What went wrong after the heal: no leader, a final read that never
-    /// returned, a member that did not catch up, replicas that differ.
+    /// returned, a member that did not catch up, replicas that differ, and
+    /// the scheduler's checks ([`scheduling::check`]).
     pub problems: Vec<String>,
     /// What the network did.
     pub net: NetCounts,
@@ -180,13 +202,15 @@ impl fmt::Display for SimOutcome {
         let ok = self.history.iter().filter(|o| o.status == Status::Ok).count();
         writeln!(
             f,
-            "seed {}: {} ({} register ops, {} ok; {} set writes; {} faults; {:.1} s simulated; \
-             net: {} connections, {} resets, {} chunks; hash {:016x})",
+            "seed {}: {} ({} register ops, {} ok; {} set writes; {} agent ops, {} plans; {} faults; \
+             {:.1} s simulated; net: {} connections, {} resets, {} chunks; hash {:016x})",
             self.seed,
             if self.passed() { "passed" } else { "FAILED" },
             self.history.len(),
             ok,
             self.set_history.len(),
+            self.agent_ops.len(),
+            self.plans.commits.len(),
             self.timeline
                 .iter()
                 .filter(|(_, e)| e != "heal" && !e.starts_with("restart"))
@@ -197,6 +221,14 @@ impl fmt::Display for SimOutcome {
             self.net.chunks,
             self.hash,
         )?;
+        if let Some(a) = &self.agents {
+            let (placed, waiting, stopped) = a.summary();
+            writeln!(
+                f,
+                "  agents: {placed} placed, {waiting} waiting for room, {stopped} stopped; {} plans unacknowledged",
+                self.plans.unknown
+            )?;
+        }
         if self.passed() {
             return Ok(());
         }
@@ -255,12 +287,20 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimEr
     let mut cluster_rng = StdRng::seed_from_u64(seeds.random());
     let mut nemesis_rng = StdRng::seed_from_u64(seeds.random());
     let mut cluster = SimCluster::start(config.nodes, net.clone(), &mut cluster_rng).await?;
+    let agent_seed: u64 = seeds.random();
+    if config.agents.is_some() {
+        let first = cluster
+            .consensus(1)
+            .ok_or_else(|| SimError::Setup("no member 1".into()))?;
+        scheduling::register_nodes(first).await.map_err(SimError::Setup)?;
+    }
 
     let clock = Clock::start();
     let until = Instant::now() + config.duration;
     let handles = cluster.handles();
-    // Clients are actors 0.., the nemesis the last one (`Clock::sleep_in_slot`).
-    let slots = u64::from(config.clients) + 1;
+    // Clients are actors 0.., then the agent client and the scheduler, the
+    // nemesis the last one (`Clock::sleep_in_slot`).
+    let slots = u64::from(config.clients) + 3;
     let clients: Vec<_> = (0..config.clients)
         .map(|id| {
             let spec = ClientSpec {
@@ -274,6 +314,23 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimEr
             tokio::spawn(workload::client(spec, handles.clone(), clock, until))
         })
         .collect();
+    let stop_scheduler = Arc::new(AtomicBool::new(false));
+    let agent_actors = config.agents.map(|think| {
+        let spec = AgentClientSpec {
+            home: agent_seed % config.nodes.max(1) + 1,
+            slot: (slots - 3, slots),
+            think,
+            seed: agent_seed,
+        };
+        let client = tokio::spawn(scheduling::agent_client(spec, handles.clone(), clock, until));
+        let scheduler = tokio::spawn(scheduling::scheduler(
+            handles.clone(),
+            clock,
+            (slots - 2, slots),
+            stop_scheduler.clone(),
+        ));
+        (client, scheduler)
+    });
     let mut timeline = Vec::new();
     let nemesis_problems = nemesis::run(
         &mut nemesis_rng,
@@ -294,6 +351,12 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimEr
             set_history.extend(h.set);
         }
     }
+    let mut agent_ops = Vec::new();
+    let mut scheduler = None;
+    if let Some((client, sched)) = agent_actors {
+        agent_ops = client.await.unwrap_or_default();
+        scheduler = Some(sched);
+    }
 
     // Healed, and the crashed members that were to come back are back: the
     // cluster must recover, and its state must hold every acknowledged
@@ -301,6 +364,8 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimEr
     let mut problems = nemesis_problems;
     let mut set_present = BTreeSet::new();
     let mut final_state = Vec::new();
+    let mut plans = scheduling::SchedulerLog::default();
+    let mut agent_state = None;
     match wait_for_leader(&cluster, Duration::from_secs(30)).await {
         None => problems.push("no leader within 30 s of the heal".into()),
         Some(leader) => {
@@ -314,11 +379,26 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimEr
                 }
                 Err(e) => problems.push(format!("the final read of the set failed: {e}")),
             }
+            if let Some(sched) = scheduler.take() {
+                plans = settle_scheduler(&handles, sched, &stop_scheduler, &mut problems).await;
+            }
             match compare_replicas(&cluster, leader).await {
-                Ok(state) => final_state = state,
+                Ok(state) => {
+                    final_state = state;
+                    if config.agents.is_some() {
+                        let (state, mut found) =
+                            compare_agent_replicas(&cluster, leader, &agent_ops, &plans.commits).await;
+                        agent_state = state;
+                        problems.append(&mut found);
+                    }
+                }
                 Err(e) => problems.push(e),
             }
         }
+    }
+    if let Some(sched) = scheduler {
+        stop_scheduler.store(true, Ordering::Relaxed);
+        plans = sched.await.unwrap_or_default();
     }
     let simulated = started.elapsed();
     let counts = net.counts();
@@ -326,7 +406,14 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimEr
 
     let linearizable = linearizable::check(&history, config.check_budget);
     let set = set::check(&set_history, &set_present);
-    let hash = fingerprint(seed, &history, &set_history, &timeline, &final_state, counts);
+    let mut hash = fingerprint(seed, &history, &set_history, &timeline, &final_state, counts);
+    if config.agents.is_some() {
+        let mut h = Fnv(hash);
+        h.write(format!("{agent_ops:?}").as_bytes());
+        h.write(format!("{plans:?}").as_bytes());
+        h.write(format!("{agent_state:?}").as_bytes());
+        hash = h.0;
+    }
     Ok(SimOutcome {
         seed,
         history,
@@ -335,6 +422,9 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimEr
         timeline,
         linearizable,
         set,
+        agent_ops,
+        plans,
+        agents: agent_state,
         problems,
         net: counts,
         simulated,
@@ -501,4 +591,56 @@ async fn compare_replicas(
         }
     }
     Ok(reference)
+}
+
+/// Lets the scheduler actor finish the agents' evaluations after the heal
+/// ([`scheduling::settle`]), then stops it and returns its log.
+async fn settle_scheduler(
+    handles: &Handles,
+    scheduler: tokio::task::JoinHandle<SchedulerLog>,
+    stop: &AtomicBool,
+    problems: &mut Vec<String>,
+) -> SchedulerLog {
+    if let Err(e) = scheduling::settle(handles).await {
+        problems.push(e);
+    }
+    stop.store(true, Ordering::Relaxed);
+    scheduler.await.unwrap_or_default()
+}
+
+/// Reads every member's replica of the agent tables (they applied the
+/// leader's last entry: [`compare_replicas`] waited for it), checks each
+/// ([`scheduling::check`]) and that they agree: the leader's, and every
+/// problem found.
+async fn compare_agent_replicas(
+    cluster: &SimCluster,
+    leader: cell0_consensus::NodeId,
+    ops: &[scheduling::AgentOp],
+    plans: &[PlanCommit],
+) -> (Option<AgentState>, Vec<String>) {
+    let Some(lead) = cluster.consensus(leader) else {
+        return (None, vec!["the leader crashed".to_string()]);
+    };
+    let reference = match scheduling::agent_state(lead).await {
+        Ok(state) => state,
+        Err(e) => return (None, vec![e]),
+    };
+    let mut problems = scheduling::check(&format!("n{leader}"), &reference, ops, plans);
+    for id in cluster.up() {
+        let Some(c) = cluster.consensus(id) else { continue };
+        if id == leader {
+            continue;
+        }
+        match scheduling::agent_state(c).await {
+            Ok(state) if state == reference => {}
+            Ok(state) => {
+                problems.push(format!(
+                    "n{id}'s replica of the agent tables differs from the leader n{leader}'s"
+                ));
+                problems.extend(scheduling::check(&format!("n{id}"), &state, ops, &[]));
+            }
+            Err(e) => problems.push(format!("n{id}: {e}")),
+        }
+    }
+    (Some(reference), problems)
 }

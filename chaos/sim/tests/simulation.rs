@@ -1,7 +1,8 @@
 //! Deterministic simulation (docs/chaos.md, "Simulation"): 200 seeds of a
 //! three-member cluster under partitions, slow links, connection resets,
 //! crashes and restarts, each checked for linearizability, lost acknowledged
-//! writes and agreeing replicas, in eight tests of 25 seeds (so that the test runner
+//! writes, agreeing replicas and the scheduler's placements
+//! (`cell0_sim::scheduling::check`), in eight tests of 25 seeds (so that the test runner
 //! spreads them over the cores); and a seed run twice fingerprints the
 //! same.
 //!
