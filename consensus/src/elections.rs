@@ -41,7 +41,11 @@
 //! 3. [`Reason::Watchdog`]: no leader heard from for `2 x
 //!    election_timeout_max`, the latest an unpenalised openraft timer fires,
 //!    and no term change for `election_timeout_max` (no election under way):
-//!    the cap on the sticky penalty.
+//!    the cap on the sticky penalty. Once per leaderless stretch: after it
+//!    fired, it fires again only once a leader was heard from, so on an
+//!    overloaded network where elections keep failing, openraft's own timer
+//!    with its back-off paces them (a CI run at load 15 showed the watchdog
+//!    standing every 1.2 s for a minute, keeping terms rising).
 //!
 //! # Why it cannot cause election storms, nor weaken safety
 //!
@@ -66,7 +70,7 @@
 //! Triggers 1 and 2 need a rival with a strictly shorter log, which can
 //! never win this node's vote: only the node with the longer log stands, so
 //! two nodes never push each other's terms up. Trigger 3 fires at most once
-//! per `2 x election_timeout_max`, no more often than openraft's own timer.
+//! per stretch without a leader.
 //!
 //! Invariants: this task only asks openraft to elect; it never changes a
 //! vote or a log itself. It sees the member's stop signal and is joined at
@@ -274,6 +278,13 @@ fn facts(id: NodeId, raft: &Raft, shared: &Elections, prompted_term: u64) -> Fac
     }
 }
 
+/// Whether the watchdog may fire again: it never fired, or a leader was
+/// heard from after it last did (`since_fired` ago; the last leader
+/// `since_leader` ago).
+fn watchdog_rearmed(since_fired: Option<Duration>, since_leader: Duration) -> bool {
+    since_fired.is_none_or(|fired| since_leader < fired)
+}
+
 async fn run(
     id: NodeId,
     raft: Raft,
@@ -310,7 +321,7 @@ async fn run(
                 }
                 let quiet = term_since.elapsed() >= t.lease
                     && now.since_leader >= t.watchdog
-                    && watchdog_at.is_none_or(|at| at.elapsed() >= t.watchdog);
+                    && watchdog_rearmed(watchdog_at.map(|at| at.elapsed()), now.since_leader);
                 if !quiet || crate::failpoints::no_prompt_elections() {
                     continue;
                 }
@@ -426,6 +437,15 @@ mod tests {
         assert_eq!(lost_to_shorter_log(3, &req, &stale), None);
         let granted = VoteResponse::new(uncommitted(6, 2), log(5, 1, 9), true);
         assert_eq!(lost_to_shorter_log(3, &req, &granted), None);
+    }
+
+    #[test]
+    fn the_watchdog_fires_once_per_stretch_without_a_leader() {
+        let s = Duration::from_secs;
+        assert!(watchdog_rearmed(None, s(5)), "never fired");
+        assert!(!watchdog_rearmed(Some(s(2)), s(5)), "no leader since it fired");
+        assert!(!watchdog_rearmed(Some(s(60)), s(61)), "however long ago");
+        assert!(watchdog_rearmed(Some(s(5)), s(2)), "a leader was heard since");
     }
 
     #[test]
