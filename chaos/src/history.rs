@@ -95,6 +95,29 @@ pub struct Op {
     pub error: Option<String>,
 }
 
+impl Op {
+    /// A blank operation of `client` through `node`: a read that has not
+    /// run (ok, at time 0, nothing asked or seen); a workload fills in the
+    /// rest.
+    pub fn blank(client: u32, node: u32) -> Op {
+        Op {
+            client,
+            kind: OpKind::Read,
+            key: String::new(),
+            consistency: None,
+            value: None,
+            expect: None,
+            read: None,
+            succeeded: None,
+            invoke_us: 0,
+            complete_us: 0,
+            status: Status::Ok,
+            node,
+            error: None,
+        }
+    }
+}
+
 /// A field that is present (even as `null`) is `Some`; only a missing one
 /// (serde's `default`) is `None`.
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Value>>, D::Error> {

@@ -158,21 +158,7 @@ pub async fn register_client(c: RegisterClient, clock: Clock, until: Instant) ->
     };
     let mut rng = StdRng::seed_from_u64(c.seed);
     let mut counter: u64 = 0;
-    let base = |client: u32| Op {
-        client,
-        kind: OpKind::Read,
-        key: String::new(),
-        consistency: None,
-        value: None,
-        expect: None,
-        read: None,
-        succeeded: None,
-        invoke_us: 0,
-        complete_us: 0,
-        status: Status::Ok,
-        node: c.node,
-        error: None,
-    };
+    let base = |client: u32| Op::blank(client, c.node);
     while Instant::now() < until {
         // Every client moves to fresh keys each generation, so that no key
         // gathers more operations than the checker can search.

@@ -492,19 +492,9 @@ async fn final_reads(
         for _ in 0..20 {
             let Some((node, c)) = handles.pick(leader) else { break };
             let mut op = Op {
-                client,
-                kind: cell0_chaos::history::OpKind::Read,
                 key: key.clone(),
                 consistency: Some(ReadConsistency::Linearizable),
-                value: None,
-                expect: None,
-                read: None,
-                succeeded: None,
-                invoke_us: 0,
-                complete_us: 0,
-                status: Status::Ok,
-                node: u32::try_from(node).unwrap_or(u32::MAX),
-                error: None,
+                ..Op::blank(client, u32::try_from(node).unwrap_or(u32::MAX))
             };
             workload::read(&c, &mut op, clock).await;
             done = op.status == Status::Ok;

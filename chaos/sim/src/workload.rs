@@ -113,21 +113,7 @@ pub struct ClientHistory {
 }
 
 fn base(client: u32) -> Op {
-    Op {
-        client,
-        kind: OpKind::Read,
-        key: String::new(),
-        consistency: None,
-        value: None,
-        expect: None,
-        read: None,
-        succeeded: None,
-        invoke_us: 0,
-        complete_us: 0,
-        status: Status::Ok,
-        node: 0,
-        error: None,
-    }
+    Op::blank(client, 0)
 }
 
 fn parse_value(bytes: &[u8]) -> Value {
