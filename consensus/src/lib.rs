@@ -16,6 +16,7 @@
 
 mod batcher;
 mod config;
+mod early;
 mod elections;
 mod error;
 mod facade;

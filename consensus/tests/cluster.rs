@@ -734,3 +734,80 @@ async fn coalesced_linearizable_reads_see_every_acknowledged_write_across_a_lead
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn followers_store_a_new_entry_while_the_leaders_own_write_is_held() {
+    // Early replication: the leader sends new entries to its followers
+    // before its own synced write, so their fsyncs overlap. The leader's
+    // engine holds its synced writes here, as a disk whose fsync hangs.
+    let config = ConsensusConfig {
+        // No election while the leader's core waits on its held write.
+        election_timeout_min_ms: 5_000,
+        election_timeout_max_ms: 10_000,
+        ..config()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let engine = Arc::new(cell0_storage::MemEngine::new());
+    let transport: Arc<dyn Transport> = Arc::new(TcpTransport {
+        connect_timeout: Duration::from_secs(2),
+        source: None,
+    });
+    let storage = cell0_consensus::StorageBackend::Shared {
+        engine: engine.clone(),
+        snapshot_dir: root.path().join("n1"),
+    };
+    let first = LocalNode::start_on(1, storage, root.path().join("n1"), None, config.clone(), transport)
+        .await
+        .unwrap();
+    first.consensus.initialize().await.unwrap();
+    first.consensus.wait_for_leader(DEADLINE).await.unwrap();
+    let mut nodes = vec![first];
+    for id in 2..=3 {
+        let node = LocalNode::start(id, root.path().join(format!("n{id}")), None, config.clone())
+            .await
+            .unwrap();
+        nodes[0]
+            .consensus
+            .join(node.id(), node.consensus.info().clone())
+            .await
+            .unwrap();
+        nodes.push(node);
+    }
+    nodes[0].consensus.propose(put("before", "1")).await.unwrap();
+    let before = nodes[0].consensus.status().last_log_index;
+    wait_until("the followers hold the leader's log", || {
+        nodes[1..]
+            .iter()
+            .all(|n| n.consensus.status().last_log_index == before)
+    })
+    .await;
+
+    engine.hold_synced_writes(true);
+    let leader = nodes[0].consensus.clone();
+    let write = tokio::spawn(async move { leader.propose(put("early", "1")).await });
+    wait_until("both followers store the new entry", || {
+        nodes[1..]
+            .iter()
+            .all(|n| n.consensus.status().last_log_index > before)
+    })
+    .await;
+    // The followers' answers to the early call do not count: the write is
+    // acknowledged through openraft's own replication, after the leader's
+    // own write is durable.
+    assert!(!write.is_finished(), "acknowledged while the leader's write was held");
+    assert_eq!(nodes[0].consensus.status().commit_index, before);
+    engine.hold_synced_writes(false);
+    let response = tokio::time::timeout(DEADLINE, write).await.unwrap().unwrap().unwrap();
+    assert!(matches!(response, Response::Put { .. }), "{response:?}");
+    for node in &nodes {
+        assert_eq!(
+            value(&node.consensus, "early", Consistency::Linearizable).await,
+            Some(b"1".to_vec()),
+            "node {}",
+            node.id()
+        );
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
