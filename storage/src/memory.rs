@@ -339,7 +339,8 @@ impl Engine for MemEngine {
     }
 
     fn may_block(&self) -> bool {
-        false
+        // Only a held synced write blocks (the test facility above).
+        *self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
