@@ -12,7 +12,9 @@
 //! pending for the next round. A round follows every change to agent or
 //! node tables, and at least every [`IDLE_ROUND`] while evaluations are
 //! pending. After each round the leader also ends the drains whose deadline
-//! passed on its clock (the rest of their agents move at once).
+//! passed on its clock (the rest of their agents move at once), and when
+//! room was freed on a node while agents wait for room it has them
+//! evaluated again ([`RoomWatch`], `AgentCommand::Unblock`).
 //!
 //! Invariants:
 //! - Only plans go through Raft; the scheduler itself holds no state, so a
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cell0_consensus::agents::{self, AgentCommand, DrainSpec, EvalTrigger, Plan};
 use cell0_consensus::{Consensus, Consistency, Role, Table, nodes, registry};
-use cell0_scheduler::{ClusterView, Evaluation, NodeView, Options, Trigger};
+use cell0_scheduler::{ClusterView, Evaluation, NodeView, Options, RoomWatch, Trigger};
 use tokio::sync::watch;
 
 use crate::supervisor::{Backoff, stopped};
@@ -259,19 +261,46 @@ async fn drain_deadlines(consensus: &Consensus) -> cell0_consensus::Result<()> {
     Ok(())
 }
 
+/// Proposes [`AgentCommand::Unblock`] when room was freed on a node while
+/// agents wait for it ([`RoomWatch`]), then records the usage as seen.
+async fn unblock_if_room_freed(consensus: &Consensus, room: &mut RoomWatch) -> cell0_consensus::Result<()> {
+    let (blocked, usage) = consensus
+        .read(Consistency::Serializable, |txn| {
+            Ok((agents::blocked_count(txn)?, agents::node_usages(txn)?))
+        })
+        .await?;
+    if room.should_unblock(blocked, &usage) {
+        let command = AgentCommand::Unblock { at_ms: now_ms() };
+        if let cell0_consensus::Response::Agent(agents::AgentOutcome::Unblocked(n)) =
+            consensus.propose(command.into_command()).await?
+        {
+            metrics::counter!("cell0_scheduler_unblocked_agents_total").increment(n);
+            tracing::debug!(agents = n, "room freed on a node: blocked agents evaluated again");
+        }
+    }
+    room.seen(usage);
+    Ok(())
+}
+
 /// Runs scheduler rounds while this node leads, until `stop` rises.
 pub async fn run(consensus: Consensus, options: Options, mut stop: watch::Receiver<bool>) {
     let mut agents_changed = consensus.watch_table(Table::Agents);
     let mut backoff = Backoff::default();
     let mut cursor = Cursor::default();
+    let mut room = RoomWatch::default();
     loop {
-        if consensus.status().role == Role::Leader {
+        if consensus.status().role != Role::Leader {
+            room.reset();
+        } else {
             let handled = tokio::select! {
                 r = round(&consensus, options, &mut cursor) => r,
                 () = stopped(&mut stop) => return,
             };
             if let Err(e) = drain_deadlines(&consensus).await {
                 tracing::warn!(error = %e, "cannot end drains past their deadline; retrying");
+            }
+            if let Err(e) = unblock_if_room_freed(&consensus, &mut room).await {
+                tracing::warn!(error = %e, "cannot evaluate the agents waiting for room again; retrying");
             }
             match handled {
                 // A full batch: more may be pending.

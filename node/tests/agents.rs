@@ -8,6 +8,8 @@
 //!   incarnation, and leaves nothing placed on it;
 //! - an agent that requires node labels goes to the node that has them, and
 //!   one whose labels no node has stays pending saying so;
+//! - an agent waiting for room is placed once another agent's stop frees
+//!   it (no node event needed);
 //! - bad specs are refused naming the field.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -180,6 +182,53 @@ async fn agents_are_placed_within_capacity_and_a_drain_moves_them() {
         .unwrap();
     assert_eq!(drained_view["state"], "draining");
     assert_eq!(drained_view["agents"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_waiting_for_room_is_placed_once_a_stop_frees_it() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = start_cluster(root.path(), 1);
+    let endpoint = cluster[0].endpoint();
+    wait_until("the node reports resources", async || nodes(&endpoint).await.len() == 1).await;
+    let capacity = nodes(&endpoint).await[0].cpu_cores as u64 * 1000;
+    let mut client = AgentsClient::new(channel(&endpoint).await);
+    // Each takes three quarters of the node: the second waits for room.
+    for name in ["first", "second"] {
+        client
+            .run(v1::RunAgentRequest {
+                spec: Some(spec(name, capacity * 3 / 4)),
+            })
+            .await
+            .unwrap();
+    }
+    wait_until("first is placed and second waits for room", async || {
+        let all = agents(&endpoint).await;
+        let placed = placed_per_node(&all);
+        placed.values().flatten().eq(["first"])
+            && all
+                .iter()
+                .any(|a| a.spec.as_ref().unwrap().name == "second" && a.pending_reason == "1 node lacks CPU")
+    })
+    .await;
+
+    // Stopping first frees the room; no node record or status changes.
+    client
+        .stop(v1::StopAgentRequest { name: "first".into() })
+        .await
+        .unwrap();
+    wait_until("second is placed in the room first left", async || {
+        placed_per_node(&agents(&endpoint).await)
+            .values()
+            .flatten()
+            .eq(["second"])
+    })
+    .await;
+    assert!(
+        cluster[0]
+            .http_get("/metrics")
+            .is_some_and(|(_, body)| body.contains("cell0_scheduler_unblocked_agents_total")),
+        "the leader counted the unblock"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

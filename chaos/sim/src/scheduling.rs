@@ -29,8 +29,8 @@
 //!   clock. Each acknowledged plan is kept ([`PlanCommit`]).
 //! - **Checks** ([`check`]), on each member's replica ([`AgentState`])
 //!   after the heal, once the scheduler settled ([`settle`]: the evaluation
-//!   queue is empty, and refreshing the nodes' records, which evaluates the
-//!   blocked agents again, changes no allocation any more):
+//!   queue is empty and the allocations stay as they are over a few more
+//!   rounds):
 //!   - an agent that should run holds exactly one allocation, on one node,
 //!     unless no node has room for it;
 //!   - no node holds more than its capacity, and its recorded usage is the
@@ -56,7 +56,7 @@ use cell0_consensus::agents::{
     NodeState, Placement, PlanOutcome, Resources, RestartPolicy,
 };
 use cell0_consensus::{Consensus, Consistency, NodeCommand, NodeId, NodeResources, Response, Role, nodes, registry};
-use cell0_scheduler::{ClusterView, Evaluation, NodeView, Options, Trigger};
+use cell0_scheduler::{ClusterView, Evaluation, NodeView, Options, RoomWatch, Trigger};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
@@ -350,14 +350,44 @@ async fn round(c: &Consensus, clock: Clock, log: &mut SchedulerLog) -> bool {
     true
 }
 
+/// After a round, as the node's loop does: [`AgentCommand::Unblock`] when
+/// room was freed on a node while agents wait for it ([`RoomWatch`]).
+async fn unblock_if_room_freed(c: &Consensus, clock: Clock, room: &mut RoomWatch) {
+    let read = c
+        .read(Consistency::Serializable, |txn| {
+            Ok((agents::blocked_count(txn)?, agents::node_usages(txn)?))
+        })
+        .await;
+    let Ok((blocked, usage)) = read else { return };
+    if room.should_unblock(blocked, &usage) {
+        let cmd = AgentCommand::Unblock {
+            at_ms: clock.now_us() / 1_000,
+        };
+        if c.propose(cmd.into_command()).await.is_err() {
+            // Not seen: the next round asks again.
+            return;
+        }
+    }
+    room.seen(usage);
+}
+
 /// Runs scheduler rounds on whichever member leads, one every [`ROUND`] in
 /// actor slot `slot.0` of `slot.1`, until `stop` is set.
 pub async fn scheduler(handles: Handles, clock: Clock, slot: (u64, u64), stop: Arc<AtomicBool>) -> SchedulerLog {
     let mut log = SchedulerLog::default();
+    let mut room = RoomWatch::default();
+    // The member the watch has seen lead: another one starts afresh.
+    let mut leader = None;
     while !stop.load(Ordering::Relaxed) {
         clock.sleep_in_slot(ROUND, slot.0, slot.1).await;
         if let Some(c) = leading(&handles) {
+            let now = Some((c.id(), c.status().term));
+            if now != leader {
+                room.reset();
+                leader = now;
+            }
             round(&c, clock, &mut log).await;
+            unblock_if_room_freed(&c, clock, &mut room).await;
         }
     }
     log
@@ -441,52 +471,29 @@ pub async fn quiesce(handles: &Handles, limit: Duration) -> bool {
     false
 }
 
-/// Proposes the first synthetic node's record again, unchanged (any
-/// change to node records or status would do: it stands for the next node
-/// event): the agents blocked for want of room are evaluated again (an
-/// agent stopped or moved meanwhile may have made room).
-pub async fn refresh_nodes(handles: &Handles) -> Result<(), String> {
-    let c = leading(handles).ok_or("no member leads")?;
-    let cmd = NodeCommand::SetResources {
-        node: FIRST_AGENT_NODE,
-        resources: node_resources(),
-    };
-    match tokio::time::timeout(OP_TIMEOUT, c.propose(cmd.into_command())).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("refreshing the nodes' records: {e}")),
-        Err(_) => Err("refreshing the nodes' records timed out".into()),
-    }
-}
-
-/// Most node refreshes [`settle`] proposes.
-pub const REFRESHES: usize = 3;
+/// Most times [`settle`] looks whether the allocations stopped changing.
+pub const SETTLE_LOOKS: usize = 5;
 
 /// Lets the scheduler finish after the heal: waits until no evaluation is
-/// pending; then, up to [`REFRESHES`] times, until a refresh changes no
-/// allocation, refreshes the nodes' records ([`refresh_nodes`]: the agents
-/// blocked for want of room are evaluated again) and waits again. The
-/// state machine unblocks agents only when a node's record or status
-/// changes, not when a stop or a move frees room, and a plan does not see
-/// the room its own moves free; a node event re-evaluates them, which is
-/// what the refreshes stand for.
+/// pending, then a few more rounds (time for the leader to see room freed
+/// and unblock the agents waiting for it, [`RoomWatch`]), until the
+/// allocations stop changing, at most [`SETTLE_LOOKS`] times.
 pub async fn settle(handles: &Handles) -> Result<(), String> {
     let limit = Duration::from_secs(30);
-    if !quiesce(handles, limit).await {
-        return Err("agent evaluations still pending 30 s after the heal".into());
-    }
-    for _ in 0..REFRESHES {
-        let before = allocations(handles).await?;
-        refresh_nodes(handles).await?;
+    for _ in 0..SETTLE_LOOKS {
         if !quiesce(handles, limit).await {
-            return Err("agent evaluations still pending 30 s after the nodes' refresh".into());
+            return Err("agent evaluations still pending 30 s after the heal".into());
+        }
+        let before = allocations(handles).await?;
+        tokio::time::sleep(ROUND * 3).await;
+        if !quiesce(handles, limit).await {
+            return Err("agent evaluations still pending 30 s after the heal".into());
         }
         if allocations(handles).await? == before {
             return Ok(());
         }
     }
-    Err(format!(
-        "the allocations still changed after {REFRESHES} refreshes of the nodes"
-    ))
+    Err(format!("the allocations still changed after {SETTLE_LOOKS} looks"))
 }
 
 /// The allocations as the member that leads holds them.

@@ -429,6 +429,56 @@ fn choose(
     best.map(|(_, i)| i).ok_or_else(|| refusals.describe())
 }
 
+/// When the leader should evaluate the agents blocked for want of room
+/// again ([`cell0_state::agents::AgentCommand::Unblock`]).
+///
+/// The state machine unblocks them when node records or status change.
+/// It does not when an allocation stops, is lost or moves away, and a plan
+/// does not count the room its own moves free. So the leader compares each
+/// node's usage with the last it saw and asks for an unblock when some
+/// node holds less in any dimension while agents are blocked. A leader
+/// that has seen nothing yet (new in its term) asks once, as room may have
+/// been freed before it led.
+///
+/// Invariants: pure logic, no clock and no I/O; a spurious unblock only
+/// costs one more evaluation of each blocked agent, which blocks it again
+/// if it still does not fit; usage that only grows never asks twice.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RoomWatch {
+    /// Each node's usage when last seen; `None` before the first look.
+    seen: Option<BTreeMap<NodeId, Resources>>,
+}
+
+impl RoomWatch {
+    /// Whether the `blocked` agents should be evaluated again, given each
+    /// node's `usage` now (a node without a row holds nothing).
+    pub fn should_unblock(&self, blocked: u64, usage: &BTreeMap<NodeId, Resources>) -> bool {
+        if blocked == 0 {
+            return false;
+        }
+        let Some(seen) = &self.seen else {
+            return true;
+        };
+        seen.iter().any(|(node, before)| {
+            let now = usage.get(node).copied().unwrap_or_default();
+            now.cpu_millis < before.cpu_millis
+                || now.memory_mb < before.memory_mb
+                || now.gpu_memory_mb < before.gpu_memory_mb
+        })
+    }
+
+    /// Records `usage` as seen: after an unblock was committed, or when
+    /// none was needed.
+    pub fn seen(&mut self, usage: BTreeMap<NodeId, Resources>) {
+        self.seen = Some(usage);
+    }
+
+    /// Forgets what was seen: this node stopped leading.
+    pub fn reset(&mut self) {
+        self.seen = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use cell0_state::agents::{AgentKind, AllocStatus, Constraints, RestartPolicy};
@@ -620,5 +670,39 @@ mod tests {
             *used.entry(p.node).or_default() += 250;
         }
         assert!(used.values().all(|cpu| *cpu <= 16_000), "{used:?}");
+    }
+
+    fn usage(cpu_millis: u64, memory_mb: u64) -> Resources {
+        Resources {
+            cpu_millis,
+            memory_mb,
+            gpu_memory_mb: 0,
+        }
+    }
+
+    #[test]
+    fn room_watch_asks_for_an_unblock_only_when_room_was_freed_while_agents_wait() {
+        let mut watch = RoomWatch::default();
+        let busy = BTreeMap::from([(1, usage(1000, 512)), (2, usage(500, 256))]);
+        // Nothing blocked: never.
+        assert!(!watch.should_unblock(0, &busy));
+        // A new leader with blocked agents asks once.
+        assert!(watch.should_unblock(3, &busy));
+        watch.seen(busy.clone());
+        assert!(!watch.should_unblock(3, &busy));
+        // More placed: no new room.
+        let fuller = BTreeMap::from([(1, usage(1500, 512)), (2, usage(500, 256))]);
+        assert!(!watch.should_unblock(3, &fuller));
+        watch.seen(fuller.clone());
+        // Memory freed on one node, CPU unchanged: room.
+        let freed = BTreeMap::from([(1, usage(1500, 256)), (2, usage(500, 256))]);
+        assert!(watch.should_unblock(3, &freed));
+        // A node's last allocation gone (no usage row): room.
+        let emptied = BTreeMap::from([(1, usage(1500, 512))]);
+        assert!(watch.should_unblock(1, &emptied));
+        // After leadership is lost, the next look asks again.
+        watch.seen(fuller.clone());
+        watch.reset();
+        assert!(watch.should_unblock(1, &fuller));
     }
 }

@@ -639,6 +639,14 @@ pub enum AgentCommand {
         /// The proposing leader's clock.
         at_ms: u64,
     },
+    /// Evaluates every agent blocked for want of room again. The leader
+    /// proposes it when room was freed on a node (an allocation stopped,
+    /// was lost or moved away) while agents wait: the state machine itself
+    /// unblocks them only on changes to node records or status.
+    Unblock {
+        /// The proposing leader's clock.
+        at_ms: u64,
+    },
 }
 
 /// What an [`AgentCommand`] did.
@@ -656,6 +664,8 @@ pub enum AgentOutcome {
     Refused(String),
     /// A node state was recorded.
     NodeState,
+    /// This many blocked agents were queued for evaluation again.
+    Unblocked(u64),
 }
 
 /// What applying a plan did.
@@ -702,6 +712,7 @@ impl AgentCommand {
             AgentCommand::SetNodeState { reason, .. } => reason.len() + 32,
             AgentCommand::Drain { reason, .. } => reason.len() + 48,
             AgentCommand::Migrate { agent, .. } | AgentCommand::Released { agent, .. } => agent.len() + 24,
+            AgentCommand::Unblock { .. } => 16,
         }
     }
 
@@ -764,6 +775,7 @@ impl AgentCommand {
                 reason_len(reason)
             }
             AgentCommand::Migrate { agent, .. } | AgentCommand::Released { agent, .. } => check_name("agent", agent),
+            AgentCommand::Unblock { .. } => Ok(()),
         }
     }
 }
@@ -927,6 +939,11 @@ pub fn stopping_on(txn: &dyn Txn, node: NodeId) -> Result<Vec<(String, u64)>> {
 /// Whether `agent` waits for nodes to change before it is evaluated again.
 pub fn is_blocked(txn: &dyn Txn, agent: &str) -> Result<bool> {
     Ok(txn.get(BLOCKED_TABLE, agent.as_bytes())?.is_some())
+}
+
+/// How many agents wait, blocked for want of room, for nodes to change.
+pub fn blocked_count(txn: &dyn Txn) -> Result<u64> {
+    BLOCKED.count(txn)
 }
 
 /// Queues an evaluation of `agent` (replacing a pending one, which the new
@@ -1230,6 +1247,11 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
             drain_step(txn, *node, *at_ms)?;
             unblock_all(txn)?;
             Ok(AgentOutcome::NodeState)
+        }
+        AgentCommand::Unblock { .. } => {
+            let blocked = BLOCKED.count(txn)?;
+            unblock_all(txn)?;
+            Ok(AgentOutcome::Unblocked(blocked))
         }
     }
 }
@@ -1737,6 +1759,33 @@ mod tests {
         assert!(drains(&txn).unwrap().is_empty());
         assert!(drain_moves(&txn, 1).unwrap().is_empty());
         check_invariants(&txn, &[1, 2]);
+    }
+
+    #[test]
+    fn unblock_queues_every_blocked_agent_again_and_nothing_else() {
+        let mut txn = MemTxn::new();
+        add_node(&mut txn, 1, 1, 1024);
+        let big = run(&mut txn, spec("big", 4000, 10));
+        let plan = Plan {
+            unplaced: vec![Unplaced {
+                agent: "big".into(),
+                generation: big,
+                reason: "1 node lacks CPU".into(),
+            }],
+            ..Plan::default()
+        };
+        apply(&mut txn, &AgentCommand::Plan { plan, at_ms: 2 }).unwrap();
+        assert_eq!(blocked_count(&txn).unwrap(), 1);
+        assert!(evals(&txn).is_empty());
+
+        let outcome = apply(&mut txn, &AgentCommand::Unblock { at_ms: 3 }).unwrap();
+        assert_eq!(outcome, AgentOutcome::Unblocked(1));
+        assert_eq!(evals(&txn), vec![("big".into(), EvalTrigger::Unblocked)]);
+        assert_eq!(blocked_count(&txn).unwrap(), 0);
+        // Nothing blocked: nothing changes.
+        let outcome = apply(&mut txn, &AgentCommand::Unblock { at_ms: 4 }).unwrap();
+        assert_eq!(outcome, AgentOutcome::Unblocked(0));
+        assert_eq!(evals(&txn), vec![("big".into(), EvalTrigger::Unblocked)]);
     }
 
     #[test]

@@ -208,6 +208,7 @@ fn parse_command(words: &[&str]) -> Command {
             reason: words[4..].join(" "),
             at_ms: 550,
         }),
+        "agent-unblock" => Command::Agent(AgentCommand::Unblock { at_ms: 650 }),
         "agent-release" => Command::Agent(AgentCommand::Released {
             agent: words[1].into(),
             incarnation: num(2),
