@@ -167,7 +167,7 @@ pub async fn run(
         transport,
         local_id,
         Duration::from_millis(gossip.heartbeat_ms),
-        DetectorConfig::default(),
+        DetectorConfig::for_interval_ms(gossip.heartbeat_ms),
         &mut node,
         async move { stopped(&mut stop).await },
     )

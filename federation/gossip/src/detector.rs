@@ -38,16 +38,29 @@ pub struct DetectorConfig {
 }
 
 impl Default for DetectorConfig {
+    /// For heartbeats once a second: phi 5 after about 2.5 s of silence,
+    /// phi 8 after about 2.8 s.
     fn default() -> Self {
-        // With beats every 1,000 ms: phi 5 after about 2.5 s of silence,
-        // phi 8 after about 2.8 s.
+        Self::for_interval_ms(1_000)
+    }
+}
+
+impl DetectorConfig {
+    /// Settings for heartbeats every `interval_ms`: the padding
+    /// (`acceptable_pause_ms`, half an interval), the floor of the standard
+    /// deviation (a quarter) and the first estimate (one interval) scale
+    /// with it, so a peer is suspect and dead after the same number of
+    /// missed beats whatever the interval (about 2.5 and 2.8 intervals of
+    /// silence at a steady rhythm).
+    pub fn for_interval_ms(interval_ms: u64) -> Self {
+        let interval = interval_ms.max(1) as f64;
         Self {
             suspect_phi: 5.0,
             dead_phi: 8.0,
             window: 100,
-            min_std_dev_ms: 250.0,
-            acceptable_pause_ms: 500.0,
-            first_interval_ms: 1_000.0,
+            min_std_dev_ms: interval / 4.0,
+            acceptable_pause_ms: interval / 2.0,
+            first_interval_ms: interval,
         }
     }
 }
@@ -201,6 +214,22 @@ mod tests {
                 step * 10
             );
         }
+    }
+
+    #[test]
+    fn the_settings_scale_with_the_heartbeat_interval() {
+        // Beats every 400 ms with 40 ms of jitter: never suspect between
+        // them; suspect and dead after the same number of missed beats as
+        // at 1 s (about 2.5 and 2.8 intervals).
+        let mut d = PhiDetector::new(DetectorConfig::for_interval_ms(400));
+        d.heartbeat(0);
+        let last = beats(&mut d, 0, 100, 400, 40);
+        assert!((0..440).all(|ms| d.liveness(last + ms) == Liveness::Alive));
+        let first_at = |state: Liveness| (0..10_000u64).find(|&ms| d.liveness(last + ms) >= state).unwrap();
+        let (suspect, dead) = (first_at(Liveness::Suspect), first_at(Liveness::Dead));
+        assert!(suspect > 600, "suspect after {suspect} ms: too eager");
+        assert!(dead <= 1_200, "dead after {dead} ms of silence");
+        assert_eq!(DetectorConfig::for_interval_ms(1_000), DetectorConfig::default());
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
                 transport,
                 id,
                 every,
-                DetectorConfig::default(),
+                DetectorConfig::for_interval_ms(b.heartbeat_ms),
                 &mut observer,
                 async move {
                     let _ = service_stop_rx.await;
