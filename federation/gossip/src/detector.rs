@@ -230,6 +230,14 @@ mod tests {
         assert!(suspect > 600, "suspect after {suspect} ms: too eager");
         assert!(dead <= 1_200, "dead after {dead} ms of silence");
         assert_eq!(DetectorConfig::for_interval_ms(1_000), DetectorConfig::default());
+        // A peer heard once, beating every 5 s: alive until its next beat
+        // is due (with 1 s settings it would be dead by then).
+        let mut slow = PhiDetector::new(DetectorConfig::for_interval_ms(5_000));
+        slow.heartbeat(0);
+        assert_eq!(slow.liveness(5_400), Liveness::Alive);
+        let mut fixed = PhiDetector::new(DetectorConfig::default());
+        fixed.heartbeat(0);
+        assert_eq!(fixed.liveness(5_400), Liveness::Dead);
     }
 
     #[test]
