@@ -1761,17 +1761,22 @@ mod tests {
         check_invariants(&txn, &[1, 2]);
     }
 
+    /// `agent` left unplaced by a plan for want of CPU.
+    fn lacking_cpu(agent: &str, generation: u64) -> Unplaced {
+        Unplaced {
+            agent: agent.into(),
+            generation,
+            reason: "1 node lacks CPU".into(),
+        }
+    }
+
     #[test]
     fn unblock_queues_every_blocked_agent_again_and_nothing_else() {
         let mut txn = MemTxn::new();
         add_node(&mut txn, 1, 1, 1024);
         let big = run(&mut txn, spec("big", 4000, 10));
         let plan = Plan {
-            unplaced: vec![Unplaced {
-                agent: "big".into(),
-                generation: big,
-                reason: "1 node lacks CPU".into(),
-            }],
+            unplaced: vec![lacking_cpu("big", big)],
             ..Plan::default()
         };
         apply(&mut txn, &AgentCommand::Plan { plan, at_ms: 2 }).unwrap();
@@ -1806,11 +1811,7 @@ mod tests {
                 generation: g,
                 node: 1,
             }],
-            unplaced: vec![Unplaced {
-                agent: "big".into(),
-                generation: big,
-                reason: "1 node lacks CPU".into(),
-            }],
+            unplaced: vec![lacking_cpu("big", big)],
             ..Plan::default()
         };
         apply(&mut txn, &AgentCommand::Plan { plan, at_ms: 2 }).unwrap();
