@@ -26,10 +26,8 @@
 //!   but the entries.
 //!
 //! It only helps when replication is idle (one client, few writers): a peer
-//! with a replication call (or a snapshot) in flight, or an early call not
-//! yet answered, is skipped, so under load nothing is sent twice; so is a
-//! peer whose last early call failed (it lags), until openraft's own
-//! replication to it succeeds again. Entries above
+//! with a replication call in flight, or an early call not yet answered,
+//! is skipped, so under load nothing is sent twice. Entries above
 //! `raft.early_append_bytes` are never sent early.
 
 use std::collections::BTreeMap;
@@ -38,11 +36,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cell0_storage::LeaderAppend;
-use openraft::error::RaftError;
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+use openraft::raft::AppendEntriesRequest;
 use openraft::{Entry, LogId, Vote};
 
-use crate::network::{ChannelPool, WireIdentity, decode, encode};
+use crate::network::{ChannelPool, WireIdentity, encode};
 use crate::types::{NodeId, TypeConfig};
 
 /// Whether calls to one peer are under way.
@@ -52,24 +49,14 @@ pub(crate) struct PeerCalls {
     replicating: AtomicBool,
     /// An early call has not been answered yet.
     early: AtomicBool,
-    /// The peer's answer to the last early call was not a success (it
-    /// lacks the entry before: it lags, or takes a snapshot); no early
-    /// calls until openraft's own replication to it succeeds again.
-    behind: AtomicBool,
 }
 
 impl PeerCalls {
-    /// Marks openraft's replication call with entries (or a snapshot) as
-    /// in flight until the guard drops.
+    /// Marks openraft's replication call with entries as in flight until
+    /// the guard drops.
     pub(crate) fn replicating(self: &Arc<Self>) -> ReplicatingGuard {
         self.replicating.store(true, Ordering::Release);
         ReplicatingGuard(self.clone())
-    }
-
-    /// openraft's replication call with entries succeeded: the peer holds
-    /// the log up to them, so early calls may follow again.
-    pub(crate) fn caught_up(&self) {
-        self.behind.store(false, Ordering::Release);
     }
 }
 
@@ -165,7 +152,6 @@ impl LeaderAppend<TypeConfig> for EarlyReplication {
             .iter()
             .filter_map(|(id, held)| Some((id, held.last()?)))
             .filter(|(_, p)| !p.calls.replicating.load(Ordering::Acquire))
-            .filter(|(_, p)| !p.calls.behind.load(Ordering::Acquire))
             .filter(|(_, p)| !p.calls.early.swap(true, Ordering::AcqRel))
             .map(|(id, p)| (*id, p.addr.clone(), p.calls.clone()))
             .collect();
@@ -197,20 +183,9 @@ impl LeaderAppend<TypeConfig> for EarlyReplication {
             self.runtime.spawn(async move {
                 let mut request = tonic::Request::new(message);
                 request.set_timeout(timeout);
-                // The answer counts for nothing but whether to go on:
-                // openraft's own call counts toward commit.
-                let stored = match pool.client(&addr) {
-                    Ok(mut client) => match client.append_entries(request).await {
-                        Ok(reply) => {
-                            decode::<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>(&reply.into_inner())
-                                .is_ok_and(|r| matches!(r, Ok(AppendEntriesResponse::Success)))
-                        }
-                        Err(_) => false,
-                    },
-                    Err(_) => false,
-                };
-                if !stored {
-                    calls.behind.store(true, Ordering::Release);
+                if let Ok(mut client) = pool.client(&addr) {
+                    // The answer is dropped: openraft's own call counts.
+                    let _ = client.append_entries(request).await;
                 }
                 calls.early.store(false, Ordering::Release);
             });

@@ -619,9 +619,6 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         let _replicating = self.early.as_ref().map(|e| e.calls.replicating());
         let result = self.send(Method::Append, msg, option.hard_ttl()).await;
         self.append_budget.end(sent);
-        if let (Ok(AppendEntriesResponse::Success), Some(e)) = (&result, &self.early) {
-            e.calls.caught_up();
-        }
         result
     }
 
@@ -634,7 +631,6 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         let mut msg = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&AnyErr(e.to_string()))))?;
         msg.data = data.into();
         msg.format = SNAPSHOT_DATA_FORMAT;
-        let _replicating = self.early.as_ref().map(|e| e.calls.replicating());
         self.send(Method::Snapshot, msg, option.hard_ttl()).await
     }
 
@@ -647,7 +643,6 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
-        let _replicating = self.early.as_ref().map(|e| e.calls.replicating());
         crate::snapshot_stream::send(self, vote, snapshot, cancel, option).await
     }
 
