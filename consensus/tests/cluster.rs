@@ -781,15 +781,6 @@ async fn followers_store_a_new_entry_while_the_leaders_own_write_is_held() {
     .await;
 
     engine.hold_synced_writes(true);
-    // Released on every way out, so a failed assertion fails the test
-    // instead of leaving the leader's core waiting forever.
-    struct Release(Arc<cell0_storage::MemEngine>);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            self.0.hold_synced_writes(false);
-        }
-    }
-    let release = Release(engine.clone());
     let leader = nodes[0].consensus.clone();
     let write = tokio::spawn(async move { leader.propose(put("early", "1")).await });
     wait_until("both followers store the new entry", || {
@@ -801,7 +792,7 @@ async fn followers_store_a_new_entry_while_the_leaders_own_write_is_held() {
     // own write is durable.
     assert!(!write.is_finished(), "acknowledged while the leader's write was held");
     assert_eq!(nodes[0].consensus.status().commit_index, before);
-    drop(release);
+    engine.hold_synced_writes(false);
     let response = tokio::time::timeout(DEADLINE, write).await.unwrap().unwrap().unwrap();
     assert!(matches!(response, Response::Put { .. }), "{response:?}");
     for node in &nodes {
