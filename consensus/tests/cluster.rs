@@ -776,7 +776,9 @@ async fn followers_store_a_new_entry_while_the_leaders_own_write_is_held() {
     nodes[0].consensus.propose(put("before", "1")).await.unwrap();
     let before = nodes[0].consensus.status().last_log_index;
     wait_until("the followers hold the leader's log", || {
-        nodes[1..].iter().all(|n| n.consensus.status().last_log_index == before)
+        nodes[1..]
+            .iter()
+            .all(|n| n.consensus.status().last_log_index == before)
     })
     .await;
 
@@ -784,7 +786,9 @@ async fn followers_store_a_new_entry_while_the_leaders_own_write_is_held() {
     let leader = nodes[0].consensus.clone();
     let write = tokio::spawn(async move { leader.propose(put("early", "1")).await });
     wait_until("both followers store the new entry", || {
-        nodes[1..].iter().all(|n| n.consensus.status().last_log_index > before)
+        nodes[1..]
+            .iter()
+            .all(|n| n.consensus.status().last_log_index > before)
     })
     .await;
     // The followers' answers to the early call do not count: the write is

@@ -57,10 +57,7 @@ async fn a_leaders_entries_are_shown_with_the_log_id_before_them() {
     log.blocking_append(entries(0..=1)).await.unwrap();
     log.save_vote(&Vote::new_committed(1, 2)).await.unwrap();
     log.blocking_append(entries(2..=2)).await.unwrap();
-    assert!(
-        recorder.seen.lock().unwrap().is_empty(),
-        "a follower's appends are not shown"
-    );
+    assert!(recorder.seen.lock().unwrap().is_empty(), "a follower's appends are not shown");
 
     // Leader: every append is shown, each with the entry before it.
     let vote = Vote::new_committed(1, 1);
@@ -69,7 +66,10 @@ async fn a_leaders_entries_are_shown_with_the_log_id_before_them() {
     log.blocking_append(entries(5..=5)).await.unwrap();
     assert_eq!(
         *recorder.seen.lock().unwrap(),
-        vec![(vote, Some(log_id(2)), vec![3, 4]), (vote, Some(log_id(4)), vec![5])]
+        vec![
+            (vote, Some(log_id(2)), vec![3, 4]),
+            (vote, Some(log_id(4)), vec![5])
+        ]
     );
 
     // After a truncation the store no longer knows the entry before for
@@ -77,10 +77,7 @@ async fn a_leaders_entries_are_shown_with_the_log_id_before_them() {
     log.truncate(log_id(5)).await.unwrap();
     log.blocking_append(entries(5..=5)).await.unwrap();
     log.blocking_append(entries(6..=6)).await.unwrap();
-    assert_eq!(
-        recorder.seen.lock().unwrap().last(),
-        Some(&(vote, Some(log_id(5)), vec![6]))
-    );
+    assert_eq!(recorder.seen.lock().unwrap().last(), Some(&(vote, Some(log_id(5)), vec![6])));
     assert_eq!(recorder.seen.lock().unwrap().len(), 3);
 
     // A store opened again learns the last entry from the engine.
