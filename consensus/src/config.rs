@@ -52,12 +52,6 @@ pub struct ConsensusConfig {
     /// `max_append_bytes <= link_mbps x heartbeat_ms / 16` (bytes), and hold
     /// at least one full group (`max_batch_bytes`).
     pub max_append_bytes: usize,
-    /// Early replication: a leader sends new entries of up to this many
-    /// bytes to its idle followers while it writes them itself, so their
-    /// fsyncs overlap its own instead of following it (about one fsync less
-    /// per write at low load; see the `early` module of `cell0-consensus`).
-    /// 0 turns it off. At most `max_append_bytes`.
-    pub early_append_bytes: usize,
     /// The slowest link between two nodes of this site, in megabits per
     /// second: the speed that `max_append_bytes` and `snapshot_chunk_bytes`
     /// are checked against.
@@ -91,7 +85,6 @@ impl Default for ConsensusConfig {
             snapshot_chunk_bytes: 4 * 1024 * 1024,
             max_append_entries: 1024,
             max_append_bytes: 4 * 1024 * 1024,
-            early_append_bytes: 64 * 1024,
             link_mbps: 1000,
             max_batch_commands: 1024,
             max_batch_bytes: 2 * 1024 * 1024,
@@ -192,15 +185,6 @@ impl ConsensusConfig {
                 format!(
                     "is {}; it must hold one full group (max_batch_bytes + 1 MiB = {min_append}) and cross a {} Mbit/s link in half of heartbeat_ms ({append_budget} bytes)",
                     self.max_append_bytes, self.link_mbps
-                ),
-            ));
-        }
-        if self.early_append_bytes > self.max_append_bytes {
-            return Err(bad(
-                "early_append_bytes",
-                format!(
-                    "is {}; it must be at most max_append_bytes ({})",
-                    self.early_append_bytes, self.max_append_bytes
                 ),
             ));
         }

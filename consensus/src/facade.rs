@@ -202,15 +202,8 @@ impl Consensus {
         };
         let health = Arc::new(PeerHealth::default());
         let (elections, nudges) = crate::elections::Elections::new(&config);
-        let early = Arc::new(crate::early::EarlyReplication::new(
-            pool.clone(),
-            identity.clone(),
-            config.early_append_bytes,
-            Duration::from_millis(config.heartbeat_ms),
-        ));
         let network = NetworkFactory::new(pool.clone(), identity.clone(), health.clone(), config.max_append_bytes)
-            .with_elections(elections.clone())
-            .with_early_replication(early.clone());
+            .with_elections(elections.clone());
         let read_budget = crate::network::append_read_budget(config.max_append_bytes);
         let parts = RaftParts {
             id,
@@ -218,7 +211,6 @@ impl Consensus {
             read_budget,
             network,
             sm: sm.clone(),
-            early,
         };
         let (raft, engine, snapshot_dir) = match storage {
             StorageBackend::Rocks(path) => {
@@ -683,8 +675,6 @@ struct RaftParts {
     read_budget: usize,
     network: NetworkFactory,
     sm: Arc<KvStateMachine>,
-    /// Sees the leader's entries before its own write (`crate::early`).
-    early: Arc<crate::early::EarlyReplication>,
 }
 
 /// Starts openraft over `engine`, which holds both the log and the state;
@@ -697,9 +687,7 @@ async fn start_raft<E: Engine>(
     // Replication reads stop short of the AppendEntries byte bound (the
     // request's own fields take the rest), so a call is rarely cut after it
     // was read.
-    let log = LogStore::new(engine.clone())
-        .with_read_budget(parts.read_budget)
-        .with_leader_append(parts.early);
+    let log = LogStore::new(engine.clone()).with_read_budget(parts.read_budget);
     let sm_store = StateMachineStore::new(engine.clone(), parts.sm, snapshot_dir.clone())?;
     let live = sm_store.live_snapshots();
     let network = parts.network.with_live_snapshots(live.clone());

@@ -16,7 +16,6 @@
 
 mod batcher;
 mod config;
-mod early;
 mod elections;
 mod error;
 mod facade;

@@ -39,7 +39,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::early::{EarlyReplication, PeerCalls};
 use crate::elections::Elections;
 use crate::error::{ConsensusError, PreconditionCause};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
@@ -366,7 +365,6 @@ pub struct NetworkFactory {
     max_append_bytes: usize,
     live: LiveSnapshots,
     elections: Option<Arc<Elections>>,
-    early: Option<Arc<EarlyReplication>>,
 }
 
 impl NetworkFactory {
@@ -386,15 +384,7 @@ impl NetworkFactory {
             max_append_bytes,
             live: LiveSnapshots::default(),
             elections: None,
-            early: None,
         }
-    }
-
-    /// The same factory, registering every peer it connects to with
-    /// `early` (early replication, see `crate::early`).
-    pub(crate) fn with_early_replication(mut self, early: Arc<EarlyReplication>) -> Self {
-        self.early = Some(early);
-        self
     }
 
     /// The same factory, reporting the answers to this node's vote requests
@@ -425,18 +415,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             append_budget: AppendBudget::new(self.max_append_bytes),
             live: self.live.clone(),
             elections: self.elections.clone(),
-            early: self.early.as_ref().map(|early| EarlyPeer {
-                calls: early.register(target, &node.internal_addr),
-                early: early.clone(),
-            }),
         }
     }
-}
-
-/// A connection's registration with early replication.
-struct EarlyPeer {
-    early: Arc<EarlyReplication>,
-    calls: Arc<PeerCalls>,
 }
 
 /// openraft's connection to one peer.
@@ -449,15 +429,6 @@ pub struct PeerNetwork {
     append_budget: AppendBudget,
     live: LiveSnapshots,
     elections: Option<Arc<Elections>>,
-    early: Option<EarlyPeer>,
-}
-
-impl Drop for PeerNetwork {
-    fn drop(&mut self) {
-        if let Some(e) = &self.early {
-            e.early.unregister(self.target, &e.calls);
-        }
-    }
 }
 
 /// Smallest byte budget an AppendEntries call to a slow peer shrinks to.
@@ -616,7 +587,6 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
         }
         let sent = msg.payload.len();
-        let _replicating = self.early.as_ref().map(|e| e.calls.replicating());
         let result = self.send(Method::Append, msg, option.hard_ttl()).await;
         self.append_budget.end(sent);
         result

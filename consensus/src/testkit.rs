@@ -59,19 +59,6 @@ impl LocalNode {
         config: ConsensusConfig,
         transport: Arc<dyn Transport>,
     ) -> Result<Self> {
-        Self::start_on(id, StorageBackend::Rocks(dir.clone()), dir, addr, config, transport).await
-    }
-
-    /// [`LocalNode::start_with_transport`] on `storage` (`dir` is only
-    /// reported back).
-    pub async fn start_on(
-        id: NodeId,
-        storage: StorageBackend,
-        dir: PathBuf,
-        addr: Option<SocketAddr>,
-        config: ConsensusConfig,
-        transport: Arc<dyn Transport>,
-    ) -> Result<Self> {
         let bind = addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
         let listener = TcpListener::bind(bind)
             .await
@@ -85,7 +72,8 @@ impl LocalNode {
             public_addr: addr.to_string(),
             internal_addr: addr.to_string(),
         };
-        let consensus = Consensus::start_with_transport(id, info, config, storage, transport).await?;
+        let consensus =
+            Consensus::start_with_transport(id, info, config, StorageBackend::Rocks(dir.clone()), transport).await?;
         let (stop, stopped) = oneshot::channel::<()>();
         let service = consensus.internal_service();
         let server = tokio::spawn(async move {

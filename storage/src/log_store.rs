@@ -15,7 +15,7 @@
 use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote};
@@ -70,38 +70,12 @@ fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-/// Sees a leader's new entries before the leader's own synced write, so
-/// they can be sent to the followers at once (early replication: the
-/// followers' fsyncs then overlap the leader's instead of following it).
-pub trait LeaderAppend<C: RaftTypeConfig>: Send + Sync + 'static {
-    /// This node's id: an append under a committed vote for this node is a
-    /// leader's.
-    fn node(&self) -> u64;
-
-    /// A leader's `entries` (their encoded sizes summing to `bytes`), which
-    /// follow `prev` in its log, under its committed `vote`. Called before
-    /// the local synced write; must not block.
-    fn appending(&self, vote: &Vote<u64>, prev: Option<LogId<u64>>, entries: &[Entry<C>], bytes: usize);
-}
-
-/// What the store remembers of its own writes, for [`LeaderAppend`].
-#[derive(Debug, Default)]
-struct Recent {
-    /// The vote last saved or read.
-    vote: Option<Vote<u64>>,
-    /// The log id of the last entry, when known for sure: set by appends
-    /// and at start, forgotten by truncation (then looked up again).
-    last: Option<Option<LogId<u64>>>,
-}
-
 /// The Raft log and vote of one node.
 pub struct LogStore<C, E> {
     engine: Arc<E>,
     /// Most bytes of encoded entries one replication read returns (always at
     /// least one entry).
     read_budget: usize,
-    leader_append: Option<Arc<dyn LeaderAppend<C>>>,
-    recent: Arc<Mutex<Recent>>,
     _c: PhantomData<fn() -> C>,
 }
 
@@ -110,8 +84,6 @@ impl<C, E> Clone for LogStore<C, E> {
         Self {
             engine: self.engine.clone(),
             read_budget: self.read_budget,
-            leader_append: self.leader_append.clone(),
-            recent: self.recent.clone(),
             _c: PhantomData,
         }
     }
@@ -126,21 +98,8 @@ impl<C, E: Engine> LogStore<C, E> {
         Self {
             engine,
             read_budget: usize::MAX,
-            leader_append: None,
-            recent: Arc::default(),
             _c: PhantomData,
         }
-    }
-
-    /// This store, showing a leader's entries to `observer` before its
-    /// synced write (see [`LeaderAppend`]).
-    pub fn with_leader_append(mut self, observer: Arc<dyn LeaderAppend<C>>) -> Self {
-        self.leader_append = Some(observer);
-        self
-    }
-
-    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
-        self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// This store with replication reads (openraft's
@@ -292,11 +251,9 @@ where
             Some((_, v)) => Some(decode::<Entry<C>>("log entry", &v).map_err(read_err)?.log_id),
             None => None,
         };
-        let last_log_id = last.or(last_purged_log_id);
-        self.recent().last = Some(last_log_id);
         Ok(LogState {
             last_purged_log_id,
-            last_log_id,
+            last_log_id: last.or(last_purged_log_id),
         })
     }
 
@@ -313,17 +270,12 @@ where
         );
         run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync))
             .await
-            .map_err(|e| StorageIOError::write_vote(&e))?;
-        self.recent().vote = Some(*vote);
-        Ok(())
+            .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> SResult<Option<Vote<u64>>> {
-        let vote: Option<Vote<u64>> = self
-            .get_meta(VOTE_KEY, "vote")
-            .map_err(|e| StorageIOError::read_vote(&e))?;
-        self.recent().vote = vote;
-        Ok(vote)
+        self.get_meta(VOTE_KEY, "vote")
+            .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> SResult<()> {
@@ -347,40 +299,23 @@ where
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::new();
-        let Some(observer) = &self.leader_append else {
-            for entry in entries {
-                batch.put(Cf::Log, log_key(entry.log_id.index), encode(&entry).map_err(write_err)?);
-            }
-            return self.write_appended(batch, callback).await;
-        };
-        let entries: Vec<Entry<C>> = entries.into_iter().collect();
-        let mut bytes = 0usize;
-        for entry in &entries {
-            let encoded = encode(entry).map_err(write_err)?;
-            bytes = bytes.saturating_add(encoded.len());
-            batch.put(Cf::Log, log_key(entry.log_id.index), encoded);
+        for entry in entries {
+            batch.put(Cf::Log, log_key(entry.log_id.index), encode(&entry).map_err(write_err)?);
         }
-        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
-            let (vote, prev) = {
-                let mut recent = self.recent();
-                // The entry before the first one, when the store knows it
-                // for sure: a wrong one would make followers cut their logs.
-                let prev = recent
-                    .last
-                    .filter(|before| before.map_or(0, |b| b.index.saturating_add(1)) == first.log_id.index);
-                recent.last = Some(Some(last.log_id));
-                (recent.vote, prev)
-            };
-            let leading = vote.filter(|v| v.is_committed() && v.leader_id().voted_for() == Some(observer.node()));
-            if let (Some(vote), Some(prev)) = (leading, prev) {
-                observer.appending(&vote, prev, &entries, bytes);
+        // The callback fires only once the synced write has returned.
+        match run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_err(e))
             }
         }
-        self.write_appended(batch, callback).await
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> SResult<()> {
-        self.recent().last = None;
         let mut batch = WriteBatch::new();
         batch.delete_range(Cf::Log, log_key(log_id.index), log_key(u64::MAX));
         batch.delete(Cf::Log, log_key(u64::MAX));
@@ -396,27 +331,5 @@ where
         // Purging only discards entries a durable snapshot covers; losing the
         // purge on a crash leaves extra entries openraft ignores.
         self.engine.write(batch, Durability::Buffered).map_err(write_err)
-    }
-}
-
-impl<C, E> LogStore<C, E>
-where
-    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>>,
-    E: Engine,
-{
-    /// Writes an append's `batch` synced, then tells openraft.
-    async fn write_appended(&self, batch: WriteBatch, callback: LogFlushed<C>) -> SResult<()> {
-        // The callback fires only once the synced write has returned.
-        match run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                self.recent().last = None;
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(write_err(e))
-            }
-        }
     }
 }

@@ -35,7 +35,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::Result;
 use crate::engine::{Cf, Durability, Engine, ReadView, RowVisitor, StateSlot, WriteBatch, WriteOp};
@@ -103,9 +103,6 @@ fn table_mut(tables: &mut BTreeMap<Space, Arc<Table>>, space: Space) -> &mut Tab
 #[derive(Default)]
 pub struct MemEngine {
     state: Mutex<State>,
-    /// Whether synced writes wait ([`MemEngine::hold_synced_writes`]).
-    held: Mutex<bool>,
-    released: Condvar,
 }
 
 impl std::fmt::Debug for MemEngine {
@@ -156,22 +153,6 @@ impl MemEngine {
     pub fn fork(&self) -> MemEngine {
         MemEngine {
             state: Mutex::new(self.lock().clone()),
-            ..MemEngine::default()
-        }
-    }
-
-    /// Test facility: while `hold` is true, every synced write waits
-    /// before it is made (as on a disk whose fsync hangs); setting it
-    /// false lets them through, in order. Other writes and reads go on.
-    pub fn hold_synced_writes(&self, hold: bool) {
-        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = hold;
-        self.released.notify_all();
-    }
-
-    fn wait_while_held(&self) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        while *held {
-            held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -260,9 +241,6 @@ impl ReadView for MemEngine {
 
 impl Engine for MemEngine {
     fn write(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
-        if durability == Durability::Sync {
-            self.wait_while_held();
-        }
         let mut guard = self.lock();
         let State { tables, slot, undo } = &mut *guard;
         // Undo records are only needed for writes a power loss can discard.
