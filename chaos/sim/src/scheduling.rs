@@ -485,6 +485,9 @@ pub async fn settle(handles: &Handles) -> Result<(), String> {
             return Err("agent evaluations still pending 30 s after the heal".into());
         }
         let before = allocations(handles).await?;
+        // Simulated time (the runtime's paused clock): three scheduler
+        // rounds, in which the leader may see room freed and unblock
+        // agents. Whether it did is the condition checked below.
         tokio::time::sleep(ROUND * 3).await;
         if !quiesce(handles, limit).await {
             return Err("agent evaluations still pending 30 s after the heal".into());
