@@ -356,11 +356,11 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
 }
 
 /// Bounds glibc's malloc arenas to one per core (glibc allows eight per
-/// core); glibc's malloc now serves the C++ side (RocksDB) only. Measured on a new member catching up on 512 MiB: with the default,
-/// memory freed by one thread's arena (RocksDB memtables, decoded log
-/// entries) was not reused by the others and its RSS grew to 520 MB; with
-/// two arenas on two cores it stayed at 371 MB. Runs before any thread
-/// starts.
+/// core); glibc's malloc serves the C++ side (RocksDB) only. Measured on a
+/// new member catching up on 512 MiB: with the default, memory freed by
+/// one thread's arena (RocksDB memtables, decoded log entries) was not
+/// reused by the others and its RSS grew to 520 MB; with two arenas on two
+/// cores it stayed at 371 MB. Runs before any thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn bound_malloc_arenas() {
     /// glibc's `M_ARENA_MAX` parameter of `mallopt`.

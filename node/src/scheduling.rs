@@ -263,12 +263,13 @@ async fn drain_deadlines(consensus: &Consensus) -> cell0_consensus::Result<()> {
 
 /// Proposes [`AgentCommand::Unblock`] when room was freed on a node while
 /// agents wait for it ([`RoomWatch`]), then records the usage as seen.
+/// With no agent blocked it reads no usage (this runs every idle tick on
+/// the leader) and forgets what it saw.
 async fn unblock_if_room_freed(consensus: &Consensus, room: &mut RoomWatch) -> cell0_consensus::Result<()> {
-    let (blocked, usage) = consensus
-        .read(Consistency::Serializable, |txn| {
-            Ok((agents::blocked_count(txn)?, agents::node_usages(txn)?))
-        })
-        .await?;
+    let Some((blocked, usage)) = consensus.read(Consistency::Serializable, agents::blocked_usage).await? else {
+        room.reset();
+        return Ok(());
+    };
     if room.should_unblock(blocked, &usage) {
         let command = AgentCommand::Unblock { at_ms: now_ms() };
         if let cell0_consensus::Response::Agent(agents::AgentOutcome::Unblocked(n)) =
@@ -288,10 +289,17 @@ pub async fn run(consensus: Consensus, options: Options, mut stop: watch::Receiv
     let mut backoff = Backoff::default();
     let mut cursor = Cursor::default();
     let mut room = RoomWatch::default();
+    // The term the watch saw this node lead in: a new one starts afresh.
+    let mut led_in = None;
     loop {
-        if consensus.status().role != Role::Leader {
-            room.reset();
+        let status = consensus.status();
+        if status.role != Role::Leader {
+            led_in = None;
         } else {
+            if led_in != Some(status.term) {
+                room.reset();
+                led_in = Some(status.term);
+            }
             let handled = tokio::select! {
                 r = round(&consensus, options, &mut cursor) => r,
                 () = stopped(&mut stop) => return,

@@ -353,12 +353,13 @@ async fn round(c: &Consensus, clock: Clock, log: &mut SchedulerLog) -> bool {
 /// After a round, as the node's loop does: [`AgentCommand::Unblock`] when
 /// room was freed on a node while agents wait for it ([`RoomWatch`]).
 async fn unblock_if_room_freed(c: &Consensus, clock: Clock, room: &mut RoomWatch) {
-    let read = c
-        .read(Consistency::Serializable, |txn| {
-            Ok((agents::blocked_count(txn)?, agents::node_usages(txn)?))
-        })
-        .await;
-    let Ok((blocked, usage)) = read else { return };
+    let Ok(read) = c.read(Consistency::Serializable, agents::blocked_usage).await else {
+        return;
+    };
+    let Some((blocked, usage)) = read else {
+        room.reset();
+        return;
+    };
     if room.should_unblock(blocked, &usage) {
         let cmd = AgentCommand::Unblock {
             at_ms: clock.now_us() / 1_000,

@@ -437,8 +437,9 @@ fn choose(
 /// does not count the room its own moves free. So the leader compares each
 /// node's usage with the last it saw and asks for an unblock when some
 /// node holds less in any dimension while agents are blocked. A leader
-/// that has seen nothing yet (new in its term) asks once, as room may have
-/// been freed before it led.
+/// that has seen nothing yet (new in its term, or no agent was blocked at
+/// its last look, when it need not read the usage) asks once, as room may
+/// have been freed while it was not watching.
 ///
 /// Invariants: pure logic, no clock and no I/O; a spurious unblock only
 /// costs one more evaluation of each blocked agent, which blocks it again
@@ -473,7 +474,7 @@ impl RoomWatch {
         self.seen = Some(usage);
     }
 
-    /// Forgets what was seen: this node stopped leading.
+    /// Forgets what was seen: a new term began, or no agent is blocked.
     pub fn reset(&mut self) {
         self.seen = None;
     }

@@ -946,6 +946,15 @@ pub fn blocked_count(txn: &dyn Txn) -> Result<u64> {
     BLOCKED.count(txn)
 }
 
+/// When agents are blocked: how many, and what each node's allocations
+/// hold ([`node_usages`]); `None` (one read, no scan) when none is.
+pub fn blocked_usage(txn: &dyn Txn) -> Result<Option<(u64, BTreeMap<NodeId, Resources>)>> {
+    match blocked_count(txn)? {
+        0 => Ok(None),
+        blocked => Ok(Some((blocked, node_usages(txn)?))),
+    }
+}
+
 /// Queues an evaluation of `agent` (replacing a pending one, which the new
 /// one covers) and takes it off the blocked list.
 fn queue_eval(txn: &mut dyn Txn, agent: &str, trigger: EvalTrigger, generation: u64) -> Result<()> {
