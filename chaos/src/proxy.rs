@@ -113,6 +113,8 @@ pub struct Proxy {
     runtime: Option<tokio::runtime::Runtime>,
     /// `links[from][to]`.
     links: Vec<Vec<watch::Sender<LinkState>>>,
+    /// `bound[node]`: where node's listener listens.
+    bound: Vec<SocketAddr>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -125,6 +127,19 @@ impl Proxy {
     /// Starts listening for every route (node `i` is `routes[i]`); `seed`
     /// draws the jitter.
     pub fn start(routes: &[Route], seed: u64) -> Result<Proxy, ProxyError> {
+        // Listeners first: a failure then drops no runtime, which may not
+        // happen inside the caller's async context.
+        let mut listeners = Vec::with_capacity(routes.len());
+        for route in routes {
+            let bind_error = |source| ProxyError::Bind {
+                addr: route.listen,
+                source,
+            };
+            let listener = std::net::TcpListener::bind(route.listen).map_err(bind_error)?;
+            listener.set_nonblocking(true).map_err(bind_error)?;
+            let bound = listener.local_addr().map_err(bind_error)?;
+            listeners.push((listener, bound));
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("chaos-proxy")
@@ -137,13 +152,8 @@ impl Proxy {
             .collect();
         let sources: Arc<BTreeMap<IpAddr, usize>> =
             Arc::new(routes.iter().enumerate().map(|(i, r)| (r.source, i)).collect());
-        for (to, route) in routes.iter().enumerate() {
-            let bind_error = |source| ProxyError::Bind {
-                addr: route.listen,
-                source,
-            };
-            let listener = std::net::TcpListener::bind(route.listen).map_err(bind_error)?;
-            listener.set_nonblocking(true).map_err(bind_error)?;
+        let mut bound = Vec::with_capacity(n);
+        for (to, (route, (listener, addr))) in routes.iter().zip(listeners).enumerate() {
             let inbound: Vec<watch::Receiver<LinkState>> = links.iter().map(|row| row[to].subscribe()).collect();
             runtime.spawn(accept_loop(
                 listener,
@@ -152,11 +162,19 @@ impl Proxy {
                 inbound,
                 seed ^ (to as u64) << 32,
             ));
+            bound.push(addr);
         }
         Ok(Proxy {
             runtime: Some(runtime),
             links,
+            bound,
         })
+    }
+
+    /// The address node `node`'s listener is bound to (a route's port 0
+    /// is resolved here).
+    pub fn listen_addr(&self, node: usize) -> Option<SocketAddr> {
+        self.bound.get(node).copied()
     }
 
     /// Sets link `(from, to)`'s fault (open connections follow at once).
@@ -393,9 +411,6 @@ mod tests {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream_addr = upstream.local_addr().unwrap();
         tokio::spawn(echo(upstream));
-        let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let listen = free.local_addr().unwrap();
-        drop(free);
         let routes = [
             Route {
                 listen: "127.0.0.1:0".parse().unwrap(),
@@ -403,12 +418,13 @@ mod tests {
                 source: "127.0.0.1".parse().unwrap(),
             },
             Route {
-                listen,
+                listen: "127.0.0.1:0".parse().unwrap(),
                 upstream: upstream_addr,
                 source: "127.0.0.9".parse().unwrap(),
             },
         ];
         let proxy = Proxy::start(&routes, 7).unwrap();
+        let listen = proxy.listen_addr(1).unwrap();
         (proxy, listen)
     }
 
