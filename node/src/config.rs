@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub autopilot: AutopilotConfig,
     /// Mutual TLS between nodes on the internal port.
     pub tls: TlsConfig,
+    /// Site links to other sites (QUIC, mutual TLS) and the site catalog.
+    pub federation: FederationConfig,
     /// Request limits on the public port.
     pub limits: LimitsConfig,
     /// Access control (tokens and policies) on the public port.
@@ -343,6 +345,110 @@ impl GossipConfig {
     }
 }
 
+/// Site links (`[federation]`): QUIC with mutual TLS against the cluster CA
+/// to nodes of other sites, each of them its own cluster; what they publish
+/// shows in `cell0 site ls`. Off unless enabled; needs the `tls.*` files,
+/// and this node's certificate must name its site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// Run site links on `listen`.
+    pub enabled: bool,
+    /// UDP listen address of the federation port.
+    pub listen: SocketAddr,
+    /// Federation address advertised to other sites (host:port); defaults
+    /// to `listen`, which must then not be a wildcard.
+    pub advertise: Option<String>,
+    /// Federation addresses (host:port) of nodes of other sites to link
+    /// to, kept up with reconnects (`--join-wan`). Give every gateway of a
+    /// site the same list.
+    pub join: Vec<String>,
+    /// Longest interval between two summaries this node sends on each link,
+    /// in milliseconds (a change of the site's leader, nodes, capacity or
+    /// version is sent within 100 ms).
+    pub publish_ms: u64,
+    /// A site not heard for this long is listed unreachable, in
+    /// milliseconds.
+    pub site_timeout_ms: u64,
+    /// The only sites this node links with; empty: every site whose node
+    /// certificates the cluster CA signed.
+    pub allowed_sites: Vec<String>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7104)),
+            advertise: None,
+            join: Vec::new(),
+            publish_ms: 1_000,
+            site_timeout_ms: 5_000,
+            allowed_sites: Vec::new(),
+        }
+    }
+}
+
+/// Most addresses in `federation.join` and sites in
+/// `federation.allowed_sites`.
+pub const MAX_FEDERATION_ENTRIES: usize = 64;
+
+impl FederationConfig {
+    /// The federation address other sites dial.
+    pub fn advertise_addr(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    fn validate(&self, tls: &TlsConfig) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if tls.files().is_none() {
+            return Err(bad(
+                "federation.enabled",
+                "site links need mutual TLS: set tls.ca_file, tls.cert_file and tls.key_file (--tls-ca, --tls-cert, --tls-key)",
+            ));
+        }
+        check_advertised(
+            &self.advertise,
+            self.listen,
+            "federation.advertise",
+            "federation.listen",
+        )?;
+        check_join("federation.join", &self.join)?;
+        if self.join.len() > MAX_FEDERATION_ENTRIES {
+            return Err(bad(
+                "federation.join",
+                format!("at most {MAX_FEDERATION_ENTRIES} addresses"),
+            ));
+        }
+        if !(100..=60_000).contains(&self.publish_ms) {
+            return Err(bad("federation.publish_ms", "must be 100 to 60000"));
+        }
+        if self.site_timeout_ms < 2 * self.publish_ms || self.site_timeout_ms > 600_000 {
+            return Err(bad(
+                "federation.site_timeout_ms",
+                "must be at least twice federation.publish_ms and at most 600000",
+            ));
+        }
+        if self.allowed_sites.len() > MAX_FEDERATION_ENTRIES {
+            return Err(bad(
+                "federation.allowed_sites",
+                format!("at most {MAX_FEDERATION_ENTRIES} sites"),
+            ));
+        }
+        for (i, site) in self.allowed_sites.iter().enumerate() {
+            if site.is_empty() || site.len() > 64 {
+                return Err(bad(
+                    &format!("federation.allowed_sites[{i}]"),
+                    "must be 1 to 64 characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The agent runtime (`[agents]`). Every node runs agents the scheduler
 /// places on it; `cell0 node eligibility --disable` keeps new ones away.
 ///
@@ -566,6 +672,7 @@ impl Default for NodeConfig {
             gossip: GossipConfig::default(),
             autopilot: AutopilotConfig::default(),
             tls: TlsConfig::default(),
+            federation: FederationConfig::default(),
             limits: LimitsConfig::default(),
             acl: AclConfig::default(),
             audit: AuditConfig::default(),
@@ -746,7 +853,8 @@ impl NodeConfig {
         }
         self.audit.validate()?;
         // Last, so that a config with one bad field names that field.
-        self.tls.validate()
+        self.tls.validate()?;
+        self.federation.validate(&self.tls)
     }
 }
 
@@ -811,6 +919,28 @@ mod tests {
             let c: NodeConfig = toml::from_str(&format!("[models]\n{toml}")).unwrap();
             assert_eq!(c.validate().unwrap_err().field, field, "{toml}");
         }
+        let mut c: NodeConfig = toml::from_str("[federation]\nenabled = true").unwrap();
+        c.tls.insecure = true;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "federation.enabled",
+            "site links need TLS"
+        );
+        c.tls = TlsConfig {
+            ca_file: Some("ca.pem".into()),
+            cert_file: Some("n.pem".into()),
+            key_file: Some("n-key.pem".into()),
+            ..TlsConfig::default()
+        };
+        c.validate().unwrap();
+        c.federation.site_timeout_ms = c.federation.publish_ms;
+        assert_eq!(c.validate().unwrap_err().field, "federation.site_timeout_ms");
+        c.federation.site_timeout_ms = 5_000;
+        c.federation.join = vec!["nowhere".into()];
+        assert_eq!(c.validate().unwrap_err().field, "federation.join[0]");
+        c.federation.join.clear();
+        c.federation.listen = "0.0.0.0:7104".parse().unwrap();
+        assert_eq!(c.validate().unwrap_err().field, "federation.advertise");
         let mut c: NodeConfig = toml::from_str("[models]\nfree_space_reserve_bytes = 0").unwrap();
         c.tls.insecure = true;
         c.validate().unwrap();

@@ -29,6 +29,7 @@ mod api;
 mod audit;
 mod autopilot;
 mod datadir;
+mod federation;
 mod gossip;
 mod internal_tls;
 mod leases;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use cell0::cli::{self, Output, acl, agent, bench, infer, kv, model, snapshot, task, tls};
+use cell0::cli::{self, Output, acl, agent, bench, infer, kv, model, site, snapshot, task, tls};
 use cell0::config::{LogFormat, NodeConfig};
 use cell0::{server, telemetry};
 use clap::{Args, Parser, Subcommand};
@@ -80,6 +80,9 @@ enum Command {
     /// Submit tasks to agents, wait for results, read agents' memory.
     #[command(subcommand)]
     Task(task::TaskCommand),
+    /// The sites this node's site is federated with (`site ls`).
+    #[command(subcommand)]
+    Site(site::SiteCommand),
     /// Embed texts and inspect the inference engine.
     #[command(subcommand)]
     Infer(infer::InferCommand),
@@ -206,6 +209,17 @@ struct RunArgs {
     /// The cluster secret for gossip (64 hex digits from `cell0 keygen`).
     #[arg(long, env = "CELL0_GOSSIP_SECRET", hide_env_values = true)]
     gossip_secret: Option<String>,
+    /// Run site links (federation with other sites) on this UDP address
+    /// (host:port; the default port is 7104). Needs the --tls-* files.
+    #[arg(long, env = "CELL0_LISTEN_WAN")]
+    listen_wan: Option<std::net::SocketAddr>,
+    /// Federation address advertised to other sites.
+    #[arg(long, env = "CELL0_ADVERTISE_WAN")]
+    advertise_wan: Option<String>,
+    /// Federation address of a node of another site to link to
+    /// (host:port, comma-separated, repeatable); turns site links on.
+    #[arg(long, env = "CELL0_JOIN_WAN", value_delimiter = ',')]
+    join_wan: Vec<String>,
     /// The cluster CA certificate for mutual TLS between nodes (PEM).
     #[arg(long, env = "CELL0_TLS_CA")]
     tls_ca: Option<PathBuf>,
@@ -307,6 +321,17 @@ impl RunArgs {
             c.gossip.secret = Some(v);
         }
         c.gossip.allow_no_secret |= self.dev;
+        if let Some(v) = self.listen_wan {
+            c.federation.enabled = true;
+            c.federation.listen = v;
+        }
+        if let Some(v) = self.advertise_wan {
+            c.federation.advertise = Some(v);
+        }
+        if !self.join_wan.is_empty() {
+            c.federation.enabled = true;
+            c.federation.join = self.join_wan.into_iter().filter(|j| !j.is_empty()).collect();
+        }
         if let Some(v) = self.tls_ca {
             c.tls.ca_file = Some(v);
         }
@@ -437,6 +462,7 @@ fn main() -> ExitCode {
             Command::Agent(cmd) => agent::run(&cli.endpoint, cli.output, cmd).await,
             Command::Node(cmd) => agent::run_node(&cli.endpoint, cli.output, cmd).await,
             Command::Task(cmd) => task::run(&cli.endpoint, cli.output, cmd).await,
+            Command::Site(cmd) => site::run(&cli.endpoint, cli.output, cmd).await,
             Command::Infer(cmd) => infer::run(&cli.endpoint, cli.output, cmd).await,
             Command::Bench(cmd) => {
                 // In-process benchmarks (gossip, raft, schedule) log to

@@ -35,6 +35,7 @@ use cell0_proto::v1::inference_server::InferenceServer;
 use cell0_proto::v1::kv_server::KvServer;
 use cell0_proto::v1::models_server::ModelsServer;
 use cell0_proto::v1::nodes_server::NodesServer;
+use cell0_proto::v1::sites_server::SitesServer;
 use cell0_proto::v1::tasks_server::TasksServer;
 use cell0_tls::{Listener, TlsMaterial};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -51,6 +52,7 @@ use crate::api::inference::InferenceApi;
 use crate::api::kv::KvApi;
 use crate::api::models::ModelsApi;
 use crate::api::ratelimit::RateLimitLayer;
+use crate::api::sites::SitesApi;
 use crate::api::tasks::TasksApi;
 use crate::audit;
 use crate::config::NodeConfig;
@@ -60,7 +62,7 @@ use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
 use crate::sdnotify;
 use crate::supervisor::{Backoff, Supervisor, TaskEnd, stopped};
-use crate::{autopilot, gossip, internal_tls};
+use crate::{autopilot, federation, gossip, internal_tls};
 use crate::{leases, ops, resources, runner, scheduling, telemetry};
 
 /// The record node `id` runs with under `config`: its name (by default
@@ -122,14 +124,32 @@ pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, ta
     if internal_tls.is_none() {
         tracing::warn!("--insecure: the internal port runs in plaintext; anyone who reaches it can act as a node");
     }
+    let info = node_info(&config, id);
+    let site_links = match (&internal_tls, config.federation.enabled) {
+        (Some(material), true) => {
+            let certified = material.own_site().context("reading the site from tls.cert_file")?;
+            if certified != config.site {
+                anyhow::bail!(
+                    "tls.cert_file is a certificate for site {certified:?}, but this node's site is {:?}: \
+                     site links need a certificate for the node's own site (`cell0 tls cert create --site`)",
+                    config.site
+                );
+            }
+            let links = federation::link_config(&config, id, &info.name);
+            Some(
+                cell0_federation::Federation::bind(links, material.clone())
+                    .context("starting site links (federation.listen)")?,
+            )
+        }
+        _ => None,
+    };
     let listeners = Listeners {
         public: bind(config.listen.public, "listen.public").await?,
         internal: bind(config.listen.internal, "listen.internal").await?,
         tls: internal_tls.clone(),
         http: bind(config.listen.http, "listen.http").await?,
+        site_links,
     };
-
-    let info = node_info(&config, id);
     tracing::info!(node_id = id, name = %info.name, data_dir = %config.data_dir.display(), new = datadir.created(), tls = internal_tls.is_some(), "starting");
     let storage = StorageBackend::Rocks(datadir.raft_dir());
     let source = config.internal_source();
@@ -186,6 +206,8 @@ struct Listeners {
     /// `tls.public`); plaintext when `None` (`--insecure`).
     tls: Option<TlsMaterial>,
     http: TcpListener,
+    /// The federation port, bound, when site links are enabled.
+    site_links: Option<cell0_federation::Federation>,
 }
 
 /// Starts everything above Raft as tasks of `tasks`, bootstraps or joins,
@@ -260,6 +282,23 @@ async fn serve(
             );
         }
     }
+    if let Some(links) = &listeners.site_links {
+        tasks.spawn("federation", {
+            let links = links.clone();
+            let stop = when_stopped(stop());
+            async move { links.run(stop).await.context("site links") }
+        });
+        tasks.spawn(
+            "federation-summary",
+            federation::publish(
+                consensus.clone(),
+                links.clone(),
+                config.federation.advertise_addr(),
+                Duration::from_millis(config.federation.publish_ms),
+                stop(),
+            ),
+        );
+    }
     // This node's budget of concurrent requests, shared by all of its
     // services (public and internal) and by no other node in the process.
     let gate = RequestGate::default();
@@ -306,6 +345,15 @@ async fn serve(
             tasks.clone(),
         )))
         .add_service(TasksServer::new(TasksApi::new(consensus.clone(), gate.clone())))
+        .add_service(SitesServer::new(SitesApi::new(
+            consensus.clone(),
+            listeners.site_links.clone(),
+            listeners
+                .site_links
+                .as_ref()
+                .map(|_| config.federation.advertise_addr()),
+            gate.clone(),
+        )))
         .add_service(AclServer::new(AclApi::new(
             consensus.clone(),
             gate.clone(),

@@ -16,5 +16,15 @@ pub mod internal {
     tonic::include_proto!("cell0.internal.v1");
 }
 
+/// Site-to-site messages, package `cell0.federation.v1` (protobuf end to
+/// end: sites upgrade independently).
+pub mod federation {
+    /// Version 1 of the site link messages.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all)]
+        tonic::include_proto!("cell0.federation.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every Cell0 service, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cell0_descriptor.bin"));

@@ -270,6 +270,19 @@ pub fn create_node_cert(ca: &CaFiles, out: &NodeFiles, req: &NodeCertRequest) ->
     write_new(&out.cert, &cert.pem(), 0o644)
 }
 
+/// The site a node certificate names (its organizational unit), or why
+/// there is none.
+pub fn site_of(cert: &rustls::pki_types::CertificateDer<'_>) -> Result<String, String> {
+    let params = CertificateParams::from_ca_cert_der(cert).map_err(|e| format!("cannot parse the certificate: {e}"))?;
+    match params.distinguished_name.get(&DnType::OrganizationalUnitName) {
+        Some(rcgen::DnValue::Utf8String(s)) => Ok(s.clone()),
+        Some(rcgen::DnValue::PrintableString(s)) => Ok(s.as_ref().to_string()),
+        Some(rcgen::DnValue::Ia5String(s)) => Ok(s.as_ref().to_string()),
+        Some(_) => Err("its organizational unit (the site) is not a text string".into()),
+        None => Err("it names no site (no organizational unit); make it with `cell0 tls cert create --site`".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +317,28 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("san"), "{e}");
+    }
+
+    #[test]
+    fn a_node_certificate_names_its_site_and_a_ca_certificate_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CaFiles::in_dir(dir.path());
+        create_ca(&ca, "prod", Validity::days(30).unwrap()).unwrap();
+        let out = NodeFiles::in_dir(dir.path(), "a");
+        let req = NodeCertRequest {
+            node: "a".into(),
+            site: "eu-1".into(),
+            sans: vec![],
+            validity: Validity::days(30).unwrap(),
+        };
+        create_node_cert(&ca, &out, &req).unwrap();
+        let der = |path: &Path| {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateDer::from_pem_file(path).unwrap()
+        };
+        assert_eq!(site_of(&der(&out.cert)).unwrap(), "eu-1");
+        let err = site_of(&der(&ca.cert)).unwrap_err();
+        assert!(err.contains("names no site"), "{err}");
     }
 
     #[test]

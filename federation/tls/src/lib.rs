@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 
 pub use rustls;
 
-pub use certs::{CaFiles, INTERNAL_SERVER_NAME, NodeCertRequest, NodeFiles, Validity};
-pub use material::{Listener, TlsFiles, TlsMaterial};
+pub use certs::{CaFiles, INTERNAL_SERVER_NAME, NodeCertRequest, NodeFiles, Validity, site_of};
+pub use material::{Listener, TlsFiles, TlsMaterial, WAN_ALPN};
 
 /// What can go wrong with certificates and TLS configuration.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,8 @@
 //! reloaded when the files change ([`TlsMaterial::watch`]).
 //!
 //! Invariants:
-//! - TLS 1.3 only, ALPN `h2`; the server requires a client certificate
+//! - TLS 1.3 only, ALPN `h2` (gRPC between nodes of a site) or
+//!   [`WAN_ALPN`] (site links); the server requires a client certificate
 //!   chained to the CA, the client requires the server's to chain to the CA
 //!   and to name [`INTERNAL_SERVER_NAME`].
 //! - A reload that fails (a half-written file, a key that does not match)
@@ -40,6 +41,9 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// The ALPN protocol of site links (QUIC on the federation port).
+pub const WAN_ALPN: &[u8] = b"cell0-wan/1";
+
 /// Which port a server configuration is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
@@ -48,6 +52,9 @@ pub enum Listener {
     /// The public port: server authentication only (clients prove who they
     /// are with tokens, not certificates).
     Public,
+    /// The federation port: as [`Listener::Internal`], with ALPN
+    /// [`WAN_ALPN`].
+    Wan,
 }
 
 impl Listener {
@@ -56,6 +63,7 @@ impl Listener {
         match self {
             Listener::Internal => "internal",
             Listener::Public => "public",
+            Listener::Wan => "wan",
         }
     }
 }
@@ -77,6 +85,8 @@ struct Loaded {
     server: Arc<ServerConfig>,
     public: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    wan_server: Arc<ServerConfig>,
+    wan_client: Arc<ClientConfig>,
     /// Modification time and length of each file, to notice changes.
     stamps: Vec<Option<(SystemTime, u64)>>,
 }
@@ -179,10 +189,16 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
         .with_client_auth_cert(chain, key)
         .map_err(|e| parse_err(&files.key, format!("does not match the certificate: {e}")))?;
     client.alpn_protocols = vec![b"h2".to_vec()];
+    let mut wan_server = server.clone();
+    wan_server.alpn_protocols = vec![WAN_ALPN.to_vec()];
+    let mut wan_client = client.clone();
+    wan_client.alpn_protocols = vec![WAN_ALPN.to_vec()];
     Ok(Loaded {
         server: Arc::new(server),
         public: Arc::new(public),
         client: Arc::new(client),
+        wan_server: Arc::new(wan_server),
+        wan_client: Arc::new(wan_client),
         stamps,
     })
 }
@@ -243,12 +259,28 @@ impl TlsMaterial {
         match listener {
             Listener::Internal => self.loaded().server.clone(),
             Listener::Public => self.loaded().public.clone(),
+            Listener::Wan => self.loaded().wan_server.clone(),
         }
     }
 
-    /// The client configuration for new connections.
+    /// The client configuration for new connections to other nodes of the
+    /// site (gRPC, ALPN `h2`).
     pub fn client(&self) -> Arc<ClientConfig> {
         self.loaded().client.clone()
+    }
+
+    /// The client configuration for new site links (ALPN [`WAN_ALPN`]).
+    pub fn wan_client(&self) -> Arc<ClientConfig> {
+        self.loaded().wan_client.clone()
+    }
+
+    /// The site this node's certificate names.
+    pub fn own_site(&self) -> Result<String, TlsError> {
+        let chain = certs(&self.files.cert)?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| parse_err(&self.files.cert, "holds no certificate"))?;
+        crate::certs::site_of(leaf).map_err(|detail| parse_err(&self.files.cert, detail))
     }
 
     /// Loads the files again if any changed since the last load; true when

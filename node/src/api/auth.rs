@@ -103,6 +103,7 @@ pub fn guard(path: &str) -> Option<Guard> {
         ("Agents", "Run" | "Stop" | "Migrate") => on(Agents, Write),
         ("Agents", "Get" | "List" | "Watch") => on(Agents, Read),
         ("Nodes", "List") => on(Nodes, Read),
+        ("Sites", "List") => on(Nodes, Read),
         ("Nodes", "Drain" | "SetEligibility") => on(Nodes, Write),
         ("Tasks", "Submit") => on(Tasks, Write),
         ("Tasks", "Get" | "Wait" | "List" | "ListMemory") => on(Tasks, Read),

@@ -19,6 +19,7 @@ pub mod inference;
 pub mod kv;
 pub mod models;
 pub mod ratelimit;
+pub mod sites;
 pub mod tasks;
 
 use std::future::Future;

@@ -53,6 +53,10 @@ pub enum BenchCommand {
     /// Gossip convergence and failure detection: N gossip services in this
     /// process on loopback (the real libp2p stack), no cluster needed.
     Gossip(super::gossip_bench::GossipBench),
+    /// Site links: two sites' link ends in this process (real QUIC and
+    /// mutual TLS) through a UDP relay adding a delay each way; the round
+    /// trip and how fast a changed summary reaches the other site.
+    Sites(super::sites_bench::SitesBench),
 }
 
 /// Options of `cell0 bench embed`.
@@ -204,6 +208,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: BenchCommand) -> anyhow::R
         BenchCommand::Embed(b) => embed(endpoint, output, b).await,
         BenchCommand::Agents(b) => super::agent_bench::run(endpoint, output, b).await,
         BenchCommand::Gossip(b) => super::gossip_bench::run(output, b).await,
+        BenchCommand::Sites(b) => super::sites_bench::run(output, b).await,
     }
 }
 

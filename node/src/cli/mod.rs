@@ -12,6 +12,8 @@ pub mod infer;
 pub mod kv;
 pub mod leave;
 pub mod model;
+pub mod site;
+mod sites_bench;
 pub mod snapshot;
 pub mod task;
 pub mod tls;

@@ -1,0 +1,198 @@
+//! Site links between real processes: two sites (each its own cluster)
+//! linked with `--join-wan` list each other in `cell0 site ls`; a site
+//! killed with -9 turns unreachable and heals when it restarts; a node
+//! with a certificate of another CA is refused and says why; a node whose
+//! certificate names another site does not start.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+
+use cell0_proto::v1::sites_client::SitesClient;
+use cell0_proto::v1::{self, SiteStatus};
+use cell0_tls::certs::{create_ca, create_node_cert};
+use cell0_tls::{CaFiles, NodeCertRequest, NodeFiles, Validity};
+use common::*;
+
+/// The federation port of every test node.
+const WAN: u16 = 7104;
+
+fn ca(dir: &Path) -> CaFiles {
+    std::fs::create_dir_all(dir).unwrap();
+    let files = CaFiles::in_dir(dir);
+    create_ca(&files, "test", Validity::days(30).unwrap()).unwrap();
+    files
+}
+
+fn cert(ca: &CaFiles, dir: &Path, node: &str, site: &str) -> NodeFiles {
+    let out = NodeFiles::in_dir(dir, node);
+    let request = NodeCertRequest {
+        node: node.into(),
+        site: site.into(),
+        sans: vec![],
+        validity: Validity::days(30).unwrap(),
+    };
+    create_node_cert(ca, &out, &request).unwrap();
+    out
+}
+
+/// The flags of a one-node site `site` with site links, linking to
+/// `join_wan` if given.
+fn site_flags(ca: &CaFiles, node: &NodeFiles, site: &str, ports: Ports, join_wan: Option<&str>) -> Vec<String> {
+    let mut flags: Vec<String> = [
+        "--bootstrap",
+        "--site",
+        site,
+        "--tls-ca",
+        ca.cert.to_str().unwrap(),
+        "--tls-cert",
+        node.cert.to_str().unwrap(),
+        "--tls-key",
+        node.key.to_str().unwrap(),
+        "--listen-wan",
+        &ports.addr(WAN),
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(j) = join_wan {
+        flags.extend(["--join-wan".to_string(), j.to_string()]);
+    }
+    flags
+}
+
+/// The sites the node at `endpoint` lists, by name: (status, leader name).
+async fn sites(endpoint: &str) -> Vec<(String, i32, String)> {
+    let Ok(mut client) = SitesClient::connect(format!("http://{endpoint}")).await else {
+        return Vec::new();
+    };
+    match client.list(v1::ListSitesRequest {}).await {
+        Ok(r) => r
+            .into_inner()
+            .sites
+            .into_iter()
+            .map(|s| (s.name, s.status, s.leader_name))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+async fn status_of(endpoint: &str, site: &str) -> Option<i32> {
+    sites(endpoint)
+        .await
+        .into_iter()
+        .find(|(name, _, _)| name == site)
+        .map(|(_, status, _)| status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_sites_list_each_other_and_a_killed_site_turns_unreachable_then_heals() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    let cluster_ca = ca(&certs);
+    let (pa, pb) = (Ports::new(), Ports::new());
+    let a_cert = cert(&cluster_ca, &certs, "a1", "a");
+    let b_cert = cert(&cluster_ca, &certs, "b1", "b");
+    let mut a = Node::start_flags(
+        "a1",
+        &root.path().join("a1"),
+        pa,
+        site_flags(&cluster_ca, &a_cert, "a", pa, None),
+        &[],
+    );
+    let wan_a = pa.addr(WAN);
+    let mut b = Node::start_flags(
+        "b1",
+        &root.path().join("b1"),
+        pb,
+        site_flags(&cluster_ca, &b_cert, "b", pb, Some(&wan_a)),
+        &[],
+    );
+    a.wait_ready();
+    b.wait_ready();
+
+    let alive = SiteStatus::Alive as i32;
+    wait_until("each site lists the other alive with its leader", async || {
+        sites(&a.endpoint()).await.contains(&("b".into(), alive, "b1".into()))
+            && sites(&b.endpoint()).await.contains(&("a".into(), alive, "a1".into()))
+    })
+    .await;
+    // The node's own site comes first, listed as local.
+    let own = sites(&a.endpoint()).await;
+    assert_eq!(own[0], ("a".into(), SiteStatus::Local as i32, "a1".into()), "{own:?}");
+    let out = cli(&["--endpoint", &a.endpoint(), "--output", "json", "site", "ls"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let b_row = listed.as_array().unwrap().iter().find(|s| s["name"] == "b").unwrap();
+    assert_eq!(b_row["status"], "alive", "{listed}");
+    assert_eq!(b_row["nodes"], 1, "{listed}");
+
+    // Site b dies: a keeps serving and lists b unreachable.
+    b.kill9();
+    wait_until("a lists b unreachable", async || {
+        status_of(&a.endpoint(), "b").await == Some(SiteStatus::Unreachable as i32)
+    })
+    .await;
+    put(&a.endpoint(), "k", "written while b is down").await.unwrap();
+
+    // b restarts on its data dir and links again.
+    b.restart();
+    b.wait_ready();
+    wait_until("b is alive again from a", async || {
+        status_of(&a.endpoint(), "b").await == Some(alive)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_ca_is_refused_and_a_certificate_for_another_site_does_not_start() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    let cluster_ca = ca(&certs);
+    let other_ca = ca(&root.path().join("other-ca"));
+    let (pa, pc) = (Ports::new(), Ports::new());
+    let a_cert = cert(&cluster_ca, &certs, "a1", "a");
+    let mut a = Node::start_flags(
+        "a1",
+        &root.path().join("a1"),
+        pa,
+        site_flags(&cluster_ca, &a_cert, "a", pa, None),
+        &[],
+    );
+    a.wait_ready();
+
+    // Another CA: its own cluster runs, but no site link forms.
+    let foreign_cert = cert(&other_ca, &root.path().join("other-ca"), "c1", "c");
+    let mut c = Node::start_flags(
+        "c1",
+        &root.path().join("c1"),
+        pc,
+        site_flags(&other_ca, &foreign_cert, "c", pc, Some(&pa.addr(WAN))),
+        &[],
+    );
+    c.wait_ready();
+    wait_until("both ends log why the link failed", async || {
+        c.log().contains("cannot link to the site gateway") && a.log().contains("refused a site link")
+    })
+    .await;
+    assert_eq!(sites(&a.endpoint()).await.len(), 1, "a lists only itself");
+    assert_eq!(sites(&c.endpoint()).await.len(), 1, "c lists only itself");
+
+    // A certificate for site x on a node of site b: refused at start.
+    let pb = Ports::new();
+    let x_cert = cert(&cluster_ca, &certs, "b1", "x");
+    let dir = root.path().join("b1");
+    let mut args = vec!["run".to_string()];
+    args.extend(run_flags(
+        "b1",
+        &dir,
+        pb,
+        &site_flags(&cluster_ca, &x_cert, "b", pb, None),
+    ));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = cli(&args);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("certificate for site \"x\""), "{err}");
+}
