@@ -4,7 +4,8 @@
 //!
 //! - [`link`]: the federation port (UDP, ALPN `cell0-wan/1`), links to
 //!   other sites with reconnect and backoff, the hello exchange and its
-//!   checks, the summary exchange.
+//!   checks, the summary exchange, and calls forwarded to another site
+//!   ([`Federation::forward`], served by a [`ForwardHandler`]).
 //! - [`catalog`]: pure logic over an injected clock: which summary of a
 //!   site wins, when a site is unreachable.
 //!
@@ -24,7 +25,7 @@ pub mod link;
 use std::net::SocketAddr;
 
 pub use catalog::{Catalog, SiteStatus, SiteView};
-pub use link::{DialStatus, Federation, LinkConfig, Refusal};
+pub use link::{DialStatus, Federation, ForwardError, ForwardHandler, LinkConfig, Refusal};
 
 /// What can go wrong starting site links.
 #[derive(Debug, thiserror::Error)]

@@ -23,20 +23,21 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use cell0_proto::federation::v1::{Envelope, Hello, SiteSummary, envelope};
+use cell0_proto::federation::v1::{Envelope, ForwardRequest, ForwardResponse, Hello, SiteSummary, envelope};
 use cell0_tls::rustls::pki_types::CertificateDer;
 use cell0_tls::{INTERNAL_SERVER_NAME, Listener, TlsMaterial};
 use prost::Message;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, TransportConfig, VarInt};
+use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarInt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::FederationError;
-use crate::catalog::{Catalog, Merge, SiteView};
+use crate::catalog::{Catalog, Merge, SiteStatus, SiteView};
 
 /// The link protocol this build speaks (in [`Hello::protocol`]).
 pub const PROTOCOL: u32 = 1;
@@ -69,6 +70,15 @@ const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const HEALTHY_LINK: Duration = Duration::from_secs(10);
+
+/// Forwarded calls one link serves at once (QUIC stream credit: a peer
+/// opening more waits).
+const MAX_FORWARDED_PER_LINK: u32 = 256;
+
+/// gRPC status codes a [`ForwardResponse`] carries when this crate answers
+/// itself (the node's answers carry their own).
+const CODE_FAILED_PRECONDITION: u32 = 9;
+const CODE_UNIMPLEMENTED: u32 = 12;
 
 /// QUIC application close codes.
 const CLOSE_SHUTDOWN: u32 = 0;
@@ -158,6 +168,37 @@ pub fn check_peer(config: &LinkConfig, certificate_site: &str, hello: &Hello) ->
     Ok(())
 }
 
+/// Serves calls that other sites forward to this node's site.
+pub trait ForwardHandler: Send + Sync + 'static {
+    /// Serves `request`, forwarded by a node of `from_site`.
+    fn serve(&self, from_site: &str, request: ForwardRequest) -> Pin<Box<dyn Future<Output = ForwardResponse> + Send>>;
+}
+
+/// Why a call could not be forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    /// No link to the site is open, or nothing was heard from it within
+    /// the site timeout.
+    #[error("site {site:?} is unreachable from this node: {why}")]
+    Unreachable {
+        /// The target site.
+        site: String,
+        /// Why, in words.
+        why: String,
+    },
+    /// The link failed during the call.
+    #[error("forwarding to site {site:?} failed: {reason}")]
+    Failed {
+        /// The target site.
+        site: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The site did not answer within the call's deadline.
+    #[error("site {0:?} did not answer before the call's deadline")]
+    Timeout(String),
+}
+
 /// How the link to one address of the join list is doing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DialStatus {
@@ -196,6 +237,8 @@ struct Inner {
     links: Mutex<BTreeMap<usize, OpenLink>>,
     /// Per address of the join list.
     dials: Mutex<BTreeMap<String, DialStatus>>,
+    /// Serves forwarded calls, once the node set it.
+    handler: OnceLock<Arc<dyn ForwardHandler>>,
     local: watch::Sender<Option<SiteSummary>>,
 }
 
@@ -265,6 +308,7 @@ fn transport() -> Arc<TransportConfig> {
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(u64::from(CONNECTION_WINDOW));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_FORWARDED_PER_LINK));
     Arc::new(t)
 }
 
@@ -382,6 +426,7 @@ impl Federation {
                 catalog: Mutex::new(catalog),
                 links: Mutex::new(BTreeMap::new()),
                 dials: Mutex::new(BTreeMap::new()),
+                handler: OnceLock::new(),
                 local: watch::Sender::new(None),
             }),
         })
@@ -419,6 +464,69 @@ impl Federation {
             self.inner.refresh_rtt(site);
         }
         self.inner.catalog().view(Instant::now())
+    }
+
+    /// Serves the calls other sites forward to this one with `handler`
+    /// (set once; until then they are answered UNIMPLEMENTED).
+    pub fn serve_forwarded(&self, handler: Arc<dyn ForwardHandler>) {
+        let _ = self.inner.handler.set(handler);
+    }
+
+    /// Sends `request` to a node of `request.target_site` over the open
+    /// link with the smallest round-trip time, and waits up to `timeout`
+    /// for its answer. Nothing is retried: the caller's call may or may not
+    /// have been served when this fails after sending.
+    pub async fn forward(&self, request: ForwardRequest, timeout: Duration) -> Result<ForwardResponse, ForwardError> {
+        let site = request.target_site.clone();
+        let unreachable = |why: String| ForwardError::Unreachable {
+            site: site.clone(),
+            why,
+        };
+        // A link the site stopped answering on stays open until its idle
+        // timeout: the catalog knows sooner.
+        let silent = self
+            .inner
+            .catalog()
+            .view(Instant::now())
+            .into_iter()
+            .find(|v| v.summary.site == site && v.status == SiteStatus::Unreachable);
+        if let Some(v) = silent {
+            return Err(unreachable(format!(
+                "nothing heard from it for {:.1} s",
+                v.last_heard.as_secs_f64()
+            )));
+        }
+        let connection = self
+            .inner
+            .links()
+            .values()
+            .filter(|l| l.site == site)
+            .min_by_key(|l| l.connection.rtt())
+            .map(|l| l.connection.clone())
+            .ok_or_else(|| unreachable("no site link to it is open".into()))?;
+        let exchange = async {
+            let (mut send, mut recv) = connection.open_bi().await?;
+            send.write_all(&request.encode_to_vec()).await?;
+            send.finish()?;
+            let bytes = recv.read_to_end(MAX_MESSAGE_BYTES).await?;
+            Ok::<_, LinkError>(ForwardResponse::decode(bytes.as_slice())?)
+        };
+        let result = match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(ForwardError::Failed {
+                site,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(ForwardError::Timeout(site)),
+        };
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(ForwardError::Unreachable { .. }) => "unreachable",
+            Err(ForwardError::Failed { .. }) => "failed",
+            Err(ForwardError::Timeout(_)) => "timeout",
+        };
+        metrics::counter!("cell0_federation_forwarded_total", "direction" => "out", "result" => label).increment(1);
+        result
     }
 
     /// How the link to each address of the join list is doing.
@@ -662,6 +770,8 @@ async fn drive(inner: &Inner, connection: Connection, peer: Peer, mut halt: watc
     let mut local = inner.local.subscribe();
     // The newest summary at once, then every one the node publishes.
     local.mark_changed();
+    // Calls the other site forwarded here, being served.
+    let mut forwarded = JoinSet::new();
     let why = loop {
         tokio::select! {
             () = halted(&mut halt) => {
@@ -681,6 +791,20 @@ async fn drive(inner: &Inner, connection: Connection, peer: Peer, mut halt: watc
                 }
             }
             _ = rtt_tick.tick() => inner.refresh_rtt(&peer.site),
+            Some(_) = forwarded.join_next(), if !forwarded.is_empty() => {}
+            stream = connection.accept_bi() => {
+                let (send, recv) = match stream {
+                    Ok(s) => s,
+                    Err(e) => break e.to_string(),
+                };
+                forwarded.spawn(serve_forwarded(
+                    inner.handler.get().cloned(),
+                    inner.config.site.clone(),
+                    peer.site.clone(),
+                    send,
+                    recv,
+                ));
+            }
             stream = connection.accept_uni() => {
                 let mut recv = match stream {
                     Ok(r) => r,
@@ -709,10 +833,64 @@ async fn drive(inner: &Inner, connection: Connection, peer: Peer, mut halt: watc
             }
         }
     };
+    forwarded.shutdown().await;
     inner.links().remove(&id);
     inner.refresh_rtt(&peer.site);
     metrics::gauge!("cell0_federation_links").decrement(1.0);
     tracing::info!(site = %peer.site, node = %peer.node_name, remote = %peer.remote, why = %why, "site link down");
+}
+
+/// Reads one forwarded call from a link, serves it and writes the answer.
+async fn serve_forwarded(
+    handler: Option<Arc<dyn ForwardHandler>>,
+    own_site: String,
+    from_site: String,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let request = match tokio::time::timeout(READ_TIMEOUT, recv.read_to_end(MAX_MESSAGE_BYTES)).await {
+        Ok(Ok(bytes)) => match ForwardRequest::decode(bytes.as_slice()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(site = %from_site, error = %e, "a forwarded call is not a valid message");
+                return;
+            }
+        },
+        Ok(Err(e)) => {
+            tracing::debug!(site = %from_site, error = %chain(&e), "reading a forwarded call failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let refuse = |code, message: String| ForwardResponse {
+        request_id: request.request_id.clone(),
+        code,
+        message,
+        ..ForwardResponse::default()
+    };
+    let response = if request.target_site != own_site {
+        // No relaying: the sender must link to the target itself.
+        refuse(
+            CODE_FAILED_PRECONDITION,
+            format!(
+                "this node is of site {own_site:?}, not {:?}; sites do not relay calls",
+                request.target_site
+            ),
+        )
+    } else {
+        match handler {
+            Some(h) => h.serve(&from_site, request).await,
+            None => refuse(CODE_UNIMPLEMENTED, "this node serves no forwarded calls yet".into()),
+        }
+    };
+    metrics::counter!("cell0_federation_forwarded_total", "direction" => "in", "result" => if response.code == 0 { "ok" } else { "error" })
+        .increment(1);
+    if send.write_all(&response.encode_to_vec()).await.is_ok() {
+        let _ = send.finish();
+        // Wait until the peer has the whole answer (or is gone) before the
+        // stream is dropped.
+        let _ = tokio::time::timeout(READ_TIMEOUT, send.stopped()).await;
+    }
 }
 
 async fn send(connection: &Connection, summary: SiteSummary) -> Result<(), LinkError> {

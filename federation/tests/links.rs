@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cell0_federation::{Federation, LinkConfig, SiteStatus};
-use cell0_proto::federation::v1::SiteSummary;
+use cell0_federation::{Federation, ForwardError, ForwardHandler, LinkConfig, SiteStatus};
+use cell0_proto::federation::v1::{ForwardRequest, ForwardResponse, SiteSummary};
 use cell0_tls::certs::{create_ca, create_node_cert};
 use cell0_tls::{CaFiles, NodeCertRequest, NodeFiles, TlsFiles, TlsMaterial, Validity};
 use tokio::sync::oneshot;
@@ -241,5 +241,66 @@ async fn foreign_expired_and_mislabelled_certificates_are_refused() {
         assert!(r.federation.sites().is_empty());
         r.stop().await;
     }
+    a.stop().await;
+}
+
+/// Answers every forwarded call with its method and body reversed.
+struct Echo;
+
+impl ForwardHandler for Echo {
+    fn serve(
+        &self,
+        from_site: &str,
+        request: ForwardRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ForwardResponse> + Send>> {
+        let message = format!("{from_site} asked {}", request.method);
+        let body: Vec<u8> = request.body.iter().rev().copied().collect();
+        Box::pin(async move {
+            ForwardResponse {
+                request_id: request.request_id,
+                message,
+                body: body.into(),
+                ..ForwardResponse::default()
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_call_is_served_by_the_target_site_and_an_unknown_site_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster_ca = ca(&dir.path().join("ca"));
+    let valid = || Validity::days(30).unwrap();
+    let mut a = Running::start(
+        config("a", 1, vec![]),
+        material(&cluster_ca, dir.path(), "a1", "a", valid()),
+        1,
+    );
+    a.federation.serve_forwarded(std::sync::Arc::new(Echo));
+    let mut b = Running::start(
+        config("b", 2, vec![a.addr()]),
+        material(&cluster_ca, dir.path(), "b1", "b", valid()),
+        1,
+    );
+    wait_until("b hears a", || b.status_of("a").is_some()).await;
+    let request = |site: &str| ForwardRequest {
+        target_site: site.into(),
+        origin_site: "b".into(),
+        request_id: "r1".into(),
+        method: "/cell0.v1.Kv/Get".into(),
+        body: vec![1u8, 2, 3].into(),
+        ..ForwardRequest::default()
+    };
+    let answer = b.federation.forward(request("a"), DEADLINE).await.unwrap();
+    assert_eq!(answer.code, 0);
+    assert_eq!(answer.request_id, "r1");
+    assert_eq!(answer.message, "b asked /cell0.v1.Kv/Get");
+    assert_eq!(&answer.body[..], &[3, 2, 1]);
+    let err = b.federation.forward(request("c"), DEADLINE).await.unwrap_err();
+    assert!(
+        matches!(err, ForwardError::Unreachable { ref site, .. } if site == "c"),
+        "{err}"
+    );
+    b.stop().await;
     a.stop().await;
 }

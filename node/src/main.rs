@@ -37,6 +37,11 @@ struct Cli {
     /// `cell0 acl bootstrap` or `cell0 acl token create` printed it.
     #[arg(long, global = true, env = "CELL0_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Have every call served by this site: a node of another site
+    /// forwards it over a site link (`cell0 --site B kv get k`; before the
+    /// subcommand).
+    #[arg(long)]
+    site: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -430,6 +435,9 @@ fn main() -> ExitCode {
         }
         if let Some(token) = cli.token.as_deref().filter(|t| !t.is_empty()) {
             cli::use_token(token)?;
+        }
+        if let Some(site) = cli.site.as_deref() {
+            cli::use_site(site)?;
         }
         match cli.command {
             Command::Run(args) => {

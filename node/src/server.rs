@@ -48,6 +48,7 @@ use crate::api::agents::AgentsApi;
 use crate::api::auth::AuthLayer;
 use crate::api::cluster::ClusterApi;
 use crate::api::connlimit;
+use crate::api::forward::{LocalReplay, SiteRouteLayer};
 use crate::api::inference::InferenceApi;
 use crate::api::kv::KvApi;
 use crate::api::models::ModelsApi;
@@ -195,6 +196,21 @@ pub async fn run_with(config: NodeConfig, shutdown: impl Future<Output = ()>, ta
     Ok(())
 }
 
+/// A lazy connection to this node's own public port (TLS when
+/// `tls.public`), where calls forwarded from other sites are replayed.
+fn own_public_channel(config: &NodeConfig) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", config.advertise_public()))
+        .context("advertise.public is not a valid address")?
+        .tcp_nodelay(true);
+    match (&config.tls.ca_file, config.tls.public) {
+        (Some(ca), true) => {
+            let tls = cell0_tls::material::public_client(ca).map_err(|e| anyhow::anyhow!(e.describe()))?;
+            Ok(endpoint.connect_with_connector_lazy(cell0_tls::wire::public_connector(tls)))
+        }
+        _ => Ok(endpoint.connect_lazy()),
+    }
+}
+
 /// A gRPC server running until shutdown.
 type ServeFuture = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
@@ -283,6 +299,7 @@ async fn serve(
         }
     }
     if let Some(links) = &listeners.site_links {
+        links.serve_forwarded(Arc::new(LocalReplay::new(own_public_channel(config)?)));
         tasks.spawn("federation", {
             let links = links.clone();
             let stop = when_stopped(stop());
@@ -314,6 +331,12 @@ async fn serve(
     let public_server = cell0_consensus::network::server_builder()
         .max_concurrent_streams(connlimit::MAX_STREAMS_PER_CONNECTION)
         .layer(RateLimitLayer::new(config.limits.client_rate, config.limits.burst()))
+        // Before the ACL: a call for another site is checked there.
+        .layer(SiteRouteLayer::new(
+            config.site.clone(),
+            id,
+            listeners.site_links.clone(),
+        ))
         .layer(AuthLayer::new(
             consensus,
             config.acl.enabled,

@@ -1,6 +1,8 @@
 //! Site links between real processes: two sites (each its own cluster)
-//! linked with `--join-wan` list each other in `cell0 site ls`; a site
-//! killed with -9 turns unreachable and heals when it restarts; a node
+//! linked with `--join-wan` list each other in `cell0 site ls` and serve
+//! calls for each other (`--site`); a site killed with -9 turns
+//! unreachable (calls for it fail naming it) and heals when it restarts;
+//! a node
 //! with a certificate of another CA is refused and says why; a node whose
 //! certificate names another site does not start.
 
@@ -128,13 +130,52 @@ async fn linked_sites_list_each_other_and_a_killed_site_turns_unreachable_then_h
     assert_eq!(b_row["status"], "alive", "{listed}");
     assert_eq!(b_row["nodes"], 1, "{listed}");
 
-    // Site b dies: a keeps serving and lists b unreachable.
+    // A call for site b through a node of site a is served by b.
+    let a_endpoint = a.endpoint();
+    let via_a = |args: &[&str]| {
+        let mut all = vec!["--endpoint", a_endpoint.as_str(), "--site", "b"];
+        all.extend_from_slice(args);
+        cli(&all)
+    };
+    let out = via_a(&["kv", "put", "greeting", "from-a"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        get(&b.endpoint(), "greeting", false).await.as_deref(),
+        Some(&b"from-a"[..])
+    );
+    assert_eq!(
+        get(&a.endpoint(), "greeting", false).await,
+        None,
+        "not written in site a"
+    );
+    let out = via_a(&["kv", "get", "greeting"]);
+    assert!(stdout(&out).contains("from-a"), "{}{}", stdout(&out), stderr(&out));
+    let out = via_a(&["status", "--output", "json"]);
+    assert!(
+        stdout(&out).contains("\"b1\""),
+        "status answered by b: {}",
+        stdout(&out)
+    );
+    // Streams are not forwarded.
+    let out = via_a(&["kv", "watch", "greeting"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("only unary calls are forwarded"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Site b dies: a keeps serving and lists b unreachable; calls for b
+    // fail at once, naming it.
     b.kill9();
     wait_until("a lists b unreachable", async || {
         status_of(&a.endpoint(), "b").await == Some(SiteStatus::Unreachable as i32)
     })
     .await;
     put(&a.endpoint(), "k", "written while b is down").await.unwrap();
+    let out = via_a(&["kv", "get", "greeting"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("site \"b\" is unreachable"), "{}", stderr(&out));
 
     // b restarts on its data dir and links again.
     b.restart();

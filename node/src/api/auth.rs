@@ -151,7 +151,7 @@ impl Target {
 }
 
 /// The request message in a gRPC body: one uncompressed frame.
-fn message_of(body: &[u8]) -> Option<&[u8]> {
+pub(super) fn message_of(body: &[u8]) -> Option<&[u8]> {
     let (header, message) = body.split_at_checked(5)?;
     let len = u32::from_be_bytes(header[1..5].try_into().ok()?) as usize;
     (header[0] == 0 && message.len() == len).then_some(message)

@@ -118,6 +118,15 @@ pub enum Reason {
     /// The token's policies do not allow the call; metadata `resource`,
     /// `access`.
     PermissionDenied,
+    /// A call for another site (`cell0-site`) found no open site link to
+    /// it, or the link failed; metadata `site`.
+    SiteUnreachable,
+    /// A call for another site got no answer before its deadline; metadata
+    /// `site`.
+    SiteTimeout,
+    /// A streaming call named another site: only unary calls are
+    /// forwarded; metadata `method`.
+    NotForwardable,
     /// An ACL call on a node that runs without ACLs.
     AclDisabled,
     /// `Acl/Bootstrap` after the first management token was made.
@@ -132,7 +141,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 46] = [
+    pub const ALL: [Reason; 49] = [
         Reason::InvalidArgumentField,
         Reason::ModelAmbiguous,
         Reason::NotLeader,
@@ -174,6 +183,9 @@ impl Reason {
         Reason::TokenRequired,
         Reason::TokenUnknown,
         Reason::PermissionDenied,
+        Reason::SiteUnreachable,
+        Reason::SiteTimeout,
+        Reason::NotForwardable,
         Reason::AclDisabled,
         Reason::AclAlreadyBootstrapped,
         Reason::AclPolicyNotFound,
@@ -225,6 +237,9 @@ impl Reason {
             Reason::TokenRequired => "TOKEN_REQUIRED",
             Reason::TokenUnknown => "TOKEN_UNKNOWN",
             Reason::PermissionDenied => "PERMISSION_DENIED",
+            Reason::SiteUnreachable => "SITE_UNREACHABLE",
+            Reason::SiteTimeout => "SITE_TIMEOUT",
+            Reason::NotForwardable => "NOT_FORWARDABLE",
             Reason::AclDisabled => "ACL_DISABLED",
             Reason::AclAlreadyBootstrapped => "ACL_ALREADY_BOOTSTRAPPED",
             Reason::AclPolicyNotFound => "ACL_POLICY_NOT_FOUND",
@@ -367,6 +382,31 @@ pub enum ApiError {
         /// `policies` or `tokens`.
         what: String,
     },
+    /// A call for another site cannot reach it.
+    #[error("site {site:?} is unreachable from this node: {why}")]
+    SiteUnreachable {
+        /// The target site.
+        site: String,
+        /// Why.
+        why: String,
+    },
+    /// A call for another site got no answer in time; it may or may not
+    /// have been served there.
+    #[error("site {site:?} did not answer before the call's deadline; the call may or may not have been served there")]
+    SiteTimeout {
+        /// The target site.
+        site: String,
+    },
+    /// A streaming call for another site.
+    #[error(
+        "{method} streams, and only unary calls are forwarded to another site ({site:?}); call a node of that site"
+    )]
+    NotForwardable {
+        /// The method.
+        method: String,
+        /// The target site.
+        site: String,
+    },
     /// Something that cannot happen did.
     #[error("{0}")]
     Internal(String),
@@ -468,6 +508,15 @@ impl ApiError {
                 Described::new(Code::NotFound, Reason::AclPolicyNotFound, self.to_string()).with("policy", name)
             }
             ApiError::AclFull { .. } => Described::new(Code::ResourceExhausted, Reason::AclFull, self.to_string()),
+            ApiError::SiteUnreachable { site, .. } => {
+                Described::new(Code::Unavailable, Reason::SiteUnreachable, self.to_string()).with("site", site)
+            }
+            ApiError::SiteTimeout { site } => {
+                Described::new(Code::DeadlineExceeded, Reason::SiteTimeout, self.to_string()).with("site", site)
+            }
+            ApiError::NotForwardable { method, .. } => {
+                Described::new(Code::Unimplemented, Reason::NotForwardable, self.to_string()).with("method", method)
+            }
             ApiError::Internal(m) => Described::new(Code::Internal, Reason::Internal, m.clone()),
         }
     }
@@ -488,6 +537,13 @@ impl From<ApiError> for Status {
         }
         Status::with_error_details_and_metadata(d.code, d.message, details, metadata)
     }
+}
+
+/// The answer of another site to a forwarded call, as the target site's
+/// node built it (code, message and details pass through unchanged).
+pub fn remote_status(code: u32, message: String, details: bytes::Bytes) -> Status {
+    let code = i32::try_from(code).map_or(Code::Unknown, Code::from_i32);
+    Status::with_details(code, message, details)
 }
 
 /// The reason of a status from this API: the `reason` of its `ErrorInfo`
@@ -1063,6 +1119,27 @@ mod tests {
                 },
                 Code::PermissionDenied,
                 Reason::PermissionDenied,
+            ),
+            (
+                ApiError::SiteUnreachable {
+                    site: "b".into(),
+                    why: "no link".into(),
+                },
+                Code::Unavailable,
+                Reason::SiteUnreachable,
+            ),
+            (
+                ApiError::SiteTimeout { site: "b".into() },
+                Code::DeadlineExceeded,
+                Reason::SiteTimeout,
+            ),
+            (
+                ApiError::NotForwardable {
+                    method: "/cell0.v1.Kv/Watch".into(),
+                    site: "b".into(),
+                },
+                Code::Unimplemented,
+                Reason::NotForwardable,
             ),
             (ApiError::AclDisabled, Code::FailedPrecondition, Reason::AclDisabled),
             (

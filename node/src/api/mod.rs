@@ -15,6 +15,7 @@ pub mod auth;
 pub mod cluster;
 pub mod connlimit;
 pub mod error;
+pub mod forward;
 pub mod inference;
 pub mod kv;
 pub mod models;

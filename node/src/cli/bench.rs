@@ -55,7 +55,8 @@ pub enum BenchCommand {
     Gossip(super::gossip_bench::GossipBench),
     /// Site links: two sites' link ends in this process (real QUIC and
     /// mutual TLS) through a UDP relay adding a delay each way; the round
-    /// trip and how fast a changed summary reaches the other site.
+    /// trip, how fast a changed summary reaches the other site, and the
+    /// latency of a forwarded call.
     Sites(super::sites_bench::SitesBench),
 }
 

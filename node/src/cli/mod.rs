@@ -99,20 +99,41 @@ impl ProgressLine {
 /// token, if it has one ([`use_token`]).
 pub type Conn = InterceptedService<Channel, WithToken>;
 
-/// Adds `authorization: Bearer ...` to every call when a token is set.
+/// Adds `authorization: Bearer ...` to every call when a token is set, and
+/// `cell0-site` when a site is.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WithToken;
 
 /// The `authorization` value of `--token`, once set.
 static TOKEN: std::sync::OnceLock<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = std::sync::OnceLock::new();
 
+/// The `cell0-site` value of `--site`, once set.
+static SITE: std::sync::OnceLock<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = std::sync::OnceLock::new();
+
 impl tonic::service::Interceptor for WithToken {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = TOKEN.get() {
             request.metadata_mut().insert("authorization", value.clone());
         }
+        if let Some(site) = SITE.get() {
+            request.metadata_mut().insert("cell0-site", site.clone());
+        }
         Ok(request)
     }
+}
+
+/// Makes every call of this process ask for site `site` (`--site`): a node
+/// of another site forwards it there.
+pub fn use_site(site: &str) -> anyhow::Result<()> {
+    if site.is_empty() || site.len() > 64 {
+        anyhow::bail!("--site must be 1 to 64 characters");
+    }
+    let value = site
+        .parse()
+        .with_context(|| format!("--site {site:?} is not valid header text"))?;
+    // Set once, before any connection; a second call keeps the first.
+    let _ = SITE.set(value);
+    Ok(())
 }
 
 /// Makes every call of this process carry `token` (`--token`,

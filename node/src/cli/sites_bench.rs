@@ -6,7 +6,11 @@
 //! - propagation: from one site publishing a changed summary until the
 //!   other site's catalog shows it. In a node, a change waits up to
 //!   another 100 ms to be noticed (`federation-summary` builds the
-//!   summary that often).
+//!   summary that often);
+//! - a forwarded call: from one site sending a call until the other
+//!   site's answer is back (the other end answers at once; in a node it
+//!   replays the call on its own public port, which adds that call's
+//!   time).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -53,6 +57,26 @@ struct SitesReport {
     propagation_ms_p50: f64,
     propagation_ms_p99: f64,
     propagation_ms_max: f64,
+    forward_ms_p50: f64,
+    forward_ms_p99: f64,
+}
+
+/// Answers every forwarded call at once with an empty message.
+struct Answer;
+
+impl cell0_federation::ForwardHandler for Answer {
+    fn serve(
+        &self,
+        _from_site: &str,
+        request: cell0_proto::federation::v1::ForwardRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = cell0_proto::federation::v1::ForwardResponse> + Send>> {
+        Box::pin(async move {
+            cell0_proto::federation::v1::ForwardResponse {
+                request_id: request.request_id,
+                ..Default::default()
+            }
+        })
+    }
 }
 
 /// Forwards datagrams between the first sender on `front` and `target`,
@@ -221,6 +245,24 @@ pub async fn run(output: Output, b: SitesBench) -> anyhow::Result<()> {
     }
     let rtt_ms = a.rtts().get("b").map_or(0.0, |r| r.as_secs_f64() * 1000.0);
 
+    a.serve_forwarded(Arc::new(Answer));
+    let mut forward = Vec::with_capacity(b.samples);
+    for sample in 0..b.samples {
+        let request = cell0_proto::federation::v1::ForwardRequest {
+            target_site: "a".into(),
+            origin_site: "b".into(),
+            request_id: sample.to_string(),
+            method: "/cell0.v1.Kv/Get".into(),
+            body: vec![0u8; 64].into(),
+            ..Default::default()
+        };
+        let sent = Instant::now();
+        let answer = b_site.forward(request, timeout).await?;
+        anyhow::ensure!(answer.code == 0, "the forwarded call failed: {}", answer.message);
+        forward.push(sent.elapsed().as_secs_f64() * 1000.0);
+    }
+    forward.sort_by(f64::total_cmp);
+
     let _ = stop_b.send(());
     let _ = stop_a.send(());
     run_b.await??;
@@ -237,6 +279,8 @@ pub async fn run(output: Output, b: SitesBench) -> anyhow::Result<()> {
         propagation_ms_p50: percentile(&propagation, 0.5),
         propagation_ms_p99: percentile(&propagation, 0.99),
         propagation_ms_max: propagation.last().copied().unwrap_or(0.0),
+        forward_ms_p50: percentile(&forward, 0.5),
+        forward_ms_p99: percentile(&forward, 0.99),
     };
     match output {
         Output::Json => print_json(&report),
@@ -251,6 +295,8 @@ pub async fn run(output: Output, b: SitesBench) -> anyhow::Result<()> {
                 vec!["propagation p50".into(), format!("{:.1} ms", report.propagation_ms_p50)],
                 vec!["propagation p99".into(), format!("{:.1} ms", report.propagation_ms_p99)],
                 vec!["propagation max".into(), format!("{:.1} ms", report.propagation_ms_max)],
+                vec!["forwarded call p50".into(), format!("{:.1} ms", report.forward_ms_p50)],
+                vec!["forwarded call p99".into(), format!("{:.1} ms", report.forward_ms_p99)],
                 vec!["samples".into(), report.samples.to_string()],
             ];
             print_table(&["MEASURE", "VALUE"], &rows);
