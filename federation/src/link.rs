@@ -629,25 +629,39 @@ async fn accept_loop(inner: Arc<Inner>, mut halt: watch::Receiver<bool>) {
     while links.join_next().await.is_some() {}
 }
 
+impl Peer {
+    fn new(hello: Hello, connection: &Connection) -> Self {
+        Self {
+            site: hello.site,
+            node_id: hello.node_id,
+            node_name: hello.node_name,
+            remote: connection.remote_address(),
+        }
+    }
+}
+
+/// Reads the other end's hello: the whole stream.
+async fn read_hello(recv: &mut RecvStream) -> Result<Hello, LinkError> {
+    let bytes = within("reading the hello", recv.read_to_end(MAX_MESSAGE_BYTES)).await?;
+    Ok(Hello::decode(bytes.as_slice())?)
+}
+
+/// Sends this node's hello and finishes the stream.
+async fn send_hello(inner: &Inner, send: &mut SendStream) -> Result<(), LinkError> {
+    within("sending the hello", send.write_all(&inner.hello().encode_to_vec())).await?;
+    send.finish()?;
+    Ok(())
+}
+
 async fn accept(inner: &Inner, incoming: quinn::Incoming) -> Result<(Connection, Peer), LinkError> {
     let connection = within("the TLS handshake", std::future::IntoFuture::into_future(incoming)).await?;
     let result = async {
         let certificate = certificate_site(&connection)?;
         let (mut send, mut recv) = within("waiting for the hello", connection.accept_bi()).await?;
-        let hello = Hello::decode(
-            within("reading the hello", recv.read_to_end(MAX_MESSAGE_BYTES))
-                .await?
-                .as_slice(),
-        )?;
+        let hello = read_hello(&mut recv).await?;
         check_peer(&inner.config, &certificate, &hello)?;
-        within("sending the hello", send.write_all(&inner.hello().encode_to_vec())).await?;
-        send.finish()?;
-        Ok(Peer {
-            site: hello.site,
-            node_id: hello.node_id,
-            node_name: hello.node_name,
-            remote: connection.remote_address(),
-        })
+        send_hello(inner, &mut send).await?;
+        Ok(Peer::new(hello, &connection))
     }
     .await;
     match result {
@@ -677,20 +691,10 @@ async fn dial(inner: &Inner, addr: &str) -> Result<(Connection, Peer), LinkError
     let result = async {
         let certificate = certificate_site(&connection)?;
         let (mut send, mut recv) = within("opening the hello stream", connection.open_bi()).await?;
-        within("sending the hello", send.write_all(&inner.hello().encode_to_vec())).await?;
-        send.finish()?;
-        let hello = Hello::decode(
-            within("reading the hello", recv.read_to_end(MAX_MESSAGE_BYTES))
-                .await?
-                .as_slice(),
-        )?;
+        send_hello(inner, &mut send).await?;
+        let hello = read_hello(&mut recv).await?;
         check_peer(&inner.config, &certificate, &hello)?;
-        Ok(Peer {
-            site: hello.site,
-            node_id: hello.node_id,
-            node_name: hello.node_name,
-            remote: connection.remote_address(),
-        })
+        Ok(Peer::new(hello, &connection))
     }
     .await;
     match result {

@@ -64,6 +64,27 @@ fn site_flags(ca: &CaFiles, node: &NodeFiles, site: &str, ports: Ports, join_wan
     flags
 }
 
+/// Starts `name`, a one-node site `site` in `root`, with `cert` from `ca`,
+/// linking to `join_wan` if given.
+fn start_site(
+    root: &Path,
+    name: &str,
+    ca: &CaFiles,
+    cert: &NodeFiles,
+    site: &str,
+    join_wan: Option<&str>,
+) -> (Node, Ports) {
+    let ports = Ports::new();
+    let node = Node::start_flags(
+        name,
+        &root.join(name),
+        ports,
+        site_flags(ca, cert, site, ports, join_wan),
+        &[],
+    );
+    (node, ports)
+}
+
 /// The sites the node at `endpoint` lists, by name: (status, leader name).
 async fn sites(endpoint: &str) -> Vec<(String, i32, String)> {
     let Ok(mut client) = SitesClient::connect(format!("http://{endpoint}")).await else {
@@ -93,24 +114,11 @@ async fn linked_sites_list_each_other_and_a_killed_site_turns_unreachable_then_h
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
     let cluster_ca = ca(&certs);
-    let (pa, pb) = (Ports::new(), Ports::new());
     let a_cert = cert(&cluster_ca, &certs, "a1", "a");
     let b_cert = cert(&cluster_ca, &certs, "b1", "b");
-    let mut a = Node::start_flags(
-        "a1",
-        &root.path().join("a1"),
-        pa,
-        site_flags(&cluster_ca, &a_cert, "a", pa, None),
-        &[],
-    );
+    let (mut a, pa) = start_site(root.path(), "a1", &cluster_ca, &a_cert, "a", None);
     let wan_a = pa.addr(WAN);
-    let mut b = Node::start_flags(
-        "b1",
-        &root.path().join("b1"),
-        pb,
-        site_flags(&cluster_ca, &b_cert, "b", pb, Some(&wan_a)),
-        &[],
-    );
+    let (mut b, _) = start_site(root.path(), "b1", &cluster_ca, &b_cert, "b", Some(&wan_a));
     a.wait_ready();
     b.wait_ready();
 
@@ -192,26 +200,14 @@ async fn a_node_of_another_ca_is_refused_and_a_certificate_for_another_site_does
     let certs = root.path().join("certs");
     let cluster_ca = ca(&certs);
     let other_ca = ca(&root.path().join("other-ca"));
-    let (pa, pc) = (Ports::new(), Ports::new());
     let a_cert = cert(&cluster_ca, &certs, "a1", "a");
-    let mut a = Node::start_flags(
-        "a1",
-        &root.path().join("a1"),
-        pa,
-        site_flags(&cluster_ca, &a_cert, "a", pa, None),
-        &[],
-    );
+    let (mut a, pa) = start_site(root.path(), "a1", &cluster_ca, &a_cert, "a", None);
     a.wait_ready();
 
     // Another CA: its own cluster runs, but no site link forms.
     let foreign_cert = cert(&other_ca, &root.path().join("other-ca"), "c1", "c");
-    let mut c = Node::start_flags(
-        "c1",
-        &root.path().join("c1"),
-        pc,
-        site_flags(&other_ca, &foreign_cert, "c", pc, Some(&pa.addr(WAN))),
-        &[],
-    );
+    let wan_a = pa.addr(WAN);
+    let (mut c, _) = start_site(root.path(), "c1", &other_ca, &foreign_cert, "c", Some(&wan_a));
     c.wait_ready();
     wait_until("both ends log why the link failed", async || {
         c.log().contains("cannot link to the site gateway") && a.log().contains("refused a site link")
