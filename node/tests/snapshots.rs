@@ -273,7 +273,13 @@ async fn a_new_member_catches_up_by_snapshot_within_the_memory_bound_and_holds_t
                     // again, and the state is compared at the end.
                     let deadline = Instant::now() + DEADLINE;
                     while let Err(e) = put(&endpoint, &format!("k{i:04}"), &value(i, VALUE)).await {
-                        let retriable = matches!(e.code(), tonic::Code::Unknown | tonic::Code::Unavailable);
+                        let retriable = matches!(
+                            e.code(),
+                            tonic::Code::Unknown
+                                | tonic::Code::Unavailable
+                                | tonic::Code::Cancelled
+                                | tonic::Code::DeadlineExceeded
+                        );
                         assert!(retriable && Instant::now() < deadline, "put k{i:04}: {e}");
                     }
                 }
