@@ -571,17 +571,23 @@ async fn finish<R>(
     response
 }
 
+/// The whole body of a request with a single message, at most
+/// [`MAX_INSPECTED_BYTES`].
+pub(super) async fn read_body(body: tonic::body::Body) -> Result<Bytes, ApiError> {
+    Ok(http_body_util::Limited::new(body, MAX_INSPECTED_BYTES)
+        .collect()
+        .await
+        .map_err(|e| ApiError::invalid("request", format!("could not be read: {e}")))?
+        .to_bytes())
+}
+
 /// Reads the whole body of a request with a single message, and rebuilds
 /// the request with the same bytes.
 async fn buffered(
     req: http::Request<tonic::body::Body>,
 ) -> Result<(http::Request<tonic::body::Body>, Bytes), ApiError> {
     let (parts, body) = req.into_parts();
-    let bytes = http_body_util::Limited::new(body, MAX_INSPECTED_BYTES)
-        .collect()
-        .await
-        .map_err(|e| ApiError::invalid("request", format!("could not be read: {e}")))?
-        .to_bytes();
+    let bytes = read_body(body).await?;
     let body = tonic::body::Body::new(http_body_util::Full::new(bytes.clone()).map_err(|e| match e {}));
     Ok((http::Request::from_parts(parts, body), bytes))
 }

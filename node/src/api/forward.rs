@@ -19,7 +19,6 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes};
 use cell0_federation::{Federation, ForwardError, ForwardHandler};
 use cell0_proto::federation::v1::{ForwardRequest, ForwardResponse};
-use http_body_util::BodyExt;
 use prost::Message;
 use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -27,7 +26,7 @@ use tonic::codegen::http;
 use tonic::transport::Channel;
 
 use super::ApiError;
-use super::auth::{MAX_INSPECTED_BYTES, TRACE_ID_HEADER, message_of};
+use super::auth::{TRACE_ID_HEADER, message_of, read_body};
 
 /// gRPC metadata naming the site that should serve a call (absent, empty
 /// or this node's site: served here).
@@ -196,11 +195,7 @@ async fn forward(
         .unwrap_or(DEFAULT_FORWARD_TIMEOUT)
         .min(MAX_FORWARD_TIMEOUT);
     let (authorization, trace_id) = (header("authorization"), header(TRACE_ID_HEADER));
-    let bytes = http_body_util::Limited::new(body, MAX_INSPECTED_BYTES)
-        .collect()
-        .await
-        .map_err(|e| ApiError::invalid("request", format!("could not be read: {e}")))?
-        .to_bytes();
+    let bytes = read_body(body).await?;
     let body = Bytes::copy_from_slice(
         message_of(&bytes).ok_or_else(|| ApiError::invalid("request", "is not one uncompressed gRPC message"))?,
     );
