@@ -568,6 +568,7 @@ async fn migrate_agent(client: u32, conn: &mut Conn, clock: Clock, name: &str, o
             v1::MigrateAgentRequest {
                 name: name.into(),
                 to_node: 0,
+                ..Default::default()
             },
             OP_TIMEOUT,
         ))

@@ -10,6 +10,9 @@
 //! - `no-prompt-elections`: nodes stand for election only on openraft's
 //!   own timers, never at once (see `crate::elections`). Breaks no
 //!   guarantee, only slows failover; it is here to measure the difference.
+//! - `crash-at-<point>`: the process exits at once (code 86) when it
+//!   reaches a named point ([`crash_at`]), as a power cut there would: how
+//!   the tests crash a node between two steps of a protocol.
 //!
 //! Invariants: the variable is read once per process; with it unset (the
 //! default) every failpoint is off. Tests that run a whole cluster inside
@@ -74,4 +77,15 @@ pub fn set_stale_reads(on: Option<bool>) {
 /// Whether prompt elections (`crate::elections`) are off for this process.
 pub fn no_prompt_elections() -> bool {
     enabled("no-prompt-elections")
+}
+
+/// The exit code of a process that crashed on purpose at a failpoint.
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+/// Exits the process at once if `crash-at-<point>` is on.
+pub fn crash_at(point: &str) {
+    if enabled(&format!("crash-at-{point}")) {
+        tracing::error!(%point, "crashing on purpose (failpoint)");
+        std::process::exit(CRASH_EXIT_CODE);
+    }
 }

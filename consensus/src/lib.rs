@@ -36,7 +36,7 @@ mod task;
 pub mod testkit;
 pub mod types;
 
-pub use cell0_state::{Table, acl, agents, command, nodes, registry, tasks};
+pub use cell0_state::{Table, acl, agents, command, handoff, nodes, registry, tasks};
 
 pub use command::{Command, KeyValue, RequestId, Response};
 pub use config::ConsensusConfig;

@@ -314,6 +314,24 @@ fn golden_values() -> (Named<Entry<TypeConfig>>, Named<Response>) {
             },
         ),
         ("init-cluster", Command::InitCluster { cluster_id: 0xc1 }),
+        (
+            "handoff-begin",
+            cell0_consensus::handoff::HandoffCommand::Begin {
+                agent: "a".into(),
+                to_site: "west".into(),
+                at_ms: 5,
+            }
+            .into_command(),
+        ),
+        (
+            "handoff-map-tasks",
+            cell0_consensus::handoff::HandoffCommand::MapTasks {
+                agent: "a".into(),
+                id: 1,
+                moved: vec![cell0_consensus::handoff::TaskMove { from: 3, to: 9 }],
+            }
+            .into_command(),
+        ),
     ];
     let log_id = LogId::new(openraft::CommittedLeaderId::new(2, 1), 7);
     let mut entries: Named<Entry<TypeConfig>> = commands
@@ -383,6 +401,10 @@ fn golden_values() -> (Named<Entry<TypeConfig>>, Named<Response>) {
         ("node", Response::Node { stored: true }),
         ("rejected", Response::Rejected("too big".into())),
         ("cluster-id", Response::ClusterId(0xc1)),
+        (
+            "handoff",
+            Response::Handoff(cell0_consensus::handoff::HandoffOutcome::Begun { id: 1 }),
+        ),
     ];
     (entries, responses)
 }

@@ -31,6 +31,7 @@ mod autopilot;
 mod datadir;
 mod federation;
 mod gossip;
+mod handoff;
 mod internal_tls;
 mod leases;
 mod models;

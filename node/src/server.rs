@@ -48,7 +48,7 @@ use crate::api::agents::AgentsApi;
 use crate::api::auth::AuthLayer;
 use crate::api::cluster::ClusterApi;
 use crate::api::connlimit;
-use crate::api::forward::{LocalReplay, SiteRouteLayer};
+use crate::api::forward::{LocalReplay, SiteRouteLayer, SiteRouter};
 use crate::api::inference::InferenceApi;
 use crate::api::kv::KvApi;
 use crate::api::models::ModelsApi;
@@ -58,6 +58,7 @@ use crate::api::tasks::TasksApi;
 use crate::audit;
 use crate::config::NodeConfig;
 use crate::datadir::DataDir;
+use crate::handoff::{self, Importer, SiteCalls};
 use crate::models::ModelManager;
 use crate::models::store::BlobStore;
 use crate::models::transfer::BlobService;
@@ -298,8 +299,13 @@ async fn serve(
             );
         }
     }
+    let router = SiteRouter::new(config.site.clone(), id, listeners.site_links.clone());
     if let Some(links) = &listeners.site_links {
-        links.serve_forwarded(Arc::new(LocalReplay::new(own_public_channel(config)?)));
+        links.serve_forwarded(Arc::new(SiteCalls::new(
+            LocalReplay::new(own_public_channel(config)?),
+            Importer::new(consensus.clone()),
+        )));
+        tasks.spawn("handoff", handoff::run(consensus.clone(), router.clone(), stop()));
         tasks.spawn("federation", {
             let links = links.clone();
             let stop = when_stopped(stop());
@@ -332,11 +338,7 @@ async fn serve(
         .max_concurrent_streams(connlimit::MAX_STREAMS_PER_CONNECTION)
         .layer(RateLimitLayer::new(config.limits.client_rate, config.limits.burst()))
         // Before the ACL: a call for another site is checked there.
-        .layer(SiteRouteLayer::new(
-            config.site.clone(),
-            id,
-            listeners.site_links.clone(),
-        ))
+        .layer(SiteRouteLayer::new(router.clone()))
         .layer(AuthLayer::new(
             consensus,
             config.acl.enabled,
@@ -361,13 +363,19 @@ async fn serve(
             consensus.clone(),
             gate.clone(),
             tasks.clone(),
+            router.clone(),
         )))
         .add_service(NodesServer::new(AgentsApi::new(
             consensus.clone(),
             gate.clone(),
             tasks.clone(),
+            router.clone(),
         )))
-        .add_service(TasksServer::new(TasksApi::new(consensus.clone(), gate.clone())))
+        .add_service(TasksServer::new(TasksApi::new(
+            consensus.clone(),
+            gate.clone(),
+            router.clone(),
+        )))
         .add_service(SitesServer::new(SitesApi::new(
             consensus.clone(),
             listeners.site_links.clone(),

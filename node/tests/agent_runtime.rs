@@ -234,6 +234,7 @@ async fn agents_on_the_leader(endpoints: &[String]) -> (usize, u64) {
                 .migrate(v1::MigrateAgentRequest {
                     name,
                     to_node: leader_id,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -644,6 +645,7 @@ async fn an_inference_agent_recalls_the_same_after_it_moves() {
         .migrate(v1::MigrateAgentRequest {
             name: "memo".into(),
             to_node: 0,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -4,7 +4,11 @@
 //! unreachable (calls for it fail naming it) and heals when it restarts;
 //! a node
 //! with a certificate of another CA is refused and says why; a node whose
-//! certificate names another site does not start.
+//! certificate names another site does not start. An agent with memory and
+//! tasks is handed off to another site while tasks keep arriving, and again
+//! with the target and then the source crashing mid-handoff: every time
+//! exactly one site owns it, the target has all of its memory, and every
+//! task has exactly one committed result.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,7 +16,11 @@ mod common;
 
 use std::path::Path;
 
+use std::time::{Duration, Instant};
+
+use cell0_proto::v1::agents_client::AgentsClient;
 use cell0_proto::v1::sites_client::SitesClient;
+use cell0_proto::v1::tasks_client::TasksClient;
 use cell0_proto::v1::{self, SiteStatus};
 use cell0_tls::certs::{create_ca, create_node_cert};
 use cell0_tls::{CaFiles, NodeCertRequest, NodeFiles, Validity};
@@ -232,4 +240,352 @@ async fn a_node_of_another_ca_is_refused_and_a_certificate_for_another_site_does
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("certificate for site \"x\""), "{err}");
+}
+
+/// Adds the test model to the site of `endpoint` and waits until its node
+/// holds it.
+fn add_model(endpoint: &str) {
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
+    let added = cli(&[
+        "model",
+        "add",
+        model.to_str().unwrap(),
+        "--name",
+        "minilm",
+        "--version",
+        "1",
+        "--endpoint",
+        endpoint,
+    ]);
+    assert!(added.status.success(), "{}", stderr(&added));
+}
+
+/// Waits until the node of `endpoint` embeds with the test model.
+async fn wait_model_ready(endpoint: &str) {
+    wait_until("the node embeds with the model", async || {
+        cli(&["--endpoint", endpoint, "infer", "embed", "ready?", "--model", "minilm"])
+            .status
+            .success()
+    })
+    .await;
+}
+
+/// Two one-node sites a and b, linked, each holding the test model, with
+/// `env` on each first start.
+async fn two_sites(root: &Path, a_env: &[(&str, &str)], b_env: &[(&str, &str)]) -> (Node, Node) {
+    let certs = root.join("certs");
+    let cluster_ca = ca(&certs);
+    let a_cert = cert(&cluster_ca, &certs, "a1", "a");
+    let b_cert = cert(&cluster_ca, &certs, "b1", "b");
+    let pa = Ports::new();
+    let mut a = Node::start_flags(
+        "a1",
+        &root.join("a1"),
+        pa,
+        site_flags(&cluster_ca, &a_cert, "a", pa, None),
+        a_env,
+    );
+    let pb = Ports::new();
+    let wan_a = pa.addr(WAN);
+    let mut b = Node::start_flags(
+        "b1",
+        &root.join("b1"),
+        pb,
+        site_flags(&cluster_ca, &b_cert, "b", pb, Some(&wan_a)),
+        b_env,
+    );
+    a.wait_ready();
+    b.wait_ready();
+    add_model(&a.endpoint());
+    add_model(&b.endpoint());
+    wait_model_ready(&a.endpoint()).await;
+    wait_model_ready(&b.endpoint()).await;
+    let alive = SiteStatus::Alive as i32;
+    wait_until("the sites list each other alive", async || {
+        status_of(&a.endpoint(), "b").await == Some(alive) && status_of(&b.endpoint(), "a").await == Some(alive)
+    })
+    .await;
+    (a, b)
+}
+
+/// Runs inference agent `name` in the site of `endpoint`.
+async fn run_memo(endpoint: &str, name: &str) {
+    let spec = v1::AgentSpec {
+        name: name.into(),
+        resources: Some(v1::AgentResources {
+            cpu_millis: 100,
+            memory_mb: 64,
+            gpu_memory_mb: 0,
+        }),
+        constraints: Some(v1::AgentConstraints {
+            model: "minilm".into(),
+            ..Default::default()
+        }),
+        kind: Some(v1::agent_spec::Kind::Inference(v1::InferenceConfig {})),
+        ..Default::default()
+    };
+    AgentsClient::new(channel(endpoint).await)
+        .run(v1::RunAgentRequest { spec: Some(spec) })
+        .await
+        .unwrap();
+}
+
+fn remember(i: usize) -> (String, String) {
+    (
+        format!(r#"{{"op":"remember","key":"note-{i:03}","text":"note number {i}"}}"#),
+        format!("remember-{i}"),
+    )
+}
+
+/// Submits task `i` for `agent` through `endpoint`, retrying while the
+/// agent is moving (UNAVAILABLE) until it is accepted; its id and the site
+/// the id belongs to.
+async fn submit_until_accepted(endpoint: &str, agent: &str, i: usize) -> (u64, String) {
+    let (input, key) = remember(i);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut client = TasksClient::new(channel(endpoint).await);
+        let answer = client
+            .submit(v1::SubmitTaskRequest {
+                agent: agent.into(),
+                input: input.clone().into_bytes().into(),
+                idempotency_key: key.clone(),
+            })
+            .await;
+        match answer {
+            Ok(r) => {
+                let r = r.into_inner();
+                return (r.id, r.site);
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                // Retrying is what a client does with UNAVAILABLE.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("task {i} was refused: {s:?}"),
+        }
+    }
+}
+
+/// Local view of `agent` at the site of `endpoint` (Agents/List is never
+/// forwarded).
+async fn local_agent(endpoint: &str, agent: &str) -> v1::AgentInfo {
+    AgentsClient::new(channel(endpoint).await)
+        .list(v1::ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .into_iter()
+        .find(|a| a.spec.as_ref().is_some_and(|s| s.name == agent))
+        .expect("the agent is listed")
+}
+
+/// Checks that `agent` moved from a to b with tasks `0..n` (idempotency
+/// keys `remember-i`; `a_ids` are ids that a gave some of them): b runs it,
+/// a points to b, b has every memory entry, and every task has exactly one
+/// result, succeeded, reachable through a.
+async fn check_moved(a: &Node, b: &Node, agent: &str, n: usize, a_ids: &[u64]) {
+    wait_until("site b runs the agent, asked through a", async || {
+        let Ok(r) = AgentsClient::new(channel(&a.endpoint()).await)
+            .get(v1::GetAgentRequest { name: agent.into() })
+            .await
+        else {
+            return false;
+        };
+        let info = r.into_inner();
+        info.handoff.is_some_and(|h| h.state == "arrived" && h.site == "a")
+            && info.allocation.is_some_and(|al| al.status == "running")
+    })
+    .await;
+    // Exactly one owner: a keeps a stopped record that points to b.
+    let at_a = local_agent(&a.endpoint(), agent).await;
+    assert_eq!(at_a.desired, "stopped", "{at_a:?}");
+    assert_eq!(
+        at_a.handoff.as_ref().map(|h| (h.state.as_str(), h.site.as_str())),
+        Some(("moved", "b"))
+    );
+    assert!(
+        at_a.allocation
+            .is_none_or(|al| al.status != "running" && al.status != "pending")
+    );
+    let at_b = local_agent(&b.endpoint(), agent).await;
+    assert_eq!(at_b.desired, "running");
+
+    // Every task, asked for again through a, names one task at b, which
+    // succeeded.
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let (id, site) = submit_until_accepted(&a.endpoint(), agent, i).await;
+        assert_eq!(site, "b", "a sends the submission on to b");
+        let task = TasksClient::new(channel(&b.endpoint()).await)
+            .wait(v1::WaitTaskRequest { id, timeout_ms: 30_000 })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(task.status, "succeeded", "task {i}: {task:?}");
+        ids.push(task.id);
+    }
+    // An id a gave before the move is answered by b, through a.
+    for &id in a_ids {
+        let task = TasksClient::new(channel(&a.endpoint()).await)
+            .wait(v1::WaitTaskRequest { id, timeout_ms: 30_000 })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (task.site.as_str(), task.status.as_str()),
+            ("b", "succeeded"),
+            "{task:?}"
+        );
+        assert!(ids.contains(&task.id), "{task:?}");
+    }
+    let tasks = TasksClient::new(channel(&b.endpoint()).await)
+        .list(v1::ListTasksRequest {
+            agent: agent.into(),
+            start_after: 0,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    for i in 0..n {
+        let key = format!("remember-{i}");
+        let with_key: Vec<_> = tasks.iter().filter(|t| t.idempotency_key == key).collect();
+        assert_eq!(with_key.len(), 1, "task {key} at b: {with_key:?}");
+        assert_eq!(with_key[0].status, "succeeded");
+        assert!(ids.contains(&with_key[0].id));
+    }
+    assert_eq!(tasks.len(), n, "no task twice, none extra");
+    // b has every memory entry, asked for through a.
+    let memory = TasksClient::new(channel(&a.endpoint()).await)
+        .list_memory(v1::ListMemoryRequest {
+            agent: agent.into(),
+            start_after: String::new(),
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let keys: Vec<String> = memory.entries.iter().map(|e| e.key.clone()).collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("note-{i:03}")).collect();
+    assert_eq!(keys, expected);
+    assert!(memory.entries.iter().all(|e| e.embedding_dims == 384));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_moves_to_another_site_with_its_memory_and_tasks_while_tasks_keep_arriving() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = two_sites(root.path(), &[], &[]).await;
+    run_memo(&a.endpoint(), "memo").await;
+    let mut at_a = Vec::new();
+    for i in 0..15 {
+        at_a.push(submit_until_accepted(&a.endpoint(), "memo", i).await.0);
+    }
+    wait_until("some notes are remembered in a", async || {
+        TasksClient::new(channel(&a.endpoint()).await)
+            .list_memory(v1::ListMemoryRequest {
+                agent: "memo".into(),
+                ..Default::default()
+            })
+            .await
+            .is_ok_and(|r| !r.into_inner().entries.is_empty())
+    })
+    .await;
+    // Tasks keep arriving through a while the agent moves.
+    let endpoint = a.endpoint();
+    let arriving = tokio::spawn(async move {
+        for i in 15..30 {
+            submit_until_accepted(&endpoint, "memo", i).await;
+        }
+    });
+    let out = cli(&[
+        "--endpoint",
+        &a.endpoint(),
+        "agent",
+        "migrate",
+        "memo",
+        "--to-site",
+        "b",
+        "--wait",
+        "120",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("runs in site b"), "{}", stderr(&out));
+    arriving.await.unwrap();
+    check_moved(&a, &b, "memo", 30, &at_a).await;
+
+    // A name the target owns is not taken over: the move is aborted and
+    // the agent keeps running where it was.
+    run_memo(&a.endpoint(), "twin").await;
+    run_memo(&b.endpoint(), "twin").await;
+    let out = cli(&[
+        "--endpoint",
+        &a.endpoint(),
+        "agent",
+        "migrate",
+        "twin",
+        "--to-site",
+        "b",
+        "--wait",
+        "60",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("aborted"), "{}", stderr(&out));
+    wait_until("twin runs in a again", async || {
+        let t = local_agent(&a.endpoint(), "twin").await;
+        t.desired == "running" && t.handoff.is_none()
+    })
+    .await;
+}
+
+/// Waits until `node` exits, and checks it crashed on purpose.
+fn wait_crash(node: &mut Node) {
+    let status = wait_exit(&mut node.child, DEADLINE);
+    assert_eq!(
+        status.code(),
+        Some(86),
+        "{} did not crash at its failpoint:\n{}",
+        node.name,
+        node.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_survives_the_target_and_then_the_source_crashing_mid_way() {
+    let root = tempfile::tempdir().unwrap();
+    // b crashes as it imports the tasks; a, once b is back, after the
+    // target imported everything and before it commits.
+    let (mut a, mut b) = two_sites(
+        root.path(),
+        &[("CELL0_FAILPOINTS", "crash-at-handoff-imported")],
+        &[("CELL0_FAILPOINTS", "crash-at-handoff-import-tasks")],
+    )
+    .await;
+    run_memo(&a.endpoint(), "memo").await;
+    let mut at_a = Vec::new();
+    for i in 0..10 {
+        at_a.push(submit_until_accepted(&a.endpoint(), "memo", i).await.0);
+    }
+    let out = cli(&[
+        "--endpoint",
+        &a.endpoint(),
+        "agent",
+        "migrate",
+        "memo",
+        "--to-site",
+        "b",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_crash(&mut b);
+    b.restart();
+    b.wait_ready();
+    wait_crash(&mut a);
+    // Until a is back, b holds the agent dormant: nobody runs it.
+    let dormant = local_agent(&b.endpoint(), "memo").await;
+    assert_eq!(dormant.desired, "stopped", "{dormant:?}");
+    assert_eq!(dormant.handoff.map(|h| h.state).as_deref(), Some("arriving"));
+    a.restart();
+    a.wait_ready();
+    check_moved(&a, &b, "memo", 10, &at_a).await;
 }

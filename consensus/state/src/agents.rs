@@ -1103,6 +1103,14 @@ fn refuse_node(txn: &dyn Txn, node: NodeId, resources: Resources) -> Result<Opti
 
 /// Applies a validated agent command.
 pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcome> {
+    let held = match cmd {
+        AgentCommand::Run { spec, .. } => crate::handoff::frozen(txn, &spec.name)?,
+        AgentCommand::Stop { agent, .. } | AgentCommand::Migrate { agent, .. } => crate::handoff::frozen(txn, agent)?,
+        _ => None,
+    };
+    if let Some(why) = held {
+        return Ok(AgentOutcome::Refused(why));
+    }
     match cmd {
         AgentCommand::Run { spec, at_ms } => {
             let record = match agent(txn, &spec.name)? {
@@ -1263,6 +1271,88 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
             Ok(AgentOutcome::Unblocked(blocked))
         }
     }
+}
+
+/// Fences `name` for a handoff to another site: its desired status becomes
+/// stopped (a new generation, with an evaluation), its allocation ends at
+/// once (so no result or memory write of it counts from here on) and its
+/// drain moves end. Returns the desired status it had, to restore if the
+/// handoff is aborted.
+pub(crate) fn fence_for_handoff(txn: &mut dyn Txn, name: &str, reason: &str, at_ms: u64) -> Result<Option<Desired>> {
+    let Some(mut record) = agent(txn, name)? else {
+        return Ok(None);
+    };
+    let had = record.desired;
+    record.desired = Desired::Stopped;
+    record.generation += 1;
+    record.pending_reason = reason.to_string();
+    put_row(txn, AGENTS_TABLE, name.as_bytes(), &record)?;
+    queue_eval(txn, name, EvalTrigger::Changed, record.generation)?;
+    end_allocation(txn, name, AllocStatus::Stopped, reason, at_ms)?;
+    end_drain_moves(txn, name, None, at_ms)?;
+    Ok(Some(had))
+}
+
+/// Sets `name`'s desired status (a new generation, with an evaluation) and
+/// its pending reason: a handoff ended (aborted: back to what it was;
+/// arrived: running).
+pub(crate) fn set_desired(txn: &mut dyn Txn, name: &str, desired: Desired, reason: &str) -> Result<()> {
+    let Some(mut record) = agent(txn, name)? else {
+        return Ok(());
+    };
+    record.desired = desired;
+    record.generation += 1;
+    record.pending_reason = reason.to_string();
+    put_row(txn, AGENTS_TABLE, name.as_bytes(), &record)?;
+    queue_eval(txn, name, EvalTrigger::Changed, record.generation)
+}
+
+/// Records an agent that arrives from another site: stopped (it holds
+/// nothing and needs no evaluation) until its handoff is activated, with
+/// `incarnation` as its last one, so the incarnations it gets here
+/// continue the other site's.
+pub(crate) fn create_arriving(
+    txn: &mut dyn Txn,
+    spec: &AgentSpec,
+    incarnation: u64,
+    created_at_ms: u64,
+    reason: &str,
+) -> Result<()> {
+    let record = AgentRecord {
+        spec: spec.clone(),
+        desired: Desired::Stopped,
+        generation: 1,
+        incarnation,
+        pending_reason: reason.to_string(),
+        created_at_ms,
+    };
+    put_row(txn, AGENTS_TABLE, spec.name.as_bytes(), &record)
+}
+
+/// Removes `name`'s record, allocation and evaluations, so that its name
+/// can be taken again by an agent that arrives from another site. Refused
+/// (with the reason) while an incarnation of it may still run: its
+/// allocation holds resources or a node has not confirmed a stop.
+pub(crate) fn remove_agent(txn: &mut dyn Txn, name: &str) -> Result<std::result::Result<(), String>> {
+    if let Some(alloc) = allocation(txn, name)?
+        && alloc.status.holds_resources()
+    {
+        return Ok(Err(format!(
+            "agent {name:?} still has incarnation {} on node {:016x}",
+            alloc.incarnation, alloc.node
+        )));
+    }
+    if let Some((incarnation, row)) = stopping_of(txn, name)?.first() {
+        return Ok(Err(format!(
+            "incarnation {incarnation} of agent {name:?} has not yet stopped on node {:016x}",
+            row.node
+        )));
+    }
+    EVALS.delete(txn, name.as_bytes())?;
+    BLOCKED.delete(txn, name.as_bytes())?;
+    txn.delete(ALLOCATIONS_TABLE, name.as_bytes())?;
+    txn.delete(AGENTS_TABLE, name.as_bytes())?;
+    Ok(Ok(()))
 }
 
 /// Starts moves of `node`'s agents, in name order, while its drain has room

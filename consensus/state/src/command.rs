@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::acl::{AclCommand, AclOutcome};
 use crate::agents::{AgentCommand, AgentOutcome};
 use crate::error::StateError;
+use crate::handoff::{HandoffCommand, HandoffOutcome};
 use crate::nodes::NodeCommand;
 use crate::registry::{ModelCommand, ModelOutcome};
 use crate::tasks::{TaskCommand, TaskOutcome};
@@ -74,6 +75,8 @@ pub enum Command {
     Task(TaskCommand),
     /// A change to ACL policies or tokens.
     Acl(AclCommand),
+    /// A step of an agent's handoff to or from another site.
+    Handoff(HandoffCommand),
 }
 
 /// Identifies one client request across retries: the sending process (a
@@ -150,6 +153,8 @@ pub enum Response {
     Task(TaskOutcome),
     /// What a [`Command::Acl`] did.
     Acl(AclOutcome),
+    /// What a [`Command::Handoff`] did.
+    Handoff(HandoffOutcome),
 }
 
 /// Limits a command must respect, checked before proposing and again,
@@ -240,6 +245,7 @@ impl Command {
             Command::Agent(a) => a.validate().map_err(|e| prefix_field(path, e)),
             Command::Task(t) => t.validate().map_err(|e| prefix_field(path, e)),
             Command::Acl(a) => a.validate().map_err(|e| prefix_field(path, e)),
+            Command::Handoff(h) => h.validate().map_err(|e| prefix_field(path, e)),
             Command::Request { cmd, .. } => cmd.validate_sizes(path, limits),
             Command::InitCluster { cluster_id } => {
                 if *cluster_id == 0 {
@@ -297,6 +303,7 @@ impl Command {
             Command::Agent(a) => a.approx_size(),
             Command::Task(t) => t.approx_size(),
             Command::Acl(a) => a.approx_size(),
+            Command::Handoff(h) => h.approx_size(),
         }
     }
 }

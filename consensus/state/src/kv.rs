@@ -412,6 +412,11 @@ pub(crate) fn apply_command(
             changed.insert(Table::Tasks);
             Ok(Response::Task(tasks::apply(txn, t)?))
         }
+        Command::Handoff(h) => {
+            changed.insert(Table::Agents);
+            changed.insert(Table::Tasks);
+            Ok(Response::Handoff(crate::handoff::apply(txn, h)?))
+        }
         Command::Acl(a) => {
             let outcome = crate::acl::apply(txn, a)?;
             if outcome.changed() {

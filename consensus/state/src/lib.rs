@@ -14,6 +14,8 @@
 //!   ones) and node scheduling status.
 //! - [`tasks`]: agents' tasks (results committed exactly once) and their
 //!   memory.
+//! - [`handoff`]: agents handed off to or from another site (a two-phase
+//!   protocol whose steps are commands here).
 //! - [`acl`]: ACL policies and tokens (salted hashes only) and the
 //!   authorizer that judges a request against them.
 //! - [`txn`]: the storage interface (named tables over one transaction).
@@ -27,6 +29,7 @@ pub mod agents;
 pub mod codec;
 pub mod command;
 pub mod error;
+pub mod handoff;
 pub mod kv;
 pub mod nodes;
 pub mod registry;

@@ -431,6 +431,9 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &TaskCommand) -> Result<TaskOutcome>
 }
 
 fn submit(txn: &mut dyn Txn, agent: &str, input: &[u8], idempotency_key: &str, at_ms: u64) -> Result<TaskOutcome> {
+    if let Some(why) = crate::handoff::frozen(txn, agent)? {
+        return Ok(TaskOutcome::Refused(why));
+    }
     let key_row = agent_key(agent, idempotency_key.as_bytes());
     if !idempotency_key.is_empty()
         && let Some(id) = txn.get(TASK_KEYS_TABLE, &key_row)?
@@ -457,11 +460,7 @@ fn submit(txn: &mut dyn Txn, agent: &str, input: &[u8], idempotency_key: &str, a
             "agent {agent:?} has {MAX_QUEUED_TASKS} tasks queued, the limit"
         )));
     }
-    let id = match txn.get(META_TABLE, NEXT_ID_KEY)? {
-        Some(b) => id_of(&b)? + 1,
-        None => 1,
-    };
-    txn.put(META_TABLE, NEXT_ID_KEY, &id.to_be_bytes())?;
+    let id = next_task_id(txn)?;
     let task = TaskRecord {
         id,
         agent: agent.to_string(),
@@ -512,6 +511,11 @@ fn complete(
         .is_some_and(|a| a.incarnation == incarnation && a.status.holds_resources())
     {
         let now = current.map_or(0, |a| a.incarnation);
+        if now == incarnation {
+            return Ok(TaskOutcome::Refused(format!(
+                "incarnation {incarnation} of agent {agent:?} has ended"
+            )));
+        }
         return Ok(TaskOutcome::Refused(format!(
             "incarnation {incarnation} of agent {agent:?} is not current (the current one is {now})"
         )));
@@ -586,6 +590,104 @@ fn apply_memory(
     }
     counts.memory_entries = entries;
     Ok(Ok(()))
+}
+
+fn next_task_id(txn: &mut dyn Txn) -> Result<u64> {
+    let id = match txn.get(META_TABLE, NEXT_ID_KEY)? {
+        Some(b) => id_of(&b)? + 1,
+        None => 1,
+    };
+    txn.put(META_TABLE, NEXT_ID_KEY, &id.to_be_bytes())?;
+    Ok(id)
+}
+
+/// The task `agent`'s idempotency key `key` names, if any.
+pub(crate) fn task_by_key(txn: &dyn Txn, agent: &str, key: &str) -> Result<Option<u64>> {
+    txn.get(TASK_KEYS_TABLE, &agent_key(agent, key.as_bytes()))?
+        .map(|b| id_of(&b))
+        .transpose()
+}
+
+/// Stores a task another site recorded for `task.agent` under a new id of
+/// this site, as it stands there (queued or with its result): the inbox,
+/// the agent's task list, its idempotency key and its counts follow.
+/// Returns the new id; a key that already names a task here names that
+/// task instead (nothing is stored).
+pub(crate) fn import_task(txn: &mut dyn Txn, task: &TaskRecord) -> Result<u64> {
+    let agent = task.agent.as_str();
+    if !task.idempotency_key.is_empty()
+        && let Some(id) = task_by_key(txn, agent, &task.idempotency_key)?
+    {
+        return Ok(id);
+    }
+    let id = next_task_id(txn)?;
+    let record = TaskRecord { id, ..task.clone() };
+    put_row(txn, TASKS_TABLE, &id.to_be_bytes(), &record)?;
+    txn.put(AGENT_TASKS_TABLE, &agent_key(agent, &id.to_be_bytes()), &[])?;
+    if !task.idempotency_key.is_empty() {
+        txn.put(
+            TASK_KEYS_TABLE,
+            &agent_key(agent, task.idempotency_key.as_bytes()),
+            &id.to_be_bytes(),
+        )?;
+    }
+    let mut counts = counts(txn, agent)?;
+    if record.status == TaskStatus::Queued {
+        txn.put(INBOX_TABLE, &agent_key(agent, &id.to_be_bytes()), &[])?;
+        counts.queued += 1;
+    }
+    put_row(txn, COUNTS_TABLE, agent.as_bytes(), &counts)?;
+    Ok(id)
+}
+
+/// Stores a memory entry another site recorded for `agent`, as it was
+/// written there; refused (with the reason) when it would exceed
+/// [`MAX_MEMORY_ENTRIES`].
+pub(crate) fn import_memory(
+    txn: &mut dyn Txn,
+    agent: &str,
+    key: &str,
+    entry: &MemoryEntry,
+) -> Result<std::result::Result<(), String>> {
+    let row = agent_key(agent, key.as_bytes());
+    let mut counts = counts(txn, agent)?;
+    if txn.get(MEMORY_TABLE, &row)?.is_none() {
+        if counts.memory_entries >= MAX_MEMORY_ENTRIES {
+            return Ok(Err(format!(
+                "agent memory is full: {MAX_MEMORY_ENTRIES} entries is the limit"
+            )));
+        }
+        counts.memory_entries += 1;
+        put_row(txn, COUNTS_TABLE, agent.as_bytes(), &counts)?;
+    }
+    put_row(txn, MEMORY_TABLE, &row, entry)?;
+    Ok(Ok(()))
+}
+
+/// Deletes every task and memory entry of `agent` (its name is about to be
+/// taken by an agent arriving from another site); returns the ids of the
+/// deleted tasks.
+pub(crate) fn purge(txn: &mut dyn Txn, agent: &str) -> Result<Vec<u64>> {
+    let prefix = agent_prefix(agent);
+    let end = prefix_end(&prefix);
+    let mut ids = Vec::new();
+    for (key, _) in txn.scan(AGENT_TASKS_TABLE, &prefix, end.as_deref(), usize::MAX)? {
+        let id = id_of(&key[prefix.len()..])?;
+        if let Some(t) = task(txn, id)?
+            && !t.idempotency_key.is_empty()
+        {
+            txn.delete(TASK_KEYS_TABLE, &agent_key(agent, t.idempotency_key.as_bytes()))?;
+        }
+        txn.delete(TASKS_TABLE, &id.to_be_bytes())?;
+        txn.delete(INBOX_TABLE, &agent_key(agent, &id.to_be_bytes()))?;
+        txn.delete(AGENT_TASKS_TABLE, &key)?;
+        ids.push(id);
+    }
+    for (key, _) in txn.scan(MEMORY_TABLE, &prefix, end.as_deref(), usize::MAX)? {
+        txn.delete(MEMORY_TABLE, &key)?;
+    }
+    txn.delete(COUNTS_TABLE, agent.as_bytes())?;
+    Ok(ids)
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use cell0_state::agents::{
     RestartPolicy, Unplaced,
 };
 use cell0_state::command::RequestId;
+use cell0_state::handoff::{self, HandoffCommand, TaskMove};
 use cell0_state::nodes::{Liveness, NodeCommand, NodeLiveness, NodeResources};
 use cell0_state::registry::{ModelCommand, ModelFile, ModelManifest};
 use cell0_state::tasks::{self, MemoryChange, TaskCommand, TaskResult};
@@ -224,6 +225,115 @@ fn parse_command(words: &[&str]) -> Command {
             input: text(3),
             at_ms: 600,
         }),
+        "handoff-begin" => Command::Handoff(HandoffCommand::Begin {
+            agent: words[1].into(),
+            to_site: words[2].into(),
+            at_ms: 700,
+        }),
+        // handoff-map AGENT ID FROM:TO...
+        "handoff-map" => Command::Handoff(HandoffCommand::MapTasks {
+            agent: words[1].into(),
+            id: num(2),
+            moved: words[3..]
+                .iter()
+                .map(|w| {
+                    let (from, to) = w.split_once(':').expect("FROM:TO");
+                    TaskMove {
+                        from: from.parse().unwrap(),
+                        to: to.parse().unwrap(),
+                    }
+                })
+                .collect(),
+        }),
+        "handoff-commit" => Command::Handoff(HandoffCommand::Commit {
+            agent: words[1].into(),
+            id: num(2),
+            at_ms: 710,
+        }),
+        "handoff-abort" => Command::Handoff(HandoffCommand::Abort {
+            agent: words[1].into(),
+            id: num(2),
+            reason: "refused".into(),
+            at_ms: 715,
+        }),
+        "handoff-finish" => Command::Handoff(HandoffCommand::Finish {
+            agent: words[1].into(),
+            id: num(2),
+            at_ms: 720,
+        }),
+        // handoff-import-begin FROM_SITE ID AGENT INCARNATION
+        "handoff-import-begin" => {
+            let Command::Agent(AgentCommand::Run { spec, .. }) = parse_command(&["agent-run", words[3], "500", "64"])
+            else {
+                unreachable!()
+            };
+            Command::Handoff(HandoffCommand::ImportBegin {
+                from_site: words[1].into(),
+                id: num(2),
+                spec,
+                incarnation: num(4),
+                created_at_ms: 50,
+                at_ms: 730,
+            })
+        }
+        // handoff-import-memory FROM_SITE ID AGENT KEY=VALUE...
+        "handoff-import-memory" => Command::Handoff(HandoffCommand::ImportMemory {
+            from_site: words[1].into(),
+            id: num(2),
+            agent: words[3].into(),
+            entries: words[4..]
+                .iter()
+                .map(|w| {
+                    let (key, value) = w.split_once('=').expect("KEY=VALUE");
+                    let entry = tasks::MemoryEntry {
+                        value: value.into(),
+                        embedding: tasks::encode_embedding(&[0.5]),
+                        incarnation: 2,
+                        written_at_ms: 40,
+                    };
+                    (key.to_string(), entry)
+                })
+                .collect(),
+        }),
+        // handoff-import-tasks FROM_SITE ID AGENT SOURCE_ID:queued|succeeded:KEY|-...
+        "handoff-import-tasks" => Command::Handoff(HandoffCommand::ImportTasks {
+            from_site: words[1].into(),
+            id: num(2),
+            agent: words[3].into(),
+            tasks: words[4..]
+                .iter()
+                .map(|w| {
+                    let parts: Vec<&str> = w.split(':').collect();
+                    let done = parts[1] == "succeeded";
+                    tasks::TaskRecord {
+                        id: parts[0].parse().unwrap(),
+                        agent: words[3].into(),
+                        input: b"in".to_vec(),
+                        idempotency_key: if parts[2] == "-" {
+                            String::new()
+                        } else {
+                            parts[2].into()
+                        },
+                        status: if done {
+                            tasks::TaskStatus::Succeeded
+                        } else {
+                            tasks::TaskStatus::Queued
+                        },
+                        output: if done { b"out".to_vec() } else { Vec::new() },
+                        error: String::new(),
+                        incarnation: if done { 2 } else { 0 },
+                        submitted_at_ms: 30,
+                        completed_at_ms: if done { 35 } else { 0 },
+                    }
+                })
+                .collect(),
+        }),
+        "handoff-activate" => Command::Handoff(HandoffCommand::Activate {
+            from_site: words[1].into(),
+            id: num(2),
+            agent: words[3].into(),
+            at_ms: 740,
+        }),
         // task-complete AGENT TASK INCARNATION ok|fail TEXT [+key=value | -key]...
         "task-complete" => Command::Task(TaskCommand::Complete {
             agent: words[1].into(),
@@ -361,6 +471,21 @@ fn reads(state: &MemTxn) -> String {
         writeln!(out, "  inbox: {queued:?}").unwrap();
         for (key, entry) in tasks::memory_list(state, &a.spec.name, "", 1000).unwrap() {
             writeln!(out, "  memory {key}: {entry:?}").unwrap();
+        }
+        let name = a.spec.name.as_str();
+        let handoffs = (
+            handoff::outgoing(state, name).unwrap(),
+            handoff::moved(state, name).unwrap(),
+            handoff::incoming(state, name).unwrap(),
+        );
+        if handoffs != (None, None, None) {
+            writeln!(out, "  handoff: {handoffs:?}").unwrap();
+            writeln!(out, "  frozen: {:?}", handoff::frozen(state, name).unwrap()).unwrap();
+            for t in tasks::tasks_of(state, name, 0, 1000).unwrap() {
+                if let Some(m) = handoff::moved_task(state, t.id).unwrap() {
+                    writeln!(out, "  task {} moved: {m:?}", t.id).unwrap();
+                }
+            }
         }
     }
     for (name, eval) in agents::pending_evals(state, "", 1000).unwrap() {

@@ -23,8 +23,10 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::forward::{Caller, SiteRouter};
 use super::kv::MAX_WATCHES;
 use super::{ApiError, RequestGate};
+use crate::handoff::{self, Held};
 use crate::scheduling::{self, now_ms};
 use crate::supervisor::{Supervisor, stopped};
 
@@ -60,7 +62,7 @@ pub(super) fn split_page<T>(mut rows: Vec<T>, limit: usize) -> (Vec<T>, bool) {
 
 /// A validation error of the state crate, as the API answers it, its field
 /// under `prefix`.
-pub(super) fn invalid(prefix: &str, e: cell0_state::StateError) -> ApiError {
+pub(crate) fn invalid(prefix: &str, e: cell0_state::StateError) -> ApiError {
     match e {
         cell0_state::StateError::InvalidArgument { field, reason } => {
             ApiError::invalid(&format!("{prefix}{field}"), reason)
@@ -192,8 +194,13 @@ fn allocation_to_proto(a: Allocation) -> v1::Allocation {
     }
 }
 
-fn agent_to_proto(record: AgentRecord, allocation: Option<Allocation>) -> v1::AgentInfo {
+fn agent_to_proto(
+    record: AgentRecord,
+    allocation: Option<Allocation>,
+    handoff: Option<v1::AgentHandoff>,
+) -> v1::AgentInfo {
     v1::AgentInfo {
+        handoff,
         desired: match record.desired {
             Desired::Running => "running",
             Desired::Stopped => "stopped",
@@ -204,6 +211,36 @@ fn agent_to_proto(record: AgentRecord, allocation: Option<Allocation>) -> v1::Ag
         pending_reason: record.pending_reason,
         created_at_ms: record.created_at_ms,
         spec: Some(spec_to_proto(record.spec)),
+    }
+}
+
+/// Where calls about `name` go, as its handoffs between sites decide.
+pub(crate) async fn held_by(consensus: &Consensus, name: &str) -> Result<Held, ApiError> {
+    let lookup = name.to_string();
+    Ok(consensus
+        .read(Consistency::Linearizable, move |txn| handoff::held(txn, &lookup))
+        .await?)
+}
+
+/// After `refusal` of a call about `name`: the site that owns the agent now
+/// (send the call there), or why not now ([`ApiError::AgentMoving`]), or
+/// the refusal itself when no handoff explains it.
+pub(crate) async fn owner_after_refusal(
+    consensus: &Consensus,
+    name: &str,
+    refusal: ApiError,
+) -> Result<String, ApiError> {
+    if !matches!(refusal, ApiError::AgentRefused(_)) {
+        return Err(refusal);
+    }
+    match held_by(consensus, name).await? {
+        Held::Elsewhere(site) => Ok(site),
+        Held::Moving { site, why } => Err(ApiError::AgentMoving {
+            agent: name.to_string(),
+            site,
+            why,
+        }),
+        Held::Here => Err(refusal),
     }
 }
 
@@ -231,6 +268,7 @@ fn generation(o: AgentOutcome) -> Result<u64, ApiError> {
 pub struct AgentsApi {
     consensus: Consensus,
     gate: RequestGate,
+    router: SiteRouter,
     tasks: Supervisor,
     /// `Watch` streams open at once (at most [`MAX_WATCHES`]).
     watches: Arc<Semaphore>,
@@ -241,22 +279,28 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::AgentInfo, Status>> + Se
 /// The agent named `name` as the API shows it, from the local replica.
 async fn read_agent(consensus: &Consensus, name: &str, consistency: Consistency) -> Result<v1::AgentInfo, ApiError> {
     let lookup = name.to_string();
-    let (record, allocation) = consensus
+    let (record, allocation, handoff) = consensus
         .read(consistency, move |txn| {
-            Ok((agents::agent(txn, &lookup)?, agents::allocation(txn, &lookup)?))
+            Ok((
+                agents::agent(txn, &lookup)?,
+                agents::allocation(txn, &lookup)?,
+                handoff::info(txn, &lookup)?,
+            ))
         })
         .await?;
     let record = record.ok_or_else(|| ApiError::AgentNotFound { name: name.to_string() })?;
-    Ok(agent_to_proto(record, allocation))
+    Ok(agent_to_proto(record, allocation, handoff))
 }
 
 impl AgentsApi {
     /// The services over `consensus`, within the node's request budget
-    /// `gate`; watch streams run as transient tasks of `tasks`.
-    pub fn new(consensus: Consensus, gate: RequestGate, tasks: Supervisor) -> Self {
+    /// `gate`; watch streams run as transient tasks of `tasks`; calls about
+    /// agents another site owns go there through `router`.
+    pub fn new(consensus: Consensus, gate: RequestGate, tasks: Supervisor, router: SiteRouter) -> Self {
         Self {
             consensus,
             gate,
+            router,
             tasks,
             watches: Arc::new(Semaphore::new(MAX_WATCHES)),
         }
@@ -299,6 +343,60 @@ impl AgentsApi {
             return outcome(run.clone());
         }
         Err(ApiError::Internal(format!("unexpected answer to a run: {answer:?}")))
+    }
+
+    /// Begins handing `req.name` off to `req.to_site`; the handoff's id.
+    async fn hand_off(&self, req: &v1::MigrateAgentRequest) -> Result<u64, ApiError> {
+        let site = req.to_site.as_str();
+        if req.to_node != 0 {
+            return Err(ApiError::invalid(
+                "to_node",
+                "names a node of this site; leave it 0 with to_site (that site's scheduler places the agent)",
+            ));
+        }
+        if site == self.router.own_site() {
+            return Err(ApiError::invalid(
+                "to_site",
+                format!("{site:?} is this node's own site; move within a site with to_node"),
+            ));
+        }
+        let Some(links) = self.router.federation() else {
+            return Err(ApiError::SiteUnreachable {
+                site: site.to_string(),
+                why: "this node runs no site links (federation.enabled)".into(),
+            });
+        };
+        match links.sites().into_iter().find(|v| v.summary.site == site) {
+            Some(v) if v.status == cell0_federation::SiteStatus::Alive => {}
+            Some(v) => {
+                return Err(ApiError::SiteUnreachable {
+                    site: site.to_string(),
+                    why: format!("nothing heard from it for {:.1} s", v.last_heard.as_secs_f64()),
+                });
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    "to_site",
+                    format!("{site:?} is not a site this one is linked to (cell0 site ls lists them)"),
+                ));
+            }
+        }
+        let begin = cell0_consensus::handoff::HandoffCommand::Begin {
+            agent: req.name.clone(),
+            to_site: site.to_string(),
+            at_ms: now_ms(),
+        };
+        begin.validate().map_err(|e| invalid("", e))?;
+        match self.consensus.propose(begin.into_command()).await? {
+            Applied::Handoff(cell0_consensus::handoff::HandoffOutcome::Begun { id }) => {
+                tracing::info!(agent = %req.name, %site, handoff = id, "handing an agent off to another site");
+                Ok(id)
+            }
+            Applied::Handoff(cell0_consensus::handoff::HandoffOutcome::Refused(why)) => {
+                Err(ApiError::AgentRefused(why))
+            }
+            other => Err(ApiError::Internal(format!("unexpected answer to a handoff: {other:?}"))),
+        }
     }
 
     async fn set_node_state(&self, node: u64, state: NodeState, reason: &str) -> Result<(), ApiError> {
@@ -378,9 +476,21 @@ impl Agents for AgentsApi {
     async fn run(&self, request: Request<v1::RunAgentRequest>) -> Result<Response<v1::RunAgentResponse>, Status> {
         self.gate
             .observe("Agents/Run", async {
-                let spec = spec_from_proto(request.into_inner().spec)?;
-                let generation = generation(self.run_agent(spec).await?)?;
-                Ok(Response::new(v1::RunAgentResponse { generation }))
+                let caller = Caller::of(request.metadata());
+                let req = request.into_inner();
+                let spec = spec_from_proto(req.spec.clone())?;
+                let name = spec.name.clone();
+                match self.run_agent(spec).await {
+                    Ok(o) => Ok(Response::new(v1::RunAgentResponse {
+                        generation: generation(o)?,
+                    })),
+                    Err(e) => {
+                        let site = owner_after_refusal(&self.consensus, &name, e).await?;
+                        Ok(Response::new(
+                            self.router.call(&site, "/cell0.v1.Agents/Run", &req, &caller).await?,
+                        ))
+                    }
+                }
             })
             .await
     }
@@ -388,10 +498,16 @@ impl Agents for AgentsApi {
     async fn get(&self, request: Request<v1::GetAgentRequest>) -> Result<Response<v1::AgentInfo>, Status> {
         self.gate
             .observe("Agents/Get", async {
-                let name = request.into_inner().name;
-                agents::check_name("name", &name).map_err(|e| invalid("", e))?;
+                let caller = Caller::of(request.metadata());
+                let req = request.into_inner();
+                agents::check_name("name", &req.name).map_err(|e| invalid("", e))?;
+                if let Held::Elsewhere(site) = held_by(&self.consensus, &req.name).await? {
+                    return Ok(Response::new(
+                        self.router.call(&site, "/cell0.v1.Agents/Get", &req, &caller).await?,
+                    ));
+                }
                 Ok(Response::new(
-                    read_agent(&self.consensus, &name, Consistency::Linearizable).await?,
+                    read_agent(&self.consensus, &req.name, Consistency::Linearizable).await?,
                 ))
             })
             .await
@@ -466,13 +582,14 @@ impl Agents for AgentsApi {
                             .into_iter()
                             .map(|r| {
                                 let a = agents::allocation(txn, &r.spec.name)?;
-                                Ok((r, a))
+                                let h = handoff::info(txn, &r.spec.name)?;
+                                Ok((r, a, h))
                             })
                             .collect::<cell0_state::Result<Vec<_>>>()
                     })
                     .await?;
                 let (page, more) = split_page(page, limit);
-                let agents = page.into_iter().map(|(r, a)| agent_to_proto(r, a)).collect();
+                let agents = page.into_iter().map(|(r, a, h)| agent_to_proto(r, a, h)).collect();
                 Ok(Response::new(v1::ListAgentsResponse { agents, more }))
             })
             .await
@@ -481,9 +598,23 @@ impl Agents for AgentsApi {
     async fn stop(&self, request: Request<v1::StopAgentRequest>) -> Result<Response<v1::StopAgentResponse>, Status> {
         self.gate
             .observe("Agents/Stop", async {
-                let agent = request.into_inner().name;
-                let generation = generation(self.propose(AgentCommand::Stop { agent, at_ms: now_ms() }).await?)?;
-                Ok(Response::new(v1::StopAgentResponse { generation }))
+                let caller = Caller::of(request.metadata());
+                let req = request.into_inner();
+                let stop = AgentCommand::Stop {
+                    agent: req.name.clone(),
+                    at_ms: now_ms(),
+                };
+                match self.propose(stop).await {
+                    Ok(o) => Ok(Response::new(v1::StopAgentResponse {
+                        generation: generation(o)?,
+                    })),
+                    Err(e) => {
+                        let site = owner_after_refusal(&self.consensus, &req.name, e).await?;
+                        Ok(Response::new(
+                            self.router.call(&site, "/cell0.v1.Agents/Stop", &req, &caller).await?,
+                        ))
+                    }
+                }
             })
             .await
     }
@@ -494,13 +625,29 @@ impl Agents for AgentsApi {
     ) -> Result<Response<v1::MigrateAgentResponse>, Status> {
         self.gate
             .observe("Agents/Migrate", async {
+                let caller = Caller::of(request.metadata());
                 let req = request.into_inner();
-                self.propose(AgentCommand::Migrate {
-                    agent: req.name,
-                    to: req.to_node,
-                })
-                .await?;
-                Ok(Response::new(v1::MigrateAgentResponse {}))
+                let moved = if req.to_site.is_empty() {
+                    self.propose(AgentCommand::Migrate {
+                        agent: req.name.clone(),
+                        to: req.to_node,
+                    })
+                    .await
+                    .map(|_| 0)
+                } else {
+                    self.hand_off(&req).await
+                };
+                match moved {
+                    Ok(handoff_id) => Ok(Response::new(v1::MigrateAgentResponse { handoff_id })),
+                    Err(e) => {
+                        let site = owner_after_refusal(&self.consensus, &req.name, e).await?;
+                        Ok(Response::new(
+                            self.router
+                                .call(&site, "/cell0.v1.Agents/Migrate", &req, &caller)
+                                .await?,
+                        ))
+                    }
+                }
             })
             .await
     }

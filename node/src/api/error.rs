@@ -127,6 +127,12 @@ pub enum Reason {
     /// A streaming call named another site: only unary calls are
     /// forwarded; metadata `method`.
     NotForwardable,
+    /// The agent is being handed between sites and takes no calls that
+    /// change it until the handoff ends; retry. Metadata `agent`, `site`.
+    AgentMoving,
+    /// A call followed an agent's forwarding pointers through too many
+    /// sites; metadata `hops`.
+    TooManyHops,
     /// An ACL call on a node that runs without ACLs.
     AclDisabled,
     /// `Acl/Bootstrap` after the first management token was made.
@@ -141,7 +147,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 49] = [
+    pub const ALL: [Reason; 51] = [
         Reason::InvalidArgumentField,
         Reason::ModelAmbiguous,
         Reason::NotLeader,
@@ -186,6 +192,8 @@ impl Reason {
         Reason::SiteUnreachable,
         Reason::SiteTimeout,
         Reason::NotForwardable,
+        Reason::AgentMoving,
+        Reason::TooManyHops,
         Reason::AclDisabled,
         Reason::AclAlreadyBootstrapped,
         Reason::AclPolicyNotFound,
@@ -240,6 +248,8 @@ impl Reason {
             Reason::SiteUnreachable => "SITE_UNREACHABLE",
             Reason::SiteTimeout => "SITE_TIMEOUT",
             Reason::NotForwardable => "NOT_FORWARDABLE",
+            Reason::AgentMoving => "AGENT_MOVING",
+            Reason::TooManyHops => "TOO_MANY_HOPS",
             Reason::AclDisabled => "ACL_DISABLED",
             Reason::AclAlreadyBootstrapped => "ACL_ALREADY_BOOTSTRAPPED",
             Reason::AclPolicyNotFound => "ACL_POLICY_NOT_FOUND",
@@ -407,6 +417,29 @@ pub enum ApiError {
         /// The target site.
         site: String,
     },
+    /// The agent is being handed between sites: calls that change it wait
+    /// until the handoff ends.
+    #[error("{why}; try again once the move is done")]
+    AgentMoving {
+        /// The agent.
+        agent: String,
+        /// The other site of the handoff.
+        site: String,
+        /// The state machine's words.
+        why: String,
+    },
+    /// A call followed agents' forwarding pointers through too many sites.
+    #[error("the call was forwarded through {hops} sites following moved agents; the limit is {limit}")]
+    TooManyHops {
+        /// Sites so far.
+        hops: u32,
+        /// The limit.
+        limit: u32,
+    },
+    /// The answer of the site that owns the agent a call was about, passed
+    /// through unchanged.
+    #[error("{}", .0.message())]
+    Remote(Box<Status>),
     /// Something that cannot happen did.
     #[error("{0}")]
     Internal(String),
@@ -517,6 +550,17 @@ impl ApiError {
             ApiError::NotForwardable { method, .. } => {
                 Described::new(Code::Unimplemented, Reason::NotForwardable, self.to_string()).with("method", method)
             }
+            ApiError::AgentMoving { agent, site, .. } => {
+                Described::new(Code::Unavailable, Reason::AgentMoving, self.to_string())
+                    .with("agent", agent)
+                    .with("site", site)
+            }
+            ApiError::TooManyHops { hops, .. } => {
+                Described::new(Code::FailedPrecondition, Reason::TooManyHops, self.to_string()).with("hops", hops)
+            }
+            // Never answered as described: `From<ApiError> for Status`
+            // passes the remote status through.
+            ApiError::Remote(status) => Described::new(status.code(), Reason::Internal, status.message().to_string()),
             ApiError::Internal(m) => Described::new(Code::Internal, Reason::Internal, m.clone()),
         }
     }
@@ -524,6 +568,9 @@ impl ApiError {
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
+        if let ApiError::Remote(status) = e {
+            return *status;
+        }
         let d = e.describe();
         let mut metadata = MetadataMap::new();
         let mut info = d.info;

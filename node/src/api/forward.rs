@@ -72,7 +72,14 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-struct RouteState {
+/// The most sites a call may pass through following moved agents'
+/// forwarding pointers.
+pub const MAX_HOPS: u32 = 8;
+
+/// gRPC metadata a replayed call carries: how many sites forwarded it.
+pub const HOPS_METADATA: &str = "cell0-hops";
+
+struct RouterInner {
     own_site: String,
     node_id: u64,
     federation: Option<Federation>,
@@ -80,18 +87,52 @@ struct RouteState {
     seq: AtomicU64,
 }
 
-/// Forwards calls with `cell0-site` naming another site.
+/// Sends calls to other sites over the site links: the calls clients
+/// address to another site (`cell0-site`, [`SiteRouteLayer`]), calls about
+/// agents that moved there, and the steps of agent handoffs.
 #[derive(Clone)]
-pub struct SiteRouteLayer {
-    state: Arc<RouteState>,
+pub struct SiteRouter {
+    inner: Arc<RouterInner>,
 }
 
-impl SiteRouteLayer {
-    /// The layer of node `node_id` of `own_site`, forwarding through
+/// Who asked, as a forwarded call carries it on.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The `authorization` metadata, if any.
+    pub authorization: String,
+    /// The trace id, if any.
+    pub trace_id: String,
+    /// How long the call may take.
+    pub timeout: Option<Duration>,
+    /// Sites that forwarded it so far.
+    pub hops: u32,
+}
+
+impl Caller {
+    /// The caller of a request with `metadata`.
+    pub fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
+        let text = |name: &str| {
+            metadata
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        Caller {
+            authorization: text("authorization"),
+            trace_id: text(TRACE_ID_HEADER),
+            timeout: grpc_timeout(&text("grpc-timeout")),
+            hops: text(HOPS_METADATA).parse().unwrap_or(0),
+        }
+    }
+}
+
+impl SiteRouter {
+    /// The router of node `node_id` of `own_site`, forwarding through
     /// `federation` (none: calls for other sites fail with UNAVAILABLE).
     pub fn new(own_site: String, node_id: u64, federation: Option<Federation>) -> Self {
         Self {
-            state: Arc::new(RouteState {
+            inner: Arc::new(RouterInner {
                 own_site,
                 node_id,
                 federation,
@@ -99,6 +140,113 @@ impl SiteRouteLayer {
                 seq: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// This node's site.
+    pub fn own_site(&self) -> &str {
+        &self.inner.own_site
+    }
+
+    /// The site links, if this node runs them.
+    pub fn federation(&self) -> Option<&Federation> {
+        self.inner.federation.as_ref()
+    }
+
+    /// Sends `method` with the encoded `body` to `site` for `caller`, and
+    /// returns the answer as the site gave it (an error status included).
+    pub async fn send(
+        &self,
+        site: &str,
+        method: &str,
+        body: Bytes,
+        caller: &Caller,
+    ) -> Result<ForwardResponse, ApiError> {
+        let Some(federation) = &self.inner.federation else {
+            return Err(ApiError::SiteUnreachable {
+                site: site.to_string(),
+                why: "this node runs no site links (federation.enabled)".into(),
+            });
+        };
+        let timeout = caller
+            .timeout
+            .unwrap_or(DEFAULT_FORWARD_TIMEOUT)
+            .min(MAX_FORWARD_TIMEOUT);
+        let request_id = format!(
+            "{:016x}-{}",
+            self.inner.node_id,
+            self.inner.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        tracing::debug!(%site, %method, %request_id, "forwarding a call to another site");
+        federation
+            .forward(
+                ForwardRequest {
+                    target_site: site.to_string(),
+                    origin_site: self.inner.own_site.clone(),
+                    request_id,
+                    deadline_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    authorization: caller.authorization.clone(),
+                    trace_id: caller.trace_id.clone(),
+                    method: method.to_string(),
+                    body,
+                    hops: caller.hops,
+                },
+                timeout,
+            )
+            .await
+            .map_err(|e| match e {
+                ForwardError::Timeout(site) => ApiError::SiteTimeout { site },
+                ForwardError::Unreachable { site, why } => ApiError::SiteUnreachable { site, why },
+                ForwardError::Failed { site, reason } => ApiError::SiteUnreachable {
+                    site,
+                    why: format!("the site link failed: {reason}"),
+                },
+            })
+    }
+
+    /// Calls `method` of the public API at `site` with `request`, on behalf
+    /// of `caller`, one hop further: how a call about an agent that moved
+    /// follows its forwarding pointer. The site's error passes through
+    /// unchanged ([`ApiError::Remote`]).
+    pub async fn call<Req: Message, Resp: Message + Default>(
+        &self,
+        site: &str,
+        method: &str,
+        request: &Req,
+        caller: &Caller,
+    ) -> Result<Resp, ApiError> {
+        let hops = caller.hops.saturating_add(1);
+        if hops > MAX_HOPS {
+            return Err(ApiError::TooManyHops { hops, limit: MAX_HOPS });
+        }
+        let caller = Caller { hops, ..caller.clone() };
+        let response = self
+            .send(site, method, Bytes::from(request.encode_to_vec()), &caller)
+            .await?;
+        if response.code != 0 {
+            return Err(ApiError::Remote(Box::new(super::error::remote_status(
+                response.code,
+                response.message,
+                response.details,
+            ))));
+        }
+        Resp::decode(response.body).map_err(|e| {
+            ApiError::Internal(format!(
+                "site {site:?} answered {method} with a message that does not decode: {e}"
+            ))
+        })
+    }
+}
+
+/// Forwards calls with `cell0-site` naming another site.
+#[derive(Clone)]
+pub struct SiteRouteLayer {
+    router: SiteRouter,
+}
+
+impl SiteRouteLayer {
+    /// The layer forwarding through `router`.
+    pub fn new(router: SiteRouter) -> Self {
+        Self { router }
     }
 }
 
@@ -108,7 +256,7 @@ impl<S> tower::Layer<S> for SiteRouteLayer {
     fn layer(&self, inner: S) -> Self::Service {
         SiteRouted {
             inner,
-            state: self.state.clone(),
+            router: self.router.clone(),
         }
     }
 }
@@ -117,7 +265,7 @@ impl<S> tower::Layer<S> for SiteRouteLayer {
 #[derive(Clone)]
 pub struct SiteRouted<S> {
     inner: S,
-    state: Arc<RouteState>,
+    router: SiteRouter,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -144,7 +292,7 @@ where
             .headers()
             .get(SITE_METADATA)
             .and_then(|v| v.to_str().ok())
-            .filter(|site| !site.is_empty() && *site != self.state.own_site)
+            .filter(|site| !site.is_empty() && *site != self.router.own_site())
             .map(str::to_string);
         match target {
             None => {
@@ -154,9 +302,9 @@ where
                 Box::pin(async move { inner.call(req).await })
             }
             Some(site) => {
-                let state = self.state.clone();
+                let router = self.router.clone();
                 Box::pin(async move {
-                    Ok(match forward(&state, site, req).await {
+                    Ok(match forward(&router, site, req).await {
                         Ok(response) => response,
                         Err(e) => Status::from(e).into_http(),
                     })
@@ -168,62 +316,21 @@ where
 
 /// Forwards `req` to `site` and turns the answer into this call's answer.
 async fn forward(
-    state: &RouteState,
+    router: &SiteRouter,
     site: String,
     req: http::Request<tonic::body::Body>,
 ) -> Result<http::Response<tonic::body::Body>, ApiError> {
     let method = req.uri().path().to_string();
-    if !state.unary.contains(&method) {
+    if !router.inner.unary.contains(&method) {
         return Err(ApiError::NotForwardable { method, site });
     }
-    let Some(federation) = &state.federation else {
-        return Err(ApiError::SiteUnreachable {
-            site,
-            why: "this node runs no site links (federation.enabled)".into(),
-        });
-    };
     let (parts, body) = req.into_parts();
-    let header = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let timeout = grpc_timeout(&header("grpc-timeout"))
-        .unwrap_or(DEFAULT_FORWARD_TIMEOUT)
-        .min(MAX_FORWARD_TIMEOUT);
-    let (authorization, trace_id) = (header("authorization"), header(TRACE_ID_HEADER));
+    let caller = Caller::of(&tonic::metadata::MetadataMap::from_headers(parts.headers));
     let bytes = read_body(body).await?;
     let body = Bytes::copy_from_slice(
         message_of(&bytes).ok_or_else(|| ApiError::invalid("request", "is not one uncompressed gRPC message"))?,
     );
-    let request_id = format!("{:016x}-{}", state.node_id, state.seq.fetch_add(1, Ordering::Relaxed));
-    tracing::debug!(%site, %method, %request_id, "forwarding a call to another site");
-    let response = federation
-        .forward(
-            ForwardRequest {
-                target_site: site.clone(),
-                origin_site: state.own_site.clone(),
-                request_id,
-                deadline_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                authorization,
-                trace_id,
-                method,
-                body,
-            },
-            timeout,
-        )
-        .await
-        .map_err(|e| match e {
-            ForwardError::Timeout(site) => ApiError::SiteTimeout { site },
-            ForwardError::Unreachable { site, why } => ApiError::SiteUnreachable { site, why },
-            ForwardError::Failed { site, reason } => ApiError::SiteUnreachable {
-                site,
-                why: format!("the site link failed: {reason}"),
-            },
-        })?;
+    let response = router.send(&site, &method, body, &caller).await?;
     if response.code != 0 {
         return Ok(super::error::remote_status(response.code, response.message, response.details).into_http());
     }
@@ -329,9 +436,11 @@ impl LocalReplay {
         }
         let mut call = tonic::Request::new(request.body.clone());
         call.set_timeout(Duration::from_millis(request.deadline_ms).min(MAX_FORWARD_TIMEOUT));
+        let hops = request.hops.to_string();
         for (name, value) in [
             ("authorization", &request.authorization),
             (TRACE_ID_HEADER, &request.trace_id),
+            (HOPS_METADATA, &hops),
         ] {
             if let Ok(v) = value.parse()
                 && !value.is_empty()

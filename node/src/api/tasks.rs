@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use cell0_consensus::agents::check_name;
 use cell0_consensus::tasks::{self, MemoryEntry, TaskCommand, TaskOutcome, TaskRecord, TaskStatus};
-use cell0_consensus::{Consensus, Consistency, Response as Applied, Table};
+use cell0_consensus::{Consensus, Consistency, Response as Applied, Table, handoff};
 use cell0_proto::v1;
 use cell0_proto::v1::tasks_server::Tasks;
 use tonic::{Request, Response, Status};
 
-use super::agents::{invalid, page_limit, split_page};
+use super::agents::{held_by, invalid, owner_after_refusal, page_limit, split_page};
+use super::forward::{Caller, SiteRouter};
 use super::{ApiError, RequestGate};
+use crate::handoff::Held;
 use crate::scheduling::now_ms;
 
 /// Longest `Wait`, in milliseconds.
@@ -25,9 +27,10 @@ pub const MAX_WAIT_MS: u64 = 300_000;
 /// `Wait` without a timeout waits this long, in milliseconds.
 const DEFAULT_WAIT_MS: u64 = 30_000;
 
-/// A task as the API shows it.
-pub fn task_to_proto(t: TaskRecord) -> v1::TaskInfo {
+/// A task of `site` as the API shows it.
+pub fn task_to_proto(t: TaskRecord, site: &str) -> v1::TaskInfo {
     v1::TaskInfo {
+        site: site.to_string(),
         id: t.id,
         agent: t.agent,
         input: t.input.into(),
@@ -61,19 +64,50 @@ fn memory_to_proto(key: String, e: MemoryEntry) -> v1::MemoryEntry {
 pub struct TasksApi {
     consensus: Consensus,
     gate: RequestGate,
+    router: SiteRouter,
+}
+
+/// A task as this site knows it: here, or moved with its agent to another
+/// site under another id.
+enum Found {
+    Here(TaskRecord),
+    Moved(handoff::MovedTask),
 }
 
 impl TasksApi {
-    /// The service over `consensus`, within the node's request budget `gate`.
-    pub fn new(consensus: Consensus, gate: RequestGate) -> Self {
-        Self { consensus, gate }
+    /// The service over `consensus`, within the node's request budget
+    /// `gate`; calls about agents (and tasks) another site owns go there
+    /// through `router`.
+    pub fn new(consensus: Consensus, gate: RequestGate, router: SiteRouter) -> Self {
+        Self {
+            consensus,
+            gate,
+            router,
+        }
     }
 
-    async fn task(&self, id: u64, consistency: Consistency) -> Result<TaskRecord, ApiError> {
-        self.consensus
-            .read(consistency, move |txn| tasks::task(txn, id))
-            .await?
-            .ok_or(ApiError::TaskNotFound { id })
+    /// Task `id`, or where it went (linearizable).
+    async fn find(&self, id: u64) -> Result<Found, ApiError> {
+        self.find_at(id, Consistency::Linearizable).await
+    }
+
+    /// [`TasksApi::find`] from the local replica.
+    async fn find_local(&self, id: u64) -> Result<Found, ApiError> {
+        self.find_at(id, Consistency::Serializable).await
+    }
+
+    async fn find_at(&self, id: u64, consistency: Consistency) -> Result<Found, ApiError> {
+        let (moved, task) = self
+            .consensus
+            .read(consistency, move |txn| {
+                Ok((handoff::moved_task(txn, id)?, tasks::task(txn, id)?))
+            })
+            .await?;
+        match (moved, task) {
+            (Some(m), _) => Ok(Found::Moved(m)),
+            (None, Some(t)) => Ok(Found::Here(t)),
+            (None, None) => Err(ApiError::TaskNotFound { id }),
+        }
     }
 }
 
@@ -85,19 +119,30 @@ impl Tasks for TasksApi {
     ) -> Result<Response<v1::SubmitTaskResponse>, Status> {
         self.gate
             .observe("Tasks/Submit", async {
+                let caller = Caller::of(request.metadata());
                 let req = request.into_inner();
                 let command = TaskCommand::Submit {
-                    agent: req.agent,
+                    agent: req.agent.clone(),
                     input: req.input.to_vec(),
-                    idempotency_key: req.idempotency_key,
+                    idempotency_key: req.idempotency_key.clone(),
                     at_ms: now_ms(),
                 };
                 command.validate().map_err(|e| invalid("", e))?;
                 match self.consensus.propose(command.into_command()).await? {
                     Applied::Task(TaskOutcome::Submitted { id, existing }) => {
-                        Ok(Response::new(v1::SubmitTaskResponse { id, existing }))
+                        Ok(Response::new(v1::SubmitTaskResponse {
+                            id,
+                            existing,
+                            site: self.router.own_site().to_string(),
+                        }))
                     }
-                    Applied::Task(TaskOutcome::Refused(reason)) => Err(ApiError::AgentRefused(reason)),
+                    Applied::Task(TaskOutcome::Refused(reason)) => {
+                        let site =
+                            owner_after_refusal(&self.consensus, &req.agent, ApiError::AgentRefused(reason)).await?;
+                        Ok(Response::new(
+                            self.router.call(&site, "/cell0.v1.Tasks/Submit", &req, &caller).await?,
+                        ))
+                    }
                     Applied::Rejected(reason) => Err(ApiError::invalid("request", reason)),
                     other => Err(ApiError::Internal(format!(
                         "unexpected answer to a task submit: {other:?}"
@@ -110,15 +155,26 @@ impl Tasks for TasksApi {
     async fn get(&self, request: Request<v1::GetTaskRequest>) -> Result<Response<v1::TaskInfo>, Status> {
         self.gate
             .observe("Tasks/Get", async {
-                let id = request.into_inner().id;
-                Ok(Response::new(task_to_proto(
-                    self.task(id, Consistency::Linearizable).await?,
-                )))
+                let caller = Caller::of(request.metadata());
+                match self.find(request.into_inner().id).await? {
+                    Found::Here(t) => Ok(Response::new(task_to_proto(t, self.router.own_site()))),
+                    Found::Moved(m) => Ok(Response::new(
+                        self.router
+                            .call(
+                                &m.site,
+                                "/cell0.v1.Tasks/Get",
+                                &v1::GetTaskRequest { id: m.id },
+                                &caller,
+                            )
+                            .await?,
+                    )),
+                }
             })
             .await
     }
 
     async fn wait(&self, request: Request<v1::WaitTaskRequest>) -> Result<Response<v1::TaskInfo>, Status> {
+        let caller = Caller::of(request.metadata());
         let req = request.into_inner();
         let timeout = match req.timeout_ms {
             0 => DEFAULT_WAIT_MS,
@@ -131,24 +187,54 @@ impl Tasks for TasksApi {
         // while it sleeps.
         let mut changes = self.consensus.watch_table(Table::Tasks);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
-        let mut task = self.task(req.id, Consistency::Linearizable).await?;
-        while task.status == TaskStatus::Queued {
-            tokio::select! {
-                Ok(()) = changes.changed() => {}
-                () = tokio::time::sleep_until(deadline) => break,
+        let mut found = self.find(req.id).await?;
+        loop {
+            match found {
+                Found::Here(task) if task.status == TaskStatus::Queued => {
+                    tokio::select! {
+                        Ok(()) = changes.changed() => {}
+                        () = tokio::time::sleep_until(deadline) => {
+                            return Ok(Response::new(task_to_proto(task, self.router.own_site())));
+                        }
+                    }
+                    // The task may have moved with its agent meanwhile.
+                    found = self.find_local(req.id).await?;
+                }
+                Found::Here(task) => return Ok(Response::new(task_to_proto(task, self.router.own_site()))),
+                Found::Moved(m) => {
+                    // What is left of the wait, at the site that has the task.
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let caller = Caller {
+                        timeout: caller.timeout.or(Some(left + Duration::from_secs(5))),
+                        ..caller
+                    };
+                    let moved = v1::WaitTaskRequest {
+                        id: m.id,
+                        timeout_ms: u64::try_from(left.as_millis()).unwrap_or(MAX_WAIT_MS).max(1),
+                    };
+                    return Ok(Response::new(
+                        self.router
+                            .call(&m.site, "/cell0.v1.Tasks/Wait", &moved, &caller)
+                            .await?,
+                    ));
+                }
             }
-            task = self.task(req.id, Consistency::Serializable).await?;
         }
-        Ok(Response::new(task_to_proto(task)))
     }
 
     async fn list(&self, request: Request<v1::ListTasksRequest>) -> Result<Response<v1::ListTasksResponse>, Status> {
         self.gate
             .observe("Tasks/List", async {
+                let caller = Caller::of(request.metadata());
                 let req = request.into_inner();
                 check_name("agent", &req.agent).map_err(|e| invalid("", e))?;
+                if let Held::Elsewhere(site) = held_by(&self.consensus, &req.agent).await? {
+                    return Ok(Response::new(
+                        self.router.call(&site, "/cell0.v1.Tasks/List", &req, &caller).await?,
+                    ));
+                }
                 let limit = page_limit(req.limit)?;
-                let (agent, after) = (req.agent, req.start_after);
+                let (agent, after) = (req.agent.clone(), req.start_after);
                 let rows = self
                     .consensus
                     .read(Consistency::Linearizable, move |txn| {
@@ -157,7 +243,10 @@ impl Tasks for TasksApi {
                     .await?;
                 let (page, more) = split_page(rows, limit);
                 Ok(Response::new(v1::ListTasksResponse {
-                    tasks: page.into_iter().map(task_to_proto).collect(),
+                    tasks: page
+                        .into_iter()
+                        .map(|t| task_to_proto(t, self.router.own_site()))
+                        .collect(),
                     more,
                 }))
             })
@@ -170,10 +259,18 @@ impl Tasks for TasksApi {
     ) -> Result<Response<v1::ListMemoryResponse>, Status> {
         self.gate
             .observe("Tasks/ListMemory", async {
+                let caller = Caller::of(request.metadata());
                 let req = request.into_inner();
                 check_name("agent", &req.agent).map_err(|e| invalid("", e))?;
+                if let Held::Elsewhere(site) = held_by(&self.consensus, &req.agent).await? {
+                    return Ok(Response::new(
+                        self.router
+                            .call(&site, "/cell0.v1.Tasks/ListMemory", &req, &caller)
+                            .await?,
+                    ));
+                }
                 let limit = page_limit(req.limit)?;
-                let (agent, after) = (req.agent, req.start_after);
+                let (agent, after) = (req.agent.clone(), req.start_after.clone());
                 let rows = self
                     .consensus
                     .read(Consistency::Linearizable, move |txn| {

@@ -27,6 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use cell0_proto::v1::agents_client::AgentsClient;
@@ -66,14 +67,24 @@ pub enum AgentCommand {
         /// Its name.
         name: String,
     },
-    /// Move an agent to another node.
+    /// Move an agent to another node, or hand it off to another site.
     Migrate {
         /// Its name.
         name: String,
         /// The target node id, as `cell0 node ls` shows it (default: any
         /// other node).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "to_site")]
         to: Option<String>,
+        /// Hand the agent off to this site (as `cell0 site ls` lists it):
+        /// that site imports its spec, memory and tasks and its scheduler
+        /// places it; this site keeps a pointer, so calls about the agent
+        /// here are served there.
+        #[arg(long)]
+        to_site: Option<String>,
+        /// With --to-site: wait until the other site runs the agent (or
+        /// the move is aborted), at most this many seconds.
+        #[arg(long, value_name = "SECONDS", requires = "to_site")]
+        wait: Option<u64>,
     },
     /// Follow an agent's lifecycle: one line per change until interrupted.
     Watch {
@@ -263,6 +274,8 @@ struct AgentView {
     reason: String,
     cpu_millis: u64,
     memory_mb: u64,
+    /// Its handoff between sites, e.g. `moving to b`, `from a`.
+    handoff: Option<String>,
 }
 
 impl From<v1::AgentInfo> for AgentView {
@@ -284,7 +297,12 @@ impl From<v1::AgentInfo> for AgentView {
             ),
             None => (None, None, "unplaced".into(), a.pending_reason),
         };
+        let handoff = a.handoff.map(|h| match h.state.as_str() {
+            "moving" | "moved" => format!("{} to {}", h.state, h.site),
+            _ => format!("{} from {}", h.state, h.site),
+        });
         AgentView {
+            handoff,
             name: spec.name,
             kind,
             desired: a.desired,
@@ -307,11 +325,65 @@ fn agent_row(a: AgentView) -> Vec<String> {
         a.node.unwrap_or_else(|| "-".into()),
         a.incarnation.map_or_else(|| "-".into(), |i| i.to_string()),
         a.status,
+        a.handoff.unwrap_or_else(|| "-".into()),
         a.reason,
     ]
 }
 
-const AGENT_HEADERS: [&str; 7] = ["NAME", "KIND", "DESIRED", "NODE", "INCARNATION", "STATUS", "REASON"];
+const AGENT_HEADERS: [&str; 8] = [
+    "NAME",
+    "KIND",
+    "DESIRED",
+    "NODE",
+    "INCARNATION",
+    "STATUS",
+    "SITE MOVE",
+    "REASON",
+];
+
+/// Waits until `site` runs `name` (asking the node this client talks to,
+/// which follows the agent's pointer once the handoff is done), or the
+/// handoff was aborted, or `timeout` passed.
+async fn wait_for_handoff(
+    client: &mut AgentsClient<super::Conn>,
+    name: &str,
+    site: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let a = client
+            .get(v1::GetAgentRequest { name: name.into() })
+            .await
+            .map_err(rpc_error)?
+            .into_inner();
+        let state = a.handoff.as_ref().map(|h| h.state.as_str()).unwrap_or_default();
+        let running = a.allocation.as_ref().is_some_and(|al| al.status == "running");
+        match (state, a.handoff.as_ref().map(|h| h.site.as_str())) {
+            ("arrived", _) if running => {
+                eprintln!("agent {name} runs in site {site}");
+                return Ok(());
+            }
+            ("moving" | "arriving" | "arrived", _) => {}
+            _ => anyhow::bail!(
+                "the move of agent {name} to site {site} was aborted: {}",
+                a.pending_reason
+            ),
+        }
+        if state != last {
+            eprintln!("  {state}");
+            last = state.to_string();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "agent {name} is still {state} after {} s; `cell0 agent show {name}` follows it",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
 /// Runs an agent command against `endpoint`.
 pub async fn run(endpoint: &str, output: Output, cmd: AgentCommand) -> anyhow::Result<()> {
@@ -372,16 +444,30 @@ pub async fn run(endpoint: &str, output: Output, cmd: AgentCommand) -> anyhow::R
             eprintln!("agent {name} stopping (generation {})", r.generation);
             Ok(())
         }
-        AgentCommand::Migrate { name, to } => {
+        AgentCommand::Migrate {
+            name,
+            to,
+            to_site,
+            wait,
+        } => {
             let to_node = to.as_deref().map(parse_node_id).transpose()?.unwrap_or(0);
-            client
+            let r = client
                 .migrate(v1::MigrateAgentRequest {
                     name: name.clone(),
                     to_node,
+                    to_site: to_site.clone().unwrap_or_default(),
                 })
                 .await
-                .map_err(rpc_error)?;
-            eprintln!("agent {name} moving");
+                .map_err(rpc_error)?
+                .into_inner();
+            let Some(site) = to_site else {
+                eprintln!("agent {name} moving");
+                return Ok(());
+            };
+            eprintln!("agent {name} moving to site {site} (handoff {})", r.handoff_id);
+            if let Some(secs) = wait {
+                wait_for_handoff(&mut client, &name, &site, Duration::from_secs(secs)).await?;
+            }
             Ok(())
         }
         AgentCommand::Watch { name } => {

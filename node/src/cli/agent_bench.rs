@@ -129,6 +129,7 @@ pub async fn run(endpoint: &str, output: Output, b: AgentsBench) -> anyhow::Resu
                 .migrate(v1::MigrateAgentRequest {
                     name: name.clone(),
                     to_node: 0,
+                    ..Default::default()
                 })
                 .await
                 .map_err(rpc_error)?;
