@@ -301,6 +301,7 @@ pub fn spec(name: &str) -> v1::AgentSpec {
         restart: String::new(),
         max_restarts: 0,
         kind: Some(kind),
+        sites: Vec::new(),
     }
 }
 

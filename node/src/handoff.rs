@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use tonic::Code;
 
 use crate::api::ApiError;
-use crate::api::agents::{spec_from_proto, spec_to_proto};
+use crate::api::agents::{sites_from_proto, spec_from_proto, spec_to_proto};
 use crate::api::forward::{Caller, LocalReplay, SiteRouter};
 use crate::scheduling::now_ms;
 use crate::supervisor::stopped;
@@ -157,15 +157,17 @@ async fn drive(consensus: &Consensus, router: &SiteRouter, agent: &str, out: &Ou
 /// commit must wait (an incarnation here has not confirmed its stop).
 async fn import(consensus: &Consensus, router: &SiteRouter, agent: &str, out: &Outgoing) -> Result<bool, StepError> {
     let name = agent.to_string();
-    let Some(record) = consensus
-        .read(Consistency::Linearizable, move |txn| agents::agent(txn, &name))
-        .await?
-    else {
+    let (record, sites) = consensus
+        .read(Consistency::Linearizable, move |txn| {
+            Ok((agents::agent(txn, &name)?, agents::sites_of(txn, &name)?))
+        })
+        .await?;
+    let Some(record) = record else {
         return Err(StepError::Retry(format!("agent {agent:?} has no record")));
     };
     let begin = wire::HandoffBegin {
         handoff_id: out.id,
-        spec: Some(spec_to_proto(record.spec)),
+        spec: Some(spec_to_proto(record.spec, sites)),
         incarnation: record.incarnation,
         created_at_ms: record.created_at_ms,
     };
@@ -412,6 +414,7 @@ impl Importer {
                 HandoffCommand::ImportBegin {
                     from_site,
                     id: m.handoff_id,
+                    sites: sites_from_proto(m.spec.as_ref())?,
                     spec: spec_from_proto(m.spec)?,
                     incarnation: m.incarnation,
                     created_at_ms: m.created_at_ms,

@@ -61,6 +61,7 @@ fn echo_spec(name: &str) -> v1::AgentSpec {
             timeout_ms: 20_000,
             max_output_bytes: 4096,
         })),
+        sites: Vec::new(),
     }
 }
 

@@ -39,6 +39,7 @@ fn spec(name: &str, cpu_millis: u64) -> v1::AgentSpec {
             timeout_ms: 1000,
             max_output_bytes: 1024,
         })),
+        sites: Vec::new(),
     }
 }
 

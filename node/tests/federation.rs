@@ -310,7 +310,17 @@ async fn two_sites(root: &Path, a_env: &[(&str, &str)], b_env: &[(&str, &str)]) 
 
 /// Runs inference agent `name` in the site of `endpoint`.
 async fn run_memo(endpoint: &str, name: &str) {
-    let spec = v1::AgentSpec {
+    AgentsClient::new(channel(endpoint).await)
+        .run(v1::RunAgentRequest {
+            spec: Some(memo_spec(name, &[])),
+        })
+        .await
+        .unwrap();
+}
+
+/// An inference agent `name` that may run in `sites`.
+fn memo_spec(name: &str, sites: &[&str]) -> v1::AgentSpec {
+    v1::AgentSpec {
         name: name.into(),
         resources: Some(v1::AgentResources {
             cpu_millis: 100,
@@ -322,12 +332,9 @@ async fn run_memo(endpoint: &str, name: &str) {
             ..Default::default()
         }),
         kind: Some(v1::agent_spec::Kind::Inference(v1::InferenceConfig {})),
+        sites: sites.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
-    };
-    AgentsClient::new(channel(endpoint).await)
-        .run(v1::RunAgentRequest { spec: Some(spec) })
-        .await
-        .unwrap();
+    }
 }
 
 fn remember(i: usize) -> (String, String) {
@@ -537,6 +544,92 @@ async fn an_agent_moves_to_another_site_with_its_memory_and_tasks_while_tasks_ke
         t.desired == "running" && t.handoff.is_none()
     })
     .await;
+
+    // A spec naming sites is placed by the first that is reachable, through
+    // that site's scheduler; it lives there.
+    let mut agents_a = AgentsClient::new(channel(&a.endpoint()).await);
+    agents_a
+        .run(v1::RunAgentRequest {
+            spec: Some(memo_spec("placed", &["nowhere", "b", "a"])),
+        })
+        .await
+        .unwrap();
+    let placed = local_agent(&b.endpoint(), "placed").await;
+    assert_eq!(placed.spec.unwrap().sites, ["nowhere", "b", "a"]);
+    let at_a = agents_a.get(v1::GetAgentRequest { name: "placed".into() }).await;
+    assert_eq!(at_a.unwrap_err().code(), tonic::Code::NotFound, "it lives in b only");
+    wait_until("b runs it", async || {
+        local_agent(&b.endpoint(), "placed")
+            .await
+            .allocation
+            .is_some_and(|al| al.status == "running")
+    })
+    .await;
+    // It moves only to a site its spec names.
+    let out = cli(&[
+        "--endpoint",
+        &b.endpoint(),
+        "agent",
+        "migrate",
+        "placed",
+        "--to-site",
+        "a",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&[
+        "--endpoint",
+        &b.endpoint(),
+        "agent",
+        "migrate",
+        "memo",
+        "--to-site",
+        "a",
+    ]);
+    assert!(out.status.success(), "memo has no sites: it may go anywhere");
+    wait_until("memo is back in a, with its memory", async || {
+        let m = local_agent(&a.endpoint(), "memo").await;
+        m.handoff.is_some_and(|h| h.state == "arrived" && h.site == "b")
+            && m.allocation.is_some_and(|al| al.status == "running")
+    })
+    .await;
+    let memory = TasksClient::new(channel(&a.endpoint()).await)
+        .list_memory(v1::ListMemoryRequest {
+            agent: "memo".into(),
+            start_after: String::new(),
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(memory.entries.len(), 30);
+    let pinned = agents_a
+        .run(v1::RunAgentRequest {
+            spec: Some(memo_spec("pinned", &["b"])),
+        })
+        .await;
+    assert!(pinned.is_ok(), "{pinned:?}");
+    let out = cli(&[
+        "--endpoint",
+        &b.endpoint(),
+        "agent",
+        "migrate",
+        "pinned",
+        "--to-site",
+        "a",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("may run only in sites [\"b\"]"),
+        "{}",
+        stderr(&out)
+    );
+    let nowhere = agents_a
+        .run(v1::RunAgentRequest {
+            spec: Some(memo_spec("lost", &["nowhere"])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(nowhere.code(), tonic::Code::Unavailable, "{nowhere:?}");
 }
 
 /// Waits until `node` exits, and checks it crashed on purpose.

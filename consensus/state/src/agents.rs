@@ -22,6 +22,8 @@
 //!   confirmed that they no longer run ([`AgentCommand::Released`]);
 //! - `drains`: node id -> [`DrainSpec`], how a draining node's agents move
 //!   (at most so many at once, the rest at a deadline);
+//! - `agent_sites`: agent name -> [`AgentSites`], the sites an agent may run
+//!   in, in order of preference (no row: the site it was submitted to);
 //! - `drain_moves`: node id ++ agent name -> [`DrainMove`], the moves a
 //!   drain started that have not ended: the agent is not yet running or
 //!   failed on another node;
@@ -96,6 +98,7 @@ const BLOCKED: Counted = Counted {
     count_key: b"blocked_agents",
 };
 const DRAINS_TABLE: &str = "drains";
+const AGENT_SITES_TABLE: &str = "agent_sites";
 const DRAIN_MOVES_TABLE: &str = "drain_moves";
 
 /// Longest agent name, in bytes.
@@ -114,6 +117,10 @@ pub const MAX_PLAN_ITEMS: usize = 20_000;
 pub const MAX_CPU_MILLIS: u32 = 1_024_000;
 /// Most memory or GPU memory an agent may request, in MB.
 pub const MAX_MEMORY_MB: u32 = 16 * 1024 * 1024;
+/// Most sites an agent may name.
+pub const MAX_SITES: usize = 16;
+/// Longest site name, in bytes.
+pub const MAX_SITE_BYTES: usize = 64;
 /// Most moves a drain may run at once (0 means all at once).
 pub const MAX_DRAIN_PARALLEL: u32 = 10_000;
 /// Longest run time of an `exec` task, in milliseconds.
@@ -345,6 +352,67 @@ impl AgentSpec {
         }
         Ok(())
     }
+}
+
+/// Checks a site name; the error names `field`.
+pub fn check_site(field: &str, site: &str) -> Result<()> {
+    if site.is_empty() {
+        return Err(StateError::invalid(field, "must not be empty"));
+    }
+    if site.len() > MAX_SITE_BYTES {
+        return Err(StateError::too_long(field, site.len(), MAX_SITE_BYTES));
+    }
+    Ok(())
+}
+
+/// Checks the sites an agent may run in: at most [`MAX_SITES`], each named
+/// once; the error names `field`.
+pub fn check_sites(field: &str, sites: &[String]) -> Result<()> {
+    if sites.len() > MAX_SITES {
+        return Err(StateError::invalid(
+            field,
+            format!("names {} sites; the limit is {MAX_SITES}", sites.len()),
+        ));
+    }
+    for (i, site) in sites.iter().enumerate() {
+        check_site(&format!("{field}[{i}]"), site)?;
+        if sites[..i].contains(site) {
+            return Err(StateError::invalid(
+                &format!("{field}[{i}]"),
+                format!("names {site:?} twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The sites an agent may run in, in order of preference.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSites {
+    /// Site names; never empty in a stored row.
+    pub sites: Vec<String>,
+}
+
+crate::row_v1!(AgentSites, "agent sites");
+
+/// The sites `agent` may run in, in order of preference (empty: no
+/// restriction was given).
+pub fn sites_of(txn: &dyn Txn, agent: &str) -> Result<Vec<String>> {
+    Ok(get_row::<AgentSites>(txn, AGENT_SITES_TABLE, agent.as_bytes())?
+        .map(|r| r.sites)
+        .unwrap_or_default())
+}
+
+fn set_sites(txn: &mut dyn Txn, agent: &str, sites: &[String]) -> Result<()> {
+    if sites.is_empty() {
+        return txn.delete(AGENT_SITES_TABLE, agent.as_bytes());
+    }
+    put_row(
+        txn,
+        AGENT_SITES_TABLE,
+        agent.as_bytes(),
+        &AgentSites { sites: sites.to_vec() },
+    )
 }
 
 /// What the user wants of an agent.
@@ -647,6 +715,17 @@ pub enum AgentCommand {
         /// The proposing leader's clock.
         at_ms: u64,
     },
+    /// [`AgentCommand::Run`] with the sites the agent may run in, in order
+    /// of preference (empty: no restriction). A handoff to a site not in a
+    /// non-empty list is refused.
+    RunIn {
+        /// The spec.
+        spec: AgentSpec,
+        /// At most [`MAX_SITES`] site names.
+        sites: Vec<String>,
+        /// The proposing leader's clock, ms since the Unix epoch.
+        at_ms: u64,
+    },
 }
 
 /// What an [`AgentCommand`] did.
@@ -689,14 +768,8 @@ impl AgentCommand {
     pub fn approx_size(&self) -> usize {
         let names = |n: &[String]| n.iter().map(|a| a.len() + 1).sum::<usize>();
         match self {
-            AgentCommand::Run { spec, .. } => {
-                let command = match &spec.kind {
-                    AgentKind::Exec { command, .. } | AgentKind::Process { command, .. } => names(command),
-                    AgentKind::Inference => 0,
-                };
-                let labels: usize = spec.constraints.labels.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-                128 + spec.name.len() + command + labels + spec.constraints.model.len()
-            }
+            AgentCommand::Run { spec, .. } => spec_size(spec),
+            AgentCommand::RunIn { spec, sites, .. } => spec_size(spec) + names(sites),
             AgentCommand::Plan { plan, .. } => {
                 let placed: usize = plan
                     .placements
@@ -726,6 +799,10 @@ impl AgentCommand {
         };
         match self {
             AgentCommand::Run { spec, .. } => spec.validate(),
+            AgentCommand::RunIn { spec, sites, .. } => {
+                spec.validate()?;
+                check_sites("sites", sites)
+            }
             AgentCommand::Stop { agent, .. } => check_name("agent", agent),
             AgentCommand::Plan { plan, .. } => {
                 let items = plan.placements.len() + plan.stops.len() + plan.unplaced.len() + plan.settled.len();
@@ -778,6 +855,17 @@ impl AgentCommand {
             AgentCommand::Unblock { .. } => Ok(()),
         }
     }
+}
+
+/// Approximate encoded size of `spec`.
+fn spec_size(spec: &AgentSpec) -> usize {
+    let names = |n: &[String]| n.iter().map(|a| a.len() + 1).sum::<usize>();
+    let command = match &spec.kind {
+        AgentKind::Exec { command, .. } | AgentKind::Process { command, .. } => names(command),
+        AgentKind::Inference => 0,
+    };
+    let labels: usize = spec.constraints.labels.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    128 + spec.name.len() + command + labels + spec.constraints.model.len()
 }
 
 fn node_key(node: NodeId) -> [u8; 8] {
@@ -1101,10 +1189,38 @@ fn refuse_node(txn: &dyn Txn, node: NodeId, resources: Resources) -> Result<Opti
         .map(|what| format!("node {node:016x} lacks {what}")))
 }
 
+/// Submits `spec` (a new generation unless it and `sites` are what the
+/// agent has, running).
+fn run(txn: &mut dyn Txn, spec: &AgentSpec, sites: &[String], at_ms: u64) -> Result<AgentOutcome> {
+    let record = match agent(txn, &spec.name)? {
+        Some(r) if r.spec == *spec && r.desired == Desired::Running && sites_of(txn, &spec.name)? == sites => {
+            return Ok(AgentOutcome::Generation(r.generation));
+        }
+        Some(r) => AgentRecord {
+            spec: spec.clone(),
+            desired: Desired::Running,
+            generation: r.generation + 1,
+            ..r
+        },
+        None => AgentRecord {
+            spec: spec.clone(),
+            desired: Desired::Running,
+            generation: 1,
+            incarnation: 0,
+            pending_reason: String::new(),
+            created_at_ms: at_ms,
+        },
+    };
+    put_row(txn, AGENTS_TABLE, spec.name.as_bytes(), &record)?;
+    set_sites(txn, &spec.name, sites)?;
+    queue_eval(txn, &spec.name, EvalTrigger::Changed, record.generation)?;
+    Ok(AgentOutcome::Generation(record.generation))
+}
+
 /// Applies a validated agent command.
 pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcome> {
     let held = match cmd {
-        AgentCommand::Run { spec, .. } => crate::handoff::frozen(txn, &spec.name)?,
+        AgentCommand::Run { spec, .. } | AgentCommand::RunIn { spec, .. } => crate::handoff::frozen(txn, &spec.name)?,
         AgentCommand::Stop { agent, .. } | AgentCommand::Migrate { agent, .. } => crate::handoff::frozen(txn, agent)?,
         _ => None,
     };
@@ -1112,30 +1228,8 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &AgentCommand) -> Result<AgentOutcom
         return Ok(AgentOutcome::Refused(why));
     }
     match cmd {
-        AgentCommand::Run { spec, at_ms } => {
-            let record = match agent(txn, &spec.name)? {
-                Some(r) if r.spec == *spec && r.desired == Desired::Running => {
-                    return Ok(AgentOutcome::Generation(r.generation));
-                }
-                Some(r) => AgentRecord {
-                    spec: spec.clone(),
-                    desired: Desired::Running,
-                    generation: r.generation + 1,
-                    ..r
-                },
-                None => AgentRecord {
-                    spec: spec.clone(),
-                    desired: Desired::Running,
-                    generation: 1,
-                    incarnation: 0,
-                    pending_reason: String::new(),
-                    created_at_ms: *at_ms,
-                },
-            };
-            put_row(txn, AGENTS_TABLE, spec.name.as_bytes(), &record)?;
-            queue_eval(txn, &spec.name, EvalTrigger::Changed, record.generation)?;
-            Ok(AgentOutcome::Generation(record.generation))
-        }
+        AgentCommand::Run { spec, at_ms } => run(txn, spec, &[], *at_ms),
+        AgentCommand::RunIn { spec, sites, at_ms } => run(txn, spec, sites, *at_ms),
         AgentCommand::Stop { agent: name, at_ms } => {
             let Some(mut record) = agent(txn, name)? else {
                 return Ok(AgentOutcome::Refused(format!("no agent named {name:?}")));
@@ -1314,10 +1408,12 @@ pub(crate) fn set_desired(txn: &mut dyn Txn, name: &str, desired: Desired, reaso
 pub(crate) fn create_arriving(
     txn: &mut dyn Txn,
     spec: &AgentSpec,
+    sites: &[String],
     incarnation: u64,
     created_at_ms: u64,
     reason: &str,
 ) -> Result<()> {
+    set_sites(txn, &spec.name, sites)?;
     let record = AgentRecord {
         spec: spec.clone(),
         desired: Desired::Stopped,
@@ -1351,6 +1447,7 @@ pub(crate) fn remove_agent(txn: &mut dyn Txn, name: &str) -> Result<std::result:
     EVALS.delete(txn, name.as_bytes())?;
     BLOCKED.delete(txn, name.as_bytes())?;
     txn.delete(ALLOCATIONS_TABLE, name.as_bytes())?;
+    txn.delete(AGENT_SITES_TABLE, name.as_bytes())?;
     txn.delete(AGENTS_TABLE, name.as_bytes())?;
     Ok(Ok(()))
 }

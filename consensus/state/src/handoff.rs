@@ -55,7 +55,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::agents::{self, AgentSpec, Desired, check_name};
+use crate::agents::{self, AgentSpec, Desired, check_name, check_site};
 use crate::codec::{get_row, put_row};
 use crate::error::{Result, StateError};
 use crate::tasks::{self, MemoryEntry, TaskRecord, check_memory_key};
@@ -69,8 +69,6 @@ const IMPORTED_TASKS_TABLE: &str = "imported_tasks";
 const META_TABLE: &str = "handoff_meta";
 const NEXT_ID_KEY: &[u8] = b"next_id";
 
-/// Longest site name, in bytes (as `cell0 run --site` allows).
-pub const MAX_SITE_BYTES: usize = 64;
 /// Most memory entries or tasks one import command carries.
 pub const MAX_IMPORT_ITEMS: usize = 1000;
 
@@ -218,6 +216,8 @@ pub enum HandoffCommand {
         id: u64,
         /// The agent's spec.
         spec: AgentSpec,
+        /// The sites it may run in ([`agents::sites_of`]).
+        sites: Vec<String>,
         /// The agent's last incarnation at the source.
         incarnation: u64,
         /// When it was first submitted at the source.
@@ -275,16 +275,6 @@ pub enum HandoffOutcome {
     Imported(Vec<TaskMove>),
     /// Refused, with the reason; sending the step again is refused again.
     Refused(String),
-}
-
-fn check_site(field: &str, site: &str) -> Result<()> {
-    if site.is_empty() {
-        return Err(StateError::invalid(field, "must not be empty"));
-    }
-    if site.len() > MAX_SITE_BYTES {
-        return Err(StateError::too_long(field, site.len(), MAX_SITE_BYTES));
-    }
-    Ok(())
 }
 
 fn check_items(field: &str, n: usize) -> Result<()> {
@@ -354,8 +344,11 @@ impl HandoffCommand {
                 }
                 Ok(())
             }
-            HandoffCommand::ImportBegin { from_site, spec, .. } => {
+            HandoffCommand::ImportBegin {
+                from_site, spec, sites, ..
+            } => {
                 check_site("from_site", from_site)?;
+                agents::check_sites("sites", sites)?;
                 spec.validate().map_err(|e| match e {
                     StateError::InvalidArgument { field, reason } => {
                         StateError::invalid(&format!("spec.{field}"), reason)
@@ -579,10 +572,11 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &HandoffCommand) -> Result<HandoffOu
             from_site,
             id,
             spec,
+            sites,
             incarnation,
             created_at_ms,
             at_ms,
-        } => import_begin(txn, from_site, *id, spec, *incarnation, *created_at_ms, *at_ms),
+        } => import_begin(txn, from_site, *id, spec, sites, *incarnation, *created_at_ms, *at_ms),
         HandoffCommand::ImportMemory {
             from_site,
             id,
@@ -647,6 +641,12 @@ fn begin(txn: &mut dyn Txn, agent: &str, to_site: &str, at_ms: u64) -> Result<Ha
     }
     if agents::agent(txn, agent)?.is_none() {
         return Ok(HandoffOutcome::Refused(format!("no agent named {agent:?}")));
+    }
+    let sites = agents::sites_of(txn, agent)?;
+    if !sites.is_empty() && !sites.iter().any(|s| s == to_site) {
+        return Ok(HandoffOutcome::Refused(format!(
+            "agent {agent:?} may run only in sites {sites:?}; {to_site:?} is not one of them"
+        )));
     }
     let id = match txn.get(META_TABLE, NEXT_ID_KEY)? {
         Some(b) => u64_of(&b, "handoff id")? + 1,
@@ -732,6 +732,7 @@ fn import_begin(
     from_site: &str,
     id: u64,
     spec: &AgentSpec,
+    sites: &[String],
     incarnation: u64,
     created_at_ms: u64,
     at_ms: u64,
@@ -768,7 +769,7 @@ fn import_begin(
         return Ok(HandoffOutcome::Refused(why));
     }
     let reason = format!("arriving from site {from_site:?}");
-    agents::create_arriving(txn, spec, incarnation, created_at_ms, &reason)?;
+    agents::create_arriving(txn, spec, sites, incarnation, created_at_ms, &reason)?;
     let row = Incoming {
         from_site: from_site.to_string(),
         id,
@@ -892,6 +893,7 @@ mod tests {
             from_site: "east".into(),
             id,
             spec: record.spec,
+            sites: agents::sites_of(source, "a").unwrap(),
             incarnation: record.incarnation,
             created_at_ms: record.created_at_ms,
             at_ms: 10,

@@ -139,6 +139,19 @@ fn parse_command(words: &[&str]) -> Command {
             },
             at_ms: 100,
         }),
+        // agent-run-in NAME SITE...
+        "agent-run-in" => {
+            let Command::Agent(AgentCommand::Run { spec, at_ms }) =
+                parse_command(&["agent-run", words[1], "500", "64"])
+            else {
+                unreachable!()
+            };
+            Command::Agent(AgentCommand::RunIn {
+                spec,
+                sites: words[2..].iter().map(|w| w.to_string()).collect(),
+                at_ms,
+            })
+        }
         "agent-stop" => Command::Agent(AgentCommand::Stop {
             agent: words[1].into(),
             at_ms: 200,
@@ -271,6 +284,7 @@ fn parse_command(words: &[&str]) -> Command {
                 from_site: words[1].into(),
                 id: num(2),
                 spec,
+                sites: vec![words[1].into(), "here".into()],
                 incarnation: num(4),
                 created_at_ms: 50,
                 at_ms: 730,
@@ -453,6 +467,10 @@ fn reads(state: &MemTxn) -> String {
         )
         .unwrap();
         writeln!(out, "  blocked: {}", agents::is_blocked(state, &a.spec.name).unwrap()).unwrap();
+        let sites = agents::sites_of(state, &a.spec.name).unwrap();
+        if !sites.is_empty() {
+            writeln!(out, "  sites: {sites:?}").unwrap();
+        }
         writeln!(
             out,
             "  stopping: {:?}",

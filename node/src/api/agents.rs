@@ -121,8 +121,15 @@ pub fn spec_from_proto(spec: Option<v1::AgentSpec>) -> Result<AgentSpec, ApiErro
     Ok(spec)
 }
 
-/// `spec` as the API shows it.
-pub fn spec_to_proto(spec: AgentSpec) -> v1::AgentSpec {
+/// The sites a request's spec may run in, checked.
+pub fn sites_from_proto(spec: Option<&v1::AgentSpec>) -> Result<Vec<String>, ApiError> {
+    let sites = spec.map(|s| s.sites.clone()).unwrap_or_default();
+    agents::check_sites("spec.sites", &sites).map_err(|e| invalid("", e))?;
+    Ok(sites)
+}
+
+/// `spec`, which may run in `sites`, as the API shows it.
+pub fn spec_to_proto(spec: AgentSpec, sites: Vec<String>) -> v1::AgentSpec {
     let (restart, max_restarts) = match spec.restart {
         RestartPolicy::Never => ("never", 0),
         RestartPolicy::OnFailure { max_restarts } => ("on-failure", max_restarts),
@@ -152,6 +159,7 @@ pub fn spec_to_proto(spec: AgentSpec) -> v1::AgentSpec {
         restart: restart.into(),
         max_restarts,
         kind: Some(kind),
+        sites,
     }
 }
 
@@ -194,11 +202,37 @@ fn allocation_to_proto(a: Allocation) -> v1::Allocation {
     }
 }
 
-fn agent_to_proto(
+/// An agent as the replica records it: its record, allocation, sites and
+/// handoff.
+struct AgentRows {
     record: AgentRecord,
     allocation: Option<Allocation>,
+    sites: Vec<String>,
     handoff: Option<v1::AgentHandoff>,
-) -> v1::AgentInfo {
+}
+
+impl AgentRows {
+    /// The rows of `name`, if it exists.
+    fn read(txn: &dyn cell0_state::Txn, name: &str) -> cell0_state::Result<Option<AgentRows>> {
+        let Some(record) = agents::agent(txn, name)? else {
+            return Ok(None);
+        };
+        Ok(Some(AgentRows {
+            record,
+            allocation: agents::allocation(txn, name)?,
+            sites: agents::sites_of(txn, name)?,
+            handoff: handoff::info(txn, name)?,
+        }))
+    }
+}
+
+fn agent_to_proto(rows: AgentRows) -> v1::AgentInfo {
+    let AgentRows {
+        record,
+        allocation,
+        sites,
+        handoff,
+    } = rows;
     v1::AgentInfo {
         handoff,
         desired: match record.desired {
@@ -210,7 +244,7 @@ fn agent_to_proto(
         allocation: allocation.map(allocation_to_proto),
         pending_reason: record.pending_reason,
         created_at_ms: record.created_at_ms,
-        spec: Some(spec_to_proto(record.spec)),
+        spec: Some(spec_to_proto(record.spec, sites)),
     }
 }
 
@@ -279,17 +313,11 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::AgentInfo, Status>> + Se
 /// The agent named `name` as the API shows it, from the local replica.
 async fn read_agent(consensus: &Consensus, name: &str, consistency: Consistency) -> Result<v1::AgentInfo, ApiError> {
     let lookup = name.to_string();
-    let (record, allocation, handoff) = consensus
-        .read(consistency, move |txn| {
-            Ok((
-                agents::agent(txn, &lookup)?,
-                agents::allocation(txn, &lookup)?,
-                handoff::info(txn, &lookup)?,
-            ))
-        })
-        .await?;
-    let record = record.ok_or_else(|| ApiError::AgentNotFound { name: name.to_string() })?;
-    Ok(agent_to_proto(record, allocation, handoff))
+    let rows = consensus
+        .read(consistency, move |txn| AgentRows::read(txn, &lookup))
+        .await?
+        .ok_or_else(|| ApiError::AgentNotFound { name: name.to_string() })?;
+    Ok(agent_to_proto(rows))
 }
 
 impl AgentsApi {
@@ -314,10 +342,10 @@ impl AgentsApi {
     /// Records the agent and, in the same log entry, its first placement
     /// where this replica's view has room for it
     /// ([`scheduling::first_plan`]).
-    async fn run_agent(&self, spec: AgentSpec) -> Result<AgentOutcome, ApiError> {
+    async fn run_agent(&self, spec: AgentSpec, sites: Vec<String>) -> Result<AgentOutcome, ApiError> {
         let at_ms = now_ms();
         let lookup = spec.clone();
-        let run = AgentCommand::Run { spec, at_ms };
+        let run = AgentCommand::RunIn { spec, sites, at_ms };
         run.validate().map_err(|e| invalid("", e))?;
         let plan = self
             .consensus
@@ -343,6 +371,65 @@ impl AgentsApi {
             return outcome(run.clone());
         }
         Err(ApiError::Internal(format!("unexpected answer to a run: {answer:?}")))
+    }
+
+    /// The other site that should take `Run` of agent `name` which may run
+    /// in `sites` (None: this one): the site that owns the agent if it
+    /// moved; else, for a new agent, the first of `sites` that is this
+    /// node's own site or linked and alive. A call another site forwarded
+    /// here (`hops` > 0) that names this site is served here.
+    async fn site_to_run(&self, name: &str, sites: &[String], hops: u32) -> Result<Option<String>, ApiError> {
+        let own = self.router.own_site().to_string();
+        let lookup = name.to_string();
+        let (held, exists) = self
+            .consensus
+            .read(Consistency::Linearizable, move |txn| {
+                Ok((handoff::held(txn, &lookup)?, agents::agent(txn, &lookup)?.is_some()))
+            })
+            .await?;
+        match held {
+            Held::Elsewhere(site) => return Ok(Some(site)),
+            Held::Moving { site, why } => {
+                return Err(ApiError::AgentMoving {
+                    agent: name.to_string(),
+                    site,
+                    why,
+                });
+            }
+            Held::Here => {}
+        }
+        if sites.is_empty() || (sites.contains(&own) && (exists || hops > 0)) {
+            return Ok(None);
+        }
+        if exists {
+            return Err(ApiError::AgentRefused(format!(
+                "agent {name:?} runs in this site ({own:?}), which its new sites {sites:?} do not include; \
+                 move it first with `cell0 agent migrate {name} --to-site SITE`"
+            )));
+        }
+        let alive: Vec<String> = self
+            .router
+            .federation()
+            .map(|f| {
+                f.sites()
+                    .into_iter()
+                    .filter(|v| v.status == cell0_federation::SiteStatus::Alive)
+                    .map(|v| v.summary.site)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for site in sites {
+            if *site == own {
+                return Ok(None);
+            }
+            if alive.contains(site) {
+                return Ok(Some(site.clone()));
+            }
+        }
+        Err(ApiError::SiteUnreachable {
+            site: sites.join(","),
+            why: "the spec's sites are neither this node's own site nor linked and alive here".into(),
+        })
     }
 
     /// Begins handing `req.name` off to `req.to_site`; the handoff's id.
@@ -479,8 +566,14 @@ impl Agents for AgentsApi {
                 let caller = Caller::of(request.metadata());
                 let req = request.into_inner();
                 let spec = spec_from_proto(req.spec.clone())?;
+                let sites = sites_from_proto(req.spec.as_ref())?;
                 let name = spec.name.clone();
-                match self.run_agent(spec).await {
+                if let Some(site) = self.site_to_run(&name, &sites, caller.hops).await? {
+                    return Ok(Response::new(
+                        self.router.call(&site, "/cell0.v1.Agents/Run", &req, &caller).await?,
+                    ));
+                }
+                match self.run_agent(spec, sites).await {
                     Ok(o) => Ok(Response::new(v1::RunAgentResponse {
                         generation: generation(o)?,
                     })),
@@ -578,18 +671,15 @@ impl Agents for AgentsApi {
                     .consensus
                     .read(Consistency::Linearizable, move |txn| {
                         let records = agents::agents_after(txn, &after, limit + 1)?;
-                        records
-                            .into_iter()
-                            .map(|r| {
-                                let a = agents::allocation(txn, &r.spec.name)?;
-                                let h = handoff::info(txn, &r.spec.name)?;
-                                Ok((r, a, h))
-                            })
-                            .collect::<cell0_state::Result<Vec<_>>>()
+                        let mut rows = Vec::with_capacity(records.len());
+                        for r in records {
+                            rows.extend(AgentRows::read(txn, &r.spec.name)?);
+                        }
+                        Ok(rows)
                     })
                     .await?;
                 let (page, more) = split_page(page, limit);
-                let agents = page.into_iter().map(|(r, a, h)| agent_to_proto(r, a, h)).collect();
+                let agents = page.into_iter().map(agent_to_proto).collect();
                 Ok(Response::new(v1::ListAgentsResponse { agents, more }))
             })
             .await

@@ -9,6 +9,7 @@
 //! kind = "exec"              # exec, process or inference
 //! restart = "on-failure"     # never, on-failure or always (default)
 //! max_restarts = 3
+//! sites = ["eu", "us"]       # optional: where it may run, in order of preference
 //!
 //! [resources]
 //! cpu_millis = 500
@@ -141,6 +142,8 @@ struct SpecFile {
     restart: String,
     #[serde(default)]
     max_restarts: u32,
+    #[serde(default)]
+    sites: Vec<String>,
     resources: ResourcesFile,
     #[serde(default)]
     constraints: ConstraintsFile,
@@ -243,6 +246,7 @@ pub fn parse_spec(text: &str) -> anyhow::Result<v1::AgentSpec> {
         restart: file.restart,
         max_restarts: file.max_restarts,
         kind: Some(kind),
+        sites: file.sites,
     })
 }
 

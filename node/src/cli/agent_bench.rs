@@ -64,6 +64,7 @@ fn spec(name: &str) -> v1::AgentSpec {
             timeout_ms: 1000,
             max_output_bytes: 1024,
         })),
+        sites: Vec::new(),
     }
 }
 
