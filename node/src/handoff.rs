@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cell0_consensus::agents;
+use cell0_consensus::agents::{self, Desired};
 use cell0_consensus::handoff::{self, HandoffCommand, HandoffOutcome, OutPhase, Outgoing, TaskMove};
 use cell0_consensus::tasks::{self, MemoryEntry, TaskRecord, TaskStatus};
 use cell0_consensus::{Consensus, ConsensusError, Consistency, Response as Applied, Role, Table, failpoints};
@@ -88,7 +88,9 @@ pub async fn run(consensus: Consensus, router: SiteRouter, mut stop: watch::Rece
     let mut changed = consensus.watch_table(Table::Agents);
     loop {
         if consensus.status().role == Role::Leader {
-            let pending = consensus.read(Consistency::Linearizable, handoff::outgoing_all).await;
+            // The leader's own replica: a row it has not applied yet is
+            // picked up next round, and every step is idempotent.
+            let pending = consensus.read(Consistency::Serializable, handoff::outgoing_all).await;
             match pending {
                 Ok(pending) => {
                     for (agent, out) in pending {
@@ -170,6 +172,7 @@ async fn import(consensus: &Consensus, router: &SiteRouter, agent: &str, out: &O
         spec: Some(spec_to_proto(record.spec, sites)),
         incarnation: record.incarnation,
         created_at_ms: record.created_at_ms,
+        stopped: out.resume == Desired::Stopped,
     };
     step(router, &out.to_site, BEGIN, &begin).await?;
 
@@ -415,6 +418,7 @@ impl Importer {
                     from_site,
                     id: m.handoff_id,
                     sites: sites_from_proto(m.spec.as_ref())?,
+                    desired: if m.stopped { Desired::Stopped } else { Desired::Running },
                     spec: spec_from_proto(m.spec)?,
                     incarnation: m.incarnation,
                     created_at_ms: m.created_at_ms,

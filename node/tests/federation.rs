@@ -518,7 +518,7 @@ async fn an_agent_moves_to_another_site_with_its_memory_and_tasks_while_tasks_ke
         "120",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("runs in site b"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is in site b now"), "{}", stderr(&out));
     arriving.await.unwrap();
     check_moved(&a, &b, "memo", 30, &at_a).await;
 

@@ -129,6 +129,9 @@ pub struct Incoming {
     pub id: u64,
     /// Where it stands.
     pub phase: InPhase,
+    /// What the agent's desired status becomes when activated (what it was
+    /// at the source).
+    pub desired: Desired,
     /// When the import began (proposing leader's clock, ms).
     pub since_ms: u64,
 }
@@ -218,6 +221,9 @@ pub enum HandoffCommand {
         spec: AgentSpec,
         /// The sites it may run in ([`agents::sites_of`]).
         sites: Vec<String>,
+        /// Its desired status at the source before the handoff: it runs
+        /// at the target once activated only if it ran at the source.
+        desired: Desired,
         /// The agent's last incarnation at the source.
         incarnation: u64,
         /// When it was first submitted at the source.
@@ -573,10 +579,22 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &HandoffCommand) -> Result<HandoffOu
             id,
             spec,
             sites,
+            desired,
             incarnation,
             created_at_ms,
             at_ms,
-        } => import_begin(txn, from_site, *id, spec, sites, *incarnation, *created_at_ms, *at_ms),
+        } => {
+            let arriving = Arriving {
+                from_site,
+                id: *id,
+                spec,
+                sites,
+                desired: *desired,
+                incarnation: *incarnation,
+                created_at_ms: *created_at_ms,
+            };
+            import_begin(txn, &arriving, *at_ms)
+        }
         HandoffCommand::ImportMemory {
             from_site,
             id,
@@ -624,7 +642,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &HandoffCommand) -> Result<HandoffOu
                 if row.phase == InPhase::Preparing {
                     row.phase = InPhase::Active;
                     put_row(txn, IN_TABLE, agent.as_bytes(), &row)?;
-                    agents::set_desired(txn, agent, Desired::Running, "")?;
+                    agents::set_desired(txn, agent, row.desired, "")?;
                 }
                 Ok(HandoffOutcome::Done)
             }
@@ -726,17 +744,27 @@ fn purge(txn: &mut dyn Txn, agent: &str) -> Result<std::result::Result<(), Strin
     Ok(Ok(()))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn import_begin(
-    txn: &mut dyn Txn,
-    from_site: &str,
+/// What [`HandoffCommand::ImportBegin`] carries.
+struct Arriving<'a> {
+    from_site: &'a str,
     id: u64,
-    spec: &AgentSpec,
-    sites: &[String],
+    spec: &'a AgentSpec,
+    sites: &'a [String],
+    desired: Desired,
     incarnation: u64,
     created_at_ms: u64,
-    at_ms: u64,
-) -> Result<HandoffOutcome> {
+}
+
+fn import_begin(txn: &mut dyn Txn, arriving: &Arriving<'_>, at_ms: u64) -> Result<HandoffOutcome> {
+    let Arriving {
+        from_site,
+        id,
+        spec,
+        sites,
+        desired,
+        incarnation,
+        created_at_ms,
+    } = *arriving;
     let agent = spec.name.as_str();
     match incoming(txn, agent)? {
         Some(row) if row.from_site == from_site && row.id == id => return Ok(HandoffOutcome::Done),
@@ -774,6 +802,7 @@ fn import_begin(
         from_site: from_site.to_string(),
         id,
         phase: InPhase::Preparing,
+        desired,
         since_ms: at_ms,
     };
     put_row(txn, IN_TABLE, agent.as_bytes(), &row)?;
@@ -894,6 +923,7 @@ mod tests {
             id,
             spec: record.spec,
             sites: agents::sites_of(source, "a").unwrap(),
+            desired: outgoing(source, "a").unwrap().map_or(Desired::Running, |o| o.resume),
             incarnation: record.incarnation,
             created_at_ms: record.created_at_ms,
             at_ms: 10,
@@ -1104,6 +1134,40 @@ mod tests {
             at_ms: 7,
         };
         assert!(matches!(step(&mut west, stale), HandoffOutcome::Refused(_)));
+    }
+
+    #[test]
+    fn a_stopped_agent_arrives_stopped() {
+        let mut east = site();
+        agents::apply(
+            &mut east,
+            &AgentCommand::Stop {
+                agent: "a".into(),
+                at_ms: 4,
+            },
+        )
+        .unwrap();
+        let HandoffOutcome::Begun { id } = step(
+            &mut east,
+            HandoffCommand::Begin {
+                agent: "a".into(),
+                to_site: "west".into(),
+                at_ms: 5,
+            },
+        ) else {
+            panic!()
+        };
+        let mut west = empty_site();
+        let (import, _, _) = export(&east, id);
+        step(&mut west, import);
+        let activate = HandoffCommand::Activate {
+            from_site: "east".into(),
+            id,
+            agent: "a".into(),
+            at_ms: 8,
+        };
+        assert_eq!(step(&mut west, activate), HandoffOutcome::Done);
+        assert_eq!(agents::agent(&west, "a").unwrap().unwrap().desired, Desired::Stopped);
     }
 
     #[test]

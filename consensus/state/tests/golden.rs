@@ -285,6 +285,7 @@ fn parse_command(words: &[&str]) -> Command {
                 id: num(2),
                 spec,
                 sites: vec![words[1].into(), "here".into()],
+                desired: agents::Desired::Running,
                 incarnation: num(4),
                 created_at_ms: 50,
                 at_ms: 730,

@@ -363,10 +363,11 @@ async fn wait_for_handoff(
             .map_err(rpc_error)?
             .into_inner();
         let state = a.handoff.as_ref().map(|h| h.state.as_str()).unwrap_or_default();
-        let running = a.allocation.as_ref().is_some_and(|al| al.status == "running");
+        // An agent moved while stopped arrives stopped.
+        let running = a.allocation.as_ref().is_some_and(|al| al.status == "running") || a.desired == "stopped";
         match (state, a.handoff.as_ref().map(|h| h.site.as_str())) {
             ("arrived", _) if running => {
-                eprintln!("agent {name} runs in site {site}");
+                eprintln!("agent {name} is in site {site} now");
                 return Ok(());
             }
             ("moving" | "arriving" | "arrived", _) => {}
