@@ -717,6 +717,13 @@ impl Agents for AgentsApi {
             .observe("Agents/Migrate", async {
                 let caller = Caller::of(request.metadata());
                 let req = request.into_inner();
+                if let Held::Elsewhere(site) = held_by(&self.consensus, &req.name).await? {
+                    return Ok(Response::new(
+                        self.router
+                            .call(&site, "/cell0.v1.Agents/Migrate", &req, &caller)
+                            .await?,
+                    ));
+                }
                 let moved = if req.to_site.is_empty() {
                     self.propose(AgentCommand::Migrate {
                         agent: req.name.clone(),
