@@ -586,19 +586,7 @@ async fn an_inference_agent_recalls_the_same_after_it_moves() {
     let root = traversable_root();
     let cluster = start_cluster(root.path(), 3);
     let endpoints: Vec<String> = cluster.iter().map(|n| n.endpoint()).collect();
-    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
-    let added = cli(&[
-        "model",
-        "add",
-        model.to_str().unwrap(),
-        "--name",
-        "minilm",
-        "--version",
-        "1",
-        "--endpoint",
-        &endpoints[0],
-    ]);
-    assert!(added.status.success(), "{}", stderr(&added));
+    add_test_model(&endpoints[0]);
     wait_until("every node holds the model", async || {
         let ls = cli(&["model", "ls", "--output", "json", "--endpoint", &endpoints[0]]);
         let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap_or_default();

@@ -22,30 +22,18 @@ use cell0_proto::v1::agents_client::AgentsClient;
 use cell0_proto::v1::sites_client::SitesClient;
 use cell0_proto::v1::tasks_client::TasksClient;
 use cell0_proto::v1::{self, SiteStatus};
-use cell0_tls::certs::{create_ca, create_node_cert};
-use cell0_tls::{CaFiles, NodeCertRequest, NodeFiles, Validity};
+use cell0_tls::{CaFiles, NodeFiles, Validity};
 use common::*;
 
 /// The federation port of every test node.
 const WAN: u16 = 7104;
 
 fn ca(dir: &Path) -> CaFiles {
-    std::fs::create_dir_all(dir).unwrap();
-    let files = CaFiles::in_dir(dir);
-    create_ca(&files, "test", Validity::days(30).unwrap()).unwrap();
-    files
+    test_ca(dir)
 }
 
 fn cert(ca: &CaFiles, dir: &Path, node: &str, site: &str) -> NodeFiles {
-    let out = NodeFiles::in_dir(dir, node);
-    let request = NodeCertRequest {
-        node: node.into(),
-        site: site.into(),
-        sans: vec![],
-        validity: Validity::days(30).unwrap(),
-    };
-    create_node_cert(ca, &out, &request).unwrap();
-    out
+    test_cert(ca, dir, node, site, Validity::days(30).unwrap())
 }
 
 /// The flags of a one-node site `site` with site links, linking to
@@ -242,22 +230,12 @@ async fn a_node_of_another_ca_is_refused_and_a_certificate_for_another_site_does
     assert!(err.contains("certificate for site \"x\""), "{err}");
 }
 
-/// Adds the test model to the site of `endpoint` and waits until its node
-/// holds it.
-fn add_model(endpoint: &str) {
-    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
-    let added = cli(&[
-        "model",
-        "add",
-        model.to_str().unwrap(),
-        "--name",
-        "minilm",
-        "--version",
-        "1",
-        "--endpoint",
-        endpoint,
-    ]);
-    assert!(added.status.success(), "{}", stderr(&added));
+/// `cell0 agent migrate AGENT --to-site SITE` through `via`, with `extra`
+/// flags.
+fn migrate(via: &str, agent: &str, site: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["--endpoint", via, "agent", "migrate", agent, "--to-site", site];
+    args.extend_from_slice(extra);
+    cli(&args)
 }
 
 /// Waits until the node of `endpoint` embeds with the test model.
@@ -296,8 +274,8 @@ async fn two_sites(root: &Path, a_env: &[(&str, &str)], b_env: &[(&str, &str)]) 
     );
     a.wait_ready();
     b.wait_ready();
-    add_model(&a.endpoint());
-    add_model(&b.endpoint());
+    add_test_model(&a.endpoint());
+    add_test_model(&b.endpoint());
     wait_model_ready(&a.endpoint()).await;
     wait_model_ready(&b.endpoint()).await;
     let alive = SiteStatus::Alive as i32;
@@ -506,17 +484,7 @@ async fn an_agent_moves_to_another_site_with_its_memory_and_tasks_while_tasks_ke
             submit_until_accepted(&endpoint, "memo", i).await;
         }
     });
-    let out = cli(&[
-        "--endpoint",
-        &a.endpoint(),
-        "agent",
-        "migrate",
-        "memo",
-        "--to-site",
-        "b",
-        "--wait",
-        "120",
-    ]);
+    let out = migrate(&a.endpoint(), "memo", "b", &["--wait", "120"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("is in site b now"), "{}", stderr(&out));
     arriving.await.unwrap();
@@ -526,17 +494,7 @@ async fn an_agent_moves_to_another_site_with_its_memory_and_tasks_while_tasks_ke
     // the agent keeps running where it was.
     run_memo(&a.endpoint(), "twin").await;
     run_memo(&b.endpoint(), "twin").await;
-    let out = cli(&[
-        "--endpoint",
-        &a.endpoint(),
-        "agent",
-        "migrate",
-        "twin",
-        "--to-site",
-        "b",
-        "--wait",
-        "60",
-    ]);
+    let out = migrate(&a.endpoint(), "twin", "b", &["--wait", "60"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("aborted"), "{}", stderr(&out));
     wait_until("twin runs in a again", async || {
@@ -566,25 +524,9 @@ async fn an_agent_moves_to_another_site_with_its_memory_and_tasks_while_tasks_ke
     })
     .await;
     // It moves only to a site its spec names.
-    let out = cli(&[
-        "--endpoint",
-        &b.endpoint(),
-        "agent",
-        "migrate",
-        "placed",
-        "--to-site",
-        "a",
-    ]);
+    let out = migrate(&b.endpoint(), "placed", "a", &[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = cli(&[
-        "--endpoint",
-        &a.endpoint(),
-        "agent",
-        "migrate",
-        "memo",
-        "--to-site",
-        "a",
-    ]);
+    let out = migrate(&a.endpoint(), "memo", "a", &[]);
     // Asked through a, which sends the call on to b, the site that owns it.
     assert!(
         out.status.success(),
@@ -613,15 +555,7 @@ async fn an_agent_moves_to_another_site_with_its_memory_and_tasks_while_tasks_ke
         })
         .await;
     assert!(pinned.is_ok(), "{pinned:?}");
-    let out = cli(&[
-        "--endpoint",
-        &b.endpoint(),
-        "agent",
-        "migrate",
-        "pinned",
-        "--to-site",
-        "a",
-    ]);
+    let out = migrate(&b.endpoint(), "pinned", "a", &[]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("may run only in sites [\"b\"]"),
@@ -665,15 +599,7 @@ async fn a_handoff_survives_the_target_and_then_the_source_crashing_mid_way() {
     for i in 0..10 {
         at_a.push(submit_until_accepted(&a.endpoint(), "memo", i).await.0);
     }
-    let out = cli(&[
-        "--endpoint",
-        &a.endpoint(),
-        "agent",
-        "migrate",
-        "memo",
-        "--to-site",
-        "b",
-    ]);
+    let out = migrate(&a.endpoint(), "memo", "b", &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     wait_crash(&mut b);
     b.restart();

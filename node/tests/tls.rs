@@ -9,29 +9,17 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use cell0_tls::certs::{create_ca, create_node_cert};
+use cell0_tls::certs::create_node_cert;
 use cell0_tls::{CaFiles, NodeCertRequest, NodeFiles, Validity};
 use common::*;
 
-/// A CA in `dir`.
 fn ca(dir: &Path) -> CaFiles {
-    std::fs::create_dir_all(dir).unwrap();
-    let files = CaFiles::in_dir(dir);
-    create_ca(&files, "test", Validity::days(30).unwrap()).unwrap();
-    files
+    test_ca(dir)
 }
 
 /// A certificate for `node` from `ca`, valid `validity`, in `dir`.
 fn cert(ca: &CaFiles, dir: &Path, node: &str, validity: Validity) -> NodeFiles {
-    let out = NodeFiles::in_dir(dir, node);
-    let request = NodeCertRequest {
-        node: node.into(),
-        site: "default".into(),
-        sans: vec![],
-        validity,
-    };
-    create_node_cert(ca, &out, &request).unwrap();
-    out
+    test_cert(ca, dir, node, "default", validity)
 }
 
 /// The TLS flags of a node.

@@ -908,6 +908,19 @@ mod tests {
         apply(txn, &cmd).unwrap()
     }
 
+    /// Begins handing agent "a" to site west; the handoff's id.
+    fn begin(txn: &mut MemTxn) -> u64 {
+        let cmd = HandoffCommand::Begin {
+            agent: "a".into(),
+            to_site: "west".into(),
+            at_ms: 5,
+        };
+        match step(txn, cmd) {
+            HandoffOutcome::Begun { id } => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn id_of(o: TaskOutcome) -> u64 {
         match o {
             TaskOutcome::Submitted { id, .. } => id,
@@ -951,16 +964,7 @@ mod tests {
         assert_eq!(complete(&mut east, done, inc, "k1"), TaskOutcome::Completed);
         let queued = id_of(submit(&mut east, "t2"));
 
-        let HandoffOutcome::Begun { id } = step(
-            &mut east,
-            HandoffCommand::Begin {
-                agent: "a".into(),
-                to_site: "west".into(),
-                at_ms: 5,
-            },
-        ) else {
-            panic!()
-        };
+        let id = begin(&mut east);
         // Fenced at once: the running incarnation's result no longer counts,
         // nothing new is accepted, and the agent cannot be changed.
         assert!(matches!(
@@ -1088,17 +1092,6 @@ mod tests {
     #[test]
     fn an_aborted_handoff_gives_the_agent_back_and_its_dormant_copy_is_replaced() {
         let mut east = site();
-        let begin = |txn: &mut MemTxn| match step(
-            txn,
-            HandoffCommand::Begin {
-                agent: "a".into(),
-                to_site: "west".into(),
-                at_ms: 5,
-            },
-        ) {
-            HandoffOutcome::Begun { id } => id,
-            other => panic!("{other:?}"),
-        };
         let first = begin(&mut east);
         let mut west = empty_site();
         let (import, _, _) = export(&east, first);
@@ -1147,16 +1140,7 @@ mod tests {
             },
         )
         .unwrap();
-        let HandoffOutcome::Begun { id } = step(
-            &mut east,
-            HandoffCommand::Begin {
-                agent: "a".into(),
-                to_site: "west".into(),
-                at_ms: 5,
-            },
-        ) else {
-            panic!()
-        };
+        let id = begin(&mut east);
         let mut west = empty_site();
         let (import, _, _) = export(&east, id);
         step(&mut west, import);

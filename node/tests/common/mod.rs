@@ -458,3 +458,49 @@ pub async fn nodes(endpoint: &str) -> Vec<v1::NodeInfo> {
         .into_inner()
         .nodes
 }
+
+/// Registers the test model (`models/all-minilm-l6-v2`, from
+/// `scripts/fetch-model.sh`) as `minilm` version 1 with the cluster of
+/// `endpoint`.
+pub fn add_test_model(endpoint: &str) {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
+    let added = cli(&[
+        "model",
+        "add",
+        model.to_str().unwrap(),
+        "--name",
+        "minilm",
+        "--version",
+        "1",
+        "--endpoint",
+        endpoint,
+    ]);
+    assert!(added.status.success(), "{}", stderr(&added));
+}
+
+/// A test CA in `dir` (created with it), valid 30 days.
+pub fn test_ca(dir: &Path) -> cell0_tls::CaFiles {
+    std::fs::create_dir_all(dir).unwrap();
+    let files = cell0_tls::CaFiles::in_dir(dir);
+    cell0_tls::certs::create_ca(&files, "test", cell0_tls::Validity::days(30).unwrap()).unwrap();
+    files
+}
+
+/// A certificate for `node` of `site` from `ca`, valid `validity`, in `dir`.
+pub fn test_cert(
+    ca: &cell0_tls::CaFiles,
+    dir: &Path,
+    node: &str,
+    site: &str,
+    validity: cell0_tls::Validity,
+) -> cell0_tls::NodeFiles {
+    let out = cell0_tls::NodeFiles::in_dir(dir, node);
+    let request = cell0_tls::NodeCertRequest {
+        node: node.into(),
+        site: site.into(),
+        sans: vec![],
+        validity,
+    };
+    cell0_tls::certs::create_node_cert(ca, &out, &request).unwrap();
+    out
+}
