@@ -6,13 +6,13 @@
 //!
 //! Worker, on the leader only, after every change to the agent tables and
 //! at least every [`ROUND`]: for each handoff in `handoffs_out`,
-//! - `Begun`: send the agent's spec, then its memory and its tasks in
-//!   chunks of at most [`CHUNK_BYTES`] (read from the local replica: the
-//!   agent is frozen, so every read sees the same), record the target's
-//!   task ids, and commit once the agent's last incarnation here confirmed
-//!   its stop. A refusal from the target (FAILED_PRECONDITION) aborts the
+//! - `Begun`: once the agent's last incarnation here confirmed its stop,
+//!   send the agent's spec, then its memory and its tasks in chunks of at
+//!   most [`CHUNK_BYTES`] (read from the local replica: the agent is
+//!   frozen, so every read sees the same), record the target's task ids,
+//!   and commit. A refusal from the target (FAILED_PRECONDITION) aborts the
 //!   handoff; anything else (the site unreachable, no leader there) is
-//!   tried again next round.
+//!   tried again next round, from the spec on.
 //! - `Committed`: activate the agent at the target, then finish (the
 //!   forwarding pointer).
 //!
@@ -155,15 +155,24 @@ async fn drive(consensus: &Consensus, router: &SiteRouter, agent: &str, out: &Ou
     Ok(())
 }
 
-/// Sends everything of `agent` to the target and commits; false when the
-/// commit must wait (an incarnation here has not confirmed its stop).
+/// Once the agent's last incarnation here confirmed its stop, sends
+/// everything of `agent` to the target and commits; false while the stop
+/// is awaited (the import is sent once, after it: an agent may be large).
 async fn import(consensus: &Consensus, router: &SiteRouter, agent: &str, out: &Outgoing) -> Result<bool, StepError> {
     let name = agent.to_string();
-    let (record, sites) = consensus
+    let (record, sites, stopping) = consensus
         .read(Consistency::Linearizable, move |txn| {
-            Ok((agents::agent(txn, &name)?, agents::sites_of(txn, &name)?))
+            Ok((
+                agents::agent(txn, &name)?,
+                agents::sites_of(txn, &name)?,
+                agents::stopping_of(txn, &name)?,
+            ))
         })
         .await?;
+    if let Some((incarnation, row)) = stopping.first() {
+        tracing::debug!(%agent, incarnation, node = %format!("{:016x}", row.node), "the handoff waits for the agent to stop here");
+        return Ok(false);
+    }
     let Some(record) = record else {
         return Err(StepError::Retry(format!("agent {agent:?} has no record")));
     };

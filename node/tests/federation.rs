@@ -586,8 +586,9 @@ fn wait_crash(node: &mut Node) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_survives_the_target_and_then_the_source_crashing_mid_way() {
     let root = tempfile::tempdir().unwrap();
-    // b crashes as it imports the tasks; a, once b is back, after the
-    // target imported everything and before it commits.
+    // b crashes as it imports the tasks (the move is then cancelled, and
+    // made again once b is back); a crashes after the target imported
+    // everything and before it commits.
     let (mut a, mut b) = two_sites(
         root.path(),
         &[("CELL0_FAILPOINTS", "crash-at-handoff-imported")],
@@ -602,8 +603,20 @@ async fn a_handoff_survives_the_target_and_then_the_source_crashing_mid_way() {
     let out = migrate(&a.endpoint(), "memo", "b", &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     wait_crash(&mut b);
+    // While b is down the move can be cancelled: memo runs in a again.
+    let out = cli(&["--endpoint", &a.endpoint(), "agent", "migrate", "memo", "--cancel"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("memo runs in a again", async || {
+        let m = local_agent(&a.endpoint(), "memo").await;
+        m.handoff.is_none() && m.allocation.is_some_and(|al| al.status == "running")
+    })
+    .await;
     b.restart();
     b.wait_ready();
+    // b holds a dormant copy of the cancelled move; the next move from a
+    // replaces it.
+    let out = migrate(&a.endpoint(), "memo", "b", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
     wait_crash(&mut a);
     // Until a is back, b holds the agent dormant: nobody runs it.
     let dormant = local_agent(&b.endpoint(), "memo").await;

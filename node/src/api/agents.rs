@@ -432,6 +432,50 @@ impl AgentsApi {
         })
     }
 
+    /// Aborts `req.name`'s handoff to another site, which must not have
+    /// committed; the handoff's id.
+    async fn cancel_handoff(&self, req: &v1::MigrateAgentRequest) -> Result<u64, ApiError> {
+        if req.to_node != 0 || !req.to_site.is_empty() {
+            return Err(ApiError::invalid(
+                "cancel",
+                "goes alone: leave to_node and to_site empty to cancel a handoff",
+            ));
+        }
+        agents::check_name("name", &req.name).map_err(|e| invalid("", e))?;
+        let name = req.name.clone();
+        let (out, moved) = self
+            .consensus
+            .read(Consistency::Linearizable, move |txn| {
+                Ok((
+                    cell0_consensus::handoff::outgoing(txn, &name)?,
+                    cell0_consensus::handoff::moved(txn, &name)?,
+                ))
+            })
+            .await?;
+        let Some(out) = out else {
+            return Err(ApiError::AgentRefused(match moved {
+                Some(m) => format!("agent {:?} moved to site {:?} already", req.name, m.site),
+                None => format!("agent {:?} is not being moved to another site", req.name),
+            }));
+        };
+        let abort = cell0_consensus::handoff::HandoffCommand::Abort {
+            agent: req.name.clone(),
+            id: out.id,
+            reason: "cancelled by an operator".into(),
+            at_ms: now_ms(),
+        };
+        match self.consensus.propose(abort.into_command()).await? {
+            Applied::Handoff(cell0_consensus::handoff::HandoffOutcome::Done) => {
+                tracing::info!(agent = %req.name, site = %out.to_site, handoff = out.id, "handoff cancelled");
+                Ok(out.id)
+            }
+            Applied::Handoff(cell0_consensus::handoff::HandoffOutcome::Refused(why)) => {
+                Err(ApiError::AgentRefused(why))
+            }
+            other => Err(ApiError::Internal(format!("unexpected answer to a cancel: {other:?}"))),
+        }
+    }
+
     /// Begins handing `req.name` off to `req.to_site`; the handoff's id.
     async fn hand_off(&self, req: &v1::MigrateAgentRequest) -> Result<u64, ApiError> {
         let site = req.to_site.as_str();
@@ -717,6 +761,10 @@ impl Agents for AgentsApi {
             .observe("Agents/Migrate", async {
                 let caller = Caller::of(request.metadata());
                 let req = request.into_inner();
+                if req.cancel {
+                    let handoff_id = self.cancel_handoff(&req).await?;
+                    return Ok(Response::new(v1::MigrateAgentResponse { handoff_id }));
+                }
                 if let Held::Elsewhere(site) = held_by(&self.consensus, &req.name).await? {
                     return Ok(Response::new(
                         self.router

@@ -86,6 +86,10 @@ pub enum AgentCommand {
         /// the move is aborted), at most this many seconds.
         #[arg(long, value_name = "SECONDS", requires = "to_site")]
         wait: Option<u64>,
+        /// Cancel the agent's move to another site, unless it committed
+        /// (the other site owns it): the agent runs here again.
+        #[arg(long, conflicts_with_all = ["to", "to_site"])]
+        cancel: bool,
     },
     /// Follow an agent's lifecycle: one line per change until interrupted.
     Watch {
@@ -454,6 +458,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: AgentCommand) -> anyhow::R
             to,
             to_site,
             wait,
+            cancel,
         } => {
             let to_node = to.as_deref().map(parse_node_id).transpose()?.unwrap_or(0);
             let r = client
@@ -461,10 +466,15 @@ pub async fn run(endpoint: &str, output: Output, cmd: AgentCommand) -> anyhow::R
                     name: name.clone(),
                     to_node,
                     to_site: to_site.clone().unwrap_or_default(),
+                    cancel,
                 })
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
+            if cancel {
+                eprintln!("the move of agent {name} (handoff {}) is cancelled", r.handoff_id);
+                return Ok(());
+            }
             let Some(site) = to_site else {
                 eprintln!("agent {name} moving");
                 return Ok(());
