@@ -23,6 +23,7 @@
 //! public methods only); the target takes the source site from the link's
 //! certificate, never from the message.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -86,6 +87,9 @@ impl From<ApiError> for StepError {
 /// until `stop` rises.
 pub async fn run(consensus: Consensus, router: SiteRouter, mut stop: watch::Receiver<bool>) {
     let mut changed = consensus.watch_table(Table::Agents);
+    // The last failure of each handoff: a new one is a warning, the same
+    // one again (a site down for a while) only a debug line.
+    let mut failing: BTreeMap<String, String> = BTreeMap::new();
     loop {
         if consensus.status().role == Role::Leader {
             // The leader's own replica: a row it has not applied yet is
@@ -93,14 +97,26 @@ pub async fn run(consensus: Consensus, router: SiteRouter, mut stop: watch::Rece
             let pending = consensus.read(Consistency::Serializable, handoff::outgoing_all).await;
             match pending {
                 Ok(pending) => {
+                    failing.retain(|agent, _| pending.iter().any(|(a, _)| a == agent));
                     for (agent, out) in pending {
                         let step = tokio::select! {
                             r = drive(&consensus, &router, &agent, &out) => r,
                             () = stopped(&mut stop) => return,
                         };
-                        if let Err(e) = step {
-                            metrics::counter!("cell0_handoff_steps_total", "result" => "retry").increment(1);
-                            tracing::warn!(%agent, site = %out.to_site, handoff = out.id, error = %e, "a handoff step failed; trying again");
+                        match step {
+                            Ok(()) => {
+                                failing.remove(&agent);
+                            }
+                            Err(e) => {
+                                metrics::counter!("cell0_handoff_steps_total", "result" => "retry").increment(1);
+                                let error = e.to_string();
+                                if failing.get(&agent) == Some(&error) {
+                                    tracing::debug!(%agent, site = %out.to_site, handoff = out.id, %error, "a handoff step failed again; trying again");
+                                } else {
+                                    tracing::warn!(%agent, site = %out.to_site, handoff = out.id, %error, "a handoff step failed; trying again every second");
+                                    failing.insert(agent, error);
+                                }
+                            }
                         }
                     }
                 }
