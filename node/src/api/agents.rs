@@ -214,15 +214,18 @@ struct AgentRows {
 impl AgentRows {
     /// The rows of `name`, if it exists.
     fn read(txn: &dyn cell0_state::Txn, name: &str) -> cell0_state::Result<Option<AgentRows>> {
-        let Some(record) = agents::agent(txn, name)? else {
-            return Ok(None);
-        };
-        Ok(Some(AgentRows {
+        agents::agent(txn, name)?.map(|r| Self::of(txn, r)).transpose()
+    }
+
+    /// The rows of the agent `record` is.
+    fn of(txn: &dyn cell0_state::Txn, record: AgentRecord) -> cell0_state::Result<AgentRows> {
+        let name = record.spec.name.clone();
+        Ok(AgentRows {
             record,
-            allocation: agents::allocation(txn, name)?,
-            sites: agents::sites_of(txn, name)?,
-            handoff: handoff::info(txn, name)?,
-        }))
+            allocation: agents::allocation(txn, &name)?,
+            sites: agents::sites_of(txn, &name)?,
+            handoff: handoff::info(txn, &name)?,
+        })
     }
 }
 
@@ -253,6 +256,32 @@ pub(crate) async fn held_by(consensus: &Consensus, name: &str) -> Result<Held, A
     let lookup = name.to_string();
     Ok(consensus
         .read(Consistency::Linearizable, move |txn| handoff::held(txn, &lookup))
+        .await?)
+}
+
+/// A read about an agent: served here, or by the site that owns it.
+pub(crate) enum Served<T> {
+    /// What the read returned here.
+    Here(T),
+    /// The site that owns the agent: send the call there.
+    Elsewhere(String),
+}
+
+/// Runs `read` (linearizable) unless another site owns agent `name`, in
+/// one point-in-time view.
+pub(crate) async fn read_or_owner<T>(
+    consensus: &Consensus,
+    name: &str,
+    read: impl FnOnce(&dyn cell0_state::Txn) -> cell0_state::Result<T>,
+) -> Result<Served<T>, ApiError> {
+    let lookup = name.to_string();
+    Ok(consensus
+        .read(Consistency::Linearizable, move |txn| {
+            if let Some(site) = cell0_consensus::handoff::owner_elsewhere(txn, &lookup)? {
+                return Ok(Served::Elsewhere(site));
+            }
+            Ok(Served::Here(read(txn)?))
+        })
         .await?)
 }
 
@@ -638,14 +667,14 @@ impl Agents for AgentsApi {
                 let caller = Caller::of(request.metadata());
                 let req = request.into_inner();
                 agents::check_name("name", &req.name).map_err(|e| invalid("", e))?;
-                if let Held::Elsewhere(site) = held_by(&self.consensus, &req.name).await? {
-                    return Ok(Response::new(
+                let lookup = req.name.clone();
+                match read_or_owner(&self.consensus, &req.name, move |txn| AgentRows::read(txn, &lookup)).await? {
+                    Served::Here(Some(rows)) => Ok(Response::new(agent_to_proto(rows))),
+                    Served::Here(None) => Err(ApiError::AgentNotFound { name: req.name }),
+                    Served::Elsewhere(site) => Ok(Response::new(
                         self.router.call(&site, "/cell0.v1.Agents/Get", &req, &caller).await?,
-                    ));
+                    )),
                 }
-                Ok(Response::new(
-                    read_agent(&self.consensus, &req.name, Consistency::Linearizable).await?,
-                ))
             })
             .await
     }
@@ -715,11 +744,7 @@ impl Agents for AgentsApi {
                     .consensus
                     .read(Consistency::Linearizable, move |txn| {
                         let records = agents::agents_after(txn, &after, limit + 1)?;
-                        let mut rows = Vec::with_capacity(records.len());
-                        for r in records {
-                            rows.extend(AgentRows::read(txn, &r.spec.name)?);
-                        }
-                        Ok(rows)
+                        records.into_iter().map(|r| AgentRows::of(txn, r)).collect()
                     })
                     .await?;
                 let (page, more) = split_page(page, limit);

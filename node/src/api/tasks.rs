@@ -16,10 +16,9 @@ use cell0_proto::v1;
 use cell0_proto::v1::tasks_server::Tasks;
 use tonic::{Request, Response, Status};
 
-use super::agents::{held_by, invalid, owner_after_refusal, page_limit, split_page};
+use super::agents::{Served, invalid, owner_after_refusal, page_limit, read_or_owner, split_page};
 use super::forward::{Caller, SiteRouter};
 use super::{ApiError, RequestGate};
-use crate::handoff::Held;
 use crate::scheduling::now_ms;
 
 /// Longest `Wait`, in milliseconds.
@@ -228,19 +227,19 @@ impl Tasks for TasksApi {
                 let caller = Caller::of(request.metadata());
                 let req = request.into_inner();
                 check_name("agent", &req.agent).map_err(|e| invalid("", e))?;
-                if let Held::Elsewhere(site) = held_by(&self.consensus, &req.agent).await? {
-                    return Ok(Response::new(
-                        self.router.call(&site, "/cell0.v1.Tasks/List", &req, &caller).await?,
-                    ));
-                }
                 let limit = page_limit(req.limit)?;
                 let (agent, after) = (req.agent.clone(), req.start_after);
-                let rows = self
-                    .consensus
-                    .read(Consistency::Linearizable, move |txn| {
-                        tasks::tasks_of(txn, &agent, after, limit + 1)
-                    })
-                    .await?;
+                let read = read_or_owner(&self.consensus, &req.agent, move |txn| {
+                    tasks::tasks_of(txn, &agent, after, limit + 1)
+                });
+                let rows = match read.await? {
+                    Served::Here(rows) => rows,
+                    Served::Elsewhere(site) => {
+                        return Ok(Response::new(
+                            self.router.call(&site, "/cell0.v1.Tasks/List", &req, &caller).await?,
+                        ));
+                    }
+                };
                 let (page, more) = split_page(rows, limit);
                 Ok(Response::new(v1::ListTasksResponse {
                     tasks: page
@@ -262,21 +261,21 @@ impl Tasks for TasksApi {
                 let caller = Caller::of(request.metadata());
                 let req = request.into_inner();
                 check_name("agent", &req.agent).map_err(|e| invalid("", e))?;
-                if let Held::Elsewhere(site) = held_by(&self.consensus, &req.agent).await? {
-                    return Ok(Response::new(
-                        self.router
-                            .call(&site, "/cell0.v1.Tasks/ListMemory", &req, &caller)
-                            .await?,
-                    ));
-                }
                 let limit = page_limit(req.limit)?;
                 let (agent, after) = (req.agent.clone(), req.start_after.clone());
-                let rows = self
-                    .consensus
-                    .read(Consistency::Linearizable, move |txn| {
-                        tasks::memory_list(txn, &agent, &after, limit + 1)
-                    })
-                    .await?;
+                let read = read_or_owner(&self.consensus, &req.agent, move |txn| {
+                    tasks::memory_list(txn, &agent, &after, limit + 1)
+                });
+                let rows = match read.await? {
+                    Served::Here(rows) => rows,
+                    Served::Elsewhere(site) => {
+                        return Ok(Response::new(
+                            self.router
+                                .call(&site, "/cell0.v1.Tasks/ListMemory", &req, &caller)
+                                .await?,
+                        ));
+                    }
+                };
                 let (page, more) = split_page(rows, limit);
                 Ok(Response::new(v1::ListMemoryResponse {
                     entries: page.into_iter().map(|(k, e)| memory_to_proto(k, e)).collect(),
