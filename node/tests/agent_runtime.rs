@@ -645,17 +645,9 @@ async fn an_inference_agent_recalls_the_same_after_it_moves() {
     .await;
     let after = remember_and_recall(&endpoints[2], "memo", "how long should spaghetti boil").await;
     assert_eq!(before, after, "recall changed after the move");
-    let memory = TasksClient::new(channel(&endpoints[2]).await)
-        .list_memory(v1::ListMemoryRequest {
-            agent: "memo".into(),
-            start_after: String::new(),
-            limit: 1000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(memory.entries.len(), 100);
-    assert!(memory.entries.iter().all(|e| e.embedding_dims == 384));
+    let memory = memory_of(&endpoints[2], "memo").await.unwrap();
+    assert_eq!(memory.len(), 100);
+    assert!(memory.iter().all(|e| e.embedding_dims == 384));
 }
 
 /// Prints the nodes' logs if the test fails.

@@ -443,19 +443,11 @@ async fn check_moved(a: &Node, b: &Node, agent: &str, n: usize, a_ids: &[u64]) {
     }
     assert_eq!(tasks.len(), n, "no task twice, none extra");
     // b has every memory entry, asked for through a.
-    let memory = TasksClient::new(channel(&a.endpoint()).await)
-        .list_memory(v1::ListMemoryRequest {
-            agent: agent.into(),
-            start_after: String::new(),
-            limit: 1000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let keys: Vec<String> = memory.entries.iter().map(|e| e.key.clone()).collect();
+    let memory = memory_of(&a.endpoint(), agent).await.unwrap();
+    let keys: Vec<String> = memory.iter().map(|e| e.key.clone()).collect();
     let expected: Vec<String> = (0..n).map(|i| format!("note-{i:03}")).collect();
     assert_eq!(keys, expected);
-    assert!(memory.entries.iter().all(|e| e.embedding_dims == 384));
+    assert!(memory.iter().all(|e| e.embedding_dims == 384));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,13 +460,7 @@ async fn an_agent_moves_to_another_site_with_its_memory_and_tasks_while_tasks_ke
         at_a.push(submit_until_accepted(&a.endpoint(), "memo", i).await.0);
     }
     wait_until("some notes are remembered in a", async || {
-        TasksClient::new(channel(&a.endpoint()).await)
-            .list_memory(v1::ListMemoryRequest {
-                agent: "memo".into(),
-                ..Default::default()
-            })
-            .await
-            .is_ok_and(|r| !r.into_inner().entries.is_empty())
+        memory_of(&a.endpoint(), "memo").await.is_ok_and(|m| !m.is_empty())
     })
     .await;
     // Tasks keep arriving through a while the agent moves.
@@ -539,16 +525,8 @@ async fn an_agent_moves_to_another_site_with_its_memory_and_tasks_while_tasks_ke
             && m.allocation.is_some_and(|al| al.status == "running")
     })
     .await;
-    let memory = TasksClient::new(channel(&a.endpoint()).await)
-        .list_memory(v1::ListMemoryRequest {
-            agent: "memo".into(),
-            start_after: String::new(),
-            limit: 1000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(memory.entries.len(), 30);
+    let memory = memory_of(&a.endpoint(), "memo").await.unwrap();
+    assert_eq!(memory.len(), 30);
     let pinned = agents_a
         .run(v1::RunAgentRequest {
             spec: Some(memo_spec("pinned", &["b"])),

@@ -390,6 +390,8 @@ async fn wait_for_handoff(
                 timeout.as_secs()
             );
         }
+        // Polling: the handoff runs in two sites' leaders, and a person
+        // waits on it (a watch would end when the agent's pointer moves).
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

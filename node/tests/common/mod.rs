@@ -504,3 +504,16 @@ pub fn test_cert(
     cell0_tls::certs::create_node_cert(ca, &out, &request).unwrap();
     out
 }
+
+/// The first 1,000 memory entries of `agent`, asked of the node at
+/// `endpoint`.
+pub async fn memory_of(endpoint: &str, agent: &str) -> Result<Vec<v1::MemoryEntry>, tonic::Status> {
+    cell0_proto::v1::tasks_client::TasksClient::new(channel(endpoint).await)
+        .list_memory(v1::ListMemoryRequest {
+            agent: agent.into(),
+            start_after: String::new(),
+            limit: 1000,
+        })
+        .await
+        .map(|r| r.into_inner().entries)
+}
