@@ -42,6 +42,7 @@ use tonic::Code;
 use crate::api::ApiError;
 use crate::api::agents::{sites_from_proto, spec_from_proto, spec_to_proto};
 use crate::api::forward::{Caller, LocalReplay, SiteRouter};
+use crate::api::tasks::task_status_name;
 use crate::scheduling::now_ms;
 use crate::supervisor::stopped;
 
@@ -372,20 +373,12 @@ fn memory_from_wire(e: wire::HandoffMemoryEntry) -> (String, MemoryEntry) {
     )
 }
 
-fn status_name(s: TaskStatus) -> &'static str {
-    match s {
-        TaskStatus::Queued => "queued",
-        TaskStatus::Succeeded => "succeeded",
-        TaskStatus::Failed => "failed",
-    }
-}
-
 fn task_to_wire(t: TaskRecord) -> wire::HandoffTask {
     wire::HandoffTask {
         id: t.id,
         input: t.input.into(),
         idempotency_key: t.idempotency_key,
-        status: status_name(t.status).into(),
+        status: task_status_name(t.status).into(),
         output: t.output.into(),
         error: t.error,
         incarnation: t.incarnation,

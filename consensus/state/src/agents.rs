@@ -858,7 +858,7 @@ impl AgentCommand {
 }
 
 /// Approximate encoded size of `spec`.
-fn spec_size(spec: &AgentSpec) -> usize {
+pub(crate) fn spec_size(spec: &AgentSpec) -> usize {
     let names = |n: &[String]| n.iter().map(|a| a.len() + 1).sum::<usize>();
     let command = match &spec.kind {
         AgentKind::Exec { command, .. } | AgentKind::Process { command, .. } => names(command),

@@ -197,6 +197,16 @@ fn unframe<'b>(what: &'static str, newest: u8, bytes: &'b [u8]) -> Result<(u8, &
     }
 }
 
+/// A big-endian u64 stored as a key part or a plain value (an id, a
+/// counter); `what` names it if the bytes are not 8.
+pub(crate) fn be_u64(what: &'static str, bytes: &[u8]) -> Result<u64> {
+    let arr: [u8; 8] = bytes.try_into().map_err(|_| StateError::Corrupt {
+        what,
+        detail: format!("{} bytes, not 8", bytes.len()),
+    })?;
+    Ok(u64::from_be_bytes(arr))
+}
+
 /// A counter row: a big-endian u64 (layout 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counter(pub u64);

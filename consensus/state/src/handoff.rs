@@ -56,7 +56,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::agents::{self, AgentSpec, Desired, check_name, check_site};
-use crate::codec::{get_row, put_row};
+use crate::codec::{be_u64, get_row, put_row};
 use crate::error::{Result, StateError};
 use crate::tasks::{self, MemoryEntry, TaskRecord, check_memory_key};
 use crate::txn::{Txn, prefix_end};
@@ -303,13 +303,8 @@ impl HandoffCommand {
     pub fn approx_size(&self) -> usize {
         match self {
             HandoffCommand::MapTasks { moved, .. } => 64 + moved.len() * 16,
-            HandoffCommand::ImportBegin { spec, .. } => {
-                agents::AgentCommand::Run {
-                    spec: spec.clone(),
-                    at_ms: 0,
-                }
-                .approx_size()
-                    + 64
+            HandoffCommand::ImportBegin { spec, sites, .. } => {
+                agents::spec_size(spec) + sites.iter().map(|s| s.len() + 1).sum::<usize>() + 64
             }
             HandoffCommand::ImportMemory { entries, .. } => {
                 64 + entries
@@ -491,21 +486,11 @@ pub fn frozen(txn: &dyn Txn, agent: &str) -> Result<Option<String>> {
 }
 
 fn imported_key(agent: &str, from_site: &str, id: u64, task: u64) -> Vec<u8> {
-    let mut key = agent.as_bytes().to_vec();
-    key.push(0);
-    key.extend_from_slice(from_site.as_bytes());
+    let mut key = tasks::agent_key(agent, from_site.as_bytes());
     key.push(0);
     key.extend_from_slice(&id.to_be_bytes());
     key.extend_from_slice(&task.to_be_bytes());
     key
-}
-
-fn u64_of(bytes: &[u8], what: &'static str) -> Result<u64> {
-    let arr: [u8; 8] = bytes.try_into().map_err(|_| StateError::Corrupt {
-        what,
-        detail: format!("{} bytes", bytes.len()),
-    })?;
-    Ok(u64::from_be_bytes(arr))
 }
 
 /// Applies a validated handoff step.
@@ -624,7 +609,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &HandoffCommand) -> Result<HandoffOu
             for task in list {
                 let key = imported_key(agent, from_site, *id, task.id);
                 let to = match txn.get(IMPORTED_TASKS_TABLE, &key)? {
-                    Some(b) => u64_of(&b, "imported task id")?,
+                    Some(b) => be_u64("imported task id", &b)?,
                     None => {
                         let to = tasks::import_task(txn, task)?;
                         txn.put(IMPORTED_TASKS_TABLE, &key, &to.to_be_bytes())?;
@@ -667,7 +652,7 @@ fn begin(txn: &mut dyn Txn, agent: &str, to_site: &str, at_ms: u64) -> Result<Ha
         )));
     }
     let id = match txn.get(META_TABLE, NEXT_ID_KEY)? {
-        Some(b) => u64_of(&b, "handoff id")? + 1,
+        Some(b) => be_u64("handoff id", &b)? + 1,
         None => 1,
     };
     txn.put(META_TABLE, NEXT_ID_KEY, &id.to_be_bytes())?;
@@ -730,11 +715,7 @@ fn purge(txn: &mut dyn Txn, agent: &str) -> Result<std::result::Result<(), Strin
     for id in tasks::purge(txn, agent)? {
         txn.delete(TASK_MOVES_TABLE, &id.to_be_bytes())?;
     }
-    let prefix = {
-        let mut p = agent.as_bytes().to_vec();
-        p.push(0);
-        p
-    };
+    let prefix = tasks::agent_prefix(agent);
     let end = prefix_end(&prefix);
     for (key, _) in txn.scan(IMPORTED_TASKS_TABLE, &prefix, end.as_deref(), usize::MAX)? {
         txn.delete(IMPORTED_TASKS_TABLE, &key)?;

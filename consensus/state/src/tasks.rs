@@ -330,23 +330,21 @@ impl TaskCommand {
     }
 }
 
-fn agent_key(agent: &str, suffix: &[u8]) -> Vec<u8> {
+/// `agent` ++ 0 ++ `suffix`: the key layout of every per-agent table.
+pub(crate) fn agent_key(agent: &str, suffix: &[u8]) -> Vec<u8> {
     let mut key = agent.as_bytes().to_vec();
     key.push(0);
     key.extend_from_slice(suffix);
     key
 }
 
-fn agent_prefix(agent: &str) -> Vec<u8> {
+/// The prefix of `agent`'s rows in a per-agent table.
+pub(crate) fn agent_prefix(agent: &str) -> Vec<u8> {
     agent_key(agent, &[])
 }
 
 fn id_of(bytes: &[u8]) -> Result<u64> {
-    let arr: [u8; 8] = bytes.try_into().map_err(|_| StateError::Corrupt {
-        what: "task id",
-        detail: format!("{} bytes", bytes.len()),
-    })?;
-    Ok(u64::from_be_bytes(arr))
+    crate::codec::be_u64("task id", bytes)
 }
 
 /// The task with `id`.

@@ -26,6 +26,15 @@ pub const MAX_WAIT_MS: u64 = 300_000;
 /// `Wait` without a timeout waits this long, in milliseconds.
 const DEFAULT_WAIT_MS: u64 = 30_000;
 
+/// How the API (and a handoff between sites) names a task status.
+pub fn task_status_name(status: TaskStatus) -> &'static str {
+    match status {
+        TaskStatus::Queued => "queued",
+        TaskStatus::Succeeded => "succeeded",
+        TaskStatus::Failed => "failed",
+    }
+}
+
 /// A task of `site` as the API shows it.
 pub fn task_to_proto(t: TaskRecord, site: &str) -> v1::TaskInfo {
     v1::TaskInfo {
@@ -34,12 +43,7 @@ pub fn task_to_proto(t: TaskRecord, site: &str) -> v1::TaskInfo {
         agent: t.agent,
         input: t.input.into(),
         idempotency_key: t.idempotency_key,
-        status: match t.status {
-            TaskStatus::Queued => "queued",
-            TaskStatus::Succeeded => "succeeded",
-            TaskStatus::Failed => "failed",
-        }
-        .into(),
+        status: task_status_name(t.status).into(),
         output: t.output.into(),
         error: t.error,
         incarnation: t.incarnation,
