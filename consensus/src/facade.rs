@@ -402,7 +402,7 @@ impl Consensus {
             client: self.inner.client_id,
             seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
         };
-        Command::Request { id, cmd: Box::new(cmd) }
+        Command::RequestV2 { id, cmd: Box::new(cmd) }
     }
 
     /// Waits until a read at `consistency` may be served from the local

@@ -186,6 +186,39 @@ async fn a_data_dir_from_before_versioned_rows_opens_and_keeps_everything() {
         other => panic!("unexpected {other:?}"),
     }
     assert!(applied.events.is_empty(), "the retry was applied again");
+
+    // The first `RequestV2` switches the request window and the history to
+    // their second layouts: the old answers and events stay readable.
+    let events_before = cell0_state::kv::history(&state, b"", 1, 1000, usize::MAX).unwrap();
+    let retry_v2 = Command::RequestV2 {
+        id,
+        cmd: Box::new(Command::Put {
+            key: b"req".to_vec(),
+            value: b"again".to_vec(),
+        }),
+    };
+    let applied = cell0_state::apply(&mut state, &retry_v2).unwrap();
+    match applied.response {
+        Response::Put { kv, .. } => assert_eq!(kv.value, b"once"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(applied.events.is_empty(), "the retry was applied again");
+    let fresh = Command::RequestV2 {
+        id: RequestId {
+            client: id.client,
+            seq: id.seq + 1000,
+        },
+        cmd: Box::new(Command::Put {
+            key: b"req".to_vec(),
+            value: b"new".to_vec(),
+        }),
+    };
+    assert_eq!(cell0_state::apply(&mut state, &fresh).unwrap().events.len(), 1);
+    let events_after = cell0_state::kv::history(&state, b"", 1, 1000, usize::MAX).unwrap();
+    assert_eq!(events_after.len(), events_before.len() + 1);
+    assert_eq!(events_after[..events_before.len()], events_before[..]);
+    assert!(state.get("meta", b"history_chunks").unwrap().is_some());
+    assert!(state.get("meta", b"history_window").unwrap().is_none());
 }
 
 /// The request id the old node gave its write of `key`.
@@ -314,6 +347,16 @@ fn golden_values() -> (Named<Entry<TypeConfig>>, Named<Response>) {
             },
         ),
         ("init-cluster", Command::InitCluster { cluster_id: 0xc1 }),
+        (
+            "request-v2",
+            Command::RequestV2 {
+                id: RequestId { client: 9, seq: 5 },
+                cmd: Box::new(Command::Put {
+                    key: b"k".to_vec(),
+                    value: b"v".to_vec(),
+                }),
+            },
+        ),
         (
             "handoff-begin",
             cell0_consensus::handoff::HandoffCommand::Begin {

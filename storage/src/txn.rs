@@ -36,6 +36,10 @@ pub struct EngineTxn<'e, E: ReadView + ?Sized> {
     engine: &'e E,
     /// Pending writes by full key; `None` is a delete.
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Full-key ranges `[start, end)` deleted in this step. A pending write
+    /// inside one was made after it (deleting a range drops the pending
+    /// writes it covers), so it wins.
+    deleted: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl<'e, E: ReadView + ?Sized> EngineTxn<'e, E> {
@@ -44,11 +48,17 @@ impl<'e, E: ReadView + ?Sized> EngineTxn<'e, E> {
         Self {
             engine,
             pending: BTreeMap::new(),
+            deleted: Vec::new(),
         }
     }
 
     /// Moves the pending writes into `batch`.
     pub fn into_batch(self, batch: &mut WriteBatch) {
+        // Ranges first: a batch applies in order, so the pending writes
+        // made after a range was deleted stay.
+        for (start, end) in self.deleted {
+            batch.delete_range(Cf::State, start, end);
+        }
         for (k, v) in self.pending {
             match v {
                 Some(v) => batch.put(Cf::State, k, v),
@@ -63,6 +73,7 @@ impl<E: ReadView + ?Sized> Txn for EngineTxn<'_, E> {
         let k = table_key(table, key).map_err(StateError::storage)?;
         match self.pending.get(&k) {
             Some(v) => Ok(v.clone()),
+            None if self.deleted_range_end(&k).is_some() => Ok(None),
             None => self.engine.get(Cf::State, &k).map_err(StateError::storage),
         }
     }
@@ -81,6 +92,29 @@ impl<E: ReadView + ?Sized> Txn for EngineTxn<'_, E> {
         Ok(())
     }
 
+    fn delete_range(&mut self, table: &str, start: &[u8], end: Option<&[u8]>) -> cell0_state::Result<()> {
+        let lo = table_key(table, start).map_err(StateError::storage)?;
+        let hi = match end {
+            Some(e) => table_key(table, e),
+            // A table name holds no NUL, so its prefix always has an end.
+            None => table_key(table, b"").map(|p| prefix_end(&p).unwrap_or_default()),
+        }
+        .map_err(StateError::storage)?;
+        if hi <= lo {
+            return Ok(());
+        }
+        let covered: Vec<Vec<u8>> = self
+            .pending
+            .range(lo.clone()..hi.clone())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in covered {
+            self.pending.remove(&k);
+        }
+        self.deleted.push((lo, hi));
+        Ok(())
+    }
+
     fn scan(
         &self,
         table: &str,
@@ -93,6 +127,14 @@ impl<E: ReadView + ?Sized> Txn for EngineTxn<'_, E> {
 }
 
 impl<E: ReadView + ?Sized> EngineTxn<'_, E> {
+    /// The end of a range deleted in this step that holds `key`.
+    fn deleted_range_end(&self, key: &[u8]) -> Option<&[u8]> {
+        self.deleted
+            .iter()
+            .find(|(s, e)| s.as_slice() <= key && key < e.as_slice())
+            .map(|(_, e)| e.as_slice())
+    }
+
     fn scan_state(
         &self,
         table: &str,
@@ -118,9 +160,34 @@ impl<E: ReadView + ?Sized> EngineTxn<'_, E> {
         // Each pending delete can hide at most one stored pair, so this many
         // stored pairs always fill `limit` after merging.
         let deletes = overlay.iter().filter(|(_, v)| v.is_none()).count();
-        let stored = self
-            .engine
-            .scan(Cf::State, &lo, hi.as_deref(), limit.saturating_add(deletes))?;
+        let want = limit.saturating_add(deletes);
+        // Stored pairs outside the ranges deleted in this step: read in
+        // pieces that stop at each such range and resume after it.
+        let mut stored = Vec::new();
+        let mut from = lo.clone();
+        while stored.len() < want {
+            if let Some(end) = self.deleted_range_end(&from) {
+                from = end.to_vec();
+                continue;
+            }
+            if hi.as_ref().is_some_and(|h| from >= *h) {
+                break;
+            }
+            let next_deleted = self.deleted.iter().map(|(s, _)| s).filter(|s| **s > from).min();
+            let piece_end = match (next_deleted, &hi) {
+                (Some(d), Some(h)) => Some(d.min(h).clone()),
+                (Some(d), None) => Some(d.clone()),
+                (None, h) => h.clone(),
+            };
+            let need = want - stored.len();
+            let rows = self.engine.scan(Cf::State, &from, piece_end.as_deref(), need)?;
+            let full = rows.len() == need;
+            stored.extend(rows);
+            match piece_end {
+                Some(end) if !full => from = end,
+                _ => break,
+            }
+        }
 
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
         for (k, v) in overlay {
@@ -164,5 +231,41 @@ mod tests {
         assert_eq!(txn.scan("t", b"", None, 1).unwrap().len(), 1);
         assert!(txn.put("", b"x", b"y").is_err());
         assert!(txn.put("a\0b", b"x", b"y").is_err());
+    }
+
+    #[test]
+    fn a_deleted_range_hides_stored_and_earlier_pending_rows_but_not_later_ones() {
+        let engine = MemEngine::new();
+        let mut b = WriteBatch::new();
+        for k in [b"a", b"b", b"c", b"d", b"e"] {
+            b.put(Cf::State, table_key("t", k).unwrap(), b"old".to_vec());
+        }
+        b.put(Cf::State, table_key("u", b"b").unwrap(), b"9".to_vec());
+        engine.write(b, Durability::Sync).unwrap();
+
+        let mut txn = EngineTxn::new(&engine);
+        txn.put("t", b"bb", b"pending").unwrap();
+        txn.delete_range("t", b"b", Some(b"d")).unwrap();
+        txn.put("t", b"c", b"new").unwrap();
+        assert_eq!(txn.get("t", b"b").unwrap(), None);
+        assert_eq!(txn.get("t", b"bb").unwrap(), None);
+        assert_eq!(txn.get("t", b"c").unwrap(), Some(b"new".to_vec()));
+        assert_eq!(txn.get("t", b"d").unwrap(), Some(b"old".to_vec()));
+        assert_eq!(txn.get("u", b"b").unwrap(), Some(b"9".to_vec()));
+        let keys = |rows: Vec<(Vec<u8>, Vec<u8>)>| rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        let expect: Vec<Vec<u8>> = vec![b"a".to_vec(), b"c".to_vec(), b"d".to_vec(), b"e".to_vec()];
+        assert_eq!(keys(txn.scan("t", b"", None, 10).unwrap()), expect);
+        assert_eq!(keys(txn.scan("t", b"", None, 2).unwrap()), expect[..2].to_vec());
+        assert_eq!(keys(txn.scan("t", b"b", None, 1).unwrap()), expect[1..2].to_vec());
+
+        // The same result once written, and a whole table at once.
+        let mut batch = WriteBatch::new();
+        txn.into_batch(&mut batch);
+        engine.write(batch, Durability::Sync).unwrap();
+        let mut txn = EngineTxn::new(&engine);
+        assert_eq!(keys(txn.scan("t", b"", None, 10).unwrap()), expect);
+        txn.delete_range("t", b"", None).unwrap();
+        assert!(txn.scan("t", b"", None, 10).unwrap().is_empty());
+        assert_eq!(txn.get("u", b"b").unwrap(), Some(b"9".to_vec()));
     }
 }

@@ -77,10 +77,24 @@ pub enum Command {
     Acl(AclCommand),
     /// A step of an agent's handoff to or from another site.
     Handoff(HandoffCommand),
+    /// [`Command::Request`] with the cheaper bookkeeping: the first one in
+    /// the log switches the request window to generations
+    /// ([`crate::requests`]) and the watch history to chunks
+    /// ([`crate::kv`]), for both variants from then on. Same meaning
+    /// otherwise; the node proposes this one.
+    RequestV2 {
+        /// Who sent it and its sequence number.
+        id: RequestId,
+        /// The command itself; never another request.
+        cmd: Box<Command>,
+    },
 }
 
 /// Identifies one client request across retries: the sending process (a
-/// random id chosen at start) and a sequence number it never reuses.
+/// random id chosen at start) and a sequence number it never reuses. A
+/// retry resends the very command the id was first sent with (the window
+/// of [`crate::requests`] keeps a written pair's key and value only in that
+/// command).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RequestId {
     /// The sending process.
@@ -246,7 +260,7 @@ impl Command {
             Command::Task(t) => t.validate().map_err(|e| prefix_field(path, e)),
             Command::Acl(a) => a.validate().map_err(|e| prefix_field(path, e)),
             Command::Handoff(h) => h.validate().map_err(|e| prefix_field(path, e)),
-            Command::Request { cmd, .. } => cmd.validate_sizes(path, limits),
+            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => cmd.validate_sizes(path, limits),
             Command::InitCluster { cluster_id } => {
                 if *cluster_id == 0 {
                     return Err(StateError::invalid(&field("cluster_id"), "must not be 0"));
@@ -277,7 +291,7 @@ impl Command {
                     .enumerate()
                     .try_for_each(|(i, c)| c.check_structure_at(&format!("{path}batch[{i}]."), depth + 1, in_request))
             }
-            Command::Request { cmd, .. } => {
+            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => {
                 if in_request {
                     return Err(StateError::invalid(
                         &format!("{path}request"),
@@ -298,7 +312,7 @@ impl Command {
             Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum::<usize>() + 8,
             Command::Model(m) => m.approx_size(),
             Command::Node(_) => 128,
-            Command::Request { cmd, .. } => cmd.approx_size() + 16,
+            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => cmd.approx_size() + 16,
             Command::InitCluster { .. } => 16,
             Command::Agent(a) => a.approx_size(),
             Command::Task(t) => t.approx_size(),

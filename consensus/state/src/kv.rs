@@ -8,14 +8,10 @@
 //!   [`WATCH_HISTORY_BYTES`] of stored rows (always at least the newest
 //!   one), so watchers can resume from a revision,
 //! - `meta`: `revision` -> the store's current revision, `cluster_id` -> the
-//!   cluster's id, `history_window` -> the oldest retained event's revision
-//!   and the bytes of the retained event rows (see "The history's byte
-//!   bound" below), and the bookkeeping of the request window below,
-//! - `requests`: request id -> the first response to that request, for the
-//!   last [`REQUEST_WINDOW_ENTRIES`] requests (and at most
-//!   [`REQUEST_WINDOW_BYTES`] of responses); `request_order`: their order, so
-//!   the oldest leaves first. A retried request inside the window is answered
-//!   from here and not applied again (exactly-once writes),
+//!   cluster's id, the history's bookkeeping (`history_window` or
+//!   `history_chunks`, see "The history's bounds" below), and the request
+//!   window's,
+//! - the request window (exactly-once writes), in [`crate::requests`],
 //! - `models`: the model registry (see [`crate::registry`]),
 //! - `node_resources`: what each node offers (see [`crate::nodes`]).
 //!
@@ -27,15 +23,29 @@
 //! bytes, request window) are part of the log format and change only with a
 //! new command variant.
 //!
-//! The history's byte bound: every event row is counted by its stored
-//! length (layout byte included), and after each new event the oldest
-//! events leave, in revision order, until at most [`WATCH_HISTORY`] remain
-//! and their rows hold at most [`WATCH_HISTORY_BYTES`] (the newest always
-//! stays). The `history_window` row keeps the oldest retained revision and
-//! the running byte total, so apply never rescans the table, and
-//! [`history`] reports compaction from that oldest revision.
+//! The history's bounds come in two layouts, and the log decides which one
+//! a replica uses (the first `Command::RequestV2` switches, as it switches
+//! the request window; see [`crate::requests`]):
 //!
-//! State written before the bound (an older data dir, or a snapshot from an
+//! - **Event by event** (`history_window`): every event row is counted by
+//!   its stored length (layout byte included), and after each new event the
+//!   oldest events leave, in revision order, until at most [`WATCH_HISTORY`]
+//!   remain and their rows hold at most [`WATCH_HISTORY_BYTES`] (the newest
+//!   always stays). The `history_window` row keeps the oldest retained
+//!   revision and the running byte total, so apply never rescans the table,
+//!   and [`history`] reports compaction from that oldest revision. Once the
+//!   history is full, every event deletes one row and reads it first.
+//! - **In chunks** (`history_chunks`): events are counted in chunks of
+//!   consecutive revisions; a chunk closes at [`HISTORY_CHUNK_EVENTS`] events
+//!   or [`HISTORY_CHUNK_BYTES`]. The oldest chunk leaves whole, with one
+//!   range delete, when the younger chunks alone hold [`WATCH_HISTORY`]
+//!   events or all of them more than [`WATCH_HISTORY_BYTES`] (the newest
+//!   chunk always stays). So the history keeps at least the newest
+//!   [`WATCH_HISTORY`] events within the byte bound, as before, and at most
+//!   a chunk more; an event writes one row. The switch turns the retained
+//!   events into the first chunk.
+//!
+//! State written before the byte bound (an older data dir, or a snapshot from an
 //! older build) has no `history_window` row. Then [`history`] uses the count
 //! bound alone, which is exactly what older builds kept, and the first event
 //! applied rebuilds the row inside apply by scanning `kv_events` once (in
@@ -52,8 +62,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{Counter, decode_row, encode_row};
-use crate::command::{Command, KeyValue, RequestId, Response};
+use crate::command::{Command, KeyValue, Response};
 use crate::error::{Result, StateError};
+use crate::requests::{Carrier, Window};
 use crate::txn::Txn;
 use crate::{Table, agents, nodes, registry, tasks};
 
@@ -62,16 +73,10 @@ const EVENTS_TABLE: &str = "kv_events";
 pub(crate) const META_TABLE: &str = "meta";
 pub(crate) const REVISION_KEY: &[u8] = b"revision";
 const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
-const REQUESTS_TABLE: &str = "requests";
-const REQUEST_ORDER_TABLE: &str = "request_order";
-const REQUEST_WINDOW_KEY: &[u8] = b"request_window";
 const HISTORY_WINDOW_KEY: &[u8] = b"history_window";
+const HISTORY_CHUNKS_KEY: &[u8] = b"history_chunks";
 
-/// Most requests whose first answer is kept for deduplicating retries. Part
-/// of the replicated logic, like [`WATCH_HISTORY`].
-pub const REQUEST_WINDOW_ENTRIES: u64 = 100_000;
-/// Most bytes of kept answers; the oldest leave first.
-pub const REQUEST_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
+pub use crate::requests::{REQUEST_WINDOW_BYTES, REQUEST_WINDOW_ENTRIES};
 /// Most bytes of keys and values one range page holds (always at least one
 /// pair), so a response stays far below the gRPC message limit.
 pub const MAX_RANGE_BYTES: usize = 2 * 1024 * 1024;
@@ -85,6 +90,11 @@ pub const WATCH_HISTORY: u64 = 10_000;
 pub const WATCH_HISTORY_BYTES: u64 = 64 * 1024 * 1024;
 /// Most pairs one range read returns.
 pub const MAX_RANGE_LIMIT: usize = 10_000;
+/// Most events of one chunk of the history (second layout). Part of the
+/// replicated logic, like [`WATCH_HISTORY`].
+pub const HISTORY_CHUNK_EVENTS: u64 = 1_000;
+/// A chunk of the history closes once its rows hold this many bytes.
+pub const HISTORY_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 
 /// A stored value with its revisions; the key is the table key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,23 +142,6 @@ impl StateEvent {
     }
 }
 
-/// The first answer to a request, kept for its retries.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RequestRow {
-    response: Response,
-}
-
-/// The request window's bookkeeping, one `meta` row.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-struct RequestWindow {
-    /// Order number of the next kept answer.
-    next: u64,
-    /// Order number of the oldest kept answer.
-    oldest: u64,
-    /// Bytes of kept answers.
-    bytes: u64,
-}
-
 /// The retained history's bookkeeping, one `meta` row. Absent in state
 /// written before the history had a byte bound; rebuilt from `kv_events`
 /// by the first event applied after that.
@@ -160,19 +153,28 @@ struct HistoryWindow {
     bytes: u64,
 }
 
-/// Where a kept answer is, in arrival order.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RequestOrderRow {
-    key: Vec<u8>,
+/// Consecutive events of the history, counted together (second layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct HistoryChunk {
+    /// Revision of its first event; it ends where the next chunk starts.
+    first: u64,
+    /// Its events.
+    events: u64,
+    /// Bytes of its event rows, as stored.
     bytes: u64,
+}
+
+/// The retained history's bookkeeping in the second layout, one `meta`
+/// row: its chunks, oldest first (about a dozen).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct HistoryChunks {
+    chunks: Vec<HistoryChunk>,
 }
 
 crate::row_v1!(Record, "record");
 crate::row_v1!(StateEvent, "event");
-crate::row_v1!(RequestRow, "request");
-crate::row_v1!(RequestWindow, "request window");
 crate::row_v1!(HistoryWindow, "history window");
-crate::row_v1!(RequestOrderRow, "request order");
+crate::row_v1!(HistoryChunks, "history chunks");
 
 /// The cluster's id, 0 before the cluster recorded one.
 pub fn cluster_id(txn: &dyn Txn) -> Result<u64> {
@@ -274,6 +276,9 @@ const HISTORY_REBUILD_PAGE: usize = 16;
 /// bound) the count bound alone applies, as it did when that state was
 /// written.
 fn oldest_retained(txn: &dyn Txn, current: u64) -> Result<u64> {
+    if let Some(h) = history_chunks(txn)? {
+        return Ok(h.chunks.first().map_or(1, |c| c.first));
+    }
     let by_count = current.saturating_sub(WATCH_HISTORY) + 1;
     Ok(match txn.get(META_TABLE, HISTORY_WINDOW_KEY)? {
         Some(b) => decode_row::<HistoryWindow>(&b)?.oldest.max(by_count),
@@ -433,12 +438,22 @@ pub(crate) fn apply_command(
             Ok(Response::Node { stored })
         }
         Command::Request { id, cmd } => {
-            let key = request_key(id);
-            if let Some(b) = txn.get(REQUESTS_TABLE, &key)? {
-                return Ok(decode_row::<RequestRow>(&b)?.response);
+            let window = Window::open(txn, Carrier::Request)?;
+            if let Some(first) = window.answered(txn, id, cmd)? {
+                return Ok(first);
             }
             let response = apply_command(txn, cmd, rev, events, changed)?;
-            remember_request(txn, key, &response)?;
+            window.remember(txn, id, cmd, &response)?;
+            Ok(response)
+        }
+        Command::RequestV2 { id, cmd } => {
+            switch_history_to_chunks(txn, *rev)?;
+            let window = Window::open(txn, Carrier::RequestV2)?;
+            if let Some(first) = window.answered(txn, id, cmd)? {
+                return Ok(first);
+            }
+            let response = apply_command(txn, cmd, rev, events, changed)?;
+            window.remember(txn, id, cmd, &response)?;
             Ok(response)
         }
         Command::InitCluster { cluster_id: id } => {
@@ -451,50 +466,6 @@ pub(crate) fn apply_command(
             Ok(Response::ClusterId(*id))
         }
     }
-}
-
-fn request_key(id: &RequestId) -> Vec<u8> {
-    let mut key = Vec::with_capacity(16);
-    key.extend_from_slice(&id.client.to_be_bytes());
-    key.extend_from_slice(&id.seq.to_be_bytes());
-    key
-}
-
-/// Keeps `response` as the answer to request `key`, then drops the oldest
-/// kept answers while the window holds too many or too large ones.
-fn remember_request(txn: &mut dyn Txn, key: Vec<u8>, response: &Response) -> Result<()> {
-    let row = encode_row(&RequestRow {
-        response: response.clone(),
-    })?;
-    // The window counts body bytes, without the layout byte, exactly as
-    // before rows carried one, so replicas of either build evict alike.
-    let bytes = row.len().saturating_sub(1) as u64;
-    let mut window: RequestWindow = match txn.get(META_TABLE, REQUEST_WINDOW_KEY)? {
-        Some(b) => decode_row(&b)?,
-        None => RequestWindow::default(),
-    };
-    txn.put(REQUESTS_TABLE, &key, &row)?;
-    txn.put(
-        REQUEST_ORDER_TABLE,
-        &window.next.to_be_bytes(),
-        &encode_row(&RequestOrderRow { key, bytes })?,
-    )?;
-    window.next += 1;
-    window.bytes += bytes;
-    while window.oldest + 1 < window.next
-        && (window.next - window.oldest > REQUEST_WINDOW_ENTRIES || window.bytes > REQUEST_WINDOW_BYTES)
-    {
-        let order_key = window.oldest.to_be_bytes();
-        if let Some(b) = txn.get(REQUEST_ORDER_TABLE, &order_key)? {
-            let old: RequestOrderRow = decode_row(&b)?;
-            txn.delete(REQUESTS_TABLE, &old.key)?;
-            txn.delete(REQUEST_ORDER_TABLE, &order_key)?;
-            window.bytes = window.bytes.saturating_sub(old.bytes);
-        }
-        window.oldest += 1;
-    }
-    txn.put(META_TABLE, REQUEST_WINDOW_KEY, &encode_row(&window)?)?;
-    Ok(())
 }
 
 fn write(
@@ -532,6 +503,12 @@ fn record_event(txn: &mut dyn Txn, events: &mut Vec<StateEvent>, ev: StateEvent)
     let row = encode_row(&ev)?;
     let size = row.len() as u64;
     txn.put(EVENTS_TABLE, &rev.to_be_bytes(), &row)?;
+    if let Some(mut h) = history_chunks(txn)? {
+        add_to_chunks(txn, &mut h, rev, size)?;
+        txn.put(META_TABLE, HISTORY_CHUNKS_KEY, &encode_row(&h)?)?;
+        events.push(ev);
+        return Ok(());
+    }
     let mut window = match txn.get(META_TABLE, HISTORY_WINDOW_KEY)? {
         Some(b) => {
             let mut w: HistoryWindow = decode_row(&b)?;
@@ -545,6 +522,72 @@ fn record_event(txn: &mut dyn Txn, events: &mut Vec<StateEvent>, ev: StateEvent)
     txn.put(META_TABLE, HISTORY_WINDOW_KEY, &encode_row(&window)?)?;
     events.push(ev);
     Ok(())
+}
+
+/// The second layout's bookkeeping, if the state has switched to it.
+fn history_chunks(txn: &dyn Txn) -> Result<Option<HistoryChunks>> {
+    txn.get(META_TABLE, HISTORY_CHUNKS_KEY)?
+        .map(|b| decode_row(&b))
+        .transpose()
+}
+
+/// Counts the event row of `rev` (`size` bytes, stored) in the newest
+/// chunk or a new one, then drops the oldest chunks the bounds no longer
+/// keep, each with one range delete.
+fn add_to_chunks(txn: &mut dyn Txn, h: &mut HistoryChunks, rev: u64, size: u64) -> Result<()> {
+    match h.chunks.last_mut() {
+        Some(c) if c.events < HISTORY_CHUNK_EVENTS && c.bytes < HISTORY_CHUNK_BYTES => {
+            c.events += 1;
+            c.bytes = c.bytes.saturating_add(size);
+        }
+        _ => h.chunks.push(HistoryChunk {
+            first: rev,
+            events: 1,
+            bytes: size,
+        }),
+    }
+    let mut events: u64 = h.chunks.iter().map(|c| c.events).sum();
+    let mut bytes = h.chunks.iter().fold(0u64, |sum, c| sum.saturating_add(c.bytes));
+    while let [oldest, next, ..] = h.chunks.as_slice() {
+        if events - oldest.events < WATCH_HISTORY && bytes <= WATCH_HISTORY_BYTES {
+            break;
+        }
+        txn.delete_range(
+            EVENTS_TABLE,
+            &oldest.first.to_be_bytes(),
+            Some(&next.first.to_be_bytes()),
+        )?;
+        events -= oldest.events;
+        bytes = bytes.saturating_sub(oldest.bytes);
+        h.chunks.remove(0);
+    }
+    Ok(())
+}
+
+/// Switches the history to chunks, once (at the first `RequestV2`, with
+/// `current` the store's revision): the events the first layout retains
+/// become the first chunk.
+fn switch_history_to_chunks(txn: &mut dyn Txn, current: u64) -> Result<()> {
+    if txn.get(META_TABLE, HISTORY_CHUNKS_KEY)?.is_some() {
+        return Ok(());
+    }
+    let first = if current == 0 {
+        HistoryChunks::default()
+    } else {
+        let window = match txn.get(META_TABLE, HISTORY_WINDOW_KEY)? {
+            Some(b) => decode_row::<HistoryWindow>(&b)?,
+            None => rebuild_history_window(txn, current)?,
+        };
+        HistoryChunks {
+            chunks: vec![HistoryChunk {
+                first: window.oldest,
+                events: current - window.oldest + 1,
+                bytes: window.bytes,
+            }],
+        }
+    };
+    txn.delete(META_TABLE, HISTORY_WINDOW_KEY)?;
+    txn.put(META_TABLE, HISTORY_CHUNKS_KEY, &encode_row(&first)?)
 }
 
 /// The bookkeeping of the events stored up to `newest` (which is stored),
@@ -722,44 +765,41 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_retried_request_applies_once_and_gets_the_first_answer() {
-        let mut state = MemTxn::new();
-        let first = request(7, 1, put("k", "first"));
-        let out = run(
-            &mut state,
-            &[
-                first.clone(),
-                put("k", "other"),
-                // The retry arrives in another entry, even inside a group.
-                Command::Batch(vec![first.clone(), request(7, 2, put("j", "1"))]),
-            ],
-        );
-        let Response::Batch(parts) = &out[2] else {
-            panic!("{out:?}")
-        };
-        assert_eq!(parts[0], out[0], "the retry is answered with the first response");
-        let txn = &state;
-        assert_eq!(get(txn, b"k").unwrap().unwrap().value, b"other", "not applied twice");
-        assert_eq!(revision(txn).unwrap(), 3, "k twice and j once");
+    fn request_v2(client: u64, seq: u64, cmd: Command) -> Command {
+        Command::RequestV2 {
+            id: crate::command::RequestId { client, seq },
+            cmd: Box::new(cmd),
+        }
     }
 
     #[test]
-    fn the_request_window_keeps_the_newest_answers() {
-        let mut state = MemTxn::new();
-        let n = REQUEST_WINDOW_ENTRIES + 2;
-        let batch = Command::Batch(
-            (1..=n)
-                .map(|seq| request(1, seq, Command::Delete { key: b"x".to_vec() }))
-                .collect(),
-        );
-        run(&mut state, &[batch]);
-        let txn = &state;
-        let kept = txn.scan(REQUESTS_TABLE, b"", None, usize::MAX).unwrap();
-        assert_eq!(kept.len() as u64, REQUEST_WINDOW_ENTRIES);
-        assert_eq!(kept[0].0, request_key(&crate::command::RequestId { client: 1, seq: 3 }));
-        let order = txn.scan(REQUEST_ORDER_TABLE, b"", None, usize::MAX).unwrap();
-        assert_eq!(order.len() as u64, REQUEST_WINDOW_ENTRIES);
+    fn a_retried_request_applies_once_and_gets_the_first_answer() {
+        for carrier in [request, request_v2] {
+            let mut state = MemTxn::new();
+            let first = carrier(7, 1, put("k", "first"));
+            let out = run(
+                &mut state,
+                &[
+                    put("k", "before"),
+                    first.clone(),
+                    put("k", "other"),
+                    // The retry arrives in another entry, even inside a group.
+                    Command::Batch(vec![first.clone(), carrier(7, 2, put("j", "1"))]),
+                ],
+            );
+            let Response::Batch(parts) = &out[3] else {
+                panic!("{out:?}")
+            };
+            let Response::Put { kv, prev } = &out[1] else {
+                panic!("{out:?}")
+            };
+            assert_eq!((kv.key.as_slice(), kv.value.as_slice()), (&b"k"[..], &b"first"[..]));
+            assert_eq!(prev.as_ref().unwrap().value, b"before");
+            assert_eq!(parts[0], out[1], "the retry is answered with the first response");
+            let txn = &state;
+            assert_eq!(get(txn, b"k").unwrap().unwrap().value, b"other", "not applied twice");
+            assert_eq!(revision(txn).unwrap(), 4, "k three times and j once");
+        }
     }
 
     #[test]

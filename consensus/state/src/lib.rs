@@ -7,8 +7,8 @@
 //!
 //! - [`command`]: the commands carried in log entries, their responses and
 //!   the limits checked before proposing.
-//! - [`kv`]: the key-value table with etcd-style revisions, its change
-//!   history and the request window (exactly-once writes).
+//! - [`kv`]: the key-value table with etcd-style revisions and its change
+//!   history; [`requests`]: the request window (exactly-once writes).
 //! - [`registry`]: the model registry; [`nodes`]: node records.
 //! - [`agents`]: agents, their allocations (incarnations that fence older
 //!   ones) and node scheduling status.
@@ -33,6 +33,7 @@ pub mod handoff;
 pub mod kv;
 pub mod nodes;
 pub mod registry;
+pub mod requests;
 pub mod tasks;
 pub mod txn;
 

@@ -19,6 +19,10 @@ pub trait Txn {
     fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<()>;
     /// Removes `key` from `table`.
     fn delete(&mut self, table: &str, key: &[u8]) -> Result<()>;
+    /// Removes every key of `table` with `start <= key < end` (to the
+    /// table's end when `end` is `None`): one write however many keys, for
+    /// dropping a whole generation of old rows at once.
+    fn delete_range(&mut self, table: &str, start: &[u8], end: Option<&[u8]>) -> Result<()>;
     /// Up to `limit` pairs of `table` with `start <= key < end` (unbounded
     /// when `end` is `None`), in key order; nothing when `end <= start`.
     fn scan(&self, table: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
@@ -73,6 +77,13 @@ impl Txn for MemTxn {
     fn delete(&mut self, table: &str, key: &[u8]) -> Result<()> {
         if let Some(t) = self.tables.get_mut(table) {
             t.remove(key);
+        }
+        Ok(())
+    }
+
+    fn delete_range(&mut self, table: &str, start: &[u8], end: Option<&[u8]>) -> Result<()> {
+        if let Some(t) = self.tables.get_mut(table) {
+            t.retain(|k, _| k.as_slice() < start || end.is_some_and(|e| k.as_slice() >= e));
         }
         Ok(())
     }

@@ -1,0 +1,406 @@
+//! The request window: the first answer to each client request, kept so
+//! that a retry of the same [`RequestId`] is answered from here instead of
+//! applied again (exactly-once writes; Raft's client sessions, Ongaro's
+//! thesis section 6.3).
+//!
+//! Two layouts. The log decides which one a replica uses, so every replica
+//! switches at the same entry:
+//! - **In arrival order** (the first layout), for `Command::Request` on
+//!   state that never applied a `Command::RequestV2`. `requests`: request id
+//!   -> the first answer; `request_order`: arrival number -> the request id
+//!   and the answer's size; `meta`/`request_window`: the next and oldest
+//!   arrival numbers and the bytes kept. It keeps the newest
+//!   [`REQUEST_WINDOW_ENTRIES`] answers (at most [`REQUEST_WINDOW_BYTES`]):
+//!   once full, every request writes two rows and deletes two.
+//! - **In generations** (the second layout), from the first
+//!   `Command::RequestV2` on, for both variants. `request_gens`:
+//!   (generation, request id) -> the first answer, without the key and value
+//!   of a pair it reports as written (the retried command carries them, and
+//!   they are put back when a retry is answered); `meta`/`request_gens`: the
+//!   current generation, its answers and bytes. A generation closes at
+//!   [`REQUEST_WINDOW_ENTRIES`] answers or [`REQUEST_WINDOW_BYTES`]; closing
+//!   it deletes the one before it with one range delete. So the window always
+//!   holds at least the newest [`REQUEST_WINDOW_ENTRIES`] answers (or
+//!   [`REQUEST_WINDOW_BYTES`]), as the first layout did, and at most twice
+//!   that; a request writes one row, and a lookup reads at most two.
+//!
+//! Switching: the first `RequestV2` starts generation 0 and notes whether
+//! answers of the first layout remain (`legacy`). Lookups still read those
+//! until generation 0 closes, which deletes both of their tables and their
+//! `meta` row (range deletes again). Nothing here reads a clock or iterates
+//! an unordered map: every replica keeps the same rows.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{decode_row, encode_row};
+use crate::command::{Command, KeyValue, RequestId, Response};
+use crate::error::Result;
+use crate::kv::META_TABLE;
+use crate::txn::Txn;
+
+const REQUESTS_TABLE: &str = "requests";
+const REQUEST_ORDER_TABLE: &str = "request_order";
+const REQUEST_WINDOW_KEY: &[u8] = b"request_window";
+const GENERATIONS_TABLE: &str = "request_gens";
+const GENERATIONS_KEY: &[u8] = b"request_gens";
+
+/// Most requests whose first answer is kept for deduplicating retries (in
+/// the second layout: at least this many, per generation). Part of the
+/// replicated logic, like [`crate::kv::WATCH_HISTORY`].
+pub const REQUEST_WINDOW_ENTRIES: u64 = 100_000;
+/// Most bytes of kept answers in the first layout, and of one generation in
+/// the second.
+pub const REQUEST_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The first answer to a request, kept for its retries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RequestRow {
+    response: Response,
+}
+
+/// The first layout's bookkeeping, one `meta` row.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct RequestWindow {
+    /// Order number of the next kept answer.
+    next: u64,
+    /// Order number of the oldest kept answer.
+    oldest: u64,
+    /// Bytes of kept answers.
+    bytes: u64,
+}
+
+/// Where a kept answer of the first layout is, in arrival order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RequestOrderRow {
+    key: Vec<u8>,
+    bytes: u64,
+}
+
+/// The second layout's bookkeeping, one `meta` row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Generations {
+    /// The generation new answers go to; the one before it is kept too.
+    current: u64,
+    /// Answers in the current generation.
+    entries: u64,
+    /// Bytes of the current generation's rows, as stored.
+    bytes: u64,
+    /// Whether answers of the first layout may remain.
+    legacy: bool,
+}
+
+crate::row_v1!(RequestRow, "request");
+crate::row_v1!(RequestWindow, "request window");
+crate::row_v1!(RequestOrderRow, "request order");
+crate::row_v1!(Generations, "request generations");
+
+/// Which command carried a request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Carrier {
+    /// `Command::Request`: the layout the state already has.
+    Request,
+    /// `Command::RequestV2`: generations, switching to them if needed.
+    RequestV2,
+}
+
+/// The request window as one apply step found it.
+pub(crate) enum Window {
+    /// The first layout.
+    InOrder,
+    /// The second layout.
+    Generations(Generations),
+}
+
+impl Window {
+    /// The window of `txn`'s state, switched to generations if `carrier` is
+    /// the first `RequestV2`.
+    pub(crate) fn open(txn: &dyn Txn, carrier: Carrier) -> Result<Self> {
+        if let Some(b) = txn.get(META_TABLE, GENERATIONS_KEY)? {
+            return Ok(Window::Generations(decode_row(&b)?));
+        }
+        Ok(match carrier {
+            Carrier::Request => Window::InOrder,
+            Carrier::RequestV2 => Window::Generations(Generations {
+                legacy: txn.get(META_TABLE, REQUEST_WINDOW_KEY)?.is_some(),
+                ..Generations::default()
+            }),
+        })
+    }
+
+    /// The first answer to request `id` (whose command is `cmd`), if kept.
+    pub(crate) fn answered(&self, txn: &dyn Txn, id: &RequestId, cmd: &Command) -> Result<Option<Response>> {
+        let Window::Generations(g) = self else {
+            return answered_in_order(txn, id);
+        };
+        let newest_first = [Some(g.current), g.current.checked_sub(1)];
+        for generation in newest_first.into_iter().flatten() {
+            if let Some(b) = txn.get(GENERATIONS_TABLE, &generation_key(generation, id))? {
+                let mut response = decode_row::<RequestRow>(&b)?.response;
+                restore_written(cmd, &mut response);
+                return Ok(Some(response));
+            }
+        }
+        if g.legacy {
+            return answered_in_order(txn, id);
+        }
+        Ok(None)
+    }
+
+    /// Keeps `response` as the first answer to request `id` (whose command
+    /// is `cmd`), then drops what the window no longer keeps.
+    pub(crate) fn remember(self, txn: &mut dyn Txn, id: &RequestId, cmd: &Command, response: &Response) -> Result<()> {
+        let Window::Generations(mut g) = self else {
+            return remember_in_order(txn, id, response);
+        };
+        let mut kept = response.clone();
+        strip_written(cmd, &mut kept);
+        let row = encode_row(&RequestRow { response: kept })?;
+        txn.put(GENERATIONS_TABLE, &generation_key(g.current, id), &row)?;
+        g.entries += 1;
+        g.bytes = g.bytes.saturating_add(row.len() as u64);
+        if g.entries >= REQUEST_WINDOW_ENTRIES || g.bytes >= REQUEST_WINDOW_BYTES {
+            if let Some(previous) = g.current.checked_sub(1) {
+                txn.delete_range(
+                    GENERATIONS_TABLE,
+                    &previous.to_be_bytes(),
+                    Some(&g.current.to_be_bytes()),
+                )?;
+            }
+            if g.legacy {
+                txn.delete_range(REQUESTS_TABLE, b"", None)?;
+                txn.delete_range(REQUEST_ORDER_TABLE, b"", None)?;
+                txn.delete(META_TABLE, REQUEST_WINDOW_KEY)?;
+                g.legacy = false;
+            }
+            g = Generations {
+                current: g.current + 1,
+                ..Generations::default()
+            };
+        }
+        txn.put(META_TABLE, GENERATIONS_KEY, &encode_row(&g)?)
+    }
+}
+
+/// The second layout's key: the generation, then the request id, all
+/// big-endian, so a generation is one contiguous range.
+fn generation_key(generation: u64, id: &RequestId) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..8].copy_from_slice(&generation.to_be_bytes());
+    key[8..16].copy_from_slice(&id.client.to_be_bytes());
+    key[16..].copy_from_slice(&id.seq.to_be_bytes());
+    key
+}
+
+/// The first layout's key: the request id, big-endian.
+fn request_key(id: &RequestId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16);
+    key.extend_from_slice(&id.client.to_be_bytes());
+    key.extend_from_slice(&id.seq.to_be_bytes());
+    key
+}
+
+fn answered_in_order(txn: &dyn Txn, id: &RequestId) -> Result<Option<Response>> {
+    match txn.get(REQUESTS_TABLE, &request_key(id))? {
+        Some(b) => Ok(Some(decode_row::<RequestRow>(&b)?.response)),
+        None => Ok(None),
+    }
+}
+
+/// The first layout: keeps `response`, then drops the oldest kept answers
+/// while the window holds too many or too large ones.
+fn remember_in_order(txn: &mut dyn Txn, id: &RequestId, response: &Response) -> Result<()> {
+    let key = request_key(id);
+    let row = encode_row(&RequestRow {
+        response: response.clone(),
+    })?;
+    // The window counts body bytes, without the layout byte, exactly as
+    // before rows carried one, so replicas of either build evict alike.
+    let bytes = row.len().saturating_sub(1) as u64;
+    let mut window: RequestWindow = match txn.get(META_TABLE, REQUEST_WINDOW_KEY)? {
+        Some(b) => decode_row(&b)?,
+        None => RequestWindow::default(),
+    };
+    txn.put(REQUESTS_TABLE, &key, &row)?;
+    txn.put(
+        REQUEST_ORDER_TABLE,
+        &window.next.to_be_bytes(),
+        &encode_row(&RequestOrderRow { key, bytes })?,
+    )?;
+    window.next += 1;
+    window.bytes += bytes;
+    while window.oldest + 1 < window.next
+        && (window.next - window.oldest > REQUEST_WINDOW_ENTRIES || window.bytes > REQUEST_WINDOW_BYTES)
+    {
+        let order_key = window.oldest.to_be_bytes();
+        if let Some(b) = txn.get(REQUEST_ORDER_TABLE, &order_key)? {
+            let old: RequestOrderRow = decode_row(&b)?;
+            txn.delete(REQUESTS_TABLE, &old.key)?;
+            txn.delete(REQUEST_ORDER_TABLE, &order_key)?;
+            window.bytes = window.bytes.saturating_sub(old.bytes);
+        }
+        window.oldest += 1;
+    }
+    txn.put(META_TABLE, REQUEST_WINDOW_KEY, &encode_row(&window)?)?;
+    Ok(())
+}
+
+/// Calls `f` with every pair `response` reports as written by a put or a
+/// successful compare-and-swap of `cmd`, and the key and value that command
+/// carried.
+fn each_written(cmd: &Command, response: &mut Response, f: &mut impl FnMut(&mut KeyValue, &[u8], &[u8])) {
+    match (cmd, response) {
+        (Command::Put { key, value }, Response::Put { kv, .. }) => f(kv, key, value),
+        (
+            Command::Cas { key, value, .. },
+            Response::Cas {
+                succeeded: true,
+                kv: Some(kv),
+                ..
+            },
+        ) => f(kv, key, value),
+        (Command::Batch(cmds), Response::Batch(parts)) => {
+            for (c, part) in cmds.iter().zip(parts) {
+                each_written(c, part, f);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Leaves out of `response` the key and value of each written pair that
+/// are exactly the command's (keys are never empty, so an empty key marks
+/// a pair left out).
+fn strip_written(cmd: &Command, response: &mut Response) {
+    each_written(cmd, response, &mut |kv, key, value| {
+        if kv.key == key && kv.value == value {
+            kv.key = Vec::new();
+            kv.value = Vec::new();
+        }
+    });
+}
+
+/// Puts back what [`strip_written`] left out.
+fn restore_written(cmd: &Command, response: &mut Response) {
+    each_written(cmd, response, &mut |kv, key, value| {
+        if kv.key.is_empty() {
+            kv.key = key.to_vec();
+            kv.value = value.to_vec();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemTxn;
+
+    fn id(seq: u64) -> RequestId {
+        RequestId { client: 7, seq }
+    }
+
+    fn put(k: &str) -> Command {
+        Command::Put {
+            key: k.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+        }
+    }
+
+    fn written(k: &str, rev: u64) -> Response {
+        Response::Put {
+            kv: KeyValue {
+                key: k.as_bytes().to_vec(),
+                value: b"v".to_vec(),
+                create_revision: rev,
+                mod_revision: rev,
+                version: 1,
+            },
+            prev: None,
+        }
+    }
+
+    fn remember(txn: &mut MemTxn, carrier: Carrier, seq: u64) {
+        let cmd = put("k");
+        let window = Window::open(txn, carrier).unwrap();
+        window.remember(txn, &id(seq), &cmd, &written("k", seq)).unwrap();
+    }
+
+    fn answered(txn: &MemTxn, seq: u64) -> Option<Response> {
+        Window::open(txn, Carrier::Request)
+            .unwrap()
+            .answered(txn, &id(seq), &put("k"))
+            .unwrap()
+    }
+
+    fn rows(txn: &MemTxn, table: &str) -> usize {
+        txn.rows().filter(|(t, _, _)| *t == table).count()
+    }
+
+    #[test]
+    fn the_first_layout_keeps_the_newest_answers() {
+        let mut txn = MemTxn::new();
+        let n = REQUEST_WINDOW_ENTRIES;
+        for seq in 1..=n + 2 {
+            remember(&mut txn, Carrier::Request, seq);
+        }
+        let kept = txn.scan(REQUESTS_TABLE, b"", None, usize::MAX).unwrap();
+        assert_eq!(kept.len() as u64, n);
+        assert_eq!(kept[0].0, request_key(&id(3)));
+        assert_eq!(rows(&txn, REQUEST_ORDER_TABLE) as u64, n);
+        assert_eq!(answered(&txn, 2), None);
+        assert_eq!(answered(&txn, 3), Some(written("k", 3)));
+        assert_eq!(rows(&txn, GENERATIONS_TABLE), 0);
+    }
+
+    #[test]
+    fn a_kept_answer_leaves_out_the_written_pair_and_gets_it_back() {
+        let mut txn = MemTxn::new();
+        remember(&mut txn, Carrier::RequestV2, 1);
+        let (_, _, row) = txn.rows().find(|(t, _, _)| *t == GENERATIONS_TABLE).unwrap();
+        let stored = decode_row::<RequestRow>(row).unwrap().response;
+        let Response::Put { kv, .. } = stored else {
+            panic!("{stored:?}")
+        };
+        assert!(kv.key.is_empty() && kv.value.is_empty());
+        assert_eq!(answered(&txn, 1), Some(written("k", 1)));
+        assert_eq!(answered(&txn, 2), None);
+    }
+
+    #[test]
+    fn generations_keep_at_least_a_window_of_answers_and_at_most_two() {
+        let mut txn = MemTxn::new();
+        let n = REQUEST_WINDOW_ENTRIES;
+        for seq in 0..2 * n + 5 {
+            remember(&mut txn, Carrier::RequestV2, seq);
+        }
+        // Generations 0 and 1 closed; closing 1 deleted 0.
+        assert_eq!(rows(&txn, GENERATIONS_TABLE), n as usize + 5);
+        assert_eq!(answered(&txn, n - 1), None);
+        assert!(answered(&txn, n).is_some());
+        assert!(answered(&txn, 2 * n + 4).is_some());
+    }
+
+    #[test]
+    fn switching_keeps_answering_the_first_layouts_answers_until_the_first_generation_closes() {
+        let mut txn = MemTxn::new();
+        let n = REQUEST_WINDOW_ENTRIES;
+        remember(&mut txn, Carrier::Request, 0);
+        remember(&mut txn, Carrier::Request, 1);
+        assert_eq!(rows(&txn, REQUESTS_TABLE), 2);
+        // After the switch, the old variant uses generations too.
+        remember(&mut txn, Carrier::RequestV2, 2);
+        remember(&mut txn, Carrier::Request, 3);
+        assert_eq!(rows(&txn, REQUESTS_TABLE), 2);
+        assert_eq!(rows(&txn, GENERATIONS_TABLE), 2);
+        for seq in 0..4 {
+            assert_eq!(answered(&txn, seq), Some(written("k", seq)), "request {seq}");
+        }
+        for seq in 4..n + 2 {
+            remember(&mut txn, Carrier::Request, seq);
+        }
+        assert_eq!(rows(&txn, REQUESTS_TABLE), 0);
+        assert_eq!(rows(&txn, REQUEST_ORDER_TABLE), 0);
+        assert_eq!(txn.get(META_TABLE, REQUEST_WINDOW_KEY).unwrap(), None);
+        assert_eq!(answered(&txn, 1), None);
+        assert!(answered(&txn, 2).is_some());
+    }
+}
