@@ -30,6 +30,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
 use crate::grouping::{GroupLimits, Queued, idle_slot, run_groups};
+use crate::network::{PeerHealth, REQUEST_V2_FORMAT};
 use crate::task::NamedTask;
 use crate::types::{NodeId, NodeInfo, Raft};
 
@@ -54,25 +55,57 @@ pub(crate) struct Batcher {
     room: Arc<Semaphore>,
     /// Groups in flight, shared by the task and the idle fast path.
     slots: Arc<Semaphore>,
-    raft: Raft,
+    proposer: Proposer,
     commit_timeout: Duration,
     task: NamedTask,
 }
 
+/// Raft, and what the leader knows of the log format its members read.
+#[derive(Clone)]
+pub(crate) struct Proposer {
+    raft: Raft,
+    peers: Arc<PeerHealth>,
+}
+
+impl Proposer {
+    /// Proposes through `raft`; `peers` says which format each member reads.
+    pub fn new(raft: Raft, peers: Arc<PeerHealth>) -> Self {
+        Self { raft, peers }
+    }
+
+    /// `cmd` in the newest log format every member reads: its requests
+    /// become `Command::RequestV2` once every other member of the current
+    /// membership said it reads [`REQUEST_V2_FORMAT`], so a node of an older
+    /// build never receives an entry it cannot apply during a rolling
+    /// upgrade.
+    fn readable(&self, cmd: Command) -> Command {
+        let metrics = self.raft.metrics();
+        let all_read = {
+            let m = metrics.borrow();
+            let me = m.id;
+            m.membership_config
+                .membership()
+                .nodes()
+                .all(|(id, _)| *id == me || self.peers.reads(*id, REQUEST_V2_FORMAT))
+        };
+        if all_read { cmd.into_request_v2() } else { cmd }
+    }
+}
+
 impl Batcher {
-    /// Starts the task proposing through `raft`.
-    pub fn spawn(raft: Raft, limits: BatchLimits) -> Self {
+    /// Starts the task proposing through `proposer`.
+    pub fn spawn(proposer: Proposer, limits: BatchLimits) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let slots = Arc::new(Semaphore::new(limits.max_inflight));
         let task_slots = slots.clone();
-        let task_raft = raft.clone();
+        let task_proposer = proposer.clone();
         Self {
             tx,
             room: Arc::new(Semaphore::new(MAX_QUEUED_BYTES)),
             slots,
-            raft,
+            proposer,
             commit_timeout: limits.commit_timeout,
-            task: NamedTask::spawn("raft-batcher", |stop| run(task_raft, rx, limits, task_slots, stop)),
+            task: NamedTask::spawn("raft-batcher", |stop| run(task_proposer, rx, limits, task_slots, stop)),
         }
     }
 
@@ -108,7 +141,7 @@ impl Batcher {
         // task (two fewer task hops at one client).
         if let Some(slot) = idle_slot(&self.tx, &self.slots) {
             metrics::histogram!("cell0_raft_batch_commands").record(1.0);
-            let result = propose_one(&self.raft, cmd, self.commit_timeout).await;
+            let result = propose_one(&self.proposer, cmd, self.commit_timeout).await;
             drop((slot, room));
             return result;
         }
@@ -121,7 +154,7 @@ impl Batcher {
 }
 
 async fn run(
-    raft: Raft,
+    proposer: Proposer,
     rx: mpsc::Receiver<Queued>,
     limits: BatchLimits,
     slots: Arc<Semaphore>,
@@ -132,13 +165,13 @@ async fn run(
         max_bytes: limits.max_bytes,
     };
     run_groups(rx, group_limits, slots, stop, "cell0_raft_batch_commands", |group| {
-        let raft = raft.clone();
-        async move { propose(&raft, group, limits.commit_timeout).await }
+        let proposer = proposer.clone();
+        async move { propose(&proposer, group, limits.commit_timeout).await }
     })
     .await;
 }
 
-async fn propose(raft: &Raft, group: Vec<Queued>, timeout: Duration) {
+async fn propose(proposer: &Proposer, group: Vec<Queued>, timeout: Duration) {
     let (mut cmds, replies): (Vec<Command>, Vec<_>) = group.into_iter().map(|p| (p.cmd, p.reply)).unzip();
     let single = cmds.len() == 1;
     let cmd = match cmds.pop() {
@@ -149,7 +182,7 @@ async fn propose(raft: &Raft, group: Vec<Queued>, timeout: Duration) {
         }
         None => return,
     };
-    let result = propose_one(raft, cmd, timeout).await;
+    let result = propose_one(proposer, cmd, timeout).await;
     match result {
         Ok(resp) if single => {
             if let Some(reply) = replies.into_iter().next() {
@@ -181,8 +214,9 @@ async fn propose(raft: &Raft, group: Vec<Queued>, timeout: Duration) {
 }
 
 /// Proposes one entry and waits for its applied response.
-async fn propose_one(raft: &Raft, cmd: Command, timeout: Duration) -> Result<Response> {
-    match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+async fn propose_one(proposer: &Proposer, cmd: Command, timeout: Duration) -> Result<Response> {
+    let cmd = proposer.readable(cmd);
+    match tokio::time::timeout(timeout, proposer.raft.client_write(cmd)).await {
         Ok(Ok(resp)) => Ok(resp.data),
         Ok(Err(e)) => Err(after_proposal(map_write_error(e))),
         Err(_) => Err(ConsensusError::Indeterminate(format!(

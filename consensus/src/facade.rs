@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::batcher::{BatchLimits, Batcher};
+use crate::batcher::{BatchLimits, Batcher, Proposer};
 use crate::command::{Command, KeyValue, Limits, RequestId, Response};
 use crate::config::ConsensusConfig;
 use crate::error::{ConsensusError, Result, UnavailableCause};
@@ -226,7 +226,7 @@ impl Consensus {
         // entries the state machine lacks (applies lost in a crash).
         sm.load_revision(&EngineTxn::new(engine.as_ref()))?;
         let batcher = Batcher::spawn(
-            raft.clone(),
+            Proposer::new(raft.clone(), health.clone()),
             BatchLimits {
                 max_commands: config.max_batch_commands,
                 max_bytes: config.max_batch_bytes,
@@ -402,7 +402,7 @@ impl Consensus {
             client: self.inner.client_id,
             seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
         };
-        Command::RequestV2 { id, cmd: Box::new(cmd) }
+        Command::Request { id, cmd: Box::new(cmd) }
     }
 
     /// Waits until a read at `consistency` may be served from the local

@@ -106,7 +106,7 @@ impl Inner {
             client: self.client_id,
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
         };
-        let cmd = Command::RequestV2 {
+        let cmd = Command::Request {
             id,
             cmd: Box::new(Command::InitCluster { cluster_id }),
         };

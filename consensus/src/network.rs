@@ -103,9 +103,20 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
 /// node could misread instead bumps this, and the older node refuses it
 /// cleanly. Formats: 1, everything in `payload`; 2, as 1 but an
 /// InstallSnapshot chunk's bytes travel in `data` ([`SNAPSHOT_DATA_FORMAT`]).
-/// A sender writes the oldest format that carries its message, so nodes of
-/// the previous build still read everything but snapshot chunks.
-pub const INTERNAL_FORMAT: u32 = SNAPSHOT_DATA_FORMAT;
+/// 3, as 2 but log entries may carry `Command::RequestV2`
+/// ([`REQUEST_V2_FORMAT`]). A sender writes the oldest format that carries
+/// its message, so nodes of the previous build still read everything but
+/// snapshot chunks and entries they cannot apply.
+pub const INTERNAL_FORMAT: u32 = REQUEST_V2_FORMAT;
+
+/// The format of AppendEntries requests whose entries carry
+/// `Command::RequestV2`. The leader proposes that variant only once every
+/// member has said it reads this format ([`PeerHealth::reads`]).
+pub const REQUEST_V2_FORMAT: u32 = 3;
+
+/// What a `reads_format` of 0 means: a sender from before the field, which
+/// reads formats up to 2.
+const READS_FORMAT_BEFORE_FIELD: u32 = SNAPSHOT_DATA_FORMAT;
 
 /// The format of every message but snapshot chunks.
 pub const BASE_FORMAT: u32 = 1;
@@ -119,6 +130,7 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Result<RaftMessage, ConsensusError>
     Ok(RaftMessage {
         payload: cell0_state::codec::encode("internal message", v)?.into(),
         format: BASE_FORMAT,
+        reads_format: INTERNAL_FORMAT,
         ..Default::default()
     })
 }
@@ -168,16 +180,35 @@ impl WireIdentity {
 }
 
 /// When the leader last heard back from each peer, so membership decisions
-/// can tell a live member from a dead one.
+/// can tell a live member from a dead one, and the newest internal format
+/// each peer said it reads.
 #[derive(Debug, Default)]
 pub struct PeerHealth {
     last_reply: Mutex<HashMap<NodeId, tokio::time::Instant>>,
+    reads_format: Mutex<HashMap<NodeId, u32>>,
 }
 
 impl PeerHealth {
     fn record(&self, peer: NodeId) {
         let mut map = self.last_reply.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(peer, tokio::time::Instant::now());
+    }
+
+    /// Notes the format `reply` says its sender reads.
+    fn record_format(&self, peer: NodeId, reply: &RaftMessage) {
+        let reads = match reply.reads_format {
+            0 => READS_FORMAT_BEFORE_FIELD,
+            n => n,
+        };
+        let mut map = self.reads_format.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(peer, reads);
+    }
+
+    /// Whether `peer`'s latest reply said it reads `format` (false before
+    /// any reply).
+    pub fn reads(&self, peer: NodeId, format: u32) -> bool {
+        let map = self.reads_format.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&peer).is_some_and(|f| *f >= format)
     }
 
     /// Whether `peer` answered a Raft call within the last `within`.
@@ -538,6 +569,7 @@ impl PeerNetwork {
         };
         let result: Result<Resp, RaftError<NodeId, E>> = decode(&reply).map_err(|e| net_err(&e))?;
         self.health.record(self.target);
+        self.health.record_format(self.target, &reply);
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -568,7 +600,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
         let net_err = |e: &dyn std::error::Error| RPCError::Network(NetworkError::new(&AnyErr(e.to_string())));
-        let msg = encode(&rpc).map_err(|e| net_err(&e))?;
+        let mut msg = encode(&rpc).map_err(|e| net_err(&e))?;
+        let carries_request_v2 = |e: &openraft::Entry<TypeConfig>| matches!(&e.payload, openraft::EntryPayload::Normal(c) if c.carries_request_v2());
+        if rpc.entries.iter().any(carries_request_v2) {
+            msg.format = REQUEST_V2_FORMAT;
+        }
         if rpc.entries.is_empty() {
             return self.send(Method::Append, msg, option.hard_ttl()).await;
         }
@@ -745,6 +781,7 @@ mod tests {
             from_node: 9,
             format: BASE_FORMAT,
             data: Vec::new().into(),
+            reads_format: INTERNAL_FORMAT,
         };
         identity.check(&msg(0xc1, 1)).unwrap();
         let err = identity.check(&msg(0xc1, 2)).unwrap_err();
@@ -756,6 +793,21 @@ mod tests {
         identity.check(&msg(0, 1)).unwrap();
         let stamped = identity.stamp(msg(0, 0), 3);
         assert_eq!((stamped.cluster_id, stamped.to_node, stamped.from_node), (0xc1, 3, 1));
+    }
+
+    #[test]
+    fn a_peer_reads_the_format_its_latest_reply_names() {
+        let health = PeerHealth::default();
+        assert!(!health.reads(2, REQUEST_V2_FORMAT), "nothing heard yet");
+        let mut reply = encode(&7u64).unwrap();
+        health.record_format(2, &reply);
+        assert!(health.reads(2, REQUEST_V2_FORMAT));
+        assert!(!health.reads(3, REQUEST_V2_FORMAT));
+        // The same node restarted on a build from before the field.
+        reply.reads_format = 0;
+        health.record_format(2, &reply);
+        assert!(!health.reads(2, REQUEST_V2_FORMAT));
+        assert!(health.reads(2, SNAPSHOT_DATA_FORMAT));
     }
 
     #[test]

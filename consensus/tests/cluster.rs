@@ -40,6 +40,14 @@ async fn value(c: &Consensus, key: &str, consistency: Consistency) -> Option<Vec
     c.get(key.as_bytes(), consistency).await.unwrap().0.map(|kv| kv.value)
 }
 
+/// Whether `c`'s replica switched to the request window's second layout.
+async fn switched(c: &Consensus) -> bool {
+    c.read(Consistency::Linearizable, |txn| txn.get("meta", b"request_gens"))
+        .await
+        .unwrap()
+        .is_some()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_through_any_node_are_read_linearizably_everywhere() {
     let root = tempfile::tempdir().unwrap();
@@ -92,6 +100,18 @@ async fn writes_through_any_node_are_read_linearizably_everywhere() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("key"), "{err}");
+
+    // Every member reads the newest log format, so the leader proposes
+    // `RequestV2` (once it heard from each): the first one switched the
+    // request window to generations on every replica.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !switched(&followers[0].consensus).await {
+        assert!(tokio::time::Instant::now() < deadline, "no RequestV2 within 10 s");
+        followers[0].consensus.propose(put("y", "1")).await.unwrap();
+    }
+    for node in &nodes {
+        assert!(switched(&node.consensus).await, "node {}", node.id());
+    }
     for n in nodes {
         n.stop().await;
     }

@@ -304,6 +304,26 @@ impl Command {
         }
     }
 
+    /// Whether this is, or a batch holds, a [`Command::RequestV2`], which
+    /// nodes of older builds cannot apply.
+    pub fn carries_request_v2(&self) -> bool {
+        match self {
+            Command::RequestV2 { .. } => true,
+            Command::Batch(cmds) => cmds.iter().any(Command::carries_request_v2),
+            _ => false,
+        }
+    }
+
+    /// [`Command::Request`] as [`Command::RequestV2`], in batches too; any
+    /// other command as it is.
+    pub fn into_request_v2(self) -> Command {
+        match self {
+            Command::Request { id, cmd } => Command::RequestV2 { id, cmd },
+            Command::Batch(cmds) => Command::Batch(cmds.into_iter().map(Command::into_request_v2).collect()),
+            other => other,
+        }
+    }
+
     /// Approximate encoded size, for batching decisions.
     pub fn approx_size(&self) -> usize {
         match self {
