@@ -26,23 +26,28 @@ pub enum Command {
     /// Sets `key` to `value`.
     Put {
         /// Key, 1..=[`MAX_KEY_BYTES`] bytes.
+        #[serde(with = "crate::codec::bytes")]
         key: Vec<u8>,
         /// Value, at most [`MAX_VALUE_BYTES`] bytes.
+        #[serde(with = "crate::codec::bytes")]
         value: Vec<u8>,
     },
     /// Removes `key`.
     Delete {
         /// Key, 1..=[`MAX_KEY_BYTES`] bytes.
+        #[serde(with = "crate::codec::bytes")]
         key: Vec<u8>,
     },
     /// Sets `key` to `value` if its mod revision is `expected_revision`
     /// (0: the key must be absent).
     Cas {
         /// Key, 1..=[`MAX_KEY_BYTES`] bytes.
+        #[serde(with = "crate::codec::bytes")]
         key: Vec<u8>,
         /// Required mod revision; 0 means absent.
         expected_revision: u64,
         /// New value, at most [`MAX_VALUE_BYTES`] bytes.
+        #[serde(with = "crate::codec::bytes")]
         value: Vec<u8>,
     },
     /// Commands applied in order in one atomic step, each with its own
@@ -107,8 +112,10 @@ pub struct RequestId {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     /// The key.
+    #[serde(with = "crate::codec::bytes")]
     pub key: Vec<u8>,
     /// The value.
+    #[serde(with = "crate::codec::bytes")]
     pub value: Vec<u8>,
     /// Revision of the write that created the key.
     pub create_revision: u64,

@@ -99,6 +99,7 @@ pub const HISTORY_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 /// A stored value with its revisions; the key is the table key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
+    #[serde(with = "crate::codec::bytes")]
     value: Vec<u8>,
     create_revision: u64,
     mod_revision: u64,
