@@ -17,18 +17,24 @@
 //!   (generation, request id) -> the first answer, without the key and value
 //!   of a pair it reports as written (the retried command carries them, and
 //!   they are put back when a retry is answered); `meta`/`request_gens`: the
-//!   current generation, its answers and bytes. A generation closes at
+//!   current generation, its answers and bytes, and the highest sequence
+//!   number of each client in it and in the one before (so a first try,
+//!   newer than all of its client's answers, reads no row; the clients are
+//!   the node processes that wrote in the two generations). A generation
+//!   closes at
 //!   [`REQUEST_WINDOW_ENTRIES`] answers or [`REQUEST_WINDOW_BYTES`]; closing
 //!   it deletes the one before it with one range delete. So the window always
 //!   holds at least the newest [`REQUEST_WINDOW_ENTRIES`] answers (or
 //!   [`REQUEST_WINDOW_BYTES`]), as the first layout did, and at most twice
-//!   that; a request writes one row, and a lookup reads at most two.
+//!   that; a request writes one row, and a retry's lookup reads at most two.
 //!
 //! Switching: the first `RequestV2` starts generation 0 and notes whether
 //! answers of the first layout remain (`legacy`). Lookups still read those
 //! until generation 0 closes, which deletes both of their tables and their
 //! `meta` row (range deletes again). Nothing here reads a clock or iterates
 //! an unordered map: every replica keeps the same rows.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -77,7 +83,7 @@ struct RequestOrderRow {
 }
 
 /// The second layout's bookkeeping, one `meta` row.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Generations {
     /// The generation new answers go to; the one before it is kept too.
     current: u64,
@@ -87,6 +93,21 @@ pub(crate) struct Generations {
     bytes: u64,
     /// Whether answers of the first layout may remain.
     legacy: bool,
+    /// The highest sequence number of each client with an answer in the
+    /// current generation.
+    newest: BTreeMap<u64, u64>,
+    /// The same for the previous generation.
+    previous_newest: BTreeMap<u64, u64>,
+}
+
+impl Generations {
+    /// Whether a generation whose highest sequence numbers are `newest`
+    /// may hold an answer to `id`: a client's sequence numbers only grow,
+    /// so a request newer than its newest kept answer (every first try, in
+    /// practice) is looked up nowhere.
+    fn may_hold(newest: &BTreeMap<u64, u64>, id: &RequestId) -> bool {
+        newest.get(&id.client).is_some_and(|seq| id.seq <= *seq)
+    }
 }
 
 crate::row_v1!(RequestRow, "request");
@@ -132,7 +153,12 @@ impl Window {
         let Window::Generations(g) = self else {
             return answered_in_order(txn, id);
         };
-        let newest_first = [Some(g.current), g.current.checked_sub(1)];
+        let newest_first = [
+            Some(g.current).filter(|_| Generations::may_hold(&g.newest, id)),
+            g.current
+                .checked_sub(1)
+                .filter(|_| Generations::may_hold(&g.previous_newest, id)),
+        ];
         for generation in newest_first.into_iter().flatten() {
             if let Some(b) = txn.get(GENERATIONS_TABLE, &generation_key(generation, id))? {
                 let mut response = decode_row::<RequestRow>(&b)?.response;
@@ -158,6 +184,8 @@ impl Window {
         txn.put(GENERATIONS_TABLE, &generation_key(g.current, id), &row)?;
         g.entries += 1;
         g.bytes = g.bytes.saturating_add(row.len() as u64);
+        let newest = g.newest.entry(id.client).or_insert(id.seq);
+        *newest = (*newest).max(id.seq);
         if g.entries >= REQUEST_WINDOW_ENTRIES || g.bytes >= REQUEST_WINDOW_BYTES {
             if let Some(previous) = g.current.checked_sub(1) {
                 txn.delete_range(
@@ -174,6 +202,7 @@ impl Window {
             }
             g = Generations {
                 current: g.current + 1,
+                previous_newest: std::mem::take(&mut g.newest),
                 ..Generations::default()
             };
         }
@@ -377,6 +406,33 @@ mod tests {
         assert_eq!(answered(&txn, n - 1), None);
         assert!(answered(&txn, n).is_some());
         assert!(answered(&txn, 2 * n + 4).is_some());
+    }
+
+    #[test]
+    fn a_request_applied_out_of_order_is_found_across_a_closed_generation() {
+        let mut txn = MemTxn::new();
+        let n = REQUEST_WINDOW_ENTRIES;
+        // Seq 1,000,000 is applied before seqs below it, then the
+        // generation closes.
+        remember(&mut txn, Carrier::RequestV2, 1_000_000);
+        for seq in 0..n - 1 {
+            remember(&mut txn, Carrier::RequestV2, seq);
+        }
+        assert_eq!(rows(&txn, GENERATIONS_TABLE), n as usize);
+        remember(&mut txn, Carrier::RequestV2, n - 1);
+        assert_eq!(
+            answered(&txn, 1_000_000),
+            Some(written("k", 1_000_000)),
+            "found in the previous generation"
+        );
+        assert!(answered(&txn, 5).is_some());
+        assert_eq!(answered(&txn, 1_000_001), None);
+        let other_client = RequestId { client: 8, seq: 5 };
+        let none = Window::open(&txn, Carrier::Request)
+            .unwrap()
+            .answered(&txn, &other_client, &put("k"))
+            .unwrap();
+        assert_eq!(none, None);
     }
 
     #[test]
