@@ -254,7 +254,7 @@ async fn a_new_member_catches_up_by_snapshot_within_the_memory_bound_and_holds_t
     let path = root.path().join("cell0.toml");
     std::fs::write(
         &path,
-        "[raft]\nsnapshot_every = 250\nsnapshot_log_percent = 0\nkeep_logs_after_snapshot = 0\n",
+        "[raft]\nsnapshot_every = 64\nsnapshot_log_percent = 0\nkeep_logs_after_snapshot = 0\n",
     )
     .unwrap();
     let config = vec!["--config".to_string(), path.display().to_string()];
@@ -290,6 +290,14 @@ async fn a_new_member_catches_up_by_snapshot_within_the_memory_bound_and_holds_t
         w.await.unwrap();
     }
     let target = status(&endpoint).await.commit_index;
+    // The leader groups concurrent puts, at most 8 (one per writer) in an
+    // entry: 768 puts are at least 96 entries, so every node built a
+    // snapshot (and purged the log it covers) before the new member joins.
+    let deadline = Instant::now() + DEADLINE;
+    while !nodes.iter().all(|n| n.log().contains("built snapshot")) {
+        assert!(Instant::now() < deadline, "no snapshot built: {}", nodes[0].log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let fourth = Node::start_with(
         "node4",
@@ -311,7 +319,9 @@ async fn a_new_member_catches_up_by_snapshot_within_the_memory_bound_and_holds_t
     }
     assert!(
         fourth.log().contains("installed snapshot"),
-        "node4 caught up by a snapshot"
+        "node4 caught up by a snapshot: {}\nnode1: {}",
+        fourth.log(),
+        nodes[0].log()
     );
     for (i, node) in nodes.iter().chain([&fourth]).enumerate() {
         let peak = peak_rss_bytes(node.child.id()).expect("the node runs");

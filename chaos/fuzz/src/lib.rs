@@ -116,6 +116,10 @@ fn log_entry_seeds() -> Vec<Vec<u8>> {
             id: RequestId { client: 7, seq: 1 },
             cmd: Box::new(put.clone()),
         },
+        Command::RequestV2 {
+            id: RequestId { client: 7, seq: 2 },
+            cmd: Box::new(Command::Batch(vec![put.clone()])),
+        },
         Command::InitCluster { cluster_id: 9 },
         Command::Acl(AclCommand::Bootstrap {
             token: Token {
