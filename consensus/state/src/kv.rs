@@ -438,23 +438,19 @@ pub(crate) fn apply_command(
             agents::unblock_all(txn)?;
             Ok(Response::Node { stored })
         }
-        Command::Request { id, cmd } => {
-            let window = Window::open(txn, Carrier::Request)?;
-            if let Some(first) = window.answered(txn, id, cmd)? {
+        Command::Request { id, cmd: inner } | Command::RequestV2 { id, cmd: inner } => {
+            let carrier = if matches!(cmd, Command::RequestV2 { .. }) {
+                switch_history_to_chunks(txn, *rev)?;
+                Carrier::RequestV2
+            } else {
+                Carrier::Request
+            };
+            let window = Window::open(txn, carrier)?;
+            if let Some(first) = window.answered(txn, id, inner)? {
                 return Ok(first);
             }
-            let response = apply_command(txn, cmd, rev, events, changed)?;
-            window.remember(txn, id, cmd, &response)?;
-            Ok(response)
-        }
-        Command::RequestV2 { id, cmd } => {
-            switch_history_to_chunks(txn, *rev)?;
-            let window = Window::open(txn, Carrier::RequestV2)?;
-            if let Some(first) = window.answered(txn, id, cmd)? {
-                return Ok(first);
-            }
-            let response = apply_command(txn, cmd, rev, events, changed)?;
-            window.remember(txn, id, cmd, &response)?;
+            let response = apply_command(txn, inner, rev, events, changed)?;
+            window.remember(txn, id, inner, &response)?;
             Ok(response)
         }
         Command::InitCluster { cluster_id: id } => {
