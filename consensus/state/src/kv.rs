@@ -1,12 +1,13 @@
 //! The key-value table with etcd-style revisions, its change history, the
-//! request window that makes writes exactly-once, and the read side.
+//! dispatch of requests to the request window that makes writes
+//! exactly-once, and the read side.
 //!
 //! Tables (all in the storage crate's state column family):
 //! - `kv`: user key -> its value and etcd-style revisions,
 //! - `kv_events`: revision (big-endian) -> [`StateEvent`], the newest
-//!   changes, at most [`WATCH_HISTORY`] of them and at most
-//!   [`WATCH_HISTORY_BYTES`] of stored rows (always at least the newest
-//!   one), so watchers can resume from a revision,
+//!   changes: [`WATCH_HISTORY`] of them (in chunks, up to a chunk more) and
+//!   at most [`WATCH_HISTORY_BYTES`] of stored rows (always at least the
+//!   newest one), so watchers can resume from a revision,
 //! - `meta`: `revision` -> the store's current revision, `cluster_id` -> the
 //!   cluster's id, the history's bookkeeping (`history_window` or
 //!   `history_chunks`, see "The history's bounds" below), and the request
