@@ -173,36 +173,18 @@ async fn a_data_dir_from_before_versioned_rows_opens_and_keeps_everything() {
         state.put(table, &k[nul + 1..], &v).unwrap();
     }
     let id = old_request_id(b"req");
-    let retry = Command::Request {
-        id,
-        cmd: Box::new(Command::Put {
+    let again = || {
+        Box::new(Command::Put {
             key: b"req".to_vec(),
             value: b"again".to_vec(),
-        }),
+        })
     };
-    let applied = cell0_state::apply(&mut state, &retry).unwrap();
-    match applied.response {
-        Response::Put { kv, .. } => assert_eq!(kv.value, b"once"),
-        other => panic!("unexpected {other:?}"),
-    }
-    assert!(applied.events.is_empty(), "the retry was applied again");
+    assert_answered_from_window(&mut state, &Command::Request { id, cmd: again() });
 
     // The first `RequestV2` switches the request window and the history to
     // their second layouts: the old answers and events stay readable.
     let events_before = cell0_state::kv::history(&state, b"", 1, 1000, usize::MAX).unwrap();
-    let retry_v2 = Command::RequestV2 {
-        id,
-        cmd: Box::new(Command::Put {
-            key: b"req".to_vec(),
-            value: b"again".to_vec(),
-        }),
-    };
-    let applied = cell0_state::apply(&mut state, &retry_v2).unwrap();
-    match applied.response {
-        Response::Put { kv, .. } => assert_eq!(kv.value, b"once"),
-        other => panic!("unexpected {other:?}"),
-    }
-    assert!(applied.events.is_empty(), "the retry was applied again");
+    assert_answered_from_window(&mut state, &Command::RequestV2 { id, cmd: again() });
     let fresh = Command::RequestV2 {
         id: RequestId {
             client: id.client,
@@ -504,4 +486,16 @@ fn log_entries_and_responses_keep_their_golden_bytes() {
         let decoded: Response = cell0_state::codec::decode("response", &by_name("response", name)).unwrap();
         assert_eq!(decoded, r, "{name}");
     }
+}
+
+/// Applies `retry`, a retry of the old data dir's write of `req` = `once`,
+/// and checks that the request window answers it: the old answer, nothing
+/// applied again.
+fn assert_answered_from_window(state: &mut MemTxn, retry: &Command) {
+    let applied = cell0_state::apply(state, retry).unwrap();
+    match applied.response {
+        Response::Put { kv, .. } => assert_eq!(kv.value, b"once"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(applied.events.is_empty(), "the retry was applied again");
 }
