@@ -1,7 +1,8 @@
 //! Operator commands against real processes: `cell0 doctor` passes on a
 //! healthy cluster and names each problem on a broken one (a node down, a
 //! port taken, a nearly full disk); `cell0 node leave` removes a node
-//! gracefully, and the node is added again when it starts with --join.
+//! gracefully, and the node is added again when it starts with --join;
+//! `cell0 bench disk` measures synced writes and leaves nothing behind.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -148,6 +149,36 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+#[test]
+fn bench_disk_measures_each_way_and_removes_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let out = cli(&["bench", "disk", "--dir", path, "--writes", "20", "--output", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let ways: Vec<&str> = report["ways"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            assert_eq!(w["writes"], 20, "{w}");
+            assert!(w["p50_ms"].as_f64().unwrap() > 0.0, "{w}");
+            assert!(w["max_ms"].as_f64().unwrap() >= w["p50_ms"].as_f64().unwrap(), "{w}");
+            w["way"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(ways, ["file append", "file overwrite", "rocksdb log row"]);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "files left behind");
+
+    let out = cli(&["bench", "disk", "--dir", path, "--writes", "0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--writes must be 1 to"), "{}", stderr(&out));
+    let missing = dir.path().join("absent");
+    let out = cli(&["bench", "disk", "--dir", missing.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--dir"), "{}", stderr(&out));
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! latencies go into one HDR histogram and progress goes to stderr once a
 //! second. `bench raft` does the same against an in-process Raft cluster,
 //! `bench schedule` places agents through the real scheduler and Raft on
-//! one, and `bench infer` measures the local inference engine (no cluster).
+//! one, `bench infer` measures the local inference engine and `bench disk`
+//! one synced write on a disk (no cluster for either).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,6 +59,10 @@ pub enum BenchCommand {
     /// trip, how fast a changed summary reaches the other site, and the
     /// latency of a forwarded call.
     Sites(super::sites_bench::SitesBench),
+    /// What one durable write costs on the disk under a directory: a file
+    /// append with fdatasync, an overwrite with fdatasync, and a synced
+    /// RocksDB write of a Raft log row (no cluster needed).
+    Disk(super::disk_bench::DiskBench),
 }
 
 /// Options of `cell0 bench embed`.
@@ -210,6 +215,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: BenchCommand) -> anyhow::R
         BenchCommand::Agents(b) => super::agent_bench::run(endpoint, output, b).await,
         BenchCommand::Gossip(b) => super::gossip_bench::run(output, b).await,
         BenchCommand::Sites(b) => super::sites_bench::run(output, b).await,
+        BenchCommand::Disk(b) => super::disk_bench::run(output, b).await,
     }
 }
 

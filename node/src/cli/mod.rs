@@ -6,6 +6,7 @@ pub mod acl;
 pub mod agent;
 mod agent_bench;
 pub mod bench;
+mod disk_bench;
 pub mod doctor;
 mod gossip_bench;
 pub mod infer;
