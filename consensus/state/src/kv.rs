@@ -441,12 +441,16 @@ pub(crate) fn apply_command(
         }
         Command::Request { id, cmd: inner } | Command::RequestV2 { id, cmd: inner } => {
             let carrier = if matches!(cmd, Command::RequestV2 { .. }) {
-                switch_history_to_chunks(txn, *rev)?;
                 Carrier::RequestV2
             } else {
                 Carrier::Request
             };
             let window = Window::open(txn, carrier)?;
+            // Once the window's row is stored the history has switched too:
+            // a put then reads no `meta` row to find that out again.
+            if carrier == Carrier::RequestV2 && window.may_need_switch() {
+                switch_history_to_chunks(txn, *rev)?;
+            }
             if let Some(first) = window.answered(txn, id, inner)? {
                 return Ok(first);
             }

@@ -129,7 +129,14 @@ pub(crate) enum Window {
     /// The first layout.
     InOrder,
     /// The second layout.
-    Generations(Generations),
+    Generations {
+        /// Its bookkeeping.
+        row: Generations,
+        /// Whether the bookkeeping row is already stored. It is not only at
+        /// the first `RequestV2` (and at retries answered before any new
+        /// request of that layout was kept).
+        stored: bool,
+    },
 }
 
 impl Window {
@@ -137,20 +144,35 @@ impl Window {
     /// the first `RequestV2`.
     pub(crate) fn open(txn: &dyn Txn, carrier: Carrier) -> Result<Self> {
         if let Some(b) = txn.get(META_TABLE, GENERATIONS_KEY)? {
-            return Ok(Window::Generations(decode_row(&b)?));
+            return Ok(Window::Generations {
+                row: decode_row(&b)?,
+                stored: true,
+            });
         }
         Ok(match carrier {
             Carrier::Request => Window::InOrder,
-            Carrier::RequestV2 => Window::Generations(Generations {
-                legacy: txn.get(META_TABLE, REQUEST_WINDOW_KEY)?.is_some(),
-                ..Generations::default()
-            }),
+            Carrier::RequestV2 => Window::Generations {
+                row: Generations {
+                    legacy: txn.get(META_TABLE, REQUEST_WINDOW_KEY)?.is_some(),
+                    ..Generations::default()
+                },
+                stored: false,
+            },
         })
+    }
+
+    /// Whether the state may not have switched to the second layout yet:
+    /// true unless a generations row is stored. That row is first written
+    /// in the same apply step as every other switch of the first
+    /// `RequestV2` (the watch history's, see `kv`), so a stored row proves
+    /// all of them done.
+    pub(crate) fn may_need_switch(&self) -> bool {
+        !matches!(self, Window::Generations { stored: true, .. })
     }
 
     /// The first answer to request `id` (whose command is `cmd`), if kept.
     pub(crate) fn answered(&self, txn: &dyn Txn, id: &RequestId, cmd: &Command) -> Result<Option<Response>> {
-        let Window::Generations(g) = self else {
+        let Window::Generations { row: g, .. } = self else {
             return answered_in_order(txn, id);
         };
         let newest_first = [
@@ -175,7 +197,7 @@ impl Window {
     /// Keeps `response` as the first answer to request `id` (whose command
     /// is `cmd`), then drops what the window no longer keeps.
     pub(crate) fn remember(self, txn: &mut dyn Txn, id: &RequestId, cmd: &Command, response: &Response) -> Result<()> {
-        let Window::Generations(mut g) = self else {
+        let Window::Generations { row: mut g, .. } = self else {
             return remember_in_order(txn, id, response);
         };
         let mut kept = response.clone();
