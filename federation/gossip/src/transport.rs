@@ -59,7 +59,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use libp2p::core::muxing::StreamMuxerBox;
-use libp2p::core::transport::Boxed;
+use libp2p::core::transport::{Boxed, MemoryTransport};
 use libp2p::core::upgrade;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -114,9 +114,44 @@ const DEFAULT_TARGET_PEERS: u32 = 12;
 /// Default redial interval.
 const DEFAULT_REDIAL: Duration = Duration::from_secs(2);
 
+/// What carries the gossip connections, under the same upgrades (pnet,
+/// noise, yamux) either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Network {
+    /// TCP sockets: what a node uses.
+    #[default]
+    Tcp,
+    /// libp2p's in-process memory transport, for benchmarks of many nodes
+    /// in one process (no system calls, no kernel buffers). An address's
+    /// port names the listener `/memory/<port>` and its IP is ignored, so
+    /// every listen port must be given (not 0) and unique in the process.
+    Memory,
+}
+
+impl Network {
+    /// The multiaddress of `addr` on this network.
+    fn multiaddr(self, addr: SocketAddr) -> Multiaddr {
+        match self {
+            Network::Tcp => Multiaddr::from(addr.ip()).with(Protocol::Tcp(addr.port())),
+            Network::Memory => Multiaddr::empty().with(Protocol::Memory(u64::from(addr.port()))),
+        }
+    }
+
+    /// The port of a listen address this network reported.
+    fn listen_port(self, address: &Multiaddr) -> Option<u16> {
+        address.iter().find_map(|p| match (self, p) {
+            (Network::Tcp, Protocol::Tcp(port)) => Some(port),
+            (Network::Memory, Protocol::Memory(port)) => u16::try_from(port).ok(),
+            _ => None,
+        })
+    }
+}
+
 /// How to run the gossip transport.
 #[derive(Clone)]
 pub struct TransportConfig {
+    /// What carries the connections (TCP unless a benchmark says otherwise).
+    pub network: Network,
     /// TCP address to listen on (port 0 allowed: the bound one is reported by
     /// [`Transport::listen_addr`]).
     pub listen: SocketAddr,
@@ -146,11 +181,12 @@ pub struct TransportConfig {
 }
 
 impl TransportConfig {
-    /// A configuration with defaults: no join address, no pre-shared key,
+    /// A configuration with defaults: TCP, no join address, no pre-shared key,
     /// mesh heartbeat 500 ms, idle timeout 60 s, at most 512 connections,
     /// 12 peers dialled on discovery, redial every 2 s.
     pub fn new(listen: SocketAddr, keypair: Keypair, topic: impl Into<String>) -> Self {
         Self {
+            network: Network::Tcp,
             listen,
             join: Vec::new(),
             psk: None,
@@ -169,6 +205,7 @@ impl fmt::Debug for TransportConfig {
     /// Never prints the pre-shared key nor the private key.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TransportConfig")
+            .field("network", &self.network)
             .field("listen", &self.listen)
             .field("join", &self.join)
             .field("psk", &self.psk.map(|_| "<redacted>"))
@@ -250,6 +287,14 @@ pub enum TransportError {
         /// Why.
         #[source]
         source: gossipsub::SubscriptionError,
+    },
+    /// The listen address cannot be used on the configured network.
+    #[error("invalid listen address {addr}: {reason}")]
+    InvalidListen {
+        /// The configured listen address.
+        addr: SocketAddr,
+        /// What is wrong with it.
+        reason: &'static str,
     },
     /// The listen address could not be bound.
     #[error("listening on {addr}")]
@@ -334,6 +379,12 @@ impl Transport {
             .iter()
             .map(|raw| parse_join(raw))
             .collect::<Result<Vec<_>, _>>()?;
+        if config.network == Network::Memory && config.listen.port() == 0 {
+            return Err(TransportError::InvalidListen {
+                addr: config.listen,
+                reason: "the memory network needs a port of its own, not 0",
+            });
+        }
         let local_peer_id = config.keypair.public().to_peer_id();
         let mut swarm = build_swarm(&config)?;
 
@@ -350,7 +401,7 @@ impl Transport {
         // libp2p-tcp sets SO_REUSEPORT on its listeners, so binding a port
         // another process listens on would silently succeed (and split the
         // incoming connections): probe with a plain socket first.
-        if config.listen.port() != 0 {
+        if config.network == Network::Tcp && config.listen.port() != 0 {
             drop(
                 std::net::TcpListener::bind(config.listen).map_err(|error| TransportError::Listen {
                     addr: config.listen,
@@ -359,12 +410,12 @@ impl Transport {
             );
         }
         swarm
-            .listen_on(socket_to_multiaddr(config.listen))
+            .listen_on(config.network.multiaddr(config.listen))
             .map_err(|source| TransportError::Listen {
                 addr: config.listen,
                 source,
             })?;
-        let (listen_addr, early_events) = wait_until_listening(&mut swarm, config.listen).await?;
+        let (listen_addr, early_events) = wait_until_listening(&mut swarm, config.network, config.listen).await?;
 
         let (command_tx, command_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
         let (event_tx, event_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
@@ -372,6 +423,7 @@ impl Transport {
         let driver = Driver {
             swarm,
             local_peer_id,
+            network: config.network,
             listen_addr,
             topic: topic.hash(),
             validate,
@@ -464,7 +516,7 @@ fn build_swarm(config: &TransportConfig) -> Result<Swarm<Behaviour>, TransportEr
     let idle_timeout = config.idle_timeout;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_other_transport(|key| build_transport(key, psk))
+        .with_other_transport(|key| build_transport(key, config.network, psk))
         .map_err(TransportError::BuildTransport)?
         .with_behaviour(|key| build_behaviour(key, config))
         .map_err(TransportError::BuildBehaviour)?
@@ -476,22 +528,42 @@ fn build_swarm(config: &TransportConfig) -> Result<Swarm<Behaviour>, TransportEr
 /// A boxed error, as the swarm builder wants it.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// TCP (nodelay) → pnet (when `psk`) → noise → yamux, with a timeout.
+/// TCP (nodelay) or memory → pnet (when `psk`) → noise → yamux, with a
+/// timeout.
 fn build_transport(
     key: &Keypair,
+    network: Network,
     psk: Option<pnet::PreSharedKey>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, BoxError> {
-    let tcp = tcp::tokio::Transport::new(tcp::Config::new().nodelay(true));
+    match network {
+        Network::Tcp => upgrade_connections(tcp::tokio::Transport::new(tcp::Config::new().nodelay(true)), key, psk),
+        Network::Memory => upgrade_connections(MemoryTransport::default(), key, psk),
+    }
+}
+
+/// `base`'s connections → pnet (when `psk`) → noise → yamux, with a timeout.
+fn upgrade_connections<T>(
+    base: T,
+    key: &Keypair,
+    psk: Option<pnet::PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, BoxError>
+where
+    T: libp2p::Transport + Send + Unpin + 'static,
+    T::Output: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
+    T::Error: Send + Sync + 'static,
+    T::Dial: Send + 'static,
+    T::ListenerUpgrade: Send + 'static,
+{
     let noise = noise::Config::new(key)?;
     let transport = match psk {
-        Some(psk) => tcp
+        Some(psk) => base
             .and_then(move |socket, _| pnet::PnetConfig::new(psk).handshake(socket))
             .upgrade(upgrade::Version::V1)
             .authenticate(noise)
             .multiplex(yamux::Config::default())
             .timeout(UPGRADE_TIMEOUT)
             .boxed(),
-        None => tcp
+        None => base
             .upgrade(upgrade::Version::V1)
             .authenticate(noise)
             .multiplex(yamux::Config::default())
@@ -548,22 +620,17 @@ fn build_behaviour(key: &Keypair, config: &TransportConfig) -> Result<Behaviour,
 /// task, so that none is lost).
 async fn wait_until_listening(
     swarm: &mut Swarm<Behaviour>,
+    network: Network,
     listen: SocketAddr,
 ) -> Result<(SocketAddr, Vec<SwarmEvent<BehaviourEvent>>), TransportError> {
     let mut early = Vec::new();
     let wait = async {
         loop {
             match swarm.select_next_some().await {
-                SwarmEvent::NewListenAddr { address, .. } => {
-                    let port = address.iter().find_map(|p| match p {
-                        Protocol::Tcp(port) => Some(port),
-                        _ => None,
-                    });
-                    match port {
-                        Some(port) => return Ok(SocketAddr::new(listen.ip(), port)),
-                        None => tracing::debug!(%address, "listen address without a TCP port"),
-                    }
-                }
+                SwarmEvent::NewListenAddr { address, .. } => match network.listen_port(&address) {
+                    Some(port) => return Ok(SocketAddr::new(listen.ip(), port)),
+                    None => tracing::debug!(%address, "listen address without a port"),
+                },
                 SwarmEvent::ListenerClosed { reason, .. } => {
                     return Err(TransportError::ListenerClosed {
                         addr: listen,
@@ -672,17 +739,14 @@ async fn resolve_joins(joins: Vec<JoinAddr>) -> Vec<SocketAddr> {
     addrs
 }
 
-/// `/ip4|ip6/<ip>/tcp/<port>`.
-fn socket_to_multiaddr(addr: SocketAddr) -> Multiaddr {
-    Multiaddr::from(addr.ip()).with(Protocol::Tcp(addr.port()))
-}
-
 /// The swarm task's state.
 struct Driver<V> {
     /// The swarm.
     swarm: Swarm<Behaviour>,
     /// This node's peer id.
     local_peer_id: PeerId,
+    /// What carries the connections.
+    network: Network,
     /// The bound listen address.
     listen_addr: SocketAddr,
     /// The gossip topic.
@@ -857,7 +921,7 @@ where
             return;
         }
         for addr in addrs {
-            let address = socket_to_multiaddr(addr);
+            let address = self.network.multiaddr(addr);
             if addr == self.listen_addr || self.swarm.listeners().any(|own| *own == address) {
                 tracing::trace!(%address, "join address is this node's own: skipped");
                 continue;
@@ -876,9 +940,14 @@ where
 
     /// Whether `address` is worth dialling: `/ip4|ip6/<ip>/tcp/<port>`
     /// (optionally `/p2p/<id>`), not unspecified nor multicast, loopback only
-    /// when this node itself listens on loopback.
+    /// when this node itself listens on loopback; `/memory/<port>` on the
+    /// memory network.
     fn is_dialable(&self, address: &Multiaddr) -> bool {
         let mut parts = address.iter();
+        if self.network == Network::Memory {
+            return matches!(parts.next(), Some(Protocol::Memory(port)) if port != 0)
+                && parts.all(|part| matches!(part, Protocol::P2p(_)));
+        }
         let ip = match parts.next() {
             Some(Protocol::Ip4(ip)) => IpAddr::V4(ip),
             Some(Protocol::Ip6(ip)) => IpAddr::V6(ip),
@@ -948,7 +1017,14 @@ where
                     tracing::info!(peer = %peer_id, address = %endpoint.get_remote_address(), "peer connected");
                     self.update_peer_gauge();
                     self.emit(TransportEvent::Connected { peer: peer_id });
-                    self.bootstrap();
+                    // A bootstrap asks the closest peers for theirs; once the
+                    // routing table knows enough peers, identify and the
+                    // periodic redial find the rest, and every node's
+                    // bootstrapping after each of its many connections cost
+                    // a tenth of a 50-node run's CPU (docs/benchmarks.md).
+                    if self.routing_table_size() < SMALL_ROUTING_TABLE {
+                        self.bootstrap();
+                    }
                 }
             }
             SwarmEvent::ConnectionClosed {

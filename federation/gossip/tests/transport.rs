@@ -1,4 +1,5 @@
-//! Integration tests of the gossip transport: real swarms on 127.0.0.1.
+//! Integration tests of the gossip transport: real swarms on 127.0.0.1
+//! (and on the in-process memory network, under the same upgrades).
 //!
 //! No sleep is used for synchronisation: every wait is a loop over
 //! `next_event` (publishing every 200 ms, since gossipsub needs its mesh)
@@ -6,11 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cell0_gossip::transport::{Transport, TransportConfig, TransportError, TransportEvent};
+use cell0_gossip::transport::{Network, Transport, TransportConfig, TransportError, TransportEvent};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 
@@ -164,6 +166,87 @@ async fn three_nodes_with_same_psk_exchange_messages() {
     for s in seen {
         s.transport.stop().await;
     }
+}
+
+/// [`config`] on the memory network, listening on `/memory/<port>`.
+fn memory_config(port: u16, psk: Option<[u8; 32]>, join: Vec<String>) -> TransportConfig {
+    let mut config = config(psk, join);
+    config.network = Network::Memory;
+    config.listen = SocketAddr::from(([127, 0, 0, 1], port));
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_network_connects_nodes_with_the_same_psk_only() {
+    let psk = Some([3u8; 32]);
+    let a = start(memory_config(41_001, psk, Vec::new())).await;
+    assert_eq!(a.listen_addr().port(), 41_001);
+    let seed = a.listen_addr().to_string();
+    let b = start(memory_config(41_002, psk, vec![seed.clone()])).await;
+    let c = start(memory_config(41_003, psk, vec![seed.clone()])).await;
+    let foreign = start(memory_config(41_004, Some([4u8; 32]), vec![seed])).await;
+    let (ida, idb, idc, idf) = (
+        a.local_peer_id(),
+        b.local_peer_id(),
+        c.local_peer_id(),
+        foreign.local_peer_id(),
+    );
+    let (ma, mb, mc) = (b"a".to_vec(), b"b".to_vec(), b"c".to_vec());
+
+    let seen = exchange(vec![
+        Node {
+            transport: a,
+            publish: vec![ma.clone()],
+            expect: vec![(idb, mb.clone()), (idc, mc.clone())],
+            times: 3,
+        },
+        Node {
+            transport: b,
+            publish: vec![mb.clone()],
+            expect: vec![(ida, ma.clone()), (idc, mc.clone())],
+            times: 3,
+        },
+        Node {
+            transport: c,
+            publish: vec![mc],
+            expect: vec![(ida, ma), (idb, mb)],
+            times: 3,
+        },
+        Node {
+            transport: foreign,
+            publish: vec![b"foreign".to_vec()],
+            expect: Vec::new(),
+            times: 0,
+        },
+    ])
+    .await;
+
+    assert!(
+        !seen[3]
+            .events
+            .iter()
+            .any(|e| matches!(e, TransportEvent::Connected { .. } | TransportEvent::Message { .. })),
+        "the foreign node got in: {:?}",
+        seen[3].events
+    );
+    for s in &seen[..3] {
+        assert_eq!(messages_from(&s.events, idf), 0, "a foreign message got through");
+    }
+    for s in seen {
+        s.transport.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_network_needs_a_listen_port() {
+    let err = Transport::start(
+        memory_config(0, None, Vec::new()),
+        |_: &PeerId, _: &[u8]| true,
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("needs a port of its own"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

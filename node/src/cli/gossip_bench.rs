@@ -1,6 +1,8 @@
 //! `cell0 bench gossip`: N gossip services in this process, each with its
 //! own libp2p swarm on loopback TCP (private network, noise, yamux: the
-//! real stack) and its own membership table. Every node but the first
+//! real stack) and its own membership table. With `--network memory` the
+//! swarms connect through libp2p's in-process memory transport instead of
+//! TCP sockets, under the same upgrades. Every node but the first
 //! contacts the first one only. Measures
 //! - convergence: from the moment the last service started until every node
 //!   hears every other alive;
@@ -13,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cell0_gossip::service::{self, Observer};
-use cell0_gossip::transport::{Transport, TransportConfig};
+use cell0_gossip::transport::{Network, Transport, TransportConfig};
 use cell0_gossip::{
     Addresses, ClusterSecret, DetectorConfig, Heartbeat, Load, MemberState, MemberView, MembershipEvent,
 };
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 
@@ -38,11 +40,39 @@ pub struct GossipBench {
     /// Seconds to wait for each phase before giving up.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// What carries the connections between the swarms.
+    #[arg(long, value_enum, default_value_t = BenchNetwork::Tcp)]
+    network: BenchNetwork,
+}
+
+/// What carries the connections in `cell0 bench gossip`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchNetwork {
+    /// Loopback TCP sockets, as between real nodes.
+    Tcp,
+    /// libp2p's in-process memory transport (no sockets, no system calls).
+    Memory,
+}
+
+impl BenchNetwork {
+    /// The transport's network, and the listen address of the `i`th node
+    /// (memory listeners need a port of their own; TCP takes any free one).
+    fn listen(self, i: usize) -> anyhow::Result<(Network, SocketAddr)> {
+        Ok(match self {
+            BenchNetwork::Tcp => (Network::Tcp, SocketAddr::from(([127, 0, 0, 1], 0))),
+            BenchNetwork::Memory => (
+                Network::Memory,
+                SocketAddr::from(([127, 0, 0, 1], u16::try_from(i + 1)?)),
+            ),
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
 struct GossipReport {
     nodes: usize,
+    network: BenchNetwork,
     heartbeat_ms: u64,
     start_seconds: f64,
     convergence_seconds: f64,
@@ -95,7 +125,9 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
         let id = i as u64 + 1;
         let keypair = cell0_gossip::keys::generate_keypair();
         let peer_id = keypair.public().to_peer_id();
-        let mut config = TransportConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), keypair, "cell0/bench/1");
+        let (network, listen) = b.network.listen(i)?;
+        let mut config = TransportConfig::new(listen, keypair, "cell0/bench/1");
+        config.network = network;
         config.psk = Some(secret.bytes());
         config.join = seed.iter().map(|a| a.to_string()).collect();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -212,6 +244,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
     }
     let report = GossipReport {
         nodes: b.nodes,
+        network: b.network,
         heartbeat_ms: b.heartbeat_ms,
         start_seconds,
         convergence_seconds,
@@ -224,6 +257,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
             print_table(
                 &[
                     "NODES",
+                    "NETWORK",
                     "HEARTBEAT ms",
                     "START s",
                     "CONVERGENCE s",
@@ -232,6 +266,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
                 ],
                 &[vec![
                     report.nodes.to_string(),
+                    format!("{:?}", report.network).to_lowercase(),
                     report.heartbeat_ms.to_string(),
                     format!("{:.2}", report.start_seconds),
                     format!("{:.2}", report.convergence_seconds),
