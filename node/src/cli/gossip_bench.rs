@@ -27,6 +27,10 @@ use super::{Output, print_json, print_table};
 
 /// Most nodes one run may start.
 const MAX_NODES: usize = 200;
+/// How often a wait that takes long says what it still waits for.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Pairs named in one progress line at most.
+const PROGRESS_EXAMPLES: usize = 5;
 
 /// Options of `cell0 bench gossip`.
 #[derive(Args)]
@@ -185,14 +189,23 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
         &changed,
         timeout,
         "every node hears every other alive",
+        |views| not_alive(views, n).is_empty(),
         |views| {
-            (1..=n).all(|me| {
-                views.get(&me).is_some_and(|v| {
-                    (1..=n)
-                        .filter(|other| *other != me)
-                        .all(|other| v.get(&other) == Some(&MemberState::Alive))
+            let missing = not_alive(views, n);
+            let examples: Vec<String> = missing
+                .iter()
+                .take(PROGRESS_EXAMPLES)
+                .map(|(me, other, state)| match state {
+                    Some(state) => format!("node {me} hears node {other} {state:?}"),
+                    None => format!("node {me} has not heard node {other}"),
                 })
-            })
+                .collect();
+            format!(
+                "{} of {} pairs not alive yet, e.g. {}",
+                missing.len(),
+                n * (n - 1),
+                examples.join("; ")
+            )
         },
     )
     .await?;
@@ -222,6 +235,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
         timeout,
         "every node suspects the stopped one",
         others_see(MemberState::Suspect),
+        |_| "the stopped node is not suspect everywhere yet".to_owned(),
     )
     .await?;
     let suspect_seconds = stopped_at.elapsed().as_secs_f64();
@@ -231,6 +245,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
         timeout,
         "every node sees the stopped one dead",
         others_see(MemberState::Dead),
+        |_| "the stopped node is not dead everywhere yet".to_owned(),
     )
     .await?;
     let dead_seconds = stopped_at.elapsed().as_secs_f64();
@@ -279,21 +294,47 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
     }
 }
 
+/// Every (observer, member) pair of nodes 1..=n where the observer does not
+/// hear the member alive, with what it hears instead.
+fn not_alive(views: &BTreeMap<u64, BTreeMap<u64, MemberState>>, n: u64) -> Vec<(u64, u64, Option<MemberState>)> {
+    let mut missing = Vec::new();
+    for me in 1..=n {
+        let view = views.get(&me);
+        for other in (1..=n).filter(|other| *other != me) {
+            let state = view.and_then(|v| v.get(&other)).copied();
+            if state != Some(MemberState::Alive) {
+                missing.push((me, other, state));
+            }
+        }
+    }
+    missing
+}
+
 /// Waits until `cond` holds over the views, re-checking after every tick of
-/// any node, for at most `timeout`.
+/// any node, for at most `timeout`; every [`PROGRESS_EVERY`] it prints what
+/// `progress` says is still missing to stderr.
 async fn wait_for(
     views: &Views,
     changed: &Notify,
     timeout: Duration,
     what: &str,
     cond: impl Fn(&BTreeMap<u64, BTreeMap<u64, MemberState>>) -> bool,
+    progress: impl Fn(&BTreeMap<u64, BTreeMap<u64, MemberState>>) -> String,
 ) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
+    let mut next_progress = started + PROGRESS_EVERY;
     loop {
         let notified = changed.notified();
         let holds = views.lock().map(|v| cond(&v)).unwrap_or(false);
         if holds {
             return Ok(());
+        }
+        if tokio::time::Instant::now() >= next_progress {
+            next_progress += PROGRESS_EVERY;
+            if let Ok(v) = views.lock() {
+                eprintln!("after {}s: {}", started.elapsed().as_secs(), progress(&v));
+            }
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
             anyhow::bail!("gave up after {}s waiting until {what}", timeout.as_secs());
