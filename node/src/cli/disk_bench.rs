@@ -114,11 +114,7 @@ fn measure_all(root: &Path, writes: u64, bytes: usize) -> anyhow::Result<Vec<Way
 
     let path = root.join("append");
     let mut file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    ways.push(measure("file append", writes, |_| {
-        file.write_all(&payload)?;
-        file.sync_data()?;
-        Ok(())
-    })?);
+    ways.push(measure("file append", writes, |_| write_synced(&mut file, &payload))?);
 
     // The blocks exist and are synced, so the overwrites change no metadata.
     let path = root.join("overwrite");
@@ -135,9 +131,7 @@ fn measure_all(root: &Path, writes: u64, bytes: usize) -> anyhow::Result<Vec<Way
     file.sync_all()?;
     file.seek(SeekFrom::Start(0))?;
     ways.push(measure("file overwrite", writes, |_| {
-        file.write_all(&payload)?;
-        file.sync_data()?;
-        Ok(())
+        write_synced(&mut file, &payload)
     })?);
 
     let path = root.join("rocksdb");
@@ -150,6 +144,13 @@ fn measure_all(root: &Path, writes: u64, bytes: usize) -> anyhow::Result<Vec<Way
         Ok(())
     })?);
     Ok(ways)
+}
+
+/// Writes `payload` at the file's position, then `fdatasync`.
+fn write_synced(file: &mut File, payload: &[u8]) -> anyhow::Result<()> {
+    file.write_all(payload)?;
+    file.sync_data()?;
+    Ok(())
 }
 
 /// Runs `write(i)` for every `i` below `writes` and records each one's time.
