@@ -38,10 +38,11 @@
 //! their addresses) are dialled without a known peer id at start and again
 //! every [`TransportConfig::redial`] while no peer is connected. Listen
 //! addresses learned through identify go into Kademlia, which is
-//! bootstrapped after each new connection and every `redial` while its
-//! routing table is small, and every address identify or Kademlia reports for
-//! a peer that is not connected yet is dialled, so a small cluster whose
-//! nodes joined through different seeds becomes fully connected.
+//! bootstrapped after each new connection and every `redial`, both only
+//! while its routing table is small, and every address identify or
+//! Kademlia reports for a peer that is not connected yet is dialled, so a
+//! small cluster whose nodes joined through different seeds becomes fully
+//! connected.
 //!
 //! Metrics: counters `cell0_gossip_messages_received_total`,
 //! `cell0_gossip_bytes_received_total`, `cell0_gossip_messages_rejected_total`,
@@ -152,8 +153,8 @@ impl Network {
 pub struct TransportConfig {
     /// What carries the connections (TCP unless a benchmark says otherwise).
     pub network: Network,
-    /// TCP address to listen on (port 0 allowed: the bound one is reported by
-    /// [`Transport::listen_addr`]).
+    /// Address to listen on (TCP: port 0 allowed, the bound one is reported
+    /// by [`Transport::listen_addr`]; memory network: see [`Network::Memory`]).
     pub listen: SocketAddr,
     /// Addresses of other nodes to join: `host:port` (IPv6 as `[addr]:port`);
     /// a DNS name resolves to all its addresses.
