@@ -60,16 +60,22 @@ pub enum BenchNetwork {
 }
 
 impl BenchNetwork {
-    /// The transport's network, and the listen address of the `i`th node
-    /// (memory listeners need a port of their own; TCP takes any free one).
-    fn listen(self, i: usize) -> anyhow::Result<(Network, SocketAddr)> {
-        Ok(match self {
-            BenchNetwork::Tcp => (Network::Tcp, SocketAddr::from(([127, 0, 0, 1], 0))),
-            BenchNetwork::Memory => (
-                Network::Memory,
-                SocketAddr::from(([127, 0, 0, 1], u16::try_from(i + 1)?)),
-            ),
-        })
+    /// The transport's network.
+    fn network(self) -> Network {
+        match self {
+            BenchNetwork::Tcp => Network::Tcp,
+            BenchNetwork::Memory => Network::Memory,
+        }
+    }
+
+    /// The listen address of the `i`th node: memory listeners need a port
+    /// of their own, TCP takes any free one.
+    fn listen_addr(self, i: usize) -> anyhow::Result<SocketAddr> {
+        let port = match self {
+            BenchNetwork::Tcp => 0,
+            BenchNetwork::Memory => u16::try_from(i + 1)?,
+        };
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 }
 
@@ -129,9 +135,8 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
         let id = i as u64 + 1;
         let keypair = cell0_gossip::keys::generate_keypair();
         let peer_id = keypair.public().to_peer_id();
-        let (network, listen) = b.network.listen(i)?;
-        let mut config = TransportConfig::new(listen, keypair, "cell0/bench/1");
-        config.network = network;
+        let mut config = TransportConfig::new(b.network.listen_addr(i)?, keypair, "cell0/bench/1");
+        config.network = b.network.network();
         config.psk = Some(secret.bytes());
         config.join = seed.iter().map(|a| a.to_string()).collect();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -189,11 +194,9 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
         &changed,
         timeout,
         "every node hears every other alive",
-        |views| not_alive(views, n).is_empty(),
+        |views| not_alive(views, n).next().is_none(),
         |views| {
-            let missing = not_alive(views, n);
-            let examples: Vec<String> = missing
-                .iter()
+            let examples: Vec<String> = not_alive(views, n)
                 .take(PROGRESS_EXAMPLES)
                 .map(|(me, other, state)| match state {
                     Some(state) => format!("node {me} hears node {other} {state:?}"),
@@ -202,7 +205,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
                 .collect();
             format!(
                 "{} of {} pairs not alive yet, e.g. {}",
-                missing.len(),
+                not_alive(views, n).count(),
                 n * (n - 1),
                 examples.join("; ")
             )
@@ -295,19 +298,19 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
 }
 
 /// Every (observer, member) pair of nodes 1..=n where the observer does not
-/// hear the member alive, with what it hears instead.
-fn not_alive(views: &BTreeMap<u64, BTreeMap<u64, MemberState>>, n: u64) -> Vec<(u64, u64, Option<MemberState>)> {
-    let mut missing = Vec::new();
-    for me in 1..=n {
+/// hear the member alive, with what it hears instead; lazily, so the check
+/// after every tick stops at the first such pair.
+fn not_alive(
+    views: &BTreeMap<u64, BTreeMap<u64, MemberState>>,
+    n: u64,
+) -> impl Iterator<Item = (u64, u64, Option<MemberState>)> + '_ {
+    (1..=n).flat_map(move |me| {
         let view = views.get(&me);
-        for other in (1..=n).filter(|other| *other != me) {
-            let state = view.and_then(|v| v.get(&other)).copied();
-            if state != Some(MemberState::Alive) {
-                missing.push((me, other, state));
-            }
-        }
-    }
-    missing
+        (1..=n)
+            .filter(move |other| *other != me)
+            .map(move |other| (me, other, view.and_then(|v| v.get(&other)).copied()))
+            .filter(|(_, _, state)| *state != Some(MemberState::Alive))
+    })
 }
 
 /// Waits until `cond` holds over the views, re-checking after every tick of
