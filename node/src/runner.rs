@@ -19,10 +19,13 @@
 //! A round follows every change to the agent or task tables, to the lease,
 //! and every end of a task or a process; and at least every second.
 //!
-//! Invariants: an incarnation starts only while the node holds its lease
-//! and no other incarnation of the agent may still run; every start and
-//! stop is journaled (`DATA/agents/journal.jsonl`, monotonic clock) at the
-//! moment the runtime starts it and after its processes are gone.
+//! Invariants: an incarnation starts only while the node holds its lease,
+//! from a view read linearizably since the lease was granted (a node that
+//! gets its lease back after a freeze has not yet applied the reassignment
+//! of its agents), and while no other incarnation of the agent may still
+//! run; every start and stop is journaled (`DATA/agents/journal.jsonl`,
+//! monotonic clock) at the moment the runtime starts it and after its
+//! processes are gone.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -156,11 +159,23 @@ pub async fn run(
     // changes in the cluster do not touch this node, and reading the view
     // scans its allocation index.
     let mut cached: Option<(u64, View)> = None;
+    // Whether a view was read linearizably since the lease was last
+    // granted. A node that lost its lease (frozen, cut off) may get it back
+    // before its replica has applied the reassignments of its agents; the
+    // first view after a grant must include them, or it would start
+    // superseded incarnations.
+    let mut caught_up = false;
     loop {
         let held = *lease.borrow_and_update();
+        caught_up &= held;
+        let consistency = if held && !caught_up {
+            Consistency::Linearizable
+        } else {
+            Consistency::Serializable
+        };
         let known = cached.as_ref().map(|(changes, _)| *changes);
         match consensus
-            .read(Consistency::Serializable, move |txn| {
+            .read(consistency, move |txn| {
                 let changes = agents::node_changes(txn, me)?;
                 if known == Some(changes) {
                     return Ok(None);
@@ -170,6 +185,7 @@ pub async fn run(
             .await
         {
             Ok(fresh) => {
+                caught_up |= held;
                 if fresh.is_some() {
                     cached = fresh;
                 }
