@@ -241,12 +241,23 @@ async fn check_leases(table: &LeaseTable, term: u64, deadline: Duration) -> cell
     }))
 }
 
+/// What task `lease` publishes to the agent runner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseState {
+    /// The node holds its lease: its agents may run.
+    pub held: bool,
+    /// How many times the lease was granted after not being held. A reader
+    /// that sees this number change knows the lease lapsed and came back in
+    /// between, even if it never saw `held` false.
+    pub grant: u64,
+}
+
 /// Pause before retrying a failed renewal (sooner when a new leader shows
 /// up), capped at the renewal period.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// Task `lease`: renews this node's lease with the leader and publishes
-/// whether it holds one (`true`: its agents may run).
+/// whether it holds one, and how many times it was granted ([`LeaseState`]).
 ///
 /// It renews every fifth of the lease, so an election shorter than about
 /// `lease * 4/5 - margin` (1.5 s at the defaults) ends before any node's
@@ -255,7 +266,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 pub async fn renew(
     consensus: Consensus,
     config: AgentsConfig,
-    held: watch::Sender<bool>,
+    held: watch::Sender<LeaseState>,
     mut stop: watch::Receiver<bool>,
 ) {
     let every = config.renewal_period();
@@ -283,7 +294,14 @@ pub async fn renew(
         let next = match attempt {
             Ok(()) => {
                 valid_until = Some(sent + valid_for);
-                held.send_if_modified(|h| !std::mem::replace(h, true));
+                held.send_if_modified(|s| {
+                    if s.held {
+                        return false;
+                    }
+                    s.held = true;
+                    s.grant += 1;
+                    true
+                });
                 sent + every
             }
             Err(e) => {
@@ -295,9 +313,9 @@ pub async fn renew(
         };
         loop {
             let lapsed = valid_until.is_some_and(|u| Instant::now() >= u);
-            if lapsed && *held.borrow() {
+            if lapsed && held.borrow().held {
                 tracing::warn!("lease lapsed: stopping this node's agents");
-                held.send_replace(false);
+                held.send_modify(|s| s.held = false);
             }
             let wake = match valid_until {
                 Some(u) if u > Instant::now() && u < next => u,

@@ -20,10 +20,11 @@
 //! and every end of a task or a process; and at least every second.
 //!
 //! Invariants: an incarnation starts only while the node holds its lease,
-//! from a view read linearizably since the lease was granted (a node that
+//! from a view read linearizably since that grant of the lease (a node that
 //! gets its lease back after a freeze has not yet applied the reassignment
 //! of its agents), and while no other incarnation of the agent may still
-//! run; every start and stop is journaled (`DATA/agents/journal.jsonl`,
+//! run; a lapse of the lease stops every local incarnation, also one seen
+//! only as a new grant (the lease lapsed and came back during a round); every start and stop is journaled (`DATA/agents/journal.jsonl`,
 //! monotonic clock) at the moment the runtime starts it and after its
 //! processes are gone.
 
@@ -41,6 +42,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::leases::LeaseState;
 use crate::models::ModelManager;
 use crate::scheduling::now_ms;
 use crate::supervisor::{Backoff, stopped};
@@ -136,7 +138,7 @@ pub async fn run(
     models: ModelManager,
     root: std::path::PathBuf,
     max_parallel_tasks: usize,
-    mut lease: watch::Receiver<bool>,
+    mut lease: watch::Receiver<LeaseState>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let sandbox = Sandbox::new(&root.join("work"))?;
@@ -159,20 +161,27 @@ pub async fn run(
     // changes in the cluster do not touch this node, and reading the view
     // scans its allocation index.
     let mut cached: Option<(u64, View)> = None;
-    // Whether a view was read linearizably since the lease was last
-    // granted. A node that lost its lease (frozen, cut off) may get it back
-    // before its replica has applied the reassignments of its agents; the
-    // first view after a grant must include them, or it would start
-    // superseded incarnations.
-    let mut caught_up = false;
+    // The grant of the lease since which a view was read linearizably. A
+    // node that lost its lease (frozen, cut off) may get it back before its
+    // replica has applied the reassignments of its agents; the first view
+    // after each grant must include them, or it would start superseded
+    // incarnations.
+    let mut caught_up: Option<u64> = None;
     loop {
-        let held = *lease.borrow_and_update();
-        caught_up &= held;
-        let consistency = if held && !caught_up {
-            Consistency::Linearizable
-        } else {
-            Consistency::Serializable
-        };
+        let state = *lease.borrow_and_update();
+        let (held, grant) = (state.held, state.grant);
+        let next = next_read(state, caught_up, !local.is_empty());
+        if next.stop_all {
+            // Agents still run from an earlier grant: the lease lapsed and
+            // came back while a round ran, unseen. Stop them as the lapse
+            // would have; the next view starts what is still placed here.
+            tracing::warn!(
+                grant,
+                "the lease lapsed and came back between rounds: stopping this node's agents"
+            );
+            round(&shared, &mut local, View::default(), false).await;
+        }
+        let consistency = next.consistency;
         let known = cached.as_ref().map(|(changes, _)| *changes);
         match consensus
             .read(consistency, move |txn| {
@@ -185,7 +194,9 @@ pub async fn run(
             .await
         {
             Ok(fresh) => {
-                caught_up |= held;
+                if held {
+                    caught_up = Some(grant);
+                }
                 if fresh.is_some() {
                     cached = fresh;
                 }
@@ -214,6 +225,30 @@ pub async fn run(
         stop_local(&shared, &name, l).await;
     }
     Ok(())
+}
+
+/// How a round reads its view, given the lease.
+#[derive(Debug, PartialEq, Eq)]
+struct NextRead {
+    /// Stop every local incarnation before reading.
+    stop_all: bool,
+    consistency: Consistency,
+}
+
+/// The read a round makes after seeing `lease`, when a view was last read
+/// linearizably under grant `caught_up` and agents are `running` here: the
+/// first view of each grant is linearizable, and a new grant found with
+/// agents still running means a lapse went unseen.
+fn next_read(lease: LeaseState, caught_up: Option<u64>, running: bool) -> NextRead {
+    let fresh_grant = lease.held && caught_up != Some(lease.grant);
+    NextRead {
+        stop_all: fresh_grant && running,
+        consistency: if fresh_grant {
+            Consistency::Linearizable
+        } else {
+            Consistency::Serializable
+        },
+    }
 }
 
 async fn handle_event(shared: &Shared, local: &mut BTreeMap<String, Local>, event: Event) {
@@ -568,4 +603,44 @@ async fn memory_entries(consensus: &Consensus, agent: &str) -> Result<Vec<infere
             text: e.value,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(held: bool, grant: u64) -> LeaseState {
+        LeaseState { held, grant }
+    }
+
+    #[test]
+    fn the_first_view_of_every_grant_is_linearizable() {
+        // First grant, nothing read yet.
+        let first = next_read(lease(true, 1), None, false);
+        assert_eq!(first.consistency, Consistency::Linearizable);
+        assert!(!first.stop_all);
+        // Caught up under that grant: steady rounds read serializably.
+        assert_eq!(
+            next_read(lease(true, 1), Some(1), true).consistency,
+            Consistency::Serializable
+        );
+        // Without a lease nothing starts, so no linearizable read is needed.
+        assert_eq!(
+            next_read(lease(false, 1), Some(1), false).consistency,
+            Consistency::Serializable
+        );
+        // The lease came back after a lapse the runner saw (it stopped all).
+        let back = next_read(lease(true, 2), Some(1), false);
+        assert_eq!(back.consistency, Consistency::Linearizable);
+        assert!(!back.stop_all);
+    }
+
+    #[test]
+    fn a_lapse_seen_only_as_a_new_grant_stops_the_agents_first() {
+        // `held` was true at both rounds, but the grant moved on: the lease
+        // lapsed in between, and the agents of the old grant still run.
+        let next = next_read(lease(true, 3), Some(2), true);
+        assert!(next.stop_all);
+        assert_eq!(next.consistency, Consistency::Linearizable);
+    }
 }

@@ -509,7 +509,7 @@ async fn serve(
         "lease-expiry",
         leases::expire(lease_table, config.agents.clone(), stop()),
     );
-    let (held, lease) = watch::channel(false);
+    let (held, lease) = watch::channel(leases::LeaseState::default());
     tasks.spawn(
         "lease",
         leases::renew(consensus.clone(), config.agents.clone(), held, stop()),
