@@ -33,6 +33,10 @@
 #   BASE_PORT [24000]: etcd member i on BASE_PORT+10i (client) and +1 (peer); Cell0 node i
 #     on BASE_PORT+100+10i (public gRPC), +1 (internal), +3 (HTTP)
 #   READY_TIMEOUT seconds [60]  KEEP_DATA=1: keep the data directories
+#   SHARE_CORES [1]: the three server processes of each system share this machine's cores:
+#     each runs cores/3 (at least 1) threads of code, Cell0 `--worker-threads`, etcd
+#     `GOMAXPROCS`, as scripts/bootstrap-cluster.sh sizes its nodes; 0: both run their
+#     defaults (one thread per core in each process)
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -54,6 +58,12 @@ etcd_cache="${ETCD_CACHE:-$target_dir/etcd-3.4}"
 bench_dir="${BENCH_DIR:-/var/tmp}"
 base_port="${BASE_PORT:-24000}"
 ready_timeout="${READY_TIMEOUT:-60}"
+share_cores="${SHARE_CORES:-1}"
+case "$share_cores" in
+  0) threads="" ;;
+  1) threads=$(( $(nproc) / 3 )); [ "$threads" -ge 1 ] || threads=1 ;;
+  *) die "SHARE_CORES must be 0 or 1, not '$share_cores'" ;;
+esac
 
 for v in rounds duration keys ready_timeout base_port; do
   is_number "${!v}" || die "${v^^} must be a positive integer, not '${!v}'"
@@ -116,8 +126,10 @@ start_etcd() {
   # etcd reads ETCD_* variables as flags; a stray one must not change the setup.
   local v
   for v in $(compgen -e | grep '^ETCD_' || true); do env_unset+=(-u "$v"); done
+  local procs=()
+  [ -z "$threads" ] || procs=("GOMAXPROCS=$threads")
   for i in 1 2 3; do
-    env "${env_unset[@]}" "$etcd_bin" --name "e$i" --data-dir "$work/etcd$i" \
+    env "${env_unset[@]}" "${procs[@]}" "$etcd_bin" --name "e$i" --data-dir "$work/etcd$i" \
       --listen-client-urls "http://127.0.0.1:$(etcd_port "$i" 0)" \
       --advertise-client-urls "http://127.0.0.1:$(etcd_port "$i" 0)" \
       --listen-peer-urls "http://127.0.0.1:$(etcd_port "$i" 1)" \
@@ -142,6 +154,7 @@ start_cell0() {
       --listen-public "127.0.0.1:$(cell0_port "$i" 0)"
       --listen-internal "127.0.0.1:$(cell0_port "$i" 1)"
       --listen-http "127.0.0.1:$(cell0_port "$i" 3)")
+    [ -z "$threads" ] || args+=(--worker-threads "$threads")
     if [ "$i" -eq 1 ]; then
       args+=(--bootstrap)
     else
@@ -256,6 +269,11 @@ load_end="$(loadavg)"
   echo "$rounds round(s), runs interleaved (each row: etcd, then Cell0), ${duration} s per run, $keys keys"
   echo "(prefilled), ${value_size}-byte values; one connection per client, client i on endpoint i mod 3,"
   echo "followers first. Load average (1/5/15 min) at the start: $load_start; at the end: $load_end."
+  if [ -n "$threads" ]; then
+    echo "Each server process runs $threads thread(s) of code (Cell0 --worker-threads, etcd GOMAXPROCS)."
+  else
+    echo "Each server process runs its default threads (one per core)."
+  fi
   echo
   "$load_bin" compare "$results"
 } | tee "$work/table.md"

@@ -134,6 +134,14 @@ start() {
           --san 127.0.0.1 --ca-dir "$tls_dir" --dir "$tls_dir"
     done
   fi
+  # The nodes share this machine's cores: each runs cores / nodes async
+  # worker threads (at least 1), as one node per machine runs one per core.
+  # More threads than cores only add wake-ups between them
+  # (docs/benchmarks.md, "Nodes sharing a machine").
+  local cores workers
+  cores="$(nproc 2>/dev/null || echo 2)"
+  workers=$(( cores / nodes ))
+  [ "$workers" -ge 1 ] || workers=1
   for i in $(seq 1 "$nodes"); do
     if pid="$(running_pid "$i")"; then
       echo "node$i already running (pid $pid)"
@@ -149,6 +157,7 @@ start() {
       --listen-http "127.0.0.1:$(port "$i" 3)"
       --listen-gossip "127.0.0.1:$(port "$i" 2)"
       --bootstrap-expect "$per_site"
+      --worker-threads "$workers"
       --pid-file "$dir/cell0.pid")
     if [ "$insecure" -eq 1 ]; then
       args+=(--insecure)

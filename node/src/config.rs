@@ -50,6 +50,14 @@ pub struct NodeConfig {
     pub log_format: LogFormat,
     /// Log filter in `RUST_LOG` syntax.
     pub log_level: String,
+    /// Threads that run the node's async tasks (request handling, Raft,
+    /// replication); disk writes and other blocking work run on threads of
+    /// their own besides. Default: one per core. Give nodes that share a
+    /// machine a share of its cores each: every hand-off between tasks on
+    /// different threads costs a wake-up, and more threads than cores only
+    /// add such hand-offs (`scripts/bootstrap-cluster.sh` gives each of its
+    /// N nodes cores / N, at least 1; docs/benchmarks.md). 1 to 1024.
+    pub worker_threads: Option<usize>,
     /// Raft, group commit and routing.
     pub raft: ConsensusConfig,
     /// The local inference engine: backend, batching and request limits.
@@ -664,6 +672,7 @@ impl Default for NodeConfig {
             bootstrap_expect: None,
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            worker_threads: None,
             raft: ConsensusConfig::default(),
             inference: InferenceConfig::default(),
             models: ModelsConfig::default(),
@@ -679,6 +688,9 @@ impl Default for NodeConfig {
         }
     }
 }
+
+/// Most threads `worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// Most nodes `bootstrap_expect` may wait for.
 pub const MAX_BOOTSTRAP_EXPECT: usize = 16;
@@ -777,6 +789,11 @@ impl NodeConfig {
         }
         if self.site.is_empty() || self.site.len() > 64 {
             return Err(bad("site", "must be 1 to 64 characters"));
+        }
+        if let Some(n) = self.worker_threads
+            && !(1..=MAX_WORKER_THREADS).contains(&n)
+        {
+            return Err(bad("worker_threads", format!("must be 1 to {MAX_WORKER_THREADS}")));
         }
         let mut ports = vec![
             ("listen.public", self.listen.public),
@@ -907,6 +924,13 @@ mod tests {
         let mut c = NodeConfig::default();
         c.raft.voters = 4;
         assert_eq!(c.validate().unwrap_err().field, "raft.voters");
+        for threads in ["0", "1025"] {
+            let c: NodeConfig = toml::from_str(&format!("worker_threads = {threads}")).unwrap();
+            assert_eq!(c.validate().unwrap_err().field, "worker_threads", "{threads}");
+        }
+        let mut c: NodeConfig = toml::from_str("worker_threads = 1").unwrap();
+        c.tls.insecure = true;
+        c.validate().unwrap();
         let c: NodeConfig = toml::from_str("[inference]\nbackend = \"cpu\"\nmax_batch = 0").unwrap();
         assert_eq!(c.validate().unwrap_err().field, "inference.max_batch");
         let err = toml::from_str::<NodeConfig>("[inference]\nbackend = \"tpu\"").unwrap_err();

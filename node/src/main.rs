@@ -197,6 +197,10 @@ struct RunArgs {
     /// Log filter (RUST_LOG syntax), e.g. "info" or "cell0=debug".
     #[arg(long, env = "CELL0_LOG_LEVEL")]
     log_level: Option<String>,
+    /// Threads that run the node's async tasks (default: one per core);
+    /// nodes sharing a machine should split its cores.
+    #[arg(long, env = "CELL0_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Inference backend: auto (a hardware GPU if present, else the CPU
     /// engine), wgpu or cpu.
     #[arg(long, env = "CELL0_INFERENCE_BACKEND")]
@@ -312,6 +316,9 @@ impl RunArgs {
         if let Some(v) = self.log_level {
             c.log_level = v;
         }
+        if let Some(v) = self.worker_threads {
+            c.worker_threads = Some(v);
+        }
         if let Some(v) = self.inference_backend {
             c.inference.backend = v;
         }
@@ -421,83 +428,74 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     bound_malloc_arenas();
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Cli {
+        endpoint,
+        output,
+        ca,
+        token,
+        site,
+        command,
+    } = Cli::parse();
+    let result = match command {
+        Command::Run(args) => run_node(*args),
+        command => new_runtime(None).and_then(|runtime| {
+            runtime.block_on(async move {
+                if let Some(ca) = &ca {
+                    cli::trust_ca(ca)?;
+                }
+                if let Some(token) = token.as_deref().filter(|t| !t.is_empty()) {
+                    cli::use_token(token)?;
+                }
+                if let Some(site) = site.as_deref() {
+                    cli::use_site(site)?;
+                }
+                match command {
+                    // Dispatched above: it sizes its runtime from its config.
+                    Command::Run(_) => anyhow::bail!("`cell0 run` starts its own runtime"),
+                    Command::Status => cli::status(&endpoint, output).await,
+                    Command::Members => cli::members(&endpoint, output).await,
+                    Command::Keygen => {
+                        println!("{}", cell0_gossip::ClusterSecret::generate().to_hex());
+                        Ok(())
+                    }
+                    Command::Tls(cmd) => tls::run(cmd),
+                    Command::Remove { node } => cli::remove(&endpoint, &node).await,
+                    Command::Kv(cmd) => kv::run(&endpoint, output, cmd).await,
+                    Command::Acl(cmd) => acl::run(&endpoint, output, cmd).await,
+                    Command::Model(cmd) => model::run(&endpoint, output, cmd).await,
+                    Command::Agent(cmd) => agent::run(&endpoint, output, cmd).await,
+                    Command::Node(cmd) => agent::run_node(&endpoint, output, cmd).await,
+                    Command::Task(cmd) => task::run(&endpoint, output, cmd).await,
+                    Command::Site(cmd) => site::run(&endpoint, output, cmd).await,
+                    Command::Infer(cmd) => infer::run(&endpoint, output, cmd).await,
+                    Command::Bench(cmd) => {
+                        // In-process benchmarks (gossip, raft, schedule) log to
+                        // stderr when asked, like a node.
+                        if let Ok(filter) = std::env::var("RUST_LOG") {
+                            telemetry::init_logging(LogFormat::Text, &filter)?;
+                        }
+                        bench::run(&endpoint, output, cmd).await
+                    }
+                    Command::Snapshot(SnapshotCommand::Save { file }) => snapshot::save(&endpoint, output, &file).await,
+                    Command::Snapshot(SnapshotCommand::Inspect { file }) => snapshot::inspect(output, &file),
+                    Command::Snapshot(SnapshotCommand::Restore { file, node }) => {
+                        if node.data_dir.is_none() {
+                            anyhow::bail!("--data-dir is required: the new data dir to restore into");
+                        }
+                        let (config, _) = node.into_config()?;
+                        snapshot::restore(output, &file, &config).await
+                    }
+                    Command::Doctor(node) => {
+                        let (config, _) = node.into_config()?;
+                        cli::doctor::run(&config, output).await
+                    }
+                    Command::Operator(OperatorCommand::Recover { data_dir, dry_run }) => {
+                        snapshot::recover(output, &data_dir, dry_run).await
+                    }
+                }
+            })
+        }),
     };
-    let result = runtime.block_on(async move {
-        if let Some(ca) = &cli.ca {
-            cli::trust_ca(ca)?;
-        }
-        if let Some(token) = cli.token.as_deref().filter(|t| !t.is_empty()) {
-            cli::use_token(token)?;
-        }
-        if let Some(site) = cli.site.as_deref() {
-            cli::use_site(site)?;
-        }
-        match cli.command {
-            Command::Run(args) => {
-                let pid_file = args.pid_file.clone();
-                let (config, dev_dir) = args.into_config()?;
-                telemetry::init_logging(config.log_format, &config.log_level)?;
-                let shutdown = shutdown_signal()?;
-                if let Some(p) = &pid_file {
-                    std::fs::write(p, format!("{}\n", std::process::id()))
-                        .with_context(|| format!("cannot write pid file {}", p.display()))?;
-                }
-                let result = server::run(config, shutdown).await;
-                if let Some(p) = &pid_file {
-                    let _ = std::fs::remove_file(p);
-                }
-                drop(dev_dir);
-                result
-            }
-            Command::Status => cli::status(&cli.endpoint, cli.output).await,
-            Command::Members => cli::members(&cli.endpoint, cli.output).await,
-            Command::Keygen => {
-                println!("{}", cell0_gossip::ClusterSecret::generate().to_hex());
-                Ok(())
-            }
-            Command::Tls(cmd) => tls::run(cmd),
-            Command::Remove { node } => cli::remove(&cli.endpoint, &node).await,
-            Command::Kv(cmd) => kv::run(&cli.endpoint, cli.output, cmd).await,
-            Command::Acl(cmd) => acl::run(&cli.endpoint, cli.output, cmd).await,
-            Command::Model(cmd) => model::run(&cli.endpoint, cli.output, cmd).await,
-            Command::Agent(cmd) => agent::run(&cli.endpoint, cli.output, cmd).await,
-            Command::Node(cmd) => agent::run_node(&cli.endpoint, cli.output, cmd).await,
-            Command::Task(cmd) => task::run(&cli.endpoint, cli.output, cmd).await,
-            Command::Site(cmd) => site::run(&cli.endpoint, cli.output, cmd).await,
-            Command::Infer(cmd) => infer::run(&cli.endpoint, cli.output, cmd).await,
-            Command::Bench(cmd) => {
-                // In-process benchmarks (gossip, raft, schedule) log to
-                // stderr when asked, like a node.
-                if let Ok(filter) = std::env::var("RUST_LOG") {
-                    telemetry::init_logging(LogFormat::Text, &filter)?;
-                }
-                bench::run(&cli.endpoint, cli.output, cmd).await
-            }
-            Command::Snapshot(SnapshotCommand::Save { file }) => snapshot::save(&cli.endpoint, cli.output, &file).await,
-            Command::Snapshot(SnapshotCommand::Inspect { file }) => snapshot::inspect(cli.output, &file),
-            Command::Snapshot(SnapshotCommand::Restore { file, node }) => {
-                if node.data_dir.is_none() {
-                    anyhow::bail!("--data-dir is required: the new data dir to restore into");
-                }
-                let (config, _) = node.into_config()?;
-                snapshot::restore(cli.output, &file, &config).await
-            }
-            Command::Doctor(node) => {
-                let (config, _) = node.into_config()?;
-                cli::doctor::run(&config, cli.output).await
-            }
-            Command::Operator(OperatorCommand::Recover { data_dir, dry_run }) => {
-                snapshot::recover(cli.output, &data_dir, dry_run).await
-            }
-        }
-    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -505,6 +503,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The async runtime: `worker_threads` workers, or one per core.
+fn new_runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = worker_threads {
+        builder.worker_threads(threads);
+    }
+    builder.build().context("cannot start the async runtime")
+}
+
+/// `cell0 run`: reads the config first, since it sizes the runtime.
+fn run_node(args: RunArgs) -> anyhow::Result<()> {
+    let pid_file = args.pid_file.clone();
+    let (config, dev_dir) = args.into_config()?;
+    config.validate()?;
+    let runtime = new_runtime(config.worker_threads)?;
+    runtime.block_on(async move {
+        telemetry::init_logging(config.log_format, &config.log_level)?;
+        let shutdown = shutdown_signal()?;
+        if let Some(p) = &pid_file {
+            std::fs::write(p, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write pid file {}", p.display()))?;
+        }
+        let result = server::run(config, shutdown).await;
+        if let Some(p) = &pid_file {
+            let _ = std::fs::remove_file(p);
+        }
+        drop(dev_dir);
+        result
+    })
 }
 
 #[cfg(test)]
