@@ -33,10 +33,10 @@
 #   BASE_PORT [24000]: etcd member i on BASE_PORT+10i (client) and +1 (peer); Cell0 node i
 #     on BASE_PORT+100+10i (public gRPC), +1 (internal), +3 (HTTP)
 #   READY_TIMEOUT seconds [60]  KEEP_DATA=1: keep the data directories
-#   SHARE_CORES [1]: the three server processes of each system share this machine's cores:
-#     each runs cores/3 (at least 1) threads of code, Cell0 `--worker-threads`, etcd
-#     `GOMAXPROCS`, as scripts/bootstrap-cluster.sh sizes its nodes; 0: both run their
-#     defaults (one thread per core in each process)
+#   SHARE_CORES [0]: 0: both systems run their defaults (one thread of code per core in each
+#     process); 1: the three server processes of each system share this machine's cores, each
+#     running cores/3 (at least 1) threads of code: Cell0 `--worker-threads`, etcd
+#     `GOMAXPROCS`, as scripts/bootstrap-cluster.sh sizes its nodes
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -58,7 +58,7 @@ etcd_cache="${ETCD_CACHE:-$target_dir/etcd-3.4}"
 bench_dir="${BENCH_DIR:-/var/tmp}"
 base_port="${BASE_PORT:-24000}"
 ready_timeout="${READY_TIMEOUT:-60}"
-share_cores="${SHARE_CORES:-1}"
+share_cores="${SHARE_CORES:-0}"
 case "$share_cores" in
   0) threads="" ;;
   1) threads=$(( $(nproc) / 3 )); [ "$threads" -ge 1 ] || threads=1 ;;
