@@ -6,6 +6,14 @@
 //! - The vote is written synced before `save_vote` returns.
 //! - The purge point is written in the same batch that deletes the entries,
 //!   so the log never has a gap openraft does not know of.
+//! - The commit record is best effort, as openraft allows: `save_committed`
+//!   only remembers it, and the next `append` writes it in its own batch,
+//!   so a commit costs no engine write of its own on any node. openraft
+//!   reads the record only at start, to re-apply committed entries the
+//!   state machine lacks; an older record (or none) only leaves them to be
+//!   applied once the leader tells the commit index again, and the state
+//!   machine's applied index, written with every apply, bounds it from
+//!   below.
 //! - Synced writes (append, vote, truncate) run through
 //!   `engine::run_blocking`, so an fsync never stalls the other tasks of an
 //!   async worker (heartbeats); each call returns after its write, so writes
@@ -15,7 +23,7 @@
 use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote};
@@ -76,6 +84,8 @@ pub struct LogStore<C, E> {
     /// Most bytes of encoded entries one replication read returns (always at
     /// least one entry).
     read_budget: usize,
+    /// The commit record not written yet.
+    unwritten_commit: Arc<UnwrittenCommit>,
     _c: PhantomData<fn() -> C>,
 }
 
@@ -84,8 +94,36 @@ impl<C, E> Clone for LogStore<C, E> {
         Self {
             engine: self.engine.clone(),
             read_budget: self.read_budget,
+            unwritten_commit: self.unwritten_commit.clone(),
             _c: PhantomData,
         }
+    }
+}
+
+/// The newest commit record openraft saved that no engine write carried
+/// yet (`None` inside: "nothing committed").
+#[derive(Debug, Default)]
+struct UnwrittenCommit(Mutex<Option<Option<LogId<u64>>>>);
+
+impl UnwrittenCommit {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Option<LogId<u64>>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers `committed` for the next write.
+    fn set(&self, committed: Option<LogId<u64>>) {
+        *self.lock() = Some(committed);
+    }
+
+    /// The record to write, if one is waiting; it is written (or lost with
+    /// a failed write, which the next `save_committed` makes good).
+    fn take(&self) -> Option<Option<LogId<u64>>> {
+        self.lock().take()
+    }
+
+    /// The record waiting to be written, if any.
+    fn peek(&self) -> Option<Option<LogId<u64>>> {
+        *self.lock()
     }
 }
 
@@ -98,6 +136,7 @@ impl<C, E: Engine> LogStore<C, E> {
         Self {
             engine,
             read_budget: usize::MAX,
+            unwritten_commit: Arc::default(),
             _c: PhantomData,
         }
     }
@@ -279,14 +318,16 @@ where
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> SResult<()> {
-        // Losing this on a crash only means re-applying from the applied
-        // index, so it needs no fsync of its own.
-        let mut batch = WriteBatch::new();
-        batch.put(Cf::Meta, COMMITTED_KEY, encode(&committed).map_err(write_err)?);
-        self.engine.write(batch, Durability::Buffered).map_err(write_err)
+        // Written with the next append (the module's invariants): losing it
+        // only means re-applying from the applied index.
+        self.unwritten_commit.set(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> SResult<Option<LogId<u64>>> {
+        if let Some(committed) = self.unwritten_commit.peek() {
+            return Ok(committed);
+        }
         Ok(self
             .get_meta::<Option<LogId<u64>>>(COMMITTED_KEY, "committed log id")
             .map_err(read_err)?
@@ -301,6 +342,9 @@ where
         let mut batch = WriteBatch::new();
         for entry in entries {
             batch.put(Cf::Log, log_key(entry.log_id.index), encode(&entry).map_err(write_err)?);
+        }
+        if let Some(committed) = self.unwritten_commit.take() {
+            batch.put(Cf::Meta, COMMITTED_KEY, encode(&committed).map_err(write_err)?);
         }
         // The callback fires only once the synced write has returned.
         match run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await {

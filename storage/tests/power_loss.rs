@@ -89,3 +89,25 @@ async fn acknowledged_appends_and_the_vote_survive_power_loss() {
     apply(&mut sm, 6..=9).await;
     assert_eq!(read(&sm, "k9"), Some(b"v".to_vec()));
 }
+
+#[tokio::test]
+async fn the_commit_record_is_written_with_the_next_append() {
+    let engine = Arc::new(MemEngine::new());
+    let snapshots = tempfile::tempdir().unwrap();
+    let (mut log, sm) = open(&engine, snapshots.path());
+    let acked = append_acked(&mut log, 1..=3).await;
+    log.save_committed(Some(acked[1])).await.unwrap();
+    // The store that saved it knows it at once; the engine does not hold it
+    // yet, so a store opened over it now reads no record.
+    assert_eq!(log.read_committed().await.unwrap(), Some(acked[1]));
+    let (mut reopened, _) = open(&engine, snapshots.path());
+    assert_eq!(reopened.read_committed().await.unwrap(), None);
+    // The next append carries it, under its fsync.
+    let more = append_acked(&mut log, 4..=4).await;
+    drop((log, sm, reopened));
+    engine.power_loss();
+    let (mut log, _sm) = open(&engine, snapshots.path());
+    assert_eq!(log.read_committed().await.unwrap(), Some(acked[1]));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, more.last().copied());
+}
