@@ -24,7 +24,8 @@
 //! gets its lease back after a freeze has not yet applied the reassignment
 //! of its agents), and while no other incarnation of the agent may still
 //! run; a lapse of the lease stops every local incarnation, also one seen
-//! only as a new grant (the lease lapsed and came back during a round); every start and stop is journaled (`DATA/agents/journal.jsonl`,
+//! only as a new grant (the lease lapsed and came back during a round);
+//! every start and stop is journaled (`DATA/agents/journal.jsonl`,
 //! monotonic clock) at the moment the runtime starts it and after its
 //! processes are gone.
 
