@@ -270,7 +270,8 @@ async fn unblock_if_room_freed(consensus: &Consensus, room: &mut RoomWatch) -> c
         room.reset();
         return Ok(());
     };
-    if room.should_unblock(blocked, &usage) {
+    let unblock = room.should_unblock(blocked, &usage);
+    if unblock {
         let command = AgentCommand::Unblock { at_ms: now_ms() };
         if let cell0_consensus::Response::Agent(agents::AgentOutcome::Unblocked(n)) =
             consensus.propose(command.into_command()).await?
@@ -279,7 +280,7 @@ async fn unblock_if_room_freed(consensus: &Consensus, room: &mut RoomWatch) -> c
             tracing::debug!(agents = n, "room freed on a node: blocked agents evaluated again");
         }
     }
-    room.seen(usage);
+    room.seen(usage, unblock);
     Ok(())
 }
 

@@ -56,7 +56,7 @@ use cell0_consensus::agents::{
     NodeState, Placement, PlanOutcome, Resources, RestartPolicy,
 };
 use cell0_consensus::{Consensus, Consistency, NodeCommand, NodeId, NodeResources, Response, Role, nodes, registry};
-use cell0_scheduler::{ClusterView, Evaluation, NodeView, Options, RoomWatch, Trigger};
+use cell0_scheduler::{ClusterView, Evaluation, NodeView, Options, RECHECK_LOOKS, RoomWatch, Trigger};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
@@ -360,7 +360,8 @@ async fn unblock_if_room_freed(c: &Consensus, clock: Clock, room: &mut RoomWatch
         room.reset();
         return;
     };
-    if room.should_unblock(blocked, &usage) {
+    let unblock = room.should_unblock(blocked, &usage);
+    if unblock {
         let cmd = AgentCommand::Unblock {
             at_ms: clock.now_us() / 1_000,
         };
@@ -369,7 +370,7 @@ async fn unblock_if_room_freed(c: &Consensus, clock: Clock, room: &mut RoomWatch
             return;
         }
     }
-    room.seen(usage);
+    room.seen(usage, unblock);
 }
 
 /// Runs scheduler rounds on whichever member leads, one every [`ROUND`] in
@@ -387,8 +388,10 @@ pub async fn scheduler(handles: Handles, clock: Clock, slot: (u64, u64), stop: A
                 room.reset();
                 leader = now;
             }
-            round(&c, clock, &mut log).await;
+            // Unblock first: the last step before a stop is then a round,
+            // which evaluates what an unblock queued.
             unblock_if_room_freed(&c, clock, &mut room).await;
+            round(&c, clock, &mut log).await;
         }
     }
     log
@@ -476,8 +479,8 @@ pub async fn quiesce(handles: &Handles, limit: Duration) -> bool {
 pub const SETTLE_LOOKS: usize = 5;
 
 /// Lets the scheduler finish after the heal: waits until no evaluation is
-/// pending, then a few more rounds (time for the leader to see room freed
-/// and unblock the agents waiting for it, [`RoomWatch`]), until the
+/// pending, then `RECHECK_LOOKS` + 3 more rounds (time for the leader to see
+/// room freed and unblock the agents waiting for it, [`RoomWatch`]), until the
 /// allocations stop changing, at most [`SETTLE_LOOKS`] times.
 pub async fn settle(handles: &Handles) -> Result<(), String> {
     let limit = Duration::from_secs(30);
@@ -486,10 +489,12 @@ pub async fn settle(handles: &Handles) -> Result<(), String> {
             return Err("agent evaluations still pending 30 s after the heal".into());
         }
         let before = allocations(handles).await?;
-        // Simulated time (the runtime's paused clock): three scheduler
-        // rounds, in which the leader may see room freed and unblock
-        // agents. Whether it did is the condition checked below.
-        tokio::time::sleep(ROUND * 3).await;
+        // Simulated time (the runtime's paused clock): enough scheduler
+        // rounds for the leader to see room freed and unblock agents, also
+        // room a placement hid from its usage totals (it asks again after
+        // `RECHECK_LOOKS` quiet looks). Whether it did is the condition
+        // checked below.
+        tokio::time::sleep(ROUND * (RECHECK_LOOKS + 3)).await;
         if !quiesce(handles, limit).await {
             return Err("agent evaluations still pending 30 s after the heal".into());
         }

@@ -441,14 +441,28 @@ fn choose(
 /// its last look, when it need not read the usage) asks once, as room may
 /// have been freed while it was not watching.
 ///
+/// Usage totals can hide freed room: an allocation that stops between two
+/// looks while a placement on the same node takes as much or more leaves
+/// no dimension lower, yet an agent blocked on a view that still counted
+/// the stopped allocation may fit now. So after [`RECHECK_LOOKS`] looks in
+/// a row with agents blocked and no unblock, it asks anyway: an agent
+/// waits at most that many looks past the room it needs.
+///
 /// Invariants: pure logic, no clock and no I/O; a spurious unblock only
 /// costs one more evaluation of each blocked agent, which blocks it again
-/// if it still does not fit; usage that only grows never asks twice.
+/// if it still does not fit; while usage only grows it asks at most once
+/// every [`RECHECK_LOOKS`] looks.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RoomWatch {
     /// Each node's usage when last seen; `None` before the first look.
     seen: Option<BTreeMap<NodeId, Resources>>,
+    /// Looks in a row, with agents blocked, that asked for no unblock.
+    quiet_looks: u32,
 }
+
+/// Looks with agents blocked after which [`RoomWatch`] asks for an unblock
+/// even though no node's usage fell.
+pub const RECHECK_LOOKS: u32 = 10;
 
 impl RoomWatch {
     /// Whether the `blocked` agents should be evaluated again, given each
@@ -460,23 +474,29 @@ impl RoomWatch {
         let Some(seen) = &self.seen else {
             return true;
         };
-        seen.iter().any(|(node, before)| {
-            let now = usage.get(node).copied().unwrap_or_default();
-            now.cpu_millis < before.cpu_millis
-                || now.memory_mb < before.memory_mb
-                || now.gpu_memory_mb < before.gpu_memory_mb
-        })
+        self.quiet_looks >= RECHECK_LOOKS
+            || seen.iter().any(|(node, before)| {
+                let now = usage.get(node).copied().unwrap_or_default();
+                now.cpu_millis < before.cpu_millis
+                    || now.memory_mb < before.memory_mb
+                    || now.gpu_memory_mb < before.gpu_memory_mb
+            })
     }
 
-    /// Records `usage` as seen: after an unblock was committed, or when
-    /// none was needed.
-    pub fn seen(&mut self, usage: BTreeMap<NodeId, Resources>) {
+    /// Records `usage` as seen at a look with agents blocked, after an
+    /// unblock was committed (`unblocked`) or when none was asked for.
+    pub fn seen(&mut self, usage: BTreeMap<NodeId, Resources>, unblocked: bool) {
         self.seen = Some(usage);
+        self.quiet_looks = if unblocked {
+            0
+        } else {
+            self.quiet_looks.saturating_add(1)
+        };
     }
 
     /// Forgets what was seen: a new term began, or no agent is blocked.
     pub fn reset(&mut self) {
-        self.seen = None;
+        *self = Self::default();
     }
 }
 
@@ -689,12 +709,12 @@ mod tests {
         assert!(!watch.should_unblock(0, &busy));
         // A new leader with blocked agents asks once.
         assert!(watch.should_unblock(3, &busy));
-        watch.seen(busy.clone());
+        watch.seen(busy.clone(), true);
         assert!(!watch.should_unblock(3, &busy));
         // More placed: no new room.
         let fuller = BTreeMap::from([(1, usage(1500, 512)), (2, usage(500, 256))]);
         assert!(!watch.should_unblock(3, &fuller));
-        watch.seen(fuller.clone());
+        watch.seen(fuller.clone(), false);
         // Memory freed on one node, CPU unchanged: room.
         let freed = BTreeMap::from([(1, usage(1500, 256)), (2, usage(500, 256))]);
         assert!(watch.should_unblock(3, &freed));
@@ -702,8 +722,33 @@ mod tests {
         let emptied = BTreeMap::from([(1, usage(1500, 512))]);
         assert!(watch.should_unblock(1, &emptied));
         // After leadership is lost, the next look asks again.
-        watch.seen(fuller.clone());
+        watch.seen(fuller.clone(), false);
         watch.reset();
         assert!(watch.should_unblock(1, &fuller));
+    }
+
+    #[test]
+    fn room_watch_asks_again_after_quiet_looks_when_a_placement_hid_the_freed_room() {
+        let mut watch = RoomWatch::default();
+        let before = BTreeMap::from([(1, usage(2000, 1280))]);
+        assert!(watch.should_unblock(2, &before));
+        watch.seen(before, true);
+        // Between two looks one allocation stopped (1,000 millicores, 384 MB)
+        // and a placement took 1,000 millicores and 768 MB: no dimension
+        // fell, yet a blocked agent may fit where the stopped one was.
+        let after = BTreeMap::from([(1, usage(2000, 1664))]);
+        for _ in 0..RECHECK_LOOKS {
+            assert!(!watch.should_unblock(2, &after));
+            watch.seen(after.clone(), false);
+        }
+        assert!(
+            watch.should_unblock(2, &after),
+            "asks after {RECHECK_LOOKS} quiet looks"
+        );
+        watch.seen(after.clone(), true);
+        assert!(!watch.should_unblock(2, &after), "and then waits as many again");
+        // Nothing blocked resets the count.
+        watch.reset();
+        assert!(!watch.should_unblock(0, &after));
     }
 }
