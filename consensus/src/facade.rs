@@ -297,6 +297,7 @@ impl Consensus {
                 membership: tokio::sync::Mutex::new(()),
                 client_id: random_u64(id),
                 next_seq: AtomicU64::new(1),
+                closing: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -333,9 +334,21 @@ impl Consensus {
         &self.inner.pool
     }
 
-    /// The gRPC service to mount on the internal port.
+    /// The gRPC service to mount on the internal port. Its Exchange
+    /// streams end when this member shuts down.
     pub fn internal_service(&self) -> cell0_proto::internal::raft_server::RaftServer<InternalService> {
-        InternalService::server(self.inner.clone())
+        InternalService::server(self.inner.clone(), None)
+    }
+
+    /// [`Consensus::internal_service`], whose Exchange streams also end
+    /// once `stop` turns true: a server that drains its requests on `stop`
+    /// before the member shuts down would otherwise wait for peers to close
+    /// their long-lived streams.
+    pub fn internal_service_until(
+        &self,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> cell0_proto::internal::raft_server::RaftServer<InternalService> {
+        InternalService::server(self.inner.clone(), Some(stop))
     }
 
     /// Bootstraps a new single-member cluster with this node as its only
@@ -627,6 +640,8 @@ impl Consensus {
     /// Stops taking writes, stops Raft, joins the group-commit task and
     /// flushes storage. The database closes when the last handle is dropped.
     pub async fn shutdown(&self) {
+        self.inner.closing.send_replace(true);
+        self.inner.pool.close_streams();
         self.inner.batcher.stop();
         self.inner.forwarder.stop();
         self.inner.reads.stop();

@@ -54,6 +54,9 @@ pub(crate) struct Inner {
     pub(crate) client_id: u64,
     /// The next request sequence number.
     pub(crate) next_seq: AtomicU64,
+    /// Raised when this member shuts down: its Exchange streams end (see
+    /// [`crate::exchange`]) and idle ones to peers are dropped.
+    pub(crate) closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Inner {

@@ -18,6 +18,7 @@ mod batcher;
 mod config;
 mod elections;
 mod error;
+pub mod exchange;
 mod facade;
 pub mod failpoints;
 mod forwarder;

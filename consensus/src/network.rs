@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cell0_proto::internal::raft_client::RaftClient;
-use cell0_proto::internal::{IdentifyRequest, IdentifyResponse, RaftMessage};
+use cell0_proto::internal::{Call, IdentifyRequest, IdentifyResponse, RaftMessage};
 use cell0_storage::LiveSnapshots;
 use futures::Stream;
 use futures::StreamExt;
@@ -41,6 +41,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::elections::Elections;
 use crate::error::{ConsensusError, PreconditionCause};
+use crate::exchange::Streams;
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
 /// Largest internal gRPC message. Snapshot chunks and append batches are
@@ -337,11 +338,13 @@ pub fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, Conse
 }
 
 /// Channels to peers, one per address, created lazily through the node's
-/// [`Transport`] and reused.
+/// [`Transport`] and reused, and the Exchange streams over them
+/// ([`crate::exchange`]).
 #[derive(Debug)]
 pub struct ChannelPool {
     channels: Mutex<HashMap<String, Channel>>,
     transport: Arc<dyn Transport>,
+    pub(crate) streams: Streams,
 }
 
 impl ChannelPool {
@@ -350,7 +353,28 @@ impl ChannelPool {
         Self {
             channels: Mutex::new(HashMap::new()),
             transport,
+            streams: Streams::default(),
         }
+    }
+
+    /// Sends `request` (stamped) as `call` to `addr` over an Exchange
+    /// stream and waits up to `timeout` for the reply. `None`: send it as
+    /// a unary call instead (the peer lacks Exchange, or `addr` is not an
+    /// address a channel opens to, which the unary call reports).
+    pub(crate) async fn exchange(
+        &self,
+        addr: &str,
+        call: Call,
+        request: &RaftMessage,
+        timeout: Duration,
+    ) -> Option<Result<RaftMessage, tonic::Status>> {
+        let client = self.client(addr).ok()?;
+        self.streams.call(client, addr, call, request, timeout).await
+    }
+
+    /// Closes every idle Exchange stream (the member shutting down).
+    pub(crate) fn close_streams(&self) {
+        self.streams.close();
     }
 
     /// The channel to `addr` (host:port).
@@ -552,16 +576,31 @@ impl PeerNetwork {
         E: std::error::Error + DeserializeOwned,
     {
         let net_err = |e: &dyn std::error::Error| RPCError::Network(NetworkError::new(&AnyErr(e.to_string())));
-        let mut client = self.pool.client(&self.addr).map_err(|e| net_err(&e))?;
-        let mut request = tonic::Request::new(self.identity.stamp(msg, self.target));
-        request.set_timeout(timeout);
-        let reply = match method {
-            Method::Append => client.append_entries(request).await,
-            Method::Vote => client.vote(request).await,
-            Method::Snapshot => client.install_snapshot(request).await,
+        let stamped = self.identity.stamp(msg, self.target);
+        let streamed = match method {
+            Method::Append => {
+                self.pool
+                    .exchange(&self.addr, Call::AppendEntries, &stamped, timeout)
+                    .await
+            }
+            Method::Vote | Method::Snapshot => None,
+        };
+        let reply = match streamed {
+            Some(reply) => reply,
+            None => {
+                let mut client = self.pool.client(&self.addr).map_err(|e| net_err(&e))?;
+                let mut request = tonic::Request::new(stamped);
+                request.set_timeout(timeout);
+                match method {
+                    Method::Append => client.append_entries(request).await,
+                    Method::Vote => client.vote(request).await,
+                    Method::Snapshot => client.install_snapshot(request).await,
+                }
+                .map(tonic::Response::into_inner)
+            }
         };
         let reply = match reply {
-            Ok(r) => r.into_inner(),
+            Ok(r) => r,
             Err(status) if status.code() == tonic::Code::Unavailable => {
                 return Err(RPCError::Unreachable(Unreachable::new(&AnyErr(status.to_string()))));
             }
@@ -782,6 +821,7 @@ mod tests {
             format: BASE_FORMAT,
             data: Vec::new().into(),
             reads_format: INTERNAL_FORMAT,
+            call: 0,
         };
         identity.check(&msg(0xc1, 1)).unwrap();
         let err = identity.check(&msg(0xc1, 2)).unwrap_err();

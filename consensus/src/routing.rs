@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use cell0_proto::internal::Call;
 use openraft::error::{CheckIsLeaderError, RaftError};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -108,11 +109,23 @@ impl Inner {
     }
 
     async fn forward(&self, leader: NodeId, info: &NodeInfo, req: &ForwardRequest) -> Result<ForwardResponse> {
-        let mut client = self.pool.client(&info.internal_addr)?;
-        let mut request = tonic::Request::new(self.identity.stamp(encode(req)?, leader));
-        request.set_timeout(self.config.rpc_timeout());
-        match client.forward(request).await {
-            Ok(reply) => decode::<Result<ForwardResponse>>(reply.get_ref())?,
+        let stamped = self.identity.stamp(encode(req)?, leader);
+        let timeout = self.config.rpc_timeout();
+        let streamed = self
+            .pool
+            .exchange(&info.internal_addr, Call::Forward, &stamped, timeout)
+            .await;
+        let reply = match streamed {
+            Some(reply) => reply,
+            None => {
+                let mut client = self.pool.client(&info.internal_addr)?;
+                let mut request = tonic::Request::new(stamped);
+                request.set_timeout(timeout);
+                client.forward(request).await.map(tonic::Response::into_inner)
+            }
+        };
+        match reply {
+            Ok(reply) => decode::<Result<ForwardResponse>>(&reply)?,
             Err(status) => {
                 let idempotent = !matches!(req, ForwardRequest::Write(_) | ForwardRequest::Writes(_));
                 if idempotent || never_sent(&status) {

@@ -5,14 +5,20 @@
 //! decoded: one meant for another node or another cluster is refused with
 //! FAILED_PRECONDITION, so a wrong address can never make this node answer
 //! (and be counted) for another member.
+//!
+//! AppendEntries and Forward also arrive over `Exchange` streams
+//! ([`crate::exchange`]); each request there is handled by the same code as
+//! its unary call, and a refusal ends the stream with the same status.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use cell0_proto::internal::raft_server::{Raft as RaftRpc, RaftServer};
-use cell0_proto::internal::{IdentifyRequest, IdentifyResponse, RaftMessage};
+use cell0_proto::internal::{Call, IdentifyRequest, IdentifyResponse, RaftMessage};
+use futures::stream::BoxStream;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest};
-use tonic::{Request, Response, Status};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::inner::Inner;
 use crate::network::{MAX_INTERNAL_MESSAGE_BYTES, decode, encode};
@@ -22,11 +28,13 @@ use crate::types::{NodeId, TypeConfig};
 /// The `cell0.internal.v1.Raft` service of one node.
 pub struct InternalService {
     inner: Arc<Inner>,
+    /// Besides the member's own shutdown, ends Exchange streams when true.
+    stop: Option<watch::Receiver<bool>>,
 }
 
 impl InternalService {
-    pub(crate) fn server(inner: Arc<Inner>) -> RaftServer<Self> {
-        RaftServer::new(Self { inner })
+    pub(crate) fn server(inner: Arc<Inner>, stop: Option<watch::Receiver<bool>>) -> RaftServer<Self> {
+        RaftServer::new(Self { inner, stop })
             .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
     }
@@ -37,47 +45,110 @@ fn bad_payload(e: crate::ConsensusError) -> Status {
 }
 
 fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
-    encode(v)
-        .map(Response::new)
-        .map_err(|e| Status::internal(e.to_string()))
+    encoded(v).map(Response::new)
+}
+
+fn encoded<T: serde::Serialize>(v: &T) -> Result<RaftMessage, Status> {
+    encode(v).map_err(|e| Status::internal(e.to_string()))
+}
+
+/// Hands an AppendEntries request to the local Raft.
+async fn append_entries(inner: &Inner, request: &RaftMessage) -> Result<RaftMessage, Status> {
+    inner.identity.check(request)?;
+    let rpc: AppendEntriesRequest<TypeConfig> = decode(request).map_err(bad_payload)?;
+    // The commit index a leader reports is known to hold for this node's
+    // log only up to what this request made match, and only once the
+    // request was accepted.
+    let commit = rpc.leader_commit.map(|c| c.index);
+    let last = rpc
+        .entries
+        .last()
+        .map(|e| e.log_id.index)
+        .or(rpc.prev_log_id.map(|p| p.index));
+    let result = inner.raft.append_entries(rpc).await;
+    let matched = match &result {
+        Ok(AppendEntriesResponse::Success) => last,
+        Ok(AppendEntriesResponse::PartialSuccess(m)) => m.map(|m| m.index),
+        _ => None,
+    };
+    // Accepted from a leader (a conflict too: only the logs differ):
+    // this node's leader lease holds (prompt elections).
+    if matches!(
+        result,
+        Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict)
+    ) {
+        inner.elections.heard_from_leader();
+    }
+    if let (Some(commit), Some(matched)) = (commit, matched) {
+        inner.leader_commit.fetch_max(commit.min(matched), Ordering::AcqRel);
+    }
+    encoded(&result)
+}
+
+/// Serves a request a follower forwarded to this node.
+async fn forward(inner: &Inner, request: &RaftMessage) -> Result<RaftMessage, Status> {
+    inner.identity.check(request)?;
+    let req: ForwardRequest = decode(request).map_err(bad_payload)?;
+    encoded(&inner.handle_local(req).await)
+}
+
+/// Serves one request of an Exchange stream, as its unary call would.
+async fn exchange_one(inner: &Inner, request: &RaftMessage) -> Result<RaftMessage, Status> {
+    match Call::try_from(request.call) {
+        Ok(Call::AppendEntries) => append_entries(inner, request).await,
+        Ok(Call::Forward) => forward(inner, request).await,
+        Ok(Call::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+            "call: {} is not a call this node serves over Exchange",
+            request.call
+        ))),
+    }
+}
+
+/// Resolves once `rx` turns true or its sender is gone; never, for `None`.
+async fn raised(rx: Option<&mut watch::Receiver<bool>>) {
+    match rx {
+        Some(rx) => {
+            let _ = rx.wait_for(|raised| *raised).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The state of one Exchange stream.
+struct ExchangeState {
+    inner: Arc<Inner>,
+    requests: Streaming<RaftMessage>,
+    closing: watch::Receiver<bool>,
+    stop: Option<watch::Receiver<bool>>,
+    /// A refusal was sent: the stream ends.
+    ended: bool,
+}
+
+/// The next reply of an Exchange stream: the answer to the next request,
+/// or the end, when the caller closes its side, the member shuts down
+/// between two requests, or a request was refused.
+async fn next_reply(mut s: ExchangeState) -> Option<(Result<RaftMessage, Status>, ExchangeState)> {
+    if s.ended {
+        return None;
+    }
+    let request = tokio::select! {
+        request = s.requests.message() => request,
+        () = raised(Some(&mut s.closing)) => return None,
+        () = raised(s.stop.as_mut()) => return None,
+    };
+    let request = match request {
+        Ok(Some(request)) => request,
+        Ok(None) | Err(_) => return None,
+    };
+    let reply = exchange_one(&s.inner, &request).await;
+    s.ended = reply.is_err();
+    Some((reply, s))
 }
 
 #[tonic::async_trait]
 impl RaftRpc for InternalService {
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.inner.identity.check(request.get_ref())?;
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(request.get_ref()).map_err(bad_payload)?;
-        // The commit index a leader reports is known to hold for this node's
-        // log only up to what this request made match, and only once the
-        // request was accepted.
-        let commit = rpc.leader_commit.map(|c| c.index);
-        let last = rpc
-            .entries
-            .last()
-            .map(|e| e.log_id.index)
-            .or(rpc.prev_log_id.map(|p| p.index));
-        let result = self.inner.raft.append_entries(rpc).await;
-        let matched = match &result {
-            Ok(AppendEntriesResponse::Success) => last,
-            Ok(AppendEntriesResponse::PartialSuccess(m)) => m.map(|m| m.index),
-            _ => None,
-        };
-        // Accepted from a leader (a conflict too: only the logs differ):
-        // this node's leader lease holds (prompt elections).
-        if matches!(
-            result,
-            Ok(AppendEntriesResponse::Success
-                | AppendEntriesResponse::PartialSuccess(_)
-                | AppendEntriesResponse::Conflict)
-        ) {
-            self.inner.elections.heard_from_leader();
-        }
-        if let (Some(commit), Some(matched)) = (commit, matched) {
-            self.inner
-                .leader_commit
-                .fetch_max(commit.min(matched), Ordering::AcqRel);
-        }
-        reply(&result)
+        append_entries(&self.inner, request.get_ref()).await.map(Response::new)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
@@ -122,9 +193,23 @@ impl RaftRpc for InternalService {
     }
 
     async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.inner.identity.check(request.get_ref())?;
-        let req: ForwardRequest = decode(request.get_ref()).map_err(bad_payload)?;
-        reply(&self.inner.handle_local(req).await)
+        forward(&self.inner, request.get_ref()).await.map(Response::new)
+    }
+
+    type ExchangeStream = BoxStream<'static, Result<RaftMessage, Status>>;
+
+    async fn exchange(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let state = ExchangeState {
+            inner: self.inner.clone(),
+            requests: request.into_inner(),
+            closing: self.inner.closing.subscribe(),
+            stop: self.stop.clone(),
+            ended: false,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(state, next_reply))))
     }
 
     async fn identify(&self, _request: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {

@@ -415,7 +415,7 @@ async fn serve(
     };
     let lease_table = leases::LeaseTable::new(consensus.clone());
     let internal_server = cell0_consensus::network::server_builder()
-        .add_service(consensus.internal_service())
+        .add_service(consensus.internal_service_until(stop()))
         .add_service(ClusterServer::new(ClusterApi::new(
             consensus.clone(),
             gate,
