@@ -22,7 +22,7 @@
 //! - A failed call fails as its unary call would: with the peer's status,
 //!   or the connection's, so callers map errors one way for both.
 //! - At most [`MAX_IDLE_STREAMS`] idle streams are kept per address;
-//!   [`Streams::close`] drops them all (the member shutting down), which
+//!   `Streams::close` drops them all (the member shutting down), which
 //!   ends them on the peers.
 
 use std::collections::HashMap;

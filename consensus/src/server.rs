@@ -97,8 +97,10 @@ async fn exchange_one(inner: &Inner, request: &RaftMessage) -> Result<RaftMessag
     match Call::try_from(request.call) {
         Ok(Call::AppendEntries) => append_entries(inner, request).await,
         Ok(Call::Forward) => forward(inner, request).await,
-        Ok(Call::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
-            "call: {} is not a call this node serves over Exchange",
+        // UNIMPLEMENTED, as for a node without Exchange: a newer caller
+        // then sends this node unary calls.
+        Ok(Call::Unspecified) | Err(_) => Err(Status::unimplemented(format!(
+            "call {}: this node does not serve it over Exchange",
             request.call
         ))),
     }
