@@ -22,12 +22,18 @@
 //! the network: it recovers its vote, log, state machine and membership
 //! from that storage, as a process restarted on its disk.
 //!
+//! Builds: in half of the runs ([`SimCluster::start`] draws it) one member
+//! serves the internal API of a build from before `Exchange` streams
+//! ([`Build::WithoutExchange`]): it answers them UNIMPLEMENTED, so its
+//! peers send it unary calls, as in a rolling upgrade.
+//!
 //! Invariants: at most one running member per id, and a member runs only
 //! on its own engine; a member that is down is in neither the network's
 //! servers nor the clients' [`Handles`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cell0_consensus::network::server_builder;
@@ -45,6 +51,25 @@ use crate::SimError;
 use crate::net::{SimNet, SimTransport, addr_of};
 use crate::workload::Handles;
 
+/// Which internal API a member serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// This build's, `Exchange` streams included.
+    Current,
+    /// An older build's: `Exchange` answers UNIMPLEMENTED.
+    WithoutExchange,
+}
+
+/// The member of an older build in a run, as [`SimCluster::older_build`]
+/// reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OlderBuild {
+    /// The member.
+    pub member: NodeId,
+    /// Exchange streams its peers tried to open to it.
+    pub refused_streams: u64,
+}
+
 /// What a crash keeps of a member's storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Crash {
@@ -58,6 +83,10 @@ pub enum Crash {
 /// One member.
 struct SimNode {
     id: NodeId,
+    /// The internal API it serves (kept across restarts).
+    build: Build,
+    /// Exchange streams it refused ([`Build::WithoutExchange`]).
+    refused: Arc<AtomicU64>,
     config: ConsensusConfig,
     snapshot_dir: PathBuf,
     /// Its disk: the engine it runs on, or will restart on.
@@ -115,7 +144,8 @@ impl SimCluster {
         // A jitter so that seeds also differ in how far apart the timeouts are.
         let spacing = rng.random_range(30..=80);
         let timeouts: Vec<u64> = order.iter().map(|rank| 300 + rank * spacing).collect();
-        Self::start_with_timeouts(net, &timeouts).await
+        let older = rng.random_bool(0.5).then(|| rng.random_range(1..=n));
+        Self::start_members(net, &timeouts, older).await
     }
 
     /// Starts one member per entry of `election_ms` (ids 1..; 1, 3 or 5),
@@ -124,6 +154,12 @@ impl SimCluster {
     /// `net`; bootstraps the cluster on member 1, which leads, and joins the
     /// others as voters.
     pub async fn start_with_timeouts(net: SimNet, election_ms: &[u64]) -> Result<Self, SimError> {
+        Self::start_members(net, election_ms, None).await
+    }
+
+    /// [`SimCluster::start_with_timeouts`], member `older` (if any) serving
+    /// [`Build::WithoutExchange`].
+    async fn start_members(net: SimNet, election_ms: &[u64], older: Option<NodeId>) -> Result<Self, SimError> {
         let n = u64::try_from(election_ms.len()).unwrap_or(u64::MAX);
         let voters = election_ms.len();
         let dir = tempfile::tempdir().map_err(|e| SimError::Setup(format!("temp dir: {e}")))?;
@@ -133,6 +169,12 @@ impl SimCluster {
             std::fs::create_dir_all(&snapshot_dir).map_err(|e| SimError::Setup(format!("snapshot dir: {e}")))?;
             let mut node = SimNode {
                 id: i,
+                build: if older == Some(i) {
+                    Build::WithoutExchange
+                } else {
+                    Build::Current
+                },
+                refused: Arc::default(),
                 config: member_config(voters, election_ms),
                 snapshot_dir,
                 engine: Arc::new(MemEngine::new()),
@@ -273,6 +315,18 @@ impl SimCluster {
         Ok(())
     }
 
+    /// The member serving [`Build::WithoutExchange`], if any, and how many
+    /// Exchange streams it refused so far.
+    pub fn older_build(&self) -> Option<OlderBuild> {
+        self.nodes
+            .iter()
+            .find(|n| n.build == Build::WithoutExchange)
+            .map(|n| OlderBuild {
+                member: n.id,
+                refused_streams: n.refused.load(Ordering::Relaxed),
+            })
+    }
+
     /// Stops every member (the end of a simulation).
     pub async fn stop(mut self) {
         for node in &mut self.nodes {
@@ -294,7 +348,7 @@ impl SimNode {
             self.snapshot_dir.clone(),
         )
         .await?;
-        let (stop, server) = serve(self.id, net, &consensus);
+        let (stop, server) = serve(self.id, net, &consensus, self.build, self.refused.clone());
         self.consensus = Some(consensus);
         self.stop = Some(stop);
         self.server = Some(server);
@@ -342,12 +396,22 @@ async fn start_member(
         .map_err(|e| SimError::Setup(format!("starting member {id}: {e}")))
 }
 
-/// Serves `consensus`'s internal service to connections the network hands
-/// to member `id`; the sender stops it.
-fn serve(id: NodeId, net: &SimNet, consensus: &Consensus) -> (oneshot::Sender<()>, JoinHandle<()>) {
+/// Serves `consensus`'s internal service, as `build` does, to connections
+/// the network hands to member `id`; the sender stops it.
+fn serve(
+    id: NodeId,
+    net: &SimNet,
+    consensus: &Consensus,
+    build: Build,
+    refused: Arc<AtomicU64>,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let incoming = UnboundedReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
-    let service = consensus.internal_service();
+    let service = OfBuild {
+        inner: consensus.internal_service(),
+        build,
+        refused,
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         let result = server_builder()
@@ -362,4 +426,44 @@ fn serve(id: NodeId, net: &SimNet, consensus: &Consensus) -> (oneshot::Sender<()
     });
     net.up(id, tx);
     (stop, server)
+}
+
+/// A member's internal service as `build` serves it: without `Exchange`,
+/// its calls are answered UNIMPLEMENTED before they reach the service.
+#[derive(Clone)]
+struct OfBuild<S> {
+    inner: S,
+    build: Build,
+    /// Exchange streams refused, for [`SimCluster::older_build`].
+    refused: Arc<AtomicU64>,
+}
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl<S> tower::Service<HttpRequest> for OfBuild<S>
+where
+    S: tower::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<HttpResponse, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: HttpRequest) -> Self::Future {
+        if self.build == Build::WithoutExchange && request.uri().path().ends_with("/Exchange") {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            let response = tonic::Status::unimplemented("a build from before Exchange").into_http();
+            return Box::pin(std::future::ready(Ok(response)));
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for OfBuild<S> {
+    const NAME: &'static str = S::NAME;
 }

@@ -183,6 +183,9 @@ pub struct SimOutcome {
     pub problems: Vec<String>,
     /// What the network did.
     pub net: NetCounts,
+    /// The member that served a build without `Exchange` streams, if one
+    /// did (half of the seeds).
+    pub older_build: Option<cluster::OlderBuild>,
     /// Simulated time the whole run took.
     pub simulated: Duration,
     /// A fingerprint of the history, timeline, final state and network
@@ -221,6 +224,13 @@ impl fmt::Display for SimOutcome {
             self.net.chunks,
             self.hash,
         )?;
+        if let Some(older) = &self.older_build {
+            writeln!(
+                f,
+                "  member {} served a build without Exchange streams: it refused {} and got unary calls",
+                older.member, older.refused_streams
+            )?;
+        }
         if let Some(a) = &self.agents {
             let (placed, waiting, stopped) = a.summary();
             writeln!(
@@ -402,6 +412,7 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimEr
     }
     let simulated = started.elapsed();
     let counts = net.counts();
+    let older_build = cluster.older_build();
     cluster.stop().await;
 
     let linearizable = linearizable::check(&history, config.check_budget);
@@ -427,6 +438,7 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimOutcome, SimEr
         agents: agent_state,
         problems,
         net: counts,
+        older_build,
         simulated,
         hash,
     })

@@ -102,6 +102,29 @@ fn seeds_175_to_199() {
     run_seeds(175..200);
 }
 
+/// A member of a build from before `Exchange` streams (half of the seeds
+/// have one): its peers' streams to it are refused, they send it unary
+/// calls, and the run passes every check. The first such seed of the CI's
+/// range, without faults so that it reruns the same.
+#[test]
+fn a_member_without_exchange_streams_is_sent_unary_calls() {
+    let config = SimConfig {
+        faults: FaultMix::NONE,
+        ..SimConfig::default()
+    };
+    let outcome = (0..20)
+        .map(|seed| run(seed, &config))
+        .find(|outcome| outcome.older_build.is_some())
+        .expect("a seed among the first 20 has a member of an older build");
+    assert!(outcome.passed(), "{outcome}");
+    let older = outcome.older_build.unwrap();
+    assert!(
+        older.refused_streams > 0,
+        "no stream was tried with member {}: {outcome}",
+        older.member
+    );
+}
+
 /// Without injected faults (the network's latency and chunk losses remain)
 /// a run is a function of its seed: the same history, timeline and final
 /// state twice. Under partitions and crashes most seeds rerun identically
