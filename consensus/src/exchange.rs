@@ -2,9 +2,9 @@
 //!
 //! A unary gRPC call opens an HTTP/2 stream for one request: headers, data
 //! and an end-of-stream frame each way, and a task on each side to run it.
-//! Measured on loopback with one caller, that is 101 µs per round trip and
-//! about 100 µs of CPU, against 37 µs and 38 µs for a request and its reply
-//! on a stream already open (docs/benchmarks.md). So AppendEntries (every
+//! Measured on loopback with one caller, that took twice the round trip
+//! and two to three times the CPU of a request and its reply on a stream
+//! already open (docs/benchmarks.md). So AppendEntries (every
 //! replicated entry and heartbeat) and forwarded requests travel over
 //! `Exchange` streams, which the pool keeps open between calls.
 //!
