@@ -204,6 +204,46 @@ async fn three_in_process_nodes_form_a_cluster_and_join_every_task_at_shutdown()
     }
 }
 
+/// Peers keep long-lived Exchange streams open to a node (the leader's
+/// AppendEntries, a follower's forwarded writes). A node stopped alone,
+/// while its peers still run and hold them, must still drain and join its
+/// internal server: its streams end with its stop signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_stopped_while_its_peers_hold_streams_to_it_joins_every_task() {
+    init_logging();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = vec![InProcessNode::start("node1", &root.path().join("node1"), None)];
+    nodes[0].wait_ready().await;
+    let seed = nodes[0].endpoint();
+    for i in 2..=3 {
+        let name = format!("node{i}");
+        nodes.push(InProcessNode::start(
+            &name,
+            &root.path().join(&name),
+            Some(seed.clone()),
+        ));
+    }
+    for node in &mut nodes {
+        node.wait_ready().await;
+    }
+    // Writes through every node: each follower forwards to the leader,
+    // and the leader replicates to both, each over a stream.
+    for (i, node) in nodes.iter().enumerate() {
+        put(&node.endpoint(), &format!("k{i}"), "v").await.unwrap();
+    }
+
+    // One at a time, the others still running.
+    for node in nodes.into_iter().rev() {
+        let name = node.name.clone();
+        let mut expected = EVERY_NODE_TASKS.to_vec();
+        if name != "node1" {
+            expected.push("join");
+        }
+        let record = node.stop().await;
+        assert_joined_cleanly(&name, &record, &expected);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stopping_a_node_ends_its_open_watch_with_unavailable() {
     init_logging();
