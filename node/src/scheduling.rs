@@ -2,7 +2,8 @@
 //! plans committed through Raft.
 //!
 //! Every node runs the task; only the one that is leader does work. A round
-//! reads, from one point-in-time view of the local replica, up to
+//! reads, after a linearizable read barrier, from one point-in-time view of
+//! the local replica, up to
 //! [`EVALS_PER_PLAN`] pending evaluations (from where the previous round
 //! stopped, wrapping around: see [`Cursor`]) with their agents and
 //! allocations, and the nodes (records, status, usage, models held); runs
@@ -21,6 +22,14 @@
 //!   new leader simply picks up the evaluations that are still pending.
 //! - The plan's time (`at_ms`) is the leader's clock when it proposes; apply
 //!   never reads a clock.
+//! - A plan is made on a view that holds every plan committed before its
+//!   round (the read barrier; a new leader's replica may still be applying
+//!   its predecessor's), and is committed only in the term it was read in
+//!   (`Consensus::propose_as_leader`), so no later leader applies it on top
+//!   of plans of its own. The state machine accepts a placement of an
+//!   agent's current generation even when the agent is placed (a node lost,
+//!   a drain), so these two rules are what keep a plan from placing an
+//!   agent again for a generation another plan placed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -179,16 +188,20 @@ pub(crate) fn first_plan(
 #[derive(Debug, Default)]
 pub(crate) struct Cursor(String);
 
-/// One round on the leader: how many evaluations it handled.
+/// One round on the leader of `term`: how many evaluations it handled.
 pub(crate) async fn round(
     consensus: &Consensus,
     options: Options,
     cursor: &mut Cursor,
+    term: u64,
 ) -> cell0_consensus::Result<usize> {
     let started = Instant::now();
     let after = cursor.0.clone();
+    // Linearizable: a new leader's replica may not have applied the plans
+    // its predecessor committed yet, and a plan made on that view would
+    // place their agents again (simulator seed 720).
     let input = consensus
-        .read(Consistency::Serializable, move |txn| read_round(txn, &after))
+        .read(Consistency::Linearizable, move |txn| read_round(txn, &after))
         .await?;
     let Some(last) = input.evals.last() else {
         cursor.0.clear();
@@ -203,7 +216,9 @@ pub(crate) async fn round(
     let plan = decision.plan;
     let (placed, unplaced) = (plan.placements.len(), plan.unplaced.len());
     let command = AgentCommand::Plan { plan, at_ms: now_ms() };
-    let outcome = consensus.propose(command.into_command()).await?;
+    // Only in the term the view was read in: forwarded to a later leader,
+    // the plan would be applied on top of that leader's own plans.
+    let outcome = consensus.propose_as_leader(command.into_command(), term).await?;
     let refused = count_plan(placed, &outcome);
     metrics::gauge!("cell0_scheduler_unplaced_agents").set(unplaced as f64);
     metrics::histogram!("cell0_scheduler_round_duration_seconds").record(started.elapsed().as_secs_f64());
@@ -302,7 +317,7 @@ pub async fn run(consensus: Consensus, options: Options, mut stop: watch::Receiv
                 led_in = Some(status.term);
             }
             let handled = tokio::select! {
-                r = round(&consensus, options, &mut cursor) => r,
+                r = round(&consensus, options, &mut cursor, status.term) => r,
                 () = stopped(&mut stop) => return,
             };
             if let Err(e) = drain_deadlines(&consensus).await {

@@ -19,9 +19,11 @@
 //!   member that sees itself lead, one round as the node's scheduler task
 //!   (`node/src/scheduling.rs`) runs it: read the pending evaluations with
 //!   their agents and allocations and the nodes, from one point-in-time view
-//!   of that member's replica; run the pure [`cell0_scheduler::process`];
-//!   propose the plan as one `AgentCommand::Plan`, which the state machine
-//!   validates again as it applies. That loop lives in the `cell0` binary
+//!   of that member's replica after a linearizable read barrier; run the
+//!   pure [`cell0_scheduler::process`]; propose the plan as one
+//!   `AgentCommand::Plan`, only in the term it read in
+//!   (`Consensus::propose_as_leader`), which the state machine validates
+//!   again as it applies. That loop lives in the `cell0` binary
 //!   crate (private to it, with metrics, drains and a watch on the agent
 //!   table, and the node's whole dependency tree); the simulator repeats
 //!   only its round, with the same public functions of `cell0_consensus`
@@ -326,7 +328,8 @@ fn leading(handles: &Handles) -> Option<Consensus> {
 
 /// One scheduler round on `c`: whether it had evaluations to handle.
 async fn round(c: &Consensus, clock: Clock, log: &mut SchedulerLog) -> bool {
-    let Ok((evals, view)) = c.read(Consistency::Serializable, read_round).await else {
+    let term = c.status().term;
+    let Ok((evals, view)) = c.read(Consistency::Linearizable, read_round).await else {
         return false;
     };
     if evals.is_empty() {
@@ -339,7 +342,7 @@ async fn round(c: &Consensus, clock: Clock, log: &mut SchedulerLog) -> bool {
         plan,
         at_ms: clock.now_us() / 1_000,
     };
-    match c.propose(cmd.into_command()).await {
+    match c.propose_as_leader(cmd.into_command(), term).await {
         Ok(Response::Agent(AgentOutcome::Planned(outcome))) => log.commits.push(PlanCommit {
             placements,
             unplaced,

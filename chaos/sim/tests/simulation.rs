@@ -102,6 +102,19 @@ fn seeds_175_to_199() {
     run_seeds(175..200);
 }
 
+/// Seeds outside the ranges above that once failed, with what they found:
+/// 720, a new leader's scheduler placed two agents again for a generation
+/// its predecessor's plan had placed (its replica had not applied that
+/// plan yet; rounds now read linearizably and propose only in their term).
+#[test]
+fn seeds_that_once_failed() {
+    let config = SimConfig::default();
+    for seed in [720] {
+        let outcome = run(seed, &config);
+        assert!(outcome.passed(), "simulation seed {seed} failed:\n{outcome}");
+    }
+}
+
 /// A member of a build from before `Exchange` streams (half of the seeds
 /// have one): its peers' streams to it are refused, they send it unary
 /// calls, and the run passes every check. The first such seed of the CI's

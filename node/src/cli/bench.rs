@@ -594,7 +594,8 @@ async fn schedule(output: Output, b: ScheduleBench) -> anyhow::Result<()> {
     let mut handled = 0usize;
     let mut cursor = crate::scheduling::Cursor::default();
     loop {
-        let n = crate::scheduling::round(&leader, cell0_scheduler::Options::default(), &mut cursor).await?;
+        let term = leader.status().term;
+        let n = crate::scheduling::round(&leader, cell0_scheduler::Options::default(), &mut cursor, term).await?;
         if n == 0 {
             break;
         }
