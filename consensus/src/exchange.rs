@@ -300,6 +300,12 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
+    /// The payload of the echo to a Forward of `payload` to node 1.
+    async fn echoed(pool: &ChannelPool, addr: &str, payload: &[u8]) -> Vec<u8> {
+        let reply = pool.exchange(addr, Call::Forward, &request(payload, 1), TIMEOUT).await;
+        reply.expect("the peer has Exchange").unwrap().payload.to_vec()
+    }
+
     #[tokio::test]
     async fn calls_share_one_stream_and_a_refusal_ends_it() {
         let (pool, addr, opened) = peer(true).await;
@@ -315,8 +321,7 @@ mod tests {
             .await;
         let status = refused.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status}");
-        let reply = pool.exchange(&addr, Call::Forward, &request(b"y", 1), TIMEOUT).await;
-        assert_eq!(reply.unwrap().unwrap().payload.as_ref(), b"y");
+        assert_eq!(echoed(&pool, &addr, b"y").await, b"y");
         assert_eq!(opened.load(Ordering::SeqCst), 2, "the refusal ended the first stream");
     }
 
@@ -346,8 +351,7 @@ mod tests {
             .exchange(&addr, Call::Forward, &request(b"slow", 1), Duration::from_millis(50))
             .await;
         assert_eq!(late.unwrap().unwrap_err().code(), tonic::Code::DeadlineExceeded);
-        let reply = pool.exchange(&addr, Call::Forward, &request(b"next", 1), TIMEOUT).await;
-        assert_eq!(reply.unwrap().unwrap().payload.as_ref(), b"next");
+        assert_eq!(echoed(&pool, &addr, b"next").await, b"next");
         assert_eq!(opened.load(Ordering::SeqCst), 2, "the timed-out stream was dropped");
     }
 
@@ -371,15 +375,9 @@ mod tests {
     #[tokio::test]
     async fn closing_drops_the_idle_streams() {
         let (pool, addr, opened) = peer(true).await;
-        pool.exchange(&addr, Call::Forward, &request(b"a", 1), TIMEOUT)
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(echoed(&pool, &addr, b"a").await, b"a");
         pool.close_streams();
-        pool.exchange(&addr, Call::Forward, &request(b"b", 1), TIMEOUT)
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(echoed(&pool, &addr, b"b").await, b"b");
         assert_eq!(opened.load(Ordering::SeqCst), 2);
     }
 }

@@ -163,24 +163,27 @@ fn assert_joined_cleanly(name: &str, record: &Record, expected: &[&str]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_in_process_nodes_form_a_cluster_and_join_every_task_at_shutdown() {
-    init_logging();
-    let root = tempfile::tempdir().unwrap();
-    let mut nodes = vec![InProcessNode::start("node1", &root.path().join("node1"), None)];
+/// Three nodes under `root`: node1 bootstraps, the others join through
+/// it; returns once all are ready.
+async fn start_three(root: &std::path::Path) -> Vec<InProcessNode> {
+    let mut nodes = vec![InProcessNode::start("node1", &root.join("node1"), None)];
     nodes[0].wait_ready().await;
     let seed = nodes[0].endpoint();
     for i in 2..=3 {
         let name = format!("node{i}");
-        nodes.push(InProcessNode::start(
-            &name,
-            &root.path().join(&name),
-            Some(seed.clone()),
-        ));
+        nodes.push(InProcessNode::start(&name, &root.join(&name), Some(seed.clone())));
     }
     for node in &mut nodes {
         node.wait_ready().await;
     }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_in_process_nodes_form_a_cluster_and_join_every_task_at_shutdown() {
+    init_logging();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = start_three(root.path()).await;
 
     // A write through one node, a linearizable read through another.
     put(&nodes[1].endpoint(), "greeting", "hello").await.unwrap();
@@ -212,20 +215,7 @@ async fn three_in_process_nodes_form_a_cluster_and_join_every_task_at_shutdown()
 async fn a_node_stopped_while_its_peers_hold_streams_to_it_joins_every_task() {
     init_logging();
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = vec![InProcessNode::start("node1", &root.path().join("node1"), None)];
-    nodes[0].wait_ready().await;
-    let seed = nodes[0].endpoint();
-    for i in 2..=3 {
-        let name = format!("node{i}");
-        nodes.push(InProcessNode::start(
-            &name,
-            &root.path().join(&name),
-            Some(seed.clone()),
-        ));
-    }
-    for node in &mut nodes {
-        node.wait_ready().await;
-    }
+    let nodes = start_three(root.path()).await;
     // Writes through every node: each follower forwards to the leader,
     // and the leader replicates to both, each over a stream.
     for (i, node) in nodes.iter().enumerate() {

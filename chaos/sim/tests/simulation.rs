@@ -3,8 +3,8 @@
 //! crashes and restarts, each checked for linearizability, lost acknowledged
 //! writes, agreeing replicas and the scheduler's placements
 //! (`cell0_sim::scheduling::check`), in eight tests of 25 seeds (so that the test runner
-//! spreads them over the cores); and a seed run twice fingerprints the
-//! same.
+//! spreads them over the cores); the seeds beyond them that once failed;
+//! a member of an older build; and a seed run twice fingerprints the same.
 //!
 //! A failing seed prints itself and how to rerun it: `CELL0_SIM_SEED=<seed>`
 //! runs only that seed (in every test of this file) and prints its outcome;
