@@ -260,6 +260,8 @@ mod tests {
                     return Err(Status::failed_precondition("not node 99"));
                 }
                 if request.payload.as_ref() == b"slow" {
+                    // A peer slow to answer, not a wait for a condition: the
+                    // caller gives up after 50 ms, long before this ends.
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Ok(echo(&request, 2))
