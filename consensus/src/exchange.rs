@@ -94,15 +94,18 @@ impl Streams {
         let deadline = Instant::now() + timeout;
         let mut request = request.clone();
         request.call = call.into();
-        let mut stream = match self.take_idle(addr) {
-            Some(stream) => match stream.requests.try_send(request) {
-                Ok(()) => stream,
-                Err(e) => match self.open(client, addr, e.into_inner(), deadline).await? {
-                    Ok(stream) => stream,
-                    Err(status) => return Some(Err(status)),
-                },
-            },
-            None => match self.open(client, addr, request, deadline).await? {
+        // An idle stream takes the request, or a new one opens with it.
+        let sent = match self.take_idle(addr) {
+            Some(stream) => stream
+                .requests
+                .try_send(request)
+                .map(|()| stream)
+                .map_err(|e| e.into_inner()),
+            None => Err(request),
+        };
+        let mut stream = match sent {
+            Ok(stream) => stream,
+            Err(first) => match self.open(client, addr, first, deadline).await? {
                 Ok(stream) => stream,
                 Err(status) => return Some(Err(status)),
             },
