@@ -230,6 +230,18 @@ pub trait Engine: ReadView + Send + Sync + 'static {
     /// has nothing to recover from the write-ahead log.
     fn flush(&self) -> Result<()>;
 
+    /// Makes every write that returned before this call durable: one fsync
+    /// of the write-ahead log, as a [`Durability::Sync`] write would do.
+    fn sync_log(&self) -> Result<()>;
+
+    /// How long a [`Engine::sync_log`] is made to take on the caller's clock,
+    /// for engines that do not block ([`Engine::may_block`] false): the
+    /// simulator's model of a disk's fsync. Real engines take real time and
+    /// return zero.
+    fn sync_latency(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// Removes every row of `cf`. Engines that can also return the space at
     /// once do so, so that a [`Engine::bulk_load`] into it starts from an
     /// empty keyspace; views taken before still see the rows.

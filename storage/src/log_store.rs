@@ -1,8 +1,19 @@
 //! openraft's `RaftLogStorage` over any [`Engine`].
 //!
 //! Invariants:
-//! - `append` hands its callback `Ok` only after one synced engine write holds
-//!   every entry of the call: an acknowledged entry survives a crash.
+//! - `append` returns once its entries are written (buffered, one engine
+//!   write): from then on they are readable, so a leader sends them to its
+//!   followers while they sync. It hands its callback `Ok` only after a
+//!   sync of the engine's log that started after that write returned
+//!   ([`Engine::sync_log`]): an acknowledged entry survives a power loss.
+//!   openraft (patched, `consensus/vendor/README.md`) lets a leader count
+//!   its own copy towards the commit quorum only then, and makes a follower
+//!   wait for it before answering.
+//! - Syncs are grouped: one runs at a time, off the caller's task (a
+//!   blocking thread; for in-memory engines a task that first waits the
+//!   engine's simulated latency), and covers every append written before it
+//!   started; it ends as soon as no append waits, so nothing outlives the
+//!   appends it serves.
 //! - The vote is written synced before `save_vote` returns.
 //! - The purge point is written in the same batch that deletes the entries,
 //!   so the log never has a gap openraft does not know of.
@@ -14,14 +25,12 @@
 //!   applied once the leader tells the commit index again, and the state
 //!   machine's applied index, written with every apply, bounds it from
 //!   below.
-//! - Synced writes (append, vote, truncate) run through
-//!   `engine::run_blocking`, so an fsync never stalls the other tasks of an
-//!   async worker (heartbeats); each call returns after its write, so writes
-//!   reach the engine in the order openraft issues them, and `append` calls
-//!   openraft's callback only once its entries are durable.
+//! - Writes (append, vote, truncate) run through `engine::run_blocking`, so
+//!   an fsync never stalls the other tasks of an async worker (heartbeats);
+//!   each call returns after its write, so writes reach the engine in the
+//!   order openraft issues them.
 
 use std::fmt::Debug;
-use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex};
 
@@ -79,23 +88,106 @@ fn log_key(index: u64) -> [u8; 8] {
 }
 
 /// The Raft log and vote of one node.
-pub struct LogStore<C, E> {
+pub struct LogStore<C: RaftTypeConfig, E> {
     engine: Arc<E>,
     /// Most bytes of encoded entries one replication read returns (always at
     /// least one entry).
     read_budget: usize,
     /// The commit record not written yet.
     unwritten_commit: Arc<UnwrittenCommit>,
-    _c: PhantomData<fn() -> C>,
+    /// Appends written and waiting for their sync.
+    syncs: Arc<Syncs<C>>,
 }
 
-impl<C, E> Clone for LogStore<C, E> {
+impl<C: RaftTypeConfig, E> Clone for LogStore<C, E> {
     fn clone(&self) -> Self {
         Self {
             engine: self.engine.clone(),
             read_budget: self.read_budget,
             unwritten_commit: self.unwritten_commit.clone(),
-            _c: PhantomData,
+            syncs: self.syncs.clone(),
+        }
+    }
+}
+
+/// Starts the sync loop of `syncs`: on a blocking thread for engines that
+/// block, as a task that first waits the engine's simulated sync latency
+/// otherwise (in memory, on the simulator's clock), inline without a runtime.
+/// The loop ends as soon as no append waits.
+fn start_syncs<C: RaftTypeConfig, E: Engine>(syncs: Arc<Syncs<C>>, engine: Arc<E>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        syncs.run(&*engine);
+        return;
+    };
+    if engine.may_block() {
+        runtime.spawn_blocking(move || syncs.run(&*engine));
+    } else {
+        runtime.spawn(async move {
+            let latency = engine.sync_latency();
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            syncs.run(&*engine);
+        });
+    }
+}
+
+/// Group commit of appends: the callbacks of appends whose entries are
+/// written (visible) but not yet synced, and whether a sync is running. One
+/// sync at a time covers every append written before it started.
+struct Syncs<C: RaftTypeConfig> {
+    state: Mutex<SyncState<C>>,
+}
+
+struct SyncState<C: RaftTypeConfig> {
+    waiting: Vec<LogFlushed<C>>,
+    running: bool,
+}
+
+impl<C: RaftTypeConfig> Default for Syncs<C> {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(SyncState {
+                waiting: Vec::new(),
+                running: false,
+            }),
+        }
+    }
+}
+
+impl<C: RaftTypeConfig> Syncs<C> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState<C>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `callback` for the next sync; true when the caller must start
+    /// the sync loop (none runs).
+    fn queue(&self, callback: LogFlushed<C>) -> bool {
+        let mut state = self.lock();
+        state.waiting.push(callback);
+        !std::mem::replace(&mut state.running, true)
+    }
+
+    /// Syncs until nothing waits, then marks the loop stopped.
+    fn run<E: Engine>(&self, engine: &E) {
+        loop {
+            let batch = {
+                let mut state = self.lock();
+                if state.waiting.is_empty() {
+                    state.running = false;
+                    return;
+                }
+                std::mem::take(&mut state.waiting)
+            };
+            let result = engine.sync_log();
+            for callback in batch {
+                callback.log_io_completed(
+                    result
+                        .as_ref()
+                        .map(|_| ())
+                        .map_err(|e| std::io::Error::other(e.to_string())),
+                );
+            }
         }
     }
 }
@@ -130,14 +222,14 @@ impl UnwrittenCommit {
 /// Entries read per engine scan while a replication read fills its budget.
 const READ_PAGE_ENTRIES: usize = 16;
 
-impl<C, E: Engine> LogStore<C, E> {
+impl<C: RaftTypeConfig, E: Engine> LogStore<C, E> {
     /// A log store over `engine`.
     pub fn new(engine: Arc<E>) -> Self {
         Self {
             engine,
             read_budget: usize::MAX,
             unwritten_commit: Arc::default(),
-            _c: PhantomData,
+            syncs: Arc::default(),
         }
     }
 
@@ -346,17 +438,16 @@ where
         if let Some(committed) = self.unwritten_commit.take() {
             batch.put(Cf::Meta, COMMITTED_KEY, encode(&committed).map_err(write_err)?);
         }
-        // The callback fires only once the synced write has returned.
-        match run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(write_err(e))
-            }
+        // Written, and so visible to replication reads, before this returns;
+        // the callback fires once a sync that started after the write returned.
+        if let Err(e) = run_blocking(&self.engine, move |e| e.write(batch, Durability::Buffered)).await {
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+            return Err(write_err(e));
         }
+        if self.syncs.queue(callback) {
+            start_syncs(self.syncs.clone(), self.engine.clone());
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> SResult<()> {

@@ -35,7 +35,9 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::Result;
 use crate::engine::{Cf, Durability, Engine, ReadView, RowVisitor, StateSlot, WriteBatch, WriteOp};
@@ -103,6 +105,8 @@ fn table_mut(tables: &mut BTreeMap<Space, Arc<Table>>, space: Space) -> &mut Tab
 #[derive(Default)]
 pub struct MemEngine {
     state: Mutex<State>,
+    /// [`Engine::sync_latency`], in microseconds.
+    sync_latency_us: AtomicU64,
 }
 
 impl std::fmt::Debug for MemEngine {
@@ -153,7 +157,16 @@ impl MemEngine {
     pub fn fork(&self) -> MemEngine {
         MemEngine {
             state: Mutex::new(self.lock().clone()),
+            sync_latency_us: AtomicU64::new(self.sync_latency_us.load(Ordering::Relaxed)),
         }
+    }
+
+    /// Test and simulation facility: makes every later log sync
+    /// ([`Engine::sync_latency`]) take `latency` on the caller's clock, as a
+    /// slow disk would. A fork keeps it.
+    pub fn set_sync_latency(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.sync_latency_us.store(us, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -314,6 +327,15 @@ impl Engine for MemEngine {
     fn flush(&self) -> Result<()> {
         self.lock().undo.clear();
         Ok(())
+    }
+
+    fn sync_log(&self) -> Result<()> {
+        self.lock().undo.clear();
+        Ok(())
+    }
+
+    fn sync_latency(&self) -> Duration {
+        Duration::from_micros(self.sync_latency_us.load(Ordering::Relaxed))
     }
 
     fn may_block(&self) -> bool {

@@ -443,6 +443,11 @@ impl Engine for RocksEngine {
         f(&view)
     }
 
+    fn sync_log(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
     fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
         for name in CF_NAMES {

@@ -111,3 +111,43 @@ async fn the_commit_record_is_written_with_the_next_append() {
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_log_id, more.last().copied());
 }
+
+/// An append's entries are readable (so a leader can send them) as soon as
+/// the write returns, and its callback reports them only once a sync made
+/// them durable: a power loss before that takes them, one after keeps them.
+#[tokio::test(start_paused = true)]
+async fn an_append_is_readable_at_once_and_acknowledged_once_synced() {
+    let engine = Arc::new(MemEngine::new());
+    engine.set_sync_latency(std::time::Duration::from_secs(1));
+    let snapshots = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open(&engine, snapshots.path());
+    let mut writer = log.clone();
+    let append = tokio::spawn(async move { writer.blocking_append(vec![set_entry(1, "k1", "v")]).await });
+    let mut readable = false;
+    for _ in 0..100 {
+        if !log.try_get_log_entries(1..2).await.unwrap().is_empty() {
+            readable = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(readable, "the appended entry is not readable before its sync");
+    assert!(!append.is_finished(), "acknowledged before its sync");
+    let lost = Arc::new(engine.fork());
+    lost.power_loss();
+    let (mut reopened, _) = open(&lost, snapshots.path());
+    assert!(reopened.try_get_log_entries(0..).await.unwrap().is_empty());
+
+    append.await.unwrap().unwrap();
+    let kept = Arc::new(engine.fork());
+    kept.power_loss();
+    let (mut reopened, _) = open(&kept, snapshots.path());
+    let ids: Vec<u64> = reopened
+        .try_get_log_entries(0..)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect();
+    assert_eq!(ids, vec![1]);
+}

@@ -69,6 +69,10 @@ impl Engine for PausingEngine {
     fn flush(&self) -> cell0_storage::Result<()> {
         self.inner.flush()
     }
+
+    fn sync_log(&self) -> cell0_storage::Result<()> {
+        self.inner.sync_log()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,11 @@
 //! the network: it recovers its vote, log, state machine and membership
 //! from that storage, as a process restarted on its disk.
 //!
+//! Disks: in [`SimCluster::start`]'s runs each member's log syncs take a
+//! time drawn from the seed (up to [`MAX_SYNC_LATENCY_US`]), on the
+//! simulated clock: a leader replicates while its own write syncs, and a
+//! power loss can take a leader's entries that its followers already hold.
+//!
 //! Builds: in half of the runs ([`SimCluster::start`] draws it) one member
 //! serves the internal API of a build from before `Exchange` streams
 //! ([`Build::WithoutExchange`]): it answers them UNIMPLEMENTED, so its
@@ -50,6 +55,10 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::SimError;
 use crate::net::{SimNet, SimTransport, addr_of};
 use crate::workload::Handles;
+
+/// Greatest time a member's log sync takes in [`SimCluster::start`]'s
+/// runs (each member's drawn from the seed, kept across its crashes).
+pub const MAX_SYNC_LATENCY_US: u64 = 2_000;
 
 /// Which internal API a member serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +154,12 @@ impl SimCluster {
         let spacing = rng.random_range(30..=80);
         let timeouts: Vec<u64> = order.iter().map(|rank| 300 + rank * spacing).collect();
         let older = rng.random_bool(0.5).then(|| rng.random_range(1..=n));
-        Self::start_members(net, &timeouts, older).await
+        let cluster = Self::start_members(net, &timeouts, older).await?;
+        for node in &cluster.nodes {
+            node.engine
+                .set_sync_latency(Duration::from_micros(rng.random_range(0..=MAX_SYNC_LATENCY_US)));
+        }
+        Ok(cluster)
     }
 
     /// Starts one member per entry of `election_ms` (ids 1..; 1, 3 or 5),

@@ -193,6 +193,68 @@ fn a_crashed_member_restarts_on_its_storage_catches_up_and_the_cluster_agrees() 
     });
 }
 
+/// The value of `key`, read linearizably through member `c`.
+async fn read_linearizable(c: &Consensus, key: &str) -> Option<Vec<u8>> {
+    let (kv, _) = c.get(key.as_bytes(), Consistency::Linearizable).await.unwrap();
+    kv.map(|kv| kv.value)
+}
+
+/// A leader sends its new entries to the followers while its own write of
+/// them syncs, and counts its own copy only once that sync returned: with a
+/// leader whose syncs take a second, a write is acknowledged on the
+/// followers' copies long before, and it survives the leader losing power
+/// right after (its own copy with it).
+#[test]
+fn a_write_commits_on_the_followers_while_the_leaders_sync_runs() {
+    simulated(async {
+        let mut cluster = SimCluster::start_with_timeouts(quiet_net(), &[300, 350, 400])
+            .await
+            .unwrap();
+        let lead_id = leader(&cluster).await;
+        let lead = cluster.consensus(lead_id).unwrap().clone();
+        let slow = Duration::from_secs(1);
+        cluster.engine(lead_id).unwrap().set_sync_latency(slow);
+        let started = tokio::time::Instant::now();
+        lead.propose(put("k", "v")).await.unwrap();
+        let took = started.elapsed();
+        assert!(took < slow, "the write waited for the leader's own sync: {took:?}");
+
+        cluster.crash_as(lead_id, Crash::PowerLoss).await;
+        let next = leader(&cluster).await;
+        assert_ne!(next, lead_id);
+        let next = cluster.consensus(next).unwrap().clone();
+        assert_eq!(read_linearizable(&next, "k").await, Some(b"v".to_vec()));
+        cluster.restart(lead_id).await.unwrap();
+        let state = agree(&cluster).await;
+        assert!(state.iter().any(|kv| kv.key == b"k" && kv.value == b"v"));
+        cluster.stop().await;
+    });
+}
+
+/// A lone member is its own quorum: it acknowledges a write only once its
+/// own sync returned, so the write survives its power loss.
+#[test]
+fn a_lone_member_acknowledges_a_write_only_once_it_is_synced() {
+    simulated(async {
+        let mut cluster = SimCluster::start_with_timeouts(quiet_net(), &[300]).await.unwrap();
+        let c = cluster.consensus(1).unwrap().clone();
+        let slow = Duration::from_secs(1);
+        cluster.engine(1).unwrap().set_sync_latency(slow);
+        let started = tokio::time::Instant::now();
+        c.propose(put("k", "v")).await.unwrap();
+        let took = started.elapsed();
+        assert!(took >= slow, "acknowledged before its sync returned: {took:?}");
+
+        cluster.crash_as(1, Crash::PowerLoss).await;
+        cluster.restart(1).await.unwrap();
+        let again = cluster.consensus(1).unwrap().clone();
+        loaded(&again).await;
+        again.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(read_linearizable(&again, "k").await, Some(b"v".to_vec()));
+        cluster.stop().await;
+    });
+}
+
 /// The nemesis's crashes and restarts alone (no other fault): every seed
 /// passes the checkers, and the seeds do restart members.
 #[test]
