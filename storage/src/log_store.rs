@@ -1,14 +1,18 @@
 //! openraft's `RaftLogStorage` over any [`Engine`].
 //!
 //! Invariants:
-//! - `append` returns once its entries are written (buffered, one engine
-//!   write): from then on they are readable, so a leader sends them to its
-//!   followers while they sync. It hands its callback `Ok` only after a
-//!   sync of the engine's log that started after that write returned
-//!   ([`Engine::sync_log`]): an acknowledged entry survives a power loss.
-//!   openraft (patched, `consensus/vendor/README.md`) lets a leader count
-//!   its own copy towards the commit quorum only then, and makes a follower
-//!   wait for it before answering.
+//! - `append_as_leader` (a leader's own new entries) returns once they are
+//!   written (buffered, one engine write): from then on they are readable,
+//!   so the leader sends them to its followers while they sync. It hands its
+//!   callback `Ok` only after a sync of the engine's log that started after
+//!   that write returned ([`Engine::sync_log`]): an acknowledged entry
+//!   survives a power loss. openraft (patched, `consensus/vendor/README.md`)
+//!   counts the leader's own copy towards the commit quorum only then.
+//! - `append` (a follower's, which waits for the callback before it
+//!   answers) writes synced and then calls the callback, on the calling
+//!   thread: cheaper than a hand-off to the sync loop and back. In-memory
+//!   engines take the leader's path for both, so that the simulator's sync
+//!   latency ([`Engine::sync_latency`]) applies to every member.
 //! - Syncs are grouped: one runs at a time, off the caller's task (a
 //!   blocking thread; for in-memory engines a task that first waits the
 //!   engine's simulated latency), and covers every append written before it
@@ -368,6 +372,41 @@ where
     }
 }
 
+impl<C, E> LogStore<C, E>
+where
+    C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>>,
+    E: Engine,
+{
+    /// One batch holding `entries` and the commit record waiting to be
+    /// written, if any.
+    fn append_batch<I>(&self, entries: I) -> SResult<WriteBatch>
+    where
+        I: IntoIterator<Item = Entry<C>>,
+    {
+        let mut batch = WriteBatch::new();
+        for entry in entries {
+            batch.put(Cf::Log, log_key(entry.log_id.index), encode(&entry).map_err(write_err)?);
+        }
+        if let Some(committed) = self.unwritten_commit.take() {
+            batch.put(Cf::Meta, COMMITTED_KEY, encode(&committed).map_err(write_err)?);
+        }
+        Ok(batch)
+    }
+
+    /// Writes `batch` buffered (readable once this returns) and queues
+    /// `callback` for the next grouped sync.
+    async fn write_then_sync(&self, batch: WriteBatch, callback: LogFlushed<C>) -> SResult<()> {
+        if let Err(e) = run_blocking(&self.engine, move |e| e.write(batch, Durability::Buffered)).await {
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+            return Err(write_err(e));
+        }
+        if self.syncs.queue(callback) {
+            start_syncs(self.syncs.clone(), self.engine.clone());
+        }
+        Ok(())
+    }
+}
+
 impl<C, E> RaftLogStorage<C> for LogStore<C, E>
 where
     C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>>,
@@ -431,23 +470,33 @@ where
         I: IntoIterator<Item = Entry<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = WriteBatch::new();
-        for entry in entries {
-            batch.put(Cf::Log, log_key(entry.log_id.index), encode(&entry).map_err(write_err)?);
+        let batch = self.append_batch(entries)?;
+        if !self.engine.may_block() {
+            // In memory: the same path as a leader's, so that the
+            // simulator's sync latency applies to every member.
+            return self.write_then_sync(batch, callback).await;
         }
-        if let Some(committed) = self.unwritten_commit.take() {
-            batch.put(Cf::Meta, COMMITTED_KEY, encode(&committed).map_err(write_err)?);
+        // A follower waits for the callback before it answers: one synced
+        // write on this thread costs less than a hand-off to the sync loop.
+        match run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_err(e))
+            }
         }
-        // Written, and so visible to replication reads, before this returns;
-        // the callback fires once a sync that started after the write returned.
-        if let Err(e) = run_blocking(&self.engine, move |e| e.write(batch, Durability::Buffered)).await {
-            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-            return Err(write_err(e));
-        }
-        if self.syncs.queue(callback) {
-            start_syncs(self.syncs.clone(), self.engine.clone());
-        }
-        Ok(())
+    }
+
+    async fn append_as_leader<I>(&mut self, entries: I, callback: LogFlushed<C>) -> SResult<()>
+    where
+        I: IntoIterator<Item = Entry<C>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let batch = self.append_batch(entries)?;
+        self.write_then_sync(batch, callback).await
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> SResult<()> {

@@ -746,7 +746,7 @@ where
         let (tx, rx) = C::AsyncRuntime::oneshot();
         let log_io_id = LogIOId::new(vote.clone(), Some(last_log_id.clone()));
         let callback = LogFlushed::new(log_io_id, tx);
-        self.log_store.append(entries, callback).await?;
+        self.log_store.append_as_leader(entries, callback).await?;
 
         let tx_notify = self.tx_notify.clone();
         let _ = C::AsyncRuntime::spawn(async move {

@@ -128,6 +128,22 @@ where C: RaftTypeConfig
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend;
 
+    /// cell0 patch: append a leader's own new entries. The same contract as
+    /// [`Self::append`]; the core does not wait for the `callback` (it
+    /// replicates the entries meanwhile), so this should return as soon as
+    /// the entries are readable. By default, [`Self::append`].
+    async fn append_as_leader<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<C>,
+    ) -> Result<(), StorageError<C::NodeId>>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        self.append(entries, callback).await
+    }
+
     /// Truncate logs since `log_id`, inclusive
     ///
     /// ### To ensure correctness:
