@@ -65,6 +65,10 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_commands".into()), COUNT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(cell0_inference::BATCH_SIZE_METRIC.into()), COUNT_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(cell0_storage::APPENDS_PER_FSYNC_METRIC.into()),
+            COUNT_BUCKETS,
+        )?
         .install_recorder()
         .context("installing the metrics recorder")?;
     metrics::describe_gauge!("cell0_raft_term", "Current Raft term.");
@@ -87,6 +91,15 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         "cell0_write_duration_seconds",
         metrics::Unit::Seconds,
         "Time to apply a write through Raft."
+    );
+    metrics::describe_histogram!(
+        "cell0_raft_log_fsync_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time of each durable write of Raft log entries: a leader's grouped sync, a follower's synced append."
+    );
+    metrics::describe_histogram!(
+        cell0_storage::APPENDS_PER_FSYNC_METRIC,
+        "Raft log appends made durable by one fsync."
     );
     metrics::describe_histogram!(
         "cell0_read_duration_seconds",

@@ -200,6 +200,8 @@ async fn health_metrics_and_reflection_are_served() {
         "cell0_raft_commit_index",
         "cell0_grpc_requests_total",
         "cell0_write_duration_seconds",
+        "cell0_raft_log_fsync_duration_seconds",
+        "cell0_raft_log_appends_per_fsync",
     ] {
         assert!(metrics.contains(name), "missing {name} in:\n{metrics}");
     }

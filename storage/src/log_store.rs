@@ -37,12 +37,19 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote};
 
 use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
 use crate::error::{decode, encode};
+
+/// Seconds each durable write of log entries took on this node: a leader's
+/// grouped sync, or a follower's synced append (write and fsync).
+const FSYNC_SECONDS: &str = "cell0_raft_log_fsync_duration_seconds";
+/// Appends made durable by one of those (its buckets are counts).
+pub const APPENDS_PER_FSYNC_METRIC: &str = "cell0_raft_log_appends_per_fsync";
 
 const VOTE_KEY: &[u8] = b"raft/vote";
 const COMMITTED_KEY: &[u8] = b"raft/committed";
@@ -183,7 +190,10 @@ impl<C: RaftTypeConfig> Syncs<C> {
                 }
                 std::mem::take(&mut state.waiting)
             };
+            let started = Instant::now();
             let result = engine.sync_log();
+            metrics::histogram!(FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+            metrics::histogram!(APPENDS_PER_FSYNC_METRIC).record(batch.len() as f64);
             for callback in batch {
                 callback.log_io_completed(
                     result
@@ -478,7 +488,11 @@ where
         }
         // A follower waits for the callback before it answers: one synced
         // write on this thread costs less than a hand-off to the sync loop.
-        match run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await {
+        let started = Instant::now();
+        let written = run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await;
+        metrics::histogram!(FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(APPENDS_PER_FSYNC_METRIC).record(1.0);
+        match written {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
