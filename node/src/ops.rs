@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -41,8 +42,11 @@ impl Readiness {
         self.joining.store(joining, Ordering::Release);
     }
 
-    /// Why the node is not ready, or `None` when it is.
-    pub fn not_ready_reason(&self) -> Option<String> {
+    /// Why the node is not ready, or `None` when it is. A replica that has
+    /// not applied everything committed gets [`APPLY_GRACE`] to apply what
+    /// was committed when it was asked: under writes the commit index runs
+    /// a moment ahead of the applied one all the time, and that is no lag.
+    pub async fn not_ready_reason(&self) -> Option<String> {
         if self.joining.load(Ordering::Acquire) {
             return Some("joining the cluster".into());
         }
@@ -54,14 +58,28 @@ impl Readiness {
             return Some("no leader known".into());
         }
         if s.applied_index < s.commit_index {
-            return Some(format!(
-                "applied index {} behind commit index {}",
-                s.applied_index, s.commit_index
-            ));
+            let applied = self
+                .consensus
+                .raft()
+                .wait(Some(APPLY_GRACE))
+                .applied_index_at_least(Some(s.commit_index), "ready")
+                .await;
+            if applied.is_err() {
+                return Some(format!(
+                    "applied index {} behind commit index {} after {} ms",
+                    self.consensus.status().applied_index,
+                    s.commit_index,
+                    APPLY_GRACE.as_millis()
+                ));
+            }
         }
         None
     }
 }
+
+/// How long readiness waits for the local replica to apply what was
+/// committed when it looked ([`Readiness::not_ready_reason`]).
+pub const APPLY_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct Ops {
@@ -91,7 +109,7 @@ async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
 }
 
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
-    match ops.readiness.not_ready_reason() {
+    match ops.readiness.not_ready_reason().await {
         None => (StatusCode::OK, "ready\n".to_string()),
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
     }
@@ -155,7 +173,7 @@ async fn health_deep(State(ops): State<Ops>) -> impl IntoResponse {
             s.applied_index
         ),
     };
-    let ready = match ops.readiness.not_ready_reason() {
+    let ready = match ops.readiness.not_ready_reason().await {
         None => Check {
             ok: true,
             detail: "ready".into(),

@@ -651,7 +651,7 @@ async fn end_leave_drain(
             () = stopped(&mut stop) => return Ok(()),
             _ = poll.tick() => {}
         }
-        if readiness.not_ready_reason().is_some() {
+        if readiness.not_ready_reason().await.is_some() {
             continue;
         }
         let status = match consensus
@@ -812,7 +812,7 @@ async fn report_health(
         .map(tokio::time::interval);
     let mut told_ready = false;
     loop {
-        let ready = readiness.not_ready_reason().is_none();
+        let ready = readiness.not_ready_reason().await.is_none();
         if last != Some(ready) {
             let status = if ready {
                 tonic_health::ServingStatus::Serving

@@ -244,6 +244,6 @@ mod tests {
                 rest = &rest[at + metric.len()..];
             }
         }
-        assert_eq!(alerts, 7);
+        assert_eq!(alerts, 8);
     }
 }
