@@ -143,6 +143,18 @@ fn start_syncs<C: RaftTypeConfig, E: Engine>(syncs: Arc<Syncs<C>>, engine: Arc<E
     }
 }
 
+/// Records one durable write of log entries that started at `started` and
+/// made `appends` appends durable.
+fn record_fsync(started: Instant, appends: usize) {
+    metrics::histogram!(FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(APPENDS_PER_FSYNC_METRIC).record(appends as f64);
+}
+
+/// The error openraft's flush callback gets for a failed engine write.
+fn flush_error(e: &crate::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
 /// Group commit of appends: the callbacks of appends whose entries are
 /// written (visible) but not yet synced, and whether a sync is running. One
 /// sync at a time covers every append written before it started.
@@ -192,15 +204,9 @@ impl<C: RaftTypeConfig> Syncs<C> {
             };
             let started = Instant::now();
             let result = engine.sync_log();
-            metrics::histogram!(FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
-            metrics::histogram!(APPENDS_PER_FSYNC_METRIC).record(batch.len() as f64);
+            record_fsync(started, batch.len());
             for callback in batch {
-                callback.log_io_completed(
-                    result
-                        .as_ref()
-                        .map(|_| ())
-                        .map_err(|e| std::io::Error::other(e.to_string())),
-                );
+                callback.log_io_completed(result.as_ref().map(|_| ()).map_err(flush_error));
             }
         }
     }
@@ -407,7 +413,7 @@ where
     /// `callback` for the next grouped sync.
     async fn write_then_sync(&self, batch: WriteBatch, callback: LogFlushed<C>) -> SResult<()> {
         if let Err(e) = run_blocking(&self.engine, move |e| e.write(batch, Durability::Buffered)).await {
-            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+            callback.log_io_completed(Err(flush_error(&e)));
             return Err(write_err(e));
         }
         if self.syncs.queue(callback) {
@@ -490,18 +496,9 @@ where
         // write on this thread costs less than a hand-off to the sync loop.
         let started = Instant::now();
         let written = run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await;
-        metrics::histogram!(FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(APPENDS_PER_FSYNC_METRIC).record(1.0);
-        match written {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(write_err(e))
-            }
-        }
+        record_fsync(started, 1);
+        callback.log_io_completed(written.as_ref().map(|_| ()).map_err(flush_error));
+        written.map_err(write_err)
     }
 
     async fn append_as_leader<I>(&mut self, entries: I, callback: LogFlushed<C>) -> SResult<()>
