@@ -213,7 +213,7 @@ mod tests {
     use tonic::{Request, Response};
 
     use super::*;
-    use crate::network::{ChannelPool, TcpTransport, nodelay_incoming};
+    use crate::network::{ChannelPool, TcpTransport, plain_incoming};
 
     /// A peer that echoes payloads: `from_node` 1 on unary calls, 2 over
     /// Exchange. Over Exchange it refuses `to_node` 99 and answers `slow`
@@ -286,7 +286,7 @@ mod tests {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming(nodelay_incoming(listener)),
+                .serve_with_incoming(plain_incoming(listener)),
         );
         let pool = ChannelPool::new(Arc::new(TcpTransport {
             connect_timeout: Duration::from_secs(5),

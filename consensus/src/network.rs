@@ -14,15 +14,21 @@
 //! configured link speed.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cell0_proto::internal::raft_client::RaftClient;
 use cell0_proto::internal::{Call, IdentifyRequest, IdentifyResponse, RaftMessage};
+use cell0_proto::wire::SmallFrameIo;
 use cell0_storage::LiveSnapshots;
 use futures::Stream;
 use futures::StreamExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, ReplicationClosed,
     StreamingError, Unreachable,
@@ -37,6 +43,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::elections::Elections;
@@ -75,6 +82,12 @@ pub fn server_builder() -> tonic::transport::Server {
 /// How long the accept loop pauses after a failed accept (such as running
 /// out of file descriptors) before it tries again, instead of spinning.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Accepted connections of `listener` for a plaintext gRPC server: those of
+/// [`nodelay_incoming`], each in [`SmallFrameIo`].
+pub fn plain_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<SmallFrameIo<TcpStream>>> {
+    nodelay_incoming(listener).map(|conn| conn.map(SmallFrameIo))
+}
 
 /// Accepted connections of `listener` with `TCP_NODELAY` set.
 ///
@@ -316,9 +329,42 @@ pub struct TcpTransport {
 
 impl Transport for TcpTransport {
     fn connect(&self, addr: &str) -> Result<Channel, ConsensusError> {
-        Ok(endpoint(addr, self.connect_timeout)?
-            .local_address(self.source)
-            .connect_lazy())
+        Ok(endpoint(addr, self.connect_timeout)?.connect_with_connector_lazy(PlainConnector::new(self)))
+    }
+}
+
+/// What a [`TcpTransport`] channel dials through: hyper-util's TCP connector
+/// (tonic's own, with `TCP_NODELAY`, the connect timeout and the source
+/// address), each connection in [`SmallFrameIo`].
+#[derive(Debug, Clone)]
+struct PlainConnector(HttpConnector);
+
+impl PlainConnector {
+    fn new(transport: &TcpTransport) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(transport.connect_timeout));
+        http.set_local_address(transport.source);
+        Self(http)
+    }
+}
+
+impl tonic::codegen::Service<Uri> for PlainConnector {
+    type Response = TokioIo<SmallFrameIo<TcpStream>>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            let tcp = connecting.await?;
+            Ok(TokioIo::new(SmallFrameIo(tcp.into_inner())))
+        })
     }
 }
 

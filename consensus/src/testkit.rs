@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::network::{TcpTransport, Transport, nodelay_incoming};
+use crate::network::{TcpTransport, Transport, plain_incoming};
 use crate::{Consensus, ConsensusConfig, ConsensusError, NodeId, NodeInfo, Result, StorageBackend};
 
 /// One running member.
@@ -79,7 +79,7 @@ impl LocalNode {
         let server = tokio::spawn(async move {
             let result = crate::network::server_builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(nodelay_incoming(listener), async {
+                .serve_with_incoming_shutdown(plain_incoming(listener), async {
                     let _ = stopped.await;
                 })
                 .await;

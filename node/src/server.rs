@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cell0_consensus::network::{TcpTransport, Transport, nodelay_incoming};
+use cell0_consensus::network::{TcpTransport, Transport, nodelay_incoming, plain_incoming};
 use cell0_consensus::{Consensus, NodeInfo, StorageBackend};
 use cell0_proto::internal::blobs_server::BlobsServer;
 use cell0_proto::v1::JoinRequest;
@@ -399,17 +399,16 @@ async fn serve(
             ModelsServer::new(ModelsApi::new(consensus.clone(), models.clone(), gate.clone()))
                 .max_decoding_message_size(MAX_UPLOAD_MESSAGE_BYTES),
         );
-    let public_incoming = nodelay_incoming(listeners.public);
     let public_server: ServeFuture = match listeners.tls.clone().filter(|_| config.tls.public) {
         Some(material) => Box::pin(public_server.serve_with_incoming_shutdown(
             connlimit::limit(
-                cell0_tls::wire::accept(public_incoming, material, Listener::Public),
+                cell0_tls::wire::accept(nodelay_incoming(listeners.public), material, Listener::Public),
                 connlimit::MAX_PUBLIC_CONNECTIONS,
             ),
             when_stopped(stop()),
         )),
         None => Box::pin(public_server.serve_with_incoming_shutdown(
-            connlimit::limit(public_incoming, connlimit::MAX_PUBLIC_CONNECTIONS),
+            connlimit::limit(plain_incoming(listeners.public), connlimit::MAX_PUBLIC_CONNECTIONS),
             when_stopped(stop()),
         )),
     };
@@ -423,7 +422,6 @@ async fn serve(
         )))
         .add_service(BlobsServer::new(BlobService::new(store)))
         .add_service(lease_table.service());
-    let internal_incoming = nodelay_incoming(listeners.internal);
     let internal_server: ServeFuture = match listeners.tls {
         Some(material) => {
             tasks.spawn(
@@ -433,11 +431,13 @@ async fn serve(
                     .watch(Duration::from_millis(config.tls.reload_ms), when_stopped(stop())),
             );
             Box::pin(internal_server.serve_with_incoming_shutdown(
-                cell0_tls::wire::accept(internal_incoming, material, Listener::Internal),
+                cell0_tls::wire::accept(nodelay_incoming(listeners.internal), material, Listener::Internal),
                 when_stopped(stop()),
             ))
         }
-        None => Box::pin(internal_server.serve_with_incoming_shutdown(internal_incoming, when_stopped(stop()))),
+        None => Box::pin(
+            internal_server.serve_with_incoming_shutdown(plain_incoming(listeners.internal), when_stopped(stop())),
+        ),
     };
     let readiness = ops::Readiness::new(consensus.clone());
     let http_server = std::future::IntoFuture::into_future(

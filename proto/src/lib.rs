@@ -1,8 +1,11 @@
 //! cell0-proto: the wire contract of Cell0.
 //!
 //! Generated from the `.proto` files next to this crate, which are the source
-//! of truth for clients in every language. Nothing but generated code and the
-//! descriptor set for gRPC reflection lives here.
+//! of truth for clients in every language. Besides generated code and the
+//! descriptor set for gRPC reflection, only [`wire`] lives here: how every
+//! gRPC connection's bytes are handed to HTTP/2.
+
+pub mod wire;
 
 /// Public API, package `cell0.v1`.
 pub mod v1 {

@@ -10,6 +10,10 @@
 //!   TCP with `TCP_NODELAY`, then TLS with the newest client configuration,
 //!   expecting [`INTERNAL_SERVER_NAME`]; [`public_connector`] the same for a
 //!   client of the public port, expecting the name it dialled.
+//!
+//! Both ends hand the TLS stream to HTTP/2 in
+//! [`cell0_proto::wire::SmallFrameIo`], as plaintext connections are, so a
+//! response's frames leave in one TLS write.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use cell0_proto::wire::SmallFrameIo;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
@@ -40,7 +45,7 @@ pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// An accepted connection after its handshake.
 pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    inner: SmallFrameIo<tokio_rustls::server::TlsStream<TcpStream>>,
     remote: Option<SocketAddr>,
 }
 
@@ -107,7 +112,10 @@ async fn handshake(tcp: TcpStream, material: TlsMaterial, listener: Listener) ->
     let remote = tcp.peer_addr().ok();
     let acceptor = tokio_rustls::TlsAcceptor::from(material.server(listener));
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(inner)) => Ok(TlsConn { inner, remote }),
+        Ok(Ok(inner)) => Ok(TlsConn {
+            inner: SmallFrameIo(inner),
+            remote,
+        }),
         Ok(Err(e)) => Err(Refused {
             remote,
             why: e.to_string(),
@@ -167,8 +175,8 @@ where
     })
 }
 
-/// A connection a channel dialled.
-pub type ClientConn = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+/// A connection a channel dialled (in [`SmallFrameIo`]).
+pub type ClientConn = TokioIo<SmallFrameIo<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// TCP to the URI's host and port (from `source` when given), then TLS
 /// with `config`, expecting the server's certificate to name `server_name`
@@ -191,7 +199,7 @@ async fn connect(
     let tcp = dial(&host, port, source).await?;
     tcp.set_nodelay(true)?;
     match tokio_rustls::TlsConnector::from(config).connect(name, tcp).await {
-        Ok(tls) => Ok(TokioIo::new(tls)),
+        Ok(tls) => Ok(TokioIo::new(SmallFrameIo(tls))),
         Err(e) => {
             let port = if server_name.is_some() { "internal" } else { "public" };
             metrics::counter!("cell0_tls_handshake_failures_total", "side" => "client", "port" => port).increment(1);
