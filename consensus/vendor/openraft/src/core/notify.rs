@@ -42,6 +42,10 @@ where C: RaftTypeConfig
     /// Result of executing a command sent from state machine worker.
     StateMachine { command_result: sm::CommandResult<C> },
 
+    /// cell0 patch: a leadership check's heartbeat round ended (its checks
+    /// are answered).
+    ReadCheckDone,
+
     /// cell0 patch: a leader's own log write, submitted without waiting,
     /// is flushed (or failed to be).
     LocalLogFlushed {
@@ -96,6 +100,7 @@ where C: RaftTypeConfig
             Self::StateMachine { command_result } => {
                 format!("StateMachine command done: {:?}", command_result)
             }
+            Self::ReadCheckDone => "ReadCheckDone".to_string(),
             Self::LocalLogFlushed { vote, log_id, result } => {
                 format!("LocalLogFlushed: vote: {}, log_id: {}, result: {:?}", vote, log_id, result)
             }

@@ -46,6 +46,7 @@ use crate::engine::Engine;
 use crate::engine::Respond;
 use crate::entry::FromAppData;
 use crate::entry::RaftEntry;
+use crate::error::CheckIsLeaderError;
 use crate::error::ClientWriteError;
 use crate::error::Fatal;
 use crate::error::ForwardToLeader;
@@ -195,6 +196,14 @@ where
 
     /// A Sender to send callback by other components to [`RaftCore`], when an action is finished,
     /// such as flushing log to disk, or applying log entries to state machine.
+    /// cell0 patch: a leadership check (a read index's heartbeat round) is
+    /// under way; checks asked for meanwhile wait in `queued_read_checks`
+    /// and share the next round.
+    pub(crate) read_check_in_flight: bool,
+
+    /// cell0 patch: checks that arrived while a round was under way.
+    pub(crate) queued_read_checks: Vec<ClientReadTx<C>>,
+
     pub(crate) tx_notify: mpsc::UnboundedSender<Notify<C>>,
 
     /// A Receiver to receive callback from other components.
@@ -282,6 +291,33 @@ where
     //       at `T1` is committed.
     #[tracing::instrument(level = "trace", skip(self, tx))]
     pub(super) async fn handle_check_is_leader_request(&mut self, tx: ClientReadTx<C>) {
+        // cell0 patch: one heartbeat round at a time; checks that arrive
+        // while one runs share the next, which starts after they arrived.
+        if self.read_check_in_flight {
+            self.queued_read_checks.push(tx);
+            return;
+        }
+        self.start_read_check(vec![tx]).await;
+    }
+
+    /// cell0 patch: the checks queued while the round that just ended ran
+    /// share a new round.
+    pub(super) async fn handle_read_check_done(&mut self) {
+        self.read_check_in_flight = false;
+        if !self.queued_read_checks.is_empty() {
+            let txs = std::mem::take(&mut self.queued_read_checks);
+            self.start_read_check(txs).await;
+        }
+    }
+
+    /// cell0 patch: one heartbeat round answering every check in `txs`
+    /// (all asked for before it starts).
+    async fn start_read_check(&mut self, txs: Vec<ClientReadTx<C>>) {
+        let send_all = move |txs: Vec<ClientReadTx<C>>, res: Result<_, CheckIsLeaderError<C::NodeId, C::Node>>| {
+            for tx in txs {
+                let _ = tx.send(res.clone());
+            }
+        };
         // Setup sentinel values to track when we've received majority confirmation of leadership.
 
         let resp = {
@@ -289,7 +325,7 @@ where
             let lh = match l {
                 Ok(leading_handler) => leading_handler,
                 Err(forward) => {
-                    let _ = tx.send(Err(forward.into()));
+                    send_all(txs, Err(forward.into()));
                     return;
                 }
             };
@@ -312,7 +348,7 @@ where
         let mut granted = btreeset! {my_id.clone()};
 
         if eff_mem.is_quorum(granted.iter()) {
-            let _ = tx.send(Ok(resp));
+            send_all(txs, Ok(resp));
             return;
         }
 
@@ -374,63 +410,68 @@ where
             pending.push(task);
         }
 
+        self.read_check_in_flight = true;
+        let done_tx = core_tx.clone();
         let waiting_fu = async move {
-            // Handle responses as they return.
-            while let Some(res) = pending.next().await {
-                let (target, append_res) = match res {
-                    Ok(Ok(res)) => res,
-                    Ok(Err((target, err))) => {
-                        tracing::error!(target=display(&target), error=%err, "timeout while confirming leadership for read request");
-                        continue;
+            let res = async move {
+                // Handle responses as they return.
+                while let Some(res) = pending.next().await {
+                    let (target, append_res) = match res {
+                        Ok(Ok(res)) => res,
+                        Ok(Err((target, err))) => {
+                            tracing::error!(target=display(&target), error=%err, "timeout while confirming leadership for read request");
+                            continue;
+                        }
+                        Err((target, err)) => {
+                            tracing::error!(target = display(&target), "fail to join task: {}", err);
+                            continue;
+                        }
+                    };
+
+                    // If we receive a response with a greater vote, then revert to follower and abort this
+                    // request.
+                    if let AppendEntriesResponse::HigherVote(vote) = append_res {
+                        debug_assert!(
+                            vote > my_vote,
+                            "committed vote({}) has total order relation with other votes({})",
+                            my_vote,
+                            vote
+                        );
+
+                        let send_res = core_tx.send(Notify::HigherVote {
+                            target,
+                            higher: vote,
+                            sender_vote: my_vote,
+                        });
+
+                        if let Err(_e) = send_res {
+                            tracing::error!("fail to send HigherVote to RaftCore");
+                        }
+
+                        // we are no longer leader so error out early
+                        let err = ForwardToLeader::empty();
+                        return Err(err.into());
                     }
-                    Err((target, err)) => {
-                        tracing::error!(target = display(&target), "fail to join task: {}", err);
-                        continue;
+
+                    granted.insert(target);
+
+                    if eff_mem.is_quorum(granted.iter()) {
+                        return Ok(resp);
                     }
-                };
-
-                // If we receive a response with a greater vote, then revert to follower and abort this
-                // request.
-                if let AppendEntriesResponse::HigherVote(vote) = append_res {
-                    debug_assert!(
-                        vote > my_vote,
-                        "committed vote({}) has total order relation with other votes({})",
-                        my_vote,
-                        vote
-                    );
-
-                    let send_res = core_tx.send(Notify::HigherVote {
-                        target,
-                        higher: vote,
-                        sender_vote: my_vote,
-                    });
-
-                    if let Err(_e) = send_res {
-                        tracing::error!("fail to send HigherVote to RaftCore");
-                    }
-
-                    // we are no longer leader so error out early
-                    let err = ForwardToLeader::empty();
-                    let _ = tx.send(Err(err.into()));
-                    return;
                 }
 
-                granted.insert(target);
+                // If we've hit this location, then we've failed to gather needed confirmations due to
+                // request failures.
 
-                if eff_mem.is_quorum(granted.iter()) {
-                    let _ = tx.send(Ok(resp));
-                    return;
+                Err(QuorumNotEnough {
+                    cluster: eff_mem.membership().summary(),
+                    got: granted,
                 }
+                .into())
             }
-
-            // If we've hit this location, then we've failed to gather needed confirmations due to
-            // request failures.
-
-            let _ = tx.send(Err(QuorumNotEnough {
-                cluster: eff_mem.membership().summary(),
-                got: granted,
-            }
-            .into()));
+            .await;
+            send_all(txs, res);
+            let _ = done_tx.send(Notify::ReadCheckDone);
         };
 
         // TODO: do not spawn, manage read requests with a queue by RaftCore
@@ -976,7 +1017,7 @@ where
 
                 notify_res = self.rx_notify.recv() => {
                     match notify_res {
-                        Some(notify) => self.handle_notify(notify)?,
+                        Some(notify) => self.dispatch_notify(notify).await?,
                         None => {
                             tracing::error!("all rx_notify senders are dropped");
                             return Err(Fatal::Stopped);
@@ -1073,7 +1114,7 @@ where
                 },
             };
 
-            self.handle_notify(notify)?;
+            self.dispatch_notify(notify).await?;
 
             // TODO: does run_engine_commands() run too frequently?
             //       to run many commands in one shot, it is possible to batch more commands to gain
@@ -1270,6 +1311,18 @@ where
 
     // TODO: Make this method non-async. It does not need to run any async command in it.
     #[tracing::instrument(level = "debug", skip_all, fields(state = debug(self.engine.state.server_state), id=display(&self.id)))]
+    /// cell0 patch: [`Self::handle_notify`], except for the notifications
+    /// whose handling awaits.
+    async fn dispatch_notify(&mut self, notify: Notify<C>) -> Result<(), Fatal<C::NodeId>> {
+        match notify {
+            Notify::ReadCheckDone => {
+                self.handle_read_check_done().await;
+                Ok(())
+            }
+            notify => self.handle_notify(notify),
+        }
+    }
+
     pub(crate) fn handle_notify(&mut self, notify: Notify<C>) -> Result<(), Fatal<C::NodeId>> {
         tracing::debug!("recv from rx_notify: {}", notify.summary());
 
@@ -1311,6 +1364,9 @@ where
                     let _ = self.engine.vote_handler().update_vote(&higher);
                 }
             }
+
+            // cell0 patch: answered in `dispatch_notify`, which may await.
+            Notify::ReadCheckDone => {}
 
             Notify::LocalLogFlushed { vote, log_id, result } => {
                 if let Err(e) = result {

@@ -291,6 +291,9 @@ where C: RaftTypeConfig
             tx_api: tx_api.clone(),
             rx_api,
 
+            read_check_in_flight: false,
+            queued_read_checks: Vec::new(),
+
             tx_notify,
             rx_notify,
 
