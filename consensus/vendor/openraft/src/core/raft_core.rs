@@ -194,8 +194,6 @@ where
     pub(crate) tx_api: mpsc::UnboundedSender<RaftMsg<C>>,
     pub(crate) rx_api: mpsc::UnboundedReceiver<RaftMsg<C>>,
 
-    /// A Sender to send callback by other components to [`RaftCore`], when an action is finished,
-    /// such as flushing log to disk, or applying log entries to state machine.
     /// cell0 patch: a leadership check (a read index's heartbeat round) is
     /// under way; checks asked for meanwhile wait in `queued_read_checks`
     /// and share the next round.
@@ -204,6 +202,8 @@ where
     /// cell0 patch: checks that arrived while a round was under way.
     pub(crate) queued_read_checks: Vec<ClientReadTx<C>>,
 
+    /// A Sender to send callback by other components to [`RaftCore`], when an action is finished,
+    /// such as flushing log to disk, or applying log entries to state machine.
     pub(crate) tx_notify: mpsc::UnboundedSender<Notify<C>>,
 
     /// A Receiver to receive callback from other components.
