@@ -430,7 +430,7 @@ impl Consensus {
         }
         // Concurrent readers of this node share one read-index round.
         let index = self.inner.reads.read_index().await?;
-        self.wait_applied(index).await
+        self.wait_applied(index, self.inner.config.request_timeout()).await
     }
 
     /// The pair stored under `key` and the replica's revision, both from one
@@ -666,11 +666,13 @@ impl Consensus {
         }
     }
 
-    pub(crate) async fn wait_applied(&self, index: u64) -> Result<()> {
+    /// Waits up to `timeout` until the local replica applied `index`
+    /// (`Unavailable`, replica behind, when it did not).
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<()> {
         self.inner
             .raft
-            .wait(Some(self.inner.config.request_timeout()))
-            .applied_index_at_least(Some(index), "read barrier")
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "applied index")
             .await
             .map(|_| ())
             .map_err(|e| {

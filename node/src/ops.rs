@@ -57,21 +57,13 @@ impl Readiness {
         if s.leader.is_none() {
             return Some("no leader known".into());
         }
-        if s.applied_index < s.commit_index {
-            let applied = self
-                .consensus
-                .raft()
-                .wait(Some(APPLY_GRACE))
-                .applied_index_at_least(Some(s.commit_index), "ready")
-                .await;
-            if applied.is_err() {
-                return Some(format!(
-                    "applied index {} behind commit index {} after {} ms",
-                    self.consensus.status().applied_index,
-                    s.commit_index,
-                    APPLY_GRACE.as_millis()
-                ));
-            }
+        if s.applied_index < s.commit_index && self.consensus.wait_applied(s.commit_index, APPLY_GRACE).await.is_err() {
+            return Some(format!(
+                "applied index {} behind commit index {} after {} ms",
+                self.consensus.status().applied_index,
+                s.commit_index,
+                APPLY_GRACE.as_millis()
+            ));
         }
         None
     }

@@ -93,7 +93,7 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         "Time to apply a write through Raft."
     );
     metrics::describe_histogram!(
-        "cell0_raft_log_fsync_duration_seconds",
+        cell0_storage::FSYNC_SECONDS_METRIC,
         metrics::Unit::Seconds,
         "Time of each durable write of Raft log entries: a leader's grouped sync, a follower's synced append."
     );

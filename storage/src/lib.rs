@@ -42,7 +42,7 @@ pub use engine::{BulkLoad, Cf, Durability, Engine, ReadView, RowVisitor, WriteBa
 pub use error::{Error, Result};
 pub use format::DATA_FORMAT;
 pub use live::LiveSnapshots;
-pub use log_store::{APPENDS_PER_FSYNC_METRIC, LogStore};
+pub use log_store::{APPENDS_PER_FSYNC_METRIC, FSYNC_SECONDS_METRIC, LogStore};
 pub use memory::MemEngine;
 #[cfg(feature = "rocksdb")]
 pub use rocks::RocksEngine;

@@ -47,7 +47,7 @@ use crate::error::{decode, encode};
 
 /// Seconds each durable write of log entries took on this node: a leader's
 /// grouped sync, or a follower's synced append (write and fsync).
-const FSYNC_SECONDS: &str = "cell0_raft_log_fsync_duration_seconds";
+pub const FSYNC_SECONDS_METRIC: &str = "cell0_raft_log_fsync_duration_seconds";
 /// Appends made durable by one of those (its buckets are counts).
 pub const APPENDS_PER_FSYNC_METRIC: &str = "cell0_raft_log_appends_per_fsync";
 
@@ -146,7 +146,7 @@ fn start_syncs<C: RaftTypeConfig, E: Engine>(syncs: Arc<Syncs<C>>, engine: Arc<E
 /// Records one durable write of log entries that started at `started` and
 /// made `appends` appends durable.
 fn record_fsync(started: Instant, appends: usize) {
-    metrics::histogram!(FSYNC_SECONDS).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(FSYNC_SECONDS_METRIC).record(started.elapsed().as_secs_f64());
     metrics::histogram!(APPENDS_PER_FSYNC_METRIC).record(appends as f64);
 }
 
