@@ -1,6 +1,7 @@
 //! The gossip loop of one node: its heartbeat out every interval (at once
-//! after a refutation), every heartbeat heard into the membership table, the
-//! table re-evaluated every [`TICK`].
+//! after a refutation, and [`FIRST_BEAT_AFTER_CONNECT`] after the node gets
+//! its first subscribed peer), every heartbeat heard into the membership
+//! table, the table re-evaluated every [`TICK`].
 //!
 //! Invariants:
 //! - The loop owns the transport and the table; the caller sees them only
@@ -10,6 +11,7 @@
 //! - The loop ends when `stop` resolves or the transport ends, and then
 //!   stops the transport.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,14 @@ use crate::transport::{Transport, TransportEvent};
 
 /// How often the membership table is re-evaluated.
 pub const TICK: Duration = Duration::from_millis(100);
+
+/// How long after this node gets its first subscribed peer (at start, or
+/// after it had none) its next heartbeat goes out, the rhythm continuing
+/// from there. A beat sent while no peer listens reaches nobody, so without
+/// this a starting node would stay unknown for up to a whole interval after
+/// it connects; the delay leaves a joining node time to reach the peers
+/// its first one tells it of, so that the beat finds a mesh.
+pub const FIRST_BEAT_AFTER_CONNECT: Duration = Duration::from_millis(300);
 
 /// What the loop asks of and tells its owner.
 pub trait Observer: Send {
@@ -56,6 +66,10 @@ pub async fn run(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tokio::pin!(stop);
+    // Connected peers subscribed to the topic, from the transport's events
+    // (a set, so that an event lost to a full channel cannot make a count
+    // drift).
+    let mut listeners = BTreeSet::new();
     loop {
         let events = tokio::select! {
             () = &mut stop => break,
@@ -87,11 +101,23 @@ pub async fn run(
                     Ok(hb) => members.observe(hb, now_ms()),
                     Err(_) => Vec::new(),
                 },
+                Some(TransportEvent::Subscribed { peer }) => {
+                    let first = listeners.is_empty();
+                    listeners.insert(peer);
+                    if first {
+                        beat.reset_after(FIRST_BEAT_AFTER_CONNECT);
+                    }
+                    Vec::new()
+                }
+                Some(TransportEvent::Disconnected { peer }) => {
+                    listeners.remove(&peer);
+                    Vec::new()
+                }
+                Some(TransportEvent::Connected { .. }) => Vec::new(),
                 Some(TransportEvent::Rtt { rtt, .. }) => {
                     observer.rtt(rtt);
                     Vec::new()
                 }
-                Some(_) => Vec::new(),
             },
         };
         if events.is_empty() {

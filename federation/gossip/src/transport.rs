@@ -22,7 +22,8 @@
 //! - [`TransportEvent::Connected`] is emitted when the first connection to a
 //!   peer is established and [`TransportEvent::Disconnected`] when its last
 //!   one closes, so they alternate per peer (unless an event is dropped, see
-//!   below).
+//!   below). [`TransportEvent::Subscribed`] follows a connection once the
+//!   peer has told its subscription to this node's topic.
 //! - The swarm task never blocks on the caller: events go through a bounded
 //!   channel of [`EVENT_CHANNEL_CAPACITY`] with `try_send`; when the caller
 //!   does not keep up and the channel is full, the *newest* event is dropped,
@@ -237,6 +238,13 @@ pub enum TransportEvent {
         /// The peer.
         peer: PeerId,
     },
+    /// `peer` subscribed to this node's topic: from now on, what this node
+    /// publishes reaches it (through the mesh, or directly while the mesh is
+    /// empty).
+    Subscribed {
+        /// The peer.
+        peer: PeerId,
+    },
     /// The last connection to `peer` closed.
     Disconnected {
         /// The peer.
@@ -257,6 +265,7 @@ impl TransportEvent {
         match self {
             Self::Message { .. } => "message",
             Self::Connected { .. } => "connected",
+            Self::Subscribed { .. } => "subscribed",
             Self::Disconnected { .. } => "disconnected",
             Self::Rtt { .. } => "rtt",
         }
@@ -1122,6 +1131,9 @@ where
             }
             gossipsub::Event::Subscribed { peer_id, topic, .. } => {
                 tracing::debug!(peer = %peer_id, %topic, "peer subscribed");
+                if topic == self.topic {
+                    self.emit(TransportEvent::Subscribed { peer: peer_id });
+                }
             }
             gossipsub::Event::Unsubscribed { peer_id, topic } => {
                 tracing::debug!(peer = %peer_id, %topic, "peer unsubscribed");

@@ -222,10 +222,10 @@ async fn the_memory_network_connects_nodes_with_the_same_psk_only() {
     .await;
 
     assert!(
-        !seen[3]
-            .events
-            .iter()
-            .any(|e| matches!(e, TransportEvent::Connected { .. } | TransportEvent::Message { .. })),
+        !seen[3].events.iter().any(|e| matches!(
+            e,
+            TransportEvent::Connected { .. } | TransportEvent::Subscribed { .. } | TransportEvent::Message { .. }
+        )),
         "the foreign node got in: {:?}",
         seen[3].events
     );
@@ -355,7 +355,7 @@ async fn rejected_messages_are_not_delivered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connected_and_disconnected_events() {
+async fn connected_subscribed_and_disconnected_events() {
     let mut a = start(config(None, Vec::new())).await;
     let b = start(config(None, vec![a.listen_addr().to_string()])).await;
     let idb = b.local_peer_id();
@@ -371,6 +371,7 @@ async fn connected_and_disconnected_events() {
         .unwrap_or_else(|_| panic!("no {want:?} within {DEADLINE:?}"));
     };
     wait_for(&mut a, TransportEvent::Connected { peer: idb }).await;
+    wait_for(&mut a, TransportEvent::Subscribed { peer: idb }).await;
     b.stop().await;
     wait_for(&mut a, TransportEvent::Disconnected { peer: idb }).await;
     a.stop().await;

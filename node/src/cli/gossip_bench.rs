@@ -7,7 +7,11 @@
 //! - convergence: from the moment the last service started until every node
 //!   hears every other alive;
 //! - detection: from stopping one node (its swarm closes, like a crash)
-//!   until every other node sees it suspect, then dead.
+//!   until every other node sees it suspect, then dead. The node is stopped
+//!   `--settle-ms` after convergence, half a heartbeat interval after one of
+//!   its beats: a crash's average distance from the beat before it, so that
+//!   the figure does not depend on where in the node's rhythm the run
+//!   happens to stop it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,6 +48,11 @@ pub struct GossipBench {
     /// Seconds to wait for each phase before giving up.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Milliseconds the converged nodes keep beating before one is stopped,
+    /// so that detection is measured in a running cluster (0: right after
+    /// convergence, when the others have heard it only once or twice).
+    #[arg(long, default_value_t = 3_000)]
+    settle_ms: u64,
     /// What carries the connections between the swarms.
     #[arg(long, value_enum, default_value_t = BenchNetwork::Tcp)]
     network: BenchNetwork,
@@ -84,6 +93,7 @@ struct GossipReport {
     nodes: usize,
     network: BenchNetwork,
     heartbeat_ms: u64,
+    settle_ms: u64,
     start_seconds: f64,
     convergence_seconds: f64,
     suspect_seconds: f64,
@@ -97,11 +107,17 @@ struct BenchObserver {
     template: Heartbeat,
     views: Views,
     changed: Arc<Notify>,
+    /// Told of every heartbeat this node sends.
+    beat: Arc<Notify>,
 }
 
 impl Observer for BenchObserver {
     fn heartbeat(&mut self) -> Heartbeat {
         self.template.clone()
+    }
+
+    fn sent(&mut self, _heartbeat: &Heartbeat) {
+        self.beat.notify_waiters();
     }
 
     fn changed(&mut self, _events: &[MembershipEvent]) {}
@@ -130,6 +146,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
     let mut seed: Option<SocketAddr> = None;
+    let mut beats = Vec::new();
     let started = Instant::now();
     for i in 0..b.nodes {
         let id = i as u64 + 1;
@@ -164,7 +181,9 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
             },
             views: views.clone(),
             changed: changed.clone(),
+            beat: Arc::new(Notify::new()),
         };
+        beats.push(observer.beat.clone());
         let (service_stop_tx, service_stop_rx) = oneshot::channel::<()>();
         let every = Duration::from_millis(b.heartbeat_ms);
         tasks.push(tokio::spawn(async move {
@@ -214,7 +233,14 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
     .await?;
     let convergence_seconds = all_started.elapsed().as_secs_f64();
 
-    // Stop the last node: its swarm closes and its heartbeats stop.
+    tokio::time::sleep(Duration::from_millis(b.settle_ms)).await;
+    // Stop the last node half an interval after one of its beats: its swarm
+    // closes and its heartbeats stop.
+    let victim_beat = beats.pop().ok_or_else(|| anyhow::anyhow!("no node to stop"))?;
+    tokio::time::timeout(timeout, victim_beat.notified())
+        .await
+        .map_err(|_| anyhow::anyhow!("the node to stop sent no heartbeat in {}s", timeout.as_secs()))?;
+    tokio::time::sleep(Duration::from_millis(b.heartbeat_ms / 2)).await;
     let (victim_stop, victim_service) = stops.pop().ok_or_else(|| anyhow::anyhow!("no node to stop"))?;
     let victim = n;
     let _ = victim_stop.send(());
@@ -264,6 +290,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
         nodes: b.nodes,
         network: b.network,
         heartbeat_ms: b.heartbeat_ms,
+        settle_ms: b.settle_ms,
         start_seconds,
         convergence_seconds,
         suspect_seconds,
@@ -277,6 +304,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
                     "NODES",
                     "NETWORK",
                     "HEARTBEAT ms",
+                    "SETTLE ms",
                     "START s",
                     "CONVERGENCE s",
                     "ALL SUSPECT s",
@@ -286,6 +314,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
                     report.nodes.to_string(),
                     format!("{:?}", report.network).to_lowercase(),
                     report.heartbeat_ms.to_string(),
+                    report.settle_ms.to_string(),
                     format!("{:.2}", report.start_seconds),
                     format!("{:.2}", report.convergence_seconds),
                     format!("{:.2}", report.suspect_seconds),
