@@ -1,7 +1,8 @@
 //! The gossip loop of one node: its heartbeat out every interval (at once
 //! after a refutation, and [`FIRST_BEAT_AFTER_CONNECT`] after the node gets
-//! its first subscribed peer), every heartbeat heard into the membership
-//! table, the table re-evaluated every [`TICK`].
+//! its first subscribed peer, the first one of all no later than one
+//! interval after start), every heartbeat heard into the membership table,
+//! the table re-evaluated every [`TICK`].
 //!
 //! Invariants:
 //! - The loop owns the transport and the table; the caller sees them only
@@ -26,11 +27,12 @@ use crate::transport::{Transport, TransportEvent};
 pub const TICK: Duration = Duration::from_millis(100);
 
 /// How long after this node gets its first subscribed peer (at start, or
-/// after it had none) its next heartbeat goes out, the rhythm continuing
-/// from there. A beat sent while no peer listens reaches nobody, so without
+/// after it had none) its next heartbeat goes out, unless one is due
+/// sooner, the rhythm continuing from there. A node's first beat is due one
+/// interval after start (a beat at start would reach nobody), so without
 /// this a starting node would stay unknown for up to a whole interval after
-/// it connects; the delay leaves a joining node time to reach the peers
-/// its first one tells it of, so that the beat finds a mesh.
+/// it connects; the delay leaves a joining node time to reach the peers its
+/// first one tells it of, so that the beat finds a mesh.
 pub const FIRST_BEAT_AFTER_CONNECT: Duration = Duration::from_millis(300);
 
 /// What the loop asks of and tells its owner.
@@ -61,7 +63,10 @@ pub async fn run(
     let origin = Instant::now();
     let now_ms = move || origin.elapsed().as_millis() as u64;
     let mut members = Members::new(local_id, detector);
-    let mut beat = tokio::time::interval(every);
+    // The first beat one interval from now, or sooner once a peer listens
+    // (a beat at start would reach nobody).
+    let mut next_beat = Instant::now() + every;
+    let mut beat = tokio::time::interval_at(next_beat.into(), every);
     beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -74,6 +79,7 @@ pub async fn run(
         let events = tokio::select! {
             () = &mut stop => break,
             _ = beat.tick() => {
+                next_beat = Instant::now() + every;
                 let mut hb = observer.heartbeat();
                 hb.incarnation = members.incarnation();
                 hb.suspects = members.suspects(now_ms());
@@ -104,8 +110,12 @@ pub async fn run(
                 Some(TransportEvent::Subscribed { peer }) => {
                     let first = listeners.is_empty();
                     listeners.insert(peer);
-                    if first {
-                        beat.reset_after(FIRST_BEAT_AFTER_CONNECT);
+                    let early = Instant::now() + FIRST_BEAT_AFTER_CONNECT;
+                    // Never later than the beat already due: a peer that
+                    // keeps reconnecting must not hold the beats back.
+                    if first && early < next_beat {
+                        beat.reset_at(early.into());
+                        next_beat = early;
                     }
                     Vec::new()
                 }

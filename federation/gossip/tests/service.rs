@@ -92,9 +92,8 @@ async fn start_node(
 }
 
 /// Two nodes beating once a minute hear each other long before the first
-/// minute is out: a node's beat at start reaches nobody, and its next one
-/// goes out shortly after its first peer subscribes, not a whole interval
-/// later.
+/// minute is out: a node's first beat goes out shortly after its first peer
+/// subscribes, not a whole interval later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_node_is_heard_without_waiting_for_a_whole_interval() {
     let every = Duration::from_secs(60);
