@@ -27,7 +27,7 @@ use anyhow::Context;
 use cell0_consensus::{Consensus, NodeInfo};
 use cell0_gossip::service::{self, Observer};
 use cell0_gossip::transport::{Transport, TransportConfig};
-use cell0_gossip::{Addresses, DetectorConfig, Heartbeat, Load, MemberState, MemberView, MembershipEvent};
+use cell0_gossip::{Addresses, DetectorConfig, Heartbeat, MemberState, MemberView, MembershipEvent};
 use tokio::sync::watch;
 
 use crate::config::GossipConfig;
@@ -144,22 +144,17 @@ pub async fn run(
         .unwrap_or_else(|| transport.listen_addr().to_string());
     tracing::info!(listen = %transport.listen_addr(), %peer_id, secret = secret.is_some(), "gossip started");
     let mut node = NodeObserver {
-        template: Heartbeat {
-            node_id: local_id,
-            peer_id: peer_id.to_string(),
-            name: info.name,
-            site: info.site,
-            cluster_id: None,
-            addresses: Addresses {
+        template: Heartbeat::new(
+            local_id,
+            &peer_id,
+            info.name,
+            info.site,
+            Addresses {
                 public: info.public_addr,
                 internal: info.internal_addr,
                 gossip: advertised,
             },
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            incarnation: 0,
-            load: Load::default(),
-            suspects: Vec::new(),
-        },
+        ),
         consensus,
         view,
     };

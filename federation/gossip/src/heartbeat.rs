@@ -89,6 +89,24 @@ enum Envelope {
 }
 
 impl Heartbeat {
+    /// The heartbeat of node `node_id` (libp2p identity `peer_id`) as it
+    /// starts: this build's version, no cluster yet, incarnation 0, no load,
+    /// no suspicions (the gossip loop fills in the last two).
+    pub fn new(node_id: u64, peer_id: &libp2p::PeerId, name: String, site: String, addresses: Addresses) -> Self {
+        Self {
+            node_id,
+            peer_id: peer_id.to_string(),
+            name,
+            site,
+            cluster_id: None,
+            addresses,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            incarnation: 0,
+            load: Load::default(),
+            suspects: Vec::new(),
+        }
+    }
+
     /// The wire form of this heartbeat.
     pub fn encode(&self) -> Result<Vec<u8>, GossipError> {
         self.check()?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cell0_gossip::service::{self, Observer};
 use cell0_gossip::transport::{Network, Transport, TransportConfig};
-use cell0_gossip::{Addresses, DetectorConfig, Heartbeat, Load, MemberView, MembershipEvent};
+use cell0_gossip::{Addresses, DetectorConfig, Heartbeat, MemberView, MembershipEvent};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use tokio::sync::{mpsc, oneshot};
@@ -63,21 +63,16 @@ async fn start_node(
         .unwrap();
     let addr = transport.listen_addr();
     let mut recorder = Recorder {
-        heartbeat: Heartbeat {
-            node_id: id,
-            peer_id: peer_id.to_string(),
-            name: format!("node{id}"),
-            site: "test".into(),
-            cluster_id: None,
-            addresses: Addresses {
+        heartbeat: Heartbeat::new(
+            id,
+            &peer_id,
+            format!("node{id}"),
+            "test".into(),
+            Addresses {
                 gossip: addr.to_string(),
                 ..Addresses::default()
             },
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            incarnation: 0,
-            load: Load::default(),
-            suspects: Vec::new(),
-        },
+        ),
         joined,
     };
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 
 use cell0_gossip::service::{self, Observer};
 use cell0_gossip::transport::{Network, Transport, TransportConfig};
-use cell0_gossip::{
-    Addresses, ClusterSecret, DetectorConfig, Heartbeat, Load, MemberState, MemberView, MembershipEvent,
-};
+use cell0_gossip::{Addresses, ClusterSecret, DetectorConfig, Heartbeat, MemberState, MemberView, MembershipEvent};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
@@ -166,21 +164,16 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
         let addr = transport.listen_addr();
         seed.get_or_insert(addr);
         let mut observer = BenchObserver {
-            template: Heartbeat {
-                node_id: id,
-                peer_id: peer_id.to_string(),
-                name: format!("bench{id}"),
-                site: "bench".into(),
-                cluster_id: None,
-                addresses: Addresses {
+            template: Heartbeat::new(
+                id,
+                &peer_id,
+                format!("bench{id}"),
+                "bench".into(),
+                Addresses {
                     gossip: addr.to_string(),
                     ..Addresses::default()
                 },
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                incarnation: 0,
-                load: Load::default(),
-                suspects: Vec::new(),
-            },
+            ),
             views: views.clone(),
             changed: changed.clone(),
             beat: Arc::new(Notify::new()),
@@ -235,9 +228,10 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
     .await?;
     let convergence_seconds = all_started.elapsed().as_secs_f64();
 
+    // Timed on purpose, not a wait for a condition: the cluster runs for
+    // the settle time, then the last node is stopped half an interval after
+    // one of its beats (its swarm closes and its heartbeats stop).
     tokio::time::sleep(Duration::from_millis(b.settle_ms)).await;
-    // Stop the last node half an interval after one of its beats: its swarm
-    // closes and its heartbeats stop.
     let victim_beat = beats.pop().ok_or_else(|| anyhow::anyhow!("no node to stop"))?;
     tokio::time::timeout(timeout, victim_beat.notified())
         .await
