@@ -43,7 +43,7 @@ impl Observer for Recorder {
 }
 
 /// Starts node `id` on `/memory/<port>`, joining `join`, beating every
-/// `every`; returns its address and the sender that stops it.
+/// `every`; returns its address, the sender that stops it and its task.
 async fn start_node(
     id: u64,
     port: u16,

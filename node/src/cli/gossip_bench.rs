@@ -29,6 +29,8 @@ use super::{Output, print_json, print_table};
 
 /// Most nodes one run may start.
 const MAX_NODES: usize = 200;
+/// Longest settle time one run may ask for, in milliseconds.
+const MAX_SETTLE_MS: u64 = 600_000;
 /// How often a wait that takes long says what it still waits for.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Pairs named in one progress line at most.
@@ -138,6 +140,9 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
     }
     if !(100..=60_000).contains(&b.heartbeat_ms) {
         anyhow::bail!("--heartbeat-ms must be between 100 and 60000");
+    }
+    if b.settle_ms > MAX_SETTLE_MS {
+        anyhow::bail!("--settle-ms must be at most {MAX_SETTLE_MS}");
     }
     let timeout = Duration::from_secs(b.timeout.max(1));
     let secret = ClusterSecret::generate();
