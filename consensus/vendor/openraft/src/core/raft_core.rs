@@ -1309,8 +1309,6 @@ where
         };
     }
 
-    // TODO: Make this method non-async. It does not need to run any async command in it.
-    #[tracing::instrument(level = "debug", skip_all, fields(state = debug(self.engine.state.server_state), id=display(&self.id)))]
     /// cell0 patch: [`Self::handle_notify`], except for the notifications
     /// whose handling awaits.
     async fn dispatch_notify(&mut self, notify: Notify<C>) -> Result<(), Fatal<C::NodeId>> {
@@ -1323,6 +1321,8 @@ where
         }
     }
 
+    // TODO: Make this method non-async. It does not need to run any async command in it.
+    #[tracing::instrument(level = "debug", skip_all, fields(state = debug(self.engine.state.server_state), id=display(&self.id)))]
     pub(crate) fn handle_notify(&mut self, notify: Notify<C>) -> Result<(), Fatal<C::NodeId>> {
         tracing::debug!("recv from rx_notify: {}", notify.summary());
 
