@@ -151,7 +151,6 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
     let mut seed: Option<SocketAddr> = None;
-    let mut beats = Vec::new();
     let started = Instant::now();
     for i in 0..b.nodes {
         let id = i as u64 + 1;
@@ -183,7 +182,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
             changed: changed.clone(),
             beat: Arc::new(Notify::new()),
         };
-        beats.push(observer.beat.clone());
+        let beat = observer.beat.clone();
         let (service_stop_tx, service_stop_rx) = oneshot::channel::<()>();
         let every = Duration::from_millis(b.heartbeat_ms);
         tasks.push(tokio::spawn(async move {
@@ -199,7 +198,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
             )
             .await;
         }));
-        stops.push((stop_tx, service_stop_tx));
+        stops.push((stop_tx, service_stop_tx, beat));
     }
     let start_seconds = started.elapsed().as_secs_f64();
     let all_started = Instant::now();
@@ -237,12 +236,11 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
     // the settle time, then the last node is stopped half an interval after
     // one of its beats (its swarm closes and its heartbeats stop).
     tokio::time::sleep(Duration::from_millis(b.settle_ms)).await;
-    let victim_beat = beats.pop().ok_or_else(|| anyhow::anyhow!("no node to stop"))?;
+    let (victim_stop, victim_service, victim_beat) = stops.pop().ok_or_else(|| anyhow::anyhow!("no node to stop"))?;
     tokio::time::timeout(timeout, victim_beat.notified())
         .await
         .map_err(|_| anyhow::anyhow!("the node to stop sent no heartbeat in {}s", timeout.as_secs()))?;
     tokio::time::sleep(Duration::from_millis(b.heartbeat_ms / 2)).await;
-    let (victim_stop, victim_service) = stops.pop().ok_or_else(|| anyhow::anyhow!("no node to stop"))?;
     let victim = n;
     let _ = victim_stop.send(());
     let _ = victim_service.send(());
@@ -280,7 +278,7 @@ pub async fn run(output: Output, b: GossipBench) -> anyhow::Result<()> {
     .await?;
     let dead_seconds = stopped_at.elapsed().as_secs_f64();
 
-    for (transport_stop, service_stop) in stops {
+    for (transport_stop, service_stop, _) in stops {
         let _ = transport_stop.send(());
         let _ = service_stop.send(());
     }
