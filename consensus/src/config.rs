@@ -28,6 +28,16 @@ pub struct ConsensusConfig {
     pub election_timeout_min_ms: u64,
     /// Upper bound of the randomized election timeout, in milliseconds.
     pub election_timeout_max_ms: u64,
+    /// Whether a leader confirms its leadership for linearizable reads from
+    /// its lease instead of a heartbeat round per read index: for half of
+    /// `election_timeout_max_ms` after a quorum acknowledged an
+    /// AppendEntries it sent (heartbeats and writes renew it), it answers at
+    /// once. Voters refuse other candidates for the whole of
+    /// `election_timeout_max_ms` after accepting the leader's messages, so
+    /// reads stay linearizable as long as no node's clock runs twice as fast
+    /// as another's. `false` runs a round for every read index (etcd's
+    /// ReadIndex), which does not depend on clocks at all.
+    pub lease_reads: bool,
     /// Build a snapshot (and then purge the log) once at least this many
     /// entries were applied since the last one, and (see
     /// `snapshot_log_percent`) enough was written.
@@ -79,6 +89,7 @@ impl Default for ConsensusConfig {
             heartbeat_ms: 100,
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
+            lease_reads: true,
             snapshot_every: 10_000,
             snapshot_log_percent: 25,
             keep_logs_after_snapshot: 1_000,
@@ -217,6 +228,9 @@ impl ConsensusConfig {
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
+            read_lease: self
+                .read_lease()
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             install_snapshot_timeout: self.rpc_timeout_ms,
             max_payload_entries: self.max_append_entries,
             // Built when `crate::snapshots` says so.
@@ -228,6 +242,14 @@ impl ConsensusConfig {
         config
             .validate()
             .map_err(|e| ConsensusError::invalid("raft", e.to_string()))
+    }
+
+    /// How long a leader's leadership holds for reads after a quorum
+    /// acknowledged it: half the voters' leader lease (`lease_reads`), or
+    /// `None` when every read index runs a round.
+    pub fn read_lease(&self) -> Option<Duration> {
+        self.lease_reads
+            .then(|| Duration::from_millis(self.election_timeout_max_ms / 2))
     }
 
     pub(crate) fn request_timeout(&self) -> Duration {
@@ -272,6 +294,28 @@ mod tests {
                 .to_string()
                 .contains("raft.max_append_entries")
         );
+    }
+
+    #[test]
+    fn the_read_lease_is_half_the_voters_leader_lease_or_off() {
+        let c = ConsensusConfig::default();
+        assert_eq!(c.read_lease(), Some(Duration::from_millis(300)));
+        assert_eq!(c.to_openraft().unwrap().read_lease, 300);
+        let off = ConsensusConfig {
+            lease_reads: false,
+            ..Default::default()
+        };
+        assert_eq!(off.read_lease(), None);
+        assert_eq!(off.to_openraft().unwrap().read_lease, 0);
+        // openraft refuses a read lease the voters' lease does not cover.
+        let err = openraft::Config {
+            read_lease: 600,
+            election_timeout_max: 600,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("read_lease"), "{err}");
     }
 
     #[test]

@@ -49,12 +49,16 @@
 //!
 //! # Why it cannot cause election storms, nor weaken safety
 //!
-//! Safety does not depend on when a node stands: every election is a normal
-//! openraft election (a quorum of votes, the log check), and linearizable
-//! reads confirm leadership with a quorum round, not with a lease. What
-//! needs care is liveness, that a prompt election never unseats a working
-//! leader nor keeps nodes campaigning. Each trigger stands only when all of
-//! these still hold after a settle time of half a heartbeat:
+//! Every election is a normal openraft election (a quorum of votes, the log
+//! check). One rule below also carries safety: a node never stands within
+//! the leader lease (`election_timeout_max`) after it accepted a leader's
+//! AppendEntries, as openraft's own timer never does. A leader serving reads
+//! from its lease (`ConsensusConfig::lease_reads`, half that span after a
+//! quorum acknowledged it) relies on every voter that acknowledged it
+//! neither voting for another node nor standing itself for the whole span.
+//! The rest is liveness: a prompt election never unseats a working leader
+//! nor keeps nodes campaigning. Each trigger stands only when all of these
+//! still hold after a settle time of half a heartbeat:
 //!
 //! - this node's leader lease ran out: it accepted no AppendEntries (or
 //!   snapshot) from a leader, and was not the leader itself, for

@@ -754,3 +754,62 @@ async fn coalesced_linearizable_reads_see_every_acknowledged_write_across_a_lead
         n.stop().await;
     }
 }
+
+/// A leader whose followers are all gone: with leader leases, its
+/// linearizable reads go on from its lease and stop once the lease runs
+/// out (half the election timeout's upper bound after the last AppendEntries
+/// a quorum acknowledged); without them they stop at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_its_followers_reads_only_while_its_lease_holds() {
+    for lease_reads in [true, false] {
+        // A read lease of 10 s: far longer than stopping two nodes takes.
+        let config = ConsensusConfig {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 10_000,
+            election_timeout_max_ms: 20_000,
+            request_timeout_ms: 2_000,
+            lease_reads,
+            ..Default::default()
+        };
+        let root = tempfile::tempdir().unwrap();
+        let mut nodes = cluster(root.path(), 3, config).await;
+        let leader = nodes[0].consensus.wait_for_leader(DEADLINE).await.unwrap();
+        let at = nodes.iter().position(|n| n.consensus.id() == leader).unwrap();
+        let leader = nodes.remove(at);
+        leader.consensus.propose(put("k", "v")).await.unwrap();
+        assert_eq!(
+            value(&leader.consensus, "k", Consistency::Linearizable).await,
+            Some(b"v".to_vec())
+        );
+        for n in nodes {
+            n.stop().await;
+        }
+        let first = leader.consensus.get(b"k", Consistency::Linearizable).await;
+        if lease_reads {
+            assert_eq!(
+                first.unwrap().0.map(|kv| kv.value),
+                Some(b"v".to_vec()),
+                "read under lease"
+            );
+            // The lease runs out: reads need a quorum again and fail.
+            let deadline = tokio::time::Instant::now() + DEADLINE;
+            loop {
+                match leader.consensus.get(b"k", Consistency::Linearizable).await {
+                    Ok(_) => {}
+                    Err(ConsensusError::Unavailable { .. }) => break,
+                    Err(e) => panic!("read failed: {e:?}"),
+                }
+                assert!(tokio::time::Instant::now() < deadline, "reads went on past the lease");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        } else {
+            assert!(matches!(first, Err(ConsensusError::Unavailable { .. })), "{first:?}");
+        }
+        // Serializable reads need no leadership at all.
+        assert_eq!(
+            value(&leader.consensus, "k", Consistency::Serializable).await,
+            Some(b"v".to_vec())
+        );
+        leader.stop().await;
+    }
+}

@@ -128,6 +128,18 @@ pub struct Config {
     #[clap(long, default_value = "50")]
     pub heartbeat_interval: u64,
 
+    /// cell0 patch: for how long after a quorum acknowledged an
+    /// AppendEntries the leader sent (counted from when it sent it) the
+    /// leader confirms its leadership for a read (`get_read_log_id`,
+    /// `ensure_linearizable`) without a heartbeat round, in milliseconds.
+    ///
+    /// Voters refuse votes for `election_timeout_max` after they accept a
+    /// leader's AppendEntries, so this must be below it; the ratio of the two
+    /// is how much faster than the leader's clock another node's may run
+    /// without a stale read. 0 (the default) runs a round for every check.
+    #[clap(long, default_value = "0")]
+    pub read_lease: u64,
+
     /// The timeout for sending then installing the last snapshot segment,
     /// in millisecond. It is also used as the timeout for sending a non-last segment, if
     /// `send_snapshot_timeout` is 0.
@@ -300,6 +312,13 @@ impl Config {
             return Err(ConfigError::ElectionTimeoutLTHeartBeat {
                 election_timeout_min: self.election_timeout_min,
                 heartbeat_interval: self.heartbeat_interval,
+            });
+        }
+
+        if self.read_lease >= self.election_timeout_max {
+            return Err(ConfigError::ReadLeaseNotBelowLeaderLease {
+                read_lease: self.read_lease,
+                election_timeout_max: self.election_timeout_max,
             });
         }
 

@@ -11,6 +11,11 @@ pub enum ConfigError {
     #[error("election timeout: min({min}) must be < max({max})")]
     ElectionTimeout { min: u64, max: u64 },
 
+    /// cell0 patch: the read lease is not shorter than the voters' leader
+    /// lease.
+    #[error("read_lease({read_lease}) must be < election_timeout_max({election_timeout_max})")]
+    ReadLeaseNotBelowLeaderLease { read_lease: u64, election_timeout_max: u64 },
+
     #[error("max_payload_entries must be > 0")]
     MaxPayloadIs0,
 

@@ -291,6 +291,11 @@ where
     //       at `T1` is committed.
     #[tracing::instrument(level = "trace", skip(self, tx))]
     pub(super) async fn handle_check_is_leader_request(&mut self, tx: ClientReadTx<C>) {
+        // cell0 patch: a leader within its read lease answers at once.
+        if let Some(resp) = self.read_under_lease() {
+            let _ = tx.send(Ok(resp));
+            return;
+        }
         // cell0 patch: one heartbeat round at a time; checks that arrive
         // while one runs share the next, which starts after they arrived.
         if self.read_check_in_flight {
@@ -298,6 +303,30 @@ where
             return;
         }
         self.start_read_check(vec![tx]).await;
+    }
+
+    /// cell0 patch: the read log id and the applied log id, without a
+    /// heartbeat round, if this node leads and a quorum acknowledged an
+    /// AppendEntries it sent less than `Config::read_lease` ago.
+    ///
+    /// Every voter that acknowledged it refuses votes, and does not stand,
+    /// for `election_timeout_max` (the leader lease) after it accepted it,
+    /// so no other leader can be elected before the read lease ends, as long
+    /// as no node's clock runs faster than the leader's by the ratio of the
+    /// two. Runs inside the core, so a leader that grants a vote (and steps
+    /// down) answers no read under lease after it.
+    fn read_under_lease(&mut self) -> Option<(Option<LogId<C::NodeId>>, Option<LogId<C::NodeId>>)> {
+        if self.config.read_lease == 0 {
+            return None;
+        }
+        let now = C::now();
+        let lh = self.engine.leader_handler().ok()?;
+        let acked = lh.leader.last_quorum_acked_time()?;
+        if now >= acked + Duration::from_millis(self.config.read_lease) {
+            return None;
+        }
+        let read_log_id = lh.get_read_log_id();
+        Some((read_log_id, self.engine.state.io_applied().cloned()))
     }
 
     /// cell0 patch: the checks queued while the round that just ended ran
