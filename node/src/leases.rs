@@ -101,8 +101,9 @@ impl Leases for LeaseTable {
         }
         let received = Instant::now();
         let term = self.consensus.status().term;
-        // Leadership confirmed by a quorum after the request arrived: a
-        // newer leader's term begins after this grant.
+        // Leadership confirmed after the request arrived (by a quorum
+        // round, or by the leader lease, under which no other leader can
+        // exist): a newer leader's term begins after this grant.
         if let Err(e) = self.consensus.raft().ensure_linearizable().await {
             return Err(Status::failed_precondition(format!("not the leader: {e}")));
         }
