@@ -35,8 +35,10 @@ pub struct ConsensusConfig {
     /// once. Voters refuse other candidates for the whole of
     /// `election_timeout_max_ms` after accepting the leader's messages, so
     /// reads stay linearizable as long as no node's clock runs twice as fast
-    /// as another's. `false` runs a round for every read index (etcd's
-    /// ReadIndex), which does not depend on clocks at all.
+    /// as another's, and every node of the cluster has the same
+    /// `election_timeout_max_ms` (a leader's read lease is half of its own).
+    /// `false` runs a round for every read index (etcd's ReadIndex), which
+    /// does not depend on clocks at all.
     pub lease_reads: bool,
     /// Build a snapshot (and then purge the log) once at least this many
     /// entries were applied since the last one, and (see
