@@ -73,7 +73,12 @@ pub struct ConsensusConfig {
     /// Most bytes of commands the leader groups into one log entry.
     pub max_batch_bytes: usize,
     /// Grouped entries proposed concurrently. While they are in flight, new
-    /// commands queue up and form the next group.
+    /// commands queue up and form the next group. A follower forwards up to
+    /// twice this many groups of writes at once. Every entry costs each node
+    /// a log write, an fsync and Raft messages whatever its size, so one
+    /// entry at a time (fewer, larger groups) spends the least CPU per write
+    /// (docs/benchmarks.md); a higher value pipelines entries over links
+    /// whose round trip is long against the disk's fsync.
     pub max_inflight_batches: usize,
     /// Commands a client may submit as one batch.
     pub max_client_batch_commands: usize,
@@ -101,7 +106,7 @@ impl Default for ConsensusConfig {
             link_mbps: 1000,
             max_batch_commands: 1024,
             max_batch_bytes: 2 * 1024 * 1024,
-            max_inflight_batches: 2,
+            max_inflight_batches: 1,
             max_client_batch_commands: 1024,
             request_timeout_ms: 10_000,
             rpc_timeout_ms: 5_000,
