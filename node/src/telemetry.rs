@@ -101,6 +101,10 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         cell0_storage::APPENDS_PER_FSYNC_METRIC,
         "Raft log appends made durable by one fsync."
     );
+    metrics::describe_counter!(
+        cell0_storage::ROW_CACHE_READS_METRIC,
+        "Point reads of apply answered by the row cache (result=hit) or read from RocksDB (result=miss)."
+    );
     metrics::describe_histogram!(
         "cell0_read_duration_seconds",
         metrics::Unit::Seconds,

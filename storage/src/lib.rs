@@ -12,7 +12,8 @@
 //!   knows nothing of the application: a [`Apply`] implementation (provided
 //!   by the consensus crate) turns each command into reads and writes on a
 //!   [`Txn`]; the applied log id and membership land in the same atomic write
-//!   as the data, so a restart never replays applied entries.
+//!   as the data, so a restart never replays applied entries. Apply's point
+//!   reads go through a bounded row cache (`row_cache`).
 //!
 //! Both stores of one node share one engine, and so one RocksDB write-ahead
 //! log. That is what makes unsynced state-machine writes safe: every later
@@ -33,6 +34,7 @@ mod memory;
 mod preload;
 #[cfg(feature = "rocksdb")]
 mod rocks;
+mod row_cache;
 pub mod snapshot;
 mod state_machine;
 mod txn;
@@ -46,6 +48,7 @@ pub use log_store::{APPENDS_PER_FSYNC_METRIC, FSYNC_SECONDS_METRIC, LogStore};
 pub use memory::MemEngine;
 #[cfg(feature = "rocksdb")]
 pub use rocks::RocksEngine;
+pub use row_cache::ROW_CACHE_READS_METRIC;
 pub use snapshot::SnapshotFile;
 pub use state_machine::{Apply, StateMachineStore, export_snapshot};
 pub use txn::{EngineTxn, Txn};

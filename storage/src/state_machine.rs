@@ -53,11 +53,12 @@ use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
 use crate::error::{decode, decode_prefix, encode};
 use crate::live::{LivePipe, LiveSnapshots};
 use crate::preload::{GrowingReader, Growth, Preload, Preloaded, Staging, StagingHold};
+use crate::row_cache::RowCache;
 use crate::snapshot::{
     FileHeader, FileSummary, LiveBuild, SnapshotFile, SnapshotReader, SnapshotWriter, io_err, is_snapshot_file,
     sync_dir,
 };
-use crate::txn::{EngineTxn, Txn};
+use crate::txn::{EngineTxn, Txn, lock_cache};
 
 const APPLIED_KEY: &[u8] = b"sm/applied";
 const MEMBERSHIP_KEY: &[u8] = b"sm/membership";
@@ -173,6 +174,8 @@ pub struct StateMachineStore<C, E, A> {
     /// Whether `get_current_snapshot` builds live snapshots (see
     /// [`StateMachineStore::live_snapshots`]).
     live: LiveSnapshots,
+    /// Apply's point reads (see [`crate::row_cache`]).
+    row_cache: Arc<Mutex<RowCache>>,
     _c: PhantomData<fn() -> C>,
 }
 
@@ -186,6 +189,7 @@ impl<C, E, A> Clone for StateMachineStore<C, E, A> {
             snapshot_lock: self.snapshot_lock.clone(),
             staging: self.staging.clone(),
             live: self.live.clone(),
+            row_cache: self.row_cache.clone(),
             _c: PhantomData,
         }
     }
@@ -368,6 +372,7 @@ where
             snapshot_lock: Arc::new(Mutex::new(())),
             staging: Arc::new(Staging::default()),
             live: LiveSnapshots::default(),
+            row_cache: Arc::new(Mutex::new(RowCache::default())),
             _c: PhantomData,
         };
         crate::format::upgrade(store.engine.as_ref(), &mut |batch| store.convert_legacy_snapshot(batch))?;
@@ -633,6 +638,8 @@ where
         received: &Path,
         preload: Option<Preload>,
     ) -> crate::Result<()> {
+        // The whole state is replaced.
+        lock_cache(&self.row_cache).clear();
         let own = received.parent() == Some(self.dir.as_path());
         let path = if !is_snapshot_file(received)? {
             // An older node's payload: small enough to have been held in
@@ -894,7 +901,7 @@ where
         I: IntoIterator<Item = Entry<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut txn = EngineTxn::new(self.engine.as_ref());
+        let mut txn = EngineTxn::new(self.engine.as_ref()).with_cache(&self.row_cache);
         let mut responses = Vec::new();
         let mut events = Vec::new();
         let mut last_applied = None;
@@ -929,7 +936,15 @@ where
         }
         // Applied entries are already durable in the log; see the crate docs
         // for why this write needs no fsync of its own.
-        self.engine.write(batch, Durability::Buffered).map_err(write_sm_err)?;
+        let written = self.engine.write(batch, Durability::Buffered);
+        let mut cache = lock_cache(&self.row_cache);
+        cache.publish_reads();
+        if let Err(e) = written {
+            // The cache took this step's writes already.
+            cache.clear();
+            return Err(write_sm_err(e));
+        }
+        drop(cache);
         self.apply.publish(events);
         Ok(responses)
     }

@@ -77,7 +77,7 @@ async fn applied_state_survives_reopen_and_apply_is_ordered() {
 }
 
 #[tokio::test]
-async fn snapshot_round_trip_replaces_state() {
+async fn snapshot_round_trip_replaces_state_and_what_apply_reads() {
     let src_dir = tempfile::tempdir().unwrap();
     let dst_dir = tempfile::tempdir().unwrap();
     let (_l1, mut src) =
@@ -86,7 +86,18 @@ async fn snapshot_round_trip_replaces_state() {
         cell0_storage::open_rocks::<TestConfig, _>(dst_dir.path(), 2, Arc::new(SetApply::default())).unwrap();
     let entries: Vec<_> = (1..=5000).map(|i| set_entry(i, &format!("k{i:05}"), "v")).collect();
     src.apply(entries).await.unwrap();
-    dst.apply(vec![set_entry(1, "stale", "x")]).await.unwrap();
+    // Rows apply read and wrote before the install (what its row cache
+    // holds) must not outlive the state they came from.
+    let before = dst
+        .apply(vec![set_entry(1, "stale", "x"), set_entry(2, "k04999", "old")])
+        .await
+        .unwrap();
+    assert_eq!(before, vec![None, None]);
+    let before = dst
+        .apply(vec![set_entry(3, "stale", "y"), set_entry(4, "k04999", "older")])
+        .await
+        .unwrap();
+    assert_eq!(before, vec![Some("x".into()), Some("old".into())]);
 
     let snap = src.get_snapshot_builder().await.build_snapshot().await.unwrap();
     assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(5000));
@@ -98,6 +109,12 @@ async fn snapshot_round_trip_replaces_state() {
     assert_eq!(applied.map(|l| l.index), Some(5000));
     let current = dst.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta.snapshot_id, snap.meta.snapshot_id);
+    // Apply after the install reads the installed rows.
+    let after = dst
+        .apply(vec![set_entry(5001, "k04999", "w"), set_entry(5002, "stale", "z")])
+        .await
+        .unwrap();
+    assert_eq!(after, vec![Some("v".into()), None]);
 }
 
 #[tokio::test]
