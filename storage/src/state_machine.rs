@@ -924,15 +924,15 @@ where
         let Some(last_applied) = last_applied else {
             return Ok(responses);
         };
+        // Encoded before the transaction hands its writes to the row cache,
+        // so that nothing fails between that and the write.
+        let applied = encode(&Some(last_applied)).map_err(write_sm_err)?;
+        let membership = membership.map(|m| encode(&m)).transpose().map_err(write_sm_err)?;
         let mut batch = WriteBatch::new();
         txn.into_batch(&mut batch);
-        batch.put(
-            Cf::Meta,
-            APPLIED_KEY,
-            encode(&Some(last_applied)).map_err(write_sm_err)?,
-        );
+        batch.put(Cf::Meta, APPLIED_KEY, applied);
         if let Some(m) = membership {
-            batch.put(Cf::Meta, MEMBERSHIP_KEY, encode(&m).map_err(write_sm_err)?);
+            batch.put(Cf::Meta, MEMBERSHIP_KEY, m);
         }
         // Applied entries are already durable in the log; see the crate docs
         // for why this write needs no fsync of its own.
