@@ -34,6 +34,8 @@
 
 use std::collections::HashMap;
 
+use cell0_state::prefix_end;
+
 /// Most bytes of keys, values and bookkeeping the cache holds.
 pub(crate) const ROW_CACHE_BYTES: usize = 64 << 20;
 /// Counter of apply's point reads the cache answered (`result="hit"`) or
@@ -155,10 +157,7 @@ impl RowCache {
     /// in tables whose rows it rarely reads.
     pub(crate) fn remove_range(&mut self, start: &[u8], end: &[u8]) {
         let prefix = table_of(start);
-        let within_table = match prefix.split_last() {
-            Some((0, name)) => end <= [name, &[1]].concat().as_slice(),
-            _ => false,
-        };
+        let within_table = prefix.last() == Some(&0) && prefix_end(prefix).is_some_and(|e| end <= e.as_slice());
         let outside = |k: &[u8]| k < start || k >= end;
         let mut freed = 0;
         let mut visit = |table: &mut Generations| {
