@@ -29,10 +29,14 @@
 //!   applied once the leader tells the commit index again, and the state
 //!   machine's applied index, written with every apply, bounds it from
 //!   below.
-//! - Writes (append, vote, truncate) run through `engine::run_blocking`, so
-//!   an fsync never stalls the other tasks of an async worker (heartbeats);
-//!   each call returns after its write, so writes reach the engine in the
-//!   order openraft issues them.
+//! - Synced writes (a follower's append, the vote, truncation) run through
+//!   `engine::run_blocking`, so an fsync never stalls the other tasks of an
+//!   async worker (heartbeats). A leader's buffered append is written on
+//!   the calling thread: it waits for no disk, and `block_in_place` (which
+//!   wakes a thread to take over the worker's other tasks) cost more than
+//!   the write, on every write's path (docs/benchmarks.md). Each call
+//!   returns after its write, so writes reach the engine in the order
+//!   openraft issues them.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -409,10 +413,10 @@ where
         Ok(batch)
     }
 
-    /// Writes `batch` buffered (readable once this returns) and queues
-    /// `callback` for the next grouped sync.
+    /// Writes `batch` buffered (readable once this returns), on this
+    /// thread, and queues `callback` for the next grouped sync.
     async fn write_then_sync(&self, batch: WriteBatch, callback: LogFlushed<C>) -> SResult<()> {
-        if let Err(e) = run_blocking(&self.engine, move |e| e.write(batch, Durability::Buffered)).await {
+        if let Err(e) = self.engine.write(batch, Durability::Buffered) {
             callback.log_io_completed(Err(flush_error(&e)));
             return Err(write_err(e));
         }
