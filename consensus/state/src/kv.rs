@@ -65,7 +65,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{Counter, decode_row, encode_row};
 use crate::command::{Command, KeyValue, Response};
 use crate::error::{Result, StateError};
-use crate::requests::{Carrier, Window};
+use crate::requests::{Carrier, WindowBook};
 use crate::txn::Txn;
 use crate::{Table, agents, nodes, registry, tasks};
 
@@ -177,6 +177,65 @@ crate::row_v1!(Record, "record");
 crate::row_v1!(StateEvent, "event");
 crate::row_v1!(HistoryWindow, "history window");
 crate::row_v1!(HistoryChunks, "history chunks");
+
+/// The bookkeeping rows every command of one apply step would otherwise
+/// read and rewrite: the history's chunks and the request window's
+/// generations. Each is read at its first use in the step, kept decoded,
+/// and stored once, when the step ends ([`Books::store`]), as the revision
+/// is. During a step nothing reads them but apply, through here, so a step
+/// stores exactly what storing them after every command would.
+#[derive(Debug, Default)]
+pub(crate) struct Books {
+    history: HistoryBook,
+    window: WindowBook,
+}
+
+impl Books {
+    /// Stores what the step changed.
+    pub(crate) fn store(self, txn: &mut dyn Txn) -> Result<()> {
+        self.history.store(txn)?;
+        self.window.store(txn)
+    }
+}
+
+/// The `history_chunks` row during one apply step. While none is kept
+/// here, the stored row (or its absence: the first layout, whose rows are
+/// read and written event by event) is current.
+#[derive(Debug, Default)]
+struct HistoryBook {
+    /// The current chunks, once read in this step.
+    kept: Option<HistoryChunks>,
+    /// Whether `kept` differs from the stored row.
+    changed: bool,
+}
+
+impl HistoryBook {
+    /// Whether the history has switched to chunks.
+    fn switched(&mut self, txn: &dyn Txn) -> Result<bool> {
+        Ok(self.current(txn)?.is_some())
+    }
+
+    /// The chunks, for the caller to change; `None` in the first layout.
+    fn for_change(&mut self, txn: &dyn Txn) -> Result<Option<&mut HistoryChunks>> {
+        let switched = self.switched(txn)?;
+        self.changed |= switched;
+        Ok(self.kept.as_mut())
+    }
+
+    fn current(&mut self, txn: &dyn Txn) -> Result<Option<&HistoryChunks>> {
+        if self.kept.is_none() {
+            self.kept = history_chunks(txn)?;
+        }
+        Ok(self.kept.as_ref())
+    }
+
+    fn store(self, txn: &mut dyn Txn) -> Result<()> {
+        match self.kept {
+            Some(h) if self.changed => txn.put(META_TABLE, HISTORY_CHUNKS_KEY, &encode_row(&h)?),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// The cluster's id, 0 before the cluster recorded one.
 pub fn cluster_id(txn: &dyn Txn) -> Result<u64> {
@@ -340,11 +399,13 @@ pub fn history(txn: &dyn Txn, prefix: &[u8], from: u64, limit: usize, max_bytes:
 }
 
 /// Applies `cmd` at `rev` (the revision before it), bumping `rev` per
-/// mutation, and notes every table it changed in `changed`.
+/// mutation, and notes every table it changed in `changed`. The step's
+/// bookkeeping rows go through `books`, which the caller stores.
 pub(crate) fn apply_command(
     txn: &mut dyn Txn,
     cmd: &Command,
     rev: &mut u64,
+    books: &mut Books,
     events: &mut Vec<StateEvent>,
     changed: &mut std::collections::BTreeSet<Table>,
 ) -> Result<Response> {
@@ -352,7 +413,7 @@ pub(crate) fn apply_command(
         Command::Put { key, value } => {
             changed.insert(Table::Kv);
             let prev = get(txn, key)?;
-            let kv = write(txn, key, value, prev.as_ref(), rev, events)?;
+            let kv = write(txn, key, value, prev.as_ref(), rev, books, events)?;
             Ok(Response::Put { kv, prev })
         }
         Command::Delete { key } => {
@@ -363,6 +424,7 @@ pub(crate) fn apply_command(
                 txn.delete(KV_TABLE, key)?;
                 record_event(
                     txn,
+                    books,
                     events,
                     StateEvent {
                         kind: EventKind::Delete,
@@ -393,7 +455,7 @@ pub(crate) fn apply_command(
                 });
             }
             changed.insert(Table::Kv);
-            let kv = write(txn, key, value, current.as_ref(), rev, events)?;
+            let kv = write(txn, key, value, current.as_ref(), rev, books, events)?;
             Ok(Response::Cas {
                 revision: *rev,
                 succeeded: true,
@@ -403,7 +465,7 @@ pub(crate) fn apply_command(
         Command::Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());
             for c in cmds {
-                out.push(apply_command(txn, c, rev, events, changed)?);
+                out.push(apply_command(txn, c, rev, books, events, changed)?);
             }
             Ok(Response::Batch(out))
         }
@@ -445,17 +507,18 @@ pub(crate) fn apply_command(
             } else {
                 Carrier::Request
             };
-            let window = Window::open(txn, carrier)?;
+            let window = books.window.open(txn, carrier)?;
             // Once the window's row is stored the history has switched too:
             // a put then reads no `meta` row to find that out again.
             if carrier == Carrier::RequestV2 && window.may_need_switch() {
-                switch_history_to_chunks(txn, *rev)?;
+                switch_history_to_chunks(txn, &mut books.history, *rev)?;
             }
             if let Some(first) = window.answered(txn, id, inner)? {
+                books.window.give_back(window);
                 return Ok(first);
             }
-            let response = apply_command(txn, inner, rev, events, changed)?;
-            window.remember(txn, id, inner, &response)?;
+            let response = apply_command(txn, inner, rev, books, events, changed)?;
+            books.window.remember(window, txn, id, inner, &response)?;
             Ok(response)
         }
         Command::InitCluster { cluster_id: id } => {
@@ -476,6 +539,7 @@ fn write(
     value: &[u8],
     prev: Option<&KeyValue>,
     rev: &mut u64,
+    books: &mut Books,
     events: &mut Vec<StateEvent>,
 ) -> Result<KeyValue> {
     *rev += 1;
@@ -489,6 +553,7 @@ fn write(
     let kv = record.into_kv(key);
     record_event(
         txn,
+        books,
         events,
         StateEvent {
             kind: EventKind::Put,
@@ -500,14 +565,13 @@ fn write(
 
 /// Stores `ev` in the history, then drops the oldest events until the
 /// history fits [`WATCH_HISTORY`] and [`WATCH_HISTORY_BYTES`].
-fn record_event(txn: &mut dyn Txn, events: &mut Vec<StateEvent>, ev: StateEvent) -> Result<()> {
+fn record_event(txn: &mut dyn Txn, books: &mut Books, events: &mut Vec<StateEvent>, ev: StateEvent) -> Result<()> {
     let rev = ev.revision();
     let row = encode_row(&ev)?;
     let size = row.len() as u64;
     txn.put(EVENTS_TABLE, &rev.to_be_bytes(), &row)?;
-    if let Some(mut h) = history_chunks(txn)? {
-        add_to_chunks(txn, &mut h, rev, size)?;
-        txn.put(META_TABLE, HISTORY_CHUNKS_KEY, &encode_row(&h)?)?;
+    if let Some(h) = books.history.for_change(txn)? {
+        add_to_chunks(txn, h, rev, size)?;
         events.push(ev);
         return Ok(());
     }
@@ -569,8 +633,8 @@ fn add_to_chunks(txn: &mut dyn Txn, h: &mut HistoryChunks, rev: u64, size: u64) 
 /// Switches the history to chunks, once (at the first `RequestV2`, with
 /// `current` the store's revision): the events the first layout retains
 /// become the first chunk.
-fn switch_history_to_chunks(txn: &mut dyn Txn, current: u64) -> Result<()> {
-    if txn.get(META_TABLE, HISTORY_CHUNKS_KEY)?.is_some() {
+fn switch_history_to_chunks(txn: &mut dyn Txn, book: &mut HistoryBook, current: u64) -> Result<()> {
+    if book.switched(txn)? {
         return Ok(());
     }
     let first = if current == 0 {
@@ -651,6 +715,52 @@ mod tests {
     /// Applies `cmds` as separate entries.
     fn run(state: &mut MemTxn, cmds: &[Command]) -> Vec<Response> {
         cmds.iter().map(|c| crate::apply(state, c).unwrap().response).collect()
+    }
+
+    /// Keeping the bookkeeping rows for a whole apply step stores what
+    /// storing them after every command stores: a state fed batches ends
+    /// with the rows, and gave the answers, of one fed the same commands an
+    /// entry each. The commands cross the switch from the first layouts to
+    /// the second inside a batch, retry earlier requests, delete, and
+    /// close and evict history chunks.
+    #[test]
+    fn a_step_stores_the_rows_that_command_by_command_steps_store() {
+        let mut cmds = Vec::new();
+        for i in 0..12_000u64 {
+            let id = crate::command::RequestId {
+                client: i % 3,
+                seq: i / 3 + 1,
+            };
+            let key = format!("k{}", i % 500);
+            let cmd = Box::new(if i % 7 == 3 {
+                Command::Delete { key: key.into_bytes() }
+            } else {
+                put(&key, &i.to_string())
+            });
+            let request = if i < 300 {
+                Command::Request { id, cmd }
+            } else {
+                Command::RequestV2 { id, cmd }
+            };
+            if i % 11 == 5 {
+                cmds.push(request.clone());
+            }
+            cmds.push(request);
+        }
+        let mut batched = MemTxn::new();
+        let mut single = MemTxn::new();
+        for group in cmds.chunks(97) {
+            let Response::Batch(answers) = crate::apply(&mut batched, &Command::Batch(group.to_vec()))
+                .unwrap()
+                .response
+            else {
+                panic!("a batch is answered with a batch");
+            };
+            assert_eq!(answers, run(&mut single, group));
+        }
+        assert!(history_chunks(&batched).unwrap().unwrap().chunks.len() > 1);
+        assert!(oldest_retained(&batched, revision(&batched).unwrap()).unwrap() > 1);
+        assert_eq!(batched, single);
     }
 
     #[test]

@@ -105,7 +105,9 @@ pub fn apply(txn: &mut dyn Txn, cmd: &Command) -> Result<Applied, ApplyError> {
     let mut events = Vec::new();
     let mut changed = BTreeSet::new();
     let mut rev = kv::revision(txn)?;
-    let response = kv::apply_command(txn, cmd, &mut rev, &mut events, &mut changed)?;
+    let mut books = kv::Books::default();
+    let response = kv::apply_command(txn, cmd, &mut rev, &mut books, &mut events, &mut changed)?;
+    books.store(txn)?;
     kv::put_meta_u64(txn, kv::REVISION_KEY, rev)?;
     Ok(Applied {
         response,

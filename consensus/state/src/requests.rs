@@ -195,10 +195,19 @@ impl Window {
     }
 
     /// Keeps `response` as the first answer to request `id` (whose command
-    /// is `cmd`), then drops what the window no longer keeps.
-    pub(crate) fn remember(self, txn: &mut dyn Txn, id: &RequestId, cmd: &Command, response: &Response) -> Result<()> {
+    /// is `cmd`), then drops what the window no longer keeps. In the second
+    /// layout the generations row is returned, for the caller to store
+    /// ([`WindowBook`]); the first layout's rows are all written here.
+    fn remember(
+        self,
+        txn: &mut dyn Txn,
+        id: &RequestId,
+        cmd: &Command,
+        response: &Response,
+    ) -> Result<Option<Generations>> {
         let Window::Generations { row: mut g, .. } = self else {
-            return remember_in_order(txn, id, response);
+            remember_in_order(txn, id, response)?;
+            return Ok(None);
         };
         let mut kept = response.clone();
         strip_written(cmd, &mut kept);
@@ -228,7 +237,69 @@ impl Window {
                 ..Generations::default()
             };
         }
-        txn.put(META_TABLE, GENERATIONS_KEY, &encode_row(&g)?)
+        Ok(Some(g))
+    }
+}
+
+/// The generations row during one apply step (`kv::Books`): read at the
+/// step's first request, kept decoded, and stored once when the step ends,
+/// instead of read and rewritten by every request.
+///
+/// Invariant: a window opened here is what [`Window::open`] would return if
+/// the row had been stored after every request. The row kept here is the
+/// current one (stored, or to be stored); while none is kept, the stored
+/// row is current. A window that kept no answer (a retry answered from it)
+/// goes back unchanged, or, if its row was never stored, is dropped, as
+/// [`Window::open`] would not see it either.
+#[derive(Debug, Default)]
+pub(crate) struct WindowBook {
+    /// The current row, once read or changed in this step.
+    kept: Option<Generations>,
+    /// Whether `kept` differs from the stored row.
+    changed: bool,
+}
+
+impl WindowBook {
+    /// The window for a request of `carrier` ([`Window::open`]), from the
+    /// row kept here if there is one. Give it back with [`Self::give_back`]
+    /// or [`Self::remember`].
+    pub(crate) fn open(&mut self, txn: &dyn Txn, carrier: Carrier) -> Result<Window> {
+        if let Some(row) = self.kept.take() {
+            return Ok(Window::Generations { row, stored: true });
+        }
+        Window::open(txn, carrier)
+    }
+
+    /// Takes back a window that kept no answer.
+    pub(crate) fn give_back(&mut self, window: Window) {
+        if let Window::Generations { row, stored: true } = window {
+            self.kept = Some(row);
+        }
+    }
+
+    /// Keeps `response` as the first answer to request `id` in `window`
+    /// ([`Window::remember`]) and takes the window back.
+    pub(crate) fn remember(
+        &mut self,
+        window: Window,
+        txn: &mut dyn Txn,
+        id: &RequestId,
+        cmd: &Command,
+        response: &Response,
+    ) -> Result<()> {
+        if let Some(row) = window.remember(txn, id, cmd, response)? {
+            self.kept = Some(row);
+            self.changed = true;
+        }
+        Ok(())
+    }
+
+    /// Stores the kept row if this step changed it.
+    pub(crate) fn store(self, txn: &mut dyn Txn) -> Result<()> {
+        match self.kept {
+            Some(row) if self.changed => txn.put(META_TABLE, GENERATIONS_KEY, &encode_row(&row)?),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -371,8 +442,10 @@ mod tests {
 
     fn remember(txn: &mut MemTxn, carrier: Carrier, seq: u64) {
         let cmd = put("k");
-        let window = Window::open(txn, carrier).unwrap();
-        window.remember(txn, &id(seq), &cmd, &written("k", seq)).unwrap();
+        let mut book = WindowBook::default();
+        let window = book.open(txn, carrier).unwrap();
+        book.remember(window, txn, &id(seq), &cmd, &written("k", seq)).unwrap();
+        book.store(txn).unwrap();
     }
 
     fn answered(txn: &MemTxn, seq: u64) -> Option<Response> {
