@@ -141,13 +141,15 @@ impl RowCache {
     /// Applies a write of `key` going into the engine (`None`: a delete)
     /// to a cached row; keys not cached stay so.
     pub(crate) fn write(&mut self, key: &[u8], value: Option<&[u8]>) {
-        let cached = self
-            .tables
-            .get(table_of(key))
-            .is_some_and(|t| t.young.contains_key(key) || t.old.contains_key(key));
-        if cached {
-            self.insert(key.to_vec(), value.map(<[u8]>::to_vec));
-        }
+        let Some(table) = self.tables.get_mut(table_of(key)) else {
+            return;
+        };
+        let key = match table.old.remove_entry(key) {
+            Some((key, _)) => key,
+            None if table.young.contains_key(key) => key.to_vec(),
+            None => return,
+        };
+        self.admit(key, value.map(<[u8]>::to_vec));
     }
 
     /// Drops the rows of `[start, end)`. It visits the cached rows of the
