@@ -79,7 +79,14 @@ impl KvClient {
     /// Sets `key` to `value`.
     pub async fn put(&mut self, key: Bytes, value: Bytes) -> Result<(), tonic::Status> {
         match self {
-            KvClient::Cell0(c) => c.put(cell0::PutRequest { key, value }).await.map(drop),
+            KvClient::Cell0(c) => c
+                .put(cell0::PutRequest {
+                    key,
+                    value,
+                    prev_kv: false,
+                })
+                .await
+                .map(drop),
             KvClient::Etcd(c) => c
                 .put(etcd::PutRequest {
                     key,

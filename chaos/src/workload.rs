@@ -188,6 +188,7 @@ pub async fn register_client(c: RegisterClient, clock: Clock, until: Instant) ->
                 .put(request(PutRequest {
                     key: key.into_bytes().into(),
                     value: value.to_string().into_bytes().into(),
+                    prev_kv: false,
                 }))
                 .await;
             op.complete_us = clock.now_us();
@@ -279,6 +280,7 @@ pub async fn set_client(id: u32, node: u32, endpoint: String, clock: Clock, unti
             .put(request(PutRequest {
                 key: key.clone().into_bytes().into(),
                 value: value.to_string().into_bytes().into(),
+                prev_kv: false,
             }))
             .await;
         let mut op = Op {

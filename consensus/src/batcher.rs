@@ -30,7 +30,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
 use crate::grouping::{GroupLimits, Queued, idle_slot, run_groups};
-use crate::network::{PeerHealth, REQUEST_V2_FORMAT};
+use crate::network::{INTERNAL_FORMAT, PeerHealth, REQUEST_V2_FORMAT, readable_at};
 use crate::task::NamedTask;
 use crate::types::{NodeId, NodeInfo, Raft};
 
@@ -73,22 +73,32 @@ impl Proposer {
         Self { raft, peers }
     }
 
-    /// `cmd` in the newest log format every member reads: its requests
-    /// become `Command::RequestV2` once every other member of the current
-    /// membership said it reads [`REQUEST_V2_FORMAT`], so a node of an older
-    /// build never receives an entry it cannot apply during a rolling
-    /// upgrade.
+    /// `cmd` in the newest log format every member reads, so a node of an
+    /// older build never receives an entry it cannot apply during a rolling
+    /// upgrade: its requests become `Command::RequestV2` once every other
+    /// member of the current membership said it reads
+    /// [`REQUEST_V2_FORMAT`], and its `Command::PutWithoutPrev`s stay
+    /// only once all said they read
+    /// [`crate::network::PUT_WITHOUT_PREV_FORMAT`].
     fn readable(&self, cmd: Command) -> Command {
         let metrics = self.raft.metrics();
-        let all_read = {
+        let oldest = {
             let m = metrics.borrow();
             let me = m.id;
             m.membership_config
                 .membership()
                 .nodes()
-                .all(|(id, _)| *id == me || self.peers.reads(*id, REQUEST_V2_FORMAT))
+                .filter(|(id, _)| **id != me)
+                .map(|(id, _)| self.peers.reads_format(*id))
+                .min()
+                .unwrap_or(INTERNAL_FORMAT)
         };
-        if all_read { cmd.into_request_v2() } else { cmd }
+        let cmd = if oldest >= REQUEST_V2_FORMAT {
+            cmd.into_request_v2()
+        } else {
+            cmd
+        };
+        readable_at(cmd, oldest)
     }
 }
 

@@ -46,6 +46,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::command::Command;
 use crate::elections::Elections;
 use crate::error::{ConsensusError, PreconditionCause};
 use crate::exchange::Streams;
@@ -118,15 +119,45 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
 /// cleanly. Formats: 1, everything in `payload`; 2, as 1 but an
 /// InstallSnapshot chunk's bytes travel in `data` ([`SNAPSHOT_DATA_FORMAT`]).
 /// 3, as 2 but log entries may carry `Command::RequestV2`
-/// ([`REQUEST_V2_FORMAT`]). A sender writes the oldest format that carries
-/// its message, so nodes of the previous build still read everything but
-/// snapshot chunks and entries they cannot apply.
-pub const INTERNAL_FORMAT: u32 = REQUEST_V2_FORMAT;
+/// ([`REQUEST_V2_FORMAT`]). 4, as 3 but log entries and forwarded writes
+/// may carry `Command::PutWithoutPrev` ([`PUT_WITHOUT_PREV_FORMAT`]). A
+/// sender writes the oldest format that carries its message, so nodes of
+/// the previous build still read everything but snapshot chunks and
+/// entries they cannot apply.
+pub const INTERNAL_FORMAT: u32 = PUT_WITHOUT_PREV_FORMAT;
 
 /// The format of AppendEntries requests whose entries carry
 /// `Command::RequestV2`. The leader proposes that variant only once every
-/// member has said it reads this format ([`PeerHealth::reads`]).
+/// member has said it reads this format ([`PeerHealth::reads_format`]).
 pub const REQUEST_V2_FORMAT: u32 = 3;
+
+/// The format of AppendEntries requests and forwarded writes that carry
+/// `Command::PutWithoutPrev`. The leader proposes, and a follower forwards,
+/// that variant only to nodes that said they read this format; others get
+/// [`readable_at`]'s `Command::Put`.
+pub const PUT_WITHOUT_PREV_FORMAT: u32 = 4;
+
+/// The oldest message format whose receivers apply `cmd`.
+pub(crate) fn command_format(cmd: &Command) -> u32 {
+    if cmd.carries_put_without_prev() {
+        PUT_WITHOUT_PREV_FORMAT
+    } else if cmd.carries_request_v2() {
+        REQUEST_V2_FORMAT
+    } else {
+        BASE_FORMAT
+    }
+}
+
+/// `cmd` as nodes that read messages up to `format` apply it: the same
+/// writes, with each `Command::PutWithoutPrev` as the `Command::Put` older
+/// builds know (answered with the previous pair, which the API leaves out).
+pub(crate) fn readable_at(cmd: Command, format: u32) -> Command {
+    if format >= PUT_WITHOUT_PREV_FORMAT {
+        cmd
+    } else {
+        cmd.with_prev_puts()
+    }
+}
 
 /// What a `reads_format` of 0 means: a sender from before the field, which
 /// reads formats up to 2.
@@ -209,7 +240,7 @@ impl PeerHealth {
     }
 
     /// Notes the format `reply` says its sender reads.
-    fn record_format(&self, peer: NodeId, reply: &RaftMessage) {
+    pub(crate) fn record_format(&self, peer: NodeId, reply: &RaftMessage) {
         let reads = match reply.reads_format {
             0 => READS_FORMAT_BEFORE_FIELD,
             n => n,
@@ -218,11 +249,11 @@ impl PeerHealth {
         map.insert(peer, reads);
     }
 
-    /// Whether `peer`'s latest reply said it reads `format` (false before
-    /// any reply).
-    pub fn reads(&self, peer: NodeId, format: u32) -> bool {
+    /// The newest format `peer`'s latest reply said it reads; the base
+    /// format before any reply.
+    pub fn reads_format(&self, peer: NodeId) -> u32 {
         let map = self.reads_format.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&peer).is_some_and(|f| *f >= format)
+        map.get(&peer).copied().unwrap_or(BASE_FORMAT)
     }
 
     /// Whether `peer` answered a Raft call within the last `within`.
@@ -686,10 +717,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
         let net_err = |e: &dyn std::error::Error| RPCError::Network(NetworkError::new(&AnyErr(e.to_string())));
         let mut msg = encode(&rpc).map_err(|e| net_err(&e))?;
-        let carries_request_v2 = |e: &openraft::Entry<TypeConfig>| matches!(&e.payload, openraft::EntryPayload::Normal(c) if c.carries_request_v2());
-        if rpc.entries.iter().any(carries_request_v2) {
-            msg.format = REQUEST_V2_FORMAT;
-        }
+        let entry_format = |e: &openraft::Entry<TypeConfig>| match &e.payload {
+            openraft::EntryPayload::Normal(c) => command_format(c),
+            _ => BASE_FORMAT,
+        };
+        msg.format = rpc.entries.iter().map(entry_format).max().unwrap_or(BASE_FORMAT);
         if rpc.entries.is_empty() {
             return self.send(Method::Append, msg, option.hard_ttl()).await;
         }
@@ -884,16 +916,50 @@ mod tests {
     #[test]
     fn a_peer_reads_the_format_its_latest_reply_names() {
         let health = PeerHealth::default();
-        assert!(!health.reads(2, REQUEST_V2_FORMAT), "nothing heard yet");
+        assert_eq!(health.reads_format(2), BASE_FORMAT, "nothing heard yet");
         let mut reply = encode(&7u64).unwrap();
         health.record_format(2, &reply);
-        assert!(health.reads(2, REQUEST_V2_FORMAT));
-        assert!(!health.reads(3, REQUEST_V2_FORMAT));
+        assert_eq!(health.reads_format(2), INTERNAL_FORMAT);
+        assert_eq!(health.reads_format(3), BASE_FORMAT);
         // The same node restarted on a build from before the field.
         reply.reads_format = 0;
         health.record_format(2, &reply);
-        assert!(!health.reads(2, REQUEST_V2_FORMAT));
-        assert!(health.reads(2, SNAPSHOT_DATA_FORMAT));
+        assert_eq!(health.reads_format(2), SNAPSHOT_DATA_FORMAT);
+    }
+
+    #[test]
+    fn puts_without_the_previous_pair_reach_only_nodes_that_read_them() {
+        let request = |cmd| crate::Command::Request {
+            id: crate::command::RequestId { client: 1, seq: 2 },
+            cmd: Box::new(cmd),
+        };
+        let quiet = crate::Command::Batch(vec![
+            request(crate::Command::PutWithoutPrev {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            }),
+            crate::Command::Delete { key: b"d".to_vec() },
+        ]);
+        let put = crate::Command::Batch(vec![
+            request(crate::Command::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            }),
+            crate::Command::Delete { key: b"d".to_vec() },
+        ]);
+        assert_eq!(command_format(&quiet), PUT_WITHOUT_PREV_FORMAT);
+        assert_eq!(
+            command_format(&quiet.clone().into_request_v2()),
+            PUT_WITHOUT_PREV_FORMAT
+        );
+        assert_eq!(command_format(&put), BASE_FORMAT);
+        assert_eq!(command_format(&put.clone().into_request_v2()), REQUEST_V2_FORMAT);
+        assert_eq!(readable_at(quiet.clone(), PUT_WITHOUT_PREV_FORMAT), quiet);
+        assert_eq!(readable_at(quiet.clone(), REQUEST_V2_FORMAT), put);
+        assert_eq!(
+            readable_at(quiet.into_request_v2(), REQUEST_V2_FORMAT),
+            put.into_request_v2()
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
 use crate::inner::{Inner, wrong_type};
-use crate::network::{decode, encode, never_sent};
+use crate::network::{BASE_FORMAT, INTERNAL_FORMAT, command_format, decode, encode, never_sent, readable_at};
 use crate::types::{NodeId, NodeInfo};
 
 /// Requests a follower sends to the leader.
@@ -37,6 +37,29 @@ pub(crate) enum ForwardRequest {
     },
     /// Writes a follower queued together (see [`crate::forwarder`]).
     Writes(Vec<Command>),
+}
+
+impl ForwardRequest {
+    /// The oldest message format whose receivers read this request.
+    fn format(&self) -> u32 {
+        match self {
+            ForwardRequest::Write(cmd) => command_format(cmd),
+            ForwardRequest::Writes(cmds) => cmds.iter().map(command_format).max().unwrap_or(BASE_FORMAT),
+            ForwardRequest::ReadIndex | ForwardRequest::Join { .. } | ForwardRequest::Remove { .. } => BASE_FORMAT,
+        }
+    }
+
+    /// This request as a leader that reads messages up to `format` reads
+    /// it ([`readable_at`]).
+    fn readable_at(self, format: u32) -> Self {
+        match self {
+            ForwardRequest::Write(cmd) => ForwardRequest::Write(readable_at(cmd, format)),
+            ForwardRequest::Writes(cmds) => {
+                ForwardRequest::Writes(cmds.into_iter().map(|c| readable_at(c, format)).collect())
+            }
+            other => other,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,7 +132,19 @@ impl Inner {
     }
 
     async fn forward(&self, leader: NodeId, info: &NodeInfo, req: &ForwardRequest) -> Result<ForwardResponse> {
-        let stamped = self.identity.stamp(encode(req)?, leader);
+        // Until the leader's replies say it reads the newest commands, it
+        // gets what its build applies.
+        let leader_reads = self.health.reads_format(leader);
+        let older;
+        let req = if leader_reads < INTERNAL_FORMAT && req.format() > leader_reads {
+            older = req.clone().readable_at(leader_reads);
+            &older
+        } else {
+            req
+        };
+        let mut msg = encode(req)?;
+        msg.format = req.format();
+        let stamped = self.identity.stamp(msg, leader);
         let timeout = self.config.rpc_timeout();
         let streamed = self
             .pool
@@ -125,7 +160,10 @@ impl Inner {
             }
         };
         match reply {
-            Ok(reply) => decode::<Result<ForwardResponse>>(&reply)?,
+            Ok(reply) => {
+                self.health.record_format(leader, &reply);
+                decode::<Result<ForwardResponse>>(&reply)?
+            }
             Err(status) => {
                 let idempotent = !matches!(req, ForwardRequest::Write(_) | ForwardRequest::Writes(_));
                 if idempotent || never_sent(&status) {

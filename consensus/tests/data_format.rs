@@ -357,6 +357,13 @@ fn golden_values() -> (Named<Entry<TypeConfig>>, Named<Response>) {
             }
             .into_command(),
         ),
+        (
+            "put-without-prev",
+            Command::PutWithoutPrev {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            },
+        ),
     ];
     let log_id = LogId::new(openraft::CommittedLeaderId::new(2, 1), 7);
     let mut entries: Named<Entry<TypeConfig>> = commands

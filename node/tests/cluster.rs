@@ -64,6 +64,35 @@ async fn three_nodes_agree_through_the_cli_and_survive_a_leader_kill() {
     assert!(out.status.success(), "{}", stderr(&out));
     let got = cli(&["kv", "get", "greeting", "--endpoint", &nodes[0].endpoint()]);
     assert_eq!(stdout(&got).trim(), "hello");
+    // The previous pair only when asked for, through every node.
+    for node in &nodes {
+        let endpoint = node.endpoint();
+        let asked = json(&cli(&[
+            "kv",
+            "put",
+            "greeting",
+            "hi",
+            "--prev-kv",
+            "--output",
+            "json",
+            "--endpoint",
+            &endpoint,
+        ]));
+        assert_eq!(asked["prev_kv"]["value"], "hello", "{asked}");
+        assert_eq!(put(&endpoint, "greeting", "hello").await.unwrap().prev_kv, None);
+    }
+    let new_key = json(&cli(&[
+        "kv",
+        "put",
+        "fresh",
+        "x",
+        "--prev-kv",
+        "--output",
+        "json",
+        "--endpoint",
+        &nodes[1].endpoint(),
+    ]));
+    assert!(new_key["prev_kv"].is_null(), "{new_key}");
 
     // kill -9 the leader: writes through the survivors succeed again.
     let leader = leader_of(&nodes);
@@ -163,6 +192,7 @@ async fn sigkill_right_after_acknowledged_writes_loses_none() {
                     .put(v1::PutRequest {
                         key: key.clone().into_bytes().into(),
                         value: b"v".to_vec().into(),
+                        prev_kv: false,
                     })
                     .await
                     .unwrap();

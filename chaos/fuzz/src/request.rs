@@ -239,6 +239,7 @@ pub(crate) fn seeds() -> Vec<Vec<u8>> {
             v1::PutRequest {
                 key: "app/x".into(),
                 value: "v".into(),
+                prev_kv: true,
             }
             .encode_to_vec(),
         ),

@@ -93,6 +93,18 @@ pub enum Command {
         /// The command itself; never another request.
         cmd: Box<Command>,
     },
+    /// [`Command::Put`] answered without the previous pair (etcd's put
+    /// without `prev_kv`): the request window then keeps only the written
+    /// pair's revisions. The node proposes this one unless the client asks
+    /// for the previous pair.
+    PutWithoutPrev {
+        /// Key, 1..=[`MAX_KEY_BYTES`] bytes.
+        #[serde(with = "crate::codec::bytes")]
+        key: Vec<u8>,
+        /// Value, at most [`MAX_VALUE_BYTES`] bytes.
+        #[serde(with = "crate::codec::bytes")]
+        value: Vec<u8>,
+    },
 }
 
 /// Identifies one client request across retries: the sending process (a
@@ -236,15 +248,11 @@ impl Command {
     fn validate_sizes(&self, path: &str, limits: &Limits) -> Result<(), StateError> {
         let field = |name: &str| format!("{path}{name}");
         match self {
-            Command::Put { key, value } => {
+            Command::Put { key, value } | Command::PutWithoutPrev { key, value } | Command::Cas { key, value, .. } => {
                 check_key(&field("key"), key)?;
                 check_value(&field("value"), value)
             }
             Command::Delete { key } => check_key(&field("key"), key),
-            Command::Cas { key, value, .. } => {
-                check_key(&field("key"), key)?;
-                check_value(&field("value"), value)
-            }
             Command::Batch(cmds) => {
                 if cmds.len() > limits.max_batch_commands {
                     return Err(StateError::invalid(
@@ -321,6 +329,36 @@ impl Command {
         }
     }
 
+    /// Whether this is, or a batch or request holds, a
+    /// [`Command::PutWithoutPrev`], which nodes of older builds cannot apply.
+    pub fn carries_put_without_prev(&self) -> bool {
+        match self {
+            Command::PutWithoutPrev { .. } => true,
+            Command::Batch(cmds) => cmds.iter().any(Command::carries_put_without_prev),
+            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => cmd.carries_put_without_prev(),
+            _ => false,
+        }
+    }
+
+    /// Every [`Command::PutWithoutPrev`] as the [`Command::Put`] that nodes
+    /// of older builds apply, in batches and requests too: the same write,
+    /// answered with the previous pair, which the caller leaves out.
+    pub fn with_prev_puts(self) -> Command {
+        match self {
+            Command::PutWithoutPrev { key, value } => Command::Put { key, value },
+            Command::Batch(cmds) => Command::Batch(cmds.into_iter().map(Command::with_prev_puts).collect()),
+            Command::Request { id, cmd } => Command::Request {
+                id,
+                cmd: Box::new(cmd.with_prev_puts()),
+            },
+            Command::RequestV2 { id, cmd } => Command::RequestV2 {
+                id,
+                cmd: Box::new(cmd.with_prev_puts()),
+            },
+            other => other,
+        }
+    }
+
     /// [`Command::Request`] as [`Command::RequestV2`], in batches too; any
     /// other command as it is.
     pub fn into_request_v2(self) -> Command {
@@ -334,7 +372,9 @@ impl Command {
     /// Approximate encoded size, for batching decisions.
     pub fn approx_size(&self) -> usize {
         match self {
-            Command::Put { key, value } | Command::Cas { key, value, .. } => key.len() + value.len() + 16,
+            Command::Put { key, value } | Command::PutWithoutPrev { key, value } | Command::Cas { key, value, .. } => {
+                key.len() + value.len() + 16
+            }
             Command::Delete { key } => key.len() + 8,
             Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum::<usize>() + 8,
             Command::Model(m) => m.approx_size(),

@@ -410,10 +410,11 @@ pub(crate) fn apply_command(
     changed: &mut std::collections::BTreeSet<Table>,
 ) -> Result<Response> {
     match cmd {
-        Command::Put { key, value } => {
+        Command::Put { key, value } | Command::PutWithoutPrev { key, value } => {
             changed.insert(Table::Kv);
             let prev = get(txn, key)?;
             let kv = write(txn, key, value, prev.as_ref(), rev, books, events)?;
+            let prev = prev.filter(|_| matches!(cmd, Command::Put { .. }));
             Ok(Response::Put { kv, prev })
         }
         Command::Delete { key } => {
@@ -732,10 +733,13 @@ mod tests {
                 seq: i / 3 + 1,
             };
             let key = format!("k{}", i % 500);
-            let cmd = Box::new(if i % 7 == 3 {
-                Command::Delete { key: key.into_bytes() }
-            } else {
-                put(&key, &i.to_string())
+            let cmd = Box::new(match i % 7 {
+                3 => Command::Delete { key: key.into_bytes() },
+                5 => Command::PutWithoutPrev {
+                    key: key.into_bytes(),
+                    value: i.to_string().into_bytes(),
+                },
+                _ => put(&key, &i.to_string()),
             });
             let request = if i < 300 {
                 Command::Request { id, cmd }
@@ -793,6 +797,43 @@ mod tests {
         ));
         let Response::Put { kv, .. } = &out[1] else { panic!() };
         assert_eq!((kv.create_revision, kv.version), (5, 1), "recreated key starts over");
+    }
+
+    #[test]
+    fn a_put_without_prev_writes_like_a_put_and_a_retry_gets_its_answer() {
+        let quiet = |k: &str, v: &str| Command::PutWithoutPrev {
+            key: k.as_bytes().to_vec(),
+            value: v.as_bytes().to_vec(),
+        };
+        let request = |seq, cmd| Command::RequestV2 {
+            id: crate::command::RequestId { client: 9, seq },
+            cmd: Box::new(cmd),
+        };
+        let mut state = MemTxn::new();
+        let out = run(
+            &mut state,
+            &[
+                put("a", "1"),
+                request(1, quiet("a", "2")),
+                request(2, put("a", "3")),
+                request(1, quiet("a", "2")),
+            ],
+        );
+        let Response::Put { kv, prev } = &out[1] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            (kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version),
+            (&b"2"[..], 1, 2, 2)
+        );
+        assert_eq!(*prev, None);
+        let Response::Put { prev, .. } = &out[2] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(prev.as_ref().map(|p| p.value.as_slice()), Some(&b"2"[..]));
+        assert_eq!(out[3], out[1], "a retry gets the first answer");
+        assert_eq!(get(&state, b"a").unwrap().unwrap().value, b"3");
+        assert_eq!(revision(&state).unwrap(), 3);
     }
 
     #[test]

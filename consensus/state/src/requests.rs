@@ -371,7 +371,9 @@ fn remember_in_order(txn: &mut dyn Txn, id: &RequestId, response: &Response) -> 
 /// carried.
 fn each_written(cmd: &Command, response: &mut Response, f: &mut impl FnMut(&mut KeyValue, &[u8], &[u8])) {
     match (cmd, response) {
-        (Command::Put { key, value }, Response::Put { kv, .. }) => f(kv, key, value),
+        (Command::Put { key, value } | Command::PutWithoutPrev { key, value }, Response::Put { kv, .. }) => {
+            f(kv, key, value)
+        }
         (
             Command::Cas { key, value, .. },
             Response::Cas {

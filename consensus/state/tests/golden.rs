@@ -43,6 +43,10 @@ fn parse_command(words: &[&str]) -> Command {
             key: text(1),
             value: text(2),
         },
+        "put-without-prev" => Command::PutWithoutPrev {
+            key: text(1),
+            value: text(2),
+        },
         "delete" => Command::Delete { key: text(1) },
         "cas" => Command::Cas {
             key: text(1),

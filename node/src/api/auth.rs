@@ -655,6 +655,7 @@ mod tests {
             v1::PutRequest {
                 key: "app/x".into(),
                 value: "secret value".into(),
+                prev_kv: false,
             }
             .encode_to_vec(),
         );

@@ -106,15 +106,19 @@ impl Kv for KvApi {
         self.gate
             .observe("Kv/Put", async {
                 let r = request.into_inner();
-                let cmd = Command::Put {
-                    key: r.key.to_vec(),
-                    value: r.value.to_vec(),
+                let (key, value) = (r.key.to_vec(), r.value.to_vec());
+                let cmd = if r.prev_kv {
+                    Command::Put { key, value }
+                } else {
+                    Command::PutWithoutPrev { key, value }
                 };
                 match self.consensus.propose(cmd).await? {
+                    // A leader of an older build answers with the previous
+                    // pair regardless.
                     Response::Put { kv, prev } => Ok(tonic::Response::new(v1::PutResponse {
                         header: self.header(kv.mod_revision),
                         kv: Some(kv_to_proto(kv)),
-                        prev_kv: prev.map(kv_to_proto),
+                        prev_kv: prev.filter(|_| r.prev_kv).map(kv_to_proto),
                     })),
                     other => Err(unexpected(other)),
                 }

@@ -249,6 +249,7 @@ async fn kv(endpoint: &str, output: Output, b: KvBench) -> anyhow::Result<()> {
                 .put(v1::PutRequest {
                     key: bench_key(0, i).into(),
                     value: value.clone().into(),
+                    prev_kv: false,
                 })
                 .await
                 .context("writing the keys for the get bench")?;
@@ -269,6 +270,7 @@ async fn kv(endpoint: &str, output: Output, b: KvBench) -> anyhow::Result<()> {
                         .put(v1::PutRequest {
                             key: bench_key(c, i).into(),
                             value: value.into(),
+                            prev_kv: false,
                         })
                         .await
                         .is_ok(),
@@ -483,7 +485,7 @@ async fn raft(output: Output, b: RaftBench) -> anyhow::Result<()> {
             let value = value.clone();
             move |i: u64| {
                 let leader = leader.clone();
-                let cmd = cell0_consensus::Command::Put {
+                let cmd = cell0_consensus::Command::PutWithoutPrev {
                     key: format!("bench/{writers}/{w}/{i}").into_bytes(),
                     value: value.clone(),
                 };

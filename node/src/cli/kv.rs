@@ -17,6 +17,9 @@ pub enum KvCommand {
         key: String,
         /// The value.
         value: String,
+        /// Also print the pair KEY held before this write.
+        #[arg(long)]
+        prev_kv: bool,
     },
     /// Print the value of KEY.
     Get {
@@ -89,20 +92,29 @@ fn consistency(serializable: bool) -> i32 {
 pub async fn run(endpoint: &str, output: Output, cmd: KvCommand) -> anyhow::Result<()> {
     let mut client = KvClient::new(connect(endpoint).await?);
     match cmd {
-        KvCommand::Put { key, value } => {
+        KvCommand::Put { key, value, prev_kv } => {
             let r = client
                 .put(v1::PutRequest {
                     key: key.into_bytes().into(),
                     value: value.into_bytes().into(),
+                    prev_kv,
                 })
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
             let revision = r.header.map_or(0, |h| h.revision);
+            let prev = r.prev_kv.map(view);
             match output {
+                Output::Json if prev_kv => print_json(&serde_json::json!({ "revision": revision, "prev_kv": prev })),
                 Output::Json => print_json(&serde_json::json!({ "revision": revision })),
                 Output::Table => {
                     println!("OK (revision {revision})");
+                    if prev_kv {
+                        match prev {
+                            Some(p) => println!("previous: {} (revision {})", p.value, p.mod_revision),
+                            None => println!("previous: none (the key was new)"),
+                        }
+                    }
                     Ok(())
                 }
             }

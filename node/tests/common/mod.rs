@@ -372,6 +372,7 @@ pub async fn put(endpoint: &str, key: &str, value: &str) -> Result<v1::PutRespon
         .put(v1::PutRequest {
             key: key.as_bytes().to_vec().into(),
             value: value.as_bytes().to_vec().into(),
+            prev_kv: false,
         })
         .await
         .map(|r| r.into_inner())
