@@ -134,7 +134,7 @@ pub const REQUEST_V2_FORMAT: u32 = 3;
 /// The format of AppendEntries requests and forwarded writes that carry
 /// `Command::PutWithoutPrev`. The leader proposes, and a follower forwards,
 /// that variant only to nodes that said they read this format; others get
-/// [`readable_at`]'s `Command::Put`.
+/// the same write as the `Command::Put` their build knows.
 pub const PUT_WITHOUT_PREV_FORMAT: u32 = 4;
 
 /// The oldest message format whose receivers apply `cmd`.

@@ -121,6 +121,13 @@ fn log_entry_seeds() -> Vec<Vec<u8>> {
             cmd: Box::new(Command::Batch(vec![put.clone()])),
         },
         Command::InitCluster { cluster_id: 9 },
+        Command::RequestV2 {
+            id: RequestId { client: 7, seq: 3 },
+            cmd: Box::new(Command::PutWithoutPrev {
+                key: b"app/y".to_vec(),
+                value: b"w".to_vec(),
+            }),
+        },
         Command::Acl(AclCommand::Bootstrap {
             token: Token {
                 accessor: AccessorId([1; 16]),

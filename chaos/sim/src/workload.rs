@@ -217,9 +217,13 @@ pub async fn client(spec: ClientSpec, handles: Handles, clock: Clock, until: Ins
         } else if pick < 75 {
             op.kind = OpKind::Write;
             op.value = Some(value);
-            let cmd = Command::Put {
-                key: op.key.clone().into_bytes(),
-                value: value.to_string().into_bytes(),
+            // Both puts the API proposes: with the previous pair (asked
+            // for) and without (the default).
+            let (key, value) = (op.key.clone().into_bytes(), value.to_string().into_bytes());
+            let cmd = if pick < 62 {
+                Command::Put { key, value }
+            } else {
+                Command::PutWithoutPrev { key, value }
             };
             write(&c, &mut op, cmd, clock).await;
             out.register.push(op);
@@ -255,7 +259,7 @@ pub async fn client(spec: ClientSpec, handles: Handles, clock: Clock, until: Ins
             op.kind = OpKind::Write;
             op.key = format!("{SET_PREFIX}{}/{counter}", spec.id);
             op.value = Some(value);
-            let cmd = Command::Put {
+            let cmd = Command::PutWithoutPrev {
                 key: op.key.clone().into_bytes(),
                 value: value.to_string().into_bytes(),
             };
