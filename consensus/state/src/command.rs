@@ -23,7 +23,7 @@ pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// A change to the replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Sets `key` to `value`.
+    /// Sets `key` to `value`; the answer carries the previous pair.
     Put {
         /// Key, 1..=[`MAX_KEY_BYTES`] bytes.
         #[serde(with = "crate::codec::bytes")]
