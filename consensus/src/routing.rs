@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
 use crate::inner::{Inner, wrong_type};
-use crate::network::{BASE_FORMAT, INTERNAL_FORMAT, command_format, decode, encode, never_sent, readable_at};
+use crate::network::{BASE_FORMAT, command_format, decode, encode, never_sent, readable_at};
 use crate::types::{NodeId, NodeInfo};
 
 /// Requests a follower sends to the leader.
@@ -136,7 +136,7 @@ impl Inner {
         // gets what its build applies.
         let leader_reads = self.health.reads_format(leader);
         let older;
-        let req = if leader_reads < INTERNAL_FORMAT && req.format() > leader_reads {
+        let req = if req.format() > leader_reads {
             older = req.clone().readable_at(leader_reads);
             &older
         } else {
