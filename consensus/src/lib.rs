@@ -10,11 +10,13 @@
 //!   membership changes.
 //! - [`network`]: the Raft transport over tonic and the internal service.
 //! - [`offline`]: restore and forced recovery of a stopped node's store.
+//! - [`bench`]: apply measured alone, on a scratch store.
 //!
 //! Storage is [`cell0_storage`]; the API edge (gRPC, status codes) is the
 //! node crate's.
 
 mod batcher;
+pub mod bench;
 mod config;
 mod elections;
 mod error;

@@ -182,6 +182,28 @@ fn bench_disk_measures_each_way_and_removes_its_files() {
 }
 
 #[test]
+fn bench_apply_applies_the_puts_it_reports_and_removes_its_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let args = ["--keys", "500", "--batch", "10", "--entries", "120", "--output", "json"];
+    let out = cli(&[&["bench", "apply", "--dir", path][..], &args[..]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["puts"], 1200, "{report}");
+    assert_eq!(
+        (report["keys"].clone(), report["batch"].clone()),
+        (500.into(), 10.into())
+    );
+    assert!(report["apply_us_per_put"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["cpu_us_per_put"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "files left behind");
+
+    let out = cli(&["bench", "apply", "--dir", path, "--batch", "0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--batch must be 1 to"), "{}", stderr(&out));
+}
+
+#[test]
 fn doctor_names_a_nearly_full_disk() {
     let root = tempfile::tempdir().unwrap();
     let Some(disk) = SmallDisk::mount(&root.path().join("small")) else {

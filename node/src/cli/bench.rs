@@ -5,8 +5,9 @@
 //! latencies go into one HDR histogram and progress goes to stderr once a
 //! second. `bench raft` does the same against an in-process Raft cluster,
 //! `bench schedule` places agents through the real scheduler and Raft on
-//! one, `bench infer` measures the local inference engine and `bench disk`
-//! one synced write on a disk (no cluster for either).
+//! one, `bench infer` measures the local inference engine, `bench disk`
+//! one synced write on a disk and `bench apply` a replica's apply of puts
+//! (no cluster for those three).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,6 +64,10 @@ pub enum BenchCommand {
     /// append with fdatasync, an overwrite with fdatasync, and a synced
     /// RocksDB write of a Raft log row (no cluster needed).
     Disk(super::disk_bench::DiskBench),
+    /// What applying one put costs a replica, alone: grouped puts applied
+    /// to a scratch store through a node's own state machine store (RocksDB,
+    /// no cluster needed).
+    Apply(super::apply_bench::ApplyBench),
 }
 
 /// Options of `cell0 bench embed`.
@@ -216,6 +221,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: BenchCommand) -> anyhow::R
         BenchCommand::Gossip(b) => super::gossip_bench::run(output, b).await,
         BenchCommand::Sites(b) => super::sites_bench::run(output, b).await,
         BenchCommand::Disk(b) => super::disk_bench::run(output, b).await,
+        BenchCommand::Apply(b) => super::apply_bench::run(output, b).await,
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod agent;
 mod agent_bench;
+mod apply_bench;
 pub mod bench;
 mod disk_bench;
 pub mod doctor;
