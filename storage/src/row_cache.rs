@@ -24,7 +24,10 @@
 //!
 //! Rows sit in hash maps by table (a lookup touches a few cache lines,
 //! where an ordered map or a memtable compares the key along a path of
-//! nodes).
+//! nodes), hashed with foldhash, seeded per process: SipHash, the standard
+//! map's, took a fifth of the cache's time (`cell0 bench apply`, see
+//! docs/benchmarks.md). The few tables are found by a scan of their
+//! prefixes, without hashing.
 //! Bounded by [`ROW_CACHE_BYTES`] in two generations: rows enter the young
 //! one; when it holds half the bound it becomes the old one and the older
 //! rows leave; a hit in the old generation moves the row back to the young
@@ -35,6 +38,7 @@
 use std::collections::HashMap;
 
 use cell0_state::prefix_end;
+use foldhash::fast::RandomState;
 
 /// Most bytes of keys, values and bookkeeping the cache holds.
 pub(crate) const ROW_CACHE_BYTES: usize = 64 << 20;
@@ -49,8 +53,8 @@ const ROW_OVERHEAD_BYTES: usize = 64;
 #[derive(Debug)]
 pub(crate) struct RowCache {
     /// By table prefix: a key up to and including its first NUL (every
-    /// state key has one after its table's name).
-    tables: HashMap<Vec<u8>, Generations>,
+    /// state key has one after its table's name). A handful of tables.
+    tables: Vec<(Vec<u8>, Generations)>,
     /// Bytes of the young generations of all tables.
     young_bytes: usize,
     /// Bytes one generation may hold.
@@ -60,11 +64,14 @@ pub(crate) struct RowCache {
     misses: u64,
 }
 
+/// Rows by full state key.
+type Rows = HashMap<Vec<u8>, Row, RandomState>;
+
 /// One table's rows.
 #[derive(Debug, Default)]
 struct Generations {
-    young: HashMap<Vec<u8>, Row>,
-    old: HashMap<Vec<u8>, Row>,
+    young: Rows,
+    old: Rows,
 }
 
 /// A cached row: its value, or `None` for a key known to have none.
@@ -87,10 +94,15 @@ fn table_of(key: &[u8]) -> &[u8] {
 }
 
 impl RowCache {
+    /// The rows of the table `prefix`, if any are cached.
+    fn table(&mut self, prefix: &[u8]) -> Option<&mut Generations> {
+        self.tables.iter_mut().find(|(p, _)| p == prefix).map(|(_, t)| t)
+    }
+
     /// An empty cache of at most `limit_bytes`.
     pub(crate) fn with_limit(limit_bytes: usize) -> Self {
         Self {
-            tables: HashMap::new(),
+            tables: Vec::new(),
             young_bytes: 0,
             generation_bytes: limit_bytes / 2,
             hits: 0,
@@ -120,7 +132,7 @@ impl RowCache {
     }
 
     fn lookup(&mut self, key: &[u8]) -> Option<Row> {
-        let table = self.tables.get_mut(table_of(key))?;
+        let table = self.table(table_of(key))?;
         if let Some(v) = table.young.get(key) {
             return Some(v.clone());
         }
@@ -132,7 +144,7 @@ impl RowCache {
 
     /// Caches `row`, just read from the engine under `key`.
     pub(crate) fn insert(&mut self, key: Vec<u8>, row: Row) {
-        if let Some(table) = self.tables.get_mut(table_of(&key)) {
+        if let Some(table) = self.table(table_of(&key)) {
             table.old.remove(&key);
         }
         self.admit(key, row);
@@ -141,15 +153,25 @@ impl RowCache {
     /// Applies a write of `key` going into the engine (`None`: a delete)
     /// to a cached row; keys not cached stay so.
     pub(crate) fn write(&mut self, key: &[u8], value: Option<&[u8]>) {
-        let Some(table) = self.tables.get_mut(table_of(key)) else {
+        let Some(table) = self.table(table_of(key)) else {
             return;
         };
-        let key = match table.old.remove_entry(key) {
-            Some((key, _)) => key,
-            None if table.young.contains_key(key) => key.to_vec(),
-            None => return,
-        };
-        self.admit(key, value.map(<[u8]>::to_vec));
+        if let Some(row) = table.young.get_mut(key) {
+            // Replaced where it is: one lookup for the common case, a row
+            // apply has just read. The generations turn if the young one
+            // outgrew its share.
+            let new = value.map(<[u8]>::to_vec);
+            let (was, now) = (row_bytes(key, row), row_bytes(key, &new));
+            *row = new;
+            self.young_bytes = self.young_bytes - was + now;
+            if self.young_bytes > self.generation_bytes {
+                self.turn();
+            }
+            return;
+        }
+        if let Some((key, _)) = table.old.remove_entry(key) {
+            self.admit(key, value.map(<[u8]>::to_vec));
+        }
     }
 
     /// Drops the rows of `[start, end)`. It visits the cached rows of the
@@ -173,11 +195,11 @@ impl RowCache {
             table.old.retain(|k, _| outside(k));
         };
         if within_table {
-            if let Some(table) = self.tables.get_mut(prefix) {
+            if let Some(table) = self.table(prefix) {
                 visit(table);
             }
         } else {
-            self.tables.values_mut().for_each(&mut visit);
+            self.tables.iter_mut().for_each(|(_, table)| visit(table));
         }
         self.young_bytes -= freed;
     }
@@ -193,8 +215,8 @@ impl RowCache {
     fn bytes(&self) -> usize {
         let old: usize = self
             .tables
-            .values()
-            .flat_map(|t| t.old.iter())
+            .iter()
+            .flat_map(|(_, t)| t.old.iter())
             .map(|(k, v)| row_bytes(k, v))
             .sum();
         self.young_bytes + old
@@ -204,22 +226,34 @@ impl RowCache {
     /// turning generations first when it would pass its share of the bound.
     fn admit(&mut self, key: Vec<u8>, row: Row) {
         let prefix = table_of(&key);
-        if let Some(prev) = self.tables.get_mut(prefix).and_then(|t| t.young.remove(&key)) {
+        if let Some(prev) = self.table(prefix).and_then(|t| t.young.remove(&key)) {
             self.young_bytes -= row_bytes(&key, &prev);
         }
         let size = row_bytes(&key, &row);
         if self.young_bytes + size > self.generation_bytes && self.young_bytes > 0 {
-            for table in self.tables.values_mut() {
-                table.old = std::mem::take(&mut table.young);
-            }
-            self.young_bytes = 0;
+            self.turn();
         }
-        let table = match self.tables.get_mut(prefix) {
-            Some(table) => table,
-            None => self.tables.entry(prefix.to_vec()).or_default(),
+        let at = match self.tables.iter().position(|(p, _)| p == prefix) {
+            Some(at) => at,
+            None => {
+                self.tables.push((prefix.to_vec(), Generations::default()));
+                self.tables.len() - 1
+            }
         };
-        table.young.insert(key, row);
+        self.tables[at].1.young.insert(key, row);
         self.young_bytes += size;
+    }
+
+    /// Makes every young generation the old one; the older rows leave.
+    /// Their map, emptied, becomes the young one: it keeps its buckets, so
+    /// the young generation refills without growing (rehashing every row,
+    /// touching fresh pages) again.
+    fn turn(&mut self) {
+        for (_, table) in &mut self.tables {
+            std::mem::swap(&mut table.old, &mut table.young);
+            table.young.clear();
+        }
+        self.young_bytes = 0;
     }
 }
 
@@ -251,7 +285,7 @@ mod tests {
         }
         c.insert(b"u\0k2".to_vec(), Some(b"v".to_vec()));
         assert!(
-            c.tables.values().any(|t| !t.old.is_empty()),
+            c.tables.iter().any(|(_, t)| !t.old.is_empty()),
             "the first rows moved to the old generation"
         );
         c.remove_range(&key("k2"), &key("k4"));

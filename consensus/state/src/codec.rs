@@ -31,6 +31,15 @@ pub fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>> {
     })
 }
 
+/// Encodes `v` as a row of layout `version`: the layout byte, then the
+/// body, written into one buffer.
+pub fn encode_framed<T: Serialize>(what: &'static str, version: u8, v: &T) -> Result<Vec<u8>> {
+    postcard::to_extend(v, vec![version]).map_err(|e| StateError::Encode {
+        what,
+        detail: e.to_string(),
+    })
+}
+
 /// Decodes a stored `what`.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
     postcard::from_bytes(bytes).map_err(|e| StateError::Corrupt {
@@ -61,6 +70,11 @@ pub trait Row: Sized {
     /// The body of the current layout.
     fn encode_body(&self) -> Result<Vec<u8>>;
 
+    /// The whole row: the layout byte, then the body.
+    fn encode_framed(&self) -> Result<Vec<u8>> {
+        Ok(frame(Self::VERSION, &self.encode_body()?))
+    }
+
     /// Decodes a body written in layout `version` (at most
     /// [`Row::VERSION`]), migrating an older layout into the current one.
     fn decode_body(version: u8, body: &[u8]) -> Result<Self>;
@@ -76,6 +90,10 @@ macro_rules! row_v1 {
 
             fn encode_body(&self) -> $crate::Result<Vec<u8>> {
                 $crate::codec::encode($what, self)
+            }
+
+            fn encode_framed(&self) -> $crate::Result<Vec<u8>> {
+                $crate::codec::encode_framed($what, 1, self)
             }
 
             fn decode_body(_version: u8, body: &[u8]) -> $crate::Result<Self> {
@@ -138,7 +156,7 @@ pub mod bytes {
 
 /// Encodes `row` as its layout byte followed by its body.
 pub fn encode_row<T: Row>(row: &T) -> Result<Vec<u8>> {
-    Ok(frame(T::VERSION, &row.encode_body()?))
+    row.encode_framed()
 }
 
 /// Decodes a row written by [`encode_row`] in this or any earlier layout.

@@ -293,27 +293,30 @@ impl Command {
     /// are checked before proposing, not in apply, so changing one in a
     /// rolling upgrade cannot make replicas disagree.
     pub fn check_structure(&self) -> Result<(), StateError> {
-        self.check_structure_at("", 0, false)
+        self.check_structure_at(&Place::Top, 0, false)
     }
 
-    fn check_structure_at(&self, path: &str, depth: usize, in_request: bool) -> Result<(), StateError> {
+    fn check_structure_at(&self, at: &Place<'_>, depth: usize, in_request: bool) -> Result<(), StateError> {
         match self {
             Command::Batch(cmds) => {
                 if depth >= 2 {
-                    return Err(StateError::invalid(&format!("{path}batch"), "is nested too deeply"));
+                    return Err(StateError::invalid(
+                        &format!("{}batch", at.path()),
+                        "is nested too deeply",
+                    ));
                 }
                 cmds.iter()
                     .enumerate()
-                    .try_for_each(|(i, c)| c.check_structure_at(&format!("{path}batch[{i}]."), depth + 1, in_request))
+                    .try_for_each(|(i, c)| c.check_structure_at(&Place::InBatch(at, i), depth + 1, in_request))
             }
             Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => {
                 if in_request {
                     return Err(StateError::invalid(
-                        &format!("{path}request"),
+                        &format!("{}request", at.path()),
                         "is inside another request",
                     ));
                 }
-                cmd.check_structure_at(path, depth, true)
+                cmd.check_structure_at(at, depth, true)
             }
             _ => Ok(()),
         }
@@ -385,6 +388,25 @@ impl Command {
             Command::Task(t) => t.approx_size(),
             Command::Acl(a) => a.approx_size(),
             Command::Handoff(h) => h.approx_size(),
+        }
+    }
+}
+
+/// Where a command sits inside the one [`Command::check_structure`] checks;
+/// spelled out as a field path (`batch[3].batch[0].`) only for a refusal, so
+/// checking a well-formed entry of many commands allocates nothing.
+enum Place<'a> {
+    /// The command itself.
+    Top,
+    /// Element `usize` of a batch at the given place.
+    InBatch(&'a Place<'a>, usize),
+}
+
+impl Place<'_> {
+    fn path(&self) -> String {
+        match self {
+            Place::Top => String::new(),
+            Place::InBatch(parent, i) => format!("{}batch[{i}].", parent.path()),
         }
     }
 }

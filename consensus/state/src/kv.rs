@@ -518,8 +518,8 @@ pub(crate) fn apply_command(
                 books.window.give_back(window);
                 return Ok(first);
             }
-            let response = apply_command(txn, inner, rev, books, events, changed)?;
-            books.window.remember(window, txn, id, inner, &response)?;
+            let mut response = apply_command(txn, inner, rev, books, events, changed)?;
+            books.window.remember(window, txn, id, inner, &mut response)?;
             Ok(response)
         }
         Command::InitCluster { cluster_id: id } => {

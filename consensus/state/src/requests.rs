@@ -38,7 +38,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{decode_row, encode_row};
+use crate::codec::{Row, decode_row, encode_framed, encode_row};
 use crate::command::{Command, KeyValue, RequestId, Response};
 use crate::error::Result;
 use crate::kv::META_TABLE;
@@ -62,6 +62,12 @@ pub const REQUEST_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RequestRow {
     response: Response,
+}
+
+/// A [`RequestRow`] to encode from a borrowed response (the same bytes).
+#[derive(Serialize)]
+struct RequestRowRef<'a> {
+    response: &'a Response,
 }
 
 /// The first layout's bookkeeping, one `meta` row.
@@ -203,15 +209,18 @@ impl Window {
         txn: &mut dyn Txn,
         id: &RequestId,
         cmd: &Command,
-        response: &Response,
+        response: &mut Response,
     ) -> Result<Option<Generations>> {
         let Window::Generations { row: mut g, .. } = self else {
             remember_in_order(txn, id, response)?;
             return Ok(None);
         };
-        let mut kept = response.clone();
-        strip_written(cmd, &mut kept);
-        let row = encode_row(&RequestRow { response: kept })?;
+        // The kept answer is the response without the written pairs, which
+        // move out for the encoding and back (no copy of them is made).
+        let taken = take_written(cmd, response);
+        let row = encode_framed(RequestRow::WHAT, RequestRow::VERSION, &RequestRowRef { response });
+        put_back(cmd, response, taken);
+        let row = row?;
         txn.put(GENERATIONS_TABLE, &generation_key(g.current, id), &row)?;
         g.entries += 1;
         g.bytes = g.bytes.saturating_add(row.len() as u64);
@@ -285,7 +294,7 @@ impl WindowBook {
         txn: &mut dyn Txn,
         id: &RequestId,
         cmd: &Command,
-        response: &Response,
+        response: &mut Response,
     ) -> Result<()> {
         if let Some(row) = window.remember(txn, id, cmd, response)? {
             self.kept = Some(row);
@@ -391,19 +400,35 @@ fn each_written(cmd: &Command, response: &mut Response, f: &mut impl FnMut(&mut 
     }
 }
 
-/// Leaves out of `response` the key and value of each written pair that
+/// A written pair [`take_written`] moved out of a response: its key and
+/// value.
+type Taken = Option<(Vec<u8>, Vec<u8>)>;
+
+/// Moves out of `response` the key and value of each written pair that
 /// are exactly the command's (keys are never empty, so an empty key marks
-/// a pair left out).
-fn strip_written(cmd: &Command, response: &mut Response) {
+/// a pair left out); [`put_back`] returns them.
+fn take_written(cmd: &Command, response: &mut Response) -> Vec<Taken> {
+    let mut taken = Vec::new();
     each_written(cmd, response, &mut |kv, key, value| {
-        if kv.key == key && kv.value == value {
-            kv.key = Vec::new();
-            kv.value = Vec::new();
+        let exact = kv.key == key && kv.value == value;
+        taken.push(exact.then(|| (std::mem::take(&mut kv.key), std::mem::take(&mut kv.value))));
+    });
+    taken
+}
+
+/// Returns the pairs [`take_written`] moved out of `response` (the same
+/// command visits the same pairs in the same order).
+fn put_back(cmd: &Command, response: &mut Response, taken: Vec<Taken>) {
+    let mut taken = taken.into_iter();
+    each_written(cmd, response, &mut |kv, _, _| {
+        if let Some(Some((key, value))) = taken.next() {
+            kv.key = key;
+            kv.value = value;
         }
     });
 }
 
-/// Puts back what [`strip_written`] left out.
+/// Puts back what [`take_written`] left out of a kept answer.
 fn restore_written(cmd: &Command, response: &mut Response) {
     each_written(cmd, response, &mut |kv, key, value| {
         if kv.key.is_empty() {
@@ -446,7 +471,8 @@ mod tests {
         let cmd = put("k");
         let mut book = WindowBook::default();
         let window = book.open(txn, carrier).unwrap();
-        book.remember(window, txn, &id(seq), &cmd, &written("k", seq)).unwrap();
+        book.remember(window, txn, &id(seq), &cmd, &mut written("k", seq))
+            .unwrap();
         book.store(txn).unwrap();
     }
 
