@@ -10,7 +10,7 @@
 //!   membership changes.
 //! - [`network`]: the Raft transport over tonic and the internal service.
 //! - [`offline`]: restore and forced recovery of a stopped node's store.
-//! - [`bench`]: apply measured alone, on a scratch store.
+//! - [`bench`](mod@bench): apply measured alone, on a scratch store.
 //!
 //! Storage is [`cell0_storage`]; the API edge (gRPC, status codes) is the
 //! node crate's.
