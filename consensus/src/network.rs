@@ -732,7 +732,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             let sizes: Vec<usize> = rpc
                 .entries
                 .iter()
-                .map(|e| cell0_state::codec::encode("log entry", e).map_or(usize::MAX, |b| b.len()))
+                .map(|e| cell0_state::codec::encoded_len("log entry", e).unwrap_or(usize::MAX))
                 .collect();
             let fit = entries_to_retry(&sizes, msg.payload.len(), budget);
             self.append_budget.in_flight = false;

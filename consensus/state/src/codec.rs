@@ -24,20 +24,34 @@ use serde::de::DeserializeOwned;
 use crate::error::{Result, StateError};
 
 /// Encodes `v`; naming `what` if it fails (a bug).
+///
+/// The encoding is measured first and written into a buffer of exactly its
+/// size. Grown from empty, a buffer doubles its way there: seven
+/// allocations for a row holding a 256-byte value, each copying what was
+/// written so far, thirteen for the log entry of a group of 80 such puts.
 pub fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>> {
-    postcard::to_stdvec(v).map_err(|e| StateError::Encode {
-        what,
-        detail: e.to_string(),
-    })
+    let len = encoded_len(what, v)?;
+    postcard::to_extend(v, Vec::with_capacity(len)).map_err(|e| encode_error(what, e))
+}
+
+/// The length of `v`'s encoding, without writing it.
+pub fn encoded_len<T: Serialize>(what: &'static str, v: &T) -> Result<usize> {
+    postcard::experimental::serialized_size(v).map_err(|e| encode_error(what, e))
 }
 
 /// Encodes `v` as a row of layout `version`: the layout byte, then the
-/// body, written into one buffer.
+/// body, written into one buffer of exactly their size.
 pub fn encode_framed<T: Serialize>(what: &'static str, version: u8, v: &T) -> Result<Vec<u8>> {
-    postcard::to_extend(v, vec![version]).map_err(|e| StateError::Encode {
+    let mut out = Vec::with_capacity(1 + encoded_len(what, v)?);
+    out.push(version);
+    postcard::to_extend(v, out).map_err(|e| encode_error(what, e))
+}
+
+fn encode_error(what: &'static str, e: postcard::Error) -> StateError {
+    StateError::Encode {
         what,
         detail: e.to_string(),
-    })
+    }
 }
 
 /// Decodes a stored `what`.
@@ -324,6 +338,20 @@ mod tests {
             let encoded = encode("test", &seq).unwrap();
             assert_eq!(encode("test", &bytes).unwrap(), encoded);
             assert_eq!(decode::<AsBytes>("test", &encoded).unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn encodings_are_written_into_one_buffer_of_their_exact_size() {
+        for value in [Vec::new(), vec![7u8; 256], vec![9u8; 70_000]] {
+            let v = AsBytes { a: value, n: u64::MAX };
+            let plain = encode("test", &v).unwrap();
+            assert_eq!(plain.capacity(), plain.len());
+            assert_eq!(encoded_len("test", &v).unwrap(), plain.len());
+            let framed = encode_framed("test", 3, &v).unwrap();
+            assert_eq!(framed.capacity(), framed.len());
+            assert_eq!(framed[0], 3);
+            assert_eq!(&framed[1..], &plain[..]);
         }
     }
 
