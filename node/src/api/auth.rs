@@ -53,8 +53,8 @@ const MAX_CACHED_TOKENS: usize = 4096;
 /// Its value is marked sensitive, which HTTP/2 encodes as a literal never
 /// indexed. Indexed, every response's new id went into both ends' HPACK
 /// tables, evicting older entries, and the encoder compared each new id
-/// with every id the table still held: about 3 % of a node's CPU under
-/// load (docs/benchmarks.md).
+/// with every id the table still held: about 2 % of a follower's CPU under
+/// load (docs/benchmarks.md, "What a follower's CPU goes to").
 pub const TRACE_ID_HEADER: &str = "cell0-trace-id";
 
 /// The only upload method: its request is a stream, never read here.
