@@ -9,8 +9,16 @@
 //! - A [`WriteBatch`] is applied atomically: after a crash all or none of it
 //!   is visible.
 //! - A [`Durability::Sync`] write is on stable storage when `write` returns,
-//!   and so is every write that returned before it (one shared write-ahead
-//!   log).
+//!   and so is every logged write that returned before it (one shared
+//!   write-ahead log).
+//! - A [`Durability::Unlogged`] write is on stable storage once an
+//!   [`Engine::flush`] that started after it returned (or a flush the engine
+//!   started on its own). Flushes cover every keyspace up to one point, so a
+//!   crash keeps the unlogged writes of some prefix of them, whole batches
+//!   at a time. Callers keep the two apart: a key written unlogged is not
+//!   written logged before the next flush, which the stores above do by
+//!   flushing before an install's synced writes (otherwise a crash could
+//!   keep the later logged write and lose the unlogged batch before it).
 //! - [`Cf::State`] and [`Cf::Staging`] are two physical keyspaces whose
 //!   roles a [`WriteOp::PromoteStaging`] swaps in the same atomic write as
 //!   the rest of its batch: a snapshot is loaded into the staging keyspace
@@ -102,10 +110,14 @@ pub enum Durability {
     Sync,
     /// Leave it in the OS page cache; a later synced write makes it durable.
     Buffered,
-    /// Not written to the write-ahead log at all: durable only once
-    /// [`Engine::flush`] returns, lost on a crash before. Only for bulk loads
-    /// whose loss is harmless (a snapshot staged in [`Cf::Staging`], removed
-    /// at the next start anyway): it halves their disk writes.
+    /// Not written to the write-ahead log at all: durable only once a flush
+    /// wrote it to the engine's files ([`Engine::flush`], or one the engine
+    /// started when its memory filled), lost on any crash before, even a
+    /// process crash. For writes that something else makes recoverable:
+    /// apply's (the Raft log holds every entry since the last flush, and a
+    /// restart applies them again) and bulk loads whose loss is harmless (a
+    /// snapshot staged in [`Cf::Staging`], removed at the next start
+    /// anyway). It halves their disk writes.
     Unlogged,
 }
 
@@ -226,8 +238,10 @@ pub trait Engine: ReadView + Send + Sync + 'static {
     /// that happen meanwhile.
     fn with_view(&self, f: &mut dyn FnMut(&dyn ReadView) -> Result<()>) -> Result<()>;
 
-    /// Writes buffered data to stable storage (at shutdown), so the next open
-    /// has nothing to recover from the write-ahead log.
+    /// Writes buffered and unlogged data to stable storage, every keyspace
+    /// up to one point: at shutdown (so the next open has nothing to
+    /// recover), before a snapshot is recorded (so the log it lets go of is
+    /// applied durably), and before an install's synced writes.
     fn flush(&self) -> Result<()>;
 
     /// Makes every write that returned before this call durable: one fsync

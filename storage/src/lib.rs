@@ -12,13 +12,20 @@
 //!   knows nothing of the application: a [`Apply`] implementation (provided
 //!   by the consensus crate) turns each command into reads and writes on a
 //!   [`Txn`]; the applied log id and membership land in the same atomic write
-//!   as the data, so a restart never replays applied entries. Apply's point
-//!   reads go through a bounded row cache (`row_cache`).
+//!   as the data, so the state a crash leaves is that of one applied prefix
+//!   of the log, with the id saying which. Apply's point reads go through a
+//!   bounded row cache (`row_cache`).
 //!
-//! Both stores of one node share one engine, and so one RocksDB write-ahead
-//! log. That is what makes unsynced state-machine writes safe: every later
-//! synced log write (append, truncate, vote) flushes them too, and the log
-//! always holds whatever they lost.
+//! Both stores of one node share one engine. Apply writes unlogged: its rows
+//! skip the write-ahead log and reach the disk with the engine's next
+//! flush, which covers every column family at one point (RocksDB's atomic
+//! flush). A crash, of the process or the machine, loses what was applied
+//! since; the restart applies those entries again from the log, which keeps
+//! them: the log lets go of entries only up to a recorded snapshot, and a
+//! snapshot is recorded only after a flush that started once the state had
+//! applied it. So the log, synced before any write is acknowledged, is the
+//! only copy of a write that must reach the disk at once, and a put is
+//! written to the write-ahead log once instead of twice.
 
 // openraft's storage traits fix `StorageError` (a large enum) as their error
 // type; boxing it is not an option for trait methods we implement.

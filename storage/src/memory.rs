@@ -4,34 +4,38 @@
 //! lost when the value is dropped. Never used on the real path.
 //!
 //! It also simulates a power loss ([`MemEngine::power_loss`]), with the
-//! durability model of RocksDB's shared write-ahead log:
-//! - a [`Durability::Sync`] write is durable, and makes every earlier write
-//!   durable too (one fsync of the shared log);
+//! durability model of RocksDB's shared write-ahead log and its flushes:
+//! - a [`Durability::Sync`] write is durable, and makes every earlier logged
+//!   write durable too (one fsync of the shared log);
 //! - a [`Durability::Buffered`] write is durable only once a later synced
-//!   write (or [`Engine::flush`]) happened; a power loss discards every write
-//!   made after the last synced one, whole batches at a time.
+//!   write (or a flush) happened;
+//! - a [`Durability::Unlogged`] write is durable only once a later
+//!   [`Engine::flush`] happened: a synced write does not make it durable;
+//! - a power loss discards every write that is not durable, newest first,
+//!   whole batches at a time.
 //!
 //! To do that the engine keeps an undo record (the previous value of each key
-//! touched) of every buffered write since the last synced one. The undo log is
-//! emptied by each synced write, so it only ever holds the writes of one
-//! fsync interval.
+//! touched) of every write that is not durable yet, marked unlogged or not.
+//! A synced write drops the records of logged writes, a flush all of them,
+//! so the undo log only holds the writes since the last flush.
 //!
 //! A crash of the process that writes to the engine, followed by a restart
 //! on the same disk, is [`MemEngine::fork`]: an independent copy of the
-//! engine as it is at that instant (unsynced writes and their undo records
-//! included), for the restarted process, while the crashed one keeps the
-//! original until its last task is gone: whatever it still writes after the
-//! crash reaches nothing the restart reads. Calling [`MemEngine::power_loss`]
-//! on the copy makes the crash a power loss of the machine too.
+//! engine as it is at that instant, for the restarted process, while the
+//! crashed one keeps the original until its last task is gone: whatever it
+//! still writes after the crash reaches nothing the restart reads. The copy
+//! keeps the buffered writes (in the write-ahead log, which the operating
+//! system holds) with their undo records, and lacks the unlogged ones since
+//! the last flush (in RocksDB's memtables, which died with the process).
+//! Calling [`MemEngine::power_loss`] on the copy makes the crash a power
+//! loss of the machine too.
 //!
-//! Simplification: a [`Durability::Unlogged`] write is kept like a buffered
-//! one (a later synced write makes it durable), and a fork keeps it, where
-//! RocksDB keeps it only once flushed. Only snapshot loads into
-//! [`crate::Cf::Staging`] write unlogged, and a restart clears that keyspace.
-//!
-//! Invariant: after `power_loss`, the engine holds exactly the writes that
-//! returned before the last synced write (or flush) returned, whole batches
-//! at a time; a fork shares nothing mutable with its original.
+//! Invariant: after `power_loss`, the engine holds exactly the logged writes
+//! that returned before the last synced write (or flush) returned and the
+//! unlogged ones that returned before the last flush did, whole batches at
+//! a time; a fork holds those and the buffered writes, and shares nothing
+//! mutable with its original. (Exact as long as no logged write of a key
+//! follows an unlogged one of it before a flush: see [`crate::Engine`].)
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -76,6 +80,15 @@ enum Undo {
     Slot(StateSlot),
 }
 
+/// The undo record of a write that is not durable yet.
+#[derive(Debug, Clone)]
+struct Pending {
+    undo: Undo,
+    /// Written [`Durability::Unlogged`]: only a flush makes it durable, and
+    /// a process crash loses it.
+    unlogged: bool,
+}
+
 /// The keyspaces, each shared copy-on-write: a view ([`Engine::with_view`])
 /// takes a reference to each, and a write copies a keyspace only while a
 /// view of it is alive, so a view costs nothing like a copy of the whole
@@ -84,14 +97,43 @@ enum Undo {
 struct State {
     tables: BTreeMap<Space, Arc<Table>>,
     slot: StateSlot,
-    /// Undo records of the buffered writes since the last synced write,
-    /// oldest first.
-    undo: Vec<Undo>,
+    /// Undo records of the writes that are not durable yet, oldest first.
+    undo: Vec<Pending>,
 }
 
 impl State {
     fn table(&self, cf: Cf) -> Option<&Table> {
         self.tables.get(&Space::of(self.slot, cf)).map(|t| &**t)
+    }
+
+    /// Undoes the pending writes that `lost` picks, newest first, and keeps
+    /// the records of the others.
+    fn discard(&mut self, lost: impl Fn(&Pending) -> bool) {
+        let mut kept = Vec::new();
+        for pending in std::mem::take(&mut self.undo).into_iter().rev() {
+            if !lost(&pending) {
+                kept.push(pending);
+                continue;
+            }
+            match pending.undo {
+                Undo::Key { space, key, previous } => {
+                    let table = table_mut(&mut self.tables, space);
+                    match previous {
+                        Some(v) => table.insert(key, v),
+                        None => table.remove(&key),
+                    };
+                }
+                Undo::Slot(slot) => self.slot = slot,
+            }
+        }
+        kept.reverse();
+        self.undo = kept;
+    }
+
+    /// What one fsync of the write-ahead log does: every logged write is
+    /// durable.
+    fn synced(&mut self) {
+        self.undo.retain(|p| p.unlogged);
     }
 }
 
@@ -115,7 +157,7 @@ impl std::fmt::Debug for MemEngine {
         let state = self.lock();
         f.debug_struct("MemEngine")
             .field("rows", &state.tables.values().map(|t| t.len()).sum::<usize>())
-            .field("unsynced_mutations", &state.undo.len())
+            .field("pending_mutations", &state.undo.len())
             .finish()
     }
 }
@@ -127,36 +169,26 @@ impl MemEngine {
     }
 
     /// Test and simulation facility: simulates a power loss (or `kill -9` of
-    /// the machine) by discarding every write made after the last
-    /// [`Durability::Sync`] write (or [`Engine::flush`]), newest first. The
-    /// engine stays usable, as after a reboot: stores opened over it again see
-    /// exactly what a real disk would have kept.
+    /// the machine) by discarding every write that is not durable (see the
+    /// module docs), newest first. The engine stays usable, as after a
+    /// reboot: stores opened over it again see exactly what a real disk would
+    /// have kept.
     pub fn power_loss(&self) {
-        let mut state = self.lock();
-        let undo = std::mem::take(&mut state.undo);
-        for record in undo.into_iter().rev() {
-            match record {
-                Undo::Key { space, key, previous } => {
-                    let table = table_mut(&mut state.tables, space);
-                    match previous {
-                        Some(v) => table.insert(key, v),
-                        None => table.remove(&key),
-                    };
-                }
-                Undo::Slot(slot) => state.slot = slot,
-            }
-        }
+        self.lock().discard(|_| true);
     }
 
     /// Test and simulation facility: an independent copy of this engine as
-    /// it is now, writes not yet synced included (with what
+    /// it is now, without the unlogged writes since the last flush, and
+    /// with the buffered writes not yet synced (and what
     /// [`MemEngine::power_loss`] needs to discard them): the disk a process
     /// that crashed at this instant leaves to its restart. Writes to either
     /// engine afterwards do not reach the other. Cheap: keyspaces are shared
     /// copy-on-write until one side writes to them.
     pub fn fork(&self) -> MemEngine {
+        let mut state = self.lock().clone();
+        state.discard(|p| p.unlogged);
         MemEngine {
-            state: Mutex::new(self.lock().clone()),
+            state: Mutex::new(state),
             sync_latency_us: AtomicU64::new(self.sync_latency_us.load(Ordering::Relaxed)),
         }
     }
@@ -256,16 +288,18 @@ impl Engine for MemEngine {
     fn write(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
         let mut guard = self.lock();
         let State { tables, slot, undo } = &mut *guard;
-        // Undo records are only needed for writes a power loss can discard.
-        // An unlogged write is kept like a buffered one: a later synced
-        // write or flush makes both durable here.
-        let buffered = durability != Durability::Sync;
+        // Undo records are only needed for writes a crash can discard.
+        let pending = durability != Durability::Sync;
+        let unlogged = durability == Durability::Unlogged;
         let mut record = |space: Space, key: &[u8], previous: Option<Vec<u8>>| {
-            if buffered {
-                undo.push(Undo::Key {
-                    space,
-                    key: key.to_vec(),
-                    previous,
+            if pending {
+                undo.push(Pending {
+                    undo: Undo::Key {
+                        space,
+                        key: key.to_vec(),
+                        previous,
+                    },
+                    unlogged,
                 });
             }
         };
@@ -302,13 +336,15 @@ impl Engine for MemEngine {
         }
         if promoted {
             *slot = before.flipped();
-            if buffered {
-                undo.push(Undo::Slot(before));
+            if pending {
+                undo.push(Pending {
+                    undo: Undo::Slot(before),
+                    unlogged,
+                });
             }
         }
-        if !buffered {
-            // One fsync of the shared log: every earlier write is durable too.
-            undo.clear();
+        if !pending {
+            guard.synced();
         }
         Ok(())
     }
@@ -330,7 +366,7 @@ impl Engine for MemEngine {
     }
 
     fn sync_log(&self) -> Result<()> {
-        self.lock().undo.clear();
+        self.lock().synced();
         Ok(())
     }
 
@@ -387,6 +423,44 @@ mod tests {
         e.flush().unwrap();
         e.power_loss();
         assert_eq!(all(&e).len(), 3);
+    }
+
+    #[test]
+    fn unlogged_writes_are_durable_only_after_a_flush_and_die_with_the_process() {
+        let e = MemEngine::new();
+        put(&e, b"a", b"1", Durability::Unlogged);
+        e.flush().unwrap();
+        put(&e, b"a", b"2", Durability::Unlogged);
+        put(&e, b"b", b"1", Durability::Buffered);
+        put(&e, b"c", b"1", Durability::Unlogged);
+        // A synced write makes the buffered write durable, not the unlogged.
+        put(&e, b"d", b"1", Durability::Sync);
+        e.sync_log().unwrap();
+        put(&e, b"e", b"1", Durability::Buffered);
+        let flushed_a = (b"a".to_vec(), b"1".to_vec());
+        let row = |k: &[u8]| (k.to_vec(), b"1".to_vec());
+
+        // A process crash: the memtables are gone, the operating system
+        // still holds the log, synced or not.
+        let crashed = e.fork();
+        assert_eq!(all(&crashed), vec![flushed_a.clone(), row(b"b"), row(b"d"), row(b"e")]);
+        // The machine too: the unsynced buffered write goes as well.
+        crashed.power_loss();
+        assert_eq!(all(&crashed), vec![flushed_a.clone(), row(b"b"), row(b"d")]);
+
+        let power_lost = e.fork();
+        e.power_loss();
+        power_lost.power_loss();
+        assert_eq!(all(&e), all(&power_lost));
+
+        // After a flush everything stays.
+        let e = MemEngine::new();
+        put(&e, b"a", b"1", Durability::Unlogged);
+        put(&e, b"b", b"1", Durability::Buffered);
+        e.flush().unwrap();
+        let crashed = e.fork();
+        crashed.power_loss();
+        assert_eq!(all(&crashed), vec![row(b"a"), row(b"b")]);
     }
 
     #[test]

@@ -4,7 +4,12 @@
 //! Invariants:
 //! - One apply call is one atomic engine write holding the data of every
 //!   entry, the last applied log id and the last membership: after a crash the
-//!   state is exactly that of some applied prefix of the log.
+//!   state is exactly that of some applied prefix of the log. The write is
+//!   unlogged (see the crate docs): that prefix ends at the engine's last
+//!   flush, and openraft applies the rest again from the log at start.
+//! - A built snapshot is recorded only after an engine flush that started
+//!   once its view was taken, so the log it allows openraft to purge is
+//!   never needed again to rebuild the state after a crash.
 //! - Snapshots are read from a point-in-time view, so they are consistent
 //!   with the applied id they carry even while applies continue.
 //! - A snapshot is a file (see [`crate::snapshot`]): built from a
@@ -594,6 +599,9 @@ where
         let Some((meta, path)) = out else {
             return Err(crate::Error::Io("snapshot view produced nothing".into()));
         };
+        // The state the view saw reaches the disk before the record lets
+        // openraft purge the log up to it (applies are unlogged).
+        self.engine.flush()?;
         let file = std::fs::File::open(&path).map_err(io_err(&path))?;
         let _guard = lock_snapshot(&self.snapshot_lock);
         // A snapshot installed (or built) while this one was being built may
@@ -935,8 +943,8 @@ where
             batch.put(Cf::Meta, MEMBERSHIP_KEY, m);
         }
         // Applied entries are already durable in the log; see the crate docs
-        // for why this write needs no fsync of its own.
-        let written = self.engine.write(batch, Durability::Buffered);
+        // for why this write needs neither an fsync nor the write-ahead log.
+        let written = self.engine.write(batch, Durability::Unlogged);
         let mut cache = lock_cache(&self.row_cache);
         cache.publish_reads();
         if let Err(e) = written {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use cell0_storage::{LogStore, MemEngine, StateMachineStore};
 use common::{SetApply, Sm, TestConfig, read, set_entry};
+use openraft::RaftSnapshotBuilder;
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::{LogId, RaftLogReader, Vote};
 
@@ -46,6 +47,9 @@ async fn acknowledged_appends_and_the_vote_survive_power_loss() {
     acked.extend(append_acked(&mut log, 1..=3).await);
     apply(&mut sm, 1..=3).await;
     log.save_committed(Some(acked[2])).await.unwrap();
+    // Recording a snapshot flushes the state it covers first.
+    let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(3));
     acked.extend(append_acked(&mut log, 4..=6).await);
     apply(&mut sm, 4..=5).await;
     log.save_committed(Some(acked[4])).await.unwrap();
@@ -56,6 +60,14 @@ async fn acknowledged_appends_and_the_vote_survive_power_loss() {
     apply(&mut sm, 6..=8).await;
     log.save_committed(Some(acked[7])).await.unwrap();
     drop((log, sm));
+
+    // A process crash already loses the applies since the flush (they are
+    // unlogged), and keeps the log.
+    let crashed = Arc::new(engine.fork());
+    let (_, mut sm) = open(&crashed, snapshots.path());
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(3));
+    drop(sm);
 
     engine.power_loss();
 
@@ -77,16 +89,16 @@ async fn acknowledged_appends_and_the_vote_survive_power_loss() {
     assert_eq!(state.last_log_id, acked.last().copied());
     assert_eq!(log.read_vote().await.unwrap(), Some(vote));
 
-    // Applies are not synced on their own: those made before the last synced
-    // write (the append of 7..=9) survive, later ones are lost, and the state
-    // is exactly that of the applied prefix.
+    // Applies are durable only once flushed: those the snapshot's flush
+    // covered survive, later ones are lost (synced appends do not keep
+    // them), and the state is exactly that of the applied prefix.
     let (applied, _) = sm.applied_state().await.unwrap();
-    assert_eq!(applied.map(|l| l.index), Some(5));
-    assert_eq!(read(&sm, "k5"), Some(b"v".to_vec()));
-    assert_eq!(read(&sm, "k6"), None);
+    assert_eq!(applied.map(|l| l.index), Some(3));
+    assert_eq!(read(&sm, "k3"), Some(b"v".to_vec()));
+    assert_eq!(read(&sm, "k4"), None);
     // The log still holds what the state machine lost: it can catch up.
-    assert!(present.iter().any(|id| id.index == 6));
-    apply(&mut sm, 6..=9).await;
+    assert!(present.iter().any(|id| id.index == 4));
+    apply(&mut sm, 4..=9).await;
     assert_eq!(read(&sm, "k9"), Some(b"v".to_vec()));
 }
 
