@@ -584,7 +584,9 @@ impl Consensus {
 
     /// This node's view of the group.
     pub fn status(&self) -> Status {
-        let m = self.inner.raft.metrics().borrow().clone();
+        // Read under the borrow: a clone copies openraft's maps on every call.
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
         let role = match m.state {
             ServerState::Leader => Role::Leader,
             ServerState::Follower => Role::Follower,
@@ -609,6 +611,12 @@ impl Consensus {
             revision: self.inner.sm.cached_revision(),
             initialized: m.membership_config.membership().nodes().next().is_some(),
         }
+    }
+
+    /// The current term, as [`Consensus::status`] reports it, without the
+    /// rest (every KV response carries it).
+    pub fn term(&self) -> u64 {
+        self.inner.raft.metrics().borrow().current_term
     }
 
     /// The leader's id and record, if one is known.
@@ -719,7 +727,7 @@ async fn start_raft<E: Engine>(
 
 /// The highest log index stored on a quorum of voters (leader only).
 fn quorum_matched(m: &openraft::RaftMetrics<NodeId, NodeInfo>, me: NodeId) -> u64 {
-    let replication = m.replication.clone().unwrap_or_default();
+    let replication = m.replication.as_ref();
     let mut matched: Vec<u64> = m
         .membership_config
         .membership()
@@ -728,7 +736,9 @@ fn quorum_matched(m: &openraft::RaftMetrics<NodeId, NodeInfo>, me: NodeId) -> u6
             if id == me {
                 m.last_log_index.unwrap_or(0)
             } else {
-                replication.get(&id).copied().flatten().map_or(0, |l| l.index)
+                replication
+                    .and_then(|r| r.get(&id).copied().flatten())
+                    .map_or(0, |l| l.index)
             }
         })
         .collect();

@@ -61,7 +61,7 @@ fn header(consensus: &Consensus, revision: u64) -> Option<v1::ResponseHeader> {
     Some(v1::ResponseHeader {
         revision,
         node_id: consensus.id(),
-        raft_term: consensus.status().term,
+        raft_term: consensus.term(),
     })
 }
 
