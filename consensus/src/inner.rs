@@ -65,8 +65,13 @@ impl Inner {
         self.raft.metrics().borrow().state == openraft::ServerState::Leader
     }
 
-    /// The leader's id and record, if one is known. Called on every routed
-    /// request: it reads the metrics in place instead of cloning them.
+    /// The leader's id, if one is known. Called on every routed request:
+    /// it reads the metrics in place and copies no record.
+    pub(crate) fn leader_id(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// The leader's id and record, if one is known.
     pub(crate) fn leader(&self) -> Option<(NodeId, NodeInfo)> {
         let rx = self.raft.metrics();
         let m = rx.borrow();

@@ -85,14 +85,22 @@ impl Inner {
             if self.batcher.is_stopped() {
                 return Err(ConsensusError::ShuttingDown);
             }
-            let leader = self.leader();
-            let result = match (&leader, &req) {
-                (Some((id, _)), _) if *id == self.id => self.handle_local(req.clone()).await,
+            // The id alone: writes, the most of what is routed, need no
+            // more of the leader's record here.
+            let result = match (self.leader_id(), &req) {
+                (Some(id), _) if id == self.id => self.handle_local(req.clone()).await,
                 // Writes leave with the others queued on this node.
                 (Some(_), ForwardRequest::Write(cmd)) => {
                     self.forwarder.submit(cmd.clone()).await.map(ForwardResponse::Write)
                 }
-                (Some((id, info)), _) => self.forward(*id, info, &req).await,
+                (Some(_), _) => match self.leader() {
+                    Some((id, info)) if id != self.id => self.forward(id, &info, &req).await,
+                    // It changed meanwhile: retried like no leader.
+                    _ => Err(ConsensusError::unavailable(
+                        UnavailableCause::NoLeader,
+                        "the leader changed while the request was routed",
+                    )),
+                },
                 (None, _) => Err(ConsensusError::unavailable(
                     UnavailableCause::NoLeader,
                     "no leader is elected",
