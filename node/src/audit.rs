@@ -166,7 +166,7 @@ fn render(at: SystemTime, r: &AuditRecord) -> anyhow::Result<Vec<u8>> {
 /// `PermissionDenied` as `PERMISSION_DENIED`, as gRPC spells codes.
 fn code_name(code: tonic::Code) -> String {
     let mut out = String::new();
-    for (i, c) in format!("{code:?}").chars().enumerate() {
+    for (i, c) in crate::api::code_label(code).chars().enumerate() {
         if c.is_ascii_uppercase() && i > 0 {
             out.push('_');
         }

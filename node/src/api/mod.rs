@@ -115,7 +115,7 @@ impl RequestGate {
 
 /// `code` as the `code` label of `cell0_grpc_requests_total` spells it
 /// (its Rust name), without formatting a string on every request.
-fn code_label(code: tonic::Code) -> &'static str {
+pub(crate) fn code_label(code: tonic::Code) -> &'static str {
     use tonic::Code;
     match code {
         Code::Ok => "Ok",
