@@ -244,6 +244,11 @@ impl ConsensusConfig {
             snapshot_policy: openraft::SnapshotPolicy::Never,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
             max_in_snapshot_log_to_keep: self.keep_logs_after_snapshot,
+            // A restarted leader leads again only through an election: one
+            // restored without one knows only its stored commit index, which
+            // may lag the writes it acknowledged, so its read index could
+            // miss one (consensus/vendor/README.md).
+            enable_leader_restore: false,
             ..Default::default()
         };
         config

@@ -240,6 +240,25 @@ pub struct Config {
            default_missing_value = "true"
     )]
     pub enable_elect: bool,
+
+    /// cell0 patch (openraft 0.10's `enable_leader_restore`): whether a node
+    /// whose stored vote says it led resumes leading at startup, without an
+    /// election.
+    ///
+    /// A restored leader knows only the commit index it stored, which may lag
+    /// what it acknowledged before the restart (storing it is optional), so
+    /// its read index can miss an acknowledged write; and a leader that lost
+    /// an unsynced tail of its log would reuse those log ids. When `false`,
+    /// it starts as a follower (the committed vote stays in storage and is
+    /// demoted in memory only) and leads again only through an election, as
+    /// standard Raft does.
+    #[clap(long,
+           default_value_t = true,
+           action = clap::ArgAction::Set,
+           num_args = 0..=1,
+           default_missing_value = "true"
+    )]
+    pub enable_leader_restore: bool,
 }
 
 /// Updatable config for a raft runtime.

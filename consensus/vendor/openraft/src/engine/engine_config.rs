@@ -26,6 +26,9 @@ pub(crate) struct EngineConfig<NID: NodeId> {
     pub(crate) max_payload_entries: u64,
 
     pub(crate) timer_config: time_state::Config,
+
+    /// cell0 patch: `Config::enable_leader_restore`.
+    pub(crate) enable_leader_restore: bool,
 }
 
 impl<NID: NodeId> Default for EngineConfig<NID> {
@@ -37,6 +40,7 @@ impl<NID: NodeId> Default for EngineConfig<NID> {
             purge_batch_size: 256,
             max_payload_entries: 300,
             timer_config: time_state::Config::default(),
+            enable_leader_restore: true,
         }
     }
 }
@@ -55,6 +59,7 @@ impl<NID: NodeId> EngineConfig<NID> {
                 smaller_log_timeout: Duration::from_millis(config.election_timeout_max * 2),
                 leader_lease: Duration::from_millis(config.election_timeout_max),
             },
+            enable_leader_restore: config.enable_leader_restore,
         }
     }
 }

@@ -154,6 +154,18 @@ where C: RaftTypeConfig
             self.state.membership_state.effective().is_voter(&self.config.id)
         );
 
+        // cell0 patch: a leader before the restart leads again only through
+        // an election unless `enable_leader_restore` allows it. The vote is
+        // demoted in memory only: storing the uncommitted vote would move the
+        // stored vote backwards, and no vote lies between the two, so the
+        // next vote saved is greater than the stored one as well.
+        if self.state.is_leader(&self.config.id) && !self.config.enable_leader_restore {
+            let mut demoted = self.state.vote_ref().clone();
+            demoted.committed = false;
+            self.state.vote.update(C::now(), demoted);
+            debug_assert!(!self.state.is_leader(&self.config.id));
+        }
+
         // Previously it is a leader. restore it as leader at once
         if self.state.is_leader(&self.config.id) {
             self.vote_handler().update_internal_server_state();
