@@ -16,6 +16,10 @@
 //! client pays no task hand-offs; under load the slots are taken and
 //! commands queue for the task as above.
 //!
+//! The writes a follower forwarded in one request are submitted as one unit
+//! ([`Batcher::submit_many`]): one queue slot, one byte share and one reply
+//! for them all, and they share an entry unless they pass the group limits.
+//!
 //! The task is named `raft-batcher`, sees the stop signal of
 //! [`Batcher::stop`] and is joined there: commands still queued are answered
 //! `ShuttingDown` (never proposed), groups already proposed finish (Raft's
@@ -25,11 +29,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
-use crate::grouping::{GroupLimits, Queued, idle_slot, run_groups};
+use crate::grouping::{GroupLimits, Queued, idle_slot, per_command, run_groups, within_limits};
 use crate::network::{INTERNAL_FORMAT, PeerHealth, REQUEST_V2_FORMAT, readable_at};
 use crate::task::NamedTask;
 use crate::types::{NodeId, NodeInfo, Raft};
@@ -56,6 +60,7 @@ pub(crate) struct Batcher {
     /// Groups in flight, shared by the task and the idle fast path.
     slots: Arc<Semaphore>,
     proposer: Proposer,
+    limits: GroupLimits,
     commit_timeout: Duration,
     task: NamedTask,
 }
@@ -114,6 +119,7 @@ impl Batcher {
             room: Arc::new(Semaphore::new(MAX_QUEUED_BYTES)),
             slots,
             proposer,
+            limits: limits.group(),
             commit_timeout: limits.commit_timeout,
             task: NamedTask::spawn("raft-batcher", |stop| run(task_proposer, rx, limits, task_slots, stop)),
         }
@@ -136,16 +142,19 @@ impl Batcher {
         self.task.join(deadline).await;
     }
 
-    /// Proposes `cmd` (already validated) and waits for its applied response.
-    pub async fn submit(&self, cmd: Command) -> Result<Response> {
-        let size = cmd.approx_size();
+    /// A share of the queue's byte budget for `size` bytes of commands.
+    async fn room_for(&self, size: usize) -> Result<OwnedSemaphorePermit> {
         let share = u32::try_from(size.min(MAX_QUEUED_BYTES)).unwrap_or(u32::MAX);
-        let room = self
-            .room
+        self.room
             .clone()
             .acquire_many_owned(share)
             .await
-            .map_err(|_| ConsensusError::ShuttingDown)?;
+            .map_err(|_| ConsensusError::ShuttingDown)
+    }
+
+    /// Proposes `cmd` (already validated) and waits for its applied response.
+    pub async fn submit(&self, cmd: Command) -> Result<Response> {
+        let room = self.room_for(cmd.approx_size()).await?;
         // Idle fast path: nothing queued and a group slot free, so no group
         // could form; propose here instead of handing the command to the
         // task (two fewer task hops at one client).
@@ -158,8 +167,67 @@ impl Batcher {
         let (queued, rx) = Queued::new(cmd, Some(room));
         self.tx.send(queued).await.map_err(|_| ConsensusError::ShuttingDown)?;
         // The command may be in a Raft entry already when the batcher stops.
-        rx.await
-            .map_err(|_| ConsensusError::Indeterminate("the node stopped after it accepted the write".into()))?
+        rx.await.map_err(|_| stopped_after_accepting())?
+    }
+
+    /// Proposes `cmds` (each already validated) together and waits for
+    /// their applied responses, one result each, in order. They share one
+    /// entry unless together they pass the group limits; then they are
+    /// proposed in consecutive parts that fit.
+    pub async fn submit_many(&self, cmds: Vec<Command>) -> Vec<Result<Response>> {
+        let mut parts = within_limits(cmds, &self.limits);
+        match parts.len() {
+            0 => Vec::new(),
+            1 => match parts.pop() {
+                Some((cmds, size)) => self.submit_part(cmds, size).await,
+                None => Vec::new(),
+            },
+            _ => futures::future::join_all(parts.into_iter().map(|(cmds, size)| self.submit_part(cmds, size)))
+                .await
+                .into_iter()
+                .flatten()
+                .collect(),
+        }
+    }
+
+    /// [`Batcher::submit_many`] for commands within the group limits, of
+    /// `size` bytes together.
+    async fn submit_part(&self, cmds: Vec<Command>, size: usize) -> Vec<Result<Response>> {
+        let n = cmds.len();
+        let room = match self.room_for(size).await {
+            Ok(room) => room,
+            Err(e) => return per_command(Err(e), n),
+        };
+        if let Some(slot) = idle_slot(&self.tx, &self.slots) {
+            metrics::histogram!("cell0_raft_batch_commands").record(n as f64);
+            let outcome = propose_commands(&self.proposer, cmds, self.commit_timeout).await;
+            drop((slot, room));
+            return per_command(outcome, n);
+        }
+        let (queued, rx) = Queued::many(cmds, size, Some(room));
+        if self.tx.send(queued).await.is_err() {
+            return per_command(Err(ConsensusError::ShuttingDown), n);
+        }
+        match rx.await {
+            Ok(results) => results,
+            Err(_) => per_command(Err(stopped_after_accepting()), n),
+        }
+    }
+}
+
+/// The outcome of a write whose answer never came because the node stopped
+/// (it may be in a Raft entry already).
+fn stopped_after_accepting() -> ConsensusError {
+    ConsensusError::Indeterminate("the node stopped after it accepted the write".into())
+}
+
+impl BatchLimits {
+    /// The limits of one group.
+    fn group(&self) -> GroupLimits {
+        GroupLimits {
+            max_commands: self.max_commands,
+            max_bytes: self.max_bytes,
+        }
     }
 }
 
@@ -170,56 +238,44 @@ async fn run(
     slots: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
 ) {
-    let group_limits = GroupLimits {
-        max_commands: limits.max_commands,
-        max_bytes: limits.max_bytes,
-    };
-    run_groups(rx, group_limits, slots, stop, "cell0_raft_batch_commands", |group| {
-        let proposer = proposer.clone();
-        async move { propose(&proposer, group, limits.commit_timeout).await }
-    })
+    run_groups(
+        rx,
+        limits.group(),
+        slots,
+        stop,
+        "cell0_raft_batch_commands",
+        |cmds, answers| {
+            let proposer = proposer.clone();
+            async move { answers.send(propose_commands(&proposer, cmds, limits.commit_timeout).await) }
+        },
+    )
     .await;
 }
 
-async fn propose(proposer: &Proposer, group: Vec<Queued>, timeout: Duration) {
-    let (mut cmds, replies): (Vec<Command>, Vec<_>) = group.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-    let single = cmds.len() == 1;
+/// Proposes `cmds` as one entry (the command itself when alone, else a
+/// `Command::Batch`) and waits for its applied response, one result per
+/// command.
+async fn propose_commands(
+    proposer: &Proposer,
+    mut cmds: Vec<Command>,
+    timeout: Duration,
+) -> Result<Vec<Result<Response>>> {
+    let n = cmds.len();
     let cmd = match cmds.pop() {
-        Some(only) if single => only,
+        Some(only) if n == 1 => only,
         Some(last) => {
             cmds.push(last);
             Command::Batch(cmds)
         }
-        None => return,
+        None => return Ok(Vec::new()),
     };
-    let result = propose_one(proposer, cmd, timeout).await;
-    match result {
-        Ok(resp) if single => {
-            if let Some(reply) = replies.into_iter().next() {
-                let _ = reply.send(Ok(resp));
-            }
-        }
-        Ok(Response::Batch(parts)) if parts.len() == replies.len() => {
-            for (reply, part) in replies.into_iter().zip(parts) {
-                let _ = reply.send(Ok(part));
-            }
-        }
-        Ok(Response::Rejected(reason)) => {
-            for reply in replies {
-                let _ = reply.send(Ok(Response::Rejected(reason.clone())));
-            }
-        }
-        Ok(other) => {
-            let e = ConsensusError::Internal(format!("group response does not match its commands: {other:?}"));
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
-            }
-        }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
-            }
-        }
+    match propose_one(proposer, cmd, timeout).await? {
+        resp if n == 1 => Ok(vec![Ok(resp)]),
+        Response::Batch(parts) => Ok(parts.into_iter().map(Ok).collect()),
+        Response::Rejected(reason) => Ok(vec![Ok(Response::Rejected(reason)); n]),
+        other => Err(ConsensusError::Internal(format!(
+            "group response does not match its commands: {other:?}"
+        ))),
     }
 }
 

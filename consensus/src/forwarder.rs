@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result};
@@ -122,38 +122,18 @@ async fn run(
         max_commands: limits.max_commands,
         max_bytes: limits.max_bytes,
     };
-    run_groups(rx, group_limits, slots, stop, "cell0_forward_batch_commands", |group| {
-        let (cmds, replies): (Vec<Command>, Vec<_>) = group.into_iter().map(|q| (q.cmd, q.reply)).unzip();
-        let request = send(cmds);
-        async move { answer(replies, request.await) }
-    })
+    run_groups(
+        rx,
+        group_limits,
+        slots,
+        stop,
+        "cell0_forward_batch_commands",
+        |cmds, answers| {
+            let request = send(cmds);
+            async move { answers.send(request.await) }
+        },
+    )
     .await;
-}
-
-/// Hands each command its own outcome.
-fn answer(replies: Vec<oneshot::Sender<Result<Response>>>, outcome: Result<Vec<Result<Response>>>) {
-    match outcome {
-        Ok(results) if results.len() == replies.len() => {
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(result);
-            }
-        }
-        Ok(results) => {
-            let e = ConsensusError::Internal(format!(
-                "the leader answered {} of {} forwarded writes",
-                results.len(),
-                replies.len()
-            ));
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
-            }
-        }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
-            }
-        }
-    }
 }
 
 #[cfg(test)]

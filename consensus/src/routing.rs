@@ -239,12 +239,30 @@ impl Inner {
                 if !self.is_leader() {
                     return Err(ConsensusError::not_leader(None, None));
                 }
-                // Submitted together, so group commit puts them in one entry.
-                let results = futures::future::join_all(cmds.into_iter().map(|cmd| async move {
-                    cmd.validate(&self.limits)?;
-                    self.batcher.submit(cmd).await
-                }))
-                .await;
+                // Each checked on its own; the valid ones go to group
+                // commit as one unit, so they share one entry.
+                let checked: Vec<Result<()>> = cmds
+                    .iter()
+                    .map(|cmd| cmd.validate(&self.limits).map_err(ConsensusError::from))
+                    .collect();
+                let valid = cmds
+                    .into_iter()
+                    .zip(&checked)
+                    .filter(|(_, c)| c.is_ok())
+                    .map(|(cmd, _)| cmd);
+                let mut answered = self.batcher.submit_many(valid.collect()).await.into_iter();
+                let results = checked
+                    .into_iter()
+                    .map(|c| {
+                        c.and_then(|()| {
+                            answered.next().unwrap_or_else(|| {
+                                Err(ConsensusError::Internal(
+                                    "group commit left a forwarded write unanswered".into(),
+                                ))
+                            })
+                        })
+                    })
+                    .collect();
                 Ok(ForwardResponse::Writes(results))
             }
             ForwardRequest::ReadIndex => match self.raft.get_read_log_id().await {
