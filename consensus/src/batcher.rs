@@ -280,9 +280,15 @@ async fn propose_commands(
 }
 
 /// Proposes one entry and waits for its applied response.
+///
+/// openraft's write future is boxed: it is about 2 KiB, and held inline it
+/// made every future that awaits a write as large (the public port's
+/// handlers, routing, group commit), each moved by copying on every request
+/// (docs/benchmarks.md, "Forwarded writes as one unit, and smaller
+/// futures"). One allocation per entry instead.
 async fn propose_one(proposer: &Proposer, cmd: Command, timeout: Duration) -> Result<Response> {
     let cmd = proposer.readable(cmd);
-    match tokio::time::timeout(timeout, proposer.raft.client_write(cmd)).await {
+    match tokio::time::timeout(timeout, Box::pin(proposer.raft.client_write(cmd))).await {
         Ok(Ok(resp)) => Ok(resp.data),
         Ok(Err(e)) => Err(after_proposal(map_write_error(e))),
         Err(_) => Err(ConsensusError::Indeterminate(format!(

@@ -94,7 +94,10 @@ impl Inner {
                     self.forwarder.submit(cmd.clone()).await.map(ForwardResponse::Write)
                 }
                 (Some(_), _) => match self.leader() {
-                    Some((id, info)) if id != self.id => self.forward(id, &info, &req).await,
+                    // Boxed: rare (reads' leadership checks, membership
+                    // changes), and inline it would make every write's
+                    // future as large as its call.
+                    Some((id, info)) if id != self.id => Box::pin(self.forward(id, &info, &req)).await,
                     // It changed meanwhile: retried like no leader.
                     _ => Err(ConsensusError::unavailable(
                         UnavailableCause::NoLeader,
@@ -265,7 +268,8 @@ impl Inner {
                     .collect();
                 Ok(ForwardResponse::Writes(results))
             }
-            ForwardRequest::ReadIndex => match self.raft.get_read_log_id().await {
+            // Boxed, like a write's proposal (`batcher::propose_one`).
+            ForwardRequest::ReadIndex => match Box::pin(self.raft.get_read_log_id()).await {
                 Ok((read, _)) => Ok(ForwardResponse::ReadIndex(read.map_or(0, |l| l.index))),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                     Err(ConsensusError::not_leader(f.leader_id, f.leader_node))
@@ -276,8 +280,10 @@ impl Inner {
                 )),
                 Err(RaftError::Fatal(_)) => Err(ConsensusError::ShuttingDown),
             },
-            ForwardRequest::Join { id, info } => self.join_local(id, info).await,
-            ForwardRequest::Remove { id } => self.remove_local(id).await,
+            // Membership changes, rare: boxed so that their large futures
+            // do not size every write's.
+            ForwardRequest::Join { id, info } => Box::pin(self.join_local(id, info)).await,
+            ForwardRequest::Remove { id } => Box::pin(self.remove_local(id)).await,
         }
     }
 }
