@@ -158,11 +158,17 @@ where C: RaftTypeConfig
         // an election unless `enable_leader_restore` allows it. The vote is
         // demoted in memory only: storing the uncommitted vote would move the
         // stored vote backwards, and no vote lies between the two, so the
-        // next vote saved is greater than the stored one as well.
+        // next vote saved is greater than the stored one as well. It is
+        // dated one leader lease ahead: the election timer waits only the
+        // election timeout after an uncommitted vote, but the lease and the
+        // election timeout after a committed one, as every other restarted
+        // member does. Standing sooner, before a leader its peers elected
+        // meanwhile reached it, would take a higher term and unseat that
+        // leader when its AppendEntries met the higher vote.
         if self.state.is_leader(&self.config.id) && !self.config.enable_leader_restore {
             let mut demoted = self.state.vote_ref().clone();
             demoted.committed = false;
-            self.state.vote.update(C::now(), demoted);
+            self.state.vote.update(C::now() + self.config.timer_config.leader_lease, demoted);
             debug_assert!(!self.state.is_leader(&self.config.id));
         }
 
