@@ -295,6 +295,46 @@ fn a_leader_restarted_at_once_serves_no_read_that_misses_its_acknowledged_write(
     });
 }
 
+/// A leader whose own copy of a write was not yet synced when it lost power
+/// (the write committed on the followers' copies) and that comes back
+/// before anyone else stood must not lead again from its stored vote: its
+/// log lacks that write, and as the leader of the same term it would
+/// propose its next entry under the lost one's log id, which the followers
+/// take for the entry they hold. Through an election it loses to a follower
+/// with the longer log, and every replica keeps the write.
+#[test]
+fn a_leader_that_lost_its_unsynced_tail_does_not_reuse_its_log_ids() {
+    simulated(async {
+        let mut cluster = SimCluster::start_with_timeouts(quiet_net(), &[300, 350, 400])
+            .await
+            .unwrap();
+        let lead_id = leader(&cluster).await;
+        let lead = cluster.consensus(lead_id).unwrap().clone();
+        cluster
+            .engine(lead_id)
+            .unwrap()
+            .set_sync_latency(Duration::from_secs(1));
+        lead.propose(put("k", "v")).await.unwrap();
+        let last = lead.status().last_log_index;
+
+        cluster.crash_as(lead_id, Crash::PowerLoss).await;
+        cluster.engine(lead_id).unwrap().set_sync_latency(Duration::ZERO);
+        cluster.restart(lead_id).await.unwrap();
+        let again = cluster.consensus(lead_id).unwrap().clone();
+        loaded(&again).await;
+        assert!(
+            again.status().last_log_index < last,
+            "the power loss took the unsynced write"
+        );
+        again.propose(put("after", "x")).await.unwrap();
+
+        let state = agree(&cluster).await;
+        assert!(state.iter().any(|kv| kv.key == b"k" && kv.value == b"v"));
+        assert!(state.iter().any(|kv| kv.key == b"after" && kv.value == b"x"));
+        cluster.stop().await;
+    });
+}
+
 /// A lone member is its own quorum: it acknowledges a write only once its
 /// own sync returned, so the write survives its power loss.
 #[test]
