@@ -1,7 +1,9 @@
 //! Crash and restart (issue #24): a member crashed and started again on
 //! what the crash left of its storage recovers its vote, log, state machine
 //! and membership, catches up with the writes it missed, and the cluster
-//! agrees; and the nemesis's own crashes and restarts pass the checkers.
+//! agrees; a leader restarted before anyone else stood leads again only
+//! through an election (no stale read index, no reused log id); and the
+//! nemesis's own crashes and restarts pass the checkers.
 //!
 //! Times are simulated (tokio's paused clock).
 
