@@ -247,7 +247,8 @@ impl ConsensusConfig {
             // A restarted leader leads again only through an election: one
             // restored without one knows only its stored commit index, which
             // may lag the writes it acknowledged, so its read index could
-            // miss one (consensus/vendor/README.md).
+            // miss one; and after a power loss it would reuse the log ids of
+            // its unsynced tail (consensus/vendor/README.md).
             enable_leader_restore: false,
             ..Default::default()
         };
