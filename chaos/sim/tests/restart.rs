@@ -78,6 +78,17 @@ async fn leader(cluster: &SimCluster) -> NodeId {
     panic!("no leader within 10 s");
 }
 
+/// Three members on `net`, with election timeouts of 300, 350 and 400 ms.
+async fn three_members(net: SimNet) -> SimCluster {
+    SimCluster::start_with_timeouts(net, &[300, 350, 400]).await.unwrap()
+}
+
+/// The member that leads, once one does, and its handle.
+async fn leading(cluster: &SimCluster) -> (NodeId, Consensus) {
+    let id = leader(cluster).await;
+    (id, cluster.consensus(id).unwrap().clone())
+}
+
 /// Waits until every member that is up applied the leader's last entry, then
 /// checks that their replicas are the same; returns the leader's.
 async fn agree(cluster: &SimCluster) -> Vec<KeyValue> {
@@ -156,9 +167,7 @@ fn a_lone_member_restarted_on_its_storage_recovers_all_of_it() {
 #[test]
 fn a_crashed_member_restarts_on_its_storage_catches_up_and_the_cluster_agrees() {
     simulated(async {
-        let mut cluster = SimCluster::start_with_timeouts(quiet_net(), &[300, 350, 400])
-            .await
-            .unwrap();
+        let mut cluster = three_members(quiet_net()).await;
         let first = cluster.consensus(1).unwrap().clone();
         for i in 0..10 {
             first.propose(put(&format!("a{i}"), "1")).await.unwrap();
@@ -223,11 +232,8 @@ async fn read_linearizable(c: &Consensus, key: &str) -> Option<Vec<u8>> {
 #[test]
 fn a_write_commits_on_the_followers_while_the_leaders_sync_runs() {
     simulated(async {
-        let mut cluster = SimCluster::start_with_timeouts(quiet_net(), &[300, 350, 400])
-            .await
-            .unwrap();
-        let lead_id = leader(&cluster).await;
-        let lead = cluster.consensus(lead_id).unwrap().clone();
+        let mut cluster = three_members(quiet_net()).await;
+        let (lead_id, lead) = leading(&cluster).await;
         let slow = Duration::from_secs(1);
         cluster.engine(lead_id).unwrap().set_sync_latency(slow);
         let started = tokio::time::Instant::now();
@@ -261,11 +267,8 @@ fn a_write_commits_on_the_followers_while_the_leaders_sync_runs() {
 fn a_leader_restarted_at_once_serves_no_read_that_misses_its_acknowledged_write() {
     simulated(async {
         let net = quiet_net();
-        let mut cluster = SimCluster::start_with_timeouts(net.clone(), &[300, 350, 400])
-            .await
-            .unwrap();
-        let lead_id = leader(&cluster).await;
-        let lead = cluster.consensus(lead_id).unwrap().clone();
+        let mut cluster = three_members(net.clone()).await;
+        let (lead_id, lead) = leading(&cluster).await;
         lead.propose(put("k", "old")).await.unwrap();
         agree(&cluster).await;
         let followers: Vec<NodeId> = cluster.ids().into_iter().filter(|&i| i != lead_id).collect();
@@ -307,11 +310,8 @@ fn a_leader_restarted_at_once_serves_no_read_that_misses_its_acknowledged_write(
 #[test]
 fn a_leader_that_lost_its_unsynced_tail_does_not_reuse_its_log_ids() {
     simulated(async {
-        let mut cluster = SimCluster::start_with_timeouts(quiet_net(), &[300, 350, 400])
-            .await
-            .unwrap();
-        let lead_id = leader(&cluster).await;
-        let lead = cluster.consensus(lead_id).unwrap().clone();
+        let mut cluster = three_members(quiet_net()).await;
+        let (lead_id, lead) = leading(&cluster).await;
         cluster
             .engine(lead_id)
             .unwrap()
