@@ -176,6 +176,29 @@ impl WriteBatch {
         });
     }
 
+    /// An upper bound of this batch's size in RocksDB's encoding, for
+    /// sizing its buffer once: a 12-byte header, then per operation a tag,
+    /// a column family id and each slice's length (varints of at most 5
+    /// bytes) before the slices.
+    pub fn encoded_bytes_bound(&self) -> usize {
+        const HEADER: usize = 12;
+        const PER_OP: usize = 1 + 5 + 5 + 5;
+        HEADER
+            + self
+                .ops
+                .iter()
+                .map(|op| {
+                    PER_OP
+                        + match op {
+                            WriteOp::Put { key, value, .. } => key.len() + value.len(),
+                            WriteOp::Delete { key, .. } => key.len(),
+                            WriteOp::DeleteRange { start, end, .. } => start.len() + end.len(),
+                            WriteOp::PromoteStaging => 0,
+                        }
+                })
+                .sum::<usize>()
+    }
+
     /// Adds a delete.
     pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
         self.ops.push(WriteOp::Delete { cf, key: key.into() });

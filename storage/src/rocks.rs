@@ -189,7 +189,9 @@ impl RocksEngine {
             .ok_or_else(|| Error::Io(format!("column family {name} missing")))
     }
 
+    /// Options of every read (each read calls this first).
     fn read_opts(snapshot: Option<&rocksdb::Snapshot<'_>>) -> ReadOptions {
+        no_perf_counters();
         let mut ro = ReadOptions::default();
         if let Some(s) = snapshot {
             ro.set_snapshot(s);
@@ -271,6 +273,24 @@ impl At<'_, '_> {
     fn latest(slot: StateSlot) -> Self {
         At { snapshot: None, slot }
     }
+}
+
+/// Switches off, once per thread, the counters RocksDB keeps per thread
+/// for its perf context (on by default, as `kEnableCount`). Nothing reads
+/// them, and each count reaches the thread-local context through its
+/// initialisation wrapper: once per key comparison of a memtable insert,
+/// 1.5 % of apply's instructions (docs/benchmarks.md). Called by the
+/// engine's writes and reads ([`RocksEngine::read_opts`]); the setting is
+/// the calling thread's.
+fn no_perf_counters() {
+    thread_local! {
+        static OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    OFF.with(|off| {
+        if !off.replace(true) {
+            rocksdb::perf::set_perf_stats(rocksdb::perf::PerfStatsLevel::Disable);
+        }
+    });
 }
 
 /// Options of every column family: the shared cache, bounded memtables.
@@ -378,7 +398,10 @@ impl RocksEngine {
     /// `batch` as a RocksDB batch, its state names resolved under `slot`
     /// (a promotion in it takes effect after the whole batch).
     fn rocks_batch(&self, slot: StateSlot, batch: &WriteBatch) -> Result<rocksdb::WriteBatch> {
-        let mut wb = rocksdb::WriteBatch::default();
+        // Sized once: grown from empty, RocksDB's batch doubled its buffer
+        // and copied it each time, which was 4 % of apply's instructions
+        // for a grouped entry (docs/benchmarks.md).
+        let mut wb = rocksdb::WriteBatch::with_capacity_bytes(batch.encoded_bytes_bound());
         for op in batch.ops() {
             match op {
                 WriteOp::Put { cf, key, value } => wb.put_cf(self.cf(slot, *cf)?, key, value),
@@ -393,6 +416,7 @@ impl RocksEngine {
 
 impl Engine for RocksEngine {
     fn write(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
+        no_perf_counters();
         let promotes = batch.ops().iter().any(|op| matches!(op, WriteOp::PromoteStaging));
         let mut wo = WriteOptions::default();
         wo.set_sync(durability == Durability::Sync);
@@ -540,6 +564,28 @@ mod tests {
         assert!(matches!(err, Error::ForeignDataDir { .. }), "{err}");
         assert!(err.to_string().contains("belongs to node 1"), "{err}");
         RocksEngine::open(dir.path(), 1).unwrap();
+    }
+
+    #[test]
+    fn a_batch_fits_the_buffer_reserved_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = RocksEngine::open(dir.path(), 1).unwrap();
+        let mut batch = WriteBatch::new();
+        assert!(engine.rocks_batch(engine.latest(), &batch).unwrap().size_in_bytes() <= batch.encoded_bytes_bound());
+        batch.put(Cf::Log, b"k".to_vec(), vec![7; 300_000]);
+        batch.put(Cf::State, vec![1; 200], Vec::new());
+        batch.delete(Cf::Meta, b"gone".to_vec());
+        batch.delete_range(Cf::State, vec![0; 130], vec![9; 20_000]);
+        let wb = engine.rocks_batch(engine.latest(), &batch).unwrap();
+        assert!(
+            wb.size_in_bytes() <= batch.encoded_bytes_bound(),
+            "{} > {}",
+            wb.size_in_bytes(),
+            batch.encoded_bytes_bound()
+        );
+        assert!(batch.encoded_bytes_bound() < wb.size_in_bytes() + 100);
+        engine.write(batch, Durability::Buffered).unwrap();
+        assert_eq!(engine.get(Cf::Log, b"k").unwrap().map(|v| v.len()), Some(300_000));
     }
 
     #[test]
