@@ -170,7 +170,7 @@ async fn a_data_dir_from_before_versioned_rows_opens_and_keeps_everything() {
     for (k, v) in engine.scan(Cf::State, b"", None, 100_000).unwrap() {
         let nul = k.iter().position(|b| *b == 0).unwrap();
         let table = std::str::from_utf8(&k[..nul]).unwrap();
-        state.put(table, &k[nul + 1..], &v).unwrap();
+        state.put(table, &k[nul + 1..], v).unwrap();
     }
     let id = old_request_id(b"req");
     let again = || {

@@ -114,11 +114,9 @@ impl<E: ReadView + ?Sized> Txn for EngineTxn<'_, E> {
         }
     }
 
-    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> cell0_state::Result<()> {
-        self.pending.insert(
-            table_key(table, key).map_err(StateError::storage)?,
-            Some(value.to_vec()),
-        );
+    fn put(&mut self, table: &str, key: &[u8], value: Vec<u8>) -> cell0_state::Result<()> {
+        self.pending
+            .insert(table_key(table, key).map_err(StateError::storage)?, Some(value));
         Ok(())
     }
 
@@ -271,7 +269,7 @@ mod tests {
 
         let mut txn = EngineTxn::new(&engine);
         txn.delete("t", b"a").unwrap();
-        txn.put("t", b"c", b"3").unwrap();
+        txn.put("t", b"c", b"3".to_vec()).unwrap();
         assert_eq!(txn.get("t", b"a").unwrap(), None);
         assert_eq!(txn.get("u", b"a").unwrap(), Some(b"9".to_vec()));
         let all = txn.scan("t", b"", None, 10).unwrap();
@@ -280,8 +278,8 @@ mod tests {
             vec![(b"b".to_vec(), b"2".to_vec()), (b"c".to_vec(), b"3".to_vec())]
         );
         assert_eq!(txn.scan("t", b"", None, 1).unwrap().len(), 1);
-        assert!(txn.put("", b"x", b"y").is_err());
-        assert!(txn.put("a\0b", b"x", b"y").is_err());
+        assert!(txn.put("", b"x", b"y".to_vec()).is_err());
+        assert!(txn.put("a\0b", b"x", b"y".to_vec()).is_err());
     }
 
     /// Steps of random puts, deletes and range deletes through a cached
@@ -312,8 +310,8 @@ mod tests {
                     ),
                     4..=6 => {
                         let value = format!("v{step}").into_bytes();
-                        cached.put(table, &key, &value).unwrap();
-                        plain.put(table, &key, &value).unwrap();
+                        cached.put(table, &key, value.clone()).unwrap();
+                        plain.put(table, &key, value).unwrap();
                     }
                     7 | 8 => {
                         cached.delete(table, &key).unwrap();
@@ -355,9 +353,9 @@ mod tests {
         engine.write(b, Durability::Sync).unwrap();
 
         let mut txn = EngineTxn::new(&engine);
-        txn.put("t", b"bb", b"pending").unwrap();
+        txn.put("t", b"bb", b"pending".to_vec()).unwrap();
         txn.delete_range("t", b"b", Some(b"d")).unwrap();
-        txn.put("t", b"c", b"new").unwrap();
+        txn.put("t", b"c", b"new".to_vec()).unwrap();
         assert_eq!(txn.get("t", b"b").unwrap(), None);
         assert_eq!(txn.get("t", b"bb").unwrap(), None);
         assert_eq!(txn.get("t", b"c").unwrap(), Some(b"new".to_vec()));

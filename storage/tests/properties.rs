@@ -122,7 +122,7 @@ fn run_ops<E: ReadView + ?Sized>(
 ) -> Result<(), TestCaseError> {
     for (i, op) in ops.iter().enumerate() {
         match op {
-            Op::Put(t, k, v) => txn.put(TABLES[*t], k, v).unwrap(),
+            Op::Put(t, k, v) => txn.put(TABLES[*t], k, v.clone()).unwrap(),
             Op::Delete(t, k) => txn.delete(TABLES[*t], k).unwrap(),
             Op::Get(t, k) => {
                 let want = model.get(TABLES[*t]).and_then(|rows| rows.get(k).cloned());

@@ -1103,7 +1103,7 @@ fn write_allocation(txn: &mut dyn Txn, agent: &str, alloc: &Allocation) -> Resul
         if alloc.status.holds_resources() {
             let usage = node_usage(txn, alloc.node)?.plus(alloc.resources);
             put_row(txn, NODE_USAGE_TABLE, &node_key(alloc.node), &usage)?;
-            txn.put(NODE_ALLOCS_TABLE, &node_alloc_key(alloc.node, agent), &[])?;
+            txn.put(NODE_ALLOCS_TABLE, &node_alloc_key(alloc.node, agent), Vec::new())?;
         }
     }
     put_row(txn, ALLOCATIONS_TABLE, agent.as_bytes(), alloc)?;

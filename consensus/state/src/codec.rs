@@ -247,7 +247,7 @@ impl Counted {
 
 /// Stores `row` in `table` at `key`, encoded.
 pub(crate) fn put_row<T: Row>(txn: &mut dyn crate::Txn, table: &str, key: &[u8], row: &T) -> Result<()> {
-    txn.put(table, key, &encode_row(row)?)
+    txn.put(table, key, encode_row(row)?)
 }
 
 /// The stored row of a data dir from before rows carried a layout byte: its

@@ -612,7 +612,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &HandoffCommand) -> Result<HandoffOu
                     Some(b) => be_u64("imported task id", &b)?,
                     None => {
                         let to = tasks::import_task(txn, task)?;
-                        txn.put(IMPORTED_TASKS_TABLE, &key, &to.to_be_bytes())?;
+                        txn.put(IMPORTED_TASKS_TABLE, &key, to.to_be_bytes().to_vec())?;
                         to
                     }
                 };
@@ -655,7 +655,7 @@ fn begin(txn: &mut dyn Txn, agent: &str, to_site: &str, at_ms: u64) -> Result<Ha
         Some(b) => be_u64("handoff id", &b)? + 1,
         None => 1,
     };
-    txn.put(META_TABLE, NEXT_ID_KEY, &id.to_be_bytes())?;
+    txn.put(META_TABLE, NEXT_ID_KEY, id.to_be_bytes().to_vec())?;
     let reason = format!("moving to site {to_site:?}");
     let Some(resume) = agents::fence_for_handoff(txn, agent, &reason, at_ms)? else {
         return Ok(HandoffOutcome::Refused(format!("no agent named {agent:?}")));

@@ -231,7 +231,7 @@ impl HistoryBook {
 
     fn store(self, txn: &mut dyn Txn) -> Result<()> {
         match self.kept {
-            Some(h) if self.changed => txn.put(META_TABLE, HISTORY_CHUNKS_KEY, &encode_row(&h)?),
+            Some(h) if self.changed => txn.put(META_TABLE, HISTORY_CHUNKS_KEY, encode_row(&h)?),
             _ => Ok(()),
         }
     }
@@ -258,7 +258,7 @@ pub(crate) fn meta_u64(txn: &dyn Txn, key: &[u8]) -> Result<u64> {
 
 /// Stores a counter row under `key` in `meta`.
 pub(crate) fn put_meta_u64(txn: &mut dyn Txn, key: &[u8], value: u64) -> Result<()> {
-    txn.put(META_TABLE, key, &encode_row(&Counter(value))?)
+    txn.put(META_TABLE, key, encode_row(&Counter(value))?)
 }
 
 /// The store's current revision.
@@ -550,7 +550,7 @@ fn write(
         mod_revision: *rev,
         version: prev.map_or(1, |p| p.version + 1),
     };
-    txn.put(KV_TABLE, key, &encode_row(&record)?)?;
+    txn.put(KV_TABLE, key, encode_row(&record)?)?;
     let kv = record.into_kv(key);
     record_event(
         txn,
@@ -570,7 +570,7 @@ fn record_event(txn: &mut dyn Txn, books: &mut Books, events: &mut Vec<StateEven
     let rev = ev.revision();
     let row = encode_row(&ev)?;
     let size = row.len() as u64;
-    txn.put(EVENTS_TABLE, &rev.to_be_bytes(), &row)?;
+    txn.put(EVENTS_TABLE, &rev.to_be_bytes(), row)?;
     if let Some(h) = books.history.for_change(txn)? {
         add_to_chunks(txn, h, rev, size)?;
         events.push(ev);
@@ -586,7 +586,7 @@ fn record_event(txn: &mut dyn Txn, books: &mut Books, events: &mut Vec<StateEven
         None => rebuild_history_window(txn, rev)?,
     };
     evict_history(txn, &mut window, rev)?;
-    txn.put(META_TABLE, HISTORY_WINDOW_KEY, &encode_row(&window)?)?;
+    txn.put(META_TABLE, HISTORY_WINDOW_KEY, encode_row(&window)?)?;
     events.push(ev);
     Ok(())
 }
@@ -654,7 +654,7 @@ fn switch_history_to_chunks(txn: &mut dyn Txn, book: &mut HistoryBook, current: 
         }
     };
     txn.delete(META_TABLE, HISTORY_WINDOW_KEY)?;
-    txn.put(META_TABLE, HISTORY_CHUNKS_KEY, &encode_row(&first)?)
+    txn.put(META_TABLE, HISTORY_CHUNKS_KEY, encode_row(&first)?)
 }
 
 /// The bookkeeping of the events stored up to `newest` (which is stored),
@@ -1170,7 +1170,7 @@ mod tests {
         let mut old = with_row.clone();
         old.delete(META_TABLE, HISTORY_WINDOW_KEY).unwrap();
         for ev in all.iter().filter(|ev| ev.revision() < kept) {
-            old.put(EVENTS_TABLE, &ev.revision().to_be_bytes(), &encode_row(ev).unwrap())
+            old.put(EVENTS_TABLE, &ev.revision().to_be_bytes(), encode_row(ev).unwrap())
                 .unwrap();
         }
         assert_eq!(stored_events(&old).len(), 70);

@@ -288,7 +288,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
                 txn.delete(LABELS_TABLE, &key)?;
             } else {
                 let row = NodeLabels { labels: labels.clone() };
-                txn.put(LABELS_TABLE, &key, &encode_row(&row)?)?;
+                txn.put(LABELS_TABLE, &key, encode_row(&row)?)?;
             }
             Ok(true)
         }
@@ -297,7 +297,7 @@ pub(crate) fn apply(txn: &mut dyn Txn, cmd: &NodeCommand) -> Result<bool> {
             if txn.get(RESOURCES_TABLE, &key)?.is_none() {
                 return Ok(false);
             }
-            txn.put(LIVENESS_TABLE, &key, &encode_row(liveness)?)?;
+            txn.put(LIVENESS_TABLE, &key, encode_row(liveness)?)?;
             Ok(true)
         }
     }

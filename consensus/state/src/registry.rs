@@ -271,8 +271,11 @@ fn decode_entry(b: &[u8]) -> Result<ModelEntry> {
 }
 
 fn put_entry(txn: &mut dyn Txn, entry: &ModelEntry) -> Result<()> {
-    let bytes = encode_row(entry)?;
-    txn.put(MODELS_TABLE, &key(&entry.manifest.name, entry.manifest.version), &bytes)?;
+    txn.put(
+        MODELS_TABLE,
+        &key(&entry.manifest.name, entry.manifest.version),
+        encode_row(entry)?,
+    )?;
     Ok(())
 }
 

@@ -221,9 +221,9 @@ impl Window {
         let row = encode_framed(RequestRow::WHAT, RequestRow::VERSION, &RequestRowRef { response });
         put_back(cmd, response, taken);
         let row = row?;
-        txn.put(GENERATIONS_TABLE, &generation_key(g.current, id), &row)?;
         g.entries += 1;
         g.bytes = g.bytes.saturating_add(row.len() as u64);
+        txn.put(GENERATIONS_TABLE, &generation_key(g.current, id), row)?;
         let newest = g.newest.entry(id.client).or_insert(id.seq);
         *newest = (*newest).max(id.seq);
         if g.entries >= REQUEST_WINDOW_ENTRIES || g.bytes >= REQUEST_WINDOW_BYTES {
@@ -306,7 +306,7 @@ impl WindowBook {
     /// Stores the kept row if this step changed it.
     pub(crate) fn store(self, txn: &mut dyn Txn) -> Result<()> {
         match self.kept {
-            Some(row) if self.changed => txn.put(META_TABLE, GENERATIONS_KEY, &encode_row(&row)?),
+            Some(row) if self.changed => txn.put(META_TABLE, GENERATIONS_KEY, encode_row(&row)?),
             _ => Ok(()),
         }
     }
@@ -351,11 +351,11 @@ fn remember_in_order(txn: &mut dyn Txn, id: &RequestId, response: &Response) -> 
         Some(b) => decode_row(&b)?,
         None => RequestWindow::default(),
     };
-    txn.put(REQUESTS_TABLE, &key, &row)?;
+    txn.put(REQUESTS_TABLE, &key, row)?;
     txn.put(
         REQUEST_ORDER_TABLE,
         &window.next.to_be_bytes(),
-        &encode_row(&RequestOrderRow { key, bytes })?,
+        encode_row(&RequestOrderRow { key, bytes })?,
     )?;
     window.next += 1;
     window.bytes += bytes;
@@ -371,7 +371,7 @@ fn remember_in_order(txn: &mut dyn Txn, id: &RequestId, response: &Response) -> 
         }
         window.oldest += 1;
     }
-    txn.put(META_TABLE, REQUEST_WINDOW_KEY, &encode_row(&window)?)?;
+    txn.put(META_TABLE, REQUEST_WINDOW_KEY, encode_row(&window)?)?;
     Ok(())
 }
 

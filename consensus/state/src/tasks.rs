@@ -472,10 +472,10 @@ fn submit(txn: &mut dyn Txn, agent: &str, input: &[u8], idempotency_key: &str, a
         completed_at_ms: 0,
     };
     put_row(txn, TASKS_TABLE, &id.to_be_bytes(), &task)?;
-    txn.put(INBOX_TABLE, &agent_key(agent, &id.to_be_bytes()), &[])?;
-    txn.put(AGENT_TASKS_TABLE, &agent_key(agent, &id.to_be_bytes()), &[])?;
+    txn.put(INBOX_TABLE, &agent_key(agent, &id.to_be_bytes()), Vec::new())?;
+    txn.put(AGENT_TASKS_TABLE, &agent_key(agent, &id.to_be_bytes()), Vec::new())?;
     if !idempotency_key.is_empty() {
-        txn.put(TASK_KEYS_TABLE, &key_row, &id.to_be_bytes())?;
+        txn.put(TASK_KEYS_TABLE, &key_row, id.to_be_bytes().to_vec())?;
     }
     counts.queued += 1;
     put_row(txn, COUNTS_TABLE, agent.as_bytes(), &counts)?;
@@ -595,7 +595,7 @@ fn next_task_id(txn: &mut dyn Txn) -> Result<u64> {
         Some(b) => id_of(&b)? + 1,
         None => 1,
     };
-    txn.put(META_TABLE, NEXT_ID_KEY, &id.to_be_bytes())?;
+    txn.put(META_TABLE, NEXT_ID_KEY, id.to_be_bytes().to_vec())?;
     Ok(id)
 }
 
@@ -621,17 +621,17 @@ pub(crate) fn import_task(txn: &mut dyn Txn, task: &TaskRecord) -> Result<u64> {
     let id = next_task_id(txn)?;
     let record = TaskRecord { id, ..task.clone() };
     put_row(txn, TASKS_TABLE, &id.to_be_bytes(), &record)?;
-    txn.put(AGENT_TASKS_TABLE, &agent_key(agent, &id.to_be_bytes()), &[])?;
+    txn.put(AGENT_TASKS_TABLE, &agent_key(agent, &id.to_be_bytes()), Vec::new())?;
     if !task.idempotency_key.is_empty() {
         txn.put(
             TASK_KEYS_TABLE,
             &agent_key(agent, task.idempotency_key.as_bytes()),
-            &id.to_be_bytes(),
+            id.to_be_bytes().to_vec(),
         )?;
     }
     let mut counts = counts(txn, agent)?;
     if record.status == TaskStatus::Queued {
-        txn.put(INBOX_TABLE, &agent_key(agent, &id.to_be_bytes()), &[])?;
+        txn.put(INBOX_TABLE, &agent_key(agent, &id.to_be_bytes()), Vec::new())?;
         counts.queued += 1;
     }
     put_row(txn, COUNTS_TABLE, agent.as_bytes(), &counts)?;

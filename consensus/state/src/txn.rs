@@ -15,8 +15,9 @@ use crate::error::Result;
 pub trait Txn {
     /// The value of `key` in `table`.
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
-    /// Sets `key` in `table`.
-    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<()>;
+    /// Sets `key` in `table` to `value` (taken: rows are encoded for the
+    /// write, so the transaction keeps the buffer instead of a copy).
+    fn put(&mut self, table: &str, key: &[u8], value: Vec<u8>) -> Result<()>;
     /// Removes `key` from `table`.
     fn delete(&mut self, table: &str, key: &[u8]) -> Result<()>;
     /// Removes every key of `table` with `start <= key < end` (to the
@@ -66,11 +67,11 @@ impl Txn for MemTxn {
         Ok(self.tables.get(table).and_then(|t| t.get(key).cloned()))
     }
 
-    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<()> {
+    fn put(&mut self, table: &str, key: &[u8], value: Vec<u8>) -> Result<()> {
         self.tables
             .entry(table.to_string())
             .or_default()
-            .insert(key.to_vec(), value.to_vec());
+            .insert(key.to_vec(), value);
         Ok(())
     }
 

@@ -593,7 +593,7 @@ fn check(script_path: &Path) {
     let mut stored = MemTxn::new();
     for line in rows.lines() {
         let parts: Vec<&str> = line.split(' ').collect();
-        stored.put(parts[0], &unhex(parts[1]), &unhex(parts[2])).unwrap();
+        stored.put(parts[0], &unhex(parts[1]), unhex(parts[2])).unwrap();
     }
     assert_eq!(
         reads(&stored),

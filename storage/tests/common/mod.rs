@@ -46,7 +46,7 @@ impl Apply<TestConfig> for SetApply {
         events: &mut Vec<String>,
     ) -> cell0_storage::Result<Option<String>> {
         let prev = txn.get("t", data.key.as_bytes())?;
-        txn.put("t", data.key.as_bytes(), data.value.as_bytes())?;
+        txn.put("t", data.key.as_bytes(), data.value.as_bytes().to_vec())?;
         events.push(data.key.clone());
         Ok(prev.map(|p| String::from_utf8_lossy(&p).into_owned()))
     }
