@@ -193,7 +193,8 @@ impl WriteBatch {
                             WriteOp::Put { key, value, .. } => key.len() + value.len(),
                             WriteOp::Delete { key, .. } => key.len(),
                             WriteOp::DeleteRange { start, end, .. } => start.len() + end.len(),
-                            WriteOp::PromoteStaging => 0,
+                            // The engine writes the flipped slot record.
+                            WriteOp::PromoteStaging => StateSlot::KEY.len() + 1,
                         }
                 })
                 .sum::<usize>()

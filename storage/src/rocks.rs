@@ -577,6 +577,12 @@ mod tests {
         batch.delete(Cf::Meta, b"gone".to_vec());
         batch.delete_range(Cf::State, vec![0; 130], vec![9; 20_000]);
         let wb = engine.rocks_batch(engine.latest(), &batch).unwrap();
+        let mut promoting = WriteBatch::new();
+        promoting.promote_staging();
+        let slot = engine.latest();
+        let mut promoted = engine.rocks_batch(slot, &promoting).unwrap();
+        promoted.put_cf(engine.cf(slot, Cf::Meta).unwrap(), StateSlot::KEY, [slot.flipped().0]);
+        assert!(promoted.size_in_bytes() <= promoting.encoded_bytes_bound());
         assert!(
             wb.size_in_bytes() <= batch.encoded_bytes_bound(),
             "{} > {}",
