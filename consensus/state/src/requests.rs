@@ -221,9 +221,10 @@ impl Window {
         let row = encode_framed(RequestRow::WHAT, RequestRow::VERSION, &RequestRowRef { response });
         put_back(cmd, response, taken);
         let row = row?;
-        g.entries += 1;
-        g.bytes = g.bytes.saturating_add(row.len() as u64);
+        let bytes = row.len() as u64;
         txn.put(GENERATIONS_TABLE, &generation_key(g.current, id), row)?;
+        g.entries += 1;
+        g.bytes = g.bytes.saturating_add(bytes);
         let newest = g.newest.entry(id.client).or_insert(id.seq);
         *newest = (*newest).max(id.seq);
         if g.entries >= REQUEST_WINDOW_ENTRIES || g.bytes >= REQUEST_WINDOW_BYTES {
