@@ -176,6 +176,11 @@ impl WriteBatch {
         });
     }
 
+    /// Whether the batch promotes the staging keyspace.
+    pub fn promotes(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, WriteOp::PromoteStaging))
+    }
+
     /// An upper bound of this batch's size in RocksDB's encoding, for
     /// sizing its buffer once: a 12-byte header, then per operation a tag,
     /// a column family id and each slice's length (varints of at most 5
@@ -193,7 +198,7 @@ impl WriteBatch {
                             WriteOp::Put { key, value, .. } => key.len() + value.len(),
                             WriteOp::Delete { key, .. } => key.len(),
                             WriteOp::DeleteRange { start, end, .. } => start.len() + end.len(),
-                            // The engine writes the flipped slot record.
+                            // RocksDB's engine writes the flipped slot record.
                             WriteOp::PromoteStaging => StateSlot::KEY.len() + 1,
                         }
                 })

@@ -395,8 +395,9 @@ impl ReadView for RocksEngine {
 }
 
 impl RocksEngine {
-    /// `batch` as a RocksDB batch, its state names resolved under `slot`
-    /// (a promotion in it takes effect after the whole batch).
+    /// `batch` as a RocksDB batch, its state names resolved under `slot`.
+    /// A promotion in it takes effect after the whole batch: the flipped
+    /// slot record is its last write.
     fn rocks_batch(&self, slot: StateSlot, batch: &WriteBatch) -> Result<rocksdb::WriteBatch> {
         // Sized once: grown from empty, RocksDB's batch doubled its buffer
         // and copied it each time, which was 4 % of apply's instructions
@@ -410,6 +411,9 @@ impl RocksEngine {
                 WriteOp::PromoteStaging => {}
             }
         }
+        if batch.promotes() {
+            wb.put_cf(self.cf(slot, Cf::Meta)?, StateSlot::KEY, [slot.flipped().0]);
+        }
         Ok(wb)
     }
 }
@@ -417,11 +421,10 @@ impl RocksEngine {
 impl Engine for RocksEngine {
     fn write(&self, batch: WriteBatch, durability: Durability) -> Result<()> {
         no_perf_counters();
-        let promotes = batch.ops().iter().any(|op| matches!(op, WriteOp::PromoteStaging));
         let mut wo = WriteOptions::default();
         wo.set_sync(durability == Durability::Sync);
         wo.disable_wal(durability == Durability::Unlogged);
-        if !promotes {
+        if !batch.promotes() {
             let slot = self.slot();
             self.db.write_opt(self.rocks_batch(*slot, &batch)?, &wo)?;
             return Ok(());
@@ -429,11 +432,8 @@ impl Engine for RocksEngine {
         // Exclusive: no view or batch resolves the state names until the
         // promotion is written and the slot flipped.
         let mut slot = self.slot_mut();
-        let mut wb = self.rocks_batch(*slot, &batch)?;
-        let next = slot.flipped();
-        wb.put_cf(self.cf(*slot, Cf::Meta)?, StateSlot::KEY, [next.0]);
-        self.db.write_opt(wb, &wo)?;
-        *slot = next;
+        self.db.write_opt(self.rocks_batch(*slot, &batch)?, &wo)?;
+        *slot = slot.flipped();
         Ok(())
     }
 
@@ -579,9 +579,7 @@ mod tests {
         let wb = engine.rocks_batch(engine.latest(), &batch).unwrap();
         let mut promoting = WriteBatch::new();
         promoting.promote_staging();
-        let slot = engine.latest();
-        let mut promoted = engine.rocks_batch(slot, &promoting).unwrap();
-        promoted.put_cf(engine.cf(slot, Cf::Meta).unwrap(), StateSlot::KEY, [slot.flipped().0]);
+        let promoted = engine.rocks_batch(engine.latest(), &promoting).unwrap();
         assert!(promoted.size_in_bytes() <= promoting.encoded_bytes_bound());
         assert!(
             wb.size_in_bytes() <= batch.encoded_bytes_bound(),
