@@ -435,8 +435,13 @@ impl Consensus {
             return Ok(());
         }
         // Concurrent readers of this node share one read-index round.
-        let index = self.inner.reads.read_index().await?;
-        self.wait_applied(index, self.inner.config.request_timeout()).await
+        // Boxed, as a write's routing is: inline, the wait made every read's
+        // future as large, serializable ones too.
+        Box::pin(async {
+            let index = self.inner.reads.read_index().await?;
+            self.wait_applied(index, self.inner.config.request_timeout()).await
+        })
+        .await
     }
 
     /// The pair stored under `key` and the replica's revision, both from one
