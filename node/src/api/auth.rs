@@ -65,7 +65,44 @@ const BOOTSTRAP: &str = "/cell0.v1.Acl/Bootstrap";
 
 tokio::task_local! {
     /// The trace id of the call being handled (set by the layer).
-    pub static TRACE_ID: String;
+    pub static TRACE_ID: TraceId;
+}
+
+/// A call's trace id: random, shown as 16 hex digits (the
+/// [`TRACE_ID_HEADER`] value, logs and the audit line). A number until it
+/// is shown: every call has one, and as a string it cost three allocations
+/// on each call's path (made, handed to the handler, copied for its span).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceId(u64);
+
+impl TraceId {
+    /// A new random trace id.
+    pub fn new() -> Self {
+        Self(rand::random())
+    }
+
+    /// The 16 lowercase hex digits, as [`TraceId`]'s `Display` writes them.
+    fn hex(self) -> [u8; 16] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 16];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = DIGITS[((self.0 >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        out
+    }
+}
+
+impl Default for TraceId {
+    /// A new random trace id, as [`TraceId::new`].
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
 }
 
 /// What a method needs from the caller's token.
@@ -438,11 +475,6 @@ pub struct Authed<S> {
     state: Arc<AuthState>,
 }
 
-/// A new trace id: 16 hex digits.
-pub fn new_trace_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
 /// The gRPC status code of a response: its `grpc-status` header for an
 /// answer without a body (errors), OK otherwise (a stream that fails later
 /// still counts as started).
@@ -490,29 +522,31 @@ where
     S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<R>>,
     R: Default,
 {
-    let trace_id = new_trace_id();
-    let path = req.uri().path().to_string();
-    let Some(guard) = guard(&path) else {
+    let trace_id = TraceId::new();
+    // The path shares the request's buffer: cloning the URI copies none.
+    let uri = req.uri().clone();
+    let path = uri.path();
+    let Some(guard) = guard(path) else {
         return TRACE_ID.scope(trace_id, inner.call(req)).await;
     };
-    let audited = state.audit.is_some() && guard.mutates(&path);
+    let audited = state.audit.is_some() && guard.mutates(path);
     let needs_target =
         path != STREAMED_REQUEST && (audited || (state.tokens.is_some() && matches!(guard, Guard::Kv(_))));
     let client = client_of(&req);
     let (mut req, target) = if needs_target {
         match buffered(req).await {
             Ok((req, bytes)) => {
-                let target = message_of(&bytes).and_then(|m| target(&path, m));
+                let target = message_of(&bytes).and_then(|m| target(path, m));
                 (req, target)
             }
             Err(e) => {
                 return Ok(finish(
                     &state,
-                    &path,
+                    path,
                     client,
                     None,
                     None,
-                    &trace_id,
+                    trace_id,
                     Status::from(e).into_http(),
                     true,
                 )
@@ -522,24 +556,24 @@ where
     } else {
         (req, None)
     };
-    match state.authorize(&path, guard, req.headers(), target.as_ref()).await {
+    match state.authorize(path, guard, req.headers(), target.as_ref()).await {
         Err(e) => {
             let response = Status::from(e).into_http();
-            Ok(finish(&state, &path, client, None, target.as_ref(), &trace_id, response, true).await)
+            Ok(finish(&state, path, client, None, target.as_ref(), trace_id, response, true).await)
         }
         Ok(principal) => {
             let accessor = principal.as_ref().map(|p| p.accessor);
             if let Some(p) = principal {
                 req.extensions_mut().insert(p);
             }
-            let response = TRACE_ID.scope(trace_id.clone(), inner.call(req)).await?;
+            let response = TRACE_ID.scope(trace_id, inner.call(req)).await?;
             Ok(finish(
                 &state,
-                &path,
+                path,
                 client,
                 accessor,
                 target.as_ref(),
-                &trace_id,
+                trace_id,
                 response,
                 audited,
             )
@@ -556,11 +590,11 @@ async fn finish<R>(
     client: Option<IpAddr>,
     accessor: Option<AccessorId>,
     target: Option<&Target>,
-    trace_id: &str,
+    trace_id: TraceId,
     mut response: http::Response<R>,
     audit: bool,
 ) -> http::Response<R> {
-    if let Ok(mut v) = http::HeaderValue::from_str(trace_id) {
+    if let Ok(mut v) = http::HeaderValue::from_bytes(&trace_id.hex()) {
         // A value that never repeats: HPACK sends it as a literal that
         // neither end adds to its header table (see [`TRACE_ID_HEADER`]).
         v.set_sensitive(true);
@@ -654,6 +688,18 @@ mod tests {
             ids.push(id.clone());
         }
         assert_ne!(ids[0], ids[1], "every call gets its own trace id");
+    }
+
+    #[test]
+    fn a_trace_id_shows_as_sixteen_hex_digits_in_the_header_and_in_logs() {
+        for n in [0, 0xab, 0x0123_4567_89ab_cdef, u64::MAX] {
+            let id = TraceId(n);
+            let shown = id.to_string();
+            assert_eq!(shown.len(), 16);
+            assert_eq!(u64::from_str_radix(&shown, 16).unwrap(), n);
+            assert_eq!(&id.hex(), shown.as_bytes(), "header and logs agree for {n:#x}");
+        }
+        assert_ne!(TraceId::new(), TraceId::new());
     }
 
     #[test]

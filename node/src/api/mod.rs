@@ -84,9 +84,7 @@ impl RequestGate {
     {
         // The id the access layer gave the call (and returned in the
         // `cell0-trace-id` header); a fresh one outside it (tests).
-        let trace_id = auth::TRACE_ID
-            .try_with(String::clone)
-            .unwrap_or_else(|_| auth::new_trace_id());
+        let trace_id = auth::TRACE_ID.try_with(|id| *id).unwrap_or_default();
         let started = Instant::now();
         let result = match self.permits.try_acquire() {
             Ok(_permit) => {
