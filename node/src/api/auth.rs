@@ -81,7 +81,8 @@ impl TraceId {
         Self(rand::random())
     }
 
-    /// The 16 lowercase hex digits, as [`TraceId`]'s `Display` writes them.
+    /// The 16 lowercase hex digits: the header's value, and what `Display`
+    /// writes.
     fn hex(self) -> [u8; 16] {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 16];
@@ -101,7 +102,8 @@ impl Default for TraceId {
 
 impl std::fmt::Display for TraceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
+        // The header's digits: one encoding for every place the id shows.
+        f.write_str(std::str::from_utf8(&self.hex()).map_err(|_| std::fmt::Error)?)
     }
 }
 
