@@ -288,7 +288,7 @@ async fn propose_commands(
 /// futures"). One allocation per entry instead.
 async fn propose_one(proposer: &Proposer, cmd: Command, timeout: Duration) -> Result<Response> {
     let cmd = proposer.readable(cmd);
-    match tokio::time::timeout(timeout, Box::pin(proposer.raft.client_write(cmd))).await {
+    match tokio::time::timeout(timeout, Box::pin(proposer.raft.client_write(cmd.into()))).await {
         Ok(Ok(resp)) => Ok(resp.data),
         Ok(Err(e)) => Err(after_proposal(map_write_error(e))),
         Err(_) => Err(ConsensusError::Indeterminate(format!(

@@ -94,7 +94,7 @@ impl Entries {
         self.index += 1;
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), self.index),
-            payload: EntryPayload::Normal(Command::Batch(puts)),
+            payload: EntryPayload::Normal(Command::Batch(puts).into()),
         }
     }
 }

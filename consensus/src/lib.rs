@@ -50,4 +50,4 @@ pub use nodes::{NodeCommand, NodeResources};
 pub use registry::{MAX_MODEL_BYTES, ModelCommand, ModelEntry, ModelFile, ModelManifest, ModelOutcome, is_sha256_hex};
 pub use server::InternalService;
 pub use state::{Applied, EventKind, StateEvent};
-pub use types::{NodeId, NodeInfo, TypeConfig};
+pub use types::{NodeId, NodeInfo, SharedCommand, TypeConfig};

@@ -866,10 +866,13 @@ mod tests {
         let entries: Vec<Entry<TypeConfig>> = (1..=40)
             .map(|index| Entry {
                 log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-                payload: EntryPayload::Normal(crate::Command::Put {
-                    key: b"k".to_vec(),
-                    value: vec![7; 1 << 20],
-                }),
+                payload: EntryPayload::Normal(
+                    crate::Command::Put {
+                        key: b"k".to_vec(),
+                        value: vec![7; 1 << 20],
+                    }
+                    .into(),
+                ),
             })
             .collect();
         let rpc = AppendEntriesRequest {

@@ -27,9 +27,9 @@ pub use cell0_state::kv::{
 };
 pub use cell0_state::{EventKind, StateEvent};
 
-use crate::command::{Command, Response};
+use crate::command::Response;
 use crate::error::Result;
-use crate::types::TypeConfig;
+use crate::types::{SharedCommand, TypeConfig};
 
 /// Most bytes of events one apply notification carries; a larger apply is
 /// announced as [`Applied::Resync`] and subscribers re-read the history, so
@@ -152,7 +152,7 @@ impl Apply<TypeConfig> for KvStateMachine {
         &self,
         txn: &mut dyn Txn,
         _log_id: &LogId<u64>,
-        cmd: &Command,
+        cmd: &SharedCommand,
         events: &mut Vec<StateEvent>,
     ) -> cell0_storage::Result<Response> {
         self.applied_bytes

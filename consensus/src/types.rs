@@ -1,7 +1,15 @@
 //! The openraft type configuration of Cell0 and the node record every member
 //! carries in the Raft membership.
+//!
+//! A log entry's command is shared ([`SharedCommand`]): the log store keeps
+//! the newest entries in memory (`cell0_storage::LogStore`), and apply and
+//! every replication stream take them from there by reference count instead
+//! of decoding each one again. Its encoding is the command's own, so the log
+//! and wire formats are those of [`Command`].
 
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::command::{Command, Response};
 
@@ -27,10 +35,42 @@ impl std::fmt::Display for NodeInfo {
     }
 }
 
+/// The command a log entry carries, shared between the copies of the entry
+/// a node holds (the log store's recent entries, apply, replication).
+/// Encoded exactly as the [`Command`] inside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedCommand(Arc<Command>);
+
+impl From<Command> for SharedCommand {
+    fn from(cmd: Command) -> Self {
+        Self(Arc::new(cmd))
+    }
+}
+
+impl std::ops::Deref for SharedCommand {
+    type Target = Command;
+
+    fn deref(&self) -> &Command {
+        &self.0
+    }
+}
+
+impl Serialize for SharedCommand {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedCommand {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Command::deserialize(deserializer).map(Self::from)
+    }
+}
+
 openraft::declare_raft_types!(
     /// Cell0's Raft types: commands in, responses out, snapshots as files.
     pub TypeConfig:
-        D = Command,
+        D = SharedCommand,
         R = Response,
         NodeId = NodeId,
         Node = NodeInfo,

@@ -225,7 +225,7 @@ fn old_commands() -> Vec<Command> {
         .filter_map(|(_, _, v)| {
             let entry: Entry<TypeConfig> = cell0_state::codec::decode("log entry", &v).unwrap();
             match entry.payload {
-                EntryPayload::Normal(c) => Some(c),
+                EntryPayload::Normal(c) => Some(Command::clone(&c)),
                 _ => None,
             }
         })
@@ -373,7 +373,7 @@ fn golden_values() -> (Named<Entry<TypeConfig>>, Named<Response>) {
                 name,
                 Entry {
                     log_id,
-                    payload: EntryPayload::Normal(c),
+                    payload: EntryPayload::Normal(c.into()),
                 },
             )
         })

@@ -39,6 +39,7 @@ pub mod live;
 mod log_store;
 mod memory;
 mod preload;
+mod recent;
 #[cfg(feature = "rocksdb")]
 mod rocks;
 mod row_cache;
@@ -51,7 +52,9 @@ pub use engine::{BulkLoad, Cf, Durability, Engine, ReadView, RowVisitor, WriteBa
 pub use error::{Error, Result};
 pub use format::DATA_FORMAT;
 pub use live::LiveSnapshots;
-pub use log_store::{APPENDS_PER_FSYNC_METRIC, FSYNC_SECONDS_METRIC, LogStore};
+pub use log_store::{
+    APPENDS_PER_FSYNC_METRIC, ENTRIES_READ_METRIC, FSYNC_SECONDS_METRIC, LogStore, RECENT_ENTRIES_BYTES,
+};
 pub use memory::MemEngine;
 #[cfg(feature = "rocksdb")]
 pub use rocks::RocksEngine;

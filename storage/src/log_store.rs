@@ -37,6 +37,11 @@
 //!   the write, on every write's path (docs/benchmarks.md). Each call
 //!   returns after its write, so writes reach the engine in the order
 //!   openraft issues them.
+//! - The newest entries stay in memory too (`recent`, at most
+//!   [`RECENT_ENTRIES_BYTES`] of encoded entries, each exactly the log's
+//!   entry at its index): reads that start among them (apply, replication
+//!   to followers that keep up) take them from there, and only older ones
+//!   are read from the engine and decoded.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -48,12 +53,18 @@ use openraft::{Entry, LogId, OptionalSend, RaftLogReader, RaftTypeConfig, Storag
 
 use crate::engine::{Cf, Durability, Engine, ReadView, WriteBatch, run_blocking};
 use crate::error::{decode, encode};
+use crate::recent::{RecentEntries, SizedEntry};
 
 /// Seconds each durable write of log entries took on this node: a leader's
 /// grouped sync, or a follower's synced append (write and fsync).
 pub const FSYNC_SECONDS_METRIC: &str = "cell0_raft_log_fsync_duration_seconds";
 /// Appends made durable by one of those (its buckets are counts).
 pub const APPENDS_PER_FSYNC_METRIC: &str = "cell0_raft_log_appends_per_fsync";
+/// Log entries read back (apply, replication), labelled by where from:
+/// `source="memory"` (the recent entries) or `source="engine"` (decoded).
+pub const ENTRIES_READ_METRIC: &str = "cell0_raft_log_entries_read_total";
+/// Most bytes of encoded entries a log store keeps in memory.
+pub const RECENT_ENTRIES_BYTES: usize = 16 << 20;
 
 const VOTE_KEY: &[u8] = b"raft/vote";
 const COMMITTED_KEY: &[u8] = b"raft/committed";
@@ -112,6 +123,8 @@ pub struct LogStore<C: RaftTypeConfig, E> {
     unwritten_commit: Arc<UnwrittenCommit>,
     /// Appends written and waiting for their sync.
     syncs: Arc<Syncs<C>>,
+    /// The newest entries, decoded.
+    recent: Arc<RecentEntries<C>>,
 }
 
 impl<C: RaftTypeConfig, E> Clone for LogStore<C, E> {
@@ -121,6 +134,7 @@ impl<C: RaftTypeConfig, E> Clone for LogStore<C, E> {
             read_budget: self.read_budget,
             unwritten_commit: self.unwritten_commit.clone(),
             syncs: self.syncs.clone(),
+            recent: self.recent.clone(),
         }
     }
 }
@@ -152,6 +166,13 @@ fn start_syncs<C: RaftTypeConfig, E: Engine>(syncs: Arc<Syncs<C>>, engine: Arc<E
 fn record_fsync(started: Instant, appends: usize) {
     metrics::histogram!(FSYNC_SECONDS_METRIC).record(started.elapsed().as_secs_f64());
     metrics::histogram!(APPENDS_PER_FSYNC_METRIC).record(appends as f64);
+}
+
+/// Counts `entries` read back from `source` ("memory" or "engine").
+fn record_reads(entries: usize, source: &'static str) {
+    if entries > 0 {
+        metrics::counter!(ENTRIES_READ_METRIC, "source" => source).increment(entries as u64);
+    }
 }
 
 /// The error openraft's flush callback gets for a failed engine write.
@@ -254,7 +275,15 @@ impl<C: RaftTypeConfig, E: Engine> LogStore<C, E> {
             read_budget: usize::MAX,
             unwritten_commit: Arc::default(),
             syncs: Arc::default(),
+            recent: Arc::new(RecentEntries::new(RECENT_ENTRIES_BYTES)),
         }
+    }
+
+    /// This store keeping at most `bytes` of encoded entries in memory
+    /// instead of [`RECENT_ENTRIES_BYTES`] (0: every read decodes).
+    pub fn with_recent_entries(mut self, bytes: usize) -> Self {
+        self.recent = Arc::new(RecentEntries::new(bytes));
+        self
     }
 
     /// This store with replication reads (openraft's
@@ -288,6 +317,7 @@ where
     /// term must be at least `last`'s, so the next election's term is above
     /// every entry's.
     pub fn reset_to_snapshot(&self, last: Option<LogId<u64>>, vote: &Vote<u64>) -> crate::Result<()> {
+        self.recent.clear();
         let mut batch = WriteBatch::new();
         batch.delete_range(Cf::Log, log_key(0), log_key(u64::MAX));
         batch.delete(Cf::Log, log_key(u64::MAX));
@@ -304,6 +334,7 @@ where
     /// last one and records `vote`, in one synced write (`cell0 operator
     /// recover`).
     pub fn force_append(&self, entries: &[Entry<C>], vote: &Vote<u64>) -> crate::Result<()> {
+        self.recent.clear();
         let mut batch = WriteBatch::new();
         for entry in entries {
             batch.put(Cf::Log, log_key(entry.log_id.index), encode(entry)?);
@@ -332,6 +363,7 @@ fn read_meta<T: serde::de::DeserializeOwned>(
 impl<C, E> RaftLogReader<C> for LogStore<C, E>
 where
     C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>>,
+    C::D: Clone,
     E: Engine,
 {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
@@ -353,23 +385,37 @@ where
         {
             return Ok(Vec::new());
         }
+        let mut entries = self.recent.read(start, end.unwrap_or(u64::MAX), usize::MAX).entries;
+        let next = start + entries.len() as u64;
+        record_reads(entries.len(), "memory");
+        if end.is_some_and(|end| next >= end) {
+            return Ok(entries);
+        }
         let end_key = end.map(log_key);
         let rows = self
             .engine
-            .scan(Cf::Log, &log_key(start), end_key.as_ref().map(|k| &k[..]), usize::MAX)
+            .scan(Cf::Log, &log_key(next), end_key.as_ref().map(|k| &k[..]), usize::MAX)
             .map_err(read_err)?;
-        rows.iter()
-            .map(|(_, v)| decode::<Entry<C>>("log entry", v).map_err(read_err))
-            .collect()
+        record_reads(rows.len(), "engine");
+        for (_, v) in &rows {
+            entries.push(decode::<Entry<C>>("log entry", v).map_err(read_err)?);
+        }
+        Ok(entries)
     }
 
     /// The entries from `start` on, before `end`, up to the read budget in
     /// encoded bytes (always at least one).
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> SResult<Vec<Entry<C>>> {
-        let mut entries = Vec::new();
-        let mut bytes = 0usize;
-        let mut next = start;
+        let served = self.recent.read(start, end, self.read_budget);
+        let mut entries = served.entries;
+        let mut bytes = served.bytes;
+        let mut next = start + entries.len() as u64;
+        record_reads(entries.len(), "memory");
+        if served.budget_spent {
+            return Ok(entries);
+        }
         let end_key = log_key(end);
+        let from_memory = entries.len();
         while next < end {
             let rows = self
                 .engine
@@ -381,6 +427,7 @@ where
             for (_, v) in &rows {
                 bytes = bytes.saturating_add(v.len());
                 if bytes > self.read_budget && !entries.is_empty() {
+                    record_reads(entries.len() - from_memory, "engine");
                     return Ok(entries);
                 }
                 let entry = decode::<Entry<C>>("log entry", v).map_err(read_err)?;
@@ -388,6 +435,7 @@ where
                 entries.push(entry);
             }
         }
+        record_reads(entries.len() - from_memory, "engine");
         Ok(entries)
     }
 }
@@ -398,28 +446,40 @@ where
     E: Engine,
 {
     /// One batch holding `entries` and the commit record waiting to be
-    /// written, if any.
-    fn append_batch<I>(&self, entries: I) -> SResult<WriteBatch>
+    /// written, if any; and the entries with their encoded sizes, for the
+    /// recent entries once the batch is written.
+    fn append_batch<I>(&self, entries: I) -> SResult<(WriteBatch, Vec<SizedEntry<C>>)>
     where
         I: IntoIterator<Item = Entry<C>>,
     {
         let mut batch = WriteBatch::new();
+        let mut appended = Vec::new();
         for entry in entries {
-            batch.put(Cf::Log, log_key(entry.log_id.index), encode(&entry).map_err(write_err)?);
+            let encoded = encode(&entry).map_err(write_err)?;
+            let encoded_len = encoded.len();
+            batch.put(Cf::Log, log_key(entry.log_id.index), encoded);
+            appended.push(SizedEntry { entry, encoded_len });
         }
         if let Some(committed) = self.unwritten_commit.take() {
             batch.put(Cf::Meta, COMMITTED_KEY, encode(&committed).map_err(write_err)?);
         }
-        Ok(batch)
+        Ok((batch, appended))
     }
 
     /// Writes `batch` buffered (readable once this returns), on this
-    /// thread, and queues `callback` for the next grouped sync.
-    async fn write_then_sync(&self, batch: WriteBatch, callback: LogFlushed<C>) -> SResult<()> {
+    /// thread, adds `appended` to the recent entries and queues `callback`
+    /// for the next grouped sync.
+    async fn write_then_sync(
+        &self,
+        batch: WriteBatch,
+        appended: Vec<SizedEntry<C>>,
+        callback: LogFlushed<C>,
+    ) -> SResult<()> {
         if let Err(e) = self.engine.write(batch, Durability::Buffered) {
             callback.log_io_completed(Err(flush_error(&e)));
             return Err(write_err(e));
         }
+        self.recent.appended(appended);
         if self.syncs.queue(callback) {
             start_syncs(self.syncs.clone(), self.engine.clone());
         }
@@ -430,6 +490,7 @@ where
 impl<C, E> RaftLogStorage<C> for LogStore<C, E>
 where
     C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>>,
+    C::D: Clone,
     E: Engine,
 {
     type LogReader = Self;
@@ -490,17 +551,20 @@ where
         I: IntoIterator<Item = Entry<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let batch = self.append_batch(entries)?;
+        let (batch, appended) = self.append_batch(entries)?;
         if !self.engine.may_block() {
             // In memory: the same path as a leader's, so that the
             // simulator's sync latency applies to every member.
-            return self.write_then_sync(batch, callback).await;
+            return self.write_then_sync(batch, appended, callback).await;
         }
         // A follower waits for the callback before it answers: one synced
         // write on this thread costs less than a hand-off to the sync loop.
         let started = Instant::now();
         let written = run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await;
         record_fsync(started, 1);
+        if written.is_ok() {
+            self.recent.appended(appended);
+        }
         callback.log_io_completed(written.as_ref().map(|_| ()).map_err(flush_error));
         written.map_err(write_err)
     }
@@ -510,11 +574,12 @@ where
         I: IntoIterator<Item = Entry<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let batch = self.append_batch(entries)?;
-        self.write_then_sync(batch, callback).await
+        let (batch, appended) = self.append_batch(entries)?;
+        self.write_then_sync(batch, appended, callback).await
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> SResult<()> {
+        self.recent.truncate(log_id.index);
         let mut batch = WriteBatch::new();
         batch.delete_range(Cf::Log, log_key(log_id.index), log_key(u64::MAX));
         batch.delete(Cf::Log, log_key(u64::MAX));
@@ -524,6 +589,7 @@ where
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> SResult<()> {
+        self.recent.purge(log_id.index);
         let mut batch = WriteBatch::new();
         batch.put(Cf::Meta, PURGED_KEY, encode(&log_id).map_err(write_err)?);
         batch.delete_range(Cf::Log, log_key(0), log_key(log_id.index.saturating_add(1)));

@@ -18,9 +18,11 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+mod common;
+
 use cell0_storage::{Cf, Durability, Engine, EngineTxn, MemEngine, ReadView, Txn, WriteBatch};
+use common::config;
 use proptest::prelude::*;
-use proptest::test_runner::RngSeed;
 
 /// Tables with a shared name prefix, to catch a table's scan reading into
 /// its neighbour's rows.
@@ -175,23 +177,6 @@ fn commit<E: ReadView + ?Sized>(engine: &MemEngine, txn: EngineTxn<'_, E>) {
     let mut batch = WriteBatch::new();
     txn.into_batch(&mut batch);
     engine.write(batch, Durability::Sync).unwrap();
-}
-
-/// `cases` cases from a fixed seed, so every run checks the same cases;
-/// `PROPTEST_RNG_SEED=<n>` explores others.
-fn config(cases: u32) -> ProptestConfig {
-    let default = ProptestConfig::default();
-    let seed = if let RngSeed::Fixed(seed) = default.rng_seed {
-        seed
-    } else {
-        0xce11_0000
-    };
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        rng_seed: RngSeed::Fixed(seed),
-        ..default
-    }
 }
 
 proptest! {

@@ -145,7 +145,7 @@ fn log_entry_seeds() -> Vec<Vec<u8>> {
         .collect();
     let entry = openraft::Entry::<TypeConfig> {
         log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), 42),
-        payload: openraft::EntryPayload::Normal(put),
+        payload: openraft::EntryPayload::Normal(put.into()),
     };
     out.push(codec::encode("log entry", &entry).expect("a seed encodes"));
     out

@@ -1,5 +1,6 @@
 //! Types shared by the storage integration tests: a tiny key-value Raft type
-//! config and its [`Apply`] implementation.
+//! config and its [`Apply`] implementation, and the property tests' runner
+//! configuration.
 //!
 //! Each test crate uses only part of this module.
 #![allow(dead_code)]
@@ -8,6 +9,7 @@ use std::sync::Mutex;
 
 use cell0_storage::{Apply, StateMachineStore, Txn};
 use openraft::{Entry, EntryPayload, LogId};
+use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 use serde::{Deserialize, Serialize};
 
 /// The command: set `key` in table "t" to `value`.
@@ -80,4 +82,21 @@ pub fn set_entry(index: u64, key: &str, value: &str) -> Entry<TestConfig> {
 pub fn read<E: cell0_storage::Engine>(sm: &Sm<E>, key: &str) -> Option<Vec<u8>> {
     let txn = cell0_storage::EngineTxn::new(sm.engine().as_ref());
     txn.get("t", key.as_bytes()).unwrap()
+}
+
+/// `cases` cases from a fixed seed, so every run checks the same cases;
+/// `PROPTEST_RNG_SEED=<n>` explores others.
+pub fn config(cases: u32) -> ProptestConfig {
+    let default = ProptestConfig::default();
+    let seed = if let RngSeed::Fixed(seed) = default.rng_seed {
+        seed
+    } else {
+        0xce11_0000
+    };
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        rng_seed: RngSeed::Fixed(seed),
+        ..default
+    }
 }
