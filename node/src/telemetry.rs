@@ -102,6 +102,10 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         "Raft log appends made durable by one fsync."
     );
     metrics::describe_counter!(
+        cell0_storage::ENTRIES_READ_METRIC,
+        "Raft log entries read back for apply and replication, from memory (source=memory) or decoded from RocksDB (source=engine)."
+    );
+    metrics::describe_counter!(
         cell0_storage::ROW_CACHE_READS_METRIC,
         "Point reads of apply answered by the row cache (result=hit) or read from RocksDB (result=miss)."
     );

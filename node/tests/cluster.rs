@@ -232,6 +232,8 @@ async fn health_metrics_and_reflection_are_served() {
         "cell0_write_duration_seconds",
         "cell0_raft_log_fsync_duration_seconds",
         "cell0_raft_log_appends_per_fsync",
+        // Apply took the put's entry from the log's recent entries.
+        "cell0_raft_log_entries_read_total{source=\"memory\"}",
     ] {
         assert!(metrics.contains(name), "missing {name} in:\n{metrics}");
     }
