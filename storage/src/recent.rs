@@ -39,8 +39,9 @@ struct Window<C: RaftTypeConfig> {
 }
 
 impl<C: RaftTypeConfig> Window<C> {
-    fn clear(&mut self) {
-        self.entries.clear();
+    /// Moves every entry to `evicted`.
+    fn clear(&mut self, evicted: &mut Vec<SizedEntry<C>>) {
+        evicted.extend(self.entries.drain(..));
         self.bytes = 0;
     }
 
@@ -48,23 +49,26 @@ impl<C: RaftTypeConfig> Window<C> {
         self.entries.front().map(|h| h.entry.log_id.index)
     }
 
-    /// Drops the entries from `index` on.
-    fn drop_from(&mut self, index: u64) {
+    /// Moves the entries from `index` on to `evicted`.
+    fn evict_from(&mut self, index: u64, evicted: &mut Vec<SizedEntry<C>>) {
         while let Some(last) = self.entries.back()
             && last.entry.log_id.index >= index
+            && let Some(last) = self.entries.pop_back()
         {
             self.bytes -= last.encoded_len;
-            self.entries.pop_back();
+            evicted.push(last);
         }
     }
 
-    /// Drops the oldest entries while `drop` says so.
-    fn drop_oldest(&mut self, drop: impl Fn(&SizedEntry<C>, usize) -> bool) {
+    /// Moves the oldest entries to `evicted` while `evict` says so (given
+    /// the entry and the bytes held).
+    fn evict_oldest(&mut self, evict: impl Fn(&SizedEntry<C>, usize) -> bool, evicted: &mut Vec<SizedEntry<C>>) {
         while let Some(first) = self.entries.front()
-            && drop(first, self.bytes)
+            && evict(first, self.bytes)
+            && let Some(first) = self.entries.pop_front()
         {
             self.bytes -= first.encoded_len;
-            self.entries.pop_front();
+            evicted.push(first);
         }
     }
 }
@@ -109,33 +113,42 @@ impl<C: RaftTypeConfig> RecentEntries<C> {
         let Some(first) = entries.first().map(|s| s.entry.log_id.index) else {
             return;
         };
+        let mut evicted = Vec::new();
         let mut window = self.lock();
-        window.drop_from(first);
+        window.evict_from(first, &mut evicted);
         if let Some(back) = window.entries.back()
             && back.entry.log_id.index + 1 != first
         {
-            window.clear();
+            window.clear(&mut evicted);
         }
         for sized in entries {
             window.bytes += sized.encoded_len;
             window.entries.push_back(sized);
         }
-        window.drop_oldest(|_, bytes| bytes > self.budget);
+        window.evict_oldest(|_, bytes| bytes > self.budget, &mut evicted);
+        // Freed once readers may go on: the oldest entries' memory is long
+        // cold, and freeing it is most of an append's time here.
+        drop(window);
+        drop(evicted);
     }
 
     /// The log is about to lose its entries from `index` on.
     pub(crate) fn truncate(&self, index: u64) {
-        self.lock().drop_from(index);
+        let mut evicted = Vec::new();
+        self.lock().evict_from(index, &mut evicted);
     }
 
     /// The log is about to lose its entries up to `index`.
     pub(crate) fn purge(&self, index: u64) {
-        self.lock().drop_oldest(|held, _| held.entry.log_id.index <= index);
+        let mut evicted = Vec::new();
+        self.lock()
+            .evict_oldest(|held, _| held.entry.log_id.index <= index, &mut evicted);
     }
 
     /// The log is about to be rewritten outside Raft.
     pub(crate) fn clear(&self) {
-        self.lock().clear();
+        let mut evicted = Vec::new();
+        self.lock().clear(&mut evicted);
     }
 
     /// The entries held from `start` on, before `end`, stopping before the
