@@ -120,11 +120,12 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
 /// InstallSnapshot chunk's bytes travel in `data` ([`SNAPSHOT_DATA_FORMAT`]).
 /// 3, as 2 but log entries may carry `Command::RequestV2`
 /// ([`REQUEST_V2_FORMAT`]). 4, as 3 but log entries and forwarded writes
-/// may carry `Command::PutWithoutPrev` ([`PUT_WITHOUT_PREV_FORMAT`]). A
-/// sender writes the oldest format that carries its message, so nodes of
-/// the previous build still read everything but snapshot chunks and
-/// entries they cannot apply.
-pub const INTERNAL_FORMAT: u32 = PUT_WITHOUT_PREV_FORMAT;
+/// may carry `Command::PutWithoutPrev` ([`PUT_WITHOUT_PREV_FORMAT`]). 5,
+/// as 4 but the answer to a forwarded put may leave the written pair out
+/// ([`PAIRLESS_ANSWER_FORMAT`]). A sender writes the oldest format that
+/// carries its message, so nodes of the previous build still read
+/// everything but snapshot chunks and entries they cannot apply.
+pub const INTERNAL_FORMAT: u32 = PAIRLESS_ANSWER_FORMAT;
 
 /// The format of AppendEntries requests whose entries carry
 /// `Command::RequestV2`. The leader proposes that variant only once every
@@ -136,6 +137,12 @@ pub const REQUEST_V2_FORMAT: u32 = 3;
 /// that variant only to nodes that said they read this format; others get
 /// the same write as the `Command::Put` their build knows.
 pub const PUT_WITHOUT_PREV_FORMAT: u32 = 4;
+
+/// The format of a forwarding node that reads answers to puts without the
+/// written pair (`Response::Put` leaves the key and value out; the node
+/// has them in its own request). A leader puts the pair back into the
+/// answer for nodes that did not say they read this format.
+pub const PAIRLESS_ANSWER_FORMAT: u32 = 5;
 
 /// The oldest message format whose receivers apply `cmd`.
 pub(crate) fn command_format(cmd: &Command) -> u32 {
@@ -224,6 +231,14 @@ impl WireIdentity {
     }
 }
 
+/// The newest format the sender of `msg` reads.
+pub(crate) fn sender_reads_format(msg: &RaftMessage) -> u32 {
+    match msg.reads_format {
+        0 => READS_FORMAT_BEFORE_FIELD,
+        n => n,
+    }
+}
+
 /// When the leader last heard back from each peer, so membership decisions
 /// can tell a live member from a dead one, and the newest internal format
 /// each peer said it reads.
@@ -241,10 +256,7 @@ impl PeerHealth {
 
     /// Notes the format `reply` says its sender reads.
     pub(crate) fn record_format(&self, peer: NodeId, reply: &RaftMessage) {
-        let reads = match reply.reads_format {
-            0 => READS_FORMAT_BEFORE_FIELD,
-            n => n,
-        };
+        let reads = sender_reads_format(reply);
         let mut map = self.reads_format.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(peer, reads);
     }

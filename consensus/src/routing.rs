@@ -71,6 +71,24 @@ pub(crate) enum ForwardResponse {
     Writes(Vec<Result<Response>>),
 }
 
+impl ForwardResponse {
+    /// Puts back the pairs the answers to `req`'s writes leave out
+    /// ([`Response::put_back_written_pairs`]).
+    pub(crate) fn put_back_written_pairs(&mut self, req: &ForwardRequest) {
+        match (self, req) {
+            (ForwardResponse::Write(answer), ForwardRequest::Write(cmd)) => answer.put_back_written_pairs(cmd),
+            (ForwardResponse::Writes(answers), ForwardRequest::Writes(cmds)) => {
+                for (answer, cmd) in answers.iter_mut().zip(cmds) {
+                    if let Ok(answer) = answer {
+                        answer.put_back_written_pairs(cmd);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 impl Inner {
     /// Runs `req` on the leader, forwarding when this node is not it, and
     /// retries until the request deadline while [`may_retry`] allows it.
@@ -302,5 +320,41 @@ mod tests {
         assert!(may_retry(&unknown, true), "a request id makes a retry safe");
         assert!(!may_retry(&ConsensusError::invalid("key", "bad"), true));
         assert!(!may_retry(&ConsensusError::ShuttingDown, true));
+    }
+
+    #[test]
+    fn an_older_followers_answers_get_each_writes_pair_back_in_order() {
+        let put = |k: &str| Command::PutWithoutPrev {
+            key: k.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+        };
+        let answer = |rev| Response::Put {
+            kv: crate::KeyValue {
+                key: Vec::new(),
+                value: Vec::new(),
+                create_revision: rev,
+                mod_revision: rev,
+                version: 1,
+            },
+            prev: None,
+        };
+        let req = ForwardRequest::Writes(vec![put("a"), put("b"), put("c")]);
+        let mut reply = ForwardResponse::Writes(vec![
+            Ok(answer(1)),
+            Err(ConsensusError::invalid("key", "bad")),
+            Ok(answer(2)),
+        ]);
+        reply.put_back_written_pairs(&req);
+        let ForwardResponse::Writes(answers) = reply else {
+            panic!()
+        };
+        let keys: Vec<Option<(Vec<u8>, u64)>> = answers
+            .into_iter()
+            .map(|a| match a {
+                Ok(Response::Put { kv, .. }) => Some((kv.key, kv.mod_revision)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys, vec![Some((b"a".to_vec(), 1)), None, Some((b"c".to_vec(), 2))]);
     }
 }

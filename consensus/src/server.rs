@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::inner::Inner;
-use crate::network::{MAX_INTERNAL_MESSAGE_BYTES, decode, encode};
+use crate::network::{MAX_INTERNAL_MESSAGE_BYTES, PAIRLESS_ANSWER_FORMAT, decode, encode, sender_reads_format};
 use crate::routing::ForwardRequest;
 use crate::types::{NodeId, TypeConfig};
 
@@ -85,11 +85,18 @@ async fn append_entries(inner: &Inner, request: &RaftMessage) -> Result<RaftMess
     encoded(&result)
 }
 
-/// Serves a request a follower forwarded to this node.
+/// Serves a request a follower forwarded to this node. A follower of an
+/// older build shows the pair a put's answer reports as written, which
+/// answers now leave out: it gets them put back.
 async fn forward(inner: &Inner, request: &RaftMessage) -> Result<RaftMessage, Status> {
     inner.identity.check(request)?;
     let req: ForwardRequest = decode(request).map_err(bad_payload)?;
-    encoded(&inner.handle_local(req).await)
+    let older = (sender_reads_format(request) < PAIRLESS_ANSWER_FORMAT).then(|| req.clone());
+    let mut reply = inner.handle_local(req).await;
+    if let (Some(req), Ok(answer)) = (&older, &mut reply) {
+        answer.put_back_written_pairs(req);
+    }
+    encoded(&reply)
 }
 
 /// Serves one request of an Exchange stream, as its unary call would.

@@ -496,13 +496,20 @@ fn log_entries_and_responses_keep_their_golden_bytes() {
 }
 
 /// Applies `retry`, a retry of the old data dir's write of `req` = `once`,
-/// and checks that the request window answers it: the old answer, nothing
+/// and checks that the request window answers it: the old answer (the
+/// revisions of that write; a put's answer leaves the pair out), nothing
 /// applied again.
 fn assert_answered_from_window(state: &mut MemTxn, retry: &Command) {
+    let written = cell0_state::kv::get(state, b"req").unwrap().unwrap();
+    assert_eq!(written.value, b"once");
     let applied = cell0_state::apply(state, retry).unwrap();
     match applied.response {
-        Response::Put { kv, .. } => assert_eq!(kv.value, b"once"),
+        Response::Put { kv, .. } => assert_eq!(
+            (kv.value.as_slice(), kv.mod_revision, kv.version),
+            (&b""[..], written.mod_revision, written.version)
+        ),
         other => panic!("unexpected {other:?}"),
     }
     assert!(applied.events.is_empty(), "the retry was applied again");
+    assert_eq!(cell0_state::kv::get(state, b"req").unwrap().unwrap(), written);
 }

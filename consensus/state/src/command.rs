@@ -145,7 +145,10 @@ pub enum Response {
     Empty,
     /// A put happened.
     Put {
-        /// The key as written.
+        /// The written pair's revisions. Its key and value are the
+        /// command's and are left out (empty), on every replica and for
+        /// retries: the caller has them ([`Response::put_back_written_pairs`]
+        /// puts them back).
         kv: KeyValue,
         /// The previous pair, if any.
         prev: Option<KeyValue>,
@@ -188,6 +191,15 @@ pub enum Response {
     Acl(AclOutcome),
     /// What a [`Command::Handoff`] did.
     Handoff(HandoffOutcome),
+}
+
+impl Response {
+    /// Puts back the key and value of each pair `cmd` wrote, which answers
+    /// leave out ([`Response::Put`]), for nodes of older builds that show
+    /// them.
+    pub fn put_back_written_pairs(&mut self, cmd: &Command) {
+        crate::requests::restore_written_pairs(cmd, self);
+    }
 }
 
 /// Limits a command must respect, checked before proposing and again,

@@ -460,7 +460,11 @@ pub(crate) fn apply_command(
             Ok(Response::Cas {
                 revision: *rev,
                 succeeded: true,
-                kv: Some(kv),
+                kv: Some(KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                    ..kv
+                }),
             })
         }
         Command::Batch(cmds) => {
@@ -534,6 +538,11 @@ pub(crate) fn apply_command(
     }
 }
 
+/// Writes `key` = `value` over `prev` at the next revision and records
+/// the event. Returns the written pair's revisions, without its key and
+/// value (empty): a put's answer leaves them out (the command carries
+/// them), so that the pair is not copied into every replica's answer
+/// (answers are dropped on followers).
 fn write(
     txn: &mut dyn Txn,
     key: &[u8],
@@ -552,16 +561,21 @@ fn write(
     };
     txn.put(KV_TABLE, key, encode_row(&record)?)?;
     let kv = record.into_kv(key);
+    let revisions = KeyValue {
+        key: Vec::new(),
+        value: Vec::new(),
+        ..kv
+    };
     record_event(
         txn,
         books,
         events,
         StateEvent {
             kind: EventKind::Put,
-            kv: kv.clone(),
+            kv,
         },
     )?;
-    Ok(kv)
+    Ok(revisions)
 }
 
 /// Stores `ev` in the history, then drops the oldest events until the
@@ -824,7 +838,8 @@ mod tests {
         };
         assert_eq!(
             (kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version),
-            (&b"2"[..], 1, 2, 2)
+            (&b""[..], 1, 2, 2),
+            "the answer leaves the written pair out"
         );
         assert_eq!(*prev, None);
         let Response::Put { prev, .. } = &out[2] else {
@@ -946,7 +961,11 @@ mod tests {
             let Response::Put { kv, prev } = &out[1] else {
                 panic!("{out:?}")
             };
-            assert_eq!((kv.key.as_slice(), kv.value.as_slice()), (&b"k"[..], &b"first"[..]));
+            assert_eq!(
+                (kv.key.as_slice(), kv.value.as_slice(), kv.mod_revision),
+                (&b""[..], &b""[..], 2),
+                "the answer leaves the written pair out"
+            );
             assert_eq!(prev.as_ref().unwrap().value, b"before");
             assert_eq!(parts[0], out[1], "the retry is answered with the first response");
             let txn = &state;

@@ -7,7 +7,9 @@
 //! switches at the same entry:
 //! - **In arrival order** (the first layout), for `Command::Request` on
 //!   state that never applied a `Command::RequestV2`. `requests`: request id
-//!   -> the first answer; `request_order`: arrival number -> the request id
+//!   -> the first answer, with the pairs it reports as written (as builds
+//!   before put answers left them out stored it; a retry is answered
+//!   without a put's pair); `request_order`: arrival number -> the request id
 //!   and the answer's size; `meta`/`request_window`: the next and oldest
 //!   arrival numbers and the bytes kept. It keeps the newest
 //!   [`REQUEST_WINDOW_ENTRIES`] answers (at most [`REQUEST_WINDOW_BYTES`]):
@@ -15,8 +17,9 @@
 //! - **In generations** (the second layout), from the first
 //!   `Command::RequestV2` on, for both variants. `request_gens`:
 //!   (generation, request id) -> the first answer, without the key and value
-//!   of a pair it reports as written (the retried command carries them, and
-//!   they are put back when a retry is answered); `meta`/`request_gens`: the
+//!   of a pair it reports as written (the retried command carries them; a
+//!   compare-and-swap's are put back when a retry is answered, a put's
+//!   answer never has them); `meta`/`request_gens`: the
 //!   current generation, its answers and bytes, and the highest sequence
 //!   number of each client in it and in the one before (so a first try,
 //!   newer than all of its client's answers, reads no row; the clients are
@@ -190,7 +193,7 @@ impl Window {
         for generation in newest_first.into_iter().flatten() {
             if let Some(b) = txn.get(GENERATIONS_TABLE, &generation_key(generation, id))? {
                 let mut response = decode_row::<RequestRow>(&b)?.response;
-                restore_written(cmd, &mut response);
+                restore_written_where(cmd, &mut response, |by| by == WrittenBy::Cas);
                 return Ok(Some(response));
             }
         }
@@ -212,7 +215,7 @@ impl Window {
         response: &mut Response,
     ) -> Result<Option<Generations>> {
         let Window::Generations { row: mut g, .. } = self else {
-            remember_in_order(txn, id, response)?;
+            remember_in_order(txn, id, cmd, response)?;
             return Ok(None);
         };
         // The kept answer is the response without the written pairs, which
@@ -331,20 +334,28 @@ fn request_key(id: &RequestId) -> Vec<u8> {
     key
 }
 
+/// The first layout's answer to request `id`, without the pairs a put's
+/// answer leaves out.
 fn answered_in_order(txn: &dyn Txn, id: &RequestId) -> Result<Option<Response>> {
     match txn.get(REQUESTS_TABLE, &request_key(id))? {
-        Some(b) => Ok(Some(decode_row::<RequestRow>(&b)?.response)),
+        Some(b) => {
+            let mut response = decode_row::<RequestRow>(&b)?.response;
+            leave_out_put_pairs(&mut response);
+            Ok(Some(response))
+        }
         None => Ok(None),
     }
 }
 
 /// The first layout: keeps `response`, then drops the oldest kept answers
 /// while the window holds too many or too large ones.
-fn remember_in_order(txn: &mut dyn Txn, id: &RequestId, response: &Response) -> Result<()> {
+fn remember_in_order(txn: &mut dyn Txn, id: &RequestId, cmd: &Command, response: &Response) -> Result<()> {
     let key = request_key(id);
-    let row = encode_row(&RequestRow {
-        response: response.clone(),
-    })?;
+    // This layout keeps the written pairs, as builds before answers left
+    // them out did: the same rows on every replica.
+    let mut response = response.clone();
+    restore_written(cmd, &mut response);
+    let row = encode_row(&RequestRow { response })?;
     // The window counts body bytes, without the layout byte, exactly as
     // before rows carried one, so replicas of either build evict alike.
     let bytes = row.len().saturating_sub(1) as u64;
@@ -379,10 +390,10 @@ fn remember_in_order(txn: &mut dyn Txn, id: &RequestId, response: &Response) -> 
 /// Calls `f` with every pair `response` reports as written by a put or a
 /// successful compare-and-swap of `cmd`, and the key and value that command
 /// carried.
-fn each_written(cmd: &Command, response: &mut Response, f: &mut impl FnMut(&mut KeyValue, &[u8], &[u8])) {
+fn each_written(cmd: &Command, response: &mut Response, f: &mut impl FnMut(WrittenBy, &mut KeyValue, &[u8], &[u8])) {
     match (cmd, response) {
         (Command::Put { key, value } | Command::PutWithoutPrev { key, value }, Response::Put { kv, .. }) => {
-            f(kv, key, value)
+            f(WrittenBy::Put, kv, key, value)
         }
         (
             Command::Cas { key, value, .. },
@@ -391,7 +402,7 @@ fn each_written(cmd: &Command, response: &mut Response, f: &mut impl FnMut(&mut 
                 kv: Some(kv),
                 ..
             },
-        ) => f(kv, key, value),
+        ) => f(WrittenBy::Cas, kv, key, value),
         (Command::Batch(cmds), Response::Batch(parts)) => {
             for (c, part) in cmds.iter().zip(parts) {
                 each_written(c, part, f);
@@ -410,7 +421,7 @@ type Taken = Option<(Vec<u8>, Vec<u8>)>;
 /// a pair left out); [`put_back`] returns them.
 fn take_written(cmd: &Command, response: &mut Response) -> Vec<Taken> {
     let mut taken = Vec::new();
-    each_written(cmd, response, &mut |kv, key, value| {
+    each_written(cmd, response, &mut |_, kv, key, value| {
         let exact = kv.key == key && kv.value == value;
         taken.push(exact.then(|| (std::mem::take(&mut kv.key), std::mem::take(&mut kv.value))));
     });
@@ -421,7 +432,7 @@ fn take_written(cmd: &Command, response: &mut Response) -> Vec<Taken> {
 /// command visits the same pairs in the same order).
 fn put_back(cmd: &Command, response: &mut Response, taken: Vec<Taken>) {
     let mut taken = taken.into_iter();
-    each_written(cmd, response, &mut |kv, _, _| {
+    each_written(cmd, response, &mut |_, kv, _, _| {
         if let Some(Some((key, value))) = taken.next() {
             kv.key = key;
             kv.value = value;
@@ -429,14 +440,58 @@ fn put_back(cmd: &Command, response: &mut Response, taken: Vec<Taken>) {
     });
 }
 
+/// Puts back into `response` the key and value of every pair `cmd` wrote
+/// that the answer leaves out, through request and batch wrappers.
+pub(crate) fn restore_written_pairs(cmd: &Command, response: &mut Response) {
+    match (cmd, response) {
+        (Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. }, response) => {
+            restore_written_pairs(cmd, response)
+        }
+        (Command::Batch(cmds), Response::Batch(parts)) => {
+            for (cmd, part) in cmds.iter().zip(parts) {
+                restore_written_pairs(cmd, part);
+            }
+        }
+        (cmd, response) => restore_written(cmd, response),
+    }
+}
+
 /// Puts back what [`take_written`] left out of a kept answer.
 fn restore_written(cmd: &Command, response: &mut Response) {
-    each_written(cmd, response, &mut |kv, key, value| {
-        if kv.key.is_empty() {
+    restore_written_where(cmd, response, |_| true);
+}
+
+/// Puts back what [`take_written`] left out of a kept answer, for the
+/// pairs written by the commands `restore` names.
+fn restore_written_where(cmd: &Command, response: &mut Response, restore: impl Fn(WrittenBy) -> bool) {
+    each_written(cmd, response, &mut |by, kv, key, value| {
+        if restore(by) && kv.key.is_empty() {
             kv.key = key.to_vec();
             kv.value = value.to_vec();
         }
     });
+}
+
+/// Empties the pairs puts' answers leave out (answers the first layout
+/// kept have them). Whatever command a retry carries: the answer is the
+/// first one.
+fn leave_out_put_pairs(response: &mut Response) {
+    match response {
+        Response::Put { kv, .. } => {
+            kv.key = Vec::new();
+            kv.value = Vec::new();
+        }
+        Response::Batch(parts) => parts.iter_mut().for_each(leave_out_put_pairs),
+        _ => {}
+    }
+}
+
+/// Which command wrote a pair an answer reports: a put's answer leaves the
+/// pair out, a compare-and-swap's has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WrittenBy {
+    Put,
+    Cas,
 }
 
 #[cfg(test)]
@@ -455,11 +510,12 @@ mod tests {
         }
     }
 
-    fn written(k: &str, rev: u64) -> Response {
+    /// A put's answer, as apply gives it: the pair left out.
+    fn written(rev: u64) -> Response {
         Response::Put {
             kv: KeyValue {
-                key: k.as_bytes().to_vec(),
-                value: b"v".to_vec(),
+                key: Vec::new(),
+                value: Vec::new(),
                 create_revision: rev,
                 mod_revision: rev,
                 version: 1,
@@ -472,8 +528,7 @@ mod tests {
         let cmd = put("k");
         let mut book = WindowBook::default();
         let window = book.open(txn, carrier).unwrap();
-        book.remember(window, txn, &id(seq), &cmd, &mut written("k", seq))
-            .unwrap();
+        book.remember(window, txn, &id(seq), &cmd, &mut written(seq)).unwrap();
         book.store(txn).unwrap();
     }
 
@@ -500,22 +555,58 @@ mod tests {
         assert_eq!(kept[0].0, request_key(&id(3)));
         assert_eq!(rows(&txn, REQUEST_ORDER_TABLE) as u64, n);
         assert_eq!(answered(&txn, 2), None);
-        assert_eq!(answered(&txn, 3), Some(written("k", 3)));
+        assert_eq!(answered(&txn, 3), Some(written(3)));
         assert_eq!(rows(&txn, GENERATIONS_TABLE), 0);
     }
 
-    #[test]
-    fn a_kept_answer_leaves_out_the_written_pair_and_gets_it_back() {
-        let mut txn = MemTxn::new();
-        remember(&mut txn, Carrier::RequestV2, 1);
-        let (_, _, row) = txn.rows().find(|(t, _, _)| *t == GENERATIONS_TABLE).unwrap();
+    /// The pair a kept answer reports as written, as stored in `table`.
+    fn stored_pair(txn: &MemTxn, table: &str) -> (Vec<u8>, Vec<u8>) {
+        let (_, _, row) = txn.rows().find(|(t, _, _)| *t == table).unwrap();
         let stored = decode_row::<RequestRow>(row).unwrap().response;
         let Response::Put { kv, .. } = stored else {
             panic!("{stored:?}")
         };
-        assert!(kv.key.is_empty() && kv.value.is_empty());
-        assert_eq!(answered(&txn, 1), Some(written("k", 1)));
+        (kv.key, kv.value)
+    }
+
+    #[test]
+    fn a_kept_answer_leaves_out_the_written_pair() {
+        let mut txn = MemTxn::new();
+        remember(&mut txn, Carrier::RequestV2, 1);
+        assert_eq!(stored_pair(&txn, GENERATIONS_TABLE), (Vec::new(), Vec::new()));
+        assert_eq!(answered(&txn, 1), Some(written(1)));
         assert_eq!(answered(&txn, 2), None);
+    }
+
+    #[test]
+    fn the_first_layout_stores_the_written_pair_as_older_builds_did_and_answers_without_it() {
+        let mut txn = MemTxn::new();
+        remember(&mut txn, Carrier::Request, 1);
+        assert_eq!(stored_pair(&txn, REQUESTS_TABLE), (b"k".to_vec(), b"v".to_vec()));
+        assert_eq!(answered(&txn, 1), Some(written(1)));
+    }
+
+    #[test]
+    fn older_nodes_get_the_written_pairs_put_back_through_requests_and_batches() {
+        let request = Command::RequestV2 {
+            id: id(1),
+            cmd: Box::new(put("k")),
+        };
+        let cmd = Command::Batch(vec![request, put("j")]);
+        let mut answer = Response::Batch(vec![written(1), written(2)]);
+        answer.put_back_written_pairs(&cmd);
+        let Response::Batch(parts) = answer else { panic!() };
+        let pairs: Vec<_> = parts
+            .into_iter()
+            .map(|p| match p {
+                Response::Put { kv, .. } => (kv.key, kv.value, kv.mod_revision),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![(b"k".to_vec(), b"v".to_vec(), 1), (b"j".to_vec(), b"v".to_vec(), 2)]
+        );
     }
 
     #[test]
@@ -546,7 +637,7 @@ mod tests {
         remember(&mut txn, Carrier::RequestV2, n - 1);
         assert_eq!(
             answered(&txn, 1_000_000),
-            Some(written("k", 1_000_000)),
+            Some(written(1_000_000)),
             "found in the previous generation"
         );
         assert!(answered(&txn, 5).is_some());
@@ -572,7 +663,7 @@ mod tests {
         assert_eq!(rows(&txn, REQUESTS_TABLE), 2);
         assert_eq!(rows(&txn, GENERATIONS_TABLE), 2);
         for seq in 0..4 {
-            assert_eq!(answered(&txn, seq), Some(written("k", seq)), "request {seq}");
+            assert_eq!(answered(&txn, seq), Some(written(seq)), "request {seq}");
         }
         for seq in 4..n + 2 {
             remember(&mut txn, Carrier::Request, seq);

@@ -113,11 +113,18 @@ impl Kv for KvApi {
                     Command::PutWithoutPrev { key, value }
                 };
                 match self.consensus.propose(cmd).await? {
-                    // A leader of an older build answers with the previous
-                    // pair regardless.
+                    // The answer carries the written pair's revisions; its
+                    // key and value are the request's. A leader of an older
+                    // build answers with the previous pair regardless.
                     Response::Put { kv, prev } => Ok(tonic::Response::new(v1::PutResponse {
                         header: self.header(kv.mod_revision),
-                        kv: Some(kv_to_proto(kv)),
+                        kv: Some(v1::KeyValue {
+                            key: r.key,
+                            value: r.value,
+                            create_revision: kv.create_revision,
+                            mod_revision: kv.mod_revision,
+                            version: kv.version,
+                        }),
                         prev_kv: prev.filter(|_| r.prev_kv).map(kv_to_proto),
                     })),
                     other => Err(unexpected(other)),
