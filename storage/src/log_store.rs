@@ -64,7 +64,7 @@ pub const APPENDS_PER_FSYNC_METRIC: &str = "cell0_raft_log_appends_per_fsync";
 /// `source="memory"` (the recent entries) or `source="engine"` (decoded).
 pub const ENTRIES_READ_METRIC: &str = "cell0_raft_log_entries_read_total";
 /// Most bytes of encoded entries a log store keeps in memory.
-pub const RECENT_ENTRIES_BYTES: usize = 16 << 20;
+pub const RECENT_ENTRIES_BYTES: usize = 4 << 20;
 
 const VOTE_KEY: &[u8] = b"raft/vote";
 const COMMITTED_KEY: &[u8] = b"raft/committed";
