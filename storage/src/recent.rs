@@ -127,7 +127,7 @@ impl<C: RaftTypeConfig> RecentEntries<C> {
         }
         window.evict_oldest(|_, bytes| bytes > self.budget, &mut evicted);
         // Freed once readers may go on: the oldest entries' memory is long
-        // cold, and freeing it is most of an append's time here.
+        // cold, and freeing it took most of this call's time in a profile.
         drop(window);
         drop(evicted);
     }
