@@ -298,6 +298,7 @@ impl Consensus {
                 client_id: random_u64(id),
                 next_seq: AtomicU64::new(1),
                 closing: tokio::sync::watch::Sender::new(false),
+                durations: crate::inner::Durations::new(),
             }),
         })
     }
@@ -394,7 +395,7 @@ impl Consensus {
         // once").
         let routed = Box::pin(self.inner.route(ForwardRequest::Write(cmd)));
         let result = write_response(routed.await?);
-        metrics::histogram!("cell0_write_duration_seconds").record(started.elapsed().as_secs_f64());
+        self.inner.durations.write.record(started.elapsed().as_secs_f64());
         result
     }
 
@@ -451,7 +452,7 @@ impl Consensus {
         let started = Instant::now();
         self.read_barrier(consistency).await?;
         let out = self.read_view(|txn| Ok((state::get(txn, key)?, state::revision(txn)?)))?;
-        metrics::histogram!("cell0_read_duration_seconds").record(started.elapsed().as_secs_f64());
+        self.inner.durations.read.record(started.elapsed().as_secs_f64());
         Ok(out)
     }
 

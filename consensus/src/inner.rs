@@ -57,6 +57,26 @@ pub(crate) struct Inner {
     /// Raised when this member shuts down: its Exchange streams end (see
     /// [`crate::exchange`]) and idle ones to peers are dropped.
     pub(crate) closing: tokio::sync::watch::Sender<bool>,
+    /// Where writes' and reads' durations are recorded.
+    pub(crate) durations: Durations,
+}
+
+/// The request-duration histograms, found in the metrics recorder once:
+/// finding one by name hashes its key, on every request.
+pub(crate) struct Durations {
+    /// `cell0_write_duration_seconds`.
+    pub(crate) write: metrics::Histogram,
+    /// `cell0_read_duration_seconds`.
+    pub(crate) read: metrics::Histogram,
+}
+
+impl Durations {
+    pub(crate) fn new() -> Self {
+        Self {
+            write: metrics::histogram!("cell0_write_duration_seconds"),
+            read: metrics::histogram!("cell0_read_duration_seconds"),
+        }
+    }
 }
 
 impl Inner {

@@ -48,7 +48,10 @@ pub struct NodeConfig {
     pub bootstrap_expect: Option<usize>,
     /// Log output format.
     pub log_format: LogFormat,
-    /// Log filter in `RUST_LOG` syntax.
+    /// Log filter in `RUST_LOG` syntax. At `debug` every line logged while
+    /// a public-API request is handled also names its method and trace id
+    /// (a span per request, which costs each request some CPU); at `info`
+    /// and above the lines about a request name its trace id themselves.
     pub log_level: String,
     /// Threads that run the node's async tasks (request handling, Raft,
     /// replication); disk writes and other blocking work run on threads of

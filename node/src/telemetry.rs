@@ -185,22 +185,31 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// Keeps the Raft gauges current until Raft stops or `stop` turns true.
+///
+/// Raft's metrics change several times per log entry, so the gauges' handles
+/// are found in the recorder once, not on every change.
 pub async fn export_raft_metrics(consensus: Consensus, mut stop: watch::Receiver<bool>) {
     let mut rx = consensus.raft().metrics();
+    let term = metrics::gauge!("cell0_raft_term");
+    let commit_index = metrics::gauge!("cell0_raft_commit_index");
+    let applied_index = metrics::gauge!("cell0_raft_applied_index");
+    let last_log_index = metrics::gauge!("cell0_raft_last_log_index");
+    let roles = [
+        (Role::Leader, "leader"),
+        (Role::Follower, "follower"),
+        (Role::Candidate, "candidate"),
+        (Role::Learner, "learner"),
+    ]
+    .map(|(role, name)| (role, metrics::gauge!("cell0_raft_role", "role" => name)));
     let mut leader = None;
     loop {
         let s = consensus.status();
-        metrics::gauge!("cell0_raft_term").set(s.term as f64);
-        metrics::gauge!("cell0_raft_commit_index").set(s.commit_index as f64);
-        metrics::gauge!("cell0_raft_applied_index").set(s.applied_index as f64);
-        metrics::gauge!("cell0_raft_last_log_index").set(s.last_log_index as f64);
-        for (role, name) in [
-            (Role::Leader, "leader"),
-            (Role::Follower, "follower"),
-            (Role::Candidate, "candidate"),
-            (Role::Learner, "learner"),
-        ] {
-            metrics::gauge!("cell0_raft_role", "role" => name).set(if s.role == role { 1.0 } else { 0.0 });
+        term.set(s.term as f64);
+        commit_index.set(s.commit_index as f64);
+        applied_index.set(s.applied_index as f64);
+        last_log_index.set(s.last_log_index as f64);
+        for (role, gauge) in &roles {
+            gauge.set(if s.role == *role { 1.0 } else { 0.0 });
         }
         if s.leader != leader {
             if leader.is_some() || s.leader.is_some() {

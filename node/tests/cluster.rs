@@ -219,6 +219,11 @@ async fn health_metrics_and_reflection_are_served() {
     let mut node = Node::start("solo", &root.path().join("solo"), Ports::new(), None);
     node.wait_ready();
     put(&node.endpoint(), "m", "1").await.unwrap();
+    put(&node.endpoint(), "m", "2").await.unwrap();
+    let refused = put(&node.endpoint(), "", "1")
+        .await
+        .expect_err("an empty key is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert_eq!(node.http_get("/live").unwrap().0, 200);
     let (code, body) = node.http_get("/health/deep").unwrap();
     assert_eq!(code, 200, "{body}");
@@ -236,6 +241,14 @@ async fn health_metrics_and_reflection_are_served() {
         "cell0_raft_log_entries_read_total{source=\"memory\"}",
     ] {
         assert!(metrics.contains(name), "missing {name} in:\n{metrics}");
+    }
+    // Each request counted once under its method and code, and timed.
+    for line in [
+        "cell0_grpc_requests_total{method=\"Kv/Put\",code=\"Ok\"} 2",
+        "cell0_grpc_requests_total{method=\"Kv/Put\",code=\"InvalidArgument\"} 1",
+        "cell0_grpc_request_duration_seconds_count{method=\"Kv/Put\"} 3",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in:\n{metrics}");
     }
 
     let services = list_services(&node.endpoint()).await;

@@ -15,7 +15,7 @@ use cell0_state::acl::{
 use tonic::{Request, Response, Status};
 
 use super::auth::Principal;
-use super::{ApiError, RequestGate};
+use super::{ApiError, RequestGate, auth};
 use crate::scheduling::now_ms;
 
 /// The Acl service of one node.
@@ -193,7 +193,11 @@ impl Acl for AclApi {
                 self.check_enabled()?;
                 let (bearer, token) = new_token("bootstrap management token".into(), Vec::new(), true);
                 self.apply(AclCommand::Bootstrap { token: token.clone() }).await?;
-                tracing::info!(accessor = %token.accessor, "ACL bootstrap: made the first management token");
+                tracing::info!(
+                    accessor = %token.accessor,
+                    trace_id = %auth::current_trace_id(),
+                    "ACL bootstrap: made the first management token"
+                );
                 Ok(Response::new(created(&bearer, token)))
             })
             .await

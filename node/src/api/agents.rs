@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 
 use super::forward::{Caller, SiteRouter};
 use super::kv::MAX_WATCHES;
-use super::{ApiError, RequestGate};
+use super::{ApiError, RequestGate, auth};
 use crate::handoff::{self, Held};
 use crate::scheduling::{self, now_ms};
 use crate::supervisor::{Supervisor, stopped};
@@ -495,7 +495,13 @@ impl AgentsApi {
         };
         match self.consensus.propose(abort.into_command()).await? {
             Applied::Handoff(cell0_consensus::handoff::HandoffOutcome::Done) => {
-                tracing::info!(agent = %req.name, site = %out.to_site, handoff = out.id, "handoff cancelled");
+                tracing::info!(
+                    agent = %req.name,
+                    site = %out.to_site,
+                    handoff = out.id,
+                    trace_id = %auth::current_trace_id(),
+                    "handoff cancelled"
+                );
                 Ok(out.id)
             }
             Applied::Handoff(cell0_consensus::handoff::HandoffOutcome::Refused(why)) => {
@@ -549,7 +555,13 @@ impl AgentsApi {
         begin.validate().map_err(|e| invalid("", e))?;
         match self.consensus.propose(begin.into_command()).await? {
             Applied::Handoff(cell0_consensus::handoff::HandoffOutcome::Begun { id }) => {
-                tracing::info!(agent = %req.name, %site, handoff = id, "handing an agent off to another site");
+                tracing::info!(
+                    agent = %req.name,
+                    %site,
+                    handoff = id,
+                    trace_id = %auth::current_trace_id(),
+                    "handing an agent off to another site"
+                );
                 Ok(id)
             }
             Applied::Handoff(cell0_consensus::handoff::HandoffOutcome::Refused(why)) => {

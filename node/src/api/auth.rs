@@ -68,6 +68,12 @@ tokio::task_local! {
     pub static TRACE_ID: TraceId;
 }
 
+/// The trace id of the call this task handles; a fresh one outside a call
+/// (tests).
+pub fn current_trace_id() -> TraceId {
+    TRACE_ID.try_with(|id| *id).unwrap_or_default()
+}
+
 /// A call's trace id: random, shown as 16 hex digits (the
 /// [`TRACE_ID_HEADER`] value, logs and the audit line). A number until it
 /// is shown: every call has one, and as a string it cost three allocations

@@ -13,7 +13,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, RequestGate};
+use super::{ApiError, RequestGate, auth};
 use crate::gossip::{GossipView, MemberStatus};
 
 /// The Cluster service of one node.
@@ -199,6 +199,7 @@ impl Cluster for ClusterApi {
                 tracing::info!(
                     index = info.index,
                     bytes = info.size_bytes,
+                    trace_id = %auth::current_trace_id(),
                     "sending a snapshot to a client"
                 );
                 let (tx, rx) = mpsc::channel(4);

@@ -23,8 +23,9 @@ pub mod ratelimit;
 pub mod sites;
 pub mod tasks;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -59,6 +60,8 @@ pub fn kv_to_proto(kv: KeyValue) -> v1::KeyValue {
 #[derive(Clone, Debug)]
 pub struct RequestGate {
     permits: Arc<Semaphore>,
+    /// Each method's metric handles, made at its first request.
+    methods: Arc<RwLock<HashMap<&'static str, MethodMetrics>>>,
 }
 
 impl Default for RequestGate {
@@ -66,14 +69,51 @@ impl Default for RequestGate {
     fn default() -> Self {
         Self {
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
+            methods: Arc::default(),
         }
     }
 }
+
+/// One method's handles of the request metrics: finding a metric by name
+/// and labels in the recorder's registry builds and hashes its key, which
+/// on every request cost more than the count it records.
+struct MethodMetrics {
+    /// `cell0_grpc_requests_total{method,code="Ok"}`.
+    succeeded: metrics::Counter,
+    /// `cell0_grpc_request_duration_seconds{method}`.
+    duration: metrics::Histogram,
+}
+
+impl std::fmt::Debug for MethodMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MethodMetrics")
+    }
+}
+
+impl MethodMetrics {
+    fn new(method: &'static str) -> Self {
+        Self {
+            succeeded: metrics::counter!(REQUESTS_METRIC, "method" => method, "code" => code_label(tonic::Code::Ok)),
+            duration: metrics::histogram!(REQUEST_DURATION_METRIC, "method" => method),
+        }
+    }
+}
+
+/// Requests answered, by method and gRPC code.
+const REQUESTS_METRIC: &str = "cell0_grpc_requests_total";
+/// How long requests took, by method.
+const REQUEST_DURATION_METRIC: &str = "cell0_grpc_request_duration_seconds";
 
 impl RequestGate {
     /// Runs one request handler inside a span with a trace id, turns its
     /// error into the status the client gets, and records
     /// `cell0_grpc_requests_total{method,code}` and the request duration.
+    ///
+    /// The span is at debug level: the log subscriber formats a span's
+    /// fields when it is made, which at the default level cost every
+    /// request more than its metrics did, for the few logs a handler
+    /// writes. Those logs name the trace id themselves, as the failure
+    /// logged here does ([`auth::current_trace_id`]).
     ///
     /// The handler holds one permit of this gate while it runs; when none is
     /// free it is not run and the request fails at once with
@@ -84,30 +124,40 @@ impl RequestGate {
     {
         // The id the access layer gave the call (and returned in the
         // `cell0-trace-id` header); a fresh one outside it (tests).
-        let trace_id = auth::TRACE_ID.try_with(|id| *id).unwrap_or_default();
+        let trace_id = auth::current_trace_id();
         let started = Instant::now();
         let result = match self.permits.try_acquire() {
             Ok(_permit) => {
                 handler
-                    .instrument(tracing::info_span!("request", method, trace_id = %trace_id))
+                    .instrument(tracing::debug_span!("request", method, trace_id = %trace_id))
                     .await
             }
             Err(_) => Err(ApiError::TooManyRequests),
         };
         let result = result.map_err(Status::from);
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(s) => s.code(),
-        };
-        if let Err(s) = &result
-            && matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown)
-        {
-            tracing::warn!(method, trace_id = %trace_id, error = %s.message(), "request failed");
+        if let Err(s) = &result {
+            if matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown) {
+                tracing::warn!(method, trace_id = %trace_id, error = %s.message(), "request failed");
+            }
+            metrics::counter!(REQUESTS_METRIC, "method" => method, "code" => code_label(s.code())).increment(1);
         }
-        metrics::counter!("cell0_grpc_requests_total", "method" => method, "code" => code_label(code)).increment(1);
-        metrics::histogram!("cell0_grpc_request_duration_seconds", "method" => method)
-            .record(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed().as_secs_f64();
+        self.with_method_metrics(method, |handles| {
+            if result.is_ok() {
+                handles.succeeded.increment(1);
+            }
+            handles.duration.record(elapsed);
+        });
         result
+    }
+
+    /// Calls `f` with `method`'s metric handles, made at its first request.
+    fn with_method_metrics(&self, method: &'static str, f: impl FnOnce(&MethodMetrics)) {
+        if let Some(handles) = self.methods.read().unwrap_or_else(|p| p.into_inner()).get(method) {
+            return f(handles);
+        }
+        let mut methods = self.methods.write().unwrap_or_else(|p| p.into_inner());
+        f(methods.entry(method).or_insert_with(|| MethodMetrics::new(method)));
     }
 }
 
