@@ -254,21 +254,23 @@ impl Command {
     /// counts; the error names the offending field.
     pub fn validate(&self, limits: &Limits) -> Result<(), StateError> {
         self.check_structure()?;
-        self.validate_sizes("", limits)
+        self.validate_sizes(limits)
     }
 
-    fn validate_sizes(&self, path: &str, limits: &Limits) -> Result<(), StateError> {
-        let field = |name: &str| format!("{path}{name}");
+    /// Checks sizes and counts. A nested command's error is prefixed with
+    /// where it sits only once there is one: a valid command formats no
+    /// field name.
+    fn validate_sizes(&self, limits: &Limits) -> Result<(), StateError> {
         match self {
             Command::Put { key, value } | Command::PutWithoutPrev { key, value } | Command::Cas { key, value, .. } => {
-                check_key(&field("key"), key)?;
-                check_value(&field("value"), value)
+                check_key("key", key)?;
+                check_value("value", value)
             }
-            Command::Delete { key } => check_key(&field("key"), key),
+            Command::Delete { key } => check_key("key", key),
             Command::Batch(cmds) => {
                 if cmds.len() > limits.max_batch_commands {
                     return Err(StateError::invalid(
-                        &field("batch"),
+                        "batch",
                         format!(
                             "has {} commands; the limit is {}",
                             cmds.len(),
@@ -277,20 +279,21 @@ impl Command {
                     ));
                 }
                 for (i, c) in cmds.iter().enumerate() {
-                    c.validate_sizes(&format!("{path}batch[{i}]."), limits)?;
+                    c.validate_sizes(limits)
+                        .map_err(|e| prefix_field(&format!("batch[{i}]."), e))?;
                 }
                 Ok(())
             }
-            Command::Model(m) => m.validate().map_err(|e| prefix_field(path, e)),
-            Command::Node(n) => n.validate().map_err(|e| prefix_field(path, e)),
-            Command::Agent(a) => a.validate().map_err(|e| prefix_field(path, e)),
-            Command::Task(t) => t.validate().map_err(|e| prefix_field(path, e)),
-            Command::Acl(a) => a.validate().map_err(|e| prefix_field(path, e)),
-            Command::Handoff(h) => h.validate().map_err(|e| prefix_field(path, e)),
-            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => cmd.validate_sizes(path, limits),
+            Command::Model(m) => m.validate(),
+            Command::Node(n) => n.validate(),
+            Command::Agent(a) => a.validate(),
+            Command::Task(t) => t.validate(),
+            Command::Acl(a) => a.validate(),
+            Command::Handoff(h) => h.validate(),
+            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => cmd.validate_sizes(limits),
             Command::InitCluster { cluster_id } => {
                 if *cluster_id == 0 {
-                    return Err(StateError::invalid(&field("cluster_id"), "must not be 0"));
+                    return Err(StateError::invalid("cluster_id", "must not be 0"));
                 }
                 Ok(())
             }

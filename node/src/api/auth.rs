@@ -56,6 +56,9 @@ const MAX_CACHED_TOKENS: usize = 4096;
 /// with every id the table still held: about 2 % of a follower's CPU under
 /// load (docs/benchmarks.md, "What a follower's CPU goes to").
 pub const TRACE_ID_HEADER: &str = "cell0-trace-id";
+/// [`TRACE_ID_HEADER`] as a header name, checked once at build time rather
+/// than parsed on every response.
+const TRACE_ID_NAME: http::HeaderName = http::HeaderName::from_static(TRACE_ID_HEADER);
 
 /// The only upload method: its request is a stream, never read here.
 const STREAMED_REQUEST: &str = "/cell0.v1.Models/Upload";
@@ -606,7 +609,7 @@ async fn finish<R>(
         // A value that never repeats: HPACK sends it as a literal that
         // neither end adds to its header table (see [`TRACE_ID_HEADER`]).
         v.set_sensitive(true);
-        response.headers_mut().insert(TRACE_ID_HEADER, v);
+        response.headers_mut().insert(TRACE_ID_NAME, v);
     }
     if audit && let Some(log) = &state.audit {
         log.record(AuditRecord {

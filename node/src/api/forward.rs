@@ -31,6 +31,9 @@ use super::auth::{TRACE_ID_HEADER, message_of, read_body};
 /// gRPC metadata naming the site that should serve a call (absent, empty
 /// or this node's site: served here).
 pub const SITE_METADATA: &str = "cell0-site";
+/// [`SITE_METADATA`] as a header name, checked once at build time rather
+/// than parsed on every call.
+const SITE_NAME: http::HeaderName = http::HeaderName::from_static(SITE_METADATA);
 
 /// How long a forwarded call may take when the caller set no deadline.
 pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -290,7 +293,7 @@ where
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let target = req
             .headers()
-            .get(SITE_METADATA)
+            .get(SITE_NAME)
             .and_then(|v| v.to_str().ok())
             .filter(|site| !site.is_empty() && *site != self.router.own_site())
             .map(str::to_string);
