@@ -48,6 +48,7 @@ use crate::api::agents::AgentsApi;
 use crate::api::auth::AuthLayer;
 use crate::api::cluster::ClusterApi;
 use crate::api::connlimit;
+use crate::api::dispatch::KvFirstLayer;
 use crate::api::forward::{LocalReplay, SiteRouteLayer, SiteRouter};
 use crate::api::inference::InferenceApi;
 use crate::api::kv::KvApi;
@@ -334,6 +335,7 @@ async fn serve(
     } else {
         None
     };
+    let kv = KvServer::new(KvApi::new(consensus.clone(), tasks.clone(), gate.clone()));
     let public_server = cell0_consensus::network::server_builder()
         .max_concurrent_streams(connlimit::MAX_STREAMS_PER_CONNECTION)
         .layer(RateLimitLayer::new(config.limits.client_rate, config.limits.burst()))
@@ -346,14 +348,11 @@ async fn serve(
             config.limits.token_burst(),
             audit,
         ))
+        .layer(KvFirstLayer::new(kv.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(KvServer::new(KvApi::new(
-            consensus.clone(),
-            tasks.clone(),
-            gate.clone(),
-        )))
+        .add_service(kv)
         .add_service(ClusterServer::new(ClusterApi::new(
             consensus.clone(),
             gate.clone(),

@@ -14,6 +14,7 @@ pub mod agents;
 pub mod auth;
 pub mod cluster;
 pub mod connlimit;
+pub mod dispatch;
 pub mod error;
 pub mod forward;
 pub mod inference;
