@@ -4,7 +4,9 @@
 //! `google.rpc.ErrorInfo` reason and the leader hint).
 //!
 //! Every call passes [`auth::AuthLayer`] first (trace id, ACL token,
-//! audit line), then every handler runs through [`RequestGate::observe`]. A node has one
+//! audit line), then [`dispatch::KvFirstLayer`] (Kv calls straight to the
+//! Kv service, the rest through tonic's router), then every handler runs
+//! through [`RequestGate::observe`]. A node has one
 //! [`RequestGate`] (made by `server::run`) shared by all of its services,
 //! so the concurrent-request budget belongs to the node: several nodes in
 //! one process (tests, the simulator) each have their own.
