@@ -335,7 +335,8 @@ async fn serve(
     } else {
         None
     };
-    let kv = KvServer::new(KvApi::new(consensus.clone(), tasks.clone(), gate.clone()));
+    let kv_api = Arc::new(KvApi::new(consensus.clone(), tasks.clone(), gate.clone()));
+    let kv = KvServer::from_arc(kv_api.clone());
     let public_server = cell0_consensus::network::server_builder()
         .max_concurrent_streams(connlimit::MAX_STREAMS_PER_CONNECTION)
         .layer(RateLimitLayer::new(config.limits.client_rate, config.limits.burst()))
@@ -348,7 +349,7 @@ async fn serve(
             config.limits.token_burst(),
             audit,
         ))
-        .layer(KvFirstLayer::new(kv.clone()))
+        .layer(KvFirstLayer::new(kv_api))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

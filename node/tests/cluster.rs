@@ -224,6 +224,19 @@ async fn health_metrics_and_reflection_are_served() {
         .await
         .expect_err("an empty key is refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // A method the Kv service does not have: UNIMPLEMENTED, as for any
+    // unknown path.
+    let mut grpc = tonic::client::Grpc::new(channel(&node.endpoint()).await);
+    grpc.ready().await.unwrap();
+    let unknown = grpc
+        .unary(
+            tonic::Request::new(v1::GetRequest::default()),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/cell0.v1.Kv/NoSuchMethod"),
+            tonic_prost::ProstCodec::<v1::GetRequest, v1::GetResponse>::default(),
+        )
+        .await
+        .expect_err("the Kv service has no such method");
+    assert_eq!(unknown.code(), tonic::Code::Unimplemented);
     assert_eq!(node.http_get("/live").unwrap().0, 200);
     let (code, body) = node.http_get("/health/deep").unwrap();
     assert_eq!(code, 200, "{body}");

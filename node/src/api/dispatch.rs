@@ -5,42 +5,47 @@
 //! The router matches each call's path against every service's route,
 //! records the match in the request's extensions and boxes the answer's
 //! body once more: about 3 % of the instructions a follower spends serving
-//! a put (docs/benchmarks.md). Kv calls are most of what a node serves, and
-//! the Kv service answers any path under its name itself (an unknown
-//! method gets `UNIMPLEMENTED`, as through the router), so they skip it.
+//! a put (docs/benchmarks.md). Kv calls are most of what a node serves, so
+//! they skip it: the unary ones are answered by [`unary::serve`] with the
+//! Kv handlers ([`KvApi`]), the rest (watches, and an unknown method, which
+//! gets `UNIMPLEMENTED` as through the router) by the Kv service itself.
 //!
-//! Invariant: the router holds the same Kv service, so a call is answered
-//! alike whichever way it takes; only the way changes, never the answer.
-//! The layers above (rate limit, site routing, access) see every call
-//! before either way.
+//! Invariant: the router's Kv service and this layer's wrap the same
+//! [`KvApi`], so a call is answered by the same handler whichever way it
+//! takes. The layers above (rate limit, site routing, access) see every
+//! call before either way.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use cell0_proto::v1::kv_server::KvServer;
-use futures::future::{Either, MapErr, TryFutureExt};
+use futures::future::{BoxFuture, Either, TryFutureExt};
 use tonic::codegen::http;
 use tonic::server::NamedService;
 
 use super::kv::KvApi;
+use super::unary;
 
-/// Path prefix of the Kv service's calls: `/cell0.v1.Kv/`.
-fn is_kv_call(path: &str) -> bool {
+/// The method of a Kv call's path (`/cell0.v1.Kv/<method>`).
+fn kv_method(path: &str) -> Option<&str> {
     path.strip_prefix('/')
         .and_then(|p| p.strip_prefix(KvServer::<KvApi>::NAME))
-        .is_some_and(|rest| rest.starts_with('/'))
+        .and_then(|rest| rest.strip_prefix('/'))
 }
 
-/// Layer that sends Kv calls to `kv` ahead of the router it wraps.
+/// Layer that sends Kv calls to the Kv handlers ahead of the router it
+/// wraps.
 #[derive(Clone)]
 pub struct KvFirstLayer {
-    kv: KvServer<KvApi>,
+    api: Arc<KvApi>,
 }
 
 impl KvFirstLayer {
-    /// `kv` must be the Kv service the router below holds too.
-    pub fn new(kv: KvServer<KvApi>) -> Self {
-        Self { kv }
+    /// `api` must be the handlers the router's Kv service holds too
+    /// ([`KvServer::from_arc`]).
+    pub fn new(api: Arc<KvApi>) -> Self {
+        Self { api }
     }
 }
 
@@ -49,7 +54,8 @@ impl<S> tower::Layer<S> for KvFirstLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         KvFirst {
-            kv: self.kv.clone(),
+            kv: KvServer::from_arc(self.api.clone()),
+            api: self.api.clone(),
             inner,
         }
     }
@@ -58,33 +64,41 @@ impl<S> tower::Layer<S> for KvFirstLayer {
 /// A router behind [`KvFirstLayer`].
 #[derive(Clone)]
 pub struct KvFirst<S> {
+    api: Arc<KvApi>,
     kv: KvServer<KvApi>,
     inner: S,
 }
 
-type KvFuture = <KvServer<KvApi> as tower::Service<http::Request<tonic::body::Body>>>::Future;
+type Call = http::Request<tonic::body::Body>;
+type Answer = http::Response<tonic::body::Body>;
 
-impl<S> tower::Service<http::Request<tonic::body::Body>> for KvFirst<S>
+impl<S> tower::Service<Call> for KvFirst<S>
 where
-    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>,
-    S::Error: From<Infallible>,
+    S: tower::Service<Call, Response = Answer>,
+    S::Error: From<Infallible> + Send + 'static,
 {
-    type Response = http::Response<tonic::body::Body>;
+    type Response = Answer;
     type Error = S::Error;
-    type Future = Either<MapErr<KvFuture, fn(Infallible) -> S::Error>, S::Future>;
+    type Future = Either<BoxFuture<'static, Result<Answer, S::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The Kv service is always ready; the router says for itself.
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        if is_kv_call(req.uri().path()) {
-            let never: fn(Infallible) -> S::Error = S::Error::from;
-            Either::Left(tower::Service::call(&mut self.kv, req).map_err(never))
-        } else {
-            Either::Right(self.inner.call(req))
-        }
+    fn call(&mut self, req: Call) -> Self::Future {
+        let Some(method) = kv_method(req.uri().path()) else {
+            return Either::Right(self.inner.call(req));
+        };
+        let api = self.api.clone();
+        Either::Left(match method {
+            "Put" => Box::pin(async move { Ok(unary::serve(req, |r| api.handle_put(r)).await) }),
+            "Get" => Box::pin(async move { Ok(unary::serve(req, |r| api.handle_get(r)).await) }),
+            "Delete" => Box::pin(async move { Ok(unary::serve(req, |r| api.handle_delete(r)).await) }),
+            "Range" => Box::pin(async move { Ok(unary::serve(req, |r| api.handle_range(r)).await) }),
+            "Cas" => Box::pin(async move { Ok(unary::serve(req, |r| api.handle_cas(r)).await) }),
+            _ => Box::pin(tower::Service::call(&mut self.kv, req).map_err(S::Error::from)),
+        })
     }
 }
 
@@ -94,8 +108,8 @@ mod tests {
 
     #[test]
     fn only_the_kv_services_paths_take_the_shortcut() {
-        assert!(is_kv_call("/cell0.v1.Kv/Put"));
-        assert!(is_kv_call("/cell0.v1.Kv/NoSuchMethod"));
+        assert_eq!(kv_method("/cell0.v1.Kv/Put"), Some("Put"));
+        assert_eq!(kv_method("/cell0.v1.Kv/NoSuchMethod"), Some("NoSuchMethod"));
         for path in [
             "/cell0.v1.Kvx/Put",
             "/cell0.v1.Cluster/Status",
@@ -104,7 +118,7 @@ mod tests {
             "/grpc.health.v1.Health/Check",
             "",
         ] {
-            assert!(!is_kv_call(path), "{path}");
+            assert_eq!(kv_method(path), None, "{path}");
         }
     }
 }

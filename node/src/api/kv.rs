@@ -100,12 +100,11 @@ fn event_to_proto(ev: StateEvent) -> v1::Event {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Kv for KvApi {
-    async fn put(&self, request: Request<v1::PutRequest>) -> Result<tonic::Response<v1::PutResponse>, Status> {
+impl KvApi {
+    /// `Kv/Put`.
+    pub async fn handle_put(&self, r: v1::PutRequest) -> Result<v1::PutResponse, Status> {
         self.gate
             .observe("Kv/Put", async {
-                let r = request.into_inner();
                 let (key, value) = (r.key.to_vec(), r.value.to_vec());
                 let cmd = if r.prev_kv {
                     Command::Put { key, value }
@@ -116,7 +115,7 @@ impl Kv for KvApi {
                     // The answer carries the written pair's revisions; its
                     // key and value are the request's. A leader of an older
                     // build answers with the previous pair regardless.
-                    Response::Put { kv, prev } => Ok(tonic::Response::new(v1::PutResponse {
+                    Response::Put { kv, prev } => Ok(v1::PutResponse {
                         header: self.header(kv.mod_revision),
                         kv: Some(v1::KeyValue {
                             key: r.key,
@@ -126,47 +125,47 @@ impl Kv for KvApi {
                             version: kv.version,
                         }),
                         prev_kv: prev.filter(|_| r.prev_kv).map(kv_to_proto),
-                    })),
+                    }),
                     other => Err(unexpected(other)),
                 }
             })
             .await
     }
 
-    async fn get(&self, request: Request<v1::GetRequest>) -> Result<tonic::Response<v1::GetResponse>, Status> {
+    /// `Kv/Get`.
+    pub async fn handle_get(&self, r: v1::GetRequest) -> Result<v1::GetResponse, Status> {
         self.gate
             .observe("Kv/Get", async {
-                let r = request.into_inner();
                 check_key("key", &r.key).map_err(ConsensusError::from)?;
                 let (kv, revision) = self.consensus.get(&r.key, consistency(r.consistency)?).await?;
-                Ok(tonic::Response::new(v1::GetResponse {
+                Ok(v1::GetResponse {
                     header: self.header(revision),
                     kv: kv.map(kv_to_proto),
-                }))
+                })
             })
             .await
     }
 
-    async fn delete(&self, request: Request<v1::DeleteRequest>) -> Result<tonic::Response<v1::DeleteResponse>, Status> {
+    /// `Kv/Delete`.
+    pub async fn handle_delete(&self, r: v1::DeleteRequest) -> Result<v1::DeleteResponse, Status> {
         self.gate
             .observe("Kv/Delete", async {
-                let r = request.into_inner();
                 let cmd = Command::Delete { key: r.key.to_vec() };
                 match self.consensus.propose(cmd).await? {
-                    Response::Delete { revision, prev } => Ok(tonic::Response::new(v1::DeleteResponse {
+                    Response::Delete { revision, prev } => Ok(v1::DeleteResponse {
                         header: self.header(revision),
                         prev_kv: prev.map(kv_to_proto),
-                    })),
+                    }),
                     other => Err(unexpected(other)),
                 }
             })
             .await
     }
 
-    async fn range(&self, request: Request<v1::RangeRequest>) -> Result<tonic::Response<v1::RangeResponse>, Status> {
+    /// `Kv/Range`.
+    pub async fn handle_range(&self, r: v1::RangeRequest) -> Result<v1::RangeResponse, Status> {
         self.gate
             .observe("Kv/Range", async {
-                let r = request.into_inner();
                 check_bound("prefix", &r.prefix)?;
                 check_bound("start_after", &r.start_after)?;
                 if r.limit as usize > MAX_RANGE_LIMIT {
@@ -179,19 +178,19 @@ impl Kv for KvApi {
                     .consensus
                     .range(&r.prefix, &r.start_after, r.limit as usize, consistency(r.consistency)?)
                     .await?;
-                Ok(tonic::Response::new(v1::RangeResponse {
+                Ok(v1::RangeResponse {
                     header: self.header(revision),
                     kvs: kvs.into_iter().map(kv_to_proto).collect(),
                     more,
-                }))
+                })
             })
             .await
     }
 
-    async fn cas(&self, request: Request<v1::CasRequest>) -> Result<tonic::Response<v1::CasResponse>, Status> {
+    /// `Kv/Cas`.
+    pub async fn handle_cas(&self, r: v1::CasRequest) -> Result<v1::CasResponse, Status> {
         self.gate
             .observe("Kv/Cas", async {
-                let r = request.into_inner();
                 let cmd = Command::Cas {
                     key: r.key.to_vec(),
                     expected_revision: r.expected_revision,
@@ -202,15 +201,38 @@ impl Kv for KvApi {
                         revision,
                         succeeded,
                         kv,
-                    } => Ok(tonic::Response::new(v1::CasResponse {
+                    } => Ok(v1::CasResponse {
                         header: self.header(revision),
                         succeeded,
                         kv: kv.map(kv_to_proto),
-                    })),
+                    }),
                     other => Err(unexpected(other)),
                 }
             })
             .await
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvApi {
+    async fn put(&self, request: Request<v1::PutRequest>) -> Result<tonic::Response<v1::PutResponse>, Status> {
+        self.handle_put(request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn get(&self, request: Request<v1::GetRequest>) -> Result<tonic::Response<v1::GetResponse>, Status> {
+        self.handle_get(request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn delete(&self, request: Request<v1::DeleteRequest>) -> Result<tonic::Response<v1::DeleteResponse>, Status> {
+        self.handle_delete(request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn range(&self, request: Request<v1::RangeRequest>) -> Result<tonic::Response<v1::RangeResponse>, Status> {
+        self.handle_range(request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn cas(&self, request: Request<v1::CasRequest>) -> Result<tonic::Response<v1::CasResponse>, Status> {
+        self.handle_cas(request.into_inner()).await.map(tonic::Response::new)
     }
 
     type WatchStream = WatchStream;

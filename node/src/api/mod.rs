@@ -25,6 +25,7 @@ pub mod models;
 pub mod ratelimit;
 pub mod sites;
 pub mod tasks;
+pub mod unary;
 
 use std::collections::HashMap;
 use std::future::Future;
