@@ -10,7 +10,9 @@
 //!   counts the leader's own copy towards the commit quorum only then.
 //! - `append` (a follower's, which waits for the callback before it
 //!   answers) writes synced and then calls the callback, on the calling
-//!   thread: cheaper than a hand-off to the sync loop and back. In-memory
+//!   thread: cheaper than a hand-off to the sync loop and back. While the
+//!   disk's last such sync took under [`INLINE_SYNC_LIMIT`] it does so
+//!   without `block_in_place`, on the worker itself. In-memory
 //!   engines take the leader's path for both, so that the simulator's sync
 //!   latency ([`Engine::sync_latency`]) applies to every member.
 //! - Syncs are grouped: one runs at a time, off the caller's task (a
@@ -29,9 +31,9 @@
 //!   applied once the leader tells the commit index again, and the state
 //!   machine's applied index, written with every apply, bounds it from
 //!   below.
-//! - Synced writes (a follower's append, the vote, truncation) run through
-//!   `engine::run_blocking`, so an fsync never stalls the other tasks of an
-//!   async worker (heartbeats). A leader's buffered append is written on
+//! - Synced writes (the vote, truncation, and a follower's append after a
+//!   slow sync) run through `engine::run_blocking`, so a slow fsync never
+//!   stalls the other tasks of an async worker (heartbeats). A leader's buffered append is written on
 //!   the calling thread: it waits for no disk, and `block_in_place` (which
 //!   wakes a thread to take over the worker's other tasks) cost more than
 //!   the write, on every write's path (docs/benchmarks.md). Each call
@@ -46,7 +48,7 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote};
@@ -65,6 +67,11 @@ pub const APPENDS_PER_FSYNC_METRIC: &str = "cell0_raft_log_appends_per_fsync";
 pub const ENTRIES_READ_METRIC: &str = "cell0_raft_log_entries_read_total";
 /// Most bytes of encoded entries a log store keeps in memory.
 pub const RECENT_ENTRIES_BYTES: usize = 4 << 20;
+/// A follower's synced append runs on the calling async worker while the
+/// previous one took less than this; after a slower one (a slow disk), the
+/// next runs in `block_in_place`, so the worker's other tasks move to
+/// another thread while the disk works.
+pub const INLINE_SYNC_LIMIT: Duration = Duration::from_millis(1);
 
 const VOTE_KEY: &[u8] = b"raft/vote";
 const COMMITTED_KEY: &[u8] = b"raft/committed";
@@ -125,6 +132,9 @@ pub struct LogStore<C: RaftTypeConfig, E> {
     syncs: Arc<Syncs<C>>,
     /// The newest entries, decoded.
     recent: Arc<RecentEntries<C>>,
+    /// How long this store's last synced append (a follower's) took: under
+    /// [`INLINE_SYNC_LIMIT`], the next one runs on the calling worker.
+    last_append_sync: Duration,
 }
 
 impl<C: RaftTypeConfig, E> Clone for LogStore<C, E> {
@@ -135,6 +145,7 @@ impl<C: RaftTypeConfig, E> Clone for LogStore<C, E> {
             unwritten_commit: self.unwritten_commit.clone(),
             syncs: self.syncs.clone(),
             recent: self.recent.clone(),
+            last_append_sync: self.last_append_sync,
         }
     }
 }
@@ -276,6 +287,7 @@ impl<C: RaftTypeConfig, E: Engine> LogStore<C, E> {
             unwritten_commit: Arc::default(),
             syncs: Arc::default(),
             recent: Arc::new(RecentEntries::new(RECENT_ENTRIES_BYTES)),
+            last_append_sync: Duration::ZERO,
         }
     }
 
@@ -559,8 +571,17 @@ where
         }
         // A follower waits for the callback before it answers: one synced
         // write on this thread costs less than a hand-off to the sync loop.
+        // On a fast disk it stays on this worker: `block_in_place` would
+        // hand the worker's other tasks to another thread and take the
+        // answer to that thread and back, which at one client cost a tenth
+        // of a put's latency (docs/benchmarks.md).
         let started = Instant::now();
-        let written = run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await;
+        let written = if self.last_append_sync < INLINE_SYNC_LIMIT {
+            self.engine.write(batch, Durability::Sync)
+        } else {
+            run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await
+        };
+        self.last_append_sync = started.elapsed();
         record_fsync(started, 1);
         if written.is_ok() {
             self.recent.appended(appended);
