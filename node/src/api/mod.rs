@@ -5,7 +5,8 @@
 //!
 //! Every call passes [`auth::AuthLayer`] first (trace id, ACL token,
 //! audit line), then [`dispatch::KvFirstLayer`] (Kv calls straight to the
-//! Kv service, the rest through tonic's router), then every handler runs
+//! Kv handlers, unary ones through [`unary`], the rest through tonic's
+//! router), then every handler runs
 //! through [`RequestGate::observe`]. A node has one
 //! [`RequestGate`] (made by `server::run`) shared by all of its services,
 //! so the concurrent-request budget belongs to the node: several nodes in
