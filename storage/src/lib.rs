@@ -53,8 +53,7 @@ pub use error::{Error, Result};
 pub use format::DATA_FORMAT;
 pub use live::LiveSnapshots;
 pub use log_store::{
-    APPENDS_PER_FSYNC_METRIC, ENTRIES_READ_METRIC, FSYNC_SECONDS_METRIC, INLINE_SYNC_LIMIT, LogStore,
-    RECENT_ENTRIES_BYTES,
+    APPENDS_PER_FSYNC_METRIC, ENTRIES_READ_METRIC, FSYNC_SECONDS_METRIC, LogStore, RECENT_ENTRIES_BYTES,
 };
 pub use memory::MemEngine;
 #[cfg(feature = "rocksdb")]

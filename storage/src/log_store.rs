@@ -33,10 +33,11 @@
 //!   below.
 //! - Synced writes (the vote, truncation, and a follower's append after a
 //!   slow sync) run through `engine::run_blocking`, so a slow fsync never
-//!   stalls the other tasks of an async worker (heartbeats). A leader's buffered append is written on
-//!   the calling thread: it waits for no disk, and `block_in_place` (which
-//!   wakes a thread to take over the worker's other tasks) cost more than
-//!   the write, on every write's path (docs/benchmarks.md). Each call
+//!   stalls the other tasks of an async worker (heartbeats). A leader's
+//!   buffered append is written on the calling thread: it waits for no
+//!   disk, and `block_in_place` (which wakes a thread to take over the
+//!   worker's other tasks) cost more than the write, on every write's path
+//!   (docs/benchmarks.md). Each call
 //!   returns after its write, so writes reach the engine in the order
 //!   openraft issues them.
 //! - The newest entries stay in memory too (`recent`, at most
@@ -71,7 +72,7 @@ pub const RECENT_ENTRIES_BYTES: usize = 4 << 20;
 /// previous one took less than this; after a slower one (a slow disk), the
 /// next runs in `block_in_place`, so the worker's other tasks move to
 /// another thread while the disk works.
-pub const INLINE_SYNC_LIMIT: Duration = Duration::from_millis(1);
+const INLINE_SYNC_LIMIT: Duration = Duration::from_millis(1);
 
 const VOTE_KEY: &[u8] = b"raft/vote";
 const COMMITTED_KEY: &[u8] = b"raft/committed";
@@ -572,9 +573,9 @@ where
         // A follower waits for the callback before it answers: one synced
         // write on this thread costs less than a hand-off to the sync loop.
         // On a fast disk it stays on this worker: `block_in_place` would
-        // hand the worker's other tasks to another thread and take the
-        // answer to that thread and back, which at one client cost a tenth
-        // of a put's latency (docs/benchmarks.md).
+        // hand the worker's other tasks to another thread and the answer
+        // would come back through it, about 0.1 ms on a put's path at one
+        // client (docs/benchmarks.md).
         let started = Instant::now();
         let written = if self.last_append_sync < INLINE_SYNC_LIMIT {
             self.engine.write(batch, Durability::Sync)
