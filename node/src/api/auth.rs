@@ -11,7 +11,7 @@
 //!   token when ACLs are on (reflection: any valid token).
 //! - A key-value call is judged on the key or prefix in its request: the
 //!   layer decodes the one request message (the body is at most
-//!   [`MAX_INSPECTED_BYTES`]) and hands the same bytes on. A request it
+//!   [`unary::MAX_BODY_BYTES`]) and hands the same bytes on. A request it
 //!   cannot decode is judged as touching every key.
 //! - A token unknown to this replica is looked up again after a
 //!   linearizable read barrier, so a token made through another node works
@@ -36,13 +36,9 @@ use prost::Message;
 use tonic::Status;
 use tonic::codegen::http;
 
-use super::ApiError;
 use super::ratelimit::{RateLimits, client_of};
+use super::{ApiError, unary};
 use crate::audit::{AuditLog, AuditRecord};
-
-/// The largest request body the layer reads to find a key (the default
-/// gRPC message limit, plus the frame header).
-pub const MAX_INSPECTED_BYTES: usize = 4 * 1024 * 1024 + 5;
 
 /// Most resolved tokens cached per node.
 const MAX_CACHED_TOKENS: usize = 4096;
@@ -202,13 +198,6 @@ impl Target {
             Target::Named(n) => n.chars().take(256).collect(),
         }
     }
-}
-
-/// The request message in a gRPC body: one uncompressed frame.
-pub(super) fn message_of(body: &[u8]) -> Option<&[u8]> {
-    let (header, message) = body.split_at_checked(5)?;
-    let len = u32::from_be_bytes(header[1..5].try_into().ok()?) as usize;
-    (header[0] == 0 && message.len() == len).then_some(message)
 }
 
 /// What the request message of `path` names.
@@ -547,7 +536,7 @@ where
     let (mut req, target) = if needs_target {
         match buffered(req).await {
             Ok((req, bytes)) => {
-                let target = message_of(&bytes).and_then(|m| target(path, m));
+                let target = unary::message_of(&bytes).ok().and_then(|m| target(path, m));
                 (req, target)
             }
             Err(e) => {
@@ -625,23 +614,13 @@ async fn finish<R>(
     response
 }
 
-/// The whole body of a request with a single message, at most
-/// [`MAX_INSPECTED_BYTES`].
-pub(super) async fn read_body(body: tonic::body::Body) -> Result<Bytes, ApiError> {
-    Ok(http_body_util::Limited::new(body, MAX_INSPECTED_BYTES)
-        .collect()
-        .await
-        .map_err(|e| ApiError::invalid("request", format!("could not be read: {e}")))?
-        .to_bytes())
-}
-
 /// Reads the whole body of a request with a single message, and rebuilds
 /// the request with the same bytes.
 async fn buffered(
     req: http::Request<tonic::body::Body>,
 ) -> Result<(http::Request<tonic::body::Body>, Bytes), ApiError> {
     let (parts, body) = req.into_parts();
-    let bytes = read_body(body).await?;
+    let bytes = unary::read_body(body).await?;
     let body = tonic::body::Body::new(http_body_util::Full::new(bytes.clone()).map_err(|e| match e {}));
     Ok((http::Request::from_parts(parts, body), bytes))
 }
@@ -756,7 +735,7 @@ mod tests {
             }
             .encode_to_vec(),
         );
-        let m = message_of(&put).unwrap();
+        let m = unary::message_of(&put).unwrap();
         assert_eq!(target("/cell0.v1.Kv/Put", m), Some(Target::Key(b"app/x".to_vec())));
         let range = frame(
             v1::RangeRequest {
@@ -766,15 +745,15 @@ mod tests {
             .encode_to_vec(),
         );
         assert_eq!(
-            target("/cell0.v1.Kv/Range", message_of(&range).unwrap()),
+            target("/cell0.v1.Kv/Range", unary::message_of(&range).unwrap()),
             Some(Target::Prefix(b"app/".to_vec()))
         );
         // A compressed or truncated frame is not read.
         let mut compressed = put.clone();
         compressed[0] = 1;
-        assert_eq!(message_of(&compressed), None);
-        assert_eq!(message_of(&put[..put.len() - 1]), None);
-        assert_eq!(message_of(&[]), None);
+        assert!(unary::message_of(&compressed).is_err());
+        assert!(unary::message_of(&put[..put.len() - 1]).is_err());
+        assert!(unary::message_of(&[]).is_err());
         // The value never appears in what is shown.
         assert!(!Target::Key(b"app/x".to_vec()).describe().contains("secret"));
     }

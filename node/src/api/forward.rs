@@ -26,7 +26,8 @@ use tonic::codegen::http;
 use tonic::transport::Channel;
 
 use super::ApiError;
-use super::auth::{TRACE_ID_HEADER, message_of, read_body};
+use super::auth::TRACE_ID_HEADER;
+use super::unary;
 
 /// gRPC metadata naming the site that should serve a call (absent, empty
 /// or this node's site: served here).
@@ -329,36 +330,13 @@ async fn forward(
     }
     let (parts, body) = req.into_parts();
     let caller = Caller::of(&tonic::metadata::MetadataMap::from_headers(parts.headers));
-    let bytes = read_body(body).await?;
-    let body = Bytes::copy_from_slice(
-        message_of(&bytes).ok_or_else(|| ApiError::invalid("request", "is not one uncompressed gRPC message"))?,
-    );
+    let bytes = unary::read_body(body).await?;
+    let body = bytes.slice_ref(unary::message_of(&bytes)?);
     let response = router.send(&site, &method, body, &caller).await?;
     if response.code != 0 {
         return Ok(super::error::remote_status(response.code, response.message, response.details).into_http());
     }
-    Ok(grpc_ok(response.body))
-}
-
-/// A successful unary gRPC answer carrying `message`.
-fn grpc_ok(message: Bytes) -> http::Response<tonic::body::Body> {
-    let mut frame = bytes::BytesMut::with_capacity(5 + message.len());
-    frame.put_u8(0);
-    frame.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
-    frame.extend_from_slice(&message);
-    let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    let frames = [
-        Ok::<_, std::convert::Infallible>(http_body::Frame::data(frame.freeze())),
-        Ok(http_body::Frame::trailers(trailers)),
-    ];
-    let body = tonic::body::Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames)));
-    let mut response = http::Response::new(body);
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    response
+    Ok(unary::answer_raw(&response.body))
 }
 
 /// Passes a message through as its encoded bytes.

@@ -20,6 +20,10 @@
 //!   default), uncompressed (no compression is offered, as before), and
 //!   exactly one per call.
 //!
+//! The same framing serves the layers that read a call's one message
+//! themselves (the access layer's key check, site forwarding):
+//! [`read_body`], [`message_of`] and [`answer_raw`].
+//!
 //! Invariant: the handler runs only for a request that decoded whole; it
 //! gets the message and nothing else (no Kv method reads request
 //! metadata; the layers above have read what they need).
@@ -43,6 +47,10 @@ pub const MAX_REQUEST_MESSAGE_BYTES: usize = 4 << 20;
 /// A message's prefix on the wire: a compression flag and a 4-byte length.
 const PREFIX_BYTES: usize = 5;
 
+/// Most bytes of a call's body read whole: one message of at most
+/// [`MAX_REQUEST_MESSAGE_BYTES`] and its prefix.
+pub const MAX_BODY_BYTES: usize = PREFIX_BYTES + MAX_REQUEST_MESSAGE_BYTES;
+
 /// The header naming a request's compression.
 const ENCODING_HEADER: &str = "grpc-encoding";
 
@@ -61,17 +69,28 @@ where
         Ok(message) => handler(message).await,
         Err(e) => Err(Status::from(e)),
     };
-    match answer.and_then(|message| encode(&message)) {
-        Ok(body) => {
-            let mut response = http::Response::new(tonic::body::Body::new(UnaryBody::new(body)));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/grpc"),
-            );
-            response
-        }
+    match answer.and_then(|message| frame(message.encoded_len(), |buf| message.encode_raw(buf))) {
+        Ok(frame) => respond(frame),
         Err(status) => status.into_http(),
     }
+}
+
+/// A successful answer carrying `message`, already encoded.
+pub(super) fn answer_raw(message: &[u8]) -> http::Response<tonic::body::Body> {
+    match frame(message.len(), |buf| buf.put_slice(message)) {
+        Ok(frame) => respond(frame),
+        Err(status) => status.into_http(),
+    }
+}
+
+/// The answer whose one message is `frame` (prefix included).
+fn respond(frame: Bytes) -> http::Response<tonic::body::Body> {
+    let mut response = http::Response::new(tonic::body::Body::new(UnaryBody::new(frame)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
 /// The request's one message.
@@ -84,7 +103,14 @@ async fn decode<M: prost::Message + Default>(request: http::Request<tonic::body:
             format!("is {encoding:?}; this server takes uncompressed messages only"),
         ));
     }
-    let body = Limited::new(request.into_body(), PREFIX_BYTES + MAX_REQUEST_MESSAGE_BYTES)
+    let body = read_body(request.into_body()).await?;
+    let message = body.slice_ref(message_of(&body)?);
+    M::decode(message).map_err(|e| ApiError::invalid("request", format!("is not a valid message: {e}")))
+}
+
+/// The whole body of a call with one message, at most [`MAX_BODY_BYTES`].
+pub(super) async fn read_body(body: tonic::body::Body) -> Result<Bytes, ApiError> {
+    Ok(Limited::new(body, MAX_BODY_BYTES)
         .collect()
         .await
         .map_err(|e| {
@@ -94,14 +120,12 @@ async fn decode<M: prost::Message + Default>(request: http::Request<tonic::body:
                 ApiError::invalid("request", format!("could not be read: {e}"))
             }
         })?
-        .to_bytes();
-    let message = one_message(body)?;
-    M::decode(message).map_err(|e| ApiError::invalid("request", format!("is not a valid message: {e}")))
+        .to_bytes())
 }
 
 /// The message in a unary call's body: one prefix and the bytes it counts.
-fn one_message(mut body: Bytes) -> Result<Bytes, ApiError> {
-    let Some(prefix) = body.get(..PREFIX_BYTES) else {
+pub(super) fn message_of(body: &[u8]) -> Result<&[u8], ApiError> {
+    let Some((prefix, message)) = body.split_at_checked(PREFIX_BYTES) else {
         return Err(ApiError::invalid(
             "request",
             format!("holds {} bytes, less than one message's prefix", body.len()),
@@ -114,7 +138,6 @@ fn one_message(mut body: Bytes) -> Result<Bytes, ApiError> {
         ));
     }
     let declared = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-    let message = body.split_off(PREFIX_BYTES);
     if message.len() != declared {
         return Err(ApiError::invalid(
             "request",
@@ -127,9 +150,9 @@ fn one_message(mut body: Bytes) -> Result<Bytes, ApiError> {
     Ok(message)
 }
 
-/// `message` with its prefix, as one buffer.
-fn encode<M: prost::Message>(message: &M) -> Result<Bytes, Status> {
-    let len = message.encoded_len();
+/// A message of `len` bytes, which `write` appends, after its prefix, as
+/// one buffer.
+fn frame(len: usize, write: impl FnOnce(&mut BytesMut)) -> Result<Bytes, Status> {
     let declared = u32::try_from(len).map_err(|_| {
         Status::from(ApiError::Internal(format!(
             "an answer of {len} bytes is too large to send"
@@ -138,7 +161,7 @@ fn encode<M: prost::Message>(message: &M) -> Result<Bytes, Status> {
     let mut buf = BytesMut::with_capacity(PREFIX_BYTES + len);
     buf.put_u8(0);
     buf.put_u32(declared);
-    message.encode_raw(&mut buf);
+    write(&mut buf);
     Ok(buf.freeze())
 }
 
@@ -230,7 +253,7 @@ mod tests {
         assert_eq!(response.headers()["content-type"], "application/grpc");
         let (data, trailers) = frames(response).await;
         assert_eq!(data.len(), 1);
-        let message = one_message(data[0].clone()).expect("one message");
+        let message = message_of(&data[0]).expect("one message");
         let answer = v1::GetResponse::decode(message).expect("decodes");
         assert_eq!(answer.kv.expect("kv").key, Bytes::from_static(b"k"));
         assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
