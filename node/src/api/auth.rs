@@ -721,12 +721,7 @@ mod tests {
 
     #[test]
     fn key_value_requests_name_their_key_or_prefix() {
-        let frame = |m: Vec<u8>| {
-            let mut b = vec![0];
-            b.extend_from_slice(&(m.len() as u32).to_be_bytes());
-            b.extend(m);
-            b
-        };
+        let frame = |m: Vec<u8>| unary::prefixed(&m).expect("a small message");
         let put = frame(
             v1::PutRequest {
                 key: "app/x".into(),
@@ -749,7 +744,7 @@ mod tests {
             Some(Target::Prefix(b"app/".to_vec()))
         );
         // A compressed or truncated frame is not read.
-        let mut compressed = put.clone();
+        let mut compressed = put.to_vec();
         compressed[0] = 1;
         assert!(unary::message_of(&compressed).is_err());
         assert!(unary::message_of(&put[..put.len() - 1]).is_err());

@@ -77,7 +77,7 @@ where
 
 /// A successful answer carrying `message`, already encoded.
 pub(super) fn answer_raw(message: &[u8]) -> http::Response<tonic::body::Body> {
-    match frame(message.len(), |buf| buf.put_slice(message)) {
+    match prefixed(message) {
         Ok(frame) => respond(frame),
         Err(status) => status.into_http(),
     }
@@ -165,6 +165,11 @@ fn frame(len: usize, write: impl FnOnce(&mut BytesMut)) -> Result<Bytes, Status>
     Ok(buf.freeze())
 }
 
+/// `message`, already encoded, after its prefix, as one buffer.
+pub(super) fn prefixed(message: &[u8]) -> Result<Bytes, Status> {
+    frame(message.len(), |buf| buf.put_slice(message))
+}
+
 /// A successful unary answer's body: the message, then `grpc-status: 0`.
 struct UnaryBody {
     message: Option<Bytes>,
@@ -210,11 +215,7 @@ mod tests {
     use super::*;
 
     fn framed(message: &[u8]) -> Bytes {
-        let mut b = BytesMut::new();
-        b.put_u8(0);
-        b.put_u32(message.len() as u32);
-        b.put_slice(message);
-        b.freeze()
+        prefixed(message).expect("a small message")
     }
 
     fn call(body: Bytes) -> http::Request<tonic::body::Body> {
