@@ -133,6 +133,8 @@ pub struct LogStore<C: RaftTypeConfig, E> {
     syncs: Arc<Syncs<C>>,
     /// The newest entries, decoded.
     recent: Arc<RecentEntries<C>>,
+    /// Its metric handles, shared with its clones and its sync loop.
+    metrics: Arc<LogMetrics>,
     /// How long this store's last synced append (a follower's) took: under
     /// [`INLINE_SYNC_LIMIT`], the next one runs on the calling worker.
     last_append_sync: Duration,
@@ -146,6 +148,7 @@ impl<C: RaftTypeConfig, E> Clone for LogStore<C, E> {
             unwritten_commit: self.unwritten_commit.clone(),
             syncs: self.syncs.clone(),
             recent: self.recent.clone(),
+            metrics: self.metrics.clone(),
             last_append_sync: self.last_append_sync,
         }
     }
@@ -155,35 +158,72 @@ impl<C: RaftTypeConfig, E> Clone for LogStore<C, E> {
 /// block, as a task that first waits the engine's simulated sync latency
 /// otherwise (in memory, on the simulator's clock), inline without a runtime.
 /// The loop ends as soon as no append waits.
-fn start_syncs<C: RaftTypeConfig, E: Engine>(syncs: Arc<Syncs<C>>, engine: Arc<E>) {
+fn start_syncs<C: RaftTypeConfig, E: Engine>(syncs: Arc<Syncs<C>>, engine: Arc<E>, metrics: Arc<LogMetrics>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        syncs.run(&*engine);
+        syncs.run(&*engine, &metrics);
         return;
     };
     if engine.may_block() {
-        runtime.spawn_blocking(move || syncs.run(&*engine));
+        runtime.spawn_blocking(move || syncs.run(&*engine, &metrics));
     } else {
         runtime.spawn(async move {
             let latency = engine.sync_latency();
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
             }
-            syncs.run(&*engine);
+            syncs.run(&*engine, &metrics);
         });
     }
 }
 
-/// Records one durable write of log entries that started at `started` and
-/// made `appends` appends durable.
-fn record_fsync(started: Instant, appends: usize) {
-    metrics::histogram!(FSYNC_SECONDS_METRIC).record(started.elapsed().as_secs_f64());
-    metrics::histogram!(APPENDS_PER_FSYNC_METRIC).record(appends as f64);
+/// A log store's metric handles, found in the metrics recorder once:
+/// finding one by name hashes its key, on every append and read.
+struct LogMetrics {
+    /// [`FSYNC_SECONDS_METRIC`].
+    fsync_seconds: metrics::Histogram,
+    /// [`APPENDS_PER_FSYNC_METRIC`].
+    appends_per_fsync: metrics::Histogram,
+    /// [`ENTRIES_READ_METRIC`] `{source="memory"}`.
+    read_from_memory: metrics::Counter,
+    /// [`ENTRIES_READ_METRIC`] `{source="engine"}`.
+    read_from_engine: metrics::Counter,
 }
 
-/// Counts `entries` read back from `source` ("memory" or "engine").
-fn record_reads(entries: usize, source: &'static str) {
-    if entries > 0 {
-        metrics::counter!(ENTRIES_READ_METRIC, "source" => source).increment(entries as u64);
+/// Where log entries were read back from.
+#[derive(Clone, Copy)]
+enum ReadSource {
+    /// The recent entries, in memory.
+    Memory,
+    /// The engine, decoded.
+    Engine,
+}
+
+impl LogMetrics {
+    fn new() -> Self {
+        Self {
+            fsync_seconds: metrics::histogram!(FSYNC_SECONDS_METRIC),
+            appends_per_fsync: metrics::histogram!(APPENDS_PER_FSYNC_METRIC),
+            read_from_memory: metrics::counter!(ENTRIES_READ_METRIC, "source" => "memory"),
+            read_from_engine: metrics::counter!(ENTRIES_READ_METRIC, "source" => "engine"),
+        }
+    }
+
+    /// Records one durable write of log entries that started at `started`
+    /// and made `appends` appends durable.
+    fn fsync(&self, started: Instant, appends: usize) {
+        self.fsync_seconds.record(started.elapsed().as_secs_f64());
+        self.appends_per_fsync.record(appends as f64);
+    }
+
+    /// Counts `entries` read back from `source`.
+    fn reads(&self, entries: usize, source: ReadSource) {
+        if entries > 0 {
+            let counter = match source {
+                ReadSource::Memory => &self.read_from_memory,
+                ReadSource::Engine => &self.read_from_engine,
+            };
+            counter.increment(entries as u64);
+        }
     }
 }
 
@@ -229,7 +269,7 @@ impl<C: RaftTypeConfig> Syncs<C> {
     }
 
     /// Syncs until nothing waits, then marks the loop stopped.
-    fn run<E: Engine>(&self, engine: &E) {
+    fn run<E: Engine>(&self, engine: &E, metrics: &LogMetrics) {
         loop {
             let batch = {
                 let mut state = self.lock();
@@ -241,7 +281,7 @@ impl<C: RaftTypeConfig> Syncs<C> {
             };
             let started = Instant::now();
             let result = engine.sync_log();
-            record_fsync(started, batch.len());
+            metrics.fsync(started, batch.len());
             for callback in batch {
                 callback.log_io_completed(result.as_ref().map(|_| ()).map_err(flush_error));
             }
@@ -288,6 +328,7 @@ impl<C: RaftTypeConfig, E: Engine> LogStore<C, E> {
             unwritten_commit: Arc::default(),
             syncs: Arc::default(),
             recent: Arc::new(RecentEntries::new(RECENT_ENTRIES_BYTES)),
+            metrics: Arc::new(LogMetrics::new()),
             last_append_sync: Duration::ZERO,
         }
     }
@@ -400,7 +441,7 @@ where
         }
         let mut entries = self.recent.read(start, end.unwrap_or(u64::MAX), usize::MAX).entries;
         let next = start + entries.len() as u64;
-        record_reads(entries.len(), "memory");
+        self.metrics.reads(entries.len(), ReadSource::Memory);
         if end.is_some_and(|end| next >= end) {
             return Ok(entries);
         }
@@ -409,7 +450,7 @@ where
             .engine
             .scan(Cf::Log, &log_key(next), end_key.as_ref().map(|k| &k[..]), usize::MAX)
             .map_err(read_err)?;
-        record_reads(rows.len(), "engine");
+        self.metrics.reads(rows.len(), ReadSource::Engine);
         for (_, v) in &rows {
             entries.push(decode::<Entry<C>>("log entry", v).map_err(read_err)?);
         }
@@ -423,7 +464,7 @@ where
         let mut entries = served.entries;
         let mut bytes = served.bytes;
         let mut next = start + entries.len() as u64;
-        record_reads(entries.len(), "memory");
+        self.metrics.reads(entries.len(), ReadSource::Memory);
         if served.budget_spent {
             return Ok(entries);
         }
@@ -440,7 +481,7 @@ where
             for (_, v) in &rows {
                 bytes = bytes.saturating_add(v.len());
                 if bytes > self.read_budget && !entries.is_empty() {
-                    record_reads(entries.len() - from_memory, "engine");
+                    self.metrics.reads(entries.len() - from_memory, ReadSource::Engine);
                     return Ok(entries);
                 }
                 let entry = decode::<Entry<C>>("log entry", v).map_err(read_err)?;
@@ -448,7 +489,7 @@ where
                 entries.push(entry);
             }
         }
-        record_reads(entries.len() - from_memory, "engine");
+        self.metrics.reads(entries.len() - from_memory, ReadSource::Engine);
         Ok(entries)
     }
 }
@@ -494,7 +535,7 @@ where
         }
         self.recent.appended(appended);
         if self.syncs.queue(callback) {
-            start_syncs(self.syncs.clone(), self.engine.clone());
+            start_syncs(self.syncs.clone(), self.engine.clone(), self.metrics.clone());
         }
         Ok(())
     }
@@ -583,7 +624,7 @@ where
             run_blocking(&self.engine, move |e| e.write(batch, Durability::Sync)).await
         };
         self.last_append_sync = started.elapsed();
-        record_fsync(started, 1);
+        self.metrics.fsync(started, 1);
         if written.is_ok() {
             self.recent.appended(appended);
         }
