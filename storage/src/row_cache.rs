@@ -122,24 +122,31 @@ impl RowCache {
 
     /// The cached row under `key`, if any (`Some(None)`: the key is known
     /// to have no row).
+    #[cfg(test)]
     pub(crate) fn get(&mut self, key: &[u8]) -> Option<Row> {
-        let row = self.lookup(key);
-        match row {
+        self.read(key, |row| row.map(<[u8]>::to_vec))
+    }
+
+    /// `f` of the cached row under `key` (`None`: the key is known to have
+    /// no row), read in place; `None` if the key is not cached.
+    pub(crate) fn read<R>(&mut self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> Option<R> {
+        let out = self.lookup(key, f);
+        match out {
             Some(_) => self.hits += 1,
             None => self.misses += 1,
         }
-        row
+        out
     }
 
-    fn lookup(&mut self, key: &[u8]) -> Option<Row> {
+    fn lookup<R>(&mut self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> Option<R> {
         let table = self.table(table_of(key))?;
-        if let Some(v) = table.young.get(key) {
-            return Some(v.clone());
+        if let Some(row) = table.young.get(key) {
+            return Some(f(row.as_deref()));
         }
-        let (key, value) = table.old.remove_entry(key)?;
-        let copy = value.clone();
-        self.admit(key, value);
-        Some(copy)
+        let (key, row) = table.old.remove_entry(key)?;
+        let out = f(row.as_deref());
+        self.admit(key, row);
+        Some(out)
     }
 
     /// Caches `row`, just read from the engine under `key`.

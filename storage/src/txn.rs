@@ -106,11 +106,26 @@ impl<'e, E: ReadView + ?Sized> EngineTxn<'e, E> {
 
 impl<E: ReadView + ?Sized> Txn for EngineTxn<'_, E> {
     fn get(&self, table: &str, key: &[u8]) -> cell0_state::Result<Option<Vec<u8>>> {
+        let mut row = None;
+        self.read(table, key, &mut |value| {
+            row = Some(value.to_vec());
+            Ok(())
+        })?;
+        Ok(row)
+    }
+
+    fn read(
+        &self,
+        table: &str,
+        key: &[u8],
+        visit: &mut dyn FnMut(&[u8]) -> cell0_state::Result<()>,
+    ) -> cell0_state::Result<()> {
         let k = table_key(table, key).map_err(StateError::storage)?;
         match self.pending.get(&k) {
-            Some(v) => Ok(v.clone()),
-            None if self.deleted_range_end(&k).is_some() => Ok(None),
-            None => self.stored(k).map_err(StateError::storage),
+            Some(Some(value)) => visit(value),
+            Some(None) => Ok(()),
+            None if self.deleted_range_end(&k).is_some() => Ok(()),
+            None => self.stored(k, visit),
         }
     }
 
@@ -161,19 +176,22 @@ impl<E: ReadView + ?Sized> Txn for EngineTxn<'_, E> {
 }
 
 impl<E: ReadView + ?Sized> EngineTxn<'_, E> {
-    /// The stored row under the full key `k`: from the row cache if it
-    /// knows it, else from the engine (and then cached, absence too).
-    fn stored(&self, k: Vec<u8>) -> Result<Option<Vec<u8>>> {
+    /// Visits the stored row under the full key `k`, if there is one: from
+    /// the row cache if it knows the key, else from the engine (and then
+    /// cached, absence too).
+    fn stored(&self, k: Vec<u8>, visit: &mut dyn FnMut(&[u8]) -> cell0_state::Result<()>) -> cell0_state::Result<()> {
         let Some(cache) = self.cache else {
-            return self.engine.get(Cf::State, &k);
+            let row = self.engine.get(Cf::State, &k).map_err(StateError::storage)?;
+            return row.as_deref().map_or(Ok(()), visit);
         };
         let mut cache = lock_cache(cache);
-        if let Some(row) = cache.get(&k) {
-            return Ok(row);
+        if let Some(visited) = cache.read(&k, |row| row.map_or(Ok(()), &mut *visit)) {
+            return visited;
         }
-        let row = self.engine.get(Cf::State, &k)?;
-        cache.insert(k, row.clone());
-        Ok(row)
+        let row = self.engine.get(Cf::State, &k).map_err(StateError::storage)?;
+        let visited = row.as_deref().map_or(Ok(()), &mut *visit);
+        cache.insert(k, row);
+        visited
     }
 
     /// The end of a range deleted in this step that holds `key`.

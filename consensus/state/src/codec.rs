@@ -18,8 +18,8 @@
 //!   The envelope of every internal message also names the message format
 //!   it was written in, and a node refuses a newer one than it knows.
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StateError};
 
@@ -177,6 +177,20 @@ pub fn encode_row<T: Row>(row: &T) -> Result<Vec<u8>> {
 pub fn decode_row<T: Row>(bytes: &[u8]) -> Result<T> {
     let (version, body) = unframe(T::WHAT, T::VERSION, bytes)?;
     T::decode_body(version, body)
+}
+
+/// Decodes `V`, a view borrowing from `bytes`, of a row of `R` stored in
+/// `R`'s current layout; `None` for a row in an earlier layout, which only
+/// [`decode_row`] migrates. `V` must read the current layout's body.
+pub fn decode_row_view<'b, R: Row, V: Deserialize<'b>>(bytes: &'b [u8]) -> Result<Option<V>> {
+    let (version, body) = unframe(R::WHAT, R::VERSION, bytes)?;
+    if version != R::VERSION {
+        return Ok(None);
+    }
+    postcard::from_bytes(body).map(Some).map_err(|e| StateError::Corrupt {
+        what: R::WHAT,
+        detail: e.to_string(),
+    })
 }
 
 /// The row of `table` at `key`, decoded.

@@ -62,7 +62,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{Counter, decode_row, encode_row};
+use crate::codec::{Counter, decode_row, decode_row_view, encode_row};
 use crate::command::{Command, KeyValue, Response};
 use crate::error::{Result, StateError};
 use crate::requests::{Carrier, WindowBook};
@@ -105,6 +105,33 @@ struct Record {
     create_revision: u64,
     mod_revision: u64,
     version: u64,
+}
+
+/// [`Record`]'s revisions, read in place: its value is skipped, not
+/// copied. Must list `Record`'s fields in order (a test checks it).
+#[derive(Deserialize)]
+struct RecordRevisions<'a> {
+    #[serde(borrow)]
+    _value: &'a [u8],
+    create_revision: u64,
+    _mod_revision: u64,
+    version: u64,
+}
+
+/// What a write of a key carries over from the pair it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lineage {
+    create_revision: u64,
+    version: u64,
+}
+
+impl From<&KeyValue> for Lineage {
+    fn from(kv: &KeyValue) -> Self {
+        Self {
+            create_revision: kv.create_revision,
+            version: kv.version,
+        }
+    }
 }
 
 impl Record {
@@ -283,6 +310,29 @@ pub fn get(txn: &dyn Txn, key: &[u8]) -> Result<Option<KeyValue>> {
     }
 }
 
+/// What a write of `key` carries over from its stored pair, read in place
+/// (a put that reports no previous pair copies no value).
+fn lineage(txn: &dyn Txn, key: &[u8]) -> Result<Option<Lineage>> {
+    let mut found = None;
+    txn.read(KV_TABLE, key, &mut |row| {
+        found = Some(match decode_row_view::<Record, RecordRevisions<'_>>(row)? {
+            Some(r) => Lineage {
+                create_revision: r.create_revision,
+                version: r.version,
+            },
+            None => {
+                let r = decode_row::<Record>(row)?;
+                Lineage {
+                    create_revision: r.create_revision,
+                    version: r.version,
+                }
+            }
+        });
+        Ok(())
+    })?;
+    Ok(found)
+}
+
 /// A page of pairs whose keys start with `prefix` and sort after
 /// `start_after` (if not empty), and whether more pairs match.
 pub fn range(txn: &dyn Txn, prefix: &[u8], start_after: &[u8], limit: usize) -> Result<(Vec<KeyValue>, bool)> {
@@ -410,12 +460,17 @@ pub(crate) fn apply_command(
     changed: &mut std::collections::BTreeSet<Table>,
 ) -> Result<Response> {
     match cmd {
-        Command::Put { key, value } | Command::PutWithoutPrev { key, value } => {
+        Command::Put { key, value } => {
             changed.insert(Table::Kv);
             let prev = get(txn, key)?;
-            let kv = write(txn, key, value, prev.as_ref(), rev, books, events)?;
-            let prev = prev.filter(|_| matches!(cmd, Command::Put { .. }));
+            let kv = write(txn, key, value, prev.as_ref().map(Lineage::from), rev, books, events)?;
             Ok(Response::Put { kv, prev })
+        }
+        Command::PutWithoutPrev { key, value } => {
+            changed.insert(Table::Kv);
+            let prev = lineage(txn, key)?;
+            let kv = write(txn, key, value, prev, rev, books, events)?;
+            Ok(Response::Put { kv, prev: None })
         }
         Command::Delete { key } => {
             let prev = get(txn, key)?;
@@ -456,7 +511,7 @@ pub(crate) fn apply_command(
                 });
             }
             changed.insert(Table::Kv);
-            let kv = write(txn, key, value, current.as_ref(), rev, books, events)?;
+            let kv = write(txn, key, value, current.as_ref().map(Lineage::from), rev, books, events)?;
             Ok(Response::Cas {
                 revision: *rev,
                 succeeded: true,
@@ -547,7 +602,7 @@ fn write(
     txn: &mut dyn Txn,
     key: &[u8],
     value: &[u8],
-    prev: Option<&KeyValue>,
+    prev: Option<Lineage>,
     rev: &mut u64,
     books: &mut Books,
     events: &mut Vec<StateEvent>,
@@ -730,6 +785,43 @@ mod tests {
     /// Applies `cmds` as separate entries.
     fn run(state: &mut MemTxn, cmds: &[Command]) -> Vec<Response> {
         cmds.iter().map(|c| crate::apply(state, c).unwrap().response).collect()
+    }
+
+    /// The in-place view of a stored pair reads the revisions its full
+    /// decoding reads, and a put that reports no previous pair carries them
+    /// over as one that does.
+    #[test]
+    fn a_pairs_revisions_read_in_place_match_its_decoding() {
+        let record = Record {
+            value: vec![7; 300],
+            create_revision: 3,
+            mod_revision: 1 << 40,
+            version: 129,
+        };
+        let row = encode_row(&record).unwrap();
+        let view: RecordRevisions<'_> = decode_row_view::<Record, _>(&row).unwrap().unwrap();
+        assert_eq!(
+            (view._value, view.create_revision, view._mod_revision, view.version),
+            (&record.value[..], 3, 1 << 40, 129)
+        );
+
+        let (mut with_prev, mut without_prev) = (MemTxn::new(), MemTxn::new());
+        for (i, value) in ["a", "b", "c"].into_iter().enumerate() {
+            let put = put("k", value);
+            let Command::Put { key, value } = put.clone() else {
+                unreachable!()
+            };
+            let a = crate::apply(&mut with_prev, &put).unwrap().response;
+            let b = crate::apply(&mut without_prev, &Command::PutWithoutPrev { key, value })
+                .unwrap()
+                .response;
+            let (Response::Put { kv: a, prev }, Response::Put { kv: b, prev: none }) = (a, b) else {
+                panic!("not put answers")
+            };
+            assert_eq!((a.create_revision, a.version), (b.create_revision, b.version));
+            assert_eq!((a.version, prev.is_some(), none), (i as u64 + 1, i > 0, None));
+        }
+        assert_eq!(with_prev, without_prev, "both store the same rows");
     }
 
     /// Keeping the bookkeeping rows for a whole apply step stores what

@@ -15,6 +15,15 @@ use crate::error::Result;
 pub trait Txn {
     /// The value of `key` in `table`.
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Calls `visit` with the value of `key` in `table`, in place, if the
+    /// key has one: for a reader that needs a few fields of a row, not a
+    /// copy of it.
+    fn read(&self, table: &str, key: &[u8], visit: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        match self.get(table, key)? {
+            Some(value) => visit(&value),
+            None => Ok(()),
+        }
+    }
     /// Sets `key` in `table` to `value` (taken: rows are encoded for the
     /// write, so the transaction keeps the buffer instead of a copy).
     fn put(&mut self, table: &str, key: &[u8], value: Vec<u8>) -> Result<()>;
@@ -65,6 +74,13 @@ impl MemTxn {
 impl Txn for MemTxn {
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.tables.get(table).and_then(|t| t.get(key).cloned()))
+    }
+
+    fn read(&self, table: &str, key: &[u8], visit: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        match self.tables.get(table).and_then(|t| t.get(key)) {
+            Some(value) => visit(value),
+            None => Ok(()),
+        }
     }
 
     fn put(&mut self, table: &str, key: &[u8], value: Vec<u8>) -> Result<()> {
