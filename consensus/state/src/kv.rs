@@ -134,6 +134,15 @@ impl From<&KeyValue> for Lineage {
     }
 }
 
+impl From<&Record> for Lineage {
+    fn from(r: &Record) -> Self {
+        Self {
+            create_revision: r.create_revision,
+            version: r.version,
+        }
+    }
+}
+
 impl Record {
     fn into_kv(self, key: &[u8]) -> KeyValue {
         KeyValue {
@@ -320,13 +329,7 @@ fn lineage(txn: &dyn Txn, key: &[u8]) -> Result<Option<Lineage>> {
                 create_revision: r.create_revision,
                 version: r.version,
             },
-            None => {
-                let r = decode_row::<Record>(row)?;
-                Lineage {
-                    create_revision: r.create_revision,
-                    version: r.version,
-                }
-            }
+            None => Lineage::from(&decode_row::<Record>(row)?),
         });
         Ok(())
     })?;
