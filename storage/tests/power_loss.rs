@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use cell0_storage::{Cf, Durability, Engine, LogStore, MemEngine, ReadView, RowVisitor, StateMachineStore, WriteBatch};
-use common::{SetApply, Sm, TestConfig, read, set_entry};
+use cell0_storage::{LogStore, MemEngine, StateMachineStore};
+use common::{HookedEngine, SetApply, Sm, TestConfig, read, set_entry};
 use openraft::RaftSnapshotBuilder;
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::{LogId, RaftLogReader, Vote};
@@ -168,53 +168,6 @@ async fn an_append_is_readable_at_once_and_acknowledged_once_synced() {
     assert_eq!(ids, vec![1]);
 }
 
-/// A disk whose syncs block the calling thread: synced writes first call
-/// `on_sync` (a slow disk's wait), then write to memory.
-struct BlockingDisk {
-    inner: MemEngine,
-    on_sync: Box<dyn Fn() -> cell0_storage::Result<()> + Send + Sync>,
-}
-
-impl ReadView for BlockingDisk {
-    fn get(&self, cf: Cf, key: &[u8]) -> cell0_storage::Result<Option<Vec<u8>>> {
-        self.inner.get(cf, key)
-    }
-    fn scan(
-        &self,
-        cf: Cf,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> cell0_storage::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        self.inner.scan(cf, start, end, limit)
-    }
-    fn last(&self, cf: Cf) -> cell0_storage::Result<Option<(Vec<u8>, Vec<u8>)>> {
-        self.inner.last(cf)
-    }
-    fn for_each(&self, cf: Cf, f: &mut RowVisitor<'_>) -> cell0_storage::Result<()> {
-        self.inner.for_each(cf, f)
-    }
-}
-
-impl Engine for BlockingDisk {
-    fn write(&self, batch: WriteBatch, durability: Durability) -> cell0_storage::Result<()> {
-        if durability == Durability::Sync {
-            (self.on_sync)()?;
-        }
-        self.inner.write(batch, durability)
-    }
-    fn with_view(&self, f: &mut dyn FnMut(&dyn ReadView) -> cell0_storage::Result<()>) -> cell0_storage::Result<()> {
-        self.inner.with_view(f)
-    }
-    fn flush(&self) -> cell0_storage::Result<()> {
-        self.inner.flush()
-    }
-    fn sync_log(&self) -> cell0_storage::Result<()> {
-        (self.on_sync)()?;
-        self.inner.sync_log()
-    }
-}
-
 /// A follower's synced append runs on its worker while the disk syncs
 /// fast; after a slow sync the next one leaves the worker, so the worker's
 /// other tasks run while it waits for the disk. Here the disk's second
@@ -225,8 +178,7 @@ async fn a_follower_append_after_a_slow_sync_leaves_the_worker() {
     let (ran_tx, ran_rx) = mpsc::channel::<()>();
     let ran_rx = std::sync::Mutex::new(ran_rx);
     let first = AtomicBool::new(true);
-    let engine = Arc::new(BlockingDisk {
-        inner: MemEngine::new(),
+    let engine = Arc::new(HookedEngine {
         on_sync: Box::new(move || {
             if first.swap(false, Ordering::SeqCst) {
                 // The first sync is slow, as on a busy disk.
@@ -237,6 +189,7 @@ async fn a_follower_append_after_a_slow_sync_leaves_the_worker() {
             ran.recv_timeout(Duration::from_secs(30))
                 .map_err(|_| cell0_storage::Error::Io("the worker's other task never ran during the sync".into()))
         }),
+        ..HookedEngine::default()
     });
     // The appends run in a task, on the runtime's only worker (the test's
     // own body runs on another thread).

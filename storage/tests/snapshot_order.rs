@@ -8,72 +8,14 @@ mod common;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use cell0_storage::{Cf, Engine, MemEngine, ReadView, StateMachineStore, WriteBatch};
-use common::{SetApply, Sm, read, set_entry};
+use cell0_storage::{MemEngine, StateMachineStore};
+use common::{HookedEngine, SetApply, Sm, read, set_entry};
 use openraft::RaftSnapshotBuilder;
 use openraft::storage::RaftStateMachine;
 use tokio::sync::oneshot;
 
 /// Signals sent by a paused view: "the view was read", then waits for "go on".
 type Pause = (oneshot::Sender<()>, mpsc::Receiver<()>);
-
-/// A [`MemEngine`] whose next point-in-time view, once read, holds the caller
-/// until the test lets it go: a snapshot build frozen between reading its
-/// view and storing its result. Like RocksDB it keeps the default
-/// `may_block`, so the store runs builds and installs on blocking threads.
-#[derive(Default)]
-struct PausingEngine {
-    inner: MemEngine,
-    pause: Mutex<Option<Pause>>,
-}
-
-impl ReadView for PausingEngine {
-    fn get(&self, cf: Cf, key: &[u8]) -> cell0_storage::Result<Option<Vec<u8>>> {
-        self.inner.get(cf, key)
-    }
-
-    fn scan(
-        &self,
-        cf: Cf,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> cell0_storage::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        self.inner.scan(cf, start, end, limit)
-    }
-
-    fn last(&self, cf: Cf) -> cell0_storage::Result<Option<(Vec<u8>, Vec<u8>)>> {
-        self.inner.last(cf)
-    }
-
-    fn for_each(&self, cf: Cf, f: &mut cell0_storage::RowVisitor<'_>) -> cell0_storage::Result<()> {
-        self.inner.for_each(cf, f)
-    }
-}
-
-impl Engine for PausingEngine {
-    fn write(&self, batch: WriteBatch, durability: cell0_storage::Durability) -> cell0_storage::Result<()> {
-        self.inner.write(batch, durability)
-    }
-
-    fn with_view(&self, f: &mut dyn FnMut(&dyn ReadView) -> cell0_storage::Result<()>) -> cell0_storage::Result<()> {
-        let res = self.inner.with_view(f);
-        let pause = self.pause.lock().unwrap().take();
-        if let Some((viewed, go)) = pause {
-            viewed.send(()).unwrap();
-            go.recv().unwrap();
-        }
-        res
-    }
-
-    fn flush(&self) -> cell0_storage::Result<()> {
-        self.inner.flush()
-    }
-
-    fn sync_log(&self) -> cell0_storage::Result<()> {
-        self.inner.sync_log()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_build_does_not_replace_a_newer_installed_snapshot() {
@@ -97,9 +39,21 @@ async fn a_stale_build_does_not_replace_a_newer_installed_snapshot() {
     assert_eq!(installed.meta.last_log_id.map(|l| l.index), Some(10));
 
     // A follower at index 3 starts building a snapshot; it is frozen right
-    // after reading its view.
-    let engine = Arc::new(PausingEngine::default());
-    let mut follower: Sm<PausingEngine> = StateMachineStore::new(
+    // after reading its view (its engine holds the caller of a view, once
+    // read, until the test lets it go).
+    let pause: Arc<Mutex<Option<Pause>>> = Arc::default();
+    let paused = pause.clone();
+    let engine = Arc::new(HookedEngine {
+        on_view: Box::new(move || {
+            let taken = paused.lock().unwrap().take();
+            if let Some((viewed, go)) = taken {
+                viewed.send(()).unwrap();
+                go.recv().unwrap();
+            }
+        }),
+        ..HookedEngine::default()
+    });
+    let mut follower: Sm<HookedEngine> = StateMachineStore::new(
         engine.clone(),
         Arc::new(SetApply::default()),
         follower_dir.path().to_path_buf(),
@@ -115,7 +69,7 @@ async fn a_stale_build_does_not_replace_a_newer_installed_snapshot() {
         .unwrap();
     let (viewed_tx, viewed_rx) = oneshot::channel();
     let (go_tx, go_rx) = mpsc::channel();
-    *engine.pause.lock().unwrap() = Some((viewed_tx, go_rx));
+    *pause.lock().unwrap() = Some((viewed_tx, go_rx));
     let mut builder = follower.get_snapshot_builder().await;
     let build = tokio::spawn(async move { builder.build_snapshot().await });
     viewed_rx.await.unwrap();

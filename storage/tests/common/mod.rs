@@ -7,7 +7,9 @@
 
 use std::sync::Mutex;
 
-use cell0_storage::{Apply, StateMachineStore, Txn};
+use cell0_storage::{
+    Apply, Cf, Durability, Engine, MemEngine, ReadView, RowVisitor, StateMachineStore, Txn, WriteBatch,
+};
 use openraft::{Entry, EntryPayload, LogId};
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 use serde::{Deserialize, Serialize};
@@ -98,5 +100,73 @@ pub fn config(cases: u32) -> ProptestConfig {
         failure_persistence: None,
         rng_seed: RngSeed::Fixed(seed),
         ..default
+    }
+}
+
+/// A [`MemEngine`] that, like RocksDB, keeps the default `may_block` (so the
+/// stores run its writes off their workers) and lets a test act where a
+/// disk would make the caller wait: before every synced write and log sync
+/// (`on_sync`), and once a point-in-time view was read (`on_view`).
+pub struct HookedEngine {
+    pub inner: MemEngine,
+    pub on_sync: Box<dyn Fn() -> cell0_storage::Result<()> + Send + Sync>,
+    pub on_view: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Default for HookedEngine {
+    fn default() -> Self {
+        Self {
+            inner: MemEngine::new(),
+            on_sync: Box::new(|| Ok(())),
+            on_view: Box::new(|| {}),
+        }
+    }
+}
+
+impl ReadView for HookedEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> cell0_storage::Result<Option<Vec<u8>>> {
+        self.inner.get(cf, key)
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> cell0_storage::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.inner.scan(cf, start, end, limit)
+    }
+
+    fn last(&self, cf: Cf) -> cell0_storage::Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.inner.last(cf)
+    }
+
+    fn for_each(&self, cf: Cf, f: &mut RowVisitor<'_>) -> cell0_storage::Result<()> {
+        self.inner.for_each(cf, f)
+    }
+}
+
+impl Engine for HookedEngine {
+    fn write(&self, batch: WriteBatch, durability: Durability) -> cell0_storage::Result<()> {
+        if durability == Durability::Sync {
+            (self.on_sync)()?;
+        }
+        self.inner.write(batch, durability)
+    }
+
+    fn with_view(&self, f: &mut dyn FnMut(&dyn ReadView) -> cell0_storage::Result<()>) -> cell0_storage::Result<()> {
+        let res = self.inner.with_view(f);
+        (self.on_view)();
+        res
+    }
+
+    fn flush(&self) -> cell0_storage::Result<()> {
+        self.inner.flush()
+    }
+
+    fn sync_log(&self) -> cell0_storage::Result<()> {
+        (self.on_sync)()?;
+        self.inner.sync_log()
     }
 }
