@@ -35,6 +35,12 @@ async fn append_acked(log: &mut Log, indexes: std::ops::RangeInclusive<u64>) -> 
     ids
 }
 
+/// The indexes of every entry `log` holds.
+async fn indexes<E: cell0_storage::Engine>(log: &mut LogStore<TestConfig, E>) -> Vec<u64> {
+    let entries = log.try_get_log_entries(0..).await.unwrap();
+    entries.iter().map(|e| e.log_id.index).collect()
+}
+
 async fn apply(sm: &mut Sm<MemEngine>, indexes: std::ops::RangeInclusive<u64>) {
     let entries: Vec<_> = indexes.map(|i| set_entry(i, &format!("k{i}"), "v")).collect();
     sm.apply(entries).await.unwrap();
@@ -158,14 +164,7 @@ async fn an_append_is_readable_at_once_and_acknowledged_once_synced() {
     let kept = Arc::new(engine.fork());
     kept.power_loss();
     let (mut reopened, _) = open(&kept, snapshots.path());
-    let ids: Vec<u64> = reopened
-        .try_get_log_entries(0..)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.log_id.index)
-        .collect();
-    assert_eq!(ids, vec![1]);
+    assert_eq!(indexes(&mut reopened).await, [1]);
 }
 
 /// A follower's synced append runs on its worker while the disk syncs
@@ -181,7 +180,9 @@ async fn a_follower_append_after_a_slow_sync_leaves_the_worker() {
     let engine = Arc::new(HookedEngine {
         on_sync: Box::new(move || {
             if first.swap(false, Ordering::SeqCst) {
-                // The first sync is slow, as on a busy disk.
+                // The first sync is slow, as on a busy disk: the device's
+                // latency, which the store must measure, not a wait for
+                // another thread (that is the channel below).
                 std::thread::sleep(Duration::from_millis(20));
                 return Ok(());
             }
@@ -204,12 +205,5 @@ async fn a_follower_append_after_a_slow_sync_leaves_the_worker() {
     })
     .await
     .unwrap();
-    let indexes: Vec<u64> = log
-        .try_get_log_entries(1..3)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.log_id.index)
-        .collect();
-    assert_eq!(indexes, [1, 2]);
+    assert_eq!(indexes(&mut log).await, [1, 2]);
 }
