@@ -72,7 +72,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cell0_proto::v1::cluster_client::ClusterClient;
-use cell0_proto::v1::kv_client::KvClient as Cell0KvClient;
 use prost::bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -81,7 +80,6 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::cluster::{Cluster, ClusterError, ClusterOptions};
 use crate::config::Target;
-use crate::etcd::etcdserverpb::kv_client::KvClient as EtcdKvClient;
 use crate::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
 use crate::etcd_cluster::{EtcdCluster, EtcdOptions};
 use crate::kv::KvClient;
@@ -628,12 +626,11 @@ async fn writer(w: usize, clients: Vec<KvClient>, shared: Arc<Shared>, mut stop:
         }
         let key = Bytes::from(format!("failover/{w}/{seq}"));
         seq += 1;
-        let mut client = clients[node].clone();
         let sent = Instant::now();
         let result = tokio::select! {
             biased;
             _ = stop.changed() => return,
-            r = client.put(key, value.clone()) => r,
+            r = clients[node].put(key, value.clone()) => r,
         };
         let done = Instant::now();
         match result {
@@ -671,11 +668,10 @@ pub async fn run(options: FailoverOptions, mut progress: impl FnMut(&str)) -> Re
     for w in 0..options.writers {
         let mut clients = Vec::with_capacity(uris.len());
         for uri in &uris {
-            let channel = lazy_channel(uri, options.request_timeout)?;
-            clients.push(match options.target {
-                Target::Cell0 => KvClient::Cell0(Cell0KvClient::new(channel)),
-                Target::Etcd => KvClient::Etcd(EtcdKvClient::new(channel)),
-            });
+            clients.push(
+                KvClient::lazy(options.target, uri, options.request_timeout)
+                    .map_err(|e| FailoverError::Unhealthy(e.to_string()))?,
+            );
         }
         writers.push(tokio::spawn(writer(w, clients, shared.clone(), stop_rx.clone())));
     }

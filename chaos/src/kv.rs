@@ -1,21 +1,20 @@
 //! One KV client of either target over its own gRPC connection.
 //!
-//! [`KvClient::connect`] opens a dedicated HTTP/2 connection (a tonic
-//! channel) to one node; [`KvClient::put`] and [`KvClient::get`] issue the
+//! [`KvClient::connect`] opens a dedicated HTTP/2 connection to one node
+//! ([`unary::Channel`]); [`KvClient::put`] and [`KvClient::get`] issue the
 //! same logical operation to Cell0 (`cell0.v1.Kv/Put`, `Get`) or etcd
-//! (`etcdserverpb.KV/Put`, `Range` of a single key).
+//! (`etcdserverpb.KV/Put`, `Range` of a single key), in the same framing.
 
 use std::time::Duration;
 
 use cell0_proto::v1 as cell0;
 use prost::bytes::Bytes;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{Consistency, Target};
 use crate::etcd::etcdserverpb as etcd;
+use crate::unary;
 
-/// How long connecting to a node may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub use crate::unary::CONNECT_TIMEOUT;
 
 /// A connection failure.
 #[derive(Debug, thiserror::Error)]
@@ -44,85 +43,101 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-/// A KV client of one target on one connection.
+/// A KV client of one target on one connection. Clones share it.
 #[derive(Debug, Clone)]
-pub enum KvClient {
-    /// Cell0's `cell0.v1.Kv`.
-    Cell0(cell0::kv_client::KvClient<Channel>),
-    /// etcd's `etcdserverpb.KV`.
-    Etcd(etcd::kv_client::KvClient<Channel>),
+pub struct KvClient {
+    target: Target,
+    channel: unary::Channel,
 }
 
 impl KvClient {
     /// Opens a new connection to `endpoint` (an `http://host:port` URI);
     /// every request on it fails after `timeout`.
     pub async fn connect(target: Target, endpoint: &str, timeout: Duration) -> Result<Self, ConnectError> {
-        let err = |e: tonic::transport::Error| ConnectError {
+        let channel = unary::Channel::connect(endpoint, timeout)
+            .await
+            .map_err(|reason| ConnectError {
+                target: target.name(),
+                endpoint: endpoint.to_string(),
+                reason,
+            })?;
+        Ok(Self { target, channel })
+    }
+
+    /// A client of `endpoint` that connects at its first request, and
+    /// again after a request fails in transport (a restarted node).
+    pub fn lazy(target: Target, endpoint: &str, timeout: Duration) -> Result<Self, ConnectError> {
+        let channel = unary::Channel::lazy(endpoint, timeout).map_err(|reason| ConnectError {
             target: target.name(),
             endpoint: endpoint.to_string(),
-            reason: error_chain(&e),
-        };
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(err)?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(timeout)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(err)?;
-        Ok(match target {
-            Target::Cell0 => KvClient::Cell0(cell0::kv_client::KvClient::new(channel)),
-            Target::Etcd => KvClient::Etcd(etcd::kv_client::KvClient::new(channel)),
-        })
+            reason,
+        })?;
+        Ok(Self { target, channel })
     }
 
     /// Sets `key` to `value`.
-    pub async fn put(&mut self, key: Bytes, value: Bytes) -> Result<(), tonic::Status> {
-        match self {
-            KvClient::Cell0(c) => c
-                .put(cell0::PutRequest {
-                    key,
-                    value,
-                    prev_kv: false,
-                })
+    pub async fn put(&self, key: Bytes, value: Bytes) -> Result<(), tonic::Status> {
+        match self.target {
+            Target::Cell0 => self
+                .channel
+                .call::<_, cell0::PutResponse>(
+                    "/cell0.v1.Kv/Put",
+                    &cell0::PutRequest {
+                        key,
+                        value,
+                        prev_kv: false,
+                    },
+                )
                 .await
                 .map(drop),
-            KvClient::Etcd(c) => c
-                .put(etcd::PutRequest {
-                    key,
-                    value,
-                    ..Default::default()
-                })
+            Target::Etcd => self
+                .channel
+                .call::<_, etcd::PutResponse>(
+                    "/etcdserverpb.KV/Put",
+                    &etcd::PutRequest {
+                        key,
+                        value,
+                        ..Default::default()
+                    },
+                )
                 .await
                 .map(drop),
         }
     }
 
     /// Reads `key`; `Ok(true)` when it exists.
-    pub async fn get(&mut self, key: Bytes, consistency: Consistency) -> Result<bool, tonic::Status> {
-        match self {
-            KvClient::Cell0(c) => {
+    pub async fn get(&self, key: Bytes, consistency: Consistency) -> Result<bool, tonic::Status> {
+        match self.target {
+            Target::Cell0 => {
                 let consistency = match consistency {
                     Consistency::Linearizable => cell0::Consistency::Linearizable,
                     Consistency::Serializable => cell0::Consistency::Serializable,
                 };
-                let r = c
-                    .get(cell0::GetRequest {
-                        key,
-                        consistency: consistency as i32,
-                    })
+                let r: cell0::GetResponse = self
+                    .channel
+                    .call(
+                        "/cell0.v1.Kv/Get",
+                        &cell0::GetRequest {
+                            key,
+                            consistency: consistency as i32,
+                        },
+                    )
                     .await?;
-                Ok(r.into_inner().kv.is_some())
+                Ok(r.kv.is_some())
             }
-            KvClient::Etcd(c) => {
-                let r = c
-                    .range(etcd::RangeRequest {
-                        key,
-                        serializable: consistency == Consistency::Serializable,
-                        ..Default::default()
-                    })
+            Target::Etcd => {
+                let r: etcd::RangeResponse = self
+                    .channel
+                    .call(
+                        "/etcdserverpb.KV/Range",
+                        &etcd::RangeRequest {
+                            key,
+                            serializable: consistency == Consistency::Serializable,
+                            ..Default::default()
+                        },
+                    )
                     .await?;
-                Ok(!r.into_inner().kvs.is_empty())
+                Ok(!r.kvs.is_empty())
             }
         }
     }

@@ -38,4 +38,5 @@ pub mod proxy;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod unary;
 pub mod workload;

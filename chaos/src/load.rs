@@ -144,7 +144,7 @@ struct ClientJob {
 
 async fn client_loop(job: ClientJob) -> Result<ClientStats, LoadError> {
     let ClientJob {
-        mut client,
+        client,
         op,
         consistency,
         keys,
@@ -221,7 +221,7 @@ async fn prefill(clients: &[KvClient], keys: u64, value: &Bytes, progress: &Prog
     let mut tasks = tokio::task::JoinSet::new();
     let n = clients.len() as u64;
     for (c, client) in clients.iter().enumerate() {
-        let (mut client, value, written) = (client.clone(), value.clone(), written.clone());
+        let (client, value, written) = (client.clone(), value.clone(), written.clone());
         tasks.spawn(async move {
             let mut k = c as u64;
             while k < keys {

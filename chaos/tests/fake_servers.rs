@@ -253,3 +253,71 @@ async fn failed_requests_are_counted() {
     assert!(report.first_error.unwrap().starts_with("Unimplemented"));
     assert_eq!(report.cpu_us_per_op, None);
 }
+
+/// A listener on `addr` that another may take over at once.
+fn rebindable(addr: SocketAddr) -> TcpIncoming {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr).unwrap();
+    TcpIncoming::from(socket.listen(64).unwrap())
+}
+
+#[tokio::test]
+async fn a_lazy_client_reconnects_after_its_node_restarts() {
+    let store = Arc::new(Store::default());
+    let serve = |incoming: TcpIncoming, stop: tokio::sync::oneshot::Receiver<()>| {
+        let node = Node {
+            store: store.clone(),
+            requests: Arc::default(),
+        };
+        tokio::spawn(
+            Server::builder()
+                .add_service(cell0::kv_server::KvServer::new(node))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop.await;
+                }),
+        )
+    };
+    let first = rebindable(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let addr = first.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let server = serve(first, stopped);
+    let client =
+        cell0_chaos::kv::KvClient::lazy(Target::Cell0, &format!("http://{addr}"), Duration::from_secs(5)).unwrap();
+    client.put(Bytes::from("a"), Bytes::from("1")).await.unwrap();
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    let down = client.put(Bytes::from("b"), Bytes::from("2")).await.unwrap_err();
+    assert_eq!(down.code(), tonic::Code::Unavailable, "{down}");
+
+    let (_stop, stopped) = tokio::sync::oneshot::channel();
+    let _server = serve(rebindable(addr), stopped);
+    client.put(Bytes::from("c"), Bytes::from("3")).await.unwrap();
+    let map = store.map.lock().unwrap();
+    assert_eq!(map.get(&Bytes::from("c")), Some(&Bytes::from("3")));
+    assert_eq!(map.get(&Bytes::from("b")), None);
+}
+
+#[tokio::test]
+async fn a_call_without_an_answer_ends_at_the_timeout() {
+    // Accepts connections and never answers, not even HTTP/2's settings.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let timeout = Duration::from_millis(200);
+    let client = cell0_chaos::kv::KvClient::connect(Target::Etcd, &format!("http://{addr}"), timeout)
+        .await
+        .unwrap();
+    let err = client
+        .get(Bytes::from("k"), Consistency::Linearizable)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+    silent.abort();
+}
