@@ -2,18 +2,20 @@
 //! written whole.
 //!
 //! A call is one HEADERS frame and one DATA frame that ends the stream,
-//! queued together, so it leaves in one write and a server reads one TCP
-//! segment per call, as from grpc-go clients (etcd's own tools). tonic's
-//! channel sent three (headers, message, an empty end of stream) through
-//! a buffer task, which made every server of either target send a pure ACK
-//! per call and cost the load generator a quarter more CPU per call
-//! (docs/benchmarks.md).
+//! queued together on h2's connection (the data without waiting for flow
+//! control capacity, which the connection assigns as it writes), so it
+//! leaves in one write and a server reads one TCP segment per call, as
+//! from grpc-go clients (etcd's own tools). tonic's channel sent three
+//! (headers, message, an empty end of stream), and hyper's client two (it
+//! waits for capacity before the data), which made every server of either
+//! target send a pure ACK per call (docs/benchmarks.md).
 //!
 //! Invariants:
 //! - A channel holds at most one connection; a call that finds none, or a
 //!   closed one, connects first (within [`CONNECT_TIMEOUT`]), and a call
-//!   that fails in transport drops it, so the next call reconnects (a
-//!   restarted node is reached again, as with tonic's lazy channels).
+//!   that fails in transport (anything but a reset of its own stream)
+//!   drops it, so the next call reconnects (a restarted node is reached
+//!   again, as with tonic's lazy channels).
 //! - Every call ends within the channel's timeout, as DEADLINE_EXCEEDED if
 //!   not otherwise.
 //! - A call's status is the answer's `grpc-status` (in its trailers, or its
@@ -23,9 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::client::SendRequest;
 use tonic::codegen::http;
 use tonic::{Code, Status};
 
@@ -53,7 +53,7 @@ pub struct Channel {
 /// One HTTP/2 connection and the task driving it, stopped when dropped.
 #[derive(Debug)]
 struct Connection {
-    send: SendRequest<Full<Bytes>>,
+    send: SendRequest<Bytes>,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -93,7 +93,7 @@ impl Channel {
     /// The open connection, or a new one.
     async fn connection(&self) -> Result<Arc<Connection>, String> {
         let open = self.slot().clone();
-        if let Some(c) = open.filter(|c| !c.send.is_closed()) {
+        if let Some(c) = open.filter(|c| !c.driver.is_finished()) {
             return Ok(c);
         }
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&*self.authority))
@@ -101,10 +101,7 @@ impl Channel {
             .map_err(|_| format!("tcp connect error: no connection within {CONNECT_TIMEOUT:?}"))?
             .map_err(|e| format!("tcp connect error: {e}"))?;
         stream.set_nodelay(true).map_err(|e| format!("TCP_NODELAY: {e}"))?;
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| error_chain(&e))?;
+        let (send, conn) = h2::client::handshake(stream).await.map_err(|e| error_chain(&e))?;
         let driver = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "a load connection ended");
@@ -135,39 +132,52 @@ impl Channel {
         }
     }
 
-    /// `message` as the one DATA frame of a call to `path`.
-    fn request<Req: prost::Message>(&self, path: &str, message: &Req) -> Result<http::Request<Full<Bytes>>, Status> {
+    /// A call to `path` and its one DATA frame, `message`.
+    fn request<Req: prost::Message>(&self, path: &str, message: &Req) -> Result<(http::Request<()>, Bytes), Status> {
         let len = message.encoded_len();
         let prefix_len = u32::try_from(len).map_err(|_| Status::invalid_argument("the request exceeds 4 GiB"))?;
         let mut body = BytesMut::with_capacity(PREFIX_BYTES + len);
         body.put_u8(0);
         body.put_u32(prefix_len);
         message.encode(&mut body).map_err(|e| Status::internal(e.to_string()))?;
-        http::Request::post(format!("{}{path}", self.base))
+        let request = http::Request::post(format!("{}{path}", self.base))
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
-            .body(Full::new(body.freeze()))
-            .map_err(|e| Status::internal(e.to_string()))
+            .body(())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok((request, body.freeze()))
     }
 
-    /// Sends `request` and reads its answer; a transport failure drops the
-    /// connection.
+    /// Sends `request` with its `data` and reads the answer; a transport
+    /// failure drops the connection.
     async fn exchange<Resp: prost::Message + Default>(
         &self,
-        request: http::Request<Full<Bytes>>,
+        (request, data): (http::Request<()>, Bytes),
     ) -> Result<Resp, Status> {
         let connection = self
             .connection()
             .await
             .map_err(|e| Status::unavailable(format!("cannot connect to {}: {e}", self.authority)))?;
         let answer = async {
-            let response = connection.send.clone().send_request(request).await?;
-            let (parts, body) = response.into_parts();
-            Ok::<_, hyper::Error>((parts, body.collect().await?))
+            let mut send = connection.send.clone().ready().await?;
+            let (response, mut stream) = send.send_request(request, false)?;
+            stream.send_data(data, true)?;
+            let (parts, mut body) = response.await?.into_parts();
+            let mut message = BytesMut::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk?;
+                body.flow_control().release_capacity(chunk.len())?;
+                message.extend_from_slice(&chunk);
+            }
+            let trailers = body.trailers().await?;
+            Ok::<_, h2::Error>((parts, message.freeze(), trailers))
         }
         .await;
-        let (parts, collected) = match answer {
+        let (parts, body, trailers) = match answer {
             Ok(answer) => answer,
+            // A reset ends the call only (its reason becomes the code, as
+            // tonic maps it); anything else ends the connection.
+            Err(e) if e.is_reset() => return Err(Status::from_error(Box::new(e))),
             Err(e) => {
                 let mut slot = self.slot();
                 if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, &connection)) {
@@ -176,7 +186,7 @@ impl Channel {
                 return Err(Status::unavailable(error_chain(&e)));
             }
         };
-        for headers in [Some(&parts.headers), collected.trailers()].into_iter().flatten() {
+        for headers in [Some(&parts.headers), trailers.as_ref()].into_iter().flatten() {
             if let Some(status) = Status::from_header_map(headers)
                 && status.code() != Code::Ok
             {
@@ -186,7 +196,6 @@ impl Channel {
         if parts.status != http::StatusCode::OK {
             return Err(Status::unknown(format!("HTTP status {}", parts.status)));
         }
-        let body = collected.to_bytes();
         let Some((prefix, message)) = body.split_at_checked(PREFIX_BYTES) else {
             return Err(Status::internal("an answer without a message"));
         };
