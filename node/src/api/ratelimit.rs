@@ -16,13 +16,14 @@
 //! - The decision is pure over an injected `now` ([`RateLimits::take`]).
 
 use std::collections::HashMap;
+use std::future::Ready;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::future::Either;
 use tonic::Status;
 use tonic::codegen::http;
 use tonic::transport::server::TcpConnectInfo;
@@ -148,7 +149,8 @@ where
 {
     type Response = http::Response<R>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    /// The refusal, ready at once, or the inner service's call, unboxed.
+    type Future = Either<Ready<Result<Self::Response, Self::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -166,9 +168,9 @@ where
                 per: "client address",
                 retry_after,
             });
-            return Box::pin(std::future::ready(Ok(status.into_http())));
+            return Either::Left(std::future::ready(Ok(status.into_http())));
         }
-        Box::pin(self.inner.call(req))
+        Either::Right(self.inner.call(req))
     }
 }
 
