@@ -90,6 +90,14 @@ impl RunReport {
         }
     }
 
+    /// The load generator's own CPU µs per successful operation, when it
+    /// was measured and an operation succeeded.
+    pub fn client_us_per_op(&self) -> Option<f64> {
+        self.client_cpu_seconds
+            .filter(|_| self.ops > 0)
+            .map(|s| s * 1e6 / self.ops as f64)
+    }
+
     /// This run as one line of JSON.
     pub fn to_json_line(&self) -> Result<String, serde_json::Error> {
         serde_json::to_string(self)
@@ -230,6 +238,10 @@ pub struct Medians {
     /// Median server CPU µs per operation (runs without CPU figures left
     /// out).
     pub cpu_us_per_op: Option<f64>,
+    /// Median CPU µs the load generator itself spent per operation (runs
+    /// without the figure, or without a successful operation, left out):
+    /// on a machine it shares with the servers, what it takes from them.
+    pub client_us_per_op: Option<f64>,
     /// Failed requests, summed over the runs.
     pub errors: u64,
 }
@@ -245,6 +257,7 @@ impl Medians {
             p50_ms: of(&|r| Some(r.p50_ms)),
             p99_ms: of(&|r| Some(r.p99_ms)),
             cpu_us_per_op: of(&|r| r.cpu_us_per_op),
+            client_us_per_op: of(&|r| r.client_us_per_op()),
             errors: runs.iter().map(|r| r.errors).sum(),
         }
     }
@@ -292,15 +305,17 @@ pub fn comparison_rows(runs: &[RunReport]) -> Vec<ComparisonRow> {
         .collect()
 }
 
-/// The comparison as a markdown table: ops/s, p50/p99 latency and server
-/// CPU per operation of each target, medians over the runs, with Cell0/etcd
-/// ratios; a note under the table says how many runs each cell combines.
+/// The comparison as a markdown table: ops/s, p50/p99 latency, server CPU
+/// per operation and the load generator's of each target, medians over the
+/// runs, with Cell0/etcd ratios; a note under the table says how many runs
+/// each cell combines.
 pub fn compare(runs: &[RunReport]) -> String {
     let rows = comparison_rows(runs);
     let mut out = String::from(
         "| op | clients | etcd ops/s | Cell0 ops/s | Cell0/etcd | etcd p50/p99 ms | Cell0 p50/p99 ms \
-         | etcd CPU µs/op | Cell0 CPU µs/op | CPU Cell0/etcd | errors etcd/Cell0 |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | etcd CPU µs/op | Cell0 CPU µs/op | CPU Cell0/etcd | load generator µs/op etcd/Cell0 \
+         | errors etcd/Cell0 |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let (mut least, mut most) = (usize::MAX, 0);
     for r in &rows {
@@ -310,7 +325,7 @@ pub fn compare(runs: &[RunReport]) -> String {
         }
         let ops = |m: &Medians| m.ops_per_second.map_or_else(|| "n/a".to_string(), thousands);
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {}/{} |\n",
             r.op,
             r.clients,
             ops(&r.etcd),
@@ -321,6 +336,8 @@ pub fn compare(runs: &[RunReport]) -> String {
             cpu_per_op(r.etcd.cpu_us_per_op),
             cpu_per_op(r.cell0.cpu_us_per_op),
             ratio(r.cell0.cpu_us_per_op, r.etcd.cpu_us_per_op),
+            cpu_per_op(r.etcd.client_us_per_op),
+            cpu_per_op(r.cell0.client_us_per_op),
             r.etcd.errors,
             r.cell0.errors,
         );
@@ -332,7 +349,9 @@ pub fn compare(runs: &[RunReport]) -> String {
     };
     out += &format!(
         "\nMedians over rounds ({runs}). CPU µs/op: utime + stime of the server processes (/proc) \
-         over the run, per successful request; lower is better. Errors: summed over the rounds.\n"
+         over the run, per successful request; lower is better. Load generator µs/op: its own CPU \
+         per successful request, taken from the servers' machine when they share it. Errors: \
+         summed over the rounds.\n"
     );
     out
 }
@@ -450,11 +469,11 @@ mod tests {
         assert!(lines[0].starts_with("| op | clients | etcd ops/s | Cell0 ops/s | Cell0/etcd |"));
         assert_eq!(
             lines[2],
-            "| put | 64 | 11,000 | 6,000 | 0.55 | 1.10 / 11.00 | 0.60 / 6.00 | 150 | 400 | 2.67 | 0/0 |"
+            "| put | 64 | 11,000 | 6,000 | 0.55 | 1.10 / 11.00 | 0.60 / 6.00 | 150 | 400 | 2.67 | 5.7 / 10.7 | 0/0 |"
         );
         assert_eq!(
             lines[3],
-            "| get (linearizable) | 64 | 20,000 | 30,000 | 1.50 | 2.00 / 20.00 | 3.00 / 30.00 | 50.0 | n/a | n/a | 0/0 |"
+            "| get (linearizable) | 64 | 20,000 | 30,000 | 1.50 | 2.00 / 20.00 | 3.00 / 30.00 | 50.0 | n/a | n/a | 3.1 / 2.1 | 0/0 |"
         );
         assert!(table.contains("1 to 2 runs per cell"), "{table}");
     }
@@ -464,7 +483,7 @@ mod tests {
         let runs = vec![run(Target::Cell0, Op::Put, 1, 500.0, Some(90.0))];
         let table = compare(&runs);
         assert!(
-            table.contains("| put | 1 | n/a | 500 | n/a | n/a | 0.05 / 0.50 | n/a | 90.0 | n/a | 0/0 |"),
+            table.contains("| put | 1 | n/a | 500 | n/a | n/a | 0.05 / 0.50 | n/a | 90.0 | n/a | n/a / 125 | 0/0 |"),
             "{table}"
         );
         assert!(table.contains("0 to 1 runs per cell"));
