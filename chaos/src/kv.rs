@@ -14,8 +14,6 @@ use crate::config::{Consistency, Target};
 use crate::etcd::etcdserverpb as etcd;
 use crate::unary;
 
-pub use crate::unary::CONNECT_TIMEOUT;
-
 /// A connection failure.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot connect to {target} endpoint {endpoint}: {reason}")]
@@ -26,6 +24,16 @@ pub struct ConnectError {
     pub endpoint: String,
     /// Why: the transport error and its causes on one line.
     pub reason: String,
+}
+
+impl ConnectError {
+    fn new(target: Target, endpoint: &str, reason: String) -> Self {
+        Self {
+            target: target.name(),
+            endpoint: endpoint.to_string(),
+            reason,
+        }
+    }
 }
 
 /// An error and its causes on one line, `a: b: c`, without a cause that
@@ -56,22 +64,15 @@ impl KvClient {
     pub async fn connect(target: Target, endpoint: &str, timeout: Duration) -> Result<Self, ConnectError> {
         let channel = unary::Channel::connect(endpoint, timeout)
             .await
-            .map_err(|reason| ConnectError {
-                target: target.name(),
-                endpoint: endpoint.to_string(),
-                reason,
-            })?;
+            .map_err(|reason| ConnectError::new(target, endpoint, reason))?;
         Ok(Self { target, channel })
     }
 
     /// A client of `endpoint` that connects at its first request, and
     /// again after a request fails in transport (a restarted node).
     pub fn lazy(target: Target, endpoint: &str, timeout: Duration) -> Result<Self, ConnectError> {
-        let channel = unary::Channel::lazy(endpoint, timeout).map_err(|reason| ConnectError {
-            target: target.name(),
-            endpoint: endpoint.to_string(),
-            reason,
-        })?;
+        let channel =
+            unary::Channel::lazy(endpoint, timeout).map_err(|reason| ConnectError::new(target, endpoint, reason))?;
         Ok(Self { target, channel })
     }
 

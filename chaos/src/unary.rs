@@ -20,6 +20,8 @@
 //!   not otherwise.
 //! - A call's status is the answer's `grpc-status` (in its trailers, or its
 //!   headers for an answer without a message), read as tonic reads it.
+//! - A call holds at most [`MAX_ANSWER_BYTES`] of its answer; one
+//!   uncompressed message is the only answer it decodes.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,6 +38,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Bytes before a gRPC message: the compression flag and the length.
 const PREFIX_BYTES: usize = 5;
+
+/// Largest answer a call reads, prefix included: tonic's default limit on
+/// a decoded message (4 MiB), which the load generator's channels had.
+/// A longer one fails the call with OUT_OF_RANGE, as in tonic, without
+/// being held in memory.
+pub const MAX_ANSWER_BYTES: usize = 4 << 20;
 
 /// Unary calls to one endpoint. Clones share the connection.
 #[derive(Debug, Clone)]
@@ -167,14 +175,19 @@ impl Channel {
             while let Some(chunk) = body.data().await {
                 let chunk = chunk?;
                 body.flow_control().release_capacity(chunk.len())?;
+                if message.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    return Ok(Err(Status::out_of_range(format!(
+                        "the answer exceeds {MAX_ANSWER_BYTES} bytes"
+                    ))));
+                }
                 message.extend_from_slice(&chunk);
             }
             let trailers = body.trailers().await?;
-            Ok::<_, h2::Error>((parts, message.freeze(), trailers))
+            Ok::<_, h2::Error>(Ok((parts, message.freeze(), trailers)))
         }
         .await;
         let (parts, body, trailers) = match answer {
-            Ok(answer) => answer,
+            Ok(answer) => answer?,
             // A reset ends the call only (its reason becomes the code, as
             // tonic maps it); anything else ends the connection.
             Err(e) if e.is_reset() => return Err(Status::from_error(Box::new(e))),
@@ -199,6 +212,9 @@ impl Channel {
         let Some((prefix, message)) = body.split_at_checked(PREFIX_BYTES) else {
             return Err(Status::internal("an answer without a message"));
         };
+        if prefix[0] != 0 {
+            return Err(Status::internal("a compressed answer, which no call asks for"));
+        }
         if u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize != message.len() {
             return Err(Status::internal("an answer whose length prefix does not match it"));
         }

@@ -321,3 +321,26 @@ async fn a_call_without_an_answer_ends_at_the_timeout() {
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
     silent.abort();
 }
+
+#[tokio::test]
+async fn an_answer_over_the_limit_fails_the_call() {
+    let (store, endpoints, _) = cluster(Target::Cell0, 1).await;
+    let big = Bytes::from(vec![b'v'; cell0_chaos::unary::MAX_ANSWER_BYTES]);
+    store.put(Bytes::from("big"), big);
+    store.put(Bytes::from("small"), Bytes::from("v"));
+    let client = cell0_chaos::kv::KvClient::connect(Target::Cell0, &endpoints[0], Duration::from_secs(5))
+        .await
+        .unwrap();
+    let err = client
+        .get(Bytes::from("big"), Consistency::Linearizable)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    // The connection still serves the next call.
+    assert!(
+        client
+            .get(Bytes::from("small"), Consistency::Linearizable)
+            .await
+            .unwrap()
+    );
+}
