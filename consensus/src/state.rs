@@ -8,15 +8,17 @@
 //!   subsystem waits for "this table changed since generation G" without
 //!   polling and without lagging.
 //! - The cluster id, cached from the applied state for the transport.
+//! - The replica's index of kept requests ([`RequestIndex`]), across
+//!   applies, emptied before a snapshot replaces the state.
 //!
 //! The read functions of the key-value table are re-exported from
 //! [`cell0_state::kv`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use cell0_state::{Table, Txn};
+use cell0_state::{RequestIndex, Table, Txn};
 use cell0_storage::Apply;
 use openraft::LogId;
 use tokio::sync::{broadcast, watch};
@@ -74,6 +76,9 @@ pub struct KvStateMachine {
     /// Approximate bytes of the commands applied since start (snapshot
     /// scheduling, see `crate::snapshots`).
     applied_bytes: AtomicU64,
+    /// The requests the window kept while this process applied
+    /// ([`RequestIndex`]); emptied when a snapshot replaces the state.
+    requests: Mutex<RequestIndex>,
 }
 
 impl KvStateMachine {
@@ -88,7 +93,19 @@ impl KvStateMachine {
             pending: Mutex::new(BTreeSet::new()),
             cluster_id: Arc::new(AtomicU64::new(0)),
             applied_bytes: AtomicU64::new(0),
+            requests: Mutex::new(RequestIndex::default()),
         }
+    }
+
+    /// The index of kept requests; one poisoned by a panic is emptied (an
+    /// empty index rules nothing out).
+    fn requests(&self) -> MutexGuard<'_, RequestIndex> {
+        self.requests.lock().unwrap_or_else(|poisoned| {
+            let mut index = poisoned.into_inner();
+            index.clear();
+            self.requests.clear_poison();
+            index
+        })
     }
 
     /// Approximate bytes of the commands applied since this process started.
@@ -157,7 +174,8 @@ impl Apply<TypeConfig> for KvStateMachine {
     ) -> cell0_storage::Result<Response> {
         self.applied_bytes
             .fetch_add(cmd.approx_size() as u64, Ordering::Relaxed);
-        let applied = cell0_state::apply(txn, cmd).map_err(|cell0_state::ApplyError::Fatal(e)| e)?;
+        let applied = cell0_state::apply_indexed(txn, cmd, &mut self.requests())
+            .map_err(|cell0_state::ApplyError::Fatal(e)| e)?;
         events.extend(applied.events);
         if applied.changed.contains(&Table::Cluster) {
             self.learn_cluster_id(txn)
@@ -197,6 +215,10 @@ impl Apply<TypeConfig> for KvStateMachine {
         cell0_state::kv::cluster_id(state).unwrap_or(0)
     }
 
+    fn state_replacing(&self) {
+        self.requests().clear();
+    }
+
     fn snapshot_installed(&self, state: &dyn Txn) {
         match revision(state) {
             Ok(rev) => self.revision.store(rev, Ordering::Release),
@@ -211,5 +233,49 @@ impl Apply<TypeConfig> for KvStateMachine {
             revision: self.cached_revision(),
         });
         self.bump(Table::ALL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cell0_state::{Command, MemTxn, RequestId};
+
+    use super::*;
+
+    fn request(seq: u64) -> SharedCommand {
+        SharedCommand::from(Command::RequestV2 {
+            id: RequestId { client: 7, seq },
+            cmd: Box::new(Command::Put {
+                key: format!("k{seq}").into_bytes(),
+                value: b"v".to_vec(),
+            }),
+        })
+    }
+
+    fn apply(sm: &KvStateMachine, state: &mut MemTxn, seq: u64) -> Response {
+        let log_id = LogId::default();
+        sm.apply(state, &log_id, &request(seq), &mut Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn a_replaced_state_is_not_judged_by_the_old_ones_index() {
+        // Another replica's state, which kept request 3 (after 5).
+        let mut snapshot = MemTxn::new();
+        let other = KvStateMachine::new(8);
+        for seq in [5, 3] {
+            apply(&other, &mut snapshot, seq);
+        }
+        let kept = apply(&other, &mut snapshot, 3);
+
+        // This replica kept 5 only: its index rules 3 out.
+        let sm = KvStateMachine::new(8);
+        let mut state = MemTxn::new();
+        apply(&sm, &mut state, 5);
+        // The snapshot replaces the state: a retry of 3 gets the kept answer
+        // and is not applied again.
+        sm.state_replacing();
+        let mut state = snapshot.clone();
+        assert_eq!(apply(&sm, &mut state, 3), kept);
+        assert!(state.rows().eq(snapshot.rows()), "nothing applied again");
     }
 }

@@ -106,6 +106,11 @@ pub trait Apply<C: RaftTypeConfig>: Send + Sync + 'static {
     /// Receives the events of an apply call once its writes are stored.
     fn publish(&self, events: Vec<Self::Event>);
 
+    /// Called before a snapshot replaces the whole state (whether or not
+    /// that then succeeds): whatever the application keeps derived from the
+    /// state must be dropped.
+    fn state_replacing(&self) {}
+
     /// Called after a snapshot replaced the whole state, with read access to
     /// the new state.
     fn snapshot_installed(&self, state: &dyn Txn);
@@ -648,6 +653,7 @@ where
     ) -> crate::Result<()> {
         // The whole state is replaced.
         lock_cache(&self.row_cache).clear();
+        self.apply.state_replacing();
         let own = received.parent() == Some(self.dir.as_path());
         let path = if !is_snapshot_file(received)? {
             // An older node's payload: small enough to have been held in

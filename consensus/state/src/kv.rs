@@ -65,7 +65,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{Counter, decode_row, decode_row_view, encode_row};
 use crate::command::{Command, KeyValue, Response};
 use crate::error::{Result, StateError};
-use crate::requests::{Carrier, WindowBook};
+use crate::requests::{Carrier, RequestIndex, WindowBook};
 use crate::txn::Txn;
 use crate::{Table, agents, nodes, registry, tasks};
 
@@ -220,15 +220,23 @@ crate::row_v1!(HistoryChunks, "history chunks");
 /// and stored once, when the step ends ([`Books::store`]), as the revision
 /// is. During a step nothing reads them but apply, through here, so a step
 /// stores exactly what storing them after every command would.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Books {
     history: HistoryBook,
     window: WindowBook,
 }
 
 impl Books {
-    /// Stores what the step changed.
-    pub(crate) fn store(self, txn: &mut dyn Txn) -> Result<()> {
+    /// The books of one step over the replica's request `index`.
+    pub(crate) fn new(index: RequestIndex) -> Self {
+        Self {
+            history: HistoryBook::default(),
+            window: WindowBook::new(index),
+        }
+    }
+
+    /// Stores what the step changed; gives back the request index.
+    pub(crate) fn store(self, txn: &mut dyn Txn) -> Result<RequestIndex> {
         self.history.store(txn)?;
         self.window.store(txn)
     }
@@ -576,7 +584,7 @@ pub(crate) fn apply_command(
             if carrier == Carrier::RequestV2 && window.may_need_switch() {
                 switch_history_to_chunks(txn, &mut books.history, *rev)?;
             }
-            if let Some(first) = window.answered(txn, id, inner)? {
+            if let Some(first) = books.window.answered(&window, txn, id, inner)? {
                 books.window.give_back(window);
                 return Ok(first);
             }

@@ -42,6 +42,7 @@ use std::collections::BTreeSet;
 pub use command::{Command, KeyValue, Limits, RequestId, Response};
 pub use error::{ApplyError, Result, StateError};
 pub use kv::{EventKind, StateEvent};
+pub use requests::RequestIndex;
 pub use txn::{MemTxn, Txn, prefix_end};
 
 /// A node's identity: a random u64 chosen at its first start.
@@ -91,10 +92,19 @@ pub struct Applied {
     pub changed: BTreeSet<Table>,
 }
 
-/// Applies `cmd` through `txn`. Apply checks the command's structure only
-/// (rules that never change); size limits are checked before proposing, so a
-/// rolling upgrade that changes one cannot make replicas disagree.
+/// Applies `cmd` through `txn`, without an index of kept requests (each
+/// request id is looked up in the window): [`apply_indexed`] with an empty
+/// one.
 pub fn apply(txn: &mut dyn Txn, cmd: &Command) -> Result<Applied, ApplyError> {
+    apply_indexed(txn, cmd, &mut RequestIndex::default())
+}
+
+/// Applies `cmd` through `txn`, `index` being the replica's index of kept
+/// requests ([`RequestIndex`]: it changes what apply reads, never what it
+/// writes or answers). Apply checks the command's structure only (rules
+/// that never change); size limits are checked before proposing, so a
+/// rolling upgrade that changes one cannot make replicas disagree.
+pub fn apply_indexed(txn: &mut dyn Txn, cmd: &Command, index: &mut RequestIndex) -> Result<Applied, ApplyError> {
     if let Err(e) = cmd.check_structure() {
         return Ok(Applied {
             response: Response::Rejected(e.to_string()),
@@ -105,10 +115,13 @@ pub fn apply(txn: &mut dyn Txn, cmd: &Command) -> Result<Applied, ApplyError> {
     let mut events = Vec::new();
     let mut changed = BTreeSet::new();
     let mut rev = kv::revision(txn)?;
-    let mut books = kv::Books::default();
+    // Taken for the step and given back once it succeeded: a step that
+    // fails leaves the index empty, which rules nothing out.
+    let mut books = kv::Books::new(std::mem::take(index));
     let response = kv::apply_command(txn, cmd, &mut rev, &mut books, &mut events, &mut changed)?;
-    books.store(txn)?;
+    let kept = books.store(txn)?;
     kv::put_meta_u64(txn, kv::REVISION_KEY, rev)?;
+    *index = kept;
     Ok(Applied {
         response,
         events,

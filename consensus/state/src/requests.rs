@@ -31,6 +31,15 @@
 //!   [`REQUEST_WINDOW_BYTES`]), as the first layout did, and at most twice
 //!   that; a request writes one row, and a retry's lookup reads at most two.
 //!
+//! A first try that reaches the log after a later request of its client
+//! (concurrent requests of one node take different paths to the log) is
+//! not newer than its client's newest kept answer, so the rule above would
+//! look it up in both generations: a point read of a row that does not
+//! exist, on every replica. A [`RequestIndex`] (in memory, one per replica
+//! process, not replicated) notes every answer kept while it watches, so
+//! such a request is known not to be kept without a read; see its
+//! invariant.
+//!
 //! Switching: the first `RequestV2` starts generation 0 and notes whether
 //! answers of the first layout remain (`legacy`). Lookups still read those
 //! until generation 0 closes, which deletes both of their tables and their
@@ -116,6 +125,112 @@ impl Generations {
     /// practice) is looked up nowhere.
     fn may_hold(newest: &BTreeMap<u64, u64>, id: &RequestId) -> bool {
         newest.get(&id.client).is_some_and(|seq| id.seq <= *seq)
+    }
+}
+
+/// Clients whose kept answers one [`RequestIndex`] follows; past this,
+/// it forgets them all and starts again (each node process is a client).
+const INDEX_CLIENTS: usize = 256;
+/// Sequence numbers one client's index spans (a bit each): how far a
+/// request may trail its client's newest kept answer and still be known
+/// as not kept without a read.
+const INDEX_SPAN: u64 = 1 << 14;
+/// Words of one client's marks.
+const INDEX_WORDS: usize = (INDEX_SPAN / 64) as usize;
+
+/// The answers the request window kept while this index watched, per
+/// client, so that a request known not to be kept is answered "not kept"
+/// without reading the window (module docs). Not replicated: it changes
+/// which rows apply reads, never what apply writes or answers.
+///
+/// Invariant: for a client it follows, every answer the window holds with
+/// a sequence number at or above the client's `from` is marked. A client
+/// is followed from its first lookup on, with `from` one past its newest
+/// answer the window then held, and every answer kept after that is
+/// marked (as apply keeps it). Marks are never wrong in the other
+/// direction: a marked request (kept in a step that then failed, or in a
+/// generation since dropped) is only looked up. The index must be emptied
+/// ([`RequestIndex::clear`]) whenever the state is replaced other than by
+/// apply (a snapshot installed).
+#[derive(Debug, Default)]
+pub struct RequestIndex {
+    clients: BTreeMap<u64, KeptSeqs>,
+}
+
+/// One client's marks: bit `i` of `bits` is sequence number `from + i`.
+#[derive(Debug)]
+struct KeptSeqs {
+    from: u64,
+    bits: Box<[u64; INDEX_WORDS]>,
+}
+
+impl KeptSeqs {
+    fn new(from: u64) -> Self {
+        Self {
+            from,
+            bits: Box::new([0; INDEX_WORDS]),
+        }
+    }
+
+    /// Whether `seq` is known not to be held: at or above `from`, unmarked.
+    fn rules_out(&self, seq: u64) -> bool {
+        match seq.checked_sub(self.from) {
+            None => false,
+            Some(at) if at >= INDEX_SPAN => true,
+            Some(at) => self.bits[(at / 64) as usize] & (1 << (at % 64)) == 0,
+        }
+    }
+
+    /// Marks `seq` kept, moving the span up (forgetting its oldest marks,
+    /// whose sequence numbers then fall below `from`) if `seq` lies past
+    /// it.
+    fn mark(&mut self, seq: u64) {
+        let Some(mut at) = seq.checked_sub(self.from) else {
+            return;
+        };
+        if at >= INDEX_SPAN {
+            // `from` moves up by whole words until `seq` lies in the span's
+            // lower half; the marks of the words still spanned move along.
+            let words = (at - INDEX_SPAN / 2) / 64 + 1;
+            let still = (INDEX_WORDS as u64).saturating_sub(words) as usize;
+            self.bits.copy_within(INDEX_WORDS - still.., 0);
+            self.bits[still..].fill(0);
+            self.from += words * 64;
+            at -= words * 64;
+        }
+        self.bits[(at / 64) as usize] |= 1 << (at % 64);
+    }
+}
+
+impl RequestIndex {
+    /// Forgets every client (the state was replaced).
+    pub fn clear(&mut self) {
+        self.clients.clear();
+    }
+
+    /// Whether the generations `g` surely hold no answer to `id`, following
+    /// `id`'s client from here on if it was not yet.
+    fn rules_out(&mut self, g: &Generations, id: &RequestId) -> bool {
+        if !self.clients.contains_key(&id.client) && self.clients.len() >= INDEX_CLIENTS {
+            self.clients.clear();
+        }
+        self.clients
+            .entry(id.client)
+            .or_insert_with(|| {
+                let newest = [&g.newest, &g.previous_newest]
+                    .into_iter()
+                    .filter_map(|n| n.get(&id.client).copied())
+                    .max();
+                KeptSeqs::new(newest.map_or(0, |n| n.saturating_add(1)))
+            })
+            .rules_out(id.seq)
+    }
+
+    /// Marks `id` kept, if its client is followed.
+    fn mark(&mut self, id: &RequestId) {
+        if let Some(seen) = self.clients.get_mut(&id.client) {
+            seen.mark(id.seq);
+        }
     }
 }
 
@@ -270,9 +385,38 @@ pub(crate) struct WindowBook {
     kept: Option<Generations>,
     /// Whether `kept` differs from the stored row.
     changed: bool,
+    /// The replica's index of kept answers, for this step.
+    index: RequestIndex,
 }
 
 impl WindowBook {
+    /// A book for one step, over the replica's `index` ([`Self::store`]
+    /// gives it back).
+    pub(crate) fn new(index: RequestIndex) -> Self {
+        Self {
+            index,
+            ..Self::default()
+        }
+    }
+
+    /// The first answer to request `id` in `window` ([`Window::answered`]),
+    /// without reading the window when the index rules it out.
+    pub(crate) fn answered(
+        &mut self,
+        window: &Window,
+        txn: &dyn Txn,
+        id: &RequestId,
+        cmd: &Command,
+    ) -> Result<Option<Response>> {
+        if let Window::Generations { row, .. } = window
+            && !row.legacy
+            && self.index.rules_out(row, id)
+        {
+            return Ok(None);
+        }
+        window.answered(txn, id, cmd)
+    }
+
     /// The window for a request of `carrier` ([`Window::open`]), from the
     /// row kept here if there is one. Give it back with [`Self::give_back`]
     /// or [`Self::remember`].
@@ -301,18 +445,21 @@ impl WindowBook {
         response: &mut Response,
     ) -> Result<()> {
         if let Some(row) = window.remember(txn, id, cmd, response)? {
+            self.index.mark(id);
             self.kept = Some(row);
             self.changed = true;
         }
         Ok(())
     }
 
-    /// Stores the kept row if this step changed it.
-    pub(crate) fn store(self, txn: &mut dyn Txn) -> Result<()> {
-        match self.kept {
-            Some(row) if self.changed => txn.put(META_TABLE, GENERATIONS_KEY, encode_row(&row)?),
-            _ => Ok(()),
+    /// Stores the kept row if this step changed it; gives back the index.
+    pub(crate) fn store(self, txn: &mut dyn Txn) -> Result<RequestIndex> {
+        if let Some(row) = self.kept
+            && self.changed
+        {
+            txn.put(META_TABLE, GENERATIONS_KEY, encode_row(&row)?)?;
         }
+        Ok(self.index)
     }
 }
 
@@ -567,6 +714,140 @@ mod tests {
             panic!("{stored:?}")
         };
         (kv.key, kv.value)
+    }
+
+    /// A [`MemTxn`] that counts the reads of the window's generations.
+    struct CountingTxn {
+        inner: MemTxn,
+        generation_reads: std::cell::Cell<usize>,
+    }
+
+    impl Txn for CountingTxn {
+        fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            if table == GENERATIONS_TABLE {
+                self.generation_reads.set(self.generation_reads.get() + 1);
+            }
+            self.inner.get(table, key)
+        }
+        fn put(&mut self, table: &str, key: &[u8], value: Vec<u8>) -> Result<()> {
+            self.inner.put(table, key, value)
+        }
+        fn delete(&mut self, table: &str, key: &[u8]) -> Result<()> {
+            self.inner.delete(table, key)
+        }
+        fn delete_range(&mut self, table: &str, start: &[u8], end: Option<&[u8]>) -> Result<()> {
+            self.inner.delete_range(table, start, end)
+        }
+        fn scan(&self, table: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            self.inner.scan(table, start, end, limit)
+        }
+    }
+
+    /// Applies a put under request `seq` of client 7 as `RequestV2`.
+    fn request(txn: &mut dyn Txn, index: &mut RequestIndex, seq: u64) -> Response {
+        let cmd = Command::RequestV2 {
+            id: id(seq),
+            cmd: Box::new(put(&format!("k{seq}"))),
+        };
+        crate::apply_indexed(txn, &cmd, index).unwrap().response
+    }
+
+    #[test]
+    fn a_first_try_behind_its_clients_newest_answer_reads_no_window_row() {
+        let mut txn = CountingTxn {
+            inner: MemTxn::new(),
+            generation_reads: std::cell::Cell::new(0),
+        };
+        let mut index = RequestIndex::default();
+        request(&mut txn, &mut index, 5);
+        request(&mut txn, &mut index, 9);
+        let before = txn.generation_reads.get();
+        // First tries that arrive after a later request of their client.
+        for seq in [6, 8, 7] {
+            request(&mut txn, &mut index, seq);
+        }
+        assert_eq!(txn.generation_reads.get(), before, "no lookups for first tries");
+        // Retries are still looked up and answered from the window.
+        let first = request(&mut txn, &mut index, 8);
+        assert!(txn.generation_reads.get() > before);
+        assert_eq!(request(&mut txn, &mut index, 8), first);
+        // Without the index the same first try is looked up.
+        let before = txn.generation_reads.get();
+        request(&mut txn, &mut RequestIndex::default(), 4);
+        assert!(txn.generation_reads.get() > before);
+    }
+
+    /// The sequence numbers 0..n in an order where each trails the newest
+    /// by up to `spread` (a fixed pseudo-random shuffle of nearby ones),
+    /// with every third one retried a little later.
+    fn arrivals(n: u64, spread: u64) -> Vec<u64> {
+        let mut order: Vec<u64> = (0..n).collect();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..order.len() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let j = (i + (x % spread) as usize).min(order.len() - 1);
+            order.swap(i, j);
+        }
+        let mut out = Vec::new();
+        for (i, seq) in order.iter().enumerate() {
+            out.push(*seq);
+            if seq % 3 == 0 {
+                out.push(order[i.saturating_sub(5)]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_index_never_rules_out_a_kept_request() {
+        // Requests in a scrambled order, with retries; with and without the
+        // index, across a process restart (a new index over kept answers),
+        // past the index's span, and past generation closes: every answer
+        // and every row must be the same.
+        let mut with = MemTxn::new();
+        let mut without = MemTxn::new();
+        let mut index = RequestIndex::default();
+        let n = 3 * INDEX_SPAN;
+        let all = arrivals(n, 300);
+        let (first, second) = all.split_at(all.len() / 2);
+        for &seq in first {
+            assert_eq!(
+                request(&mut with, &mut index, seq),
+                request(&mut without, &mut RequestIndex::default(), seq),
+                "seq {seq}"
+            );
+        }
+        // A restarted process's index knows nothing of the kept answers.
+        let mut index = RequestIndex::default();
+        for &seq in second.iter().chain(first.iter().rev().take(2000)) {
+            assert_eq!(
+                request(&mut with, &mut index, seq),
+                request(&mut without, &mut RequestIndex::default(), seq),
+                "seq {seq}"
+            );
+        }
+        assert!(with.rows().eq(without.rows()), "the same rows");
+    }
+
+    #[test]
+    fn the_index_span_moves_with_the_newest_request() {
+        let mut seen = KeptSeqs::new(10);
+        assert!(!seen.rules_out(9), "below the span: unknown");
+        assert!(seen.rules_out(10));
+        seen.mark(10);
+        assert!(!seen.rules_out(10));
+        seen.mark(10 + INDEX_SPAN + 100);
+        assert!(!seen.rules_out(10 + INDEX_SPAN + 100));
+        assert!(!seen.rules_out(10), "forgotten, so unknown again");
+        assert!(seen.rules_out(10 + INDEX_SPAN + 99));
+        assert!(seen.rules_out(10 + 3 * INDEX_SPAN), "past the span: never kept");
+        // A jump far past the span forgets every mark.
+        seen.mark(u64::MAX / 2);
+        assert!(!seen.rules_out(u64::MAX / 2));
+        assert!(seen.rules_out(u64::MAX / 2 - 1));
+        assert!(!seen.rules_out(10 + INDEX_SPAN + 100));
     }
 
     #[test]
