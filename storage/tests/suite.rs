@@ -82,8 +82,8 @@ async fn snapshot_round_trip_replaces_state_and_what_apply_reads() {
     let dst_dir = tempfile::tempdir().unwrap();
     let (_l1, mut src) =
         cell0_storage::open_rocks::<TestConfig, _>(src_dir.path(), 1, Arc::new(SetApply::default())).unwrap();
-    let (_l2, mut dst) =
-        cell0_storage::open_rocks::<TestConfig, _>(dst_dir.path(), 2, Arc::new(SetApply::default())).unwrap();
+    let dst_apply = Arc::new(SetApply::default());
+    let (_l2, mut dst) = cell0_storage::open_rocks::<TestConfig, _>(dst_dir.path(), 2, dst_apply.clone()).unwrap();
     let entries: Vec<_> = (1..=5000).map(|i| set_entry(i, &format!("k{i:05}"), "v")).collect();
     src.apply(entries).await.unwrap();
     // Rows apply read and wrote before the install (what its row cache
@@ -102,6 +102,9 @@ async fn snapshot_round_trip_replaces_state_and_what_apply_reads() {
     let snap = src.get_snapshot_builder().await.build_snapshot().await.unwrap();
     assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(5000));
     dst.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    // The application dropped what it derived from the old state before
+    // the install, and heard of the new one after.
+    assert_eq!(*dst_apply.hooks.lock().unwrap(), ["replacing", "installed"]);
 
     assert_eq!(read(&dst, "stale"), None);
     assert_eq!(read(&dst, "k04999"), Some(b"v".to_vec()));
@@ -129,8 +132,8 @@ async fn a_damaged_snapshot_leaves_the_old_state_and_a_good_one_survives_reopen(
     let good = snap.snapshot.path().to_path_buf();
     let bytes = std::fs::read(&good).unwrap();
     {
-        let (_l2, mut dst) =
-            cell0_storage::open_rocks::<TestConfig, _>(dst_dir.path(), 2, Arc::new(SetApply::default())).unwrap();
+        let dst_apply = Arc::new(SetApply::default());
+        let (_l2, mut dst) = cell0_storage::open_rocks::<TestConfig, _>(dst_dir.path(), 2, dst_apply.clone()).unwrap();
         dst.apply(vec![set_entry(1, "k00001", "old")]).await.unwrap();
 
         // Cut short and damaged copies are refused; the state stays the old one.
@@ -149,6 +152,9 @@ async fn a_damaged_snapshot_leaves_the_old_state_and_a_good_one_survives_reopen(
             let (applied, _) = dst.applied_state().await.unwrap();
             assert_eq!(applied.map(|l| l.index), Some(1));
         }
+        // Each refused install still had the application drop what it
+        // derived (the state might have been replaced); none was installed.
+        assert_eq!(*dst_apply.hooks.lock().unwrap(), ["replacing", "replacing"]);
     }
     // The rows a refused install staged are gone after a reopen.
     let (l2, mut dst) =

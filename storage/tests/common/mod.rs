@@ -37,6 +37,8 @@ openraft::declare_raft_types!(
 #[derive(Default)]
 pub struct SetApply {
     pub published: Mutex<Vec<String>>,
+    /// The snapshot hooks called, in order: `"replacing"`, `"installed"`.
+    pub hooks: Mutex<Vec<&'static str>>,
 }
 
 impl Apply<TestConfig> for SetApply {
@@ -63,7 +65,13 @@ impl Apply<TestConfig> for SetApply {
         self.published.lock().unwrap().extend(events);
     }
 
-    fn snapshot_installed(&self, _state: &dyn Txn) {}
+    fn state_replacing(&self) {
+        self.hooks.lock().unwrap().push("replacing");
+    }
+
+    fn snapshot_installed(&self, _state: &dyn Txn) {
+        self.hooks.lock().unwrap().push("installed");
+    }
 }
 
 /// The state machine store of the tests.
