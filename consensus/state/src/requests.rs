@@ -803,13 +803,13 @@ mod tests {
     #[test]
     fn the_index_never_rules_out_a_kept_request() {
         // Requests in a scrambled order, with retries; with and without the
-        // index, across a process restart (a new index over kept answers),
-        // past the index's span, and past generation closes: every answer
-        // and every row must be the same.
+        // index, across a process restart (a new index over kept answers)
+        // and past the index's span: every answer and every row must be the
+        // same.
         let mut with = MemTxn::new();
         let mut without = MemTxn::new();
         let mut index = RequestIndex::default();
-        let n = 3 * INDEX_SPAN;
+        let n = 2 * INDEX_SPAN + 1000;
         let all = arrivals(n, 300);
         let (first, second) = all.split_at(all.len() / 2);
         for &seq in first {
@@ -827,6 +827,53 @@ mod tests {
                 request(&mut without, &mut RequestIndex::default(), seq),
                 "seq {seq}"
             );
+        }
+        assert!(with.rows().eq(without.rows()), "the same rows");
+    }
+
+    /// The answer to request `seq`, through a book over `index` or, without
+    /// one, from the window's rows alone; kept if there was none: what
+    /// apply does with a request.
+    fn look_up_or_keep(txn: &mut MemTxn, index: Option<&mut RequestIndex>, seq: u64) -> Option<Response> {
+        let cmd = put("k");
+        let mut own = RequestIndex::default();
+        let indexed = index.is_some();
+        let index = index.unwrap_or(&mut own);
+        let mut book = WindowBook::new(std::mem::take(index));
+        let window = book.open(txn, Carrier::RequestV2).unwrap();
+        let answer = if indexed {
+            book.answered(&window, txn, &id(seq), &cmd).unwrap()
+        } else {
+            window.answered(txn, &id(seq), &cmd).unwrap()
+        };
+        match answer {
+            Some(_) => book.give_back(window),
+            None => book.remember(window, txn, &id(seq), &cmd, &mut written(seq)).unwrap(),
+        }
+        *index = book.store(txn).unwrap();
+        answer
+    }
+
+    #[test]
+    fn the_index_follows_the_window_across_generation_closes() {
+        // Enough requests for two generations to close (the second close
+        // drops the first generation's answers), scrambled, with retries.
+        // The indexed side restarts (a new, empty index) right after each
+        // close, when the client's newest answers are all in the closed
+        // generation, and every so often besides.
+        let mut with = MemTxn::new();
+        let mut without = MemTxn::new();
+        let mut index = RequestIndex::default();
+        let mut kept = 0;
+        for (i, seq) in arrivals(2 * REQUEST_WINDOW_ENTRIES + 2000, 300).into_iter().enumerate() {
+            let answer = look_up_or_keep(&mut without, None, seq);
+            assert_eq!(look_up_or_keep(&mut with, Some(&mut index), seq), answer, "seq {seq}");
+            if answer.is_none() {
+                kept += 1;
+            }
+            if (answer.is_none() && kept % REQUEST_WINDOW_ENTRIES == 0) || i % 10_007 == 0 {
+                index = RequestIndex::default();
+            }
         }
         assert!(with.rows().eq(without.rows()), "the same rows");
     }
