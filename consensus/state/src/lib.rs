@@ -92,9 +92,10 @@ pub struct Applied {
     pub changed: BTreeSet<Table>,
 }
 
-/// Applies `cmd` through `txn`, without an index of kept requests (each
-/// request id is looked up in the window): [`apply_indexed`] with an empty
-/// one.
+/// Applies `cmd` through `txn` without what an index of kept requests
+/// learns over many applies: [`apply_indexed`] with an empty one, which
+/// looks up every request id that is not newer than its client's newest
+/// kept answer.
 pub fn apply(txn: &mut dyn Txn, cmd: &Command) -> Result<Applied, ApplyError> {
     apply_indexed(txn, cmd, &mut RequestIndex::default())
 }
