@@ -60,22 +60,27 @@ pub const WRITE_BUFFER_BYTES: usize = 96 << 20;
 /// over the key space that search misses the CPU caches at every level
 /// below the top few. At 32 MiB the search was 10 % of a 3-node cluster's
 /// CPU under puts over 100,000 keys, at 8 MiB 5.5 % (docs/benchmarks.md);
-/// smaller memtables mean more, smaller level-0 files, which
-/// [`L0_COMPACTION_TRIGGER`] absorbs.
+/// smaller memtables mean more, smaller level-0 files, which the level-0
+/// triggers count in bytes ([`L0_COMPACTION_BYTES`]).
 const MEMTABLE_BYTES: usize = 8 << 20;
-/// Table files in level 0 that start a compaction into level 1 (RocksDB's
-/// default is 4). A write load over a key space that fits level 1 rewrites
-/// all of level 1 in every such compaction, so the trigger counts files of
-/// [`MEMTABLE_BYTES`] up to 256 MiB of level 0, as 8 files of 32 MiB did
-/// before: compactions stay as rare per byte written. A point read checks
-/// (by bloom filter) up to this many files of level 0.
-const L0_COMPACTION_TRIGGER: i32 = 32;
-/// Files in level 0 at which RocksDB slows writes down: 640 MiB, what
-/// RocksDB's default of 20 files held at 32 MiB memtables.
-const L0_SLOWDOWN_FILES: i32 = 80;
-/// Files in level 0 at which RocksDB stops writes until compaction catches
-/// up: 1,152 MiB, what its default of 36 files held at 32 MiB memtables.
-const L0_STOP_FILES: i32 = 144;
+/// Bytes of level-0 files that start a compaction into level 1. A write
+/// load over a key space that fits level 1 rewrites all of level 1 in every
+/// such compaction, so this fixes how rare compactions are per byte
+/// written, whatever the memtable size: 256 MiB, 8 files of the 32 MiB
+/// memtables this store had before (RocksDB's default is 4 files).
+const L0_COMPACTION_BYTES: usize = 256 << 20;
+/// Bytes of level-0 files at which RocksDB slows writes down: what its
+/// default of 20 files held at 32 MiB memtables.
+const L0_SLOWDOWN_BYTES: usize = 640 << 20;
+/// Bytes of level-0 files at which RocksDB stops writes until compaction
+/// catches up: what its default of 36 files held at 32 MiB memtables.
+const L0_STOP_BYTES: usize = 1152 << 20;
+/// Level-0 files holding `bytes`, in files of [`MEMTABLE_BYTES`] (what
+/// RocksDB's level-0 triggers count). A point read checks (by bloom
+/// filter) up to the compaction trigger's number of level-0 files.
+const fn l0_files(bytes: usize) -> i32 {
+    (bytes / MEMTABLE_BYTES) as i32
+}
 /// Readahead of whole-keyspace scans, in bytes.
 const SCAN_READAHEAD_BYTES: usize = 2 << 20;
 
@@ -326,9 +331,9 @@ fn cf_options(cache: &rocksdb::Cache) -> Options {
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_write_buffer_size(MEMTABLE_BYTES);
     opts.set_max_write_buffer_number(2);
-    opts.set_level_zero_file_num_compaction_trigger(L0_COMPACTION_TRIGGER);
-    opts.set_level_zero_slowdown_writes_trigger(L0_SLOWDOWN_FILES);
-    opts.set_level_zero_stop_writes_trigger(L0_STOP_FILES);
+    opts.set_level_zero_file_num_compaction_trigger(l0_files(L0_COMPACTION_BYTES));
+    opts.set_level_zero_slowdown_writes_trigger(l0_files(L0_SLOWDOWN_BYTES));
+    opts.set_level_zero_stop_writes_trigger(l0_files(L0_STOP_BYTES));
     opts
 }
 
