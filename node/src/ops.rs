@@ -7,7 +7,6 @@
 //! everything known committed); health adds the storage and Raft checks.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -25,7 +24,7 @@ use serde::Serialize;
 #[derive(Clone)]
 pub struct Readiness {
     consensus: Consensus,
-    joining: Arc<AtomicBool>,
+    joining: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Readiness {
@@ -33,13 +32,18 @@ impl Readiness {
     pub fn new(consensus: Consensus) -> Self {
         Self {
             consensus,
-            joining: Arc::new(AtomicBool::new(false)),
+            joining: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
 
     /// Marks whether a join is in progress.
     pub fn set_joining(&self, joining: bool) {
-        self.joining.store(joining, Ordering::Release);
+        self.joining.send_replace(joining);
+    }
+
+    /// Changes of whether a join is in progress.
+    pub fn joining_changes(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.joining.subscribe()
     }
 
     /// Why the node is not ready, or `None` when it is. A replica that has
@@ -47,7 +51,7 @@ impl Readiness {
     /// was committed when it was asked: under writes the commit index runs
     /// a moment ahead of the applied one all the time, and that is no lag.
     pub async fn not_ready_reason(&self) -> Option<String> {
-        if self.joining.load(Ordering::Acquire) {
+        if *self.joining.borrow() {
             return Some("joining the cluster".into());
         }
         let s = self.consensus.status();
