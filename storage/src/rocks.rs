@@ -63,20 +63,25 @@ pub const WRITE_BUFFER_BYTES: usize = 96 << 20;
 /// smaller memtables mean more, smaller level-0 files, which the level-0
 /// triggers count in bytes ([`L0_COMPACTION_BYTES`]).
 const MEMTABLE_BYTES: usize = 8 << 20;
-/// Bytes of level-0 files that start a compaction into level 1. A write
+/// Bytes of full memtables flushed into level 0 that start a compaction
+/// into level 1 (RocksDB counts files; [`l0_files`] converts). A write
 /// load over a key space that fits level 1 rewrites all of level 1 in every
 /// such compaction, so this fixes how rare compactions are per byte
 /// written, whatever the memtable size: 256 MiB, 8 files of the 32 MiB
-/// memtables this store had before (RocksDB's default is 4 files).
+/// memtables this store had before (RocksDB's default is 4 files). The
+/// files themselves are smaller (compressed), and a column family flushed
+/// along with a fuller one (atomic flush) writes smaller files still, so
+/// its level 0 compacts after fewer bytes.
 const L0_COMPACTION_BYTES: usize = 256 << 20;
-/// Bytes of level-0 files at which RocksDB slows writes down: what its
-/// default of 20 files held at 32 MiB memtables.
+/// Bytes of full memtables in level 0 at which RocksDB slows writes down:
+/// what its default of 20 files held at 32 MiB memtables.
 const L0_SLOWDOWN_BYTES: usize = 640 << 20;
-/// Bytes of level-0 files at which RocksDB stops writes until compaction
-/// catches up: what its default of 36 files held at 32 MiB memtables.
+/// Bytes of full memtables in level 0 at which RocksDB stops writes until
+/// compaction catches up: what its default of 36 files held at 32 MiB
+/// memtables.
 const L0_STOP_BYTES: usize = 1152 << 20;
-/// Level-0 files holding `bytes`, in files of [`MEMTABLE_BYTES`] (what
-/// RocksDB's level-0 triggers count). A point read checks (by bloom
+/// Level-0 files holding `bytes` of memtables, one full memtable of
+/// [`MEMTABLE_BYTES`] a file (RocksDB's level-0 triggers count files). A point read checks (by bloom
 /// filter) up to the compaction trigger's number of level-0 files.
 const fn l0_files(bytes: usize) -> i32 {
     (bytes / MEMTABLE_BYTES) as i32
