@@ -34,7 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use crate::command::{Command, Response};
 use crate::error::{ConsensusError, Result, UnavailableCause};
 use crate::grouping::{GroupLimits, Queued, idle_slot, per_command, run_groups, within_limits};
-use crate::network::{INTERNAL_FORMAT, PeerHealth, REQUEST_V2_FORMAT, readable_at};
+use crate::network::{GROUPED_HISTORY_FORMAT, INTERNAL_FORMAT, PeerHealth, REQUEST_V2_FORMAT, readable_at};
 use crate::task::NamedTask;
 use crate::types::{NodeId, NodeInfo, Raft};
 
@@ -82,7 +82,8 @@ impl Proposer {
     /// older build never receives an entry it cannot apply during a rolling
     /// upgrade: its requests become `Command::RequestV2` once every other
     /// member of the current membership said it reads
-    /// [`REQUEST_V2_FORMAT`], and its `Command::PutWithoutPrev`s stay
+    /// [`REQUEST_V2_FORMAT`], `Command::RequestV3` once all said they read
+    /// [`GROUPED_HISTORY_FORMAT`], and its `Command::PutWithoutPrev`s stay
     /// only once all said they read
     /// [`crate::network::PUT_WITHOUT_PREV_FORMAT`].
     fn readable(&self, cmd: Command) -> Command {
@@ -98,7 +99,9 @@ impl Proposer {
                 .min()
                 .unwrap_or(INTERNAL_FORMAT)
         };
-        let cmd = if oldest >= REQUEST_V2_FORMAT {
+        let cmd = if oldest >= GROUPED_HISTORY_FORMAT {
+            cmd.into_request_v3()
+        } else if oldest >= REQUEST_V2_FORMAT {
             cmd.into_request_v2()
         } else {
             cmd

@@ -7,7 +7,7 @@
 //!
 //! The load: `keys` keys (`load/` and twelve digits, as `cell0-load`
 //! writes), each written once first; then log entries of `batch` puts each,
-//! every put a [`Command::RequestV2`] holding a [`Command::PutWithoutPrev`]
+//! every put a [`Command::RequestV3`] holding a [`Command::PutWithoutPrev`]
 //! of a key picked by a fixed pseudo-random sequence, from three request
 //! senders (one per node of a 3-node cluster, whose forwarded and own writes
 //! the leader groups), as a leader's group commit proposes them.
@@ -79,7 +79,7 @@ impl Entries {
         let puts = keys
             .map(|k| {
                 self.seq += 1;
-                Command::RequestV2 {
+                Command::RequestV3 {
                     id: RequestId {
                         client: 1 + self.seq % SENDERS,
                         seq: self.seq,

@@ -122,10 +122,11 @@ pub fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Re
 /// ([`REQUEST_V2_FORMAT`]). 4, as 3 but log entries and forwarded writes
 /// may carry `Command::PutWithoutPrev` ([`PUT_WITHOUT_PREV_FORMAT`]). 5,
 /// as 4 but the answer to a forwarded put may leave the written pair out
-/// ([`PAIRLESS_ANSWER_FORMAT`]). A sender writes the oldest format that
-/// carries its message, so nodes of the previous build still read
-/// everything but snapshot chunks and entries they cannot apply.
-pub const INTERNAL_FORMAT: u32 = PAIRLESS_ANSWER_FORMAT;
+/// ([`PAIRLESS_ANSWER_FORMAT`]). 6, as 5 but log entries may carry
+/// `Command::RequestV3` ([`GROUPED_HISTORY_FORMAT`]). A sender writes the
+/// oldest format that carries its message, so nodes of the previous build
+/// still read everything but snapshot chunks and entries they cannot apply.
+pub const INTERNAL_FORMAT: u32 = GROUPED_HISTORY_FORMAT;
 
 /// The format of AppendEntries requests whose entries carry
 /// `Command::RequestV2`. The leader proposes that variant only once every
@@ -144,9 +145,17 @@ pub const PUT_WITHOUT_PREV_FORMAT: u32 = 4;
 /// answer for nodes that did not say they read this format.
 pub const PAIRLESS_ANSWER_FORMAT: u32 = 5;
 
+/// The format of AppendEntries requests whose entries carry
+/// `Command::RequestV3`, whose first one switches the watch history to
+/// groups. The leader proposes that variant only once every member has
+/// said it reads this format; older members get `Command::RequestV2`.
+pub const GROUPED_HISTORY_FORMAT: u32 = 6;
+
 /// The oldest message format whose receivers apply `cmd`.
 pub(crate) fn command_format(cmd: &Command) -> u32 {
-    if cmd.carries_put_without_prev() {
+    if cmd.carries_request_v3() {
+        GROUPED_HISTORY_FORMAT
+    } else if cmd.carries_put_without_prev() {
         PUT_WITHOUT_PREV_FORMAT
     } else if cmd.carries_request_v2() {
         REQUEST_V2_FORMAT
@@ -156,9 +165,15 @@ pub(crate) fn command_format(cmd: &Command) -> u32 {
 }
 
 /// `cmd` as nodes that read messages up to `format` apply it: the same
-/// writes, with each `Command::PutWithoutPrev` as the `Command::Put` older
-/// builds know (answered with the previous pair, which the API leaves out).
+/// writes, with each `Command::RequestV3` as a `Command::RequestV2` and
+/// each `Command::PutWithoutPrev` as the `Command::Put` older builds know
+/// (answered with the previous pair, which the API leaves out).
 pub(crate) fn readable_at(cmd: Command, format: u32) -> Command {
+    let cmd = if format < GROUPED_HISTORY_FORMAT && cmd.carries_request_v3() {
+        cmd.into_request_v2()
+    } else {
+        cmd
+    };
     if format >= PUT_WITHOUT_PREV_FORMAT {
         cmd
     } else {
@@ -972,9 +987,19 @@ mod tests {
         assert_eq!(readable_at(quiet.clone(), PUT_WITHOUT_PREV_FORMAT), quiet);
         assert_eq!(readable_at(quiet.clone(), REQUEST_V2_FORMAT), put);
         assert_eq!(
-            readable_at(quiet.into_request_v2(), REQUEST_V2_FORMAT),
-            put.into_request_v2()
+            readable_at(quiet.clone().into_request_v2(), REQUEST_V2_FORMAT),
+            put.clone().into_request_v2()
         );
+        // Requests that switch the history to groups reach only nodes that
+        // read them; older ones get the same writes as `RequestV2`.
+        let grouped = quiet.clone().into_request_v3();
+        assert_eq!(command_format(&grouped), GROUPED_HISTORY_FORMAT);
+        assert_eq!(readable_at(grouped.clone(), GROUPED_HISTORY_FORMAT), grouped);
+        assert_eq!(
+            readable_at(grouped.clone(), PAIRLESS_ANSWER_FORMAT),
+            quiet.into_request_v2()
+        );
+        assert_eq!(readable_at(grouped, REQUEST_V2_FORMAT), put.into_request_v2());
     }
 
     #[test]

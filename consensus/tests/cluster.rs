@@ -41,11 +41,15 @@ async fn value(c: &Consensus, key: &str, consistency: Consistency) -> Option<Vec
 }
 
 /// Whether `c`'s replica switched to the request window's second layout.
+/// Whether the replica's request window is in generations and its
+/// history in groups: the newest layouts, which the first `RequestV3`
+/// switches to.
 async fn switched(c: &Consensus) -> bool {
-    c.read(Consistency::Linearizable, |txn| txn.get("meta", b"request_gens"))
-        .await
-        .unwrap()
-        .is_some()
+    c.read(Consistency::Linearizable, |txn| {
+        Ok(txn.get("meta", b"request_gens")?.is_some() && txn.get("meta", b"history_groups")?.is_some())
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -102,15 +106,41 @@ async fn writes_through_any_node_are_read_linearizably_everywhere() {
     assert!(err.to_string().contains("key"), "{err}");
 
     // Every member reads the newest log format, so the leader proposes
-    // `RequestV2` (once it heard from each): the first one switched the
-    // request window to generations on every replica.
+    // `RequestV3` (once it heard from each): the first one switched the
+    // request window to generations and the history to groups on every
+    // replica, and the history still reads every write back.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !switched(&followers[0].consensus).await {
-        assert!(tokio::time::Instant::now() < deadline, "no RequestV2 within 10 s");
+        assert!(tokio::time::Instant::now() < deadline, "no RequestV3 within 10 s");
         followers[0].consensus.propose(put("y", "1")).await.unwrap();
+    }
+    for round in 0..3 {
+        followers[1]
+            .consensus
+            .propose(put("x", format!("after{round}")))
+            .await
+            .unwrap();
     }
     for node in &nodes {
         assert!(switched(&node.consensus).await, "node {}", node.id());
+        // A linearizable read waits until the replica applied every write.
+        assert_eq!(
+            value(&node.consensus, "x", Consistency::Linearizable).await,
+            Some(b"after2".to_vec())
+        );
+        let values: Vec<Vec<u8>> = node
+            .consensus
+            .history(b"x", 1, 100)
+            .unwrap()
+            .into_iter()
+            .map(|ev| ev.kv.value)
+            .collect();
+        let expected: Vec<Vec<u8>> = (0..20)
+            .map(|r| format!("{r}"))
+            .chain((0..3).map(|r| format!("after{r}")))
+            .map(String::into_bytes)
+            .collect();
+        assert_eq!(values, expected, "node {}", node.id());
     }
     for n in nodes {
         n.stop().await;

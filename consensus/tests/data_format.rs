@@ -199,8 +199,34 @@ async fn a_data_dir_from_before_versioned_rows_opens_and_keeps_everything() {
     let events_after = cell0_state::kv::history(&state, b"", 1, 1000, usize::MAX).unwrap();
     assert_eq!(events_after.len(), events_before.len() + 1);
     assert_eq!(events_after[..events_before.len()], events_before[..]);
-    assert!(state.get("meta", b"history_chunks").unwrap().is_some());
+    // The upgraded node proposed its writes as `RequestV3`, whose first one
+    // switched the history to groups.
+    assert!(state.get("meta", b"history_groups").unwrap().is_some());
+    assert!(state.get("meta", b"history_chunks").unwrap().is_none());
     assert!(state.get("meta", b"history_window").unwrap().is_none());
+
+    // Grouped steps read back after the events before them, with the
+    // values their pairs held before a later write replaced them.
+    let v3 = |seq, value: &str| Command::RequestV3 {
+        id: RequestId {
+            client: id.client,
+            seq: id.seq + seq,
+        },
+        cmd: Box::new(Command::PutWithoutPrev {
+            key: b"req".to_vec(),
+            value: value.as_bytes().to_vec(),
+        }),
+    };
+    let step = Command::Batch(vec![v3(1001, "g1"), v3(1002, "g2")]);
+    assert_eq!(cell0_state::apply(&mut state, &step).unwrap().events.len(), 2);
+    assert_eq!(cell0_state::apply(&mut state, &v3(1003, "g3")).unwrap().events.len(), 1);
+    let grouped = cell0_state::kv::history(&state, b"", 1, 1000, usize::MAX).unwrap();
+    assert_eq!(grouped[..events_after.len()], events_after[..]);
+    let values: Vec<&[u8]> = grouped[events_after.len()..]
+        .iter()
+        .map(|ev| ev.kv.value.as_slice())
+        .collect();
+    assert_eq!(values, [&b"g1"[..], b"g2", b"g3"]);
 }
 
 /// The request id the old node gave its write of `key`.

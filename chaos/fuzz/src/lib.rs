@@ -128,6 +128,13 @@ fn log_entry_seeds() -> Vec<Vec<u8>> {
                 value: b"w".to_vec(),
             }),
         },
+        Command::RequestV3 {
+            id: RequestId { client: 7, seq: 4 },
+            cmd: Box::new(Command::PutWithoutPrev {
+                key: b"app/z".to_vec(),
+                value: b"w".to_vec(),
+            }),
+        },
         Command::Acl(AclCommand::Bootstrap {
             token: Token {
                 accessor: AccessorId([1; 16]),

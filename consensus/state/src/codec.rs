@@ -270,7 +270,8 @@ pub fn frame_unversioned(body: &[u8]) -> Vec<u8> {
     frame(1, body)
 }
 
-fn frame(version: u8, body: &[u8]) -> Vec<u8> {
+/// `body` behind the layout byte `version`.
+pub(crate) fn frame(version: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 1);
     out.push(version);
     out.extend_from_slice(body);

@@ -105,6 +105,17 @@ pub enum Command {
         #[serde(with = "crate::codec::bytes")]
         value: Vec<u8>,
     },
+    /// [`Command::RequestV2`] whose first one in the log also switches the
+    /// watch history to groups ([`crate::kv`]: each apply step's events in
+    /// one row, without the values their pairs still hold), for every
+    /// command from then on. Same meaning otherwise; the node proposes this
+    /// one once every member reads it.
+    RequestV3 {
+        /// Who sent it and its sequence number.
+        id: RequestId,
+        /// The command itself; never another request.
+        cmd: Box<Command>,
+    },
 }
 
 /// Identifies one client request across retries: the sending process (a
@@ -290,7 +301,9 @@ impl Command {
             Command::Task(t) => t.validate(),
             Command::Acl(a) => a.validate(),
             Command::Handoff(h) => h.validate(),
-            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => cmd.validate_sizes(limits),
+            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } | Command::RequestV3 { cmd, .. } => {
+                cmd.validate_sizes(limits)
+            }
             Command::InitCluster { cluster_id } => {
                 if *cluster_id == 0 {
                     return Err(StateError::invalid("cluster_id", "must not be 0"));
@@ -324,7 +337,7 @@ impl Command {
                     .enumerate()
                     .try_for_each(|(i, c)| c.check_structure_at(&Place::InBatch(at, i), depth + 1, in_request))
             }
-            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => {
+            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } | Command::RequestV3 { cmd, .. } => {
                 if in_request {
                     return Err(StateError::invalid(
                         &format!("{}request", at.path()),
@@ -347,13 +360,25 @@ impl Command {
         }
     }
 
+    /// Whether this is, or a batch holds, a [`Command::RequestV3`], which
+    /// nodes of older builds cannot apply.
+    pub fn carries_request_v3(&self) -> bool {
+        match self {
+            Command::RequestV3 { .. } => true,
+            Command::Batch(cmds) => cmds.iter().any(Command::carries_request_v3),
+            _ => false,
+        }
+    }
+
     /// Whether this is, or a batch or request holds, a
     /// [`Command::PutWithoutPrev`], which nodes of older builds cannot apply.
     pub fn carries_put_without_prev(&self) -> bool {
         match self {
             Command::PutWithoutPrev { .. } => true,
             Command::Batch(cmds) => cmds.iter().any(Command::carries_put_without_prev),
-            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => cmd.carries_put_without_prev(),
+            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } | Command::RequestV3 { cmd, .. } => {
+                cmd.carries_put_without_prev()
+            }
             _ => false,
         }
     }
@@ -373,16 +398,32 @@ impl Command {
                 id,
                 cmd: Box::new(cmd.with_prev_puts()),
             },
+            Command::RequestV3 { id, cmd } => Command::RequestV3 {
+                id,
+                cmd: Box::new(cmd.with_prev_puts()),
+            },
             other => other,
         }
     }
 
-    /// [`Command::Request`] as [`Command::RequestV2`], in batches too; any
+    /// Every request, in batches too, as a [`Command::RequestV2`]; any
     /// other command as it is.
     pub fn into_request_v2(self) -> Command {
+        self.map_requests(|id, cmd| Command::RequestV2 { id, cmd })
+    }
+
+    /// Every request, in batches too, as a [`Command::RequestV3`]; any
+    /// other command as it is.
+    pub fn into_request_v3(self) -> Command {
+        self.map_requests(|id, cmd| Command::RequestV3 { id, cmd })
+    }
+
+    fn map_requests(self, to: fn(RequestId, Box<Command>) -> Command) -> Command {
         match self {
-            Command::Request { id, cmd } => Command::RequestV2 { id, cmd },
-            Command::Batch(cmds) => Command::Batch(cmds.into_iter().map(Command::into_request_v2).collect()),
+            Command::Request { id, cmd } | Command::RequestV2 { id, cmd } | Command::RequestV3 { id, cmd } => {
+                to(id, cmd)
+            }
+            Command::Batch(cmds) => Command::Batch(cmds.into_iter().map(|c| c.map_requests(to)).collect()),
             other => other,
         }
     }
@@ -397,7 +438,9 @@ impl Command {
             Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum::<usize>() + 8,
             Command::Model(m) => m.approx_size(),
             Command::Node(_) => 128,
-            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } => cmd.approx_size() + 16,
+            Command::Request { cmd, .. } | Command::RequestV2 { cmd, .. } | Command::RequestV3 { cmd, .. } => {
+                cmd.approx_size() + 16
+            }
             Command::InitCluster { .. } => 16,
             Command::Agent(a) => a.approx_size(),
             Command::Task(t) => t.approx_size(),

@@ -120,7 +120,7 @@ pub fn apply_indexed(txn: &mut dyn Txn, cmd: &Command, index: &mut RequestIndex)
     // fails leaves the index empty, which rules nothing out.
     let mut books = kv::Books::new(std::mem::take(index));
     let response = kv::apply_command(txn, cmd, &mut rev, &mut books, &mut events, &mut changed)?;
-    let kept = books.store(txn)?;
+    let kept = books.store(txn, &events)?;
     kv::put_meta_u64(txn, kv::REVISION_KEY, rev)?;
     *index = kept;
     Ok(Applied {

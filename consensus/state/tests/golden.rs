@@ -68,6 +68,13 @@ fn parse_command(words: &[&str]) -> Command {
             },
             cmd: Box::new(parse_command(&words[3..])),
         },
+        "request3" => Command::RequestV3 {
+            id: RequestId {
+                client: num(1),
+                seq: num(2),
+            },
+            cmd: Box::new(parse_command(&words[3..])),
+        },
         "init-cluster" => Command::InitCluster { cluster_id: num(1) },
         "model-add" => Command::Model(ModelCommand::Add {
             manifest: ModelManifest {
