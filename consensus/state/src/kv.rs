@@ -428,8 +428,8 @@ impl HistoryBook {
 
     /// Keeps `value`, which the pair of revision `rev` (retained, by
     /// [`HistoryBook::keeps_from`]) held until now, for the history; it
-    /// leaves with its event's chunk. Groups only.
-    fn keep_replaced(&mut self, txn: &mut dyn Txn, rev: u64, value: &[u8]) -> Result<()> {
+    /// leaves with its event's chunk. Groups only; `events` are the step's.
+    fn keep_replaced(&mut self, txn: &mut dyn Txn, rev: u64, value: &[u8], events: &[StateEvent]) -> Result<()> {
         let row = crate::codec::encode_framed(EventValueRef::WHAT, 1, &EventValueRef { value })?;
         let size = row.len() as u64;
         txn.put(EVENT_VALUES_TABLE, &rev.to_be_bytes(), row)?;
@@ -439,13 +439,14 @@ impl HistoryBook {
                 detail: "a replaced value kept outside the grouped layout".into(),
             });
         };
-        // Its event is in a stored chunk, or else in this step's group.
+        // Its event is in this step's group, or else in a stored chunk.
+        let in_group = events.get(self.group_from).is_some_and(|first| rev >= first.revision());
         match h.chunks.iter_mut().rev().find(|c| c.first <= rev) {
-            Some(c) => {
+            Some(c) if !in_group => {
                 c.bytes = c.bytes.saturating_add(size);
                 self.changed = true;
             }
-            None => self.group_value_bytes = self.group_value_bytes.saturating_add(size),
+            _ => self.group_value_bytes = self.group_value_bytes.saturating_add(size),
         }
         Ok(())
     }
@@ -570,7 +571,9 @@ struct Replaced {
 fn leave_to_history(txn: &mut dyn Txn, books: &mut Books, events: &[StateEvent], replaced: &KeyValue) -> Result<()> {
     match books.history.keeps_from(txn, events)? {
         Some(from) if replaced.mod_revision >= from => {
-            books.history.keep_replaced(txn, replaced.mod_revision, &replaced.value)
+            books
+                .history
+                .keep_replaced(txn, replaced.mod_revision, &replaced.value, events)
         }
         _ => Ok(()),
     }
@@ -698,8 +701,8 @@ pub fn history(txn: &dyn Txn, prefix: &[u8], from: u64, limit: usize, max_bytes:
 
 /// The events of a group row stored under `last` with revision `from` or
 /// newer under `prefix`, with their values: a delete's is empty; a put's
-/// was kept in `kv_event_values` when its pair was replaced, or else its
-/// pair (which must then be of the event's revision) holds it.
+/// is its pair's while the pair is of the event's revision, and was kept
+/// in `kv_event_values` when the pair was replaced.
 fn ungroup(txn: &dyn Txn, last: u64, group: EventGroup, from: u64, prefix: &[u8]) -> Result<Vec<StateEvent>> {
     let first = (last + 1)
         .checked_sub(group.events.len() as u64)
@@ -714,11 +717,13 @@ fn ungroup(txn: &dyn Txn, last: u64, group: EventGroup, from: u64, prefix: &[u8]
         }
         let value = match e.kind {
             EventKind::Delete => Vec::new(),
-            EventKind::Put => match txn.get(EVENT_VALUES_TABLE, &rev.to_be_bytes())? {
-                Some(row) => decode_row::<EventValue>(&row)?.value,
-                None => match get(txn, &e.key)? {
-                    Some(kv) if kv.mod_revision == rev => kv.value,
-                    _ => {
+            // A pair still of the event's revision was never replaced, so
+            // no value was kept for it: it holds the event's value.
+            EventKind::Put => match get(txn, &e.key)? {
+                Some(kv) if kv.mod_revision == rev => kv.value,
+                _ => match txn.get(EVENT_VALUES_TABLE, &rev.to_be_bytes())? {
+                    Some(row) => decode_row::<EventValue>(&row)?.value,
+                    None => {
                         return Err(StateError::Corrupt {
                             what: EventGroupRef::WHAT,
                             detail: format!("the value of revision {rev} is neither kept nor its pair's"),
@@ -767,7 +772,9 @@ pub(crate) fn apply_command(
             let keeps_from = books.history.keeps_from(txn, events)?;
             let prev = lineage(txn, key, keeps_from)?;
             if let Some((_, Some(replaced))) = &prev {
-                books.history.keep_replaced(txn, replaced.revision, &replaced.value)?;
+                books
+                    .history
+                    .keep_replaced(txn, replaced.revision, &replaced.value, events)?;
             }
             let kv = write(txn, key, value, prev.map(|(l, _)| l), rev, books, events)?;
             Ok(Response::Put { kv, prev: None })
@@ -1260,7 +1267,12 @@ mod tests {
                 client: i % 3,
                 seq: i / 3 + 1,
             };
-            let key = format!("{}/k{}", ["a", "b"][(i % 2) as usize], (i * 7919) % keys).into_bytes();
+            let key = format!(
+                "{}/k{}",
+                ["a", "b"][(i % 2) as usize],
+                ((i ^ (i >> 3)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % keys
+            )
+            .into_bytes();
             let value = format!("v{i}").repeat(1 + (i % 5) as usize).into_bytes();
             let cmd = Box::new(match i % 11 {
                 3 => Command::Delete { key },
@@ -1308,8 +1320,8 @@ mod tests {
     /// stores far fewer event rows.
     #[test]
     fn the_history_in_groups_reads_what_the_history_in_chunks_reads() {
-        let chunked_cmds = mixed_requests(24_000, 700, 400, false);
-        let grouped_cmds = mixed_requests(24_000, 700, 400, true);
+        let chunked_cmds = mixed_requests(24_000, 300, 400, false);
+        let grouped_cmds = mixed_requests(24_000, 300, 400, true);
         let mut chunked = MemTxn::new();
         let mut answers = Vec::new();
         apply_in_batches(&mut chunked, &chunked_cmds, |_, a| answers.extend(a));
@@ -1320,6 +1332,22 @@ mod tests {
         apply_in_batches(&mut grouped, &grouped_cmds, |state, a| {
             grouped_answers.extend(a);
             steps += 1;
+            // The chunks count exactly the bytes of the rows they keep.
+            if let HistoryLayout::Groups(h) = stored_layout(state).unwrap() {
+                let stored = |table| -> u64 {
+                    state
+                        .scan(table, b"", None, usize::MAX)
+                        .unwrap()
+                        .iter()
+                        .map(|(_, v)| v.len() as u64)
+                        .sum()
+                };
+                assert_eq!(
+                    h.chunks.iter().map(|c| c.bytes).sum::<u64>(),
+                    stored(EVENTS_TABLE) + stored(EVENT_VALUES_TABLE),
+                    "after step {steps}"
+                );
+            }
             if steps % 23 != 0 {
                 return;
             }
