@@ -263,9 +263,20 @@ impl Consensus {
                         let me = me.clone();
                         async move {
                             let inner = me.upgrade().ok_or(ConsensusError::ShuttingDown)?;
-                            match inner.route(ForwardRequest::ReadIndex).await? {
-                                ForwardResponse::ReadIndex(i) => Ok(i),
-                                _ => Err(wrong_type()),
+                            // A round that does not end within a request's
+                            // time (a leadership check that never returns)
+                            // fails its readers, who may retry, instead of
+                            // holding every later reader of this node.
+                            let limit = inner.config.request_timeout();
+                            match tokio::time::timeout(limit, inner.route(ForwardRequest::ReadIndex)).await {
+                                Ok(routed) => match routed? {
+                                    ForwardResponse::ReadIndex(i) => Ok(i),
+                                    _ => Err(wrong_type()),
+                                },
+                                Err(_) => Err(ConsensusError::unavailable(
+                                    UnavailableCause::NoQuorum,
+                                    format!("no read index within {} ms", limit.as_millis()),
+                                )),
                             }
                         }
                     })
